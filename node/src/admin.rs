@@ -1,0 +1,354 @@
+//! The admin API: HTTP+JSON on `--admin`, bearer-token protected, plus an
+//! unauthenticated `GET /metrics` (Prometheus text) and `GET /health`.
+//!
+//! ```text
+//! GET    /v1/domains                  -> ["example.org", ...]
+//! POST   /v1/domains                  {"domain": "example.org"}
+//! DELETE /v1/domains/{domain}
+//! GET    /v1/users                    -> [{"address": ..., "quota_bytes": ...}]
+//! POST   /v1/users                    {"address", "password", "quota_bytes"?}
+//! DELETE /v1/users/{address}
+//! PUT    /v1/users/{address}/password {"password"}
+//! GET    /v1/cluster/status           -> DESIGN.md's status object
+//! PUT    /v1/log-level                {"level": "debug" | "quill=trace,info" ...}
+//! ```
+//! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
+//! 409 (conflict) or 500.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, put};
+use axum::{Json, Router};
+use membership::{DirectoryCommand, DirectoryError};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::services::Services;
+
+/// Admin requests are small JSON documents.
+const ADMIN_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Changes the log filter at run time; given by the binary, which owns the
+/// tracing subscriber.
+pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The addresses a node serves, as reported in the cluster status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Addrs {
+    pub cluster: Option<SocketAddr>,
+    pub smtp: Option<SocketAddr>,
+    pub submission: Option<SocketAddr>,
+    pub lmtp: Option<SocketAddr>,
+    pub pop3: Option<SocketAddr>,
+    pub imap: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub services: Arc<Services>,
+    pub token: Arc<String>,
+    pub node_id: u64,
+    pub name: String,
+    pub addrs: Addrs,
+    pub set_log_level: LogLevelSetter,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<DirectoryError> for ApiError {
+    fn from(e: DirectoryError) -> Self {
+        let code = match &e {
+            DirectoryError::BadDomain(_) | DirectoryError::BadAddress(_) => StatusCode::BAD_REQUEST,
+            DirectoryError::DomainExists(_) | DirectoryError::UserExists(_) | DirectoryError::DomainNotEmpty(_) => {
+                StatusCode::CONFLICT
+            }
+            DirectoryError::NoSuchDomain(_) | DirectoryError::NoSuchUser(_) => StatusCode::NOT_FOUND,
+            DirectoryError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn check(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare hashes so the time taken says nothing about the token.
+    match given {
+        Some(t) if blake3::hash(t.as_bytes()) == blake3::hash(state.token.as_bytes()) => Ok(()),
+        _ => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token".into(),
+        )),
+    }
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/domains", get(list_domains).post(add_domain))
+        .route("/v1/domains/{domain}", delete(remove_domain))
+        .route("/v1/users", get(list_users).post(add_user))
+        .route("/v1/users/{address}", delete(remove_user))
+        .route("/v1/users/{address}/password", put(set_password))
+        .route("/v1/cluster/status", get(cluster_status))
+        .route("/v1/log-level", put(log_level))
+        .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+async fn apply(state: &AdminState, cmd: DirectoryCommand) -> ApiResult {
+    state.services.directory.apply(cmd).await?;
+    Ok((StatusCode::OK, Json(json!({ "ok": true }))).into_response())
+}
+
+async fn list_domains(State(s): State<AdminState>, h: HeaderMap) -> ApiResult {
+    check(&s, &h)?;
+    Ok(Json(s.services.directory.domains()).into_response())
+}
+
+#[derive(Deserialize)]
+struct DomainBody {
+    domain: String,
+}
+
+async fn add_domain(State(s): State<AdminState>, h: HeaderMap, Json(b): Json<DomainBody>) -> ApiResult {
+    check(&s, &h)?;
+    apply(&s, DirectoryCommand::AddDomain { domain: b.domain }).await
+}
+
+async fn remove_domain(State(s): State<AdminState>, h: HeaderMap, Path(domain): Path<String>) -> ApiResult {
+    check(&s, &h)?;
+    apply(&s, DirectoryCommand::RemoveDomain { domain }).await
+}
+
+async fn list_users(State(s): State<AdminState>, h: HeaderMap) -> ApiResult {
+    check(&s, &h)?;
+    Ok(Json(s.services.directory.users()).into_response())
+}
+
+#[derive(Deserialize)]
+struct UserBody {
+    address: String,
+    password: String,
+    quota_bytes: Option<u64>,
+}
+
+async fn hash_password(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || membership::password::hash(&password))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+async fn add_user(State(s): State<AdminState>, h: HeaderMap, Json(b): Json<UserBody>) -> ApiResult {
+    check(&s, &h)?;
+    let password_hash = hash_password(b.password).await?;
+    apply(
+        &s,
+        DirectoryCommand::AddUser {
+            address: b.address,
+            password_hash,
+            quota_bytes: b.quota_bytes,
+        },
+    )
+    .await
+}
+
+async fn remove_user(State(s): State<AdminState>, h: HeaderMap, Path(address): Path<String>) -> ApiResult {
+    check(&s, &h)?;
+    apply(&s, DirectoryCommand::RemoveUser { address }).await
+}
+
+#[derive(Deserialize)]
+struct PasswordBody {
+    password: String,
+}
+
+async fn set_password(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Path(address): Path<String>,
+    Json(b): Json<PasswordBody>,
+) -> ApiResult {
+    check(&s, &h)?;
+    let password_hash = hash_password(b.password).await?;
+    apply(&s, DirectoryCommand::SetPassword { address, password_hash }).await
+}
+
+#[derive(Deserialize)]
+struct LevelBody {
+    level: String,
+}
+
+async fn log_level(State(s): State<AdminState>, h: HeaderMap, Json(b): Json<LevelBody>) -> ApiResult {
+    check(&s, &h)?;
+    (s.set_log_level)(&b.level).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    tracing::info!(level = %b.level, "log level changed");
+    Ok(Json(json!({ "ok": true, "level": b.level })).into_response())
+}
+
+/// DESIGN.md's status object. One node today: it is its own leader and
+/// voter, and nothing can be under-replicated with R = 1.
+pub fn status_json(s: &AdminState) -> serde_json::Value {
+    let stats = s.services.store.stats();
+    let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+    json!({
+        "self": s.node_id,
+        "epoch": 1,
+        "leader": s.node_id,
+        "under_replicated": 0,
+        "nodes": [{
+            "id": s.node_id,
+            "name": s.name,
+            "state": "up",
+            "voter": true,
+            "messages": stats.entries,
+            "bytes": stats.body_bytes,
+            "addrs": {
+                "cluster": addr(s.addrs.cluster),
+                "smtp": addr(s.addrs.smtp),
+                "submission": addr(s.addrs.submission),
+                "lmtp": addr(s.addrs.lmtp),
+                "pop3": addr(s.addrs.pop3),
+                "imap": addr(s.addrs.imap),
+                "admin": addr(s.addrs.admin),
+            }
+        }]
+    })
+}
+
+async fn cluster_status(State(s): State<AdminState>, h: HeaderMap) -> ApiResult {
+    check(&s, &h)?;
+    Ok(Json(status_json(&s)).into_response())
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let m = &s.services.metrics;
+    let st = s.services.store.stats();
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+    };
+    let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    line(
+        "quill_smtp_sessions_total",
+        "counter",
+        "SMTP sessions accepted.",
+        c(&m.smtp_sessions),
+    );
+    line(
+        "quill_lmtp_sessions_total",
+        "counter",
+        "LMTP sessions accepted.",
+        c(&m.lmtp_sessions),
+    );
+    line(
+        "quill_pop3_logins_total",
+        "counter",
+        "Successful POP3 logins.",
+        c(&m.pop3_sessions),
+    );
+    line(
+        "quill_messages_accepted_total",
+        "counter",
+        "Messages stored and acknowledged.",
+        c(&m.messages_accepted),
+    );
+    line(
+        "quill_deliveries_failed_total",
+        "counter",
+        "Deliveries refused by a storage error.",
+        c(&m.deliveries_failed),
+    );
+    line(
+        "quill_messages_retrieved_total",
+        "counter",
+        "Messages sent by RETR.",
+        c(&m.messages_retrieved),
+    );
+    line(
+        "quill_messages_deleted_total",
+        "counter",
+        "Messages deleted at POP3 QUIT.",
+        c(&m.messages_deleted),
+    );
+    line(
+        "quill_auth_failures_total",
+        "counter",
+        "Failed logins.",
+        c(&m.auth_failures),
+    );
+    line(
+        "quill_limit_refusals_total",
+        "counter",
+        "Requests refused by a limit.",
+        c(&m.limit_refusals),
+    );
+    line(
+        "quill_connections_refused_total",
+        "counter",
+        "Connections refused by a limit.",
+        c(&m.connections_refused),
+    );
+    line(
+        "quill_store_entries",
+        "gauge",
+        "Mailbox entries stored on this node.",
+        st.entries,
+    );
+    line(
+        "quill_store_bodies",
+        "gauge",
+        "Distinct message bodies stored.",
+        st.bodies,
+    );
+    line(
+        "quill_store_body_bytes",
+        "gauge",
+        "Bytes of the bodies stored.",
+        st.body_bytes,
+    );
+    line(
+        "quill_store_disk_bytes",
+        "gauge",
+        "Bytes of all segment files.",
+        st.disk_bytes,
+    );
+    line(
+        "quill_store_live_bytes",
+        "gauge",
+        "Bytes of segment files still in use.",
+        st.live_bytes,
+    );
+    line("quill_store_segments", "gauge", "Segment files.", st.segments);
+    line(
+        "quill_store_fsyncs_total",
+        "counter",
+        "Fsyncs of the store (group commits).",
+        st.fsyncs,
+    );
+    line(
+        "quill_store_ops_total",
+        "counter",
+        "Store writes covered by those fsyncs.",
+        st.ops,
+    );
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}

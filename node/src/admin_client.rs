@@ -1,0 +1,76 @@
+//! A small client for the admin API, used by `quill admin`.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Every admin call finishes or fails within this time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replies larger than this are refused (a user list of a large domain
+/// fits easily).
+const RESPONSE_BYTES_MAX: usize = 64 << 20;
+
+/// Sends one request and returns the status code and the JSON reply.
+pub async fn call(
+    node: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    tokio::time::timeout(REQUEST_TIMEOUT, call_inner(node, token, method, path, body))
+        .await
+        .map_err(|_| anyhow!("admin API at {node} did not answer within {REQUEST_TIMEOUT:?}"))?
+}
+
+async fn call_inner(
+    node: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let stream = TcpStream::connect(node)
+        .await
+        .with_context(|| format!("cannot connect to admin API at {node}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let bytes = body.map(|b| serde_json::to_vec(&b).expect("json")).unwrap_or_default();
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", node)
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(bytes)))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = http_body_util::Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("reading admin reply: {e}"))?
+        .to_bytes();
+    conn.abort();
+    let value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()))
+    };
+    Ok((status, value))
+}
+
+/// Percent-encodes a path segment (an address holds `@`, maybe `+`).
+pub fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

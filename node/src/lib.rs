@@ -1,0 +1,279 @@
+//! The Quill node: the `quill` binary and everything that touches sockets.
+//!
+//! Owns the protocol front ends (SMTP, LMTP, POP3), the admin HTTP API and
+//! the wiring of one node ([`run`]): it opens the fragment store
+//! (replication) and the directory (membership), binds the listeners and
+//! runs one task per connection.
+//!
+//! What it must not do: decide placement or membership itself, or keep mail
+//! anywhere but in the fragment store. Only this crate opens sockets.
+//!
+//! # Backpressure
+//! A semaphore caps connections per node and a counter caps them per client
+//! address; both answer with a protocol error before closing. Every line read
+//! is bounded and has an idle deadline. Store writes wait for room in the
+//! store's bounded queue.
+//!
+//! # Shutdown
+//! [`run`] takes a future; when it resolves, a watch channel tells every
+//! listener and session, sessions answer `421`/`-ERR` and end, [`run`] waits
+//! for all of them (bounded by `SHUTDOWN_GRACE`), then closes the store.
+
+pub mod admin;
+pub mod admin_client;
+pub mod conn;
+pub mod pop3;
+pub mod services;
+pub mod smtp;
+pub mod time;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use membership::{Directory, LocalDirectory};
+use replication::{FragmentStore, StoreConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+pub use services::Limits;
+use services::{Services, bump};
+
+/// How long sessions get to finish after shutdown is asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often the log cleaner looks for a segment worth cleaning.
+const COMPACT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub cluster_addr: SocketAddr,
+    pub smtp: Option<SocketAddr>,
+    pub submission: Option<SocketAddr>,
+    pub lmtp: Option<SocketAddr>,
+    pub pop3: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    /// The admin token; made and saved in the data directory if not given.
+    pub admin_token: Option<String>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Smtp,
+    Lmtp,
+    Pop3,
+}
+
+/// Reads 32 random bytes from the kernel.
+pub fn random_bytes() -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut out = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The admin token: the one given, else the one saved in the data directory,
+/// else a new random one saved there (mode 0600).
+fn admin_token(config: &NodeConfig) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config.data_dir.join("admin-token");
+    if let Some(t) = &config.admin_token {
+        return Ok(t.clone());
+    }
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_owned());
+    }
+    let token = hex(&random_bytes()?);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
+    f.sync_all()?;
+    println!("admin token created: {}", path.display());
+    Ok(token)
+}
+
+/// Runs a node until `shutdown` resolves. Binds every listener before it
+/// reports ready, so an address in use is an error at start, not later.
+pub async fn run(
+    config: NodeConfig,
+    set_log_level: admin::LogLevelSetter,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let store_dir = config.data_dir.join("store");
+    let store = tokio::task::spawn_blocking(move || FragmentStore::open(StoreConfig::new(store_dir)))
+        .await?
+        .context("cannot open the fragment store")?;
+    let store = Arc::new(store);
+    let directory: Arc<dyn Directory> =
+        Arc::new(LocalDirectory::open(&config.data_dir).context("cannot open the directory")?);
+    let token = admin_token(&config)?;
+    let services = Arc::new(Services::new(
+        config.name.clone(),
+        store.clone(),
+        directory,
+        config.limits.clone(),
+        random_bytes()?,
+    ));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let mut addrs = admin::Addrs {
+        cluster: Some(config.cluster_addr),
+        ..Default::default()
+    };
+    for (addr, proto, slot) in [
+        (config.smtp, Proto::Smtp, &mut addrs.smtp),
+        (config.submission, Proto::Smtp, &mut addrs.submission),
+        (config.lmtp, Proto::Lmtp, &mut addrs.lmtp),
+        (config.pop3, Proto::Pop3, &mut addrs.pop3),
+    ] {
+        let Some(addr) = addr else { continue };
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({proto:?})"))?;
+        let bound = listener.local_addr()?;
+        *slot = Some(bound);
+        info!(addr = %bound, ?proto, "listening");
+        tasks.spawn(accept_loop(listener, proto, services.clone(), stop_rx.clone()));
+    }
+    if let Some(addr) = config.admin {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+        addrs.admin = Some(listener.local_addr()?);
+        info!(addr = %addrs.admin.expect("bound"), "admin API listening");
+        let state = admin::AdminState {
+            services: services.clone(),
+            token: Arc::new(token),
+            node_id: 1,
+            name: config.name.clone(),
+            addrs: addrs.clone(),
+            set_log_level,
+        };
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let serve =
+                axum::serve(listener, admin::router(state).into_make_service()).with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                });
+            if let Err(e) = serve.await {
+                warn!(error = %e, "admin API stopped");
+            }
+        });
+    }
+    {
+        let store = store.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(COMPACT_INTERVAL) => {}
+                    _ = stop.changed() => return,
+                }
+                // Clean as many segments as are worth it, one at a time.
+                loop {
+                    match store.compact_once().await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(e) => {
+                            warn!(error = %e, "log cleaner failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    info!(name = %config.name, data = %config.data_dir.display(), "quill node ready");
+    println!(
+        "quill node ready: {}",
+        serde_json::to_string(&addrs).unwrap_or_default()
+    );
+
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!("sessions still open after the grace period; aborting them");
+        tasks.abort_all();
+    }
+    tokio::task::spawn_blocking(move || store.close()).await?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services>, mut stop: watch::Receiver<bool>) {
+    let mut sessions = JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off a little.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+        };
+        let _ = stream.set_nodelay(true);
+        let limits = &services.limits;
+        let permit = services.connections.clone().try_acquire_owned().ok();
+        let slot = services
+            .per_address
+            .acquire(peer.ip(), limits.connections_per_address_max);
+        let (Some(permit), Some(slot)) = (permit, slot) else {
+            bump(&services.metrics.connections_refused);
+            sessions.spawn(refuse(stream, proto));
+            continue;
+        };
+        let services = services.clone();
+        let stop = stop.clone();
+        sessions.spawn(async move {
+            let _held = (permit, slot);
+            match proto {
+                Proto::Smtp => {
+                    bump(&services.metrics.smtp_sessions);
+                    smtp::serve(stream, peer, services, smtp::Mode::Smtp, stop).await
+                }
+                Proto::Lmtp => {
+                    bump(&services.metrics.lmtp_sessions);
+                    smtp::serve(stream, peer, services, smtp::Mode::Lmtp, stop).await
+                }
+                Proto::Pop3 => pop3::serve(stream, peer, services, stop).await,
+            }
+        });
+    }
+    while sessions.join_next().await.is_some() {}
+}
+
+/// Tells a client it is one connection too many, then closes.
+async fn refuse(mut stream: TcpStream, proto: Proto) {
+    use tokio::io::AsyncWriteExt;
+    let text: &[u8] = match proto {
+        Proto::Smtp | Proto::Lmtp => b"421 4.7.0 Too many connections, try again later\r\n",
+        Proto::Pop3 => b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(text)).await;
+    let _ = stream.shutdown().await;
+}

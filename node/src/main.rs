@@ -1,0 +1,337 @@
+//! `quill`: run a node, or administer one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use quill_node::admin_client::{call, path_segment};
+use quill_node::{Limits, NodeConfig};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
+
+#[derive(Parser)]
+#[command(
+    name = "quill",
+    version,
+    about = "Quill: a clustered mail service (SMTP, LMTP, POP3)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node in the foreground until SIGINT or SIGTERM.
+    Node(NodeArgs),
+    /// Talk to a running node's admin API.
+    Admin(AdminArgs),
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Data directory (store, directory, tokens). Created if missing.
+    #[arg(long)]
+    data: PathBuf,
+    /// Address for node-to-node traffic (reserved: clustering comes with the membership work).
+    #[arg(long)]
+    cluster_addr: SocketAddr,
+    /// Address of an existing member to join (reserved: clustering comes with the membership work).
+    #[arg(long)]
+    seed: Vec<SocketAddr>,
+    /// Token that proves a joining node may join (reserved, as --seed).
+    #[arg(long)]
+    join_token: Option<String>,
+    /// Node name shown in status and in Received headers [default: quill-<cluster port>].
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    smtp: Option<SocketAddr>,
+    /// Mail submission port (served as SMTP for now; AUTH comes with outbound mail).
+    #[arg(long)]
+    submission: Option<SocketAddr>,
+    #[arg(long)]
+    lmtp: Option<SocketAddr>,
+    #[arg(long)]
+    pop3: Option<SocketAddr>,
+    /// IMAP address (reserved: IMAP is not served yet).
+    #[arg(long)]
+    imap: Option<SocketAddr>,
+    /// Admin HTTP API address.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Admin API token [default: read from, or created in, DATA/admin-token].
+    #[arg(long, env = "QUILL_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// Copies of each message (only 1 is possible on a single node).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Largest message accepted, in bytes (advertised in EHLO SIZE).
+    #[arg(long, default_value_t = 50 << 20)]
+    max_message_size: usize,
+    /// Recipients per message.
+    #[arg(long, default_value_t = 100)]
+    max_recipients: usize,
+    /// Open connections per client address.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_ip: u32,
+    /// Open connections per node.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Seconds a session may stay silent before it is closed.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
+    /// Initial log filter (tracing EnvFilter syntax); change it later with `quill admin log-level`.
+    #[arg(long, env = "QUILL_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Admin API address of any node, host:port.
+    #[arg(long)]
+    node: String,
+    /// Admin token.
+    #[arg(long, env = "QUILL_ADMIN_TOKEN")]
+    token: String,
+    #[command(subcommand)]
+    command: AdminCmd,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Mail domains this service accepts.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Mailbox users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// The cluster as this node sees it.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Set the log filter at once, without a restart (e.g. debug, quill_node=trace).
+    LogLevel { level: String },
+}
+
+#[derive(Subcommand)]
+enum DomainCmd {
+    Add { domain: String },
+    List,
+    Remove { domain: String },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    Add {
+        address: String,
+        #[arg(long)]
+        password: String,
+        /// Mailbox quota, e.g. 500M, 2G (binary units); none by default.
+        #[arg(long)]
+        quota: Option<String>,
+    },
+    List,
+    Remove {
+        address: String,
+    },
+    /// Set a new password.
+    Passwd {
+        address: String,
+        #[arg(long)]
+        password: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    Status {
+        /// Print the JSON object as is.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `123`, `10K`, `500M`, `2G` (binary units) to bytes.
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        Some('T') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim().parse().with_context(|| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult).with_context(|| format!("size too large: {s:?}"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Cmd::Node(args) => rt.block_on(node(args)),
+        Cmd::Admin(args) => rt.block_on(admin(args)),
+    }
+}
+
+async fn node(a: NodeArgs) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&a.log).with_context(|| format!("bad --log filter {:?}", a.log))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_target(false))
+        .init();
+    let set_log_level: quill_node::admin::LogLevelSetter = Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    });
+    if !a.seed.is_empty() || a.join_token.is_some() {
+        bail!("--seed/--join-token: joining a cluster is not implemented yet; run without them for a one-node service");
+    }
+    if a.replicas != 1 {
+        bail!(
+            "--replicas {}: a single node keeps exactly 1 copy (replication comes with clustering)",
+            a.replicas
+        );
+    }
+    if a.imap.is_some() {
+        tracing::warn!("--imap given but IMAP is not served yet; ignoring it");
+    }
+    let limits = Limits {
+        message_bytes_max: a.max_message_size,
+        recipients_max: a.max_recipients,
+        connections_per_address_max: a.max_connections_per_ip,
+        connections_max: a.max_connections,
+        idle_timeout: Duration::from_secs(a.idle_timeout),
+        ..Limits::default()
+    };
+    if limits.message_bytes_max > replication::MESSAGE_BYTES_MAX - 64 * 1024 {
+        bail!(
+            "--max-message-size may be at most {} bytes",
+            replication::MESSAGE_BYTES_MAX - 64 * 1024
+        );
+    }
+    let config = NodeConfig {
+        data_dir: a.data,
+        name: a.name.unwrap_or_else(|| format!("quill-{}", a.cluster_addr.port())),
+        cluster_addr: a.cluster_addr,
+        smtp: a.smtp,
+        submission: a.submission,
+        lmtp: a.lmtp,
+        pop3: a.pop3,
+        admin: a.admin,
+        admin_token: a.admin_token,
+        limits,
+    };
+    quill_node::run(config, set_log_level, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn admin(a: AdminArgs) -> anyhow::Result<()> {
+    let (method, path, body) = match &a.command {
+        AdminCmd::Domain(DomainCmd::Add { domain }) => (
+            Method::POST,
+            "/v1/domains".to_owned(),
+            Some(serde_json::json!({ "domain": domain })),
+        ),
+        AdminCmd::Domain(DomainCmd::List) => (Method::GET, "/v1/domains".to_owned(), None),
+        AdminCmd::Domain(DomainCmd::Remove { domain }) => {
+            (Method::DELETE, format!("/v1/domains/{}", path_segment(domain)), None)
+        }
+        AdminCmd::User(UserCmd::Add {
+            address,
+            password,
+            quota,
+        }) => {
+            let quota_bytes = quota.as_deref().map(parse_size).transpose()?;
+            let body = serde_json::json!({ "address": address, "password": password, "quota_bytes": quota_bytes });
+            (Method::POST, "/v1/users".to_owned(), Some(body))
+        }
+        AdminCmd::User(UserCmd::List) => (Method::GET, "/v1/users".to_owned(), None),
+        AdminCmd::User(UserCmd::Remove { address }) => {
+            (Method::DELETE, format!("/v1/users/{}", path_segment(address)), None)
+        }
+        AdminCmd::User(UserCmd::Passwd { address, password }) => (
+            Method::PUT,
+            format!("/v1/users/{}/password", path_segment(address)),
+            Some(serde_json::json!({ "password": password })),
+        ),
+        AdminCmd::Cluster(ClusterCmd::Status { .. }) => (Method::GET, "/v1/cluster/status".to_owned(), None),
+        AdminCmd::LogLevel { level } => (
+            Method::PUT,
+            "/v1/log-level".to_owned(),
+            Some(serde_json::json!({ "level": level })),
+        ),
+    };
+    let (status, reply) = call(&a.node, &a.token, method, &path, body).await?;
+    if !(200..300).contains(&status) {
+        let msg = reply
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| reply.to_string());
+        bail!("{msg} (HTTP {status})");
+    }
+    match &a.command {
+        AdminCmd::Domain(DomainCmd::List) => {
+            for d in reply.as_array().into_iter().flatten() {
+                println!("{}", d.as_str().unwrap_or_default());
+            }
+        }
+        AdminCmd::User(UserCmd::List) => {
+            for u in reply.as_array().into_iter().flatten() {
+                let quota = u["quota_bytes"]
+                    .as_u64()
+                    .map(|q| format!("quota {q} bytes"))
+                    .unwrap_or_default();
+                println!("{} {quota}", u["address"].as_str().unwrap_or_default());
+            }
+        }
+        AdminCmd::Cluster(ClusterCmd::Status { json: true }) => println!("{reply}"),
+        AdminCmd::Cluster(ClusterCmd::Status { json: false }) => {
+            println!(
+                "epoch {}  leader {}  self {}  under-replicated {}",
+                reply["epoch"], reply["leader"], reply["self"], reply["under_replicated"]
+            );
+            for n in reply["nodes"].as_array().into_iter().flatten() {
+                println!(
+                    "  node {} {:<16} {:<9} voter={} messages={} bytes={} smtp={} pop3={} admin={}",
+                    n["id"],
+                    n["name"].as_str().unwrap_or_default(),
+                    n["state"].as_str().unwrap_or_default(),
+                    n["voter"],
+                    n["messages"],
+                    n["bytes"],
+                    n["addrs"]["smtp"].as_str().unwrap_or("-"),
+                    n["addrs"]["pop3"].as_str().unwrap_or("-"),
+                    n["addrs"]["admin"].as_str().unwrap_or("-"),
+                );
+            }
+        }
+        _ => println!("ok"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("123").unwrap(), 123);
+        assert_eq!(super::parse_size("10K").unwrap(), 10240);
+        assert_eq!(super::parse_size("2g").unwrap(), 2 << 30);
+        assert!(super::parse_size("x").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
+    }
+}

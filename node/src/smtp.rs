@@ -1,0 +1,412 @@
+//! SMTP (RFC 5321) and LMTP (RFC 2033) for inbound mail: one session per
+//! connection. Commands are parsed by `smtp-proto`; this module keeps the
+//! session state, applies the limits and talks to the store.
+//!
+//! The reply to the end of DATA is sent only after the message is fsynced.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use membership::Recipient;
+use replication::Delivery;
+use smtp_proto::{Error as ParseError, Request};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::conn::{Line, read_line, trim_eol};
+use crate::services::{SMTP_COMMAND_BYTES_MAX, SMTP_TEXT_LINE_BYTES_MAX, Services, bump};
+use crate::time::{now_ms, rfc5322_date};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Smtp,
+    Lmtp,
+}
+
+/// How a DATA section ended.
+enum Body {
+    Ok(Vec<u8>),
+    TooBig,
+    LineTooLong,
+    Closed,
+}
+
+struct Transaction {
+    mail_from: String,
+    /// Normalized local users, in RCPT order, without duplicates.
+    rcpts: Vec<String>,
+}
+
+struct Session<R, W> {
+    r: BufReader<R>,
+    w: BufWriter<W>,
+    services: Arc<Services>,
+    mode: Mode,
+    peer: SocketAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    tx: Option<Transaction>,
+    n_commands: u32,
+    n_bad: u32,
+}
+
+/// Sanitizes a client-supplied name for a `Received:` header: printable
+/// ASCII only, at most 255 bytes.
+fn clean_name(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_graphic()).take(255).collect()
+}
+
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: SocketAddr,
+    services: Arc<Services>,
+    mode: Mode,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (r, w) = tokio::io::split(stream);
+    let mut s = Session {
+        r: BufReader::with_capacity(16 * 1024, r),
+        w: BufWriter::with_capacity(16 * 1024, w),
+        services,
+        mode,
+        peer,
+        helo: None,
+        esmtp: false,
+        tx: None,
+        n_commands: 0,
+        n_bad: 0,
+    };
+    let proto = if mode == Mode::Lmtp { "LMTP" } else { "ESMTP" };
+    let host = s.services.hostname.clone();
+    if s.reply(&format!("220 {host} {proto} Quill ready")).await.is_err() {
+        return;
+    }
+    if let Err(e) = s.run(&mut shutdown).await {
+        debug!(peer = %s.peer, error = %e, "session ended with an i/o error");
+    }
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
+    async fn reply(&mut self, text: &str) -> std::io::Result<()> {
+        self.w.write_all(text.as_bytes()).await?;
+        self.w.write_all(b"\r\n").await?;
+        // PIPELINING: hold replies while more commands are already buffered.
+        if self.r.buffer().is_empty() {
+            self.w.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush().await
+    }
+
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<()> {
+        let idle = self.services.limits.idle_timeout;
+        loop {
+            let line = tokio::select! {
+                l = read_line(&mut self.r, SMTP_COMMAND_BYTES_MAX, idle) => l?,
+                _ = shutdown.changed() => {
+                    self.reply("421 4.3.2 Service shutting down, closing transmission channel").await?;
+                    return self.flush().await;
+                }
+            };
+            let line = match line {
+                Line::Ok(l) => l,
+                Line::TooLong => {
+                    bump(&self.services.metrics.limit_refusals);
+                    self.reply("500 5.5.2 Line too long (512 octets max)").await?;
+                    if self.bad().await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Line::Eof => return Ok(()),
+                Line::Idle => {
+                    self.reply("421 4.4.2 Idle timeout, closing connection").await?;
+                    return self.flush().await;
+                }
+            };
+            self.n_commands += 1;
+            if self.n_commands > self.services.limits.commands_max {
+                bump(&self.services.metrics.limit_refusals);
+                self.reply("421 4.7.0 Too many commands in one session, closing connection")
+                    .await?;
+                return self.flush().await;
+            }
+            if !self.command(&line).await? {
+                return self.flush().await;
+            }
+        }
+    }
+
+    /// Counts a bad command; true when the session must end.
+    async fn bad(&mut self) -> std::io::Result<bool> {
+        self.n_bad += 1;
+        if self.n_bad >= self.services.limits.bad_commands_max {
+            bump(&self.services.metrics.limit_refusals);
+            self.reply("421 4.7.0 Too many errors, closing connection").await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Handles one command line; false ends the session.
+    async fn command(&mut self, line: &[u8]) -> std::io::Result<bool> {
+        // read_line always hands over the line feed smtp-proto wants.
+        let req = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => {
+                let text = match e {
+                    ParseError::UnknownCommand => "500 5.5.1 Command unrecognized".to_owned(),
+                    ParseError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
+                    ParseError::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax".to_owned(),
+                    ParseError::InvalidRecipientAddress => "501 5.1.3 Bad recipient address syntax".to_owned(),
+                    ParseError::InvalidParameter { param } => format!("501 5.5.4 Invalid parameter {param}"),
+                    ParseError::UnsupportedParameter { param } => {
+                        format!("555 5.5.4 Unsupported parameter {}", clean_name(&param))
+                    }
+                    _ => "500 5.5.2 Syntax error".to_owned(),
+                };
+                self.reply(&text).await?;
+                return Ok(!self.bad().await?);
+            }
+        };
+        let lmtp = self.mode == Mode::Lmtp;
+        match req {
+            Request::Ehlo { host } | Request::Lhlo { host } | Request::Helo { host } => {
+                let verb = line.get(..4).unwrap_or_default();
+                let (is_lhlo, is_helo) = (verb.eq_ignore_ascii_case(b"LHLO"), verb.eq_ignore_ascii_case(b"HELO"));
+                if lmtp != is_lhlo {
+                    let want = if lmtp { "LHLO" } else { "EHLO or HELO" };
+                    self.reply(&format!("500 5.5.1 This service wants {want}")).await?;
+                    return Ok(!self.bad().await?);
+                }
+                self.tx = None;
+                self.helo = Some(clean_name(&host));
+                self.esmtp = !is_helo;
+                let me = self.services.hostname.clone();
+                if is_helo {
+                    self.reply(&format!("250 {me}")).await?;
+                } else {
+                    let size = self.services.limits.message_bytes_max;
+                    self.reply(&format!(
+                        "250-{me}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-8BITMIME\r\n\
+                         250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 HELP"
+                    ))
+                    .await?;
+                }
+            }
+            Request::Mail { from } => {
+                if self.helo.is_none() {
+                    let hello = if lmtp { "LHLO" } else { "EHLO/HELO" };
+                    self.reply(&format!("503 5.5.1 Send {hello} first")).await?;
+                } else if self.tx.is_some() {
+                    self.reply("503 5.5.1 Sender already specified").await?;
+                } else if from.size > self.services.limits.message_bytes_max {
+                    bump(&self.services.metrics.limit_refusals);
+                    self.reply("552 5.3.4 Message size exceeds fixed maximum message size").await?;
+                } else {
+                    self.tx = Some(Transaction { mail_from: clean_name(&from.address), rcpts: Vec::new() });
+                    self.reply("250 2.1.0 Sender ok").await?;
+                }
+            }
+            Request::Rcpt { to } => self.rcpt(&to.address).await?,
+            Request::Data => return self.data().await,
+            Request::Rset => {
+                self.tx = None;
+                self.reply("250 2.0.0 Ok").await?;
+            }
+            Request::Noop { .. } => self.reply("250 2.0.0 Ok").await?,
+            Request::Vrfy { .. } => self.reply("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery").await?,
+            Request::Help { .. } => {
+                self.reply("214-2.0.0 Commands: EHLO HELO LHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT\r\n214 2.0.0 End of HELP").await?
+            }
+            Request::Quit => {
+                self.reply("221 2.0.0 Bye").await?;
+                return Ok(false);
+            }
+            other => {
+                self.reply(&format!("502 5.5.1 {} not implemented", other.name())).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn rcpt(&mut self, address: &str) -> std::io::Result<()> {
+        let Some(tx) = &self.tx else {
+            return self.reply("503 5.5.1 Need MAIL command first").await;
+        };
+        if tx.rcpts.len() >= self.services.limits.recipients_max {
+            bump(&self.services.metrics.limit_refusals);
+            return self.reply("452 4.5.3 Too many recipients").await;
+        }
+        match self.services.directory.resolve(address) {
+            Recipient::Local(user) => {
+                if let Some(quota) = user.quota_bytes
+                    && self.services.store.usage_bytes(&user.address) >= quota
+                {
+                    bump(&self.services.metrics.limit_refusals);
+                    return self.reply("552 5.2.2 Mailbox full").await;
+                }
+                let tx = self.tx.as_mut().expect("checked above");
+                // One entry per mailbox, however often it is named; LMTP
+                // still owes one reply per RCPT, so keep duplicates there.
+                if self.mode == Mode::Lmtp || !tx.rcpts.contains(&user.address) {
+                    tx.rcpts.push(user.address);
+                }
+                self.reply("250 2.1.5 Recipient ok").await
+            }
+            Recipient::UnknownUser => self.reply("550 5.1.1 No such user here").await,
+            Recipient::NotLocal => self.reply("550 5.7.1 Relaying denied").await,
+        }
+    }
+
+    async fn data(&mut self) -> std::io::Result<bool> {
+        let rcpts = match &self.tx {
+            None => {
+                self.reply("503 5.5.1 Need MAIL command first").await?;
+                return Ok(true);
+            }
+            Some(tx) if tx.rcpts.is_empty() => {
+                self.reply("554 5.5.1 No valid recipients").await?;
+                return Ok(true);
+            }
+            Some(tx) => tx.rcpts.clone(),
+        };
+        self.reply("354 Start mail input; end with <CRLF>.<CRLF>").await?;
+        self.flush().await?;
+        let arrival_ms = now_ms();
+        let id = self.services.store.new_message_id(arrival_ms);
+        let mut unique: Vec<String> = rcpts.clone();
+        unique.sort();
+        unique.dedup();
+        let received = self.received_header(&id.to_hex(), &unique, arrival_ms);
+        let body = match self.read_body(received).await? {
+            Body::Ok(b) => b,
+            Body::Closed => return Ok(false),
+            Body::TooBig => {
+                self.tx = None;
+                bump(&self.services.metrics.limit_refusals);
+                self.reply("552 5.3.4 Message size exceeds fixed maximum message size")
+                    .await?;
+                return Ok(true);
+            }
+            Body::LineTooLong => {
+                self.tx = None;
+                bump(&self.services.metrics.limit_refusals);
+                self.reply("500 5.5.2 Message has a line longer than 1000 octets")
+                    .await?;
+                return Ok(true);
+            }
+        };
+        let size = body.len();
+        let from = self.tx.take().map(|t| t.mail_from).unwrap_or_default();
+        let delivery = Delivery {
+            id,
+            arrival_ms,
+            users: unique.clone(),
+            folder: "INBOX".to_owned(),
+            body,
+        };
+        let result = self.services.store.deliver(delivery).await;
+        let text = match &result {
+            Ok(_) => {
+                bump(&self.services.metrics.messages_accepted);
+                info!(peer = %self.peer, %id, from = %from, rcpts = unique.len(), size, "message stored");
+                format!("250 2.0.0 Ok: stored as {id}")
+            }
+            Err(e) => {
+                bump(&self.services.metrics.deliveries_failed);
+                warn!(peer = %self.peer, error = %e, "delivery failed");
+                "451 4.3.0 Local storage error, try again later".to_owned()
+            }
+        };
+        match self.mode {
+            Mode::Smtp => self.reply(&text).await?,
+            Mode::Lmtp => {
+                for rcpt in &rcpts {
+                    let per = match &result {
+                        Ok(_) => format!("250 2.0.0 <{rcpt}> Ok: stored as {id}"),
+                        Err(_) => format!("451 4.3.0 <{rcpt}> Local storage error, try again later"),
+                    };
+                    self.w.write_all(per.as_bytes()).await?;
+                    self.w.write_all(b"\r\n").await?;
+                }
+                if self.r.buffer().is_empty() {
+                    self.flush().await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn received_header(&self, id: &str, rcpts: &[String], arrival_ms: u64) -> Vec<u8> {
+        let with = match (self.mode, self.esmtp) {
+            (Mode::Lmtp, _) => "LMTP",
+            (Mode::Smtp, true) => "ESMTP",
+            (Mode::Smtp, false) => "SMTP",
+        };
+        let helo = self.helo.as_deref().unwrap_or("unknown");
+        let for_clause = match rcpts {
+            [one] => format!("\r\n\tfor <{one}>"),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} ({ip})\r\n\tby {me} (Quill) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
+            ip = self.peer.ip(),
+            me = self.services.hostname,
+            date = rfc5322_date(arrival_ms / 1000),
+        )
+        .into_bytes()
+    }
+
+    /// Reads the DATA section: dot-unstuffs, ends lines with CRLF, stops at
+    /// `<CRLF>.<CRLF>`. Past a limit it keeps reading (and dropping) until
+    /// the end so that the session stays in step with the client.
+    async fn read_body(&mut self, mut body: Vec<u8>) -> std::io::Result<Body> {
+        let max = self.services.limits.message_bytes_max;
+        let idle = self.services.limits.idle_timeout;
+        let mut too_big = false;
+        let mut too_long = false;
+        body.reserve(8 * 1024);
+        loop {
+            let line = match read_line(&mut self.r, SMTP_TEXT_LINE_BYTES_MAX, idle).await? {
+                Line::Ok(l) => l,
+                Line::TooLong => {
+                    too_long = true;
+                    continue;
+                }
+                Line::Eof => return Ok(Body::Closed),
+                Line::Idle => {
+                    self.reply("421 4.4.2 Idle timeout, closing connection").await?;
+                    self.flush().await?;
+                    return Ok(Body::Closed);
+                }
+            };
+            if line == b".\r\n" {
+                break;
+            }
+            let content = trim_eol(&line);
+            let content = content.strip_prefix(b".").unwrap_or(content);
+            if too_big || too_long {
+                continue;
+            }
+            if body.len() + content.len() + 2 > max {
+                too_big = true;
+                body = Vec::new();
+                continue;
+            }
+            body.extend_from_slice(content);
+            body.extend_from_slice(b"\r\n");
+        }
+        Ok(if too_long {
+            Body::LineTooLong
+        } else if too_big {
+            Body::TooBig
+        } else {
+            Body::Ok(body)
+        })
+    }
+}

@@ -1,0 +1,106 @@
+//! Replication: where a node keeps mail, and (in later issues) how copies of
+//! it travel between nodes.
+//!
+//! Today this crate owns the **fragment store** ([`FragmentStore`]): the
+//! durable, local store of the mailbox fragments a node holds. A fragment is
+//! the part of one user's mailbox stored on one node; the store keeps message
+//! bodies once (named by their blake3 hash) and mailbox entries `(user,
+//! message id) -> metadata` that point at them.
+//!
+//! What it must not do: open sockets, know about SMTP/POP3, or decide
+//! placement. The node calls it; the replica protocol (a later issue) will
+//! call it with the same operations on each of the R replicas.
+//!
+//! # Durability
+//! Every change is a record appended to a segment file and fsynced before the
+//! caller's future resolves; concurrent callers share one fsync (group
+//! commit). Records carry their length and a blake3 checksum, so a torn or
+//! corrupt tail is recognised on open and cut off. In-memory state changes
+//! only after the fsync: nothing half written is ever visible.
+//!
+//! # Backpressure
+//! Writes go through a bounded queue (`WRITE_QUEUE_DEPTH`) to one writer
+//! thread; a caller awaits room in the queue.
+//!
+//! # Shutdown
+//! [`FragmentStore::close`] drains the queue, lets the writer finish its last
+//! batch and joins the thread. Dropping the store does the same without
+//! waiting.
+
+mod record;
+mod store;
+
+pub use store::{CompactReport, Delivery, FragmentStore, StoreConfig, StoreError, StoreStats};
+
+use serde::{Deserialize, Serialize};
+
+/// The largest message the store accepts. The node's own limit (`SIZE`,
+/// default 50 MiB) is lower; this one bounds a record on disk so that a
+/// corrupt length can be told from a real one.
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// Names one message of one mailbox. Sorting by id sorts by arrival time: the
+/// first 8 bytes are the arrival time in milliseconds, big-endian; the last 8
+/// make it unique. Never reused.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MessageId(pub [u8; 16]);
+
+impl MessageId {
+    /// Lower-case hex, 32 characters: used as the POP3 UIDL.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    pub fn arrival_ms(&self) -> u64 {
+        u64::from_be_bytes(self.0[..8].try_into().expect("8 bytes"))
+    }
+}
+
+impl std::fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// The blake3 hash of a message's bytes: bodies are immutable and named by it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BodyHash(pub [u8; 32]);
+
+impl BodyHash {
+    pub fn of(bytes: &[u8]) -> Self {
+        BodyHash(*blake3::hash(bytes).as_bytes())
+    }
+}
+
+impl std::fmt::Debug for BodyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex(&self.0[..8]))
+    }
+}
+
+/// One mailbox entry as the store reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryMeta {
+    pub id: MessageId,
+    pub body: BodyHash,
+    pub size_bytes: u64,
+    pub arrival_ms: u64,
+    pub folder: String,
+    pub flags: u32,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}

@@ -1,0 +1,218 @@
+//! The on-disk record format of segment files.
+//!
+//! ```text
+//! record  = header payload
+//! header  = magic:u32le  payload_len:u32le  checksum:[u8; 32]     (40 bytes)
+//! payload = kind:u8  body...
+//!   kind 1 (body):   body_hash:[u8; 32]  message bytes
+//!   kind 2 (entry):  bincode(EntryRecord)
+//!   kind 3 (delete): bincode(DeleteRecord)
+//! checksum = blake3(payload)
+//! ```
+//! A record is valid only if its magic, length and checksum all hold; the
+//! first invalid record of a segment ends what is read from it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BodyHash, MessageId};
+
+pub(crate) const MAGIC: u32 = 0x5155_494c; // "QUIL"
+pub(crate) const HEADER_BYTES: usize = 40;
+/// The largest payload a record may carry: the largest message Quill accepts
+/// (`MESSAGE_BYTES_MAX`) plus room for the kind byte and the body hash. A
+/// length above it in a header can only be corruption.
+pub(crate) const PAYLOAD_BYTES_MAX: usize = crate::MESSAGE_BYTES_MAX + 1024;
+
+pub(crate) const KIND_BODY: u8 = 1;
+pub(crate) const KIND_ENTRY: u8 = 2;
+pub(crate) const KIND_DELETE: u8 = 3;
+
+/// One mailbox entry: `user` holds message `id`, whose bytes are the body
+/// named `body`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct EntryRecord {
+    pub user: String,
+    pub id: MessageId,
+    pub body: BodyHash,
+    pub size_bytes: u64,
+    pub arrival_ms: u64,
+    pub folder: String,
+    pub flags: u32,
+}
+
+/// A tombstone: `user` no longer holds message `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DeleteRecord {
+    pub user: String,
+    pub id: MessageId,
+}
+
+/// What one record says, as read back.
+#[derive(Debug)]
+pub(crate) enum Decoded {
+    Body {
+        hash: BodyHash,
+        body_offset: u64,
+        body_len: u64,
+    },
+    Entry(EntryRecord),
+    Delete(DeleteRecord),
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 64 * 1024 }>()
+}
+
+/// Appends one complete record (header and payload) to `out`.
+fn push_record(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
+    let payload_len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    assert!(
+        payload_len <= PAYLOAD_BYTES_MAX,
+        "record payload too large: {payload_len}"
+    );
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&[kind]);
+    for p in parts {
+        hasher.update(p);
+    }
+    out.reserve(HEADER_BYTES + payload_len);
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    out.extend_from_slice(hasher.finalize().as_bytes());
+    out.push(kind);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
+/// Encodes a body record; returns the offset of the message bytes from the
+/// start of the record.
+pub(crate) fn encode_body(out: &mut Vec<u8>, hash: &BodyHash, body: &[u8]) -> u64 {
+    push_record(out, KIND_BODY, &[&hash.0, body]);
+    (HEADER_BYTES + 1 + 32) as u64
+}
+
+pub(crate) fn encode_entry(out: &mut Vec<u8>, entry: &EntryRecord) {
+    let bytes = bincode::serde::encode_to_vec(entry, bincode_config()).expect("entry encodes");
+    push_record(out, KIND_ENTRY, &[&bytes]);
+}
+
+pub(crate) fn encode_delete(out: &mut Vec<u8>, delete: &DeleteRecord) {
+    let bytes = bincode::serde::encode_to_vec(delete, bincode_config()).expect("delete encodes");
+    push_record(out, KIND_DELETE, &[&bytes]);
+}
+
+/// Why reading stopped at some offset of a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The segment ended exactly at a record boundary.
+    End,
+    /// A record at this offset is torn or corrupt.
+    Bad { offset: u64, why: &'static str },
+}
+
+/// Reads every valid record of a segment held in `data`, calling `f(offset,
+/// record_len, decoded)` for each, and says where and why it stopped.
+pub(crate) fn scan(data: &[u8], mut f: impl FnMut(u64, u64, Decoded)) -> Stop {
+    let mut pos = 0usize;
+    loop {
+        if pos == data.len() {
+            return Stop::End;
+        }
+        let bad = |why| Stop::Bad {
+            offset: pos as u64,
+            why,
+        };
+        if data.len() - pos < HEADER_BYTES {
+            return bad("truncated header");
+        }
+        let header = &data[pos..pos + HEADER_BYTES];
+        let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+        if magic != MAGIC {
+            return bad("bad magic");
+        }
+        let payload_len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+        if payload_len == 0 || payload_len > PAYLOAD_BYTES_MAX {
+            return bad("impossible length");
+        }
+        if data.len() - pos - HEADER_BYTES < payload_len {
+            return bad("truncated payload");
+        }
+        let payload = &data[pos + HEADER_BYTES..pos + HEADER_BYTES + payload_len];
+        if blake3::hash(payload).as_bytes() != &header[8..40] {
+            return bad("checksum mismatch");
+        }
+        let record_len = (HEADER_BYTES + payload_len) as u64;
+        let decoded = match payload[0] {
+            KIND_BODY if payload.len() >= 33 => Decoded::Body {
+                hash: BodyHash(payload[1..33].try_into().expect("32 bytes")),
+                body_offset: (pos + HEADER_BYTES + 33) as u64,
+                body_len: (payload_len - 33) as u64,
+            },
+            KIND_ENTRY => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
+                Ok((e, _)) => Decoded::Entry(e),
+                Err(_) => return bad("undecodable entry"),
+            },
+            KIND_DELETE => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
+                Ok((d, _)) => Decoded::Delete(d),
+                Err(_) => return bad("undecodable delete"),
+            },
+            _ => return bad("unknown kind"),
+        };
+        f(pos as u64, record_len, decoded);
+        pos += record_len as usize;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> EntryRecord {
+        EntryRecord {
+            user: "alice@example.org".into(),
+            id: MessageId([7; 16]),
+            body: BodyHash([9; 32]),
+            size_bytes: 5,
+            arrival_ms: 1,
+            folder: "INBOX".into(),
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_torn_tail() {
+        let mut buf = Vec::new();
+        let body = b"hello";
+        let hash = BodyHash(*blake3::hash(body).as_bytes());
+        let off = encode_body(&mut buf, &hash, body);
+        encode_entry(&mut buf, &entry());
+        let full = buf.len();
+        encode_delete(
+            &mut buf,
+            &DeleteRecord {
+                user: "alice@example.org".into(),
+                id: MessageId([7; 16]),
+            },
+        );
+        let mut seen = Vec::new();
+        assert_eq!(scan(&buf, |o, l, d| seen.push((o, l, format!("{d:?}")))), Stop::End);
+        assert_eq!(seen.len(), 3);
+        assert_eq!(&buf[off as usize..off as usize + 5], body);
+        // Every cut inside the last record stops exactly at its start.
+        for cut in full + 1..buf.len() {
+            let mut n = 0;
+            let stop = scan(&buf[..cut], |_, _, _| n += 1);
+            assert_eq!(n, 2);
+            assert!(matches!(stop, Stop::Bad { offset, .. } if offset == full as u64));
+        }
+        // A flipped bit anywhere in the last record is detected.
+        for i in full..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x10;
+            let mut n = 0;
+            assert!(matches!(scan(&bad, |_, _, _| n += 1), Stop::Bad { .. }));
+            assert_eq!(n, 2);
+        }
+    }
+}

@@ -1,1 +1,284 @@
-fn main() {}
+//! `quill-harness`: start Quill nodes and put load on them.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use quill_harness::bench::{self, DeliverPlan};
+use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
+use quill_harness::workload::percentile;
+use quill_harness::{Pop3Client, SmtpClient, fresh_loopback};
+
+#[derive(Parser)]
+#[command(
+    name = "quill-harness",
+    version,
+    about = "Start Quill nodes, drive load through the public protocols, measure"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start one node on 127.0.0.1 with domain example.org and users alice and
+    /// bob, send a message and fetch it, print how to do the same, and keep
+    /// running until Ctrl-C.
+    Demo {
+        /// Data directory [default: a fresh one under /tmp].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Password for alice and bob [default: generated and printed].
+        #[arg(long)]
+        password: Option<String>,
+        /// Stop after showing that mail goes in and out (for scripts).
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Benchmark one node: deliver N messages with C connections over SMTP
+    /// and/or LMTP, then retrieve and delete them all over POP3.
+    BenchNode {
+        #[arg(long, default_value_t = 10_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Users user0001..userNNNN@example.com, password passNNNN (as the Dovecot baseline).
+        #[arg(long, default_value_t = 100)]
+        users: u32,
+        #[arg(long, value_enum, default_value_t = Proto::Both)]
+        proto: Proto,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Log filter of the node.
+        #[arg(long, default_value = "info")]
+        log: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Proto {
+    Smtp,
+    Lmtp,
+    Both,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.command {
+            Cmd::Demo { dir, password, exit } => demo(dir, password, exit).await,
+            Cmd::BenchNode {
+                messages,
+                connections,
+                users,
+                proto,
+                dir,
+                log,
+                seed,
+            } => bench_node(messages, connections, users, proto, dir, log, seed).await,
+        }
+    })
+}
+
+async fn demo(dir: Option<PathBuf>, password: Option<String>, exit: bool) -> anyhow::Result<()> {
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("quill-demo-{}", std::process::id())));
+    let password = match password {
+        Some(p) => p,
+        None => quill_node::random_bytes()?
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    };
+    let mut opts = NodeOptions::new(&dir, Ipv4Addr::LOCALHOST)?;
+    opts.admin_token = quill_node::random_bytes()?
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!("starting a Quill node in {} ...", dir.display());
+    let mut node = NodeProcess::start(opts)
+        .await
+        .context("the demo node did not start (ports 2525, 2424, 2110, 8080 and 7400 on 127.0.0.1 must be free)")?;
+    let result = demo_steps(&node, &password).await;
+    if let Err(e) = &result {
+        println!("demo failed: {e:#}\nnode log:\n{}", node.log_tail(20));
+    }
+    if result.is_ok() && !exit {
+        println!("\nRunning. Press Ctrl-C to stop the node.");
+        tokio::signal::ctrl_c().await?;
+    }
+    node.stop().await?;
+    println!("node stopped; its data stays in {}", dir.display());
+    result
+}
+
+async fn demo_steps(node: &NodeProcess, password: &str) -> anyhow::Result<()> {
+    if !node
+        .admin(hyper::Method::GET, "/v1/domains", None)
+        .await?
+        .to_string()
+        .contains("example.org")
+    {
+        node.add_domain("example.org").await?;
+        for u in ["alice@example.org", "bob@example.org"] {
+            node.add_user(u, password, None).await?;
+        }
+    } else {
+        println!("(example.org already exists in this data directory: keeping its users and passwords)");
+    }
+    let body = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: Hello from Quill\r\n\r\nIt works.\r\n";
+    let mut smtp = SmtpClient::connect(node.smtp(), false).await?;
+    let replies = smtp.send_mail("alice@example.org", &["bob@example.org"], body).await?;
+    smtp.quit().await?;
+    println!("\nSMTP  {}: alice -> bob: {}", node.smtp(), replies[0].text.trim());
+    let mut pop = Pop3Client::connect(node.pop3()).await?;
+    pop.login("bob@example.org", password).await?;
+    let list = pop.uidl().await?;
+    let (n, _) = list.last().context("bob's mailbox is empty")?;
+    let msg = pop.retr(*n).await?;
+    pop.quit().await?;
+    println!(
+        "POP3  {}: bob has {} message(s); the newest one reads:\n",
+        node.pop3(),
+        list.len()
+    );
+    for line in String::from_utf8_lossy(&msg).lines() {
+        println!("    | {line}");
+    }
+    let token = &node.opts.admin_token;
+    println!(
+        r#"
+Quill is serving on 127.0.0.1:
+  SMTP 127.0.0.1:2525   LMTP 127.0.0.1:2424   POP3 127.0.0.1:2110   admin 127.0.0.1:8080
+  users alice@example.org and bob@example.org, password {password}
+
+Send a message (swaks, or Python's smtplib):
+  swaks --server 127.0.0.1:2525 --from alice@example.org --to bob@example.org
+  python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', 2525).sendmail('alice@example.org', ['bob@example.org'], 'Subject: hi\r\n\r\nhello\r\n')"
+Read it (Python's poplib):
+  python3 -c "import poplib; p = poplib.POP3('127.0.0.1', 2110); p.user('bob@example.org'); p.pass_('{password}'); print(p.stat()); print(b'\n'.join(p.retr(len(p.list()[1]))[1]).decode())"
+Administer it:
+  quill admin --node 127.0.0.1:8080 --token {token} cluster status
+  quill admin --node 127.0.0.1:8080 --token {token} user add carol@example.org --password secret"#
+    );
+    Ok(())
+}
+
+fn ms(sorted: &[f64], p: f64) -> String {
+    format!("{:.1}", percentile(sorted, p))
+}
+
+async fn bench_node(
+    messages: u64,
+    connections: usize,
+    users: u32,
+    proto: Proto,
+    dir: Option<PathBuf>,
+    log: String,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let temp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            temp = TempDir::new("bench")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let mut opts = NodeOptions::new(dir.join("node"), fresh_loopback())?;
+    opts.log = log;
+    let mut node = NodeProcess::start(opts).await?;
+    println!(
+        "node {} ({}), data in {}",
+        node.opts.ip,
+        node.opts.binary.display(),
+        dir.display()
+    );
+    node.add_domain("example.com").await?;
+    let accounts: Vec<(String, String)> = (1..=users)
+        .map(|i| (format!("user{i:04}@example.com"), format!("pass{i:04}")))
+        .collect();
+    for (u, p) in &accounts {
+        node.add_user(u, p, None).await?;
+    }
+    let protos: &[bool] = match proto {
+        Proto::Smtp => &[false],
+        Proto::Lmtp => &[true],
+        Proto::Both => &[false, true],
+    };
+    for &lmtp in protos {
+        let addr = if lmtp { node.lmtp() } else { node.smtp() };
+        let fs0 = (
+            node.metric("quill_store_fsyncs_total").await?,
+            node.metric("quill_store_ops_total").await?,
+        );
+        let plan = DeliverPlan {
+            addrs: vec![addr],
+            lmtp,
+            messages,
+            connections,
+            users,
+            prefix: "user".into(),
+            domain: "example.com".into(),
+            seed,
+            max_errors: 50,
+            max_duration: Duration::from_secs(900),
+        };
+        let d = bench::deliver(plan).await;
+        let fs1 = (
+            node.metric("quill_store_fsyncs_total").await?,
+            node.metric("quill_store_ops_total").await?,
+        );
+        let bytes: usize = d.acked.iter().map(|s| s.size).sum();
+        println!(
+            "deliver proto={} n={messages} c={connections} ok={} failed={} mean_size={} secs={:.2} msgs_per_sec={:.1} \
+             lat_ms_p50={} p99={} fsyncs={} ops_per_fsync={:.1}",
+            if lmtp { "lmtp" } else { "smtp" },
+            d.acked.len(),
+            d.unknown.len(),
+            bytes / d.acked.len().max(1),
+            d.secs,
+            d.acked.len() as f64 / d.secs,
+            ms(&d.latencies_ms, 50.0),
+            ms(&d.latencies_ms, 99.0),
+            fs1.0 - fs0.0,
+            (fs1.1 - fs0.1) / (fs1.0 - fs0.0).max(1.0),
+        );
+        if let Some(e) = d.errors.first() {
+            println!("  first error: {e}");
+        }
+        let r = bench::retrieve(vec![node.pop3()], accounts.clone(), connections, true).await;
+        let fetched_bytes: usize = r.fetched.iter().map(|f| f.size).sum();
+        println!(
+            "pop3 retr+dele users={users} c={connections} msgs={} MB={:.1} errors={} secs={:.2} msgs_per_sec={:.1} \
+             retr_lat_ms_p50={} p99={}",
+            r.fetched.len(),
+            fetched_bytes as f64 / 1e6,
+            r.errors.len(),
+            r.secs,
+            r.fetched.len() as f64 / r.secs,
+            ms(&r.latencies_ms, 50.0),
+            ms(&r.latencies_ms, 99.0),
+        );
+        if let Some(e) = r.errors.first() {
+            println!("  first error: {e}");
+        }
+        if r.fetched.len() != d.acked.len() {
+            bail!(
+                "fetched {} messages but {} were acknowledged",
+                r.fetched.len(),
+                d.acked.len()
+            );
+        }
+    }
+    node.stop().await?;
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! Minimal SMTP/LMTP and POP3 clients for tests and load. They check every
+//! reply and bound every read (line length and time).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Any reply must come within this time.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Replies longer than this are a protocol error.
+const LINE_BYTES_MAX: usize = 64 * 1024;
+
+/// One SMTP reply (all its lines).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn is_ok(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+}
+
+struct Conn {
+    r: BufReader<OwnedReadHalf>,
+    w: BufWriter<OwnedWriteHalf>,
+}
+
+impl Conn {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let s = tokio::time::timeout(REPLY_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow!("connect to {addr} timed out"))?
+            .with_context(|| format!("connect to {addr}"))?;
+        s.set_nodelay(true)?;
+        let (r, w) = s.into_split();
+        Ok(Conn {
+            r: BufReader::with_capacity(64 * 1024, r),
+            w: BufWriter::with_capacity(64 * 1024, w),
+        })
+    }
+
+    async fn line(&mut self) -> anyhow::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(
+            REPLY_TIMEOUT,
+            (&mut self.r).take(LINE_BYTES_MAX as u64).read_until(b'\n', &mut buf),
+        )
+        .await
+        .map_err(|_| anyhow!("no reply within {REPLY_TIMEOUT:?}"))??;
+        if n == 0 {
+            bail!("connection closed by server");
+        }
+        if !buf.ends_with(b"\n") {
+            bail!("reply line too long or cut");
+        }
+        Ok(buf)
+    }
+
+    async fn send(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        self.w.write_all(data).await?;
+        self.w.flush().await?;
+        Ok(())
+    }
+}
+
+/// An SMTP or LMTP client session.
+pub struct SmtpClient {
+    c: Conn,
+    lmtp: bool,
+    pub greeting: Reply,
+    pub ehlo: Reply,
+}
+
+impl SmtpClient {
+    /// Connects and says EHLO (or LHLO); fails unless both are positive.
+    pub async fn connect(addr: SocketAddr, lmtp: bool) -> anyhow::Result<Self> {
+        let mut c = Conn::connect(addr).await?;
+        let greeting = read_reply(&mut c).await?;
+        if greeting.code != 220 {
+            bail!("greeting: {greeting:?}");
+        }
+        let verb = if lmtp { "LHLO" } else { "EHLO" };
+        c.send(format!("{verb} harness.quill.test\r\n").as_bytes()).await?;
+        let ehlo = read_reply(&mut c).await?;
+        if ehlo.code != 250 {
+            bail!("{verb}: {ehlo:?}");
+        }
+        Ok(SmtpClient {
+            c,
+            lmtp,
+            greeting,
+            ehlo,
+        })
+    }
+
+    /// Connects and returns the greeting without saying hello.
+    pub async fn connect_raw(addr: SocketAddr) -> anyhow::Result<(Self, Reply)> {
+        let mut c = Conn::connect(addr).await?;
+        let greeting = read_reply(&mut c).await?;
+        let dummy = Reply {
+            code: 0,
+            text: String::new(),
+        };
+        Ok((
+            SmtpClient {
+                c,
+                lmtp: false,
+                greeting: greeting.clone(),
+                ehlo: dummy,
+            },
+            greeting,
+        ))
+    }
+
+    /// Sends one command line (CRLF added) and reads one reply.
+    pub async fn command(&mut self, line: &str) -> anyhow::Result<Reply> {
+        self.c.send(format!("{line}\r\n").as_bytes()).await?;
+        read_reply(&mut self.c).await
+    }
+
+    /// Sends raw bytes and reads one reply.
+    pub async fn raw(&mut self, bytes: &[u8]) -> anyhow::Result<Reply> {
+        self.c.send(bytes).await?;
+        read_reply(&mut self.c).await
+    }
+
+    pub async fn read_reply(&mut self) -> anyhow::Result<Reply> {
+        read_reply(&mut self.c).await
+    }
+
+    /// One transaction: MAIL, RCPT for each, DATA, the dot-stuffed body.
+    /// Returns the final reply (SMTP) or the replies per accepted recipient
+    /// (LMTP). An RCPT refusal is an error naming it.
+    pub async fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> anyhow::Result<Vec<Reply>> {
+        let r = self.command(&format!("MAIL FROM:<{from}>")).await?;
+        if r.code != 250 {
+            bail!("MAIL: {r:?}");
+        }
+        for rcpt in rcpts {
+            let r = self.command(&format!("RCPT TO:<{rcpt}>")).await?;
+            if r.code != 250 {
+                let _ = self.command("RSET").await;
+                bail!("RCPT {rcpt}: {r:?}");
+            }
+        }
+        let r = self.command("DATA").await?;
+        if r.code != 354 {
+            bail!("DATA: {r:?}");
+        }
+        self.c.send(&dot_stuff(body)).await?;
+        let n = if self.lmtp { rcpts.len() } else { 1 };
+        let mut replies = Vec::with_capacity(n);
+        for _ in 0..n {
+            replies.push(read_reply(&mut self.c).await?);
+        }
+        Ok(replies)
+    }
+
+    pub async fn quit(mut self) -> anyhow::Result<()> {
+        let _ = self.command("QUIT").await?;
+        Ok(())
+    }
+}
+
+/// The DATA section for a message: dot-stuffed, CRLF-terminated, ending
+/// with `.` CRLF.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut at_start = true;
+    for &b in body {
+        if at_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_start = b == b'\n';
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+async fn read_reply(c: &mut Conn) -> anyhow::Result<Reply> {
+    let mut text = String::new();
+    loop {
+        let line = c.line().await?;
+        let s = String::from_utf8_lossy(&line);
+        let s = s.trim_end();
+        if s.len() < 3 {
+            bail!("malformed reply line {s:?}");
+        }
+        let code: u16 = s[..3].parse().with_context(|| format!("malformed reply line {s:?}"))?;
+        text.push_str(s);
+        text.push('\n');
+        if s.as_bytes().get(3) != Some(&b'-') {
+            return Ok(Reply { code, text });
+        }
+    }
+}
+
+/// A POP3 client session.
+pub struct Pop3Client {
+    c: Conn,
+    pub greeting: String,
+}
+
+impl Pop3Client {
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let mut c = Conn::connect(addr).await?;
+        let greeting = String::from_utf8_lossy(&c.line().await?).trim_end().to_owned();
+        if !greeting.starts_with("+OK") {
+            bail!("greeting: {greeting}");
+        }
+        Ok(Pop3Client { c, greeting })
+    }
+
+    /// Sends a command, returns the status line (`+OK ...` or `-ERR ...`).
+    pub async fn command(&mut self, line: &str) -> anyhow::Result<String> {
+        self.c.send(format!("{line}\r\n").as_bytes()).await?;
+        Ok(String::from_utf8_lossy(&self.c.line().await?).trim_end().to_owned())
+    }
+
+    async fn ok(&mut self, line: &str) -> anyhow::Result<String> {
+        let r = self.command(line).await?;
+        if !r.starts_with("+OK") {
+            bail!("{}: {r}", line.split(' ').next().unwrap_or(line));
+        }
+        Ok(r)
+    }
+
+    /// Reads a multi-line body after a `+OK`, undoing dot-stuffing; CRLFs kept.
+    async fn multiline(&mut self) -> anyhow::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let line = self.c.line().await?;
+            if line == b".\r\n" {
+                return Ok(out);
+            }
+            let l = line.strip_prefix(b".").unwrap_or(&line);
+            out.extend_from_slice(l);
+        }
+    }
+
+    pub async fn login(&mut self, user: &str, password: &str) -> anyhow::Result<String> {
+        self.ok(&format!("USER {user}")).await?;
+        self.ok(&format!("PASS {password}")).await
+    }
+
+    /// (messages, octets)
+    pub async fn stat(&mut self) -> anyhow::Result<(usize, u64)> {
+        let r = self.ok("STAT").await?;
+        let mut it = r.split_whitespace().skip(1);
+        let n = it
+            .next()
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| anyhow!("bad STAT {r}"))?;
+        let o = it
+            .next()
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| anyhow!("bad STAT {r}"))?;
+        Ok((n, o))
+    }
+
+    /// (message number, unique id) for every message not deleted.
+    pub async fn uidl(&mut self) -> anyhow::Result<Vec<(u32, String)>> {
+        self.ok("UIDL").await?;
+        let body = self.multiline().await?;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .map(|l| {
+                let (n, u) = l.split_once(' ').ok_or_else(|| anyhow!("bad UIDL line {l}"))?;
+                Ok((n.parse()?, u.to_owned()))
+            })
+            .collect()
+    }
+
+    pub async fn retr(&mut self, n: u32) -> anyhow::Result<Vec<u8>> {
+        self.ok(&format!("RETR {n}")).await?;
+        self.multiline().await
+    }
+
+    pub async fn top(&mut self, n: u32, lines: u32) -> anyhow::Result<Vec<u8>> {
+        self.ok(&format!("TOP {n} {lines}")).await?;
+        self.multiline().await
+    }
+
+    pub async fn dele(&mut self, n: u32) -> anyhow::Result<()> {
+        self.ok(&format!("DELE {n}")).await.map(drop)
+    }
+
+    /// QUIT, which commits deletions; fails unless the server says +OK.
+    pub async fn quit(mut self) -> anyhow::Result<String> {
+        self.ok("QUIT").await
+    }
+}
+
+/// Removes the `Received:` header the server prepends (the first header
+/// field, with its continuation lines), giving back what the client sent.
+pub fn strip_received(msg: &[u8]) -> Option<&[u8]> {
+    if !msg.starts_with(b"Received: ") {
+        return None;
+    }
+    let mut pos = 0;
+    loop {
+        let eol = msg[pos..].windows(2).position(|w| w == b"\r\n")? + pos + 2;
+        pos = eol;
+        if !matches!(msg.get(pos), Some(b' ') | Some(b'\t')) {
+            return Some(&msg[pos..]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stuffing_and_received() {
+        assert_eq!(super::dot_stuff(b"a\r\n.b"), b"a\r\n..b\r\n.\r\n");
+        let m = b"Received: from x\r\n\tby y;\r\n\tdate\r\nSubject: s\r\n\r\nbody\r\n";
+        assert_eq!(super::strip_received(m).unwrap(), b"Subject: s\r\n\r\nbody\r\n");
+        assert!(super::strip_received(b"Subject: s\r\n").is_none());
+    }
+}

@@ -1,0 +1,349 @@
+//! Starting, stopping and killing `quill node` processes.
+//!
+//! Each node gets its own loopback address 127.x.y.z with the standard test
+//! ports, so that it looks like its own host (as behind DNS round robin) and
+//! tests running side by side never share a port.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use hyper::Method;
+use tokio::process::{Child, Command};
+
+/// Ports every node uses on its own address.
+pub const SMTP_PORT: u16 = 2525;
+pub const LMTP_PORT: u16 = 2424;
+pub const POP3_PORT: u16 = 2110;
+pub const ADMIN_PORT: u16 = 8080;
+pub const CLUSTER_PORT: u16 = 7400;
+
+/// How long a node may take to answer its admin API after start.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a node may take to stop after SIGTERM before it is killed.
+const STOP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Where the `quill` binary is: `$QUILL_BIN`, else next to the running
+/// executable (or its parent, for test executables in `target/*/deps`).
+pub fn quill_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("QUILL_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join("quill");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent();
+    }
+    bail!(
+        "no quill binary next to {}: run `cargo build --bins` first or set QUILL_BIN",
+        exe.display()
+    )
+}
+
+/// A loopback address no other node of this process (or, with high
+/// probability, of another test process) uses: 127.<pid-derived>.<n>.1.
+pub fn fresh_loopback() -> Ipv4Addr {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let p = std::process::id();
+    Ipv4Addr::new(
+        127,
+        10 + (p % 240) as u8,
+        (n % 250) as u8 + 1,
+        1 + ((p / 240) % 250) as u8,
+    )
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    pub data: PathBuf,
+    pub ip: Ipv4Addr,
+    pub admin_token: String,
+    /// More `quill node` flags (limits and the like).
+    pub extra_args: Vec<String>,
+    /// `quill` binary to run.
+    pub binary: PathBuf,
+    /// Log filter for the node.
+    pub log: String,
+}
+
+impl NodeOptions {
+    pub fn new(data: impl Into<PathBuf>, ip: Ipv4Addr) -> anyhow::Result<Self> {
+        Ok(NodeOptions {
+            data: data.into(),
+            ip,
+            admin_token: "harness-token".to_owned(),
+            extra_args: Vec::new(),
+            binary: quill_binary()?,
+            log: "info".to_owned(),
+        })
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.extra_args.push(a.into());
+        self
+    }
+
+    fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), port)
+    }
+}
+
+/// One running `quill node` process.
+#[derive(Debug)]
+pub struct NodeProcess {
+    pub opts: NodeOptions,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    /// Starts the node and waits (with a deadline) until its admin API answers.
+    pub async fn start(opts: NodeOptions) -> anyhow::Result<Self> {
+        let mut node = NodeProcess { opts, child: None };
+        node.spawn().await?;
+        Ok(node)
+    }
+
+    pub fn smtp(&self) -> SocketAddr {
+        self.opts.addr(SMTP_PORT)
+    }
+    pub fn lmtp(&self) -> SocketAddr {
+        self.opts.addr(LMTP_PORT)
+    }
+    pub fn pop3(&self) -> SocketAddr {
+        self.opts.addr(POP3_PORT)
+    }
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.opts.addr(ADMIN_PORT)
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.opts.data.join("node.log")
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let o = &self.opts;
+        std::fs::create_dir_all(&o.data)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut cmd = Command::new(&o.binary);
+        cmd.arg("node")
+            .arg("--data")
+            .arg(&o.data)
+            .arg("--cluster-addr")
+            .arg(o.addr(CLUSTER_PORT).to_string())
+            .arg("--smtp")
+            .arg(o.addr(SMTP_PORT).to_string())
+            .arg("--lmtp")
+            .arg(o.addr(LMTP_PORT).to_string())
+            .arg("--pop3")
+            .arg(o.addr(POP3_PORT).to_string())
+            .arg("--admin")
+            .arg(o.addr(ADMIN_PORT).to_string())
+            .arg("--admin-token")
+            .arg(&o.admin_token)
+            .arg("--log")
+            .arg(&o.log)
+            .args(&o.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", o.binary.display()))?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("quill node exited at start ({status}); log:\n{}", self.log_tail(30));
+            }
+            let health = tokio::time::timeout(Duration::from_secs(2), async {
+                let mut s = tokio::net::TcpStream::connect(self.admin_addr()).await?;
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                s.write_all(b"GET /health HTTP/1.0\r\n\r\n").await?;
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await?;
+                Ok::<_, std::io::Error>(buf)
+            })
+            .await;
+            if let Ok(Ok(buf)) = health
+                && buf.starts_with(b"HTTP/1.")
+                && buf.windows(2).any(|w| w == b"ok")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "quill node not ready within {START_DEADLINE:?}; log:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of the node's log, for error messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// SIGKILL, as a crash: nothing gets to flush or clean up.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill()?;
+            c.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait for a clean exit (SIGKILL after a deadline).
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut c) = self.child.take() else { return Ok(()) };
+        if let Some(pid) = c.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        match tokio::time::timeout(STOP_DEADLINE, c.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                if !status.success() {
+                    bail!("quill node exited with {status}; log:\n{}", self.log_tail(20));
+                }
+            }
+            Err(_) => {
+                c.start_kill()?;
+                c.wait().await?;
+                bail!("quill node did not stop within {STOP_DEADLINE:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the node again on the same data directory and addresses.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.stop().await?;
+        }
+        self.spawn().await
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// One admin API call; an error status is an error.
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let (status, reply) = self.admin_raw(method, path, body).await?;
+        if !(200..300).contains(&status) {
+            return Err(anyhow!("admin {path}: HTTP {status}: {reply}"));
+        }
+        Ok(reply)
+    }
+
+    pub async fn admin_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        quill_node::admin_client::call(
+            &self.admin_addr().to_string(),
+            &self.opts.admin_token,
+            method,
+            path,
+            body,
+        )
+        .await
+    }
+
+    pub async fn add_domain(&self, domain: &str) -> anyhow::Result<()> {
+        self.admin(
+            Method::POST,
+            "/v1/domains",
+            Some(serde_json::json!({ "domain": domain })),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn add_user(&self, address: &str, password: &str, quota_bytes: Option<u64>) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "address": address, "password": password, "quota_bytes": quota_bytes });
+        self.admin(Method::POST, "/v1/users", Some(body)).await.map(drop)
+    }
+
+    /// The node's Prometheus metrics as (name, value) pairs.
+    pub async fn metrics(&self) -> anyhow::Result<Vec<(String, f64)>> {
+        let (_, body) = self.admin_raw(Method::GET, "/metrics", None).await?;
+        let text = body.as_str().unwrap_or_default().to_owned();
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        self.metrics()
+            .await?
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| anyhow!("no metric {name}"))
+    }
+}
+
+/// A scratch directory removed on drop (unless `QUILL_KEEP_TEST_DIRS` is set).
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> anyhow::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("quill-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("QUILL_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

@@ -254,6 +254,13 @@ impl Pop3Client {
         self.ok(&format!("PASS {password}")).await
     }
 
+    /// The capability lines of CAPA.
+    pub async fn capa(&mut self) -> anyhow::Result<Vec<String>> {
+        self.ok("CAPA").await?;
+        let body = self.multiline().await?;
+        Ok(String::from_utf8_lossy(&body).lines().map(str::to_owned).collect())
+    }
+
     /// (messages, octets)
     pub async fn stat(&mut self) -> anyhow::Result<(usize, u64)> {
         let r = self.ok("STAT").await?;

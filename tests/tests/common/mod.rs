@@ -1,0 +1,38 @@
+//! Shared setup for the tests in this folder.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use quill_harness::fresh_loopback;
+use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
+
+pub const PASSWORD: &str = "correct horse";
+
+/// A node on its own loopback address with domain example.org and users
+/// alice, bob and carol (password [`PASSWORD`]).
+pub async fn node(label: &str, extra: &[&str]) -> (TempDir, NodeProcess) {
+    let dir = TempDir::new(label).expect("temp dir");
+    let mut opts = NodeOptions::new(dir.path().join("node"), fresh_loopback()).expect("quill binary");
+    opts.extra_args = extra.iter().map(|s| s.to_string()).collect();
+    let node = NodeProcess::start(opts).await.expect("node starts");
+    node.add_domain("example.org").await.expect("domain");
+    for u in ["alice", "bob", "carol"] {
+        node.add_user(&format!("{u}@example.org"), PASSWORD, None)
+            .await
+            .expect("user");
+    }
+    (dir, node)
+}
+
+/// Polls `f` until it returns true or the deadline passes.
+pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    while !f().await {
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -125,14 +125,20 @@ async fn demo_steps(node: &NodeProcess, password: &str) -> anyhow::Result<()> {
         .admin(hyper::Method::GET, "/v1/domains", None)
         .await?
         .to_string()
-        .contains("example.org")
+        .contains("\"example.org\"")
     {
         node.add_domain("example.org").await?;
-        for u in ["alice@example.org", "bob@example.org"] {
+    }
+    let users = node.admin(hyper::Method::GET, "/v1/users", None).await?.to_string();
+    for u in ["alice@example.org", "bob@example.org"] {
+        if users.contains(&format!("\"{u}\"")) {
+            // A rerun on the same data directory: give them this run's password.
+            let body = serde_json::json!({ "password": password });
+            node.admin(hyper::Method::PUT, &format!("/v1/users/{u}/password"), Some(body))
+                .await?;
+        } else {
             node.add_user(u, password, None).await?;
         }
-    } else {
-        println!("(example.org already exists in this data directory: keeping its users and passwords)");
     }
     let body = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: Hello from Quill\r\n\r\nIt works.\r\n";
     let mut smtp = SmtpClient::connect(node.smtp(), false).await?;
@@ -154,6 +160,7 @@ async fn demo_steps(node: &NodeProcess, password: &str) -> anyhow::Result<()> {
         println!("    | {line}");
     }
     let token = &node.opts.admin_token;
+    let quill = node.opts.binary.display();
     println!(
         r#"
 Quill is serving on 127.0.0.1:
@@ -166,8 +173,8 @@ Send a message (swaks, or Python's smtplib):
 Read it (Python's poplib):
   python3 -c "import poplib; p = poplib.POP3('127.0.0.1', 2110); p.user('bob@example.org'); p.pass_('{password}'); print(p.stat()); print(b'\n'.join(p.retr(len(p.list()[1]))[1]).decode())"
 Administer it:
-  quill admin --node 127.0.0.1:8080 --token {token} cluster status
-  quill admin --node 127.0.0.1:8080 --token {token} user add carol@example.org --password secret"#
+  {quill} admin --node 127.0.0.1:8080 --token {token} cluster status
+  {quill} admin --node 127.0.0.1:8080 --token {token} user add carol@example.org --password secret"#
     );
     Ok(())
 }

@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub admin: Option<SocketAddr>,
     /// The admin token; made and saved in the data directory if not given.
     pub admin_token: Option<String>,
+    /// Domain appended to logins that have none.
+    pub default_login_domain: Option<String>,
     pub limits: Limits,
 }
 
@@ -124,13 +126,15 @@ pub async fn run(
     let directory: Arc<dyn Directory> =
         Arc::new(LocalDirectory::open(&config.data_dir).context("cannot open the directory")?);
     let token = admin_token(&config)?;
-    let services = Arc::new(Services::new(
+    let mut services = Services::new(
         config.name.clone(),
         store.clone(),
         directory,
         config.limits.clone(),
         random_bytes()?,
-    ));
+    );
+    services.default_login_domain = config.default_login_domain.clone();
+    let services = Arc::new(services);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();

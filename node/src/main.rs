@@ -66,6 +66,9 @@ struct NodeArgs {
     /// Admin API token [default: read from, or created in, DATA/admin-token].
     #[arg(long, env = "QUILL_ADMIN_TOKEN")]
     admin_token: Option<String>,
+    /// Domain appended to POP3 logins given without one (`user` -> `user@DOMAIN`).
+    #[arg(long)]
+    default_login_domain: Option<String>,
     /// Copies of each message (only 1 is possible on a single node).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -224,6 +227,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         pop3: a.pop3,
         admin: a.admin,
         admin_token: a.admin_token,
+        default_login_domain: a.default_login_domain,
         limits,
     };
     quill_node::run(config, set_log_level, shutdown_signal()).await

@@ -101,6 +101,9 @@ struct AuthState {
 
 pub struct Services {
     pub hostname: String,
+    /// Appended to logins without a domain (like Dovecot's
+    /// `auth_default_realm`), so `user0001` logs in as `user0001@DOMAIN`.
+    pub default_login_domain: Option<String>,
     pub store: Arc<FragmentStore>,
     pub directory: Arc<dyn Directory>,
     pub limits: Limits,
@@ -145,6 +148,7 @@ impl Services {
     ) -> Self {
         Services {
             hostname,
+            default_login_domain: None,
             store,
             directory,
             connections: Arc::new(Semaphore::new(limits.connections_max)),
@@ -182,6 +186,14 @@ impl Services {
                 return Auth::Blocked;
             }
         }
+        let qualified;
+        let user = match &self.default_login_domain {
+            Some(d) if !user.contains('@') => {
+                qualified = format!("{user}@{d}");
+                qualified.as_str()
+            }
+            _ => user,
+        };
         let record = self.directory.user(user);
         let ok = match &record {
             None => false,

@@ -210,7 +210,7 @@ async fn pop3_deletes_only_at_quit_and_uidls_are_stable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pop3_auth_plain_and_capa() {
-    let (_d, node) = node("pop3-auth", &[]).await;
+    let (_d, node) = node("pop3-auth", &["--default-login-domain", "example.org"]).await;
     let mut p = Pop3Client::connect(node.pop3()).await.unwrap();
     let capa = p.capa().await.unwrap();
     for c in ["USER", "SASL PLAIN", "TOP", "UIDL", "RESP-CODES", "PIPELINING"] {

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a node in the foreground until SIGINT or SIGTERM.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Talk to a running node's admin API.
     Admin(AdminArgs),
 }
@@ -175,7 +175,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Cmd::Node(args) => rt.block_on(node(args)),
+        Cmd::Node(args) => rt.block_on(node(*args)),
         Cmd::Admin(args) => rt.block_on(admin(args)),
     }
 }

@@ -7,10 +7,16 @@
 //!   kind 1 (body):   body_hash:[u8; 32]  message bytes
 //!   kind 2 (entry):  bincode(EntryRecord)
 //!   kind 3 (delete): bincode(DeleteRecord)
+//!   kind 4 (commit): batch:u64le      (ends one group commit)
 //! checksum = blake3(payload)
 //! ```
-//! A record is valid only if its magic, length and checksum all hold; the
-//! first invalid record of a segment ends what is read from it.
+//! A record is valid only if its magic, length and checksum all hold. After
+//! an invalid record the reader looks for the next valid one (resync), so
+//! one damaged record does not hide the intact ones behind it; an invalid
+//! stretch with nothing valid after it is a torn tail.
+//!
+//! The records of one batch take effect only once its commit record is
+//! read: a delivery to several mailboxes is all or nothing.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +32,7 @@ pub(crate) const PAYLOAD_BYTES_MAX: usize = crate::MESSAGE_BYTES_MAX + 1024;
 pub(crate) const KIND_BODY: u8 = 1;
 pub(crate) const KIND_ENTRY: u8 = 2;
 pub(crate) const KIND_DELETE: u8 = 3;
+pub(crate) const KIND_COMMIT: u8 = 4;
 
 /// One mailbox entry: `user` holds message `id`, whose bytes are the body
 /// named `body`.
@@ -57,6 +64,7 @@ pub(crate) enum Decoded {
     },
     Entry(EntryRecord),
     Delete(DeleteRecord),
+    Commit,
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -102,45 +110,73 @@ pub(crate) fn encode_delete(out: &mut Vec<u8>, delete: &DeleteRecord) {
     push_record(out, KIND_DELETE, &[&bytes]);
 }
 
-/// Why reading stopped at some offset of a segment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Stop {
-    /// The segment ended exactly at a record boundary.
-    End,
-    /// A record at this offset is torn or corrupt.
-    Bad { offset: u64, why: &'static str },
+pub(crate) fn encode_commit(out: &mut Vec<u8>, batch: u64) {
+    push_record(out, KIND_COMMIT, &[&batch.to_le_bytes()]);
+}
+
+/// What reading a whole segment found besides its valid records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Scan {
+    /// Damaged stretches `[start, end)` with valid records after them.
+    pub corrupt: Vec<(u64, u64, &'static str)>,
+    /// The offset of an invalid stretch that runs to the end of the data
+    /// (a torn tail), and why.
+    pub torn: Option<(u64, &'static str)>,
 }
 
 /// Reads every valid record of a segment held in `data`, calling `f(offset,
-/// record_len, decoded)` for each, and says where and why it stopped.
-pub(crate) fn scan(data: &[u8], mut f: impl FnMut(u64, u64, Decoded)) -> Stop {
+/// record_len, decoded)` for each, skipping damaged stretches.
+pub(crate) fn scan(data: &[u8], mut f: impl FnMut(u64, u64, Decoded)) -> Scan {
+    let mut out = Scan::default();
     let mut pos = 0usize;
-    loop {
-        if pos == data.len() {
-            return Stop::End;
+    while pos < data.len() {
+        match parse_at(data, pos) {
+            Ok((len, decoded)) => {
+                f(pos as u64, len as u64, decoded);
+                pos += len;
+            }
+            Err(why) => {
+                // Resync: the next offset holding the magic and a valid record.
+                let next = (pos + 1..data.len().saturating_sub(HEADER_BYTES - 1))
+                    .filter(|&q| data[q..q + 4] == MAGIC.to_le_bytes())
+                    .find(|&q| parse_at(data, q).is_ok());
+                match next {
+                    Some(q) => {
+                        out.corrupt.push((pos as u64, q as u64, why));
+                        pos = q;
+                    }
+                    None => {
+                        out.torn = Some((pos as u64, why));
+                        break;
+                    }
+                }
+            }
         }
-        let bad = |why| Stop::Bad {
-            offset: pos as u64,
-            why,
-        };
+    }
+    out
+}
+
+/// Parses the record at `pos`: its length and content, or why it is invalid.
+fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), &'static str> {
+    {
         if data.len() - pos < HEADER_BYTES {
-            return bad("truncated header");
+            return Err("truncated header");
         }
         let header = &data[pos..pos + HEADER_BYTES];
         let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
         if magic != MAGIC {
-            return bad("bad magic");
+            return Err("bad magic");
         }
         let payload_len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
         if payload_len == 0 || payload_len > PAYLOAD_BYTES_MAX {
-            return bad("impossible length");
+            return Err("impossible length");
         }
         if data.len() - pos - HEADER_BYTES < payload_len {
-            return bad("truncated payload");
+            return Err("truncated payload");
         }
         let payload = &data[pos + HEADER_BYTES..pos + HEADER_BYTES + payload_len];
         if blake3::hash(payload).as_bytes() != &header[8..40] {
-            return bad("checksum mismatch");
+            return Err("checksum mismatch");
         }
         let record_len = (HEADER_BYTES + payload_len) as u64;
         let decoded = match payload[0] {
@@ -151,16 +187,16 @@ pub(crate) fn scan(data: &[u8], mut f: impl FnMut(u64, u64, Decoded)) -> Stop {
             },
             KIND_ENTRY => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
                 Ok((e, _)) => Decoded::Entry(e),
-                Err(_) => return bad("undecodable entry"),
+                Err(_) => return Err("undecodable entry"),
             },
             KIND_DELETE => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
                 Ok((d, _)) => Decoded::Delete(d),
-                Err(_) => return bad("undecodable delete"),
+                Err(_) => return Err("undecodable delete"),
             },
-            _ => return bad("unknown kind"),
+            KIND_COMMIT if payload.len() == 9 => Decoded::Commit,
+            _ => return Err("unknown kind"),
         };
-        f(pos as u64, record_len, decoded);
-        pos += record_len as usize;
+        Ok((record_len as usize, decoded))
     }
 }
 
@@ -196,7 +232,10 @@ mod tests {
             },
         );
         let mut seen = Vec::new();
-        assert_eq!(scan(&buf, |o, l, d| seen.push((o, l, format!("{d:?}")))), Stop::End);
+        assert_eq!(
+            scan(&buf, |o, l, d| seen.push((o, l, format!("{d:?}")))),
+            Scan::default()
+        );
         assert_eq!(seen.len(), 3);
         assert_eq!(&buf[off as usize..off as usize + 5], body);
         // Every cut inside the last record stops exactly at its start.
@@ -204,15 +243,28 @@ mod tests {
             let mut n = 0;
             let stop = scan(&buf[..cut], |_, _, _| n += 1);
             assert_eq!(n, 2);
-            assert!(matches!(stop, Stop::Bad { offset, .. } if offset == full as u64));
+            assert!(
+                matches!(stop.torn, Some((offset, _)) if offset == full as u64),
+                "{stop:?}"
+            );
+            assert!(stop.corrupt.is_empty());
         }
         // A flipped bit anywhere in the last record is detected.
         for i in full..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x10;
             let mut n = 0;
-            assert!(matches!(scan(&bad, |_, _, _| n += 1), Stop::Bad { .. }));
+            assert!(scan(&bad, |_, _, _| n += 1).torn.is_some());
             assert_eq!(n, 2);
         }
+        // A damaged record in the middle is skipped; the ones after it are read.
+        let mut bad = buf.clone();
+        bad[off as usize + 1] ^= 0x01;
+        let mut kinds = Vec::new();
+        let found = scan(&bad, |_, _, d| kinds.push(format!("{d:?}")));
+        assert_eq!(kinds.len(), 2, "{kinds:?}");
+        assert!(kinds[0].starts_with("Entry") && kinds[1].starts_with("Delete"));
+        assert_eq!(found.corrupt.len(), 1);
+        assert_eq!(found.torn, None);
     }
 }

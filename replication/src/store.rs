@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::record::{self, Decoded, DeleteRecord, EntryRecord, Stop};
+use crate::record::{self, Decoded, DeleteRecord, EntryRecord};
 use crate::{BodyHash, EntryMeta, MESSAGE_BYTES_MAX, MessageId};
 
 /// Writes waiting for the writer thread. Bounded so that a slow disk pushes
@@ -174,16 +174,13 @@ impl Index {
     fn put_body(&mut self, hash: BodyHash, new: BodyLoc) {
         let record_len = new.record_len;
         let seg = new.seg;
-        match self.bodies.insert(hash, new) {
-            Some(old) => {
-                let refs = old.refs;
-                if refs > 0 {
-                    self.sub_live(old.seg, old.record_len);
-                    self.add_live(seg, record_len);
-                }
-                self.bodies.get_mut(&hash).expect("just inserted").refs = refs;
+        if let Some(old) = self.bodies.insert(hash, new) {
+            let refs = old.refs;
+            if refs > 0 {
+                self.sub_live(old.seg, old.record_len);
+                self.add_live(seg, record_len);
             }
-            None => {}
+            self.bodies.get_mut(&hash).expect("just inserted").refs = refs;
         }
     }
 
@@ -298,15 +295,24 @@ impl Op {
 }
 
 enum Relocation {
-    Body { hash: BodyHash, bytes: Vec<u8> },
+    Body {
+        hash: BodyHash,
+        bytes: Vec<u8>,
+    },
     Entry(EntryRecord),
+    /// A body that failed its checksum while being copied: the messages
+    /// that use it are unreadable here, and are deleted (logged) so that
+    /// the segment can still be cleaned.
+    Lost {
+        hash: BodyHash,
+    },
 }
 
 impl Relocation {
     fn bytes(&self) -> usize {
         match self {
             Relocation::Body { bytes, .. } => bytes.len(),
-            Relocation::Entry(_) => 128,
+            Relocation::Entry(_) | Relocation::Lost { .. } => 128,
         }
     }
 }
@@ -371,33 +377,48 @@ impl FragmentStore {
         for &seg in &seg_ids {
             let path = seg_path(&config.dir, seg);
             let data = fs::read(&path)?;
-            let stop = record::scan(&data, |offset, record_len, decoded| match decoded {
-                Decoded::Body {
-                    hash,
-                    body_offset,
-                    body_len,
-                } => {
-                    let _ = offset;
-                    bodies.insert(
-                        hash,
-                        BodyLoc {
-                            seg,
+            // Records take effect batch by batch, at each commit record.
+            let mut pending: Vec<(u64, u64, Decoded)> = Vec::new();
+            let found = record::scan(&data, |offset, record_len, decoded| {
+                if !matches!(decoded, Decoded::Commit) {
+                    pending.push((offset, record_len, decoded));
+                    return;
+                }
+                for (_, record_len, decoded) in pending.drain(..) {
+                    match decoded {
+                        Decoded::Body {
+                            hash,
                             body_offset,
                             body_len,
-                            record_len,
-                            refs: 0,
-                        },
-                    );
-                }
-                Decoded::Entry(e) => {
-                    entries.insert((e.user.clone(), e.id), (e, Loc { seg, record_len }));
-                }
-                Decoded::Delete(d) => {
-                    entries.remove(&(d.user, d.id));
+                        } => {
+                            let loc = BodyLoc {
+                                seg,
+                                body_offset,
+                                body_len,
+                                record_len,
+                                refs: 0,
+                            };
+                            bodies.insert(hash, loc);
+                        }
+                        Decoded::Entry(e) => {
+                            entries.insert((e.user.clone(), e.id), (e, Loc { seg, record_len }));
+                        }
+                        Decoded::Delete(d) => {
+                            entries.remove(&(d.user, d.id));
+                        }
+                        Decoded::Commit => unreachable!("commits are not pending"),
+                    }
                 }
             });
+            for (start, end, why) in &found.corrupt {
+                error!(segment = seg, start, end, why, "damaged records skipped on recovery");
+            }
             let mut len = data.len() as u64;
-            if let Stop::Bad { offset, why } = stop {
+            // An unfinished batch (no commit record) or a torn record at the
+            // end: the tail from there on was never acknowledged.
+            let cut = pending.first().map(|p| p.0).or(found.torn.map(|t| t.0));
+            if let Some(offset) = cut {
+                let why = found.torn.map_or("batch without commit record", |t| t.1);
                 if Some(seg) == last {
                     warn!(
                         segment = seg,
@@ -416,7 +437,7 @@ impl FragmentStore {
                         offset,
                         why,
                         lost_bytes = len - offset,
-                        "corrupt record inside a sealed segment; the rest of it is skipped"
+                        "unreadable tail inside a sealed segment; skipped"
                     );
                 }
             }
@@ -471,6 +492,7 @@ impl FragmentStore {
             shared: shared.clone(),
             active,
             segment_bytes_max: config.segment_bytes_max,
+            batch_seq: 0,
         };
         let handle = std::thread::Builder::new()
             .name("quill-store-writer".into())
@@ -617,8 +639,11 @@ impl FragmentStore {
             let mut items = Vec::with_capacity(bodies.len() + entries.len());
             for (offset, len, hash) in bodies {
                 let hash = hash.expect("body plan has a hash");
-                let bytes = read_checked(&file, offset, len, hash)?;
-                items.push(Relocation::Body { hash, bytes });
+                match read_checked(&file, offset, len, hash) {
+                    Ok(bytes) => items.push(Relocation::Body { hash, bytes }),
+                    Err(StoreError::Corrupt(_)) => items.push(Relocation::Lost { hash }),
+                    Err(e) => return Err(e),
+                }
             }
             items.extend(entries.into_iter().map(Relocation::Entry));
             Ok(items)
@@ -725,6 +750,8 @@ struct Writer {
     shared: Arc<Shared>,
     active: u32,
     segment_bytes_max: u64,
+    /// Numbers the commit records (for reading a segment by eye).
+    batch_seq: u64,
 }
 
 impl Writer {
@@ -769,6 +796,7 @@ impl Writer {
             let mut new_bodies: HashSet<BodyHash> = HashSet::new();
             let mut deleted: HashSet<(String, MessageId)> = HashSet::new();
             let mut moved_bodies: HashSet<BodyHash> = HashSet::new();
+            let mut new_entries: HashSet<(String, MessageId)> = HashSet::new();
             for op in batch {
                 match op {
                     Op::Deliver { delivery, hash, reply } => {
@@ -789,6 +817,12 @@ impl Writer {
                             });
                         }
                         for user in delivery.users {
+                            // Delivering the same id again is a no-op (idempotent).
+                            if index.entry(&user, &delivery.id).is_some()
+                                || !new_entries.insert((user.clone(), delivery.id))
+                            {
+                                continue;
+                            }
                             let rec = EntryRecord {
                                 user,
                                 id: delivery.id,
@@ -847,6 +881,25 @@ impl Writer {
                                         n += 1;
                                     }
                                 }
+                                Relocation::Lost { hash } => {
+                                    let victims: Vec<(String, MessageId)> = index
+                                        .mailboxes
+                                        .iter()
+                                        .flat_map(|(user, m)| {
+                                            m.entries
+                                                .values()
+                                                .filter(|e| e.meta.body == hash)
+                                                .map(|e| (user.clone(), e.meta.id))
+                                        })
+                                        .collect();
+                                    for (user, id) in victims {
+                                        if deleted.insert((user.clone(), id)) {
+                                            error!(%user, %id, "message body corrupt on disk; message removed");
+                                            record::encode_delete(&mut buf, &DeleteRecord { user: user.clone(), id });
+                                            effects.push(Effect::Delete { user, id });
+                                        }
+                                    }
+                                }
                                 Relocation::Entry(rec) => {
                                     let still = index.entry(&rec.user, &rec.id).is_some_and(|e| e.loc.seg == from)
                                         && !deleted.contains(&(rec.user.clone(), rec.id));
@@ -871,6 +924,8 @@ impl Writer {
         }
 
         if !buf.is_empty() {
+            self.batch_seq += 1;
+            record::encode_commit(&mut buf, self.batch_seq);
             let file = self.shared.index().segments.get(&seg).expect("active").file.clone();
             let written = (|| -> std::io::Result<()> {
                 (&*file).write_all(&buf)?;
@@ -893,6 +948,10 @@ impl Writer {
         {
             let mut index = self.shared.index();
             index.segments.get_mut(&seg).expect("active").len = base + buf.len() as u64;
+            // Deletions last: a body whose last reference this batch deletes
+            // may be referenced again by a delivery in the same batch, which
+            // wrote no new copy of it because it was live when planned.
+            let mut deletes = Vec::new();
             for effect in effects {
                 match effect {
                     Effect::Body { hash, loc } => index.put_body(hash, loc),
@@ -900,11 +959,12 @@ impl Writer {
                         let user = rec.user.clone();
                         index.put_entry(&user, meta_of(rec), loc);
                     }
-                    Effect::Delete { user, id } => {
-                        let removed = index.remove_entry(&user, &id);
-                        assert!(removed, "planned delete of a missing entry");
-                    }
+                    Effect::Delete { user, id } => deletes.push((user, id)),
                 }
+            }
+            for (user, id) in deletes {
+                let removed = index.remove_entry(&user, &id);
+                assert!(removed, "planned delete of a missing entry");
             }
             // A body written by this batch that no entry references (only
             // possible for relocation races) is dead: forget it.

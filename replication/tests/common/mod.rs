@@ -1,0 +1,126 @@
+//! Helpers shared by the fragment store's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use replication::{BodyHash, Delivery, FragmentStore, MessageId, StoreConfig};
+
+/// Segment size that makes rotation and compaction happen after a few
+/// messages.
+pub const SMALL_SEGMENT: u64 = 4096;
+
+/// A directory under the system temp dir, unique per process and call,
+/// removed on drop (also when a test fails and unwinds).
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("quill-repl-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn config(dir: &Path, segment_bytes_max: u64) -> StoreConfig {
+    StoreConfig {
+        dir: dir.to_path_buf(),
+        segment_bytes_max,
+    }
+}
+
+pub fn open(dir: &Path, segment_bytes_max: u64) -> FragmentStore {
+    FragmentStore::open(config(dir, segment_bytes_max)).expect("opening the store should succeed")
+}
+
+/// Closes `store` and opens the same directory again.
+pub fn reopen(store: FragmentStore, dir: &Path, segment_bytes_max: u64) -> FragmentStore {
+    store.close();
+    drop(store);
+    open(dir, segment_bytes_max)
+}
+
+/// Deterministic pseudo-random bytes (splitmix64), so tests need no `rand`.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        out.extend_from_slice(&z.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Delivers `body` to `users` under a fresh id; returns the id and body hash.
+pub async fn deliver(store: &FragmentStore, users: &[&str], arrival_ms: u64, body: Vec<u8>) -> (MessageId, BodyHash) {
+    let id = store.new_message_id(arrival_ms);
+    let expected = BodyHash::of(&body);
+    let hash = store
+        .deliver(Delivery {
+            id,
+            arrival_ms,
+            users: users.iter().map(|u| u.to_string()).collect(),
+            folder: "INBOX".into(),
+            body,
+        })
+        .await
+        .expect("deliver should succeed");
+    assert_eq!(hash, expected, "deliver should return the blake3 hash of the body");
+    (id, hash)
+}
+
+/// The segment files of a store directory, oldest first.
+pub fn segment_files(dir: &Path) -> Vec<(u32, PathBuf)> {
+    let mut segs: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .expect("read store dir")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n = name.strip_prefix("seg-")?.strip_suffix(".qseg")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    segs.sort();
+    segs
+}
+
+pub fn last_segment(dir: &Path) -> PathBuf {
+    segment_files(dir)
+        .pop()
+        .expect("the store should have at least one segment")
+        .1
+}
+
+/// Where `needle` first occurs in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || needle.len() > haystack.len() {
+        return None;
+    }
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Copies every segment file of `from` into the (empty) directory `to`.
+pub fn copy_store(from: &Path, to: &Path) {
+    for (_, path) in segment_files(from) {
+        std::fs::copy(&path, to.join(path.file_name().expect("file name"))).expect("copy segment");
+    }
+}

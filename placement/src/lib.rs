@@ -27,7 +27,7 @@
 //!
 //! Why, by measurement (`cargo run --release -p placement --example
 //! placement_bench`, one core of the 2-core development VM; full tables in
-//! `RESULTS.md`):
+//! the root BENCHMARKS.md):
 //! * per-key rendezvous is exactly balanced (max/mean 1.020 for 1 M users on
 //!   100 nodes) and minimally disruptive, but a lookup scores every node:
 //!   33 M/s at 10 nodes, 3.5 M/s at 100, 0.4 M/s at 1 000, even with the

@@ -20,7 +20,7 @@ const ADDRESS_BYTES_MAX: usize = 254;
 /// RFC 5321: a local part is at most 64 octets.
 const LOCAL_PART_BYTES_MAX: usize = 64;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum DirectoryError {
     #[error("invalid domain: {0}")]
     BadDomain(String),

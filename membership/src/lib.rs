@@ -1,22 +1,67 @@
-//! Membership: who is in the cluster, and the user directory.
+//! Membership: who is in the cluster, and the user directory, kept by Raft.
 //!
-//! Owns the hard state every node keeps a full local copy of: the directory
-//! (domains, users, password hashes, quotas) and, in a later issue, the view
-//! (nodes and their states) — both applied from a Raft log.
+//! Owns the hard state every node keeps a full local copy of, replicated by
+//! Raft (openraft 0.9) and applied by one deterministic state machine:
+//! * the **view** ([`ClusterView`]): epoch, and the nodes with their names,
+//!   addresses, weights, zones, states (up, down, draining) and voter flags;
+//!   [`ClusterView::placement_view`] turns it into placement's view;
+//! * the **directory** ([`DirectoryState`]): domains, users, password
+//!   hashes, quotas.
 //!
-//! Today the directory of a single node lives here: [`DirectoryState`] is the
-//! pure state machine (commands in, state out), [`LocalDirectory`] keeps it in
-//! a JSON file in the data directory. Callers see only the [`Directory`]
-//! trait, so the Raft-managed directory replaces the storage, not the callers.
+//! Map:
+//! * [`command`]: [`Command`] (what a log entry carries) and
+//!   [`ClusterState::apply_request`], the whole write logic, with the dedup
+//!   table that makes retried writes safe;
+//! * [`store`]: the Raft log, vote and snapshots in a folder (append-only
+//!   framed files, fsync before acknowledging);
+//! * [`network`]: the [`Transport`] trait the node implements over its wire
+//!   (QUIC), the [`RaftMessage`] / [`RaftReply`] it carries, and openraft's
+//!   network traits over it; [`mem_transport`]: an in-memory, fault-injecting
+//!   implementation for tests;
+//! * [`cluster`]: [`Membership`], one node's Raft (start, initialize, join,
+//!   membership changes, writes forwarded to the leader, the server side
+//!   [`Membership::handle`], the view and its watch channel) and
+//!   [`RaftDirectory`], the [`Directory`] over it;
+//! * [`directory`]: the directory state machine, the [`Directory`] trait the
+//!   node's services use, and [`LocalDirectory`] (one node, a JSON file).
 //!
 //! What it must not do: know about mail (messages, SMTP, POP3), or open
-//! sockets. Reads are local and synchronous; writes return a future because
-//! in a cluster they are committed through Raft.
+//! sockets: bytes between nodes go through the [`Transport`] the node gives
+//! it. Reads are local and synchronous; writes return a future that resolves
+//! when the entry is committed and applied.
+//!
+//! # Backpressure
+//! A node has at most [`cluster::WRITES_IN_FLIGHT_MAX`] writes waiting for
+//! commit; every write, join and membership change has one deadline.
+//! Entries, messages, snapshot chunks and decoded files all have size limits
+//! (see [`codec`] and [`cluster`]).
+//!
+//! # Shutdown
+//! [`Membership::shutdown`] stops the Raft core and waits for it; the
+//! storage folder's lock is released when the last handle is dropped.
 
+pub mod cluster;
+pub mod codec;
+pub mod command;
 pub mod directory;
+pub mod mem_transport;
+pub mod network;
 pub mod password;
+pub mod store;
+pub mod types;
+pub mod view;
 
+#[cfg(test)]
+mod test_dir;
+
+pub use cluster::{Membership, MembershipConfig, MembershipError, RaftDirectory};
+pub use command::{ClientId, ClusterState, Command, CommandError, Request, Response};
 pub use directory::{
     Directory, DirectoryCommand, DirectoryError, DirectoryState, LocalDirectory, Recipient, UserRecord, UserSummary,
     normalize_address,
 };
+pub use mem_transport::{MemRouter, SplitMix64};
+pub use network::{
+    BoxFuture, LeaderError, LeaderReply, LeaderRequest, RaftMessage, RaftReply, Transport, TransportError,
+};
+pub use view::{ClusterView, NodeAddrs, NodeInfo, NodeState};

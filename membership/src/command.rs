@@ -1,0 +1,322 @@
+//! What a Raft log entry carries and the deterministic state machine that
+//! applies it: the view and the directory, plus a small table that answers a
+//! retried request with its first answer instead of applying it twice.
+//!
+//! Nothing here does I/O or reads a clock: the same entries give the same
+//! state and the same responses on every node.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::directory::{DirectoryCommand, DirectoryError, DirectoryState};
+use crate::view::{ClusterView, NODES_MAX, NodeError, NodeInfo, NodeState};
+
+/// A change to the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A directory write; refused ones are committed no-ops whose response
+    /// carries the [`DirectoryError`].
+    Directory(DirectoryCommand),
+    /// A node joins (state up), or a known node rejoins with new details
+    /// (name, addresses, weight, zone; its state becomes up). The voter flag
+    /// in the argument is ignored: it follows the Raft membership.
+    AddNode(NodeInfo),
+    /// Failure detection (down / up) and drain (draining).
+    SetNodeState { id: u64, state: NodeState },
+    /// The node leaves the view. Refused while it is still a Raft voter.
+    RemoveNode { id: u64 },
+}
+
+/// Who sent a request: a node, in one run of its process. `incarnation`
+/// grows on every start of the node (it is kept in the node's Raft folder),
+/// so serials of an earlier run are never mistaken for new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClientId {
+    pub node: u64,
+    pub incarnation: u64,
+}
+
+/// One log entry's application data: a command and who sent it, so that a
+/// request retried after a lost answer is answered, not applied, again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub client: ClientId,
+    /// Unique per client; need not arrive in order.
+    pub serial: u64,
+    pub command: Command,
+}
+
+/// Why a committed command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum CommandError {
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error(transparent)]
+    BadNode(#[from] NodeError),
+    #[error("no such node: {0}")]
+    NoSuchNode(u64),
+    #[error("node {0} is a raft voter; remove it from the voters first")]
+    NodeIsVoter(u64),
+    #[error("the view is full ({NODES_MAX} nodes)")]
+    TooManyNodes,
+    /// A retry older than the dedup window, or from an earlier run of the
+    /// client: it may have been applied, so it is not applied again.
+    #[error("request {serial} of node {node} is too old to be answered")]
+    Stale { node: u64, serial: u64 },
+}
+
+/// The answer to one log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// `Err`: the command was committed but changed nothing.
+    pub result: Result<(), CommandError>,
+    /// The view epoch after this entry.
+    pub epoch: u64,
+}
+
+/// How many answers are kept per client. A node keeps at most this many
+/// writes in flight (see `WRITES_IN_FLIGHT_MAX`), so every retry of a live
+/// request finds its answer.
+pub const SESSION_RESPONSES_MAX: usize = 128;
+/// How many clients are remembered; the lowest node id is dropped beyond.
+/// One per node of the view is enough.
+pub const SESSIONS_MAX: usize = NODES_MAX;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Session {
+    incarnation: u64,
+    /// Serials below this were answered and forgotten.
+    floor_serial: u64,
+    responses: BTreeMap<u64, Response>,
+}
+
+/// The whole replicated state: what a snapshot holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub view: ClusterView,
+    pub directory: DirectoryState,
+    sessions: BTreeMap<u64, Session>,
+}
+
+impl ClusterState {
+    /// Applies one request, deduplicating retries. On error the view and
+    /// directory are unchanged.
+    pub fn apply_request(&mut self, req: &Request, voters: &BTreeSet<u64>) -> Response {
+        let ClientId { node, incarnation } = req.client;
+        if let Some(s) = self.sessions.get(&node) {
+            let stale = Response {
+                result: Err(CommandError::Stale {
+                    node,
+                    serial: req.serial,
+                }),
+                epoch: self.view.epoch,
+            };
+            if incarnation < s.incarnation {
+                return stale;
+            }
+            if incarnation == s.incarnation {
+                if let Some(r) = s.responses.get(&req.serial) {
+                    return r.clone();
+                }
+                if req.serial < s.floor_serial {
+                    return stale;
+                }
+            }
+        }
+        let response = self.apply(&req.command, voters);
+        if !self.sessions.contains_key(&node) && self.sessions.len() >= SESSIONS_MAX {
+            self.sessions.pop_first();
+        }
+        let s = self.sessions.entry(node).or_default();
+        if s.incarnation != incarnation {
+            *s = Session {
+                incarnation,
+                ..Session::default()
+            };
+        }
+        s.responses.insert(req.serial, response.clone());
+        while s.responses.len() > SESSION_RESPONSES_MAX {
+            let (oldest, _) = s.responses.pop_first().expect("non-empty");
+            s.floor_serial = s.floor_serial.max(oldest + 1);
+        }
+        response
+    }
+
+    /// Applies one command. `voters` is the committed Raft voter set (for
+    /// the voter flag of a joining node and the voter check on removal).
+    pub fn apply(&mut self, cmd: &Command, voters: &BTreeSet<u64>) -> Response {
+        let result = self.apply_inner(cmd, voters);
+        Response {
+            result,
+            epoch: self.view.epoch,
+        }
+    }
+
+    fn apply_inner(&mut self, cmd: &Command, voters: &BTreeSet<u64>) -> Result<(), CommandError> {
+        match cmd {
+            Command::Directory(c) => self.directory.apply(c)?,
+            Command::AddNode(info) => {
+                info.validate()?;
+                if !self.view.nodes.contains_key(&info.id) && self.view.nodes.len() >= NODES_MAX {
+                    return Err(CommandError::TooManyNodes);
+                }
+                let next = NodeInfo {
+                    state: NodeState::Up,
+                    voter: voters.contains(&info.id),
+                    ..info.clone()
+                };
+                if self.view.nodes.get(&info.id) != Some(&next) {
+                    self.view.nodes.insert(info.id, next);
+                    self.view.epoch += 1;
+                }
+            }
+            Command::SetNodeState { id, state } => {
+                let n = self.view.nodes.get_mut(id).ok_or(CommandError::NoSuchNode(*id))?;
+                if n.state != *state {
+                    n.state = *state;
+                    self.view.epoch += 1;
+                }
+            }
+            Command::RemoveNode { id } => {
+                let n = self.view.nodes.get(id).ok_or(CommandError::NoSuchNode(*id))?;
+                if n.voter || voters.contains(id) {
+                    return Err(CommandError::NodeIsVoter(*id));
+                }
+                self.view.nodes.remove(id);
+                self.sessions.remove(id);
+                self.view.epoch += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows a committed Raft membership: sets the voter flags.
+    pub fn set_voters(&mut self, voters: &BTreeSet<u64>) {
+        let mut changed = false;
+        for n in self.view.nodes.values_mut() {
+            let v = voters.contains(&n.id);
+            if n.voter != v {
+                n.voter = v;
+                changed = true;
+            }
+        }
+        if changed {
+            self.view.epoch += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(node: u64, incarnation: u64, serial: u64, command: Command) -> Request {
+        Request {
+            client: ClientId { node, incarnation },
+            serial,
+            command,
+        }
+    }
+
+    fn add_domain(d: &str) -> Command {
+        Command::Directory(DirectoryCommand::AddDomain { domain: d.into() })
+    }
+
+    #[test]
+    fn view_commands() {
+        let mut s = ClusterState::default();
+        let voters = BTreeSet::from([1]);
+        let table: Vec<(Command, Result<(), CommandError>, u64)> = vec![
+            (Command::AddNode(NodeInfo::new(1, "a:1")), Ok(()), 1),
+            (Command::AddNode(NodeInfo::new(1, "a:1")), Ok(()), 1),
+            (Command::AddNode(NodeInfo::new(2, "b:1")), Ok(()), 2),
+            (
+                Command::SetNodeState {
+                    id: 2,
+                    state: NodeState::Down,
+                },
+                Ok(()),
+                3,
+            ),
+            (
+                Command::SetNodeState {
+                    id: 2,
+                    state: NodeState::Down,
+                },
+                Ok(()),
+                3,
+            ),
+            (
+                Command::SetNodeState {
+                    id: 9,
+                    state: NodeState::Down,
+                },
+                Err(CommandError::NoSuchNode(9)),
+                3,
+            ),
+            (Command::RemoveNode { id: 1 }, Err(CommandError::NodeIsVoter(1)), 3),
+            (Command::RemoveNode { id: 2 }, Ok(()), 4),
+            (Command::RemoveNode { id: 2 }, Err(CommandError::NoSuchNode(2)), 4),
+            (
+                Command::AddNode(NodeInfo {
+                    weight: 0,
+                    ..NodeInfo::new(3, "c:1")
+                }),
+                Err(CommandError::BadNode(NodeError::ZeroWeight(3))),
+                4,
+            ),
+            (add_domain("example.org"), Ok(()), 4),
+            (
+                add_domain("example.org"),
+                Err(CommandError::Directory(DirectoryError::DomainExists(
+                    "example.org".into(),
+                ))),
+                4,
+            ),
+        ];
+        for (i, (cmd, want, epoch)) in table.into_iter().enumerate() {
+            let before = s.clone();
+            let got = s.apply(&cmd, &voters);
+            assert_eq!(got.result, want, "case {i}: {cmd:?}");
+            assert_eq!(got.epoch, epoch, "case {i}: {cmd:?}");
+            if got.result.is_err() {
+                assert_eq!(s, before, "case {i}: a refused command changed the state");
+            }
+        }
+        assert!(s.view.node(1).unwrap().voter);
+        s.set_voters(&BTreeSet::new());
+        assert!(!s.view.node(1).unwrap().voter);
+        assert_eq!(s.view.epoch, 5);
+    }
+
+    #[test]
+    fn retries_are_answered_not_applied() {
+        let mut s = ClusterState::default();
+        let v = BTreeSet::new();
+        let first = s.apply_request(&req(1, 1, 10, add_domain("a.org")), &v);
+        assert_eq!(first.result, Ok(()));
+        // The same request again (a retry after a lost answer): same answer.
+        assert_eq!(s.apply_request(&req(1, 1, 10, add_domain("a.org")), &v), first);
+        // Another serial is a new request.
+        assert!(matches!(
+            s.apply_request(&req(1, 1, 11, add_domain("a.org")), &v).result,
+            Err(CommandError::Directory(DirectoryError::DomainExists(_)))
+        ));
+        // An earlier incarnation is stale; a later one starts afresh.
+        assert!(matches!(
+            s.apply_request(&req(1, 0, 12, add_domain("b.org")), &v).result,
+            Err(CommandError::Stale { .. })
+        ));
+        assert_eq!(s.apply_request(&req(1, 2, 10, add_domain("b.org")), &v).result, Ok(()));
+        // The window is bounded.
+        for serial in 100..100 + SESSION_RESPONSES_MAX as u64 + 5 {
+            s.apply_request(&req(1, 2, serial, add_domain(&format!("d{serial}.org"))), &v);
+        }
+        assert_eq!(s.sessions[&1].responses.len(), SESSION_RESPONSES_MAX);
+        assert!(matches!(
+            s.apply_request(&req(1, 2, 100, add_domain("d100.org")), &v).result,
+            Err(CommandError::Stale { .. })
+        ));
+    }
+}

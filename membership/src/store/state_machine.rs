@@ -1,0 +1,279 @@
+//! The Raft state machine: the view and the directory in memory, snapshots
+//! on disk.
+//!
+//! Applying an entry changes only memory; what is durable is the log (see
+//! `log_store`) and the snapshot file `snapshot` (one frame: meta and the
+//! encoded [`ClusterState`], replaced atomically). On start the state is
+//! the snapshot's, and openraft re-applies the committed log after it.
+//!
+//! Readers (the directory, the view) take a read lock that is never held
+//! across an await or any I/O.
+
+// openraft's storage traits fix the error type (`StorageError`, ~224 bytes).
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeSet;
+use std::io::{self, Cursor};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::codec::{self, DISK_BYTES_MAX};
+use crate::command::{ClusterState, Response};
+use crate::store::frame;
+use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::view::ClusterView;
+
+const SNAPSHOT_FILE: &str = "snapshot";
+
+/// What the state machine holds.
+#[derive(Debug, Default)]
+pub(crate) struct SmData {
+    pub(crate) last_applied: Option<LogId>,
+    pub(crate) last_membership: StoredMembership,
+    pub(crate) state: ClusterState,
+}
+
+/// State shared between the state machine (writer) and local readers.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    data: RwLock<SmData>,
+    view_tx: watch::Sender<Arc<ClusterView>>,
+    /// Serializes snapshot file writes; holds the last written snapshot's
+    /// last log id, so an older build never replaces a newer install.
+    snapshot_written: Mutex<Option<LogId>>,
+}
+
+impl Shared {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, SmData> {
+        self.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view_tx.subscribe()
+    }
+
+    /// Publishes the view if its epoch moved.
+    fn publish(&self, view: &ClusterView) {
+        self.view_tx.send_if_modified(|cur| {
+            // Every change of the view moves its epoch.
+            if cur.epoch == view.epoch {
+                false
+            } else {
+                *cur = Arc::new(view.clone());
+                true
+            }
+        });
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta,
+    /// The encoded [`ClusterState`], as shipped to followers.
+    data: Vec<u8>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    StorageError::from_io_error(ErrorSubject::StateMachine, verb, io::Error::other(e.to_string()))
+}
+
+fn snap_err(meta: Option<&SnapshotMeta>, verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
+    StorageError::from_io_error(
+        ErrorSubject::Snapshot(meta.map(|m| m.signature())),
+        verb,
+        io::Error::other(e.to_string()),
+    )
+}
+
+fn voters_of(m: &StoredMembership) -> BTreeSet<u64> {
+    m.membership().voter_ids().collect()
+}
+
+/// The state machine store of one node.
+#[derive(Debug, Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+    dir: PathBuf,
+}
+
+impl StateMachineStore {
+    /// Opens the state machine in `dir`, restoring the snapshot if there is
+    /// one. Blocking: call it off the async threads.
+    pub fn open(dir: &Path) -> io::Result<StateMachineStore> {
+        std::fs::create_dir_all(dir)?;
+        let mut data = SmData::default();
+        let path = dir.join(SNAPSHOT_FILE);
+        let mut written = None;
+        if let Some(payload) = frame::read_file(&path, DISK_BYTES_MAX)? {
+            let file: SnapshotFile =
+                codec::decode(&payload, DISK_BYTES_MAX).map_err(|e| frame::bad_data(&path, &e.to_string()))?;
+            let state: ClusterState =
+                codec::decode(&file.data, DISK_BYTES_MAX).map_err(|e| frame::bad_data(&path, &e.to_string()))?;
+            tracing::info!(snapshot = %file.meta, epoch = state.view.epoch, "state restored from snapshot");
+            data = SmData {
+                last_applied: file.meta.last_log_id,
+                last_membership: file.meta.last_membership.clone(),
+                state,
+            };
+            written = file.meta.last_log_id;
+        }
+        let (view_tx, _) = watch::channel(Arc::new(data.state.view.clone()));
+        Ok(StateMachineStore {
+            shared: Arc::new(Shared {
+                data: RwLock::new(data),
+                view_tx,
+                snapshot_written: Mutex::new(written),
+            }),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Persists a snapshot unless a newer one is already on disk.
+    async fn persist(&self, meta: SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
+        let shared = self.shared.clone();
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut written = shared.snapshot_written.lock().unwrap_or_else(|p| p.into_inner());
+            if *written > meta.last_log_id {
+                return Ok(());
+            }
+            let last = meta.last_log_id;
+            let file = SnapshotFile { meta, data };
+            let payload = codec::encode(&file).map_err(|e| snap_err(Some(&file.meta), ErrorVerb::Write, e))?;
+            frame::write_file_atomic(&dir, SNAPSHOT_FILE, &payload)
+                .map_err(|e| snap_err(Some(&file.meta), ErrorVerb::Write, e))?;
+            *written = last;
+            Ok(())
+        })
+        .await
+        .map_err(|e| snap_err(None, ErrorVerb::Write, e))?
+    }
+}
+
+/// Builds a snapshot of the state as of the moment it is called.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    store: StateMachineStore,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (meta, data) = {
+            let d = self.store.shared.read();
+            let data = codec::encode(&d.state).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            let snapshot_id = match d.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
+                None => "empty".to_owned(),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: d.last_applied,
+                last_membership: d.last_membership.clone(),
+                snapshot_id,
+            };
+            (meta, data)
+        };
+        self.store.persist(meta.clone(), data.clone()).await?;
+        tracing::info!(snapshot = %meta, bytes = data.len(), "snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let d = self.shared.read();
+        Ok((d.last_applied, d.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut d = self.shared.data.write().unwrap_or_else(|p| p.into_inner());
+        let d = &mut *d;
+        let mut replies = Vec::new();
+        for entry in entries {
+            d.last_applied = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => Response {
+                    result: Ok(()),
+                    epoch: d.state.view.epoch,
+                },
+                EntryPayload::Normal(req) => d.state.apply_request(&req, &voters_of(&d.last_membership)),
+                EntryPayload::Membership(m) => {
+                    d.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                    d.state.set_voters(&voters_of(&d.last_membership));
+                    Response {
+                        result: Ok(()),
+                        epoch: d.state.view.epoch,
+                    }
+                }
+            };
+            replies.push(response);
+        }
+        self.shared.publish(&d.state.view);
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder { store: self.clone() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let state: ClusterState =
+            codec::decode(&data, DISK_BYTES_MAX).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        // Durable first, then visible.
+        self.persist(meta.clone(), data).await?;
+        let mut d = self.shared.data.write().unwrap_or_else(|p| p.into_inner());
+        *d = SmData {
+            last_applied: meta.last_log_id,
+            last_membership: meta.last_membership.clone(),
+            state,
+        };
+        self.shared.publish(&d.state.view);
+        tracing::info!(snapshot = %meta, epoch = d.state.view.epoch, "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let file = tokio::task::spawn_blocking(move || -> io::Result<Option<SnapshotFile>> {
+            match frame::read_file(&path, DISK_BYTES_MAX)? {
+                None => Ok(None),
+                Some(payload) => codec::decode(&payload, DISK_BYTES_MAX)
+                    .map(Some)
+                    .map_err(|e| frame::bad_data(&path, &e.to_string())),
+            }
+        })
+        .await
+        .map_err(|e| snap_err(None, ErrorVerb::Read, e))?
+        .map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+        Ok(file.map(|f| Snapshot {
+            meta: f.meta,
+            snapshot: Box::new(Cursor::new(f.data)),
+        }))
+    }
+}

@@ -75,6 +75,11 @@ pub struct NodeOptions {
     pub binary: PathBuf,
     /// Log filter for the node.
     pub log: String,
+    /// Cluster addresses of members to join through (none: a new cluster).
+    pub seeds: Vec<SocketAddr>,
+    /// The join token: for the first node the secret it makes the
+    /// cluster's token from, for the others the full token.
+    pub join_token: Option<String>,
 }
 
 impl NodeOptions {
@@ -86,6 +91,8 @@ impl NodeOptions {
             extra_args: Vec::new(),
             binary: quill_binary()?,
             log: "info".to_owned(),
+            seeds: Vec::new(),
+            join_token: None,
         })
     }
 
@@ -94,7 +101,7 @@ impl NodeOptions {
         self
     }
 
-    fn addr(&self, port: u16) -> SocketAddr {
+    pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.ip.into(), port)
     }
 }
@@ -125,6 +132,23 @@ impl NodeProcess {
     }
     pub fn admin_addr(&self) -> SocketAddr {
         self.opts.addr(ADMIN_PORT)
+    }
+    pub fn cluster_addr(&self) -> SocketAddr {
+        self.opts.addr(CLUSTER_PORT)
+    }
+
+    /// The cluster's full join token, as the founding node wrote it.
+    pub fn join_token(&self) -> anyhow::Result<String> {
+        let path = self.opts.data.join("join-token");
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned())
+    }
+
+    /// `cluster status --json` of this node.
+    pub async fn status(&self) -> anyhow::Result<serde_json::Value> {
+        self.admin(Method::GET, "/v1/cluster/status", None).await
     }
     pub fn log_path(&self) -> PathBuf {
         self.opts.data.join("node.log")
@@ -158,6 +182,8 @@ impl NodeProcess {
             .arg(&o.admin_token)
             .arg("--log")
             .arg(&o.log)
+            .args(o.seeds.iter().flat_map(|s| ["--seed".to_owned(), s.to_string()]))
+            .args(o.join_token.iter().flat_map(|t| ["--join-token".to_owned(), t.clone()]))
             .args(&o.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -174,7 +200,15 @@ impl NodeProcess {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("quill node exited at start ({status}); log:\n{}", self.log_tail(30));
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                let error = log
+                    .lines()
+                    .find(|l| l.starts_with("Error: "))
+                    .unwrap_or("(no error line)");
+                bail!(
+                    "quill node exited at start ({status}): {error}\nlog:\n{}",
+                    self.log_tail(30)
+                );
             }
             let health = tokio::time::timeout(Duration::from_secs(2), async {
                 let mut s = tokio::net::TcpStream::connect(self.admin_addr()).await?;

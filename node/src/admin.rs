@@ -10,6 +10,8 @@
 //! DELETE /v1/users/{address}
 //! PUT    /v1/users/{address}/password {"password"}
 //! GET    /v1/cluster/status           -> DESIGN.md's status object
+//! POST   /v1/nodes/{id}/drain         mark a node draining (placement stops choosing it)
+//! DELETE /v1/nodes/{id}               take a node out of the cluster for good
 //! PUT    /v1/log-level                {"level": "debug" | "quill=trace,info" ...}
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
@@ -53,7 +55,7 @@ pub struct Addrs {
 pub struct AdminState {
     pub services: Arc<Services>,
     pub token: Arc<String>,
-    pub node_id: u64,
+    pub cluster: crate::cluster::Cluster,
     pub name: String,
     pub addrs: Addrs,
     pub set_log_level: LogLevelSetter,
@@ -108,6 +110,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/users/{address}", delete(remove_user))
         .route("/v1/users/{address}/password", put(set_password))
         .route("/v1/cluster/status", get(cluster_status))
+        .route("/v1/nodes/{id}/drain", axum::routing::post(drain_node))
+        .route("/v1/nodes/{id}", delete(remove_node))
         .route("/v1/log-level", put(log_level))
         .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
         .with_state(state)
@@ -204,39 +208,99 @@ async fn log_level(State(s): State<AdminState>, h: HeaderMap, Json(b): Json<Leve
     Ok(Json(json!({ "ok": true, "level": b.level })).into_response())
 }
 
-/// DESIGN.md's status object. One node today: it is its own leader and
-/// voter, and nothing can be under-replicated with R = 1.
-pub fn status_json(s: &AdminState) -> serde_json::Value {
-    let stats = s.services.store.stats();
-    let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
-    json!({
-        "self": s.node_id,
-        "epoch": 1,
-        "leader": s.node_id,
-        "under_replicated": 0,
-        "nodes": [{
-            "id": s.node_id,
-            "name": s.name,
-            "state": "up",
-            "voter": true,
-            "messages": stats.entries,
-            "bytes": stats.body_bytes,
+/// DESIGN.md's status object, from this node's copy of the view. Message
+/// and byte counts come from each node (null when it does not answer).
+pub async fn status_json(s: &AdminState) -> serde_json::Value {
+    let view = s.cluster.membership.view();
+    let me = s.cluster.id();
+    let mut nodes = Vec::new();
+    for n in view.nodes.values() {
+        let counts = if n.id == me {
+            let st = s.services.store.stats();
+            Some((st.entries, st.body_bytes))
+        } else if n.state == membership::NodeState::Down {
+            None
+        } else {
+            s.cluster.stats_of(&n.addrs.cluster).await
+        };
+        let state = match n.state {
+            membership::NodeState::Up => "up",
+            membership::NodeState::Down => "down",
+            membership::NodeState::Draining => "draining",
+        };
+        nodes.push(json!({
+            "id": n.id,
+            "name": n.name,
+            "state": state,
+            "voter": n.voter,
+            "messages": counts.map(|c| c.0),
+            "bytes": counts.map(|c| c.1),
             "addrs": {
-                "cluster": addr(s.addrs.cluster),
-                "smtp": addr(s.addrs.smtp),
-                "submission": addr(s.addrs.submission),
-                "lmtp": addr(s.addrs.lmtp),
-                "pop3": addr(s.addrs.pop3),
-                "imap": addr(s.addrs.imap),
-                "admin": addr(s.addrs.admin),
+                "cluster": n.addrs.cluster,
+                "smtp": n.addrs.smtp,
+                "submission": n.addrs.submission,
+                "lmtp": n.addrs.lmtp,
+                "pop3": n.addrs.pop3,
+                "imap": n.addrs.imap,
+                "admin": n.addrs.admin,
             }
-        }]
+        }));
+    }
+    json!({
+        "self": me,
+        "epoch": view.epoch,
+        "leader": s.cluster.membership.leader(),
+        "under_replicated": 0,
+        "nodes": nodes,
     })
 }
 
 async fn cluster_status(State(s): State<AdminState>, h: HeaderMap) -> ApiResult {
     check(&s, &h)?;
-    Ok(Json(status_json(&s)).into_response())
+    Ok(Json(status_json(&s).await).into_response())
+}
+
+fn node_error(e: membership::MembershipError) -> ApiError {
+    let code = match &e {
+        membership::MembershipError::Refused(_) => StatusCode::CONFLICT,
+        membership::MembershipError::Timeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(code, e.to_string())
+}
+
+/// A node given by id or by name.
+fn find_node(s: &AdminState, key: &str) -> Result<u64, ApiError> {
+    let view = s.cluster.membership.view();
+    view.nodes
+        .values()
+        .find(|n| n.id.to_string() == key || n.name == key)
+        .map(|n| n.id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such node: {key}")))
+}
+
+async fn drain_node(State(s): State<AdminState>, h: HeaderMap, Path(key): Path<String>) -> ApiResult {
+    check(&s, &h)?;
+    let id = find_node(&s, &key)?;
+    s.cluster
+        .membership
+        .set_node_state(id, membership::NodeState::Draining)
+        .await
+        .map_err(node_error)?;
+    Ok(Json(json!({ "ok": true, "node": id, "state": "draining" })).into_response())
+}
+
+async fn remove_node(State(s): State<AdminState>, h: HeaderMap, Path(key): Path<String>) -> ApiResult {
+    check(&s, &h)?;
+    let id = find_node(&s, &key)?;
+    if id == s.cluster.id() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "a node cannot remove itself; ask another node".into(),
+        ));
+    }
+    s.cluster.membership.remove_node(id).await.map_err(node_error)?;
+    Ok(Json(json!({ "ok": true, "removed": id })).into_response())
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {

@@ -21,11 +21,13 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod cluster;
 pub mod conn;
 pub mod pop3;
 pub mod services;
 pub mod smtp;
 pub mod time;
+pub mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use membership::{Directory, LocalDirectory};
+use membership::Directory;
 use replication::{FragmentStore, StoreConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -62,6 +64,12 @@ pub struct NodeConfig {
     pub admin: Option<SocketAddr>,
     /// The admin token; made and saved in the data directory if not given.
     pub admin_token: Option<String>,
+    /// Members to join through; none: found a new cluster.
+    pub seeds: Vec<SocketAddr>,
+    /// First node: the join secret; joining node: the full join token.
+    pub join_token: Option<String>,
+    /// A node silent this long is marked down by the leader.
+    pub failure_timeout: Duration,
     /// Domain appended to logins that have none.
     pub default_login_domain: Option<String>,
     pub limits: Limits,
@@ -70,6 +78,7 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Proto {
     Smtp,
+    Submission,
     Lmtp,
     Pop3,
 }
@@ -123,9 +132,72 @@ pub async fn run(
         .await?
         .context("cannot open the fragment store")?;
     let store = Arc::new(store);
-    let directory: Arc<dyn Directory> =
-        Arc::new(LocalDirectory::open(&config.data_dir).context("cannot open the directory")?);
     let token = admin_token(&config)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Bind every listener first: an address in use fails the start, and the
+    // view records the addresses actually bound.
+    let mut addrs = admin::Addrs {
+        cluster: Some(config.cluster_addr),
+        ..Default::default()
+    };
+    let mut listeners = Vec::new();
+    for (addr, proto) in [
+        (config.smtp, Proto::Smtp),
+        (config.submission, Proto::Submission),
+        (config.lmtp, Proto::Lmtp),
+        (config.pop3, Proto::Pop3),
+    ] {
+        let Some(addr) = addr else { continue };
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} ({proto:?})"))?;
+        let bound = listener.local_addr()?;
+        match proto {
+            Proto::Smtp => addrs.smtp = Some(bound),
+            Proto::Submission => addrs.submission = Some(bound),
+            Proto::Lmtp => addrs.lmtp = Some(bound),
+            Proto::Pop3 => addrs.pop3 = Some(bound),
+        }
+        info!(addr = %bound, ?proto, "listening");
+        listeners.push((listener, proto));
+    }
+    let admin_listener = match config.admin {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+            addrs.admin = Some(l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+
+    let s = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+    let cluster = cluster::Cluster::start(
+        cluster::ClusterConfig {
+            data_dir: config.data_dir.clone(),
+            name: config.name.clone(),
+            cluster_addr: config.cluster_addr,
+            seeds: config.seeds.clone(),
+            join_token: config.join_token.clone(),
+            failure_timeout: config.failure_timeout,
+            addrs: membership::NodeAddrs {
+                cluster: config.cluster_addr.to_string(),
+                smtp: s(addrs.smtp),
+                submission: s(addrs.submission),
+                lmtp: s(addrs.lmtp),
+                pop3: s(addrs.pop3),
+                imap: None,
+                admin: s(addrs.admin),
+            },
+        },
+        store.clone(),
+        stop_rx.clone(),
+    )
+    .await
+    .context("cannot take this node's place in the cluster")?;
+    let directory: Arc<dyn Directory> = Arc::new(cluster.membership.directory());
     let mut services = Services::new(
         config.name.clone(),
         store.clone(),
@@ -136,37 +208,16 @@ pub async fn run(
     services.default_login_domain = config.default_login_domain.clone();
     let services = Arc::new(services);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
-    let mut addrs = admin::Addrs {
-        cluster: Some(config.cluster_addr),
-        ..Default::default()
-    };
-    for (addr, proto, slot) in [
-        (config.smtp, Proto::Smtp, &mut addrs.smtp),
-        (config.submission, Proto::Smtp, &mut addrs.submission),
-        (config.lmtp, Proto::Lmtp, &mut addrs.lmtp),
-        (config.pop3, Proto::Pop3, &mut addrs.pop3),
-    ] {
-        let Some(addr) = addr else { continue };
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} ({proto:?})"))?;
-        let bound = listener.local_addr()?;
-        *slot = Some(bound);
-        info!(addr = %bound, ?proto, "listening");
+    for (listener, proto) in listeners {
         tasks.spawn(accept_loop(listener, proto, services.clone(), stop_rx.clone()));
     }
-    if let Some(addr) = config.admin {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr} (admin)"))?;
-        addrs.admin = Some(listener.local_addr()?);
+    if let Some(listener) = admin_listener {
         info!(addr = %addrs.admin.expect("bound"), "admin API listening");
         let state = admin::AdminState {
             services: services.clone(),
             token: Arc::new(token),
-            node_id: 1,
+            cluster: cluster.clone(),
             name: config.name.clone(),
             addrs: addrs.clone(),
             set_log_level,
@@ -219,6 +270,7 @@ pub async fn run(
         warn!("sessions still open after the grace period; aborting them");
         tasks.abort_all();
     }
+    cluster.shutdown().await;
     tokio::task::spawn_blocking(move || store.close()).await?;
     info!("stopped");
     Ok(())
@@ -256,7 +308,7 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
         sessions.spawn(async move {
             let _held = (permit, slot);
             match proto {
-                Proto::Smtp => {
+                Proto::Smtp | Proto::Submission => {
                     bump(&services.metrics.smtp_sessions);
                     smtp::serve(stream, peer, services, smtp::Mode::Smtp, stop).await
                 }
@@ -275,7 +327,7 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
 async fn refuse(mut stream: TcpStream, proto: Proto) {
     use tokio::io::AsyncWriteExt;
     let text: &[u8] = match proto {
-        Proto::Smtp | Proto::Lmtp => b"421 4.7.0 Too many connections, try again later\r\n",
+        Proto::Smtp | Proto::Submission | Proto::Lmtp => b"421 4.7.0 Too many connections, try again later\r\n",
         Proto::Pop3 => b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(text)).await;

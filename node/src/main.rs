@@ -36,16 +36,22 @@ struct NodeArgs {
     /// Data directory (store, directory, tokens). Created if missing.
     #[arg(long)]
     data: PathBuf,
-    /// Address for node-to-node traffic (reserved: clustering comes with the membership work).
+    /// Address for node-to-node traffic (QUIC, UDP).
     #[arg(long)]
     cluster_addr: SocketAddr,
-    /// Address of an existing member to join (reserved: clustering comes with the membership work).
+    /// Cluster address of an existing member to join through (repeatable).
+    /// Without it, the first start founds a new cluster.
     #[arg(long)]
     seed: Vec<SocketAddr>,
-    /// Token that proves a joining node may join (reserved, as --seed).
-    #[arg(long)]
+    /// Founding node: the secret the cluster's join token is made from
+    /// [default: random]; the full token is written to DATA/join-token.
+    /// Joining node: that full token (quill1.<ca fingerprint>.<secret>).
+    #[arg(long, env = "QUILL_JOIN_TOKEN")]
     join_token: Option<String>,
-    /// Node name shown in status and in Received headers [default: quill-<cluster port>].
+    /// Milliseconds without an answer after which the leader marks a node down.
+    #[arg(long, default_value_t = 2000)]
+    failure_timeout_ms: u64,
+    /// Node name shown in status and in Received headers [default: quill-<cluster address>].
     #[arg(long)]
     name: Option<String>,
     #[arg(long)]
@@ -88,7 +94,7 @@ struct NodeArgs {
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
     /// Initial log filter (tracing EnvFilter syntax); change it later with `quill admin log-level`.
-    #[arg(long, env = "QUILL_LOG", default_value = "info")]
+    #[arg(long, env = "QUILL_LOG", default_value = "info,openraft=warn")]
     log: String,
 }
 
@@ -115,8 +121,19 @@ enum AdminCmd {
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Cluster nodes, by id or name.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Set the log filter at once, without a restart (e.g. debug, quill_node=trace).
     LogLevel { level: String },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Mark a node draining: placement stops choosing it.
+    Drain { node: String },
+    /// Take a node out of the cluster for good.
+    Remove { node: String },
 }
 
 #[derive(Subcommand)]
@@ -171,29 +188,39 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
     n.checked_mul(mult).with_context(|| format!("size too large: {s:?}"))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match cli.command {
-        Cmd::Node(args) => rt.block_on(node(*args)),
-        Cmd::Admin(args) => rt.block_on(admin(args)),
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| match cli.command {
+            Cmd::Node(args) => rt.block_on(node(*args)),
+            Cmd::Admin(args) => rt.block_on(admin(args)),
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole chain of causes.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
 async fn node(a: NodeArgs) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&a.log).with_context(|| format!("bad --log filter {:?}", a.log))?;
     let (filter, handle) = reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_target(false))
-        .init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    tracing_subscriber::registry().with(filter).with(fmt).init();
     let set_log_level: quill_node::admin::LogLevelSetter = Arc::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     });
-    if !a.seed.is_empty() || a.join_token.is_some() {
-        bail!("--seed/--join-token: joining a cluster is not implemented yet; run without them for a one-node service");
-    }
     if a.replicas != 1 {
         bail!(
             "--replicas {}: a single node keeps exactly 1 copy (replication comes with clustering)",
@@ -219,7 +246,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     }
     let config = NodeConfig {
         data_dir: a.data,
-        name: a.name.unwrap_or_else(|| format!("quill-{}", a.cluster_addr.port())),
+        name: a.name.unwrap_or_else(|| format!("quill-{}", a.cluster_addr)),
         cluster_addr: a.cluster_addr,
         smtp: a.smtp,
         submission: a.submission,
@@ -227,6 +254,9 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         pop3: a.pop3,
         admin: a.admin,
         admin_token: a.admin_token,
+        seeds: a.seed,
+        join_token: a.join_token,
+        failure_timeout: Duration::from_millis(a.failure_timeout_ms),
         default_login_domain: a.default_login_domain,
         limits,
     };
@@ -272,6 +302,10 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
             Some(serde_json::json!({ "password": password })),
         ),
         AdminCmd::Cluster(ClusterCmd::Status { .. }) => (Method::GET, "/v1/cluster/status".to_owned(), None),
+        AdminCmd::Node(NodeCmd::Drain { node }) => {
+            (Method::POST, format!("/v1/nodes/{}/drain", path_segment(node)), None)
+        }
+        AdminCmd::Node(NodeCmd::Remove { node }) => (Method::DELETE, format!("/v1/nodes/{}", path_segment(node)), None),
         AdminCmd::LogLevel { level } => (
             Method::PUT,
             "/v1/log-level".to_owned(),

@@ -1,0 +1,608 @@
+//! The cluster side of a node: its identity (certificate under the cluster
+//! CA), joining through a seed, the QUIC transport that carries membership
+//! (Raft) traffic, and the leader's two duties: failure detection and
+//! keeping an odd number of voters.
+//!
+//! Files in `DATA/cluster/`: `node-id`, `node.der`, `node.key`, `ca.der`,
+//! `ca.key`, `token` (the join secret) and `raft/` (membership's storage).
+//! The full join token is also written to `DATA/join-token`.
+//!
+//! Every member holds the CA key so that any member can admit a new node:
+//! a member's certificate already grants full access to the cluster, so the
+//! key adds no power an intruder on a member would not have.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use membership::{
+    BoxFuture, Membership, MembershipConfig, NodeAddrs, NodeInfo, NodeState, RaftMessage, RaftReply, Transport,
+    TransportError,
+};
+use quinn::{ClientConfig, Connection, Endpoint};
+use replication::FragmentStore;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::wire::{self, ClusterCa, JoinToken, NodeIdentity};
+
+/// How often the leader pings every node.
+const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// How long one ping may take.
+const PING_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How often the leader checks the voter set.
+const VOTER_INTERVAL: Duration = Duration::from_secs(1);
+/// Raft voters at most: more only slows commits down.
+const VOTERS_MAX: usize = 5;
+/// How long a joining node keeps trying to be admitted.
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What nodes say to each other over the cluster wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClusterRequest {
+    /// A new node proves the join secret and asks for a certificate. The
+    /// only request a peer without a cluster certificate may send.
+    Enroll {
+        secret: String,
+        name: String,
+    },
+    Raft(Box<RaftMessage>),
+    Ping,
+    Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClusterReply {
+    Enrolled {
+        cert: Vec<u8>,
+        key: Vec<u8>,
+        ca_cert: Vec<u8>,
+        ca_key_pem: String,
+    },
+    Refused(String),
+    Raft(RaftReply),
+    Pong,
+    Stats {
+        messages: u64,
+        bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub cluster_addr: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    /// First node: the secret the cluster's token is made from. Joining
+    /// node: the full token.
+    pub join_token: Option<String>,
+    /// A node silent this long is marked down.
+    pub failure_timeout: Duration,
+    /// The node's service addresses, for the view.
+    pub addrs: NodeAddrs,
+}
+
+/// A QUIC connection pool to the other nodes, by cluster address.
+pub struct QuicTransport {
+    endpoint: Endpoint,
+    config: ClientConfig,
+    conns: Mutex<HashMap<String, Connection>>,
+}
+
+impl QuicTransport {
+    async fn conn(&self, addr: &str) -> anyhow::Result<Connection> {
+        if let Some(c) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(addr)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let sock: SocketAddr = addr.parse().with_context(|| format!("bad cluster address {addr}"))?;
+        let c = wire::connect(&self.endpoint, self.config.clone(), sock).await?;
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn forget(&self, addr: &str) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
+    }
+
+    /// One request to the node at `addr`.
+    pub async fn request(&self, addr: &str, req: &ClusterRequest) -> anyhow::Result<ClusterReply> {
+        let conn = self.conn(addr).await?;
+        let r = wire::call(&conn, req).await;
+        if r.is_err() {
+            self.forget(addr);
+        }
+        r
+    }
+}
+
+impl Transport for QuicTransport {
+    fn call<'a>(
+        &'a self,
+        target: u64,
+        addr: &'a str,
+        msg: RaftMessage,
+    ) -> BoxFuture<'a, Result<RaftReply, TransportError>> {
+        Box::pin(async move {
+            let conn = self.conn(addr).await.map_err(|e| TransportError::Unreachable {
+                node: target,
+                addr: addr.to_owned(),
+                why: format!("{e:#}"),
+            })?;
+            match wire::call::<_, ClusterReply>(&conn, &ClusterRequest::Raft(Box::new(msg))).await {
+                Ok(ClusterReply::Raft(r)) => Ok(r),
+                Ok(other) => Err(TransportError::Failed {
+                    node: target,
+                    why: format!("unexpected reply {other:?}"),
+                }),
+                Err(e) => {
+                    self.forget(addr);
+                    Err(TransportError::Failed {
+                        node: target,
+                        why: format!("{e:#}"),
+                    })
+                }
+            }
+        })
+    }
+}
+
+/// A node's place in the cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    pub membership: Membership,
+    pub transport: Arc<QuicTransport>,
+    endpoint: Endpoint,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("id", &self.membership.id()).finish()
+    }
+}
+
+/// Raft timing: a leader is replaced within about a second of going
+/// silent, with margins that a loaded 2-core machine running several nodes
+/// still keeps (heartbeats every 200 ms, elections after 600-1200 ms).
+fn membership_config() -> MembershipConfig {
+    MembershipConfig {
+        heartbeat_interval_ms: 200,
+        election_timeout_min_ms: 600,
+        election_timeout_max_ms: 1200,
+        ..MembershipConfig::default()
+    }
+}
+
+fn random_hex(n: usize) -> anyhow::Result<String> {
+    Ok(crate::random_bytes()?
+        .iter()
+        .take(n)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn random_id() -> anyhow::Result<u64> {
+    let b = crate::random_bytes()?;
+    // Never 0 (membership uses 0 for "address only"), and below 2^53 so
+    // that JSON readers of `cluster status` keep every digit.
+    Ok((u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) & ((1 << 53) - 1)).max(1))
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(format!("{text}\n").as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// How this start relates to the cluster.
+enum Boot {
+    /// Known identity and Raft state: carry on.
+    Restart,
+    /// A new cluster, this node its first member.
+    Found,
+    /// Admitted through `seed`: ask the leader to add us.
+    Join(SocketAddr),
+}
+
+impl Cluster {
+    /// Sets up identity (creating the cluster or enrolling through a seed
+    /// on first start), binds the cluster endpoint, starts membership and
+    /// the leader duties. `stop` ends the background tasks.
+    pub async fn start(
+        cfg: ClusterConfig,
+        store: Arc<FragmentStore>,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Cluster> {
+        let dir = cfg.data_dir.join("cluster");
+        std::fs::create_dir_all(&dir)?;
+        let (identity, id, boot) = if dir.join("node.der").exists() {
+            let id: u64 = std::fs::read_to_string(dir.join("node-id"))?
+                .trim()
+                .parse()
+                .context("bad node-id file")?;
+            (NodeIdentity::load(&dir)?, id, Boot::Restart)
+        } else if cfg.seeds.is_empty() {
+            let ca = ClusterCa::create()?;
+            ca.save(&dir)?;
+            let secret = match &cfg.join_token {
+                Some(s) if s.starts_with("quill1.") => {
+                    bail!("--join-token for a new cluster is a secret, not a full token")
+                }
+                Some(s) => s.clone(),
+                None => random_hex(16)?,
+            };
+            let identity = ca.issue(&cfg.name)?;
+            identity.save(&dir)?;
+            write_secret(&dir.join("token"), &secret)?;
+            let token = JoinToken::new(&ca, secret);
+            write_secret(&cfg.data_dir.join("join-token"), &token.to_string())?;
+            println!(
+                "new cluster; join token written to {}",
+                cfg.data_dir.join("join-token").display()
+            );
+            let id = random_id()?;
+            write_secret(&dir.join("node-id"), &id.to_string())?;
+            (identity, id, Boot::Found)
+        } else {
+            let token = JoinToken::parse(
+                cfg.join_token
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("--seed needs --join-token"))?,
+            )?;
+            let (identity, seed) = enroll(&cfg, &token).await?;
+            identity.save(&dir)?;
+            write_secret(&dir.join("token"), &token.secret)?;
+            write_secret(&cfg.data_dir.join("join-token"), &token.to_string())?;
+            let id = random_id()?;
+            write_secret(&dir.join("node-id"), &id.to_string())?;
+            (identity, id, Boot::Join(seed))
+        };
+
+        let endpoint = Endpoint::server(wire::server_config(&identity)?, cfg.cluster_addr)
+            .with_context(|| format!("cannot listen on {} (cluster, UDP)", cfg.cluster_addr))?;
+        let transport = Arc::new(QuicTransport {
+            endpoint: endpoint.clone(),
+            config: wire::member_client_config(&identity)?,
+            conns: Mutex::new(HashMap::new()),
+        });
+        let membership = Membership::start(id, &dir.join("raft"), membership_config(), transport.clone()).await?;
+        let cluster = Cluster {
+            membership: membership.clone(),
+            transport: transport.clone(),
+            endpoint: endpoint.clone(),
+        };
+        tokio::spawn(accept_loop(
+            endpoint,
+            dir.clone(),
+            membership.clone(),
+            store,
+            stop.clone(),
+        ));
+
+        let me = NodeInfo {
+            id,
+            name: cfg.name.clone(),
+            addrs: cfg.addrs.clone(),
+            weight: 1,
+            zone: String::new(),
+            state: NodeState::Up,
+            voter: false,
+        };
+        match boot {
+            Boot::Restart => info!(node = id, "rejoining the cluster with saved state"),
+            Boot::Found => membership.initialize(me).await?,
+            Boot::Join(seed) => {
+                let deadline = Instant::now() + JOIN_DEADLINE;
+                loop {
+                    match membership.join(&seed.to_string(), me.clone()).await {
+                        Ok(()) => break,
+                        Err(e) if Instant::now() < deadline => {
+                            warn!(error = %e, "join not done yet; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => return Err(e).context("the cluster did not add this node"),
+                    }
+                }
+                info!(node = id, %seed, "joined the cluster");
+            }
+        }
+        tokio::spawn(leader_duties(cluster.clone(), cfg.failure_timeout, stop));
+        Ok(cluster)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.membership.id()
+    }
+
+    /// Stops membership and closes the endpoint.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.membership.shutdown().await {
+            warn!(error = %e, "membership shutdown");
+        }
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+
+    /// Asks a node for its store figures (None if it does not answer).
+    pub async fn stats_of(&self, addr: &str) -> Option<(u64, u64)> {
+        let r = tokio::time::timeout(PING_TIMEOUT, self.transport.request(addr, &ClusterRequest::Stats)).await;
+        match r {
+            Ok(Ok(ClusterReply::Stats { messages, bytes })) => Some((messages, bytes)),
+            _ => None,
+        }
+    }
+}
+
+/// First start of a joining node: proves the token to a seed and gets a
+/// certificate. Tries every seed until one admits it.
+async fn enroll(cfg: &ClusterConfig, token: &JoinToken) -> anyhow::Result<(NodeIdentity, SocketAddr)> {
+    let endpoint = Endpoint::client(SocketAddr::new(cfg.cluster_addr.ip(), 0))?;
+    let mut last = anyhow!("no seed given");
+    for &seed in &cfg.seeds {
+        let attempt = async {
+            let conn = wire::connect(&endpoint, wire::joiner_client_config(token)?, seed)
+                .await
+                .with_context(|| format!("seed {seed}"))?;
+            let req = ClusterRequest::Enroll {
+                secret: token.secret.clone(),
+                name: cfg.name.clone(),
+            };
+            match wire::call::<_, ClusterReply>(&conn, &req).await? {
+                ClusterReply::Enrolled {
+                    cert,
+                    key,
+                    ca_cert,
+                    ca_key_pem,
+                } => {
+                    let identity = NodeIdentity {
+                        cert: cert.into(),
+                        key: rustls::pki_types::PrivatePkcs8KeyDer::from(key),
+                        ca: ca_cert.into(),
+                    };
+                    let dir = cfg.data_dir.join("cluster");
+                    std::fs::create_dir_all(&dir)?;
+                    write_secret(&dir.join("ca.key"), &ca_key_pem)?;
+                    Ok(identity)
+                }
+                ClusterReply::Refused(why) => bail!("seed {seed} refused to admit this node: {why}"),
+                other => bail!("seed {seed} answered {other:?}"),
+            }
+        };
+        match attempt.await {
+            Ok(identity) => {
+                endpoint.close(0u32.into(), b"enrolled");
+                return Ok((identity, seed));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn accept_loop(
+    endpoint: Endpoint,
+    dir: PathBuf,
+    membership: Membership,
+    store: Arc<FragmentStore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = stop.changed() => return,
+        };
+        let (dir, membership, store) = (dir.clone(), membership.clone(), store.clone());
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    // A wrong certificate ends here (rustls refused it).
+                    warn!(error = %e, "cluster connection refused");
+                    return;
+                }
+            };
+            let peer = conn.remote_address();
+            wire::serve_connection(conn, move |member: bool, req: ClusterRequest| {
+                let (dir, membership, store) = (dir.clone(), membership.clone(), store.clone());
+                async move { handle(member, req, &dir, &membership, &store, peer).await }
+            })
+            .await
+        });
+    }
+}
+
+async fn handle(
+    member: bool,
+    req: ClusterRequest,
+    dir: &Path,
+    membership: &Membership,
+    store: &FragmentStore,
+    peer: SocketAddr,
+) -> ClusterReply {
+    match req {
+        ClusterRequest::Enroll { secret, name } => {
+            let token = std::fs::read_to_string(dir.join("token")).unwrap_or_default();
+            let expected = JoinToken {
+                ca_fingerprint: String::new(),
+                secret: token.trim().to_owned(),
+            };
+            if !expected.secret_matches(&secret) {
+                warn!(%peer, %name, "join refused: wrong join token");
+                return ClusterReply::Refused("wrong join token".into());
+            }
+            let issued = ClusterCa::load(dir).and_then(|ca| Ok((ca.issue(&name)?, ca)));
+            match issued {
+                Ok((id, _ca)) => {
+                    let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).unwrap_or_default();
+                    info!(%peer, %name, "admitted a new node");
+                    ClusterReply::Enrolled {
+                        cert: id.cert.to_vec(),
+                        key: id.key.secret_pkcs8_der().to_vec(),
+                        ca_cert: id.ca.to_vec(),
+                        ca_key_pem,
+                    }
+                }
+                Err(e) => ClusterReply::Refused(format!("cannot issue a certificate: {e:#}")),
+            }
+        }
+        _ if !member => ClusterReply::Refused("a cluster certificate is required".into()),
+        ClusterRequest::Raft(msg) => ClusterReply::Raft(membership.handle(*msg).await),
+        ClusterRequest::Ping => ClusterReply::Pong,
+        ClusterRequest::Stats => {
+            let s = store.stats();
+            ClusterReply::Stats {
+                messages: s.entries,
+                bytes: s.body_bytes,
+            }
+        }
+    }
+}
+
+/// The voters the cluster should have: the leader, then the up voters, then
+/// up learners (lowest id first), up to the largest odd number not above
+/// `VOTERS_MAX` and the count of up nodes.
+pub fn desired_voters(leader: u64, current: &BTreeSet<u64>, up: &BTreeSet<u64>) -> BTreeSet<u64> {
+    let n = up.len().clamp(1, VOTERS_MAX);
+    let target = if n.is_multiple_of(2) { n - 1 } else { n };
+    let mut out = BTreeSet::from([leader]);
+    for id in current.iter().filter(|id| up.contains(id)).chain(up.iter()) {
+        if out.len() >= target {
+            break;
+        }
+        out.insert(*id);
+    }
+    out
+}
+
+/// Every node pings every other node (so that a newly elected leader
+/// already knows who has been silent); the leader alone acts on it: marks
+/// the silent nodes down and the answering ones up, and keeps the voter set
+/// healthy and odd.
+async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: watch::Receiver<bool>) {
+    let me = cluster.id();
+    let mut last_ok: HashMap<u64, Instant> = HashMap::new();
+    let mut next_voter_check = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PING_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let view = cluster.membership.view();
+        let pings = view.nodes.values().filter(|n| n.id != me).map(|n| {
+            let (t, addr, id) = (cluster.transport.clone(), n.addrs.cluster.clone(), n.id);
+            async move {
+                let ok = matches!(
+                    tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await,
+                    Ok(Ok(ClusterReply::Pong))
+                );
+                (id, ok)
+            }
+        });
+        let results = futures_join_all(pings).await;
+        let now = Instant::now();
+        last_ok.retain(|id, _| view.nodes.contains_key(id));
+        let mut changes = Vec::new();
+        for (id, ok) in results {
+            // A node never heard from gets a full timeout from first sight.
+            let seen = last_ok.entry(id).or_insert(now);
+            if ok {
+                *seen = now;
+            }
+            let Some(node) = view.node(id) else { continue };
+            match (node.state, ok) {
+                (NodeState::Up, false) if now.duration_since(*seen) >= failure_timeout => {
+                    changes.push((id, NodeState::Down))
+                }
+                (NodeState::Down, true) => changes.push((id, NodeState::Up)),
+                _ => {}
+            }
+        }
+        if cluster.membership.leader() != Some(me) {
+            continue;
+        }
+        for (id, state) in changes {
+            info!(node = id, ?state, "failure detector: marking node");
+            if let Err(e) = cluster.membership.set_node_state(id, state).await {
+                warn!(node = id, error = %e, "cannot change node state");
+            }
+        }
+        if now >= next_voter_check {
+            next_voter_check = now + VOTER_INTERVAL;
+            let view = cluster.membership.view();
+            let current = view.voters();
+            let up: BTreeSet<u64> = view
+                .nodes
+                .values()
+                .filter(|n| n.state == NodeState::Up)
+                .map(|n| n.id)
+                .collect();
+            let want = desired_voters(me, &current, &up);
+            if want != current {
+                info!(?current, ?want, "changing the raft voters");
+                if let Err(e) = cluster.membership.change_membership(want).await {
+                    warn!(error = %e, "cannot change the voters");
+                }
+            }
+        }
+    }
+}
+
+/// Runs futures concurrently and collects their outputs (no extra crate).
+async fn futures_join_all<F: std::future::Future + Send + 'static>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::desired_voters;
+    use std::collections::BTreeSet;
+
+    fn s(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn voters_stay_odd_and_healthy() {
+        // One node: itself.
+        assert_eq!(desired_voters(1, &s(&[1]), &s(&[1])), s(&[1]));
+        // Two up nodes: one voter.
+        assert_eq!(desired_voters(1, &s(&[1]), &s(&[1, 2])), s(&[1]));
+        // Three: all vote.
+        assert_eq!(desired_voters(1, &s(&[1]), &s(&[1, 2, 3])), s(&[1, 2, 3]));
+        // Six up: five voters, keeping current ones first.
+        assert_eq!(
+            desired_voters(4, &s(&[4, 5, 6]), &s(&[1, 2, 3, 4, 5, 6])),
+            s(&[1, 2, 4, 5, 6])
+        );
+        // A down voter is replaced by an up learner.
+        assert_eq!(desired_voters(1, &s(&[1, 2, 3]), &s(&[1, 2, 4])), s(&[1, 2, 4]));
+        // Five voters, one dies, four up: shrink to three.
+        assert_eq!(desired_voters(1, &s(&[1, 2, 3, 4, 5]), &s(&[1, 2, 3, 4])).len(), 3);
+    }
+}

@@ -1,0 +1,181 @@
+//! Membership across real processes: nodes join through a seed over QUIC
+//! with mutual TLS, the leader marks dead nodes down and restarted ones up,
+//! and directory writes reach every node.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use quill_harness::fresh_loopback;
+use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
+use serde_json::Value;
+
+const SECRET: &str = "cluster-test-secret";
+
+async fn status(n: &NodeProcess) -> Option<Value> {
+    n.status().await.ok()
+}
+
+/// Starts `n` nodes one after another, each joining through the first.
+async fn start_cluster(dir: &TempDir, n: usize) -> Vec<NodeProcess> {
+    let mut first = NodeOptions::new(dir.path().join("n1"), fresh_loopback()).unwrap();
+    first.join_token = Some(SECRET.into());
+    let first = NodeProcess::start(first).await.expect("first node starts");
+    let token = first.join_token().unwrap();
+    let seed = first.cluster_addr();
+    let mut nodes = vec![first];
+    for k in 2..=n {
+        let mut o = NodeOptions::new(dir.path().join(format!("n{k}")), fresh_loopback()).unwrap();
+        o.seeds = vec![seed];
+        o.join_token = Some(token.clone());
+        nodes.push(
+            NodeProcess::start(o)
+                .await
+                .unwrap_or_else(|e| panic!("node {k} joins: {e:#}")),
+        );
+    }
+    nodes
+}
+
+/// Every node in `live` reports the same epoch and leader, and the given
+/// number of up nodes; returns (epoch, leader).
+async fn converged(live: &[&NodeProcess], up: usize) -> Option<(u64, u64)> {
+    let mut seen = BTreeSet::new();
+    for n in live {
+        let s = status(n).await?;
+        let n_up = s["nodes"].as_array()?.iter().filter(|x| x["state"] == "up").count();
+        if n_up != up {
+            return None;
+        }
+        seen.insert((s["epoch"].as_u64()?, s["leader"].as_u64()?));
+    }
+    (seen.len() == 1).then(|| *seen.iter().next().expect("one"))
+}
+
+async fn wait_converged(live: &[&NodeProcess], up: usize, deadline: Duration) -> (u64, u64) {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(x) = converged(live, up).await {
+            return x;
+        }
+        assert!(
+            Instant::now() < end,
+            "no agreement on a view with {up} nodes up within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn node_of(nodes: &[NodeProcess], s: &Value) -> usize {
+    nodes
+        .iter()
+        .position(|n| n.admin_addr().to_string() == s["addrs"]["admin"])
+        .expect("known node")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_survive_the_loss_of_their_leader() {
+    let dir = TempDir::new("cluster5").unwrap();
+    let mut nodes = start_cluster(&dir, 5).await;
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    wait_converged(&all, 5, Duration::from_secs(30)).await;
+    common::wait_for("five voters", Duration::from_secs(30), || async {
+        let s = status(&nodes[0]).await.unwrap();
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["voter"] == true)
+            .count()
+            == 5
+    })
+    .await;
+    let (_, leader) = wait_converged(&all, 5, Duration::from_secs(30)).await;
+    let s = status(&nodes[0]).await.unwrap();
+
+    // A directory write on any node is visible on all.
+    nodes[3].add_domain("cluster.example").await.unwrap();
+    let t0 = Instant::now();
+    for n in &nodes {
+        common::wait_for("the new domain everywhere", Duration::from_secs(5), || async {
+            n.admin(hyper::Method::GET, "/v1/domains", None)
+                .await
+                .is_ok_and(|d| d.to_string().contains("cluster.example"))
+        })
+        .await;
+    }
+    eprintln!("directory write visible on all 5 nodes after {:?}", t0.elapsed());
+
+    // kill -9 the leader: a new leader, the dead node down, one epoch on all survivors.
+    let lead = node_of(
+        &nodes,
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == leader)
+            .unwrap(),
+    );
+    let killed_at = Instant::now();
+    nodes[lead].kill9().await.unwrap();
+    let survivors: Vec<&NodeProcess> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != lead)
+        .map(|(_, n)| n)
+        .collect();
+    let (epoch, new_leader) = wait_converged(&survivors, 4, Duration::from_secs(20)).await;
+    eprintln!(
+        "new view (epoch {epoch}) on all survivors {:?} after kill -9 of the leader",
+        killed_at.elapsed()
+    );
+    assert_ne!(new_leader, leader);
+    let s = status(survivors[0]).await.unwrap();
+    let dead = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == leader)
+        .unwrap();
+    assert_eq!(dead["state"], "down", "{s}");
+    assert_eq!(dead["voter"], false, "a dead voter is replaced: {s}");
+
+    // Restart: up again, its data intact, and writes made meanwhile reach it.
+    nodes[1].add_user("zoe@cluster.example", "pw", None).await.unwrap();
+    nodes[lead].restart().await.unwrap();
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    wait_converged(&all, 5, Duration::from_secs(30)).await;
+    let users = nodes[lead].admin(hyper::Method::GET, "/v1/users", None).await.unwrap();
+    assert!(users.to_string().contains("zoe@cluster.example"), "{users}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_join_token_is_refused() {
+    let dir = TempDir::new("cluster-token").unwrap();
+    let nodes = start_cluster(&dir, 1).await;
+    let good = nodes[0].join_token().unwrap();
+    let (fingerprint, _) = good.strip_prefix("quill1.").unwrap().split_once('.').unwrap();
+    let cases = [
+        (format!("quill1.{fingerprint}.not-the-secret"), "wrong join token"),
+        (
+            "quill1.00000000000000000000000000000000.x".to_owned(),
+            "not in the cluster named by the join token",
+        ),
+        ("garbage".to_owned(), "malformed join token"),
+    ];
+    for (i, (token, why)) in cases.iter().enumerate() {
+        let mut o = NodeOptions::new(dir.path().join(format!("bad{i}")), fresh_loopback()).unwrap();
+        o.seeds = vec![nodes[0].cluster_addr()];
+        o.join_token = Some(token.clone());
+        let err = NodeProcess::start(o)
+            .await
+            .expect_err("a node with a bad token must not start");
+        assert!(
+            format!("{err:#}").contains(why),
+            "token {token}: expected {why:?} in: {err:#}"
+        );
+    }
+    let s = status(&nodes[0]).await.unwrap();
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 1, "no stranger got in: {s}");
+}

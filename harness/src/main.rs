@@ -59,6 +59,28 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Measure failure handling: start a cluster, then repeatedly kill -9 a
+    /// node and time until every survivor has applied the view that marks
+    /// it down (one epoch and leader on all); restart it between trials.
+    BenchFailover {
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Trials per kind of victim.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        #[arg(long, value_enum, default_value_t = Victim::Both)]
+        victim: Victim,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Victim {
+    Leader,
+    Follower,
+    Both,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,6 +96,12 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Cmd::Demo { dir, password, exit } => demo(dir, password, exit).await,
+            Cmd::BenchFailover {
+                nodes,
+                trials,
+                victim,
+                dir,
+            } => bench_failover(nodes, trials, victim, dir).await,
             Cmd::BenchNode {
                 messages,
                 connections,
@@ -287,5 +315,111 @@ async fn bench_node(
         }
     }
     node.stop().await?;
+    Ok(())
+}
+
+async fn bench_failover(n: usize, trials: usize, victim: Victim, dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use quill_harness::process::{start_cluster, wait_converged};
+    if n < 3 {
+        bail!("--nodes must be at least 3 (a majority must survive a kill)");
+    }
+    let temp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            temp = TempDir::new("failover")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let log = std::env::var("QUILL_LOG").unwrap_or_else(|_| "warn".into());
+    let mut nodes = start_cluster(&dir, n, "bench-failover", &log).await?;
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    wait_converged(&all, n, Duration::from_secs(60)).await?;
+    // The leader promotes learners to voters once a second; a kill before
+    // that would measure a cluster that cannot elect anyone.
+    let voters_wanted = if n.min(5).is_multiple_of(2) {
+        n.min(5) - 1
+    } else {
+        n.min(5)
+    };
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = nodes[0].status().await?;
+        let voters = s["nodes"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|x| x["voter"] == true).count());
+        if voters == voters_wanted {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("only {voters} voters after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("{n} nodes up, {voters_wanted} voters; {trials} trials per victim kind");
+    let kinds: &[bool] = match victim {
+        Victim::Leader => &[true],
+        Victim::Follower => &[false],
+        Victim::Both => &[true, false],
+    };
+    for &kill_leader in kinds {
+        let mut times = Vec::with_capacity(trials);
+        for trial in 0..trials {
+            let all: Vec<&NodeProcess> = nodes.iter().collect();
+            let (_, leader) = wait_converged(&all, n, Duration::from_secs(60)).await?;
+            // Let the voter set heal after the last restart, too.
+            loop {
+                let s = nodes[0].status().await?;
+                let voters = s["nodes"]
+                    .as_array()
+                    .map_or(0, |a| a.iter().filter(|x| x["voter"] == true).count());
+                if voters == voters_wanted {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut idx = None;
+            for (i, node) in nodes.iter().enumerate() {
+                let me = node.status().await?["self"].as_u64();
+                if (me == Some(leader)) == kill_leader {
+                    idx = Some(i);
+                    if !kill_leader && trial % (n - 1) == 0 {
+                        break;
+                    }
+                }
+            }
+            let i = idx.context("no node of that kind")?;
+            let t0 = std::time::Instant::now();
+            nodes[i].kill9().await?;
+            let survivors: Vec<&NodeProcess> = nodes
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| *k != i)
+                .map(|(_, x)| x)
+                .collect();
+            wait_converged(&survivors, n - 1, Duration::from_secs(60)).await?;
+            let secs = t0.elapsed().as_secs_f64();
+            times.push(secs);
+            println!(
+                "  kill -9 {} (trial {}): new view on all {} survivors after {:.2} s",
+                if kill_leader { "leader" } else { "follower" },
+                trial + 1,
+                n - 1,
+                secs
+            );
+            nodes[i].restart().await?;
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "failover victim={} nodes={n} trials={trials} median_s={:.2} max_s={:.2} min_s={:.2}",
+            if kill_leader { "leader" } else { "follower" },
+            percentile(&times, 50.0),
+            times.last().copied().unwrap_or(f64::NAN),
+            times.first().copied().unwrap_or(f64::NAN),
+        );
+    }
+    for node in &mut nodes {
+        node.stop().await?;
+    }
     Ok(())
 }

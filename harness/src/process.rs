@@ -355,6 +355,82 @@ impl NodeProcess {
     }
 }
 
+/// Starts `n` nodes one after another under `base/n1..nN`, each on its own
+/// loopback address; the first founds the cluster with join secret
+/// `secret`, the others join through it.
+pub async fn start_cluster(base: &Path, n: usize, secret: &str, log: &str) -> anyhow::Result<Vec<NodeProcess>> {
+    let mut first = NodeOptions::new(base.join("n1"), crate::fresh_loopback())?;
+    first.join_token = Some(secret.to_owned());
+    first.log = log.to_owned();
+    let first = NodeProcess::start(first).await.context("first node")?;
+    let token = first.join_token()?;
+    let seed = first.cluster_addr();
+    let mut nodes = vec![first];
+    for k in 2..=n {
+        let mut o = NodeOptions::new(base.join(format!("n{k}")), crate::fresh_loopback())?;
+        o.seeds = vec![seed];
+        o.join_token = Some(token.clone());
+        o.log = log.to_owned();
+        nodes.push(NodeProcess::start(o).await.with_context(|| format!("node {k}"))?);
+    }
+    Ok(nodes)
+}
+
+/// Whether every node in `live` reports the same epoch and leader, with
+/// exactly `up` nodes up; then (epoch, leader).
+pub async fn converged(live: &[&NodeProcess], up: usize) -> Option<(u64, u64)> {
+    let mut seen = std::collections::BTreeSet::new();
+    // All at once: the figure is how soon every node agrees.
+    let mut asks = Vec::new();
+    for n in live {
+        let (addr, token) = (n.admin_addr().to_string(), n.opts.admin_token.clone());
+        asks.push(tokio::spawn(async move {
+            quill_node::admin_client::call(&addr, &token, Method::GET, "/v1/cluster/status", None).await
+        }));
+    }
+    for a in asks {
+        let (code, s) = a.await.ok()?.ok()?;
+        if code != 200 {
+            return None;
+        }
+        let n_up = s["nodes"].as_array()?.iter().filter(|x| x["state"] == "up").count();
+        if n_up != up {
+            return None;
+        }
+        seen.insert((s["epoch"].as_u64()?, s["leader"].as_u64()?));
+    }
+    (seen.len() == 1).then(|| *seen.iter().next().expect("one"))
+}
+
+/// Waits (bounded) for [`converged`].
+pub async fn wait_converged(live: &[&NodeProcess], up: usize, deadline: Duration) -> anyhow::Result<(u64, u64)> {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(x) = converged(live, up).await {
+            return Ok(x);
+        }
+        if Instant::now() > end {
+            let mut seen = Vec::new();
+            for n in live {
+                seen.push(match n.status().await {
+                    Ok(s) => format!(
+                        "{}: epoch {} leader {} states {:?}",
+                        n.opts.ip,
+                        s["epoch"],
+                        s["leader"],
+                        s["nodes"]
+                            .as_array()
+                            .map(|a| a.iter().map(|x| x["state"].to_string()).collect::<Vec<_>>())
+                    ),
+                    Err(e) => format!("{}: {e:#}", n.opts.ip),
+                });
+            }
+            bail!("no agreement on a view with {up} nodes up within {deadline:?}: {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A scratch directory removed on drop (unless `QUILL_KEEP_TEST_DIRS` is set).
 #[derive(Debug)]
 pub struct TempDir(PathBuf);

@@ -213,16 +213,28 @@ async fn log_level(State(s): State<AdminState>, h: HeaderMap, Json(b): Json<Leve
 pub async fn status_json(s: &AdminState) -> serde_json::Value {
     let view = s.cluster.membership.view();
     let me = s.cluster.id();
+    // Ask the other nodes for their counts all at once, so that a dead node
+    // not yet marked down costs one short timeout, not one per node.
+    let asks: Vec<_> = view
+        .nodes
+        .values()
+        .filter(|n| n.id != me && n.state != membership::NodeState::Down)
+        .map(|n| {
+            let (cluster, id, addr) = (s.cluster.clone(), n.id, n.addrs.cluster.clone());
+            tokio::spawn(async move { (id, cluster.stats_of(&addr).await) })
+        })
+        .collect();
+    let mut counts = std::collections::HashMap::new();
+    for a in asks {
+        if let Ok((id, Some(c))) = a.await {
+            counts.insert(id, c);
+        }
+    }
+    let st = s.services.store.stats();
+    counts.insert(me, (st.entries, st.body_bytes));
     let mut nodes = Vec::new();
     for n in view.nodes.values() {
-        let counts = if n.id == me {
-            let st = s.services.store.stats();
-            Some((st.entries, st.body_bytes))
-        } else if n.state == membership::NodeState::Down {
-            None
-        } else {
-            s.cluster.stats_of(&n.addrs.cluster).await
-        };
+        let c = counts.get(&n.id);
         let state = match n.state {
             membership::NodeState::Up => "up",
             membership::NodeState::Down => "down",
@@ -233,8 +245,8 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
             "name": n.name,
             "state": state,
             "voter": n.voter,
-            "messages": counts.map(|c| c.0),
-            "bytes": counts.map(|c| c.1),
+            "messages": c.map(|c| c.0),
+            "bytes": c.map(|c| c.1),
             "addrs": {
                 "cluster": n.addrs.cluster,
                 "smtp": n.addrs.smtp,

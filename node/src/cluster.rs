@@ -30,10 +30,15 @@ use tracing::{info, warn};
 
 use crate::wire::{self, ClusterCa, JoinToken, NodeIdentity};
 
-/// How often the leader pings every node.
-const PING_INTERVAL: Duration = Duration::from_millis(500);
-/// How long one ping may take.
-const PING_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How often every node pings every other node. With `PING_TIMEOUT` this
+/// bounds how late a failure is noticed past `--failure-timeout-ms`.
+const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// How long one ping may take; a round waits for its slowest ping, so a
+/// dead node stretches a round to this. Loopback and LAN answer in well
+/// under a millisecond: this is a missed ping, not yet a failure.
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long `cluster status` waits for another node's counts.
+const STATS_TIMEOUT: Duration = Duration::from_millis(300);
 /// How often the leader checks the voter set.
 const VOTER_INTERVAL: Duration = Duration::from_secs(1);
 /// Raft voters at most: more only slows commits down.
@@ -339,9 +344,10 @@ impl Cluster {
         self.endpoint.close(0u32.into(), b"shutdown");
     }
 
-    /// Asks a node for its store figures (None if it does not answer).
+    /// Asks a node for its store figures (None if it does not answer within
+    /// `STATS_TIMEOUT`: status pages must stay quick while a node dies).
     pub async fn stats_of(&self, addr: &str) -> Option<(u64, u64)> {
-        let r = tokio::time::timeout(PING_TIMEOUT, self.transport.request(addr, &ClusterRequest::Stats)).await;
+        let r = tokio::time::timeout(STATS_TIMEOUT, self.transport.request(addr, &ClusterRequest::Stats)).await;
         match r {
             Ok(Ok(ClusterReply::Stats { messages, bytes })) => Some((messages, bytes)),
             _ => None,
@@ -474,15 +480,22 @@ async fn handle(
     }
 }
 
-/// The voters the cluster should have: the leader, then the up voters, then
-/// up learners (lowest id first), up to the largest odd number not above
-/// `VOTERS_MAX` and the count of up nodes.
+/// The voters the cluster should have. Their number is odd, at most
+/// `VOTERS_MAX`, and grows with the up nodes; it never shrinks because a
+/// voter died: a down voter is replaced by an up learner when there is one,
+/// and kept otherwise (shrinking on every failure and growing on every
+/// restart would churn Raft's configuration for nothing: five voters with
+/// one down still commit). The leader always votes.
 pub fn desired_voters(leader: u64, current: &BTreeSet<u64>, up: &BTreeSet<u64>) -> BTreeSet<u64> {
-    let n = up.len().clamp(1, VOTERS_MAX);
-    let target = if n.is_multiple_of(2) { n - 1 } else { n };
+    let odd = |n: usize| if n.is_multiple_of(2) { n.saturating_sub(1) } else { n };
+    let grow_to = odd(up.len().clamp(1, VOTERS_MAX));
+    let size = odd(current.len().max(grow_to).min(VOTERS_MAX)).max(1);
     let mut out = BTreeSet::from([leader]);
-    for id in current.iter().filter(|id| up.contains(id)).chain(up.iter()) {
-        if out.len() >= target {
+    let up_voters = current.iter().filter(|id| up.contains(id));
+    let learners = up.iter().filter(|id| !current.contains(id));
+    let down_voters = current.iter().filter(|id| !up.contains(id));
+    for id in up_voters.chain(learners).chain(down_voters) {
+        if out.len() >= size {
             break;
         }
         out.insert(*id);
@@ -504,13 +517,17 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
             _ = stop.changed() => return,
         }
         let view = cluster.membership.view();
+        // A ping that gets through proves the node alive when it was sent.
+        let round_start = Instant::now();
         let pings = view.nodes.values().filter(|n| n.id != me).map(|n| {
             let (t, addr, id) = (cluster.transport.clone(), n.addrs.cluster.clone(), n.id);
             async move {
-                let ok = matches!(
-                    tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await,
-                    Ok(Ok(ClusterReply::Pong))
-                );
+                let r = tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await;
+                let ok = matches!(r, Ok(Ok(ClusterReply::Pong)));
+                if !ok {
+                    // Maybe a stale connection to a restarted peer: start afresh.
+                    t.forget(&addr);
+                }
                 (id, ok)
             }
         });
@@ -520,9 +537,9 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
         let mut changes = Vec::new();
         for (id, ok) in results {
             // A node never heard from gets a full timeout from first sight.
-            let seen = last_ok.entry(id).or_insert(now);
+            let seen = last_ok.entry(id).or_insert(round_start);
             if ok {
-                *seen = now;
+                *seen = round_start;
             }
             let Some(node) = view.node(id) else { continue };
             match (node.state, ok) {
@@ -602,7 +619,17 @@ mod tests {
         );
         // A down voter is replaced by an up learner.
         assert_eq!(desired_voters(1, &s(&[1, 2, 3]), &s(&[1, 2, 4])), s(&[1, 2, 4]));
-        // Five voters, one dies, four up: shrink to three.
-        assert_eq!(desired_voters(1, &s(&[1, 2, 3, 4, 5]), &s(&[1, 2, 3, 4])).len(), 3);
+        // Five voters, one dies, no learner to take its place: keep five.
+        assert_eq!(
+            desired_voters(1, &s(&[1, 2, 3, 4, 5]), &s(&[1, 2, 3, 4])),
+            s(&[1, 2, 3, 4, 5])
+        );
+        // ... with a learner up: it replaces the dead voter.
+        assert_eq!(
+            desired_voters(1, &s(&[1, 2, 3, 4, 5]), &s(&[1, 2, 3, 4, 6])),
+            s(&[1, 2, 3, 4, 6])
+        );
+        // Three voters, one down, nothing else: unchanged.
+        assert_eq!(desired_voters(1, &s(&[1, 2, 3]), &s(&[1, 2])), s(&[1, 2, 3]));
     }
 }

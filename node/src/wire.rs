@@ -33,8 +33,10 @@ pub const NODE_SERVER_NAME: &str = "quill-node";
 /// A frame larger than this is refused (a Raft snapshot of a large
 /// directory is the biggest thing that travels).
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
-/// Every request is answered within this time or fails.
-pub const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Every request is answered within this time or fails (and the caller
+/// drops the connection, which may be stale). Two seconds carry a snapshot
+/// chunk over any sane link and keep a dead peer from stalling a vote.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();

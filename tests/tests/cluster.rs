@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use quill_harness::fresh_loopback;
-use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
+use quill_harness::process::{self, NodeOptions, NodeProcess, TempDir};
 use serde_json::Value;
 
 const SECRET: &str = "cluster-test-secret";
@@ -17,54 +16,14 @@ async fn status(n: &NodeProcess) -> Option<Value> {
     n.status().await.ok()
 }
 
-/// Starts `n` nodes one after another, each joining through the first.
 async fn start_cluster(dir: &TempDir, n: usize) -> Vec<NodeProcess> {
-    let mut first = NodeOptions::new(dir.path().join("n1"), fresh_loopback()).unwrap();
-    first.join_token = Some(SECRET.into());
-    let first = NodeProcess::start(first).await.expect("first node starts");
-    let token = first.join_token().unwrap();
-    let seed = first.cluster_addr();
-    let mut nodes = vec![first];
-    for k in 2..=n {
-        let mut o = NodeOptions::new(dir.path().join(format!("n{k}")), fresh_loopback()).unwrap();
-        o.seeds = vec![seed];
-        o.join_token = Some(token.clone());
-        nodes.push(
-            NodeProcess::start(o)
-                .await
-                .unwrap_or_else(|e| panic!("node {k} joins: {e:#}")),
-        );
-    }
-    nodes
-}
-
-/// Every node in `live` reports the same epoch and leader, and the given
-/// number of up nodes; returns (epoch, leader).
-async fn converged(live: &[&NodeProcess], up: usize) -> Option<(u64, u64)> {
-    let mut seen = BTreeSet::new();
-    for n in live {
-        let s = status(n).await?;
-        let n_up = s["nodes"].as_array()?.iter().filter(|x| x["state"] == "up").count();
-        if n_up != up {
-            return None;
-        }
-        seen.insert((s["epoch"].as_u64()?, s["leader"].as_u64()?));
-    }
-    (seen.len() == 1).then(|| *seen.iter().next().expect("one"))
+    process::start_cluster(dir.path(), n, SECRET, "info")
+        .await
+        .expect("cluster starts")
 }
 
 async fn wait_converged(live: &[&NodeProcess], up: usize, deadline: Duration) -> (u64, u64) {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(x) = converged(live, up).await {
-            return x;
-        }
-        assert!(
-            Instant::now() < end,
-            "no agreement on a view with {up} nodes up within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    process::wait_converged(live, up, deadline).await.unwrap()
 }
 
 fn node_of(nodes: &[NodeProcess], s: &Value) -> usize {
@@ -139,7 +98,8 @@ async fn five_nodes_survive_the_loss_of_their_leader() {
         .find(|n| n["id"] == leader)
         .unwrap();
     assert_eq!(dead["state"], "down", "{s}");
-    assert_eq!(dead["voter"], false, "a dead voter is replaced: {s}");
+    // No learner can take its place, so it stays a voter (4 of 5 commit).
+    assert_eq!(dead["voter"], true, "{s}");
 
     // Restart: up again, its data intact, and writes made meanwhile reach it.
     nodes[1].add_user("zoe@cluster.example", "pw", None).await.unwrap();
@@ -148,6 +108,33 @@ async fn five_nodes_survive_the_loss_of_their_leader() {
     wait_converged(&all, 5, Duration::from_secs(30)).await;
     let users = nodes[lead].admin(hyper::Method::GET, "/v1/users", None).await.unwrap();
     assert!(users.to_string().contains("zoe@cluster.example"), "{users}");
+
+    // Drain one node, then remove it for good.
+    let victim = status(&nodes[4]).await.unwrap()["self"].as_u64().unwrap();
+    let path = format!("/v1/nodes/{victim}/drain");
+    nodes[0].admin(hyper::Method::POST, &path, None).await.unwrap();
+    common::wait_for(
+        "the node to be draining everywhere",
+        Duration::from_secs(10),
+        || async {
+            let s = status(&nodes[2]).await.unwrap();
+            s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["id"] == victim && n["state"] == "draining")
+        },
+    )
+    .await;
+    nodes[1]
+        .admin(hyper::Method::DELETE, &format!("/v1/nodes/{victim}"), None)
+        .await
+        .unwrap();
+    common::wait_for("the node to leave the view", Duration::from_secs(10), || async {
+        let s = status(&nodes[0]).await.unwrap();
+        s["nodes"].as_array().unwrap().len() == 4 && !s.to_string().contains(&format!("\"id\":{victim},"))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

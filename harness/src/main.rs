@@ -319,7 +319,7 @@ async fn bench_node(
 }
 
 async fn bench_failover(n: usize, trials: usize, victim: Victim, dir: Option<PathBuf>) -> anyhow::Result<()> {
-    use quill_harness::process::{start_cluster, wait_converged};
+    use quill_harness::process::{start_cluster, wait_converged, wait_voters};
     if n < 3 {
         bail!("--nodes must be at least 3 (a majority must survive a kill)");
     }
@@ -342,20 +342,7 @@ async fn bench_failover(n: usize, trials: usize, victim: Victim, dir: Option<Pat
     } else {
         n.min(5)
     };
-    let t0 = std::time::Instant::now();
-    loop {
-        let s = nodes[0].status().await?;
-        let voters = s["nodes"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter(|x| x["voter"] == true).count());
-        if voters == voters_wanted {
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(60) {
-            bail!("only {voters} voters after 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_voters(&nodes[0], voters_wanted, Duration::from_secs(60)).await?;
     println!("{n} nodes up, {voters_wanted} voters; {trials} trials per victim kind");
     let kinds: &[bool] = match victim {
         Victim::Leader => &[true],
@@ -368,16 +355,7 @@ async fn bench_failover(n: usize, trials: usize, victim: Victim, dir: Option<Pat
             let all: Vec<&NodeProcess> = nodes.iter().collect();
             let (_, leader) = wait_converged(&all, n, Duration::from_secs(60)).await?;
             // Let the voter set heal after the last restart, too.
-            loop {
-                let s = nodes[0].status().await?;
-                let voters = s["nodes"]
-                    .as_array()
-                    .map_or(0, |a| a.iter().filter(|x| x["voter"] == true).count());
-                if voters == voters_wanted {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            wait_voters(&nodes[0], voters_wanted, Duration::from_secs(60)).await?;
             let mut idx = None;
             for (i, node) in nodes.iter().enumerate() {
                 let me = node.status().await?["self"].as_u64();

@@ -431,6 +431,24 @@ pub async fn wait_converged(live: &[&NodeProcess], up: usize, deadline: Duration
     }
 }
 
+/// Waits (bounded) until `node` reports exactly `want` Raft voters.
+pub async fn wait_voters(node: &NodeProcess, want: usize, deadline: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + deadline;
+    loop {
+        let s = node.status().await?;
+        let voters = s["nodes"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|x| x["voter"] == true).count());
+        if voters == want {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            bail!("{voters} voters instead of {want} after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A scratch directory removed on drop (unless `QUILL_KEEP_TEST_DIRS` is set).
 #[derive(Debug)]
 pub struct TempDir(PathBuf);

@@ -39,17 +39,9 @@ async fn five_nodes_survive_the_loss_of_their_leader() {
     let mut nodes = start_cluster(&dir, 5).await;
     let all: Vec<&NodeProcess> = nodes.iter().collect();
     wait_converged(&all, 5, Duration::from_secs(30)).await;
-    common::wait_for("five voters", Duration::from_secs(30), || async {
-        let s = status(&nodes[0]).await.unwrap();
-        s["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["voter"] == true)
-            .count()
-            == 5
-    })
-    .await;
+    process::wait_voters(&nodes[0], 5, Duration::from_secs(30))
+        .await
+        .unwrap();
     let (_, leader) = wait_converged(&all, 5, Duration::from_secs(30)).await;
     let s = status(&nodes[0]).await.unwrap();
 

@@ -311,6 +311,14 @@ async fn remove_node(State(s): State<AdminState>, h: HeaderMap, Path(key): Path<
             "a node cannot remove itself; ask another node".into(),
         ));
     }
+    if s.cluster.membership.leader() == Some(id) {
+        // openraft 0.9 has no leadership transfer, and a leader committing
+        // its own removal is unsafe there (databendlabs/openraft#923).
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("node {id} is the Raft leader: stop it first (the cluster elects another leader), then remove it"),
+        ));
+    }
     s.cluster.membership.remove_node(id).await.map_err(node_error)?;
     Ok(Json(json!({ "ok": true, "removed": id })).into_response())
 }

@@ -550,7 +550,9 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
                 _ => {}
             }
         }
-        if cluster.membership.leader() != Some(me) {
+        // Only a leader that is still a voter in the view acts (a removed
+        // leader may run on briefly: it must not change anything).
+        if cluster.membership.leader() != Some(me) || !view.node(me).is_some_and(|n| n.voter) {
             continue;
         }
         for (id, state) in changes {

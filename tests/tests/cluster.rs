@@ -102,7 +102,22 @@ async fn five_nodes_survive_the_loss_of_their_leader() {
     assert!(users.to_string().contains("zoe@cluster.example"), "{users}");
 
     // Drain one node, then remove it for good.
-    let victim = status(&nodes[4]).await.unwrap()["self"].as_u64().unwrap();
+    // Removing the leader itself is refused with a clear reason.
+    let leader_now = status(&nodes[0]).await.unwrap()["leader"].as_u64().unwrap();
+    let (code, reply) = nodes[0]
+        .admin_raw(hyper::Method::DELETE, &format!("/v1/nodes/{leader_now}"), None)
+        .await
+        .unwrap();
+    assert_eq!(code, 409, "{reply}");
+    assert!(reply.to_string().contains("is the Raft leader"), "{reply}");
+    // Drain a follower, then remove it for good (asking another follower).
+    let mut ids = Vec::new();
+    for n in &nodes {
+        ids.push(status(n).await.unwrap()["self"].as_u64().unwrap());
+    }
+    let followers: Vec<usize> = (0..nodes.len()).filter(|&i| ids[i] != leader_now).collect();
+    let (v, asker) = (followers[0], followers[1]);
+    let victim = ids[v];
     let path = format!("/v1/nodes/{victim}/drain");
     nodes[0].admin(hyper::Method::POST, &path, None).await.unwrap();
     common::wait_for(
@@ -118,12 +133,12 @@ async fn five_nodes_survive_the_loss_of_their_leader() {
         },
     )
     .await;
-    nodes[1]
+    nodes[asker]
         .admin(hyper::Method::DELETE, &format!("/v1/nodes/{victim}"), None)
         .await
         .unwrap();
     common::wait_for("the node to leave the view", Duration::from_secs(10), || async {
-        let s = status(&nodes[0]).await.unwrap();
+        let s = status(&nodes[asker]).await.unwrap();
         s["nodes"].as_array().unwrap().len() == 4 && !s.to_string().contains(&format!("\"id\":{victim},"))
     })
     .await;
@@ -157,4 +172,36 @@ async fn a_wrong_join_token_is_refused() {
     }
     let s = status(&nodes[0]).await.unwrap();
     assert_eq!(s["nodes"].as_array().unwrap().len(), 1, "no stranger got in: {s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_one_voter_one_learner() {
+    let dir = TempDir::new("cluster2").unwrap();
+    let mut nodes = start_cluster(&dir, 2).await;
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    wait_converged(&all, 2, Duration::from_secs(30)).await;
+    // An odd number of voters: the founder votes, the other learns.
+    process::wait_voters(&nodes[1], 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let s = status(&nodes[1]).await.unwrap();
+    let founder = status(&nodes[0]).await.unwrap()["self"].clone();
+    let voter = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["voter"] == true)
+        .unwrap();
+    assert_eq!(voter["id"], founder, "{s}");
+
+    // The learner dies: the leader marks it down; it comes back up.
+    nodes[1].kill9().await.unwrap();
+    wait_converged(&[&nodes[0]], 1, Duration::from_secs(20)).await;
+    nodes[1].restart().await.unwrap();
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    wait_converged(&all, 2, Duration::from_secs(30)).await;
+    // Writes through the learner reach the leader.
+    nodes[1].add_domain("two.example").await.unwrap();
+    let d = nodes[0].admin(hyper::Method::GET, "/v1/domains", None).await.unwrap();
+    assert!(d.to_string().contains("two.example"), "{d}");
 }

@@ -223,7 +223,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     });
     if a.replicas != 1 {
         bail!(
-            "--replicas {}: a single node keeps exactly 1 copy (replication comes with clustering)",
+            "--replicas {}: storing each message on R nodes is not built yet; every node keeps 1 copy of what it receives",
             a.replicas
         );
     }

@@ -75,7 +75,7 @@ struct NodeArgs {
     /// Domain appended to POP3 logins given without one (`user` -> `user@DOMAIN`).
     #[arg(long)]
     default_login_domain: Option<String>,
-    /// Copies of each message (only 1 is possible on a single node).
+    /// Copies of each message (only 1 until replication over R nodes is built).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// Largest message accepted, in bytes (advertised in EHLO SIZE).

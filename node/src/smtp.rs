@@ -212,6 +212,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                     self.reply("250 2.1.0 Sender ok").await?;
                 }
             }
+            Request::Rcpt { to } if to.address.is_empty() => {
+                // smtp-proto hands `<Postmaster>` (no domain) over as "".
+                let lower = String::from_utf8_lossy(line).to_ascii_lowercase();
+                if lower.contains("<postmaster>") {
+                    self.rcpt("postmaster").await?;
+                } else {
+                    self.reply("501 5.1.3 Bad recipient address syntax").await?;
+                    return Ok(!self.bad().await?);
+                }
+            }
             Request::Rcpt { to } => self.rcpt(&to.address).await?,
             Request::Data => return self.data().await,
             Request::Rset => {
@@ -242,6 +252,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             bump(&self.services.metrics.limit_refusals);
             return self.reply("452 4.5.3 Too many recipients").await;
         }
+        // RFC 5321 §4.5.1: "Postmaster" without a domain must be accepted;
+        // it goes to postmaster@ the first local domain that has one.
+        let postmaster;
+        let address = if address.eq_ignore_ascii_case("postmaster") {
+            let dir = &self.services.directory;
+            postmaster = dir
+                .domains()
+                .into_iter()
+                .map(|d| format!("postmaster@{d}"))
+                .find(|a| dir.user(a).is_some())
+                .unwrap_or_else(|| "postmaster".to_owned());
+            postmaster.as_str()
+        } else {
+            address
+        };
         match self.services.directory.resolve(address) {
             Recipient::Local(user) => {
                 if let Some(quota) = user.quota_bytes

@@ -91,6 +91,9 @@ async fn lmtp_replies_per_recipient_and_stores_body_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_replies_follow_rfc5321() {
     let (_d, node) = node("smtp-replies", &[]).await;
+    node.add_user("postmaster@example.org", common::PASSWORD, None)
+        .await
+        .unwrap();
     let (mut s, greeting) = SmtpClient::connect_raw(node.smtp()).await.unwrap();
     assert_eq!(greeting.code, 220);
     let table: &[(&str, u16, &str)] = &[
@@ -103,6 +106,8 @@ async fn smtp_replies_follow_rfc5321() {
         ("RCPT TO:<nobody@example.org>", 550, "5.1.1"),
         ("RCPT TO:<someone@elsewhere.test>", 550, "5.7.1"),
         ("RCPT TO:<alice@example.org>", 250, "2.1.5"),
+        ("RCPT TO:<Postmaster>", 250, "2.1.5"),
+        ("RCPT TO:<>", 501, "5.1.3"),
         ("VRFY alice", 252, "2.5.0"),
         ("NOOP", 250, "2.0.0"),
         ("HELP", 214, "2.0.0"),

@@ -257,11 +257,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         let postmaster;
         let address = if address.eq_ignore_ascii_case("postmaster") {
             let dir = &self.services.directory;
-            postmaster = dir
-                .domains()
-                .into_iter()
-                .map(|d| format!("postmaster@{d}"))
+            let candidates: Vec<String> = dir.domains().into_iter().map(|d| format!("postmaster@{d}")).collect();
+            // No such user anywhere: resolve the first one, an unknown user
+            // of a local domain (550 5.1.1), not a relaying attempt.
+            postmaster = candidates
+                .iter()
                 .find(|a| dir.user(a).is_some())
+                .or(candidates.first())
+                .cloned()
                 .unwrap_or_else(|| "postmaster".to_owned());
             postmaster.as_str()
         } else {

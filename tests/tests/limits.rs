@@ -154,6 +154,9 @@ async fn quota_refuses_at_rcpt() {
     assert_eq!(s.command("MAIL FROM:<a@b.test>").await.unwrap().code, 250);
     let r = s.command("RCPT TO:<dave@example.org>").await.unwrap();
     assert_eq!((r.code, r.text.contains("5.2.2")), (552, true), "{r:?}");
+    // No postmaster mailbox here: an unknown user, not a relay attempt.
+    let r = s.command("RCPT TO:<postmaster>").await.unwrap();
+    assert_eq!((r.code, r.text.contains("5.1.1")), (550, true), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::codec;
 use crate::command::{ClientId, Command, CommandError, Request, Response};
 use crate::directory::{
-    Directory, DirectoryCommand, DirectoryError, DirectoryFuture, Recipient, UserRecord, UserSummary, normalize_address,
+    Directory, DirectoryCommand, DirectoryError, DirectoryFuture, Recipient, UserRecord, UserSummary,
 };
 use crate::network::{LeaderError, LeaderReply, LeaderRequest, NetworkFactory, RaftMessage, RaftReply, Transport};
 use crate::store::{self, LogStore, Shared, StateMachineStore};
@@ -584,37 +584,15 @@ impl Directory for RaftDirectory {
     }
 
     fn user(&self, address: &str) -> Option<UserRecord> {
-        let a = normalize_address(address).ok()?;
-        self.m.inner.shared.read().state.directory.users.get(&a).cloned()
+        self.m.inner.shared.read().state.directory.user(address)
     }
 
     fn domains(&self) -> Vec<String> {
-        self.m
-            .inner
-            .shared
-            .read()
-            .state
-            .directory
-            .domains
-            .iter()
-            .cloned()
-            .collect()
+        self.m.inner.shared.read().state.directory.domain_list()
     }
 
     fn users(&self) -> Vec<UserSummary> {
-        self.m
-            .inner
-            .shared
-            .read()
-            .state
-            .directory
-            .users
-            .values()
-            .map(|u| UserSummary {
-                address: u.address.clone(),
-                quota_bytes: u.quota_bytes,
-            })
-            .collect()
+        self.m.inner.shared.read().state.directory.user_summaries()
     }
 
     fn apply(&self, cmd: DirectoryCommand) -> DirectoryFuture<'_> {

@@ -210,6 +210,29 @@ impl DirectoryState {
     }
 }
 
+impl DirectoryState {
+    /// The user with this address (normalized first), if any.
+    pub fn user(&self, address: &str) -> Option<UserRecord> {
+        let a = normalize_address(address).ok()?;
+        self.users.get(&a).cloned()
+    }
+
+    pub fn domain_list(&self) -> Vec<String> {
+        self.domains.iter().cloned().collect()
+    }
+
+    /// Every user as operators see them (no password hashes).
+    pub fn user_summaries(&self) -> Vec<UserSummary> {
+        self.users
+            .values()
+            .map(|u| UserSummary {
+                address: u.address.clone(),
+                quota_bytes: u.quota_bytes,
+            })
+            .collect()
+    }
+}
+
 pub type DirectoryFuture<'a> = Pin<Box<dyn Future<Output = Result<(), DirectoryError>> + Send + 'a>>;
 
 /// The directory as the rest of a node sees it: reads are local and cheap;
@@ -280,23 +303,15 @@ impl Directory for LocalDirectory {
     }
 
     fn user(&self, address: &str) -> Option<UserRecord> {
-        let a = normalize_address(address).ok()?;
-        self.read().users.get(&a).cloned()
+        self.read().user(address)
     }
 
     fn domains(&self) -> Vec<String> {
-        self.read().domains.iter().cloned().collect()
+        self.read().domain_list()
     }
 
     fn users(&self) -> Vec<UserSummary> {
-        self.read()
-            .users
-            .values()
-            .map(|u| UserSummary {
-                address: u.address.clone(),
-                quota_bytes: u.quota_bytes,
-            })
-            .collect()
+        self.read().user_summaries()
     }
 
     fn apply(&self, cmd: DirectoryCommand) -> DirectoryFuture<'_> {

@@ -74,6 +74,25 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Delivery throughput with replication: for each NODES:R pair, start a
+    /// cluster of NODES with `--replicas R`, deliver the same load over SMTP
+    /// with the connections spread over every node, and print msgs/s.
+    BenchReplication {
+        /// NODES:R pairs, run one after the other in this order.
+        #[arg(long, value_delimiter = ',', default_value = "1:1,3:1,3:2,3:3")]
+        configs: Vec<String>,
+        #[arg(long, default_value_t = 10_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 100)]
+        users: u32,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -111,6 +130,14 @@ fn main() -> anyhow::Result<()> {
                 log,
                 seed,
             } => bench_node(messages, connections, users, proto, dir, log, seed).await,
+            Cmd::BenchReplication {
+                configs,
+                messages,
+                connections,
+                users,
+                dir,
+                seed,
+            } => bench_replication(configs, messages, connections, users, dir, seed).await,
         }
     })
 }
@@ -398,6 +425,124 @@ async fn bench_failover(n: usize, trials: usize, victim: Victim, dir: Option<Pat
     }
     for node in &mut nodes {
         node.stop().await?;
+    }
+    Ok(())
+}
+
+async fn bench_replication(
+    configs: Vec<String>,
+    messages: u64,
+    connections: usize,
+    users: u32,
+    dir: Option<PathBuf>,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let temp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            temp = TempDir::new("bench-repl")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let mut pairs = Vec::new();
+    for c in &configs {
+        let (n, r) = c
+            .split_once(':')
+            .with_context(|| format!("bad config {c:?}: want NODES:R"))?;
+        pairs.push((n.parse::<usize>()?, r.parse::<usize>()?));
+    }
+    let mut rows: Vec<(usize, usize, f64, f64, f64, u64, u64)> = Vec::new();
+    for (i, &(n, r)) in pairs.iter().enumerate() {
+        let base = dir.join(format!("run{i}-{n}n-r{r}"));
+        let mut nodes = Vec::new();
+        for k in 1..=n {
+            let mut o = NodeOptions::new(base.join(format!("n{k}")), fresh_loopback())?;
+            o.log = "warn".into();
+            o.extra_args = vec!["--replicas".into(), r.to_string()];
+            if let Some(first) = nodes.first() {
+                let first: &NodeProcess = first;
+                o.seeds = vec![first.cluster_addr()];
+                o.join_token = Some(first.join_token()?);
+            } else {
+                o.join_token = Some("bench-replication".into());
+            }
+            nodes.push(NodeProcess::start(o).await?);
+        }
+        let all: Vec<&NodeProcess> = nodes.iter().collect();
+        quill_harness::process::wait_converged(&all, n, Duration::from_secs(60)).await?;
+        nodes[0].add_domain("example.com").await?;
+        for u in 1..=users {
+            nodes[0]
+                .add_user(&format!("user{u:04}@example.com"), &format!("pass{u:04}"), None)
+                .await?;
+        }
+        // Every node must know every user before the load starts.
+        let last = format!("user{users:04}@example.com");
+        for node in &nodes {
+            let end = std::time::Instant::now() + Duration::from_secs(30);
+            while !node
+                .admin(hyper::Method::GET, "/v1/users", None)
+                .await
+                .is_ok_and(|v| v.to_string().contains(&last))
+            {
+                if std::time::Instant::now() > end {
+                    bail!("users did not reach {}", node.opts.ip);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let plan = DeliverPlan {
+            addrs: nodes.iter().map(|x| x.smtp()).collect(),
+            lmtp: false,
+            messages,
+            connections,
+            users,
+            prefix: "user".into(),
+            domain: "example.com".into(),
+            seed,
+            max_errors: 50,
+            max_duration: Duration::from_secs(900),
+        };
+        let d = bench::deliver(plan).await;
+        let s = nodes[0].status().await?;
+        let entries: u64 = s["nodes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["messages"].as_u64()).sum())
+            .unwrap_or(0);
+        let under = s["under_replicated"].as_u64().unwrap_or(0);
+        let rate = d.acked.len() as f64 / d.secs;
+        println!(
+            "nodes={n} replicas={r} ok={} failed={} secs={:.2} msgs_per_sec={rate:.1} lat_ms_p50={} p99={} \
+             entries={entries} under_replicated={under}",
+            d.acked.len(),
+            d.unknown.len(),
+            d.secs,
+            ms(&d.latencies_ms, 50.0),
+            ms(&d.latencies_ms, 99.0),
+        );
+        rows.push((
+            n,
+            r,
+            rate,
+            percentile(&d.latencies_ms, 50.0),
+            percentile(&d.latencies_ms, 99.0),
+            entries,
+            under,
+        ));
+        for node in &mut nodes {
+            node.stop().await?;
+        }
+    }
+    println!();
+    println!("| nodes | R | msgs/s | vs first | p50 ms | p99 ms | entries stored | under-replicated |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let first = rows.first().map_or(1.0, |r| r.2);
+    for (n, r, rate, p50, p99, entries, under) in rows {
+        println!(
+            "| {n} | {r} | {rate:.0} | {:.0} % | {p50:.1} | {p99:.1} | {entries} | {under} |",
+            100.0 * rate / first
+        );
     }
     Ok(())
 }

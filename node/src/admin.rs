@@ -231,7 +231,9 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
         }
     }
     let st = s.services.store.stats();
-    counts.insert(me, (st.entries, st.body_bytes));
+    counts.insert(me, (st.entries, st.body_bytes, s.services.replica.under_replicated()));
+    // Each under-replicated message is counted by one live holder only.
+    let under_replicated: u64 = counts.values().map(|c| c.2).sum();
     let mut nodes = Vec::new();
     for n in view.nodes.values() {
         let c = counts.get(&n.id);
@@ -262,7 +264,7 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
         "self": me,
         "epoch": view.epoch,
         "leader": s.cluster.membership.leader(),
-        "under_replicated": 0,
+        "under_replicated": under_replicated,
         "nodes": nodes,
     })
 }

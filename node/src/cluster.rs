@@ -58,6 +58,8 @@ pub enum ClusterRequest {
     Raft(Box<RaftMessage>),
     Ping,
     Stats,
+    /// The replica protocol (see `replication::replica`).
+    Replica(Box<replication::replica::Call>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,8 +76,13 @@ pub enum ClusterReply {
     Stats {
         messages: u64,
         bytes: u64,
+        under_replicated: u64,
     },
+    Replica(Box<replication::replica::Answer>),
 }
+
+/// Where the accept loop finds the replicator once the node has made it.
+pub type ReplicaSlot = Arc<std::sync::OnceLock<Arc<crate::replica::NodeReplicator>>>;
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -121,8 +128,18 @@ impl QuicTransport {
 
     /// One request to the node at `addr`.
     pub async fn request(&self, addr: &str, req: &ClusterRequest) -> anyhow::Result<ClusterReply> {
+        self.request_within(addr, req, wire::RPC_TIMEOUT).await
+    }
+
+    /// [`QuicTransport::request`] with its own deadline.
+    pub async fn request_within(
+        &self,
+        addr: &str,
+        req: &ClusterRequest,
+        deadline: Duration,
+    ) -> anyhow::Result<ClusterReply> {
         let conn = self.conn(addr).await?;
-        let r = wire::call(&conn, req).await;
+        let r = wire::call_within(&conn, req, deadline).await;
         if r.is_err() {
             self.forget(addr);
         }
@@ -166,6 +183,8 @@ impl Transport for QuicTransport {
 pub struct Cluster {
     pub membership: Membership,
     pub transport: Arc<QuicTransport>,
+    /// Set by the node once its replicator exists.
+    pub replica: ReplicaSlot,
     endpoint: Endpoint,
 }
 
@@ -288,9 +307,11 @@ impl Cluster {
             conns: Mutex::new(HashMap::new()),
         });
         let membership = Membership::start(id, &dir.join("raft"), membership_config(), transport.clone()).await?;
+        let replica: ReplicaSlot = Arc::default();
         let cluster = Cluster {
             membership: membership.clone(),
             transport: transport.clone(),
+            replica: replica.clone(),
             endpoint: endpoint.clone(),
         };
         tokio::spawn(accept_loop(
@@ -298,6 +319,7 @@ impl Cluster {
             dir.clone(),
             membership.clone(),
             store,
+            replica,
             stop.clone(),
         ));
 
@@ -346,10 +368,14 @@ impl Cluster {
 
     /// Asks a node for its store figures (None if it does not answer within
     /// `STATS_TIMEOUT`: status pages must stay quick while a node dies).
-    pub async fn stats_of(&self, addr: &str) -> Option<(u64, u64)> {
+    pub async fn stats_of(&self, addr: &str) -> Option<(u64, u64, u64)> {
         let r = tokio::time::timeout(STATS_TIMEOUT, self.transport.request(addr, &ClusterRequest::Stats)).await;
         match r {
-            Ok(Ok(ClusterReply::Stats { messages, bytes })) => Some((messages, bytes)),
+            Ok(Ok(ClusterReply::Stats {
+                messages,
+                bytes,
+                under_replicated,
+            })) => Some((messages, bytes, under_replicated)),
             _ => None,
         }
     }
@@ -406,6 +432,7 @@ async fn accept_loop(
     dir: PathBuf,
     membership: Membership,
     store: Arc<FragmentStore>,
+    replica: ReplicaSlot,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -413,7 +440,7 @@ async fn accept_loop(
             i = endpoint.accept() => match i { Some(i) => i, None => return },
             _ = stop.changed() => return,
         };
-        let (dir, membership, store) = (dir.clone(), membership.clone(), store.clone());
+        let (dir, membership, store, replica) = (dir.clone(), membership.clone(), store.clone(), replica.clone());
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -425,8 +452,9 @@ async fn accept_loop(
             };
             let peer = conn.remote_address();
             wire::serve_connection(conn, move |member: bool, req: ClusterRequest| {
-                let (dir, membership, store) = (dir.clone(), membership.clone(), store.clone());
-                async move { handle(member, req, &dir, &membership, &store, peer).await }
+                let (dir, membership, store, replica) =
+                    (dir.clone(), membership.clone(), store.clone(), replica.clone());
+                async move { handle(member, req, &dir, &membership, &store, &replica, peer).await }
             })
             .await
         });
@@ -439,6 +467,7 @@ async fn handle(
     dir: &Path,
     membership: &Membership,
     store: &FragmentStore,
+    replica: &ReplicaSlot,
     peer: SocketAddr,
 ) -> ClusterReply {
     match req {
@@ -475,8 +504,13 @@ async fn handle(
             ClusterReply::Stats {
                 messages: s.entries,
                 bytes: s.body_bytes,
+                under_replicated: replica.get().map_or(0, |r| r.under_replicated()),
             }
         }
+        ClusterRequest::Replica(call) => match replica.get() {
+            Some(r) => ClusterReply::Replica(Box::new(r.handle(*call).await)),
+            None => ClusterReply::Refused("this node is still starting".into()),
+        },
     }
 }
 

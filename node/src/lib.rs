@@ -24,6 +24,7 @@ pub mod admin_client;
 pub mod cluster;
 pub mod conn;
 pub mod pop3;
+pub mod replica;
 pub mod services;
 pub mod smtp;
 pub mod time;
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use membership::Directory;
+use replication::replica::{ReplicaConfig, Replicator};
 use replication::{FragmentStore, StoreConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -73,6 +75,8 @@ pub struct NodeConfig {
     /// Domain appended to logins that have none.
     pub default_login_domain: Option<String>,
     pub limits: Limits,
+    /// Copies of each message (R).
+    pub replicas: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,9 +202,26 @@ pub async fn run(
     .await
     .context("cannot take this node's place in the cluster")?;
     let directory: Arc<dyn Directory> = Arc::new(cluster.membership.directory());
+    let mut replica_cfg = ReplicaConfig::new(config.data_dir.join("updates"));
+    replica_cfg.replicas = config.replicas.max(1);
+    let replica = Arc::new(Replicator::new(
+        cluster.id(),
+        store.clone(),
+        replica::QuicNet {
+            transport: cluster.transport.clone(),
+            membership: cluster.membership.clone(),
+        },
+        replica_cfg,
+    )?);
+    // Place mail by the current view from the first message on.
+    if let Some(v) = replica::placement_view(&cluster.membership).await {
+        replica.set_view(v);
+    }
+    let _ = cluster.replica.set(replica.clone());
     let mut services = Services::new(
         config.name.clone(),
         store.clone(),
+        replica.clone(),
         directory,
         config.limits.clone(),
         random_bytes()?,
@@ -209,6 +230,11 @@ pub async fn run(
     let services = Arc::new(services);
 
     let mut tasks = JoinSet::new();
+    tasks.spawn(replica::duties(
+        replica.clone(),
+        cluster.membership.clone(),
+        stop_rx.clone(),
+    ));
     for (listener, proto) in listeners {
         tasks.spawn(accept_loop(listener, proto, services.clone(), stop_rx.clone()));
     }

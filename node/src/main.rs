@@ -75,9 +75,11 @@ struct NodeArgs {
     /// Domain appended to POP3 logins given without one (`user` -> `user@DOMAIN`).
     #[arg(long)]
     default_login_domain: Option<String>,
-    /// Copies of each message (only 1 until replication over R nodes is built).
-    #[arg(long, default_value_t = 1)]
-    replicas: usize,
+    /// Copies of each message (R): each is on disk on R nodes before `250`.
+    /// With fewer nodes up it is stored on those up and counted as
+    /// under-replicated.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
+    replicas: u64,
     /// Largest message accepted, in bytes (advertised in EHLO SIZE).
     #[arg(long, default_value_t = 50 << 20)]
     max_message_size: usize,
@@ -221,12 +223,6 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     });
-    if a.replicas != 1 {
-        bail!(
-            "--replicas {}: storing each message on R nodes is not built yet; every node keeps 1 copy of what it receives",
-            a.replicas
-        );
-    }
     if a.imap.is_some() {
         tracing::warn!("--imap given but IMAP is not served yet; ignoring it");
     }
@@ -258,6 +254,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         join_token: a.join_token,
         failure_timeout: Duration::from_millis(a.failure_timeout_ms),
         default_login_domain: a.default_login_domain,
+        replicas: a.replicas as usize,
         limits,
     };
     quill_node::run(config, set_log_level, shutdown_signal()).await

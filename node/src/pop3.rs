@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use replication::EntryMeta;
+use replication::replica::Listed;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -108,6 +109,8 @@ const CAPA: &str = "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nTOP\r\n
 struct Mailbox {
     user: String,
     entries: Vec<EntryMeta>,
+    /// The same messages with the nodes that hold them.
+    listed: Vec<Listed>,
     deleted: Vec<bool>,
     _lock: MailboxLock,
 }
@@ -302,13 +305,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                     self.reply("-ERR [IN-USE] mailbox is locked by another session").await?;
                     return Ok(Flow::Close);
                 };
-                let entries: Vec<EntryMeta> = self
+                // The union of the user's fragments across the cluster.
+                let listed: Vec<Listed> = self
                     .services
-                    .store
-                    .list(&record.address)
+                    .replica
+                    .mailbox(&record.address)
+                    .await
                     .into_iter()
-                    .filter(|e| e.folder == "INBOX")
+                    .filter(|l| l.meta.folder == "INBOX")
                     .collect();
+                let entries: Vec<EntryMeta> = listed.iter().map(|l| l.meta.clone()).collect();
                 let octets: u64 = entries.iter().map(|e| e.size_bytes).sum();
                 let n = entries.len();
                 bump(&self.services.metrics.pop3_sessions);
@@ -317,6 +323,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                     user: record.address,
                     deleted: vec![false; n],
                     entries,
+                    listed,
                     _lock: lock,
                 });
                 self.reply(&format!("+OK maildrop has {n} messages ({octets} octets)"))
@@ -391,16 +398,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             }
             Command::Quit => {
                 let mb = self.mailbox.take().expect("in transaction");
-                let ids: Vec<_> = mb
-                    .entries
+                let victims: Vec<Listed> = mb
+                    .listed
                     .iter()
                     .zip(&mb.deleted)
                     .filter(|(_, d)| **d)
-                    .map(|(e, _)| e.id)
+                    .map(|(l, _)| l.clone())
                     .collect();
-                let n_deleted = ids.len();
+                let n_deleted = victims.len();
                 let left = mb.entries.len() - n_deleted;
-                match self.services.store.delete(&mb.user, ids).await {
+                // To every replica of each message; a replica that is down
+                // gets it from the update log when it returns.
+                match self.services.replica.delete(&mb.user, &victims).await {
                     Ok(_) => {
                         self.services
                             .metrics
@@ -427,7 +436,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             Err(e) => return self.reply(&e).await,
             Ok(e) => e.clone(),
         };
-        let body = match self.services.store.read_body(entry.body).await {
+        let listed = self.mailbox.as_ref().expect("in transaction").listed[n as usize - 1].clone();
+        // From a live replica, this node first.
+        let body = match self.services.replica.read(&listed).await {
             Ok(b) => b,
             Err(e) => {
                 warn!(id = %entry.id, error = %e, "cannot read message body");

@@ -12,6 +12,7 @@ use replication::FragmentStore;
 use tokio::sync::Semaphore;
 
 use crate::conn::PerAddress;
+use crate::replica::NodeReplicator;
 
 /// Every input bound of a node. Defaults follow the RFCs where they set a
 /// number and common practice (Postfix, Dovecot) where they don't.
@@ -105,6 +106,8 @@ pub struct Services {
     /// `auth_default_realm`), so `user0001` logs in as `user0001@DOMAIN`.
     pub default_login_domain: Option<String>,
     pub store: Arc<FragmentStore>,
+    /// Delivery to R nodes and mailboxes across the cluster.
+    pub replica: Arc<NodeReplicator>,
     pub directory: Arc<dyn Directory>,
     pub limits: Limits,
     pub metrics: Metrics,
@@ -142,6 +145,7 @@ impl Services {
     pub fn new(
         hostname: String,
         store: Arc<FragmentStore>,
+        replica: Arc<NodeReplicator>,
         directory: Arc<dyn Directory>,
         limits: Limits,
         auth_key: [u8; 32],
@@ -150,6 +154,7 @@ impl Services {
             hostname,
             default_login_domain: None,
             store,
+            replica,
             directory,
             connections: Arc::new(Semaphore::new(limits.connections_max)),
             limits,

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use membership::Recipient;
-use replication::Delivery;
 use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::watch;
@@ -272,8 +271,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         };
         match self.services.directory.resolve(address) {
             Recipient::Local(user) => {
+                // The mailbox size as the user's manager knows it (this
+                // node's share only if the manager does not answer).
                 if let Some(quota) = user.quota_bytes
-                    && self.services.store.usage_bytes(&user.address) >= quota
+                    && self.services.replica.usage_bytes(&user.address).await >= quota
                 {
                     bump(&self.services.metrics.limit_refusals);
                     return self.reply("552 5.2.2 Mailbox full").await;
@@ -331,33 +332,41 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         };
         let size = body.len();
         let from = self.tx.take().map(|t| t.mail_from).unwrap_or_default();
-        let delivery = Delivery {
-            id,
-            arrival_ms,
-            users: unique.clone(),
-            folder: "INBOX".to_owned(),
-            body,
-        };
-        let result = self.services.store.deliver(delivery).await;
-        let text = match &result {
-            Ok(_) => {
-                bump(&self.services.metrics.messages_accepted);
-                info!(peer = %self.peer, %id, from = %from, rcpts = unique.len(), size, "message stored");
-                format!("250 2.0.0 Ok: stored as {id}")
-            }
-            Err(e) => {
-                bump(&self.services.metrics.deliveries_failed);
-                warn!(peer = %self.peer, error = %e, "delivery failed");
-                "451 4.3.0 Local storage error, try again later".to_owned()
-            }
-        };
+        // To R nodes per recipient, one body per node; each has it on disk
+        // before the reply.
+        let outcome = self
+            .services
+            .replica
+            .deliver_as(id, &unique, "INBOX", arrival_ms, body)
+            .await;
+        let stored = |rcpt: &str| unique.iter().position(|u| u == rcpt).is_some_and(|i| outcome.stored[i]);
+        let all_stored = outcome.stored.iter().all(|s| *s);
+        if all_stored {
+            bump(&self.services.metrics.messages_accepted);
+            info!(peer = %self.peer, %id, from = %from, rcpts = unique.len(), size,
+                copies = ?outcome.copies, under_replicated = outcome.under_replicated, "message stored");
+        } else {
+            bump(&self.services.metrics.deliveries_failed);
+            warn!(peer = %self.peer, %id, stored = ?outcome.stored, "delivery failed for some recipients");
+        }
         match self.mode {
-            Mode::Smtp => self.reply(&text).await?,
+            Mode::Smtp => {
+                // One reply for the transaction: a partial failure must be
+                // retried for everyone (the stored copies of this attempt
+                // stay; a client retry may duplicate them, never lose them).
+                let text = if all_stored {
+                    format!("250 2.0.0 Ok: stored as {id}")
+                } else {
+                    "451 4.3.0 Mail store unavailable, try again later".to_owned()
+                };
+                self.reply(&text).await?
+            }
             Mode::Lmtp => {
                 for rcpt in &rcpts {
-                    let per = match &result {
-                        Ok(_) => format!("250 2.0.0 <{rcpt}> Ok: stored as {id}"),
-                        Err(_) => format!("451 4.3.0 <{rcpt}> Local storage error, try again later"),
+                    let per = if stored(rcpt) {
+                        format!("250 2.0.0 <{rcpt}> Ok: stored as {id}")
+                    } else {
+                        format!("451 4.3.0 <{rcpt}> Mail store unavailable, try again later")
                     };
                     self.w.write_all(per.as_bytes()).await?;
                     self.w.write_all(b"\r\n").await?;

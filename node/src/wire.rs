@@ -375,8 +375,17 @@ fn decode<T: DeserializeOwned>(frame: &[u8]) -> anyhow::Result<T> {
 
 /// Sends one request on a new stream and waits (bounded) for its reply.
 pub async fn call<Req: Serialize, Resp: DeserializeOwned>(conn: &Connection, req: &Req) -> anyhow::Result<Resp> {
+    call_within(conn, req, RPC_TIMEOUT).await
+}
+
+/// [`call`] with its own deadline (for requests that carry a message body).
+pub async fn call_within<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &Connection,
+    req: &Req,
+    deadline: Duration,
+) -> anyhow::Result<Resp> {
     let frame = encode(req)?;
-    tokio::time::timeout(RPC_TIMEOUT, async {
+    tokio::time::timeout(deadline, async {
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(&frame).await?;
         send.finish()?;
@@ -384,7 +393,7 @@ pub async fn call<Req: Serialize, Resp: DeserializeOwned>(conn: &Connection, req
         decode(&reply)
     })
     .await
-    .map_err(|_| anyhow!("no reply within {RPC_TIMEOUT:?}"))?
+    .map_err(|_| anyhow!("no reply within {deadline:?}"))?
 }
 
 /// Connects to a peer's cluster address.

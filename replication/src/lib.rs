@@ -27,10 +27,13 @@
 //! batch and joins the thread. Dropping the store does the same without
 //! waiting.
 
+pub mod hlc;
+pub mod mem_net;
 mod record;
+pub mod replica;
 mod store;
 
-pub use store::{CompactReport, Delivery, FragmentStore, StoreConfig, StoreError, StoreStats};
+pub use store::{CompactReport, Delivery, FragmentStore, StoreConfig, StoreError, StoreStats, UserUsage};
 
 use serde::{Deserialize, Serialize};
 
@@ -85,7 +88,7 @@ impl std::fmt::Debug for BodyHash {
 }
 
 /// One mailbox entry as the store reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryMeta {
     pub id: MessageId,
     pub body: BodyHash,
@@ -93,6 +96,41 @@ pub struct EntryMeta {
     pub arrival_ms: u64,
     pub folder: String,
     pub flags: u32,
+    /// The message's replica set: the nodes meant to hold it.
+    pub replicas: Vec<u64>,
+}
+
+/// A deletion: message `id` is gone from the mailbox as of `hlc` (a hybrid
+/// logical clock value, see [`hlc`]); `replicas` is the message's replica
+/// set when the deleting node knew it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub id: MessageId,
+    pub hlc: u64,
+    pub replicas: Vec<u64>,
+}
+
+/// One message of a mailbox as anti-entropy compares it: held, or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncItem {
+    Live(EntryMeta),
+    Dead(Tombstone),
+}
+
+impl SyncItem {
+    pub fn id(&self) -> MessageId {
+        match self {
+            SyncItem::Live(m) => m.id,
+            SyncItem::Dead(t) => t.id,
+        }
+    }
+
+    pub fn replicas(&self) -> &[u64] {
+        match self {
+            SyncItem::Live(m) => &m.replicas,
+            SyncItem::Dead(t) => &t.replicas,
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

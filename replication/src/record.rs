@@ -45,13 +45,19 @@ pub(crate) struct EntryRecord {
     pub arrival_ms: u64,
     pub folder: String,
     pub flags: u32,
+    /// The nodes that hold this message (its replica set, ids in the view).
+    pub replicas: Vec<u64>,
 }
 
-/// A tombstone: `user` no longer holds message `id`.
+/// A tombstone: `user` no longer holds message `id`, deleted at hybrid
+/// logical clock `hlc`; kept (and copied forward by the cleaner) so that a
+/// replica that missed the deletion cannot bring the message back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DeleteRecord {
     pub user: String,
     pub id: MessageId,
+    pub hlc: u64,
+    pub replicas: Vec<u64>,
 }
 
 /// What one record says, as read back.
@@ -213,6 +219,7 @@ mod tests {
             arrival_ms: 1,
             folder: "INBOX".into(),
             flags: 0,
+            replicas: vec![1, 2],
         }
     }
 
@@ -229,6 +236,8 @@ mod tests {
             &DeleteRecord {
                 user: "alice@example.org".into(),
                 id: MessageId([7; 16]),
+                hlc: 1 << 16,
+                replicas: vec![1, 2],
             },
         );
         let mut seen = Vec::new();

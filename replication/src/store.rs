@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::record::{self, Decoded, DeleteRecord, EntryRecord};
-use crate::{BodyHash, EntryMeta, MESSAGE_BYTES_MAX, MessageId};
+use crate::{BodyHash, EntryMeta, MESSAGE_BYTES_MAX, MessageId, SyncItem, Tombstone};
 
 /// Writes waiting for the writer thread. Bounded so that a slow disk pushes
 /// back on the protocol sessions instead of growing memory; 1024 deliveries of
@@ -79,12 +79,24 @@ pub struct Delivery {
     pub users: Vec<String>,
     pub folder: String,
     pub body: Vec<u8>,
+    /// The message's replica set, recorded with every entry.
+    pub replicas: Vec<u64>,
+}
+
+/// One user's share of this store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserUsage {
+    pub user: String,
+    pub entries: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
     /// Mailbox entries `(user, message)` held.
     pub entries: u64,
+    /// Deletions remembered (see [`FragmentStore::apply_tombstones`]).
+    pub tombstones: u64,
     /// Distinct message bodies held.
     pub bodies: u64,
     /// Bytes of the message bodies held, each counted once.
@@ -129,9 +141,17 @@ struct Entry {
     loc: Loc,
 }
 
+#[derive(Debug)]
+struct Tomb {
+    hlc: u64,
+    replicas: Vec<u64>,
+    loc: Loc,
+}
+
 #[derive(Debug, Default)]
 struct Mailbox {
     entries: BTreeMap<MessageId, Entry>,
+    tombstones: BTreeMap<MessageId, Tomb>,
     usage_bytes: u64,
 }
 
@@ -148,6 +168,7 @@ struct Index {
     bodies: HashMap<BodyHash, BodyLoc>,
     segments: BTreeMap<u32, Segment>,
     entries: u64,
+    tombstones: u64,
     body_bytes: u64,
 }
 
@@ -158,6 +179,35 @@ impl Index {
 
     fn entry(&self, user: &str, id: &MessageId) -> Option<&Entry> {
         self.mailboxes.get(user)?.entries.get(id)
+    }
+
+    fn tomb(&self, user: &str, id: &MessageId) -> Option<&Tomb> {
+        self.mailboxes.get(user)?.tombstones.get(id)
+    }
+
+    /// Adds a tombstone, or moves an existing one to a new location.
+    fn put_tomb(&mut self, user: &str, id: MessageId, tomb: Tomb) {
+        let (seg, len) = (tomb.loc.seg, tomb.loc.record_len);
+        let mailbox = self.mailboxes.entry(user.to_owned()).or_default();
+        match mailbox.tombstones.insert(id, tomb) {
+            Some(old) => self.sub_live(old.loc.seg, old.loc.record_len),
+            None => self.tombstones += 1,
+        }
+        self.add_live(seg, len);
+    }
+
+    fn remove_tomb(&mut self, user: &str, id: &MessageId) {
+        let Some(mailbox) = self.mailboxes.get_mut(user) else {
+            return;
+        };
+        let Some(old) = mailbox.tombstones.remove(id) else {
+            return;
+        };
+        if mailbox.entries.is_empty() && mailbox.tombstones.is_empty() {
+            self.mailboxes.remove(user);
+        }
+        self.tombstones -= 1;
+        self.sub_live(old.loc.seg, old.loc.record_len);
     }
 
     fn add_live(&mut self, seg: u32, bytes: u64) {
@@ -232,7 +282,7 @@ impl Index {
             return false;
         };
         mailbox.usage_bytes -= old.meta.size_bytes;
-        if mailbox.entries.is_empty() {
+        if mailbox.entries.is_empty() && mailbox.tombstones.is_empty() {
             self.mailboxes.remove(user);
         }
         self.entries -= 1;
@@ -270,7 +320,7 @@ enum Op {
     },
     Delete {
         user: String,
-        ids: Vec<MessageId>,
+        tombs: Vec<Tombstone>,
         reply: Reply<usize>,
     },
     Relocate {
@@ -300,6 +350,7 @@ enum Relocation {
         bytes: Vec<u8>,
     },
     Entry(EntryRecord),
+    Tomb(DeleteRecord),
     /// A body that failed its checksum while being copied: the messages
     /// that use it are unreadable here, and are deleted (logged) so that
     /// the segment can still be cleaned.
@@ -312,7 +363,7 @@ impl Relocation {
     fn bytes(&self) -> usize {
         match self {
             Relocation::Body { bytes, .. } => bytes.len(),
-            Relocation::Entry(_) | Relocation::Lost { .. } => 128,
+            Relocation::Entry(_) | Relocation::Tomb(_) | Relocation::Lost { .. } => 128,
         }
     }
 }
@@ -373,6 +424,7 @@ impl FragmentStore {
         // Latest record of each kind wins; tombstones remove earlier entries.
         let mut bodies: HashMap<BodyHash, BodyLoc> = HashMap::new();
         let mut entries: HashMap<(String, MessageId), (EntryRecord, Loc)> = HashMap::new();
+        let mut tombs: HashMap<(String, MessageId), (DeleteRecord, Loc)> = HashMap::new();
         let last = seg_ids.last().copied();
         for &seg in &seg_ids {
             let path = seg_path(&config.dir, seg);
@@ -401,10 +453,16 @@ impl FragmentStore {
                             bodies.insert(hash, loc);
                         }
                         Decoded::Entry(e) => {
-                            entries.insert((e.user.clone(), e.id), (e, Loc { seg, record_len }));
+                            // An entry after a tombstone of the same id can
+                            // only follow that tombstone's expiry: it wins.
+                            let key = (e.user.clone(), e.id);
+                            tombs.remove(&key);
+                            entries.insert(key, (e, Loc { seg, record_len }));
                         }
                         Decoded::Delete(d) => {
-                            entries.remove(&(d.user, d.id));
+                            let key = (d.user.clone(), d.id);
+                            entries.remove(&key);
+                            tombs.insert(key, (d, Loc { seg, record_len }));
                         }
                         Decoded::Commit => unreachable!("commits are not pending"),
                     }
@@ -462,6 +520,17 @@ impl FragmentStore {
             let user = e.user.clone();
             index.put_entry(&user, meta_of(e), loc);
         }
+        for ((user, id), (d, loc)) in tombs {
+            index.put_tomb(
+                &user,
+                id,
+                Tomb {
+                    hlc: d.hlc,
+                    replicas: d.replicas,
+                    loc,
+                },
+            );
+        }
         // Bodies nobody references are dead space for the cleaner.
         index.bodies.retain(|_, b| b.refs > 0);
 
@@ -475,6 +544,7 @@ impl FragmentStore {
             dir = %config.dir.display(),
             segments = index.segments.len(),
             entries = index.entries,
+            tombstones = index.tombstones,
             bodies = index.bodies.len(),
             "fragment store opened"
         );
@@ -548,11 +618,29 @@ impl FragmentStore {
     /// Deletes messages of one user (tombstones, fsynced). Returns how many
     /// were there to delete; ids not present are ignored (idempotent).
     pub async fn delete(&self, user: &str, ids: Vec<MessageId>) -> Result<usize, StoreError> {
-        if ids.is_empty() {
+        let hlc = crate::hlc::wall_hlc();
+        let tombs = ids
+            .into_iter()
+            .map(|id| Tombstone {
+                id,
+                hlc,
+                replicas: Vec::new(),
+            })
+            .collect();
+        self.apply_tombstones(user, tombs).await
+    }
+
+    /// Records deletions (tombstones, fsynced), whether or not the messages
+    /// are here: a tombstone keeps a late copy from coming back. A
+    /// tombstone's replica set is the entry's when the entry is here, else
+    /// the one given. Returns how many entries were removed; ids already
+    /// tombstoned are ignored (idempotent).
+    pub async fn apply_tombstones(&self, user: &str, tombs: Vec<Tombstone>) -> Result<usize, StoreError> {
+        if tombs.is_empty() {
             return Ok(0);
         }
         let user = user.to_owned();
-        self.submit(|reply| Op::Delete { user, ids, reply }).await
+        self.submit(|reply| Op::Delete { user, tombs, reply }).await
     }
 
     /// The user's mailbox entries, oldest first.
@@ -563,6 +651,118 @@ impl FragmentStore {
             .get(user)
             .map(|m| m.entries.values().map(|e| e.meta.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// Every message of the user held here or deleted here (tombstones),
+    /// restricted to those whose replica set includes `peer` when given.
+    pub fn sync_items(&self, user: &str, peer: Option<u64>) -> Vec<SyncItem> {
+        let index = self.shared.index();
+        let Some(m) = index.mailboxes.get(user) else {
+            return Vec::new();
+        };
+        let wanted = |replicas: &[u64]| peer.is_none_or(|p| replicas.contains(&p));
+        let mut out: Vec<SyncItem> = m
+            .entries
+            .values()
+            .filter(|e| wanted(&e.meta.replicas))
+            .map(|e| SyncItem::Live(e.meta.clone()))
+            .chain(m.tombstones.iter().filter(|(_, t)| wanted(&t.replicas)).map(|(id, t)| {
+                SyncItem::Dead(Tombstone {
+                    id: *id,
+                    hlc: t.hlc,
+                    replicas: t.replicas.clone(),
+                })
+            }))
+            .collect();
+        out.sort_by_key(|i| i.id());
+        out
+    }
+
+    /// For every user with messages (or tombstones) whose replica set
+    /// includes `peer`: a digest of those messages' ids and whether each is
+    /// held or deleted. Two replicas that agree compute the same digest.
+    pub fn peer_digests(&self, peer: u64) -> Vec<(String, [u8; 32])> {
+        let index = self.shared.index();
+        let mut out = Vec::new();
+        for (user, m) in &index.mailboxes {
+            if let Some(d) = mailbox_digest(m, peer) {
+                out.push((user.clone(), d));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The digest [`FragmentStore::peer_digests`] computes for one user
+    /// (all zeros when nothing of the user concerns `peer`).
+    pub fn digest(&self, user: &str, peer: u64) -> [u8; 32] {
+        let index = self.shared.index();
+        index
+            .mailboxes
+            .get(user)
+            .and_then(|m| mailbox_digest(m, peer))
+            .unwrap_or([0; 32])
+    }
+
+    /// Entries and bytes per user held here (users with entries only).
+    pub fn usage(&self) -> Vec<UserUsage> {
+        let index = self.shared.index();
+        let mut out: Vec<UserUsage> = index
+            .mailboxes
+            .iter()
+            .filter(|(_, m)| !m.entries.is_empty())
+            .map(|(user, m)| UserUsage {
+                user: user.clone(),
+                entries: m.entries.len() as u64,
+                bytes: m.usage_bytes,
+            })
+            .collect();
+        out.sort_by(|a, b| a.user.cmp(&b.user));
+        out
+    }
+
+    /// Whether a body is held here (so a copy need not travel).
+    pub fn has_body(&self, hash: &BodyHash) -> bool {
+        self.shared.index().bodies.contains_key(hash)
+    }
+
+    /// Entries held here whose replica set has fewer than `n_replicas`
+    /// nodes that `up` accepts, counted only where this node (`me`) is the
+    /// lowest up holder, so that summing over nodes counts each message
+    /// once.
+    pub fn under_replicated(&self, me: u64, n_replicas: usize, up: impl Fn(u64) -> bool) -> u64 {
+        let index = self.shared.index();
+        let mut n = 0;
+        for m in index.mailboxes.values() {
+            for e in m.entries.values() {
+                let mut live = e.meta.replicas.iter().filter(|r| up(**r));
+                let count = live.clone().count();
+                if count < n_replicas && live.all(|r| *r >= me) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Forgets tombstones older than `hlc_before`: after that a copy that
+    /// shows up again is taken as new mail. Returns how many went.
+    pub fn expire_tombstones(&self, hlc_before: u64) -> usize {
+        let mut index = self.shared.index();
+        let old: Vec<(String, MessageId)> = index
+            .mailboxes
+            .iter()
+            .flat_map(|(user, m)| {
+                m.tombstones
+                    .iter()
+                    .filter(|(_, t)| t.hlc < hlc_before)
+                    .map(|(id, _)| (user.clone(), *id))
+            })
+            .collect();
+        for (user, id) in &old {
+            index.remove_tomb(user, id);
+        }
+        old.len()
     }
 
     /// Bytes of the user's messages (for quotas).
@@ -587,6 +787,7 @@ impl FragmentStore {
         let index = self.shared.index();
         StoreStats {
             entries: index.entries,
+            tombstones: index.tombstones,
             bodies: index.bodies.len() as u64,
             body_bytes: index.body_bytes,
             segments: index.segments.len() as u64,
@@ -631,10 +832,25 @@ impl FragmentStore {
                         .map(|e| record_of(user, &e.meta))
                 })
                 .collect();
-            (seg, oldest.file.clone(), (plan, entries))
+            let tombs: Vec<DeleteRecord> = index
+                .mailboxes
+                .iter()
+                .flat_map(|(user, m)| {
+                    m.tombstones
+                        .iter()
+                        .filter(|(_, t)| t.loc.seg == seg)
+                        .map(|(id, t)| DeleteRecord {
+                            user: user.clone(),
+                            id: *id,
+                            hlc: t.hlc,
+                            replicas: t.replicas.clone(),
+                        })
+                })
+                .collect();
+            (seg, oldest.file.clone(), (plan, entries, tombs))
         };
         let freed_bytes = self.shared.index().segments.get(&seg).map_or(0, |s| s.len);
-        let (bodies, entries) = plan;
+        let (bodies, entries, tombs) = plan;
         let items = tokio::task::spawn_blocking(move || -> Result<Vec<Relocation>, StoreError> {
             let mut items = Vec::with_capacity(bodies.len() + entries.len());
             for (offset, len, hash) in bodies {
@@ -646,6 +862,7 @@ impl FragmentStore {
                 }
             }
             items.extend(entries.into_iter().map(Relocation::Entry));
+            items.extend(tombs.into_iter().map(Relocation::Tomb));
             Ok(items)
         })
         .await
@@ -697,6 +914,7 @@ fn meta_of(e: EntryRecord) -> EntryMeta {
         arrival_ms: e.arrival_ms,
         folder: e.folder,
         flags: e.flags,
+        replicas: e.replicas,
     }
 }
 
@@ -709,6 +927,7 @@ fn record_of(user: &str, m: &EntryMeta) -> EntryRecord {
         arrival_ms: m.arrival_ms,
         folder: m.folder.clone(),
         flags: m.flags,
+        replicas: m.replicas.clone(),
     }
 }
 
@@ -735,9 +954,24 @@ fn new_segment(dir: &Path, index: &mut Index, seg: u32) -> Result<u32, StoreErro
 
 /// What a batch does to the index once its records are durable.
 enum Effect {
-    Body { hash: BodyHash, loc: BodyLoc },
-    Entry { rec: EntryRecord, loc: Loc },
-    Delete { user: String, id: MessageId },
+    Body {
+        hash: BodyHash,
+        loc: BodyLoc,
+    },
+    Entry {
+        rec: EntryRecord,
+        loc: Loc,
+    },
+    /// A tombstone written (or moved): removes the entry if there is one.
+    Tomb {
+        rec: DeleteRecord,
+        loc: Loc,
+    },
+    /// An entry whose body is lost: removed without a tombstone.
+    Forget {
+        user: String,
+        id: MessageId,
+    },
 }
 
 enum Done {
@@ -817,9 +1051,13 @@ impl Writer {
                             });
                         }
                         for user in delivery.users {
-                            // Delivering the same id again is a no-op (idempotent).
+                            // Delivering the same id again is a no-op
+                            // (idempotent); a deleted id stays deleted.
+                            let key = (user.clone(), delivery.id);
                             if index.entry(&user, &delivery.id).is_some()
-                                || !new_entries.insert((user.clone(), delivery.id))
+                                || index.tomb(&user, &delivery.id).is_some()
+                                || deleted.contains(&key)
+                                || !new_entries.insert(key)
                             {
                                 continue;
                             }
@@ -831,6 +1069,7 @@ impl Writer {
                                 arrival_ms: delivery.arrival_ms,
                                 folder: delivery.folder.clone(),
                                 flags: 0,
+                                replicas: delivery.replicas.clone(),
                             };
                             let start = buf.len();
                             record::encode_entry(&mut buf, &rec);
@@ -842,15 +1081,34 @@ impl Writer {
                         }
                         dones.push(Done::Deliver(reply));
                     }
-                    Op::Delete { user, ids, reply } => {
+                    Op::Delete { user, tombs, reply } => {
                         let mut n = 0;
-                        for id in ids {
-                            if index.entry(&user, &id).is_some() && deleted.insert((user.clone(), id)) {
-                                let d = DeleteRecord { user: user.clone(), id };
-                                record::encode_delete(&mut buf, &d);
-                                effects.push(Effect::Delete { user: user.clone(), id });
+                        for t in tombs {
+                            let key = (user.clone(), t.id);
+                            if index.tomb(&user, &t.id).is_some() || !deleted.insert(key.clone()) {
+                                continue;
+                            }
+                            let entry = index.entry(&user, &t.id);
+                            let replicas = match entry {
+                                Some(e) => e.meta.replicas.clone(),
+                                None => t.replicas,
+                            };
+                            if entry.is_some() || new_entries.contains(&key) {
                                 n += 1;
                             }
+                            let rec = DeleteRecord {
+                                user: user.clone(),
+                                id: t.id,
+                                hlc: t.hlc,
+                                replicas,
+                            };
+                            let start = buf.len();
+                            record::encode_delete(&mut buf, &rec);
+                            let record_len = (buf.len() - start) as u64;
+                            effects.push(Effect::Tomb {
+                                rec,
+                                loc: Loc { seg, record_len },
+                            });
                         }
                         dones.push(Done::Delete(reply, n));
                     }
@@ -894,10 +1152,29 @@ impl Writer {
                                         .collect();
                                     for (user, id) in victims {
                                         if deleted.insert((user.clone(), id)) {
-                                            error!(%user, %id, "message body corrupt on disk; message removed");
-                                            record::encode_delete(&mut buf, &DeleteRecord { user: user.clone(), id });
-                                            effects.push(Effect::Delete { user, id });
+                                            // Not a deletion, so no tombstone (it would
+                                            // spread to the other replicas): the entry
+                                            // is forgotten here, and stays forgotten
+                                            // after a restart because its body record
+                                            // goes with this segment. Anti-entropy
+                                            // brings a good copy back from a replica.
+                                            error!(%user, %id, "message body corrupt on disk; copy removed here");
+                                            effects.push(Effect::Forget { user, id });
                                         }
+                                    }
+                                }
+                                Relocation::Tomb(rec) => {
+                                    let still = index.tomb(&rec.user, &rec.id).is_some_and(|t| t.loc.seg == from)
+                                        && !deleted.contains(&(rec.user.clone(), rec.id));
+                                    if still {
+                                        let start = buf.len();
+                                        record::encode_delete(&mut buf, &rec);
+                                        let record_len = (buf.len() - start) as u64;
+                                        effects.push(Effect::Tomb {
+                                            rec,
+                                            loc: Loc { seg, record_len },
+                                        });
+                                        n += 1;
                                     }
                                 }
                                 Relocation::Entry(rec) => {
@@ -952,6 +1229,7 @@ impl Writer {
             // may be referenced again by a delivery in the same batch, which
             // wrote no new copy of it because it was live when planned.
             let mut deletes = Vec::new();
+            let mut forgets = Vec::new();
             for effect in effects {
                 match effect {
                     Effect::Body { hash, loc } => index.put_body(hash, loc),
@@ -959,12 +1237,21 @@ impl Writer {
                         let user = rec.user.clone();
                         index.put_entry(&user, meta_of(rec), loc);
                     }
-                    Effect::Delete { user, id } => deletes.push((user, id)),
+                    Effect::Tomb { rec, loc } => deletes.push((rec, loc)),
+                    Effect::Forget { user, id } => forgets.push((user, id)),
                 }
             }
-            for (user, id) in deletes {
-                let removed = index.remove_entry(&user, &id);
-                assert!(removed, "planned delete of a missing entry");
+            for (user, id) in forgets {
+                index.remove_entry(&user, &id);
+            }
+            for (rec, loc) in deletes {
+                index.remove_entry(&rec.user, &rec.id);
+                let tomb = Tomb {
+                    hlc: rec.hlc,
+                    replicas: rec.replicas,
+                    loc,
+                };
+                index.put_tomb(&rec.user, rec.id, tomb);
             }
             // A body written by this batch that no entry references (only
             // possible for relocation races) is dead: forget it.
@@ -1034,4 +1321,29 @@ fn fail_drops(drops: Vec<(u32, Reply<bool>)>, msg: &str) {
     for (_, r) in drops {
         let _ = r.send(Err(msg.to_owned()));
     }
+}
+
+fn mailbox_digest(m: &Mailbox, peer: u64) -> Option<[u8; 32]> {
+    // Both maps are sorted by id; merge them so the digest follows id order.
+    let live = m
+        .entries
+        .iter()
+        .filter(|(_, e)| e.meta.replicas.contains(&peer))
+        .map(|(id, _)| (*id, 0u8));
+    let dead = m
+        .tombstones
+        .iter()
+        .filter(|(_, t)| t.replicas.contains(&peer))
+        .map(|(id, _)| (*id, 1u8));
+    let mut all: Vec<(MessageId, u8)> = live.chain(dead).collect();
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_unstable();
+    let mut h = blake3::Hasher::new();
+    for (id, state) in all {
+        h.update(&id.0);
+        h.update(&[state]);
+    }
+    Some(*h.finalize().as_bytes())
 }

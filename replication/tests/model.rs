@@ -117,6 +117,7 @@ impl Harness {
             users: users.iter().map(|u| u.to_string()).collect(),
             folder: "INBOX".into(),
             body: body.clone(),
+            replicas: vec![],
         };
         let got = self.store().deliver(delivery).await;
         prop_assert!(
@@ -188,6 +189,7 @@ impl Harness {
                     users: users.iter().map(|u| u.to_string()).collect(),
                     folder: "INBOX".into(),
                     body,
+                    replicas: vec![],
                 };
                 let store2 = store.clone();
                 tasks.spawn(async move { (None, Some(new_id), store2.deliver(delivery).await.map(|_| 0)) });

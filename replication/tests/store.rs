@@ -322,6 +322,7 @@ async fn concurrent_deliveries_share_fsyncs() {
                         users: vec![user.to_string()],
                         folder: "INBOX".into(),
                         body: body.clone(),
+                        replicas: vec![],
                     })
                     .await;
                 (
@@ -640,6 +641,7 @@ async fn redelivery_of_the_same_message_is_idempotent() {
         users: vec!["alice".into(), "bob".into()],
         folder: "INBOX".into(),
         body: bytes(5, 700),
+        replicas: vec![],
     };
     store.deliver(d.clone()).await.expect("first delivery");
     store.deliver(d.clone()).await.expect("retried delivery");
@@ -686,6 +688,7 @@ async fn a_closed_store_refuses_writes() {
             users: vec!["alice".into()],
             folder: "INBOX".into(),
             body: vec![1, 2, 3],
+            replicas: vec![],
         })
         .await;
     assert!(
@@ -939,6 +942,7 @@ async fn delete_of_last_reference_and_redelivery_in_one_batch() {
                 users: vec!["carol".into()],
                 folder: "INBOX".into(),
                 body: bytes(10_000 + round, 4 << 20),
+                replicas: vec![],
             }),
             store.delete("alice", vec![first.id]),
             store.deliver(Delivery {
@@ -947,6 +951,7 @@ async fn delete_of_last_reference_and_redelivery_in_one_batch() {
                 users: vec!["bob".into()],
                 folder: "INBOX".into(),
                 body: body.clone(),
+                replicas: vec![],
             }),
         );
         assert!(

@@ -81,6 +81,7 @@ pub async fn deliver(store: &FragmentStore, users: &[&str], arrival_ms: u64, bod
             users: users.iter().map(|u| u.to_string()).collect(),
             folder: "INBOX".into(),
             body,
+            replicas: vec![],
         })
         .await
         .expect("deliver should succeed");

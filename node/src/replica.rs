@@ -1,0 +1,132 @@
+//! The node's side of replication: the replica protocol over the cluster's
+//! QUIC transport, and the background duties that keep copies converging
+//! (view changes → reports and anti-entropy; the update log; tombstone
+//! expiry).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use membership::Membership;
+use replication::replica::{Answer, BoxFuture, Call, Network, NodeId, Replicator};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::cluster::{ClusterReply, ClusterRequest, QuicTransport};
+
+/// Placement's slot table size on a node: 2^18 slots (512 KiB), so a view
+/// builds in milliseconds; balance stays within a few percent up to
+/// hundreds of nodes.
+pub const SLOT_BITS: u32 = 18;
+/// How often logged updates are offered to replicas that are back.
+const UPDATE_REPLAY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often replicas compare digests without a view change.
+const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
+/// How often every node re-reports to the managers (mail maps drift as
+/// mail is deleted) and expires old tombstones.
+const REPORT_INTERVAL: Duration = Duration::from_secs(60);
+/// Wire deadline of one replica call; the replicator's own (shorter,
+/// size-dependent) deadline governs.
+const WIRE_DEADLINE: Duration = Duration::from_secs(120);
+
+pub type NodeReplicator = Replicator<QuicNet>;
+
+/// The replica protocol over QUIC: node ids are mapped to cluster
+/// addresses through the current view.
+pub struct QuicNet {
+    pub transport: Arc<QuicTransport>,
+    pub membership: Membership,
+}
+
+impl Network for QuicNet {
+    fn call(&self, to: NodeId, call: Call) -> BoxFuture<'_, Result<Answer, String>> {
+        Box::pin(async move {
+            let addr = self
+                .membership
+                .view()
+                .node(to)
+                .map(|n| n.addrs.cluster.clone())
+                .ok_or_else(|| format!("node {to} is not in the view"))?;
+            let req = ClusterRequest::Replica(Box::new(call));
+            match self.transport.request_within(&addr, &req, WIRE_DEADLINE).await {
+                Ok(ClusterReply::Replica(answer)) => Ok(*answer),
+                Ok(ClusterReply::Refused(why)) => Err(format!("refused: {why}")),
+                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                Err(e) => Err(format!("{e:#}")),
+            }
+        })
+    }
+}
+
+/// Builds placement's view from the membership view (off the executor).
+pub async fn placement_view(membership: &Membership) -> Option<Arc<placement::View>> {
+    let view = membership.view();
+    match tokio::task::spawn_blocking(move || view.placement_view(SLOT_BITS)).await {
+        Ok(Ok(v)) => Some(Arc::new(v)),
+        Ok(Err(e)) => {
+            warn!(error = ?e, "cannot build the placement view");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "placement view task failed");
+            None
+        }
+    }
+}
+
+/// Follows view changes (reports to the new managers, then anti-entropy)
+/// and runs the periodic duties until `stop`.
+pub async fn duties(replica: Arc<NodeReplicator>, membership: Membership, mut stop: watch::Receiver<bool>) {
+    let mut views = membership.subscribe();
+    let mut epoch = None;
+    let mut replay = tokio::time::interval(UPDATE_REPLAY_INTERVAL);
+    let mut anti_entropy = tokio::time::interval(ANTI_ENTROPY_INTERVAL);
+    let mut report = tokio::time::interval(REPORT_INTERVAL);
+    for t in [&mut replay, &mut anti_entropy, &mut report] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t.reset();
+    }
+    let mut first = true;
+    loop {
+        let current = membership.view().epoch;
+        if epoch != Some(current) {
+            epoch = Some(current);
+            if let Some(v) = placement_view(&membership).await {
+                replica.set_view(v);
+                let sent = replica.report_round().await;
+                if first {
+                    // This node's maps are empty: ask the others for theirs.
+                    replica.ask_reports().await;
+                    first = false;
+                }
+                debug!(epoch = current, users_reported = sent, "view applied");
+                let r = replica.anti_entropy_round().await;
+                if r.users_differing > 0 {
+                    info!(epoch = current, report = ?r, "anti-entropy after a view change");
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            r = views.changed() => if r.is_err() { return },
+            _ = replay.tick() => {
+                if replica.pending_updates() > 0 {
+                    let n = replica.replay_updates().await;
+                    if n > 0 {
+                        info!(updates = n, "logged updates delivered to returning replicas");
+                    }
+                }
+            }
+            _ = anti_entropy.tick() => {
+                replica.anti_entropy_round().await;
+            }
+            _ = report.tick() => {
+                replica.report_round().await;
+                let n = replica.expire_tombstones();
+                if n > 0 {
+                    info!(tombstones = n, "expired tombstones forgotten");
+                }
+            }
+        }
+    }
+}

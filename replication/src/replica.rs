@@ -1,0 +1,1140 @@
+//! The replica protocol: how the nodes of a cluster keep every message on
+//! R of them, find a user's mail wherever it is, and converge after faults.
+//!
+//! One [`Replicator`] per node, over a [`Network`] (QUIC in the binary, an
+//! in-memory router in tests). It plays three roles:
+//! * **user manager** for the users placement gives it: it keeps each
+//!   user's *mail map* (the nodes holding fragments, with their entry and
+//!   byte counts) as soft state, never on disk, and answers where new mail
+//!   for the user goes ([`Request::Place`]) and where the user's mail is
+//!   ([`Request::MailMap`]). It learns from the placements it makes and from
+//!   the reports every node sends after a view change ([`Request::Report`]).
+//!   Until the reports are in it answers with what it knows.
+//! * **replica**: it stores copies, lists fragments, serves bodies and
+//!   applies deletions (tombstones) for the other nodes.
+//! * **front end** of a delivery or a mailbox session: it asks managers,
+//!   sends the body to the R targets in parallel and succeeds once every
+//!   target that answers has it on disk ([`Replicator::deliver`]); it lists
+//!   the union of a user's fragments ([`Replicator::mailbox`]), reads bodies
+//!   from any live replica ([`Replicator::read`]) and sends deletions to
+//!   every replica ([`Replicator::delete`]), keeping those a replica did not
+//!   acknowledge in a durable update log until it does.
+//!
+//! Anti-entropy ([`Replicator::anti_entropy_round`]) compares, per user and
+//! per pair of replicas, a digest of the message ids each holds and whether
+//! each is held or deleted; where digests differ the two exchange their
+//! lists and repair: a missing copy is fetched (its body only when it is not
+//! already held), a deletion wins over a copy (tombstones). Deletions are
+//! terminal, so "last writer wins by HLC" reduces to "deleted wins" until
+//! metadata that can change back and forth (IMAP flags) exists.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use placement::{LoadVector, NodeState, UserKey, View};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::hlc::HlcClock;
+use crate::{BodyHash, Delivery, EntryMeta, FragmentStore, MessageId, SyncItem, Tombstone};
+
+pub type NodeId = u64;
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Users per report message.
+pub const REPORT_USERS_MAX: usize = 2_000;
+/// Digests per anti-entropy message.
+pub const DIGESTS_MAX: usize = 2_000;
+/// Updates kept in the durable log; past this, anti-entropy alone repairs.
+pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
+
+/// What a node asks of another.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// To the users' manager: where should a new message of `size` bytes
+    /// for each of `users` go (`n_replicas` nodes each)?
+    Place {
+        users: Vec<String>,
+        size: u64,
+        n_replicas: u32,
+    },
+    /// To the user's manager: which nodes hold the user's fragments?
+    MailMap { user: String },
+    /// To a manager: the sender holds these `(user, entries, bytes)`.
+    Report { users: Vec<(String, u64, u64)> },
+    /// "Report to me the users I manage" (sent by a node that starts).
+    ReportTo,
+    /// Store one message: one body, entries for the users of each group
+    /// (a group shares one replica set).
+    Store {
+        id: MessageId,
+        arrival_ms: u64,
+        folder: String,
+        groups: Vec<(Vec<NodeId>, Vec<String>)>,
+        body: Vec<u8>,
+    },
+    /// The user's entries held by the receiver.
+    List { user: String },
+    /// A body, by hash.
+    Read { body: BodyHash },
+    /// Deletions of the user's messages.
+    Delete { user: String, tombs: Vec<Tombstone> },
+    /// Anti-entropy: the sender's digests for users it shares with the
+    /// receiver; the answer names those that differ.
+    Digests { digests: Vec<(String, [u8; 32])> },
+    /// Anti-entropy: the sender's items of `user` shared with the receiver;
+    /// the receiver repairs itself and answers what the sender lacks.
+    Sync { user: String, items: Vec<SyncItem> },
+}
+
+impl Request {
+    fn kind(&self) -> &'static str {
+        match self {
+            Request::Place { .. } => "place",
+            Request::MailMap { .. } => "mail-map",
+            Request::Report { .. } => "report",
+            Request::ReportTo => "report-to",
+            Request::Store { .. } => "store",
+            Request::List { .. } => "list",
+            Request::Read { .. } => "read",
+            Request::Delete { .. } => "delete",
+            Request::Digests { .. } => "digests",
+            Request::Sync { .. } => "sync",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    Placed {
+        targets: Vec<Vec<NodeId>>,
+    },
+    MailMap {
+        nodes: Vec<NodeId>,
+        bytes: u64,
+        known: bool,
+    },
+    Done,
+    Stored,
+    Listed {
+        entries: Vec<EntryMeta>,
+    },
+    Body {
+        bytes: Vec<u8>,
+    },
+    Deleted {
+        removed: usize,
+    },
+    Differ {
+        users: Vec<String>,
+    },
+    Synced {
+        items: Vec<SyncItem>,
+    },
+}
+
+/// Every message carries the sender's id, its hybrid logical clock and its
+/// load (piggybacked: managers place mail by these figures).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub from: NodeId,
+    pub hlc: u64,
+    pub load: u64,
+    pub body: T,
+}
+
+pub type Call = Envelope<Request>;
+pub type Answer = Envelope<Result<Reply, String>>;
+
+/// How a replicator reaches the others. The implementation bounds message
+/// sizes; the replicator puts a deadline on every call.
+pub trait Network: Send + Sync + 'static {
+    fn call(&self, to: NodeId, call: Call) -> BoxFuture<'_, Result<Answer, String>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Copies of each message (R).
+    pub replicas: usize,
+    /// Nodes a user's fragments prefer (Porcupine's spread).
+    pub spread: usize,
+    /// Deadline of one call to another node.
+    pub call_timeout: Duration,
+    /// Where unacknowledged updates are kept.
+    pub update_dir: PathBuf,
+    /// How long a deletion is remembered.
+    pub tombstone_retention: Duration,
+}
+
+impl ReplicaConfig {
+    pub fn new(update_dir: impl Into<PathBuf>) -> Self {
+        ReplicaConfig {
+            replicas: 2,
+            spread: 4,
+            call_timeout: Duration::from_secs(2),
+            update_dir: update_dir.into(),
+            tombstone_retention: Duration::from_secs(14 * 24 * 3600),
+        }
+    }
+}
+
+/// The result of one delivery.
+#[derive(Debug, Clone)]
+pub struct DeliverOutcome {
+    pub id: MessageId,
+    /// Per user (in the order given): stored on at least one node.
+    pub stored: Vec<bool>,
+    /// Per user: the nodes that acknowledged the copy.
+    pub copies: Vec<Vec<NodeId>>,
+    /// Some stored user got fewer than R copies.
+    pub under_replicated: bool,
+}
+
+/// One message of a mailbox as retrieval sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub meta: EntryMeta,
+    /// The nodes that listed it.
+    pub holders: Vec<NodeId>,
+}
+
+/// What one anti-entropy round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    pub peers: usize,
+    pub peers_failed: usize,
+    pub users_differing: usize,
+    pub copies_pulled: usize,
+    pub tombstones_applied: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct ReplicaCounters {
+    pub deliveries: AtomicU64,
+    pub deliveries_under_replicated: AtomicU64,
+    pub copies_failed: AtomicU64,
+    pub updates_logged: AtomicU64,
+    pub updates_replayed: AtomicU64,
+    pub repairs_pulled: AtomicU64,
+    pub repairs_tombstones: AtomicU64,
+    pub manager_fallbacks: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct MailMap {
+    /// node → (entries, bytes)
+    nodes: BTreeMap<NodeId, (u64, u64)>,
+}
+
+/// A deletion some replica has not acknowledged yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PendingUpdate {
+    node: NodeId,
+    user: String,
+    tombs: Vec<Tombstone>,
+}
+
+pub struct Replicator<N: Network> {
+    me: NodeId,
+    store: Arc<FragmentStore>,
+    net: N,
+    cfg: ReplicaConfig,
+    view: RwLock<Arc<View>>,
+    maps: Mutex<HashMap<String, MailMap>>,
+    loads: Mutex<HashMap<NodeId, u64>>,
+    inflight: AtomicU64,
+    clock: HlcClock,
+    update_seq: AtomicU64,
+    pub counters: ReplicaCounters,
+}
+
+impl<N: Network> std::fmt::Debug for Replicator<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator").field("me", &self.me).finish()
+    }
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 16 << 20 }>()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<N: Network> Replicator<N> {
+    /// A replicator for node `me` over `store`. The view starts empty (every
+    /// delivery stays local) until [`Replicator::set_view`].
+    pub fn new(me: NodeId, store: Arc<FragmentStore>, net: N, cfg: ReplicaConfig) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&cfg.update_dir)?;
+        let empty = View::with_slot_bits(0, Vec::new(), placement::MIN_SLOT_BITS).expect("an empty view is valid");
+        Ok(Replicator {
+            me,
+            store,
+            net,
+            cfg,
+            view: RwLock::new(Arc::new(empty)),
+            maps: Mutex::new(HashMap::new()),
+            loads: Mutex::new(HashMap::new()),
+            inflight: AtomicU64::new(0),
+            clock: HlcClock::default(),
+            update_seq: AtomicU64::new(0),
+            counters: ReplicaCounters::default(),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn store(&self) -> &Arc<FragmentStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a new view. Mail maps of users this node no longer manages are
+    /// dropped (their new managers rebuild them from reports); the caller
+    /// then runs [`Replicator::report_round`] and an anti-entropy round.
+    pub fn set_view(&self, view: Arc<View>) {
+        let me = self.me;
+        {
+            let mut maps = lock(&self.maps);
+            maps.retain(|user, _| view.user_manager(user).map(|n| n.0) == Some(me));
+        }
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+    }
+
+    /// This node's load as it tells the others: copies being written.
+    pub fn load(&self) -> u64 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    fn is_live(view: &View, node: NodeId) -> bool {
+        view.node(placement::NodeId(node))
+            .is_some_and(|n| n.state != NodeState::Down)
+    }
+
+    fn manager(view: &View, user: &str) -> Option<NodeId> {
+        view.user_manager(user).map(|n| n.0)
+    }
+
+    // ---- calls -------------------------------------------------------
+
+    /// One request to `to` (served in place when `to` is this node), with
+    /// the deadline.
+    fn call(&self, to: NodeId, req: Request) -> BoxFuture<'_, Result<Reply, String>> {
+        Box::pin(async move {
+            if to == self.me {
+                return self.serve(self.me, req).await;
+            }
+            let kind = req.kind();
+            // Bodies take longer than the base deadline allows at size.
+            let deadline = self.cfg.call_timeout
+                + match &req {
+                    Request::Store { body, .. } => Duration::from_millis(body.len() as u64 / 4096),
+                    Request::Read { .. } | Request::Sync { .. } | Request::ReportTo => Duration::from_secs(10),
+                    _ => Duration::ZERO,
+                };
+            let env = Envelope {
+                from: self.me,
+                hlc: self.clock.now(),
+                load: self.load(),
+                body: req,
+            };
+            match tokio::time::timeout(deadline, self.net.call(to, env)).await {
+                Err(_) => Err(format!("node {to}: no answer to {kind} within {deadline:?}")),
+                Ok(Err(e)) => Err(format!("node {to}: {kind}: {e}")),
+                Ok(Ok(answer)) => {
+                    self.clock.observe(answer.hlc);
+                    lock(&self.loads).insert(to, answer.load);
+                    answer.body
+                }
+            }
+        })
+    }
+
+    /// Serves a request from another node.
+    pub async fn handle(&self, call: Call) -> Answer {
+        self.clock.observe(call.hlc);
+        if call.from != self.me {
+            lock(&self.loads).insert(call.from, call.load);
+        }
+        let body = self.serve(call.from, call.body).await;
+        Envelope {
+            from: self.me,
+            hlc: self.clock.now(),
+            load: self.load(),
+            body,
+        }
+    }
+
+    fn serve(&self, from: NodeId, req: Request) -> BoxFuture<'_, Result<Reply, String>> {
+        Box::pin(async move {
+            match req {
+                Request::Place {
+                    users,
+                    size,
+                    n_replicas,
+                } => {
+                    let n = (n_replicas as usize).clamp(1, 16);
+                    let targets = users.iter().map(|u| self.place_local(u, size, n)).collect();
+                    Ok(Reply::Placed { targets })
+                }
+                Request::MailMap { user } => Ok(self.mail_map_local(&user)),
+                Request::Report { users } => {
+                    let view = self.view();
+                    let mut maps = lock(&self.maps);
+                    for (user, entries, bytes) in users.into_iter().take(REPORT_USERS_MAX) {
+                        if Self::manager(&view, &user) != Some(self.me) {
+                            continue;
+                        }
+                        let map = maps.entry(user).or_default();
+                        if entries == 0 {
+                            map.nodes.remove(&from);
+                        } else {
+                            map.nodes.insert(from, (entries, bytes));
+                        }
+                    }
+                    Ok(Reply::Done)
+                }
+                Request::ReportTo => {
+                    self.report_to(Some(from)).await;
+                    Ok(Reply::Done)
+                }
+                Request::Store {
+                    id,
+                    arrival_ms,
+                    folder,
+                    groups,
+                    body,
+                } => {
+                    self.inflight.fetch_add(1, Ordering::Relaxed);
+                    let stores = groups.into_iter().map(|(replicas, users)| {
+                        self.store.deliver(Delivery {
+                            id,
+                            arrival_ms,
+                            users,
+                            folder: folder.clone(),
+                            body: body.clone(),
+                            replicas,
+                        })
+                    });
+                    let results = futures::future::join_all(stores).await;
+                    self.inflight.fetch_sub(1, Ordering::Relaxed);
+                    for r in results {
+                        r.map_err(|e| e.to_string())?;
+                    }
+                    Ok(Reply::Stored)
+                }
+                Request::List { user } => Ok(Reply::Listed {
+                    entries: self.store.list(&user),
+                }),
+                Request::Read { body } => match self.store.read_body(body).await {
+                    Ok(bytes) => Ok(Reply::Body { bytes }),
+                    Err(e) => Err(e.to_string()),
+                },
+                Request::Delete { user, tombs } => match self.store.apply_tombstones(&user, tombs).await {
+                    Ok(removed) => Ok(Reply::Deleted { removed }),
+                    Err(e) => Err(e.to_string()),
+                },
+                Request::Digests { digests } => {
+                    let users = digests
+                        .into_iter()
+                        .take(DIGESTS_MAX)
+                        .filter(|(user, d)| self.store.digest(user, from) != *d)
+                        .map(|(user, _)| user)
+                        .collect();
+                    Ok(Reply::Differ { users })
+                }
+                Request::Sync { user, items } => {
+                    let (back, _) = self.reconcile(from, &user, items, true).await?;
+                    Ok(Reply::Synced { items: back })
+                }
+            }
+        })
+    }
+
+    // ---- the manager -------------------------------------------------
+
+    /// Picks the nodes for a new message of `user` and notes them in the
+    /// user's mail map.
+    fn place_local(&self, user: &str, size: u64, n: usize) -> Vec<NodeId> {
+        let view = self.view();
+        let key = UserKey::from_address(user);
+        let mut maps = lock(&self.maps);
+        let map = maps.entry(user.to_owned()).or_default();
+        let holders: Vec<placement::NodeId> = map.nodes.keys().map(|&n| placement::NodeId(n)).collect();
+        let loads = {
+            let mut l = lock(&self.loads).clone();
+            l.insert(self.me, self.load());
+            LoadVector::new(l.into_iter().map(|(n, v)| (placement::NodeId(n), v)))
+        };
+        let mut targets: Vec<NodeId> = view
+            .replica_set(key, n, self.cfg.spread, &loads, &holders)
+            .into_iter()
+            .map(|n| n.0)
+            .collect();
+        if targets.is_empty() {
+            // No view yet (or nothing up in it): keep the mail here.
+            targets.push(self.me);
+        }
+        for t in &targets {
+            let e = map.nodes.entry(*t).or_default();
+            e.0 += 1;
+            e.1 += size;
+        }
+        targets
+    }
+
+    fn mail_map_local(&self, user: &str) -> Reply {
+        let maps = lock(&self.maps);
+        match maps.get(user) {
+            Some(map) if !map.nodes.is_empty() => {
+                let nodes: Vec<NodeId> = map.nodes.keys().copied().collect();
+                // Each message is counted once per copy, and a message has
+                // R copies when R nodes hold the user's mail (fewer only
+                // while it is under-replicated).
+                let copies = self.cfg.replicas.clamp(1, map.nodes.len()) as u64;
+                let bytes = map.nodes.values().map(|v| v.1).sum::<u64>() / copies;
+                Reply::MailMap {
+                    nodes,
+                    bytes,
+                    known: true,
+                }
+            }
+            _ => {
+                drop(maps);
+                let view = self.view();
+                let nodes = view
+                    .spread_set(UserKey::from_address(user), self.cfg.spread)
+                    .into_iter()
+                    .map(|n| n.0)
+                    .collect();
+                Reply::MailMap {
+                    nodes,
+                    bytes: 0,
+                    known: false,
+                }
+            }
+        }
+    }
+
+    /// Sends this node's `(user, entries, bytes)` to the users' managers
+    /// (only to `only` when given). Called after a view change.
+    pub async fn report_to(&self, only: Option<NodeId>) -> usize {
+        let view = self.view();
+        let mut by_manager: BTreeMap<NodeId, Vec<(String, u64, u64)>> = BTreeMap::new();
+        for u in self.store.usage() {
+            if let Some(m) = Self::manager(&view, &u.user)
+                && only.is_none_or(|o| o == m)
+            {
+                by_manager.entry(m).or_default().push((u.user, u.entries, u.bytes));
+            }
+        }
+        let mut sent = 0;
+        let calls = by_manager.into_iter().map(|(m, users)| async move {
+            let mut n = 0;
+            for chunk in users.chunks(REPORT_USERS_MAX) {
+                match self.call(m, Request::Report { users: chunk.to_vec() }).await {
+                    Ok(_) => n += chunk.len(),
+                    Err(e) => {
+                        debug!(manager = m, error = %e, "report not delivered");
+                        break;
+                    }
+                }
+            }
+            n
+        });
+        for n in futures::future::join_all(calls).await {
+            sent += n;
+        }
+        sent
+    }
+
+    /// Reports to every manager.
+    pub async fn report_round(&self) -> usize {
+        self.report_to(None).await
+    }
+
+    /// Asks every other live node to report what it holds of the users this
+    /// node manages (after a start, when this node's maps are empty).
+    pub async fn ask_reports(&self) {
+        let view = self.view();
+        let peers: Vec<NodeId> = view
+            .nodes()
+            .iter()
+            .filter(|n| n.state != NodeState::Down && n.id.0 != self.me)
+            .map(|n| n.id.0)
+            .collect();
+        let calls = peers.into_iter().map(|p| self.call(p, Request::ReportTo));
+        futures::future::join_all(calls).await;
+    }
+
+    // ---- delivery ----------------------------------------------------
+
+    /// Stores one message for `users` on R nodes each (one body per node).
+    pub async fn deliver(&self, users: &[String], folder: &str, arrival_ms: u64, body: Vec<u8>) -> DeliverOutcome {
+        let id = self.store.new_message_id(arrival_ms);
+        self.deliver_as(id, users, folder, arrival_ms, body).await
+    }
+
+    /// [`Replicator::deliver`] with a given message id.
+    pub async fn deliver_as(
+        &self,
+        id: MessageId,
+        users: &[String],
+        folder: &str,
+        arrival_ms: u64,
+        body: Vec<u8>,
+    ) -> DeliverOutcome {
+        let view = self.view();
+        let n = self.cfg.replicas.max(1);
+        let size = body.len() as u64;
+
+        // 1. Targets per user, from the users' managers.
+        let mut by_manager: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, u) in users.iter().enumerate() {
+            let m = Self::manager(&view, u).unwrap_or(self.me);
+            by_manager.entry(m).or_default().push(i);
+        }
+        let mut targets: Vec<Vec<NodeId>> = vec![Vec::new(); users.len()];
+        let asks = by_manager.into_iter().map(|(m, idx)| {
+            let req = Request::Place {
+                users: idx.iter().map(|&i| users[i].clone()).collect(),
+                size,
+                n_replicas: n as u32,
+            };
+            async move { (idx, self.call(m, req).await) }
+        });
+        for (idx, reply) in futures::future::join_all(asks).await {
+            match reply {
+                Ok(Reply::Placed { targets: t }) if t.len() == idx.len() => {
+                    for (i, t) in idx.into_iter().zip(t) {
+                        targets[i] = t;
+                    }
+                }
+                other => {
+                    // The manager is unreachable: delivery never waits on
+                    // soft state. Place here by the view and loads alone.
+                    warn!(reply = ?other.err(), "manager did not place; placing locally");
+                    self.counters.manager_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    for i in idx {
+                        targets[i] = self.place_local(&users[i], size, n);
+                    }
+                }
+            }
+        }
+        for t in &mut targets {
+            t.sort_unstable();
+            t.dedup();
+        }
+
+        // 2. One store per node, carrying every user that node takes.
+        let mut per_node: BTreeMap<NodeId, BTreeMap<Vec<NodeId>, Vec<String>>> = BTreeMap::new();
+        for (u, t) in users.iter().zip(&targets) {
+            for node in t {
+                per_node
+                    .entry(*node)
+                    .or_default()
+                    .entry(t.clone())
+                    .or_default()
+                    .push(u.clone());
+            }
+        }
+        let stores = per_node.into_iter().map(|(node, groups)| {
+            let req = Request::Store {
+                id,
+                arrival_ms,
+                folder: folder.to_owned(),
+                groups: groups.into_iter().collect(),
+                body: body.clone(),
+            };
+            async move { (node, self.call(node, req).await) }
+        });
+        let mut acked: BTreeSet<NodeId> = BTreeSet::new();
+        for (node, r) in futures::future::join_all(stores).await {
+            match r {
+                Ok(Reply::Stored) => {
+                    acked.insert(node);
+                }
+                other => {
+                    self.counters.copies_failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(%id, node, error = ?other.err(), "copy not stored");
+                }
+            }
+        }
+
+        // 3. The outcome per user.
+        let copies: Vec<Vec<NodeId>> = targets
+            .iter()
+            .map(|t| t.iter().copied().filter(|n| acked.contains(n)).collect())
+            .collect();
+        let stored: Vec<bool> = copies.iter().map(|c| !c.is_empty()).collect();
+        let under = copies.iter().any(|c| !c.is_empty() && c.len() < n);
+        self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+        if under {
+            self.counters
+                .deliveries_under_replicated
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // A user none of whose targets acknowledged gets a temporary
+        // failure; a copy that was stored but whose reply was lost must not
+        // surface later as mail nobody acknowledged: tombstone it.
+        let hlc = self.clock.now();
+        for ((u, t), ok) in users.iter().zip(&targets).zip(&stored) {
+            if *ok {
+                continue;
+            }
+            let tomb = Tombstone {
+                id,
+                hlc,
+                replicas: t.clone(),
+            };
+            self.send_tombstones(u, t, vec![tomb]).await;
+        }
+        DeliverOutcome {
+            id,
+            stored,
+            copies,
+            under_replicated: under,
+        }
+    }
+
+    // ---- retrieval ---------------------------------------------------
+
+    /// The nodes that may hold the user's fragments, from the manager (or
+    /// the user's spread if the manager does not answer), with this node.
+    pub async fn mail_map(&self, user: &str) -> (Vec<NodeId>, u64, bool) {
+        let view = self.view();
+        let m = Self::manager(&view, user).unwrap_or(self.me);
+        let (mut nodes, bytes, known) = match self.call(m, Request::MailMap { user: user.to_owned() }).await {
+            Ok(Reply::MailMap { nodes, bytes, known }) => (nodes, bytes, known),
+            other => {
+                debug!(user, error = ?other.err(), "no mail map from the manager; using the spread");
+                self.counters.manager_fallbacks.fetch_add(1, Ordering::Relaxed);
+                let spread = view
+                    .spread_set(UserKey::from_address(user), self.cfg.spread)
+                    .into_iter()
+                    .map(|n| n.0)
+                    .collect();
+                (spread, 0, false)
+            }
+        };
+        nodes.push(self.me);
+        nodes.sort_unstable();
+        nodes.dedup();
+        (nodes, bytes, known)
+    }
+
+    /// The mailbox size the manager knows (for quotas), or this node's share.
+    pub async fn usage_bytes(&self, user: &str) -> u64 {
+        match self.mail_map(user).await {
+            (_, bytes, true) => bytes,
+            _ => self.store.usage_bytes(user),
+        }
+    }
+
+    /// The union of the user's fragments on the live nodes of the mail map,
+    /// by message id, oldest first. Nodes that do not answer are skipped
+    /// (one live replica per message suffices).
+    pub async fn mailbox(&self, user: &str) -> Vec<Listed> {
+        let view = self.view();
+        let (nodes, _, _) = self.mail_map(user).await;
+        let lists = nodes
+            .into_iter()
+            .filter(|&n| n == self.me || Self::is_live(&view, n))
+            .map(|n| async move { (n, self.call(n, Request::List { user: user.to_owned() }).await) });
+        let mut union: BTreeMap<MessageId, Listed> = BTreeMap::new();
+        for (node, r) in futures::future::join_all(lists).await {
+            let entries = match r {
+                Ok(Reply::Listed { entries }) => entries,
+                other => {
+                    debug!(node, user, error = ?other.err(), "fragment not listed");
+                    continue;
+                }
+            };
+            for meta in entries {
+                union
+                    .entry(meta.id)
+                    .or_insert_with(|| Listed {
+                        meta,
+                        holders: Vec::new(),
+                    })
+                    .holders
+                    .push(node);
+            }
+        }
+        union.into_values().collect()
+    }
+
+    /// A message's bytes from a live replica, this node first; checked
+    /// against the body hash.
+    pub async fn read(&self, msg: &Listed) -> Result<Vec<u8>, String> {
+        let view = self.view();
+        let mut order: Vec<NodeId> = Vec::new();
+        if msg.holders.contains(&self.me) {
+            order.push(self.me);
+        }
+        for n in msg.holders.iter().chain(&msg.meta.replicas) {
+            if !order.contains(n) && Self::is_live(&view, *n) {
+                order.push(*n);
+            }
+        }
+        let mut last = String::from("no live replica");
+        for n in order {
+            match self.call(n, Request::Read { body: msg.meta.body }).await {
+                Ok(Reply::Body { bytes }) if BodyHash::of(&bytes) == msg.meta.body => return Ok(bytes),
+                Ok(_) => last = format!("node {n}: wrong body"),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Deletes the user's messages on every replica. Replicas that do not
+    /// acknowledge get the deletion from the durable update log later.
+    /// Fails only if this node cannot record the deletion at all.
+    pub async fn delete(&self, user: &str, msgs: &[Listed]) -> Result<usize, String> {
+        let hlc = self.clock.now();
+        let mut per_node: BTreeMap<NodeId, Vec<Tombstone>> = BTreeMap::new();
+        for m in msgs {
+            let mut replicas: Vec<NodeId> = m.meta.replicas.clone();
+            replicas.extend(&m.holders);
+            replicas.sort_unstable();
+            replicas.dedup();
+            let tomb = Tombstone {
+                id: m.meta.id,
+                hlc,
+                replicas: m.meta.replicas.clone(),
+            };
+            for n in replicas {
+                per_node.entry(n).or_default().push(tomb.clone());
+            }
+        }
+        let mut failed = 0;
+        let sends = per_node.into_iter().map(|(n, tombs)| async move {
+            let r = self
+                .call(
+                    n,
+                    Request::Delete {
+                        user: user.to_owned(),
+                        tombs: tombs.clone(),
+                    },
+                )
+                .await;
+            (n, tombs, r)
+        });
+        for (n, tombs, r) in futures::future::join_all(sends).await {
+            if let Err(e) = r {
+                debug!(node = n, user, error = %e, "deletion not acknowledged; logged for later");
+                self.log_update(PendingUpdate {
+                    node: n,
+                    user: user.to_owned(),
+                    tombs,
+                })
+                .map_err(|e| format!("cannot log a deletion: {e}"))?;
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            info!(
+                user,
+                replicas_missed = failed,
+                "deletions logged until the replicas return"
+            );
+        }
+        Ok(msgs.len())
+    }
+
+    /// Best effort: tombstones to `nodes`, logged where not acknowledged.
+    async fn send_tombstones(&self, user: &str, nodes: &[NodeId], tombs: Vec<Tombstone>) {
+        for &n in nodes {
+            let req = Request::Delete {
+                user: user.to_owned(),
+                tombs: tombs.clone(),
+            };
+            if self.call(n, req).await.is_err()
+                && let Err(e) = self.log_update(PendingUpdate {
+                    node: n,
+                    user: user.to_owned(),
+                    tombs: tombs.clone(),
+                })
+            {
+                warn!(error = %e, "cannot log a tombstone");
+            }
+        }
+    }
+
+    // ---- the update log ----------------------------------------------
+
+    fn log_update(&self, u: PendingUpdate) -> std::io::Result<()> {
+        let dir = &self.cfg.update_dir;
+        let n_files = std::fs::read_dir(dir)?.count();
+        if n_files >= UPDATE_LOG_FILES_MAX {
+            warn!(node = u.node, "update log full; anti-entropy will repair this replica");
+            return Ok(());
+        }
+        let seq = self.update_seq.fetch_add(1, Ordering::Relaxed);
+        let name = format!("upd-{:016x}-{seq:08}-{}", self.clock.now(), u.node);
+        let bytes = bincode::serde::encode_to_vec(&u, bincode_config()).map_err(std::io::Error::other)?;
+        write_durable(dir, &name, &bytes)?;
+        self.counters.updates_logged.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Updates still waiting for a replica.
+    pub fn pending_updates(&self) -> usize {
+        std::fs::read_dir(&self.cfg.update_dir).map_or(0, |d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("upd-"))
+                .count()
+        })
+    }
+
+    /// Sends logged updates to the replicas that are live again; removes
+    /// each once acknowledged. Returns how many were acknowledged.
+    pub async fn replay_updates(&self) -> usize {
+        let dir = self.cfg.update_dir.clone();
+        let Ok(rd) = std::fs::read_dir(&dir) else { return 0 };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("upd-"))
+            .collect();
+        names.sort();
+        let view = self.view();
+        let mut done = 0;
+        for name in names {
+            let path = dir.join(&name);
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let u: PendingUpdate = match bincode::serde::decode_from_slice(&bytes, bincode_config()) {
+                Ok((u, _)) => u,
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "unreadable update dropped");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            if view.node(placement::NodeId(u.node)).is_none() && view.epoch() > 0 {
+                // The node left the cluster: nothing to tell it.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if !Self::is_live(&view, u.node) {
+                continue;
+            }
+            let req = Request::Delete {
+                user: u.user.clone(),
+                tombs: u.tombs,
+            };
+            if self.call(u.node, req).await.is_ok() {
+                let _ = std::fs::remove_file(&path);
+                done += 1;
+                self.counters.updates_replayed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        done
+    }
+
+    // ---- anti-entropy ------------------------------------------------
+
+    /// Compares digests with every other live node and repairs what
+    /// differs, both ways.
+    pub async fn anti_entropy_round(&self) -> RepairReport {
+        let view = self.view();
+        let mut report = RepairReport::default();
+        let peers: Vec<NodeId> = view
+            .nodes()
+            .iter()
+            .filter(|n| n.state != NodeState::Down && n.id.0 != self.me)
+            .map(|n| n.id.0)
+            .collect();
+        for peer in peers {
+            report.peers += 1;
+            match self.sync_with(peer, &mut report).await {
+                Ok(()) => {}
+                Err(e) => {
+                    report.peers_failed += 1;
+                    debug!(peer, error = %e, "anti-entropy with peer incomplete");
+                }
+            }
+        }
+        if report.copies_pulled + report.tombstones_applied > 0 {
+            info!(?report, "anti-entropy repaired differences");
+        }
+        report
+    }
+
+    async fn sync_with(&self, peer: NodeId, report: &mut RepairReport) -> Result<(), String> {
+        let digests = self.store.peer_digests(peer);
+        for chunk in digests.chunks(DIGESTS_MAX) {
+            let users = match self
+                .call(
+                    peer,
+                    Request::Digests {
+                        digests: chunk.to_vec(),
+                    },
+                )
+                .await?
+            {
+                Reply::Differ { users } => users,
+                other => return Err(format!("unexpected reply {other:?}")),
+            };
+            for user in users {
+                report.users_differing += 1;
+                let items = self.store.sync_items(&user, Some(peer));
+                let back = match self
+                    .call(
+                        peer,
+                        Request::Sync {
+                            user: user.clone(),
+                            items,
+                        },
+                    )
+                    .await?
+                {
+                    Reply::Synced { items } => items,
+                    other => return Err(format!("unexpected reply {other:?}")),
+                };
+                let (_, (pulled, tombs)) = self.reconcile(peer, &user, back, false).await?;
+                report.copies_pulled += pulled;
+                report.tombstones_applied += tombs;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `theirs` (another replica's items of `user`) here: deletions
+    /// win over copies, a copy missing here is fetched if this node is in
+    /// its replica set. With `answer`, returns what the other side lacks or
+    /// has wrong (this node's items shared with it that differ).
+    async fn reconcile(
+        &self,
+        from: NodeId,
+        user: &str,
+        theirs: Vec<SyncItem>,
+        answer: bool,
+    ) -> Result<(Vec<SyncItem>, (usize, usize)), String> {
+        let mine: HashMap<MessageId, SyncItem> = self
+            .store
+            .sync_items(user, None)
+            .into_iter()
+            .map(|i| (i.id(), i))
+            .collect();
+        let mut back = Vec::new();
+        let mut tombs = Vec::new();
+        let mut pulls: Vec<EntryMeta> = Vec::new();
+        let mut seen: BTreeSet<MessageId> = BTreeSet::new();
+        for item in theirs {
+            seen.insert(item.id());
+            match (item, mine.get(&seen.last().copied().expect("just inserted"))) {
+                (SyncItem::Dead(_), Some(SyncItem::Dead(_))) => {}
+                (SyncItem::Dead(t), _) => tombs.push(t),
+                (SyncItem::Live(_), Some(mine @ SyncItem::Dead(_))) => back.push(mine.clone()),
+                (SyncItem::Live(_), Some(SyncItem::Live(_))) => {}
+                (SyncItem::Live(meta), None) => {
+                    if meta.replicas.contains(&self.me) {
+                        pulls.push(meta);
+                    }
+                }
+            }
+        }
+        if answer {
+            for (id, item) in &mine {
+                if !seen.contains(id) && item.replicas().contains(&from) {
+                    back.push(item.clone());
+                }
+            }
+            back.sort_by_key(|i| i.id());
+        }
+        let n_tombs = if tombs.is_empty() {
+            0
+        } else {
+            let n = tombs.len();
+            self.store
+                .apply_tombstones(user, tombs)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.counters.repairs_tombstones.fetch_add(n as u64, Ordering::Relaxed);
+            n
+        };
+        let mut n_pulled = 0;
+        for meta in pulls {
+            let body = if self.store.has_body(&meta.body) {
+                match self.store.read_body(meta.body).await {
+                    Ok(b) => b,
+                    Err(_) => self.fetch_body(from, meta.body).await?,
+                }
+            } else {
+                self.fetch_body(from, meta.body).await?
+            };
+            self.store
+                .deliver(Delivery {
+                    id: meta.id,
+                    arrival_ms: meta.arrival_ms,
+                    users: vec![user.to_owned()],
+                    folder: meta.folder.clone(),
+                    body,
+                    replicas: meta.replicas.clone(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            n_pulled += 1;
+        }
+        self.counters
+            .repairs_pulled
+            .fetch_add(n_pulled as u64, Ordering::Relaxed);
+        Ok((back, (n_pulled, n_tombs)))
+    }
+
+    async fn fetch_body(&self, from: NodeId, hash: BodyHash) -> Result<Vec<u8>, String> {
+        match self.call(from, Request::Read { body: hash }).await? {
+            Reply::Body { bytes } if BodyHash::of(&bytes) == hash => Ok(bytes),
+            _ => Err(format!("node {from} sent a wrong body")),
+        }
+    }
+
+    // ---- housekeeping -------------------------------------------------
+
+    /// Messages held here with fewer than R live replicas (each counted by
+    /// one node only; see [`FragmentStore::under_replicated`]).
+    pub fn under_replicated(&self) -> u64 {
+        let view = self.view();
+        if view.nodes().is_empty() {
+            return 0;
+        }
+        self.store
+            .under_replicated(self.me, self.cfg.replicas, |n| Self::is_live(&view, n))
+    }
+
+    /// Forgets deletions older than the retention.
+    pub fn expire_tombstones(&self) -> usize {
+        let now = crate::hlc::wall_hlc();
+        let keep = crate::hlc::from_ms(self.cfg.tombstone_retention.as_millis() as u64);
+        self.store.expire_tombstones(now.saturating_sub(keep))
+    }
+}
+
+/// Writes `name` in `dir` so that it is either whole or absent after a
+/// crash: temporary file, fsync, rename, fsync of the directory.
+fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}

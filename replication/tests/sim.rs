@@ -1,0 +1,467 @@
+//! Seeded simulation of the replica protocol: several replicators, each
+//! with a real fragment store, over the in-memory network. Deliveries,
+//! deletions, lost requests and replies, node crashes and restarts; then
+//! the faults heal and an oracle checks that
+//! * every acknowledged, undeleted message is on exactly its R replicas,
+//!   and every node lists it;
+//! * nothing deleted is present anywhere;
+//! * no message is present that was never acknowledged.
+//!
+//! A failing run prints `REPRODUCE WITH: SEED=n cargo test -p replication
+//! --test sim`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TempDir;
+use placement::{NodeId as PNodeId, NodeInfo, NodeState, View};
+use replication::mem_net::{MemNet, MemRouter, Serve};
+use replication::replica::{ReplicaConfig, Replicator};
+use replication::{BodyHash, FragmentStore, MessageId, StoreConfig};
+
+const N_NODES: u64 = 4;
+const R: usize = 2;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+type Rep = Replicator<MemNet>;
+
+struct Node {
+    id: u64,
+    dir: TempDir,
+    rep: Option<Arc<Rep>>,
+}
+
+struct Sim {
+    router: Arc<MemRouter>,
+    nodes: Vec<Node>,
+    epoch: u64,
+    /// (user, id) → body hash, for every acknowledged copy.
+    acked: BTreeMap<(String, MessageId), BodyHash>,
+    deleted: BTreeSet<(String, MessageId)>,
+    /// Deliveries that failed (a temporary error to the client): a copy
+    /// whose acknowledgement was lost may be visible until its tombstone
+    /// arrives, never after healing.
+    failed: BTreeSet<(String, MessageId)>,
+}
+
+fn open(router: &Arc<MemRouter>, id: u64, dir: &TempDir) -> Arc<Rep> {
+    let store = FragmentStore::open(StoreConfig {
+        dir: dir.path().join("store"),
+        segment_bytes_max: 16 << 10,
+    })
+    .expect("store opens");
+    let mut cfg = ReplicaConfig::new(dir.path().join("updates"));
+    cfg.replicas = R;
+    cfg.spread = 3;
+    cfg.call_timeout = Duration::from_secs(5);
+    let rep = Arc::new(Replicator::new(id, Arc::new(store), router.net(id), cfg).expect("replicator"));
+    let serve: Arc<dyn Serve> = rep.clone();
+    router.register(id, Arc::downgrade(&serve));
+    rep
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let router = MemRouter::new(seed);
+        let nodes = (1..=N_NODES)
+            .map(|id| {
+                let dir = TempDir::new(&format!("sim-{seed}-{id}"));
+                let rep = open(&router, id, &dir);
+                Node {
+                    id,
+                    dir,
+                    rep: Some(rep),
+                }
+            })
+            .collect();
+        let mut sim = Sim {
+            router,
+            nodes,
+            epoch: 0,
+            acked: BTreeMap::new(),
+            deleted: BTreeSet::new(),
+            failed: BTreeSet::new(),
+        };
+        sim.publish_view();
+        sim
+    }
+
+    fn live(&self) -> Vec<Arc<Rep>> {
+        self.nodes.iter().filter_map(|n| n.rep.clone()).collect()
+    }
+
+    fn publish_view(&mut self) {
+        self.epoch += 1;
+        let infos = self
+            .nodes
+            .iter()
+            .map(|n| NodeInfo {
+                id: PNodeId(n.id),
+                weight: 1,
+                zone: String::new(),
+                state: if n.rep.is_some() {
+                    NodeState::Up
+                } else {
+                    NodeState::Down
+                },
+            })
+            .collect();
+        let view = Arc::new(View::with_slot_bits(self.epoch, infos, placement::MIN_SLOT_BITS).expect("view"));
+        for r in self.live() {
+            r.set_view(view.clone());
+        }
+    }
+
+    async fn crash(&mut self, i: usize) {
+        let Some(rep) = self.nodes[i].rep.take() else { return };
+        self.router.set_down(self.nodes[i].id, true);
+        rep.store().close();
+        drop(rep);
+        self.publish_view();
+    }
+
+    async fn restart(&mut self, i: usize) {
+        if self.nodes[i].rep.is_some() {
+            return;
+        }
+        let rep = open(&self.router, self.nodes[i].id, &self.nodes[i].dir);
+        self.nodes[i].rep = Some(rep.clone());
+        self.router.set_down(self.nodes[i].id, false);
+        self.publish_view();
+        rep.ask_reports().await;
+        for r in self.live() {
+            r.report_round().await;
+        }
+    }
+
+    /// Everything the oracle wants present: (user, id) → hash.
+    fn expected(&self) -> BTreeMap<(String, MessageId), BodyHash> {
+        self.acked
+            .iter()
+            .filter(|(k, _)| !self.deleted.contains(*k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+}
+
+/// Copies pulled and tombstones applied by anti-entropy, on every live node.
+fn repairs(sim: &Sim) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    sim.live()
+        .iter()
+        .map(|r| r.counters.repairs_pulled.load(Relaxed) + r.counters.repairs_tombstones.load(Relaxed))
+        .sum()
+}
+
+fn users() -> Vec<String> {
+    (0..12).map(|i| format!("u{i}@example.org")).collect()
+}
+
+async fn run(seed: u64, ops: usize) {
+    let mut rng = Rng(seed);
+    let mut sim = Sim::new(seed);
+    let users = users();
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    for step in 0..ops {
+        let live: Vec<usize> = (0..sim.nodes.len()).filter(|&i| sim.nodes[i].rep.is_some()).collect();
+        let front = sim.nodes[live[rng.below(live.len() as u64) as usize]]
+            .rep
+            .clone()
+            .expect("live");
+        match rng.below(100) {
+            0..=49 => {
+                let n = 1 + rng.below(3) as usize;
+                let mut rcpts: Vec<String> = (0..n)
+                    .map(|_| users[rng.below(users.len() as u64) as usize].clone())
+                    .collect();
+                rcpts.sort();
+                rcpts.dedup();
+                // Some bodies repeat, to exercise bodies shared by messages.
+                let body = if !bodies.is_empty() && rng.below(4) == 0 {
+                    bodies[rng.below(bodies.len() as u64) as usize].clone()
+                } else {
+                    let len = 50 + rng.below(3000) as usize;
+                    let b: Vec<u8> = (0..len).map(|_| b'a' + rng.below(26) as u8).collect();
+                    bodies.push(b.clone());
+                    b
+                };
+                let hash = BodyHash::of(&body);
+                let out = front.deliver(&rcpts, "INBOX", 1_000 + step as u64, body).await;
+                for (u, ok) in rcpts.iter().zip(&out.stored) {
+                    if *ok {
+                        sim.acked.insert((u.clone(), out.id), hash);
+                    } else {
+                        sim.failed.insert((u.clone(), out.id));
+                    }
+                }
+            }
+            50..=69 => {
+                let user = &users[rng.below(users.len() as u64) as usize];
+                let mailbox = front.mailbox(user).await;
+                let victims: Vec<_> = mailbox.into_iter().filter(|_| rng.below(2) == 0).collect();
+                if victims.is_empty() {
+                    continue;
+                }
+                // Every listed message was acknowledged, or is a failed
+                // delivery's copy whose tombstone is still on its way.
+                for v in &victims {
+                    let key = (user.clone(), v.meta.id);
+                    assert!(
+                        sim.acked.contains_key(&key) || sim.failed.contains(&key),
+                        "seed {seed} step {step}: listed a message never acknowledged: {user} {}",
+                        v.meta.id
+                    );
+                }
+                if front.delete(user, &victims).await.is_ok() {
+                    for v in victims {
+                        sim.deleted.insert((user.clone(), v.meta.id));
+                    }
+                }
+            }
+            70..=74 => {
+                let down = sim.nodes.iter().filter(|n| n.rep.is_none()).count();
+                // Keep at least R + 1 nodes up: a delivery still finds R.
+                if down < (N_NODES as usize - R - 1) {
+                    let i = rng.below(sim.nodes.len() as u64) as usize;
+                    sim.crash(i).await;
+                }
+            }
+            75..=82 => {
+                let i = rng.below(sim.nodes.len() as u64) as usize;
+                sim.restart(i).await;
+            }
+            83..=87 => {
+                let on = rng.below(3) != 0;
+                let (a, b) = if on {
+                    (rng.below(200) as u32, rng.below(200) as u32)
+                } else {
+                    (0, 0)
+                };
+                sim.router.set_loss(a, b);
+            }
+            88..=92 => {
+                front.anti_entropy_round().await;
+            }
+            93..=96 => {
+                front.replay_updates().await;
+            }
+            _ => {
+                front.report_round().await;
+            }
+        }
+    }
+
+    // Heal: no loss, every node back, then rounds until nothing changes.
+    sim.router.set_loss(0, 0);
+    for i in 0..sim.nodes.len() {
+        sim.restart(i).await;
+    }
+    let mut quiet = false;
+    for _ in 0..10 {
+        let before = repairs(&sim);
+        let mut changed = 0;
+        for r in sim.live() {
+            changed += r.replay_updates().await;
+            r.report_round().await;
+            let rep = r.anti_entropy_round().await;
+            assert_eq!(rep.peers_failed, 0, "seed {seed}: no faults left, yet a peer failed");
+        }
+        // Repairs happen on both sides of an exchange: count them all.
+        changed += (repairs(&sim) - before) as usize;
+        let pending: usize = sim.live().iter().map(|r| r.pending_updates()).sum();
+        if changed == 0 && pending == 0 {
+            quiet = true;
+            break;
+        }
+    }
+    assert!(quiet, "seed {seed}: repairs did not converge within 10 rounds");
+
+    // The oracle.
+    let expected = sim.expected();
+    let reps = sim.live();
+    let mut held: BTreeMap<(String, MessageId), Vec<u64>> = BTreeMap::new();
+    for r in &reps {
+        for u in &users {
+            for m in r.store().list(u) {
+                let key = (u.clone(), m.id);
+                assert!(
+                    sim.acked.contains_key(&key),
+                    "seed {seed}: node {} holds {u} {} that was never acknowledged",
+                    r.id(),
+                    m.id
+                );
+                assert!(
+                    !sim.deleted.contains(&key),
+                    "seed {seed}: node {} still holds deleted {u} {}",
+                    r.id(),
+                    m.id
+                );
+                assert_eq!(
+                    m.replicas.len(),
+                    R,
+                    "seed {seed}: replica set of {u} {} is {:?}",
+                    m.id,
+                    m.replicas
+                );
+                assert!(
+                    m.replicas.contains(&r.id()),
+                    "seed {seed}: node {} holds a copy outside its set",
+                    r.id()
+                );
+                assert_eq!(
+                    Some(&m.body),
+                    expected.get(&key),
+                    "seed {seed}: wrong body for {u} {}",
+                    m.id
+                );
+                held.entry(key).or_default().push(r.id());
+            }
+        }
+    }
+    for (key, hash) in &expected {
+        let holders = held.get(key).cloned().unwrap_or_default();
+        assert_eq!(
+            holders.len(),
+            R,
+            "seed {seed}: {} {} ({hash:?}) is on {holders:?}, want {R} copies",
+            key.0,
+            key.1
+        );
+    }
+    // Every node's view of every mailbox is the whole mailbox.
+    for r in &reps {
+        for u in &users {
+            let listed: BTreeSet<MessageId> = r.mailbox(u).await.into_iter().map(|l| l.meta.id).collect();
+            let want: BTreeSet<MessageId> = expected.keys().filter(|k| &k.0 == u).map(|k| k.1).collect();
+            assert_eq!(listed, want, "seed {seed}: node {} lists {u} wrongly", r.id());
+        }
+    }
+    // Under-replication is gone once every copy is back.
+    let under: u64 = reps.iter().map(|r| r.under_replicated()).sum();
+    assert_eq!(under, 0, "seed {seed}: under-replicated messages after healing");
+    eprintln!(
+        "seed {seed}: {} acknowledged, {} deleted, {} present, {} calls lost",
+        sim.acked.len(),
+        sim.deleted.len(),
+        expected.len(),
+        sim.router.lost()
+    );
+    for r in reps {
+        r.store().close();
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    match std::env::var("SEED") {
+        Ok(s) => vec![s.parse().expect("SEED is a number")],
+        Err(_) => vec![1, 2, 3, 4],
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn replicas_converge_after_faults() {
+    let ops: usize = std::env::var("SIM_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(250);
+    for seed in seeds() {
+        eprintln!("REPRODUCE WITH: SEED={seed} cargo test -p replication --test sim");
+        run(seed, ops).await;
+    }
+}
+
+/// A deletion that reaches only one replica (the other is down) is not
+/// undone by anti-entropy when that replica returns with its copy.
+#[tokio::test(flavor = "current_thread")]
+async fn deletion_survives_a_replica_that_missed_it() {
+    let mut sim = Sim::new(99);
+    let user = "zoe@example.org".to_owned();
+    let front = sim.live()[0].clone();
+    let out = front
+        .deliver(std::slice::from_ref(&user), "INBOX", 5, b"hello\r\n".to_vec())
+        .await;
+    assert_eq!(out.copies[0].len(), R);
+    // Take down one replica that is not the front end.
+    let victim = *out.copies[0]
+        .iter()
+        .find(|&&n| n != front.id())
+        .expect("a remote replica");
+    let vi = sim.nodes.iter().position(|n| n.id == victim).expect("node");
+    sim.crash(vi).await;
+    let front = sim.live().into_iter().find(|r| r.id() != victim).expect("front");
+    let mailbox = front.mailbox(&user).await;
+    assert_eq!(mailbox.len(), 1, "one live replica still serves the message");
+    front.delete(&user, &mailbox).await.expect("delete is accepted");
+    assert!(front.pending_updates() >= 1, "the missed replica's deletion is logged");
+    sim.restart(vi).await;
+    // Anti-entropy first (before the update log): the tombstone must win.
+    for r in sim.live() {
+        r.anti_entropy_round().await;
+    }
+    for r in sim.live() {
+        assert!(
+            r.store().list(&user).is_empty(),
+            "node {} brought the deleted message back",
+            r.id()
+        );
+    }
+    for r in sim.live() {
+        r.replay_updates().await;
+    }
+    assert_eq!(sim.live().iter().map(|r| r.pending_updates()).sum::<usize>(), 0);
+}
+
+/// A replica that lost its disk gets its copies back from the others, and
+/// only the copies it lacks travel.
+#[tokio::test(flavor = "current_thread")]
+async fn lost_disk_is_rebuilt_by_anti_entropy() {
+    let mut sim = Sim::new(7);
+    let users = users();
+    let front = sim.live()[0].clone();
+    for (i, u) in users.iter().enumerate() {
+        let out = front
+            .deliver(
+                std::slice::from_ref(u),
+                "INBOX",
+                i as u64,
+                format!("body {i}\r\n").into_bytes(),
+            )
+            .await;
+        assert!(out.stored[0]);
+        sim.acked
+            .insert((u.clone(), out.id), BodyHash::of(format!("body {i}\r\n").as_bytes()));
+    }
+    let before: u64 = sim.nodes[1].rep.as_ref().expect("up").store().stats().entries;
+    assert!(before > 0, "node 2 holds some copies");
+    sim.crash(1).await;
+    std::fs::remove_dir_all(sim.nodes[1].dir.path().join("store")).expect("wipe the disk");
+    sim.restart(1).await;
+    assert_eq!(sim.nodes[1].rep.as_ref().expect("up").store().stats().entries, 0);
+    for r in sim.live() {
+        r.anti_entropy_round().await;
+    }
+    let pulled: u64 = sim
+        .live()
+        .iter()
+        .map(|r| r.counters.repairs_pulled.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert_eq!(pulled, before, "exactly the lost copies come back");
+    assert_eq!(sim.nodes[1].rep.as_ref().expect("up").store().stats().entries, before);
+}

@@ -158,6 +158,7 @@ async fn demo(dir: Option<PathBuf>, password: Option<String>, exit: bool) -> any
         .take(16)
         .map(|b| format!("{b:02x}"))
         .collect();
+    opts.extra_args = vec!["--replicas".into(), "1".into()];
     println!("starting a Quill node in {} ...", dir.display());
     let mut node = NodeProcess::start(opts)
         .await
@@ -257,6 +258,8 @@ async fn bench_node(
     };
     let mut opts = NodeOptions::new(dir.join("node"), fresh_loopback())?;
     opts.log = log;
+    // One node holds one copy: nothing to count as under-replicated.
+    opts.extra_args = vec!["--replicas".into(), "1".into()];
     let mut node = NodeProcess::start(opts).await?;
     println!(
         "node {} ({}), data in {}",

@@ -436,5 +436,69 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "Store writes covered by those fsyncs.",
         st.ops,
     );
+    line(
+        "quill_store_tombstones",
+        "gauge",
+        "Deletions remembered so that missed replicas cannot resurrect mail.",
+        st.tombstones,
+    );
+    let r = &s.services.replica;
+    line(
+        "quill_under_replicated",
+        "gauge",
+        "Messages held here with fewer than R live replicas (each counted on one node).",
+        r.under_replicated(),
+    );
+    line(
+        "quill_replica_pending_updates",
+        "gauge",
+        "Deletions waiting in the update log for a replica to return.",
+        r.pending_updates() as u64,
+    );
+    let rc = &r.counters;
+    for (name, help, v) in [
+        (
+            "quill_replica_deliveries_total",
+            "Deliveries this node sent to replicas.",
+            &rc.deliveries,
+        ),
+        (
+            "quill_replica_deliveries_under_replicated_total",
+            "Deliveries stored on fewer than R nodes.",
+            &rc.deliveries_under_replicated,
+        ),
+        (
+            "quill_replica_copies_failed_total",
+            "Copies a target node did not acknowledge.",
+            &rc.copies_failed,
+        ),
+        (
+            "quill_replica_updates_logged_total",
+            "Deletions logged for a replica that did not acknowledge.",
+            &rc.updates_logged,
+        ),
+        (
+            "quill_replica_updates_replayed_total",
+            "Logged deletions delivered later.",
+            &rc.updates_replayed,
+        ),
+        (
+            "quill_replica_repairs_pulled_total",
+            "Copies fetched by anti-entropy.",
+            &rc.repairs_pulled,
+        ),
+        (
+            "quill_replica_repairs_tombstones_total",
+            "Deletions applied by anti-entropy.",
+            &rc.repairs_tombstones,
+        ),
+        (
+            "quill_replica_manager_fallbacks_total",
+            "Times a user manager did not answer and placement was done locally.",
+            &rc.manager_fallbacks,
+        ),
+    ] {
+        line(name, "counter", help, c(v));
+    }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }

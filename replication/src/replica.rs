@@ -167,8 +167,12 @@ pub struct ReplicaConfig {
     pub call_timeout: Duration,
     /// Where unacknowledged updates are kept.
     pub update_dir: PathBuf,
-    /// How long a deletion is remembered.
+    /// How long a deletion is remembered at most (when a replica never
+    /// confirms it, e.g. a node that left for good).
     pub tombstone_retention: Duration,
+    /// How long a deletion is remembered at least, even once every replica
+    /// holds it (covers copies still in flight).
+    pub tombstone_min_age: Duration,
 }
 
 impl ReplicaConfig {
@@ -179,6 +183,7 @@ impl ReplicaConfig {
             call_timeout: Duration::from_secs(2),
             update_dir: update_dir.into(),
             tombstone_retention: Duration::from_secs(14 * 24 * 3600),
+            tombstone_min_age: Duration::from_secs(600),
         }
     }
 }
@@ -250,6 +255,10 @@ pub struct Replicator<N: Network> {
     inflight: AtomicU64,
     clock: HlcClock,
     update_seq: AtomicU64,
+    /// Per peer: wall-clock ms at the start of the last anti-entropy
+    /// exchange that completed without error (the peer then held every
+    /// tombstone this node held at that moment, for the messages they share).
+    clean_since: Mutex<HashMap<NodeId, u64>>,
     pub counters: ReplicaCounters,
 }
 
@@ -284,6 +293,7 @@ impl<N: Network> Replicator<N> {
             inflight: AtomicU64::new(0),
             clock: HlcClock::default(),
             update_seq: AtomicU64::new(0),
+            clean_since: Mutex::new(HashMap::new()),
             counters: ReplicaCounters::default(),
         })
     }
@@ -978,6 +988,13 @@ impl<N: Network> Replicator<N> {
     }
 
     async fn sync_with(&self, peer: NodeId, report: &mut RepairReport) -> Result<(), String> {
+        let started = wall_ms();
+        self.sync_digests(peer, report).await?;
+        lock(&self.clean_since).insert(peer, started);
+        Ok(())
+    }
+
+    async fn sync_digests(&self, peer: NodeId, report: &mut RepairReport) -> Result<(), String> {
         let digests = self.store.peer_digests(peer);
         for chunk in digests.chunks(DIGESTS_MAX) {
             let users = match self
@@ -1119,12 +1136,32 @@ impl<N: Network> Replicator<N> {
             .under_replicated(self.me, self.cfg.replicas, |n| Self::is_live(&view, n))
     }
 
-    /// Forgets deletions older than the retention.
+    /// Forgets deletions every other replica of the message is known to
+    /// hold (an anti-entropy exchange with each completed after this node
+    /// took the tombstone, and it is at least `tombstone_min_age` old), and
+    /// any older than the retention.
     pub fn expire_tombstones(&self) -> usize {
-        let now = crate::hlc::wall_hlc();
-        let keep = crate::hlc::from_ms(self.cfg.tombstone_retention.as_millis() as u64);
-        self.store.expire_tombstones(now.saturating_sub(keep))
+        let now = wall_ms();
+        let retention = self.cfg.tombstone_retention.as_millis() as u64;
+        let min_age = self.cfg.tombstone_min_age.as_millis() as u64;
+        let oldest_hlc = crate::hlc::from_ms(now.saturating_sub(retention));
+        let clean = lock(&self.clean_since).clone();
+        let me = self.me;
+        self.store.forget_tombstones(|_, hlc, replicas, added_ms| {
+            if hlc < oldest_hlc {
+                return true;
+            }
+            now.saturating_sub(added_ms) >= min_age
+                && replicas
+                    .iter()
+                    .filter(|r| **r != me)
+                    .all(|r| clean.get(r).is_some_and(|since| *since > added_ms))
+        })
     }
+}
+
+fn wall_ms() -> u64 {
+    crate::hlc::to_ms(crate::hlc::wall_hlc())
 }
 
 /// Writes `name` in `dir` so that it is either whole or absent after a

@@ -146,6 +146,16 @@ struct Tomb {
     hlc: u64,
     replicas: Vec<u64>,
     loc: Loc,
+    /// Wall-clock ms when this store took it (the open time for those
+    /// read back on open): replication drops a tombstone only once every
+    /// replica has shown it holds the tombstone after this moment.
+    added_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Debug, Default)]
@@ -186,9 +196,13 @@ impl Index {
     }
 
     /// Adds a tombstone, or moves an existing one to a new location.
-    fn put_tomb(&mut self, user: &str, id: MessageId, tomb: Tomb) {
+    fn put_tomb(&mut self, user: &str, id: MessageId, mut tomb: Tomb) {
         let (seg, len) = (tomb.loc.seg, tomb.loc.record_len);
         let mailbox = self.mailboxes.entry(user.to_owned()).or_default();
+        if let Some(old) = mailbox.tombstones.get(&id) {
+            // Moved by the cleaner: still the same tombstone.
+            tomb.added_ms = old.added_ms;
+        }
         match mailbox.tombstones.insert(id, tomb) {
             Some(old) => self.sub_live(old.loc.seg, old.loc.record_len),
             None => self.tombstones += 1,
@@ -528,6 +542,7 @@ impl FragmentStore {
                     hlc: d.hlc,
                     replicas: d.replicas,
                     loc,
+                    added_ms: now_ms(),
                 },
             );
         }
@@ -748,6 +763,12 @@ impl FragmentStore {
     /// Forgets tombstones older than `hlc_before`: after that a copy that
     /// shows up again is taken as new mail. Returns how many went.
     pub fn expire_tombstones(&self, hlc_before: u64) -> usize {
+        self.forget_tombstones(|_, hlc, _, _| hlc < hlc_before)
+    }
+
+    /// Forgets the tombstones for which `drop(user, hlc, replicas,
+    /// added_ms)` holds (see [`FragmentStore::expire_tombstones`]).
+    pub fn forget_tombstones(&self, drop: impl Fn(&str, u64, &[u64], u64) -> bool) -> usize {
         let mut index = self.shared.index();
         let old: Vec<(String, MessageId)> = index
             .mailboxes
@@ -755,7 +776,7 @@ impl FragmentStore {
             .flat_map(|(user, m)| {
                 m.tombstones
                     .iter()
-                    .filter(|(_, t)| t.hlc < hlc_before)
+                    .filter(|(_, t)| drop(user, t.hlc, &t.replicas, t.added_ms))
                     .map(|(id, _)| (user.clone(), *id))
             })
             .collect();
@@ -1250,6 +1271,7 @@ impl Writer {
                     hlc: rec.hlc,
                     replicas: rec.replicas,
                     loc,
+                    added_ms: now_ms(),
                 };
                 index.put_tomb(&rec.user, rec.id, tomb);
             }

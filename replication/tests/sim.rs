@@ -71,6 +71,9 @@ fn open(router: &Arc<MemRouter>, id: u64, dir: &TempDir) -> Arc<Rep> {
     cfg.replicas = R;
     cfg.spread = 3;
     cfg.call_timeout = Duration::from_secs(5);
+    // Tombstones go as soon as every replica is known to hold them, so that
+    // the run exercises their removal.
+    cfg.tombstone_min_age = Duration::ZERO;
     let rep = Arc::new(Replicator::new(id, Arc::new(store), router.net(id), cfg).expect("replicator"));
     let serve: Arc<dyn Serve> = rep.clone();
     router.register(id, Arc::downgrade(&serve));
@@ -259,8 +262,11 @@ async fn run(seed: u64, ops: usize) {
             88..=92 => {
                 front.anti_entropy_round().await;
             }
-            93..=96 => {
+            93..=95 => {
                 front.replay_updates().await;
+            }
+            96 => {
+                front.expire_tombstones();
             }
             _ => {
                 front.report_round().await;
@@ -292,6 +298,37 @@ async fn run(seed: u64, ops: usize) {
         }
     }
     assert!(quiet, "seed {seed}: repairs did not converge within 10 rounds");
+
+    // Every replica now holds every tombstone: one more exchange (started
+    // after they were all taken) lets every node forget them all, and
+    // nothing comes back afterwards.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for r in sim.live() {
+        let rep = r.anti_entropy_round().await;
+        assert_eq!(
+            rep.copies_pulled + rep.tombstones_applied,
+            0,
+            "seed {seed}: converged, yet repaired"
+        );
+    }
+    let mut forgotten = 0;
+    for r in sim.live() {
+        forgotten += r.expire_tombstones();
+    }
+    let left: u64 = sim.live().iter().map(|r| r.store().stats().tombstones).sum();
+    assert_eq!(
+        left, 0,
+        "seed {seed}: tombstones kept although every replica holds them"
+    );
+    let before = repairs(&sim);
+    for r in sim.live() {
+        r.anti_entropy_round().await;
+    }
+    assert_eq!(
+        repairs(&sim),
+        before,
+        "seed {seed}: anti-entropy changed something after tombstones went"
+    );
 
     // The oracle.
     let expected = sim.expected();
@@ -357,7 +394,7 @@ async fn run(seed: u64, ops: usize) {
     let under: u64 = reps.iter().map(|r| r.under_replicated()).sum();
     assert_eq!(under, 0, "seed {seed}: under-replicated messages after healing");
     eprintln!(
-        "seed {seed}: {} acknowledged, {} deleted, {} present, {} calls lost",
+        "seed {seed}: {} acknowledged, {} deleted, {} present, {} calls lost, {forgotten} tombstones forgotten at the end",
         sim.acked.len(),
         sim.deleted.len(),
         expected.len(),
@@ -410,6 +447,16 @@ async fn deletion_survives_a_replica_that_missed_it() {
     assert_eq!(mailbox.len(), 1, "one live replica still serves the message");
     front.delete(&user, &mailbox).await.expect("delete is accepted");
     assert!(front.pending_updates() >= 1, "the missed replica's deletion is logged");
+    // The tombstone must outlive any cleanup while a replica lacks it.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    for r in sim.live() {
+        r.anti_entropy_round().await;
+        r.expire_tombstones();
+    }
+    assert!(
+        front.store().stats().tombstones >= 1,
+        "a tombstone went before every replica had it"
+    );
     sim.restart(vi).await;
     // Anti-entropy first (before the update log): the tombstone must win.
     for r in sim.live() {

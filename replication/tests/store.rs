@@ -980,3 +980,90 @@ async fn delete_of_last_reference_and_redelivery_in_one_batch() {
     }
     store.close();
 }
+
+/// A deletion is remembered: the same id delivered again (a late copy from
+/// a replica) stays deleted, also after a restart and after the cleaner
+/// has rewritten every segment; a tombstone for an id never seen blocks
+/// it too; two stores that agree compute the same digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_outlive_restarts_and_cleaning() {
+    use replication::{SyncItem, Tombstone};
+    let dir = TempDir::new("tombstones");
+    let mut store = open(dir.path(), SMALL_SEGMENT);
+    let replicas = vec![7, 9];
+    let mk = |id, seed| Delivery {
+        id,
+        arrival_ms: T0,
+        users: vec!["alice".into()],
+        folder: "INBOX".into(),
+        body: bytes(seed, 900),
+        replicas: replicas.clone(),
+    };
+    let a = store.new_message_id(T0);
+    let b = store.new_message_id(T0);
+    store.deliver(mk(a, 1)).await.expect("deliver a");
+    assert_eq!(store.list("alice")[0].replicas, replicas, "the replica set is kept");
+    assert_eq!(store.delete("alice", vec![a]).await.expect("delete"), 1);
+    // b: deleted before its copy arrives.
+    let tomb = Tombstone {
+        id: b,
+        hlc: 1 << 20,
+        replicas: replicas.clone(),
+    };
+    assert_eq!(store.apply_tombstones("alice", vec![tomb]).await.expect("tombstone"), 0);
+    for round in 0..3 {
+        store.deliver(mk(a, 1)).await.expect("late copy of a");
+        store.deliver(mk(b, 2)).await.expect("late copy of b");
+        assert!(
+            store.list("alice").is_empty(),
+            "round {round}: a deleted message came back"
+        );
+        // Filler so the cleaner has sealed segments to rewrite.
+        for i in 0..8 {
+            let (id, _) = deliver(&store, &["bob"], T0 + i, bytes(100 + i, 1500)).await;
+            store.delete("bob", vec![id]).await.expect("delete filler");
+        }
+        while store.compact_once().await.expect("compact").is_some() {}
+        store = reopen(store, dir.path(), SMALL_SEGMENT);
+        let items = store.sync_items("alice", Some(9));
+        assert!(
+            items.len() == 2 && items.iter().all(|i| matches!(i, SyncItem::Dead(_))),
+            "round {round}: both tombstones kept: {items:?}"
+        );
+    }
+    // A copy of the same state elsewhere has the same digest; a store that
+    // lacks one tombstone does not.
+    let dir2 = TempDir::new("tombstones2");
+    let other = open(dir2.path(), DEFAULT_SEGMENT);
+    for (id, hlc) in [(a, 1u64 << 30), (b, 1u64 << 31)] {
+        other
+            .apply_tombstones(
+                "alice",
+                vec![Tombstone {
+                    id,
+                    hlc,
+                    replicas: replicas.clone(),
+                }],
+            )
+            .await
+            .expect("tombstone");
+        if id == a {
+            assert_ne!(
+                store.digest("alice", 9),
+                other.digest("alice", 9),
+                "one tombstone missing"
+            );
+        }
+    }
+    assert_eq!(store.digest("alice", 9), other.digest("alice", 9));
+    assert_eq!(store.digest("alice", 5), [0; 32], "node 5 shares nothing of alice");
+    // Forgetting them lets the id in again (after the retention).
+    assert_eq!(
+        store.expire_tombstones(u64::MAX),
+        2 + 3 * 8,
+        "alice's two and bob's fillers"
+    );
+    assert_eq!(store.stats().tombstones, 0);
+    store.deliver(mk(a, 1)).await.expect("deliver a again");
+    assert_eq!(store.list("alice").len(), 1);
+}

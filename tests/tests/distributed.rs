@@ -309,3 +309,102 @@ async fn python_clients_against_different_nodes() {
         "{text}"
     );
 }
+
+/// kill -9 of one node: its messages stay readable from the survivors and
+/// count as under-replicated; mail still goes in; deletions made while it
+/// is down reach it from the update log when it returns, and nothing
+/// deleted comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_misses_nothing_once_it_returns() {
+    let users: Vec<String> = (0..10).map(|i| format!("k{i}@example.org")).collect();
+    let (_dir, mut nodes) = cluster("distkill", 3, &users).await;
+    let smtp: Vec<_> = nodes.iter().map(|n| n.smtp()).collect();
+    let send = |node: usize, k: usize| {
+        let (addr, user) = (smtp[node], users[k % users.len()].clone());
+        async move {
+            let mut c = SmtpClient::connect(addr, false).await.expect("smtp");
+            let body = format!("Subject: {k}\r\nX-Test-Seq: {k}\r\n\r\nmessage {k}\r\n");
+            let r = c
+                .send_mail("a@remote.test", &[user.as_str()], body.as_bytes())
+                .await
+                .expect("send");
+            assert!(r.last().expect("reply").is_ok(), "{r:?}");
+            c.quit().await.expect("quit");
+        }
+    };
+    for k in 0..100 {
+        send(k % 3, k).await;
+    }
+    let victim = 2;
+    let victim_id = status(&nodes[victim]).await["self"].as_u64().expect("id");
+    nodes[victim].kill9().await.expect("kill");
+    let survivors: Vec<&NodeProcess> = nodes[..victim].iter().collect();
+    process::wait_converged(&survivors, 2, Duration::from_secs(30))
+        .await
+        .expect("the victim is marked down");
+    let (_, under) = counts_live(&nodes[0]).await;
+    assert!(under > 0, "messages with a copy on the dead node are under-replicated");
+
+    // Everything is still readable, and new mail still goes in.
+    let mut total = 0;
+    for u in &users {
+        total += read_all(&nodes[0], u).await.len();
+    }
+    assert_eq!(total, 100, "every message readable with one node down");
+    for k in 100..120 {
+        send(k % 2, k).await;
+    }
+    // Delete the whole mailbox of half the users while the node is down.
+    let mut deleted = 0;
+    for u in &users[..5] {
+        let mut p = Pop3Client::connect(nodes[1].pop3()).await.expect("pop3");
+        p.login(u, PASSWORD).await.expect("login");
+        let (n, _) = p.stat().await.expect("stat");
+        for k in 1..=n {
+            p.dele(k as u32).await.expect("dele");
+        }
+        p.quit().await.expect("quit");
+        deleted += n;
+    }
+    assert!(deleted > 0);
+
+    nodes[victim].restart().await.expect("restart");
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    process::wait_converged(&all, 3, Duration::from_secs(30))
+        .await
+        .expect("the victim is back up");
+    // Every copy the victim holds is live mail, the deletions it missed
+    // reached it, and nothing is under-replicated any more.
+    let left = 120 - deleted;
+    common::wait_for("the victim to catch up", Duration::from_secs(60), || async {
+        let s = status(&nodes[0]).await;
+        let entries: Option<u64> = s["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x["messages"].as_u64()).sum());
+        entries == Some(2 * left as u64) && s["under_replicated"] == 0
+    })
+    .await;
+    for u in &users[..5] {
+        assert!(
+            read_all(&nodes[victim], u).await.is_empty(),
+            "{u}: deleted mail came back on node {victim_id}"
+        );
+    }
+    let mut total = 0;
+    for u in &users {
+        total += read_all(&nodes[victim], u).await.len();
+    }
+    assert_eq!(total, left, "the returned node serves every mailbox");
+}
+
+/// Like [`counts`], tolerating nodes that do not answer.
+async fn counts_live(n: &NodeProcess) -> (u64, u64) {
+    let s = status(n).await;
+    let entries = s["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|x| x["messages"].as_u64())
+        .sum();
+    (entries, s["under_replicated"].as_u64().expect("under_replicated"))
+}

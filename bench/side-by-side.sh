@@ -38,7 +38,7 @@ start_quill() {
   rm -rf "$WORK/quill-data"
   "$QUILL" node --data "$WORK/quill-data" --cluster-addr $H:$CLUSTER --smtp $H:$SMTP --lmtp $H:$LMTP \
     --pop3 $H:$POP3 --admin $H:$ADMIN --admin-token $TOKEN --default-login-domain example.com \
-    --log warn </dev/null >"$WORK/quill.log" 2>&1 &
+    --replicas 1 --log warn </dev/null >"$WORK/quill.log" 2>&1 &
   QPID=$!
   for _ in $(seq 1 100); do curl -sf "http://$H:$ADMIN/health" >/dev/null && break; sleep 0.1; done
   A="$QUILL admin --node $H:$ADMIN --token $TOKEN"

@@ -73,11 +73,50 @@ pub async fn placement_view(membership: &Membership) -> Option<Arc<placement::Vi
     }
 }
 
-/// Follows view changes (reports to the new managers, then anti-entropy)
-/// and runs the periodic duties until `stop`.
-pub async fn duties(replica: Arc<NodeReplicator>, membership: Membership, mut stop: watch::Receiver<bool>) {
+/// Follows view changes and runs the replication duties until `stop`.
+/// Two tasks: one applies each new view at once (placement must not lag
+/// the membership view behind a slow round), the other does the work a
+/// view change calls for (reports to the new managers, anti-entropy) and
+/// the periodic duties.
+pub async fn duties(replica: Arc<NodeReplicator>, membership: Membership, stop: watch::Receiver<bool>) {
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let follower = tokio::spawn(follow_views(
+        replica.clone(),
+        membership.clone(),
+        changed.clone(),
+        stop.clone(),
+    ));
+    work(replica, changed, stop).await;
+    follower.abort();
+}
+
+async fn follow_views(
+    replica: Arc<NodeReplicator>,
+    membership: Membership,
+    changed: Arc<tokio::sync::Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut views = membership.subscribe();
     let mut epoch = None;
+    loop {
+        let current = membership.view().epoch;
+        if epoch != Some(current)
+            && let Some(v) = placement_view(&membership).await
+        {
+            epoch = Some(current);
+            replica.set_view(v);
+            debug!(epoch = current, "placement view applied");
+            changed.notify_one();
+            continue;
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            r = views.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn work(replica: Arc<NodeReplicator>, changed: Arc<tokio::sync::Notify>, mut stop: watch::Receiver<bool>) {
     let mut replay = tokio::time::interval(UPDATE_REPLAY_INTERVAL);
     let mut anti_entropy = tokio::time::interval(ANTI_ENTROPY_INTERVAL);
     let mut report = tokio::time::interval(REPORT_INTERVAL);
@@ -85,30 +124,20 @@ pub async fn duties(replica: Arc<NodeReplicator>, membership: Membership, mut st
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         t.reset();
     }
-    let mut first = true;
+    // This node's mail maps start empty: ask the others for theirs.
+    replica.ask_reports().await;
     loop {
-        let current = membership.view().epoch;
-        if epoch != Some(current) {
-            epoch = Some(current);
-            if let Some(v) = placement_view(&membership).await {
-                replica.set_view(v);
-                let sent = replica.report_round().await;
-                if first {
-                    // This node's maps are empty: ask the others for theirs.
-                    replica.ask_reports().await;
-                    first = false;
-                }
-                debug!(epoch = current, users_reported = sent, "view applied");
-                let r = replica.anti_entropy_round().await;
-                if r.users_differing > 0 {
-                    info!(epoch = current, report = ?r, "anti-entropy after a view change");
-                }
-            }
-            continue;
-        }
         tokio::select! {
             _ = stop.changed() => return,
-            r = views.changed() => if r.is_err() { return },
+            _ = changed.notified() => {
+                let epoch = replica.view().epoch();
+                let sent = replica.report_round().await;
+                debug!(epoch, users_reported = sent, "reported to the users' managers");
+                let r = replica.anti_entropy_round().await;
+                if r.users_differing > 0 {
+                    info!(epoch, report = ?r, "anti-entropy after a view change");
+                }
+            }
             _ = replay.tick() => {
                 if replica.pending_updates() > 0 {
                     let n = replica.replay_updates().await;
@@ -124,7 +153,7 @@ pub async fn duties(replica: Arc<NodeReplicator>, membership: Membership, mut st
                 replica.report_round().await;
                 let n = replica.expire_tombstones();
                 if n > 0 {
-                    info!(tombstones = n, "expired tombstones forgotten");
+                    info!(tombstones = n, "tombstones every replica holds forgotten");
                 }
             }
         }

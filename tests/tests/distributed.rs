@@ -342,8 +342,12 @@ async fn a_dead_node_misses_nothing_once_it_returns() {
     process::wait_converged(&survivors, 2, Duration::from_secs(30))
         .await
         .expect("the victim is marked down");
-    let (_, under) = counts_live(&nodes[0]).await;
-    assert!(under > 0, "messages with a copy on the dead node are under-replicated");
+    common::wait_for(
+        "messages with a copy on the dead node to count as under-replicated",
+        Duration::from_secs(30),
+        || async { counts_live(&nodes[0]).await.1 > 0 },
+    )
+    .await;
 
     // Everything is still readable, and new mail still goes in.
     let mut total = 0;

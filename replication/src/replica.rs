@@ -834,6 +834,21 @@ impl<N: Network> Replicator<N> {
             }
         }
         let mut failed = 0;
+        // A replica the view has down gets it from the log when it returns
+        // (a call to it would only wait out its deadline).
+        let view = self.view();
+        let (per_node, down): (BTreeMap<_, _>, BTreeMap<_, _>) = per_node
+            .into_iter()
+            .partition(|(n, _)| *n == self.me || Self::is_live(&view, *n));
+        for (n, tombs) in down {
+            self.log_update(PendingUpdate {
+                node: n,
+                user: user.to_owned(),
+                tombs,
+            })
+            .map_err(|e| format!("cannot log a deletion: {e}"))?;
+            failed += 1;
+        }
         let sends = per_node.into_iter().map(|(n, tombs)| async move {
             let r = self
                 .call(
@@ -870,12 +885,14 @@ impl<N: Network> Replicator<N> {
 
     /// Best effort: tombstones to `nodes`, logged where not acknowledged.
     async fn send_tombstones(&self, user: &str, nodes: &[NodeId], tombs: Vec<Tombstone>) {
+        let view = self.view();
         for &n in nodes {
             let req = Request::Delete {
                 user: user.to_owned(),
                 tombs: tombs.clone(),
             };
-            if self.call(n, req).await.is_err()
+            let live = n == self.me || Self::is_live(&view, n);
+            if (!live || self.call(n, req).await.is_err())
                 && let Err(e) = self.log_update(PendingUpdate {
                     node: n,
                     user: user.to_owned(),

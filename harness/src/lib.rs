@@ -2,14 +2,19 @@
 //! protocols (SMTP, LMTP, POP3) and the admin API, and measures.
 //!
 //! It treats nodes as black boxes: no quill internals, only their protocols.
-//! The `quill-harness` binary (demo, bench-node) and the tests in `tests/`
-//! are built on this library.
+//! The `quill-harness` binary (`up`, `load`, `verify`, `scale`, the fault
+//! commands, the benchmarks) and the tests in `tests/` are built on this
+//! library.
 //!
 //! What it must not do: reach anything but loopback addresses, or run
 //! unbounded: every load is bounded in count and time.
 
 pub mod bench;
+pub mod chart;
+pub mod cli;
 pub mod client;
+pub mod cluster;
+pub mod load;
 pub mod process;
 pub mod workload;
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use quill_harness::bench::{self, DeliverPlan};
+use quill_harness::cli;
+use quill_harness::load::LoadConfig;
 use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
 use quill_harness::workload::percentile;
 use quill_harness::{Pop3Client, SmtpClient, fresh_loopback};
@@ -24,6 +26,120 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Start a local cluster: node k on SUBNET.k (127.0.0.k) with SMTP 2525,
+    /// LMTP 2424, POP3 2110 and admin 8080; domain example.org with users
+    /// alice and bob; send a mail on one node and read it on another; print
+    /// how to connect; run until Ctrl-C (or `down`). With an existing
+    /// cluster in DIR, start its nodes again.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+        /// The cluster's directory (state, node data, logs).
+        #[arg(long, default_value_os_t = cli::default_dir())]
+        dir: PathBuf,
+        /// Password of alice, bob and the load users [default: generated, printed].
+        #[arg(long)]
+        password: Option<String>,
+        /// First three octets of the nodes' addresses.
+        #[arg(long, default_value = "127.0.0")]
+        subnet: String,
+        /// Leave the cluster running and return (stop it with `down`).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Start one more node, joining the cluster in DIR.
+    Add {
+        #[arg(long, default_value_os_t = cli::default_dir())]
+        dir: PathBuf,
+    },
+    /// kill -9 a node (NODE: 2 or n2).
+    Kill {
+        node: String,
+        #[arg(long, default_value_os_t = cli::default_dir())]
+        dir: PathBuf,
+    },
+    /// Stop a node if it runs, then start it again on its data.
+    Restart {
+        node: String,
+        #[arg(long, default_value_os_t = cli::default_dir())]
+        dir: PathBuf,
+    },
+    /// Mark a node draining: it takes no new mail.
+    Drain {
+        node: String,
+        #[arg(long, default_value_os_t = cli::default_dir())]
+        dir: PathBuf,
+    },
+    /// The cluster's status as any live node reports it.
+    Status {
+        #[arg(long, default_value_os_t = cli::default_dir())]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every node of the cluster in DIR (SIGTERM, in order).
+    Down {
+        #[arg(long, default_value_os_t = cli::default_dir())]
+        dir: PathBuf,
+    },
+    /// Porcupine's synthetic workload: SMTP deliveries to Zipf-skewed users
+    /// and POP3 fetch-and-delete sessions, each to a random node; optional
+    /// faults; per-second figures (JSON), a throughput picture (SVG, PNG)
+    /// and the record `verify` checks, all in --out.
+    Load {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// kill -9 a node at a moment of the run, e.g. n2@30s (repeatable).
+        #[arg(long)]
+        kill: Vec<String>,
+        /// (Re)start a node at a moment, e.g. n2@60s (repeatable).
+        #[arg(long)]
+        restart: Vec<String>,
+        /// Add a node at a moment, e.g. @90s (repeatable).
+        #[arg(long)]
+        add: Vec<String>,
+        /// Where the figures, pictures and record go.
+        #[arg(long)]
+        out: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Check the cluster against the record a load run left in --out: every
+    /// acknowledged, undeleted message present once with its checksum,
+    /// nothing deleted present.
+    Verify {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the same closed-loop load on clusters of each size and R, and
+    /// draw throughput vs nodes (scale.json, scale.svg, scale.png in --dir).
+    Scale {
+        /// Cluster sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+        nodes: Vec<u8>,
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        replicas: Vec<usize>,
+        /// Where the clusters and results go.
+        #[arg(long, default_value_os_t = std::env::temp_dir().join("quill-scale"))]
+        dir: PathBuf,
+        /// Measure already running nodes instead (one IP per line,
+        /// standard ports); needs --admin-token and --password.
+        #[arg(long)]
+        hosts: Option<PathBuf>,
+        #[arg(long)]
+        admin_token: Option<String>,
+        #[arg(long)]
+        password: Option<String>,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
     /// Start one node on 127.0.0.1 with domain example.org and users alice and
     /// bob, send a message and fetch it, print how to do the same, and keep
     /// running until Ctrl-C.
@@ -95,6 +211,88 @@ enum Cmd {
     },
 }
 
+/// Which cluster a command talks to.
+#[derive(clap::Args, Clone)]
+struct TargetArgs {
+    /// The harness cluster's directory.
+    #[arg(long, default_value_os_t = cli::default_dir())]
+    dir: PathBuf,
+    /// Nodes not started by the harness: a file with one IP per line
+    /// (standard ports); needs --admin-token and --password.
+    #[arg(long)]
+    hosts: Option<PathBuf>,
+    #[arg(long)]
+    admin_token: Option<String>,
+    #[arg(long)]
+    password: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
+struct LoadArgs {
+    /// Users load0001..loadNNNN@example.org (created if missing).
+    #[arg(long, default_value_t = 100)]
+    users: u32,
+    /// Zipf exponent of the users' popularity (0: uniform).
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Share of operations that are POP3 fetch-and-delete sessions.
+    #[arg(long, default_value_t = 0.2)]
+    pop_ratio: f64,
+    /// Open loop: operations started per second (else closed loop).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Closed loop: concurrent sessions; open loop: most in flight.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// How long the load runs (e.g. 60s, 2m).
+    #[arg(long, default_value = "30s", value_parser = cli::parse_duration)]
+    duration: Duration,
+    /// At most this many operations.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_ops: u64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl LoadArgs {
+    fn config(&self) -> anyhow::Result<LoadConfig> {
+        if !(0.0..=1.0).contains(&self.pop_ratio) {
+            bail!("--pop-ratio must be within 0..=1");
+        }
+        if self.users == 0 || self.users > 9999 {
+            bail!("--users must be 1..=9999");
+        }
+        Ok(LoadConfig {
+            users: self.users,
+            zipf: self.zipf,
+            pop_ratio: self.pop_ratio,
+            rate: self.rate,
+            connections: self.connections.clamp(1, 1024),
+            duration_s: self.duration.as_secs_f64(),
+            max_ops: self.max_ops,
+            seed: self.seed,
+            password: String::new(),
+        })
+    }
+}
+
+fn faults(kill: &[String], restart: &[String], add: &[String]) -> anyhow::Result<Vec<(Duration, cli::Fault)>> {
+    let mut out = Vec::new();
+    for k in kill {
+        let (n, at) = cli::parse_at(k)?;
+        out.push((at, cli::Fault::Kill(quill_harness::cluster::parse_node(&n)?)));
+    }
+    for r in restart {
+        let (n, at) = cli::parse_at(r)?;
+        out.push((at, cli::Fault::Restart(quill_harness::cluster::parse_node(&n)?)));
+    }
+    for a in add {
+        let (_, at) = cli::parse_at(a)?;
+        out.push((at, cli::Fault::Add));
+    }
+    Ok(out)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Victim {
     Leader,
@@ -114,6 +312,53 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         match cli.command {
+            Cmd::Up {
+                nodes,
+                replicas,
+                dir,
+                password,
+                subnet,
+                detach,
+            } => cli::up(dir, nodes, replicas, password, subnet, detach).await,
+            Cmd::Add { dir } => cli::add(dir).await,
+            Cmd::Kill { node, dir } => cli::kill(dir, node).await,
+            Cmd::Restart { node, dir } => cli::restart(dir, node).await,
+            Cmd::Drain { node, dir } => cli::drain(dir, node).await,
+            Cmd::Status { dir, json } => cli::status(dir, json).await,
+            Cmd::Down { dir } => cli::down(dir).await,
+            Cmd::Load {
+                target,
+                load,
+                kill,
+                restart,
+                add,
+                out,
+                quiet,
+            } => cli::load(cli::LoadArgs {
+                cluster: cli::hosts_or_dir(target.dir, target.hosts)?,
+                token: target.admin_token,
+                password: target.password,
+                cfg: load.config()?,
+                faults: faults(&kill, &restart, &add)?,
+                out,
+                progress: !quiet,
+            })
+            .await
+            .map(drop),
+            Cmd::Verify { target, out } => {
+                cli::verify(cli::hosts_or_dir(target.dir, target.hosts)?, target.password, out)
+                    .await
+                    .map(drop)
+            }
+            Cmd::Scale {
+                nodes,
+                replicas,
+                dir,
+                hosts,
+                admin_token,
+                password,
+                load,
+            } => cli::scale(dir, nodes, replicas, load.config()?, hosts, admin_token, password).await,
             Cmd::Demo { dir, password, exit } => demo(dir, password, exit).await,
             Cmd::BenchFailover {
                 nodes,

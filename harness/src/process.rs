@@ -80,6 +80,10 @@ pub struct NodeOptions {
     /// The join token: for the first node the secret it makes the
     /// cluster's token from, for the others the full token.
     pub join_token: Option<String>,
+    /// Run in its own process group and keep running when this handle (and
+    /// the harness) goes away: for clusters that outlive the command that
+    /// started them (`quill-harness up`).
+    pub detached: bool,
 }
 
 impl NodeOptions {
@@ -93,6 +97,7 @@ impl NodeOptions {
             log: "info".to_owned(),
             seeds: Vec::new(),
             join_token: None,
+            detached: false,
         })
     }
 
@@ -114,6 +119,12 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
+    /// A handle on a node started elsewhere (by another harness command):
+    /// its addresses and admin API, no process to signal.
+    pub fn attach(opts: NodeOptions) -> Self {
+        NodeProcess { opts, child: None }
+    }
+
     /// Starts the node and waits (with a deadline) until its admin API answers.
     pub async fn start(opts: NodeOptions) -> anyhow::Result<Self> {
         let mut node = NodeProcess { opts, child: None };
@@ -188,7 +199,12 @@ impl NodeProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .kill_on_drop(true);
+            .kill_on_drop(!o.detached);
+        if o.detached {
+            // Ctrl-C in the harness's terminal must not reach the nodes:
+            // the harness stops them in order.
+            cmd.process_group(0);
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", o.binary.display()))?;

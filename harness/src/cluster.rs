@@ -1,0 +1,266 @@
+//! A local cluster that outlives the command that started it: `up` starts
+//! the nodes in their own process groups and records them in
+//! `DIR/harness.json`; `add`, `kill`, `restart`, `drain`, `status`, `down`,
+//! `load` and `verify` find them there. Node k listens on `SUBNET.k`
+//! (127.0.0.k by default) with the standard ports, so every node looks like
+//! its own host, as behind DNS round robin.
+//!
+//! Processes are only ever signalled by the PIDs recorded here, and only
+//! after checking that the PID still runs a `quill` binary.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use hyper::Method;
+use serde::{Deserialize, Serialize};
+
+use crate::process::{CLUSTER_PORT, NodeOptions, NodeProcess};
+
+pub const STATE_FILE: &str = "harness.json";
+const STOP_DEADLINE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeEntry {
+    /// The node's number: it listens on SUBNET.k.
+    pub k: u8,
+    /// The running process, if any.
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The first three octets of the nodes' addresses.
+    pub subnet: [u8; 3],
+    pub admin_token: String,
+    /// Password of alice and bob (and of the load users).
+    pub password: String,
+    pub replicas: usize,
+    /// The secret the founding node made the join token from.
+    pub secret: String,
+    pub binary: PathBuf,
+    pub log: String,
+    pub nodes: Vec<NodeEntry>,
+}
+
+impl ClusterState {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(STATE_FILE)
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = Self::path(dir);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no harness cluster in {} (start one with `quill-harness up --dir {}`)",
+                dir.display(),
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("bad {}", path.display()))
+    }
+
+    /// Written whole or not at all (temporary file, then rename).
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, Self::path(dir))?;
+        Ok(())
+    }
+
+    pub fn ip(&self, k: u8) -> Ipv4Addr {
+        Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], k)
+    }
+
+    pub fn data(dir: &Path, k: u8) -> PathBuf {
+        dir.join(format!("n{k}"))
+    }
+
+    /// Options to run node `k` (its data directory under `dir`).
+    pub fn options(&self, dir: &Path, k: u8) -> anyhow::Result<NodeOptions> {
+        let mut o = NodeOptions::new(Self::data(dir, k), self.ip(k))?;
+        o.binary = self.binary.clone();
+        o.admin_token = self.admin_token.clone();
+        o.log = self.log.clone();
+        o.detached = true;
+        o.extra_args = vec![
+            "--replicas".into(),
+            self.replicas.to_string(),
+            "--name".into(),
+            format!("n{k}"),
+        ];
+        Ok(o)
+    }
+
+    /// A handle on node `k` (whether or not it runs).
+    pub fn handle(&self, dir: &Path, k: u8) -> anyhow::Result<NodeProcess> {
+        Ok(NodeProcess::attach(self.options(dir, k)?))
+    }
+
+    pub fn entry(&self, k: u8) -> anyhow::Result<&NodeEntry> {
+        self.nodes
+            .iter()
+            .find(|n| n.k == k)
+            .ok_or_else(|| anyhow!("no node n{k} in this cluster"))
+    }
+
+    fn entry_mut(&mut self, k: u8) -> anyhow::Result<&mut NodeEntry> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.k == k)
+            .ok_or_else(|| anyhow!("no node n{k} in this cluster"))
+    }
+
+    /// The nodes whose recorded process still runs.
+    pub fn live(&self) -> Vec<u8> {
+        self.nodes
+            .iter()
+            .filter(|n| n.pid.is_some_and(quill_alive))
+            .map(|n| n.k)
+            .collect()
+    }
+
+    /// Handles on the live nodes.
+    pub fn live_handles(&self, dir: &Path) -> anyhow::Result<Vec<NodeProcess>> {
+        self.live().into_iter().map(|k| self.handle(dir, k)).collect()
+    }
+
+    /// Starts node `k`: the first node founds the cluster, a new node joins
+    /// through a live member, a node with data resumes.
+    pub async fn start_node(&mut self, dir: &Path, k: u8) -> anyhow::Result<()> {
+        if self.entry(k).is_ok_and(|e| e.pid.is_some_and(quill_alive)) {
+            bail!("n{k} is already running");
+        }
+        let mut o = self.options(dir, k)?;
+        let has_data = Self::data(dir, k).join("cluster").join("node.der").exists();
+        if !has_data {
+            match self.live().into_iter().find(|&l| l != k) {
+                Some(seed_k) => {
+                    let seed = self.handle(dir, seed_k)?;
+                    o.seeds = vec![SocketAddr::new(self.ip(seed_k).into(), CLUSTER_PORT)];
+                    o.join_token = Some(seed.join_token()?);
+                }
+                // Nobody has joined anything yet: this node founds the cluster.
+                None if !self
+                    .nodes
+                    .iter()
+                    .any(|n| Self::data(dir, n.k).join("cluster").join("node.der").exists()) =>
+                {
+                    o.join_token = Some(self.secret.clone())
+                }
+                None => bail!("no live node to join through"),
+            }
+        }
+        let node = NodeProcess::start(o).await.with_context(|| format!("starting n{k}"))?;
+        let pid = node.pid().ok_or_else(|| anyhow!("n{k} has no pid"))?;
+        match self.entry_mut(k) {
+            Ok(e) => e.pid = Some(pid),
+            Err(_) => self.nodes.push(NodeEntry { k, pid: Some(pid) }),
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill_node(&mut self, k: u8) -> anyhow::Result<()> {
+        let e = self.entry_mut(k)?;
+        let pid = e
+            .pid
+            .filter(|p| quill_alive(*p))
+            .ok_or_else(|| anyhow!("n{k} is not running"))?;
+        signal(pid, "KILL")?;
+        wait_gone(pid, STOP_DEADLINE)?;
+        e.pid = None;
+        Ok(())
+    }
+
+    /// SIGTERM and wait (SIGKILL past the deadline).
+    pub fn stop_node(&mut self, k: u8) -> anyhow::Result<()> {
+        let e = self.entry_mut(k)?;
+        let Some(pid) = e.pid.filter(|p| quill_alive(*p)) else {
+            e.pid = None;
+            return Ok(());
+        };
+        signal(pid, "TERM")?;
+        if wait_gone(pid, STOP_DEADLINE).is_err() {
+            signal(pid, "KILL")?;
+            wait_gone(pid, STOP_DEADLINE)?;
+        }
+        e.pid = None;
+        Ok(())
+    }
+
+    /// The node id the cluster knows node `k` by (from `cluster status`).
+    pub async fn node_id(&self, dir: &Path, k: u8) -> anyhow::Result<u64> {
+        let status = self.any_status(dir).await?;
+        let name = format!("n{k}");
+        status["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == name.as_str()))
+            .and_then(|n| n["id"].as_u64())
+            .ok_or_else(|| anyhow!("the cluster does not know n{k}"))
+    }
+
+    /// `cluster status --json` from the first live node that answers.
+    pub async fn any_status(&self, dir: &Path) -> anyhow::Result<serde_json::Value> {
+        let mut last = anyhow!("no node is running");
+        for h in self.live_handles(dir)? {
+            match h.status().await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn drain(&self, dir: &Path, k: u8) -> anyhow::Result<()> {
+        let id = self.node_id(dir, k).await?;
+        let live = self.live_handles(dir)?;
+        let h = live.first().ok_or_else(|| anyhow!("no node is running"))?;
+        h.admin(Method::POST, &format!("/v1/nodes/{id}/drain"), None).await?;
+        Ok(())
+    }
+}
+
+/// Parses `3` or `n3`.
+pub fn parse_node(s: &str) -> anyhow::Result<u8> {
+    s.trim_start_matches('n')
+        .parse()
+        .map_err(|_| anyhow!("bad node {s:?}: want a number like 2 or n2"))
+}
+
+/// Whether `pid` is a running (not zombie) `quill` process.
+pub fn quill_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name.
+    let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+    if matches!(state, Some("Z") | Some("X") | None) {
+        return false;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).next().is_some_and(|exe| exe.ends_with(b"quill")))
+}
+
+fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !st.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+fn wait_gone(pid: u32, deadline: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + deadline;
+    while quill_alive(pid) {
+        if Instant::now() > end {
+            bail!("process {pid} still running after {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

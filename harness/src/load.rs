@@ -555,8 +555,18 @@ pub async fn verify(record: &Record, node: &Target, password: &str) -> anyhow::R
     }
     let mut found: HashMap<u64, u32> = HashMap::new();
     for user in by_user.keys() {
-        let mut p = Pop3Client::connect(node.pop3).await.context("pop3 connect")?;
-        p.login(user, password).await.with_context(|| format!("login {user}"))?;
+        // The last sessions of a load may still be releasing their locks.
+        let end = Instant::now() + Duration::from_secs(15);
+        let mut p = loop {
+            let mut p = Pop3Client::connect(node.pop3).await.context("pop3 connect")?;
+            match p.login(user, password).await {
+                Ok(_) => break p,
+                Err(e) if e.to_string().contains("[IN-USE]") && Instant::now() < end => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e).with_context(|| format!("login {user}")),
+            }
+        };
         for (n, _) in p.uidl().await? {
             let msg = p.retr(n).await?;
             let original = strip_received(&msg).unwrap_or(&msg);

@@ -301,10 +301,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 Ok(Flow::Continue)
             }
             Auth::Ok(record) => {
-                let Some(lock) = self.services.lock_mailbox(&record.address) else {
+                let Some(mut lock) = self.services.lock_mailbox(&record.address) else {
                     self.reply("-ERR [IN-USE] mailbox is locked by another session").await?;
                     return Ok(Flow::Close);
                 };
+                // And cluster-wide, at the user's manager.
+                match self.services.replica.lock_mailbox(&record.address).await {
+                    Ok(token) => lock.cluster = token,
+                    Err(()) => {
+                        self.reply("-ERR [IN-USE] mailbox is locked by another session").await?;
+                        return Ok(Flow::Close);
+                    }
+                }
                 // The union of the user's fragments across the cluster.
                 let listed: Vec<Listed> = self
                     .services

@@ -124,11 +124,13 @@ impl std::fmt::Debug for Services {
     }
 }
 
-/// Held by a POP3 session while it owns a mailbox.
+/// Held by a POP3 session while it owns a mailbox: on this node, and
+/// (`cluster`) at the user's manager.
 #[derive(Debug)]
 pub struct MailboxLock {
     services: Arc<Services>,
     user: String,
+    pub cluster: Option<u64>,
 }
 
 impl Drop for MailboxLock {
@@ -138,6 +140,12 @@ impl Drop for MailboxLock {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.user);
+        if let Some(token) = self.cluster
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let (replica, user) = (self.services.replica.clone(), self.user.clone());
+            rt.spawn(async move { replica.unlock_mailbox(&user, token).await });
+        }
     }
 }
 
@@ -166,7 +174,8 @@ impl Services {
         }
     }
 
-    /// Takes the POP3 lock of a mailbox (RFC 1939 §8: one session at a time).
+    /// Takes the POP3 lock of a mailbox on this node (RFC 1939 §8: one
+    /// session at a time); the session then takes it at the user's manager.
     pub fn lock_mailbox(self: &Arc<Self>, user: &str) -> Option<MailboxLock> {
         let mut locks = self.pop3_locks.lock().unwrap_or_else(|p| p.into_inner());
         if !locks.insert(user.to_owned()) {
@@ -175,6 +184,7 @@ impl Services {
         Some(MailboxLock {
             services: self.clone(),
             user: user.to_owned(),
+            cluster: None,
         })
     }
 

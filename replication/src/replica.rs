@@ -52,6 +52,11 @@ pub const REPORT_USERS_MAX: usize = 2_000;
 pub const DIGESTS_MAX: usize = 2_000;
 /// Updates kept in the durable log; past this, anti-entropy alone repairs.
 pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
+/// How long a mailbox lock holds without being released (a session that
+/// ends without unlocking, e.g. its node crashed and is not yet down).
+pub const MAILBOX_LOCK_LEASE: Duration = Duration::from_secs(600);
+/// Mailbox locks one manager holds at most.
+const MAILBOX_LOCKS_MAX: usize = 100_000;
 
 /// What a node asks of another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,9 +69,13 @@ pub enum Request {
         n_replicas: u32,
     },
     /// To the user's manager: which nodes hold the user's fragments?
-    MailMap { user: String },
+    MailMap {
+        user: String,
+    },
     /// To a manager: the sender holds these `(user, entries, bytes)`.
-    Report { users: Vec<(String, u64, u64)> },
+    Report {
+        users: Vec<(String, u64, u64)>,
+    },
     /// "Report to me the users I manage" (sent by a node that starts).
     ReportTo,
     /// Store one message: one body, entries for the users of each group
@@ -79,17 +88,39 @@ pub enum Request {
         body: Vec<u8>,
     },
     /// The user's entries held by the receiver.
-    List { user: String },
+    List {
+        user: String,
+    },
     /// A body, by hash.
-    Read { body: BodyHash },
+    Read {
+        body: BodyHash,
+    },
     /// Deletions of the user's messages.
-    Delete { user: String, tombs: Vec<Tombstone> },
+    Delete {
+        user: String,
+        tombs: Vec<Tombstone>,
+    },
     /// Anti-entropy: the sender's digests for users it shares with the
     /// receiver; the answer names those that differ.
-    Digests { digests: Vec<(String, [u8; 32])> },
+    Digests {
+        digests: Vec<(String, [u8; 32])>,
+    },
     /// Anti-entropy: the sender's items of `user` shared with the receiver;
     /// the receiver repairs itself and answers what the sender lacks.
-    Sync { user: String, items: Vec<SyncItem> },
+    Sync {
+        user: String,
+        items: Vec<SyncItem>,
+    },
+    /// To the user's manager: the mailbox for one session (POP3's
+    /// exclusive maildrop), under `token`.
+    Lock {
+        user: String,
+        token: u64,
+    },
+    Unlock {
+        user: String,
+        token: u64,
+    },
 }
 
 impl Request {
@@ -105,6 +136,8 @@ impl Request {
             Request::Delete { .. } => "delete",
             Request::Digests { .. } => "digests",
             Request::Sync { .. } => "sync",
+            Request::Lock { .. } => "lock",
+            Request::Unlock { .. } => "unlock",
         }
     }
 }
@@ -136,15 +169,21 @@ pub enum Reply {
     Synced {
         items: Vec<SyncItem>,
     },
+    Locked {
+        granted: bool,
+    },
 }
 
-/// Every message carries the sender's id, its hybrid logical clock and its
-/// load (piggybacked: managers place mail by these figures).
+/// Every message carries the sender's id, its hybrid logical clock, its
+/// load (piggybacked: managers place mail by these figures) and the number
+/// of its current run (`boot`: a change means it restarted, so the mailbox
+/// locks its earlier sessions held are released).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope<T> {
     pub from: NodeId,
     pub hlc: u64,
     pub load: u64,
+    pub boot: u32,
     pub body: T,
 }
 
@@ -255,10 +294,17 @@ pub struct Replicator<N: Network> {
     inflight: AtomicU64,
     clock: HlcClock,
     update_seq: AtomicU64,
+    /// Tells this run's mailbox locks from those of earlier runs.
+    boot: u32,
+    /// The run number each other node last showed.
+    boots: Mutex<HashMap<NodeId, u32>>,
+    lock_seq: AtomicU64,
     /// Per peer: wall-clock ms at the start of the last anti-entropy
     /// exchange that completed without error (the peer then held every
     /// tombstone this node held at that moment, for the messages they share).
     clean_since: Mutex<HashMap<NodeId, u64>>,
+    /// As manager: user → (holding node, token, lease end).
+    locks: Mutex<HashMap<String, (NodeId, u64, std::time::Instant)>>,
     pub counters: ReplicaCounters,
 }
 
@@ -293,7 +339,17 @@ impl<N: Network> Replicator<N> {
             inflight: AtomicU64::new(0),
             clock: HlcClock::default(),
             update_seq: AtomicU64::new(0),
+            boot: {
+                let mut h = blake3::Hasher::new();
+                h.update(&crate::hlc::wall_hlc().to_le_bytes());
+                h.update(&std::process::id().to_le_bytes());
+                h.update(&me.to_le_bytes());
+                u32::from_le_bytes(h.finalize().as_bytes()[..4].try_into().expect("4 bytes"))
+            },
+            lock_seq: AtomicU64::new(0),
+            boots: Mutex::new(HashMap::new()),
             clean_since: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
             counters: ReplicaCounters::default(),
         })
     }
@@ -361,6 +417,7 @@ impl<N: Network> Replicator<N> {
                 from: self.me,
                 hlc: self.clock.now(),
                 load: self.load(),
+                boot: self.boot,
                 body: req,
             };
             match tokio::time::timeout(deadline, self.net.call(to, env)).await {
@@ -369,6 +426,7 @@ impl<N: Network> Replicator<N> {
                 Ok(Ok(answer)) => {
                     self.clock.observe(answer.hlc);
                     lock(&self.loads).insert(to, answer.load);
+                    self.note_boot(to, answer.boot);
                     answer.body
                 }
             }
@@ -380,13 +438,33 @@ impl<N: Network> Replicator<N> {
         self.clock.observe(call.hlc);
         if call.from != self.me {
             lock(&self.loads).insert(call.from, call.load);
+            self.note_boot(call.from, call.boot);
         }
         let body = self.serve(call.from, call.body).await;
         Envelope {
             from: self.me,
             hlc: self.clock.now(),
             load: self.load(),
+            boot: self.boot,
             body,
+        }
+    }
+
+    /// A node seen with a new run number restarted: the mailbox locks of
+    /// its earlier sessions go.
+    fn note_boot(&self, node: NodeId, boot: u32) {
+        let changed = lock(&self.boots).insert(node, boot).is_some_and(|old| old != boot);
+        if changed {
+            let mut locks = lock(&self.locks);
+            let before = locks.len();
+            locks.retain(|_, l| l.0 != node || (l.1 >> 32) as u32 == boot);
+            if locks.len() < before {
+                info!(
+                    node,
+                    released = before - locks.len(),
+                    "a node restarted: its mailbox locks released"
+                );
+            }
         }
     }
 
@@ -471,6 +549,28 @@ impl<N: Network> Replicator<N> {
                 Request::Sync { user, items } => {
                     let (back, _) = self.reconcile(from, &user, items, true).await?;
                     Ok(Reply::Synced { items: back })
+                }
+                Request::Lock { user, token } => {
+                    let view = self.view();
+                    let now = std::time::Instant::now();
+                    let mut locks = lock(&self.locks);
+                    let free = match locks.get(&user) {
+                        None => true,
+                        Some((holder, t, until)) => *t == token || *until <= now || !Self::is_live(&view, *holder),
+                    };
+                    if free && (locks.len() < MAILBOX_LOCKS_MAX || locks.contains_key(&user)) {
+                        locks.insert(user, (from, token, now + MAILBOX_LOCK_LEASE));
+                        Ok(Reply::Locked { granted: true })
+                    } else {
+                        Ok(Reply::Locked { granted: false })
+                    }
+                }
+                Request::Unlock { user, token } => {
+                    let mut locks = lock(&self.locks);
+                    if locks.get(&user).is_some_and(|l| l.1 == token) {
+                        locks.remove(&user);
+                    }
+                    Ok(Reply::Done)
                 }
             }
         })
@@ -723,6 +823,42 @@ impl<N: Network> Replicator<N> {
     }
 
     // ---- retrieval ---------------------------------------------------
+
+    /// Takes the user's mailbox for one session, cluster-wide, from the
+    /// user's manager: `Ok(Some(token))` when granted, `Err(())` when
+    /// another session holds it, `Ok(None)` when the manager does not
+    /// answer (the session goes on: availability before exclusivity).
+    pub async fn lock_mailbox(&self, user: &str) -> Result<Option<u64>, ()> {
+        let view = self.view();
+        let Some(m) = Self::manager(&view, user) else {
+            return Ok(None);
+        };
+        let token = (u64::from(self.boot) << 32) | (self.lock_seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
+        let req = Request::Lock {
+            user: user.to_owned(),
+            token,
+        };
+        match self.call(m, req).await {
+            Ok(Reply::Locked { granted: true }) => Ok(Some(token)),
+            Ok(Reply::Locked { granted: false }) => Err(()),
+            other => {
+                warn!(user, manager = m, reply = ?other.err(), "mailbox lock not taken; going on without it");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Releases a lock [`Replicator::lock_mailbox`] took.
+    pub async fn unlock_mailbox(&self, user: &str, token: u64) {
+        let view = self.view();
+        if let Some(m) = Self::manager(&view, user) {
+            let req = Request::Unlock {
+                user: user.to_owned(),
+                token,
+            };
+            let _ = self.call(m, req).await;
+        }
+    }
 
     /// The nodes that may hold the user's fragments, from the manager (or
     /// the user's spread if the manager does not answer), with this node.

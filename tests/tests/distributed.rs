@@ -308,6 +308,30 @@ async fn python_clients_against_different_nodes() {
         out.status.success() && text.contains("python across nodes ok"),
         "{text}"
     );
+
+    // One POP3 session per mailbox across the cluster (RFC 1939's
+    // exclusive maildrop): a second login on another node is refused
+    // while the first session lasts, and admitted once it has quit.
+    let mut first = Pop3Client::connect(nodes[0].pop3()).await.expect("pop3");
+    first.login("alice@example.org", PASSWORD).await.expect("first login");
+    let mut second = Pop3Client::connect(nodes[1].pop3()).await.expect("pop3");
+    let refused = second.login("alice@example.org", PASSWORD).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.to_string().contains("[IN-USE]")),
+        "{refused:?}"
+    );
+    first.quit().await.expect("quit");
+    common::wait_for("the mailbox to be free again", Duration::from_secs(10), || async {
+        let Ok(mut p) = Pop3Client::connect(nodes[2].pop3()).await else {
+            return false;
+        };
+        let ok = p.login("alice@example.org", PASSWORD).await.is_ok();
+        if ok {
+            let _ = p.quit().await;
+        }
+        ok
+    })
+    .await;
 }
 
 /// kill -9 of one node: its messages stay readable from the survivors and

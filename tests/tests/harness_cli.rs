@@ -1,0 +1,149 @@
+//! The `quill-harness` command line as a user drives it: `up` a 3-node
+//! cluster, `status`, a `load` with a kill and a restart, `verify` with
+//! zero lost messages, `add`, `drain`, `down`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use quill_harness::process::{TempDir, quill_binary};
+
+fn harness() -> PathBuf {
+    let quill = quill_binary().expect("quill binary");
+    let h = quill.with_file_name("quill-harness");
+    assert!(h.is_file(), "no {} (cargo build --bins)", h.display());
+    h
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(harness())
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("quill-harness runs");
+    eprintln!(
+        "$ quill-harness {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = run(dir, args);
+    assert!(out.status.success(), "quill-harness {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stops the cluster if the test ends early.
+struct Down(PathBuf);
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = run(&self.0, &["down"]);
+    }
+}
+
+#[test]
+fn up_load_with_faults_verify_down() {
+    let tmp = TempDir::new("harness-cli").expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    // Its own 127.5.x.0/24, apart from the other tests' addresses.
+    let subnet = format!("127.5.{}", 1 + std::process::id() % 250);
+    let up = ok(
+        &dir,
+        &[
+            "up",
+            "--nodes",
+            "3",
+            "--subnet",
+            &subnet,
+            "--password",
+            "pw",
+            "--detach",
+        ],
+    );
+    let _down = Down(dir.clone());
+    assert!(up.contains("alice -> bob: 250"), "mail goes in on one node");
+    assert!(
+        up.contains(&format!("POP3  {subnet}.2:2110: bob has 1 message")),
+        "and comes out on another"
+    );
+    assert!(
+        up.contains("swaks --server") && up.contains("poplib.POP3"),
+        "instructions printed"
+    );
+
+    let status = ok(&dir, &["status"]);
+    assert_eq!(status.matches(" up ").count(), 3, "{status}");
+
+    let out = dir.join("run1");
+    let out_s = out.to_str().expect("utf-8 path");
+    let summary = ok(
+        &dir,
+        &[
+            "load",
+            "--duration",
+            "14s",
+            "--users",
+            "20",
+            "--connections",
+            "4",
+            "--kill",
+            "n2@3s",
+            "--restart",
+            "n2@8s",
+            "--out",
+            out_s,
+            "--quiet",
+        ],
+    );
+    assert!(summary.contains("| deliveries acknowledged |"), "{summary}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("load.json")).expect("load.json")).expect("json");
+    let events: Vec<&str> = report["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["what"].as_str())
+        .collect();
+    assert_eq!(events, ["kill n2", "restart n2"], "{report}");
+    assert!(report["deliveries"].as_u64().expect("deliveries") > 0);
+    let seconds = report["seconds"].as_array().expect("seconds");
+    assert!(seconds.len() >= 14, "one entry per second");
+    assert!(
+        seconds
+            .iter()
+            .any(|s| s["under_replicated"].as_u64().is_some_and(|u| u > 0)),
+        "the kill shows as under-replicated messages"
+    );
+    let svg = std::fs::read_to_string(out.join("throughput.svg")).expect("svg");
+    assert!(svg.starts_with("<svg") && svg.contains("kill n2") && svg.contains("time since start (s)"));
+    let png = std::fs::read(out.join("throughput.png")).expect("png");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    ok(&dir, &["verify", "--out", out_s]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("verify.json")).expect("verify.json")).expect("json");
+    assert_eq!(v["lost"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["resurrected"].as_array().map(Vec::len), Some(0), "{v}");
+    assert!(v["present_ok"].as_u64().expect("present_ok") > 0, "{v}");
+
+    ok(&dir, &["add"]);
+    ok(&dir, &["drain", "n4"]);
+    let status = ok(&dir, &["status"]);
+    assert!(status.contains("n4") && status.contains("draining"), "{status}");
+
+    ok(&dir, &["down"]);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("harness.json")).expect("state")).expect("json");
+    assert!(
+        state["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .all(|n| n["pid"].is_null()),
+        "{state}"
+    );
+}

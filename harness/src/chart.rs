@@ -45,6 +45,8 @@ pub struct Chart {
     pub markers: Vec<Marker>,
     /// A line of small print under the title.
     pub note: Option<String>,
+    /// The x values are counts (nodes): whole-number ticks.
+    pub x_integer: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,8 +92,12 @@ const BOTTOM: f64 = 70.0;
 
 /// Round tick steps (1, 2, 5 × 10^k) covering `0..=max` in about `n` steps.
 fn ticks(max: f64, n: usize) -> (f64, Vec<f64>) {
+    ticks_min_step(max, n, 0.0)
+}
+
+fn ticks_min_step(max: f64, n: usize, min_step: f64) -> (f64, Vec<f64>) {
     let max = if max > 0.0 && max.is_finite() { max } else { 1.0 };
-    let raw = max / n as f64;
+    let raw = (max / n as f64).max(min_step);
     let mag = 10f64.powf(raw.log10().floor());
     let step = [1.0, 2.0, 5.0, 10.0]
         .iter()
@@ -132,7 +138,7 @@ impl Chart {
             .iter()
             .flat_map(|s| s.points.iter().map(|q| q.1))
             .fold(0.0f64, f64::max);
-        let (x_top, x_ticks) = ticks(x_max, 10);
+        let (x_top, x_ticks) = ticks_min_step(x_max, 10, if self.x_integer { 1.0 } else { 0.0 });
         let (y_top, y_ticks) = ticks(y_max * 1.05, 6);
         let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
         let px = |x: f64| LEFT + pw * x / x_top;
@@ -532,6 +538,7 @@ mod tests {
                 label: "kill n2".into(),
             }],
             note: Some("a note".into()),
+            x_integer: false,
         };
         let svg = chart.svg();
         assert!(svg.starts_with("<svg") && svg.contains("kill n2") && svg.contains("messages/s"));

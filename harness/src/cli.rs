@@ -555,6 +555,7 @@ fn timeline_chart(r: &LoadReport) -> Chart {
                 label: e.what.clone(),
             })
             .collect(),
+        x_integer: false,
     }
 }
 
@@ -657,11 +658,13 @@ pub fn hosts_or_dir(dir: PathBuf, hosts: Option<PathBuf>) -> anyhow::Result<Clus
 }
 
 /// `scale`: the same closed-loop load on clusters of each size and R.
+#[allow(clippy::too_many_arguments)]
 pub async fn scale(
     dir: PathBuf,
     sizes: Vec<u8>,
     replicas: Vec<usize>,
     cfg: LoadConfig,
+    warmup: Duration,
     hosts: Option<PathBuf>,
     token: Option<String>,
     password: Option<String>,
@@ -682,12 +685,8 @@ pub async fn scale(
             progress: false,
         })
         .await?;
-        rows.push((
-            n,
-            0,
-            r.deliveries as f64 / r.elapsed_s,
-            r.retrievals as f64 / r.elapsed_s,
-        ));
+        let (d, q) = r.rates_after(warmup.as_secs());
+        rows.push((n, 0, d, q));
     } else {
         for (i, &r) in replicas.iter().enumerate() {
             for (j, &n) in sizes.iter().enumerate() {
@@ -707,13 +706,8 @@ pub async fn scale(
                 })
                 .await;
                 down(cdir.clone()).await?;
-                let rep = rep?;
-                rows.push((
-                    n,
-                    r,
-                    rep.deliveries as f64 / rep.elapsed_s,
-                    rep.retrievals as f64 / rep.elapsed_s,
-                ));
+                let (d, q) = rep?.rates_after(warmup.as_secs());
+                rows.push((n, r, d, q));
             }
         }
     }
@@ -744,10 +738,13 @@ pub async fn scale(
         x_label: "nodes".into(),
         y_label: "deliveries per second".into(),
         note: Some(format!(
-            "all nodes and the load generator shared this machine's {cores} cores: absolute numbers say little"
+            "all nodes and the load generator shared this machine's {cores} cores: absolute numbers say little; \
+             first {}s of each run not counted",
+            warmup.as_secs()
         )),
         series,
         markers: Vec::new(),
+        x_integer: true,
     };
     std::fs::write(dir.join("scale.svg"), chart.svg())?;
     std::fs::write(dir.join("scale.png"), chart.png()?)?;

@@ -248,7 +248,8 @@ fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
         .status()?;
-    if !st.success() {
+    // It may have exited between the check and the signal.
+    if !st.success() && quill_alive(pid) {
         bail!("kill -{sig} {pid} failed");
     }
     Ok(())

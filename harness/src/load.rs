@@ -149,6 +149,24 @@ pub struct LoadReport {
     pub delivery_p99_ms: f64,
 }
 
+impl LoadReport {
+    /// Deliveries and retrievals per second over the whole seconds after
+    /// the first `warmup` (first logins pay the password hash on every
+    /// node; a scaling comparison leaves that out).
+    pub fn rates_after(&self, warmup: u64) -> (f64, f64) {
+        let whole = self.elapsed_s.floor() as u64;
+        let span: Vec<&Second> = self.seconds.iter().filter(|s| s.t >= warmup && s.t < whole).collect();
+        if span.is_empty() {
+            return (0.0, 0.0);
+        }
+        let n = span.len() as f64;
+        (
+            span.iter().map(|s| s.deliveries).sum::<u64>() as f64 / n,
+            span.iter().map(|s| s.retrievals).sum::<u64>() as f64 / n,
+        )
+    }
+}
+
 /// Shared state of a running load.
 pub struct Run {
     pub cfg: LoadConfig,

@@ -137,6 +137,9 @@ enum Cmd {
         admin_token: Option<String>,
         #[arg(long)]
         password: Option<String>,
+        /// Seconds at the start of each run left out of the figure.
+        #[arg(long, default_value = "5s", value_parser = cli::parse_duration)]
+        warmup: Duration,
         #[command(flatten)]
         load: LoadArgs,
     },
@@ -357,8 +360,21 @@ fn main() -> anyhow::Result<()> {
                 hosts,
                 admin_token,
                 password,
+                warmup,
                 load,
-            } => cli::scale(dir, nodes, replicas, load.config()?, hosts, admin_token, password).await,
+            } => {
+                cli::scale(
+                    dir,
+                    nodes,
+                    replicas,
+                    load.config()?,
+                    warmup,
+                    hosts,
+                    admin_token,
+                    password,
+                )
+                .await
+            }
             Cmd::Demo { dir, password, exit } => demo(dir, password, exit).await,
             Cmd::BenchFailover {
                 nodes,

@@ -130,7 +130,8 @@ impl std::fmt::Debug for Services {
 pub struct MailboxLock {
     services: Arc<Services>,
     user: String,
-    pub cluster: Option<u64>,
+    /// The manager that granted the cluster-wide lock, and its token.
+    pub cluster: Option<(u64, u64)>,
 }
 
 impl Drop for MailboxLock {
@@ -140,11 +141,11 @@ impl Drop for MailboxLock {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.user);
-        if let Some(token) = self.cluster
+        if let Some((manager, token)) = self.cluster
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             let (replica, user) = (self.services.replica.clone(), self.user.clone());
-            rt.spawn(async move { replica.unlock_mailbox(&user, token).await });
+            rt.spawn(async move { replica.unlock_mailbox(&user, manager, token).await });
         }
     }
 }

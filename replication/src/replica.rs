@@ -825,10 +825,10 @@ impl<N: Network> Replicator<N> {
     // ---- retrieval ---------------------------------------------------
 
     /// Takes the user's mailbox for one session, cluster-wide, from the
-    /// user's manager: `Ok(Some(token))` when granted, `Err(())` when
-    /// another session holds it, `Ok(None)` when the manager does not
+    /// user's manager: `Ok(Some((manager, token)))` when granted, `Err(())`
+    /// when another session holds it, `Ok(None)` when the manager does not
     /// answer (the session goes on: availability before exclusivity).
-    pub async fn lock_mailbox(&self, user: &str) -> Result<Option<u64>, ()> {
+    pub async fn lock_mailbox(&self, user: &str) -> Result<Option<(NodeId, u64)>, ()> {
         let view = self.view();
         let Some(m) = Self::manager(&view, user) else {
             return Ok(None);
@@ -839,25 +839,25 @@ impl<N: Network> Replicator<N> {
             token,
         };
         match self.call(m, req).await {
-            Ok(Reply::Locked { granted: true }) => Ok(Some(token)),
+            Ok(Reply::Locked { granted: true }) => Ok(Some((m, token))),
             Ok(Reply::Locked { granted: false }) => Err(()),
             other => {
                 warn!(user, manager = m, reply = ?other.err(), "mailbox lock not taken; going on without it");
+                // It may have been granted with the answer lost: give it back.
+                self.unlock_mailbox(user, m, token).await;
                 Ok(None)
             }
         }
     }
 
-    /// Releases a lock [`Replicator::lock_mailbox`] took.
-    pub async fn unlock_mailbox(&self, user: &str, token: u64) {
-        let view = self.view();
-        if let Some(m) = Self::manager(&view, user) {
-            let req = Request::Unlock {
-                user: user.to_owned(),
-                token,
-            };
-            let _ = self.call(m, req).await;
-        }
+    /// Releases a lock [`Replicator::lock_mailbox`] took, at the manager
+    /// that granted it (the view may have moved the user since).
+    pub async fn unlock_mailbox(&self, user: &str, manager: NodeId, token: u64) {
+        let req = Request::Unlock {
+            user: user.to_owned(),
+            token,
+        };
+        let _ = self.call(manager, req).await;
     }
 
     /// The nodes that may hold the user's fragments, from the manager (or

@@ -51,6 +51,23 @@ pub struct DeliverPlan {
 }
 
 impl DeliverPlan {
+    /// The benchmarks' plan: users user0001..@example.com, stop after 50
+    /// errors or 15 minutes.
+    pub fn bench(addrs: Vec<SocketAddr>, lmtp: bool, messages: u64, connections: usize, users: u32, seed: u64) -> Self {
+        DeliverPlan {
+            addrs,
+            lmtp,
+            messages,
+            connections,
+            users,
+            prefix: "user".into(),
+            domain: "example.com".into(),
+            seed,
+            max_errors: 50,
+            max_duration: Duration::from_secs(900),
+        }
+    }
+
     pub fn user(&self, i: u32) -> String {
         format!("{}{:04}@{}", self.prefix, i, self.domain)
     }

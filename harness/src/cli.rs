@@ -148,7 +148,9 @@ pub async fn up(
     down(dir).await
 }
 
-async fn show_mail(writer: &NodeProcess, reader: &NodeProcess, password: &str) -> anyhow::Result<()> {
+/// Sends alice -> bob through `writer`'s SMTP and prints what `reader`'s
+/// POP3 gives back.
+pub async fn show_mail(writer: &NodeProcess, reader: &NodeProcess, password: &str) -> anyhow::Result<()> {
     let body = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: Hello from Quill\r\n\r\nIt works.\r\n";
     let mut smtp = SmtpClient::connect(writer.smtp(), false).await?;
     let replies = smtp.send_mail("alice@example.org", &["bob@example.org"], body).await?;

@@ -11,7 +11,7 @@ use quill_harness::cli;
 use quill_harness::load::LoadConfig;
 use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
 use quill_harness::workload::percentile;
-use quill_harness::{Pop3Client, SmtpClient, fresh_loopback};
+use quill_harness::fresh_loopback;
 
 #[derive(Parser)]
 #[command(
@@ -457,25 +457,7 @@ async fn demo_steps(node: &NodeProcess, password: &str) -> anyhow::Result<()> {
             node.add_user(u, password, None).await?;
         }
     }
-    let body = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: Hello from Quill\r\n\r\nIt works.\r\n";
-    let mut smtp = SmtpClient::connect(node.smtp(), false).await?;
-    let replies = smtp.send_mail("alice@example.org", &["bob@example.org"], body).await?;
-    smtp.quit().await?;
-    println!("\nSMTP  {}: alice -> bob: {}", node.smtp(), replies[0].text.trim());
-    let mut pop = Pop3Client::connect(node.pop3()).await?;
-    pop.login("bob@example.org", password).await?;
-    let list = pop.uidl().await?;
-    let (n, _) = list.last().context("bob's mailbox is empty")?;
-    let msg = pop.retr(*n).await?;
-    pop.quit().await?;
-    println!(
-        "POP3  {}: bob has {} message(s); the newest one reads:\n",
-        node.pop3(),
-        list.len()
-    );
-    for line in String::from_utf8_lossy(&msg).lines() {
-        println!("    | {line}");
-    }
+    cli::show_mail(node, node, password).await?;
     let token = &node.opts.admin_token;
     let quill = node.opts.binary.display();
     println!(
@@ -546,18 +528,7 @@ async fn bench_node(
             node.metric("quill_store_fsyncs_total").await?,
             node.metric("quill_store_ops_total").await?,
         );
-        let plan = DeliverPlan {
-            addrs: vec![addr],
-            lmtp,
-            messages,
-            connections,
-            users,
-            prefix: "user".into(),
-            domain: "example.com".into(),
-            seed,
-            max_errors: 50,
-            max_duration: Duration::from_secs(900),
-        };
+        let plan = DeliverPlan::bench(vec![addr], lmtp, messages, connections, users, seed);
         let d = bench::deliver(plan).await;
         let fs1 = (
             node.metric("quill_store_fsyncs_total").await?,
@@ -756,18 +727,8 @@ async fn bench_replication(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let plan = DeliverPlan {
-            addrs: nodes.iter().map(|x| x.smtp()).collect(),
-            lmtp: false,
-            messages,
-            connections,
-            users,
-            prefix: "user".into(),
-            domain: "example.com".into(),
-            seed,
-            max_errors: 50,
-            max_duration: Duration::from_secs(900),
-        };
+        let addrs = nodes.iter().map(|x| x.smtp()).collect();
+        let plan = DeliverPlan::bench(addrs, false, messages, connections, users, seed);
         let d = bench::deliver(plan).await;
         let s = nodes[0].status().await?;
         let entries: u64 = s["nodes"]

@@ -977,12 +977,7 @@ impl<N: Network> Replicator<N> {
             .into_iter()
             .partition(|(n, _)| *n == self.me || Self::is_live(&view, *n));
         for (n, tombs) in down {
-            self.log_update(PendingUpdate {
-                node: n,
-                user: user.to_owned(),
-                tombs,
-            })
-            .map_err(|e| format!("cannot log a deletion: {e}"))?;
+            self.log_deletion(n, user, tombs)?;
             failed += 1;
         }
         let sends = per_node.into_iter().map(|(n, tombs)| async move {
@@ -1000,12 +995,7 @@ impl<N: Network> Replicator<N> {
         for (n, tombs, r) in futures::future::join_all(sends).await {
             if let Err(e) = r {
                 debug!(node = n, user, error = %e, "deletion not acknowledged; logged for later");
-                self.log_update(PendingUpdate {
-                    node: n,
-                    user: user.to_owned(),
-                    tombs,
-                })
-                .map_err(|e| format!("cannot log a deletion: {e}"))?;
+                self.log_deletion(n, user, tombs)?;
                 failed += 1;
             }
         }
@@ -1041,6 +1031,15 @@ impl<N: Network> Replicator<N> {
     }
 
     // ---- the update log ----------------------------------------------
+
+    fn log_deletion(&self, node: NodeId, user: &str, tombs: Vec<Tombstone>) -> Result<(), String> {
+        self.log_update(PendingUpdate {
+            node,
+            user: user.to_owned(),
+            tombs,
+        })
+        .map_err(|e| format!("cannot log a deletion: {e}"))
+    }
 
     fn log_update(&self, u: PendingUpdate) -> std::io::Result<()> {
         let dir = &self.cfg.update_dir;

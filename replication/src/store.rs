@@ -995,6 +995,28 @@ enum Effect {
     },
 }
 
+/// Appends an entry record to a batch and notes its effect.
+fn write_entry(buf: &mut Vec<u8>, effects: &mut Vec<Effect>, seg: u32, rec: EntryRecord) {
+    let start = buf.len();
+    record::encode_entry(buf, &rec);
+    let record_len = (buf.len() - start) as u64;
+    effects.push(Effect::Entry {
+        rec,
+        loc: Loc { seg, record_len },
+    });
+}
+
+/// Appends a tombstone record to a batch and notes its effect.
+fn write_tomb(buf: &mut Vec<u8>, effects: &mut Vec<Effect>, seg: u32, rec: DeleteRecord) {
+    let start = buf.len();
+    record::encode_delete(buf, &rec);
+    let record_len = (buf.len() - start) as u64;
+    effects.push(Effect::Tomb {
+        rec,
+        loc: Loc { seg, record_len },
+    });
+}
+
 enum Done {
     Deliver(Reply<()>),
     Delete(Reply<usize>, usize),
@@ -1092,13 +1114,7 @@ impl Writer {
                                 flags: 0,
                                 replicas: delivery.replicas.clone(),
                             };
-                            let start = buf.len();
-                            record::encode_entry(&mut buf, &rec);
-                            let record_len = (buf.len() - start) as u64;
-                            effects.push(Effect::Entry {
-                                rec,
-                                loc: Loc { seg, record_len },
-                            });
+                            write_entry(&mut buf, &mut effects, seg, rec);
                         }
                         dones.push(Done::Deliver(reply));
                     }
@@ -1123,13 +1139,7 @@ impl Writer {
                                 hlc: t.hlc,
                                 replicas,
                             };
-                            let start = buf.len();
-                            record::encode_delete(&mut buf, &rec);
-                            let record_len = (buf.len() - start) as u64;
-                            effects.push(Effect::Tomb {
-                                rec,
-                                loc: Loc { seg, record_len },
-                            });
+                            write_tomb(&mut buf, &mut effects, seg, rec);
                         }
                         dones.push(Done::Delete(reply, n));
                     }
@@ -1188,13 +1198,7 @@ impl Writer {
                                     let still = index.tomb(&rec.user, &rec.id).is_some_and(|t| t.loc.seg == from)
                                         && !deleted.contains(&(rec.user.clone(), rec.id));
                                     if still {
-                                        let start = buf.len();
-                                        record::encode_delete(&mut buf, &rec);
-                                        let record_len = (buf.len() - start) as u64;
-                                        effects.push(Effect::Tomb {
-                                            rec,
-                                            loc: Loc { seg, record_len },
-                                        });
+                                        write_tomb(&mut buf, &mut effects, seg, rec);
                                         n += 1;
                                     }
                                 }
@@ -1202,13 +1206,7 @@ impl Writer {
                                     let still = index.entry(&rec.user, &rec.id).is_some_and(|e| e.loc.seg == from)
                                         && !deleted.contains(&(rec.user.clone(), rec.id));
                                     if still {
-                                        let start = buf.len();
-                                        record::encode_entry(&mut buf, &rec);
-                                        let record_len = (buf.len() - start) as u64;
-                                        effects.push(Effect::Entry {
-                                            rec,
-                                            loc: Loc { seg, record_len },
-                                        });
+                                        write_entry(&mut buf, &mut effects, seg, rec);
                                         n += 1;
                                     }
                                 }

@@ -8,10 +8,10 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use quill_harness::bench::{self, DeliverPlan};
 use quill_harness::cli;
+use quill_harness::fresh_loopback;
 use quill_harness::load::LoadConfig;
 use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
 use quill_harness::workload::percentile;
-use quill_harness::fresh_loopback;
 
 #[derive(Parser)]
 #[command(

@@ -387,6 +387,16 @@ impl<N: Network> Replicator<N> {
         self.inflight.load(Ordering::Relaxed)
     }
 
+    /// The other nodes the view does not have down.
+    fn live_peers(&self) -> Vec<NodeId> {
+        let view = self.view();
+        view.nodes()
+            .iter()
+            .map(|n| n.id.0)
+            .filter(|&n| n != self.me && Self::is_live(&view, n))
+            .collect()
+    }
+
     fn is_live(view: &View, node: NodeId) -> bool {
         view.node(placement::NodeId(node))
             .is_some_and(|n| n.state != NodeState::Down)
@@ -554,6 +564,10 @@ impl<N: Network> Replicator<N> {
                     let view = self.view();
                     let now = std::time::Instant::now();
                     let mut locks = lock(&self.locks);
+                    if locks.len() >= MAILBOX_LOCKS_MAX {
+                        // Locks whose unlock never came: their leases are over.
+                        locks.retain(|_, l| l.2 > now);
+                    }
                     let free = match locks.get(&user) {
                         None => true,
                         Some((holder, t, until)) => *t == token || *until <= now || !Self::is_live(&view, *holder),
@@ -681,14 +695,7 @@ impl<N: Network> Replicator<N> {
     /// Asks every other live node to report what it holds of the users this
     /// node manages (after a start, when this node's maps are empty).
     pub async fn ask_reports(&self) {
-        let view = self.view();
-        let peers: Vec<NodeId> = view
-            .nodes()
-            .iter()
-            .filter(|n| n.state != NodeState::Down && n.id.0 != self.me)
-            .map(|n| n.id.0)
-            .collect();
-        let calls = peers.into_iter().map(|p| self.call(p, Request::ReportTo));
+        let calls = self.live_peers().into_iter().map(|p| self.call(p, Request::ReportTo));
         futures::future::join_all(calls).await;
     }
 
@@ -1115,15 +1122,8 @@ impl<N: Network> Replicator<N> {
     /// Compares digests with every other live node and repairs what
     /// differs, both ways.
     pub async fn anti_entropy_round(&self) -> RepairReport {
-        let view = self.view();
         let mut report = RepairReport::default();
-        let peers: Vec<NodeId> = view
-            .nodes()
-            .iter()
-            .filter(|n| n.state != NodeState::Down && n.id.0 != self.me)
-            .map(|n| n.id.0)
-            .collect();
-        for peer in peers {
+        for peer in self.live_peers() {
             report.peers += 1;
             match self.sync_with(peer, &mut report).await {
                 Ok(()) => {}

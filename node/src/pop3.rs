@@ -417,18 +417,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 let left = mb.entries.len() - n_deleted;
                 // To every replica of each message; a replica that is down
                 // gets it from the update log when it returns.
-                match self.services.replica.delete(&mb.user, &victims).await {
+                let outcome = self.services.replica.delete(&mb.user, &victims).await;
+                // RFC 1939 §6: the lock goes before the reply, not after.
+                let Mailbox { user, _lock: lock, .. } = mb;
+                lock.release().await;
+                match outcome {
                     Ok(_) => {
                         self.services
                             .metrics
                             .messages_deleted
                             .fetch_add(n_deleted as u64, std::sync::atomic::Ordering::Relaxed);
-                        info!(peer = %self.peer, user = %mb.user, deleted = n_deleted, "pop3 update");
+                        info!(peer = %self.peer, user = %user, deleted = n_deleted, "pop3 update");
                         self.reply(&format!("+OK Quill POP3 server signing off ({left} messages left)"))
                             .await?;
                     }
                     Err(e) => {
-                        warn!(user = %mb.user, error = %e, "pop3 update failed");
+                        warn!(user = %user, error = %e, "pop3 update failed");
                         self.reply("-ERR [SYS/TEMP] some deleted messages not removed").await?;
                     }
                 }

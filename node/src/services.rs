@@ -134,6 +134,17 @@ pub struct MailboxLock {
     pub cluster: Option<(u64, u64)>,
 }
 
+impl MailboxLock {
+    /// Releases the lock at the manager, waiting for it, then on this node:
+    /// a session that ends with QUIT releases before it answers, so that a
+    /// client reconnecting right after `+OK` never meets its own lock.
+    pub async fn release(mut self) {
+        if let Some((manager, token)) = self.cluster.take() {
+            self.services.replica.unlock_mailbox(&self.user, manager, token).await;
+        }
+    }
+}
+
 impl Drop for MailboxLock {
     fn drop(&mut self) {
         self.services

@@ -139,6 +139,12 @@ async fn work(replica: Arc<NodeReplicator>, changed: Arc<tokio::sync::Notify>, m
                 }
             }
             _ = replay.tick() => {
+                // Mail maps answer with every live node until each has
+                // reported for this view; ask those whose report is missing.
+                let asked = replica.chase_reports().await;
+                if asked > 0 {
+                    debug!(asked, "asked for missing mail-map reports");
+                }
                 if replica.pending_updates() > 0 {
                     let n = replica.replay_updates().await;
                     if n > 0 {

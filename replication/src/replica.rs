@@ -72,9 +72,14 @@ pub enum Request {
     MailMap {
         user: String,
     },
-    /// To a manager: the sender holds these `(user, entries, bytes)`.
+    /// To a manager: the sender holds these `(user, entries, bytes)`,
+    /// assigned to managers by view `epoch`. `last` ends a full report (every
+    /// user the sender holds that the receiver manages); a report that is
+    /// not `last` is a fragment just created.
     Report {
         users: Vec<(String, u64, u64)>,
+        epoch: u64,
+        last: bool,
     },
     /// "Report to me the users I manage" (sent by a node that starts).
     ReportTo,
@@ -303,6 +308,10 @@ pub struct Replicator<N: Network> {
     /// exchange that completed without error (the peer then held every
     /// tombstone this node held at that moment, for the messages they share).
     clean_since: Mutex<HashMap<NodeId, u64>>,
+    /// As manager: per peer, the view epoch of its last full report. The
+    /// mail maps are complete once every live peer has reported at the
+    /// current epoch; until then a mail map answers with every live node.
+    reported: Mutex<HashMap<NodeId, u64>>,
     /// As manager: user → (holding node, token, lease end).
     locks: Mutex<HashMap<String, (NodeId, u64, std::time::Instant)>>,
     pub counters: ReplicaCounters,
@@ -350,6 +359,7 @@ impl<N: Network> Replicator<N> {
             boots: Mutex::new(HashMap::new()),
             clean_since: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashMap::new()),
             counters: ReplicaCounters::default(),
         })
     }
@@ -390,11 +400,7 @@ impl<N: Network> Replicator<N> {
     /// The other nodes the view does not have down.
     fn live_peers(&self) -> Vec<NodeId> {
         let view = self.view();
-        view.nodes()
-            .iter()
-            .map(|n| n.id.0)
-            .filter(|&n| n != self.me && Self::is_live(&view, n))
-            .collect()
+        Self::live_nodes(&view).filter(|&n| n != self.me).collect()
     }
 
     fn is_live(view: &View, node: NodeId) -> bool {
@@ -491,11 +497,18 @@ impl<N: Network> Replicator<N> {
                     Ok(Reply::Placed { targets })
                 }
                 Request::MailMap { user } => Ok(self.mail_map_local(&user)),
-                Request::Report { users } => {
+                Request::Report { users, epoch, last } => {
                     let view = self.view();
+                    // A sender ahead of this node assigned the users by a view
+                    // this node will take soon: keep them all (the view change
+                    // then drops those it does not manage).
+                    let ahead = epoch > view.epoch();
                     let mut maps = lock(&self.maps);
+                    if last {
+                        lock(&self.reported).insert(from, epoch);
+                    }
                     for (user, entries, bytes) in users.into_iter().take(REPORT_USERS_MAX) {
-                        if Self::manager(&view, &user) != Some(self.me) {
+                        if !ahead && Self::manager(&view, &user) != Some(self.me) {
                             continue;
                         }
                         let map = maps.entry(user).or_default();
@@ -519,6 +532,12 @@ impl<N: Network> Replicator<N> {
                     body,
                 } => {
                     self.inflight.fetch_add(1, Ordering::Relaxed);
+                    let new_users: Vec<String> = groups
+                        .iter()
+                        .flat_map(|(_, users)| users)
+                        .filter(|u| !self.store.holds(u))
+                        .cloned()
+                        .collect();
                     let stores = groups.into_iter().map(|(replicas, users)| {
                         self.store.deliver(Delivery {
                             id,
@@ -534,6 +553,7 @@ impl<N: Network> Replicator<N> {
                     for r in results {
                         r.map_err(|e| e.to_string())?;
                     }
+                    self.report_new_fragments(new_users).await;
                     Ok(Reply::Stored)
                 }
                 Request::List { user } => Ok(Reply::Listed {
@@ -623,34 +643,90 @@ impl<N: Network> Replicator<N> {
     }
 
     fn mail_map_local(&self, user: &str) -> Reply {
+        let view = self.view();
+        let complete = self.reports_complete(&view);
         let maps = lock(&self.maps);
-        match maps.get(user) {
-            Some(map) if !map.nodes.is_empty() => {
-                let nodes: Vec<NodeId> = map.nodes.keys().copied().collect();
-                // Each message is counted once per copy, and a message has
-                // R copies when R nodes hold the user's mail (fewer only
-                // while it is under-replicated).
-                let copies = self.cfg.replicas.clamp(1, map.nodes.len()) as u64;
-                let bytes = map.nodes.values().map(|v| v.1).sum::<u64>() / copies;
-                Reply::MailMap {
-                    nodes,
-                    bytes,
-                    known: true,
-                }
+        let (mut nodes, held): (Vec<NodeId>, Vec<(u64, u64)>) = match maps.get(user) {
+            Some(map) => (
+                map.nodes.keys().copied().collect(),
+                map.nodes.values().copied().collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        drop(maps);
+        // Each message is counted once per copy, and a message has R copies
+        // when R nodes hold the user's mail (fewer only while it is
+        // under-replicated).
+        let copies = self.cfg.replicas.clamp(1, held.len().max(1)) as u64;
+        let bytes = held.iter().map(|v| v.1).sum::<u64>() / copies;
+        if !complete {
+            // Reports since the last view change are still coming in: any
+            // live node may hold fragments the map does not show yet.
+            nodes.extend(Self::live_nodes(&view));
+            nodes.sort_unstable();
+            nodes.dedup();
+        }
+        Reply::MailMap {
+            nodes,
+            bytes,
+            known: complete,
+        }
+    }
+
+    /// Whether every live node (this one too: its own fragments placed by
+    /// a former manager) has sent its full report for this view.
+    fn reports_complete(&self, view: &View) -> bool {
+        self.reports_missing(view).is_empty()
+    }
+
+    /// The live nodes whose full report for this view has not arrived.
+    fn reports_missing(&self, view: &View) -> Vec<NodeId> {
+        let reported = lock(&self.reported);
+        Self::live_nodes(view)
+            .filter(|n| reported.get(n) != Some(&view.epoch()))
+            .collect()
+    }
+
+    fn live_nodes(view: &View) -> impl Iterator<Item = NodeId> + '_ {
+        view.nodes().iter().map(|n| n.id.0).filter(|&n| Self::is_live(view, n))
+    }
+
+    /// Asks the live peers whose full report for this view is missing to
+    /// send it (their own report round may have run on another view, or
+    /// failed). Returns how many were asked.
+    pub async fn chase_reports(&self) -> usize {
+        let missing = self.reports_missing(&self.view());
+        let calls = missing.iter().map(|&p| self.call(p, Request::ReportTo));
+        futures::future::join_all(calls).await;
+        missing.len()
+    }
+
+    /// Tells the managers of `users`, of whom this node held no fragment
+    /// before, that it now does: a full report taken before the fragment
+    /// landed (or sent to a former manager) would not show it.
+    async fn report_new_fragments(&self, users: Vec<String>) {
+        if users.is_empty() {
+            return;
+        }
+        let view = self.view();
+        let mut by_manager: BTreeMap<NodeId, Vec<(String, u64, u64)>> = BTreeMap::new();
+        for u in users {
+            if let Some(m) = Self::manager(&view, &u) {
+                let bytes = self.store.usage_bytes(&u);
+                by_manager.entry(m).or_default().push((u, 1, bytes));
             }
-            _ => {
-                drop(maps);
-                let view = self.view();
-                let nodes = view
-                    .spread_set(UserKey::from_address(user), self.cfg.spread)
-                    .into_iter()
-                    .map(|n| n.0)
-                    .collect();
-                Reply::MailMap {
-                    nodes,
-                    bytes: 0,
-                    known: false,
-                }
+        }
+        let calls = by_manager.into_iter().map(|(m, users)| {
+            let req = Request::Report {
+                users,
+                epoch: view.epoch(),
+                last: false,
+            };
+            self.call(m, req)
+        });
+        for r in futures::future::join_all(calls).await {
+            if let Err(e) = r {
+                debug!(error = %e, "new fragment not reported; the next report round carries it");
             }
         }
     }
@@ -659,7 +735,13 @@ impl<N: Network> Replicator<N> {
     /// (only to `only` when given). Called after a view change.
     pub async fn report_to(&self, only: Option<NodeId>) -> usize {
         let view = self.view();
-        let mut by_manager: BTreeMap<NodeId, Vec<(String, u64, u64)>> = BTreeMap::new();
+        let epoch = view.epoch();
+        // Every live peer gets a full report, empty or not: it tells the
+        // manager that its map has all of this node's fragments.
+        let mut by_manager: BTreeMap<NodeId, Vec<(String, u64, u64)>> = match only {
+            Some(m) => [(m, Vec::new())].into(),
+            None => Self::live_nodes(&view).map(|p| (p, Vec::new())).collect(),
+        };
         for u in self.store.usage() {
             if let Some(m) = Self::manager(&view, &u.user)
                 && only.is_none_or(|o| o == m)
@@ -670,8 +752,18 @@ impl<N: Network> Replicator<N> {
         let mut sent = 0;
         let calls = by_manager.into_iter().map(|(m, users)| async move {
             let mut n = 0;
-            for chunk in users.chunks(REPORT_USERS_MAX) {
-                match self.call(m, Request::Report { users: chunk.to_vec() }).await {
+            let n_chunks = users.len().div_ceil(REPORT_USERS_MAX).max(1);
+            for (i, chunk) in users
+                .chunks(REPORT_USERS_MAX)
+                .chain(users.is_empty().then_some(&[][..]))
+                .enumerate()
+            {
+                let req = Request::Report {
+                    users: chunk.to_vec(),
+                    epoch,
+                    last: i + 1 == n_chunks,
+                };
+                match self.call(m, req).await {
                     Ok(_) => n += chunk.len(),
                     Err(e) => {
                         debug!(manager = m, error = %e, "report not delivered");
@@ -1240,6 +1332,7 @@ impl<N: Network> Replicator<N> {
             n
         };
         let mut n_pulled = 0;
+        let new_fragment = !pulls.is_empty() && !self.store.holds(user);
         for meta in pulls {
             let body = if self.store.has_body(&meta.body) {
                 match self.store.read_body(meta.body).await {
@@ -1265,6 +1358,9 @@ impl<N: Network> Replicator<N> {
         self.counters
             .repairs_pulled
             .fetch_add(n_pulled as u64, Ordering::Relaxed);
+        if new_fragment {
+            self.report_new_fragments(vec![user.to_owned()]).await;
+        }
         Ok((back, (n_pulled, n_tombs)))
     }
 

@@ -719,6 +719,12 @@ impl FragmentStore {
             .unwrap_or([0; 32])
     }
 
+    /// Whether any entry of the user is held here.
+    pub fn holds(&self, user: &str) -> bool {
+        let index = self.shared.index();
+        index.mailboxes.get(user).is_some_and(|m| !m.entries.is_empty())
+    }
+
     /// Entries and bytes per user held here (users with entries only).
     pub fn usage(&self) -> Vec<UserUsage> {
         let index = self.shared.index();

@@ -82,8 +82,12 @@ fn open(router: &Arc<MemRouter>, id: u64, dir: &TempDir) -> Arc<Rep> {
 
 impl Sim {
     fn new(seed: u64) -> Sim {
+        Sim::sized(seed, N_NODES)
+    }
+
+    fn sized(seed: u64, n_nodes: u64) -> Sim {
         let router = MemRouter::new(seed);
-        let nodes = (1..=N_NODES)
+        let nodes = (1..=n_nodes)
             .map(|id| {
                 let dir = TempDir::new(&format!("sim-{seed}-{id}"));
                 let rep = open(&router, id, &dir);
@@ -267,6 +271,9 @@ async fn run(seed: u64, ops: usize) {
             }
             96 => {
                 front.expire_tombstones();
+            }
+            97 => {
+                front.chase_reports().await;
             }
             _ => {
                 front.report_round().await;
@@ -473,6 +480,82 @@ async fn deletion_survives_a_replica_that_missed_it() {
         r.replay_updates().await;
     }
     assert_eq!(sim.live().iter().map(|r| r.pending_updates()).sum::<usize>(), 0);
+}
+
+/// Right after a view change, before the reports reach the users' new
+/// managers, every node still lists every mailbox in full: a map answers
+/// with every live node until each has reported for the view.
+#[tokio::test(flavor = "current_thread")]
+async fn listings_are_whole_while_reports_are_in_flight() {
+    // More nodes than the spread, so that a map can miss some.
+    let mut sim = Sim::sized(11, 8);
+    let users = users();
+    for r in sim.live() {
+        r.report_round().await;
+    }
+    let front = sim.live()[0].clone();
+    let mut want: BTreeMap<String, BTreeSet<MessageId>> = BTreeMap::new();
+    let mut deliver = async |front: &Arc<Rep>, u: &String, k: u64| {
+        let out = front
+            .deliver(std::slice::from_ref(u), "INBOX", k, format!("m{k}\r\n").into_bytes())
+            .await;
+        assert!(out.stored[0], "{u} {k} stored");
+        want.entry(u.clone()).or_default().insert(out.id);
+    };
+    // Each node down in turn while mail arrives: every mailbox ends up in
+    // fragments on more nodes than one delivery's targets.
+    for down in 0..sim.nodes.len() {
+        sim.crash(down).await;
+        for r in sim.live() {
+            r.report_round().await;
+        }
+        let front = sim.live()[0].clone();
+        for (i, u) in users.iter().enumerate() {
+            deliver(&front, u, (down * 100 + i) as u64).await;
+        }
+        sim.restart(down).await;
+    }
+    assert!(front.mail_map(&users[0]).await.2, "reports are in: the map is complete");
+    // The node that manages most users goes: those users get new managers,
+    // which learn of the other nodes' fragments only from reports not sent
+    // yet; a delivery meanwhile gives them a map with its targets alone.
+    let view = front.view();
+    let vi = (0..sim.nodes.len())
+        .max_by_key(|&i| {
+            let id = sim.nodes[i].id;
+            users
+                .iter()
+                .filter(|u| view.user_manager(u).map(|n| n.0) == Some(id))
+                .count()
+        })
+        .expect("nodes");
+    sim.crash(vi).await;
+    let front = sim.live()[0].clone();
+    for (i, u) in users.iter().enumerate() {
+        deliver(&front, u, (1000 + i) as u64).await;
+    }
+    for r in sim.live() {
+        assert!(
+            !r.mail_map(&users[0]).await.2,
+            "node {}: reports are not in yet",
+            r.id()
+        );
+        for u in &users {
+            let listed: BTreeSet<MessageId> = r.mailbox(u).await.into_iter().map(|l| l.meta.id).collect();
+            assert_eq!(&listed, &want[u], "node {} lists {u} in part", r.id());
+        }
+    }
+    // Managers ask for the missing reports; then the maps are complete.
+    for r in sim.live() {
+        r.chase_reports().await;
+    }
+    for r in sim.live() {
+        assert!(r.mail_map(&users[0]).await.2, "node {}: reports are in", r.id());
+        for u in &users {
+            let listed: BTreeSet<MessageId> = r.mailbox(u).await.into_iter().map(|l| l.meta.id).collect();
+            assert_eq!(&listed, &want[u], "node {} lists {u} in part", r.id());
+        }
+    }
 }
 
 /// A replica that lost its disk gets its copies back from the others, and

@@ -65,6 +65,8 @@ pub const POP3_LINE_BYTES_MAX: usize = 1024;
 const AUTH_CACHE_ENTRIES_MAX: usize = 100_000;
 /// Addresses tracked for failed logins; the table is emptied when full.
 const AUTH_FAILURE_ADDRESSES_MAX: usize = 100_000;
+/// At most this many password checks at once (fewer on fewer cores).
+const PASSWORD_CHECKS_MAX: usize = 8;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -113,6 +115,10 @@ pub struct Services {
     pub metrics: Metrics,
     pub per_address: Arc<PerAddress>,
     pub connections: Arc<Semaphore>,
+    /// Password checks running at once (each takes argon2's 19 MiB and a
+    /// core for tens of ms): a burst of logins waits here instead of
+    /// taking memory and blocking threads without bound.
+    password_checks: Semaphore,
     pop3_locks: Mutex<HashSet<String>>,
     auth: Mutex<AuthState>,
     auth_key: [u8; 32],
@@ -177,6 +183,9 @@ impl Services {
             replica,
             directory,
             connections: Arc::new(Semaphore::new(limits.connections_max)),
+            password_checks: Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, PASSWORD_CHECKS_MAX)),
+            ),
             limits,
             metrics: Metrics::default(),
             per_address: Arc::new(PerAddress::default()),
@@ -204,14 +213,8 @@ impl Services {
     /// (keyed by a per-process secret, never the password itself) until the
     /// user's hash changes, so that frequent POP3 logins don't each pay it.
     pub async fn authenticate(&self, ip: IpAddr, user: &str, password: &str) -> Auth {
-        {
-            let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((n, since)) = st.failures.get(&ip)
-                && *n >= self.limits.auth_failures_max
-                && since.elapsed() < self.limits.auth_window
-            {
-                return Auth::Blocked;
-            }
+        if self.blocked(ip) {
+            return Auth::Blocked;
         }
         let qualified;
         let user = match &self.default_login_domain {
@@ -237,6 +240,11 @@ impl Services {
                     true
                 } else {
                     let (pw, phc) = (password.to_owned(), r.password_hash.clone());
+                    let _permit = self.password_checks.acquire().await;
+                    // Failures counted while this one waited may block it.
+                    if self.blocked(ip) {
+                        return Auth::Blocked;
+                    }
                     let ok = tokio::task::spawn_blocking(move || membership::password::verify(&pw, &phc))
                         .await
                         .unwrap_or(false);
@@ -266,6 +274,14 @@ impl Services {
         }
         e.0 += 1;
         Auth::Failed
+    }
+
+    /// Whether the address has used up its failed logins for the window.
+    fn blocked(&self, ip: IpAddr) -> bool {
+        let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        st.failures
+            .get(&ip)
+            .is_some_and(|(n, since)| *n >= self.limits.auth_failures_max && since.elapsed() < self.limits.auth_window)
     }
 
     fn auth_cache_key(&self, user: &str, password: &str) -> [u8; 32] {

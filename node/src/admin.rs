@@ -497,6 +497,11 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             "Times a user manager did not answer and placement was done locally.",
             &rc.manager_fallbacks,
         ),
+        (
+            "quill_replica_calls_cut_by_view_total",
+            "Calls in flight ended because a new view had their node down.",
+            &rc.calls_cut_by_view,
+        ),
     ] {
         line(name, "counter", help, c(v));
     }

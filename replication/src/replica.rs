@@ -272,6 +272,8 @@ pub struct ReplicaCounters {
     pub repairs_pulled: AtomicU64,
     pub repairs_tombstones: AtomicU64,
     pub manager_fallbacks: AtomicU64,
+    /// Calls ended because a new view had their node down.
+    pub calls_cut_by_view: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -294,6 +296,9 @@ pub struct Replicator<N: Network> {
     net: N,
     cfg: ReplicaConfig,
     view: RwLock<Arc<View>>,
+    /// The epoch of each view taken: calls in flight to a node that a new
+    /// view has down end at once instead of at their deadline.
+    view_epoch: tokio::sync::watch::Sender<u64>,
     maps: Mutex<HashMap<String, MailMap>>,
     loads: Mutex<HashMap<NodeId, u64>>,
     inflight: AtomicU64,
@@ -343,6 +348,7 @@ impl<N: Network> Replicator<N> {
             net,
             cfg,
             view: RwLock::new(Arc::new(empty)),
+            view_epoch: tokio::sync::watch::Sender::new(0),
             maps: Mutex::new(HashMap::new()),
             loads: Mutex::new(HashMap::new()),
             inflight: AtomicU64::new(0),
@@ -389,7 +395,19 @@ impl<N: Network> Replicator<N> {
             let mut maps = lock(&self.maps);
             maps.retain(|user, _| view.user_manager(user).map(|n| n.0) == Some(me));
         }
+        let epoch = view.epoch();
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+        self.view_epoch.send_replace(epoch);
+    }
+
+    /// Returns once the view has `node` down.
+    async fn marked_down(&self, node: NodeId) {
+        let mut epochs = self.view_epoch.subscribe();
+        while Self::is_live(&self.view(), node) {
+            if epochs.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// This node's load as it tells the others: copies being written.
@@ -436,7 +454,17 @@ impl<N: Network> Replicator<N> {
                 boot: self.boot,
                 body: req,
             };
-            match tokio::time::timeout(deadline, self.net.call(to, env)).await {
+            // A node the view has down when the call starts is tried all the
+            // same (the caller chose it); one marked down meanwhile ends it.
+            let live = Self::is_live(&self.view(), to);
+            let answer = tokio::select! {
+                a = tokio::time::timeout(deadline, self.net.call(to, env)) => a,
+                () = self.marked_down(to), if live => {
+                    self.counters.calls_cut_by_view.fetch_add(1, Ordering::Relaxed);
+                    return Err(format!("node {to}: marked down during {kind}"));
+                }
+            };
+            match answer {
                 Err(_) => Err(format!("node {to}: no answer to {kind} within {deadline:?}")),
                 Ok(Err(e)) => Err(format!("node {to}: {kind}: {e}")),
                 Ok(Ok(answer)) => {

@@ -595,3 +595,72 @@ async fn lost_disk_is_rebuilt_by_anti_entropy() {
     assert_eq!(pulled, before, "exactly the lost copies come back");
     assert_eq!(sim.nodes[1].rep.as_ref().expect("up").store().stats().entries, before);
 }
+
+/// A network on which every call to another node goes unanswered (a node
+/// killed with its connections left half-open).
+struct Silent;
+
+impl replication::replica::Network for Silent {
+    fn call(
+        &self,
+        _to: u64,
+        _call: replication::replica::Call,
+    ) -> replication::replica::BoxFuture<'_, Result<replication::replica::Answer, String>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A call in flight to a node that the next view has down ends when that
+/// view arrives, not at its deadline: a delivery waiting on a dead node's
+/// copy finishes with the copies it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_with_the_target_down_ends_calls_to_it() {
+    let dir = TempDir::new("silent");
+    let store = FragmentStore::open(StoreConfig {
+        dir: dir.path().join("store"),
+        segment_bytes_max: 16 << 10,
+    })
+    .expect("store opens");
+    let mut cfg = ReplicaConfig::new(dir.path().join("updates"));
+    cfg.replicas = 2;
+    cfg.call_timeout = Duration::from_secs(600);
+    let rep = Arc::new(Replicator::new(1, Arc::new(store), Silent, cfg).expect("replicator"));
+    let view = |epoch, other: NodeState| {
+        let infos = [(1, NodeState::Up), (2, other)]
+            .into_iter()
+            .map(|(id, state)| NodeInfo {
+                id: PNodeId(id),
+                weight: 1,
+                zone: String::new(),
+                state,
+            })
+            .collect();
+        Arc::new(View::with_slot_bits(epoch, infos, placement::MIN_SLOT_BITS).expect("view"))
+    };
+    rep.set_view(view(1, NodeState::Up));
+    // Two nodes, R=2: node 2 gets a copy (and may be the user's manager).
+    let delivery = tokio::spawn({
+        let rep = rep.clone();
+        async move {
+            rep.deliver(&["ann@example.org".to_owned()], "INBOX", 1, b"hi\r\n".to_vec())
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!delivery.is_finished(), "node 2 never answers, yet the delivery ended");
+    rep.set_view(view(2, NodeState::Down));
+    let out = tokio::time::timeout(Duration::from_secs(30), delivery)
+        .await
+        .expect("the delivery ends once node 2 is down (its calls are 600 s long)")
+        .expect("join");
+    assert_eq!(out.stored, [true], "the local copy is stored");
+    assert_eq!(out.copies[0], [1]);
+    assert!(out.under_replicated);
+    assert!(
+        rep.counters
+            .calls_cut_by_view
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    rep.store().close();
+}

@@ -50,6 +50,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub const REPORT_USERS_MAX: usize = 2_000;
 /// Digests per anti-entropy message.
 pub const DIGESTS_MAX: usize = 2_000;
+/// Message ids in one [`Request::Deleted`].
+pub const DELETED_QUERY_MAX: usize = 10_000;
 /// Updates kept in the durable log; past this, anti-entropy alone repairs.
 pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
 /// How long a mailbox lock holds without being released (a session that
@@ -96,6 +98,12 @@ pub enum Request {
     List {
         user: String,
     },
+    /// Which of these messages of the user the receiver holds deletions
+    /// of (asked of a replica that did not list a message another did).
+    Deleted {
+        user: String,
+        ids: Vec<MessageId>,
+    },
     /// A body, by hash.
     Read {
         body: BodyHash,
@@ -137,6 +145,7 @@ impl Request {
             Request::ReportTo => "report-to",
             Request::Store { .. } => "store",
             Request::List { .. } => "list",
+            Request::Deleted { .. } => "deleted",
             Request::Read { .. } => "read",
             Request::Delete { .. } => "delete",
             Request::Digests { .. } => "digests",
@@ -164,6 +173,9 @@ pub enum Reply {
     },
     Body {
         bytes: Vec<u8>,
+    },
+    Tombstoned {
+        ids: Vec<MessageId>,
     },
     Deleted {
         removed: usize,
@@ -587,6 +599,13 @@ impl<N: Network> Replicator<N> {
                 Request::List { user } => Ok(Reply::Listed {
                     entries: self.store.list(&user),
                 }),
+                Request::Deleted { user, ids } => {
+                    let mut ids = ids;
+                    ids.truncate(DELETED_QUERY_MAX);
+                    Ok(Reply::Tombstoned {
+                        ids: self.store.tombstoned(&user, &ids),
+                    })
+                }
                 Request::Read { body } => match self.store.read_body(body).await {
                     Ok(bytes) => Ok(Reply::Body { bytes }),
                     Err(e) => Err(e.to_string()),
@@ -1030,6 +1049,7 @@ impl<N: Network> Replicator<N> {
             .filter(|&n| n == self.me || Self::is_live(&view, n))
             .map(|n| async move { (n, self.call(n, Request::List { user: user.to_owned() }).await) });
         let mut union: BTreeMap<MessageId, Listed> = BTreeMap::new();
+        let mut answered: BTreeSet<NodeId> = BTreeSet::new();
         for (node, r) in futures::future::join_all(lists).await {
             let entries = match r {
                 Ok(Reply::Listed { entries }) => entries,
@@ -1038,6 +1058,7 @@ impl<N: Network> Replicator<N> {
                     continue;
                 }
             };
+            answered.insert(node);
             for meta in entries {
                 union
                     .entry(meta.id)
@@ -1047,6 +1068,36 @@ impl<N: Network> Replicator<N> {
                     })
                     .holders
                     .push(node);
+            }
+        }
+        // A live replica that did not list a message another one listed
+        // has either not got its copy yet or deleted it while the other was
+        // away (a node back from a crash, before the update log or
+        // anti-entropy reach it): ask, and leave out what it deleted.
+        let mut suspects: BTreeMap<NodeId, Vec<MessageId>> = BTreeMap::new();
+        for l in union.values() {
+            for r in &l.meta.replicas {
+                if !l.holders.contains(r) && (answered.contains(r) || Self::is_live(&view, *r)) {
+                    suspects.entry(*r).or_default().push(l.meta.id);
+                }
+            }
+        }
+        let asks = suspects.into_iter().map(|(node, ids)| async move {
+            let mut dead = Vec::new();
+            for chunk in ids.chunks(DELETED_QUERY_MAX) {
+                let req = Request::Deleted {
+                    user: user.to_owned(),
+                    ids: chunk.to_vec(),
+                };
+                if let Ok(Reply::Tombstoned { ids }) = self.call(node, req).await {
+                    dead.extend(ids);
+                }
+            }
+            dead
+        });
+        for dead in futures::future::join_all(asks).await {
+            for id in dead {
+                union.remove(&id);
             }
         }
         union.into_values().collect()

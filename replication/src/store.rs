@@ -719,6 +719,15 @@ impl FragmentStore {
             .unwrap_or([0; 32])
     }
 
+    /// Those of `ids` that the user's tombstones here name (deleted here).
+    pub fn tombstoned(&self, user: &str, ids: &[MessageId]) -> Vec<MessageId> {
+        let index = self.shared.index();
+        let Some(m) = index.mailboxes.get(user) else {
+            return Vec::new();
+        };
+        ids.iter().copied().filter(|id| m.tombstones.contains_key(id)).collect()
+    }
+
     /// Whether any entry of the user is held here.
     pub fn holds(&self, user: &str) -> bool {
         let index = self.shared.index();

@@ -465,6 +465,14 @@ async fn deletion_survives_a_replica_that_missed_it() {
         "a tombstone went before every replica had it"
     );
     sim.restart(vi).await;
+    // Back, but neither the update log nor anti-entropy has reached it: it
+    // still holds the copy. No listing shows the message (the others hold
+    // its deletion), on any node.
+    assert_eq!(sim.nodes[vi].rep.as_ref().expect("up").store().list(&user).len(), 1);
+    for r in sim.live() {
+        let listed = r.mailbox(&user).await;
+        assert!(listed.is_empty(), "node {} lists a deleted message: {listed:?}", r.id());
+    }
     // Anti-entropy first (before the update log): the tombstone must win.
     for r in sim.live() {
         r.anti_entropy_round().await;

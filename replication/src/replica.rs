@@ -93,6 +93,12 @@ pub enum Request {
         folder: String,
         groups: Vec<(Vec<NodeId>, Vec<String>)>,
         body: Vec<u8>,
+        /// The view epoch the sender placed the message by, and the users
+        /// whose targets it chose without their manager: the receiver tells
+        /// the manager of a user's first fragment here unless that manager
+        /// placed it under the receiver's own view.
+        epoch: u64,
+        unplaced: Vec<String>,
     },
     /// The user's entries held by the receiver.
     List {
@@ -570,12 +576,15 @@ impl<N: Network> Replicator<N> {
                     folder,
                     groups,
                     body,
+                    epoch,
+                    unplaced,
                 } => {
                     self.inflight.fetch_add(1, Ordering::Relaxed);
+                    let same_view = epoch == self.view().epoch();
                     let new_users: Vec<String> = groups
                         .iter()
                         .flat_map(|(_, users)| users)
-                        .filter(|u| !self.store.holds(u))
+                        .filter(|u| !(same_view && !unplaced.contains(u)) && !self.store.holds(u))
                         .cloned()
                         .collect();
                     let stores = groups.into_iter().map(|(replicas, users)| {
@@ -866,6 +875,7 @@ impl<N: Network> Replicator<N> {
             by_manager.entry(m).or_default().push(i);
         }
         let mut targets: Vec<Vec<NodeId>> = vec![Vec::new(); users.len()];
+        let mut unplaced: Vec<String> = Vec::new();
         let asks = by_manager.into_iter().map(|(m, idx)| {
             let req = Request::Place {
                 users: idx.iter().map(|&i| users[i].clone()).collect(),
@@ -888,6 +898,7 @@ impl<N: Network> Replicator<N> {
                     self.counters.manager_fallbacks.fetch_add(1, Ordering::Relaxed);
                     for i in idx {
                         targets[i] = self.place_local(&users[i], size, n);
+                        unplaced.push(users[i].clone());
                     }
                 }
             }
@@ -916,6 +927,8 @@ impl<N: Network> Replicator<N> {
                 folder: folder.to_owned(),
                 groups: groups.into_iter().collect(),
                 body: body.clone(),
+                epoch: view.epoch(),
+                unplaced: unplaced.clone(),
             };
             async move { (node, self.call(node, req).await) }
         });

@@ -584,7 +584,7 @@ impl<N: Network> Replicator<N> {
                     let new_users: Vec<String> = groups
                         .iter()
                         .flat_map(|(_, users)| users)
-                        .filter(|u| !(same_view && !unplaced.contains(u)) && !self.store.holds(u))
+                        .filter(|u| (!same_view || unplaced.contains(u)) && !self.store.holds(u))
                         .cloned()
                         .collect();
                     let stores = groups.into_iter().map(|(replicas, users)| {

@@ -19,6 +19,8 @@ use crate::cluster::{ClusterReply, ClusterRequest, QuicTransport};
 pub const SLOT_BITS: u32 = 18;
 /// How often logged updates are offered to replicas that are back.
 const UPDATE_REPLAY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a manager asks for mail-map reports missing for the view.
+const REPORT_CHASE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often replicas compare digests without a view change.
 const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
 /// How often every node re-reports to the managers (mail maps drift as
@@ -86,8 +88,10 @@ pub async fn duties(replica: Arc<NodeReplicator>, membership: Membership, stop: 
         changed.clone(),
         stop.clone(),
     ));
+    let chaser = tokio::spawn(chase_reports(replica.clone(), stop.clone()));
     work(replica, changed, stop).await;
     follower.abort();
+    chaser.abort();
 }
 
 async fn follow_views(
@@ -116,6 +120,25 @@ async fn follow_views(
     }
 }
 
+/// Mail maps answer with every live node until each has reported for the
+/// current view: every second, ask those whose report is missing. A task of
+/// its own, so that a peer slow to answer does not hold up the other duties.
+async fn chase_reports(replica: Arc<NodeReplicator>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(REPORT_CHASE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {
+                let asked = replica.chase_reports().await;
+                if asked > 0 {
+                    debug!(asked, "asked for missing mail-map reports");
+                }
+            }
+        }
+    }
+}
+
 async fn work(replica: Arc<NodeReplicator>, changed: Arc<tokio::sync::Notify>, mut stop: watch::Receiver<bool>) {
     let mut replay = tokio::time::interval(UPDATE_REPLAY_INTERVAL);
     let mut anti_entropy = tokio::time::interval(ANTI_ENTROPY_INTERVAL);
@@ -139,12 +162,6 @@ async fn work(replica: Arc<NodeReplicator>, changed: Arc<tokio::sync::Notify>, m
                 }
             }
             _ = replay.tick() => {
-                // Mail maps answer with every live node until each has
-                // reported for this view; ask those whose report is missing.
-                let asked = replica.chase_reports().await;
-                if asked > 0 {
-                    debug!(asked, "asked for missing mail-map reports");
-                }
                 if replica.pending_updates() > 0 {
                     let n = replica.replay_updates().await;
                     if n > 0 {

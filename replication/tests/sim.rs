@@ -566,6 +566,54 @@ async fn listings_are_whole_while_reports_are_in_flight() {
     }
 }
 
+/// A fragment that lands after its node's full report (the sender placed it
+/// by an older view) is reported to the user's manager by the node that
+/// stores it, so the manager's map, once complete, still shows it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_fragment_placed_by_an_old_view_reaches_the_map() {
+    let mut sim = Sim::sized(12, 8);
+    let users = users();
+    for r in sim.live() {
+        r.report_round().await;
+    }
+    let front = sim.live()[0].clone();
+    let old_view = front.view();
+    // A node goes; everyone takes the new view and reports under it, but
+    // the front end is still on the old view when mail arrives.
+    let vi = sim.nodes.len() - 1;
+    sim.crash(vi).await;
+    let new_view = front.view();
+    front.set_view(old_view);
+    for r in sim.live() {
+        if r.id() != front.id() {
+            r.report_round().await;
+        }
+    }
+    let mut want: BTreeMap<String, BTreeSet<MessageId>> = BTreeMap::new();
+    for (i, u) in users.iter().enumerate() {
+        let out = front
+            .deliver(
+                std::slice::from_ref(u),
+                "INBOX",
+                i as u64,
+                format!("late {i}\r\n").into_bytes(),
+            )
+            .await;
+        assert!(out.stored[0], "{u} stored");
+        want.entry(u.clone()).or_default().insert(out.id);
+    }
+    // The front end catches up and reports: every map is complete again.
+    front.set_view(new_view);
+    front.report_round().await;
+    for r in sim.live() {
+        for u in &users {
+            assert!(r.mail_map(u).await.2, "node {}: the map of {u} is complete", r.id());
+            let listed: BTreeSet<MessageId> = r.mailbox(u).await.into_iter().map(|l| l.meta.id).collect();
+            assert_eq!(&listed, &want[u], "node {} lists {u} in part", r.id());
+        }
+    }
+}
+
 /// A replica that lost its disk gets its copies back from the others, and
 /// only the copies it lacks travel.
 #[tokio::test(flavor = "current_thread")]

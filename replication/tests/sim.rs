@@ -568,20 +568,35 @@ async fn listings_are_whole_while_reports_are_in_flight() {
 
 /// A fragment that lands after its node's full report (the sender placed it
 /// by an older view) is reported to the user's manager by the node that
-/// stores it, so the manager's map, once complete, still shows it.
+/// stores it, so the manager's map, once complete, still shows it. The new
+/// view either loses a node (its users' manager is gone, so the front end
+/// places them itself) or gains one (the old manager places them and the
+/// new one never hears of it from the sender).
 #[tokio::test(flavor = "current_thread")]
 async fn a_fragment_placed_by_an_old_view_reaches_the_map() {
+    late_fragments(false).await;
+    late_fragments(true).await;
+}
+
+async fn late_fragments(join: bool) {
     let mut sim = Sim::sized(12, 8);
     let users = users();
+    let vi = sim.nodes.len() - 1;
+    if join {
+        sim.crash(vi).await;
+    }
     for r in sim.live() {
         r.report_round().await;
     }
     let front = sim.live()[0].clone();
     let old_view = front.view();
-    // A node goes; everyone takes the new view and reports under it, but
-    // the front end is still on the old view when mail arrives.
-    let vi = sim.nodes.len() - 1;
-    sim.crash(vi).await;
+    // Everyone takes the new view and reports under it, but the front end
+    // is still on the old view when mail arrives.
+    if join {
+        sim.restart(vi).await;
+    } else {
+        sim.crash(vi).await;
+    }
     let new_view = front.view();
     front.set_view(old_view);
     for r in sim.live() {
@@ -607,9 +622,13 @@ async fn a_fragment_placed_by_an_old_view_reaches_the_map() {
     front.report_round().await;
     for r in sim.live() {
         for u in &users {
-            assert!(r.mail_map(u).await.2, "node {}: the map of {u} is complete", r.id());
+            assert!(
+                r.mail_map(u).await.2,
+                "join={join} node {}: the map of {u} is complete",
+                r.id()
+            );
             let listed: BTreeSet<MessageId> = r.mailbox(u).await.into_iter().map(|l| l.meta.id).collect();
-            assert_eq!(&listed, &want[u], "node {} lists {u} in part", r.id());
+            assert_eq!(&listed, &want[u], "join={join} node {} lists {u} in part", r.id());
         }
     }
 }

@@ -72,7 +72,10 @@ pub enum ClusterReply {
     },
     Refused(String),
     Raft(RaftReply),
-    Pong,
+    /// With the epoch of the view the answering node has applied.
+    Pong {
+        epoch: u64,
+    },
     Stats {
         messages: u64,
         bytes: u64,
@@ -358,6 +361,46 @@ impl Cluster {
         self.membership.id()
     }
 
+    /// Waits, at most `deadline`, until this node has applied a view at
+    /// least as new as any peer that answers has, and that view has it up.
+    /// A node restarted from its saved state starts with the view it died
+    /// with (itself up, later changes missing); serving clients by it would
+    /// pick other managers than the cluster does (a second POP3 lock for a
+    /// mailbox, placement by stale loads). Returns whether it caught up.
+    pub async fn catch_up(&self, deadline: Duration) -> bool {
+        let me = self.id();
+        let until = tokio::time::Instant::now() + deadline;
+        let view = self.membership.view();
+        let asks = view.nodes.values().filter(|n| n.id != me).map(|n| {
+            let (t, addr) = (self.transport.clone(), n.addrs.cluster.clone());
+            async move {
+                match tokio::time::timeout(PING_TIMEOUT * 4, t.request(&addr, &ClusterRequest::Ping)).await {
+                    Ok(Ok(ClusterReply::Pong { epoch })) => epoch,
+                    _ => 0,
+                }
+            }
+        });
+        let newest = futures_join_all(asks).await.into_iter().max().unwrap_or(0);
+        let mut views = self.membership.subscribe();
+        loop {
+            let v = self.membership.view();
+            let up = v.node(me).is_some_and(|n| n.state != NodeState::Down);
+            if v.epoch >= newest && up {
+                return true;
+            }
+            match tokio::time::timeout_at(until, views.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    warn!(
+                        epoch = v.epoch,
+                        newest, up, "not caught up with the cluster's view; serving by this node's own"
+                    );
+                    return false;
+                }
+            }
+        }
+    }
+
     /// Stops membership and closes the endpoint.
     pub async fn shutdown(&self) {
         if let Err(e) = self.membership.shutdown().await {
@@ -498,7 +541,9 @@ async fn handle(
         }
         _ if !member => ClusterReply::Refused("a cluster certificate is required".into()),
         ClusterRequest::Raft(msg) => ClusterReply::Raft(membership.handle(*msg).await),
-        ClusterRequest::Ping => ClusterReply::Pong,
+        ClusterRequest::Ping => ClusterReply::Pong {
+            epoch: membership.view().epoch,
+        },
         ClusterRequest::Stats => {
             let s = store.stats();
             ClusterReply::Stats {
@@ -557,7 +602,7 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
             let (t, addr, id) = (cluster.transport.clone(), n.addrs.cluster.clone(), n.id);
             async move {
                 let r = tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await;
-                let ok = matches!(r, Ok(Ok(ClusterReply::Pong)));
+                let ok = matches!(r, Ok(Ok(ClusterReply::Pong { .. })));
                 if !ok {
                     // Maybe a stale connection to a restarted peer: start afresh.
                     t.forget(&addr);

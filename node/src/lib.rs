@@ -122,6 +122,10 @@ fn admin_token(config: &NodeConfig) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// How long a starting node waits to catch up with the cluster's view
+/// before it serves clients anyway.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Runs a node until `shutdown` resolves. Binds every listener before it
 /// reports ready, so an address in use is an error at start, not later.
 pub async fn run(
@@ -235,9 +239,6 @@ pub async fn run(
         cluster.membership.clone(),
         stop_rx.clone(),
     ));
-    for (listener, proto) in listeners {
-        tasks.spawn(accept_loop(listener, proto, services.clone(), stop_rx.clone()));
-    }
     if let Some(listener) = admin_listener {
         info!(addr = %addrs.admin.expect("bound"), "admin API listening");
         let state = admin::AdminState {
@@ -281,6 +282,18 @@ pub async fn run(
                 }
             }
         });
+    }
+    // Clients are served by the cluster's current view, not by the one
+    // this node may have died with (bounded: a cluster without a quorum
+    // still gets served).
+    if cluster.catch_up(CATCH_UP_DEADLINE).await {
+        info!(
+            epoch = cluster.membership.view().epoch,
+            "caught up with the cluster's view"
+        );
+    }
+    for (listener, proto) in listeners {
+        tasks.spawn(accept_loop(listener, proto, services.clone(), stop_rx.clone()));
     }
     info!(name = %config.name, data = %config.data_dir.display(), "quill node ready");
     println!(

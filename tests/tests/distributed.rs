@@ -394,7 +394,18 @@ async fn a_dead_node_misses_nothing_once_it_returns() {
     }
     assert!(deleted > 0);
 
+    // The victim comes back with the view it died with (itself up); it
+    // serves clients only once it has the survivors' view, which has it
+    // down, or a newer one.
+    let epoch_down = status(&nodes[0]).await["epoch"].as_u64().expect("epoch");
     nodes[victim].restart().await.expect("restart");
+    let greeting = Pop3Client::connect(nodes[victim].pop3()).await;
+    assert!(greeting.is_ok(), "{:?}", greeting.err());
+    let epoch_back = status(&nodes[victim]).await["epoch"].as_u64().expect("epoch");
+    assert!(
+        epoch_back >= epoch_down,
+        "the returned node serves by view {epoch_back}, older than the cluster's {epoch_down}"
+    );
     let all: Vec<&NodeProcess> = nodes.iter().collect();
     process::wait_converged(&all, 3, Duration::from_secs(30))
         .await

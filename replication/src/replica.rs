@@ -988,30 +988,44 @@ impl<N: Network> Replicator<N> {
     /// when another session holds it, `Ok(None)` when the manager does not
     /// answer (the session goes on: availability before exclusivity).
     pub async fn lock_mailbox(&self, user: &str) -> Result<Option<(NodeId, u64)>, ()> {
-        let view = self.view();
-        let Some(m) = Self::manager(&view, user) else {
-            return Ok(None);
-        };
-        let token = (u64::from(self.boot) << 32) | (self.lock_seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
-        let req = Request::Lock {
-            user: user.to_owned(),
-            token,
-        };
-        match self.call(m, req).await {
-            Ok(Reply::Locked { granted: true }) => Ok(Some((m, token))),
-            Ok(Reply::Locked { granted: false }) => Err(()),
-            other => {
-                warn!(user, manager = m, reply = ?other.err(), "mailbox lock not taken; going on without it");
-                // It may have been granted with the answer lost: give it back.
-                self.unlock_mailbox(user, m, token).await;
-                Ok(None)
+        let mut tried: Option<NodeId> = None;
+        for _ in 0..3 {
+            let view = self.view();
+            let Some(m) = Self::manager(&view, user) else {
+                return Ok(None);
+            };
+            if tried == Some(m) {
+                // The manager did not answer and the view still names it.
+                return Ok(None);
+            }
+            let token = (u64::from(self.boot) << 32) | (self.lock_seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
+            let req = Request::Lock {
+                user: user.to_owned(),
+                token,
+            };
+            match self.call(m, req).await {
+                Ok(Reply::Locked { granted: true }) => return Ok(Some((m, token))),
+                Ok(Reply::Locked { granted: false }) => return Err(()),
+                other => {
+                    warn!(user, manager = m, reply = ?other.err(), "mailbox lock not taken");
+                    // It may have been granted with the answer lost: give it back.
+                    self.unlock_mailbox(user, m, token).await;
+                    // A view that has the manager down names another: ask it
+                    // (once); otherwise go on without the lock.
+                    tried = Some(m);
+                }
             }
         }
+        Ok(None)
     }
 
     /// Releases a lock [`Replicator::lock_mailbox`] took, at the manager
     /// that granted it (the view may have moved the user since).
     pub async fn unlock_mailbox(&self, user: &str, manager: NodeId, token: u64) {
+        if !Self::is_live(&self.view(), manager) {
+            // Down: its locks went with it (and its lease ends anyway).
+            return;
+        }
         let req = Request::Unlock {
             user: user.to_owned(),
             token,

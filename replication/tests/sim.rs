@@ -739,3 +739,55 @@ async fn a_view_with_the_target_down_ends_calls_to_it() {
     );
     rep.store().close();
 }
+
+/// A POP3 lock asked of a manager that a new view has down is asked of the
+/// user's new manager instead of being given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_follows_the_manager_when_it_goes_down() {
+    let dir = TempDir::new("silent-lock");
+    let store = FragmentStore::open(StoreConfig {
+        dir: dir.path().join("store"),
+        segment_bytes_max: 16 << 10,
+    })
+    .expect("store opens");
+    let mut cfg = ReplicaConfig::new(dir.path().join("updates"));
+    cfg.call_timeout = Duration::from_secs(600);
+    let rep = Arc::new(Replicator::new(1, Arc::new(store), Silent, cfg).expect("replicator"));
+    let view = |epoch, other: NodeState| {
+        let infos = [(1, NodeState::Up), (2, other)]
+            .into_iter()
+            .map(|(id, state)| NodeInfo {
+                id: PNodeId(id),
+                weight: 1,
+                zone: String::new(),
+                state,
+            })
+            .collect();
+        Arc::new(View::with_slot_bits(epoch, infos, placement::MIN_SLOT_BITS).expect("view"))
+    };
+    let first = view(1, NodeState::Up);
+    // A user that node 2 (silent) manages.
+    let user = (0..1000)
+        .map(|i| format!("p{i}@example.org"))
+        .find(|u| first.user_manager(u).map(|n| n.0) == Some(2))
+        .expect("some user managed by node 2");
+    rep.set_view(first);
+    let lock = tokio::spawn({
+        let (rep, user) = (rep.clone(), user.clone());
+        async move { rep.lock_mailbox(&user).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!lock.is_finished(), "node 2 never answers, yet the lock call ended");
+    rep.set_view(view(2, NodeState::Down));
+    let got = tokio::time::timeout(Duration::from_secs(30), lock)
+        .await
+        .expect("the lock call ends once node 2 is down")
+        .expect("join");
+    assert!(
+        matches!(got, Ok(Some((1, _)))),
+        "the lock comes from the new manager, node 1: {got:?}"
+    );
+    // The new manager holds it: a second session is refused.
+    assert_eq!(rep.lock_mailbox(&user).await, Err(()));
+    rep.store().close();
+}

@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::TempDir;
 use placement::{NodeId as PNodeId, NodeInfo, NodeState, View};
 use replication::mem_net::{MemNet, MemRouter, Serve};
-use replication::replica::{ReplicaConfig, Replicator};
+use replication::replica::{DeliverOutcome, ReplicaConfig, Replicator};
 use replication::{BodyHash, FragmentStore, MessageId, StoreConfig};
 
 const N_NODES: u64 = 4;
@@ -175,6 +175,13 @@ fn repairs(sim: &Sim) -> u64 {
         .iter()
         .map(|r| r.counters.repairs_pulled.load(Relaxed) + r.counters.repairs_tombstones.load(Relaxed))
         .sum()
+}
+
+/// One message for one user, through `front`.
+async fn deliver_one(front: &Rep, user: &str, arrival_ms: u64, body: String) -> DeliverOutcome {
+    front
+        .deliver(&[user.to_owned()], "INBOX", arrival_ms, body.into_bytes())
+        .await
 }
 
 fn users() -> Vec<String> {
@@ -606,14 +613,7 @@ async fn late_fragments(join: bool) {
     }
     let mut want: BTreeMap<String, BTreeSet<MessageId>> = BTreeMap::new();
     for (i, u) in users.iter().enumerate() {
-        let out = front
-            .deliver(
-                std::slice::from_ref(u),
-                "INBOX",
-                i as u64,
-                format!("late {i}\r\n").into_bytes(),
-            )
-            .await;
+        let out = deliver_one(&front, u, i as u64, format!("late {i}\r\n")).await;
         assert!(out.stored[0], "{u} stored");
         want.entry(u.clone()).or_default().insert(out.id);
     }
@@ -641,14 +641,7 @@ async fn lost_disk_is_rebuilt_by_anti_entropy() {
     let users = users();
     let front = sim.live()[0].clone();
     for (i, u) in users.iter().enumerate() {
-        let out = front
-            .deliver(
-                std::slice::from_ref(u),
-                "INBOX",
-                i as u64,
-                format!("body {i}\r\n").into_bytes(),
-            )
-            .await;
+        let out = deliver_one(&front, u, i as u64, format!("body {i}\r\n")).await;
         assert!(out.stored[0]);
         sim.acked
             .insert((u.clone(), out.id), BodyHash::of(format!("body {i}\r\n").as_bytes()));
@@ -685,12 +678,9 @@ impl replication::replica::Network for Silent {
     }
 }
 
-/// A call in flight to a node that the next view has down ends when that
-/// view arrives, not at its deadline: a delivery waiting on a dead node's
-/// copy finishes with the copies it has.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_view_with_the_target_down_ends_calls_to_it() {
-    let dir = TempDir::new("silent");
+/// Node 1 of two (R=2), on a network where node 2 never answers; calls
+/// have a 600 s deadline.
+fn silent_node(dir: &TempDir) -> Arc<Replicator<Silent>> {
     let store = FragmentStore::open(StoreConfig {
         dir: dir.path().join("store"),
         segment_bytes_max: 16 << 10,
@@ -699,19 +689,30 @@ async fn a_view_with_the_target_down_ends_calls_to_it() {
     let mut cfg = ReplicaConfig::new(dir.path().join("updates"));
     cfg.replicas = 2;
     cfg.call_timeout = Duration::from_secs(600);
-    let rep = Arc::new(Replicator::new(1, Arc::new(store), Silent, cfg).expect("replicator"));
-    let view = |epoch, other: NodeState| {
-        let infos = [(1, NodeState::Up), (2, other)]
-            .into_iter()
-            .map(|(id, state)| NodeInfo {
-                id: PNodeId(id),
-                weight: 1,
-                zone: String::new(),
-                state,
-            })
-            .collect();
-        Arc::new(View::with_slot_bits(epoch, infos, placement::MIN_SLOT_BITS).expect("view"))
-    };
+    Arc::new(Replicator::new(1, Arc::new(store), Silent, cfg).expect("replicator"))
+}
+
+/// Nodes 1 (up) and 2 (`other`).
+fn view(epoch: u64, other: NodeState) -> Arc<View> {
+    let infos = [(1, NodeState::Up), (2, other)]
+        .into_iter()
+        .map(|(id, state)| NodeInfo {
+            id: PNodeId(id),
+            weight: 1,
+            zone: String::new(),
+            state,
+        })
+        .collect();
+    Arc::new(View::with_slot_bits(epoch, infos, placement::MIN_SLOT_BITS).expect("view"))
+}
+
+/// A call in flight to a node that the next view has down ends when that
+/// view arrives, not at its deadline: a delivery waiting on a dead node's
+/// copy finishes with the copies it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_with_the_target_down_ends_calls_to_it() {
+    let dir = TempDir::new("silent");
+    let rep = silent_node(&dir);
     rep.set_view(view(1, NodeState::Up));
     // Two nodes, R=2: node 2 gets a copy (and may be the user's manager).
     let delivery = tokio::spawn({
@@ -745,26 +746,7 @@ async fn a_view_with_the_target_down_ends_calls_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_follows_the_manager_when_it_goes_down() {
     let dir = TempDir::new("silent-lock");
-    let store = FragmentStore::open(StoreConfig {
-        dir: dir.path().join("store"),
-        segment_bytes_max: 16 << 10,
-    })
-    .expect("store opens");
-    let mut cfg = ReplicaConfig::new(dir.path().join("updates"));
-    cfg.call_timeout = Duration::from_secs(600);
-    let rep = Arc::new(Replicator::new(1, Arc::new(store), Silent, cfg).expect("replicator"));
-    let view = |epoch, other: NodeState| {
-        let infos = [(1, NodeState::Up), (2, other)]
-            .into_iter()
-            .map(|(id, state)| NodeInfo {
-                id: PNodeId(id),
-                weight: 1,
-                zone: String::new(),
-                state,
-            })
-            .collect();
-        Arc::new(View::with_slot_bits(epoch, infos, placement::MIN_SLOT_BITS).expect("view"))
-    };
+    let rep = silent_node(&dir);
     let first = view(1, NodeState::Up);
     // A user that node 2 (silent) manages.
     let user = (0..1000)

@@ -180,9 +180,25 @@ struct Index {
     entries: u64,
     tombstones: u64,
     body_bytes: u64,
+    /// Entries per replica set (sorted node ids): what the under-replicated
+    /// count needs, without walking every entry.
+    replica_sets: HashMap<Vec<u64>, u64>,
 }
 
 impl Index {
+    fn count_replica_set(&mut self, replicas: &[u64], added: bool) {
+        let mut key = replicas.to_vec();
+        key.sort_unstable();
+        if added {
+            *self.replica_sets.entry(key).or_default() += 1;
+        } else if let Some(n) = self.replica_sets.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.replica_sets.remove(&key);
+            }
+        }
+    }
+
     fn seg_mut(&mut self, seg: u32) -> &mut Segment {
         self.segments.get_mut(&seg).expect("segment of a live record exists")
     }
@@ -274,18 +290,24 @@ impl Index {
         let mailbox = self.mailboxes.entry(user.to_owned()).or_default();
         let size = meta.size_bytes;
         let body = meta.body;
-        match mailbox.entries.insert(meta.id, Entry { meta, loc }) {
+        let replicas = meta.replicas.clone();
+        let old = mailbox.entries.insert(meta.id, Entry { meta, loc });
+        if old.is_none() {
+            mailbox.usage_bytes += size;
+        }
+        match old {
             Some(old) => {
+                self.count_replica_set(&old.meta.replicas, false);
                 self.sub_live(old.loc.seg, old.loc.record_len);
                 self.add_live(loc.seg, loc.record_len);
             }
             None => {
-                mailbox.usage_bytes += size;
                 self.entries += 1;
                 self.add_live(loc.seg, loc.record_len);
                 self.ref_body(&body);
             }
         }
+        self.count_replica_set(&replicas, true);
     }
 
     fn remove_entry(&mut self, user: &str, id: &MessageId) -> bool {
@@ -299,6 +321,7 @@ impl Index {
         if mailbox.entries.is_empty() && mailbox.tombstones.is_empty() {
             self.mailboxes.remove(user);
         }
+        self.count_replica_set(&old.meta.replicas, false);
         self.entries -= 1;
         self.sub_live(old.loc.seg, old.loc.record_len);
         self.unref_body(&old.meta.body);
@@ -762,17 +785,16 @@ impl FragmentStore {
     /// once.
     pub fn under_replicated(&self, me: u64, n_replicas: usize, up: impl Fn(u64) -> bool) -> u64 {
         let index = self.shared.index();
-        let mut n = 0;
-        for m in index.mailboxes.values() {
-            for e in m.entries.values() {
-                let mut live = e.meta.replicas.iter().filter(|r| up(**r));
-                let count = live.clone().count();
-                if count < n_replicas && live.all(|r| *r >= me) {
-                    n += 1;
-                }
-            }
-        }
-        n
+        // By replica set (few of them), not by entry.
+        index
+            .replica_sets
+            .iter()
+            .filter(|(replicas, _)| {
+                let mut live = replicas.iter().filter(|r| up(**r));
+                live.clone().count() < n_replicas && live.all(|r| *r >= me)
+            })
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Forgets tombstones older than `hlc_before`: after that a copy that

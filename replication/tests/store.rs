@@ -1067,3 +1067,57 @@ async fn tombstones_outlive_restarts_and_cleaning() {
     store.deliver(mk(a, 1)).await.expect("deliver a again");
     assert_eq!(store.list("alice").len(), 1);
 }
+
+/// The under-replicated count (kept per replica set, not walked per entry)
+/// agrees with a count over every entry after deliveries, deletions, the
+/// cleaner and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_replicated_count_matches_the_entries() {
+    let dir = TempDir::new("under");
+    let mut store = open(dir.path(), SMALL_SEGMENT);
+    let me = 5;
+    let sets: [&[u64]; 5] = [&[5], &[3, 5], &[5, 8], &[5, 8, 9], &[1, 5, 9]];
+    let users = ["u1", "u2", "u3"];
+    let mut ids = Vec::new();
+    for i in 0..60u64 {
+        let id = store.new_message_id(T0 + i);
+        let user = users[i as usize % users.len()];
+        store
+            .deliver(Delivery {
+                id,
+                arrival_ms: T0 + i,
+                users: vec![user.into()],
+                folder: "INBOX".into(),
+                body: bytes(i, 700),
+                // Unsorted on purpose: the set is the same either way.
+                replicas: sets[i as usize % sets.len()].iter().rev().copied().collect(),
+            })
+            .await
+            .expect("deliver");
+        ids.push((user, id));
+    }
+    for (user, id) in ids.iter().step_by(4) {
+        store.delete(user, vec![*id]).await.expect("delete");
+    }
+    let downs: [&[u64]; 4] = [&[], &[8], &[1, 3], &[8, 9]];
+    for round in 0..2 {
+        for down in downs {
+            let up = |n: u64| !down.contains(&n);
+            let walked = users
+                .iter()
+                .flat_map(|u| store.list(u))
+                .filter(|e| {
+                    let live: Vec<u64> = e.replicas.iter().copied().filter(|&r| up(r)).collect();
+                    live.len() < 2 && live.iter().all(|&r| r >= me)
+                })
+                .count() as u64;
+            assert_eq!(
+                store.under_replicated(me, 2, up),
+                walked,
+                "round {round}, down {down:?}"
+            );
+        }
+        while store.compact_once().await.expect("compact").is_some() {}
+        store = reopen(store, dir.path(), SMALL_SEGMENT);
+    }
+}

@@ -286,7 +286,11 @@ pub async fn run(
     // Clients are served by the cluster's current view, not by the one
     // this node may have died with (bounded: a cluster without a quorum
     // still gets served).
-    if cluster.catch_up(CATCH_UP_DEADLINE).await {
+    if cluster.catch_up(CATCH_UP_DEADLINE).await
+        && replica
+            .wait_for_view(cluster.membership.view().epoch, CATCH_UP_DEADLINE)
+            .await
+    {
         info!(
             epoch = cluster.membership.view().epoch,
             "caught up with the cluster's view"

@@ -418,6 +418,14 @@ impl<N: Network> Replicator<N> {
         self.view_epoch.send_replace(epoch);
     }
 
+    /// Waits, at most `deadline`, until a view of `epoch` or newer is taken.
+    pub async fn wait_for_view(&self, epoch: u64, deadline: Duration) -> bool {
+        let mut epochs = self.view_epoch.subscribe();
+        tokio::time::timeout(deadline, epochs.wait_for(|e| *e >= epoch))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Returns once the view has `node` down.
     async fn marked_down(&self, node: NodeId) {
         let mut epochs = self.view_epoch.subscribe();

@@ -1084,7 +1084,6 @@ impl<N: Network> Replicator<N> {
             .filter(|&n| n == self.me || Self::is_live(&view, n))
             .map(|n| async move { (n, self.call(n, Request::List { user: user.to_owned() }).await) });
         let mut union: BTreeMap<MessageId, Listed> = BTreeMap::new();
-        let mut answered: BTreeSet<NodeId> = BTreeSet::new();
         for (node, r) in futures::future::join_all(lists).await {
             let entries = match r {
                 Ok(Reply::Listed { entries }) => entries,
@@ -1093,7 +1092,6 @@ impl<N: Network> Replicator<N> {
                     continue;
                 }
             };
-            answered.insert(node);
             for meta in entries {
                 union
                     .entry(meta.id)
@@ -1112,7 +1110,7 @@ impl<N: Network> Replicator<N> {
         let mut suspects: BTreeMap<NodeId, Vec<MessageId>> = BTreeMap::new();
         for l in union.values() {
             for r in &l.meta.replicas {
-                if !l.holders.contains(r) && (answered.contains(r) || Self::is_live(&view, *r)) {
+                if !l.holders.contains(r) && (*r == self.me || Self::is_live(&view, *r)) {
                     suspects.entry(*r).or_default().push(l.meta.id);
                 }
             }

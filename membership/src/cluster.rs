@@ -595,6 +595,10 @@ impl Directory for RaftDirectory {
         self.m.inner.shared.read().state.directory.user_summaries()
     }
 
+    fn postmaster_fallback(&self, domain: Option<&str>) -> Option<UserRecord> {
+        self.m.inner.shared.read().state.directory.postmaster_fallback(domain)
+    }
+
     fn apply(&self, cmd: DirectoryCommand) -> DirectoryFuture<'_> {
         Box::pin(self.write(cmd))
     }

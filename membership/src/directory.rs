@@ -65,12 +65,36 @@ pub enum DirectoryCommand {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
-    /// Normalized (lower-case) address: the mailbox name everywhere.
+    /// Normalized (lower-case) address.
     pub address: String,
     /// argon2id PHC string.
     pub password_hash: String,
     /// None: unlimited.
     pub quota_bytes: Option<u64>,
+    /// How many users of this address were removed before this one was
+    /// created: part of the mailbox name, so that mail left by a removed
+    /// user can never match the next user given the same address.
+    #[serde(default)]
+    pub incarnation: u64,
+}
+
+impl UserRecord {
+    /// The name the user's mail is stored under everywhere (fragments,
+    /// placement, locks): the address for the first user of an address,
+    /// `address#N` for the N-th one after a removal (`#` cannot occur in a
+    /// domain, so no address can take that name).
+    pub fn mailbox(&self) -> String {
+        mailbox_name(&self.address, self.incarnation)
+    }
+}
+
+/// See [`UserRecord::mailbox`].
+pub fn mailbox_name(address: &str, incarnation: u64) -> String {
+    if incarnation == 0 {
+        address.to_owned()
+    } else {
+        format!("{address}#{incarnation}")
+    }
 }
 
 /// A user as listed to operators (no hash).
@@ -94,6 +118,10 @@ pub enum Recipient {
 pub struct DirectoryState {
     pub domains: BTreeSet<String>,
     pub users: BTreeMap<String, UserRecord>,
+    /// Addresses whose user was removed, with the incarnation the next user
+    /// of that address gets.
+    #[serde(default)]
+    pub next_incarnation: BTreeMap<String, u64>,
 }
 
 fn valid_domain(d: &str) -> bool {
@@ -117,8 +145,22 @@ fn normalize_domain(d: &str) -> Result<String, DirectoryError> {
     }
 }
 
+/// Whether a character may stand in a local part: printable ASCII but the
+/// address delimiters, or any non-ASCII character but controls and
+/// spaces (RFC 6531 UTF8-non-ascii, for SMTPUTF8).
+fn local_part_char(c: char) -> bool {
+    if c.is_ascii() {
+        c.is_ascii_graphic() && !matches!(c, '<' | '>' | '@' | '"' | '\\' | ',')
+    } else {
+        !c.is_control() && !c.is_whitespace()
+    }
+}
+
 /// Lower-cases an address and checks its shape. Quill treats local parts
-/// case-insensitively, as nearly every provider does.
+/// case-insensitively, as nearly every provider does; a UTF-8 local part
+/// (RFC 6531) is lower-cased by Unicode's rules and otherwise compared as
+/// given (no Unicode normalization). Domains are ASCII: an
+/// internationalized domain is given in its `xn--` form.
 pub fn normalize_address(a: &str) -> Result<String, DirectoryError> {
     let a = a.trim();
     let bad = || DirectoryError::BadAddress(a.to_owned());
@@ -126,14 +168,17 @@ pub fn normalize_address(a: &str) -> Result<String, DirectoryError> {
     if local.is_empty()
         || local.len() > LOCAL_PART_BYTES_MAX
         || a.len() > ADDRESS_BYTES_MAX
-        || !local
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'<' | b'>' | b'@' | b'"' | b'\\' | b','))
+        || !local.chars().all(local_part_char)
     {
         return Err(bad());
     }
     let domain = normalize_domain(domain).map_err(|_| bad())?;
-    Ok(format!("{}@{domain}", local.to_ascii_lowercase()))
+    Ok(format!("{}@{domain}", local.to_lowercase()))
+}
+
+/// Whether an address needs SMTPUTF8 (RFC 6531) to be carried.
+pub fn needs_smtputf8(address: &str) -> bool {
+    !address.is_ascii()
 }
 
 impl DirectoryState {
@@ -174,14 +219,16 @@ impl DirectoryState {
                     address: a.clone(),
                     password_hash: password_hash.clone(),
                     quota_bytes: *quota_bytes,
+                    incarnation: self.next_incarnation.get(&a).copied().unwrap_or(0),
                 };
                 self.users.insert(a, record);
             }
             DirectoryCommand::RemoveUser { address } => {
                 let a = normalize_address(address)?;
-                if self.users.remove(&a).is_none() {
+                let Some(old) = self.users.remove(&a) else {
                     return Err(DirectoryError::NoSuchUser(a));
-                }
+                };
+                self.next_incarnation.insert(a, old.incarnation + 1);
             }
             DirectoryCommand::SetPassword { address, password_hash } => {
                 let a = normalize_address(address)?;
@@ -217,6 +264,18 @@ impl DirectoryState {
         self.users.get(&a).cloned()
     }
 
+    /// Where postmaster mail goes when no `postmaster@DOMAIN` user exists
+    /// and none was configured: the domain's first user in address order,
+    /// else the first user of any domain (RFC 5321 §4.5.1 wants postmaster
+    /// deliverable for every local domain).
+    pub fn postmaster_fallback(&self, domain: Option<&str>) -> Option<UserRecord> {
+        let of_domain = domain.and_then(|d| {
+            let suffix = format!("@{}", d.to_ascii_lowercase());
+            self.users.values().find(|u| u.address.ends_with(&suffix))
+        });
+        of_domain.or_else(|| self.users.values().next()).cloned()
+    }
+
     pub fn domain_list(&self) -> Vec<String> {
         self.domains.iter().cloned().collect()
     }
@@ -243,6 +302,8 @@ pub trait Directory: Send + Sync + 'static {
     fn user(&self, address: &str) -> Option<UserRecord>;
     fn domains(&self) -> Vec<String>;
     fn users(&self) -> Vec<UserSummary>;
+    /// See [`DirectoryState::postmaster_fallback`].
+    fn postmaster_fallback(&self, domain: Option<&str>) -> Option<UserRecord>;
     fn apply(&self, cmd: DirectoryCommand) -> DirectoryFuture<'_>;
 }
 
@@ -312,6 +373,10 @@ impl Directory for LocalDirectory {
 
     fn users(&self) -> Vec<UserSummary> {
         self.read().user_summaries()
+    }
+
+    fn postmaster_fallback(&self, domain: Option<&str>) -> Option<UserRecord> {
+        self.read().postmaster_fallback(domain)
     }
 
     fn apply(&self, cmd: DirectoryCommand) -> DirectoryFuture<'_> {
@@ -423,6 +488,79 @@ mod tests {
         assert_eq!(s.resolve("bob@example.com"), Recipient::NotLocal);
         assert_eq!(s.resolve("b<>ob@example.org"), Recipient::UnknownUser);
         assert_eq!(s.resolve("garbage"), Recipient::NotLocal);
+    }
+
+    #[test]
+    fn a_user_made_again_gets_a_new_mailbox() {
+        let mut s = DirectoryState::default();
+        s.apply(&DirectoryCommand::AddDomain {
+            domain: "example.org".into(),
+        })
+        .unwrap();
+        s.apply(&add_user("alice@example.org")).unwrap();
+        let first = s.user("alice@example.org").unwrap().mailbox();
+        assert_eq!(first, "alice@example.org", "a first user keeps the plain name");
+        let mut seen = vec![first];
+        for _ in 0..3 {
+            s.apply(&DirectoryCommand::RemoveUser {
+                address: "ALICE@example.org".into(),
+            })
+            .unwrap();
+            s.apply(&add_user("Alice@example.org")).unwrap();
+            let m = s.user("alice@example.org").unwrap().mailbox();
+            assert!(!seen.contains(&m), "{m} was used before: {seen:?}");
+            seen.push(m);
+        }
+        // Other users are untouched; a name with `#` is never an address.
+        s.apply(&add_user("bob@example.org")).unwrap();
+        assert_eq!(s.user("bob@example.org").unwrap().mailbox(), "bob@example.org");
+        assert!(normalize_address(&seen[1]).is_err());
+    }
+
+    #[test]
+    fn utf8_local_parts() {
+        let mut s = DirectoryState::default();
+        s.apply(&DirectoryCommand::AddDomain {
+            domain: "example.org".into(),
+        })
+        .unwrap();
+        s.apply(&add_user("Jürgen@example.org")).unwrap();
+        s.apply(&add_user("用户@example.org")).unwrap();
+        assert!(matches!(s.resolve("JÜRGEN@example.org"), Recipient::Local(u) if u.address == "jürgen@example.org"));
+        assert!(matches!(s.resolve("用户@EXAMPLE.org"), Recipient::Local(_)));
+        assert!(needs_smtputf8("jürgen@example.org") && !needs_smtputf8("alice@example.org"));
+        // Controls and spaces stay out, UTF-8 or not; the byte limit holds.
+        for bad in ["a\u{0}b@example.org", "a\u{2003}b@example.org", "a\u{85}b@example.org"] {
+            assert!(normalize_address(bad).is_err(), "{bad:?}");
+        }
+        assert!(normalize_address(&format!("{}@example.org", "ü".repeat(33))).is_err());
+        assert!(normalize_address(&format!("{}@example.org", "ü".repeat(32))).is_ok());
+    }
+
+    #[test]
+    fn postmaster_fallback() {
+        let mut s = DirectoryState::default();
+        assert_eq!(s.postmaster_fallback(Some("example.org")), None);
+        for d in ["example.org", "example.net"] {
+            s.apply(&DirectoryCommand::AddDomain { domain: d.into() }).unwrap();
+        }
+        s.apply(&add_user("zed@example.net")).unwrap();
+        // A domain without users falls back to any user.
+        assert_eq!(
+            s.postmaster_fallback(Some("example.org")).unwrap().address,
+            "zed@example.net"
+        );
+        s.apply(&add_user("bob@example.org")).unwrap();
+        s.apply(&add_user("alice@example.org")).unwrap();
+        assert_eq!(
+            s.postmaster_fallback(Some("EXAMPLE.org")).unwrap().address,
+            "alice@example.org"
+        );
+        assert_eq!(
+            s.postmaster_fallback(Some("example.net")).unwrap().address,
+            "zed@example.net"
+        );
+        assert_eq!(s.postmaster_fallback(None).unwrap().address, "alice@example.org");
     }
 
     #[test]

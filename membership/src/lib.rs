@@ -58,7 +58,7 @@ pub use cluster::{Membership, MembershipConfig, MembershipError, RaftDirectory};
 pub use command::{ClientId, ClusterState, Command, CommandError, Request, Response};
 pub use directory::{
     Directory, DirectoryCommand, DirectoryError, DirectoryState, LocalDirectory, Recipient, UserRecord, UserSummary,
-    normalize_address,
+    mailbox_name, needs_smtputf8, normalize_address,
 };
 pub use mem_transport::{MemRouter, SplitMix64};
 pub use network::{

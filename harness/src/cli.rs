@@ -63,9 +63,10 @@ pub async fn up(
         Ok(s) => {
             if !s.live().is_empty() {
                 bail!(
-                    "a cluster is already running from {} (nodes {:?}); `quill-harness down --dir {}` stops it",
+                    "a cluster is already running from {} (nodes {:?}); `{} down --dir {}` stops it",
                     dir.display(),
                     s.live(),
+                    crate::process::harness_command(),
                     dir.display()
                 );
             }
@@ -127,16 +128,21 @@ pub async fn up(
     print_instructions(&state, &dir);
     if detach {
         println!(
-            "\nThe nodes keep running; `quill-harness down --dir {}` stops them.",
+            "\nThe nodes keep running; `{} down --dir {}` stops them.",
+            crate::process::harness_command(),
             dir.display()
         );
         return Ok(());
     }
     println!("\nRunning. Press Ctrl-C to stop the cluster.");
-    // Until Ctrl-C, or until `down` (from elsewhere) has stopped every node.
+    // Until Ctrl-C, SIGTERM or SIGHUP (the nodes are stopped: none is left
+    // running without its harness), or until `down` (from elsewhere) has
+    // stopped every node.
+    let stop = crate::process::stop_signal()?;
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            r = tokio::signal::ctrl_c() => { r?; break; }
+            sig = &mut stop => { println!("{sig}: stopping the cluster"); break; }
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
                 if ClusterState::load(&dir).is_ok_and(|s| s.live().is_empty()) {
                     println!("every node has stopped");
@@ -191,6 +197,7 @@ fn print_instructions(state: &ClusterState, dir: &Path) {
     let a = state.ip(state.nodes[0].k);
     let b = state.ip(state.nodes.get(1).unwrap_or(&state.nodes[0]).k);
     let d = dir.display();
+    let h = crate::process::harness_command();
     println!(
         r#"  users alice@example.org and bob@example.org, password {pw}; admin token {token}
 
@@ -200,10 +207,10 @@ Send a message to one node (swaks, or Python's smtplib):
 Read it from another (Python's poplib):
   python3 -c "import poplib; p = poplib.POP3('{b}', 2110); p.user('bob@example.org'); p.pass_('{pw}'); print(p.stat()); print(b'\n'.join(p.retr(len(p.list()[1]))[1]).decode())"
 Drive it:
-  quill-harness status --dir {d}
-  quill-harness load --dir {d} --duration 60s --kill n2@20s --restart n2@40s --out {d}/run1
-  quill-harness verify --dir {d} --out {d}/run1
-  quill-harness add|kill|restart|drain NODE --dir {d};  quill-harness down --dir {d}"#,
+  {h} status --dir {d}
+  {h} load --dir {d} --duration 60s --kill n2@20s --restart n2@40s --out {d}/run1
+  {h} verify --dir {d} --out {d}/run1
+  {h} add|kill|restart|drain NODE --dir {d};  {h} down --dir {d}"#,
         token = state.admin_token
     );
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, anyhow, bail};
 use hyper::Method;
 use serde::{Deserialize, Serialize};
 
-use crate::process::{CLUSTER_PORT, NodeOptions, NodeProcess};
+use crate::process::{CLUSTER_PORT, NodeOptions, NodeProcess, Signal, send_signal};
 
 pub const STATE_FILE: &str = "harness.json";
 const STOP_DEADLINE: Duration = Duration::from_secs(20);
@@ -53,8 +53,9 @@ impl ClusterState {
         let path = Self::path(dir);
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!(
-                "no harness cluster in {} (start one with `quill-harness up --dir {}`)",
+                "no harness cluster in {} (start one with `{} up --dir {}`)",
                 dir.display(),
+                crate::process::harness_command(),
                 dir.display()
             )
         })?;
@@ -168,7 +169,7 @@ impl ClusterState {
             .pid
             .filter(|p| quill_alive(*p))
             .ok_or_else(|| anyhow!("n{k} is not running"))?;
-        signal(pid, "KILL")?;
+        signal(pid, Signal::KILL)?;
         wait_gone(pid, STOP_DEADLINE)?;
         e.pid = None;
         Ok(())
@@ -181,9 +182,9 @@ impl ClusterState {
             e.pid = None;
             return Ok(());
         };
-        signal(pid, "TERM")?;
+        signal(pid, Signal::TERM)?;
         if wait_gone(pid, STOP_DEADLINE).is_err() {
-            signal(pid, "KILL")?;
+            signal(pid, Signal::KILL)?;
             wait_gone(pid, STOP_DEADLINE)?;
         }
         e.pid = None;
@@ -243,14 +244,12 @@ pub fn quill_alive(pid: u32) -> bool {
         .is_ok_and(|c| c.split(|b| *b == 0).next().is_some_and(|exe| exe.ends_with(b"quill")))
 }
 
-fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
-    let st = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()?;
+fn signal(pid: u32, sig: Signal) -> anyhow::Result<()> {
     // It may have exited between the check and the signal.
-    if !st.success() && quill_alive(pid) {
-        bail!("kill -{sig} {pid} failed");
+    if let Err(e) = send_signal(pid, sig)
+        && quill_alive(pid)
+    {
+        bail!("cannot signal process {pid} ({sig:?}): {e}");
     }
     Ok(())
 }

@@ -430,7 +430,8 @@ async fn demo(dir: Option<PathBuf>, password: Option<String>, exit: bool) -> any
     }
     if result.is_ok() && !exit {
         println!("\nRunning. Press Ctrl-C to stop the node.");
-        tokio::signal::ctrl_c().await?;
+        let sig = quill_harness::process::stop_signal()?.await;
+        println!("{sig}: stopping the node");
     }
     node.stop().await?;
     println!("node stopped; its data stays in {}", dir.display());

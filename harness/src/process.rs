@@ -52,6 +52,52 @@ pub fn quill_binary() -> anyhow::Result<PathBuf> {
 
 /// A loopback address no other node of this process (or, with high
 /// probability, of another test process) uses: 127.<pid-derived>.<n>.1.
+pub use rustix::process::Signal;
+
+/// Sends `sig` to process `pid` with kill(2) (no `kill` program spawned).
+pub fn send_signal(pid: u32, sig: Signal) -> std::io::Result<()> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad pid {pid}")))?;
+    rustix::process::kill_process(pid, sig).map_err(std::io::Error::from)
+}
+
+/// How to run this very harness binary again from the current directory:
+/// `./target/release/quill-harness` after `cargo build --release`, or its
+/// absolute path when it lies elsewhere (a bare `quill-harness` is not on
+/// the PATH after a build).
+pub fn harness_command() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "quill-harness".to_owned();
+    };
+    match std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(Path::to_path_buf))
+    {
+        Some(rel) => format!("./{}", rel.display()),
+        None => exe.display().to_string(),
+    }
+}
+
+/// Resolves on SIGINT, SIGTERM or SIGHUP with the signal's name: what
+/// ends a foreground harness command (which then stops its nodes).
+pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut int, mut term, mut hup) = (
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::hangup())?,
+    );
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+            _ = hup.recv() => "SIGHUP",
+        }
+    })
+}
+
 pub fn fresh_loopback() -> Ipv4Addr {
     static NEXT: AtomicU32 = AtomicU32::new(1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -271,7 +317,7 @@ impl NodeProcess {
     pub async fn stop(&mut self) -> anyhow::Result<()> {
         let Some(mut c) = self.child.take() else { return Ok(()) };
         if let Some(pid) = c.id() {
-            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            let _ = send_signal(pid, Signal::TERM);
         }
         match tokio::time::timeout(STOP_DEADLINE, c.wait()).await {
             Ok(status) => {
@@ -348,6 +394,17 @@ impl NodeProcess {
     }
 
     /// The node's Prometheus metrics as (name, value) pairs.
+    /// The users' addresses, as `GET /v1/users` lists them.
+    pub async fn user_list(&self) -> anyhow::Result<Vec<String>> {
+        let users = self.admin(Method::GET, "/v1/users", None).await?;
+        Ok(users
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u["address"].as_str().map(str::to_owned))
+            .collect())
+    }
+
     pub async fn metrics(&self) -> anyhow::Result<Vec<(String, f64)>> {
         let (_, body) = self.admin_raw(Method::GET, "/metrics", None).await?;
         let text = body.as_str().unwrap_or_default().to_owned();

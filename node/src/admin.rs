@@ -7,7 +7,7 @@
 //! DELETE /v1/domains/{domain}
 //! GET    /v1/users                    -> [{"address": ..., "quota_bytes": ...}]
 //! POST   /v1/users                    {"address", "password", "quota_bytes"?}
-//! DELETE /v1/users/{address}
+//! DELETE /v1/users/{address}[?purge=true]  refused (409) if the user has mail, unless purged
 //! PUT    /v1/users/{address}/password {"password"}
 //! GET    /v1/cluster/status           -> DESIGN.md's status object
 //! POST   /v1/nodes/{id}/drain         mark a node draining (placement stops choosing it)
@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, put};
@@ -175,9 +175,65 @@ async fn add_user(State(s): State<AdminState>, h: HeaderMap, Json(b): Json<UserB
     .await
 }
 
-async fn remove_user(State(s): State<AdminState>, h: HeaderMap, Path(address): Path<String>) -> ApiResult {
+#[derive(Deserialize, Default)]
+struct RemoveQuery {
+    #[serde(default)]
+    purge: bool,
+}
+
+/// Removes a user. One with mail is refused unless `?purge=true`, which
+/// deletes every message on every replica first (tombstones, so that a node
+/// that is down cannot bring them back) and again after the removal (mail
+/// that arrived meanwhile). Whatever is left, the next user given this
+/// address has a new mailbox name ([`membership::UserRecord::mailbox`]) and
+/// starts empty.
+async fn remove_user(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Path(address): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> ApiResult {
     check(&s, &h)?;
-    apply(&s, DirectoryCommand::RemoveUser { address }).await
+    let user = s
+        .services
+        .directory
+        .user(&address)
+        .ok_or_else(|| ApiError::from(DirectoryError::NoSuchUser(address.clone())))?;
+    let mailbox = user.mailbox();
+    let purge = |mailbox: String| {
+        let replica = s.services.replica.clone();
+        async move {
+            let msgs = replica.mailbox(&mailbox).await;
+            let n = msgs.len();
+            if n > 0 {
+                replica
+                    .delete(&mailbox, &msgs)
+                    .await
+                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("purging the mailbox: {e}")))?;
+            }
+            Ok::<usize, ApiError>(n)
+        }
+    };
+    let held = s.services.replica.mailbox(&mailbox).await.len();
+    if held > 0 && !q.purge {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "{} has {held} message(s); remove with --purge to delete them",
+                user.address
+            ),
+        ));
+    }
+    let mut purged = if q.purge { purge(mailbox.clone()).await? } else { 0 };
+    s.services
+        .directory
+        .apply(DirectoryCommand::RemoveUser { address })
+        .await?;
+    if q.purge {
+        purged += purge(mailbox).await?;
+    }
+    tracing::info!(user = %user.address, purged, "user removed");
+    Ok(Json(json!({ "ok": true, "purged": purged })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -199,13 +255,59 @@ async fn set_password(
 #[derive(Deserialize)]
 struct LevelBody {
     level: String,
+    /// Every node that is not down, not only this one.
+    #[serde(default)]
+    all: bool,
 }
 
+/// How long `log-level --all` waits for each other node.
+const LOG_LEVEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sets the log filter on this node, or (`all`) on every node that is not
+/// down, through the cluster wire. A bad filter is refused here before any
+/// node changes; the reply names each node and what it answered.
 async fn log_level(State(s): State<AdminState>, h: HeaderMap, Json(b): Json<LevelBody>) -> ApiResult {
     check(&s, &h)?;
     (s.set_log_level)(&b.level).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     tracing::info!(level = %b.level, "log level changed");
-    Ok(Json(json!({ "ok": true, "level": b.level })).into_response())
+    let mut nodes = serde_json::Map::new();
+    nodes.insert(s.name.clone(), json!("ok"));
+    if b.all {
+        let view = s.cluster.membership.view();
+        let me = s.cluster.id();
+        let asks: Vec<_> = view
+            .nodes
+            .values()
+            .filter(|n| n.id != me && n.state != membership::NodeState::Down)
+            .map(|n| {
+                let (cluster, name, addr) = (s.cluster.clone(), n.name.clone(), n.addrs.cluster.clone());
+                let req = crate::cluster::ClusterRequest::SetLogLevel {
+                    filter: b.level.clone(),
+                };
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(LOG_LEVEL_TIMEOUT, cluster.transport.request(&addr, &req)).await;
+                    let said = match r {
+                        Ok(Ok(crate::cluster::ClusterReply::Done)) => "ok".to_owned(),
+                        Ok(Ok(crate::cluster::ClusterReply::Refused(e))) => format!("refused: {e}"),
+                        Ok(Ok(_)) => "unexpected reply".to_owned(),
+                        Ok(Err(e)) => format!("unreachable: {e:#}"),
+                        Err(_) => format!("no answer within {LOG_LEVEL_TIMEOUT:?}"),
+                    };
+                    (name, said)
+                })
+            })
+            .collect();
+        for a in asks {
+            if let Ok((name, said)) = a.await {
+                nodes.insert(name, json!(said));
+            }
+        }
+    }
+    let all_ok = nodes.values().all(|v| v == "ok");
+    Ok(Json(
+        json!({ "ok": all_ok, "level": b.level, "scope": if b.all { "all" } else { "this node" }, "nodes": nodes }),
+    )
+    .into_response())
 }
 
 /// DESIGN.md's status object, from this node's copy of the view. Message

@@ -38,7 +38,17 @@ async fn call_inner(
     let stream = TcpStream::connect(node)
         .await
         .with_context(|| format!("cannot connect to admin API at {node}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    // Anything but an HTTP server here (a mail port, the QUIC port) fails
+    // below: say what was expected rather than hyper's words alone.
+    let not_admin = |e: hyper::Error| {
+        anyhow!(
+            "no admin API answered at {node} ({e}); --node takes a node's --admin address \
+             (HTTP, e.g. 127.0.0.1:8080), not a mail or cluster port"
+        )
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(not_admin)?;
     let conn = tokio::spawn(conn);
     let bytes = body.map(|b| serde_json::to_vec(&b).expect("json")).unwrap_or_default();
     let req = Request::builder()
@@ -48,7 +58,7 @@ async fn call_inner(
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(bytes)))?;
-    let resp = sender.send_request(req).await?;
+    let resp = sender.send_request(req).await.map_err(not_admin)?;
     let status = resp.status().as_u16();
     let body = http_body_util::Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
         .collect()

@@ -60,6 +60,10 @@ pub enum ClusterRequest {
     Stats,
     /// The replica protocol (see `replication::replica`).
     Replica(Box<replication::replica::Call>),
+    /// `quill admin log-level --all`: set this node's log filter.
+    SetLogLevel {
+        filter: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,10 +86,14 @@ pub enum ClusterReply {
         under_replicated: u64,
     },
     Replica(Box<replication::replica::Answer>),
+    /// A request that needs no more than "done".
+    Done,
 }
 
 /// Where the accept loop finds the replicator once the node has made it.
 pub type ReplicaSlot = Arc<std::sync::OnceLock<Arc<crate::replica::NodeReplicator>>>;
+/// Where it finds the log filter setter (given by the binary).
+pub type LogSlot = Arc<std::sync::OnceLock<crate::admin::LogLevelSetter>>;
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -188,6 +196,8 @@ pub struct Cluster {
     pub transport: Arc<QuicTransport>,
     /// Set by the node once its replicator exists.
     pub replica: ReplicaSlot,
+    /// Set by the node at start.
+    pub log_level: LogSlot,
     endpoint: Endpoint,
 }
 
@@ -311,18 +321,23 @@ impl Cluster {
         });
         let membership = Membership::start(id, &dir.join("raft"), membership_config(), transport.clone()).await?;
         let replica: ReplicaSlot = Arc::default();
+        let log_level: LogSlot = Arc::default();
         let cluster = Cluster {
             membership: membership.clone(),
             transport: transport.clone(),
             replica: replica.clone(),
+            log_level: log_level.clone(),
             endpoint: endpoint.clone(),
         };
         tokio::spawn(accept_loop(
             endpoint,
-            dir.clone(),
-            membership.clone(),
-            store,
-            replica,
+            Arc::new(Handler {
+                dir: dir.clone(),
+                membership: membership.clone(),
+                store,
+                replica,
+                log_level,
+            }),
             stop.clone(),
         ));
 
@@ -470,20 +485,22 @@ async fn enroll(cfg: &ClusterConfig, token: &JoinToken) -> anyhow::Result<(NodeI
     Err(last)
 }
 
-async fn accept_loop(
-    endpoint: Endpoint,
+/// What the server side of the cluster wire answers with.
+struct Handler {
     dir: PathBuf,
     membership: Membership,
     store: Arc<FragmentStore>,
     replica: ReplicaSlot,
-    mut stop: watch::Receiver<bool>,
-) {
+    log_level: LogSlot,
+}
+
+async fn accept_loop(endpoint: Endpoint, handler: Arc<Handler>, mut stop: watch::Receiver<bool>) {
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i { Some(i) => i, None => return },
             _ = stop.changed() => return,
         };
-        let (dir, membership, store, replica) = (dir.clone(), membership.clone(), store.clone(), replica.clone());
+        let handler = handler.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -495,24 +512,16 @@ async fn accept_loop(
             };
             let peer = conn.remote_address();
             wire::serve_connection(conn, move |member: bool, req: ClusterRequest| {
-                let (dir, membership, store, replica) =
-                    (dir.clone(), membership.clone(), store.clone(), replica.clone());
-                async move { handle(member, req, &dir, &membership, &store, &replica, peer).await }
+                let handler = handler.clone();
+                async move { handle(member, req, &handler, peer).await }
             })
             .await
         });
     }
 }
 
-async fn handle(
-    member: bool,
-    req: ClusterRequest,
-    dir: &Path,
-    membership: &Membership,
-    store: &FragmentStore,
-    replica: &ReplicaSlot,
-    peer: SocketAddr,
-) -> ClusterReply {
+async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr) -> ClusterReply {
+    let (dir, membership, store, replica) = (h.dir.as_path(), &h.membership, &h.store, &h.replica);
     match req {
         ClusterRequest::Enroll { secret, name } => {
             let token = std::fs::read_to_string(dir.join("token")).unwrap_or_default();
@@ -554,6 +563,16 @@ async fn handle(
         }
         ClusterRequest::Replica(call) => match replica.get() {
             Some(r) => ClusterReply::Replica(Box::new(r.handle(*call).await)),
+            None => ClusterReply::Refused("this node is still starting".into()),
+        },
+        ClusterRequest::SetLogLevel { filter } => match h.log_level.get() {
+            Some(set) => match set(&filter) {
+                Ok(()) => {
+                    info!(level = %filter, %peer, "log level changed (cluster-wide request)");
+                    ClusterReply::Done
+                }
+                Err(e) => ClusterReply::Refused(e),
+            },
             None => ClusterReply::Refused("this node is still starting".into()),
         },
     }

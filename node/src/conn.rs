@@ -14,7 +14,9 @@ pub enum Line {
     /// A whole line, terminator included (`\n` or `\r\n`).
     Ok(Vec<u8>),
     /// The line was longer than allowed; it has been read and thrown away.
-    TooLong,
+    /// `crlf`: whether it ended with `\r\n` (not a bare `\n`), which the
+    /// DATA reader needs to find the one true end of a message.
+    TooLong { crlf: bool },
     /// The client closed the connection (a partial last line is dropped).
     Eof,
     /// Nothing arrived within the idle timeout.
@@ -31,6 +33,9 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
 ) -> std::io::Result<Line> {
     let mut line = Vec::new();
     let mut too_long = false;
+    // The last byte consumed, to tell `\r\n` from a bare `\n` when the
+    // line itself was thrown away.
+    let mut last = 0u8;
     loop {
         let available = match tokio::time::timeout(idle, reader.fill_buf()).await {
             Err(_) => return Ok(Line::Idle),
@@ -44,6 +49,8 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
             None => (available, false),
         };
         let n = chunk.len();
+        let before_lf = if n >= 2 { chunk[n - 2] } else { last };
+        last = chunk[n - 1];
         if !too_long {
             if line.len() + n > max_bytes {
                 too_long = true;
@@ -54,7 +61,13 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
         }
         reader.consume(n);
         if done {
-            return Ok(if too_long { Line::TooLong } else { Line::Ok(line) });
+            return Ok(if too_long {
+                Line::TooLong {
+                    crlf: before_lf == b'\r',
+                }
+            } else {
+                Line::Ok(line)
+            });
         }
     }
 }
@@ -131,7 +144,7 @@ mod tests {
             lines(b"ab\r\ncdefghij\r\nk\npartial", 6).await,
             vec![
                 Line::Ok(b"ab\r\n".to_vec()),
-                Line::TooLong,
+                Line::TooLong { crlf: true },
                 Line::Ok(b"k\n".to_vec()),
                 Line::Eof
             ]
@@ -140,7 +153,19 @@ mod tests {
             lines(b"123456\n", 7).await,
             vec![Line::Ok(b"123456\n".to_vec()), Line::Eof]
         );
-        assert_eq!(lines(b"1234567\n", 7).await, vec![Line::TooLong, Line::Eof]);
+        assert_eq!(
+            lines(b"1234567\n", 7).await,
+            vec![Line::TooLong { crlf: false }, Line::Eof]
+        );
+        // The CR and LF arrive in different chunks (capacity 4).
+        assert_eq!(
+            lines(b"1234567\r\n", 7).await,
+            vec![Line::TooLong { crlf: true }, Line::Eof]
+        );
+        assert_eq!(
+            lines(b"123456789\r\n", 7).await,
+            vec![Line::TooLong { crlf: true }, Line::Eof]
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod admin;
 pub mod admin_client;
 pub mod cluster;
 pub mod conn;
+pub mod data;
 pub mod pop3;
 pub mod replica;
 pub mod services;
@@ -74,6 +75,8 @@ pub struct NodeConfig {
     pub failure_timeout: Duration,
     /// Domain appended to logins that have none.
     pub default_login_domain: Option<String>,
+    /// Where postmaster mail goes for domains without a postmaster user.
+    pub postmaster: Option<String>,
     pub limits: Limits,
     /// Copies of each message (R).
     pub replicas: usize,
@@ -95,7 +98,7 @@ pub fn random_bytes() -> std::io::Result<[u8; 32]> {
     Ok(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -222,6 +225,7 @@ pub async fn run(
         replica.set_view(v);
     }
     let _ = cluster.replica.set(replica.clone());
+    let _ = cluster.log_level.set(set_log_level.clone());
     let mut services = Services::new(
         config.name.clone(),
         store.clone(),
@@ -231,6 +235,7 @@ pub async fn run(
         random_bytes()?,
     );
     services.default_login_domain = config.default_login_domain.clone();
+    services.postmaster = config.postmaster.clone();
     let services = Arc::new(services);
 
     let mut tasks = JoinSet::new();

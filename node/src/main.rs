@@ -75,20 +75,32 @@ struct NodeArgs {
     /// Domain appended to POP3 logins given without one (`user` -> `user@DOMAIN`).
     #[arg(long)]
     default_login_domain: Option<String>,
+    /// Mailbox that takes postmaster@DOMAIN (and bare <Postmaster>) for every
+    /// local domain without a postmaster user [default: that domain's first
+    /// user in address order]. Give every node the same value.
+    #[arg(long, value_name = "ADDRESS")]
+    postmaster: Option<String>,
     /// Copies of each message (R): each is on disk on R nodes before `250`.
     /// With fewer nodes up it is stored on those up and counted as
     /// under-replicated.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
     replicas: u64,
-    /// Largest message accepted, in bytes (advertised in EHLO SIZE).
-    #[arg(long, default_value_t = 50 << 20)]
-    max_message_size: usize,
+    /// Largest message accepted (advertised in EHLO SIZE): bytes, or with a
+    /// unit: KB, MB, GB (powers of 1000), K/KiB, M/MiB, G/GiB (powers of 1024).
+    #[arg(long, default_value = "50MiB", value_parser = parse_size_arg)]
+    max_message_size: u64,
     /// Recipients per message.
     #[arg(long, default_value_t = 100)]
     max_recipients: usize,
     /// Open connections per client address.
     #[arg(long, default_value_t = 64)]
     max_connections_per_ip: u32,
+    /// Unknown recipients one client address may name per minute; past it
+    /// every RCPT from that address gets 450 4.7.1 until the minute ends.
+    /// (In one session, each unknown recipient after the third waits 1 s
+    /// and the tenth ends the session with 421.)
+    #[arg(long, default_value_t = 50)]
+    max_unknown_recipients: u32,
     /// Open connections per node.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
@@ -102,7 +114,7 @@ struct NodeArgs {
 
 #[derive(Args)]
 struct AdminArgs {
-    /// Admin API address of any node, host:port.
+    /// Admin API address of any node (its --admin), host:port.
     #[arg(long)]
     node: String,
     /// Admin token.
@@ -126,8 +138,16 @@ enum AdminCmd {
     /// Cluster nodes, by id or name.
     #[command(subcommand)]
     Node(NodeCmd),
-    /// Set the log filter at once, without a restart (e.g. debug, quill_node=trace).
-    LogLevel { level: String },
+    /// Set the log filter at once, without a restart (e.g. debug,
+    /// quill_node=trace,info): on the addressed node only, or with --all on
+    /// every node that is up.
+    LogLevel {
+        /// A tracing EnvFilter, e.g. `debug` or `info,quill_node=trace`.
+        level: String,
+        /// Every node that is not down, not only the addressed one.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,35 +160,60 @@ enum NodeCmd {
 
 #[derive(Subcommand)]
 enum DomainCmd {
+    /// Accept mail for a domain.
     Add { domain: String },
+    /// List the domains.
     List,
+    /// Stop accepting mail for a domain (refused while it has users).
     Remove { domain: String },
+}
+
+/// Where a password comes from: `--password` (visible to `ps`),
+/// `--password-file FILE` (`-` for standard input), else a prompt on a
+/// terminal, else one line of standard input.
+#[derive(Args)]
+struct PasswordArgs {
+    /// The password itself (other users of this machine can see it in `ps`;
+    /// prefer --password-file or the prompt).
+    #[arg(long, conflicts_with = "password_file")]
+    password: Option<String>,
+    /// Read the password from the first line of FILE (`-`: standard input).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum UserCmd {
+    /// Create a mailbox user.
     Add {
         address: String,
-        #[arg(long)]
-        password: String,
-        /// Mailbox quota, e.g. 500M, 2G (binary units); none by default.
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// Mailbox quota: bytes, or with a unit: KB, MB, GB (powers of
+        /// 1000), K/KiB, M/MiB, G/GiB (powers of 1024); none by default.
         #[arg(long)]
         quota: Option<String>,
     },
+    /// List the users and their quotas.
     List,
+    /// Remove a user. Refused while the mailbox holds mail, unless --purge.
     Remove {
         address: String,
+        /// Delete the user's mail on every replica too.
+        #[arg(long)]
+        purge: bool,
     },
     /// Set a new password.
     Passwd {
         address: String,
-        #[arg(long)]
-        password: String,
+        #[command(flatten)]
+        password: PasswordArgs,
     },
 }
 
 #[derive(Subcommand)]
 enum ClusterCmd {
+    /// Epoch, leader, nodes with their state and counts, under-replicated mail.
     Status {
         /// Print the JSON object as is.
         #[arg(long)]
@@ -176,18 +221,65 @@ enum ClusterCmd {
     },
 }
 
-/// `123`, `10K`, `500M`, `2G` (binary units) to bytes.
+/// A size to bytes: `123`, `10KB`/`10MB`/`10GB`/`1TB` (powers of 1000),
+/// `10K`/`10KiB`, `500M`/`500MiB`, `2G`/`2GiB`, `1T`/`1TiB` (powers of 1024);
+/// units in any case, a space before them allowed.
 fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M') => (&s[..s.len() - 1], 1 << 20),
-        Some('G') => (&s[..s.len() - 1], 1 << 30),
-        Some('T') => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        other => bail!("not a size: {s:?} (unknown unit {other:?}; use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
     };
-    let n: u64 = num.trim().parse().with_context(|| format!("not a size: {s:?}"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("not a size: {s:?} (a whole number, then an optional unit such as MB or MiB)"))?;
     n.checked_mul(mult).with_context(|| format!("size too large: {s:?}"))
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// The password of a `user add` or `user passwd`, from wherever it was given.
+fn read_password(p: &PasswordArgs) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let first_line = |r: &mut dyn BufRead| -> anyhow::Result<String> {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    let pw = if let Some(pw) = &p.password {
+        pw.clone()
+    } else if let Some(f) = &p.password_file {
+        if f.as_os_str() == "-" {
+            first_line(&mut std::io::stdin().lock())?
+        } else {
+            let file = std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
+            first_line(&mut std::io::BufReader::new(file))?
+        }
+    } else if std::io::stdin().is_terminal() {
+        let pw = rpassword::prompt_password("Password: ")?;
+        if rpassword::prompt_password("Again: ")? != pw {
+            bail!("the two passwords differ");
+        }
+        pw
+    } else {
+        first_line(&mut std::io::stdin().lock())?
+    };
+    if pw.is_empty() {
+        bail!("empty password");
+    }
+    Ok(pw)
 }
 
 /// glibc raises its mmap threshold to the size of each large block freed
@@ -239,6 +331,11 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr);
     tracing_subscriber::registry().with(filter).with(fmt).init();
     let set_log_level: quill_node::admin::LogLevelSetter = Arc::new(move |level: &str| {
+        // An empty filter parses, and turns every log line off: refused,
+        // like any filter that does not parse; the old one stays.
+        if level.trim().is_empty() {
+            return Err("empty log filter (it would turn off all logging); give e.g. info or debug".to_owned());
+        }
         let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     });
@@ -246,8 +343,9 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         tracing::warn!("--imap given but IMAP is not served yet; ignoring it");
     }
     let limits = Limits {
-        message_bytes_max: a.max_message_size,
+        message_bytes_max: usize::try_from(a.max_message_size).unwrap_or(usize::MAX),
         recipients_max: a.max_recipients,
+        unknown_recipients_max: a.max_unknown_recipients,
         connections_per_address_max: a.max_connections_per_ip,
         connections_max: a.max_connections,
         idle_timeout: Duration::from_secs(a.idle_timeout),
@@ -273,6 +371,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         join_token: a.join_token,
         failure_timeout: Duration::from_millis(a.failure_timeout_ms),
         default_login_domain: a.default_login_domain,
+        postmaster: a.postmaster,
         replicas: a.replicas as usize,
         limits,
     };
@@ -304,28 +403,34 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
             password,
             quota,
         }) => {
-            let quota_bytes = quota.as_deref().map(parse_size).transpose()?;
+            let quota_bytes = quota.as_deref().map(parse_size).transpose().context("--quota")?;
+            let password = read_password(password)?;
             let body = serde_json::json!({ "address": address, "password": password, "quota_bytes": quota_bytes });
             (Method::POST, "/v1/users".to_owned(), Some(body))
         }
         AdminCmd::User(UserCmd::List) => (Method::GET, "/v1/users".to_owned(), None),
-        AdminCmd::User(UserCmd::Remove { address }) => {
-            (Method::DELETE, format!("/v1/users/{}", path_segment(address)), None)
+        AdminCmd::User(UserCmd::Remove { address, purge }) => {
+            let query = if *purge { "?purge=true" } else { "" };
+            (
+                Method::DELETE,
+                format!("/v1/users/{}{query}", path_segment(address)),
+                None,
+            )
         }
         AdminCmd::User(UserCmd::Passwd { address, password }) => (
             Method::PUT,
             format!("/v1/users/{}/password", path_segment(address)),
-            Some(serde_json::json!({ "password": password })),
+            Some(serde_json::json!({ "password": read_password(password)? })),
         ),
         AdminCmd::Cluster(ClusterCmd::Status { .. }) => (Method::GET, "/v1/cluster/status".to_owned(), None),
         AdminCmd::Node(NodeCmd::Drain { node }) => {
             (Method::POST, format!("/v1/nodes/{}/drain", path_segment(node)), None)
         }
         AdminCmd::Node(NodeCmd::Remove { node }) => (Method::DELETE, format!("/v1/nodes/{}", path_segment(node)), None),
-        AdminCmd::LogLevel { level } => (
+        AdminCmd::LogLevel { level, all } => (
             Method::PUT,
             "/v1/log-level".to_owned(),
-            Some(serde_json::json!({ "level": level })),
+            Some(serde_json::json!({ "level": level, "all": all })),
         ),
     };
     let (status, reply) = call(&a.node, &a.token, method, &path, body).await?;
@@ -353,6 +458,21 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
             }
         }
         AdminCmd::Cluster(ClusterCmd::Status { json: true }) => println!("{reply}"),
+        AdminCmd::User(UserCmd::Remove { purge: true, .. }) => {
+            println!("ok ({} message(s) purged)", reply["purged"]);
+        }
+        AdminCmd::LogLevel { .. } => {
+            let nodes = reply["nodes"].as_object().cloned().unwrap_or_default();
+            for (name, said) in &nodes {
+                println!("{name}: {}", said.as_str().unwrap_or_default());
+            }
+            if reply["scope"] == "this node" {
+                println!("(this node only; --all sets it on every node that is up)");
+            }
+            if reply["ok"] != true {
+                bail!("the log level was not set on every node");
+            }
+        }
         AdminCmd::Cluster(ClusterCmd::Status { json: false }) => {
             println!(
                 "epoch {}  leader {}  self {}  under-replicated {}",
@@ -382,10 +502,26 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
 mod tests {
     #[test]
     fn sizes() {
-        assert_eq!(super::parse_size("123").unwrap(), 123);
-        assert_eq!(super::parse_size("10K").unwrap(), 10240);
-        assert_eq!(super::parse_size("2g").unwrap(), 2 << 30);
-        assert!(super::parse_size("x").is_err());
-        assert!(super::parse_size("99999999999T").is_err());
+        use super::parse_size;
+        for (s, want) in [
+            ("123", 123),
+            ("10K", 10240),
+            ("2g", 2 << 30),
+            ("10MB", 10_000_000),
+            ("10 MB", 10_000_000),
+            ("10mb", 10_000_000),
+            ("10MiB", 10 << 20),
+            ("1GB", 1_000_000_000),
+            ("1GiB", 1 << 30),
+            ("5KB", 5_000),
+            ("5KiB", 5 << 10),
+            ("7B", 7),
+        ] {
+            assert_eq!(parse_size(s).unwrap(), want, "{s}");
+        }
+        for bad in ["x", "", "MB", "10XB", "1.5G", "-1", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size("10XB").unwrap_err().to_string().contains("unknown unit"));
     }
 }

@@ -36,6 +36,8 @@ pub enum Command {
     Dele(u32),
     Rset,
     Noop,
+    /// RFC 6856: UTF-8 user names and passwords (always accepted here).
+    Utf8,
 }
 
 /// Parses one command line (terminator already removed). Pure: table-tested.
@@ -85,6 +87,7 @@ pub fn parse(line: &[u8]) -> Result<Command, &'static str> {
         "STAT" => none(&args, Command::Stat),
         "RSET" => none(&args, Command::Rset),
         "NOOP" => none(&args, Command::Noop),
+        "UTF8" => none(&args, Command::Utf8),
         "LIST" => opt_num(&args).map(Command::List),
         "UIDL" => opt_num(&args).map(Command::Uidl),
         "RETR" => match args.as_slice() {
@@ -104,7 +107,7 @@ pub fn parse(line: &[u8]) -> Result<Command, &'static str> {
 }
 
 const CAPA: &str = "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n\
-                    AUTH-RESP-CODE\r\nPIPELINING\r\nEXPIRE NEVER\r\nIMPLEMENTATION Quill\r\n.";
+                    AUTH-RESP-CODE\r\nPIPELINING\r\nUTF8 USER\r\nEXPIRE NEVER\r\nIMPLEMENTATION Quill\r\n.";
 
 struct Mailbox {
     user: String,
@@ -182,7 +185,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             };
             match line {
                 Line::Ok(l) => return Ok(Some(trim_eol(&l).to_vec())),
-                Line::TooLong => {
+                Line::TooLong { .. } => {
                     bump(&self.services.metrics.limit_refusals);
                     self.reply("-ERR line too long").await?;
                     if self.bad().await? {
@@ -242,6 +245,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
     async fn authorization(&mut self, cmd: Command, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<Flow> {
         match cmd {
             Command::Capa => self.reply(CAPA).await?,
+            Command::Utf8 => self.reply("+OK UTF8 enabled").await?,
             Command::Quit => {
                 self.reply("+OK Quill POP3 server signing off").await?;
                 return Ok(Flow::Close);
@@ -275,8 +279,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                     return Ok(Flow::Continue);
                 }
                 match decode_plain(&response) {
-                    Some((user, pw)) => return self.login(&user, &pw).await,
-                    None => self.reply("-ERR malformed AUTH PLAIN response").await?,
+                    Ok((user, pw)) => return self.login(&user, &pw).await,
+                    Err(reply) => self.reply(reply).await?,
                 }
             }
             _ => self.reply("-ERR not allowed before login").await?,
@@ -301,12 +305,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 Ok(Flow::Continue)
             }
             Auth::Ok(record) => {
-                let Some(mut lock) = self.services.lock_mailbox(&record.address) else {
+                let mailbox = record.mailbox();
+                let Some(mut lock) = self.services.lock_mailbox(&mailbox) else {
                     self.reply("-ERR [IN-USE] mailbox is locked by another session").await?;
                     return Ok(Flow::Close);
                 };
                 // And cluster-wide, at the user's manager.
-                match self.services.replica.lock_mailbox(&record.address).await {
+                match self.services.replica.lock_mailbox(&mailbox).await {
                     Ok(token) => lock.cluster = token,
                     Err(()) => {
                         self.reply("-ERR [IN-USE] mailbox is locked by another session").await?;
@@ -317,7 +322,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 let listed: Vec<Listed> = self
                     .services
                     .replica
-                    .mailbox(&record.address)
+                    .mailbox(&mailbox)
                     .await
                     .into_iter()
                     .filter(|l| l.meta.folder == "INBOX")
@@ -328,7 +333,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 bump(&self.services.metrics.pop3_sessions);
                 debug!(peer = %self.peer, user = %record.address, messages = n, "pop3 login");
                 self.mailbox = Some(Mailbox {
-                    user: record.address,
+                    user: mailbox,
                     deleted: vec![false; n],
                     entries,
                     listed,
@@ -364,6 +369,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         match cmd {
             Command::Capa => self.reply(CAPA).await?,
             Command::Noop => self.reply("+OK").await?,
+            // RFC 6856 §2: not permitted after authentication.
+            Command::Utf8 => self.reply("-ERR UTF8 must come before login").await?,
             Command::Stat => {
                 let (n, octets) = live().fold((0, 0), |(n, o), (_, (e, _))| (n + 1, o + e.size_bytes));
                 self.reply(&format!("+OK {n} {octets}")).await?;
@@ -516,18 +523,25 @@ async fn write_dot_stuffed<W: AsyncWrite + Unpin>(w: &mut W, body: &[u8]) -> std
 }
 
 /// `authzid NUL authcid NUL password`, base64 (RFC 4616). The authorization
-/// identity must be empty or the same as the authentication identity.
-fn decode_plain(b64: &str) -> Option<(String, String)> {
-    let raw = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+/// identity must be empty or the same as the authentication identity
+/// (nobody may act as another user); the error is the reply to send.
+fn decode_plain(b64: &str) -> Result<(String, String), &'static str> {
+    const MALFORMED: &str = "-ERR malformed AUTH PLAIN response";
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|_| MALFORMED)?;
     let mut parts = raw.split(|&b| b == 0);
-    let (authz, authc, pw) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || authc.is_empty() || (!authz.is_empty() && authz != authc) {
-        return None;
+    let (Some(authz), Some(authc), Some(pw), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(MALFORMED);
+    };
+    if authc.is_empty() {
+        return Err(MALFORMED);
     }
-    Some((
-        String::from_utf8(authc.to_vec()).ok()?,
-        String::from_utf8(pw.to_vec()).ok()?,
-    ))
+    if !authz.is_empty() && authz != authc {
+        return Err("-ERR [AUTH] logging in as another user (authorization identity) is not permitted");
+    }
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| MALFORMED);
+    Ok((text(authc)?, text(pw)?))
 }
 
 #[cfg(test)]
@@ -574,14 +588,19 @@ mod tests {
     #[test]
     fn plain() {
         let enc = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
-        assert_eq!(decode_plain(&enc(b"\0alice\0pw")), Some(("alice".into(), "pw".into())));
+        assert_eq!(decode_plain(&enc(b"\0alice\0pw")), Ok(("alice".into(), "pw".into())));
         assert_eq!(
             decode_plain(&enc(b"alice\0alice\0pw")),
-            Some(("alice".into(), "pw".into()))
+            Ok(("alice".into(), "pw".into()))
         );
-        assert_eq!(decode_plain(&enc(b"bob\0alice\0pw")), None);
-        assert_eq!(decode_plain(&enc(b"alice\0pw")), None);
-        assert_eq!(decode_plain("!!!"), None);
+        assert!(decode_plain(&enc(b"bob\0alice\0pw")).is_err_and(|e| e.contains("not permitted")));
+        assert!(decode_plain(&enc(b"alice\0pw")).is_err_and(|e| e.contains("malformed")));
+        assert!(decode_plain("!!!").is_err_and(|e| e.contains("malformed")));
+        // UTF-8 identities (RFC 6531 users) pass through.
+        assert_eq!(
+            decode_plain(&enc("\0jürgen@example.org\0pw".as_bytes())),
+            Ok(("jürgen@example.org".into(), "pw".into()))
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use membership::{Directory, UserRecord};
+use membership::{Directory, Recipient, UserRecord};
 use replication::FragmentStore;
 use tokio::sync::Semaphore;
 
@@ -35,6 +35,9 @@ pub struct Limits {
     /// refused for the rest of the window.
     pub auth_failures_max: u32,
     pub auth_window: Duration,
+    /// Unknown recipients one client address may name within
+    /// `auth_window` before every RCPT from it gets `450 4.7.1`.
+    pub unknown_recipients_max: u32,
 }
 
 impl Default for Limits {
@@ -49,15 +52,13 @@ impl Default for Limits {
             connections_per_address_max: 64,
             auth_failures_max: 10,
             auth_window: Duration::from_secs(60),
+            unknown_recipients_max: 50,
         }
     }
 }
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF.
 pub const SMTP_COMMAND_BYTES_MAX: usize = 512;
-/// RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with CRLF; one
-/// more for the dot that transparency may add.
-pub const SMTP_TEXT_LINE_BYTES_MAX: usize = 1001;
 /// RFC 2449 gives 255 octets for POP3 commands; AUTH PLAIN responses
 /// (RFC 5034) may be longer, so a little room is left.
 pub const POP3_LINE_BYTES_MAX: usize = 1024;
@@ -100,6 +101,28 @@ struct AuthState {
     /// keyed-blake3(user, password) -> the PHC string it verified against.
     cache: HashMap<[u8; 32], String>,
     failures: HashMap<IpAddr, (u32, Instant)>,
+    /// Unknown recipients named per client address, in the same windows.
+    unknown_recipients: HashMap<IpAddr, (u32, Instant)>,
+}
+
+/// Counts one event for `ip` in a fixed window; the table is emptied when
+/// it holds too many addresses (memory stays bounded under many sources).
+fn count_in_window(table: &mut HashMap<IpAddr, (u32, Instant)>, ip: IpAddr, window: Duration) {
+    if table.len() >= AUTH_FAILURE_ADDRESSES_MAX {
+        table.clear();
+    }
+    let e = table.entry(ip).or_insert((0, Instant::now()));
+    if e.1.elapsed() >= window {
+        *e = (0, Instant::now());
+    }
+    e.0 += 1;
+}
+
+/// Whether `ip` has counted `max` events in the current window.
+fn window_full(table: &HashMap<IpAddr, (u32, Instant)>, ip: IpAddr, max: u32, window: Duration) -> bool {
+    table
+        .get(&ip)
+        .is_some_and(|(n, since)| *n >= max && since.elapsed() < window)
 }
 
 pub struct Services {
@@ -107,6 +130,9 @@ pub struct Services {
     /// Appended to logins without a domain (like Dovecot's
     /// `auth_default_realm`), so `user0001` logs in as `user0001@DOMAIN`.
     pub default_login_domain: Option<String>,
+    /// Where postmaster mail goes when a domain has no `postmaster` user
+    /// (`--postmaster`); else [`Directory::postmaster_fallback`].
+    pub postmaster: Option<String>,
     pub store: Arc<FragmentStore>,
     /// Delivery to R nodes and mailboxes across the cluster.
     pub replica: Arc<NodeReplicator>,
@@ -122,6 +148,10 @@ pub struct Services {
     pop3_locks: Mutex<HashSet<String>>,
     auth: Mutex<AuthState>,
     auth_key: [u8; 32],
+    /// A hash of a random password with the parameters of real ones: an
+    /// unknown user's login is checked against it, so that it takes as
+    /// long as a known user's wrong password.
+    dummy_hash: tokio::sync::OnceCell<String>,
 }
 
 impl std::fmt::Debug for Services {
@@ -179,6 +209,7 @@ impl Services {
         Services {
             hostname,
             default_login_domain: None,
+            postmaster: None,
             store,
             replica,
             directory,
@@ -192,6 +223,7 @@ impl Services {
             pop3_locks: Mutex::new(HashSet::new()),
             auth: Mutex::new(AuthState::default()),
             auth_key,
+            dummy_hash: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -212,6 +244,8 @@ impl Services {
     /// Checks a login. Argon2 runs on a blocking thread; a success is cached
     /// (keyed by a per-process secret, never the password itself) until the
     /// user's hash changes, so that frequent POP3 logins don't each pay it.
+    /// An unknown user costs the same argon2 check as a wrong password, so
+    /// the time taken does not tell who exists.
     pub async fn authenticate(&self, ip: IpAddr, user: &str, password: &str) -> Auth {
         if self.blocked(ip) {
             return Auth::Blocked;
@@ -225,38 +259,38 @@ impl Services {
             _ => user,
         };
         let record = self.directory.user(user);
-        let ok = match &record {
-            None => false,
-            Some(r) => {
-                let key = self.auth_cache_key(&r.address, password);
-                let cached = self
-                    .auth
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .cache
-                    .get(&key)
-                    .cloned();
-                if cached.as_deref() == Some(r.password_hash.as_str()) {
+        let cached_ok = record.as_ref().is_some_and(|r| {
+            let key = self.auth_cache_key(&r.address, password);
+            let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+            st.cache.get(&key) == Some(&r.password_hash)
+        });
+        let ok = if cached_ok {
+            true
+        } else {
+            let phc = match &record {
+                Some(r) => r.password_hash.clone(),
+                None => self.dummy_hash().await,
+            };
+            let pw = password.to_owned();
+            let _permit = self.password_checks.acquire().await;
+            // Failures counted while this one waited may block it.
+            if self.blocked(ip) {
+                return Auth::Blocked;
+            }
+            let verified = tokio::task::spawn_blocking(move || membership::password::verify(&pw, &phc))
+                .await
+                .unwrap_or(false);
+            match &record {
+                Some(r) if verified => {
+                    let key = self.auth_cache_key(&r.address, password);
+                    let mut st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+                    if st.cache.len() >= AUTH_CACHE_ENTRIES_MAX {
+                        st.cache.clear();
+                    }
+                    st.cache.insert(key, r.password_hash.clone());
                     true
-                } else {
-                    let (pw, phc) = (password.to_owned(), r.password_hash.clone());
-                    let _permit = self.password_checks.acquire().await;
-                    // Failures counted while this one waited may block it.
-                    if self.blocked(ip) {
-                        return Auth::Blocked;
-                    }
-                    let ok = tokio::task::spawn_blocking(move || membership::password::verify(&pw, &phc))
-                        .await
-                        .unwrap_or(false);
-                    if ok {
-                        let mut st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-                        if st.cache.len() >= AUTH_CACHE_ENTRIES_MAX {
-                            st.cache.clear();
-                        }
-                        st.cache.insert(key, r.password_hash.clone());
-                    }
-                    ok
                 }
+                _ => false,
             }
         };
         if ok {
@@ -264,24 +298,76 @@ impl Services {
         }
         bump(&self.metrics.auth_failures);
         let mut st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        if st.failures.len() >= AUTH_FAILURE_ADDRESSES_MAX {
-            st.failures.clear();
-        }
-        let window = self.limits.auth_window;
-        let e = st.failures.entry(ip).or_insert((0, Instant::now()));
-        if e.1.elapsed() >= window {
-            *e = (0, Instant::now());
-        }
-        e.0 += 1;
+        count_in_window(&mut st.failures, ip, self.limits.auth_window);
         Auth::Failed
+    }
+
+    /// The dummy hash, made on first use (on a blocking thread: it is one
+    /// argon2 run).
+    async fn dummy_hash(&self) -> String {
+        self.dummy_hash
+            .get_or_init(|| async {
+                let pw = crate::hex(&crate::random_bytes().unwrap_or([7; 32]));
+                tokio::task::spawn_blocking(move || membership::password::hash(&pw))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default()
+            })
+            .await
+            .clone()
     }
 
     /// Whether the address has used up its failed logins for the window.
     fn blocked(&self, ip: IpAddr) -> bool {
         let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        st.failures
-            .get(&ip)
-            .is_some_and(|(n, since)| *n >= self.limits.auth_failures_max && since.elapsed() < self.limits.auth_window)
+        window_full(&st.failures, ip, self.limits.auth_failures_max, self.limits.auth_window)
+    }
+
+    /// Counts an unknown recipient named by `ip`.
+    pub fn note_unknown_recipient(&self, ip: IpAddr) {
+        let mut st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        count_in_window(&mut st.unknown_recipients, ip, self.limits.auth_window);
+    }
+
+    /// Whether `ip` has named too many unknown recipients in the window.
+    pub fn unknown_recipients_exhausted(&self, ip: IpAddr) -> bool {
+        let st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        window_full(
+            &st.unknown_recipients,
+            ip,
+            self.limits.unknown_recipients_max,
+            self.limits.auth_window,
+        )
+    }
+
+    /// Resolves a recipient, with postmaster (RFC 5321 §4.5.1) deliverable
+    /// for every local domain, and bare `postmaster`: to the
+    /// `postmaster@DOMAIN` user if there is one, else to `--postmaster`,
+    /// else to the directory's fallback (the domain's first user).
+    pub fn resolve_recipient(&self, address: &str) -> Recipient {
+        let dir = &self.directory;
+        let (local, domain) = match address.rsplit_once('@') {
+            Some((l, d)) => (l, Some(d)),
+            None => (address, None),
+        };
+        if !local.eq_ignore_ascii_case("postmaster") {
+            return dir.resolve(address);
+        }
+        // A postmaster user, or a domain that is not ours, decides; a
+        // local domain without a postmaster user is routed below.
+        if domain.is_some() {
+            match dir.resolve(address) {
+                Recipient::UnknownUser => {}
+                other => return other,
+            }
+        }
+        let configured = self.postmaster.as_deref().and_then(|a| dir.user(a));
+        match configured.or_else(|| dir.postmaster_fallback(domain)) {
+            Some(u) => Recipient::Local(u),
+            // No user anywhere to take it: an unknown user, not relaying.
+            None => Recipient::UnknownUser,
+        }
     }
 
     fn auth_cache_key(&self, user: &str, password: &str) -> [u8; 32] {

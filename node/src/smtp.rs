@@ -7,14 +7,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use membership::Recipient;
-use smtp_proto::{Error as ParseError, Request};
+use membership::{Recipient, needs_smtputf8};
+use smtp_proto::{Error as ParseError, MAIL_SMTPUTF8, Request};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::conn::{Line, read_line, trim_eol};
-use crate::services::{SMTP_COMMAND_BYTES_MAX, SMTP_TEXT_LINE_BYTES_MAX, Services, bump};
+use crate::conn::{Line, read_line};
+use crate::data::{DATA_LINE_BYTES_MAX, DataReader, Refusal, Step};
+use crate::services::{SMTP_COMMAND_BYTES_MAX, Services, bump};
 use crate::time::{now_ms, rfc5322_date};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,16 +27,34 @@ pub enum Mode {
 /// How a DATA section ended.
 enum Body {
     Ok(Vec<u8>),
-    TooBig,
-    LineTooLong,
+    Refused(Refusal),
     Closed,
 }
 
 struct Transaction {
     mail_from: String,
-    /// Normalized local users, in RCPT order, without duplicates.
-    rcpts: Vec<String>,
+    /// `MAIL FROM ... SMTPUTF8` (RFC 6531): UTF-8 addresses allowed.
+    smtputf8: bool,
+    /// Accepted recipients in RCPT order, without duplicates (but for LMTP,
+    /// which owes one reply per RCPT).
+    rcpts: Vec<Rcpt>,
 }
+
+#[derive(Clone, PartialEq, Eq)]
+struct Rcpt {
+    /// The user's normalized address (replies, headers).
+    address: String,
+    /// Where their mail is stored (`UserRecord::mailbox`).
+    mailbox: String,
+}
+
+/// Unknown recipients in one session answered at once; past this each
+/// `550` waits [`UNKNOWN_RCPT_DELAY`] (Postfix's error sleep), so that
+/// guessing addresses is slow.
+const UNKNOWN_RCPT_FREE: u32 = 3;
+const UNKNOWN_RCPT_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Unknown recipients that end one session with `421`.
+const UNKNOWN_RCPT_SESSION_MAX: u32 = 10;
 
 struct Session<R, W> {
     r: BufReader<R>,
@@ -48,6 +67,8 @@ struct Session<R, W> {
     tx: Option<Transaction>,
     n_commands: u32,
     n_bad: u32,
+    /// Unknown recipients named in this session.
+    n_unknown: u32,
 }
 
 /// Sanitizes a client-supplied name for a `Received:` header: printable
@@ -75,6 +96,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         tx: None,
         n_commands: 0,
         n_bad: 0,
+        n_unknown: 0,
     };
     let proto = if mode == Mode::Lmtp { "LMTP" } else { "ESMTP" };
     let host = s.services.hostname.clone();
@@ -113,7 +135,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             };
             let line = match line {
                 Line::Ok(l) => l,
-                Line::TooLong => {
+                Line::TooLong { .. } => {
                     bump(&self.services.metrics.limit_refusals);
                     self.reply("500 5.5.2 Line too long (512 octets max)").await?;
                     if self.bad().await? {
@@ -206,8 +228,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 } else if from.size > self.services.limits.message_bytes_max {
                     bump(&self.services.metrics.limit_refusals);
                     self.reply("552 5.3.4 Message size exceeds fixed maximum message size").await?;
+                } else if needs_smtputf8(&from.address) && from.flags & MAIL_SMTPUTF8 == 0 {
+                    self.reply("553 5.6.7 A UTF-8 address needs the SMTPUTF8 parameter (RFC 6531)")
+                        .await?;
                 } else {
-                    self.tx = Some(Transaction { mail_from: clean_name(&from.address), rcpts: Vec::new() });
+                    self.tx = Some(Transaction {
+                        mail_from: from.address.chars().filter(|c| !c.is_control()).take(256).collect(),
+                        smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+                        rcpts: Vec::new(),
+                    });
                     self.reply("250 2.1.0 Sender ok").await?;
                 }
             }
@@ -215,13 +244,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 // smtp-proto hands `<Postmaster>` (no domain) over as "".
                 let lower = String::from_utf8_lossy(line).to_ascii_lowercase();
                 if lower.contains("<postmaster>") {
-                    self.rcpt("postmaster").await?;
+                    return self.rcpt("postmaster").await;
                 } else {
                     self.reply("501 5.1.3 Bad recipient address syntax").await?;
                     return Ok(!self.bad().await?);
                 }
             }
-            Request::Rcpt { to } => self.rcpt(&to.address).await?,
+            Request::Rcpt { to } => return self.rcpt(&to.address).await,
             Request::Data => return self.data().await,
             Request::Rset => {
                 self.tx = None;
@@ -243,53 +272,81 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         Ok(true)
     }
 
-    async fn rcpt(&mut self, address: &str) -> std::io::Result<()> {
+    /// Handles `RCPT TO`; false ends the session.
+    async fn rcpt(&mut self, address: &str) -> std::io::Result<bool> {
         let Some(tx) = &self.tx else {
-            return self.reply("503 5.5.1 Need MAIL command first").await;
+            self.reply("503 5.5.1 Need MAIL command first").await?;
+            return Ok(true);
         };
         if tx.rcpts.len() >= self.services.limits.recipients_max {
             bump(&self.services.metrics.limit_refusals);
-            return self.reply("452 4.5.3 Too many recipients").await;
+            self.reply("452 4.5.3 Too many recipients").await?;
+            return Ok(true);
         }
-        // RFC 5321 §4.5.1: "Postmaster" without a domain must be accepted;
-        // it goes to postmaster@ the first local domain that has one.
-        let postmaster;
-        let address = if address.eq_ignore_ascii_case("postmaster") {
-            let dir = &self.services.directory;
-            let candidates: Vec<String> = dir.domains().into_iter().map(|d| format!("postmaster@{d}")).collect();
-            // No such user anywhere: resolve the first one, an unknown user
-            // of a local domain (550 5.1.1), not a relaying attempt.
-            postmaster = candidates
-                .iter()
-                .find(|a| dir.user(a).is_some())
-                .or(candidates.first())
-                .cloned()
-                .unwrap_or_else(|| "postmaster".to_owned());
-            postmaster.as_str()
-        } else {
-            address
-        };
-        match self.services.directory.resolve(address) {
-            Recipient::Local(user) => {
-                // The mailbox size as the user's manager knows it (this
-                // node's share only if the manager does not answer).
-                if let Some(quota) = user.quota_bytes
-                    && self.services.replica.usage_bytes(&user.address).await >= quota
-                {
-                    bump(&self.services.metrics.limit_refusals);
-                    return self.reply("552 5.2.2 Mailbox full").await;
-                }
-                let tx = self.tx.as_mut().expect("checked above");
-                // One entry per mailbox, however often it is named; LMTP
-                // still owes one reply per RCPT, so keep duplicates there.
-                if self.mode == Mode::Lmtp || !tx.rcpts.contains(&user.address) {
-                    tx.rcpts.push(user.address);
-                }
-                self.reply("250 2.1.5 Recipient ok").await
+        if needs_smtputf8(address) && !tx.smtputf8 {
+            self.reply("553 5.6.7 A UTF-8 address needs the SMTPUTF8 parameter (RFC 6531)")
+                .await?;
+            return Ok(true);
+        }
+        // An address that has named too many unknown users lately is told
+        // to come back, whoever it names now: the answer says nothing
+        // about who exists.
+        let ip = self.peer.ip();
+        if self.services.unknown_recipients_exhausted(ip) {
+            bump(&self.services.metrics.limit_refusals);
+            self.reply("450 4.7.1 Too many unknown recipients from your address, try again later")
+                .await?;
+            return Ok(true);
+        }
+        let user = match self.services.resolve_recipient(address) {
+            Recipient::Local(user) => user,
+            Recipient::UnknownUser => return self.unknown_recipient(ip).await,
+            Recipient::NotLocal => {
+                self.reply("550 5.7.1 Relaying denied").await?;
+                return Ok(true);
             }
-            Recipient::UnknownUser => self.reply("550 5.1.1 No such user here").await,
-            Recipient::NotLocal => self.reply("550 5.7.1 Relaying denied").await,
+        };
+        let mailbox = user.mailbox();
+        // The mailbox size as the user's manager knows it (this node's
+        // share only if the manager does not answer).
+        if let Some(quota) = user.quota_bytes
+            && self.services.replica.usage_bytes(&mailbox).await >= quota
+        {
+            bump(&self.services.metrics.limit_refusals);
+            self.reply("552 5.2.2 Mailbox full").await?;
+            return Ok(true);
         }
+        let tx = self.tx.as_mut().expect("checked above");
+        let rcpt = Rcpt {
+            address: user.address,
+            mailbox,
+        };
+        // One entry per mailbox, however often it is named; LMTP still
+        // owes one reply per RCPT, so keep duplicates there.
+        if self.mode == Mode::Lmtp || !tx.rcpts.contains(&rcpt) {
+            tx.rcpts.push(rcpt);
+        }
+        self.reply("250 2.1.5 Recipient ok").await?;
+        Ok(true)
+    }
+
+    /// `550` for an unknown user, slowed down after a few and ending the
+    /// session after more (directory harvesting).
+    async fn unknown_recipient(&mut self, ip: std::net::IpAddr) -> std::io::Result<bool> {
+        self.n_unknown += 1;
+        self.services.note_unknown_recipient(ip);
+        if self.n_unknown > UNKNOWN_RCPT_FREE {
+            self.flush().await?;
+            tokio::time::sleep(UNKNOWN_RCPT_DELAY).await;
+        }
+        self.reply("550 5.1.1 No such user here").await?;
+        if self.n_unknown >= UNKNOWN_RCPT_SESSION_MAX {
+            bump(&self.services.metrics.limit_refusals);
+            self.reply("421 4.7.0 Too many unknown recipients, closing connection")
+                .await?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     async fn data(&mut self) -> std::io::Result<bool> {
@@ -308,25 +365,31 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         self.flush().await?;
         let arrival_ms = now_ms();
         let id = self.services.store.new_message_id(arrival_ms);
-        let mut unique: Vec<String> = rcpts.clone();
+        // One copy per mailbox; the header names addresses.
+        let mut unique: Vec<String> = rcpts.iter().map(|r| r.mailbox.clone()).collect();
         unique.sort();
         unique.dedup();
-        let received = self.received_header(&id.to_hex(), &unique, arrival_ms);
+        let mut addresses: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        let received = self.received_header(&id.to_hex(), &addresses, arrival_ms);
         let body = match self.read_body(received).await? {
             Body::Ok(b) => b,
             Body::Closed => return Ok(false),
-            Body::TooBig => {
+            Body::Refused(why) => {
                 self.tx = None;
                 bump(&self.services.metrics.limit_refusals);
-                self.reply("552 5.3.4 Message size exceeds fixed maximum message size")
-                    .await?;
-                return Ok(true);
-            }
-            Body::LineTooLong => {
-                self.tx = None;
-                bump(&self.services.metrics.limit_refusals);
-                self.reply("500 5.5.2 Message has a line longer than 1000 octets")
-                    .await?;
+                let text = match why {
+                    Refusal::TooBig => "552 5.3.4 Message size exceeds fixed maximum message size".to_owned(),
+                    Refusal::LineTooLong => {
+                        format!("500 5.5.2 Message has a line longer than {DATA_LINE_BYTES_MAX} octets (CRLF included)")
+                    }
+                    Refusal::BareLineEnd => {
+                        warn!(peer = %self.peer, "message with a bare CR or LF refused");
+                        "500 5.5.2 Message has a bare CR or LF; lines must end with CRLF (RFC 5321 2.3.8)".to_owned()
+                    }
+                };
+                self.reply(&text).await?;
                 return Ok(true);
             }
         };
@@ -363,10 +426,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             }
             Mode::Lmtp => {
                 for rcpt in &rcpts {
-                    let per = if stored(rcpt) {
-                        format!("250 2.0.0 <{rcpt}> Ok: stored as {id}")
+                    let addr = &rcpt.address;
+                    let per = if stored(&rcpt.mailbox) {
+                        format!("250 2.0.0 <{addr}> Ok: stored as {id}")
                     } else {
-                        format!("451 4.3.0 <{rcpt}> Mail store unavailable, try again later")
+                        format!("451 4.3.0 <{addr}> Mail store unavailable, try again later")
                     };
                     self.w.write_all(per.as_bytes()).await?;
                     self.w.write_all(b"\r\n").await?;
@@ -379,7 +443,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         Ok(true)
     }
 
-    fn received_header(&self, id: &str, rcpts: &[String], arrival_ms: u64) -> Vec<u8> {
+    fn received_header(&self, id: &str, rcpts: &[&str], arrival_ms: u64) -> Vec<u8> {
         let with = match (self.mode, self.esmtp) {
             (Mode::Lmtp, _) => "LMTP",
             (Mode::Smtp, true) => "ESMTP",
@@ -399,51 +463,29 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         .into_bytes()
     }
 
-    /// Reads the DATA section: dot-unstuffs, ends lines with CRLF, stops at
-    /// `<CRLF>.<CRLF>`. Past a limit it keeps reading (and dropping) until
-    /// the end so that the session stays in step with the client.
-    async fn read_body(&mut self, mut body: Vec<u8>) -> std::io::Result<Body> {
-        let max = self.services.limits.message_bytes_max;
+    /// Reads the DATA section (see [`crate::data`]): past a limit it keeps
+    /// reading (and dropping) until the end so that the session stays in
+    /// step with the client.
+    async fn read_body(&mut self, head: Vec<u8>) -> std::io::Result<Body> {
         let idle = self.services.limits.idle_timeout;
-        let mut too_big = false;
-        let mut too_long = false;
-        body.reserve(8 * 1024);
+        let mut reader = DataReader::new(head, self.services.limits.message_bytes_max);
         loop {
-            let line = match read_line(&mut self.r, SMTP_TEXT_LINE_BYTES_MAX, idle).await? {
-                Line::Ok(l) => l,
-                Line::TooLong => {
-                    too_long = true;
-                    continue;
-                }
+            let line = read_line(&mut self.r, DATA_LINE_BYTES_MAX, idle).await?;
+            match line {
                 Line::Eof => return Ok(Body::Closed),
                 Line::Idle => {
                     self.reply("421 4.4.2 Idle timeout, closing connection").await?;
                     self.flush().await?;
                     return Ok(Body::Closed);
                 }
-            };
-            if line == b".\r\n" {
-                break;
+                Line::Ok(_) | Line::TooLong { .. } => {}
             }
-            let content = trim_eol(&line);
-            let content = content.strip_prefix(b".").unwrap_or(content);
-            if too_big || too_long {
-                continue;
+            if let Step::End(outcome) = reader.line(&line) {
+                return Ok(match outcome {
+                    Ok(body) => Body::Ok(body),
+                    Err(r) => Body::Refused(r),
+                });
             }
-            if body.len() + content.len() + 2 > max {
-                too_big = true;
-                body = Vec::new();
-                continue;
-            }
-            body.extend_from_slice(content);
-            body.extend_from_slice(b"\r\n");
         }
-        Ok(if too_long {
-            Body::LineTooLong
-        } else if too_big {
-            Body::TooBig
-        } else {
-            Body::Ok(body)
-        })
     }
 }

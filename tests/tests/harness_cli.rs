@@ -147,3 +147,81 @@ fn up_load_with_faults_verify_down() {
         "{state}"
     );
 }
+
+/// A foreground `up` ended by SIGTERM (a service manager, `timeout`, a
+/// closed terminal's SIGHUP) stops its nodes instead of leaving them
+/// running; the commands it prints run as printed.
+#[test]
+fn foreground_up_stops_its_nodes_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    use quill_harness::cluster::{ClusterState, quill_alive};
+    use quill_harness::process::{Signal, send_signal};
+
+    let tmp = TempDir::new("harness-sigterm").expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let subnet = format!("127.6.{}", 1 + std::process::id() % 250);
+    let mut child = Command::new(harness())
+        .args(["up", "--nodes", "2", "--subnet", &subnet, "--password", "pw", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("quill-harness up runs");
+    let _down = Down(dir.clone());
+    // Read what it prints until it says it is running.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            eprintln!("up| {line}");
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut printed = Vec::new();
+    let end = Instant::now() + Duration::from_secs(120);
+    while !printed.iter().any(|l: &String| l.contains("Press Ctrl-C")) {
+        let left = end.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "up did not get running: {printed:?}");
+        if let Ok(l) = rx.recv_timeout(left) {
+            printed.push(l);
+        }
+    }
+    // The printed commands name a harness binary that exists.
+    let status_line = printed
+        .iter()
+        .find(|l| l.contains(" status --dir "))
+        .expect("a status command is printed");
+    let program = status_line.split_whitespace().next().expect("a program");
+    assert!(std::path::Path::new(program).is_file(), "{program} is not a file");
+    let out = Command::new(program)
+        .args(["status", "--dir"])
+        .arg(&dir)
+        .output()
+        .expect("the printed command runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let pids: Vec<u32> = ClusterState::load(&dir)
+        .expect("state")
+        .nodes
+        .iter()
+        .filter_map(|n| n.pid)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    send_signal(child.id(), Signal::TERM).expect("SIGTERM");
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "up exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < end, "up did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in pids {
+        assert!(!quill_alive(pid), "node {pid} still runs after its harness got SIGTERM");
+    }
+}

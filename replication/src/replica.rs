@@ -409,11 +409,16 @@ impl<N: Network> Replicator<N> {
     /// then runs [`Replicator::report_round`] and an anti-entropy round.
     pub fn set_view(&self, view: Arc<View>) {
         let me = self.me;
+        let epoch = view.epoch();
         {
             let mut maps = lock(&self.maps);
             maps.retain(|user, _| view.user_manager(user).map(|n| n.0) == Some(me));
+            // A report from a node ahead of this one was kept whole, and the
+            // maps just dropped may have held part of it: it no longer
+            // vouches for complete maps when its view comes (until then
+            // maps answer with every live node, and the report is chased).
+            lock(&self.reported).retain(|_, e| *e <= epoch);
         }
-        let epoch = view.epoch();
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
         self.view_epoch.send_replace(epoch);
     }

@@ -7,9 +7,13 @@
 //!   certificate, and a secret that proves it may join.
 //! - A member connects with its node certificate; the server requires one
 //!   signed by the cluster CA for everything except the join request.
-//! - One bidirectional stream per request: `version:u16le len:u32le
-//!   bincode(request)`, answered the same way; every request has a
-//!   deadline and every read a size limit.
+//! - One bidirectional stream per request: `version:u16le deadline:u32le
+//!   len:u32le bincode(request)`, answered the same way (deadline 0); every
+//!   read has a size limit. **The deadline contract**: `deadline` is the
+//!   caller's budget in milliseconds; a member's request is served within
+//!   it (at most [`SERVE_DEADLINE_MAX`]), so a large copy the caller gave
+//!   a minute is not cut at the server after two seconds. A peer without a
+//!   cluster certificate gets [`RPC_TIMEOUT`] whatever it asks for.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,7 +30,13 @@ use serde::de::DeserializeOwned;
 /// ALPN of the cluster protocol; both sides must agree.
 pub const ALPN: &[u8] = b"quill-cluster/1";
 /// Version written before every frame; a peer speaking another refuses.
-pub const WIRE_VERSION: u16 = 1;
+/// 2: the caller's deadline travels in the header.
+pub const WIRE_VERSION: u16 = 2;
+/// Bytes before the body: version, deadline, length.
+const HEADER_BYTES: usize = 10;
+/// The most a member may ask a server to spend on one request (reading
+/// the request, handling it, writing the reply).
+pub const SERVE_DEADLINE_MAX: Duration = Duration::from_secs(300);
 /// The name every node certificate carries and every client asks for:
 /// nodes are told apart by their Raft id, not by DNS names.
 pub const NODE_SERVER_NAME: &str = "quill-node";
@@ -341,36 +351,54 @@ pub fn peer_is_member(conn: &Connection) -> bool {
         .is_some_and(|chain| !chain.is_empty())
 }
 
-fn encode<T: Serialize>(v: &T) -> anyhow::Result<Vec<u8>> {
+/// A frame: `deadline` is the caller's budget (0 in replies).
+fn encode<T: Serialize>(v: &T, deadline: Duration) -> anyhow::Result<Vec<u8>> {
     let body = bincode::serde::encode_to_vec(v, bincode::config::standard())?;
     if body.len() > FRAME_BYTES_MAX {
         bail!("frame of {} bytes exceeds the {FRAME_BYTES_MAX} limit", body.len());
     }
-    let mut out = Vec::with_capacity(6 + body.len());
+    let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
     out.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+    out.extend_from_slice(&deadline_ms.to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     Ok(out)
 }
 
-fn decode<T: DeserializeOwned>(frame: &[u8]) -> anyhow::Result<T> {
-    if frame.len() < 6 {
-        bail!("short frame");
-    }
-    let version = u16::from_le_bytes([frame[0], frame[1]]);
+/// The header of a frame: the deadline it carries and its body's length
+/// (checked against the limit before anything more is read).
+fn header(h: &[u8; HEADER_BYTES]) -> anyhow::Result<(Duration, usize)> {
+    let version = u16::from_le_bytes([h[0], h[1]]);
     if version != WIRE_VERSION {
         bail!("peer speaks wire version {version}, this node {WIRE_VERSION}");
     }
-    let len = u32::from_le_bytes(frame[2..6].try_into().expect("4 bytes")) as usize;
-    if len != frame.len() - 6 {
-        bail!("frame length {len} does not match its {} bytes", frame.len() - 6);
+    let deadline = Duration::from_millis(u32::from_le_bytes(h[2..6].try_into().expect("4 bytes")).into());
+    let len = u32::from_le_bytes(h[6..10].try_into().expect("4 bytes")) as usize;
+    if len > FRAME_BYTES_MAX {
+        bail!("frame of {len} bytes exceeds the {FRAME_BYTES_MAX} limit");
+    }
+    Ok((deadline, len))
+}
+
+fn decode_body<T: DeserializeOwned>(body: &[u8], len: usize) -> anyhow::Result<T> {
+    if len != body.len() {
+        bail!("frame length {len} does not match its {} bytes", body.len());
     }
     let config = bincode::config::standard().with_limit::<FRAME_BYTES_MAX>();
-    let (v, used) = bincode::serde::decode_from_slice(&frame[6..], config)?;
+    let (v, used) = bincode::serde::decode_from_slice(body, config)?;
     if used != len {
         bail!("trailing bytes in frame");
     }
     Ok(v)
+}
+
+fn decode<T: DeserializeOwned>(frame: &[u8]) -> anyhow::Result<T> {
+    let Some(h) = frame.first_chunk::<HEADER_BYTES>() else {
+        bail!("short frame");
+    };
+    let (_, len) = header(h)?;
+    decode_body(&frame[HEADER_BYTES..], len)
 }
 
 /// Sends one request on a new stream and waits (bounded) for its reply.
@@ -384,12 +412,12 @@ pub async fn call_within<Req: Serialize, Resp: DeserializeOwned>(
     req: &Req,
     deadline: Duration,
 ) -> anyhow::Result<Resp> {
-    let frame = encode(req)?;
+    let frame = encode(req, deadline)?;
     tokio::time::timeout(deadline, async {
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(&frame).await?;
         send.finish()?;
-        let reply = recv.read_to_end(FRAME_BYTES_MAX + 6).await?;
+        let reply = recv.read_to_end(FRAME_BYTES_MAX + HEADER_BYTES).await?;
         decode(&reply)
     })
     .await
@@ -406,7 +434,10 @@ pub async fn connect(endpoint: &Endpoint, config: ClientConfig, addr: SocketAddr
 }
 
 /// Serves the requests of one accepted connection until it closes:
-/// `handle(is_member, request)` gives each reply.
+/// `handle(is_member, request)` gives each reply, within the deadline the
+/// request carries (members; at most [`SERVE_DEADLINE_MAX`]) or
+/// [`RPC_TIMEOUT`] (anyone else). A handler cut by its deadline is dropped,
+/// so whatever it holds must be released by guards.
 pub async fn serve_connection<Req, Resp, F, Fut>(conn: Connection, handle: F)
 where
     Req: DeserializeOwned + Send + 'static,
@@ -418,16 +449,31 @@ where
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let handle = handle.clone();
         tokio::spawn(async move {
-            let result = tokio::time::timeout(RPC_TIMEOUT, async {
-                let frame = recv.read_to_end(FRAME_BYTES_MAX + 6).await?;
-                let req: Req = decode(&frame)?;
-                let reply = encode(&handle(member, req).await)?;
-                send.write_all(&reply).await?;
-                send.finish()?;
-                Ok::<_, anyhow::Error>(())
-            })
+            let result = async {
+                // The header (and with it the deadline) comes first.
+                let mut h = [0u8; HEADER_BYTES];
+                tokio::time::timeout(RPC_TIMEOUT, recv.read_exact(&mut h))
+                    .await
+                    .map_err(|_| anyhow!("no request header within {RPC_TIMEOUT:?}"))??;
+                let (asked, len) = header(&h)?;
+                let deadline = if member {
+                    asked.min(SERVE_DEADLINE_MAX)
+                } else {
+                    RPC_TIMEOUT
+                };
+                tokio::time::timeout(deadline, async {
+                    let body = recv.read_to_end(len).await?;
+                    let req: Req = decode_body(&body, len)?;
+                    let reply = encode(&handle(member, req).await, Duration::ZERO)?;
+                    send.write_all(&reply).await?;
+                    send.finish()?;
+                    Ok::<_, anyhow::Error>(())
+                })
+                .await
+                .map_err(|_| anyhow!("request not served within its deadline of {deadline:?}"))?
+            }
             .await;
-            if let Ok(Err(e)) | Err(e) = result.map_err(anyhow::Error::from) {
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "cluster request failed");
             }
         });
@@ -537,12 +583,55 @@ mod tests {
 
     #[test]
     fn frames_are_versioned_and_bounded() {
-        let f = encode(&Req::Echo(5)).unwrap();
+        let f = encode(&Req::Echo(5), Duration::from_secs(7)).unwrap();
         assert_eq!(decode::<Req>(&f).unwrap(), Req::Echo(5));
-        let mut v2 = f.clone();
-        v2[0] = 2;
-        assert!(decode::<Req>(&v2).unwrap_err().to_string().contains("version"));
+        let h = f.first_chunk::<HEADER_BYTES>().unwrap();
+        assert_eq!(header(h).unwrap().0, Duration::from_secs(7), "the deadline travels");
+        let mut other = f.clone();
+        other[0] = 1;
+        assert!(decode::<Req>(&other).unwrap_err().to_string().contains("version"));
         assert!(decode::<Req>(&f[..f.len() - 1]).is_err());
-        assert!(decode::<Req>(&[1, 0]).is_err());
+        assert!(decode::<Req>(&[2, 0]).is_err());
+        // A length over the limit is refused from the header alone.
+        let mut huge = f.clone();
+        huge[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(
+            header(huge.first_chunk().unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("limit")
+        );
+    }
+
+    /// A handler that needs longer than `RPC_TIMEOUT` but less than its
+    /// caller's deadline is answered; a caller with a shorter deadline is
+    /// told so at its deadline.
+    #[tokio::test]
+    async fn the_callers_deadline_governs() {
+        let ca = ClusterCa::create().unwrap();
+        let (a, b) = (ca.issue("a").unwrap(), ca.issue("b").unwrap());
+        let srv = Endpoint::server(server_config(&a).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = srv.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some(incoming) = srv.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    serve_connection(conn, |_member: bool, req: Req| async move {
+                        tokio::time::sleep(RPC_TIMEOUT + Duration::from_millis(800)).await;
+                        match req {
+                            Req::Echo(n) => Resp::Ok(n),
+                            Req::Join(_) => Resp::Welcome,
+                        }
+                    })
+                    .await
+                });
+            }
+        });
+        let client = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = connect(&client, member_client_config(&b).unwrap(), addr).await.unwrap();
+        let slow = call_within::<Req, Resp>(&conn, &Req::Echo(3), RPC_TIMEOUT + Duration::from_secs(3)).await;
+        assert_eq!(slow.unwrap(), Resp::Ok(3));
+        let short = call_within::<Req, Resp>(&conn, &Req::Echo(4), Duration::from_millis(500)).await;
+        assert!(short.unwrap_err().to_string().contains("no reply within"));
     }
 }

@@ -350,6 +350,23 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ 16 << 20 }>()
 }
 
+/// One copy being stored here, counted in the load placement reads;
+/// released when dropped, whichever way the handler ends.
+struct Inflight<'a>(&'a AtomicU64);
+
+impl<'a> Inflight<'a> {
+    fn take(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Inflight(counter)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -592,7 +609,8 @@ impl<N: Network> Replicator<N> {
                     epoch,
                     unplaced,
                 } => {
-                    self.inflight.fetch_add(1, Ordering::Relaxed);
+                    // Released on every path, a handler cut by its deadline too.
+                    let inflight = Inflight::take(&self.inflight);
                     let same_view = epoch == self.view().epoch();
                     let new_users: Vec<String> = groups
                         .iter()
@@ -611,7 +629,7 @@ impl<N: Network> Replicator<N> {
                         })
                     });
                     let results = futures::future::join_all(stores).await;
-                    self.inflight.fetch_sub(1, Ordering::Relaxed);
+                    drop(inflight);
                     for r in results {
                         r.map_err(|e| e.to_string())?;
                     }

@@ -824,3 +824,42 @@ async fn a_report_from_ahead_survives_an_intermediate_view() {
         assert_eq!(&listed, &want[u], "after chasing, {u} in part");
     }
 }
+
+/// A Store handler dropped midway (its deadline cut it at the server)
+/// gives back the in-flight count that placement reads as load.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cancelled_store_handler_releases_its_load() {
+    use replication::replica::{Envelope, Request};
+    let sim = Sim::new(31);
+    let rep = sim.live()[0].clone();
+    assert_eq!(rep.load(), 0);
+    let call = |i: u64| Envelope {
+        from: 2,
+        hlc: 0,
+        load: 0,
+        boot: 1,
+        body: Request::Store {
+            id: rep.store().new_message_id(1000 + i),
+            arrival_ms: 1000 + i,
+            folder: "INBOX".into(),
+            groups: vec![(vec![rep.id(), 2], vec!["u1@example.org".into()])],
+            body: format!("cancelled {i}\r\n").into_bytes(),
+            epoch: rep.view().epoch(),
+            unplaced: Vec::new(),
+        },
+    };
+    for i in 0..20 {
+        // Polled until it waits on the store's writer, then dropped.
+        let mut handler = Box::pin(rep.handle(call(i)));
+        let polled = futures::poll!(&mut handler);
+        if polled.is_pending() {
+            assert_eq!(rep.load(), 1, "the copy in flight counts as load");
+        }
+        drop(handler);
+        assert_eq!(rep.load(), 0, "round {i}: a dropped handler left its load behind");
+    }
+    // A handler that runs to the end releases it too.
+    let answer = rep.handle(call(99)).await;
+    assert!(answer.body.is_ok(), "{:?}", answer.body);
+    assert_eq!(rep.load(), 0);
+}

@@ -100,6 +100,54 @@ async fn python_smtplib_and_poplib() {
     assert!(out.contains("python clients ok"), "{out}");
 }
 
+/// Python's smtplib and poplib with a UTF-8 address: SMTPUTF8 on MAIL FROM
+/// (RFC 6531) and POP3's UTF8 command (RFC 6856).
+const PY_UTF8: &str = r#"
+import smtplib, poplib, sys
+host, port, phost, pport, pw = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+user = "jürgen@example.org"
+msg = "From: müller@remote.test\r\nTo: " + user + "\r\nSubject: grüße\r\n\r\nhallo\r\n"
+with smtplib.SMTP(host, port) as s:
+    s.ehlo()
+    assert s.has_extn("smtputf8")
+    refused = s.sendmail("müller@remote.test", [user], msg.encode("utf-8"), mail_options=["SMTPUTF8"])
+    assert refused == {}, refused
+p = poplib.POP3(phost, pport)
+p.utf8()
+p.user(user)
+p.pass_(pw)
+n, _ = p.stat()
+assert n == 1, n
+lines = p.retr(1)[1]
+assert "Subject: grüße".encode("utf-8") in lines, lines
+p.quit()
+print("python utf8 ok")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_smtputf8_and_pop3_utf8() {
+    if !tool("python3") {
+        return;
+    }
+    let (_d, node) = node("python-utf8", &[]).await;
+    node.add_user("jürgen@example.org", PASSWORD, None).await.unwrap();
+    let (smtp, pop) = (node.smtp(), node.pop3());
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new("python3").args([
+            "-c",
+            PY_UTF8,
+            &smtp.ip().to_string(),
+            &smtp.port().to_string(),
+            &pop.ip().to_string(),
+            &pop.port().to_string(),
+            PASSWORD,
+        ]))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("python utf8 ok"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swaks_over_smtp_and_lmtp() {
     if !tool("swaks") {

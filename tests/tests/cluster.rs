@@ -35,6 +35,7 @@ fn node_of(nodes: &[NodeProcess], s: &Value) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_survive_the_loss_of_their_leader() {
+    let _slot = common::cluster_slot().await;
     let dir = TempDir::new("cluster5").unwrap();
     let mut nodes = start_cluster(&dir, 5).await;
     let all: Vec<&NodeProcess> = nodes.iter().collect();
@@ -146,6 +147,7 @@ async fn five_nodes_survive_the_loss_of_their_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_join_token_is_refused() {
+    let _slot = common::cluster_slot().await;
     let dir = TempDir::new("cluster-token").unwrap();
     let nodes = start_cluster(&dir, 1).await;
     let good = nodes[0].join_token().unwrap();
@@ -176,6 +178,7 @@ async fn a_wrong_join_token_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_one_voter_one_learner() {
+    let _slot = common::cluster_slot().await;
     let dir = TempDir::new("cluster2").unwrap();
     let mut nodes = start_cluster(&dir, 2).await;
     let all: Vec<&NodeProcess> = nodes.iter().collect();

@@ -100,6 +100,7 @@ fn marker(msg: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_two_copies_any_node_serves_any_mailbox() {
+    let _slot = common::cluster_slot().await;
     let users: Vec<String> = (0..200).map(|i| format!("user{i:03}@example.org")).collect();
     let (_dir, nodes) = cluster("dist3", 3, &users).await;
 
@@ -277,6 +278,7 @@ print("python across nodes ok")
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_clients_against_different_nodes() {
+    let _slot = common::cluster_slot().await;
     let found = Command::new("sh")
         .args(["-c", "command -v python3"])
         .output()
@@ -338,6 +340,7 @@ async fn python_clients_against_different_nodes() {
 /// deleted comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_misses_nothing_once_it_returns() {
+    let _slot = common::cluster_slot().await;
     let users: Vec<String> = (0..10).map(|i| format!("k{i}@example.org")).collect();
     let (_dir, mut nodes) = cluster("distkill", 3, &users).await;
     let smtp: Vec<_> = nodes.iter().map(|n| n.smtp()).collect();

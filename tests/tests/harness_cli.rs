@@ -2,6 +2,8 @@
 //! cluster, `status`, a `load` with a kill and a restart, `verify` with
 //! zero lost messages, `add`, `drain`, `down`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -47,6 +49,7 @@ impl Drop for Down {
 
 #[test]
 fn up_load_with_faults_verify_down() {
+    let _slot = common::cluster_slot_blocking();
     let tmp = TempDir::new("harness-cli").expect("temp dir");
     let dir = tmp.path().join("cluster");
     // Its own 127.5.x.0/24, apart from the other tests' addresses.
@@ -153,6 +156,7 @@ fn up_load_with_faults_verify_down() {
 /// running; the commands it prints run as printed.
 #[test]
 fn foreground_up_stops_its_nodes_on_sigterm() {
+    let _slot = common::cluster_slot_blocking();
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     use std::time::{Duration, Instant};

@@ -452,6 +452,7 @@ async fn operator_rough_edges() {
 // 7b. log-level --all reaches every node of a cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_level_all_reaches_every_node() {
+    let _slot = common::cluster_slot().await;
     let dir = quill_harness::process::TempDir::new("log-all").unwrap();
     let nodes = quill_harness::process::start_cluster(dir.path(), 2, "log-all-secret", "info")
         .await

@@ -36,3 +36,18 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Held by every test that starts a multi-node cluster: clusters in one
+/// test binary run one at a time, so that their heartbeats (200 ms) and
+/// failure timeouts (2 s) do not race each other for CI's 2 cores. (Test
+/// binaries already run one after the other.)
+static CLUSTER_SLOT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub async fn cluster_slot() -> tokio::sync::MutexGuard<'static, ()> {
+    CLUSTER_SLOT.lock().await
+}
+
+/// [`cluster_slot`] for tests that are not async.
+pub fn cluster_slot_blocking() -> tokio::sync::MutexGuard<'static, ()> {
+    CLUSTER_SLOT.blocking_lock()
+}

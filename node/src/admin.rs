@@ -35,9 +35,7 @@ use crate::services::Services;
 /// Admin requests are small JSON documents.
 const ADMIN_BODY_BYTES_MAX: usize = 64 * 1024;
 
-/// Changes the log filter at run time; given by the binary, which owns the
-/// tracing subscriber.
-pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub use crate::rpc::LogLevelSetter;
 
 /// The addresses a node serves, as reported in the cluster status.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -14,20 +14,17 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use membership::{
-    BoxFuture, Membership, MembershipConfig, NodeAddrs, NodeInfo, NodeState, RaftMessage, RaftReply, Transport,
-    TransportError,
-};
-use quinn::{ClientConfig, Connection, Endpoint};
+use membership::{Membership, MembershipConfig, NodeAddrs, NodeInfo, NodeState};
+use quinn::Endpoint;
 use replication::FragmentStore;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use crate::rpc::{ClusterReply, ClusterRequest, LogSlot, QuicTransport, ReplicaSlot};
 use crate::wire::{self, ClusterCa, JoinToken, NodeIdentity};
 
 /// How often every node pings every other node. With `PING_TIMEOUT` this
@@ -46,55 +43,6 @@ const VOTERS_MAX: usize = 5;
 /// How long a joining node keeps trying to be admitted.
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 
-/// What nodes say to each other over the cluster wire.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum ClusterRequest {
-    /// A new node proves the join secret and asks for a certificate. The
-    /// only request a peer without a cluster certificate may send.
-    Enroll {
-        secret: String,
-        name: String,
-    },
-    Raft(Box<RaftMessage>),
-    Ping,
-    Stats,
-    /// The replica protocol (see `replication::replica`).
-    Replica(Box<replication::replica::Call>),
-    /// `quill admin log-level --all`: set this node's log filter.
-    SetLogLevel {
-        filter: String,
-    },
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub enum ClusterReply {
-    Enrolled {
-        cert: Vec<u8>,
-        key: Vec<u8>,
-        ca_cert: Vec<u8>,
-        ca_key_pem: String,
-    },
-    Refused(String),
-    Raft(RaftReply),
-    /// With the epoch of the view the answering node has applied.
-    Pong {
-        epoch: u64,
-    },
-    Stats {
-        messages: u64,
-        bytes: u64,
-        under_replicated: u64,
-    },
-    Replica(Box<replication::replica::Answer>),
-    /// A request that needs no more than "done".
-    Done,
-}
-
-/// Where the accept loop finds the replicator once the node has made it.
-pub type ReplicaSlot = Arc<std::sync::OnceLock<Arc<crate::replica::NodeReplicator>>>;
-/// Where it finds the log filter setter (given by the binary).
-pub type LogSlot = Arc<std::sync::OnceLock<crate::admin::LogLevelSetter>>;
-
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub data_dir: PathBuf,
@@ -108,85 +56,6 @@ pub struct ClusterConfig {
     pub failure_timeout: Duration,
     /// The node's service addresses, for the view.
     pub addrs: NodeAddrs,
-}
-
-/// A QUIC connection pool to the other nodes, by cluster address.
-pub struct QuicTransport {
-    endpoint: Endpoint,
-    config: ClientConfig,
-    conns: Mutex<HashMap<String, Connection>>,
-}
-
-impl QuicTransport {
-    async fn conn(&self, addr: &str) -> anyhow::Result<Connection> {
-        if let Some(c) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(addr)
-            && c.close_reason().is_none()
-        {
-            return Ok(c.clone());
-        }
-        let sock: SocketAddr = addr.parse().with_context(|| format!("bad cluster address {addr}"))?;
-        let c = wire::connect(&self.endpoint, self.config.clone(), sock).await?;
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr.to_owned(), c.clone());
-        Ok(c)
-    }
-
-    fn forget(&self, addr: &str) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
-    }
-
-    /// One request to the node at `addr`.
-    pub async fn request(&self, addr: &str, req: &ClusterRequest) -> anyhow::Result<ClusterReply> {
-        self.request_within(addr, req, wire::RPC_TIMEOUT).await
-    }
-
-    /// [`QuicTransport::request`] with its own deadline.
-    pub async fn request_within(
-        &self,
-        addr: &str,
-        req: &ClusterRequest,
-        deadline: Duration,
-    ) -> anyhow::Result<ClusterReply> {
-        let conn = self.conn(addr).await?;
-        let r = wire::call_within(&conn, req, deadline).await;
-        if r.is_err() {
-            self.forget(addr);
-        }
-        r
-    }
-}
-
-impl Transport for QuicTransport {
-    fn call<'a>(
-        &'a self,
-        target: u64,
-        addr: &'a str,
-        msg: RaftMessage,
-    ) -> BoxFuture<'a, Result<RaftReply, TransportError>> {
-        Box::pin(async move {
-            let conn = self.conn(addr).await.map_err(|e| TransportError::Unreachable {
-                node: target,
-                addr: addr.to_owned(),
-                why: format!("{e:#}"),
-            })?;
-            match wire::call::<_, ClusterReply>(&conn, &ClusterRequest::Raft(Box::new(msg))).await {
-                Ok(ClusterReply::Raft(r)) => Ok(r),
-                Ok(other) => Err(TransportError::Failed {
-                    node: target,
-                    why: format!("unexpected reply {other:?}"),
-                }),
-                Err(e) => {
-                    self.forget(addr);
-                    Err(TransportError::Failed {
-                        node: target,
-                        why: format!("{e:#}"),
-                    })
-                }
-            }
-        })
-    }
 }
 
 /// A node's place in the cluster.
@@ -314,11 +183,10 @@ impl Cluster {
 
         let endpoint = Endpoint::server(wire::server_config(&identity)?, cfg.cluster_addr)
             .with_context(|| format!("cannot listen on {} (cluster, UDP)", cfg.cluster_addr))?;
-        let transport = Arc::new(QuicTransport {
-            endpoint: endpoint.clone(),
-            config: wire::member_client_config(&identity)?,
-            conns: Mutex::new(HashMap::new()),
-        });
+        let transport = Arc::new(QuicTransport::new(
+            endpoint.clone(),
+            wire::member_client_config(&identity)?,
+        ));
         let membership = Membership::start(id, &dir.join("raft"), membership_config(), transport.clone()).await?;
         let replica: ReplicaSlot = Arc::default();
         let log_level: LogSlot = Arc::default();

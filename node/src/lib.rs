@@ -26,6 +26,7 @@ pub mod conn;
 pub mod data;
 pub mod pop3;
 pub mod replica;
+pub mod rpc;
 pub mod services;
 pub mod smtp;
 pub mod time;
@@ -224,7 +225,7 @@ pub async fn run(
     if let Some(v) = replica::placement_view(&cluster.membership).await {
         replica.set_view(v);
     }
-    let _ = cluster.replica.set(replica.clone());
+    let _ = cluster.replica.set(replica.clone() as Arc<dyn rpc::ReplicaService>);
     let _ = cluster.log_level.set(set_log_level.clone());
     let mut services = Services::new(
         config.name.clone(),

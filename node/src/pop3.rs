@@ -313,7 +313,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 // And cluster-wide, at the user's manager.
                 match self.services.replica.lock_mailbox(&mailbox).await {
                     Ok(token) => lock.cluster = token,
-                    Err(()) => {
+                    Err(replication::replica::MailboxInUse) => {
                         self.reply("-ERR [IN-USE] mailbox is locked by another session").await?;
                         return Ok(Flow::Close);
                     }

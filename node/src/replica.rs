@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use membership::Membership;
-use replication::replica::{Answer, BoxFuture, Call, Network, NodeId, Replicator};
+use replication::replica::{Answer, BoxFuture, Call, Network, NodeId, Replicator, TransportError};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::cluster::{ClusterReply, ClusterRequest, QuicTransport};
+use crate::rpc::{ClusterReply, ClusterRequest, QuicTransport, ReplicaService};
 
 /// Placement's slot table size on a node: 2^18 slots (512 KiB), so a view
 /// builds in milliseconds; balance stays within a few percent up to
@@ -32,6 +32,16 @@ const WIRE_DEADLINE: Duration = Duration::from_secs(120);
 
 pub type NodeReplicator = Replicator<QuicNet>;
 
+impl ReplicaService for NodeReplicator {
+    fn handle(&self, call: Call) -> BoxFuture<'_, Answer> {
+        Box::pin(Replicator::handle(self, call))
+    }
+
+    fn under_replicated(&self) -> u64 {
+        Replicator::under_replicated(self)
+    }
+}
+
 /// The replica protocol over QUIC: node ids are mapped to cluster
 /// addresses through the current view.
 pub struct QuicNet {
@@ -40,20 +50,20 @@ pub struct QuicNet {
 }
 
 impl Network for QuicNet {
-    fn call(&self, to: NodeId, call: Call) -> BoxFuture<'_, Result<Answer, String>> {
+    fn call(&self, to: NodeId, call: Call) -> BoxFuture<'_, Result<Answer, TransportError>> {
         Box::pin(async move {
             let addr = self
                 .membership
                 .view()
                 .node(to)
                 .map(|n| n.addrs.cluster.clone())
-                .ok_or_else(|| format!("node {to} is not in the view"))?;
+                .ok_or_else(|| TransportError(format!("node {to} is not in the view")))?;
             let req = ClusterRequest::Replica(Box::new(call));
             match self.transport.request_within(&addr, &req, WIRE_DEADLINE).await {
                 Ok(ClusterReply::Replica(answer)) => Ok(*answer),
-                Ok(ClusterReply::Refused(why)) => Err(format!("refused: {why}")),
-                Ok(other) => Err(format!("unexpected reply {other:?}")),
-                Err(e) => Err(format!("{e:#}")),
+                Ok(ClusterReply::Refused(why)) => Err(TransportError(format!("refused: {why}"))),
+                Ok(_) => Err(TransportError("unexpected reply kind".to_owned())),
+                Err(e) => Err(TransportError(format!("{e:#}"))),
             }
         })
     }

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::replica::{Answer, BoxFuture, Call, Network, NodeId, Replicator};
+use crate::replica::{Answer, BoxFuture, Call, Network, NodeId, Replicator, TransportError};
 
 /// Something that serves calls: a replicator.
 pub trait Serve: Send + Sync + 'static {
@@ -121,22 +121,22 @@ pub struct MemNet {
 }
 
 impl Network for MemNet {
-    fn call(&self, to: NodeId, call: Call) -> BoxFuture<'_, Result<Answer, String>> {
+    fn call(&self, to: NodeId, call: Call) -> BoxFuture<'_, Result<Answer, TransportError>> {
         Box::pin(async move {
             let (target, rate_req, rate_rep) = {
                 let s = self.router.state();
                 if s.down.contains(&to) || s.down.contains(&self.me) {
-                    return Err(format!("node {to} unreachable"));
+                    return Err(TransportError(format!("node {to} unreachable")));
                 }
                 (s.nodes.get(&to).and_then(|w| w.upgrade()), s.loss_request, s.loss_reply)
             };
-            let target = target.ok_or_else(|| format!("node {to} unknown"))?;
+            let target = target.ok_or_else(|| TransportError(format!("node {to} unknown")))?;
             if self.router.roll(self.me, to, rate_req) {
-                return Err(format!("request to node {to} lost"));
+                return Err(TransportError(format!("request to node {to} lost")));
             }
             let answer = target.serve_call(call).await;
             if self.router.roll(to, self.me, rate_rep) {
-                return Err(format!("reply from node {to} lost"));
+                return Err(TransportError(format!("reply from node {to} lost")));
             }
             Ok(answer)
         })

@@ -673,7 +673,8 @@ impl replication::replica::Network for Silent {
         &self,
         _to: u64,
         _call: replication::replica::Call,
-    ) -> replication::replica::BoxFuture<'_, Result<replication::replica::Answer, String>> {
+    ) -> replication::replica::BoxFuture<'_, Result<replication::replica::Answer, replication::replica::TransportError>>
+    {
         Box::pin(std::future::pending())
     }
 }
@@ -770,7 +771,7 @@ async fn a_lock_follows_the_manager_when_it_goes_down() {
         "the lock comes from the new manager, node 1: {got:?}"
     );
     // The new manager holds it: a second session is refused.
-    assert_eq!(rep.lock_mailbox(&user).await, Err(()));
+    assert_eq!(rep.lock_mailbox(&user).await, Err(replication::replica::MailboxInUse));
     rep.store().close();
 }
 

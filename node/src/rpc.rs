@@ -1,0 +1,167 @@
+//! The cluster RPC: what nodes say to each other over the cluster wire
+//! ([`ClusterRequest`], [`ClusterReply`]) and the QUIC connection pool that
+//! carries it ([`QuicTransport`]; membership's Raft traffic too). Both the
+//! cluster side (`crate::cluster`) and the replica protocol
+//! (`crate::replica`) use it; neither uses the other.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use membership::{BoxFuture, RaftMessage, RaftReply, Transport, TransportError};
+use quinn::{ClientConfig, Connection, Endpoint};
+use serde::{Deserialize, Serialize};
+
+use crate::wire;
+
+/// What nodes say to each other over the cluster wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClusterRequest {
+    /// A new node proves the join secret and asks for a certificate. The
+    /// only request a peer without a cluster certificate may send.
+    Enroll {
+        secret: String,
+        name: String,
+    },
+    Raft(Box<RaftMessage>),
+    Ping,
+    Stats,
+    /// The replica protocol (see `replication::replica`).
+    Replica(Box<replication::replica::Call>),
+    /// `quill admin log-level --all`: set this node's log filter.
+    SetLogLevel {
+        filter: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClusterReply {
+    Enrolled {
+        cert: Vec<u8>,
+        key: Vec<u8>,
+        ca_cert: Vec<u8>,
+        ca_key_pem: String,
+    },
+    Refused(String),
+    Raft(RaftReply),
+    /// With the epoch of the view the answering node has applied.
+    Pong {
+        epoch: u64,
+    },
+    Stats {
+        messages: u64,
+        bytes: u64,
+        under_replicated: u64,
+    },
+    Replica(Box<replication::replica::Answer>),
+    /// A request that needs no more than "done".
+    Done,
+}
+
+/// What the cluster wire needs of the replica protocol: serving calls, and
+/// the under-replicated count for `Stats`. Implemented by the node's
+/// replicator (`crate::replica`), so that this module and the cluster need
+/// not name it.
+pub trait ReplicaService: Send + Sync + 'static {
+    fn handle(&self, call: replication::replica::Call) -> BoxFuture<'_, replication::replica::Answer>;
+    fn under_replicated(&self) -> u64;
+}
+
+/// Where the accept loop finds the replicator once the node has made it.
+pub type ReplicaSlot = Arc<std::sync::OnceLock<Arc<dyn ReplicaService>>>;
+
+/// Changes the log filter at run time; given by the binary, which owns the
+/// tracing subscriber.
+pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Where the accept loop finds the log filter setter.
+pub type LogSlot = Arc<std::sync::OnceLock<LogLevelSetter>>;
+
+/// A QUIC connection pool to the other nodes, by cluster address.
+pub struct QuicTransport {
+    endpoint: Endpoint,
+    config: ClientConfig,
+    conns: Mutex<HashMap<String, Connection>>,
+}
+
+impl QuicTransport {
+    pub fn new(endpoint: Endpoint, config: ClientConfig) -> Self {
+        QuicTransport {
+            endpoint,
+            config,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn conn(&self, addr: &str) -> anyhow::Result<Connection> {
+        if let Some(c) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(addr)
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let sock: SocketAddr = addr.parse().with_context(|| format!("bad cluster address {addr}"))?;
+        let c = wire::connect(&self.endpoint, self.config.clone(), sock).await?;
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Drops the cached connection to `addr` (a failed ping: it may be stale).
+    pub fn forget(&self, addr: &str) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
+    }
+
+    /// One request to the node at `addr`.
+    pub async fn request(&self, addr: &str, req: &ClusterRequest) -> anyhow::Result<ClusterReply> {
+        self.request_within(addr, req, wire::RPC_TIMEOUT).await
+    }
+
+    /// [`QuicTransport::request`] with its own deadline.
+    pub async fn request_within(
+        &self,
+        addr: &str,
+        req: &ClusterRequest,
+        deadline: Duration,
+    ) -> anyhow::Result<ClusterReply> {
+        let conn = self.conn(addr).await?;
+        let r = wire::call_within(&conn, req, deadline).await;
+        if r.is_err() {
+            self.forget(addr);
+        }
+        r
+    }
+}
+
+impl Transport for QuicTransport {
+    fn call<'a>(
+        &'a self,
+        target: u64,
+        addr: &'a str,
+        msg: RaftMessage,
+    ) -> BoxFuture<'a, Result<RaftReply, TransportError>> {
+        Box::pin(async move {
+            let conn = self.conn(addr).await.map_err(|e| TransportError::Unreachable {
+                node: target,
+                addr: addr.to_owned(),
+                why: format!("{e:#}"),
+            })?;
+            match wire::call::<_, ClusterReply>(&conn, &ClusterRequest::Raft(Box::new(msg))).await {
+                Ok(ClusterReply::Raft(r)) => Ok(r),
+                Ok(other) => Err(TransportError::Failed {
+                    node: target,
+                    why: format!("unexpected reply {other:?}"),
+                }),
+                Err(e) => {
+                    self.forget(addr);
+                    Err(TransportError::Failed {
+                        node: target,
+                        why: format!("{e:#}"),
+                    })
+                }
+            }
+        })
+    }
+}

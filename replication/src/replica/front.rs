@@ -1,0 +1,399 @@
+//! The front end: delivery to R nodes, the mailbox as the union of a
+//! user's fragments, reads from any live replica, deletions to every
+//! replica, and the cluster-wide mailbox lock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+use placement::UserKey;
+use tracing::{debug, info, warn};
+
+use super::protocol::{DELETED_QUERY_MAX, MailboxInUse, Network, NodeId, ReplicaError, Reply, Request};
+use super::updates::PendingUpdate;
+use super::{DeliverOutcome, Listed, Replicator, is_live, manager_of};
+use crate::{BodyHash, MessageId, Tombstone};
+
+impl<N: Network> Replicator<N> {
+    /// Stores one message for `users` on R nodes each (one body per node).
+    pub async fn deliver(&self, users: &[String], folder: &str, arrival_ms: u64, body: Vec<u8>) -> DeliverOutcome {
+        let id = self.store.new_message_id(arrival_ms);
+        self.deliver_as(id, users, folder, arrival_ms, body).await
+    }
+
+    /// [`Replicator::deliver`] with a given message id.
+    pub async fn deliver_as(
+        &self,
+        id: MessageId,
+        users: &[String],
+        folder: &str,
+        arrival_ms: u64,
+        body: Vec<u8>,
+    ) -> DeliverOutcome {
+        let view = self.view();
+        let n = self.cfg.replicas.max(1);
+        let size = body.len() as u64;
+
+        // 1. Targets per user, from the users' managers.
+        let mut by_manager: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, u) in users.iter().enumerate() {
+            let m = manager_of(&view, u).unwrap_or(self.me);
+            by_manager.entry(m).or_default().push(i);
+        }
+        let mut targets: Vec<Vec<NodeId>> = vec![Vec::new(); users.len()];
+        let mut unplaced: Vec<String> = Vec::new();
+        let asks = by_manager.into_iter().map(|(m, idx)| {
+            let req = Request::Place {
+                users: idx.iter().map(|&i| users[i].clone()).collect(),
+                size,
+                n_replicas: n as u32,
+            };
+            async move { (idx, self.call(m, req).await) }
+        });
+        for (idx, reply) in futures::future::join_all(asks).await {
+            match reply {
+                Ok(Reply::Placed { targets: t }) if t.len() == idx.len() => {
+                    for (i, t) in idx.into_iter().zip(t) {
+                        targets[i] = t;
+                    }
+                }
+                other => {
+                    // The manager is unreachable: delivery never waits on
+                    // soft state. Place here by the view and loads alone.
+                    warn!(reply = ?other.err(), "manager did not place; placing locally");
+                    self.counters.manager_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    for i in idx {
+                        targets[i] = self.place_local(&users[i], size, n);
+                        unplaced.push(users[i].clone());
+                    }
+                }
+            }
+        }
+        for t in &mut targets {
+            t.sort_unstable();
+            t.dedup();
+        }
+
+        // 2. One store per node, carrying every user that node takes.
+        let mut per_node: BTreeMap<NodeId, BTreeMap<Vec<NodeId>, Vec<String>>> = BTreeMap::new();
+        for (u, t) in users.iter().zip(&targets) {
+            for node in t {
+                per_node
+                    .entry(*node)
+                    .or_default()
+                    .entry(t.clone())
+                    .or_default()
+                    .push(u.clone());
+            }
+        }
+        let stores = per_node.into_iter().map(|(node, groups)| {
+            let req = Request::Store {
+                id,
+                arrival_ms,
+                folder: folder.to_owned(),
+                groups: groups.into_iter().collect(),
+                body: body.clone(),
+                epoch: view.epoch(),
+                unplaced: unplaced.clone(),
+            };
+            async move { (node, self.call(node, req).await) }
+        });
+        let mut acked: BTreeSet<NodeId> = BTreeSet::new();
+        for (node, r) in futures::future::join_all(stores).await {
+            match r {
+                Ok(Reply::Stored) => {
+                    acked.insert(node);
+                }
+                other => {
+                    self.counters.copies_failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(%id, node, error = ?other.err(), "copy not stored");
+                }
+            }
+        }
+
+        // 3. The outcome per user.
+        let copies: Vec<Vec<NodeId>> = targets
+            .iter()
+            .map(|t| t.iter().copied().filter(|n| acked.contains(n)).collect())
+            .collect();
+        let stored: Vec<bool> = copies.iter().map(|c| !c.is_empty()).collect();
+        let under = copies.iter().any(|c| !c.is_empty() && c.len() < n);
+        self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+        if under {
+            self.counters
+                .deliveries_under_replicated
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        // A user none of whose targets acknowledged gets a temporary
+        // failure; a copy that was stored but whose reply was lost must not
+        // surface later as mail nobody acknowledged: tombstone it.
+        let hlc = self.clock.now();
+        for ((u, t), ok) in users.iter().zip(&targets).zip(&stored) {
+            if *ok {
+                continue;
+            }
+            let tomb = Tombstone {
+                id,
+                hlc,
+                replicas: t.clone(),
+            };
+            self.send_tombstones(u, t, vec![tomb]).await;
+        }
+        DeliverOutcome {
+            id,
+            stored,
+            copies,
+            under_replicated: under,
+        }
+    }
+
+    /// Takes the user's mailbox for one session, cluster-wide, from the
+    /// user's manager: `Ok(Some((manager, token)))` when granted,
+    /// `Err(MailboxInUse)` when another session holds it, `Ok(None)` when the
+    /// manager does not answer (the session goes on: availability before
+    /// exclusivity).
+    pub async fn lock_mailbox(&self, user: &str) -> Result<Option<(NodeId, u64)>, MailboxInUse> {
+        let mut tried: Option<NodeId> = None;
+        for _ in 0..3 {
+            let view = self.view();
+            let Some(m) = manager_of(&view, user) else {
+                return Ok(None);
+            };
+            if tried == Some(m) {
+                // The manager did not answer and the view still names it.
+                return Ok(None);
+            }
+            let token = (u64::from(self.boot) << 32) | (self.lock_seq.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
+            let req = Request::Lock {
+                user: user.to_owned(),
+                token,
+            };
+            match self.call(m, req).await {
+                Ok(Reply::Locked { granted: true }) => return Ok(Some((m, token))),
+                Ok(Reply::Locked { granted: false }) => return Err(MailboxInUse),
+                other => {
+                    warn!(user, manager = m, reply = ?other.err(), "mailbox lock not taken");
+                    // It may have been granted with the answer lost: give it back.
+                    self.unlock_mailbox(user, m, token).await;
+                    // A view that has the manager down names another: ask it
+                    // (once); otherwise go on without the lock.
+                    tried = Some(m);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Releases a lock [`Replicator::lock_mailbox`] took, at the manager
+    /// that granted it (the view may have moved the user since).
+    pub async fn unlock_mailbox(&self, user: &str, manager: NodeId, token: u64) {
+        if !is_live(&self.view(), manager) {
+            // Down: its locks went with it (and its lease ends anyway).
+            return;
+        }
+        let req = Request::Unlock {
+            user: user.to_owned(),
+            token,
+        };
+        let _ = self.call(manager, req).await;
+    }
+
+    /// The nodes that may hold the user's fragments, from the manager (or
+    /// the user's spread if the manager does not answer), with this node.
+    pub async fn mail_map(&self, user: &str) -> (Vec<NodeId>, u64, bool) {
+        let view = self.view();
+        let m = manager_of(&view, user).unwrap_or(self.me);
+        let (mut nodes, bytes, known) = match self.call(m, Request::MailMap { user: user.to_owned() }).await {
+            Ok(Reply::MailMap { nodes, bytes, known }) => (nodes, bytes, known),
+            other => {
+                debug!(user, error = ?other.err(), "no mail map from the manager; using the spread");
+                self.counters.manager_fallbacks.fetch_add(1, Ordering::Relaxed);
+                let spread = view
+                    .spread_set(UserKey::from_address(user), self.cfg.spread)
+                    .into_iter()
+                    .map(|n| n.0)
+                    .collect();
+                (spread, 0, false)
+            }
+        };
+        nodes.push(self.me);
+        nodes.sort_unstable();
+        nodes.dedup();
+        (nodes, bytes, known)
+    }
+
+    /// The mailbox size the manager knows (for quotas), or this node's share.
+    pub async fn usage_bytes(&self, user: &str) -> u64 {
+        match self.mail_map(user).await {
+            (_, bytes, true) => bytes,
+            _ => self.store.usage_bytes(user),
+        }
+    }
+
+    /// The union of the user's fragments on the live nodes of the mail map,
+    /// by message id, oldest first. Nodes that do not answer are skipped
+    /// (one live replica per message suffices).
+    pub async fn mailbox(&self, user: &str) -> Vec<Listed> {
+        let view = self.view();
+        let (nodes, _, _) = self.mail_map(user).await;
+        let lists = nodes
+            .into_iter()
+            .filter(|&n| n == self.me || is_live(&view, n))
+            .map(|n| async move { (n, self.call(n, Request::List { user: user.to_owned() }).await) });
+        let mut union: BTreeMap<MessageId, Listed> = BTreeMap::new();
+        for (node, r) in futures::future::join_all(lists).await {
+            let entries = match r {
+                Ok(Reply::Listed { entries }) => entries,
+                other => {
+                    debug!(node, user, error = ?other.err(), "fragment not listed");
+                    continue;
+                }
+            };
+            for meta in entries {
+                union
+                    .entry(meta.id)
+                    .or_insert_with(|| Listed {
+                        meta,
+                        holders: Vec::new(),
+                    })
+                    .holders
+                    .push(node);
+            }
+        }
+        // A live replica that did not list a message another one listed
+        // has either not got its copy yet or deleted it while the other was
+        // away (a node back from a crash, before the update log or
+        // anti-entropy reach it): ask, and leave out what it deleted.
+        let mut suspects: BTreeMap<NodeId, Vec<MessageId>> = BTreeMap::new();
+        for l in union.values() {
+            for r in &l.meta.replicas {
+                if !l.holders.contains(r) && (*r == self.me || is_live(&view, *r)) {
+                    suspects.entry(*r).or_default().push(l.meta.id);
+                }
+            }
+        }
+        let asks = suspects.into_iter().map(|(node, ids)| async move {
+            let mut dead = Vec::new();
+            for chunk in ids.chunks(DELETED_QUERY_MAX) {
+                let req = Request::Deleted {
+                    user: user.to_owned(),
+                    ids: chunk.to_vec(),
+                };
+                if let Ok(Reply::Tombstoned { ids }) = self.call(node, req).await {
+                    dead.extend(ids);
+                }
+            }
+            dead
+        });
+        for dead in futures::future::join_all(asks).await {
+            for id in dead {
+                union.remove(&id);
+            }
+        }
+        union.into_values().collect()
+    }
+
+    /// A message's bytes from a live replica, this node first; checked
+    /// against the body hash.
+    pub async fn read(&self, msg: &Listed) -> Result<Vec<u8>, ReplicaError> {
+        let view = self.view();
+        let mut order: Vec<NodeId> = Vec::new();
+        if msg.holders.contains(&self.me) {
+            order.push(self.me);
+        }
+        for n in msg.holders.iter().chain(&msg.meta.replicas) {
+            if !order.contains(n) && is_live(&view, *n) {
+                order.push(*n);
+            }
+        }
+        let mut last = ReplicaError::NoLiveReplica;
+        for n in order {
+            match self.call(n, Request::Read { body: msg.meta.body }).await {
+                Ok(Reply::Body { bytes }) if BodyHash::of(&bytes) == msg.meta.body => return Ok(bytes),
+                Ok(_) => last = ReplicaError::WrongBody(n),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Deletes the user's messages on every replica. Replicas that do not
+    /// acknowledge get the deletion from the durable update log later.
+    /// Fails only if this node cannot record the deletion at all.
+    pub async fn delete(&self, user: &str, msgs: &[Listed]) -> Result<usize, ReplicaError> {
+        let hlc = self.clock.now();
+        let mut per_node: BTreeMap<NodeId, Vec<Tombstone>> = BTreeMap::new();
+        for m in msgs {
+            let mut replicas: Vec<NodeId> = m.meta.replicas.clone();
+            replicas.extend(&m.holders);
+            replicas.sort_unstable();
+            replicas.dedup();
+            let tomb = Tombstone {
+                id: m.meta.id,
+                hlc,
+                replicas: m.meta.replicas.clone(),
+            };
+            for n in replicas {
+                per_node.entry(n).or_default().push(tomb.clone());
+            }
+        }
+        let mut failed = 0;
+        // A replica the view has down gets it from the log when it returns
+        // (a call to it would only wait out its deadline).
+        let view = self.view();
+        let (per_node, down): (BTreeMap<_, _>, BTreeMap<_, _>) = per_node
+            .into_iter()
+            .partition(|(n, _)| *n == self.me || is_live(&view, *n));
+        for (n, tombs) in down {
+            self.log_deletion(n, user, tombs)?;
+            failed += 1;
+        }
+        let sends = per_node.into_iter().map(|(n, tombs)| async move {
+            let r = self
+                .call(
+                    n,
+                    Request::Delete {
+                        user: user.to_owned(),
+                        tombs: tombs.clone(),
+                    },
+                )
+                .await;
+            (n, tombs, r)
+        });
+        for (n, tombs, r) in futures::future::join_all(sends).await {
+            if let Err(e) = r {
+                debug!(node = n, user, error = %e, "deletion not acknowledged; logged for later");
+                self.log_deletion(n, user, tombs)?;
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            info!(
+                user,
+                replicas_missed = failed,
+                "deletions logged until the replicas return"
+            );
+        }
+        Ok(msgs.len())
+    }
+
+    /// Best effort: tombstones to `nodes`, logged where not acknowledged.
+    async fn send_tombstones(&self, user: &str, nodes: &[NodeId], tombs: Vec<Tombstone>) {
+        let view = self.view();
+        for &n in nodes {
+            let req = Request::Delete {
+                user: user.to_owned(),
+                tombs: tombs.clone(),
+            };
+            let live = n == self.me || is_live(&view, n);
+            if (!live || self.call(n, req).await.is_err())
+                && let Err(e) = self.log_update(PendingUpdate {
+                    node: n,
+                    user: user.to_owned(),
+                    tombs: tombs.clone(),
+                })
+            {
+                warn!(error = %e, "cannot log a tombstone");
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The replica protocol: how the nodes of a cluster keep every message on
+//! R of them, find a user's mail wherever it is, and converge after faults.
+//!
+//! One [`Replicator`] per node, over a [`Network`] (QUIC in the binary, an
+//! in-memory router in tests). It plays three roles:
+//! * **user manager** for the users placement gives it: it keeps each
+//!   user's *mail map* (the nodes holding fragments, with their entry and
+//!   byte counts) as soft state, never on disk, and answers where new mail
+//!   for the user goes ([`Request::Place`]) and where the user's mail is
+//!   ([`Request::MailMap`]). It learns from the placements it makes and from
+//!   the reports every node sends after a view change ([`Request::Report`]).
+//!   Until the reports are in it answers with what it knows.
+//! * **replica**: it stores copies, lists fragments, serves bodies and
+//!   applies deletions (tombstones) for the other nodes.
+//! * **front end** of a delivery or a mailbox session: it asks managers,
+//!   sends the body to the R targets in parallel and succeeds once every
+//!   target that answers has it on disk ([`Replicator::deliver`]); it lists
+//!   the union of a user's fragments ([`Replicator::mailbox`]), reads bodies
+//!   from any live replica ([`Replicator::read`]) and sends deletions to
+//!   every replica ([`Replicator::delete`]), keeping those a replica did not
+//!   acknowledge in a durable update log until it does.
+//!
+//! Anti-entropy ([`Replicator::anti_entropy_round`]) compares, per user and
+//! per pair of replicas, a digest of the message ids each holds and whether
+//! each is held or deleted; where digests differ the two exchange their
+//! lists and repair: a missing copy is fetched (its body only when it is not
+//! already held), a deletion wins over a copy (tombstones). Deletions are
+//! terminal, so "last writer wins by HLC" reduces to "deleted wins" until
+//! metadata that can change back and forth (IMAP flags) exists.
+//!
+//! # Layout
+//! * [`protocol`]: the messages, the [`Network`] trait and [`ReplicaError`];
+//! * `calls`: one call with its deadline (cut when a view has its node
+//!   down) and the serving of calls from others;
+//! * [`manager`]: the user manager as a pure state machine;
+//! * `reports`: the reports that rebuild managers' maps after view changes;
+//! * `front`: delivery, mailbox listing, reads and deletions;
+//! * `updates`: the durable log of updates a replica has not acknowledged;
+//! * [`anti_entropy`]: the pure repair plan and the rounds that carry it out.
+
+mod anti_entropy;
+mod calls;
+mod front;
+pub mod manager;
+pub mod protocol;
+mod reports;
+mod updates;
+
+pub use anti_entropy::{SyncPlan, plan_sync, tombstone_expired};
+pub use protocol::*;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use placement::{NodeState, View};
+
+use crate::hlc::HlcClock;
+use crate::{EntryMeta, FragmentStore, MessageId};
+use manager::Manager;
+
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Copies of each message (R).
+    pub replicas: usize,
+    /// Nodes a user's fragments prefer (Porcupine's spread).
+    pub spread: usize,
+    /// Deadline of one call to another node.
+    pub call_timeout: Duration,
+    /// Where unacknowledged updates are kept.
+    pub update_dir: PathBuf,
+    /// How long a deletion is remembered at most (when a replica never
+    /// confirms it, e.g. a node that left for good).
+    pub tombstone_retention: Duration,
+    /// How long a deletion is remembered at least, even once every replica
+    /// holds it (covers copies still in flight).
+    pub tombstone_min_age: Duration,
+}
+
+impl ReplicaConfig {
+    pub fn new(update_dir: impl Into<PathBuf>) -> Self {
+        ReplicaConfig {
+            replicas: 2,
+            spread: 4,
+            call_timeout: Duration::from_secs(2),
+            update_dir: update_dir.into(),
+            tombstone_retention: Duration::from_secs(14 * 24 * 3600),
+            tombstone_min_age: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The result of one delivery.
+#[derive(Debug, Clone)]
+pub struct DeliverOutcome {
+    pub id: MessageId,
+    /// Per user (in the order given): stored on at least one node.
+    pub stored: Vec<bool>,
+    /// Per user: the nodes that acknowledged the copy.
+    pub copies: Vec<Vec<NodeId>>,
+    /// Some stored user got fewer than R copies.
+    pub under_replicated: bool,
+}
+
+/// One message of a mailbox as retrieval sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub meta: EntryMeta,
+    /// The nodes that listed it.
+    pub holders: Vec<NodeId>,
+}
+
+/// What one anti-entropy round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    pub peers: usize,
+    pub peers_failed: usize,
+    pub users_differing: usize,
+    pub copies_pulled: usize,
+    pub tombstones_applied: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct ReplicaCounters {
+    pub deliveries: AtomicU64,
+    pub deliveries_under_replicated: AtomicU64,
+    pub copies_failed: AtomicU64,
+    pub updates_logged: AtomicU64,
+    pub updates_replayed: AtomicU64,
+    pub repairs_pulled: AtomicU64,
+    pub repairs_tombstones: AtomicU64,
+    pub manager_fallbacks: AtomicU64,
+    /// Calls ended because a new view had their node down.
+    pub calls_cut_by_view: AtomicU64,
+}
+
+pub struct Replicator<N: Network> {
+    me: NodeId,
+    store: Arc<FragmentStore>,
+    net: N,
+    cfg: ReplicaConfig,
+    view: RwLock<Arc<View>>,
+    /// The epoch of each view taken: calls in flight to a node that a new
+    /// view has down end at once instead of at their deadline.
+    view_epoch: tokio::sync::watch::Sender<u64>,
+    /// The user manager's soft state (pure; see [`manager`]).
+    manager: Mutex<Manager>,
+    /// Copies being written here: the load other nodes see.
+    inflight: AtomicU64,
+    clock: HlcClock,
+    /// The origin of the monotonic milliseconds the manager is given.
+    started: Instant,
+    update_seq: AtomicU64,
+    /// Tells this run's mailbox locks from those of earlier runs.
+    boot: u32,
+    lock_seq: AtomicU64,
+    /// Per peer: wall-clock ms at the start of the last anti-entropy
+    /// exchange that completed without error (the peer then held every
+    /// tombstone this node held at that moment, for the messages they share).
+    clean_since: Mutex<HashMap<NodeId, u64>>,
+    pub counters: ReplicaCounters,
+}
+
+impl<N: Network> std::fmt::Debug for Replicator<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator").field("me", &self.me).finish()
+    }
+}
+
+/// One copy being stored here, counted in the load placement reads;
+/// released when dropped, whichever way the handler ends.
+struct Inflight<'a>(&'a AtomicU64);
+
+impl<'a> Inflight<'a> {
+    fn take(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Inflight(counter)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether the view has `node` (and not down).
+fn is_live(view: &View, node: NodeId) -> bool {
+    view.node(placement::NodeId(node))
+        .is_some_and(|n| n.state != NodeState::Down)
+}
+
+/// The user's manager in the view.
+fn manager_of(view: &View, user: &str) -> Option<NodeId> {
+    view.user_manager(user).map(|n| n.0)
+}
+
+/// The nodes the view does not have down, this one included.
+fn live_nodes(view: &View) -> impl Iterator<Item = NodeId> + '_ {
+    view.nodes().iter().map(|n| n.id.0).filter(|&n| is_live(view, n))
+}
+
+fn wall_ms() -> u64 {
+    crate::hlc::to_ms(crate::hlc::wall_hlc())
+}
+
+impl<N: Network> Replicator<N> {
+    /// A replicator for node `me` over `store`. The view starts empty (every
+    /// delivery stays local) until [`Replicator::set_view`].
+    pub fn new(me: NodeId, store: Arc<FragmentStore>, net: N, cfg: ReplicaConfig) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&cfg.update_dir)?;
+        let empty = View::with_slot_bits(0, Vec::new(), placement::MIN_SLOT_BITS).expect("an empty view is valid");
+        Ok(Replicator {
+            me,
+            store,
+            net,
+            cfg,
+            view: RwLock::new(Arc::new(empty)),
+            view_epoch: tokio::sync::watch::Sender::new(0),
+            manager: Mutex::new(Manager::new(me)),
+            inflight: AtomicU64::new(0),
+            clock: HlcClock::default(),
+            started: Instant::now(),
+            update_seq: AtomicU64::new(0),
+            boot: {
+                let mut h = blake3::Hasher::new();
+                h.update(&crate::hlc::wall_hlc().to_le_bytes());
+                h.update(&std::process::id().to_le_bytes());
+                h.update(&me.to_le_bytes());
+                u32::from_le_bytes(h.finalize().as_bytes()[..4].try_into().expect("4 bytes"))
+            },
+            lock_seq: AtomicU64::new(0),
+            clean_since: Mutex::new(HashMap::new()),
+            counters: ReplicaCounters::default(),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn store(&self) -> &Arc<FragmentStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a new view (see [`Manager::take_view`]); the caller then runs
+    /// [`Replicator::report_round`] and an anti-entropy round.
+    pub fn set_view(&self, view: Arc<View>) {
+        let epoch = view.epoch();
+        lock(&self.manager).take_view(&view);
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+        self.view_epoch.send_replace(epoch);
+    }
+
+    /// Waits, at most `deadline`, until a view of `epoch` or newer is taken.
+    pub async fn wait_for_view(&self, epoch: u64, deadline: Duration) -> bool {
+        let mut epochs = self.view_epoch.subscribe();
+        tokio::time::timeout(deadline, epochs.wait_for(|e| *e >= epoch))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// This node's load as it tells the others: copies being written.
+    pub fn load(&self) -> u64 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds of this replicator's monotonic clock (the manager's
+    /// time).
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The other nodes the view does not have down.
+    fn live_peers(&self) -> Vec<NodeId> {
+        let view = self.view();
+        live_nodes(&view).filter(|&n| n != self.me).collect()
+    }
+
+    /// Messages held here with fewer than R live replicas (each counted by
+    /// one node only; see [`FragmentStore::under_replicated`]).
+    pub fn under_replicated(&self) -> u64 {
+        let view = self.view();
+        if view.nodes().is_empty() {
+            return 0;
+        }
+        self.store
+            .under_replicated(self.me, self.cfg.replicas, |n| is_live(&view, n))
+    }
+}

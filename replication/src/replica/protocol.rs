@@ -1,0 +1,239 @@
+//! The replica protocol on the wire: what one node asks of another
+//! ([`Request`]), the answers ([`Reply`]), the envelope both travel in, the
+//! [`Network`] they travel over, and the typed error of a call.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BodyHash, EntryMeta, MessageId, SyncItem, Tombstone};
+
+pub type NodeId = u64;
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Users per report message.
+pub const REPORT_USERS_MAX: usize = 2_000;
+/// Digests per anti-entropy message.
+pub const DIGESTS_MAX: usize = 2_000;
+/// Message ids in one [`Request::Deleted`].
+pub const DELETED_QUERY_MAX: usize = 10_000;
+/// Updates kept in the durable log; past this, anti-entropy alone repairs.
+pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
+/// How long a mailbox lock holds without being released (a session that
+/// ends without unlocking, e.g. its node crashed and is not yet down).
+pub const MAILBOX_LOCK_LEASE: Duration = Duration::from_secs(600);
+
+/// What a node asks of another.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// To the users' manager: where should a new message of `size` bytes
+    /// for each of `users` go (`n_replicas` nodes each)?
+    Place {
+        users: Vec<String>,
+        size: u64,
+        n_replicas: u32,
+    },
+    /// To the user's manager: which nodes hold the user's fragments?
+    MailMap {
+        user: String,
+    },
+    /// To a manager: the sender holds these `(user, entries, bytes)`,
+    /// assigned to managers by view `epoch`. `last` ends a full report (every
+    /// user the sender holds that the receiver manages); a report that is
+    /// not `last` is a fragment just created.
+    Report {
+        users: Vec<(String, u64, u64)>,
+        epoch: u64,
+        last: bool,
+    },
+    /// "Report to me the users I manage" (sent by a node that starts).
+    ReportTo,
+    /// Store one message: one body, entries for the users of each group
+    /// (a group shares one replica set).
+    Store {
+        id: MessageId,
+        arrival_ms: u64,
+        folder: String,
+        groups: Vec<(Vec<NodeId>, Vec<String>)>,
+        body: Vec<u8>,
+        /// The view epoch the sender placed the message by, and the users
+        /// whose targets it chose without their manager: the receiver tells
+        /// the manager of a user's first fragment here unless that manager
+        /// placed it under the receiver's own view.
+        epoch: u64,
+        unplaced: Vec<String>,
+    },
+    /// The user's entries held by the receiver.
+    List {
+        user: String,
+    },
+    /// Which of these messages of the user the receiver holds deletions
+    /// of (asked of a replica that did not list a message another did).
+    Deleted {
+        user: String,
+        ids: Vec<MessageId>,
+    },
+    /// A body, by hash.
+    Read {
+        body: BodyHash,
+    },
+    /// Deletions of the user's messages.
+    Delete {
+        user: String,
+        tombs: Vec<Tombstone>,
+    },
+    /// Anti-entropy: the sender's digests for users it shares with the
+    /// receiver; the answer names those that differ.
+    Digests {
+        digests: Vec<(String, [u8; 32])>,
+    },
+    /// Anti-entropy: the sender's items of `user` shared with the receiver;
+    /// the receiver repairs itself and answers what the sender lacks.
+    Sync {
+        user: String,
+        items: Vec<SyncItem>,
+    },
+    /// To the user's manager: the mailbox for one session (POP3's
+    /// exclusive maildrop), under `token`.
+    Lock {
+        user: String,
+        token: u64,
+    },
+    Unlock {
+        user: String,
+        token: u64,
+    },
+}
+
+impl Request {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Place { .. } => "place",
+            Request::MailMap { .. } => "mail-map",
+            Request::Report { .. } => "report",
+            Request::ReportTo => "report-to",
+            Request::Store { .. } => "store",
+            Request::List { .. } => "list",
+            Request::Deleted { .. } => "deleted",
+            Request::Read { .. } => "read",
+            Request::Delete { .. } => "delete",
+            Request::Digests { .. } => "digests",
+            Request::Sync { .. } => "sync",
+            Request::Lock { .. } => "lock",
+            Request::Unlock { .. } => "unlock",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    Placed {
+        targets: Vec<Vec<NodeId>>,
+    },
+    MailMap {
+        nodes: Vec<NodeId>,
+        bytes: u64,
+        known: bool,
+    },
+    Done,
+    Stored,
+    Listed {
+        entries: Vec<EntryMeta>,
+    },
+    Body {
+        bytes: Vec<u8>,
+    },
+    Tombstoned {
+        ids: Vec<MessageId>,
+    },
+    Deleted {
+        removed: usize,
+    },
+    Differ {
+        users: Vec<String>,
+    },
+    Synced {
+        items: Vec<SyncItem>,
+    },
+    Locked {
+        granted: bool,
+    },
+}
+
+/// Every message carries the sender's id, its hybrid logical clock, its
+/// load (piggybacked: managers place mail by these figures) and the number
+/// of its current run (`boot`: a change means it restarted, so the mailbox
+/// locks its earlier sessions held are released).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub from: NodeId,
+    pub hlc: u64,
+    pub load: u64,
+    pub boot: u32,
+    pub body: T,
+}
+
+pub type Call = Envelope<Request>;
+pub type Answer = Envelope<Result<Reply, ReplicaError>>;
+
+/// Why a [`Network`] could not carry a call or its answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TransportError(pub String);
+
+/// How a replicator reaches the others. The implementation bounds message
+/// sizes; the replicator puts a deadline on every call.
+pub trait Network: Send + Sync + 'static {
+    fn call(&self, to: NodeId, call: Call) -> BoxFuture<'_, Result<Answer, TransportError>>;
+}
+
+/// Why a replica operation failed. Travels in [`Answer`] when the failure
+/// is the serving node's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ReplicaError {
+    /// The network could not carry the call or its answer.
+    #[error("node {node}: {kind}: {why}")]
+    Unreachable { node: NodeId, kind: String, why: String },
+    /// No answer within the call's deadline.
+    #[error("node {node}: no answer to {kind} within {deadline_ms} ms")]
+    Timeout {
+        node: NodeId,
+        kind: String,
+        deadline_ms: u64,
+    },
+    /// A new view has the node down: the call was ended, not waited out.
+    #[error("node {node}: marked down during {kind}")]
+    MarkedDown { node: NodeId, kind: String },
+    /// The other node served the call and it failed there.
+    #[error("node {node}: {kind}: {error}")]
+    Remote { node: NodeId, kind: String, error: String },
+    /// A fragment store failed (on the node that answers).
+    #[error("store: {0}")]
+    Store(String),
+    /// An answer of the wrong kind.
+    #[error("unexpected reply to {0}")]
+    UnexpectedReply(String),
+    /// A body that does not match its hash.
+    #[error("node {0} sent a body that does not match its hash")]
+    WrongBody(NodeId),
+    /// No live node holds what was asked for.
+    #[error("no live replica")]
+    NoLiveReplica,
+    /// The durable update log could not take an update.
+    #[error("cannot log an update: {0}")]
+    UpdateLog(String),
+}
+
+impl From<crate::StoreError> for ReplicaError {
+    fn from(e: crate::StoreError) -> Self {
+        ReplicaError::Store(e.to_string())
+    }
+}
+
+/// The mailbox is held by another session (the manager said so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the mailbox is locked by another session")]
+pub struct MailboxInUse;

@@ -1,0 +1,117 @@
+//! The durable update log: a deletion a replica did not acknowledge is
+//! kept in a file of its own (`DIR/updates/upd-*`, fsynced) and sent again
+//! once the replica is live, until it acknowledges.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use super::protocol::{Network, NodeId, ReplicaError, Request, UPDATE_LOG_FILES_MAX};
+use super::{Replicator, is_live};
+use crate::Tombstone;
+
+/// A deletion some replica has not acknowledged yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct PendingUpdate {
+    pub(super) node: NodeId,
+    pub(super) user: String,
+    pub(super) tombs: Vec<Tombstone>,
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 16 << 20 }>()
+}
+
+impl<N: Network> Replicator<N> {
+    pub(super) fn log_deletion(&self, node: NodeId, user: &str, tombs: Vec<Tombstone>) -> Result<(), ReplicaError> {
+        self.log_update(PendingUpdate {
+            node,
+            user: user.to_owned(),
+            tombs,
+        })
+        .map_err(|e| ReplicaError::UpdateLog(e.to_string()))
+    }
+
+    pub(super) fn log_update(&self, u: PendingUpdate) -> std::io::Result<()> {
+        let dir = &self.cfg.update_dir;
+        let n_files = std::fs::read_dir(dir)?.count();
+        if n_files >= UPDATE_LOG_FILES_MAX {
+            warn!(node = u.node, "update log full; anti-entropy will repair this replica");
+            return Ok(());
+        }
+        let seq = self.update_seq.fetch_add(1, Ordering::Relaxed);
+        let name = format!("upd-{:016x}-{seq:08}-{}", self.clock.now(), u.node);
+        let bytes = bincode::serde::encode_to_vec(&u, bincode_config()).map_err(std::io::Error::other)?;
+        write_durable(dir, &name, &bytes)?;
+        self.counters.updates_logged.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Updates still waiting for a replica.
+    pub fn pending_updates(&self) -> usize {
+        std::fs::read_dir(&self.cfg.update_dir).map_or(0, |d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("upd-"))
+                .count()
+        })
+    }
+
+    /// Sends logged updates to the replicas that are live again; removes
+    /// each once acknowledged. Returns how many were acknowledged.
+    pub async fn replay_updates(&self) -> usize {
+        let dir = self.cfg.update_dir.clone();
+        let Ok(rd) = std::fs::read_dir(&dir) else { return 0 };
+        let mut names: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("upd-"))
+            .collect();
+        names.sort();
+        let view = self.view();
+        let mut done = 0;
+        for name in names {
+            let path = dir.join(&name);
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let u: PendingUpdate = match bincode::serde::decode_from_slice(&bytes, bincode_config()) {
+                Ok((u, _)) => u,
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "unreadable update dropped");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            if view.node(placement::NodeId(u.node)).is_none() && view.epoch() > 0 {
+                // The node left the cluster: nothing to tell it.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            if !is_live(&view, u.node) {
+                continue;
+            }
+            let req = Request::Delete {
+                user: u.user.clone(),
+                tombs: u.tombs,
+            };
+            if self.call(u.node, req).await.is_ok() {
+                let _ = std::fs::remove_file(&path);
+                done += 1;
+                self.counters.updates_replayed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        done
+    }
+}
+
+/// Writes `name` in `dir` so that it is either whole or absent after a
+/// crash: temporary file, fsync, rename, fsync of the directory.
+fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}

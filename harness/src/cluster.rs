@@ -45,6 +45,51 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// A new cluster of `nodes` nodes on SUBNET.1..=SUBNET.nodes (not
+    /// started; see [`ClusterState::start_all`]).
+    pub fn new(subnet: [u8; 3], nodes: u8, replicas: usize, password: String) -> anyhow::Result<Self> {
+        Ok(ClusterState {
+            subnet,
+            admin_token: crate::commands::random_hex(16)?,
+            password,
+            replicas,
+            secret: crate::commands::random_hex(16)?,
+            binary: crate::process::quill_binary()?,
+            log: "info".into(),
+            nodes: (1..=nodes).map(|k| NodeEntry { k, pid: None }).collect(),
+        })
+    }
+
+    /// Starts every node in order (the first founds the cluster or they
+    /// resume), saving the state after each, and waits until all agree on
+    /// one view (what `up` and `bench-replication` do).
+    pub async fn start_all(&mut self, dir: &Path, verbose: bool) -> anyhow::Result<Vec<NodeProcess>> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        self.save(dir)?;
+        let ks: Vec<u8> = self.nodes.iter().map(|n| n.k).collect();
+        for k in ks {
+            if verbose {
+                println!("starting n{k} on {} ...", self.ip(k));
+            }
+            let r = self.start_node(dir, k).await;
+            self.save(dir)?;
+            r?;
+        }
+        let handles = self.live_handles(dir)?;
+        let refs: Vec<&NodeProcess> = handles.iter().collect();
+        crate::process::wait_converged(&refs, refs.len(), Duration::from_secs(60)).await?;
+        Ok(handles)
+    }
+
+    /// Stops every live node (SIGTERM, then SIGKILL past the deadline).
+    pub fn stop_all(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let ks: Vec<u8> = self.live();
+        for k in ks {
+            self.stop_node(k)?;
+        }
+        self.save(dir)
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join(STATE_FILE)
     }

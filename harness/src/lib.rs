@@ -11,9 +11,13 @@
 
 pub mod bench;
 pub mod chart;
-pub mod cli;
+pub mod cli {
+    //! The commands under their old name.
+    pub use crate::commands::*;
+}
 pub mod client;
 pub mod cluster;
+pub mod commands;
 pub mod load;
 pub mod process;
 pub mod workload;

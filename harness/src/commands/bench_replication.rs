@@ -1,0 +1,132 @@
+//! `bench-replication`: delivery throughput for NODES:R pairs, each on a
+//! fresh cluster started the way `up` starts one.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use super::ms;
+use crate::bench::{self, DeliverPlan};
+use crate::cluster::ClusterState;
+use crate::process::TempDir;
+use crate::workload::percentile;
+
+/// The nodes of one run (detached, as `up` starts them): stopped by
+/// [`Run::stop`], or when the benchmark ends early.
+struct Run(Option<PathBuf>);
+
+impl Run {
+    fn stop(mut self) -> anyhow::Result<()> {
+        let dir = self.0.take().expect("not stopped yet");
+        ClusterState::load(&dir)?.stop_all(&dir)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take()
+            && let Ok(mut s) = ClusterState::load(&dir)
+        {
+            let _ = s.stop_all(&dir);
+        }
+    }
+}
+
+pub async fn bench_replication(
+    configs: Vec<String>,
+    messages: u64,
+    connections: usize,
+    users: u32,
+    dir: Option<PathBuf>,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let temp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            temp = TempDir::new("bench-repl")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let mut pairs = Vec::new();
+    for c in &configs {
+        let (n, r) = c
+            .split_once(':')
+            .with_context(|| format!("bad config {c:?}: want NODES:R"))?;
+        pairs.push((n.parse::<usize>()?, r.parse::<usize>()?));
+    }
+    let mut rows: Vec<(usize, usize, f64, f64, f64, u64, u64)> = Vec::new();
+    for (i, &(n, r)) in pairs.iter().enumerate() {
+        // Each run on a subnet of its own, started the way `up` starts a
+        // cluster; the nodes are stopped at the end of the run, or when
+        // the benchmark fails.
+        let base = dir.join(format!("run{i}-{n}n-r{r}"));
+        let subnet = [127, 4, 1 + (std::process::id() % 50) as u8 * 5 + i as u8];
+        let mut state = ClusterState::new(subnet, n as u8, r, "unused".into())?;
+        state.log = "warn".into();
+        let run = Run(Some(base.clone()));
+        let nodes = state.start_all(&base, false).await?;
+        nodes[0].add_domain("example.com").await?;
+        for u in 1..=users {
+            nodes[0]
+                .add_user(&format!("user{u:04}@example.com"), &format!("pass{u:04}"), None)
+                .await?;
+        }
+        // Every node must know every user before the load starts.
+        let last = format!("user{users:04}@example.com");
+        for node in &nodes {
+            let end = std::time::Instant::now() + Duration::from_secs(30);
+            while !node
+                .admin(hyper::Method::GET, "/v1/users", None)
+                .await
+                .is_ok_and(|v| v.to_string().contains(&last))
+            {
+                if std::time::Instant::now() > end {
+                    bail!("users did not reach {}", node.opts.ip);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let addrs = nodes.iter().map(|x| x.smtp()).collect();
+        let plan = DeliverPlan::bench(addrs, false, messages, connections, users, seed);
+        let d = bench::deliver(plan).await;
+        let s = nodes[0].status().await?;
+        let entries: u64 = s["nodes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["messages"].as_u64()).sum())
+            .unwrap_or(0);
+        let under = s["under_replicated"].as_u64().unwrap_or(0);
+        let rate = d.acked.len() as f64 / d.secs;
+        println!(
+            "nodes={n} replicas={r} ok={} failed={} secs={:.2} msgs_per_sec={rate:.1} lat_ms_p50={} p99={} \
+             entries={entries} under_replicated={under}",
+            d.acked.len(),
+            d.unknown.len(),
+            d.secs,
+            ms(&d.latencies_ms, 50.0),
+            ms(&d.latencies_ms, 99.0),
+        );
+        rows.push((
+            n,
+            r,
+            rate,
+            percentile(&d.latencies_ms, 50.0),
+            percentile(&d.latencies_ms, 99.0),
+            entries,
+            under,
+        ));
+        run.stop()?;
+    }
+    println!();
+    println!("| nodes | R | msgs/s | vs first | p50 ms | p99 ms | entries stored | under-replicated |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let first = rows.first().map_or(1.0, |r| r.2);
+    for (n, r, rate, p50, p99, entries, under) in rows {
+        println!(
+            "| {n} | {r} | {rate:.0} | {:.0} % | {p50:.1} | {p99:.1} | {entries} | {under} |",
+            100.0 * rate / first
+        );
+    }
+    Ok(())
+}

@@ -184,7 +184,7 @@ async fn work(replica: Arc<NodeReplicator>, changed: Arc<tokio::sync::Notify>, m
             }
             _ = report.tick() => {
                 replica.report_round().await;
-                let n = replica.expire_tombstones();
+                let n = replica.expire_tombstones().await;
                 if n > 0 {
                     info!(tombstones = n, "tombstones every replica holds forgotten");
                 }

@@ -277,7 +277,7 @@ async fn run(seed: u64, ops: usize) {
                 front.replay_updates().await;
             }
             96 => {
-                front.expire_tombstones();
+                front.expire_tombstones().await;
             }
             97 => {
                 front.chase_reports().await;
@@ -327,7 +327,7 @@ async fn run(seed: u64, ops: usize) {
     }
     let mut forgotten = 0;
     for r in sim.live() {
-        forgotten += r.expire_tombstones();
+        forgotten += r.expire_tombstones().await;
     }
     let left: u64 = sim.live().iter().map(|r| r.store().stats().tombstones).sum();
     assert_eq!(
@@ -465,7 +465,7 @@ async fn deletion_survives_a_replica_that_missed_it() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     for r in sim.live() {
         r.anti_entropy_round().await;
-        r.expire_tombstones();
+        r.expire_tombstones().await;
     }
     assert!(
         front.store().stats().tombstones >= 1,

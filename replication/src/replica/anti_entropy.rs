@@ -114,7 +114,7 @@ impl<N: Network> Replicator<N> {
     }
 
     async fn sync_digests(&self, peer: NodeId, report: &mut RepairReport) -> Result<(), ReplicaError> {
-        let digests = self.store.peer_digests(peer);
+        let digests = self.store.peer_digests_async(peer).await;
         for chunk in digests.chunks(DIGESTS_MAX) {
             let req = Request::Digests {
                 digests: chunk.to_vec(),
@@ -197,17 +197,20 @@ impl<N: Network> Replicator<N> {
         }
     }
 
-    /// Forgets the tombstones [`tombstone_expired`] allows.
-    pub fn expire_tombstones(&self) -> usize {
+    /// Forgets the tombstones [`tombstone_expired`] allows (a walk of the
+    /// whole store, on a blocking thread).
+    pub async fn expire_tombstones(&self) -> usize {
         let now = wall_ms();
         let retention = self.cfg.tombstone_retention.as_millis() as u64;
         let min_age = self.cfg.tombstone_min_age.as_millis() as u64;
         let oldest_hlc = crate::hlc::from_ms(now.saturating_sub(retention));
         let clean = lock(&self.clean_since).clone();
         let me = self.me;
-        self.store.forget_tombstones(|_, hlc, replicas, added_ms| {
-            tombstone_expired(me, now, oldest_hlc, min_age, &clean, (hlc, replicas, added_ms))
-        })
+        self.store
+            .forget_tombstones_async(move |_, hlc, replicas, added_ms| {
+                tombstone_expired(me, now, oldest_hlc, min_age, &clean, (hlc, replicas, added_ms))
+            })
+            .await
     }
 }
 

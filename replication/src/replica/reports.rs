@@ -62,7 +62,7 @@ impl<N: Network> Replicator<N> {
             Some(m) => [(m, Vec::new())].into(),
             None => live_nodes(&view).map(|p| (p, Vec::new())).collect(),
         };
-        for u in self.store.usage() {
+        for u in self.store.usage_async().await {
             if let Some(m) = manager_of(&view, &u.user)
                 && only.is_none_or(|o| o == m)
             {

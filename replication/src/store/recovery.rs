@@ -1,0 +1,185 @@
+//! Opening a store: the index rebuilt by reading every segment, a torn or
+//! corrupt tail cut off, the writer started.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::*;
+use crate::record::{self, Decoded, DeleteRecord, EntryRecord};
+use crate::{BodyHash, MessageId};
+
+impl FragmentStore {
+    /// Opens (or creates) the store in `config.dir`, rebuilding the index
+    /// from the segments and cutting off a torn tail. Blocking: call it
+    /// before serving, or from a blocking thread.
+    pub fn open(config: StoreConfig) -> Result<Self, StoreError> {
+        fs::create_dir_all(&config.dir)?;
+        let mut seg_ids: Vec<u32> = fs::read_dir(&config.dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_prefix("seg-")?.strip_suffix(".qseg")?.parse().ok()
+            })
+            .collect();
+        seg_ids.sort_unstable();
+
+        let mut index = Index::default();
+        // Latest record of each kind wins; tombstones remove earlier entries.
+        let mut bodies: HashMap<BodyHash, BodyLoc> = HashMap::new();
+        let mut entries: HashMap<(String, MessageId), (EntryRecord, Loc)> = HashMap::new();
+        let mut tombs: HashMap<(String, MessageId), (DeleteRecord, Loc)> = HashMap::new();
+        let last = seg_ids.last().copied();
+        for &seg in &seg_ids {
+            let path = seg_path(&config.dir, seg);
+            let data = fs::read(&path)?;
+            // Records take effect batch by batch, at each commit record.
+            let mut pending: Vec<(u64, u64, Decoded)> = Vec::new();
+            let found = record::scan(&data, |offset, record_len, decoded| {
+                if !matches!(decoded, Decoded::Commit) {
+                    pending.push((offset, record_len, decoded));
+                    return;
+                }
+                for (_, record_len, decoded) in pending.drain(..) {
+                    match decoded {
+                        Decoded::Body {
+                            hash,
+                            body_offset,
+                            body_len,
+                        } => {
+                            let loc = BodyLoc {
+                                seg,
+                                body_offset,
+                                body_len,
+                                record_len,
+                                refs: 0,
+                            };
+                            bodies.insert(hash, loc);
+                        }
+                        Decoded::Entry(e) => {
+                            // An entry after a tombstone of the same id can
+                            // only follow that tombstone's expiry: it wins.
+                            let key = (e.user.clone(), e.id);
+                            tombs.remove(&key);
+                            entries.insert(key, (e, Loc { seg, record_len }));
+                        }
+                        Decoded::Delete(d) => {
+                            let key = (d.user.clone(), d.id);
+                            entries.remove(&key);
+                            tombs.insert(key, (d, Loc { seg, record_len }));
+                        }
+                        Decoded::Commit => unreachable!("commits are not pending"),
+                    }
+                }
+            });
+            for (start, end, why) in &found.corrupt {
+                error!(segment = seg, start, end, why, "damaged records skipped on recovery");
+            }
+            let mut len = data.len() as u64;
+            // An unfinished batch (no commit record) or a torn record at the
+            // end: the tail from there on was never acknowledged.
+            let cut = pending.first().map(|p| p.0).or(found.torn.map(|t| t.0));
+            if let Some(offset) = cut {
+                let why = found.torn.map_or("batch without commit record", |t| t.1);
+                if Some(seg) == last {
+                    warn!(
+                        segment = seg,
+                        offset,
+                        why,
+                        cut_bytes = len - offset,
+                        "torn tail cut off on recovery"
+                    );
+                    let f = OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(offset)?;
+                    f.sync_all()?;
+                    len = offset;
+                } else {
+                    error!(
+                        segment = seg,
+                        offset,
+                        why,
+                        lost_bytes = len - offset,
+                        "unreadable tail inside a sealed segment; skipped"
+                    );
+                }
+            }
+            let file = Arc::new(OpenOptions::new().read(true).append(true).open(&path)?);
+            index.segments.insert(
+                seg,
+                Segment {
+                    file,
+                    len,
+                    live_bytes: 0,
+                },
+            );
+        }
+        index.bodies = bodies;
+        let mut sorted: Vec<_> = entries.into_values().collect();
+        sorted.sort_by(|a, b| (&a.0.user, a.0.id).cmp(&(&b.0.user, b.0.id)));
+        for (e, loc) in sorted {
+            if !index.bodies.contains_key(&e.body) {
+                error!(user = %e.user, id = %e.id, "entry without its body on recovery; dropped");
+                continue;
+            }
+            let user = e.user.clone();
+            index.put_entry(&user, meta_of(e), loc);
+        }
+        for ((user, id), (d, loc)) in tombs {
+            index.put_tomb(
+                &user,
+                id,
+                Tomb {
+                    hlc: d.hlc,
+                    replicas: d.replicas,
+                    loc,
+                    added_ms: now_ms(),
+                },
+            );
+        }
+        // Bodies nobody references are dead space for the cleaner.
+        index.bodies.retain(|_, b| b.refs > 0);
+
+        // The active segment: the last one if there is room, else a new one.
+        let active = match index.segments.last_key_value() {
+            Some((&seg, s)) if s.len < config.segment_bytes_max => seg,
+            Some((&seg, _)) => new_segment(&config.dir, &mut index, seg + 1)?,
+            None => new_segment(&config.dir, &mut index, 1)?,
+        };
+        info!(
+            dir = %config.dir.display(),
+            segments = index.segments.len(),
+            entries = index.entries,
+            tombstones = index.tombstones,
+            bodies = index.bodies.len(),
+            "fragment store opened"
+        );
+
+        let shared = Arc::new(Shared {
+            dir: config.dir.clone(),
+            index: Mutex::new(index),
+            fsyncs: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            id_nonce: random_bytes(),
+            id_counter: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
+        let writer = Writer {
+            shared: shared.clone(),
+            active,
+            segment_bytes_max: config.segment_bytes_max,
+            batch_seq: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("quill-store-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(FragmentStore {
+            shared,
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+}

@@ -1,0 +1,466 @@
+//! The writer thread: takes operations from the bounded queue, writes a
+//! batch, fsyncs once (group commit), then applies the effects to the
+//! index and answers every caller.
+
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+use super::*;
+use crate::record::{self, DeleteRecord, EntryRecord};
+use crate::{BodyHash, MessageId, Tombstone};
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+pub(super) enum Op {
+    Deliver {
+        delivery: Delivery,
+        hash: BodyHash,
+        reply: Reply<()>,
+    },
+    Delete {
+        user: String,
+        tombs: Vec<Tombstone>,
+        reply: Reply<usize>,
+    },
+    Relocate {
+        seg: u32,
+        items: Vec<Relocation>,
+        reply: Reply<u64>,
+    },
+    DropSegment {
+        seg: u32,
+        reply: Reply<bool>,
+    },
+}
+
+impl Op {
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Op::Deliver { delivery, .. } => delivery.body.len(),
+            Op::Relocate { items, .. } => items.iter().map(|r| r.bytes()).sum(),
+            _ => 64,
+        }
+    }
+}
+
+pub(super) enum Relocation {
+    Body {
+        hash: BodyHash,
+        bytes: Vec<u8>,
+    },
+    Entry(EntryRecord),
+    Tomb(DeleteRecord),
+    /// A body that failed its checksum while being copied: the messages
+    /// that use it are unreadable here, and are deleted (logged) so that
+    /// the segment can still be cleaned.
+    Lost {
+        hash: BodyHash,
+    },
+}
+
+impl Relocation {
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Relocation::Body { bytes, .. } => bytes.len(),
+            Relocation::Entry(_) | Relocation::Tomb(_) | Relocation::Lost { .. } => 128,
+        }
+    }
+}
+
+pub(super) fn new_segment(dir: &Path, index: &mut Index, seg: u32) -> Result<u32, StoreError> {
+    let path = seg_path(dir, seg);
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create_new(true)
+        .open(&path)?;
+    file.sync_all()?;
+    // The new name must survive a crash, or records in it would vanish.
+    sync_dir(dir)?;
+    index.segments.insert(
+        seg,
+        Segment {
+            file: Arc::new(file),
+            len: 0,
+            live_bytes: 0,
+        },
+    );
+    Ok(seg)
+}
+
+/// What a batch does to the index once its records are durable.
+pub(super) enum Effect {
+    Body {
+        hash: BodyHash,
+        loc: BodyLoc,
+    },
+    Entry {
+        rec: EntryRecord,
+        loc: Loc,
+    },
+    /// A tombstone written (or moved): removes the entry if there is one.
+    Tomb {
+        rec: DeleteRecord,
+        loc: Loc,
+    },
+    /// An entry whose body is lost: removed without a tombstone.
+    Forget {
+        user: String,
+        id: MessageId,
+    },
+}
+
+/// Appends an entry record to a batch and notes its effect.
+pub(super) fn write_entry(buf: &mut Vec<u8>, effects: &mut Vec<Effect>, seg: u32, rec: EntryRecord) {
+    let start = buf.len();
+    record::encode_entry(buf, &rec);
+    let record_len = (buf.len() - start) as u64;
+    effects.push(Effect::Entry {
+        rec,
+        loc: Loc { seg, record_len },
+    });
+}
+
+/// Appends a tombstone record to a batch and notes its effect.
+pub(super) fn write_tomb(buf: &mut Vec<u8>, effects: &mut Vec<Effect>, seg: u32, rec: DeleteRecord) {
+    let start = buf.len();
+    record::encode_delete(buf, &rec);
+    let record_len = (buf.len() - start) as u64;
+    effects.push(Effect::Tomb {
+        rec,
+        loc: Loc { seg, record_len },
+    });
+}
+
+pub(super) enum Done {
+    Deliver(Reply<()>),
+    Delete(Reply<usize>, usize),
+    Relocate(Reply<u64>, u64),
+}
+
+pub(super) struct Writer {
+    pub(super) shared: Arc<Shared>,
+    pub(super) active: u32,
+    pub(super) segment_bytes_max: u64,
+    /// Numbers the commit records (for reading a segment by eye).
+    pub(super) batch_seq: u64,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut bytes = first.bytes();
+            let mut batch = vec![first];
+            while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        bytes += op.bytes();
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    pub(super) fn commit(&mut self, batch: Vec<Op>) {
+        let n_ops = batch.len() as u64;
+        let mut buf = Vec::new();
+        let mut effects = Vec::new();
+        let mut dones = Vec::with_capacity(batch.len());
+        let mut drops = Vec::new();
+        let rotate;
+        {
+            let index = self.shared.index();
+            let active = index.segments.get(&self.active).expect("active segment");
+            rotate = active.len >= self.segment_bytes_max;
+        }
+        if rotate && let Err(e) = self.rotate() {
+            error!(error = %e, "cannot start a new segment");
+            fail_all(batch, &e.to_string());
+            return;
+        }
+        let seg = self.active;
+        let base = self.shared.index().segments.get(&seg).expect("active").len;
+        {
+            let index = self.shared.index();
+            let mut new_bodies: HashSet<BodyHash> = HashSet::new();
+            let mut deleted: HashSet<(String, MessageId)> = HashSet::new();
+            let mut moved_bodies: HashSet<BodyHash> = HashSet::new();
+            let mut new_entries: HashSet<(String, MessageId)> = HashSet::new();
+            for op in batch {
+                match op {
+                    Op::Deliver { delivery, hash, reply } => {
+                        let live = index.bodies.get(&hash).is_some_and(|b| b.refs > 0);
+                        if !live && new_bodies.insert(hash) {
+                            let start = buf.len() as u64;
+                            let body_rel = record::encode_body(&mut buf, &hash, &delivery.body);
+                            let record_len = buf.len() as u64 - start;
+                            effects.push(Effect::Body {
+                                hash,
+                                loc: BodyLoc {
+                                    seg,
+                                    body_offset: base + start + body_rel,
+                                    body_len: delivery.body.len() as u64,
+                                    record_len,
+                                    refs: 0,
+                                },
+                            });
+                        }
+                        for user in delivery.users {
+                            // Delivering the same id again is a no-op
+                            // (idempotent); a deleted id stays deleted.
+                            let key = (user.clone(), delivery.id);
+                            if index.entry(&user, &delivery.id).is_some()
+                                || index.tomb(&user, &delivery.id).is_some()
+                                || deleted.contains(&key)
+                                || !new_entries.insert(key)
+                            {
+                                continue;
+                            }
+                            let rec = EntryRecord {
+                                user,
+                                id: delivery.id,
+                                body: hash,
+                                size_bytes: delivery.body.len() as u64,
+                                arrival_ms: delivery.arrival_ms,
+                                folder: delivery.folder.clone(),
+                                flags: 0,
+                                replicas: delivery.replicas.clone(),
+                            };
+                            write_entry(&mut buf, &mut effects, seg, rec);
+                        }
+                        dones.push(Done::Deliver(reply));
+                    }
+                    Op::Delete { user, tombs, reply } => {
+                        let mut n = 0;
+                        for t in tombs {
+                            let key = (user.clone(), t.id);
+                            if index.tomb(&user, &t.id).is_some() || !deleted.insert(key.clone()) {
+                                continue;
+                            }
+                            let entry = index.entry(&user, &t.id);
+                            let replicas = match entry {
+                                Some(e) => e.meta.replicas.clone(),
+                                None => t.replicas,
+                            };
+                            if entry.is_some() || new_entries.contains(&key) {
+                                n += 1;
+                            }
+                            let rec = DeleteRecord {
+                                user: user.clone(),
+                                id: t.id,
+                                hlc: t.hlc,
+                                replicas,
+                            };
+                            write_tomb(&mut buf, &mut effects, seg, rec);
+                        }
+                        dones.push(Done::Delete(reply, n));
+                    }
+                    Op::Relocate {
+                        seg: from,
+                        items,
+                        reply,
+                    } => {
+                        let mut n = 0;
+                        for item in items {
+                            match item {
+                                Relocation::Body { hash, bytes } => {
+                                    let still = index.bodies.get(&hash).is_some_and(|b| b.seg == from && b.refs > 0);
+                                    if still && moved_bodies.insert(hash) && new_bodies.insert(hash) {
+                                        let start = buf.len() as u64;
+                                        let body_rel = record::encode_body(&mut buf, &hash, &bytes);
+                                        let record_len = buf.len() as u64 - start;
+                                        effects.push(Effect::Body {
+                                            hash,
+                                            loc: BodyLoc {
+                                                seg,
+                                                body_offset: base + start + body_rel,
+                                                body_len: bytes.len() as u64,
+                                                record_len,
+                                                refs: 0,
+                                            },
+                                        });
+                                        n += 1;
+                                    }
+                                }
+                                Relocation::Lost { hash } => {
+                                    let victims: Vec<(String, MessageId)> = index
+                                        .mailboxes
+                                        .iter()
+                                        .flat_map(|(user, m)| {
+                                            m.entries
+                                                .values()
+                                                .filter(|e| e.meta.body == hash)
+                                                .map(|e| (user.clone(), e.meta.id))
+                                        })
+                                        .collect();
+                                    for (user, id) in victims {
+                                        if deleted.insert((user.clone(), id)) {
+                                            // Not a deletion, so no tombstone (it would
+                                            // spread to the other replicas): the entry
+                                            // is forgotten here, and stays forgotten
+                                            // after a restart because its body record
+                                            // goes with this segment. Anti-entropy
+                                            // brings a good copy back from a replica.
+                                            error!(%user, %id, "message body corrupt on disk; copy removed here");
+                                            effects.push(Effect::Forget { user, id });
+                                        }
+                                    }
+                                }
+                                Relocation::Tomb(rec) => {
+                                    let still = index.tomb(&rec.user, &rec.id).is_some_and(|t| t.loc.seg == from)
+                                        && !deleted.contains(&(rec.user.clone(), rec.id));
+                                    if still {
+                                        write_tomb(&mut buf, &mut effects, seg, rec);
+                                        n += 1;
+                                    }
+                                }
+                                Relocation::Entry(rec) => {
+                                    let still = index.entry(&rec.user, &rec.id).is_some_and(|e| e.loc.seg == from)
+                                        && !deleted.contains(&(rec.user.clone(), rec.id));
+                                    if still {
+                                        write_entry(&mut buf, &mut effects, seg, rec);
+                                        n += 1;
+                                    }
+                                }
+                            }
+                        }
+                        dones.push(Done::Relocate(reply, n));
+                    }
+                    Op::DropSegment { seg, reply } => drops.push((seg, reply)),
+                }
+            }
+        }
+
+        if !buf.is_empty() {
+            self.batch_seq += 1;
+            record::encode_commit(&mut buf, self.batch_seq);
+            let file = self.shared.index().segments.get(&seg).expect("active").file.clone();
+            let written = (|| -> std::io::Result<()> {
+                (&*file).write_all(&buf)?;
+                file.sync_data()
+            })();
+            if let Err(e) = written {
+                // The tail may be half written: cut it back so that what
+                // follows starts at a record boundary, then fail the batch.
+                error!(error = %e, "segment write failed; batch refused");
+                let _ = file.set_len(base).and_then(|_| file.sync_data());
+                fail_dones(dones, &e.to_string());
+                fail_drops(drops, &e.to_string());
+                return;
+            }
+            self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        self.shared.ops.fetch_add(n_ops, Ordering::Relaxed);
+
+        // Durable: now the index may show it.
+        {
+            let mut index = self.shared.index();
+            index.segments.get_mut(&seg).expect("active").len = base + buf.len() as u64;
+            // Deletions last: a body whose last reference this batch deletes
+            // may be referenced again by a delivery in the same batch, which
+            // wrote no new copy of it because it was live when planned.
+            let mut deletes = Vec::new();
+            let mut forgets = Vec::new();
+            for effect in effects {
+                match effect {
+                    Effect::Body { hash, loc } => index.put_body(hash, loc),
+                    Effect::Entry { rec, loc } => {
+                        let user = rec.user.clone();
+                        index.put_entry(&user, meta_of(rec), loc);
+                    }
+                    Effect::Tomb { rec, loc } => deletes.push((rec, loc)),
+                    Effect::Forget { user, id } => forgets.push((user, id)),
+                }
+            }
+            for (user, id) in forgets {
+                index.remove_entry(&user, &id);
+            }
+            for (rec, loc) in deletes {
+                index.remove_entry(&rec.user, &rec.id);
+                let tomb = Tomb {
+                    hlc: rec.hlc,
+                    replicas: rec.replicas,
+                    loc,
+                    added_ms: now_ms(),
+                };
+                index.put_tomb(&rec.user, rec.id, tomb);
+            }
+            // A body written by this batch that no entry references (only
+            // possible for relocation races) is dead: forget it.
+            index.bodies.retain(|_, b| b.refs > 0);
+        }
+        for done in dones {
+            match done {
+                Done::Deliver(r) => drop(r.send(Ok(()))),
+                Done::Delete(r, n) => drop(r.send(Ok(n))),
+                Done::Relocate(r, n) => drop(r.send(Ok(n))),
+            }
+        }
+        for (seg, reply) in drops {
+            let _ = reply.send(self.drop_segment(seg).map_err(|e| e.to_string()));
+        }
+    }
+
+    /// Removes a sealed segment that holds nothing live any more.
+    pub(super) fn drop_segment(&mut self, seg: u32) -> std::io::Result<bool> {
+        if seg == self.active {
+            return Ok(false);
+        }
+        {
+            let mut index = self.shared.index();
+            match index.segments.get(&seg) {
+                Some(s) if s.live_bytes == 0 => {}
+                Some(_) => return Ok(false),
+                None => return Ok(true),
+            }
+            index.segments.remove(&seg);
+        }
+        fs::remove_file(seg_path(&self.shared.dir, seg))?;
+        sync_dir(&self.shared.dir)?;
+        Ok(true)
+    }
+
+    pub(super) fn rotate(&mut self) -> Result<(), StoreError> {
+        let mut index = self.shared.index();
+        let next = self.active + 1;
+        self.active = new_segment(&self.shared.dir, &mut index, next)?;
+        Ok(())
+    }
+}
+
+pub(super) fn fail_all(batch: Vec<Op>, msg: &str) {
+    for op in batch {
+        match op {
+            Op::Deliver { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
+            Op::Delete { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
+            Op::Relocate { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
+            Op::DropSegment { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
+        }
+    }
+}
+
+pub(super) fn fail_dones(dones: Vec<Done>, msg: &str) {
+    for done in dones {
+        match done {
+            Done::Deliver(r) => drop(r.send(Err(msg.to_owned()))),
+            Done::Delete(r, _) => drop(r.send(Err(msg.to_owned()))),
+            Done::Relocate(r, _) => drop(r.send(Err(msg.to_owned()))),
+        }
+    }
+}
+
+pub(super) fn fail_drops(drops: Vec<(u32, Reply<bool>)>, msg: &str) {
+    for (_, r) in drops {
+        let _ = r.send(Err(msg.to_owned()));
+    }
+}

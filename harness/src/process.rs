@@ -522,29 +522,19 @@ pub async fn wait_voters(node: &NodeProcess, want: usize, deadline: Duration) ->
     }
 }
 
-/// A scratch directory removed on drop (unless `QUILL_KEEP_TEST_DIRS` is set).
-#[derive(Debug)]
-pub struct TempDir(PathBuf);
+/// A temporary directory removed on drop (see [`testkit::TempDir`]); with
+/// [`or_fresh`] for commands given an optional `--dir`.
+pub use testkit::TempDir;
 
-impl TempDir {
-    pub fn new(label: &str) -> anyhow::Result<Self> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("quill-{label}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("QUILL_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
+/// `dir` if given, else a fresh temporary directory (removed when the
+/// returned guard goes).
+pub fn or_fresh(dir: Option<PathBuf>, label: &str) -> anyhow::Result<(Option<TempDir>, PathBuf)> {
+    Ok(match dir {
+        Some(d) => (None, d),
+        None => {
+            let t = TempDir::new(label)?;
+            let p = t.path().to_path_buf();
+            (Some(t), p)
         }
-    }
+    })
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use membership::{Directory, DirectoryCommand, DirectoryError, NodeState};
 use openraft::ServerState;
 
-use common::{Cluster, Reproduce, test_config, wait_domains, wait_until, wait_view};
+use common::{Cluster, test_config, wait_domains, wait_until, wait_view};
 
 fn add_domain(d: &str) -> DirectoryCommand {
     DirectoryCommand::AddDomain { domain: d.into() }
@@ -31,10 +31,7 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 #[tokio::test(flavor = "current_thread")]
 async fn three_nodes_elect_a_leader_and_agree_on_the_view() {
     let seed = common::seed(1);
-    let _r = Reproduce {
-        seed,
-        test: "three_nodes_elect_a_leader_and_agree_on_the_view",
-    };
+    let _r = common::reproduce(seed, "three_nodes_elect_a_leader_and_agree_on_the_view");
     let c = Cluster::start(seed, 3, test_config()).await;
     let leader = c.leader_of(&[1, 2, 3]).await;
     for (id, m) in &c.nodes {
@@ -76,10 +73,7 @@ async fn three_nodes_elect_a_leader_and_agree_on_the_view() {
 #[tokio::test(flavor = "current_thread")]
 async fn directory_writes_on_any_node_appear_on_all_despite_loss() {
     let seed = common::seed(2);
-    let _r = Reproduce {
-        seed,
-        test: "directory_writes_on_any_node_appear_on_all_despite_loss",
-    };
+    let _r = common::reproduce(seed, "directory_writes_on_any_node_appear_on_all_despite_loss");
     let c = Cluster::start(seed, 3, test_config()).await;
     // 3 % of requests and 3 % of replies lost, up to 5 ms of delay.
     c.router.set_loss_per_million(30_000);
@@ -122,10 +116,7 @@ async fn directory_writes_on_any_node_appear_on_all_despite_loss() {
 #[tokio::test(flavor = "current_thread")]
 async fn leader_loss_elects_a_new_leader_and_writes_continue() {
     let seed = common::seed(3);
-    let _r = Reproduce {
-        seed,
-        test: "leader_loss_elects_a_new_leader_and_writes_continue",
-    };
+    let _r = common::reproduce(seed, "leader_loss_elects_a_new_leader_and_writes_continue");
     let mut c = Cluster::start(seed, 3, test_config()).await;
     let old = c.leader_of(&[1, 2, 3]).await;
     c.node(old)
@@ -163,10 +154,7 @@ async fn leader_loss_elects_a_new_leader_and_writes_continue() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_minority_cannot_commit_and_converges_after_heal() {
     let seed = common::seed(4);
-    let _r = Reproduce {
-        seed,
-        test: "a_minority_cannot_commit_and_converges_after_heal",
-    };
+    let _r = common::reproduce(seed, "a_minority_cannot_commit_and_converges_after_heal");
     let mut config = test_config();
     config.write_timeout_ms = 2_000;
     let c = Cluster::start(seed, 3, config).await;
@@ -215,10 +203,7 @@ async fn a_minority_cannot_commit_and_converges_after_heal() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_restarted_node_keeps_its_state_from_log_and_snapshot() {
     let seed = common::seed(5);
-    let _r = Reproduce {
-        seed,
-        test: "a_restarted_node_keeps_its_state_from_log_and_snapshot",
-    };
+    let _r = common::reproduce(seed, "a_restarted_node_keeps_its_state_from_log_and_snapshot");
     let mut config = test_config();
     // Snapshots (and log purges) happen during the test.
     config.snapshot_logs_since_last = 20;
@@ -283,10 +268,7 @@ async fn a_restarted_node_keeps_its_state_from_log_and_snapshot() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_late_joiner_catches_up_from_a_snapshot_and_can_be_removed() {
     let seed = common::seed(6);
-    let _r = Reproduce {
-        seed,
-        test: "a_late_joiner_catches_up_from_a_snapshot_and_can_be_removed",
-    };
+    let _r = common::reproduce(seed, "a_late_joiner_catches_up_from_a_snapshot_and_can_be_removed");
     let mut config = test_config();
     config.snapshot_logs_since_last = 10;
     config.logs_kept_after_snapshot = 0;

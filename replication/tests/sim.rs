@@ -419,21 +419,14 @@ async fn run(seed: u64, ops: usize) {
     }
 }
 
-fn seeds() -> Vec<u64> {
-    match std::env::var("SEED") {
-        Ok(s) => vec![s.parse().expect("SEED is a number")],
-        Err(_) => vec![1, 2, 3, 4],
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn replicas_converge_after_faults() {
     let ops: usize = std::env::var("SIM_OPS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(250);
-    for seed in seeds() {
-        eprintln!("REPRODUCE WITH: SEED={seed} cargo test -p replication --test sim");
+    for seed in testkit::seeds(&[1, 2, 3, 4]) {
+        let _reproduce = testkit::Reproduce::new(seed, format!("SIM_OPS={ops} cargo test -p replication --test sim"));
         run(seed, ops).await;
     }
 }

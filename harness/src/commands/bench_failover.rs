@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::process::{NodeProcess, TempDir};
+use crate::process::NodeProcess;
 use crate::workload::percentile;
 
 /// Which node a trial kills.
@@ -22,14 +22,7 @@ pub async fn bench_failover(n: usize, trials: usize, victim: Victim, dir: Option
     if n < 3 {
         bail!("--nodes must be at least 3 (a majority must survive a kill)");
     }
-    let temp;
-    let dir = match dir {
-        Some(d) => d,
-        None => {
-            temp = TempDir::new("failover")?;
-            temp.path().to_path_buf()
-        }
-    };
+    let (_temp, dir) = crate::process::or_fresh(dir, "failover")?;
     let log = std::env::var("QUILL_LOG").unwrap_or_else(|_| "warn".into());
     let mut nodes = start_cluster(&dir, n, "bench-failover", &log).await?;
     let all: Vec<&NodeProcess> = nodes.iter().collect();

@@ -8,7 +8,7 @@ use anyhow::bail;
 use super::ms;
 use crate::bench::{self, DeliverPlan};
 use crate::fresh_loopback;
-use crate::process::{NodeOptions, NodeProcess, TempDir};
+use crate::process::{NodeOptions, NodeProcess};
 
 /// Which delivery protocols to measure.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -27,14 +27,7 @@ pub async fn bench_node(
     log: String,
     seed: u64,
 ) -> anyhow::Result<()> {
-    let temp;
-    let dir = match dir {
-        Some(d) => d,
-        None => {
-            temp = TempDir::new("bench")?;
-            temp.path().to_path_buf()
-        }
-    };
+    let (_temp, dir) = crate::process::or_fresh(dir, "bench")?;
     let mut opts = NodeOptions::new(dir.join("node"), fresh_loopback())?;
     opts.log = log;
     // One node holds one copy: nothing to count as under-replicated.

@@ -9,7 +9,6 @@ use anyhow::{Context, bail};
 use super::ms;
 use crate::bench::{self, DeliverPlan};
 use crate::cluster::ClusterState;
-use crate::process::TempDir;
 use crate::workload::percentile;
 
 /// The nodes of one run (detached, as `up` starts them): stopped by
@@ -41,14 +40,7 @@ pub async fn bench_replication(
     dir: Option<PathBuf>,
     seed: u64,
 ) -> anyhow::Result<()> {
-    let temp;
-    let dir = match dir {
-        Some(d) => d,
-        None => {
-            temp = TempDir::new("bench-repl")?;
-            temp.path().to_path_buf()
-        }
-    };
+    let (_temp, dir) = crate::process::or_fresh(dir, "bench-repl")?;
     let mut pairs = Vec::new();
     for c in &configs {
         let (n, r) = c

@@ -4,61 +4,33 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use membership::{ClusterView, Directory, MemRouter, Membership, MembershipConfig, NodeInfo};
 use openraft::ServerState;
 
-static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
-
 /// A folder under the system temp dir, removed on drop.
 #[derive(Debug)]
-pub struct TestDir(PathBuf);
+pub struct TestDir(testkit::TempDir);
 
 impl TestDir {
     pub fn new(name: &str) -> TestDir {
-        let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("quill-membership-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create test dir");
-        TestDir(p)
+        TestDir(testkit::TempDir::new(&format!("membership-{name}")).expect("create test dir"))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
 /// The seed: `SEED` from the environment, else the test's own default.
 pub fn seed(default: u64) -> u64 {
-    std::env::var("SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    testkit::seeds(&[default])[0]
 }
 
 /// Prints how to rerun the test with its seed when the test fails.
-pub struct Reproduce {
-    pub seed: u64,
-    pub test: &'static str,
-}
-
-impl Drop for Reproduce {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "REPRODUCE WITH: SEED={} cargo test -p membership --test cluster {}",
-                self.seed, self.test
-            );
-        }
-    }
+pub fn reproduce(seed: u64, test: &str) -> testkit::Reproduce {
+    testkit::Reproduce::new(seed, format!("cargo test -p membership --test cluster {test}"))
 }
 
 /// Short timeouts, but loose enough for a loaded 2-core machine.

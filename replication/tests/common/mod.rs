@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use replication::{BodyHash, Delivery, FragmentStore, MessageId, StoreConfig};
 
@@ -10,29 +9,17 @@ use replication::{BodyHash, Delivery, FragmentStore, MessageId, StoreConfig};
 /// messages.
 pub const SMALL_SEGMENT: u64 = 4096;
 
-/// A directory under the system temp dir, unique per process and call,
-/// removed on drop (also when a test fails and unwinds).
+/// A directory under the system temp dir, removed on drop.
 #[derive(Debug)]
-pub struct TempDir(PathBuf);
+pub struct TempDir(testkit::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("quill-repl-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
+        TempDir(testkit::TempDir::new(&format!("repl-test-{tag}")).expect("create temp dir"))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 

@@ -1,8 +1,6 @@
 //! Shared setup for the tests in this folder.
 #![allow(dead_code)]
 
-use std::time::{Duration, Instant};
-
 use quill_harness::fresh_loopback;
 use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
 
@@ -24,18 +22,9 @@ pub async fn node(label: &str, extra: &[&str]) -> (TempDir, NodeProcess) {
     (dir, node)
 }
 
-/// Polls `f` until it returns true or the deadline passes.
-pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + deadline;
-    while !f().await {
-        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+// Not every test binary waits on something.
+#[allow(unused_imports)]
+pub use testkit::wait_for;
 
 /// Held by every test that starts a multi-node cluster: clusters in one
 /// test binary run one at a time, so that their heartbeats (200 ms) and

@@ -1,0 +1,119 @@
+//! What the test suites (and the harness's benchmarks) share, so that each
+//! does not write its own: a temporary directory removed on drop, a seed
+//! taken from `SEED` with a line that says how to rerun a failure, and
+//! waiting for a condition with a deadline (never sleep-and-hope).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A directory under the system temp dir, unique per process and call,
+/// removed on drop (also when a test fails and unwinds), unless
+/// `QUILL_KEEP_TEST_DIRS` is set.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> std::io::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("quill-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("QUILL_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The seeds a seeded test runs: `SEED` from the environment alone, else
+/// `defaults`.
+pub fn seeds(defaults: &[u64]) -> Vec<u64> {
+    match std::env::var("SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(s) => vec![s],
+        None => defaults.to_vec(),
+    }
+}
+
+/// Held while a seeded run goes: if the test panics, it prints
+/// `REPRODUCE WITH: SEED=n <command>`.
+#[derive(Debug)]
+pub struct Reproduce {
+    pub seed: u64,
+    pub command: String,
+}
+
+impl Reproduce {
+    pub fn new(seed: u64, command: impl Into<String>) -> Self {
+        Reproduce {
+            seed,
+            command: command.into(),
+        }
+    }
+}
+
+impl Drop for Reproduce {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("REPRODUCE WITH: SEED={} {}", self.seed, self.command);
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns true; panics naming `what` once
+/// `deadline` has passed.
+pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    while !f().await {
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_dirs_are_distinct_and_go_away() {
+        let (a, b) = (TempDir::new("kit").unwrap(), TempDir::new("kit").unwrap());
+        assert_ne!(a.path(), b.path());
+        let p = a.path().to_path_buf();
+        assert!(p.is_dir());
+        drop(a);
+        assert!(!p.exists());
+    }
+
+    #[tokio::test]
+    async fn wait_for_returns_once_true() {
+        let mut n = 0;
+        wait_for("the third poll", Duration::from_secs(5), || {
+            n += 1;
+            let done = n >= 3;
+            async move { done }
+        })
+        .await;
+        assert_eq!(n, 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "timed out")]
+    async fn wait_for_panics_past_its_deadline() {
+        wait_for("never", Duration::from_millis(120), || async { false }).await;
+    }
+}

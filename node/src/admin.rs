@@ -52,6 +52,8 @@ pub struct Addrs {
 #[derive(Clone)]
 pub struct AdminState {
     pub services: Arc<Services>,
+    /// This node's replicator (status, metrics).
+    pub replica: Arc<crate::replica::NodeReplicator>,
     pub token: Arc<String>,
     pub cluster: crate::cluster::Cluster,
     pub name: String,
@@ -199,20 +201,19 @@ async fn remove_user(
         .ok_or_else(|| ApiError::from(DirectoryError::NoSuchUser(address.clone())))?;
     let mailbox = user.mailbox();
     let purge = |mailbox: String| {
-        let replica = s.services.replica.clone();
+        let mail = s.services.mail.clone();
         async move {
-            let msgs = replica.mailbox(&mailbox).await;
+            let msgs = mail.mailbox(&mailbox).await;
             let n = msgs.len();
             if n > 0 {
-                replica
-                    .delete(&mailbox, &msgs)
+                mail.delete(&mailbox, &msgs)
                     .await
                     .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("purging the mailbox: {e}")))?;
             }
             Ok::<usize, ApiError>(n)
         }
     };
-    let held = s.services.replica.mailbox(&mailbox).await.len();
+    let held = s.services.mail.mailbox(&mailbox).await.len();
     if held > 0 && !q.purge {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -331,7 +332,7 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
         }
     }
     let st = s.services.store.stats();
-    counts.insert(me, (st.entries, st.body_bytes, s.services.replica.under_replicated()));
+    counts.insert(me, (st.entries, st.body_bytes, s.replica.under_replicated()));
     // Each under-replicated message is counted by one live holder only.
     let under_replicated: u64 = counts.values().map(|c| c.2).sum();
     let mut nodes = Vec::new();
@@ -542,7 +543,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "Deletions remembered so that missed replicas cannot resurrect mail.",
         st.tombstones,
     );
-    let r = &s.services.replica;
+    let r = &s.replica;
     line(
         "quill_under_replicated",
         "gauge",

@@ -24,10 +24,12 @@ pub mod admin_client;
 pub mod cluster;
 pub mod conn;
 pub mod data;
+pub mod mail;
 pub mod pop3;
 pub mod replica;
 pub mod rpc;
 pub mod services;
+pub mod session;
 pub mod smtp;
 pub mod time;
 pub mod wire;
@@ -230,7 +232,7 @@ pub async fn run(
     let mut services = Services::new(
         config.name.clone(),
         store.clone(),
-        replica.clone(),
+        replica.clone() as Arc<dyn mail::Mail>,
         directory,
         config.limits.clone(),
         random_bytes()?,
@@ -249,6 +251,7 @@ pub async fn run(
         info!(addr = %addrs.admin.expect("bound"), "admin API listening");
         let state = admin::AdminState {
             services: services.clone(),
+            replica: replica.clone(),
             token: Arc::new(token),
             cluster: cluster.clone(),
             name: config.name.clone(),

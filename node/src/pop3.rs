@@ -9,12 +9,13 @@ use std::sync::Arc;
 use base64::Engine;
 use replication::EntryMeta;
 use replication::replica::Listed;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::conn::{Line, read_line, trim_eol};
+use crate::conn::trim_eol;
 use crate::services::{Auth, MailboxLock, POP3_LINE_BYTES_MAX, Services, bump};
+use crate::session::{Dialect, LineSession};
 
 /// Failed logins in one session before it is closed.
 const SESSION_AUTH_FAILURES_MAX: u32 = 3;
@@ -118,35 +119,38 @@ struct Mailbox {
     _lock: MailboxLock,
 }
 
-struct Session<R, W> {
-    r: BufReader<R>,
-    w: BufWriter<W>,
+/// What POP3 answers to the session scaffold's events.
+static DIALECT: Dialect = Dialect {
+    line_bytes_max: POP3_LINE_BYTES_MAX,
+    line_too_long: "-ERR line too long",
+    too_many_errors: "-ERR too many errors, closing connection",
+    too_many_commands: "-ERR too many commands in one session, closing connection",
+    idle: "-ERR [SYS/TEMP] idle timeout, closing connection",
+    shutting_down: "-ERR [SYS/TEMP] server shutting down",
+};
+
+struct Session<S> {
+    io: LineSession<S>,
     services: Arc<Services>,
     peer: SocketAddr,
     user: Option<String>,
     mailbox: Option<Mailbox>,
     auth_failures: u32,
-    n_commands: u32,
-    n_bad: u32,
 }
 
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn serve<S: AsyncRead + AsyncWrite>(
     stream: S,
     peer: SocketAddr,
     services: Arc<Services>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (r, w) = tokio::io::split(stream);
     let mut s = Session {
-        r: BufReader::with_capacity(8 * 1024, r),
-        w: BufWriter::with_capacity(64 * 1024, w),
+        io: LineSession::new(stream, services.clone(), &DIALECT, 8 * 1024, 64 * 1024),
         services,
         peer,
         user: None,
         mailbox: None,
         auth_failures: 0,
-        n_commands: 0,
-        n_bad: 0,
     };
     let result = async {
         s.reply("+OK Quill POP3 server ready").await?;
@@ -163,63 +167,23 @@ enum Flow {
     Close,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
+impl<S: AsyncRead + AsyncWrite> Session<S> {
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
-        self.w.write_all(text.as_bytes()).await?;
-        self.w.write_all(b"\r\n").await?;
-        if self.r.buffer().is_empty() {
-            self.w.flush().await?;
-        }
-        Ok(())
+        self.io.reply(text).await
     }
 
+    /// The next command line without its terminator, or `None` when the
+    /// session is over (see [`LineSession::next_command`]).
     async fn read(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<Option<Vec<u8>>> {
-        let idle = self.services.limits.idle_timeout;
-        loop {
-            let line = tokio::select! {
-                l = read_line(&mut self.r, POP3_LINE_BYTES_MAX, idle) => l?,
-                _ = shutdown.changed() => {
-                    self.reply("-ERR [SYS/TEMP] server shutting down").await?;
-                    return Ok(None);
-                }
-            };
-            match line {
-                Line::Ok(l) => return Ok(Some(trim_eol(&l).to_vec())),
-                Line::TooLong { .. } => {
-                    bump(&self.services.metrics.limit_refusals);
-                    self.reply("-ERR line too long").await?;
-                    if self.bad().await? {
-                        return Ok(None);
-                    }
-                }
-                Line::Eof => return Ok(None),
-                Line::Idle => {
-                    self.reply("-ERR [SYS/TEMP] idle timeout, closing connection").await?;
-                    return Ok(None);
-                }
-            }
-        }
+        Ok(self.io.next_command(shutdown).await?.map(|l| trim_eol(&l).to_vec()))
     }
 
     async fn bad(&mut self) -> std::io::Result<bool> {
-        self.n_bad += 1;
-        if self.n_bad >= self.services.limits.bad_commands_max {
-            bump(&self.services.metrics.limit_refusals);
-            self.reply("-ERR too many errors, closing connection").await?;
-            return Ok(true);
-        }
-        Ok(false)
+        self.io.bad().await
     }
 
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<()> {
         while let Some(line) = self.read(shutdown).await? {
-            self.n_commands += 1;
-            if self.n_commands > self.services.limits.commands_max {
-                bump(&self.services.metrics.limit_refusals);
-                self.reply("-ERR too many commands in one session, closing connection")
-                    .await?;
-                break;
-            }
             let cmd = match parse(&line) {
                 Ok(c) => c,
                 Err(why) => {
@@ -239,7 +203,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 break;
             }
         }
-        self.w.flush().await
+        self.io.flush().await
     }
 
     async fn authorization(&mut self, cmd: Command, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<Flow> {
@@ -311,7 +275,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                     return Ok(Flow::Close);
                 };
                 // And cluster-wide, at the user's manager.
-                match self.services.replica.lock_mailbox(&mailbox).await {
+                match self.services.mail.lock_mailbox(&mailbox).await {
                     Ok(token) => lock.cluster = token,
                     Err(replication::replica::MailboxInUse) => {
                         self.reply("-ERR [IN-USE] mailbox is locked by another session").await?;
@@ -321,7 +285,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 // The union of the user's fragments across the cluster.
                 let listed: Vec<Listed> = self
                     .services
-                    .replica
+                    .mail
                     .mailbox(&mailbox)
                     .await
                     .into_iter()
@@ -424,7 +388,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 let left = mb.entries.len() - n_deleted;
                 // To every replica of each message; a replica that is down
                 // gets it from the update log when it returns.
-                let outcome = self.services.replica.delete(&mb.user, &victims).await;
+                let outcome = self.services.mail.delete(&mb.user, &victims).await;
                 // RFC 1939 §6: the lock goes before the reply, not after.
                 let Mailbox { user, _lock: lock, .. } = mb;
                 lock.release().await;
@@ -457,7 +421,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         };
         let listed = self.mailbox.as_ref().expect("in transaction").listed[n as usize - 1].clone();
         // From a live replica, this node first.
-        let body = match self.services.replica.read(&listed).await {
+        let body = match self.services.mail.read(&listed).await {
             Ok(b) => b,
             Err(e) => {
                 warn!(id = %entry.id, error = %e, "cannot read message body");
@@ -468,15 +432,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             None => &body[..],
             Some(k) => top(&body, k),
         };
-        self.w
+        self.io
+            .w
             .write_all(format!("+OK {} octets\r\n", entry.size_bytes).as_bytes())
             .await?;
-        write_dot_stuffed(&mut self.w, body).await?;
+        write_dot_stuffed(&mut self.io.w, body).await?;
         if top_lines.is_none() {
             bump(&self.services.metrics.messages_retrieved);
         }
-        if self.r.buffer().is_empty() {
-            self.w.flush().await?;
+        if self.io.r.buffer().is_empty() {
+            self.io.flush().await?;
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use replication::FragmentStore;
 use tokio::sync::Semaphore;
 
 use crate::conn::PerAddress;
-use crate::replica::NodeReplicator;
+use crate::mail::Mail;
 
 /// Every input bound of a node. Defaults follow the RFCs where they set a
 /// number and common practice (Postfix, Dovecot) where they don't.
@@ -135,7 +135,7 @@ pub struct Services {
     pub postmaster: Option<String>,
     pub store: Arc<FragmentStore>,
     /// Delivery to R nodes and mailboxes across the cluster.
-    pub replica: Arc<NodeReplicator>,
+    pub mail: Arc<dyn Mail>,
     pub directory: Arc<dyn Directory>,
     pub limits: Limits,
     pub metrics: Metrics,
@@ -176,7 +176,7 @@ impl MailboxLock {
     /// client reconnecting right after `+OK` never meets its own lock.
     pub async fn release(mut self) {
         if let Some((manager, token)) = self.cluster.take() {
-            self.services.replica.unlock_mailbox(&self.user, manager, token).await;
+            self.services.mail.unlock_mailbox(&self.user, manager, token).await;
         }
     }
 }
@@ -191,8 +191,8 @@ impl Drop for MailboxLock {
         if let Some((manager, token)) = self.cluster
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let (replica, user) = (self.services.replica.clone(), self.user.clone());
-            rt.spawn(async move { replica.unlock_mailbox(&user, manager, token).await });
+            let (mail, user) = (self.services.mail.clone(), self.user.clone());
+            rt.spawn(async move { mail.unlock_mailbox(&user, manager, token).await });
         }
     }
 }
@@ -201,7 +201,7 @@ impl Services {
     pub fn new(
         hostname: String,
         store: Arc<FragmentStore>,
-        replica: Arc<NodeReplicator>,
+        mail: Arc<dyn Mail>,
         directory: Arc<dyn Directory>,
         limits: Limits,
         auth_key: [u8; 32],
@@ -211,7 +211,7 @@ impl Services {
             default_login_domain: None,
             postmaster: None,
             store,
-            replica,
+            mail,
             directory,
             connections: Arc::new(Semaphore::new(limits.connections_max)),
             password_checks: Semaphore::new(

@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use membership::{Recipient, needs_smtputf8};
 use smtp_proto::{Error as ParseError, MAIL_SMTPUTF8, Request};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::conn::{Line, read_line};
 use crate::data::{DATA_LINE_BYTES_MAX, DataReader, Refusal, Step};
 use crate::services::{SMTP_COMMAND_BYTES_MAX, Services, bump};
+use crate::session::{Dialect, LineSession};
 use crate::time::{now_ms, rfc5322_date};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,17 +57,24 @@ const UNKNOWN_RCPT_DELAY: std::time::Duration = std::time::Duration::from_secs(1
 /// Unknown recipients that end one session with `421`.
 const UNKNOWN_RCPT_SESSION_MAX: u32 = 10;
 
-struct Session<R, W> {
-    r: BufReader<R>,
-    w: BufWriter<W>,
+/// What SMTP and LMTP answer to the session scaffold's events.
+static DIALECT: Dialect = Dialect {
+    line_bytes_max: SMTP_COMMAND_BYTES_MAX,
+    line_too_long: "500 5.5.2 Line too long (512 octets max)",
+    too_many_errors: "421 4.7.0 Too many errors, closing connection",
+    too_many_commands: "421 4.7.0 Too many commands in one session, closing connection",
+    idle: "421 4.4.2 Idle timeout, closing connection",
+    shutting_down: "421 4.3.2 Service shutting down, closing transmission channel",
+};
+
+struct Session<S> {
+    io: LineSession<S>,
     services: Arc<Services>,
     mode: Mode,
     peer: SocketAddr,
     helo: Option<String>,
     esmtp: bool,
     tx: Option<Transaction>,
-    n_commands: u32,
-    n_bad: u32,
     /// Unknown recipients named in this session.
     n_unknown: u32,
 }
@@ -77,25 +85,21 @@ fn clean_name(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic()).take(255).collect()
 }
 
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn serve<S: AsyncRead + AsyncWrite>(
     stream: S,
     peer: SocketAddr,
     services: Arc<Services>,
     mode: Mode,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let (r, w) = tokio::io::split(stream);
     let mut s = Session {
-        r: BufReader::with_capacity(16 * 1024, r),
-        w: BufWriter::with_capacity(16 * 1024, w),
+        io: LineSession::new(stream, services.clone(), &DIALECT, 16 * 1024, 16 * 1024),
         services,
         mode,
         peer,
         helo: None,
         esmtp: false,
         tx: None,
-        n_commands: 0,
-        n_bad: 0,
         n_unknown: 0,
     };
     let proto = if mode == Mode::Lmtp { "LMTP" } else { "ESMTP" };
@@ -108,69 +112,27 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
+impl<S: AsyncRead + AsyncWrite> Session<S> {
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
-        self.w.write_all(text.as_bytes()).await?;
-        self.w.write_all(b"\r\n").await?;
-        // PIPELINING: hold replies while more commands are already buffered.
-        if self.r.buffer().is_empty() {
-            self.w.flush().await?;
-        }
-        Ok(())
+        self.io.reply(text).await
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        self.w.flush().await
+        self.io.flush().await
     }
 
     async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<()> {
-        let idle = self.services.limits.idle_timeout;
-        loop {
-            let line = tokio::select! {
-                l = read_line(&mut self.r, SMTP_COMMAND_BYTES_MAX, idle) => l?,
-                _ = shutdown.changed() => {
-                    self.reply("421 4.3.2 Service shutting down, closing transmission channel").await?;
-                    return self.flush().await;
-                }
-            };
-            let line = match line {
-                Line::Ok(l) => l,
-                Line::TooLong { .. } => {
-                    bump(&self.services.metrics.limit_refusals);
-                    self.reply("500 5.5.2 Line too long (512 octets max)").await?;
-                    if self.bad().await? {
-                        return Ok(());
-                    }
-                    continue;
-                }
-                Line::Eof => return Ok(()),
-                Line::Idle => {
-                    self.reply("421 4.4.2 Idle timeout, closing connection").await?;
-                    return self.flush().await;
-                }
-            };
-            self.n_commands += 1;
-            if self.n_commands > self.services.limits.commands_max {
-                bump(&self.services.metrics.limit_refusals);
-                self.reply("421 4.7.0 Too many commands in one session, closing connection")
-                    .await?;
-                return self.flush().await;
-            }
+        while let Some(line) = self.io.next_command(shutdown).await? {
             if !self.command(&line).await? {
                 return self.flush().await;
             }
         }
+        Ok(())
     }
 
     /// Counts a bad command; true when the session must end.
     async fn bad(&mut self) -> std::io::Result<bool> {
-        self.n_bad += 1;
-        if self.n_bad >= self.services.limits.bad_commands_max {
-            bump(&self.services.metrics.limit_refusals);
-            self.reply("421 4.7.0 Too many errors, closing connection").await?;
-            return Ok(true);
-        }
-        Ok(false)
+        self.io.bad().await
     }
 
     /// Handles one command line; false ends the session.
@@ -310,7 +272,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         // The mailbox size as the user's manager knows it (this node's
         // share only if the manager does not answer).
         if let Some(quota) = user.quota_bytes
-            && self.services.replica.usage_bytes(&mailbox).await >= quota
+            && self.services.mail.usage_bytes(&mailbox).await >= quota
         {
             bump(&self.services.metrics.limit_refusals);
             self.reply("552 5.2.2 Mailbox full").await?;
@@ -364,7 +326,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         self.reply("354 Start mail input; end with <CRLF>.<CRLF>").await?;
         self.flush().await?;
         let arrival_ms = now_ms();
-        let id = self.services.store.new_message_id(arrival_ms);
+        let id = self.services.mail.new_message_id(arrival_ms);
         // One copy per mailbox; the header names addresses.
         let mut unique: Vec<String> = rcpts.iter().map(|r| r.mailbox.clone()).collect();
         unique.sort();
@@ -399,7 +361,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         // before the reply.
         let outcome = self
             .services
-            .replica
+            .mail
             .deliver_as(id, &unique, "INBOX", arrival_ms, body)
             .await;
         let stored = |rcpt: &str| unique.iter().position(|u| u == rcpt).is_some_and(|i| outcome.stored[i]);
@@ -432,10 +394,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                     } else {
                         format!("451 4.3.0 <{addr}> Mail store unavailable, try again later")
                     };
-                    self.w.write_all(per.as_bytes()).await?;
-                    self.w.write_all(b"\r\n").await?;
+                    self.io.w.write_all(per.as_bytes()).await?;
+                    self.io.w.write_all(b"\r\n").await?;
                 }
-                if self.r.buffer().is_empty() {
+                if self.io.r.buffer().is_empty() {
                     self.flush().await?;
                 }
             }
@@ -470,7 +432,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         let idle = self.services.limits.idle_timeout;
         let mut reader = DataReader::new(head, self.services.limits.message_bytes_max);
         loop {
-            let line = read_line(&mut self.r, DATA_LINE_BYTES_MAX, idle).await?;
+            let line = read_line(&mut self.io.r, DATA_LINE_BYTES_MAX, idle).await?;
             match line {
                 Line::Eof => return Ok(Body::Closed),
                 Line::Idle => {

@@ -1,0 +1,76 @@
+//! How the protocol sessions reach mail: a trait over the replica protocol,
+//! so that a session runs the same against the cluster (QUIC) and against
+//! an in-memory network in tests, with no socket but the client's.
+
+use replication::MessageId;
+use replication::replica::{
+    BoxFuture, DeliverOutcome, Listed, MailboxInUse, Network, NodeId, ReplicaError, Replicator,
+};
+
+/// What SMTP, LMTP and POP3 (and IMAP next) ask of the mail system.
+pub trait Mail: Send + Sync + 'static {
+    /// A new message id (ordered by arrival).
+    fn new_message_id(&self, arrival_ms: u64) -> MessageId;
+    /// Stores one message for every mailbox on R nodes each.
+    fn deliver_as<'a>(
+        &'a self,
+        id: MessageId,
+        mailboxes: &'a [String],
+        folder: &'a str,
+        arrival_ms: u64,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, DeliverOutcome>;
+    /// The mailbox size as the user's manager knows it (quotas).
+    fn usage_bytes<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, u64>;
+    /// Every message of the mailbox across the cluster.
+    fn mailbox<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, Vec<Listed>>;
+    /// One message's bytes, from any live replica.
+    fn read<'a>(&'a self, msg: &'a Listed) -> BoxFuture<'a, Result<Vec<u8>, ReplicaError>>;
+    /// Deletes messages on every replica.
+    fn delete<'a>(&'a self, mailbox: &'a str, msgs: &'a [Listed]) -> BoxFuture<'a, Result<usize, ReplicaError>>;
+    /// Takes the mailbox for one session, cluster-wide.
+    fn lock_mailbox<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, Result<Option<(NodeId, u64)>, MailboxInUse>>;
+    /// Gives a lock back at the manager that granted it.
+    fn unlock_mailbox<'a>(&'a self, mailbox: &'a str, manager: NodeId, token: u64) -> BoxFuture<'a, ()>;
+}
+
+impl<N: Network> Mail for Replicator<N> {
+    fn new_message_id(&self, arrival_ms: u64) -> MessageId {
+        self.store().new_message_id(arrival_ms)
+    }
+
+    fn deliver_as<'a>(
+        &'a self,
+        id: MessageId,
+        mailboxes: &'a [String],
+        folder: &'a str,
+        arrival_ms: u64,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, DeliverOutcome> {
+        Box::pin(Replicator::deliver_as(self, id, mailboxes, folder, arrival_ms, body))
+    }
+
+    fn usage_bytes<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, u64> {
+        Box::pin(Replicator::usage_bytes(self, mailbox))
+    }
+
+    fn mailbox<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, Vec<Listed>> {
+        Box::pin(Replicator::mailbox(self, mailbox))
+    }
+
+    fn read<'a>(&'a self, msg: &'a Listed) -> BoxFuture<'a, Result<Vec<u8>, ReplicaError>> {
+        Box::pin(Replicator::read(self, msg))
+    }
+
+    fn delete<'a>(&'a self, mailbox: &'a str, msgs: &'a [Listed]) -> BoxFuture<'a, Result<usize, ReplicaError>> {
+        Box::pin(Replicator::delete(self, mailbox, msgs))
+    }
+
+    fn lock_mailbox<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, Result<Option<(NodeId, u64)>, MailboxInUse>> {
+        Box::pin(Replicator::lock_mailbox(self, mailbox))
+    }
+
+    fn unlock_mailbox<'a>(&'a self, mailbox: &'a str, manager: NodeId, token: u64) -> BoxFuture<'a, ()> {
+        Box::pin(Replicator::unlock_mailbox(self, mailbox, manager, token))
+    }
+}

@@ -1,0 +1,226 @@
+//! The SMTP and POP3 sessions against a two-node cluster on the in-memory
+//! network: no sockets, no processes, only the sessions' own byte streams
+//! (`tokio::io::duplex`). What a client sees is the same as over TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use membership::{Directory, DirectoryCommand, LocalDirectory};
+use placement::{NodeId, NodeInfo, NodeState, View};
+use quill_node::mail::Mail;
+use quill_node::services::Services;
+use quill_node::{Limits, pop3, smtp};
+use replication::mem_net::{MemNet, MemRouter, Serve};
+use replication::replica::{ReplicaConfig, Replicator};
+use replication::{FragmentStore, StoreConfig};
+use testkit::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use tokio::sync::watch;
+
+type Rep = Replicator<MemNet>;
+
+/// Two replicators (R=2) on one in-memory router, both up in one view.
+fn cluster(dir: &TempDir) -> Vec<Arc<Rep>> {
+    let router = MemRouter::new(7);
+    let reps: Vec<Arc<Rep>> = (1..=2)
+        .map(|id| {
+            let d = dir.path().join(format!("n{id}"));
+            let store = FragmentStore::open(StoreConfig::new(d.join("store"))).expect("store");
+            let mut cfg = ReplicaConfig::new(d.join("updates"));
+            cfg.replicas = 2;
+            let rep = Arc::new(Replicator::new(id, Arc::new(store), router.net(id), cfg).expect("replicator"));
+            let serve: Arc<dyn Serve> = rep.clone();
+            router.register(id, Arc::downgrade(&serve));
+            rep
+        })
+        .collect();
+    let infos = (1..=2)
+        .map(|id| NodeInfo {
+            id: NodeId(id),
+            weight: 1,
+            zone: String::new(),
+            state: NodeState::Up,
+        })
+        .collect();
+    let view = Arc::new(View::with_slot_bits(1, infos, placement::MIN_SLOT_BITS).expect("view"));
+    for r in &reps {
+        r.set_view(view.clone());
+    }
+    reps
+}
+
+async fn services(dir: &TempDir, rep: &Arc<Rep>) -> Arc<Services> {
+    let directory = LocalDirectory::open(dir.path()).expect("directory");
+    directory
+        .apply(DirectoryCommand::AddDomain {
+            domain: "example.org".into(),
+        })
+        .await
+        .expect("domain");
+    let password_hash = membership::password::hash("pw").expect("hash");
+    directory
+        .apply(DirectoryCommand::AddUser {
+            address: "alice@example.org".into(),
+            password_hash,
+            quota_bytes: None,
+        })
+        .await
+        .expect("user");
+    Arc::new(Services::new(
+        "n1".into(),
+        rep.store().clone(),
+        rep.clone() as Arc<dyn Mail>,
+        Arc::new(directory),
+        Limits::default(),
+        [1; 32],
+    ))
+}
+
+/// The client end of a session: send a line, read a reply.
+struct Client(BufReader<DuplexStream>);
+
+impl Client {
+    async fn line(&mut self) -> String {
+        let mut l = String::new();
+        tokio::time::timeout(Duration::from_secs(10), self.0.read_line(&mut l))
+            .await
+            .expect("a reply within 10 s")
+            .expect("read");
+        l
+    }
+
+    /// A whole (multi-line) SMTP reply.
+    async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let l = self.line().await;
+            let more = l.as_bytes().get(3) == Some(&b'-');
+            all.push_str(&l);
+            if !more {
+                return all;
+            }
+        }
+    }
+
+    async fn send(&mut self, text: &str) {
+        self.0.get_mut().write_all(text.as_bytes()).await.expect("write");
+    }
+}
+
+fn peer() -> SocketAddr {
+    "127.0.0.1:40000".parse().expect("addr")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_in_and_pop3_out_on_the_in_memory_cluster() {
+    let dir = TempDir::new("sessions").expect("temp dir");
+    let reps = cluster(&dir);
+    let services = services(&dir, &reps[0]).await;
+    let (_stop_tx, stop) = watch::channel(false);
+
+    // SMTP, pipelined as a client may.
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(smtp::serve(
+        server,
+        peer(),
+        services.clone(),
+        smtp::Mode::Smtp,
+        stop.clone(),
+    ));
+    let mut c = Client(BufReader::new(client));
+    assert!(c.reply().await.starts_with("220 "));
+    c.send("EHLO c.test\r\n").await;
+    assert!(c.reply().await.contains("250 HELP"));
+    c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250 "));
+    assert!(c.reply().await.starts_with("250 "));
+    assert!(c.reply().await.starts_with("354 "));
+    c.send("Subject: in memory\r\n\r\n..dot\r\nbody\r\n.\r\n").await;
+    let r = c.reply().await;
+    assert!(r.starts_with("250 2.0.0 Ok: stored as"), "{r}");
+    c.send("QUIT\r\n").await;
+    assert!(c.reply().await.starts_with("221 "));
+    // R=2: both nodes hold it.
+    for r in &reps {
+        assert_eq!(r.store().list("alice@example.org").len(), 1, "node {}", r.id());
+    }
+
+    // POP3: the message, dot-stuffed again, then gone from both after QUIT.
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(pop3::serve(server, peer(), services.clone(), stop.clone()));
+    let mut p = Client(BufReader::new(client));
+    assert!(p.line().await.starts_with("+OK"));
+    p.send("USER alice@example.org\r\nPASS pw\r\n").await;
+    assert!(p.line().await.starts_with("+OK"));
+    let r = p.line().await;
+    assert!(r.starts_with("+OK maildrop has 1 messages"), "{r}");
+    p.send("RETR 1\r\n").await;
+    assert!(p.line().await.starts_with("+OK"));
+    let mut msg = String::new();
+    loop {
+        let l = p.line().await;
+        if l == ".\r\n" {
+            break;
+        }
+        msg.push_str(&l);
+    }
+    assert!(msg.starts_with("Received: "), "{msg}");
+    assert!(msg.ends_with("Subject: in memory\r\n\r\n..dot\r\nbody\r\n"), "{msg}");
+    p.send("DELE 1\r\nQUIT\r\n").await;
+    assert!(p.line().await.starts_with("+OK"));
+    assert!(p.line().await.starts_with("+OK"));
+    for r in &reps {
+        assert!(r.store().list("alice@example.org").is_empty(), "node {}", r.id());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scaffold_ends_abusive_sessions_with_each_protocols_words() {
+    let dir = TempDir::new("sessions-abuse").expect("temp dir");
+    let reps = cluster(&dir);
+    let services = services(&dir, &reps[0]).await;
+    let (stop_tx, stop) = watch::channel(false);
+
+    // Too many bad commands: 421 (SMTP), -ERR (POP3).
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(smtp::serve(
+        server,
+        peer(),
+        services.clone(),
+        smtp::Mode::Smtp,
+        stop.clone(),
+    ));
+    let mut c = Client(BufReader::new(client));
+    c.reply().await;
+    let mut last = String::new();
+    for _ in 0..Limits::default().bad_commands_max {
+        c.send("BOGUS\r\n").await;
+        last = c.reply().await;
+    }
+    let end = c.reply().await;
+    assert!(last.starts_with("500") && end.starts_with("421 4.7.0"), "{last} {end}");
+
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(pop3::serve(server, peer(), services.clone(), stop.clone()));
+    let mut p = Client(BufReader::new(client));
+    p.line().await;
+    p.send(&format!("NOOP {}\r\n", "x".repeat(2000))).await;
+    assert_eq!(p.line().await, "-ERR line too long\r\n");
+
+    // Shutdown: each open session says so in its own words.
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(smtp::serve(
+        server,
+        peer(),
+        services.clone(),
+        smtp::Mode::Lmtp,
+        stop.clone(),
+    ));
+    let mut l = Client(BufReader::new(client));
+    l.reply().await;
+    stop_tx.send(true).expect("stop");
+    assert!(l.reply().await.starts_with("421 4.3.2"));
+    assert!(p.line().await.starts_with("-ERR [SYS/TEMP] server shutting down"));
+}

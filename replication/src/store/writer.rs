@@ -117,6 +117,15 @@ pub(super) enum Effect {
     },
 }
 
+/// One record a batch will write (or, `Forget`, an effect without one), in
+/// the order it is written.
+pub(super) enum Piece {
+    Body { hash: BodyHash, bytes: Vec<u8> },
+    Entry(EntryRecord),
+    Tomb(DeleteRecord),
+    Forget { user: String, id: MessageId },
+}
+
 /// Appends an entry record to a batch and notes its effect.
 pub(super) fn write_entry(buf: &mut Vec<u8>, effects: &mut Vec<Effect>, seg: u32, rec: EntryRecord) {
     let start = buf.len();
@@ -174,6 +183,9 @@ impl Writer {
     pub(super) fn commit(&mut self, batch: Vec<Op>) {
         let n_ops = batch.len() as u64;
         let mut buf = Vec::new();
+        // What the batch writes, decided under the index lock; encoded
+        // (bodies copied, records checksummed) after it is released.
+        let mut pieces: Vec<Piece> = Vec::new();
         let mut effects = Vec::new();
         let mut dones = Vec::with_capacity(batch.len());
         let mut drops = Vec::new();
@@ -199,20 +211,13 @@ impl Writer {
             for op in batch {
                 match op {
                     Op::Deliver { delivery, hash, reply } => {
+                        let size = delivery.body.len() as u64;
                         let live = index.bodies.get(&hash).is_some_and(|b| b.refs > 0);
+                        let mut delivery = delivery;
                         if !live && new_bodies.insert(hash) {
-                            let start = buf.len() as u64;
-                            let body_rel = record::encode_body(&mut buf, &hash, &delivery.body);
-                            let record_len = buf.len() as u64 - start;
-                            effects.push(Effect::Body {
+                            pieces.push(Piece::Body {
                                 hash,
-                                loc: BodyLoc {
-                                    seg,
-                                    body_offset: base + start + body_rel,
-                                    body_len: delivery.body.len() as u64,
-                                    record_len,
-                                    refs: 0,
-                                },
+                                bytes: std::mem::take(&mut delivery.body),
                             });
                         }
                         for user in delivery.users {
@@ -230,13 +235,13 @@ impl Writer {
                                 user,
                                 id: delivery.id,
                                 body: hash,
-                                size_bytes: delivery.body.len() as u64,
+                                size_bytes: size,
                                 arrival_ms: delivery.arrival_ms,
                                 folder: delivery.folder.clone(),
                                 flags: 0,
                                 replicas: delivery.replicas.clone(),
                             };
-                            write_entry(&mut buf, &mut effects, seg, rec);
+                            pieces.push(Piece::Entry(rec));
                         }
                         dones.push(Done::Deliver(reply));
                     }
@@ -261,7 +266,7 @@ impl Writer {
                                 hlc: t.hlc,
                                 replicas,
                             };
-                            write_tomb(&mut buf, &mut effects, seg, rec);
+                            pieces.push(Piece::Tomb(rec));
                         }
                         dones.push(Done::Delete(reply, n));
                     }
@@ -276,19 +281,7 @@ impl Writer {
                                 Relocation::Body { hash, bytes } => {
                                     let still = index.bodies.get(&hash).is_some_and(|b| b.seg == from && b.refs > 0);
                                     if still && moved_bodies.insert(hash) && new_bodies.insert(hash) {
-                                        let start = buf.len() as u64;
-                                        let body_rel = record::encode_body(&mut buf, &hash, &bytes);
-                                        let record_len = buf.len() as u64 - start;
-                                        effects.push(Effect::Body {
-                                            hash,
-                                            loc: BodyLoc {
-                                                seg,
-                                                body_offset: base + start + body_rel,
-                                                body_len: bytes.len() as u64,
-                                                record_len,
-                                                refs: 0,
-                                            },
-                                        });
+                                        pieces.push(Piece::Body { hash, bytes });
                                         n += 1;
                                     }
                                 }
@@ -312,7 +305,7 @@ impl Writer {
                                             // goes with this segment. Anti-entropy
                                             // brings a good copy back from a replica.
                                             error!(%user, %id, "message body corrupt on disk; copy removed here");
-                                            effects.push(Effect::Forget { user, id });
+                                            pieces.push(Piece::Forget { user, id });
                                         }
                                     }
                                 }
@@ -320,7 +313,7 @@ impl Writer {
                                     let still = index.tomb(&rec.user, &rec.id).is_some_and(|t| t.loc.seg == from)
                                         && !deleted.contains(&(rec.user.clone(), rec.id));
                                     if still {
-                                        write_tomb(&mut buf, &mut effects, seg, rec);
+                                        pieces.push(Piece::Tomb(rec));
                                         n += 1;
                                     }
                                 }
@@ -328,7 +321,7 @@ impl Writer {
                                     let still = index.entry(&rec.user, &rec.id).is_some_and(|e| e.loc.seg == from)
                                         && !deleted.contains(&(rec.user.clone(), rec.id));
                                     if still {
-                                        write_entry(&mut buf, &mut effects, seg, rec);
+                                        pieces.push(Piece::Entry(rec));
                                         n += 1;
                                     }
                                 }
@@ -338,6 +331,30 @@ impl Writer {
                     }
                     Op::DropSegment { seg, reply } => drops.push((seg, reply)),
                 }
+            }
+        }
+
+        // Encoding needs no index: readers (listings, status) go on meanwhile.
+        for piece in pieces {
+            match piece {
+                Piece::Body { hash, bytes } => {
+                    let start = buf.len() as u64;
+                    let body_rel = record::encode_body(&mut buf, &hash, &bytes);
+                    let record_len = buf.len() as u64 - start;
+                    effects.push(Effect::Body {
+                        hash,
+                        loc: BodyLoc {
+                            seg,
+                            body_offset: base + start + body_rel,
+                            body_len: bytes.len() as u64,
+                            record_len,
+                            refs: 0,
+                        },
+                    });
+                }
+                Piece::Entry(rec) => write_entry(&mut buf, &mut effects, seg, rec),
+                Piece::Tomb(rec) => write_tomb(&mut buf, &mut effects, seg, rec),
+                Piece::Forget { user, id } => effects.push(Effect::Forget { user, id }),
             }
         }
 

@@ -16,7 +16,7 @@
 //!   framed files, fsync before acknowledging);
 //! * [`network`]: the [`Transport`] trait the node implements over its wire
 //!   (QUIC), the [`RaftMessage`] / [`RaftReply`] it carries, and openraft's
-//!   network traits over it; [`mem_transport`]: an in-memory, fault-injecting
+//!   network traits over it; `mem_transport` (feature `testing`): an in-memory, fault-injecting
 //!   implementation for tests;
 //! * [`cluster`]: [`Membership`], one node's Raft (start, initialize, join,
 //!   membership changes, writes forwarded to the leader, the server side
@@ -44,6 +44,7 @@ pub mod cluster;
 pub mod codec;
 pub mod command;
 pub mod directory;
+#[cfg(feature = "testing")]
 pub mod mem_transport;
 pub mod network;
 pub mod password;
@@ -60,6 +61,7 @@ pub use directory::{
     Directory, DirectoryCommand, DirectoryError, DirectoryState, LocalDirectory, Recipient, UserRecord, UserSummary,
     mailbox_name, needs_smtputf8, normalize_address,
 };
+#[cfg(feature = "testing")]
 pub use mem_transport::{MemRouter, SplitMix64};
 pub use network::{
     BoxFuture, LeaderError, LeaderReply, LeaderRequest, RaftMessage, RaftReply, Transport, TransportError,

@@ -28,6 +28,7 @@
 //! waiting.
 
 pub mod hlc;
+#[cfg(feature = "testing")]
 pub mod mem_net;
 mod record;
 pub mod replica;

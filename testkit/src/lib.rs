@@ -71,6 +71,35 @@ impl Drop for Reproduce {
     }
 }
 
+/// A small deterministic generator (SplitMix64): the same seed gives the
+/// same sequence on every machine.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+}
+
 /// Polls `f` every 50 ms until it returns true; panics naming `what` once
 /// `deadline` has passed.
 pub async fn wait_for<F, Fut>(what: &str, deadline: Duration, mut f: F)
@@ -97,6 +126,15 @@ mod tests {
         assert!(p.is_dir());
         drop(a);
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn rng_is_deterministic() {
+        let (mut a, mut b) = (Rng::new(9), Rng::new(9));
+        let xs: Vec<u64> = (0..5).map(|_| a.below(100)).collect();
+        let ys: Vec<u64> = (0..5).map(|_| b.below(100)).collect();
+        assert_eq!(xs, ys);
+        assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
     }
 
     #[tokio::test]

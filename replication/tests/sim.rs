@@ -8,7 +8,11 @@
 //! * no message is present that was never acknowledged.
 //!
 //! A failing run prints `REPRODUCE WITH: SEED=n cargo test -p replication
-//! --test sim`.
+//! --test sim`. The seed fixes the operations and the fault schedule; the
+//! order in which concurrent calls meet the network's random draws is the
+//! runtime's, so a rerun is close to, not always exactly, the failing run.
+//! `pure_sim.rs` drives the pure core (managers, anti-entropy plans) from a
+//! seed alone, where a seed replays exactly.
 
 mod common;
 

@@ -19,40 +19,8 @@ use crate::cluster::Membership;
 use crate::codec;
 use crate::network::{BoxFuture, RaftMessage, RaftReply, Transport, TransportError};
 
-/// A small, fast, seedable generator (Steele, Lea, Flood 2014).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), by rejection of the biased tail.
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0);
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
-
-    /// True with probability `per_million` / 1 000 000.
-    pub fn chance(&mut self, per_million: u32) -> bool {
-        self.below(1_000_000) < u64::from(per_million)
-    }
-}
+/// The seeded generator of the faults (testkit's SplitMix64).
+pub use testkit::Rng as SplitMix64;
 
 #[derive(Debug)]
 struct RouterState {
@@ -185,11 +153,11 @@ impl MemRouter {
             return Route::Unreachable("partitioned");
         }
         let loss = s.loss_per_million;
-        if s.rng.chance(loss) {
+        if s.rng.chance_per_million(loss) {
             s.lost += 1;
             return Route::Lost;
         }
-        let lose_reply = s.rng.chance(loss);
+        let lose_reply = s.rng.chance_per_million(loss);
         if lose_reply {
             s.lost += 1;
         }
@@ -245,27 +213,5 @@ impl Transport for MemTransport {
             }
             Ok(reply)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splitmix_is_seeded_and_fair_enough() {
-        let a: Vec<u64> = {
-            let mut r = SplitMix64::new(7);
-            (0..5).map(|_| r.next_u64()).collect()
-        };
-        let b: Vec<u64> = {
-            let mut r = SplitMix64::new(7);
-            (0..5).map(|_| r.next_u64()).collect()
-        };
-        assert_eq!(a, b);
-        let mut r = SplitMix64::new(1);
-        let hits = (0..100_000).filter(|_| r.chance(100_000)).count();
-        assert!((9_000..11_000).contains(&hits), "{hits}");
-        assert!((0..1000).all(|_| r.below(3) < 3));
     }
 }

@@ -89,14 +89,26 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    /// Uniform in `0..n` (`n` > 0).
+    /// Uniform in `0..n` (`n` > 0), by rejection of the biased tail.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
+        assert!(n > 0);
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
     }
 
     /// True with probability `p`.
     pub fn chance(&mut self, p: f64) -> bool {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// True with probability `per_million` / 1 000 000.
+    pub fn chance_per_million(&mut self, per_million: u32) -> bool {
+        self.below(1_000_000) < u64::from(per_million)
     }
 }
 
@@ -135,6 +147,10 @@ mod tests {
         let ys: Vec<u64> = (0..5).map(|_| b.below(100)).collect();
         assert_eq!(xs, ys);
         assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
+        let mut r = Rng::new(1);
+        let hits = (0..100_000).filter(|_| r.chance_per_million(100_000)).count();
+        assert!((9_000..11_000).contains(&hits), "{hits}");
+        assert!((0..1000).all(|_| r.below(3) < 3));
     }
 
     #[tokio::test]

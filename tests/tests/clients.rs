@@ -77,17 +77,14 @@ for user in ("bob@example.org", "carol@example.org"):
 print("python clients ok")
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_smtplib_and_poplib() {
-    if !tool("python3") {
-        return;
-    }
-    let (_d, node) = node("python", &[]).await;
+/// Runs a Python script with the node's SMTP host and port, POP3 host and
+/// port and the users' password as its arguments; returns its output.
+async fn python(script: &'static str, node: &quill_harness::NodeProcess) -> String {
     let (smtp, pop) = (node.smtp(), node.pop3());
-    let out = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         run(Command::new("python3").args([
             "-c",
-            PY,
+            script,
             &smtp.ip().to_string(),
             &smtp.port().to_string(),
             &pop.ip().to_string(),
@@ -96,7 +93,16 @@ async fn python_smtplib_and_poplib() {
         ]))
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_smtplib_and_poplib() {
+    if !tool("python3") {
+        return;
+    }
+    let (_d, node) = node("python", &[]).await;
+    let out = python(PY, &node).await;
     assert!(out.contains("python clients ok"), "{out}");
 }
 
@@ -131,20 +137,7 @@ async fn python_smtputf8_and_pop3_utf8() {
     }
     let (_d, node) = node("python-utf8", &[]).await;
     node.add_user("jürgen@example.org", PASSWORD, None).await.unwrap();
-    let (smtp, pop) = (node.smtp(), node.pop3());
-    let out = tokio::task::spawn_blocking(move || {
-        run(Command::new("python3").args([
-            "-c",
-            PY_UTF8,
-            &smtp.ip().to_string(),
-            &smtp.port().to_string(),
-            &pop.ip().to_string(),
-            &pop.port().to_string(),
-            PASSWORD,
-        ]))
-    })
-    .await
-    .unwrap();
+    let out = python(PY_UTF8, &node).await;
     assert!(out.contains("python utf8 ok"), "{out}");
 }
 

@@ -289,9 +289,23 @@ impl Membership {
         self.to_leader(LeaderRequest::RemoveNode(id), None).await.map(|_| ())
     }
 
-    /// Marks a node up, down or draining.
+    /// Marks a node up, down or draining (an operator's decision).
     pub async fn set_node_state(&self, id: u64, state: NodeState) -> Result<(), MembershipError> {
         expect_ok(self.write(Command::SetNodeState { id, state }).await?)
+    }
+
+    /// Commits the failure detector's verdict, decided while this node led
+    /// in `term` (see [`Command::Verdict`]: refused if committed in another
+    /// term).
+    pub async fn set_node_verdict(&self, id: u64, state: NodeState, term: u64) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::Verdict { id, state, term }).await?)
+    }
+
+    /// The term this node leads in, if it is the leader now.
+    pub fn leading_term(&self) -> Option<u64> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        (m.current_leader == Some(self.inner.id)).then_some(m.current_term)
     }
 
     /// Commits a command through the leader and returns its response once

@@ -26,6 +26,21 @@ pub enum Command {
     SetNodeState { id: u64, state: NodeState },
     /// The node leaves the view. Refused while it is still a Raft voter.
     RemoveNode { id: u64 },
+    /// The failure detector's verdict on node `id` (up or down), decided by
+    /// the leader of `term` from its own pings. Applied only if committed
+    /// in that same term: a leader deposed between deciding and committing
+    /// (paused, partitioned) would otherwise have its stale verdicts
+    /// forwarded to, and committed by, the next leader. A `Down` verdict on
+    /// the leader that commits it is refused too (it is alive: it is
+    /// committing). Kept last so that earlier variants keep their tags.
+    Verdict { id: u64, state: NodeState, term: u64 },
+}
+
+/// Who committed a log entry: the term and leader of its log id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommittedBy {
+    pub term: u64,
+    pub leader: u64,
 }
 
 /// Who sent a request: a node, in one run of its process. `incarnation`
@@ -60,6 +75,11 @@ pub enum CommandError {
     NodeIsVoter(u64),
     #[error("the view is full ({NODES_MAX} nodes)")]
     TooManyNodes,
+    /// A failure-detector verdict from an earlier term (its leader was
+    /// deposed before it committed), or a `Down` verdict on the leader
+    /// committing it.
+    #[error("verdict on node {node} decided in term {decided}, committed in term {committed}: fenced")]
+    StaleVerdict { node: u64, decided: u64, committed: u64 },
     /// A retry older than the dedup window, or from an earlier run of the
     /// client: it may have been applied, so it is not applied again.
     #[error("request {serial} of node {node} is too old to be answered")]
@@ -102,7 +122,7 @@ pub struct ClusterState {
 impl ClusterState {
     /// Applies one request, deduplicating retries. On error the view and
     /// directory are unchanged.
-    pub fn apply_request(&mut self, req: &Request, voters: &BTreeSet<u64>) -> Response {
+    pub fn apply_request(&mut self, req: &Request, voters: &BTreeSet<u64>, by: CommittedBy) -> Response {
         let ClientId { node, incarnation } = req.client;
         if let Some(s) = self.sessions.get(&node) {
             let stale = Response {
@@ -124,7 +144,7 @@ impl ClusterState {
                 }
             }
         }
-        let response = self.apply(&req.command, voters);
+        let response = self.apply(&req.command, voters, by);
         if !self.sessions.contains_key(&node) && self.sessions.len() >= SESSIONS_MAX {
             self.sessions.pop_first();
         }
@@ -144,16 +164,17 @@ impl ClusterState {
     }
 
     /// Applies one command. `voters` is the committed Raft voter set (for
-    /// the voter flag of a joining node and the voter check on removal).
-    pub fn apply(&mut self, cmd: &Command, voters: &BTreeSet<u64>) -> Response {
-        let result = self.apply_inner(cmd, voters);
+    /// the voter flag of a joining node and the voter check on removal);
+    /// `by` is the entry's term and leader (for the verdict fence).
+    pub fn apply(&mut self, cmd: &Command, voters: &BTreeSet<u64>, by: CommittedBy) -> Response {
+        let result = self.apply_inner(cmd, voters, by);
         Response {
             result,
             epoch: self.view.epoch,
         }
     }
 
-    fn apply_inner(&mut self, cmd: &Command, voters: &BTreeSet<u64>) -> Result<(), CommandError> {
+    fn apply_inner(&mut self, cmd: &Command, voters: &BTreeSet<u64>, by: CommittedBy) -> Result<(), CommandError> {
         match cmd {
             Command::Directory(c) => self.directory.apply(c)?,
             Command::AddNode(info) => {
@@ -171,12 +192,16 @@ impl ClusterState {
                     self.view.epoch += 1;
                 }
             }
-            Command::SetNodeState { id, state } => {
-                let n = self.view.nodes.get_mut(id).ok_or(CommandError::NoSuchNode(*id))?;
-                if n.state != *state {
-                    n.state = *state;
-                    self.view.epoch += 1;
+            Command::SetNodeState { id, state } => self.set_state(*id, *state)?,
+            Command::Verdict { id, state, term } => {
+                if *term != by.term || (*state == NodeState::Down && *id == by.leader) {
+                    return Err(CommandError::StaleVerdict {
+                        node: *id,
+                        decided: *term,
+                        committed: by.term,
+                    });
                 }
+                self.set_state(*id, *state)?
             }
             Command::RemoveNode { id } => {
                 let n = self.view.nodes.get(id).ok_or(CommandError::NoSuchNode(*id))?;
@@ -187,6 +212,15 @@ impl ClusterState {
                 self.sessions.remove(id);
                 self.view.epoch += 1;
             }
+        }
+        Ok(())
+    }
+
+    fn set_state(&mut self, id: u64, state: NodeState) -> Result<(), CommandError> {
+        let n = self.view.nodes.get_mut(&id).ok_or(CommandError::NoSuchNode(id))?;
+        if n.state != state {
+            n.state = state;
+            self.view.epoch += 1;
         }
         Ok(())
     }
@@ -277,7 +311,7 @@ mod tests {
         ];
         for (i, (cmd, want, epoch)) in table.into_iter().enumerate() {
             let before = s.clone();
-            let got = s.apply(&cmd, &voters);
+            let got = s.apply(&cmd, &voters, CommittedBy::default());
             assert_eq!(got.result, want, "case {i}: {cmd:?}");
             assert_eq!(got.epoch, epoch, "case {i}: {cmd:?}");
             if got.result.is_err() {
@@ -291,31 +325,86 @@ mod tests {
     }
 
     #[test]
+    fn verdicts_are_fenced_by_the_term_that_commits_them() {
+        let mut s = ClusterState::default();
+        let v = BTreeSet::from([1]);
+        let by = |term, leader| CommittedBy { term, leader };
+        for id in [1, 2, 3] {
+            s.apply(&Command::AddNode(NodeInfo::new(id, format!("n{id}:1"))), &v, by(1, 1));
+        }
+        let verdict = |id, state, term| Command::Verdict { id, state, term };
+        // Decided and committed in term 3 by leader 1: applied.
+        let r = s.apply(&verdict(2, NodeState::Down, 3), &v, by(3, 1));
+        assert_eq!(r.result, Ok(()));
+        assert_eq!(s.view.node(2).unwrap().state, NodeState::Down);
+        // Leader 1 was deposed; its term-3 verdict on 3 reaches the term-4
+        // leader 2 and is committed there: refused, nothing changes.
+        let before = s.clone();
+        let r = s.apply(&verdict(3, NodeState::Down, 3), &v, by(4, 2));
+        assert_eq!(
+            r.result,
+            Err(CommandError::StaleVerdict {
+                node: 3,
+                decided: 3,
+                committed: 4
+            })
+        );
+        assert_eq!(s, before);
+        // A verdict from a later term than its entry cannot be honest either.
+        assert!(s.apply(&verdict(3, NodeState::Down, 5), &v, by(4, 2)).result.is_err());
+        // The committing leader is never judged down, even in its own term.
+        assert!(s.apply(&verdict(2, NodeState::Down, 4), &v, by(4, 2)).result.is_err());
+        // ... but may mark itself up (a stale verdict got through earlier).
+        assert_eq!(s.apply(&verdict(2, NodeState::Up, 4), &v, by(4, 2)).result, Ok(()));
+        assert_eq!(s.view.node(2).unwrap().state, NodeState::Up);
+        // Operator commands (drain) are not verdicts: no fence.
+        let drain = Command::SetNodeState {
+            id: 3,
+            state: NodeState::Draining,
+        };
+        assert_eq!(s.apply(&drain, &v, by(9, 1)).result, Ok(()));
+    }
+
+    #[test]
     fn retries_are_answered_not_applied() {
         let mut s = ClusterState::default();
         let v = BTreeSet::new();
-        let first = s.apply_request(&req(1, 1, 10, add_domain("a.org")), &v);
+        let first = s.apply_request(&req(1, 1, 10, add_domain("a.org")), &v, CommittedBy::default());
         assert_eq!(first.result, Ok(()));
         // The same request again (a retry after a lost answer): same answer.
-        assert_eq!(s.apply_request(&req(1, 1, 10, add_domain("a.org")), &v), first);
+        assert_eq!(
+            s.apply_request(&req(1, 1, 10, add_domain("a.org")), &v, CommittedBy::default()),
+            first
+        );
         // Another serial is a new request.
         assert!(matches!(
-            s.apply_request(&req(1, 1, 11, add_domain("a.org")), &v).result,
+            s.apply_request(&req(1, 1, 11, add_domain("a.org")), &v, CommittedBy::default())
+                .result,
             Err(CommandError::Directory(DirectoryError::DomainExists(_)))
         ));
         // An earlier incarnation is stale; a later one starts afresh.
         assert!(matches!(
-            s.apply_request(&req(1, 0, 12, add_domain("b.org")), &v).result,
+            s.apply_request(&req(1, 0, 12, add_domain("b.org")), &v, CommittedBy::default())
+                .result,
             Err(CommandError::Stale { .. })
         ));
-        assert_eq!(s.apply_request(&req(1, 2, 10, add_domain("b.org")), &v).result, Ok(()));
+        assert_eq!(
+            s.apply_request(&req(1, 2, 10, add_domain("b.org")), &v, CommittedBy::default())
+                .result,
+            Ok(())
+        );
         // The window is bounded.
         for serial in 100..100 + SESSION_RESPONSES_MAX as u64 + 5 {
-            s.apply_request(&req(1, 2, serial, add_domain(&format!("d{serial}.org"))), &v);
+            s.apply_request(
+                &req(1, 2, serial, add_domain(&format!("d{serial}.org"))),
+                &v,
+                CommittedBy::default(),
+            );
         }
         assert_eq!(s.sessions[&1].responses.len(), SESSION_RESPONSES_MAX);
         assert!(matches!(
-            s.apply_request(&req(1, 2, 100, add_domain("d100.org")), &v).result,
+            s.apply_request(&req(1, 2, 100, add_domain("d100.org")), &v, CommittedBy::default())
+                .result,
             Err(CommandError::Stale { .. })
         ));
     }

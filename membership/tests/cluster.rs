@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use membership::{Directory, DirectoryCommand, DirectoryError, NodeState};
+use membership::{Directory, DirectoryCommand, DirectoryError, MembershipError, NodeState};
 use openraft::ServerState;
 
 use common::{Cluster, test_config, wait_domains, wait_until, wait_view};
@@ -197,6 +197,50 @@ async fn a_minority_cannot_commit_and_converges_after_heal() {
     for m in c.nodes.values() {
         wait_domains(m, &want).await;
     }
+    c.shutdown().await;
+}
+
+/// The failure detector's verdicts are fenced by term: a leader that was
+/// cut off decides "down" from its stale pings, and its write is forwarded
+/// to the new leader after the heal. It must be refused there, not
+/// committed (the new leader would otherwise be marked down by a node that
+/// could not see it).
+#[tokio::test(flavor = "current_thread")]
+async fn a_deposed_leaders_verdict_is_refused_by_the_next_term() {
+    let seed = common::seed(9);
+    let _r = common::reproduce(seed, "a_deposed_leaders_verdict_is_refused_by_the_next_term");
+    let mut config = test_config();
+    config.write_timeout_ms = 2_000;
+    let c = Cluster::start(seed, 3, config).await;
+    let old = c.leader_of(&[1, 2, 3]).await;
+    let term = c.node(old).leading_term().expect("the leader knows its term");
+    let majority: Vec<u64> = c.nodes.keys().copied().filter(|id| *id != old).collect();
+    c.router.partition(&[&[old], &majority]);
+    let new = c.leader_of(&majority).await;
+    assert_ne!(new, old);
+    c.router.heal();
+    let epoch = c.node(new).view().epoch;
+
+    // The verdict the old leader reached in its term, sent after the heal.
+    let r = c.node(old).set_node_verdict(new, NodeState::Down, term).await;
+    assert!(
+        matches!(&r, Err(MembershipError::Refused(why)) if why.contains("fenced")),
+        "{r:?}"
+    );
+    let third = *majority.iter().find(|id| **id != new).unwrap();
+    let r = c.node(old).set_node_verdict(third, NodeState::Down, term).await;
+    assert!(matches!(&r, Err(MembershipError::Refused(_))), "{r:?}");
+    for id in [1, 2, 3] {
+        let v = c.node(new).view();
+        assert_eq!(v.node(id).unwrap().state, NodeState::Up, "node {id} in {v:?}");
+    }
+    assert_eq!(c.node(new).view().epoch, epoch, "a fenced verdict changed nothing");
+
+    // The new leader's own verdicts, in its own term, are committed.
+    let t = c.node(new).leading_term().unwrap();
+    assert!(t > term);
+    c.node(new).set_node_verdict(third, NodeState::Down, t).await.unwrap();
+    assert_eq!(c.node(new).view().node(third).unwrap().state, NodeState::Down);
     c.shutdown().await;
 }
 

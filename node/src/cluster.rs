@@ -473,10 +473,23 @@ pub fn desired_voters(leader: u64, current: &BTreeSet<u64>, up: &BTreeSet<u64>) 
 /// already knows who has been silent); the leader alone acts on it: marks
 /// the silent nodes down and the answering ones up, and keeps the voter set
 /// healthy and odd.
+///
+/// Verdicts are fenced three ways (a paused or partitioned leader once
+/// committed stale ones through its successor): each carries the term it
+/// was decided in and the state machine refuses it from any other term; a
+/// node that did not run for a while (its own rounds stalled) restarts
+/// every peer's timer instead of judging them by its own silence; and a
+/// `Down` verdict is re-checked with one more ping right before it is
+/// committed. The leader marks itself up if a stale verdict got through
+/// before (it never pings itself).
 async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: watch::Receiver<bool>) {
     let me = cluster.id();
     let mut last_ok: HashMap<u64, Instant> = HashMap::new();
     let mut next_voter_check = Instant::now();
+    // A gap between rounds longer than this means this node was not
+    // running (SIGSTOP, a stalled VM or runtime), not that the others were.
+    let stall = (failure_timeout / 2).max((PING_INTERVAL + PING_TIMEOUT) * 2);
+    let mut last_round = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PING_INTERVAL) => {}
@@ -485,20 +498,22 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
         let view = cluster.membership.view();
         // A ping that gets through proves the node alive when it was sent.
         let round_start = Instant::now();
-        let pings = view.nodes.values().filter(|n| n.id != me).map(|n| {
-            let (t, addr, id) = (cluster.transport.clone(), n.addrs.cluster.clone(), n.id);
-            async move {
-                let r = tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await;
-                let ok = matches!(r, Ok(Ok(ClusterReply::Pong { .. })));
-                if !ok {
-                    // Maybe a stale connection to a restarted peer: start afresh.
-                    t.forget(&addr);
-                }
-                (id, ok)
-            }
-        });
-        let results = futures_join_all(pings).await;
+        if round_start.duration_since(last_round) > stall {
+            warn!(
+                stalled_ms = round_start.duration_since(last_round).as_millis() as u64,
+                "this node did not run for a while; restarting the failure timers"
+            );
+            last_ok.values_mut().for_each(|t| *t = round_start);
+        }
+        let results = futures_join_all(
+            view.nodes
+                .values()
+                .filter(|n| n.id != me)
+                .map(|n| ping(&cluster, n.id, n.addrs.cluster.clone())),
+        )
+        .await;
         let now = Instant::now();
+        last_round = now;
         last_ok.retain(|id, _| view.nodes.contains_key(id));
         let mut changes = Vec::new();
         for (id, ok) in results {
@@ -518,12 +533,29 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
         }
         // Only a leader that is still a voter in the view acts (a removed
         // leader may run on briefly: it must not change anything).
-        if cluster.membership.leader() != Some(me) || !view.node(me).is_some_and(|n| n.voter) {
+        let Some(term) = cluster.membership.leading_term() else {
+            continue;
+        };
+        if !view.node(me).is_some_and(|n| n.voter) {
             continue;
         }
+        if view.node(me).is_some_and(|n| n.state == NodeState::Down) {
+            changes.push((me, NodeState::Up));
+        }
         for (id, state) in changes {
-            info!(node = id, ?state, "failure detector: marking node");
-            if let Err(e) = cluster.membership.set_node_state(id, state).await {
+            if state == NodeState::Down {
+                let addr = view.node(id).map(|n| n.addrs.cluster.clone()).unwrap_or_default();
+                if ping(&cluster, id, addr).await.1 {
+                    info!(
+                        node = id,
+                        "failure detector: answered the re-check; not marking it down"
+                    );
+                    last_ok.insert(id, Instant::now());
+                    continue;
+                }
+            }
+            info!(node = id, ?state, term, "failure detector: marking node");
+            if let Err(e) = cluster.membership.set_node_verdict(id, state, term).await {
                 warn!(node = id, error = %e, "cannot change node state");
             }
         }
@@ -545,6 +577,20 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
                 }
             }
         }
+    }
+}
+
+/// One ping within `PING_TIMEOUT`: whether node `id` answered.
+fn ping(cluster: &Cluster, id: u64, addr: String) -> impl std::future::Future<Output = (u64, bool)> + Send + 'static {
+    let t = cluster.transport.clone();
+    async move {
+        let r = tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await;
+        let ok = matches!(r, Ok(Ok(ClusterReply::Pong { .. })));
+        if !ok {
+            // Maybe a stale connection to a restarted peer: start afresh.
+            t.forget(&addr);
+        }
+        (id, ok)
     }
 }
 

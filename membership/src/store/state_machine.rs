@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::codec::{self, DISK_BYTES_MAX};
-use crate::command::{ClusterState, Response};
+use crate::command::{ClusterState, CommittedBy, Response};
 use crate::store::frame;
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::view::ClusterView;
@@ -213,7 +213,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     result: Ok(()),
                     epoch: d.state.view.epoch,
                 },
-                EntryPayload::Normal(req) => d.state.apply_request(&req, &voters_of(&d.last_membership)),
+                EntryPayload::Normal(req) => {
+                    let by = CommittedBy {
+                        term: entry.log_id.leader_id.term,
+                        leader: entry.log_id.leader_id.node_id,
+                    };
+                    d.state.apply_request(&req, &voters_of(&d.last_membership), by)
+                }
                 EntryPayload::Membership(m) => {
                     d.last_membership = StoredMembership::new(Some(entry.log_id), m);
                     d.state.set_voters(&voters_of(&d.last_membership));

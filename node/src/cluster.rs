@@ -7,9 +7,16 @@
 //! `ca.key`, `token` (the join secret) and `raft/` (membership's storage).
 //! The full join token is also written to `DATA/join-token`.
 //!
-//! Every member holds the CA key so that any member can admit a new node:
-//! a member's certificate already grants full access to the cluster, so the
-//! key adds no power an intruder on a member would not have.
+//! Who holds the CA key (`ca.key`): the founding node and every node that
+//! has been a Raft voter (a voter without it fetches it from another voter
+//! over the mutually authenticated cluster wire). Voters already decide the
+//! whole replicated state, so the key adds nothing to what an intruder on a
+//! voter could do; learners, the bulk of a large cluster, never hold it. Any
+//! member can still be a seed: one without the key checks the join secret
+//! itself and asks a holder to issue the certificate (`IssueCert`).
+//!
+//! Enrollment fails closed: a node whose join secret is missing, unreadable
+//! or empty admits nobody, and attempts are throttled per source address.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -40,6 +47,8 @@ const STATS_TIMEOUT: Duration = Duration::from_millis(300);
 const VOTER_INTERVAL: Duration = Duration::from_secs(1);
 /// Raft voters at most: more only slows commits down.
 const VOTERS_MAX: usize = 5;
+/// How often a voter checks that it holds the CA key.
+const CA_KEY_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a joining node keeps trying to be admitted.
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -202,9 +211,11 @@ impl Cluster {
             Arc::new(Handler {
                 dir: dir.clone(),
                 membership: membership.clone(),
+                transport: transport.clone(),
                 store,
                 replica,
                 log_level,
+                joins: Default::default(),
             }),
             stop.clone(),
         ));
@@ -236,6 +247,7 @@ impl Cluster {
                 info!(node = id, %seed, "joined the cluster");
             }
         }
+        tokio::spawn(ca_key_duty(cluster.clone(), dir.clone(), stop.clone()));
         tokio::spawn(leader_duties(cluster.clone(), cfg.failure_timeout, stop));
         Ok(cluster)
     }
@@ -333,9 +345,12 @@ async fn enroll(cfg: &ClusterConfig, token: &JoinToken) -> anyhow::Result<(NodeI
                         key: rustls::pki_types::PrivatePkcs8KeyDer::from(key),
                         ca: ca_cert.into(),
                     };
-                    let dir = cfg.data_dir.join("cluster");
-                    std::fs::create_dir_all(&dir)?;
-                    write_secret(&dir.join("ca.key"), &ca_key_pem)?;
+                    if !ca_key_pem.is_empty() {
+                        // From a seed of an earlier version.
+                        let dir = cfg.data_dir.join("cluster");
+                        std::fs::create_dir_all(&dir)?;
+                        write_secret(&dir.join("ca.key"), &ca_key_pem)?;
+                    }
                     Ok(identity)
                 }
                 ClusterReply::Refused(why) => bail!("seed {seed} refused to admit this node: {why}"),
@@ -357,9 +372,64 @@ async fn enroll(cfg: &ClusterConfig, token: &JoinToken) -> anyhow::Result<(NodeI
 struct Handler {
     dir: PathBuf,
     membership: Membership,
+    transport: Arc<QuicTransport>,
     store: Arc<FragmentStore>,
     replica: ReplicaSlot,
     log_level: LogSlot,
+    joins: std::sync::Mutex<JoinLimiter>,
+}
+
+/// Enrollment attempts allowed per source address per window.
+const JOIN_ATTEMPTS_PER_WINDOW: u32 = 10;
+const JOIN_WINDOW: Duration = Duration::from_secs(60);
+/// Source addresses tracked at most; when full of live windows, every new
+/// address is refused until one expires (fail closed).
+const JOIN_SOURCES_MAX: usize = 4096;
+
+/// Counts enrollment attempts per source address in fixed windows.
+#[derive(Debug, Default)]
+pub struct JoinLimiter {
+    seen: HashMap<std::net::IpAddr, (Instant, u32)>,
+}
+
+impl JoinLimiter {
+    /// Whether one more attempt from `ip` at `now` is allowed (and counts it).
+    pub fn allow(&mut self, ip: std::net::IpAddr, now: Instant) -> bool {
+        if !self.seen.contains_key(&ip) && self.seen.len() >= JOIN_SOURCES_MAX {
+            self.seen
+                .retain(|_, (start, _)| now.duration_since(*start) < JOIN_WINDOW);
+            if self.seen.len() >= JOIN_SOURCES_MAX {
+                return false;
+            }
+        }
+        let (start, n) = self.seen.entry(ip).or_insert((now, 0));
+        if now.duration_since(*start) >= JOIN_WINDOW {
+            *start = now;
+            *n = 0;
+        }
+        *n += 1;
+        *n <= JOIN_ATTEMPTS_PER_WINDOW
+    }
+}
+
+/// The join secret this node checks enrollments against: `None` (admit
+/// nobody) when the file is missing, unreadable or empty.
+fn join_secret(dir: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(dir.join("token")).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// A certificate for `name` from this node's CA, if it holds the key.
+fn issue_here(dir: &Path, name: &str) -> anyhow::Result<ClusterReply> {
+    let ca = ClusterCa::load(dir)?;
+    let id = ca.issue(name)?;
+    Ok(ClusterReply::Enrolled {
+        cert: id.cert.to_vec(),
+        key: id.key.secret_pkcs8_der().to_vec(),
+        ca_cert: id.ca.to_vec(),
+        ca_key_pem: String::new(),
+    })
 }
 
 async fn accept_loop(endpoint: Endpoint, handler: Arc<Handler>, mut stop: watch::Receiver<bool>) {
@@ -391,31 +461,7 @@ async fn accept_loop(endpoint: Endpoint, handler: Arc<Handler>, mut stop: watch:
 async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr) -> ClusterReply {
     let (dir, membership, store, replica) = (h.dir.as_path(), &h.membership, &h.store, &h.replica);
     match req {
-        ClusterRequest::Enroll { secret, name } => {
-            let token = std::fs::read_to_string(dir.join("token")).unwrap_or_default();
-            let expected = JoinToken {
-                ca_fingerprint: String::new(),
-                secret: token.trim().to_owned(),
-            };
-            if !expected.secret_matches(&secret) {
-                warn!(%peer, %name, "join refused: wrong join token");
-                return ClusterReply::Refused("wrong join token".into());
-            }
-            let issued = ClusterCa::load(dir).and_then(|ca| Ok((ca.issue(&name)?, ca)));
-            match issued {
-                Ok((id, _ca)) => {
-                    let ca_key_pem = std::fs::read_to_string(dir.join("ca.key")).unwrap_or_default();
-                    info!(%peer, %name, "admitted a new node");
-                    ClusterReply::Enrolled {
-                        cert: id.cert.to_vec(),
-                        key: id.key.secret_pkcs8_der().to_vec(),
-                        ca_cert: id.ca.to_vec(),
-                        ca_key_pem,
-                    }
-                }
-                Err(e) => ClusterReply::Refused(format!("cannot issue a certificate: {e:#}")),
-            }
-        }
+        ClusterRequest::Enroll { secret, name } => enroll_request(h, peer, &secret, &name).await,
         _ if !member => ClusterReply::Refused("a cluster certificate is required".into()),
         ClusterRequest::Raft(msg) => ClusterReply::Raft(membership.handle(*msg).await),
         ClusterRequest::Ping => ClusterReply::Pong {
@@ -443,6 +489,117 @@ async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr
             },
             None => ClusterReply::Refused("this node is still starting".into()),
         },
+        ClusterRequest::IssueCert { name } => match issue_here(dir, &name) {
+            Ok(r) => {
+                info!(%peer, %name, "issued a certificate for an enrollment through another seed");
+                r
+            }
+            Err(e) => ClusterReply::Refused(format!("cannot issue a certificate: {e:#}")),
+        },
+        ClusterRequest::CaKey => {
+            let view = membership.view();
+            let voter = view
+                .nodes
+                .values()
+                .any(|n| n.voter && n.addrs.cluster.parse::<SocketAddr>().ok() == Some(peer));
+            if !voter {
+                warn!(%peer, "CA key refused: the asking node is not a voter");
+                return ClusterReply::Refused("the CA key is for voters only".into());
+            }
+            match std::fs::read_to_string(dir.join("ca.key")) {
+                Ok(pem) if !pem.trim().is_empty() => ClusterReply::CaKey(pem),
+                _ => ClusterReply::Refused("this node does not hold the CA key".into()),
+            }
+        }
+    }
+}
+
+/// A new node asks to be admitted: throttled per source address, refused
+/// outright when this node has no join secret, then the secret checked,
+/// and the certificate issued here or, without the CA key, by a voter.
+async fn enroll_request(h: &Handler, peer: SocketAddr, secret: &str, name: &str) -> ClusterReply {
+    let allowed = h
+        .joins
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .allow(peer.ip(), Instant::now());
+    if !allowed {
+        warn!(%peer, %name, "join refused: too many attempts from this address");
+        return ClusterReply::Refused("too many join attempts from this address; try again later".into());
+    }
+    let Some(token) = join_secret(&h.dir) else {
+        warn!(%peer, %name, "join refused: this node has no join secret (cluster/token missing, unreadable or empty)");
+        return ClusterReply::Refused("this node cannot admit nodes (no join secret)".into());
+    };
+    let expected = JoinToken {
+        ca_fingerprint: String::new(),
+        secret: token,
+    };
+    if !expected.secret_matches(secret) {
+        warn!(%peer, %name, "join refused: wrong join token");
+        return ClusterReply::Refused("wrong join token".into());
+    }
+    if h.dir.join("ca.key").exists() {
+        return match issue_here(&h.dir, name) {
+            Ok(r) => {
+                info!(%peer, %name, "admitted a new node");
+                r
+            }
+            Err(e) => ClusterReply::Refused(format!("cannot issue a certificate: {e:#}")),
+        };
+    }
+    let view = h.membership.view();
+    let me = h.membership.id();
+    for n in view.nodes.values().filter(|n| n.voter && n.id != me) {
+        let req = ClusterRequest::IssueCert { name: name.to_owned() };
+        match tokio::time::timeout(STATS_TIMEOUT * 10, h.transport.request(&n.addrs.cluster, &req)).await {
+            Ok(Ok(r @ ClusterReply::Enrolled { .. })) => {
+                info!(%peer, %name, issuer = n.id, "admitted a new node (certificate issued by a voter)");
+                return r;
+            }
+            other => warn!(issuer = n.id, reply = ?other.map(|r| r.map(|_| ())), "voter did not issue a certificate"),
+        }
+    }
+    ClusterReply::Refused("no member holding the CA key answered; try another seed".into())
+}
+
+/// Every voter holds the CA key (see the module docs): a voter without it
+/// fetches it from another voter. Checked every few seconds.
+async fn ca_key_duty(cluster: Cluster, dir: PathBuf, mut stop: watch::Receiver<bool>) {
+    let me = cluster.id();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CA_KEY_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let view = cluster.membership.view();
+        if !view.node(me).is_some_and(|n| n.voter) || dir.join("ca.key").exists() {
+            continue;
+        }
+        for n in view.nodes.values().filter(|n| n.voter && n.id != me) {
+            let r = tokio::time::timeout(
+                PING_TIMEOUT * 4,
+                cluster.transport.request(&n.addrs.cluster, &ClusterRequest::CaKey),
+            )
+            .await;
+            if let Ok(Ok(ClusterReply::CaKey(pem))) = r {
+                // Keep it only if it is the key of this cluster's CA.
+                let ca = std::fs::read(dir.join("ca.der")).unwrap_or_default();
+                if !ClusterCa::key_matches(&ca, &pem) {
+                    warn!(
+                        from = n.id,
+                        "the CA key received does not match this cluster's CA; ignored"
+                    );
+                    continue;
+                }
+                let tmp = dir.join("ca.key.new");
+                if write_secret(&tmp, pem.trim()).is_ok() && std::fs::rename(&tmp, dir.join("ca.key")).is_ok() {
+                    info!(from = n.id, "fetched the CA key (this node is a voter)");
+                    break;
+                }
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
     }
 }
 
@@ -611,8 +768,46 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::desired_voters;
+    use super::{JOIN_ATTEMPTS_PER_WINDOW, JOIN_SOURCES_MAX, JOIN_WINDOW, JoinLimiter, desired_voters, join_secret};
     use std::collections::BTreeSet;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Instant;
+
+    #[test]
+    fn join_secret_is_none_when_missing_unreadable_or_empty() {
+        let dir = testkit::TempDir::new("join-secret").unwrap();
+        assert_eq!(join_secret(dir.path()), None, "missing");
+        std::fs::write(dir.path().join("token"), " \n").unwrap();
+        assert_eq!(join_secret(dir.path()), None, "empty");
+        std::fs::write(dir.path().join("token"), [0xff, 0xfe]).unwrap();
+        assert_eq!(join_secret(dir.path()), None, "not UTF-8");
+        std::fs::write(dir.path().join("token"), "s3cret\n").unwrap();
+        assert_eq!(join_secret(dir.path()).as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn join_attempts_are_limited_per_address_with_bounded_memory() {
+        let mut l = JoinLimiter::default();
+        let t0 = Instant::now();
+        let a = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9));
+        for _ in 0..JOIN_ATTEMPTS_PER_WINDOW {
+            assert!(l.allow(a, t0));
+        }
+        assert!(!l.allow(a, t0), "over the limit");
+        assert!(
+            l.allow(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10)), t0),
+            "others unaffected"
+        );
+        assert!(l.allow(a, t0 + JOIN_WINDOW), "a new window");
+        // Many addresses: full means refused (fail closed) until windows end.
+        for i in 0..JOIN_SOURCES_MAX as u32 {
+            l.allow(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), t0);
+        }
+        assert!(l.seen.len() <= JOIN_SOURCES_MAX);
+        assert!(!l.allow(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), t0 + JOIN_WINDOW / 2));
+        assert!(l.allow(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), t0 + JOIN_WINDOW * 2));
+        assert!(l.seen.len() <= JOIN_SOURCES_MAX);
+    }
 
     fn s(ids: &[u64]) -> BTreeSet<u64> {
         ids.iter().copied().collect()

@@ -34,10 +34,20 @@ pub enum ClusterRequest {
     SetLogLevel {
         filter: String,
     },
+    /// A seed without the CA key asks a member that holds it to issue a
+    /// certificate for an enrollment the seed has already checked.
+    IssueCert {
+        name: String,
+    },
+    /// A Raft voter without the CA key asks another for it (answered only
+    /// to a voter of the answering node's view).
+    CaKey,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ClusterReply {
+    /// `ca_key_pem` is empty: joiners no longer get the CA key (voters
+    /// fetch it with `CaKey`). Kept for the wire layout.
     Enrolled {
         cert: Vec<u8>,
         key: Vec<u8>,
@@ -58,6 +68,8 @@ pub enum ClusterReply {
     Replica(Box<replication::replica::Answer>),
     /// A request that needs no more than "done".
     Done,
+    /// The CA key, PEM.
+    CaKey(String),
 }
 
 /// What the cluster wire needs of the replica protocol: serving calls, and

@@ -127,6 +127,16 @@ impl ClusterCa {
         })
     }
 
+    /// Whether `key_pem` is the private key of the CA certificate `ca_der`
+    /// (its public key appears in the certificate's key info).
+    pub fn key_matches(ca_der: &[u8], key_pem: &str) -> bool {
+        let Ok(key) = KeyPair::from_pem(key_pem) else {
+            return false;
+        };
+        let public = key.public_key_raw();
+        !public.is_empty() && ca_der.windows(public.len()).any(|w| w == public)
+    }
+
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         write_private(&dir.join("ca.key"), self.key.serialize_pem().as_bytes())?;
         write_private(&dir.join("ca.der"), &self.cert)

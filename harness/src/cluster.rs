@@ -220,6 +220,16 @@ impl ClusterState {
         Ok(())
     }
 
+    /// SIGSTOP (`stop`) or SIGCONT: a node that is alive but does not run.
+    pub fn pause_node(&self, k: u8, stop: bool) -> anyhow::Result<()> {
+        let pid = self
+            .entry(k)?
+            .pid
+            .filter(|p| quill_alive(*p))
+            .ok_or_else(|| anyhow!("n{k} is not running"))?;
+        signal(pid, if stop { Signal::STOP } else { Signal::CONT })
+    }
+
     /// SIGTERM and wait (SIGKILL past the deadline).
     pub fn stop_node(&mut self, k: u8) -> anyhow::Result<()> {
         let e = self.entry_mut(k)?;

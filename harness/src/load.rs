@@ -95,6 +95,15 @@ pub struct LoadConfig {
     pub max_ops: u64,
     pub seed: u64,
     pub password: String,
+    /// Every operation (a delivery, a POP3 session) must end within this
+    /// many seconds, else it counts as a `timeout` error: a paused or
+    /// partitioned node must not stall the load.
+    #[serde(default = "default_op_timeout_s")]
+    pub op_timeout_s: f64,
+}
+
+pub fn default_op_timeout_s() -> f64 {
+    10.0
 }
 
 /// What a load run got acknowledged and deleted, for [`verify`].
@@ -269,15 +278,30 @@ impl Run {
         let Some(target) = self.pick_target(rng) else { return };
         let user = load_user(self.zipf.sample(rng));
         let pop = (rng.next_u64() % 10_000) as f64 / 10_000.0 < self.cfg.pop_ratio;
+        let deadline = Duration::from_secs_f64(self.cfg.op_timeout_s.max(0.001));
         if pop {
-            self.pop_session(&target, &user).await;
+            if tokio::time::timeout(deadline, self.pop_session(&target, &user))
+                .await
+                .is_err()
+            {
+                // Marked deletions were not confirmed: the session never
+                // answered QUIT, so the server keeps them (RFC 1939).
+                self.error("timeout");
+            }
         } else {
-            self.deliver(&target, &user, rng).await;
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            if tokio::time::timeout(deadline, self.deliver(&target, &user, seq, rng))
+                .await
+                .is_err()
+            {
+                // Cut anywhere: maybe stored, maybe not.
+                self.record.lock().expect("lock").unknown.insert(seq);
+                self.error("timeout");
+            }
         }
     }
 
-    async fn deliver(&self, target: &Target, user: &str, rng: &mut Rng) {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+    async fn deliver(&self, target: &Target, user: &str, seq: u64, rng: &mut Rng) {
         let mut mrng = Rng::new(self.cfg.seed.wrapping_mul(1_000_003) ^ seq);
         let body = message(&mut mrng, seq, "loadgen@remote.test", user, message_size(rng));
         let hash = blake3::hash(&body).to_hex().to_string();
@@ -353,13 +377,20 @@ impl Run {
                 return self.error(pop3_error("DELE", &e));
             }
         }
-        let quit = p.quit().await;
-        let mut r = self.record.lock().expect("lock");
-        match quit {
-            Ok(_) => r.deleted.extend(marked),
-            Err(_) => r.maybe_deleted.extend(marked),
+        // Either state is right until QUIT answers (the session may also be
+        // cut here by the operation deadline, after the server deleted).
+        self.record
+            .lock()
+            .expect("lock")
+            .maybe_deleted
+            .extend(marked.iter().copied());
+        if p.quit().await.is_ok() {
+            let mut r = self.record.lock().expect("lock");
+            for seq in &marked {
+                r.maybe_deleted.remove(seq);
+            }
+            r.deleted.extend(marked);
         }
-        drop(r);
         self.second(|s| s.pop3_sessions += 1);
     }
 

@@ -101,6 +101,10 @@ enum Cmd {
         /// Add a node at a moment, e.g. @90s (repeatable).
         #[arg(long)]
         add: Vec<String>,
+        /// Pause a node (SIGSTOP, then SIGCONT) at a moment for a while,
+        /// e.g. n1@10s:15s (repeatable).
+        #[arg(long)]
+        pause: Vec<String>,
         /// Where the figures, pictures and record go.
         #[arg(long)]
         out: PathBuf,
@@ -254,6 +258,10 @@ struct LoadArgs {
     max_ops: u64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Each operation (a delivery, a POP3 session) must end within this,
+    /// else it counts as a `timeout` error and the client moves on.
+    #[arg(long, default_value = "10s", value_parser = cli::parse_duration)]
+    op_timeout: Duration,
 }
 
 impl LoadArgs {
@@ -274,6 +282,7 @@ impl LoadArgs {
             max_ops: self.max_ops,
             seed: self.seed,
             password: String::new(),
+            op_timeout_s: self.op_timeout.as_secs_f64(),
         })
     }
 }
@@ -303,6 +312,7 @@ fn main() -> anyhow::Result<()> {
                 kill,
                 restart,
                 add,
+                pause,
                 out,
                 quiet,
             } => cli::load(cli::LoadArgs {
@@ -310,7 +320,7 @@ fn main() -> anyhow::Result<()> {
                 token: target.admin_token,
                 password: target.password,
                 cfg: load.config()?,
-                faults: cli::load::parse_faults(&kill, &restart, &add)?,
+                faults: cli::load::parse_faults(&kill, &restart, &add, &pause)?,
                 out,
                 progress: !quiet,
             })

@@ -229,3 +229,79 @@ fn foreground_up_stops_its_nodes_on_sigterm() {
         assert!(!quill_alive(pid), "node {pid} still runs after its harness got SIGTERM");
     }
 }
+
+/// A paused node (SIGSTOP) must not stall the whole load: every client
+/// operation has a deadline (`--op-timeout`) and counts as a `timeout`
+/// error past it. Before, every connection that reached the paused node
+/// hung for a minute and deliveries fell to 0 a second for the pause.
+#[test]
+fn a_paused_node_does_not_stall_the_load() {
+    let _slot = common::cluster_slot_blocking();
+    let tmp = TempDir::new("harness-pause").expect("temp dir");
+    let dir = tmp.path().join("cluster");
+    let subnet = format!("127.6.{}", 1 + std::process::id() % 250);
+    ok(
+        &dir,
+        &[
+            "up",
+            "--nodes",
+            "3",
+            "--subnet",
+            &subnet,
+            "--password",
+            "pw",
+            "--detach",
+        ],
+    );
+    let _down = Down(dir.clone());
+    let out = dir.join("run-pause");
+    let out_s = out.to_str().expect("utf-8 path");
+    ok(
+        &dir,
+        &[
+            "load",
+            "--duration",
+            "16s",
+            "--users",
+            "20",
+            "--connections",
+            "4",
+            "--op-timeout",
+            "2s",
+            "--pause",
+            "n2@3s:9s",
+            "--out",
+            out_s,
+            "--quiet",
+        ],
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("load.json")).expect("load.json")).expect("json");
+    let events: Vec<&str> = report["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["what"].as_str())
+        .collect();
+    assert_eq!(events, ["pause n2 for 9s", "resume n2"], "{report}");
+    let seconds = report["seconds"].as_array().expect("seconds");
+    // Seconds 6..12: the node is paused, past the failure timeout and the
+    // operation deadline. Deliveries go on through the other two nodes.
+    let during: u64 = seconds
+        .iter()
+        .filter(|s| (6..12).contains(&s["t"].as_u64().unwrap_or(0)))
+        .map(|s| s["deliveries"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(during > 0, "no delivery while n2 was paused: {seconds:?}");
+    let timeouts: u64 = seconds
+        .iter()
+        .map(|s| s["errors"]["timeout"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!("{during} deliveries during the pause, {timeouts} operations timed out");
+    ok(&dir, &["verify", "--out", out_s]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("verify.json")).expect("verify.json")).expect("json");
+    assert_eq!(v["lost"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["resurrected"].as_array().map(Vec::len), Some(0), "{v}");
+    ok(&dir, &["down"]);
+}

@@ -151,6 +151,19 @@ async fn run_faults(run: Arc<Run>, dir: PathBuf, mut faults: Vec<(Duration, Faul
                     }
                     format!("restart n{k}")
                 }
+                Fault::Pause(k, how_long) => {
+                    state.pause_node(k, true)?;
+                    let (run, dir) = (run.clone(), dir.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(how_long).await;
+                        let r = ClusterState::load(&dir).and_then(|s| s.pause_node(k, false));
+                        run.event(match r {
+                            Ok(()) => format!("resume n{k}"),
+                            Err(e) => format!("fault failed: resume n{k}: {e:#}"),
+                        });
+                    });
+                    format!("pause n{k} for {how_long:?}")
+                }
                 Fault::Add => {
                     let k = state.nodes.iter().map(|n| n.k).max().unwrap_or(0) + 1;
                     state.nodes.push(NodeEntry { k, pid: None });
@@ -190,6 +203,7 @@ fn timeline_chart(r: &LoadReport) -> Chart {
         max_ops: 0,
         seed: 0,
         password: String::new(),
+        op_timeout_s: crate::load::default_op_timeout_s(),
     });
     Chart {
         title: "Quill under load: throughput over time".into(),
@@ -277,8 +291,23 @@ fn print_summary(r: &LoadReport, rec: &Record, out: &Path) {
 }
 
 /// The fault schedule from `--kill n2@30s`, `--restart n2@60s`, `--add @90s`.
-pub fn parse_faults(kill: &[String], restart: &[String], add: &[String]) -> anyhow::Result<Vec<(Duration, Fault)>> {
+pub fn parse_faults(
+    kill: &[String],
+    restart: &[String],
+    add: &[String],
+    pause: &[String],
+) -> anyhow::Result<Vec<(Duration, Fault)>> {
     let mut out = Vec::new();
+    for p in pause {
+        let (spec, how_long) = p
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow::anyhow!("bad pause {p:?}: want NODE@AT:FOR, e.g. n1@10s:15s"))?;
+        let (n, at) = super::parse_at(spec)?;
+        out.push((
+            at,
+            Fault::Pause(crate::cluster::parse_node(&n)?, super::parse_duration(how_long)?),
+        ));
+    }
     for k in kill {
         let (n, at) = super::parse_at(k)?;
         out.push((at, Fault::Kill(crate::cluster::parse_node(&n)?)));

@@ -68,6 +68,8 @@ pub enum Fault {
     Kill(u8),
     Restart(u8),
     Add,
+    /// SIGSTOP for this long, then SIGCONT (a stalled machine or VM).
+    Pause(u8, Duration),
 }
 
 pub fn parse_at(s: &str) -> anyhow::Result<(String, Duration)> {

@@ -109,8 +109,19 @@ impl ClusterState {
 
     /// Written whole or not at all (temporary file, then rename).
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        // Private: it holds the admin token and the users' password.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        drop(f);
         std::fs::rename(&tmp, Self::path(dir))?;
         Ok(())
     }

@@ -288,6 +288,9 @@ impl LoadArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The state file (admin token, passwords), the nodes' data and logs
+    // are private whatever the caller's umask.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {

@@ -5,6 +5,7 @@
 //! tests running side by side never share a port.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -217,9 +218,11 @@ impl NodeProcess {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let o = &self.opts;
         std::fs::create_dir_all(&o.data)?;
+        // Private: a node's log names users and addresses.
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(self.log_path())?;
         let mut cmd = Command::new(&o.binary);
         cmd.arg("node")
@@ -281,9 +284,9 @@ impl NodeProcess {
                 Ok::<_, std::io::Error>(buf)
             })
             .await;
+            // Ready: `/health` answers 200 (the store takes writes).
             if let Ok(Ok(buf)) = health
-                && buf.starts_with(b"HTTP/1.")
-                && buf.windows(2).any(|w| w == b"ok")
+                && (buf.starts_with(b"HTTP/1.0 200") || buf.starts_with(b"HTTP/1.1 200"))
             {
                 return Ok(());
             }

@@ -100,9 +100,48 @@ fn check(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// `GET /health` (no token): whether this node can take mail, and what
+/// else it knows of its state. 503 when it cannot store mail (the store
+/// stopped after a failed fsync or i/o error, or its writer is gone): a
+/// load balancer or the harness should send clients elsewhere. A node that
+/// sees no Raft leader (no majority reachable) still takes and serves mail,
+/// so that is reported (`leader: null`, in `warnings`) with 200.
+async fn health(State(s): State<AdminState>) -> Response {
+    let store = s.replica.store().failure();
+    let m = &s.cluster.membership;
+    let view = m.view();
+    let me = view.node(m.id());
+    let leader = m.leader();
+    let mut warnings = Vec::new();
+    if leader.is_none() {
+        warnings.push(
+            "no raft leader known: a majority of the voters is unreachable; the view and directory cannot change",
+        );
+    }
+    match me.map(|n| n.state) {
+        Some(membership::NodeState::Down) => warnings.push("this node is marked down in its own view (not caught up)"),
+        None => warnings.push("this node is not in its own view (not caught up)"),
+        _ => {}
+    }
+    let ok = store.is_none();
+    let body = json!({
+        "ok": ok,
+        "store": store.as_deref().unwrap_or("ok"),
+        "leader": leader,
+        "view_epoch": view.epoch,
+        "warnings": warnings,
+    });
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
 pub fn router(state: AdminState) -> Router {
     Router::new()
-        .route("/health", get(|| async { "ok\n" }))
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/domains", get(list_domains).post(add_domain))
         .route("/v1/domains/{domain}", delete(remove_domain))

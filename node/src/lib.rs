@@ -141,6 +141,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    // Private, also when made by an earlier version or by hand (the binary
+    // sets umask 077 for everything it creates below).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", config.data_dir.display()))?;
+    }
     let store_dir = config.data_dir.join("store");
     let store = tokio::task::spawn_blocking(move || FragmentStore::open(StoreConfig::new(store_dir)))
         .await?

@@ -302,6 +302,9 @@ fn fix_malloc_mmap_threshold() {}
 
 fn main() -> std::process::ExitCode {
     fix_malloc_mmap_threshold();
+    // Mail, keys, tokens and logs are private, whatever the umask this was
+    // started with: files 0600, directories 0700 at most.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -224,3 +224,42 @@ async fn the_scaffold_ends_abusive_sessions_with_each_protocols_words() {
     assert!(l.reply().await.starts_with("421 4.3.2"));
     assert!(p.line().await.starts_with("-ERR [SYS/TEMP] server shutting down"));
 }
+
+/// A store whose fsync failed takes no more writes: DATA gets `451 4.3.0`
+/// (never `250`), the session goes on, and every later delivery is
+/// refused the same way without touching the disk again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_turns_deliveries_into_451() {
+    let dir = TempDir::new("sessions-fsync").expect("temp dir");
+    let reps = cluster(&dir);
+    let services = services(&dir, &reps[0]).await;
+    let (_stop_tx, stop) = watch::channel(false);
+    for r in &reps {
+        r.store().inject_sync_failure();
+    }
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(smtp::serve(server, peer(), services, smtp::Mode::Smtp, stop));
+    let mut c = Client(BufReader::new(client));
+    assert!(c.reply().await.starts_with("220 "));
+    c.send("EHLO c.test\r\n").await;
+    assert!(c.reply().await.contains("250 HELP"));
+    for attempt in 0..3 {
+        c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+            .await;
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("250 "));
+        assert!(c.reply().await.starts_with("354 "));
+        c.send("Subject: doomed\r\n\r\nbody\r\n.\r\n").await;
+        let r = c.reply().await;
+        assert!(r.starts_with("451 4.3.0"), "attempt {attempt}: {r}");
+        for rep in &reps {
+            let why = rep.store().failure().expect("stopped");
+            assert!(why.contains("fsync failed"), "{why}");
+        }
+    }
+    c.send("QUIT\r\n").await;
+    assert!(c.reply().await.starts_with("221 "));
+    for r in &reps {
+        assert!(r.store().list("alice@example.org").is_empty());
+    }
+}

@@ -1121,3 +1121,53 @@ async fn under_replicated_count_matches_the_entries() {
         store = reopen(store, dir.path(), SMALL_SEGMENT);
     }
 }
+
+/// A failed fsync is never retried on the same pages: the batch is refused,
+/// and so is every later write, with the reason (the store stopped); what
+/// was stored before stays readable, and after a restart (on a working
+/// disk) the store takes writes again with nothing half written visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_store_taking_writes() {
+    let dir = TempDir::new("fsync-fail");
+    let store = open(dir.path(), DEFAULT_SEGMENT);
+    let before = deliver_msg(&store, &["alice"], T0, bytes(1, 500)).await;
+    assert_eq!(store.failure(), None);
+
+    store.inject_sync_failure();
+    let delivery = |n: u64| Delivery {
+        id: store.new_message_id(T0 + n),
+        arrival_ms: T0 + n,
+        users: vec!["alice".into()],
+        folder: "INBOX".into(),
+        body: bytes(n, 300),
+        replicas: vec![],
+    };
+    let failed = delivery(2);
+    let failed_id = failed.id;
+    let r = store.deliver(failed).await;
+    assert!(matches!(r, Err(StoreError::Io(_))), "{r:?}");
+    let why = store.failure().expect("the store says why it stopped");
+    assert!(why.contains("fsync failed"), "{why}");
+    // No second fsync over possibly lost pages: later writes are refused.
+    for n in 3..6 {
+        let r = store.deliver(delivery(n)).await;
+        assert!(
+            matches!(&r, Err(StoreError::Stopped(w)) if w.contains("fsync")),
+            "{r:?}"
+        );
+    }
+    assert!(matches!(
+        store.delete("alice", vec![before.id]).await,
+        Err(StoreError::Stopped(_))
+    ));
+    // Reads go on; the refused message is not visible.
+    assert_present(&store, std::slice::from_ref(&before), "after the failure").await;
+    assert!(store.list("alice").iter().all(|e| e.id != failed_id));
+
+    let store = reopen(store, dir.path(), DEFAULT_SEGMENT);
+    assert_eq!(store.failure(), None, "a restart starts afresh");
+    assert_present(&store, std::slice::from_ref(&before), "after the restart").await;
+    assert!(store.list("alice").iter().all(|e| e.id != failed_id));
+    let after = deliver_msg(&store, &["alice"], T0 + 9, bytes(9, 200)).await;
+    assert_present(&store, &[before, after], "writes again after the restart").await;
+}

@@ -152,3 +152,49 @@ async fn the_ca_key_is_held_by_voters_only_and_any_member_admits() {
         assert_eq!(mode & 0o077, 0, "ca.key is private: {mode:o}");
     }
 }
+
+/// Mail is private whatever the umask the node is started with: every
+/// directory under its data directory 0700, every file 0600 at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_private_whatever_the_umask() {
+    let dir = TempDir::new("umask").unwrap();
+    let quill = quill_harness::process::quill_binary().unwrap();
+    let wrapper = dir.path().join("quill-umask-000");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\numask 000\nexec '{}' \"$@\"\n", quill.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut o = NodeOptions::new(dir.path().join("node"), fresh_loopback()).unwrap();
+    o.binary = wrapper;
+    let node = NodeProcess::start(o).await.unwrap();
+    node.add_domain("example.org").await.unwrap();
+    node.add_user("alice@example.org", "pw", None).await.unwrap();
+    let mut c = quill_harness::client::SmtpClient::connect(node.smtp(), false)
+        .await
+        .unwrap();
+    let replies = c
+        .send_mail("a@b.test", &["alice@example.org"], b"Subject: private\r\n\r\nhi\r\n")
+        .await
+        .unwrap();
+    assert!(replies.iter().all(|r| r.is_ok()), "{replies:?}");
+    let mut seen = 0;
+    let mut stack = vec![node.opts.data.clone()];
+    while let Some(d) = stack.pop() {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&d).unwrap().permissions());
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", d.display());
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+                assert_eq!(mode & 0o077, 0, "{} is {mode:o}", e.path().display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 5, "looked at {seen} files");
+}

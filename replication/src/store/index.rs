@@ -227,9 +227,24 @@ pub(super) struct Shared {
     /// Makes message ids unique across nodes and restarts.
     pub(super) id_nonce: [u8; 32],
     pub(super) id_counter: AtomicU64,
+    /// Set once, forever, when a write can no longer be trusted (a failed
+    /// fsync, an i/o error other than a full disk, a panic in the writer):
+    /// every later write is refused with it. An fsync is never retried on
+    /// the same pages: after a failure the kernel may already have dropped
+    /// them and a second fsync would report success over lost data.
+    pub(super) failed: std::sync::OnceLock<String>,
+    /// Tests: make the next fsync fail (see `FragmentStore::inject_sync_failure`).
+    pub(super) fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    /// Stops the store taking writes, for good (the first reason stays).
+    pub(super) fn fail(&self, why: String) {
+        if self.failed.set(why.clone()).is_ok() {
+            tracing::error!(reason = %why, "the store stopped taking writes; deliveries get 451 until the node is restarted on a working disk");
+        }
+    }
+
     pub(super) fn index(&self) -> MutexGuard<'_, Index> {
         // A panic while holding the lock is a bug that already took the
         // writer down; readers may still read.

@@ -67,6 +67,10 @@ pub enum StoreError {
     Corrupt(BodyHash),
     #[error("store is closed")]
     Closed,
+    /// The store stopped taking writes for good (see
+    /// [`FragmentStore::failure`]).
+    #[error("store stopped taking writes: {0}")]
+    Stopped(String),
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +189,9 @@ impl FragmentStore {
     }
 
     async fn submit<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
+        if let Some(why) = self.shared.failed.get() {
+            return Err(StoreError::Stopped(why.clone()));
+        }
         let tx = self
             .tx
             .lock()
@@ -196,8 +203,34 @@ impl FragmentStore {
         match rx.await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(msg)) => Err(StoreError::Io(std::io::Error::other(msg))),
-            Err(_) => Err(StoreError::Closed),
+            Err(_) => Err(match self.shared.failed.get() {
+                Some(why) => StoreError::Stopped(why.clone()),
+                None => StoreError::Closed,
+            }),
         }
+    }
+
+    /// Why the store stopped taking writes, if it did: a failed fsync or
+    /// i/o error, or a panic in the writer. Sticky until restart; `/health`
+    /// reports it.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(why) = self.shared.failed.get() {
+            return Some(why.clone());
+        }
+        let open = self.tx.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let writer_gone = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|h| h.is_finished());
+        (open && writer_gone).then(|| "the store writer thread is gone".to_owned())
+    }
+
+    /// Tests: the next fsync of a segment fails as if the disk had.
+    #[cfg(feature = "testing")]
+    pub fn inject_sync_failure(&self) {
+        self.shared.fail_next_sync.store(true, Ordering::SeqCst);
     }
 
     /// Stores one message for every user in `delivery.users`, the body once.

@@ -165,6 +165,8 @@ impl FragmentStore {
             ops: AtomicU64::new(0),
             id_nonce: random_bytes(),
             id_counter: AtomicU64::new(0),
+            failed: Default::default(),
+            fail_next_sync: Default::default(),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
         let writer = Writer {

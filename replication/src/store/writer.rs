@@ -165,6 +165,11 @@ pub(super) struct Writer {
 impl Writer {
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
         while let Some(first) = rx.blocking_recv() {
+            if let Some(why) = self.shared.failed.get() {
+                let why = format!("store stopped taking writes: {why}");
+                fail_all(vec![first], &why);
+                continue;
+            }
             let mut bytes = first.bytes();
             let mut batch = vec![first];
             while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
@@ -176,7 +181,13 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(batch);
+            // A panic here (a bug) must not leave sessions waiting: their
+            // replies drop with the batch, and every later write is refused.
+            let shared = self.shared.clone();
+            let commit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit(batch)));
+            if commit.is_err() {
+                shared.fail("the store writer panicked".to_owned());
+            }
         }
     }
 
@@ -197,6 +208,10 @@ impl Writer {
         }
         if rotate && let Err(e) = self.rotate() {
             error!(error = %e, "cannot start a new segment");
+            let full = matches!(&e, StoreError::Io(io) if matches!(io.raw_os_error(), Some(28 | 122)));
+            if !full {
+                self.shared.fail(format!("starting a new segment failed: {e}"));
+            }
             fail_all(batch, &e.to_string());
             return;
         }
@@ -362,15 +377,29 @@ impl Writer {
             self.batch_seq += 1;
             record::encode_commit(&mut buf, self.batch_seq);
             let file = self.shared.index().segments.get(&seg).expect("active").file.clone();
-            let written = (|| -> std::io::Result<()> {
-                (&*file).write_all(&buf)?;
-                file.sync_data()
-            })();
-            if let Err(e) = written {
+            let written = (&*file).write_all(&buf).map_err(|e| (e, false)).and_then(|()| {
+                if self.shared.fail_next_sync.swap(false, Ordering::SeqCst) {
+                    return Err((std::io::Error::other("injected fsync failure"), true));
+                }
+                file.sync_data().map_err(|e| (e, true))
+            });
+            if let Err((e, in_sync)) = written {
                 // The tail may be half written: cut it back so that what
                 // follows starts at a record boundary, then fail the batch.
-                error!(error = %e, "segment write failed; batch refused");
-                let _ = file.set_len(base).and_then(|_| file.sync_data());
+                // A full disk at write time is the one error taken again
+                // later (the cleaner frees space); a failed fsync or any
+                // other i/o error stops the store for good.
+                let full = !in_sync && matches!(e.raw_os_error(), Some(28 | 122)); // ENOSPC, EDQUOT
+                error!(error = %e, in_sync, "segment write failed; batch refused");
+                let _ = file.set_len(base);
+                if full {
+                    let _ = file.sync_data();
+                } else {
+                    self.shared.fail(format!(
+                        "{} failed: {e}",
+                        if in_sync { "fsync" } else { "segment write" }
+                    ));
+                }
                 fail_dones(dones, &e.to_string());
                 fail_drops(drops, &e.to_string());
                 return;

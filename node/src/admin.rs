@@ -139,10 +139,21 @@ async fn health(State(s): State<AdminState>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// Every `/v1` request shows the token before anything else of it is
+/// read: the layer runs before the handlers' body extractors.
+async fn require_token(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match check(&s, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+    let api = Router::new()
         .route("/v1/domains", get(list_domains).post(add_domain))
         .route("/v1/domains/{domain}", delete(remove_domain))
         .route("/v1/users", get(list_users).post(add_user))
@@ -152,8 +163,77 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/nodes/{id}/drain", axum::routing::post(drain_node))
         .route("/v1/nodes/{id}", delete(remove_node))
         .route("/v1/log-level", put(log_level))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
         .with_state(state)
+}
+
+/// Admin connections open at once, all addresses together, and from one
+/// address: the admin port is for operators and scripts, not crowds.
+pub const ADMIN_CONNECTIONS_MAX: usize = 64;
+pub const ADMIN_CONNECTIONS_PER_ADDRESS_MAX: u32 = 16;
+/// A request's head must arrive within this (slowloris), and a connection
+/// lives at most `ADMIN_CONNECTION_LIFETIME` (a purge of a large mailbox
+/// fits well inside).
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const ADMIN_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Serves the admin API on `listener` until `stop`: HTTP/1.1 over hyper
+/// with a cap on connections (in all and per address: one over the cap is
+/// closed at once), a deadline for each request head and a longest
+/// connection lifetime.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    let per_address = Arc::new(crate::conn::PerAddress::default());
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let permit = slots.clone().try_acquire_owned().ok();
+        let slot = per_address.acquire(peer.ip(), ADMIN_CONNECTIONS_PER_ADDRESS_MAX);
+        let (Some(permit), Some(slot)) = (permit, slot) else {
+            tracing::debug!(%peer, "admin connection refused: too many");
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop.clone();
+        conns.spawn(async move {
+            let _held = (permit, slot);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let lifetime = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME);
+            tokio::pin!(lifetime);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = &mut lifetime => {}
+                _ = stop.changed() => {}
+            }
+            // Let a request in flight finish (bounded), then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+        });
+    }
+    // Each connection closes itself on `stop` (bounded).
+    while conns.join_next().await.is_some() {}
 }
 
 async fn apply(state: &AdminState, cmd: DirectoryCommand) -> ApiResult {

@@ -23,21 +23,23 @@ pub enum Line {
     Idle,
 }
 
-/// Reads one line of at most `max_bytes` (terminator included), waiting at
-/// most `idle` for each chunk of input. Memory is bounded by `max_bytes`
-/// whatever the client sends.
+/// Reads one line of at most `max_bytes` (terminator included); the whole
+/// line must arrive within `idle` (not each chunk of it: a client sending a
+/// byte a second cannot hold a session open past the deadline). Memory is
+/// bounded by `max_bytes` whatever the client sends.
 pub async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     max_bytes: usize,
     idle: Duration,
 ) -> std::io::Result<Line> {
+    let deadline = tokio::time::Instant::now() + idle;
     let mut line = Vec::new();
     let mut too_long = false;
     // The last byte consumed, to tell `\r\n` from a bare `\n` when the
     // line itself was thrown away.
     let mut last = 0u8;
     loop {
-        let available = match tokio::time::timeout(idle, reader.fill_buf()).await {
+        let available = match tokio::time::timeout_at(deadline, reader.fill_buf()).await {
             Err(_) => return Ok(Line::Idle),
             Ok(r) => r?,
         };

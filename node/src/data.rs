@@ -28,6 +28,8 @@ pub enum Refusal {
     TooBig,
     LineTooLong,
     BareLineEnd,
+    /// The node's budget for messages held in memory is spent.
+    NoMemory,
 }
 
 /// What one line did to the message.
@@ -62,7 +64,13 @@ impl DataReader {
         }
     }
 
-    fn refuse(&mut self, why: Refusal) {
+    /// Bytes of memory the message holds so far (its buffer's capacity).
+    pub fn held(&self) -> usize {
+        self.body.capacity()
+    }
+
+    /// Refuses the message (it is read to its end and dropped).
+    pub fn refuse(&mut self, why: Refusal) {
         // The first reason stands; the buffer goes at once.
         self.refusal.get_or_insert(why);
         self.body = Vec::new();

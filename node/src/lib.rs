@@ -30,6 +30,7 @@ pub mod replica;
 pub mod rpc;
 pub mod services;
 pub mod session;
+pub mod slots;
 pub mod smtp;
 pub mod time;
 pub mod wire;
@@ -265,16 +266,7 @@ pub async fn run(
             addrs: addrs.clone(),
             set_log_level,
         };
-        let mut stop = stop_rx.clone();
-        tasks.spawn(async move {
-            let serve =
-                axum::serve(listener, admin::router(state).into_make_service()).with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                });
-            if let Err(e) = serve.await {
-                warn!(error = %e, "admin API stopped");
-            }
-        });
+        tasks.spawn(admin::serve(listener, admin::router(state), stop_rx.clone()));
     }
     {
         let store = store.clone();
@@ -352,20 +344,20 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
-        let limits = &services.limits;
-        let permit = services.connections.clone().try_acquire_owned().ok();
-        let slot = services
-            .per_address
-            .acquire(peer.ip(), limits.connections_per_address_max);
-        let (Some(permit), Some(slot)) = (permit, slot) else {
-            bump(&services.metrics.connections_refused);
-            sessions.spawn(refuse(stream, proto));
-            continue;
+        let slot = match services.slots.acquire(peer.ip(), std::time::Instant::now()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                bump(&services.metrics.connections_refused);
+                tracing::debug!(%peer, ?why, "connection refused: no slot");
+                sessions.spawn(refuse(stream, proto));
+                continue;
+            }
         };
         let services = services.clone();
-        let stop = stop.clone();
+        let stream = slots::Tracked::new(stream, &services.slots, &slot);
         sessions.spawn(async move {
-            let _held = (permit, slot);
+            let stop = slot.close.clone();
+            let _held = slot;
             match proto {
                 Proto::Smtp | Proto::Submission => {
                     bump(&services.metrics.smtp_sessions);
@@ -379,6 +371,8 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
             }
         });
     }
+    // The node stops: every session of every listener is told.
+    services.slots.close_all();
     while sessions.join_next().await.is_some() {}
 }
 

@@ -89,10 +89,15 @@ struct NodeArgs {
     /// unit: KB, MB, GB (powers of 1000), K/KiB, M/MiB, G/GiB (powers of 1024).
     #[arg(long, default_value = "50MiB", value_parser = parse_size_arg)]
     max_message_size: u64,
+    /// Memory all sessions together may hold for messages being received
+    /// (same units); past it a message gets 452 4.3.1 and the sender retries.
+    #[arg(long, default_value = "512MiB", value_parser = parse_size_arg)]
+    max_data_memory: u64,
     /// Recipients per message.
     #[arg(long, default_value_t = 100)]
     max_recipients: usize,
-    /// Open connections per client address.
+    /// Open connections per client address (the share shrinks once half of
+    /// --max-connections is taken).
     #[arg(long, default_value_t = 64)]
     max_connections_per_ip: u32,
     /// Unknown recipients one client address may name per minute; past it
@@ -101,7 +106,9 @@ struct NodeArgs {
     /// and the tenth ends the session with 421.)
     #[arg(long, default_value_t = 50)]
     max_unknown_recipients: u32,
-    /// Open connections per node.
+    /// Open client connections per node, all protocols; a tenth is kept for
+    /// addresses holding none, and when full the longest-idle session (10 s
+    /// or more since its last line) is closed to make room.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
     /// Seconds a session may stay silent before it is closed.
@@ -347,6 +354,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     }
     let limits = Limits {
         message_bytes_max: usize::try_from(a.max_message_size).unwrap_or(usize::MAX),
+        data_memory_bytes_max: usize::try_from(a.max_data_memory).unwrap_or(usize::MAX),
         recipients_max: a.max_recipients,
         unknown_recipients_max: a.max_unknown_recipients,
         connections_per_address_max: a.max_connections_per_ip,

@@ -11,7 +11,6 @@ use membership::{Directory, Recipient, UserRecord};
 use replication::FragmentStore;
 use tokio::sync::Semaphore;
 
-use crate::conn::PerAddress;
 use crate::mail::Mail;
 
 /// Every input bound of a node. Defaults follow the RFCs where they set a
@@ -26,8 +25,17 @@ pub struct Limits {
     pub commands_max: u32,
     /// Unknown or malformed commands in one session before it is closed.
     pub bad_commands_max: u32,
-    /// RFC 5321 §4.5.3.2.7 suggests 5 minutes for the server.
+    /// RFC 5321 §4.5.3.2.7 suggests 5 minutes for the server. Also the
+    /// longest a command line may take to arrive, byte by byte.
     pub idle_timeout: Duration,
+    /// A message (DATA, or a POP3 client reading one) must move at least
+    /// this many bytes a second on average once `transfer_grace` is over:
+    /// a trickle cannot hold a session (and a slot) for hours.
+    pub transfer_bytes_per_sec_min: u64,
+    pub transfer_grace: Duration,
+    /// Bytes of incoming messages all sessions together may hold in memory;
+    /// past it a message gets `452 4.3.1` (read to its end, dropped).
+    pub data_memory_bytes_max: usize,
     /// All connections of all protocols on this node.
     pub connections_max: usize,
     pub connections_per_address_max: u32,
@@ -48,6 +56,9 @@ impl Default for Limits {
             commands_max: 10_000,
             bad_commands_max: 20,
             idle_timeout: Duration::from_secs(300),
+            transfer_bytes_per_sec_min: 1024,
+            transfer_grace: Duration::from_secs(60),
+            data_memory_bytes_max: 512 << 20,
             connections_max: 1024,
             connections_per_address_max: 64,
             auth_failures_max: 10,
@@ -56,6 +67,9 @@ impl Default for Limits {
         }
     }
 }
+
+/// The memory budget for incoming messages is taken in chunks this large.
+pub const DATA_BUDGET_CHUNK: usize = 64 * 1024;
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF.
 pub const SMTP_COMMAND_BYTES_MAX: usize = 512;
@@ -139,8 +153,11 @@ pub struct Services {
     pub directory: Arc<dyn Directory>,
     pub limits: Limits,
     pub metrics: Metrics,
-    pub per_address: Arc<PerAddress>,
-    pub connections: Arc<Semaphore>,
+    /// The memory budget for messages being received, one permit per
+    /// [`DATA_BUDGET_CHUNK`] bytes (see [`Limits::data_memory_bytes_max`]).
+    pub data_budget: Arc<Semaphore>,
+    /// Connection slots of every client listener (see [`crate::slots`]).
+    pub slots: Arc<crate::slots::Slots>,
     /// Password checks running at once (each takes argon2's 19 MiB and a
     /// core for tens of ms): a burst of logins waits here instead of
     /// taking memory and blocking threads without bound.
@@ -213,13 +230,15 @@ impl Services {
             store,
             mail,
             directory,
-            connections: Arc::new(Semaphore::new(limits.connections_max)),
+            data_budget: Arc::new(Semaphore::new(
+                limits.data_memory_bytes_max.div_ceil(DATA_BUDGET_CHUNK).max(1),
+            )),
+            slots: crate::slots::Slots::new(limits.connections_max, limits.connections_per_address_max),
             password_checks: Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, PASSWORD_CHECKS_MAX)),
             ),
             limits,
             metrics: Metrics::default(),
-            per_address: Arc::new(PerAddress::default()),
             pop3_locks: Mutex::new(HashSet::new()),
             auth: Mutex::new(AuthState::default()),
             auth_key,

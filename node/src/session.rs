@@ -28,7 +28,7 @@ pub struct Dialect {
 /// One client connection: its buffered halves and its counters.
 pub struct LineSession<S> {
     pub r: BufReader<ReadHalf<S>>,
-    pub w: BufWriter<WriteHalf<S>>,
+    pub w: BufWriter<Stalled<WriteHalf<S>>>,
     pub services: Arc<Services>,
     dialect: &'static Dialect,
     n_commands: u32,
@@ -44,9 +44,10 @@ impl<S: AsyncRead + AsyncWrite> LineSession<S> {
         write_buf: usize,
     ) -> Self {
         let (r, w) = tokio::io::split(stream);
+        let stall = services.limits.idle_timeout;
         LineSession {
             r: BufReader::with_capacity(read_buf, r),
-            w: BufWriter::with_capacity(write_buf, w),
+            w: BufWriter::with_capacity(write_buf, Stalled::new(w, stall)),
             services,
             dialect,
             n_commands: 0,
@@ -121,6 +122,83 @@ impl<S: AsyncRead + AsyncWrite> LineSession<S> {
                     self.flush().await?;
                     return Ok(None);
                 }
+            }
+        }
+    }
+}
+
+/// A writer that fails with `TimedOut` when one write (or flush) makes no
+/// progress for `limit`: a client that stops reading (its TCP window
+/// closed) cannot hold a session, and its slot, forever.
+pub struct Stalled<W> {
+    inner: W,
+    limit: std::time::Duration,
+    since: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<W> Stalled<W> {
+    pub fn new(inner: W, limit: std::time::Duration) -> Self {
+        Stalled {
+            inner,
+            limit,
+            since: None,
+        }
+    }
+
+    fn pending<T>(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        let limit = self.limit;
+        let sleep = self.since.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.since = None;
+                std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client stopped reading",
+                )))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Stalled<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
+            std::task::Poll::Pending => self.pending(cx),
+            done => {
+                self.since = None;
+                done
+            }
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
+            std::task::Poll::Pending => self.pending(cx),
+            done => {
+                self.since = None;
+                done
+            }
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_shutdown(cx) {
+            std::task::Poll::Pending => self.pending(cx),
+            done => {
+                self.since = None;
+                done
             }
         }
     }

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use membership::{Recipient, needs_smtputf8};
 use smtp_proto::{Error as ParseError, MAIL_SMTPUTF8, Request};
@@ -27,7 +28,8 @@ pub enum Mode {
 
 /// How a DATA section ended.
 enum Body {
-    Ok(Vec<u8>),
+    /// With its share of the node's memory budget, held until delivered.
+    Ok(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>),
     Refused(Refusal),
     Closed,
 }
@@ -335,8 +337,8 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
         addresses.sort_unstable();
         addresses.dedup();
         let received = self.received_header(&id.to_hex(), &addresses, arrival_ms);
-        let body = match self.read_body(received).await? {
-            Body::Ok(b) => b,
+        let (body, _budget) = match self.read_body(received).await? {
+            Body::Ok(b, budget) => (b, budget),
             Body::Closed => return Ok(false),
             Body::Refused(why) => {
                 self.tx = None;
@@ -349,6 +351,10 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
                     Refusal::BareLineEnd => {
                         warn!(peer = %self.peer, "message with a bare CR or LF refused");
                         "500 5.5.2 Message has a bare CR or LF; lines must end with CRLF (RFC 5321 2.3.8)".to_owned()
+                    }
+                    Refusal::NoMemory => {
+                        warn!(peer = %self.peer, "message refused: the node's memory budget for messages is spent");
+                        "452 4.3.1 Insufficient system resources, try again later".to_owned()
                     }
                 };
                 self.reply(&text).await?;
@@ -429,22 +435,65 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
     /// reading (and dropping) until the end so that the session stays in
     /// step with the client.
     async fn read_body(&mut self, head: Vec<u8>) -> std::io::Result<Body> {
-        let idle = self.services.limits.idle_timeout;
-        let mut reader = DataReader::new(head, self.services.limits.message_bytes_max);
+        let limits = &self.services.limits;
+        let (idle, grace, rate) = (
+            limits.idle_timeout,
+            limits.transfer_grace,
+            limits.transfer_bytes_per_sec_min.max(1),
+        );
+        let mut reader = DataReader::new(head, limits.message_bytes_max);
+        let start = tokio::time::Instant::now();
+        let mut received: u64 = 0;
+        // The node-wide budget for message bytes held in memory, taken in
+        // chunks as the message grows (see `Services::data_budget`).
+        let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut budget_bytes: usize = 0;
         loop {
-            let line = read_line(&mut self.io.r, DATA_LINE_BYTES_MAX, idle).await?;
+            // The transfer as a whole must keep up the minimum rate: the
+            // next line is due when the bytes so far stop paying for the
+            // time taken (and within the idle timeout in any case).
+            let allowed = grace + Duration::from_secs_f64(received as f64 / rate as f64);
+            let left = allowed.saturating_sub(start.elapsed());
+            let line = read_line(&mut self.io.r, DATA_LINE_BYTES_MAX, left.min(idle)).await?;
             match line {
                 Line::Eof => return Ok(Body::Closed),
+                Line::Idle if left <= idle => {
+                    bump(&self.services.metrics.limit_refusals);
+                    self.reply("421 4.4.2 Message transfer too slow, closing connection")
+                        .await?;
+                    self.flush().await?;
+                    return Ok(Body::Closed);
+                }
                 Line::Idle => {
                     self.reply("421 4.4.2 Idle timeout, closing connection").await?;
                     self.flush().await?;
                     return Ok(Body::Closed);
                 }
-                Line::Ok(_) | Line::TooLong { .. } => {}
+                Line::Ok(ref l) => received += l.len() as u64,
+                Line::TooLong { .. } => received += DATA_LINE_BYTES_MAX as u64,
             }
-            if let Step::End(outcome) = reader.line(&line) {
+            let step = reader.line(&line);
+            while reader.held() > budget_bytes {
+                let chunk = crate::services::DATA_BUDGET_CHUNK;
+                match self.services.data_budget.clone().try_acquire_owned() {
+                    Ok(p) => {
+                        match budget.as_mut() {
+                            Some(b) => b.merge(p),
+                            None => budget = Some(p),
+                        }
+                        budget_bytes += chunk;
+                    }
+                    Err(_) => {
+                        bump(&self.services.metrics.limit_refusals);
+                        reader.refuse(Refusal::NoMemory);
+                        budget = None;
+                        budget_bytes = 0;
+                    }
+                }
+            }
+            if let Step::End(outcome) = step {
                 return Ok(match outcome {
-                    Ok(body) => Body::Ok(body),
+                    Ok(body) => Body::Ok(body, budget),
                     Err(r) => Body::Refused(r),
                 });
             }

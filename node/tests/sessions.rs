@@ -51,6 +51,10 @@ fn cluster(dir: &TempDir) -> Vec<Arc<Rep>> {
 }
 
 async fn services(dir: &TempDir, rep: &Arc<Rep>) -> Arc<Services> {
+    services_with(dir, rep, Limits::default()).await
+}
+
+async fn services_with(dir: &TempDir, rep: &Arc<Rep>, limits: Limits) -> Arc<Services> {
     let directory = LocalDirectory::open(dir.path()).expect("directory");
     directory
         .apply(DirectoryCommand::AddDomain {
@@ -72,7 +76,7 @@ async fn services(dir: &TempDir, rep: &Arc<Rep>) -> Arc<Services> {
         rep.store().clone(),
         rep.clone() as Arc<dyn Mail>,
         Arc::new(directory),
-        Limits::default(),
+        limits,
         [1; 32],
     ))
 }
@@ -262,4 +266,171 @@ async fn a_failed_fsync_turns_deliveries_into_451() {
     for r in &reps {
         assert!(r.store().list("alice@example.org").is_empty());
     }
+}
+
+/// Slowloris: a command trickled a byte at a time must still arrive whole
+/// within the idle timeout, and DATA must keep a minimum average rate past
+/// its grace; a client that stops reading is dropped once a write stalls
+/// that long. (The idle timeout used to restart with every byte.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_clients_are_cut_off() {
+    let dir = TempDir::new("sessions-slow").expect("temp dir");
+    let reps = cluster(&dir);
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        transfer_grace: Duration::from_millis(500),
+        transfer_bytes_per_sec_min: 2_000,
+        ..Limits::default()
+    };
+    let services = services_with(&dir, &reps[0], limits).await;
+    let (_stop_tx, stop) = watch::channel(false);
+    let start_smtp = || {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(smtp::serve(
+            server,
+            peer(),
+            services.clone(),
+            smtp::Mode::Smtp,
+            stop.clone(),
+        ));
+        Client(BufReader::new(client))
+    };
+
+    // A command, a byte every 200 ms: cut after about a second.
+    let mut c = start_smtp();
+    assert!(c.reply().await.starts_with("220 "));
+    let t0 = std::time::Instant::now();
+    let trickle = async {
+        for b in b"NOOP NOOP NOOP NOOP NOOP NOOP".iter() {
+            if c.0.get_mut().write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    trickle.await;
+    let r = c.reply().await;
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+    // DATA at 50 bytes a second, far below the minimum: cut past the grace.
+    let mut c = start_smtp();
+    assert!(c.reply().await.starts_with("220 "));
+    c.send("EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        assert!(c.reply().await.starts_with("250"));
+    }
+    assert!(c.reply().await.starts_with("354 "));
+    let t0 = std::time::Instant::now();
+    let mut cut = None;
+    for _ in 0..40 {
+        if c.0.get_mut().write_all(b"slow line\r\n").await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if !c.0.buffer().is_empty()
+            || tokio::time::timeout(Duration::from_millis(1), c.0.fill_buf())
+                .await
+                .is_ok()
+        {
+            cut = Some(c.reply().await);
+            break;
+        }
+    }
+    let r = cut.expect("the slow transfer was cut");
+    assert!(r.starts_with("421 4.4.2 Message transfer too slow"), "{r}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(reps[0].store().list("alice@example.org").is_empty());
+
+    // A message at full speed is fine with the same limits.
+    let mut c = start_smtp();
+    assert!(c.reply().await.starts_with("220 "));
+    let body = format!("{}\r\n", "x".repeat(70)).repeat(2000);
+    c.send("EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        assert!(c.reply().await.starts_with("250"));
+    }
+    assert!(c.reply().await.starts_with("354 "));
+    c.send(&format!("{body}.\r\n")).await;
+    let r = c.reply().await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+
+    // POP3: a client that asks for a large message and never reads.
+    let (client, server) = tokio::io::duplex(1024);
+    let session = tokio::spawn(pop3::serve(server, peer(), services.clone(), stop.clone()));
+    let mut p = Client(BufReader::new(client));
+    assert!(p.line().await.starts_with("+OK"));
+    p.send("USER alice@example.org\r\n").await;
+    assert!(p.line().await.starts_with("+OK"));
+    p.send("PASS pw\r\n").await;
+    assert!(p.line().await.starts_with("+OK"));
+    p.send("RETR 1\r\n").await;
+    let t0 = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), session).await;
+    assert!(ended.is_ok(), "a session whose client stopped reading must end");
+    eprintln!("the non-reading POP3 client was dropped after {:?}", t0.elapsed());
+}
+
+/// Greeting, EHLO, one recipient, DATA: ready for the message.
+async fn begin_data(c: &mut Client) {
+    assert!(c.reply().await.starts_with("220 "));
+    c.send("EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        assert!(c.reply().await.starts_with("250"));
+    }
+    assert!(c.reply().await.starts_with("354 "));
+}
+
+/// Messages being received share one memory budget per node: a message
+/// that would take it past its bound gets `452 4.3.1` (after its end, the
+/// session stays in step) and the sender may retry once memory is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_flight_share_a_memory_budget() {
+    let dir = TempDir::new("sessions-mem").expect("temp dir");
+    let reps = cluster(&dir);
+    let limits = Limits {
+        data_memory_bytes_max: 1 << 20,
+        ..Limits::default()
+    };
+    let services = services_with(&dir, &reps[0], limits).await;
+    let (_stop_tx, stop) = watch::channel(false);
+    let open = || {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(smtp::serve(
+            server,
+            peer(),
+            services.clone(),
+            smtp::Mode::Smtp,
+            stop.clone(),
+        ));
+        Client(BufReader::new(client))
+    };
+    let half = format!("{}\r\n", "y".repeat(98)).repeat(4_000); // 400 KB
+    let mut a = open();
+    begin_data(&mut a).await;
+    a.send(&half).await;
+    // Let the node read all of A's lines before B starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = open();
+    begin_data(&mut b).await;
+    b.send(&format!("{half}.\r\n")).await;
+    let r = b.reply().await;
+    assert!(r.starts_with("452 4.3.1"), "{r}");
+    a.send(".\r\n").await;
+    let r = a.reply().await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    // Memory is back: B's retry goes through, in the same session.
+    b.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        .await;
+    for _ in 0..2 {
+        assert!(b.reply().await.starts_with("250"));
+    }
+    assert!(b.reply().await.starts_with("354 "));
+    b.send(&format!("{half}.\r\n")).await;
+    let r = b.reply().await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    assert_eq!(services.data_budget.available_permits(), 16, "every permit back");
 }

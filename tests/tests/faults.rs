@@ -198,3 +198,121 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     }
     assert!(seen >= 5, "looked at {seen} files");
 }
+
+/// Connects from `from` (a loopback address of our own) and reads the
+/// first line, or None when the server closed without one.
+async fn greeting_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr) -> (Option<String>, tokio::net::TcpStream) {
+    use tokio::io::AsyncBufReadExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::new(from.into(), 0)).unwrap();
+    let stream = sock.connect(to).await.unwrap();
+    let mut r = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut line)).await;
+    let line = matches!(got, Ok(Ok(n)) if n > 0).then_some(line);
+    (line, r.into_inner())
+}
+
+/// A few addresses cannot take every slot: a reserve stays for addresses
+/// holding none, and when the node is full the longest-idle session is
+/// closed for a newcomer. (17 addresses with 64 connections each used to
+/// fill all 1 024 slots and lock everyone else out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_addresses_cannot_lock_others_out() {
+    let (_dir, node) = common::node("slots", &["--max-connections", "20", "--max-connections-per-ip", "8"]).await;
+    let base = fresh_loopback().octets();
+    let addr = |n: u8| std::net::Ipv4Addr::new(base[0], base[1], base[2], n);
+    let mut held = Vec::new();
+    for a in 2..=5 {
+        for _ in 0..8 {
+            let (line, s) = greeting_from(addr(a), node.smtp()).await;
+            if line.as_deref().is_some_and(|l| l.starts_with("220 ")) {
+                held.push(s);
+            }
+        }
+    }
+    eprintln!("{} connections admitted from 4 addresses", held.len());
+    assert!(held.len() <= 18, "the reserve was left: {}", held.len());
+    // A new address gets in through the reserve.
+    let (line, newcomer) = greeting_from(addr(9), node.smtp()).await;
+    assert!(line.as_deref().is_some_and(|l| l.starts_with("220 ")), "{line:?}");
+    held.push(newcomer);
+    while held.len() < 20 {
+        let (line, s) = greeting_from(addr(10 + held.len() as u8), node.smtp()).await;
+        assert!(line.as_deref().is_some_and(|l| l.starts_with("220 ")), "{line:?}");
+        held.push(s);
+    }
+    // Full, nobody idle for 10 s yet: refused with 421.
+    let (line, _) = greeting_from(addr(100), node.smtp()).await;
+    assert!(line.as_deref().is_some_and(|l| l.starts_with("421 ")), "{line:?}");
+    // Every held session has been idle for over 10 s: a newcomer gets in,
+    // and exactly one held session was told to close.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let (line, _late) = greeting_from(addr(101), node.smtp()).await;
+    assert!(line.as_deref().is_some_and(|l| l.starts_with("220 ")), "{line:?}");
+    let mut closed = 0;
+    for s in &mut held {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+            && n > 0
+            && buf.starts_with(b"421 ")
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 1, "one longest-idle session made room");
+}
+
+/// The admin port: a token is checked before the body is read (a wrong
+/// token with garbage gets 401, not a parse error), and one address cannot
+/// hold hundreds of idle connections (it used to hold 300).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_checks_the_token_first_and_caps_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_dir, node) = common::node("admin-abuse", &[]).await;
+    let admin = node.admin_addr();
+    let raw = |req: String| async move {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let body = "{not json";
+    let r = raw(format!(
+        "POST /v1/users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    let r = raw("POST /v1/users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99999999\r\nConnection: close\r\n\r\n".into()).await;
+    assert!(r.starts_with("HTTP/1.1 401"), "no token, huge body announced: {r}");
+
+    // Idle connections from one address: only a few are kept open.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(node.admin_addr()).await.unwrap());
+    }
+    let mut open = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        // Still open (waiting for a request) if nothing, not even EOF, comes.
+        if tokio::time::timeout(Duration::from_millis(100), s.read(&mut b))
+            .await
+            .is_err()
+        {
+            open += 1;
+        }
+    }
+    assert!(
+        open <= quill_node::admin::ADMIN_CONNECTIONS_PER_ADDRESS_MAX as usize,
+        "{open} idle admin connections held"
+    );
+    // The API still answers (another connection once these go).
+    drop(idle);
+    common::wait_for("the admin API answers again", Duration::from_secs(5), || async {
+        node.status().await.is_ok()
+    })
+    .await;
+}

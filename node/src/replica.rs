@@ -178,6 +178,7 @@ async fn work(replica: Arc<NodeReplicator>, changed: Arc<tokio::sync::Notify>, m
                         info!(updates = n, "logged updates delivered to returning replicas");
                     }
                 }
+                replica.make_missing_copies().await;
             }
             _ = anti_entropy.tick() => {
                 replica.anti_entropy_round().await;

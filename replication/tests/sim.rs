@@ -861,3 +861,63 @@ async fn a_cancelled_store_handler_releases_its_load() {
     assert!(answer.body.is_ok(), "{:?}", answer.body);
     assert_eq!(rep.load(), 0);
 }
+
+/// A copy that fails to a node the view still has up (cut off, not yet
+/// marked down) counts as under-replicated until it is made, and is made
+/// once the node answers again. (It used to count 0: the replica set named
+/// only live nodes.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_copy_that_failed_to_a_live_node_counts_until_it_is_made() {
+    let sim = Sim::new(123);
+    let cut = sim.nodes[3].id;
+    let front = sim.live()[0].clone();
+    // The front end has heard from every node (their loads are known), so
+    // its own placements may choose the node about to be cut off.
+    front.anti_entropy_round().await;
+    sim.router.set_down(cut, true);
+    let mut short = Vec::new();
+    for i in 0..60 {
+        let user = format!("u{i}@example.org");
+        let out = front
+            .deliver(
+                std::slice::from_ref(&user),
+                "INBOX",
+                10 + i,
+                format!("m{i}\r\n").into_bytes(),
+            )
+            .await;
+        assert!(out.stored[0], "stored on a live node");
+        if out.copies[0].len() < R {
+            short.push((user, out.id));
+        }
+    }
+    assert!(!short.is_empty(), "some copies went to the cut-off node");
+    let total = |sim: &Sim| sim.live().iter().map(|r| r.under_replicated()).sum::<u64>();
+    assert_eq!(
+        total(&sim),
+        short.len() as u64,
+        "each message short of a copy counts once"
+    );
+    // Still cut off: nothing made, still counted.
+    for r in sim.live() {
+        assert_eq!(r.make_missing_copies().await, 0);
+    }
+    assert_eq!(total(&sim), short.len() as u64);
+    sim.router.set_down(cut, false);
+    let made: usize = {
+        let mut n = 0;
+        for r in sim.live() {
+            n += r.make_missing_copies().await;
+        }
+        n
+    };
+    assert_eq!(made, short.len());
+    assert_eq!(total(&sim), 0, "every copy made");
+    let back = sim.nodes[3].rep.as_ref().expect("up");
+    for (user, id) in &short {
+        assert!(
+            back.store().list(user).iter().any(|e| e.id == *id),
+            "{user} {id} on the returning node"
+        );
+    }
+}

@@ -110,6 +110,7 @@ impl<N: Network> Replicator<N> {
         let started = wall_ms();
         self.sync_digests(peer, report).await?;
         lock(&self.clean_since).insert(peer, started);
+        self.synced_missing(peer, started);
         Ok(())
     }
 

@@ -204,6 +204,10 @@ impl<N: Network> Replicator<N> {
                     lock(&self.manager).unlock(&user, token);
                     Ok(Reply::Done)
                 }
+                Request::MissingCopies { user, id, missing } => {
+                    self.note_missing(user, id, missing);
+                    Ok(Reply::Done)
+                }
             }
         })
     }

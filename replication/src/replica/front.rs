@@ -117,6 +117,23 @@ impl<N: Network> Replicator<N> {
             .collect();
         let stored: Vec<bool> = copies.iter().map(|c| !c.is_empty()).collect();
         let under = copies.iter().any(|c| !c.is_empty() && c.len() < n);
+        // Copies that failed to live targets: the lowest node that stored
+        // the message counts them and makes them.
+        for ((u, t), c) in users.iter().zip(&targets).zip(&copies) {
+            let missing: Vec<NodeId> = t.iter().copied().filter(|x| !c.contains(x)).collect();
+            let Some(&holder) = c.iter().min() else { continue };
+            if missing.is_empty() {
+                continue;
+            }
+            let req = Request::MissingCopies {
+                user: u.clone(),
+                id,
+                missing,
+            };
+            if let Err(e) = self.call(holder, req).await {
+                debug!(%id, holder, error = %e, "could not note the missing copies; anti-entropy will make them");
+            }
+        }
         self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
         if under {
             self.counters

@@ -49,7 +49,7 @@ mod updates;
 pub use anti_entropy::{SyncPlan, plan_sync, tombstone_expired};
 pub use protocol::*;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -160,6 +160,13 @@ pub struct Replicator<N: Network> {
     /// exchange that completed without error (the peer then held every
     /// tombstone this node held at that moment, for the messages they share).
     clean_since: Mutex<HashMap<NodeId, u64>>,
+    /// Copies of messages held here that failed to reach live members of
+    /// their replica set at delivery (see [`Request::MissingCopies`]):
+    /// counted as under-replicated until made.
+    /// Per message, the nodes missing a copy and when that was noted (wall
+    /// ms): an anti-entropy exchange with the node that completes after the
+    /// note made the copy (the node fetches what its set says it holds).
+    missing: Mutex<BTreeMap<(String, MessageId), BTreeMap<NodeId, u64>>>,
     pub counters: ReplicaCounters,
 }
 
@@ -237,6 +244,7 @@ impl<N: Network> Replicator<N> {
             },
             lock_seq: AtomicU64::new(0),
             clean_since: Mutex::new(HashMap::new()),
+            missing: Mutex::new(BTreeMap::new()),
             counters: ReplicaCounters::default(),
         })
     }
@@ -292,13 +300,133 @@ impl<N: Network> Replicator<N> {
     }
 
     /// Messages held here with fewer than R live replicas (each counted by
-    /// one node only; see [`FragmentStore::under_replicated`]).
+    /// one node only; see [`FragmentStore::under_replicated`]), plus those
+    /// whose replica set is live but a copy to one of its members failed
+    /// and is not made yet (counted here, the one holder told of it).
     pub fn under_replicated(&self) -> u64 {
         let view = self.view();
         if view.nodes().is_empty() {
             return 0;
         }
-        self.store
-            .under_replicated(self.me, self.cfg.replicas, |n| is_live(&view, n))
+        let by_set = self
+            .store
+            .under_replicated(self.me, self.cfg.replicas, |n| is_live(&view, n));
+        by_set + self.missing_counted(&view)
+    }
+
+    /// Notes copies that failed to reach live nodes (bounded).
+    pub(super) fn note_missing(&self, user: String, id: MessageId, missing: Vec<NodeId>) {
+        let mut m = lock(&self.missing);
+        if m.len() >= MISSING_COPIES_MAX && !m.contains_key(&(user.clone(), id)) {
+            tracing::warn!(%id, "too many missing copies noted; this one is left to anti-entropy");
+            return;
+        }
+        let now = wall_ms();
+        m.entry((user, id))
+            .or_default()
+            .extend(missing.into_iter().filter(|n| *n != self.me).map(|n| (n, now)));
+    }
+
+    /// An anti-entropy exchange with `peer` that started at `started` (wall
+    /// ms) completed: copies noted missing there before it are made.
+    pub(super) fn synced_missing(&self, peer: NodeId, started: u64) {
+        let mut m = lock(&self.missing);
+        m.retain(|_, targets| {
+            targets.retain(|n, noted| !(*n == peer && *noted < started));
+            !targets.is_empty()
+        });
+    }
+
+    /// The noted messages that the replica-set count does not already
+    /// count (their sets have R live members) and that miss a copy on a
+    /// live node.
+    fn missing_counted(&self, view: &View) -> u64 {
+        let notes: Vec<((String, MessageId), Vec<NodeId>)> = lock(&self.missing)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.keys().copied().collect()))
+            .collect();
+        let mut n = 0;
+        for ((user, id), targets) in notes {
+            let Some(e) = self.store.list(&user).into_iter().find(|e| e.id == id) else {
+                continue;
+            };
+            let live = e.replicas.iter().filter(|r| is_live(view, **r)).count();
+            if live >= self.cfg.replicas && targets.iter().any(|t| is_live(view, *t)) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Makes the copies noted missing on the members of their sets that are
+    /// live now (copied from here: entry and body, the same replica set);
+    /// forgets notes whose message is gone here or whose targets left the
+    /// set. Returns how many copies were made.
+    pub async fn make_missing_copies(&self) -> usize {
+        let view = self.view();
+        let notes: Vec<((String, MessageId), Vec<NodeId>)> = lock(&self.missing)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.keys().copied().collect()))
+            .collect();
+        let mut made = 0;
+        // A target that failed once is not tried again this round (each try
+        // costs a call deadline).
+        let mut failing: BTreeSet<NodeId> = BTreeSet::new();
+        for ((user, id), targets) in notes {
+            let entry = self.store.list(&user).into_iter().find(|e| e.id == id);
+            let Some(e) = entry else {
+                lock(&self.missing).remove(&(user, id));
+                continue;
+            };
+            let mut done: Vec<NodeId> = targets.iter().copied().filter(|t| !e.replicas.contains(t)).collect();
+            let live: Vec<NodeId> = targets
+                .iter()
+                .copied()
+                .filter(|t| e.replicas.contains(t) && is_live(&view, *t) && !failing.contains(t))
+                .collect();
+            if !live.is_empty() {
+                let body = match self.store.read_body(e.body).await {
+                    Ok(b) => b,
+                    Err(err) => {
+                        tracing::warn!(%id, error = %err, "cannot read a body to copy");
+                        continue;
+                    }
+                };
+                for t in live {
+                    let req = Request::Store {
+                        id,
+                        arrival_ms: e.arrival_ms,
+                        folder: e.folder.clone(),
+                        groups: vec![(e.replicas.clone(), vec![user.clone()])],
+                        body: body.clone(),
+                        epoch: view.epoch(),
+                        unplaced: Vec::new(),
+                    };
+                    match self.call(t, req).await {
+                        Ok(Reply::Stored) => {
+                            made += 1;
+                            done.push(t);
+                        }
+                        other => {
+                            failing.insert(t);
+                            tracing::debug!(%id, node = t, error = ?other.err(), "missing copy not made yet");
+                        }
+                    }
+                }
+            }
+            let mut m = lock(&self.missing);
+            if let Some(left) = m.get_mut(&(user.clone(), id)) {
+                for d in done {
+                    left.remove(&d);
+                }
+                if left.is_empty() {
+                    m.remove(&(user, id));
+                }
+            }
+        }
+        if made > 0 {
+            tracing::info!(made, "made copies that failed at delivery");
+        }
+        made
     }
 }

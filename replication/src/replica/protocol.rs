@@ -21,6 +21,9 @@ pub const DIGESTS_MAX: usize = 2_000;
 pub const DELETED_QUERY_MAX: usize = 10_000;
 /// Updates kept in the durable log; past this, anti-entropy alone repairs.
 pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
+/// Copies noted missing that one node keeps at most (beyond, new notes are
+/// dropped with a warning: anti-entropy still makes them, uncounted).
+pub const MISSING_COPIES_MAX: usize = 100_000;
 /// How long a mailbox lock holds without being released (a session that
 /// ends without unlocking, e.g. its node crashed and is not yet down).
 pub const MAILBOX_LOCK_LEASE: Duration = Duration::from_secs(600);
@@ -105,6 +108,15 @@ pub enum Request {
         user: String,
         token: u64,
     },
+    /// From a delivering node to the lowest node that stored a message: its
+    /// copies to `missing` failed though they were live. The holder counts
+    /// them as under-replicated and makes them (see
+    /// [`super::Replicator::make_missing_copies`]).
+    MissingCopies {
+        user: String,
+        id: MessageId,
+        missing: Vec<NodeId>,
+    },
 }
 
 impl Request {
@@ -124,6 +136,7 @@ impl Request {
             Request::Sync { .. } => "sync",
             Request::Lock { .. } => "lock",
             Request::Unlock { .. } => "unlock",
+            Request::MissingCopies { .. } => "missing-copies",
         }
     }
 }

@@ -105,6 +105,11 @@ enum Cmd {
         /// e.g. n1@10s:15s (repeatable).
         #[arg(long)]
         pause: Vec<String>,
+        /// Cut a node off from the others (their UDP/QUIC traffic, with
+        /// iptables on loopback: needs root) at a moment for a while, e.g.
+        /// n1@10s:20s (repeatable). Its clients still reach it.
+        #[arg(long)]
+        partition: Vec<String>,
         /// Where the figures, pictures and record go.
         #[arg(long)]
         out: PathBuf,
@@ -316,6 +321,7 @@ fn main() -> anyhow::Result<()> {
                 restart,
                 add,
                 pause,
+                partition,
                 out,
                 quiet,
             } => cli::load(cli::LoadArgs {
@@ -323,7 +329,7 @@ fn main() -> anyhow::Result<()> {
                 token: target.admin_token,
                 password: target.password,
                 cfg: load.config()?,
-                faults: cli::load::parse_faults(&kill, &restart, &add, &pause)?,
+                faults: cli::load::parse_faults(&kill, &restart, &add, &pause, &partition)?,
                 out,
                 progress: !quiet,
             })

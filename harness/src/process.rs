@@ -541,3 +541,94 @@ pub fn or_fresh(dir: Option<PathBuf>, label: &str) -> anyhow::Result<(Option<Tem
         }
     })
 }
+
+/// Cuts `ip` off from the cluster's QUIC traffic (UDP, both ways) with
+/// iptables rules on the loopback interface, until the returned guard is
+/// dropped or [`Partition::heal`]ed. The node's client ports (TCP) stay
+/// reachable: it is the link between nodes that breaks, and the cut-off
+/// node goes on serving what it can. Needs root and `iptables`; the rules
+/// match only this loopback address and carry a `quill-harness` comment.
+#[derive(Debug)]
+pub struct Partition {
+    ip: Ipv4Addr,
+    active: bool,
+}
+
+fn partition_rules(ip: Ipv4Addr) -> [Vec<String>; 2] {
+    let ip = ip.to_string();
+    let rule = |dir: &str| {
+        [
+            "INPUT",
+            "-i",
+            "lo",
+            "-p",
+            "udp",
+            dir,
+            &ip,
+            "-m",
+            "comment",
+            "--comment",
+            "quill-harness",
+            "-j",
+            "DROP",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    [rule("-s"), rule("-d")]
+}
+
+fn iptables(op: &str, rule: &[String]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("iptables")
+        .arg("-w")
+        .arg(op)
+        .args(rule)
+        .output()
+        .context("cannot run iptables (install it; partitions need root)")?;
+    if !out.status.success() {
+        bail!("iptables {op} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Partition {
+    /// Only 127.0.0.0/8 may be cut (tests and the harness never touch other
+    /// traffic).
+    pub fn cut(ip: Ipv4Addr) -> anyhow::Result<Partition> {
+        if !ip.is_loopback() {
+            bail!("refusing to partition {ip}: only loopback addresses");
+        }
+        let mut p = Partition { ip, active: true };
+        for r in partition_rules(ip) {
+            if let Err(e) = iptables("-A", &r) {
+                p.heal();
+                return Err(e);
+            }
+        }
+        Ok(p)
+    }
+
+    /// Removes the rules (idempotent).
+    pub fn heal(&mut self) {
+        if std::mem::take(&mut self.active) {
+            for r in partition_rules(self.ip) {
+                // Delete every copy, should one have been added twice.
+                while iptables("-D", &r).is_ok() {}
+            }
+        }
+    }
+
+    /// Whether partitions can be made here (iptables present and usable).
+    pub fn available() -> bool {
+        std::process::Command::new("iptables")
+            .args(["-w", "-S", "INPUT"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        self.heal();
+    }
+}

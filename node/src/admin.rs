@@ -113,9 +113,14 @@ async fn health(State(s): State<AdminState>) -> Response {
     let me = view.node(m.id());
     let leader = m.leader();
     let mut warnings = Vec::new();
+    let majority = s.cluster.majority.load(std::sync::atomic::Ordering::Relaxed);
     if leader.is_none() {
         warnings.push(
             "no raft leader known: a majority of the voters is unreachable; the view and directory cannot change",
+        );
+    } else if !majority {
+        warnings.push(
+            "cannot reach a majority of the voters: the view and directory cannot change here; mail is served by the last view",
         );
     }
     match me.map(|n| n.state) {
@@ -128,6 +133,7 @@ async fn health(State(s): State<AdminState>) -> Response {
         "ok": ok,
         "store": store.as_deref().unwrap_or("ok"),
         "leader": leader,
+        "majority_reachable": majority,
         "view_epoch": view.epoch,
         "warnings": warnings,
     });

@@ -76,6 +76,10 @@ pub struct Cluster {
     pub replica: ReplicaSlot,
     /// Set by the node at start.
     pub log_level: LogSlot,
+    /// Whether this node's last ping round reached a majority of the Raft
+    /// voters (itself included): without one the view and the directory
+    /// cannot change here, though mail still flows (`/health` says so).
+    pub majority: Arc<std::sync::atomic::AtomicBool>,
     endpoint: Endpoint,
 }
 
@@ -204,6 +208,7 @@ impl Cluster {
             transport: transport.clone(),
             replica: replica.clone(),
             log_level: log_level.clone(),
+            majority: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             endpoint: endpoint.clone(),
         };
         tokio::spawn(accept_loop(
@@ -671,6 +676,7 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
         .await;
         let now = Instant::now();
         last_round = now;
+        note_majority(&cluster, &view, &results);
         last_ok.retain(|id, _| view.nodes.contains_key(id));
         let mut changes = Vec::new();
         for (id, ok) in results {
@@ -734,6 +740,34 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
                 }
             }
         }
+    }
+}
+
+/// Notes whether the voters that answered this round (and this node, if it
+/// votes) are a majority; says so in the log when that changes.
+fn note_majority(cluster: &Cluster, view: &membership::ClusterView, results: &[(u64, bool)]) {
+    use std::sync::atomic::Ordering;
+    let me = cluster.id();
+    let voters = view.voters();
+    if voters.is_empty() {
+        return;
+    }
+    let answered =
+        results.iter().filter(|(id, ok)| *ok && voters.contains(id)).count() + usize::from(voters.contains(&me));
+    let majority = answered * 2 > voters.len();
+    let before = cluster.majority.swap(majority, Ordering::Relaxed);
+    if before && !majority {
+        warn!(
+            answered,
+            voters = voters.len(),
+            "cannot reach a majority of the voters: the view and the directory cannot change here; serving mail by the last view"
+        );
+    } else if !before && majority {
+        info!(
+            answered,
+            voters = voters.len(),
+            "a majority of the voters is reachable again"
+        );
     }
 }
 

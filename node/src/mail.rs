@@ -32,6 +32,9 @@ pub trait Mail: Send + Sync + 'static {
     fn lock_mailbox<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, Result<Option<(NodeId, u64)>, MailboxInUse>>;
     /// Gives a lock back at the manager that granted it.
     fn unlock_mailbox<'a>(&'a self, mailbox: &'a str, manager: NodeId, token: u64) -> BoxFuture<'a, ()>;
+    /// Renews a held lock (its lease is short); false if the manager now
+    /// gives the mailbox to someone else.
+    fn renew_mailbox_lock<'a>(&'a self, mailbox: &'a str, manager: NodeId, token: u64) -> BoxFuture<'a, bool>;
 }
 
 impl<N: Network> Mail for Replicator<N> {
@@ -72,5 +75,9 @@ impl<N: Network> Mail for Replicator<N> {
 
     fn unlock_mailbox<'a>(&'a self, mailbox: &'a str, manager: NodeId, token: u64) -> BoxFuture<'a, ()> {
         Box::pin(Replicator::unlock_mailbox(self, mailbox, manager, token))
+    }
+
+    fn renew_mailbox_lock<'a>(&'a self, mailbox: &'a str, manager: NodeId, token: u64) -> BoxFuture<'a, bool> {
+        Box::pin(Replicator::renew_mailbox_lock(self, mailbox, manager, token))
     }
 }

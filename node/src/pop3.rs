@@ -276,7 +276,7 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
                 };
                 // And cluster-wide, at the user's manager.
                 match self.services.mail.lock_mailbox(&mailbox).await {
-                    Ok(token) => lock.cluster = token,
+                    Ok(granted) => lock.hold_cluster(granted),
                     Err(replication::replica::MailboxInUse) => {
                         self.reply("-ERR [IN-USE] mailbox is locked by another session").await?;
                         return Ok(Flow::Close);

@@ -179,6 +179,7 @@ async fn work(replica: Arc<NodeReplicator>, changed: Arc<tokio::sync::Notify>, m
                     }
                 }
                 replica.make_missing_copies().await;
+                replica.retry_unlocks().await;
             }
             _ = anti_entropy.tick() => {
                 replica.anti_entropy_round().await;

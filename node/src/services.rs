@@ -184,14 +184,38 @@ pub struct MailboxLock {
     services: Arc<Services>,
     user: String,
     /// The manager that granted the cluster-wide lock, and its token.
-    pub cluster: Option<(u64, u64)>,
+    cluster: Option<(u64, u64)>,
+    /// Renews the cluster-wide lock's lease while the session lives.
+    renewal: Option<tokio::task::AbortHandle>,
 }
 
 impl MailboxLock {
+    /// Notes the cluster-wide lock (if the manager granted one) and keeps
+    /// its lease renewed until the lock goes.
+    pub fn hold_cluster(&mut self, granted: Option<(u64, u64)>) {
+        self.cluster = granted;
+        let Some((manager, token)) = granted else { return };
+        let (mail, user) = (self.services.mail.clone(), self.user.clone());
+        let every = replication::replica::MAILBOX_LOCK_LEASE / 4;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if !mail.renew_mailbox_lock(&user, manager, token).await {
+                    tracing::warn!(%user, manager, "mailbox lock lost to another session (its lease ran out)");
+                    return;
+                }
+            }
+        });
+        self.renewal = Some(task.abort_handle());
+    }
+
     /// Releases the lock at the manager, waiting for it, then on this node:
     /// a session that ends with QUIT releases before it answers, so that a
     /// client reconnecting right after `+OK` never meets its own lock.
     pub async fn release(mut self) {
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
         if let Some((manager, token)) = self.cluster.take() {
             self.services.mail.unlock_mailbox(&self.user, manager, token).await;
         }
@@ -200,6 +224,9 @@ impl MailboxLock {
 
 impl Drop for MailboxLock {
     fn drop(&mut self) {
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
         self.services
             .pop3_locks
             .lock()
@@ -257,6 +284,7 @@ impl Services {
             services: self.clone(),
             user: user.to_owned(),
             cluster: None,
+            renewal: None,
         })
     }
 

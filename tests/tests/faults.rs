@@ -316,3 +316,140 @@ async fn the_admin_port_checks_the_token_first_and_caps_connections() {
     })
     .await;
 }
+
+/// Whether partitions can be made here; without iptables (or root) the
+/// partition tests are skipped, except in CI (`QUILL_REQUIRE_TOOLS=1`).
+fn partitions_available() -> bool {
+    let ok = process::Partition::available();
+    if !ok {
+        assert!(
+            std::env::var("QUILL_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "iptables (as root) is required (QUILL_REQUIRE_TOOLS=1)"
+        );
+        eprintln!("SKIPPED: iptables is not usable here");
+    }
+    ok
+}
+
+/// A node cut off from the others (its QUIC traffic dropped; clients still
+/// reach it) and then healed: it says it cannot reach a majority, mail it
+/// took alone counts as under-replicated and gets its copies after the
+/// heal, views agree again within seconds, and no mailbox stays locked by
+/// an unlock the partition ate (locks used to outlive the heal for 600 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_converges_after_the_heal() {
+    use quill_harness::client::{Pop3Client, SmtpClient};
+    if !partitions_available() {
+        return;
+    }
+    let _slot = common::cluster_slot().await;
+    let dir = TempDir::new("partition").unwrap();
+    let nodes = process::start_cluster(dir.path(), 3, SECRET, "info").await.unwrap();
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    process::wait_voters(&nodes[0], 3, Duration::from_secs(30))
+        .await
+        .unwrap();
+    process::wait_converged(&all, 3, Duration::from_secs(30)).await.unwrap();
+    nodes[0].add_domain("example.org").await.unwrap();
+    let users: Vec<String> = (0..24).map(|i| format!("p{i}@example.org")).collect();
+    for u in &users {
+        nodes[0].add_user(u, "pw", None).await.unwrap();
+    }
+    common::wait_for("the users on every node", Duration::from_secs(10), || async {
+        let mut all_there = true;
+        for n in &nodes {
+            all_there &= n.user_list().await.is_ok_and(|l| l.len() == users.len());
+        }
+        all_there
+    })
+    .await;
+
+    // POP3 sessions on node 0 hold the 24 mailboxes, each locked at its
+    // manager; some managers are node 2, about to be cut off.
+    let mut sessions = Vec::new();
+    for u in &users {
+        let mut p = Pop3Client::connect(nodes[0].pop3()).await.unwrap();
+        p.login(u, "pw").await.unwrap();
+        sessions.push(p);
+    }
+    let cut_ip = nodes[2].opts.ip;
+    let mut cut = process::Partition::cut(cut_ip).unwrap();
+    let majority: Vec<&NodeProcess> = nodes[..2].iter().collect();
+    process::wait_converged(&majority, 2, Duration::from_secs(20))
+        .await
+        .unwrap();
+    // The sessions end while their managers may be unreachable.
+    for p in sessions {
+        let _ = p.quit().await;
+    }
+    // The cut-off node takes mail alone where it is one of the message's
+    // targets (one copy, counted), and answers 451 where none of the
+    // targets it chose can be reached (nothing stored); it says it cannot
+    // reach a majority.
+    let mut acked = Vec::new();
+    for (i, u) in users.iter().take(8).enumerate() {
+        let mut c = SmtpClient::connect(nodes[2].smtp(), false).await.unwrap();
+        let body = format!("Subject: alone {i}\r\n\r\ntaken while cut off\r\n");
+        let r = c.send_mail("a@b.test", &[u], body.as_bytes()).await.unwrap();
+        match r.last().map(|x| x.code) {
+            Some(250) => acked.push(u.clone()),
+            Some(451) => {}
+            other => panic!("unexpected reply {other:?}: {r:?}"),
+        }
+    }
+    assert!(!acked.is_empty(), "the cut-off node stored some mail alone");
+    let s = nodes[2].status().await.unwrap();
+    assert!(
+        s["under_replicated"].as_u64().unwrap_or(0) >= acked.len() as u64,
+        "copies it could not make count ({} acked): {s}",
+        acked.len()
+    );
+    common::wait_for(
+        "the cut-off node says it has no majority",
+        Duration::from_secs(10),
+        || async {
+            let h = quill_node::admin_client::call(
+                &nodes[2].admin_addr().to_string(),
+                "",
+                hyper::Method::GET,
+                "/health",
+                None,
+            )
+            .await;
+            h.is_ok_and(|(_, v)| v["majority_reachable"] == false)
+        },
+    )
+    .await;
+
+    cut.heal();
+    let healed = Instant::now();
+    process::wait_converged(&all, 3, Duration::from_secs(20))
+        .await
+        .expect("views agree, every node up, after the heal");
+    eprintln!("views agree {:?} after the heal", healed.elapsed());
+    // No mailbox stays locked.
+    for u in &users {
+        common::wait_for(&format!("{u} can log in again"), Duration::from_secs(15), || async {
+            let Ok(mut p) = Pop3Client::connect(nodes[0].pop3()).await else {
+                return false;
+            };
+            let ok = p.login(u, "pw").await.is_ok();
+            let _ = p.quit().await;
+            ok
+        })
+        .await;
+    }
+    eprintln!("every mailbox free {:?} after the heal", healed.elapsed());
+    // The copies the cut-off node could not make are made.
+    common::wait_for("no message under-replicated", Duration::from_secs(40), || async {
+        nodes[0].status().await.is_ok_and(|s| s["under_replicated"] == 0)
+    })
+    .await;
+    eprintln!("under_replicated 0 {:?} after the heal", healed.elapsed());
+    for u in &acked {
+        let mut p = Pop3Client::connect(nodes[1].pop3()).await.unwrap();
+        p.login(u, "pw").await.unwrap();
+        assert_eq!(p.stat().await.unwrap().0, 1, "{u}'s message from the cut-off node");
+        p.quit().await.unwrap();
+    }
+}

@@ -164,6 +164,16 @@ async fn run_faults(run: Arc<Run>, dir: PathBuf, mut faults: Vec<(Duration, Faul
                     });
                     format!("pause n{k} for {how_long:?}")
                 }
+                Fault::Partition(k, how_long) => {
+                    let mut cut = crate::process::Partition::cut(state.ip(k))?;
+                    let run = run.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(how_long).await;
+                        cut.heal();
+                        run.event(format!("heal n{k}"));
+                    });
+                    format!("partition n{k} for {how_long:?}")
+                }
                 Fault::Add => {
                     let k = state.nodes.iter().map(|n| n.k).max().unwrap_or(0) + 1;
                     state.nodes.push(NodeEntry { k, pid: None });
@@ -296,17 +306,23 @@ pub fn parse_faults(
     restart: &[String],
     add: &[String],
     pause: &[String],
+    partition: &[String],
 ) -> anyhow::Result<Vec<(Duration, Fault)>> {
     let mut out = Vec::new();
-    for p in pause {
+    let window = |p: &str| -> anyhow::Result<(u8, Duration, Duration)> {
         let (spec, how_long) = p
             .rsplit_once(':')
-            .ok_or_else(|| anyhow::anyhow!("bad pause {p:?}: want NODE@AT:FOR, e.g. n1@10s:15s"))?;
+            .ok_or_else(|| anyhow::anyhow!("bad fault {p:?}: want NODE@AT:FOR, e.g. n1@10s:15s"))?;
         let (n, at) = super::parse_at(spec)?;
-        out.push((
-            at,
-            Fault::Pause(crate::cluster::parse_node(&n)?, super::parse_duration(how_long)?),
-        ));
+        Ok((crate::cluster::parse_node(&n)?, at, super::parse_duration(how_long)?))
+    };
+    for p in pause {
+        let (k, at, how_long) = window(p)?;
+        out.push((at, Fault::Pause(k, how_long)));
+    }
+    for p in partition {
+        let (k, at, how_long) = window(p)?;
+        out.push((at, Fault::Partition(k, how_long)));
     }
     for k in kill {
         let (n, at) = super::parse_at(k)?;

@@ -70,6 +70,8 @@ pub enum Fault {
     Add,
     /// SIGSTOP for this long, then SIGCONT (a stalled machine or VM).
     Pause(u8, Duration),
+    /// Cut off from the other nodes (their UDP traffic) for this long.
+    Partition(u8, Duration),
 }
 
 pub fn parse_at(s: &str) -> anyhow::Result<(String, Duration)> {

@@ -8,9 +8,12 @@ use std::sync::atomic::Ordering;
 use placement::UserKey;
 use tracing::{debug, info, warn};
 
-use super::protocol::{DELETED_QUERY_MAX, MailboxInUse, Network, NodeId, ReplicaError, Reply, Request};
+use super::protocol::{
+    DELETED_QUERY_MAX, MAILBOX_LOCK_LEASE, MailboxInUse, Network, NodeId, PENDING_UNLOCKS_MAX, ReplicaError, Reply,
+    Request,
+};
 use super::updates::PendingUpdate;
-use super::{DeliverOutcome, Listed, Replicator, is_live, manager_of};
+use super::{DeliverOutcome, Listed, Replicator, is_live, lock, manager_of};
 use crate::{BodyHash, MessageId, Tombstone};
 
 impl<N: Network> Replicator<N> {
@@ -201,17 +204,64 @@ impl<N: Network> Replicator<N> {
     }
 
     /// Releases a lock [`Replicator::lock_mailbox`] took, at the manager
-    /// that granted it (the view may have moved the user since).
+    /// that granted it (the view may have moved the user since). If the
+    /// manager does not answer (down, cut off), the unlock is retried every
+    /// second until the lease would have ended anyway
+    /// ([`Replicator::retry_unlocks`]): a manager cut off by a partition
+    /// keeps its lock table and manages the user again after the heal.
     pub async fn unlock_mailbox(&self, user: &str, manager: NodeId, token: u64) {
-        if !is_live(&self.view(), manager) {
-            // Down: its locks went with it (and its lease ends anyway).
-            return;
-        }
         let req = Request::Unlock {
             user: user.to_owned(),
             token,
         };
-        let _ = self.call(manager, req).await;
+        let sent = is_live(&self.view(), manager) && matches!(self.call(manager, req).await, Ok(Reply::Done));
+        if !sent {
+            let until = self.now_ms() + MAILBOX_LOCK_LEASE.as_millis() as u64;
+            let mut p = lock(&self.pending_unlocks);
+            if p.len() < PENDING_UNLOCKS_MAX {
+                p.push((user.to_owned(), manager, token, until));
+            }
+        }
+    }
+
+    /// Renews a lock this node holds (the same token at the same manager):
+    /// whether the manager still grants it. A manager that does not answer
+    /// counts as granting (availability before exclusivity, as at first).
+    pub async fn renew_mailbox_lock(&self, user: &str, manager: NodeId, token: u64) -> bool {
+        let req = Request::Lock {
+            user: user.to_owned(),
+            token,
+        };
+        !matches!(self.call(manager, req).await, Ok(Reply::Locked { granted: false }))
+    }
+
+    /// Sends the unlocks that failed before, to managers that answer now;
+    /// drops those whose lease has ended. Returns how many were delivered.
+    pub async fn retry_unlocks(&self) -> usize {
+        let now = self.now_ms();
+        let due: Vec<(String, NodeId, u64, u64)> = {
+            let mut p = lock(&self.pending_unlocks);
+            p.retain(|u| u.3 > now);
+            p.clone()
+        };
+        let mut sent = 0;
+        for (user, manager, token, _) in due {
+            if !is_live(&self.view(), manager) {
+                continue;
+            }
+            let req = Request::Unlock {
+                user: user.clone(),
+                token,
+            };
+            if matches!(self.call(manager, req).await, Ok(Reply::Done)) {
+                lock(&self.pending_unlocks).retain(|u| !(u.0 == user && u.2 == token));
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            info!(sent, "mailbox unlocks delivered late");
+        }
+        sent
     }
 
     /// The nodes that may hold the user's fragments, from the manager (or

@@ -167,6 +167,9 @@ pub struct Replicator<N: Network> {
     /// ms): an anti-entropy exchange with the node that completes after the
     /// note made the copy (the node fetches what its set says it holds).
     missing: Mutex<BTreeMap<(String, MessageId), BTreeMap<NodeId, u64>>>,
+    /// Unlocks whose manager did not answer: (user, manager, token, until
+    /// ms of this replicator's clock).
+    pending_unlocks: Mutex<Vec<(String, NodeId, u64, u64)>>,
     pub counters: ReplicaCounters,
 }
 
@@ -245,6 +248,7 @@ impl<N: Network> Replicator<N> {
             lock_seq: AtomicU64::new(0),
             clean_since: Mutex::new(HashMap::new()),
             missing: Mutex::new(BTreeMap::new()),
+            pending_unlocks: Mutex::new(Vec::new()),
             counters: ReplicaCounters::default(),
         })
     }

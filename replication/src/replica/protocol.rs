@@ -24,9 +24,14 @@ pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
 /// Copies noted missing that one node keeps at most (beyond, new notes are
 /// dropped with a warning: anti-entropy still makes them, uncounted).
 pub const MISSING_COPIES_MAX: usize = 100_000;
-/// How long a mailbox lock holds without being released (a session that
-/// ends without unlocking, e.g. its node crashed and is not yet down).
-pub const MAILBOX_LOCK_LEASE: Duration = Duration::from_secs(600);
+/// Unlocks waiting to be retried, at most.
+pub const PENDING_UNLOCKS_MAX: usize = 10_000;
+/// How long a mailbox lock holds unless renewed (its holder renews it every
+/// quarter of this while the session lives): a session that ends without
+/// its unlock arriving (its node crashed, a partition ate the unlock, the
+/// manager was cut off and came back with its table) blocks the mailbox
+/// this long at most. Unlocks that fail are also retried until then.
+pub const MAILBOX_LOCK_LEASE: Duration = Duration::from_secs(60);
 
 /// What a node asks of another.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -733,3 +733,22 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
+
+/// Every request body type parsed from `data` (the fuzz targets' entry).
+#[doc(hidden)]
+pub fn fuzz_bodies(data: &[u8]) {
+    let _ = serde_json::from_slice::<DomainBody>(data);
+    let _ = serde_json::from_slice::<UserBody>(data);
+    let _ = serde_json::from_slice::<PasswordBody>(data);
+    let _ = serde_json::from_slice::<LevelBody>(data);
+    if let Ok(q) = std::str::from_utf8(data) {
+        let _ = serde_urlencoded_like(q);
+    }
+}
+
+/// The query string of `DELETE /v1/users/{address}?purge=...`, parsed as
+/// axum's `Query` does.
+fn serde_urlencoded_like(q: &str) -> Option<bool> {
+    let uri: axum::http::Uri = format!("/x?{q}").parse().ok()?;
+    Query::<RemoveQuery>::try_from_uri(&uri).ok().map(|Query(r)| r.purge)
+}

@@ -24,6 +24,8 @@ pub mod admin_client;
 pub mod cluster;
 pub mod conn;
 pub mod data;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod mail;
 pub mod pop3;
 pub mod replica;

@@ -2,6 +2,8 @@
 //! so that a session runs the same against the cluster (QUIC) and against
 //! an in-memory network in tests, with no socket but the client's.
 
+use std::time::Duration;
+
 use replication::MessageId;
 use replication::replica::{
     BoxFuture, DeliverOutcome, Listed, MailboxInUse, Network, NodeId, ReplicaError, Replicator,
@@ -35,6 +37,10 @@ pub trait Mail: Send + Sync + 'static {
     /// Renews a held lock (its lease is short); false if the manager now
     /// gives the mailbox to someone else.
     fn renew_mailbox_lock<'a>(&'a self, mailbox: &'a str, manager: NodeId, token: u64) -> BoxFuture<'a, bool>;
+    /// Login throttling across the cluster (see `Replicator::throttle`):
+    /// `None` when no counter's manager answered.
+    fn throttle<'a>(&'a self, keys: &'a [(String, u32)], window: Duration, failed: bool)
+    -> BoxFuture<'a, Option<bool>>;
 }
 
 impl<N: Network> Mail for Replicator<N> {
@@ -79,5 +85,14 @@ impl<N: Network> Mail for Replicator<N> {
 
     fn renew_mailbox_lock<'a>(&'a self, mailbox: &'a str, manager: NodeId, token: u64) -> BoxFuture<'a, bool> {
         Box::pin(Replicator::renew_mailbox_lock(self, mailbox, manager, token))
+    }
+
+    fn throttle<'a>(
+        &'a self,
+        keys: &'a [(String, u32)],
+        window: Duration,
+        failed: bool,
+    ) -> BoxFuture<'a, Option<bool>> {
+        Box::pin(Replicator::throttle(self, keys, window, failed))
     }
 }

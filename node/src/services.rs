@@ -42,6 +42,9 @@ pub struct Limits {
     /// Failed logins from one address within `auth_window` before it is
     /// refused for the rest of the window.
     pub auth_failures_max: u32,
+    /// Failed logins on one account, from all addresses together, within
+    /// `auth_window` before the account is refused for the rest of it.
+    pub auth_failures_per_account_max: u32,
     pub auth_window: Duration,
     /// Unknown recipients one client address may name within
     /// `auth_window` before every RCPT from it gets `450 4.7.1`.
@@ -62,6 +65,7 @@ impl Default for Limits {
             connections_max: 1024,
             connections_per_address_max: 64,
             auth_failures_max: 10,
+            auth_failures_per_account_max: 30,
             auth_window: Duration::from_secs(60),
             unknown_recipients_max: 50,
         }
@@ -305,6 +309,19 @@ impl Services {
             }
             _ => user,
         };
+        // Failures are counted cluster-wide, per address and per account, at
+        // each key's manager (every node's own 10 used to add up); this
+        // node's counters stay as the fallback when no manager answers.
+        let keys = [
+            (format!("addr:{ip}"), self.limits.auth_failures_max),
+            (
+                format!("user:{}", user.to_lowercase()),
+                self.limits.auth_failures_per_account_max,
+            ),
+        ];
+        if self.mail.throttle(&keys, self.limits.auth_window, false).await == Some(true) {
+            return Auth::Blocked;
+        }
         let record = self.directory.user(user);
         let cached_ok = record.as_ref().is_some_and(|r| {
             let key = self.auth_cache_key(&r.address, password);
@@ -344,8 +361,11 @@ impl Services {
             return Auth::Ok(record.expect("verified user exists"));
         }
         bump(&self.metrics.auth_failures);
-        let mut st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        count_in_window(&mut st.failures, ip, self.limits.auth_window);
+        {
+            let mut st = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+            count_in_window(&mut st.failures, ip, self.limits.auth_window);
+        }
+        self.mail.throttle(&keys, self.limits.auth_window, true).await;
         Auth::Failed
     }
 

@@ -403,6 +403,12 @@ fn decode_body<T: DeserializeOwned>(body: &[u8], len: usize) -> anyhow::Result<T
     Ok(v)
 }
 
+/// A whole frame (header and body) as it comes off a stream: for the fuzz
+/// targets, which feed it bytes no peer has vouched for.
+pub fn decode_frame<T: DeserializeOwned>(frame: &[u8]) -> anyhow::Result<T> {
+    decode(frame)
+}
+
 fn decode<T: DeserializeOwned>(frame: &[u8]) -> anyhow::Result<T> {
     let Some(h) = frame.first_chunk::<HEADER_BYTES>() else {
         bail!("short frame");

@@ -27,6 +27,8 @@
 //! batch and joins the thread. Dropping the store does the same without
 //! waiting.
 
+#[doc(hidden)]
+pub mod fuzz;
 pub mod hlc;
 #[cfg(feature = "testing")]
 pub mod mem_net;

@@ -453,3 +453,76 @@ async fn a_partitioned_node_converges_after_the_heal() {
         p.quit().await.unwrap();
     }
 }
+
+/// USER/PASS from `from` to a node's POP3 port: the reply to PASS.
+async fn pop3_login_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr, user: &str, pw: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::new(from.into(), 0)).unwrap();
+    let stream = sock.connect(to).await.unwrap();
+    let mut r = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    for cmd in ["", &format!("USER {user}\r\n"), &format!("PASS {pw}\r\n")] {
+        if !cmd.is_empty() {
+            r.get_mut().write_all(cmd.as_bytes()).await.unwrap();
+        }
+        line.clear();
+        tokio::time::timeout(Duration::from_secs(20), r.read_line(&mut line))
+            .await
+            .expect("a reply")
+            .unwrap();
+    }
+    let _ = r.get_mut().write_all(b"QUIT\r\n").await;
+    line
+}
+
+/// Failed logins add up across the cluster: an address gets 10 in all, not
+/// 10 on every node, and an account 30 from all addresses together; an
+/// address's throttle does not keep the owner out from elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_failures_are_counted_across_the_cluster() {
+    let _slot = common::cluster_slot().await;
+    let dir = TempDir::new("bruteforce").unwrap();
+    let nodes = process::start_cluster(dir.path(), 3, SECRET, "info").await.unwrap();
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    process::wait_converged(&all, 3, Duration::from_secs(30)).await.unwrap();
+    nodes[0].add_domain("example.org").await.unwrap();
+    nodes[0].add_user("victim@example.org", "right", None).await.unwrap();
+    common::wait_for("the user on every node", Duration::from_secs(10), || async {
+        let mut ok = true;
+        for n in &nodes {
+            ok &= n.user_list().await.is_ok_and(|l| l.len() == 1);
+        }
+        ok
+    })
+    .await;
+    let base = fresh_loopback().octets();
+    let addr = |n: u8| std::net::Ipv4Addr::new(base[0], base[1], base[2], n);
+    let attacker = addr(20);
+    for i in 0..10 {
+        let r = pop3_login_from(attacker, nodes[i % 3].pop3(), "victim@example.org", "wrong").await;
+        assert!(r.starts_with("-ERR [AUTH]"), "attempt {i}: {r}");
+    }
+    // The 11th, on a node that saw only 3 of them: throttled.
+    let r = pop3_login_from(attacker, nodes[1].pop3(), "victim@example.org", "wrong").await;
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    // The owner, from another address, is not affected.
+    let r = pop3_login_from(addr(21), nodes[2].pop3(), "victim@example.org", "right").await;
+    assert!(r.starts_with("+OK"), "{r}");
+    // Many addresses, a few failures each, one account: throttled for all.
+    for i in 0..30u8 {
+        let r = pop3_login_from(
+            addr(100 + i),
+            nodes[usize::from(i) % 3].pop3(),
+            "victim@example.org",
+            "wrong",
+        )
+        .await;
+        assert!(r.starts_with("-ERR"), "{r}");
+    }
+    let r = pop3_login_from(addr(22), nodes[0].pop3(), "victim@example.org", "right").await;
+    assert!(
+        r.starts_with("-ERR [SYS/TEMP]"),
+        "the account is throttled (for its window): {r}"
+    );
+}

@@ -8,6 +8,7 @@ use tracing::info;
 
 use super::protocol::{
     Answer, BoxFuture, Call, DELETED_QUERY_MAX, DIGESTS_MAX, Envelope, Network, NodeId, ReplicaError, Reply, Request,
+    THROTTLE_KEYS_PER_CALL_MAX,
 };
 use super::{Inflight, Replicator, is_live, lock};
 use crate::Delivery;
@@ -203,6 +204,17 @@ impl<N: Network> Replicator<N> {
                 Request::Unlock { user, token } => {
                     lock(&self.manager).unlock(&user, token);
                     Ok(Reply::Done)
+                }
+                Request::Throttle {
+                    keys,
+                    window_ms,
+                    failed,
+                } => {
+                    let now = self.now_ms();
+                    let mut keys = keys;
+                    keys.truncate(THROTTLE_KEYS_PER_CALL_MAX);
+                    let blocked = lock(&self.manager).throttle(&keys, window_ms, failed, now);
+                    Ok(Reply::Throttled { blocked })
                 }
                 Request::MissingCopies { user, id, missing } => {
                     self.note_missing(user, id, missing);

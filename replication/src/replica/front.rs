@@ -224,6 +224,43 @@ impl<N: Network> Replicator<N> {
         }
     }
 
+    /// Login throttling across the cluster: each key (a client address, an
+    /// account) is counted at its own manager (placement by the key, as for
+    /// users). With `failed`, counts a failure first. `Some(true)` when any
+    /// key is used up; `None` when no manager answered (the caller falls
+    /// back to its own counters).
+    pub async fn throttle(&self, keys: &[(String, u32)], window: std::time::Duration, failed: bool) -> Option<bool> {
+        let view = self.view();
+        let mut by_manager: BTreeMap<NodeId, Vec<(String, u32)>> = BTreeMap::new();
+        for (k, max) in keys {
+            let m = manager_of(&view, k).unwrap_or(self.me);
+            by_manager.entry(m).or_default().push((k.clone(), *max));
+        }
+        let window_ms = window.as_millis() as u64;
+        let asks = by_manager.into_iter().map(|(m, keys)| async move {
+            let req = Request::Throttle {
+                keys,
+                window_ms,
+                failed,
+            };
+            match self.call(m, req).await {
+                Ok(Reply::Throttled { blocked }) => Some(blocked),
+                other => {
+                    debug!(manager = m, error = ?other.err(), "no throttle answer");
+                    None
+                }
+            }
+        });
+        let answers: Vec<Option<bool>> = futures::future::join_all(asks).await;
+        if answers.iter().any(|a| *a == Some(true)) {
+            return Some(true);
+        }
+        if answers.iter().all(Option::is_none) {
+            return None;
+        }
+        Some(false)
+    }
+
     /// Renews a lock this node holds (the same token at the same manager):
     /// whether the manager still grants it. A manager that does not answer
     /// counts as granting (availability before exclusivity, as at first).

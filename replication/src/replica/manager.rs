@@ -17,6 +17,11 @@ use super::{is_live, live_nodes, manager_of};
 
 /// Mailbox locks one manager holds at most.
 pub const MAILBOX_LOCKS_MAX: usize = 100_000;
+/// Login-failure counters (per client address, per account) one manager
+/// keeps at most; past it expired windows go first, then a tenth of the
+/// rest (an attacker with many addresses can at worst reset some counters,
+/// never grow the table).
+pub const THROTTLE_KEYS_MAX: usize = 100_000;
 
 /// Which nodes hold one user's fragments, with their entry and byte counts.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -50,6 +55,9 @@ pub struct Manager {
     boots: HashMap<NodeId, u32>,
     lease_ms: u64,
     locks_max: usize,
+    /// Failed logins per key ("addr:IP", "user:MAILBOX") in fixed windows:
+    /// (window start ms, count). Soft state: a new manager starts afresh.
+    throttle: HashMap<String, (u64, u32)>,
 }
 
 impl Manager {
@@ -63,6 +71,7 @@ impl Manager {
             boots: HashMap::new(),
             lease_ms: MAILBOX_LOCK_LEASE.as_millis() as u64,
             locks_max: MAILBOX_LOCKS_MAX,
+            throttle: HashMap::new(),
         }
     }
 
@@ -223,6 +232,36 @@ impl Manager {
         }
     }
 
+    /// Login throttling for `keys` (each with its most failures per window):
+    /// with `failed`, counts one failure on each first. True when any key
+    /// has used up its failures in the current window.
+    pub fn throttle(&mut self, keys: &[(String, u32)], window_ms: u64, failed: bool, now_ms: u64) -> bool {
+        let live = |start: u64| now_ms.saturating_sub(start) < window_ms;
+        if failed {
+            for (key, _) in keys {
+                if !self.throttle.contains_key(key) && self.throttle.len() >= THROTTLE_KEYS_MAX {
+                    self.throttle.retain(|_, (start, _)| live(*start));
+                    if self.throttle.len() >= THROTTLE_KEYS_MAX {
+                        let drop: Vec<String> = self.throttle.keys().take(THROTTLE_KEYS_MAX / 10).cloned().collect();
+                        for k in drop {
+                            self.throttle.remove(&k);
+                        }
+                    }
+                }
+                let e = self.throttle.entry(key.clone()).or_insert((now_ms, 0));
+                if !live(e.0) {
+                    *e = (now_ms, 0);
+                }
+                e.1 = e.1.saturating_add(1);
+            }
+        }
+        keys.iter().any(|(key, max)| {
+            self.throttle
+                .get(key)
+                .is_some_and(|(start, n)| live(*start) && *n >= *max)
+        })
+    }
+
     /// The user's mail map as held (tests and status).
     pub fn map(&self, user: &str) -> Option<&MailMap> {
         self.maps.get(user)
@@ -359,6 +398,34 @@ mod tests {
         assert_eq!(m.observe(2, 0, 7), 0);
         assert_eq!(m.observe(2, 0, 8), 1, "a new run releases its old locks");
         assert!(m.lock(&v, 3, "b", 5, 1));
+    }
+
+    #[test]
+    fn login_failures_are_throttled_per_key_in_windows_with_bounded_memory() {
+        let mut m = Manager::new(1);
+        let keys = |ip: &str, user: &str| vec![(format!("addr:{ip}"), 3), (format!("user:{user}"), 5)];
+        let w = 1_000;
+        for _ in 0..3 {
+            assert!(!m.throttle(&keys("a", "x"), w, false, 0));
+            m.throttle(&keys("a", "x"), w, true, 0);
+        }
+        assert!(m.throttle(&keys("a", "x"), w, false, 10), "address a used its 3");
+        assert!(!m.throttle(&keys("b", "y"), w, false, 10), "others are not affected");
+        // Account x from other addresses: 2 more failures use up its 5.
+        assert!(!m.throttle(&keys("c", "x"), w, false, 10));
+        m.throttle(&keys("c", "x"), w, true, 10);
+        m.throttle(&keys("d", "x"), w, true, 10);
+        assert!(
+            m.throttle(&keys("e", "x"), w, false, 20),
+            "account x throttled from anywhere"
+        );
+        // ... for the window only: its owner gets back in after it.
+        assert!(!m.throttle(&keys("e", "x"), w, false, 1_001), "the window is over");
+        // Many addresses: the table stays bounded.
+        for i in 0..(THROTTLE_KEYS_MAX + 50) {
+            m.throttle(&[(format!("addr:{i}"), 3)], w, true, 2_000);
+        }
+        assert!(m.throttle.len() <= THROTTLE_KEYS_MAX);
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
 /// Copies noted missing that one node keeps at most (beyond, new notes are
 /// dropped with a warning: anti-entropy still makes them, uncounted).
 pub const MISSING_COPIES_MAX: usize = 100_000;
+/// Keys one throttle call may name (a login names two).
+pub const THROTTLE_KEYS_PER_CALL_MAX: usize = 8;
 /// Unlocks waiting to be retried, at most.
 pub const PENDING_UNLOCKS_MAX: usize = 10_000;
 /// How long a mailbox lock holds unless renewed (its holder renews it every
@@ -122,6 +124,13 @@ pub enum Request {
         id: MessageId,
         missing: Vec<NodeId>,
     },
+    /// Login throttling, cluster-wide, at the manager of each key: count a
+    /// failure on `keys` (when `failed`) and say whether any is used up.
+    Throttle {
+        keys: Vec<(String, u32)>,
+        window_ms: u64,
+        failed: bool,
+    },
 }
 
 impl Request {
@@ -142,6 +151,7 @@ impl Request {
             Request::Lock { .. } => "lock",
             Request::Unlock { .. } => "unlock",
             Request::MissingCopies { .. } => "missing-copies",
+            Request::Throttle { .. } => "throttle",
         }
     }
 }
@@ -178,6 +188,9 @@ pub enum Reply {
     },
     Locked {
         granted: bool,
+    },
+    Throttled {
+        blocked: bool,
     },
 }
 

@@ -1,0 +1,84 @@
+//! Entry points for the fuzz targets in `fuzz/` (libfuzzer) and for the
+//! test that replays their corpus (`tests/tests/fuzz_corpus.rs`): each
+//! takes arbitrary bytes from a client or a peer that has proven nothing
+//! and must never panic, hang or grow without bound. Not an API.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::conn::{Line, read_line};
+use crate::data::{DATA_LINE_BYTES_MAX, DataReader};
+use crate::services::{POP3_LINE_BYTES_MAX, SMTP_COMMAND_BYTES_MAX};
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime")
+    })
+}
+
+/// The lines `read_line` makes of `data` (small buffer: lines cross reads).
+fn lines(data: &[u8], max: usize) -> Vec<Line> {
+    runtime().block_on(async {
+        let mut r = tokio::io::BufReader::with_capacity(7, data);
+        let mut out = Vec::new();
+        loop {
+            match read_line(&mut r, max, Duration::from_secs(5)).await {
+                Ok(Line::Eof) | Err(_) => return out,
+                Ok(l) => out.push(l),
+            }
+        }
+    })
+}
+
+/// SMTP/LMTP: every line as a command (smtp-proto's parser, as the session
+/// calls it), and the same lines as a DATA section (the smuggling-proof
+/// reader). The reader must end at `.` only after a CRLF line, never hold
+/// more than its bound, and account for every byte.
+pub fn smtp(data: &[u8]) {
+    let as_commands = lines(data, SMTP_COMMAND_BYTES_MAX);
+    for l in &as_commands {
+        if let Line::Ok(bytes) = l {
+            let _ = smtp_proto::Request::parse(&mut bytes.iter());
+        }
+    }
+    let max = 4096;
+    let mut reader = DataReader::new(b"Received: x\r\n".to_vec(), max);
+    for l in lines(data, DATA_LINE_BYTES_MAX) {
+        if let crate::data::Step::End(outcome) = reader.line(&l) {
+            if let Ok(body) = outcome {
+                assert!(body.len() <= max, "a message past its bound");
+                assert!(
+                    !body.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'),
+                    "a bare LF kept"
+                );
+            }
+            reader = DataReader::new(Vec::new(), max);
+        }
+    }
+}
+
+/// POP3: every line through the command parser.
+pub fn pop3(data: &[u8]) {
+    for l in lines(data, POP3_LINE_BYTES_MAX) {
+        if let Line::Ok(bytes) = l {
+            let _ = crate::pop3::parse(crate::conn::trim_eol(&bytes));
+        }
+    }
+}
+
+/// The cluster wire: a frame as an unauthenticated peer may send it
+/// (enrollment reads a `ClusterRequest` before any certificate), and a
+/// reply as a peer may send it back.
+pub fn cluster_frame(data: &[u8]) {
+    let _ = crate::wire::decode_frame::<crate::rpc::ClusterRequest>(data);
+    let _ = crate::wire::decode_frame::<crate::rpc::ClusterReply>(data);
+}
+
+/// The admin API's JSON bodies (parsed only after the token: still input).
+pub fn admin_json(data: &[u8]) {
+    crate::admin::fuzz_bodies(data);
+}

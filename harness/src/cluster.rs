@@ -107,23 +107,10 @@ impl ClusterState {
         serde_json::from_str(&text).with_context(|| format!("bad {}", path.display()))
     }
 
-    /// Written whole or not at all (temporary file, then rename).
+    /// Written whole or not at all, and private: it holds the admin token
+    /// and the users' password.
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-        // Private: it holds the admin token and the users' password.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, Self::path(dir))?;
-        Ok(())
+        quill_node::wire::write_private(&Self::path(dir), &serde_json::to_vec_pretty(self)?)
     }
 
     pub fn ip(&self, k: u8) -> Ipv4Addr {

@@ -90,7 +90,9 @@ pub struct NodeIdentity {
     pub ca: CertificateDer<'static>,
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes a file only its owner may read (0600), whole or not at all
+/// (temporary file, fsync, rename, directory fsync).
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

@@ -315,13 +315,7 @@ async fn trickling_clients_are_cut_off() {
 
     // DATA at 50 bytes a second, far below the minimum: cut past the grace.
     let mut c = start_smtp();
-    assert!(c.reply().await.starts_with("220 "));
-    c.send("EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
-        .await;
-    for _ in 0..3 {
-        assert!(c.reply().await.starts_with("250"));
-    }
-    assert!(c.reply().await.starts_with("354 "));
+    begin_data(&mut c).await;
     let t0 = std::time::Instant::now();
     let mut cut = None;
     for _ in 0..40 {
@@ -345,14 +339,8 @@ async fn trickling_clients_are_cut_off() {
 
     // A message at full speed is fine with the same limits.
     let mut c = start_smtp();
-    assert!(c.reply().await.starts_with("220 "));
+    begin_data(&mut c).await;
     let body = format!("{}\r\n", "x".repeat(70)).repeat(2000);
-    c.send("EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
-        .await;
-    for _ in 0..3 {
-        assert!(c.reply().await.starts_with("250"));
-    }
-    assert!(c.reply().await.starts_with("354 "));
     c.send(&format!("{body}.\r\n")).await;
     let r = c.reply().await;
     assert!(r.starts_with("250 2.0.0"), "{r}");

@@ -252,7 +252,7 @@ impl<N: Network> Replicator<N> {
             }
         });
         let answers: Vec<Option<bool>> = futures::future::join_all(asks).await;
-        if answers.iter().any(|a| *a == Some(true)) {
+        if answers.contains(&Some(true)) {
             return Some(true);
         }
         if answers.iter().all(Option::is_none) {

@@ -123,6 +123,9 @@ async fn health(State(s): State<AdminState>) -> Response {
             "cannot reach a majority of the voters: the view and directory cannot change here; mail is served by the last view",
         );
     }
+    if s.replica.store().disk_full() {
+        warnings.push("disk full: deliveries get 451 until deletions or the operator free space");
+    }
     match me.map(|n| n.state) {
         Some(membership::NodeState::Down) => warnings.push("this node is marked down in its own view (not caught up)"),
         None => warnings.push("this node is not in its own view (not caught up)"),

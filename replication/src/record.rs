@@ -99,11 +99,14 @@ fn push_record(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
     }
 }
 
+/// Bytes of a body record before its body: header, kind, hash.
+pub(crate) const BODY_PREFIX_BYTES: u64 = (HEADER_BYTES + 1 + 32) as u64;
+
 /// Encodes a body record; returns the offset of the message bytes from the
 /// start of the record.
 pub(crate) fn encode_body(out: &mut Vec<u8>, hash: &BodyHash, body: &[u8]) -> u64 {
     push_record(out, KIND_BODY, &[&hash.0, body]);
-    (HEADER_BYTES + 1 + 32) as u64
+    BODY_PREFIX_BYTES
 }
 
 pub(crate) fn encode_entry(out: &mut Vec<u8>, entry: &EntryRecord) {
@@ -140,6 +143,14 @@ pub(crate) fn scan(data: &[u8], mut f: impl FnMut(u64, u64, Decoded)) -> Scan {
             Ok((len, decoded)) => {
                 f(pos as u64, len as u64, decoded);
                 pos += len;
+            }
+            Err(_) if data[pos] == 0 && data[pos..].iter().any(|b| *b != 0) => {
+                // A dead record the store zeroed to give its space back
+                // (`FragmentStore` reclaims dead bodies when the disk is
+                // full): skip the zeros to the next record. (A record
+                // never starts with a zero byte: the magic does not.) A
+                // zero run to the end is a torn tail like any other.
+                pos += data[pos..].iter().position(|b| *b != 0).expect("a non-zero byte");
             }
             Err(why) => {
                 // Resync: the next offset holding the magic and a valid record.

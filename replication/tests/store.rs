@@ -1171,3 +1171,103 @@ async fn a_failed_fsync_stops_the_store_taking_writes() {
     let after = deliver_msg(&store, &["alice"], T0 + 9, bytes(9, 200)).await;
     assert_present(&store, &[before, after], "writes again after the restart").await;
 }
+
+/// A store on a small file system (a 4 MiB tmpfs mounted for the test, as
+/// root), one segment: once the disk is full deliveries fail (the node
+/// answers 451), deleting a third of the mail gives its space back in place
+/// (dead bodies zeroed and punched out: nothing sealed to clean, no room to
+/// copy), and the store takes mail again; after a restart everything live
+/// reads back and nothing deleted returns. (Deleting freed nothing before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_takes_mail_again_after_deletions() {
+    let dir = TempDir::new("fulldisk");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var("QUILL_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "mounting a tmpfs (root) is required (QUILL_REQUIRE_TOOLS=1)"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let store_dir = mnt.join("store");
+    let store = open(&store_dir, DEFAULT_SEGMENT);
+    let mut kept = Vec::new();
+    let mut n = 0u64;
+    let full = loop {
+        let id = store.new_message_id(T0 + n);
+        let body = bytes(n, 16 * 1024);
+        let d = Delivery {
+            id,
+            arrival_ms: T0 + n,
+            users: vec!["alice".into()],
+            folder: "INBOX".into(),
+            body: body.clone(),
+            replicas: vec![],
+        };
+        match store.deliver(d).await {
+            Ok(_) => kept.push(Msg {
+                users: vec!["alice"],
+                id,
+                body,
+            }),
+            Err(e) => break e,
+        }
+        n += 1;
+        assert!(n < 1000, "a 4 MiB disk never filled");
+    };
+    eprintln!("disk full after {} messages: {full}", kept.len());
+    assert!(kept.len() > 100, "{}", kept.len());
+    assert_eq!(store.failure(), None, "a full disk does not stop the store for good");
+    assert!(store.disk_full());
+    assert_eq!(store.stats().segments, 1);
+    // Still full.
+    let r = store
+        .deliver(Delivery {
+            id: store.new_message_id(T0 + 5000),
+            arrival_ms: T0 + 5000,
+            users: vec!["alice".into()],
+            folder: "INBOX".into(),
+            body: bytes(5000, 16 * 1024),
+            replicas: vec![],
+        })
+        .await;
+    assert!(r.is_err());
+    // Delete every third message.
+    let (mut gone, mut live) = (Vec::new(), Vec::new());
+    for (i, m) in kept.into_iter().enumerate() {
+        if i % 3 == 0 { gone.push(m) } else { live.push(m) }
+    }
+    for chunk in gone.chunks(8) {
+        store
+            .delete("alice", chunk.iter().map(|m| m.id).collect())
+            .await
+            .expect("deleting works on a full disk");
+    }
+    // Mail fits again.
+    let mut after = Vec::new();
+    for k in 0..10u64 {
+        after.push(deliver_msg(&store, &["alice"], T0 + 10_000 + k, bytes(10_000 + k, 16 * 1024)).await);
+    }
+    assert!(!store.disk_full());
+    assert_present(&store, &live, "after the space came back").await;
+    assert_present(&store, &after, "the new mail").await;
+    let store = reopen(store, &store_dir, DEFAULT_SEGMENT);
+    assert_present(&store, &live, "after a restart").await;
+    assert_present(&store, &after, "the new mail after a restart").await;
+    assert_absent(&store, &gone, &["alice"], "deleted mail after a restart");
+    store.close();
+}

@@ -62,8 +62,14 @@ pub(super) struct Segment {
     pub(super) live_bytes: u64,
 }
 
+/// Dead body records remembered for reclaiming at most.
+pub(super) const DEAD_BODIES_MAX: usize = 1_000_000;
+
 #[derive(Debug, Default)]
 pub(super) struct Index {
+    /// Dead body records not yet given back: (segment, record start,
+    /// record length). See [`Index::note_dead_body`].
+    pub(super) dead_bodies: Vec<(u32, u64, u64)>,
     pub(super) mailboxes: HashMap<String, Mailbox>,
     pub(super) bodies: HashMap<BodyHash, BodyLoc>,
     pub(super) segments: BTreeMap<u32, Segment>,
@@ -172,6 +178,17 @@ impl Index {
             let b = self.bodies.remove(hash).expect("present");
             self.sub_live(b.seg, b.record_len);
             self.body_bytes -= b.body_len;
+            self.note_dead_body(&b);
+        }
+    }
+
+    /// Remembers where a dead body record lies, so that its space can be
+    /// given back in place when the disk is full (bounded: past the bound
+    /// only compaction frees it).
+    pub(super) fn note_dead_body(&mut self, b: &BodyLoc) {
+        if self.dead_bodies.len() < DEAD_BODIES_MAX {
+            let start = b.body_offset - crate::record::BODY_PREFIX_BYTES;
+            self.dead_bodies.push((b.seg, start, b.record_len));
         }
     }
 
@@ -233,6 +250,9 @@ pub(super) struct Shared {
     /// the same pages: after a failure the kernel may already have dropped
     /// them and a second fsync would report success over lost data.
     pub(super) failed: std::sync::OnceLock<String>,
+    /// The disk is full: deliveries are refused until space is freed (the
+    /// writer's own flag, mirrored for `FragmentStore::disk_full`).
+    pub(super) disk_full: std::sync::atomic::AtomicBool,
     /// Tests: make the next fsync fail (see `FragmentStore::inject_sync_failure`).
     pub(super) fail_next_sync: std::sync::atomic::AtomicBool,
 }

@@ -227,6 +227,12 @@ impl FragmentStore {
         (open && writer_gone).then(|| "the store writer thread is gone".to_owned())
     }
 
+    /// Whether the disk is full: deliveries are refused (451) and deletions
+    /// taken, their space given back in place, until there is room again.
+    pub fn disk_full(&self) -> bool {
+        self.shared.disk_full.load(Ordering::Relaxed)
+    }
+
     /// Tests: the next fsync of a segment fails as if the disk had.
     #[cfg(feature = "testing")]
     pub fn inject_sync_failure(&self) {

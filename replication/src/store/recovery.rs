@@ -140,8 +140,12 @@ impl FragmentStore {
                 },
             );
         }
-        // Bodies nobody references are dead space for the cleaner.
-        index.bodies.retain(|_, b| b.refs > 0);
+        // Bodies nobody references are dead space for the cleaner (and for
+        // reclaiming in place when the disk fills).
+        let dead: Vec<BodyLoc> = index.bodies.extract_if(|_, b| b.refs == 0).map(|(_, b)| b).collect();
+        for b in &dead {
+            index.note_dead_body(b);
+        }
 
         // The active segment: the last one if there is room, else a new one.
         let active = match index.segments.last_key_value() {
@@ -166,15 +170,20 @@ impl FragmentStore {
             id_nonce: random_bytes(),
             id_counter: AtomicU64::new(0),
             failed: Default::default(),
+            disk_full: Default::default(),
             fail_next_sync: Default::default(),
         });
+        let has_reserve = super::writer::make_reserve(&config.dir);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
         let writer = Writer {
             shared: shared.clone(),
             active,
             segment_bytes_max: config.segment_bytes_max,
             batch_seq: 0,
+            // Opened on a full disk: deletions first (see the writer).
+            space_short: !has_reserve,
         };
+        shared.disk_full.store(!has_reserve, Ordering::Relaxed);
         let handle = std::thread::Builder::new()
             .name("quill-store-writer".into())
             .spawn(move || writer.run(rx))?;

@@ -126,6 +126,28 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A load with faults drawn from --seed (kill -9 and restart, pauses,
+    /// partitions; one at a time, the last fifth of the run to heal), then
+    /// verify; fails if anything acknowledged was lost or deleted mail came
+    /// back. The schedule is printed; the same seed draws it again.
+    Chaos {
+        #[arg(long, default_value_os_t = cli::default_dir())]
+        dir: PathBuf,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// How many faults.
+        #[arg(long, default_value_t = 4)]
+        faults: usize,
+        /// Which kinds to draw from (partitions need root and iptables;
+        /// left out with a note otherwise).
+        #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition")]
+        kinds: Vec<cli::chaos::Kind>,
+        #[arg(long)]
+        out: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Run the same closed-loop load on clusters of each size and R, and
     /// draw throughput vs nodes (scale.json, scale.svg, scale.png in --dir).
     Scale {
@@ -335,6 +357,24 @@ fn main() -> anyhow::Result<()> {
             })
             .await
             .map(drop),
+            Cmd::Chaos {
+                dir,
+                load,
+                faults,
+                kinds,
+                out,
+                quiet,
+            } => {
+                cli::chaos(cli::ChaosArgs {
+                    dir,
+                    cfg: load.config()?,
+                    faults,
+                    kinds,
+                    out,
+                    progress: !quiet,
+                })
+                .await
+            }
             Cmd::Verify { target, out } => {
                 cli::verify(cli::hosts_or_dir(target.dir, target.hosts)?, target.password, out)
                     .await

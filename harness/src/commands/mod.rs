@@ -9,6 +9,7 @@
 pub mod bench_failover;
 pub mod bench_node;
 pub mod bench_replication;
+pub mod chaos;
 pub mod demo;
 pub mod load;
 pub mod nodes;
@@ -26,6 +27,7 @@ use crate::cluster::ClusterState;
 use crate::load::Target;
 use crate::process::{ADMIN_PORT, POP3_PORT, SMTP_PORT};
 
+pub use chaos::{ChaosArgs, chaos};
 pub use load::{LoadArgs, load};
 pub use nodes::{add, down, drain, kill, restart, status};
 pub use scale::scale;

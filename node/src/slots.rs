@@ -128,7 +128,7 @@ impl Slots {
             let e = inner.sessions.get_mut(&victim).expect("found");
             e.evicted = true;
             let _ = e.close.send(true);
-            tracing::info!(client = %e.ip, "connections full: closing the longest-idle session");
+            tracing::debug!(client = %e.ip, "connections full: closing the longest-idle session");
         }
         let id = inner.next_id;
         inner.next_id += 1;

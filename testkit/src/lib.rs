@@ -37,6 +37,31 @@ impl Drop for TempDir {
     }
 }
 
+/// Whether a test may use something this machine may lack (a program, root,
+/// iptables): `ok` as given, with a `SKIPPED: <what>` line when it is
+/// false. Where `QUILL_REQUIRE_TOOLS=1` (as in CI) a lack is a failure
+/// instead, so that a CI machine cannot skip the test silently.
+pub fn available(ok: bool, what: &str) -> bool {
+    if !ok {
+        assert!(
+            std::env::var("QUILL_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "required here (QUILL_REQUIRE_TOOLS=1): {what}"
+        );
+        eprintln!("SKIPPED: {what}");
+    }
+    ok
+}
+
+/// Whether `name` is a program on `PATH`, as [`available`] says it.
+pub fn program(name: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    available(found, &format!("{name} is not installed"))
+}
+
 /// The seeds a seeded test runs: `SEED` from the environment alone, else
 /// `defaults`.
 pub fn seeds(defaults: &[u64]) -> Vec<u64> {

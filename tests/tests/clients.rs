@@ -15,19 +15,7 @@ use quill_harness::Pop3Client;
 use quill_harness::client::strip_received;
 
 fn tool(name: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("QUILL_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "{name} is required (QUILL_REQUIRE_TOOLS=1)"
-        );
-        eprintln!("SKIPPED: {name} is not installed");
-    }
-    found
+    testkit::program(name)
 }
 
 fn run(cmd: &mut Command) -> String {

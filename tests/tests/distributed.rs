@@ -279,16 +279,7 @@ print("python across nodes ok")
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_clients_against_different_nodes() {
     let _slot = common::cluster_slot().await;
-    let found = Command::new("sh")
-        .args(["-c", "command -v python3"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("QUILL_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "python3 is required"
-        );
-        eprintln!("SKIPPED: python3 is not installed");
+    if !testkit::program("python3") {
         return;
     }
     let (_dir, nodes) = cluster("distpy", 3, &["alice@example.org".to_owned()]).await;

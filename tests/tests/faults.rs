@@ -320,15 +320,7 @@ async fn the_admin_port_checks_the_token_first_and_caps_connections() {
 /// Whether partitions can be made here; without iptables (or root) the
 /// partition tests are skipped, except in CI (`QUILL_REQUIRE_TOOLS=1`).
 fn partitions_available() -> bool {
-    let ok = process::Partition::available();
-    if !ok {
-        assert!(
-            std::env::var("QUILL_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "iptables (as root) is required (QUILL_REQUIRE_TOOLS=1)"
-        );
-        eprintln!("SKIPPED: iptables is not usable here");
-    }
-    ok
+    testkit::available(process::Partition::available(), "iptables (as root) is not usable here")
 }
 
 /// A node cut off from the others (its QUIC traffic dropped; clients still

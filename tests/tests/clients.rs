@@ -14,10 +14,6 @@ use common::{PASSWORD, node};
 use quill_harness::Pop3Client;
 use quill_harness::client::strip_received;
 
-fn tool(name: &str) -> bool {
-    testkit::program(name)
-}
-
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("runs");
     let text = format!(
@@ -86,7 +82,7 @@ async fn python(script: &'static str, node: &quill_harness::NodeProcess) -> Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_smtplib_and_poplib() {
-    if !tool("python3") {
+    if !testkit::program("python3") {
         return;
     }
     let (_d, node) = node("python", &[]).await;
@@ -120,7 +116,7 @@ print("python utf8 ok")
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_smtputf8_and_pop3_utf8() {
-    if !tool("python3") {
+    if !testkit::program("python3") {
         return;
     }
     let (_d, node) = node("python-utf8", &[]).await;
@@ -131,7 +127,7 @@ async fn python_smtputf8_and_pop3_utf8() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swaks_over_smtp_and_lmtp() {
-    if !tool("swaks") {
+    if !testkit::program("swaks") {
         return;
     }
     let (_d, node) = node("swaks", &[]).await;
@@ -178,7 +174,7 @@ async fn swaks_over_smtp_and_lmtp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_smtp_source() {
-    if !tool("smtp-source") {
+    if !testkit::program("smtp-source") {
         return;
     }
     let (_d, node) = node("smtp-source", &[]).await;

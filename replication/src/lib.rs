@@ -36,7 +36,7 @@ mod record;
 pub mod replica;
 mod store;
 
-pub use store::{CompactReport, Delivery, FragmentStore, StoreConfig, StoreError, StoreStats, UserUsage};
+pub use store::{CompactReport, Delivery, FragmentStore, Placed, StoreConfig, StoreError, StoreStats, UserUsage};
 
 use serde::{Deserialize, Serialize};
 
@@ -101,6 +101,43 @@ pub struct EntryMeta {
     pub flags: u32,
     /// The message's replica set: the nodes meant to hold it.
     pub replicas: Vec<u64>,
+    /// The version of `replicas`: the hybrid logical clock of the repair or
+    /// move that chose them, 0 for the set chosen at delivery. When two
+    /// copies disagree, the newer set wins.
+    pub placed: u64,
+    /// Earlier members that later sets left out, most recent first (at
+    /// most [`PRIOR_MAX`]): they may still hold a copy of an older set, or a
+    /// move marker, so anti-entropy pairs them with this copy's holders
+    /// too, and a deletion is sent to them as well.
+    pub prior: Vec<u64>,
+}
+
+/// Earlier members an entry remembers at most.
+pub const PRIOR_MAX: usize = 8;
+
+impl EntryMeta {
+    /// Whether `node` is in the replica set or among its earlier members.
+    pub fn involves(&self, node: u64) -> bool {
+        self.replicas.contains(&node) || self.prior.contains(&node)
+    }
+
+    /// The replica set and the earlier members, in one sorted list.
+    pub fn everyone(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = self.replicas.iter().chain(&self.prior).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+}
+
+/// A new replica set for one message: `replicas` (sorted), the earlier
+/// members it leaves out (`prior`), and its version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetChange {
+    pub id: MessageId,
+    pub replicas: Vec<u64>,
+    pub prior: Vec<u64>,
+    pub placed: u64,
 }
 
 /// A deletion: message `id` is gone from the mailbox as of `hlc` (a hybrid
@@ -118,6 +155,19 @@ pub struct Tombstone {
 pub enum SyncItem {
     Live(EntryMeta),
     Dead(Tombstone),
+    /// Not held here any more: a newer replica set left this node out.
+    Moved(Moved),
+}
+
+/// A move marker: this node dropped its copy of message `id` when the newer
+/// replica set `to` (version `placed`) left it out; `replicas` are that
+/// set and its earlier members (this node among them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moved {
+    pub id: MessageId,
+    pub replicas: Vec<u64>,
+    pub to: Vec<u64>,
+    pub placed: u64,
 }
 
 impl SyncItem {
@@ -125,6 +175,7 @@ impl SyncItem {
         match self {
             SyncItem::Live(m) => m.id,
             SyncItem::Dead(t) => t.id,
+            SyncItem::Moved(m) => m.id,
         }
     }
 
@@ -132,6 +183,17 @@ impl SyncItem {
         match self {
             SyncItem::Live(m) => &m.replicas,
             SyncItem::Dead(t) => &t.replicas,
+            SyncItem::Moved(m) => &m.replicas,
+        }
+    }
+
+    /// Whether anti-entropy compares this item with `node`: a copy with
+    /// the members of its set and the earlier ones, a deletion or move
+    /// marker with the nodes it names.
+    pub fn involves(&self, node: u64) -> bool {
+        match self {
+            SyncItem::Live(m) => m.involves(node),
+            _ => self.replicas().contains(&node),
         }
     }
 }

@@ -71,6 +71,10 @@ impl MemRouter {
         }
     }
 
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     pub fn register(&self, id: NodeId, node: Weak<dyn Serve>) {
         self.state().nodes.insert(id, node);
     }

@@ -5,9 +5,14 @@
 //! header  = magic:u32le  payload_len:u32le  checksum:[u8; 32]     (40 bytes)
 //! payload = kind:u8  body...
 //!   kind 1 (body):   body_hash:[u8; 32]  message bytes
-//!   kind 2 (entry):  bincode(EntryRecord)
+//!   kind 2 (entry, before replica-set versions): bincode(EntryRecord
+//!                    without `placed`), read as `placed` 0; no longer written
 //!   kind 3 (delete): bincode(DeleteRecord)
 //!   kind 4 (commit): batch:u64le      (ends one group commit)
+//!   kind 5 (entry):  bincode(EntryRecord)
+//!   kind 6 (moved):  bincode(DeleteRecord) with `moved` set: this node's
+//!                    copy was handed to a newer replica set (kind 3 holds
+//!                    the same fields but `moved`, always absent there)
 //! checksum = blake3(payload)
 //! ```
 //! A record is valid only if its magic, length and checksum all hold. After
@@ -33,6 +38,8 @@ pub(crate) const KIND_BODY: u8 = 1;
 pub(crate) const KIND_ENTRY: u8 = 2;
 pub(crate) const KIND_DELETE: u8 = 3;
 pub(crate) const KIND_COMMIT: u8 = 4;
+pub(crate) const KIND_ENTRY_PLACED: u8 = 5;
+pub(crate) const KIND_MOVED: u8 = 6;
 
 /// One mailbox entry: `user` holds message `id`, whose bytes are the body
 /// named `body`.
@@ -47,6 +54,24 @@ pub(crate) struct EntryRecord {
     pub flags: u32,
     /// The nodes that hold this message (its replica set, ids in the view).
     pub replicas: Vec<u64>,
+    /// The hybrid logical clock of the decision that made `replicas` the
+    /// replica set (0: the set chosen at delivery). The newest set wins.
+    pub placed: u64,
+    /// Earlier members later sets left out (see `EntryMeta::prior`).
+    pub prior: Vec<u64>,
+}
+
+/// Kind 2, written before replica sets had versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct EntryRecordV1 {
+    user: String,
+    id: MessageId,
+    body: BodyHash,
+    size_bytes: u64,
+    arrival_ms: u64,
+    folder: String,
+    flags: u32,
+    replicas: Vec<u64>,
 }
 
 /// A tombstone: `user` no longer holds message `id`, deleted at hybrid
@@ -58,6 +83,22 @@ pub(crate) struct DeleteRecord {
     pub id: MessageId,
     pub hlc: u64,
     pub replicas: Vec<u64>,
+    /// Not a deletion but a *move marker*: this node's copy was dropped
+    /// because a newer replica set `(set, version)` leaves it out (the
+    /// message lives on there). `replicas` are then that set and its
+    /// earlier members, the nodes anti-entropy compares it with; `hlc` is
+    /// the version. It keeps a copy of an older set from coming back here
+    /// and tells older holders the newer set.
+    pub moved: Option<(Vec<u64>, u64)>,
+}
+
+/// Kind 3: a deletion as written before move markers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct DeleteRecordV1 {
+    user: String,
+    id: MessageId,
+    hlc: u64,
+    replicas: Vec<u64>,
 }
 
 /// What one record says, as read back.
@@ -111,11 +152,22 @@ pub(crate) fn encode_body(out: &mut Vec<u8>, hash: &BodyHash, body: &[u8]) -> u6
 
 pub(crate) fn encode_entry(out: &mut Vec<u8>, entry: &EntryRecord) {
     let bytes = bincode::serde::encode_to_vec(entry, bincode_config()).expect("entry encodes");
-    push_record(out, KIND_ENTRY, &[&bytes]);
+    push_record(out, KIND_ENTRY_PLACED, &[&bytes]);
 }
 
 pub(crate) fn encode_delete(out: &mut Vec<u8>, delete: &DeleteRecord) {
-    let bytes = bincode::serde::encode_to_vec(delete, bincode_config()).expect("delete encodes");
+    if delete.moved.is_some() {
+        let bytes = bincode::serde::encode_to_vec(delete, bincode_config()).expect("move encodes");
+        push_record(out, KIND_MOVED, &[&bytes]);
+        return;
+    }
+    let v1 = DeleteRecordV1 {
+        user: delete.user.clone(),
+        id: delete.id,
+        hlc: delete.hlc,
+        replicas: delete.replicas.clone(),
+    };
+    let bytes = bincode::serde::encode_to_vec(&v1, bincode_config()).expect("delete encodes");
     push_record(out, KIND_DELETE, &[&bytes]);
 }
 
@@ -202,14 +254,43 @@ fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), &'static str> {
                 body_offset: (pos + HEADER_BYTES + 33) as u64,
                 body_len: (payload_len - 33) as u64,
             },
-            KIND_ENTRY => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
+            KIND_ENTRY => {
+                match bincode::serde::decode_from_slice::<EntryRecordV1, _>(&payload[1..], bincode_config()) {
+                    Ok((e, _)) => Decoded::Entry(EntryRecord {
+                        user: e.user,
+                        id: e.id,
+                        body: e.body,
+                        size_bytes: e.size_bytes,
+                        arrival_ms: e.arrival_ms,
+                        folder: e.folder,
+                        flags: e.flags,
+                        replicas: e.replicas,
+                        placed: 0,
+                        prior: Vec::new(),
+                    }),
+                    Err(_) => return Err("undecodable entry"),
+                }
+            }
+            KIND_ENTRY_PLACED => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
                 Ok((e, _)) => Decoded::Entry(e),
                 Err(_) => return Err("undecodable entry"),
             },
-            KIND_DELETE => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
-                Ok((d, _)) => Decoded::Delete(d),
-                Err(_) => return Err("undecodable delete"),
+            KIND_MOVED => match bincode::serde::decode_from_slice::<DeleteRecord, _>(&payload[1..], bincode_config()) {
+                Ok((d, _)) if d.moved.is_some() => Decoded::Delete(d),
+                _ => return Err("undecodable move"),
             },
+            KIND_DELETE => {
+                match bincode::serde::decode_from_slice::<DeleteRecordV1, _>(&payload[1..], bincode_config()) {
+                    Ok((d, _)) => Decoded::Delete(DeleteRecord {
+                        user: d.user,
+                        id: d.id,
+                        hlc: d.hlc,
+                        replicas: d.replicas,
+                        moved: None,
+                    }),
+                    Err(_) => return Err("undecodable delete"),
+                }
+            }
             KIND_COMMIT if payload.len() == 9 => Decoded::Commit,
             _ => return Err("unknown kind"),
         };
@@ -231,6 +312,8 @@ mod tests {
             folder: "INBOX".into(),
             flags: 0,
             replicas: vec![1, 2],
+            placed: 0,
+            prior: Vec::new(),
         }
     }
 
@@ -249,6 +332,7 @@ mod tests {
                 id: MessageId([7; 16]),
                 hlc: 1 << 16,
                 replicas: vec![1, 2],
+                moved: None,
             },
         );
         let mut seen = Vec::new();
@@ -286,5 +370,42 @@ mod tests {
         assert!(kinds[0].starts_with("Entry") && kinds[1].starts_with("Delete"));
         assert_eq!(found.corrupt.len(), 1);
         assert_eq!(found.torn, None);
+    }
+
+    #[test]
+    fn old_entries_read_as_placed_zero_and_move_markers_round_trip() {
+        let e = entry();
+        let old = EntryRecordV1 {
+            user: e.user.clone(),
+            id: e.id,
+            body: e.body,
+            size_bytes: e.size_bytes,
+            arrival_ms: e.arrival_ms,
+            folder: e.folder.clone(),
+            flags: e.flags,
+            replicas: e.replicas.clone(),
+        };
+        let mut buf = Vec::new();
+        let bytes = bincode::serde::encode_to_vec(&old, bincode_config()).expect("encodes");
+        push_record(&mut buf, KIND_ENTRY, &[&bytes]);
+        let placed = EntryRecord {
+            placed: 77,
+            prior: vec![4],
+            ..entry()
+        };
+        encode_entry(&mut buf, &placed);
+        let moved = DeleteRecord {
+            user: e.user.clone(),
+            id: e.id,
+            hlc: 99,
+            replicas: vec![2],
+            moved: Some((vec![1, 3], 99)),
+        };
+        encode_delete(&mut buf, &moved);
+        let mut seen = Vec::new();
+        assert_eq!(scan(&buf, |_, _, d| seen.push(d)), Scan::default());
+        assert!(matches!(&seen[0], Decoded::Entry(r) if *r == e), "{:?}", seen[0]);
+        assert!(matches!(&seen[1], Decoded::Entry(r) if *r == placed), "{:?}", seen[1]);
+        assert!(matches!(&seen[2], Decoded::Delete(d) if *d == moved), "{:?}", seen[2]);
     }
 }

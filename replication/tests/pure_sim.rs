@@ -136,6 +136,8 @@ impl Sim {
             folder: "INBOX".into(),
             flags: 0,
             replicas: targets.clone(),
+            placed: 0,
+            prior: Vec::new(),
         };
         let mut stored = false;
         for t in &targets {

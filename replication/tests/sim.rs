@@ -50,6 +50,14 @@ struct Node {
     id: u64,
     dir: TempDir,
     rep: Option<Arc<Rep>>,
+    /// Draining (in the view as such) or removed (no longer in the view).
+    draining: bool,
+    removed: bool,
+    /// What the node held when it last went down (healing runs), and
+    /// whether its update log still had deletions to send.
+    held: BTreeSet<(String, MessageId)>,
+    dead_held: BTreeSet<(String, MessageId)>,
+    pending_at_crash: usize,
 }
 
 struct Sim {
@@ -66,6 +74,10 @@ struct Sim {
 }
 
 fn open(router: &Arc<MemRouter>, id: u64, dir: &TempDir) -> Arc<Rep> {
+    open_with(router, id, dir, |_| {})
+}
+
+fn open_with(router: &Arc<MemRouter>, id: u64, dir: &TempDir, tune: impl FnOnce(&mut ReplicaConfig)) -> Arc<Rep> {
     let store = FragmentStore::open(StoreConfig {
         dir: dir.path().join("store"),
         segment_bytes_max: 16 << 10,
@@ -78,6 +90,7 @@ fn open(router: &Arc<MemRouter>, id: u64, dir: &TempDir) -> Arc<Rep> {
     // Tombstones go as soon as every replica is known to hold them, so that
     // the run exercises their removal.
     cfg.tombstone_min_age = Duration::ZERO;
+    tune(&mut cfg);
     let rep = Arc::new(Replicator::new(id, Arc::new(store), router.net(id), cfg).expect("replicator"));
     let serve: Arc<dyn Serve> = rep.clone();
     router.register(id, Arc::downgrade(&serve));
@@ -99,6 +112,11 @@ impl Sim {
                     id,
                     dir,
                     rep: Some(rep),
+                    draining: false,
+                    removed: false,
+                    held: BTreeSet::new(),
+                    dead_held: BTreeSet::new(),
+                    pending_at_crash: 0,
                 }
             })
             .collect();
@@ -123,14 +141,17 @@ impl Sim {
         let infos = self
             .nodes
             .iter()
+            .filter(|n| !n.removed)
             .map(|n| NodeInfo {
                 id: PNodeId(n.id),
                 weight: 1,
                 zone: String::new(),
-                state: if n.rep.is_some() {
-                    NodeState::Up
-                } else {
+                state: if n.rep.is_none() {
                     NodeState::Down
+                } else if n.draining {
+                    NodeState::Draining
+                } else {
+                    NodeState::Up
                 },
             })
             .collect();
@@ -142,6 +163,12 @@ impl Sim {
 
     async fn crash(&mut self, i: usize) {
         let Some(rep) = self.nodes[i].rep.take() else { return };
+        self.nodes[i].held = users()
+            .into_iter()
+            .flat_map(|u| rep.store().list(&u).into_iter().map(move |m| (u.clone(), m.id)))
+            .collect();
+        self.nodes[i].dead_held = deletions_on(&rep);
+        self.nodes[i].pending_at_crash = rep.pending_updates();
         self.router.set_down(self.nodes[i].id, true);
         rep.store().close();
         drop(rep);
@@ -149,7 +176,7 @@ impl Sim {
     }
 
     async fn restart(&mut self, i: usize) {
-        if self.nodes[i].rep.is_some() {
+        if self.nodes[i].rep.is_some() || self.nodes[i].removed {
             return;
         }
         let rep = open(&self.router, self.nodes[i].id, &self.nodes[i].dir);
@@ -919,5 +946,559 @@ async fn a_copy_that_failed_to_a_live_node_counts_until_it_is_made() {
             back.store().list(user).iter().any(|e| e.id == *id),
             "{user} {id} on the returning node"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Self-healing: nodes lost for good, removed, drained, joined, disks lost.
+
+fn healing_open(router: &Arc<MemRouter>, id: u64, dir: &TempDir) -> Arc<Rep> {
+    // No grace: a node down is gone at once (the grace is tested on its own).
+    open_with(router, id, dir, |cfg| cfg.repair_grace = Duration::ZERO)
+}
+
+impl Sim {
+    fn healing(seed: u64, n_nodes: u64) -> Sim {
+        let mut sim = Sim::sized(seed, 0);
+        for _ in 0..n_nodes {
+            sim.join_node();
+        }
+        sim.publish_view();
+        sim
+    }
+
+    /// A new node with a fresh id and an empty disk.
+    fn join_node(&mut self) -> usize {
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let dir = TempDir::new(&format!("heal-{}-{id}", self.router.seed()));
+        let rep = healing_open(&self.router, id, &dir);
+        self.nodes.push(Node {
+            id,
+            dir,
+            rep: Some(rep),
+            draining: false,
+            removed: false,
+            held: BTreeSet::new(),
+            dead_held: BTreeSet::new(),
+            pending_at_crash: 0,
+        });
+        self.nodes.len() - 1
+    }
+
+    async fn heal_restart(&mut self, i: usize) {
+        if self.nodes[i].rep.is_some() || self.nodes[i].removed {
+            return;
+        }
+        let rep = healing_open(&self.router, self.nodes[i].id, &self.nodes[i].dir);
+        self.nodes[i].rep = Some(rep.clone());
+        self.router.set_down(self.nodes[i].id, false);
+        self.publish_view();
+        rep.ask_reports().await;
+        for r in self.live() {
+            r.report_round().await;
+        }
+    }
+
+    /// Removes node `i` from the cluster for good (`node remove`).
+    async fn remove(&mut self, i: usize) {
+        if let Some(rep) = self.nodes[i].rep.take() {
+            rep.store().close();
+        }
+        self.router.set_down(self.nodes[i].id, true);
+        self.nodes[i].removed = true;
+        self.publish_view();
+    }
+
+    /// Whether every acknowledged, undeleted message keeps a copy on some
+    /// node other than `i` that is not removed (up, or down with its disk),
+    /// and `i` has no deletions left in its update log (the log is the one
+    /// durable record of a deletion no replica acknowledged): losing `i`
+    /// for good then loses nothing.
+    fn safe_to_lose(&self, i: usize) -> bool {
+        let (pending, dead_here) = match &self.nodes[i].rep {
+            Some(rep) => (rep.pending_updates(), deletions_on(rep)),
+            None => (self.nodes[i].pending_at_crash, self.nodes[i].dead_held.clone()),
+        };
+        if pending > 0 {
+            return false;
+        }
+        let mut kept: BTreeSet<(String, MessageId)> = BTreeSet::new();
+        let mut dead: BTreeSet<(String, MessageId)> = BTreeSet::new();
+        for (j, n) in self.nodes.iter().enumerate() {
+            if j == i || n.removed {
+                continue;
+            }
+            match &n.rep {
+                Some(rep) => {
+                    for u in users() {
+                        kept.extend(rep.store().list(&u).into_iter().map(|m| (u.clone(), m.id)));
+                    }
+                    dead.extend(deletions_on(rep));
+                }
+                None => {
+                    kept.extend(n.held.iter().cloned());
+                    dead.extend(n.dead_held.iter().cloned());
+                }
+            }
+        }
+        // A deletion only `i` holds, of a message still held elsewhere,
+        // would be lost with it.
+        self.expected().keys().all(|k| kept.contains(k))
+            && dead_here.iter().all(|k| !kept.contains(k) || dead.contains(k))
+    }
+
+    fn members(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| !n.removed && !n.draining && n.rep.is_some())
+            .count()
+    }
+
+    /// Every live node: a repair round, update replay, reports and an
+    /// anti-entropy round; whether anything changed.
+    async fn heal_round(&self, rate: &replication::replica::RateLimit) -> bool {
+        let before = repairs(self);
+        let mut changed = 0;
+        for r in self.live() {
+            let round = r.repair_round(rate).await;
+            changed += round.repaired + round.failed + round.deleted + round.settled;
+            changed += r.replay_updates().await as u64;
+            r.report_round().await;
+            r.anti_entropy_round().await;
+        }
+        changed += repairs(self) - before;
+        changed > 0
+    }
+}
+
+/// The deletions a node holds (move markers aside).
+fn deletions_on(rep: &Rep) -> BTreeSet<(String, MessageId)> {
+    users()
+        .into_iter()
+        .flat_map(|u| {
+            rep.store()
+                .sync_items(&u, None)
+                .into_iter()
+                .filter_map(move |i| matches!(i, replication::SyncItem::Dead(_)).then(|| (u.clone(), i.id())))
+        })
+        .collect()
+}
+
+/// Holders of every message present, by (user, id), with their sets.
+type Holders = BTreeMap<(String, MessageId), Vec<(u64, Vec<u64>)>>;
+
+fn holders(sim: &Sim) -> Holders {
+    let mut held = Holders::new();
+    for r in sim.live() {
+        for u in users() {
+            for m in r.store().list(&u) {
+                let mut set = m.replicas.clone();
+                set.sort_unstable();
+                held.entry((u.clone(), m.id)).or_default().push((r.id(), set));
+            }
+        }
+    }
+    held
+}
+
+/// `HISTORY=1`: keeps how each message's copies change, step by step, and
+/// prints the history of a message the oracle finds wrong.
+#[derive(Default)]
+struct History {
+    on: bool,
+    last: BTreeMap<MessageId, String>,
+    lines: BTreeMap<MessageId, Vec<String>>,
+}
+
+impl History {
+    fn note(&mut self, sim: &Sim, step: usize, what: &str) {
+        if !self.on {
+            return;
+        }
+        let mut now: BTreeMap<MessageId, String> = BTreeMap::new();
+        for n in &sim.nodes {
+            let Some(r) = &n.rep else { continue };
+            for u in users() {
+                for item in r.store().sync_items(&u, None) {
+                    let s = match &item {
+                        replication::SyncItem::Live(m) => {
+                            format!("live{:?}@{}p{:?}", m.replicas, m.placed & 0xffff, m.prior)
+                        }
+                        replication::SyncItem::Dead(t) => format!("dead{:?}", t.replicas),
+                        replication::SyncItem::Moved(m) => {
+                            format!("moved{:?}->{:?}@{}", m.replicas, m.to, m.placed & 0xffff)
+                        }
+                    };
+                    now.entry(item.id()).or_default().push_str(&format!(
+                        " {}{}:{s}",
+                        n.id,
+                        if n.draining { "d" } else { "" }
+                    ));
+                }
+            }
+        }
+        let down: Vec<String> = sim
+            .nodes
+            .iter()
+            .filter(|n| n.rep.is_none())
+            .map(|n| format!("{}{}", n.id, if n.removed { "x" } else { "v" }))
+            .collect();
+        for (id, state) in now {
+            if self.last.get(&id) != Some(&state) {
+                self.lines
+                    .entry(id)
+                    .or_default()
+                    .push(format!("step {step} {what} (down {down:?}):{state}"));
+                self.last.insert(id, state);
+            }
+        }
+    }
+
+    fn of(&self, id: &MessageId) -> String {
+        self.lines.get(id).map(|l| l.join("\n")).unwrap_or_default()
+    }
+}
+
+async fn healing_run(seed: u64, ops: usize) {
+    let mut rng = Rng(seed ^ 0x5eed);
+    let mut sim = Sim::healing(seed, 5);
+    let rate = replication::replica::RateLimit::new(1 << 40);
+    let users = users();
+    let mut history = History {
+        on: std::env::var_os("HISTORY").is_some(),
+        ..History::default()
+    };
+    let mut what = String::new();
+    for step in 0..ops {
+        history.note(&sim, step, &what);
+        let live: Vec<usize> = (0..sim.nodes.len()).filter(|&i| sim.nodes[i].rep.is_some()).collect();
+        let front = sim.nodes[live[rng.below(live.len() as u64) as usize]]
+            .rep
+            .clone()
+            .expect("live");
+        let pick = |rng: &mut Rng, sim: &Sim| -> Option<usize> {
+            let c: Vec<usize> = (0..sim.nodes.len()).filter(|&i| !sim.nodes[i].removed).collect();
+            (!c.is_empty()).then(|| c[rng.below(c.len() as u64) as usize])
+        };
+        let roll = rng.below(100);
+        what = format!("roll {roll} at {}", front.id());
+        match roll {
+            0..=54 => {
+                let user = users[rng.below(users.len() as u64) as usize].clone();
+                let len = 50 + rng.below(2000) as usize;
+                let body: Vec<u8> = (0..len).map(|_| b'a' + rng.below(26) as u8).collect();
+                let hash = BodyHash::of(&body);
+                let out = front
+                    .deliver(std::slice::from_ref(&user), "INBOX", 1_000 + step as u64, body)
+                    .await;
+                if out.stored[0] {
+                    sim.acked.insert((user, out.id), hash);
+                } else {
+                    sim.failed.insert((user, out.id));
+                }
+            }
+            55..=66 => {
+                let user = &users[rng.below(users.len() as u64) as usize];
+                let victims: Vec<_> = front
+                    .mailbox(user)
+                    .await
+                    .into_iter()
+                    .filter(|_| rng.below(3) == 0)
+                    .collect();
+                for v in &victims {
+                    let key = (user.clone(), v.meta.id);
+                    assert!(
+                        sim.acked.contains_key(&key) || sim.failed.contains(&key),
+                        "seed {seed} step {step}: listed a message never acknowledged"
+                    );
+                }
+                if !victims.is_empty() && front.delete(user, &victims).await.is_ok() {
+                    for v in victims {
+                        if history.on {
+                            history.lines.entry(v.meta.id).or_default().push(format!(
+                                "step {step}: DELETED through {} listing holders {:?} set {:?} prior {:?}",
+                                front.id(),
+                                v.holders,
+                                v.meta.replicas,
+                                v.meta.prior
+                            ));
+                        }
+                        sim.deleted.insert((user.clone(), v.meta.id));
+                    }
+                }
+            }
+            67..=71 => {
+                // A crash (down, past the grace at once), while R + 1 stay.
+                if sim.members() > R + 1
+                    && let Some(i) = pick(&mut rng, &sim)
+                {
+                    sim.crash(i).await;
+                }
+            }
+            72..=76 => {
+                if let Some(i) = pick(&mut rng, &sim) {
+                    sim.heal_restart(i).await;
+                }
+            }
+            77..=78 => {
+                // Gone for good: a down node removed.
+                let down: Vec<usize> = (0..sim.nodes.len())
+                    .filter(|&i| !sim.nodes[i].removed && sim.nodes[i].rep.is_none())
+                    .collect();
+                if !down.is_empty() {
+                    let i = down[rng.below(down.len() as u64) as usize];
+                    if sim.safe_to_lose(i) {
+                        sim.remove(i).await;
+                    }
+                }
+            }
+            79..=80 => {
+                if sim.nodes.iter().filter(|n| !n.removed).count() < 8 {
+                    sim.join_node();
+                    sim.publish_view();
+                    for r in sim.live() {
+                        r.report_round().await;
+                    }
+                }
+            }
+            81..=82 => {
+                // Drain a member (while R + 1 others stay).
+                if sim.members() > R + 1
+                    && let Some(i) = pick(&mut rng, &sim)
+                    && sim.nodes[i].rep.is_some()
+                {
+                    sim.nodes[i].draining = true;
+                    sim.publish_view();
+                }
+            }
+            83 => {
+                // A replaced disk: the node comes back empty, as a new node;
+                // its old identity is removed.
+                if sim.members() > R + 1
+                    && let Some(i) = pick(&mut rng, &sim)
+                    && sim.safe_to_lose(i)
+                {
+                    sim.crash(i).await;
+                    sim.remove(i).await;
+                    sim.join_node();
+                    sim.publish_view();
+                }
+            }
+            84..=89 => {
+                front.repair_round(&rate).await;
+            }
+            90..=93 => {
+                let on = rng.below(3) != 0;
+                let (a, b) = if on {
+                    (rng.below(100) as u32, rng.below(100) as u32)
+                } else {
+                    (0, 0)
+                };
+                sim.router.set_loss(a, b);
+            }
+            94..=96 => {
+                front.anti_entropy_round().await;
+            }
+            _ => {
+                front.replay_updates().await;
+            }
+        }
+        // A drained node that holds nothing more is removed.
+        for i in 0..sim.nodes.len() {
+            let n = &sim.nodes[i];
+            if n.draining && !n.removed && n.rep.as_ref().is_some_and(|r| r.drained()) {
+                sim.remove(i).await;
+            }
+        }
+    }
+
+    // Heal: no loss, every node that is not removed back, rounds until
+    // quiet; drained nodes are removed once empty.
+    sim.router.set_loss(0, 0);
+    for i in 0..sim.nodes.len() {
+        sim.heal_restart(i).await;
+    }
+    let mut quiet = false;
+    for _ in 0..20 {
+        let changed = sim.heal_round(&rate).await;
+        history.note(&sim, ops, "a heal round");
+        let mut removed = false;
+        for i in 0..sim.nodes.len() {
+            let n = &sim.nodes[i];
+            if n.draining && !n.removed && n.rep.as_ref().is_some_and(|r| r.drained()) {
+                sim.remove(i).await;
+                removed = true;
+            }
+        }
+        let pending: usize = sim.live().iter().map(|r| r.pending_updates()).sum();
+        if !changed && !removed && pending == 0 {
+            quiet = true;
+            break;
+        }
+    }
+    assert!(quiet, "seed {seed}: healing did not converge within 20 rounds");
+    assert!(
+        sim.nodes.iter().all(|n| !n.draining || n.removed),
+        "seed {seed}: a draining node still holds copies"
+    );
+
+    // The oracle: every acknowledged, undeleted message on exactly R live
+    // nodes, all agreeing on the set, which is those nodes; nothing deleted
+    // anywhere; nothing never acknowledged.
+    let expected = sim.expected();
+    let held = holders(&sim);
+    for ((user, id), copies) in &held {
+        let key = (user.clone(), *id);
+        assert!(
+            sim.acked.contains_key(&key),
+            "seed {seed}: {user} {id} never acknowledged"
+        );
+        assert!(
+            !sim.deleted.contains(&key),
+            "seed {seed}: deleted {user} {id} is on {copies:?}\n{}",
+            history.of(id)
+        );
+    }
+    for key in expected.keys() {
+        let copies = held.get(key).cloned().unwrap_or_default();
+        let nodes: Vec<u64> = copies.iter().map(|c| c.0).collect();
+        assert_eq!(
+            nodes.len(),
+            R,
+            "seed {seed}: {} {} is on {copies:?}, want {R} copies",
+            key.0,
+            key.1
+        );
+        for (_, set) in &copies {
+            let mut sorted = nodes.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                set, &sorted,
+                "seed {seed}: {} {}: set {set:?}, holders {nodes:?}",
+                key.0, key.1
+            );
+        }
+    }
+    for r in sim.live() {
+        for u in &users {
+            let listed: BTreeSet<MessageId> = r.mailbox(u).await.into_iter().map(|l| l.meta.id).collect();
+            let want: BTreeSet<MessageId> = expected.keys().filter(|k| &k.0 == u).map(|k| k.1).collect();
+            assert_eq!(listed, want, "seed {seed}: node {} lists {u} wrongly", r.id());
+        }
+    }
+    let under: u64 = sim.live().iter().map(|r| r.under_replicated()).sum();
+    assert_eq!(under, 0, "seed {seed}: under-replicated after healing");
+    let removed = sim.nodes.iter().filter(|n| n.removed).count();
+    eprintln!(
+        "seed {seed}: {} acknowledged, {} present, {removed} nodes removed, {} in the cluster",
+        sim.acked.len(),
+        expected.len(),
+        sim.nodes.len() - removed
+    );
+    for r in sim.live() {
+        r.store().close();
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn copies_are_restored_after_losses_joins_drains_and_lost_disks() {
+    let ops: usize = std::env::var("SIM_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    for seed in testkit::seeds(&[11, 12, 13, 14]) {
+        let _reproduce = testkit::Reproduce::new(
+            seed,
+            format!("SIM_OPS={ops} cargo test -p replication --test sim copies_are_restored"),
+        );
+        healing_run(seed, ops).await;
+    }
+}
+
+/// A node down for less than the grace period is waited for: nothing is
+/// copied; past it (here: a shorter grace), its copies are made elsewhere,
+/// and when it comes back its extra copies are trimmed.
+#[tokio::test(flavor = "current_thread")]
+async fn the_grace_period_is_waited_out_and_a_returning_node_is_trimmed() {
+    let router = MemRouter::new(7);
+    let dirs: Vec<TempDir> = (1..=3).map(|i| TempDir::new(&format!("grace-{i}"))).collect();
+    let grace = Duration::from_millis(300);
+    let open_node = |i: usize| open_with(&router, i as u64 + 1, &dirs[i], |cfg| cfg.repair_grace = grace);
+    let mut reps: Vec<Option<Arc<Rep>>> = (0..3).map(|i| Some(open_node(i))).collect();
+    let view_of = |epoch: u64, down: Option<u64>| {
+        let infos = (1..=3)
+            .map(|id| NodeInfo {
+                id: PNodeId(id),
+                weight: 1,
+                zone: String::new(),
+                state: if Some(id) == down {
+                    NodeState::Down
+                } else {
+                    NodeState::Up
+                },
+            })
+            .collect();
+        Arc::new(View::with_slot_bits(epoch, infos, placement::MIN_SLOT_BITS).expect("view"))
+    };
+    for r in reps.iter().flatten() {
+        r.set_view(view_of(1, None));
+    }
+    let front = reps[0].clone().expect("up");
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let out = deliver_one(&front, "u1@example.org", 1_000 + i, format!("message {i}")).await;
+        assert!(out.stored[0] && !out.under_replicated);
+        ids.push(out.id);
+    }
+    // Node 3 goes down: the others wait while the grace lasts.
+    let on3: usize = reps[2].as_ref().expect("up").store().stats().entries as usize;
+    assert!(on3 > 0, "placement put some copies on node 3");
+    let r3 = reps[2].take().expect("up");
+    r3.store().close();
+    drop(r3);
+    router.set_down(3, true);
+    for r in reps.iter().flatten() {
+        r.set_view(view_of(2, Some(3)));
+    }
+    let rate = replication::replica::RateLimit::new(1 << 40);
+    let mut made = 0;
+    for r in reps.iter().flatten() {
+        made += r.repair_round(&rate).await.copies;
+    }
+    assert_eq!(made, 0, "nothing is copied within the grace period");
+    assert!(reps.iter().flatten().map(|r| r.under_replicated()).sum::<u64>() > 0);
+    tokio::time::sleep(grace).await;
+    assert!(reps.iter().flatten().any(|r| r.repair_wanted()));
+    for r in reps.iter().flatten() {
+        made += r.repair_round(&rate).await.copies;
+    }
+    assert_eq!(made as usize, on3, "every copy node 3 held is made again");
+    assert_eq!(reps.iter().flatten().map(|r| r.under_replicated()).sum::<u64>(), 0);
+    for r in reps.iter().flatten() {
+        assert_eq!(r.store().stats().entries, 30, "nodes 1 and 2 hold everything");
+    }
+    // Node 3 returns with its old copies: anti-entropy trims them.
+    reps[2] = Some(open_node(2));
+    router.set_down(3, false);
+    for r in reps.iter().flatten() {
+        r.set_view(view_of(3, None));
+    }
+    assert_eq!(reps[2].as_ref().expect("up").store().stats().entries as usize, on3);
+    for r in reps.iter().flatten() {
+        r.anti_entropy_round().await;
+    }
+    assert_eq!(
+        reps[2].as_ref().expect("up").store().stats().entries,
+        0,
+        "extra copies trimmed"
+    );
+    for r in reps.iter().take(2).flatten() {
+        assert_eq!(r.store().stats().entries, 30, "never below R");
+        assert!(!r.repair_wanted());
+    }
+    for r in reps.iter().flatten() {
+        let listed = r.mailbox("u1@example.org").await;
+        assert_eq!(listed.len(), 30);
+        r.store().close();
     }
 }

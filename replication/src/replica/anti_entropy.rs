@@ -13,7 +13,11 @@ use tracing::{debug, info};
 
 use super::protocol::{DIGESTS_MAX, Network, NodeId, ReplicaError, Reply, Request};
 use super::{RepairReport, Replicator, lock, wall_ms};
-use crate::{BodyHash, Delivery, EntryMeta, MessageId, SyncItem, Tombstone};
+use crate::{BodyHash, EntryMeta, MessageId, Moved, SetChange, SyncItem, Tombstone};
+
+/// What [`Replicator::reconcile`] returns: what to send back, (copies
+/// pulled, tombstones applied), and the newer sets held here.
+pub(super) type SyncOutcome = (Vec<SyncItem>, (usize, usize), Vec<SetChange>);
 
 /// What one side does with the other's items of one user.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,13 +29,40 @@ pub struct SyncPlan {
     pub tombstones: Vec<Tombstone>,
     /// Copies this node is meant to hold (in their replica set) and lacks.
     pub fetch: Vec<EntryMeta>,
+    /// Newer replica sets to take (one that leaves this node out drops the
+    /// copy here, or leaves a move marker where there is none).
+    pub adopt: Vec<SetChange>,
+    /// Messages the other side holds under an older replica set than this
+    /// node's, with this node's (newer) set.
+    pub newer_here: Vec<SetChange>,
+}
+
+fn change_of(m: &EntryMeta) -> SetChange {
+    SetChange {
+        id: m.id,
+        replicas: m.replicas.clone(),
+        prior: m.prior.clone(),
+        placed: m.placed,
+    }
+}
+
+fn change_of_marker(mv: &Moved) -> SetChange {
+    SetChange {
+        id: mv.id,
+        replicas: mv.to.clone(),
+        prior: mv.replicas.iter().copied().filter(|n| !mv.to.contains(n)).collect(),
+        placed: mv.placed,
+    }
 }
 
 /// Compares `theirs` (replica `from`'s items of a user) with `mine` (this
 /// node's, `me`): a deletion on either side wins; a copy missing here is
-/// fetched if `me` is in its replica set. With `answer`, what to send back:
-/// this node's deletions of messages the other still holds, and the items
-/// the other did not list though it is in their replica set.
+/// fetched if `me` is in its replica set; where the two know a message
+/// under different replica sets (a copy, or a move marker left where a copy
+/// was dropped), the newer set (by version) wins on both. With `answer`,
+/// what to send back: this node's deletions of messages the other still
+/// holds, its newer sets, and the items the other did not list though they
+/// concern it.
 pub fn plan_sync(me: NodeId, from: NodeId, mine: Vec<SyncItem>, theirs: Vec<SyncItem>, answer: bool) -> SyncPlan {
     let mine: HashMap<MessageId, SyncItem> = mine.into_iter().map(|i| (i.id(), i)).collect();
     let mut plan = SyncPlan::default();
@@ -39,21 +70,55 @@ pub fn plan_sync(me: NodeId, from: NodeId, mine: Vec<SyncItem>, theirs: Vec<Sync
     for item in theirs {
         let id = item.id();
         seen.insert(id);
+        // (their set, its version) against (mine, its version).
+        let mut versions = |theirs: SetChange, mine: SetChange, back: SyncItem| {
+            if theirs.placed > mine.placed {
+                plan.adopt.push(theirs);
+            } else if mine.placed > theirs.placed {
+                plan.newer_here.push(mine);
+                plan.back.push(back);
+            }
+        };
         match (item, mine.get(&id)) {
             (SyncItem::Dead(_), Some(SyncItem::Dead(_))) => {}
             (SyncItem::Dead(t), _) => plan.tombstones.push(t),
-            (SyncItem::Live(_), Some(m @ SyncItem::Dead(_))) => plan.back.push(m.clone()),
-            (SyncItem::Live(_), Some(SyncItem::Live(_))) => {}
+            (_, Some(m @ SyncItem::Dead(_))) => plan.back.push(m.clone()),
+            (SyncItem::Live(theirs), Some(SyncItem::Live(m))) => {
+                versions(change_of(&theirs), change_of(m), SyncItem::Live(m.clone()));
+            }
+            (SyncItem::Live(theirs), Some(SyncItem::Moved(mv))) => {
+                // Dropped here for a newer set: only a newer one still
+                // wants a copy here; an older one learns the newer set.
+                if theirs.placed > mv.placed && theirs.replicas.contains(&me) {
+                    plan.fetch.push(theirs);
+                } else {
+                    versions(change_of(&theirs), change_of_marker(mv), SyncItem::Moved(mv.clone()));
+                }
+            }
             (SyncItem::Live(meta), None) => {
                 if meta.replicas.contains(&me) {
                     plan.fetch.push(meta);
+                } else if meta.prior.contains(&me) {
+                    // Dropped here before (without a marker): note it.
+                    plan.adopt.push(change_of(&meta));
+                }
+            }
+            (SyncItem::Moved(mv), Some(SyncItem::Live(m))) => {
+                versions(change_of_marker(&mv), change_of(m), SyncItem::Live(m.clone()));
+            }
+            (SyncItem::Moved(mv), Some(SyncItem::Moved(m))) => {
+                versions(change_of_marker(&mv), change_of_marker(m), SyncItem::Moved(m.clone()));
+            }
+            (SyncItem::Moved(mv), None) => {
+                if mv.replicas.contains(&me) && !mv.to.contains(&me) {
+                    plan.adopt.push(change_of_marker(&mv));
                 }
             }
         }
     }
     if answer {
         for (id, item) in &mine {
-            if !seen.contains(id) && item.replicas().contains(&from) {
+            if !seen.contains(id) && item.involves(from) {
                 plan.back.push(item.clone());
             }
         }
@@ -133,24 +198,37 @@ impl<N: Network> Replicator<N> {
                 let Reply::Synced { items: back } = self.call(peer, req).await? else {
                     return Err(ReplicaError::UnexpectedReply("sync".into()));
                 };
-                let (_, (pulled, tombs)) = self.reconcile(peer, &user, back, false).await?;
+                let (_, (pulled, tombs), newer_here) = self.reconcile(peer, &user, back, false).await?;
                 report.copies_pulled += pulled;
                 report.tombstones_applied += tombs;
+                if !newer_here.is_empty() {
+                    // The other side answered with sets older than ours: it
+                    // takes ours (and drops copies they leave it out of).
+                    self.call(
+                        peer,
+                        Request::SetReplicas {
+                            user: user.clone(),
+                            changes: newer_here,
+                        },
+                    )
+                    .await?;
+                }
             }
         }
         Ok(())
     }
 
     /// Carries out [`plan_sync`] of `theirs` (another replica's items of
-    /// `user`) here; returns what to send back and (copies pulled,
-    /// tombstones applied).
+    /// `user`) here; returns what to send back, (copies pulled, tombstones
+    /// applied), and the newer sets held here of messages the other side
+    /// holds under older ones.
     pub(super) async fn reconcile(
         &self,
         from: NodeId,
         user: &str,
         theirs: Vec<SyncItem>,
         answer: bool,
-    ) -> Result<(Vec<SyncItem>, (usize, usize)), ReplicaError> {
+    ) -> Result<SyncOutcome, ReplicaError> {
         let plan = plan_sync(self.me, from, self.store.sync_items(user, None), theirs, answer);
         let n_tombs = plan.tombstones.len();
         if n_tombs > 0 {
@@ -158,6 +236,9 @@ impl<N: Network> Replicator<N> {
             self.counters
                 .repairs_tombstones
                 .fetch_add(n_tombs as u64, Ordering::Relaxed);
+        }
+        if !plan.adopt.is_empty() {
+            self.store.set_replicas(user, plan.adopt, self.me).await?;
         }
         let mut n_pulled = 0;
         let new_fragment = !plan.fetch.is_empty() && !self.store.holds(user);
@@ -170,16 +251,7 @@ impl<N: Network> Replicator<N> {
             } else {
                 self.fetch_body(from, meta.body).await?
             };
-            self.store
-                .deliver(Delivery {
-                    id: meta.id,
-                    arrival_ms: meta.arrival_ms,
-                    users: vec![user.to_owned()],
-                    folder: meta.folder.clone(),
-                    body,
-                    replicas: meta.replicas.clone(),
-                })
-                .await?;
+            self.store.take_copy(user, &meta, body).await?;
             n_pulled += 1;
         }
         self.counters
@@ -188,7 +260,7 @@ impl<N: Network> Replicator<N> {
         if new_fragment {
             self.report_new_fragments(vec![user.to_owned()]).await;
         }
-        Ok((plan.back, (n_pulled, n_tombs)))
+        Ok((plan.back, (n_pulled, n_tombs), plan.newer_here))
     }
 
     async fn fetch_body(&self, from: NodeId, hash: BodyHash) -> Result<Vec<u8>, ReplicaError> {
@@ -236,6 +308,8 @@ mod tests {
             folder: "INBOX".into(),
             flags: 0,
             replicas: replicas.to_vec(),
+            placed: 0,
+            prior: Vec::new(),
         })
     }
 

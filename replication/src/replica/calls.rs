@@ -7,8 +7,8 @@ use std::time::Duration;
 use tracing::info;
 
 use super::protocol::{
-    Answer, BoxFuture, Call, DELETED_QUERY_MAX, DIGESTS_MAX, Envelope, Network, NodeId, ReplicaError, Reply, Request,
-    THROTTLE_KEYS_PER_CALL_MAX,
+    Answer, BoxFuture, Call, DELETED_QUERY_MAX, DIGESTS_MAX, Envelope, Network, NodeId, PLACE_BATCH_MAX, ReplicaError,
+    Reply, Request, THROTTLE_KEYS_PER_CALL_MAX,
 };
 use super::{Inflight, Replicator, is_live, lock};
 use crate::Delivery;
@@ -19,6 +19,10 @@ impl<N: Network> Replicator<N> {
         self.cfg.call_timeout
             + match req {
                 Request::Store { body, .. } => Duration::from_millis(body.len() as u64 / 4096),
+                Request::Copy { entries, .. } => {
+                    Duration::from_millis(entries.iter().map(|(_, b)| b.len() as u64).sum::<u64>() / 4096)
+                        + Duration::from_secs(2)
+                }
                 Request::Read { .. } | Request::Sync { .. } | Request::ReportTo => Duration::from_secs(10),
                 _ => Duration::ZERO,
             }
@@ -193,7 +197,7 @@ impl<N: Network> Replicator<N> {
                     Ok(Reply::Differ { users })
                 }
                 Request::Sync { user, items } => {
-                    let (back, _) = self.reconcile(from, &user, items, true).await?;
+                    let (back, _, _) = self.reconcile(from, &user, items, true).await?;
                     Ok(Reply::Synced { items: back })
                 }
                 Request::Lock { user, token } => {
@@ -219,6 +223,16 @@ impl<N: Network> Replicator<N> {
                 Request::MissingCopies { user, id, missing } => {
                     self.note_missing(user, id, missing);
                     Ok(Reply::Done)
+                }
+                Request::Copy { user, entries } => {
+                    let _inflight = Inflight::take(&self.inflight);
+                    let deleted = self.take_copies(&user, entries, PLACE_BATCH_MAX).await?;
+                    Ok(Reply::Copied { deleted })
+                }
+                Request::SetReplicas { user, mut changes } => {
+                    changes.truncate(PLACE_BATCH_MAX);
+                    let outcomes = self.store.set_replicas(&user, changes, self.me).await?;
+                    Ok(Reply::ReplicasSet { outcomes })
                 }
             }
         })

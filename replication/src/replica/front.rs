@@ -14,7 +14,7 @@ use super::protocol::{
 };
 use super::updates::PendingUpdate;
 use super::{DeliverOutcome, Listed, Replicator, is_live, lock, manager_of};
-use crate::{BodyHash, MessageId, Tombstone};
+use crate::{BodyHash, EntryMeta, MessageId, Tombstone};
 
 impl<N: Network> Replicator<N> {
     /// Stores one message for `users` on R nodes each (one body per node).
@@ -336,22 +336,29 @@ impl<N: Network> Replicator<N> {
     /// The union of the user's fragments on the live nodes of the mail map,
     /// by message id, oldest first. Nodes that do not answer are skipped
     /// (one live replica per message suffices).
-    pub async fn mailbox(&self, user: &str) -> Vec<Listed> {
+    /// Each fragment of the user's mailbox, from every live node its mail
+    /// map names (those that do not answer are left out).
+    pub(super) async fn fragments(&self, user: &str) -> Vec<(NodeId, Vec<EntryMeta>)> {
         let view = self.view();
         let (nodes, _, _) = self.mail_map(user).await;
         let lists = nodes
             .into_iter()
             .filter(|&n| n == self.me || is_live(&view, n))
             .map(|n| async move { (n, self.call(n, Request::List { user: user.to_owned() }).await) });
-        let mut union: BTreeMap<MessageId, Listed> = BTreeMap::new();
+        let mut out = Vec::new();
         for (node, r) in futures::future::join_all(lists).await {
-            let entries = match r {
-                Ok(Reply::Listed { entries }) => entries,
-                other => {
-                    debug!(node, user, error = ?other.err(), "fragment not listed");
-                    continue;
-                }
-            };
+            match r {
+                Ok(Reply::Listed { entries }) => out.push((node, entries)),
+                other => debug!(node, user, error = ?other.err(), "fragment not listed"),
+            }
+        }
+        out
+    }
+
+    pub async fn mailbox(&self, user: &str) -> Vec<Listed> {
+        let view = self.view();
+        let mut union: BTreeMap<MessageId, Listed> = BTreeMap::new();
+        for (node, entries) in self.fragments(user).await {
             for meta in entries {
                 union
                     .entry(meta.id)

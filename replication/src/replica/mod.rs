@@ -43,11 +43,13 @@ mod calls;
 mod front;
 pub mod manager;
 pub mod protocol;
+pub mod repair;
 mod reports;
 mod updates;
 
 pub use anti_entropy::{SyncPlan, plan_sync, tombstone_expired};
 pub use protocol::*;
+pub use repair::{RateLimit, RepairRound, RepairStep, coordinator, plan_repair};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -77,6 +79,9 @@ pub struct ReplicaConfig {
     /// How long a deletion is remembered at least, even once every replica
     /// holds it (covers copies still in flight).
     pub tombstone_min_age: Duration,
+    /// How long a node may be down before its copies are made elsewhere
+    /// (a quick restart costs nothing).
+    pub repair_grace: Duration,
 }
 
 impl ReplicaConfig {
@@ -88,6 +93,7 @@ impl ReplicaConfig {
             update_dir: update_dir.into(),
             tombstone_retention: Duration::from_secs(14 * 24 * 3600),
             tombstone_min_age: Duration::from_secs(600),
+            repair_grace: Duration::from_secs(30),
         }
     }
 }
@@ -134,6 +140,12 @@ pub struct ReplicaCounters {
     pub manager_fallbacks: AtomicU64,
     /// Calls ended because a new view had their node down.
     pub calls_cut_by_view: AtomicU64,
+    /// Copies made on other nodes by repair (and the bytes).
+    pub repairs_copied: AtomicU64,
+    pub repairs_bytes: AtomicU64,
+    /// Repairs this node coordinates that the running round has not done
+    /// yet (0 between rounds).
+    pub repair_pending: AtomicU64,
 }
 
 pub struct Replicator<N: Network> {
@@ -170,6 +182,8 @@ pub struct Replicator<N: Network> {
     /// Unlocks whose manager did not answer: (user, manager, token, until
     /// ms of this replicator's clock).
     pending_unlocks: Mutex<Vec<(String, NodeId, u64, u64)>>,
+    /// When this node first saw each node down (for the repair grace).
+    down_since: Mutex<HashMap<NodeId, Instant>>,
     pub counters: ReplicaCounters,
 }
 
@@ -249,6 +263,7 @@ impl<N: Network> Replicator<N> {
             clean_since: Mutex::new(HashMap::new()),
             missing: Mutex::new(BTreeMap::new()),
             pending_unlocks: Mutex::new(Vec::new()),
+            down_since: Mutex::new(HashMap::new()),
             counters: ReplicaCounters::default(),
         })
     }
@@ -274,6 +289,7 @@ impl<N: Network> Replicator<N> {
     pub fn set_view(&self, view: Arc<View>) {
         let epoch = view.epoch();
         lock(&self.manager).take_view(&view);
+        self.note_down(&view);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
         self.view_epoch.send_replace(epoch);
     }

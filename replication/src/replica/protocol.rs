@@ -24,6 +24,11 @@ pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
 /// Copies noted missing that one node keeps at most (beyond, new notes are
 /// dropped with a warning: anti-entropy still makes them, uncounted).
 pub const MISSING_COPIES_MAX: usize = 100_000;
+/// Bytes of bodies one [`Request::Copy`] carries at most (a larger message
+/// travels alone).
+pub const COPY_BATCH_BYTES: usize = 8 << 20;
+/// Entries in one [`Request::Copy`] or [`Request::SetReplicas`] at most.
+pub const PLACE_BATCH_MAX: usize = 1_000;
 /// Keys one throttle call may name (a login names two).
 pub const THROTTLE_KEYS_PER_CALL_MAX: usize = 8;
 /// Unlocks waiting to be retried, at most.
@@ -124,6 +129,19 @@ pub enum Request {
         id: MessageId,
         missing: Vec<NodeId>,
     },
+    /// Repair and moves: store these copies of `user`'s entries (each with
+    /// its replica set and that set's version) and their bodies, checked
+    /// against the entries' hashes.
+    Copy {
+        user: String,
+        entries: Vec<(EntryMeta, Vec<u8>)>,
+    },
+    /// Repair and moves: new replica sets for `user`'s entries; the newest
+    /// set wins, and a receiver the new set leaves out drops its copy.
+    SetReplicas {
+        user: String,
+        changes: Vec<crate::SetChange>,
+    },
     /// Login throttling, cluster-wide, at the manager of each key: count a
     /// failure on `keys` (when `failed`) and say whether any is used up.
     Throttle {
@@ -152,6 +170,8 @@ impl Request {
             Request::Unlock { .. } => "unlock",
             Request::MissingCopies { .. } => "missing-copies",
             Request::Throttle { .. } => "throttle",
+            Request::Copy { .. } => "copy",
+            Request::SetReplicas { .. } => "set-replicas",
         }
     }
 }
@@ -191,6 +211,15 @@ pub enum Reply {
     },
     Throttled {
         blocked: bool,
+    },
+    /// To [`Request::Copy`]: the copies refused because the receiver holds
+    /// a deletion of the message.
+    Copied {
+        deleted: Vec<Tombstone>,
+    },
+    /// To [`Request::SetReplicas`]: one outcome per change.
+    ReplicasSet {
+        outcomes: Vec<crate::Placed>,
     },
 }
 

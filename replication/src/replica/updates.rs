@@ -83,8 +83,14 @@ impl<N: Network> Replicator<N> {
                 }
             };
             if view.node(placement::NodeId(u.node)).is_none() && view.epoch() > 0 {
-                // The node left the cluster: nothing to tell it.
-                let _ = std::fs::remove_file(&path);
+                // The node left the cluster, and its copies may have moved
+                // on meanwhile (repair, drain): the deletions go to whoever
+                // holds those messages now (logged again for them if they
+                // do not answer), then this entry goes.
+                if self.redirect_deletions(&u.user, u.tombs).await {
+                    let _ = std::fs::remove_file(&path);
+                    done += 1;
+                }
                 continue;
             }
             if !is_live(&view, u.node) {
@@ -101,6 +107,39 @@ impl<N: Network> Replicator<N> {
             }
         }
         done
+    }
+}
+
+impl<N: Network> Replicator<N> {
+    /// Sends deletions meant for a node that left to the nodes that hold
+    /// those messages now (by the user's fragments); whether each of them
+    /// took them or logged them for later.
+    async fn redirect_deletions(&self, user: &str, tombs: Vec<Tombstone>) -> bool {
+        let ids: std::collections::BTreeSet<_> = tombs.iter().map(|t| t.id).collect();
+        let mut holders: Vec<NodeId> = Vec::new();
+        for (node, entries) in self.fragments(user).await {
+            if entries.iter().any(|e| ids.contains(&e.id)) {
+                holders.push(node);
+            }
+        }
+        for node in holders {
+            let req = Request::Delete {
+                user: user.to_owned(),
+                tombs: tombs.clone(),
+            };
+            if self.call(node, req).await.is_err()
+                && self
+                    .log_update(PendingUpdate {
+                        node,
+                        user: user.to_owned(),
+                        tombs: tombs.clone(),
+                    })
+                    .is_err()
+            {
+                return false;
+            }
+        }
+        true
     }
 }
 

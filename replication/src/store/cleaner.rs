@@ -96,6 +96,7 @@ fn segment_records(shared: &Shared, seg: u32) -> (Vec<EntryRecord>, Vec<DeleteRe
                         id: *id,
                         hlc: t.hlc,
                         replicas: t.replicas.clone(),
+                        moved: t.moved.clone(),
                     }),
             );
         }

@@ -40,6 +40,15 @@ pub(super) struct Tomb {
     /// read back on open): replication drops a tombstone only once every
     /// replica has shown it holds the tombstone after this moment.
     pub(super) added_ms: u64,
+    /// A move marker, not a deletion: the newer `(set, version)` this
+    /// node's copy was dropped for (see `DeleteRecord::moved`).
+    pub(super) moved: Option<(Vec<u64>, u64)>,
+}
+
+impl Tomb {
+    pub(super) fn is_deletion(&self) -> bool {
+        self.moved.is_none()
+    }
 }
 
 pub(super) fn now_ms() -> u64 {

@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 use crate::record::EntryRecord;
-use crate::{BodyHash, EntryMeta, MESSAGE_BYTES_MAX, MessageId, Tombstone};
+use crate::{BodyHash, EntryMeta, MESSAGE_BYTES_MAX, MessageId, SetChange, Tombstone};
 
 use index::*;
 use writer::*;
@@ -99,6 +99,21 @@ pub struct Delivery {
     pub body: Vec<u8>,
     /// The message's replica set, recorded with every entry.
     pub replicas: Vec<u64>,
+}
+
+/// What [`FragmentStore::set_replicas`] did with one change.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Placed {
+    /// The entry has the new set now.
+    Updated,
+    /// The new set leaves this node out: the copy is gone from here.
+    Dropped,
+    /// The entry's own set is as new or newer: it is kept.
+    Kept { placed: u64 },
+    /// The message is deleted here.
+    Deleted(Tombstone),
+    /// No such entry here.
+    Absent,
 }
 
 /// One user's share of this store.
@@ -247,8 +262,67 @@ impl FragmentStore {
         }
         assert!(!delivery.users.is_empty(), "a delivery has at least one user");
         let hash = BodyHash::of(&delivery.body);
-        self.submit(|reply| Op::Deliver { delivery, hash, reply }).await?;
+        self.submit(|reply| Op::Deliver {
+            delivery,
+            hash,
+            placed: 0,
+            prior: Vec::new(),
+            reply,
+        })
+        .await?;
         Ok(hash)
+    }
+
+    /// Stores a copy of an entry another node holds (`meta`, its replica
+    /// set and that set's version included) with its body, checked
+    /// against the entry's body hash. Like a delivery: idempotent, and a
+    /// deleted id stays deleted ([`FragmentStore::tombstoned`] tells).
+    pub async fn take_copy(&self, user: &str, meta: &EntryMeta, body: Vec<u8>) -> Result<(), StoreError> {
+        if body.len() > MESSAGE_BYTES_MAX {
+            return Err(StoreError::TooLarge(body.len()));
+        }
+        let hash = BodyHash::of(&body);
+        if hash != meta.body {
+            return Err(StoreError::Corrupt(meta.body));
+        }
+        let delivery = Delivery {
+            id: meta.id,
+            arrival_ms: meta.arrival_ms,
+            users: vec![user.to_owned()],
+            folder: meta.folder.clone(),
+            body,
+            replicas: meta.replicas.clone(),
+        };
+        let (placed, prior) = (meta.placed, meta.prior.clone());
+        self.submit(|reply| Op::Deliver {
+            delivery,
+            hash,
+            placed,
+            prior,
+            reply,
+        })
+        .await
+    }
+
+    /// Gives entries of `user` new replica sets: each change replaces the
+    /// entry's set if its version is newer than the set's own (the newest
+    /// set wins); an entry whose new set leaves this node (`me`) out is
+    /// dropped here, durably, leaving a move marker instead of a tombstone
+    /// (the message lives on in the set), as does a change that names this
+    /// node among the earlier members of a message it does not hold.
+    /// Fsynced before it resolves; one answer per change.
+    pub async fn set_replicas(&self, user: &str, changes: Vec<SetChange>, me: u64) -> Result<Vec<Placed>, StoreError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let user = user.to_owned();
+        self.submit(|reply| Op::Place {
+            user,
+            changes,
+            me,
+            reply,
+        })
+        .await
     }
 
     /// Deletes messages of one user (tombstones, fsynced). Returns how many
@@ -313,6 +387,8 @@ pub(super) fn meta_of(e: EntryRecord) -> EntryMeta {
         folder: e.folder,
         flags: e.flags,
         replicas: e.replicas,
+        placed: e.placed,
+        prior: e.prior,
     }
 }
 
@@ -326,5 +402,7 @@ pub(super) fn record_of(user: &str, m: &EntryMeta) -> EntryRecord {
         folder: m.folder.clone(),
         flags: m.flags,
         replicas: m.replicas.clone(),
+        placed: m.placed,
+        prior: m.prior.clone(),
     }
 }

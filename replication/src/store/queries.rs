@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::{BodyHash, EntryMeta, MessageId, SyncItem, Tombstone};
+use crate::{BodyHash, EntryMeta, MessageId, Moved, SyncItem, Tombstone};
 
 impl FragmentStore {
     /// The user's mailbox entries, oldest first.
@@ -28,15 +28,26 @@ impl FragmentStore {
         let mut out: Vec<SyncItem> = m
             .entries
             .values()
-            .filter(|e| wanted(&e.meta.replicas))
+            .filter(|e| peer.is_none_or(|p| e.meta.involves(p)))
             .map(|e| SyncItem::Live(e.meta.clone()))
-            .chain(m.tombstones.iter().filter(|(_, t)| wanted(&t.replicas)).map(|(id, t)| {
-                SyncItem::Dead(Tombstone {
-                    id: *id,
-                    hlc: t.hlc,
-                    replicas: t.replicas.clone(),
-                })
-            }))
+            .chain(
+                m.tombstones
+                    .iter()
+                    .filter(|(_, t)| wanted(&t.replicas))
+                    .map(|(id, t)| match &t.moved {
+                        None => SyncItem::Dead(Tombstone {
+                            id: *id,
+                            hlc: t.hlc,
+                            replicas: t.replicas.clone(),
+                        }),
+                        Some((to, placed)) => SyncItem::Moved(Moved {
+                            id: *id,
+                            replicas: t.replicas.clone(),
+                            to: to.clone(),
+                            placed: *placed,
+                        }),
+                    }),
+            )
             .collect();
         out.sort_by_key(|i| i.id());
         out
@@ -79,7 +90,10 @@ impl FragmentStore {
         let Some(m) = index.mailboxes.get(user) else {
             return Vec::new();
         };
-        ids.iter().copied().filter(|id| m.tombstones.contains_key(id)).collect()
+        ids.iter()
+            .copied()
+            .filter(|id| m.tombstones.get(id).is_some_and(|t| t.is_deletion()))
+            .collect()
     }
 
     /// Whether any entry of the user is held here.
@@ -142,6 +156,23 @@ impl FragmentStore {
             })
             .map(|(_, n)| n)
             .sum()
+    }
+
+    /// Whether `f(replicas, added_ms)` holds for every deletion held here
+    /// (move markers aside).
+    pub fn every_deletion(&self, f: impl Fn(&[u64], u64) -> bool) -> bool {
+        let index = self.shared.index();
+        index
+            .mailboxes
+            .values()
+            .flat_map(|m| m.tombstones.values())
+            .filter(|t| t.is_deletion())
+            .all(|t| f(&t.replicas, t.added_ms))
+    }
+
+    /// The distinct replica sets of the entries held here (sorted ids).
+    pub fn replica_sets(&self) -> Vec<Vec<u64>> {
+        self.shared.index().replica_sets.keys().cloned().collect()
     }
 
     /// Forgets tombstones older than `hlc_before`: after that a copy that
@@ -209,22 +240,30 @@ pub(super) fn mailbox_digest(m: &Mailbox, peer: u64) -> Option<[u8; 32]> {
     let live = m
         .entries
         .iter()
-        .filter(|(_, e)| e.meta.replicas.contains(&peer))
-        .map(|(id, _)| (*id, 0u8));
+        .filter(|(_, e)| e.meta.involves(peer))
+        .map(|(id, e)| (*id, 0u8, e.meta.placed));
     let dead = m
         .tombstones
         .iter()
         .filter(|(_, t)| t.replicas.contains(&peer))
-        .map(|(id, _)| (*id, 1u8));
-    let mut all: Vec<(MessageId, u8)> = live.chain(dead).collect();
+        .map(|(id, t)| match &t.moved {
+            None => (*id, 1u8, 0),
+            // A move marker and a copy of the same set agree.
+            Some((_, placed)) => (*id, 0u8, *placed),
+        });
+    let mut all: Vec<(MessageId, u8, u64)> = live.chain(dead).collect();
     if all.is_empty() {
         return None;
     }
     all.sort_unstable();
     let mut h = blake3::Hasher::new();
-    for (id, state) in all {
+    for (id, state, placed) in all {
         h.update(&id.0);
         h.update(&[state]);
+        // Copies under different replica sets differ (the newer set wins).
+        if placed != 0 {
+            h.update(&placed.to_le_bytes());
+        }
     }
     Some(*h.finalize().as_bytes())
 }

@@ -137,6 +137,7 @@ impl FragmentStore {
                     replicas: d.replicas,
                     loc,
                     added_ms: now_ms(),
+                    moved: d.moved,
                 },
             );
         }

@@ -14,7 +14,7 @@ use tracing::error;
 
 use super::*;
 use crate::record::{self, DeleteRecord, EntryRecord};
-use crate::{BodyHash, MessageId, Tombstone};
+use crate::{BodyHash, MessageId, SetChange, Tombstone};
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, String>>;
 
@@ -22,6 +22,10 @@ pub(super) enum Op {
     Deliver {
         delivery: Delivery,
         hash: BodyHash,
+        /// The replica set's version and earlier members (see
+        /// `EntryRecord::placed`, `EntryRecord::prior`).
+        placed: u64,
+        prior: Vec<u64>,
         reply: Reply<()>,
     },
     Delete {
@@ -37,6 +41,14 @@ pub(super) enum Op {
     DropSegment {
         seg: u32,
         reply: Reply<bool>,
+    },
+    /// New replica sets for entries of `user` (see
+    /// `FragmentStore::set_replicas`).
+    Place {
+        user: String,
+        changes: Vec<SetChange>,
+        me: u64,
+        reply: Reply<Vec<Placed>>,
     },
 }
 
@@ -191,6 +203,7 @@ pub(super) enum Done {
     Deliver(Reply<()>),
     Delete(Reply<usize>, usize),
     Relocate(Reply<u64>, u64),
+    Place(Reply<Vec<Placed>>, Vec<Placed>),
 }
 
 pub(super) struct Writer {
@@ -272,7 +285,13 @@ impl Writer {
             let mut new_entries: HashSet<(String, MessageId)> = HashSet::new();
             for op in batch {
                 match op {
-                    Op::Deliver { delivery, hash, reply } => {
+                    Op::Deliver {
+                        delivery,
+                        hash,
+                        placed,
+                        prior,
+                        reply,
+                    } => {
                         delivered = true;
                         let size = delivery.body.len() as u64;
                         let live = index.bodies.get(&hash).is_some_and(|b| b.refs > 0);
@@ -287,8 +306,13 @@ impl Writer {
                             // Delivering the same id again is a no-op
                             // (idempotent); a deleted id stays deleted.
                             let key = (user.clone(), delivery.id);
+                            // A move marker refuses only copies of sets as
+                            // old as the one it was dropped for.
+                            let refused = index
+                                .tomb(&user, &delivery.id)
+                                .is_some_and(|t| t.moved.as_ref().is_none_or(|(_, v)| placed <= *v));
                             if index.entry(&user, &delivery.id).is_some()
-                                || index.tomb(&user, &delivery.id).is_some()
+                                || refused
                                 || deleted.contains(&key)
                                 || !new_entries.insert(key)
                             {
@@ -303,6 +327,8 @@ impl Writer {
                                 folder: delivery.folder.clone(),
                                 flags: 0,
                                 replicas: delivery.replicas.clone(),
+                                placed,
+                                prior: prior.clone(),
                             };
                             pieces.push(Piece::Entry(rec));
                         }
@@ -312,13 +338,25 @@ impl Writer {
                         let mut n = 0;
                         for t in tombs {
                             let key = (user.clone(), t.id);
-                            if index.tomb(&user, &t.id).is_some() || !deleted.insert(key.clone()) {
+                            // A deletion replaces a move marker.
+                            if index.tomb(&user, &t.id).is_some_and(Tomb::is_deletion) || !deleted.insert(key.clone()) {
                                 continue;
                             }
                             let entry = index.entry(&user, &t.id);
-                            let replicas = match entry {
-                                Some(e) => e.meta.replicas.clone(),
-                                None => t.replicas,
+                            // Sent to the earlier members too: one may still
+                            // hold a copy of an older set.
+                            let replicas = match (entry, index.tomb(&user, &t.id)) {
+                                (Some(e), _) => e.meta.everyone(),
+                                // Over a move marker: to the nodes it names
+                                // too (the new set among them).
+                                (None, Some(marker)) => {
+                                    let mut all: Vec<u64> =
+                                        marker.replicas.iter().chain(&t.replicas).copied().collect();
+                                    all.sort_unstable();
+                                    all.dedup();
+                                    all
+                                }
+                                (None, None) => t.replicas,
                             };
                             if entry.is_some() || new_entries.contains(&key) {
                                 n += 1;
@@ -328,6 +366,7 @@ impl Writer {
                                 id: t.id,
                                 hlc: t.hlc,
                                 replicas,
+                                moved: None,
                             };
                             pieces.push(Piece::Tomb(rec));
                         }
@@ -393,6 +432,85 @@ impl Writer {
                         dones.push(Done::Relocate(reply, n));
                     }
                     Op::DropSegment { seg, reply } => drops.push((seg, reply)),
+                    Op::Place {
+                        user,
+                        changes,
+                        me,
+                        reply,
+                    } => {
+                        let mut out = Vec::with_capacity(changes.len());
+                        for change in changes {
+                            let SetChange {
+                                id,
+                                replicas,
+                                prior,
+                                placed,
+                            } = change;
+                            let key = (user.clone(), id);
+                            let tomb = index.tomb(&user, &id);
+                            if let Some(t) = tomb.filter(|t| t.is_deletion()) {
+                                out.push(Placed::Deleted(Tombstone {
+                                    id,
+                                    hlc: t.hlc,
+                                    replicas: t.replicas.clone(),
+                                }));
+                                continue;
+                            }
+                            // A move marker naming the set and its earlier
+                            // members, this node among them.
+                            let marker = |old: &[u64]| {
+                                let mut all: Vec<u64> = replicas.iter().chain(&prior).chain(old).copied().collect();
+                                all.push(me);
+                                all.sort_unstable();
+                                all.dedup();
+                                DeleteRecord {
+                                    user: user.clone(),
+                                    id,
+                                    hlc: placed,
+                                    replicas: all,
+                                    moved: Some((replicas.clone(), placed)),
+                                }
+                            };
+                            // Decided against the index as it was before
+                            // this batch: one change per entry and batch.
+                            let entry = index.entry(&user, &id);
+                            let fresh = !deleted.contains(&key) && new_entries.insert(key.clone());
+                            if !fresh {
+                                out.push(Placed::Absent);
+                                continue;
+                            }
+                            let Some(e) = entry else {
+                                // Not held: a marker if this node is among
+                                // the earlier members (so that it refuses a
+                                // copy of an older set and agrees with the
+                                // holders in anti-entropy); a member of the
+                                // new set fetches its copy instead.
+                                let older = tomb.is_none_or(|t| t.moved.as_ref().is_some_and(|(_, v)| *v < placed));
+                                if !replicas.contains(&me) && prior.contains(&me) && older {
+                                    deleted.insert(key.clone());
+                                    pieces.push(Piece::Tomb(marker(&[])));
+                                }
+                                out.push(Placed::Absent);
+                                continue;
+                            };
+                            if e.meta.placed >= placed {
+                                out.push(Placed::Kept { placed: e.meta.placed });
+                            } else if replicas.contains(&me) {
+                                let mut meta = e.meta.clone();
+                                meta.replicas = replicas;
+                                meta.prior = prior;
+                                meta.placed = placed;
+                                pieces.push(Piece::Entry(record_of(&user, &meta)));
+                                out.push(Placed::Updated);
+                            } else {
+                                // Dropped here, with a marker naming the new set.
+                                deleted.insert(key.clone());
+                                pieces.push(Piece::Tomb(marker(&e.meta.replicas)));
+                                out.push(Placed::Dropped);
+                            }
+                        }
+                        dones.push(Done::Place(reply, out));
+                    }
                 }
             }
         }
@@ -474,8 +592,12 @@ impl Writer {
                 match effect {
                     Effect::Body { hash, loc } => index.put_body(hash, loc),
                     Effect::Entry { rec, loc } => {
-                        let user = rec.user.clone();
+                        let (user, id) = (rec.user.clone(), rec.id);
                         index.put_entry(&user, meta_of(rec), loc);
+                        // A copy of a newer set replaces a move marker.
+                        if index.tomb(&user, &id).is_some_and(|t| !t.is_deletion()) {
+                            index.remove_tomb(&user, &id);
+                        }
                     }
                     Effect::Tomb { rec, loc } => deletes.push((rec, loc)),
                     Effect::Forget { user, id } => forgets.push((user, id)),
@@ -491,6 +613,7 @@ impl Writer {
                     replicas: rec.replicas,
                     loc,
                     added_ms: now_ms(),
+                    moved: rec.moved,
                 };
                 index.put_tomb(&rec.user, rec.id, tomb);
             }
@@ -503,6 +626,7 @@ impl Writer {
                 Done::Deliver(r) => drop(r.send(Ok(()))),
                 Done::Delete(r, n) => drop(r.send(Ok(n))),
                 Done::Relocate(r, n) => drop(r.send(Ok(n))),
+                Done::Place(r, out) => drop(r.send(Ok(out))),
             }
         }
         for (seg, reply) in drops {
@@ -650,6 +774,7 @@ pub(super) fn fail_all(batch: Vec<Op>, msg: &str) {
             Op::Delete { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
             Op::Relocate { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
             Op::DropSegment { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
+            Op::Place { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
         }
     }
 }
@@ -660,6 +785,7 @@ pub(super) fn fail_dones(dones: Vec<Done>, msg: &str) {
             Done::Deliver(r) => drop(r.send(Err(msg.to_owned()))),
             Done::Delete(r, _) => drop(r.send(Err(msg.to_owned()))),
             Done::Relocate(r, _) => drop(r.send(Err(msg.to_owned()))),
+            Done::Place(r, _) => drop(r.send(Err(msg.to_owned()))),
         }
     }
 }

@@ -435,9 +435,22 @@ impl NodeProcess {
 /// loopback address; the first founds the cluster with join secret
 /// `secret`, the others join through it.
 pub async fn start_cluster(base: &Path, n: usize, secret: &str, log: &str) -> anyhow::Result<Vec<NodeProcess>> {
+    start_cluster_with(base, n, secret, log, &[]).await
+}
+
+/// [`start_cluster`] with more `quill node` flags for every node.
+pub async fn start_cluster_with(
+    base: &Path,
+    n: usize,
+    secret: &str,
+    log: &str,
+    extra: &[&str],
+) -> anyhow::Result<Vec<NodeProcess>> {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     let mut first = NodeOptions::new(base.join("n1"), crate::fresh_loopback())?;
     first.join_token = Some(secret.to_owned());
     first.log = log.to_owned();
+    first.extra_args = extra.clone();
     let first = NodeProcess::start(first).await.context("first node")?;
     let token = first.join_token()?;
     let seed = first.cluster_addr();
@@ -447,6 +460,7 @@ pub async fn start_cluster(base: &Path, n: usize, secret: &str, log: &str) -> an
         o.seeds = vec![seed];
         o.join_token = Some(token.clone());
         o.log = log.to_owned();
+        o.extra_args = extra.clone();
         nodes.push(NodeProcess::start(o).await.with_context(|| format!("node {k}"))?);
     }
     Ok(nodes)

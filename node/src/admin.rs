@@ -459,10 +459,10 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
             counts.insert(id, c);
         }
     }
-    let st = s.services.store.stats();
-    counts.insert(me, (st.entries, st.body_bytes, s.replica.under_replicated()));
+    let service: &dyn crate::rpc::ReplicaService = s.replica.as_ref();
+    counts.insert(me, crate::cluster::node_stats(&s.services.store, Some(service)));
     // Each under-replicated message is counted by one live holder only.
-    let under_replicated: u64 = counts.values().map(|c| c.2).sum();
+    let under_replicated: u64 = counts.values().map(|c| c.under_replicated).sum();
     let mut nodes = Vec::new();
     for n in view.nodes.values() {
         let c = counts.get(&n.id);
@@ -476,8 +476,19 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
             "name": n.name,
             "state": state,
             "voter": n.voter,
-            "messages": c.map(|c| c.0),
-            "bytes": c.map(|c| c.1),
+            "messages": c.map(|c| c.messages),
+            "bytes": c.map(|c| c.bytes),
+            // What the node is doing: "draining" (handing its copies off),
+            // "repairing" (restoring copies it coordinates), else "serving";
+            // `repair_pending` counts what its running round has left.
+            "activity": match (n.state, c.map(|c| c.repair_pending)) {
+                (membership::NodeState::Draining, _) => "draining",
+                (membership::NodeState::Down, _) => "down",
+                (_, Some(p)) if p > 0 => "repairing",
+                _ => "serving",
+            },
+            "repair_pending": c.map(|c| c.repair_pending),
+            "repairs_copied": c.map(|c| c.repairs_copied),
             "addrs": {
                 "cluster": n.addrs.cluster,
                 "smtp": n.addrs.smtp,
@@ -684,6 +695,12 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "Deletions waiting in the update log for a replica to return.",
         r.pending_updates() as u64,
     );
+    line(
+        "quill_repair_pending",
+        "gauge",
+        "Copies this node's running repair round has yet to restore or hand off.",
+        r.counters.repair_pending.load(std::sync::atomic::Ordering::Relaxed),
+    );
     let rc = &r.counters;
     for (name, help, v) in [
         (
@@ -716,6 +733,12 @@ async fn metrics(State(s): State<AdminState>) -> Response {
             "Copies fetched by anti-entropy.",
             &rc.repairs_pulled,
         ),
+        (
+            "quill_repair_copies_total",
+            "Copies this node made on other nodes to restore R or hand off a draining node's copies.",
+            &rc.repairs_copied,
+        ),
+        ("quill_repair_bytes_total", "Bytes of those copies.", &rc.repairs_bytes),
         (
             "quill_replica_repairs_tombstones_total",
             "Deletions applied by anti-entropy.",

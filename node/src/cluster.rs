@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use crate::rpc::{ClusterReply, ClusterRequest, LogSlot, QuicTransport, ReplicaSlot};
+use crate::rpc::{NodeStats, ReplicaService};
 use crate::wire::{self, ClusterCa, JoinToken, NodeIdentity};
 
 /// How often every node pings every other node. With `PING_TIMEOUT` this
@@ -311,14 +312,10 @@ impl Cluster {
 
     /// Asks a node for its store figures (None if it does not answer within
     /// `STATS_TIMEOUT`: status pages must stay quick while a node dies).
-    pub async fn stats_of(&self, addr: &str) -> Option<(u64, u64, u64)> {
+    pub async fn stats_of(&self, addr: &str) -> Option<NodeStats> {
         let r = tokio::time::timeout(STATS_TIMEOUT, self.transport.request(addr, &ClusterRequest::Stats)).await;
         match r {
-            Ok(Ok(ClusterReply::Stats {
-                messages,
-                bytes,
-                under_replicated,
-            })) => Some((messages, bytes, under_replicated)),
+            Ok(Ok(ClusterReply::Stats(stats))) => Some(stats),
             _ => None,
         }
     }
@@ -472,14 +469,7 @@ async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr
         ClusterRequest::Ping => ClusterReply::Pong {
             epoch: membership.view().epoch,
         },
-        ClusterRequest::Stats => {
-            let s = store.stats();
-            ClusterReply::Stats {
-                messages: s.entries,
-                bytes: s.body_bytes,
-                under_replicated: replica.get().map_or(0, |r| r.under_replicated()),
-            }
-        }
+        ClusterRequest::Stats => ClusterReply::Stats(node_stats(store, replica.get().map(|r| r.as_ref()))),
         ClusterRequest::Replica(call) => match replica.get() {
             Some(r) => ClusterReply::Replica(Box::new(r.handle(*call).await)),
             None => ClusterReply::Refused("this node is still starting".into()),
@@ -515,6 +505,62 @@ async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr
                 Ok(pem) if !pem.trim().is_empty() => ClusterReply::CaKey(pem),
                 _ => ClusterReply::Refused("this node does not hold the CA key".into()),
             }
+        }
+        ClusterRequest::TakeLeadership => {
+            let view = membership.view();
+            let from_leader = membership
+                .leader()
+                .and_then(|l| view.node(l))
+                .is_some_and(|n| n.addrs.cluster.parse::<SocketAddr>().ok() == Some(peer));
+            let me = view.node(membership.id());
+            if !from_leader || !me.is_some_and(|n| n.voter && n.state == NodeState::Up) {
+                return ClusterReply::Refused("only the leader hands leadership to an up voter".into());
+            }
+            info!(%peer, "the leader is draining: calling an election");
+            match membership.raft().trigger().elect().await {
+                Ok(()) => ClusterReply::Done,
+                Err(e) => ClusterReply::Refused(format!("cannot call an election: {e}")),
+            }
+        }
+    }
+}
+
+/// A draining leader steps down: it stops sending heartbeats and standing
+/// for election (openraft 0.9 cannot transfer leadership nor remove the
+/// leader), and asks an up voter to call an election; the followers' leases
+/// run out without heartbeats, so that voter (or another) wins, and the
+/// new leader moves the vote away from the draining node. A node that is
+/// up again stands for election again.
+async fn step_down_if_draining(cluster: &Cluster, view: &membership::ClusterView, leading: bool) {
+    let me = cluster.id();
+    let draining = view.node(me).is_some_and(|n| n.state == NodeState::Draining);
+    let raft = cluster.membership.raft();
+    raft.runtime_config().elect(!draining);
+    if !draining || !leading {
+        raft.runtime_config().heartbeat(true);
+        return;
+    }
+    let Some(target) = view
+        .nodes
+        .values()
+        .filter(|n| n.id != me && n.voter && n.state == NodeState::Up)
+        .min_by_key(|n| n.id)
+    else {
+        // No up voter to take over: stay leader (the voters are changed
+        // first, by `desired_voters`, once learners are up).
+        raft.runtime_config().heartbeat(true);
+        return;
+    };
+    raft.runtime_config().heartbeat(false);
+    info!(node = target.id, "draining: handing leadership over");
+    match cluster
+        .transport
+        .request(&target.addrs.cluster, &ClusterRequest::TakeLeadership)
+        .await
+    {
+        Ok(ClusterReply::Done) => {}
+        other => {
+            tracing::debug!(node = target.id, reply = ?other.err(), "leadership hand-over asked; the leases decide")
         }
     }
 }
@@ -694,9 +740,11 @@ async fn leader_duties(cluster: Cluster, failure_timeout: Duration, mut stop: wa
                 _ => {}
             }
         }
+        let leading = cluster.membership.leading_term();
+        step_down_if_draining(&cluster, &view, leading.is_some()).await;
         // Only a leader that is still a voter in the view acts (a removed
         // leader may run on briefly: it must not change anything).
-        let Some(term) = cluster.membership.leading_term() else {
+        let Some(term) = leading else {
             continue;
         };
         if !view.node(me).is_some_and(|n| n.voter) {
@@ -798,6 +846,19 @@ where
         }
     }
     out
+}
+
+/// This node's figures for `cluster status`.
+pub fn node_stats(store: &replication::FragmentStore, replica: Option<&dyn ReplicaService>) -> NodeStats {
+    let s = store.stats();
+    let (repair_pending, repairs_copied) = replica.map_or((0, 0), |r| r.repair_progress());
+    NodeStats {
+        messages: s.entries,
+        bytes: s.body_bytes,
+        under_replicated: replica.map_or(0, |r| r.under_replicated()),
+        repair_pending,
+        repairs_copied,
+    }
 }
 
 #[cfg(test)]

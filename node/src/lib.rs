@@ -86,6 +86,10 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Copies of each message (R).
     pub replicas: usize,
+    /// How long a node may be down before its copies are made elsewhere.
+    pub repair_grace: Duration,
+    /// Bytes per second of repair and move traffic this node sends.
+    pub repair_rate: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +228,7 @@ pub async fn run(
     let directory: Arc<dyn Directory> = Arc::new(cluster.membership.directory());
     let mut replica_cfg = ReplicaConfig::new(config.data_dir.join("updates"));
     replica_cfg.replicas = config.replicas.max(1);
+    replica_cfg.repair_grace = config.repair_grace;
     let replica = Arc::new(Replicator::new(
         cluster.id(),
         store.clone(),
@@ -255,6 +260,7 @@ pub async fn run(
     tasks.spawn(replica::duties(
         replica.clone(),
         cluster.membership.clone(),
+        config.repair_rate,
         stop_rx.clone(),
     ));
     if let Some(listener) = admin_listener {

@@ -85,6 +85,16 @@ struct NodeArgs {
     /// under-replicated.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
     replicas: u64,
+    /// How long a node may be down before the copies it held are made again
+    /// on other nodes (a quick restart costs nothing): e.g. 30s, 500ms, 5m.
+    /// A removed or draining node's copies are moved at once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    repair_grace: Duration,
+    /// Bytes per second this node sends when it restores or moves copies
+    /// (same units as --max-message-size), so that client traffic keeps
+    /// its share of disk and network.
+    #[arg(long, default_value = "32MiB", value_parser = parse_size_arg)]
+    repair_rate: u64,
     /// Largest message accepted (advertised in EHLO SIZE): bytes, or with a
     /// unit: KB, MB, GB (powers of 1000), K/KiB, M/MiB, G/GiB (powers of 1024).
     #[arg(long, default_value = "50MiB", value_parser = parse_size_arg)]
@@ -257,6 +267,25 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
+/// A duration: a number and a unit, ms, s, m or h (`30s`, `500ms`, `5m`).
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit (ms, s, m, h)"))?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
 /// The password of a `user add` or `user passwd`, from wherever it was given.
 fn read_password(p: &PasswordArgs) -> anyhow::Result<String> {
     use std::io::{BufRead, IsTerminal};
@@ -384,6 +413,8 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         default_login_domain: a.default_login_domain,
         postmaster: a.postmaster,
         replicas: a.replicas as usize,
+        repair_grace: a.repair_grace,
+        repair_rate: a.repair_rate,
         limits,
     };
     quill_node::run(config, set_log_level, shutdown_signal()).await
@@ -490,8 +521,12 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
                 reply["epoch"], reply["leader"], reply["self"], reply["under_replicated"]
             );
             for n in reply["nodes"].as_array().into_iter().flatten() {
+                let activity = match n["activity"].as_str().unwrap_or_default() {
+                    "repairing" => format!("repairing({} left)", n["repair_pending"]),
+                    other => other.to_owned(),
+                };
                 println!(
-                    "  node {} {:<16} {:<9} voter={} messages={} bytes={} smtp={} pop3={} admin={}",
+                    "  node {} {:<16} {:<9} voter={} messages={} bytes={} {activity} smtp={} pop3={} admin={}",
                     n["id"],
                     n["name"].as_str().unwrap_or_default(),
                     n["state"].as_str().unwrap_or_default(),

@@ -29,6 +29,10 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 /// Wire deadline of one replica call; the replicator's own (shorter,
 /// size-dependent) deadline governs.
 const WIRE_DEADLINE: Duration = Duration::from_secs(120);
+/// How often the repair duty looks for copies to restore or hand off.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a repair walk that found nothing to do is not repeated.
+const REPAIR_RECHECK: Duration = Duration::from_secs(10);
 
 pub type NodeReplicator = Replicator<QuicNet>;
 
@@ -39,6 +43,14 @@ impl ReplicaService for NodeReplicator {
 
     fn under_replicated(&self) -> u64 {
         Replicator::under_replicated(self)
+    }
+
+    fn repair_progress(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counters.repair_pending.load(Relaxed),
+            self.counters.repairs_copied.load(Relaxed),
+        )
     }
 }
 
@@ -90,7 +102,12 @@ pub async fn placement_view(membership: &Membership) -> Option<Arc<placement::Vi
 /// the membership view behind a slow round), the other does the work a
 /// view change calls for (reports to the new managers, anti-entropy) and
 /// the periodic duties.
-pub async fn duties(replica: Arc<NodeReplicator>, membership: Membership, stop: watch::Receiver<bool>) {
+pub async fn duties(
+    replica: Arc<NodeReplicator>,
+    membership: Membership,
+    repair_rate: u64,
+    stop: watch::Receiver<bool>,
+) {
     let changed = Arc::new(tokio::sync::Notify::new());
     let follower = tokio::spawn(follow_views(
         replica.clone(),
@@ -99,9 +116,46 @@ pub async fn duties(replica: Arc<NodeReplicator>, membership: Membership, stop: 
         stop.clone(),
     ));
     let chaser = tokio::spawn(chase_reports(replica.clone(), stop.clone()));
+    let repairer = tokio::spawn(repair(replica.clone(), repair_rate, stop.clone()));
     work(replica, changed, stop).await;
     follower.abort();
     chaser.abort();
+    repairer.abort();
+}
+
+/// Restores R copies after a node is gone and hands a draining node's
+/// copies off: a round whenever a replica set held here names a gone node
+/// (or is short of R while more nodes are up), at most every
+/// [`REPAIR_INTERVAL`], copies at most `rate` bytes a second. In a task of
+/// its own: a long repair does not hold up reports or anti-entropy.
+async fn repair(replica: Arc<NodeReplicator>, rate: u64, mut stop: watch::Receiver<bool>) {
+    let limit = replication::replica::RateLimit::new(rate);
+    let mut tick = tokio::time::interval(REPAIR_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a round that found nothing for this node to do (another member
+    // coordinates those messages), the walk is not repeated until the view
+    // or the store changes, or REPAIR_RECHECK passes.
+    let mut idle: Option<((u64, u64, usize), std::time::Instant)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {
+                if !replica.repair_wanted() {
+                    idle = None;
+                    continue;
+                }
+                let sig = (replica.view().epoch(), replica.store().stats().entries, replica.store().replica_sets().len());
+                if idle.is_some_and(|(s, at)| s == sig && at.elapsed() < REPAIR_RECHECK) {
+                    continue;
+                }
+                let round = replica.repair_round(&limit).await;
+                if round.failed > 0 {
+                    debug!(?round, "repair round left work for the next");
+                }
+                idle = (round.planned == 0).then(|| (sig, std::time::Instant::now()));
+            }
+        }
+    }
 }
 
 async fn follow_views(

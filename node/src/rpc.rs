@@ -42,6 +42,9 @@ pub enum ClusterRequest {
     /// A Raft voter without the CA key asks another for it (answered only
     /// to a voter of the answering node's view).
     CaKey,
+    /// A draining leader hands leadership over: the receiving voter calls
+    /// an election (answered only to the leader of the receiver's view).
+    TakeLeadership,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -60,11 +63,7 @@ pub enum ClusterReply {
     Pong {
         epoch: u64,
     },
-    Stats {
-        messages: u64,
-        bytes: u64,
-        under_replicated: u64,
-    },
+    Stats(NodeStats),
     Replica(Box<replication::replica::Answer>),
     /// A request that needs no more than "done".
     Done,
@@ -72,13 +71,29 @@ pub enum ClusterReply {
     CaKey(String),
 }
 
+/// One node's figures for `cluster status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// Entries (message copies) and body bytes in its store.
+    pub messages: u64,
+    pub bytes: u64,
+    /// Messages it counts as having fewer than R live copies.
+    pub under_replicated: u64,
+    /// Repairs and hand-offs it coordinates that its running round has not
+    /// done yet, and the copies it has made since it started.
+    pub repair_pending: u64,
+    pub repairs_copied: u64,
+}
+
 /// What the cluster wire needs of the replica protocol: serving calls, and
-/// the under-replicated count for `Stats`. Implemented by the node's
+/// the figures for `Stats`. Implemented by the node's
 /// replicator (`crate::replica`), so that this module and the cluster need
 /// not name it.
 pub trait ReplicaService: Send + Sync + 'static {
     fn handle(&self, call: replication::replica::Call) -> BoxFuture<'_, replication::replica::Answer>;
     fn under_replicated(&self) -> u64;
+    /// (repairs pending in the running round, copies made by repair).
+    fn repair_progress(&self) -> (u64, u64);
 }
 
 /// Where the accept loop finds the replicator once the node has made it.

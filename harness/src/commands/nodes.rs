@@ -59,18 +59,23 @@ pub async fn status(dir: PathBuf, json: bool) -> anyhow::Result<()> {
         s["epoch"], s["leader"], s["under_replicated"]
     );
     println!(
-        "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12}  addr",
-        "node", "id", "state", "voter", "messages", "bytes"
+        "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12}  {:<20} addr",
+        "node", "id", "state", "voter", "messages", "bytes", "doing"
     );
     for n in s["nodes"].as_array().into_iter().flatten() {
+        let doing = match n["activity"].as_str().unwrap_or("?") {
+            "repairing" => format!("repairing ({} left)", n["repair_pending"]),
+            other => other.to_owned(),
+        };
         println!(
-            "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12}  {}",
+            "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12}  {:<20} {}",
             n["name"].as_str().unwrap_or("?"),
             n["id"].to_string(),
             n["state"].as_str().unwrap_or("?"),
             n["voter"].to_string(),
             n["messages"].to_string(),
             n["bytes"].to_string(),
+            doing,
             n["addrs"]["smtp"].as_str().unwrap_or("-"),
         );
     }

@@ -1,0 +1,246 @@
+//! Self-healing across real processes: four nodes on their own 127.0.0.x
+//! addresses, R=2, `--repair-grace 3s`. A node killed with SIGKILL has its
+//! copies made again elsewhere without any command (`under_replicated`
+//! back to 0, every message still readable exactly once from any node);
+//! when it comes back, the copies it kept are trimmed so that each message
+//! is on exactly two nodes; a drained node (the Raft leader, which hands
+//! leadership over) empties and is removed with nothing lost.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use quill_harness::process::{self, NodeProcess, TempDir};
+use quill_harness::{Pop3Client, SmtpClient};
+use serde_json::Value;
+
+const SECRET: &str = "healing-test-secret";
+const PASSWORD: &str = "correct horse";
+const USERS: usize = 20;
+const MESSAGES: usize = 300;
+const R: u64 = 2;
+
+async fn status(n: &NodeProcess) -> Value {
+    n.status().await.expect("status")
+}
+
+/// Per node id: messages held (None: it did not answer); and the cluster's
+/// under_replicated.
+async fn counts(n: &NodeProcess) -> (BTreeMap<u64, Option<u64>>, u64) {
+    let s = status(n).await;
+    let per = s["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|x| (x["id"].as_u64().expect("id"), x["messages"].as_u64()))
+        .collect();
+    (per, s["under_replicated"].as_u64().expect("under_replicated"))
+}
+
+fn node_id(s: &Value) -> u64 {
+    s["self"].as_u64().expect("self")
+}
+
+async fn read_all(node: &NodeProcess, user: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut p = Pop3Client::connect(node.pop3()).await.expect("pop3 connects");
+    p.login(user, PASSWORD).await.expect("login");
+    let mut out = BTreeMap::new();
+    for (n, uid) in p.uidl().await.expect("uidl") {
+        out.insert(uid, p.retr(n).await.expect("retr"));
+    }
+    p.quit().await.expect("quit");
+    out
+}
+
+fn marker(msg: &[u8]) -> String {
+    String::from_utf8_lossy(msg)
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Test-Seq: "))
+        .expect("test marker header")
+        .trim()
+        .to_owned()
+}
+
+/// Every user's mailbox, read through `node`, is exactly `expected`, each
+/// message once and intact.
+async fn check_all_readable(node: &NodeProcess, users: &[String], expected: &BTreeMap<String, BTreeSet<String>>) {
+    for user in users {
+        let got = read_all(node, user).await;
+        let markers: BTreeSet<String> = got.values().map(|m| marker(m)).collect();
+        assert_eq!(
+            markers.len(),
+            got.len(),
+            "{user}: a message listed twice via {}",
+            node.pop3()
+        );
+        let want = expected.get(user).cloned().unwrap_or_default();
+        assert_eq!(markers, want, "{user} as read through {}", node.pop3());
+        for m in got.values() {
+            let k = marker(m);
+            assert!(
+                String::from_utf8_lossy(m).contains(&format!("body of message {k} for {user}\r\n")),
+                "{user} message {k} is damaged"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_are_restored_trimmed_and_drained_without_an_operator() {
+    let _slot = common::cluster_slot().await;
+    let dir = TempDir::new("healing").expect("temp dir");
+    let mut nodes = process::start_cluster_with(dir.path(), 4, SECRET, "info", &["--repair-grace", "3s"])
+        .await
+        .expect("cluster starts");
+    {
+        let all: Vec<&NodeProcess> = nodes.iter().collect();
+        process::wait_converged(&all, 4, Duration::from_secs(60))
+            .await
+            .expect("cluster converges");
+    }
+    let users: Vec<String> = (0..USERS).map(|i| format!("heal{i:02}@example.org")).collect();
+    nodes[0].add_domain("example.org").await.expect("domain");
+    for u in &users {
+        nodes[0].add_user(u, PASSWORD, None).await.expect("user");
+    }
+    let last = users.last().expect("users").clone();
+    for n in &nodes {
+        common::wait_for("the users on every node", Duration::from_secs(30), || async {
+            n.admin(hyper::Method::GET, "/v1/users", None)
+                .await
+                .is_ok_and(|d| d.to_string().contains(&last))
+        })
+        .await;
+    }
+
+    // Mail to every user, through every node in turn.
+    let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut c = SmtpClient::connect(node.smtp(), false).await.expect("smtp");
+        for k in (i..MESSAGES).step_by(nodes.len()) {
+            let user = &users[k % USERS];
+            let body = format!(
+                "Subject: message {k}\r\nX-Test-Seq: {k}\r\n\r\nbody of message {k} for {user}\r\n{}\r\n",
+                "y".repeat(k % 900)
+            );
+            let replies = c
+                .send_mail("sender@remote.test", &[user.as_str()], body.as_bytes())
+                .await
+                .expect("send");
+            assert!(replies.last().expect("reply").is_ok(), "message {k}: {replies:?}");
+            expected.entry(user.clone()).or_default().insert(k.to_string());
+        }
+        c.quit().await.expect("quit");
+    }
+    let (per, under) = counts(&nodes[0]).await;
+    let total: u64 = per.values().map(|m| m.expect("every node answers")).sum();
+    assert_eq!((total, under), (R * MESSAGES as u64, 0), "{per:?}");
+    eprintln!("messages per node before the kill: {per:?}");
+
+    // kill -9 a node that is not the leader: past the grace, the others
+    // make its copies again, with no command.
+    let leader = status(&nodes[0]).await["leader"].as_u64().expect("leader");
+    let victim = {
+        let mut v = None;
+        for (i, n) in nodes.iter().enumerate() {
+            if node_id(&status(n).await) != leader {
+                v = Some(i);
+            }
+        }
+        v.expect("a follower")
+    };
+    let victim_id = node_id(&status(&nodes[victim]).await);
+    let held = per[&victim_id].expect("the victim's count");
+    assert!(held > 0, "placement put copies on every node: {per:?}");
+    let killed_at = std::time::Instant::now();
+    nodes[victim].kill9().await.expect("kill -9");
+    let observer = (victim + 1) % nodes.len();
+    common::wait_for(
+        "the killed node's copies made again elsewhere",
+        Duration::from_secs(90),
+        || async {
+            let (per, under) = counts(&nodes[observer]).await;
+            let live: u64 = per
+                .iter()
+                .filter(|(id, _)| **id != victim_id)
+                .map(|(_, m)| m.unwrap_or(0))
+                .sum();
+            under == 0 && live == R * MESSAGES as u64
+        },
+    )
+    .await;
+    eprintln!(
+        "R copies restored {:.1} s after the kill ({held} copies were on the killed node)",
+        killed_at.elapsed().as_secs_f64()
+    );
+    for (i, node) in nodes.iter().enumerate() {
+        if i != victim {
+            check_all_readable(node, &users, &expected).await;
+        }
+    }
+
+    // It comes back with its old copies: they are trimmed, R each.
+    nodes[victim].restart().await.expect("restart");
+    common::wait_for(
+        "the returning node's extra copies trimmed",
+        Duration::from_secs(90),
+        || async {
+            let (per, under) = counts(&nodes[observer]).await;
+            let all: Option<u64> = per.values().copied().sum();
+            under == 0 && all == Some(R * MESSAGES as u64)
+        },
+    )
+    .await;
+    check_all_readable(&nodes[victim], &users, &expected).await;
+
+    // Drain the leader: it hands leadership over and its copies off.
+    let leader_ix = {
+        let mut ix = None;
+        for (i, n) in nodes.iter().enumerate() {
+            if node_id(&status(n).await) == leader {
+                ix = Some(i);
+            }
+        }
+        ix.expect("the leader is one of ours")
+    };
+    let other = (leader_ix + 1) % nodes.len();
+    nodes[other]
+        .admin(hyper::Method::POST, &format!("/v1/nodes/{leader}/drain"), None)
+        .await
+        .expect("drain");
+    common::wait_for(
+        "the drained leader empty, leadership moved",
+        Duration::from_secs(120),
+        || async {
+            let s = status(&nodes[other]).await;
+            let (per, under) = counts(&nodes[other]).await;
+            let rest: u64 = per
+                .iter()
+                .filter(|(id, _)| **id != leader)
+                .map(|(_, m)| m.unwrap_or(0))
+                .sum();
+            s["leader"].as_u64().is_some_and(|l| l != leader)
+                && per.get(&leader) == Some(&Some(0))
+                && under == 0
+                && rest == R * MESSAGES as u64
+        },
+    )
+    .await;
+    let new_leader = status(&nodes[other]).await["leader"].as_u64().expect("leader");
+    let remove = nodes[other]
+        .admin(hyper::Method::DELETE, &format!("/v1/nodes/{leader}"), None)
+        .await;
+    assert!(remove.is_ok(), "removing the drained node: {remove:?}");
+    eprintln!("leader {leader} drained and removed; node {new_leader} leads");
+    nodes[leader_ix].stop().await.expect("stop");
+    for (i, node) in nodes.iter().enumerate() {
+        if i != leader_ix {
+            check_all_readable(node, &users, &expected).await;
+        }
+    }
+    let (per, under) = counts(&nodes[other]).await;
+    assert!(!per.contains_key(&leader), "{per:?}");
+    assert_eq!(under, 0);
+    assert_eq!(per.values().map(|m| m.unwrap_or(0)).sum::<u64>(), R * MESSAGES as u64);
+}

@@ -31,6 +31,9 @@ const REPORT_INTERVAL: Duration = Duration::from_secs(60);
 const WIRE_DEADLINE: Duration = Duration::from_secs(120);
 /// How often the repair duty looks for copies to restore or hand off.
 const REPAIR_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the rebalancer compares stored bytes with the other nodes
+/// (and moves at most this long's worth of `--repair-rate` per round).
+const REBALANCE_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a repair walk that found nothing to do is not repeated.
 const REPAIR_RECHECK: Duration = Duration::from_secs(10);
 
@@ -126,8 +129,11 @@ pub async fn duties(
 /// Restores R copies after a node is gone and hands a draining node's
 /// copies off: a round whenever a replica set held here names a gone node
 /// (or is short of R while more nodes are up), at most every
-/// [`REPAIR_INTERVAL`], copies at most `rate` bytes a second. In a task of
-/// its own: a long repair does not hold up reports or anti-entropy.
+/// [`REPAIR_INTERVAL`]; and every [`REBALANCE_INTERVAL`], when nothing
+/// needs repair, moves copies from nodes above their share of the stored
+/// bytes to nodes below it (a node that joined). Copies at most `rate`
+/// bytes a second, both together. In a task of its own: a long repair does
+/// not hold up reports or anti-entropy.
 async fn repair(replica: Arc<NodeReplicator>, rate: u64, mut stop: watch::Receiver<bool>) {
     let limit = replication::replica::RateLimit::new(rate);
     let mut tick = tokio::time::interval(REPAIR_INTERVAL);
@@ -136,6 +142,8 @@ async fn repair(replica: Arc<NodeReplicator>, rate: u64, mut stop: watch::Receiv
     // coordinates those messages), the walk is not repeated until the view
     // or the store changes, or REPAIR_RECHECK passes.
     let mut idle: Option<((u64, u64, usize), std::time::Instant)> = None;
+    let mut rebalance = tokio::time::interval(REBALANCE_INTERVAL);
+    rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -153,6 +161,14 @@ async fn repair(replica: Arc<NodeReplicator>, rate: u64, mut stop: watch::Receiv
                     debug!(?round, "repair round left work for the next");
                 }
                 idle = (round.planned == 0).then(|| (sig, std::time::Instant::now()));
+            }
+            _ = rebalance.tick() => {
+                // Repairs this node has to make come first (R copies, then
+                // evenness); messages that need repair are never moved.
+                if idle.is_some() || !replica.repair_wanted() {
+                    let budget = rate.saturating_mul(REBALANCE_INTERVAL.as_secs());
+                    replica.rebalance_round(&limit, budget).await;
+                }
             }
         }
     }

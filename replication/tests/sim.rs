@@ -1060,14 +1060,35 @@ impl Sim {
         let before = repairs(self);
         let mut changed = 0;
         for r in self.live() {
+            // Notes compared first: a node repairs nothing before.
+            r.anti_entropy_round().await;
             let round = r.repair_round(rate).await;
             changed += round.repaired + round.failed + round.deleted + round.settled;
+            let moved = r.rebalance_round(rate, u64::MAX).await;
+            changed += moved.repaired + moved.failed + moved.deleted;
             changed += r.replay_updates().await as u64;
             r.report_round().await;
-            r.anti_entropy_round().await;
         }
         changed += repairs(self) - before;
         changed > 0
+    }
+}
+
+/// Every up node's stored bytes within 10% of the mean (weights are equal
+/// here), give or take `slack` bytes (moves go a message at a time).
+fn assert_balanced(sim: &Sim, slack: u64, seed: u64) {
+    let bytes: Vec<(u64, u64)> = sim
+        .nodes
+        .iter()
+        .filter(|n| !n.removed && !n.draining)
+        .filter_map(|n| n.rep.as_ref().map(|r| (n.id, r.store().stats().body_bytes)))
+        .collect();
+    let mean = bytes.iter().map(|b| b.1).sum::<u64>() / bytes.len().max(1) as u64;
+    for (id, b) in &bytes {
+        assert!(
+            b.abs_diff(mean) <= mean / 10 + slack,
+            "seed {seed}: node {id} stores {b} bytes, the mean is {mean}: {bytes:?}"
+        );
     }
 }
 
@@ -1388,6 +1409,7 @@ async fn healing_run(seed: u64, ops: usize) {
     }
     let under: u64 = sim.live().iter().map(|r| r.under_replicated()).sum();
     assert_eq!(under, 0, "seed {seed}: under-replicated after healing");
+    assert_balanced(&sim, 2_100, seed);
     let removed = sim.nodes.iter().filter(|n| n.removed).count();
     eprintln!(
         "seed {seed}: {} acknowledged, {} present, {removed} nodes removed, {} in the cluster",
@@ -1463,6 +1485,12 @@ async fn the_grace_period_is_waited_out_and_a_returning_node_is_trimmed() {
     let rate = replication::replica::RateLimit::new(1 << 40);
     let mut made = 0;
     for r in reps.iter().flatten() {
+        assert_eq!(
+            r.repair_round(&rate).await.planned,
+            0,
+            "no repair before notes are compared"
+        );
+        r.anti_entropy_round().await;
         made += r.repair_round(&rate).await.copies;
     }
     assert_eq!(made, 0, "nothing is copied within the grace period");
@@ -1499,6 +1527,64 @@ async fn the_grace_period_is_waited_out_and_a_returning_node_is_trimmed() {
     for r in reps.iter().flatten() {
         let listed = r.mailbox("u1@example.org").await;
         assert_eq!(listed.len(), 30);
+        r.store().close();
+    }
+}
+
+/// A node that joins takes its share of the mail already stored: moves
+/// (copy, new set, old copy dropped) until every node is within 10% of the
+/// mean, never below R copies, nothing lost.
+#[tokio::test(flavor = "current_thread")]
+async fn joined_nodes_take_their_share_of_stored_mail() {
+    let mut sim = Sim::healing(21, 3);
+    let rate = replication::replica::RateLimit::new(1 << 40);
+    let front = sim.live()[0].clone();
+    for i in 0..600u64 {
+        let user = format!("u{}@example.org", i % 12);
+        let body = format!("{i:06} {}", "m".repeat(1_000));
+        let out = front
+            .deliver(
+                std::slice::from_ref(&user),
+                "INBOX",
+                1_000 + i,
+                body.clone().into_bytes(),
+            )
+            .await;
+        assert!(out.stored[0] && !out.under_replicated);
+        sim.acked.insert((user, out.id), BodyHash::of(body.as_bytes()));
+    }
+    sim.join_node();
+    sim.join_node();
+    sim.publish_view();
+    for r in sim.live() {
+        r.report_round().await;
+    }
+    let before: Vec<u64> = sim.live().iter().map(|r| r.store().stats().entries).collect();
+    assert_eq!(&before[3..], &[0, 0], "new nodes start empty");
+    let mut rounds = 0;
+    while sim.heal_round(&rate).await {
+        rounds += 1;
+        assert!(rounds < 30, "rebalancing did not settle");
+        // Never below R: every message keeps two copies after each round.
+        let held = holders(&sim);
+        for key in sim.expected().keys() {
+            assert!(held.get(key).is_some_and(|c| c.len() >= R), "{key:?} below R");
+        }
+    }
+    assert_balanced(&sim, 0, 21);
+    let held = holders(&sim);
+    for key in sim.expected().keys() {
+        assert_eq!(held.get(key).map(|c| c.len()), Some(R), "{key:?}");
+    }
+    for r in sim.live() {
+        for u in users() {
+            let listed = r.mailbox(&u).await.len();
+            assert_eq!(listed, 50, "node {} lists {u}", r.id());
+        }
+    }
+    let after: Vec<u64> = sim.live().iter().map(|r| r.store().stats().entries).collect();
+    eprintln!("entries per node before {before:?}, after {rounds} rounds {after:?}");
+    for r in sim.live() {
         r.store().close();
     }
 }

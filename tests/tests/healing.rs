@@ -11,7 +11,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use quill_harness::process::{self, NodeProcess, TempDir};
+use quill_harness::fresh_loopback;
+use quill_harness::process::{self, NodeOptions, NodeProcess, TempDir};
 use quill_harness::{Pop3Client, SmtpClient};
 use serde_json::Value;
 
@@ -243,4 +244,53 @@ async fn copies_are_restored_trimmed_and_drained_without_an_operator() {
     assert!(!per.contains_key(&leader), "{per:?}");
     assert_eq!(under, 0);
     assert_eq!(per.values().map(|m| m.unwrap_or(0)).sum::<u64>(), R * MESSAGES as u64);
+
+    // A new node joins: it takes new mail at once and, moved to it in the
+    // background, its share of what is stored.
+    let mut o = NodeOptions::new(dir.path().join("n5"), fresh_loopback()).expect("options");
+    o.seeds = vec![nodes[other].cluster_addr()];
+    o.join_token = Some(nodes[0].join_token().expect("join token"));
+    o.extra_args = vec!["--repair-grace".into(), "3s".into()];
+    let joined = NodeProcess::start(o).await.expect("the new node starts");
+    let joined_id = node_id(&status(&joined).await);
+    let joined_at = std::time::Instant::now();
+    common::wait_for("the stored bytes even within 10%", Duration::from_secs(120), || async {
+        let s = status(&nodes[other]).await;
+        let bytes: Vec<u64> = s["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["bytes"].as_u64())
+            .collect();
+        let mean = bytes.iter().sum::<u64>() / bytes.len().max(1) as u64;
+        bytes.len() == 4 && bytes.iter().all(|b| b.abs_diff(mean) <= mean / 10)
+    })
+    .await;
+    let (per, under) = counts(&nodes[other]).await;
+    eprintln!(
+        "node {joined_id} joined: within 10% of the mean after {:.1} s: {per:?}",
+        joined_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(under, 0);
+    assert_eq!(per.values().map(|m| m.unwrap_or(0)).sum::<u64>(), R * MESSAGES as u64);
+    check_all_readable(&joined, &users, &expected).await;
+    let mut c = SmtpClient::connect(joined.smtp(), false).await.expect("smtp");
+    for k in 0..40 {
+        let user = &users[k % USERS];
+        let replies = c
+            .send_mail(
+                "sender@remote.test",
+                &[user.as_str()],
+                b"Subject: after the join\r\n\r\nnew\r\n",
+            )
+            .await
+            .expect("send");
+        assert!(replies.last().expect("reply").is_ok());
+    }
+    c.quit().await.expect("quit");
+    let (per, _) = counts(&joined).await;
+    assert!(
+        per[&joined_id].expect("its count") > 0,
+        "the new node holds copies: {per:?}"
+    );
 }

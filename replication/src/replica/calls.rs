@@ -229,6 +229,9 @@ impl<N: Network> Replicator<N> {
                     let deleted = self.take_copies(&user, entries, PLACE_BATCH_MAX).await?;
                     Ok(Reply::Copied { deleted })
                 }
+                Request::Usage => Ok(Reply::Usage {
+                    bytes: self.store.stats().body_bytes,
+                }),
                 Request::SetReplicas { user, mut changes } => {
                     changes.truncate(PLACE_BATCH_MAX);
                     let outcomes = self.store.set_replicas(&user, changes, self.me).await?;

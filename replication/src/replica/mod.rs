@@ -49,7 +49,7 @@ mod updates;
 
 pub use anti_entropy::{SyncPlan, plan_sync, tombstone_expired};
 pub use protocol::*;
-pub use repair::{RateLimit, RepairRound, RepairStep, coordinator, plan_repair};
+pub use repair::{Balance, RateLimit, RepairRound, RepairStep, coordinator, plan_move, plan_repair};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -143,9 +143,11 @@ pub struct ReplicaCounters {
     /// Copies made on other nodes by repair (and the bytes).
     pub repairs_copied: AtomicU64,
     pub repairs_bytes: AtomicU64,
-    /// Repairs this node coordinates that the running round has not done
-    /// yet (0 between rounds).
+    /// Repairs (or moves) this node coordinates that the running round has
+    /// not done yet (0 between rounds).
     pub repair_pending: AtomicU64,
+    /// Copies moved to even out the stored bytes (rebalancing).
+    pub rebalance_moves: AtomicU64,
 }
 
 pub struct Replicator<N: Network> {
@@ -184,6 +186,12 @@ pub struct Replicator<N: Network> {
     pending_unlocks: Mutex<Vec<(String, NodeId, u64, u64)>>,
     /// When this node first saw each node down (for the repair grace).
     down_since: Mutex<HashMap<NodeId, Instant>>,
+    /// Anti-entropy rounds completed in this run, and whether one reached
+    /// every live peer: a node back from an absence may hold sets (or
+    /// copies) the others changed or deleted meanwhile, so it repairs and
+    /// moves nothing until it has compared notes with them.
+    rounds_done: AtomicU64,
+    caught_up: std::sync::atomic::AtomicBool,
     pub counters: ReplicaCounters,
 }
 
@@ -264,6 +272,8 @@ impl<N: Network> Replicator<N> {
             missing: Mutex::new(BTreeMap::new()),
             pending_unlocks: Mutex::new(Vec::new()),
             down_since: Mutex::new(HashMap::new()),
+            rounds_done: AtomicU64::new(0),
+            caught_up: std::sync::atomic::AtomicBool::new(false),
             counters: ReplicaCounters::default(),
         })
     }

@@ -142,6 +142,8 @@ pub enum Request {
         user: String,
         changes: Vec<crate::SetChange>,
     },
+    /// The bytes of mail the receiver stores (for rebalancing).
+    Usage,
     /// Login throttling, cluster-wide, at the manager of each key: count a
     /// failure on `keys` (when `failed`) and say whether any is used up.
     Throttle {
@@ -172,6 +174,7 @@ impl Request {
             Request::Throttle { .. } => "throttle",
             Request::Copy { .. } => "copy",
             Request::SetReplicas { .. } => "set-replicas",
+            Request::Usage => "usage",
         }
     }
 }
@@ -216,6 +219,10 @@ pub enum Reply {
     /// a deletion of the message.
     Copied {
         deleted: Vec<Tombstone>,
+    },
+    /// To [`Request::Usage`].
+    Usage {
+        bytes: u64,
     },
     /// To [`Request::SetReplicas`]: one outcome per change.
     ReplicasSet {

@@ -103,6 +103,122 @@ pub fn plan_repair(
     })
 }
 
+/// How far from its weighted share a node's stored bytes may be before the
+/// rebalancer moves copies to or from it (each side of the target: the
+/// spread it leaves is within twice this).
+pub const REBALANCE_TOLERANCE: f64 = 0.05;
+
+/// The rebalancer's figures, once some up node is further than the
+/// tolerance from its share of the stored bytes (its weight's part of the
+/// total): how far each is above or below its share, and this
+/// coordinator's budget of that distance.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Balance {
+    /// Bytes above the share (nodes past the tolerance), and below it.
+    pub excess: BTreeMap<NodeId, u64>,
+    pub deficit: BTreeMap<NodeId, u64>,
+    /// What this coordinator may still move from (to) each node: its part
+    /// of the excess (deficit), since every coordinator moves at once on
+    /// the same figures.
+    pub give: BTreeMap<NodeId, u64>,
+    pub take: BTreeMap<NodeId, u64>,
+}
+
+impl Balance {
+    /// From the bytes each up node stores (`bytes`) and the view's
+    /// weights; `share` is this coordinator's part of each excess and
+    /// deficit (1 / the number of coordinators).
+    pub fn new(view: &View, bytes: &BTreeMap<NodeId, u64>, share: f64) -> Balance {
+        let weights: BTreeMap<NodeId, f64> = view
+            .up_nodes()
+            .filter(|n| bytes.contains_key(&n.id.0))
+            .map(|n| (n.id.0, f64::from(n.weight.max(1))))
+            .collect();
+        let total: f64 = weights.keys().map(|id| bytes[id] as f64).sum();
+        let weight: f64 = weights.values().sum();
+        let mut out = Balance::default();
+        if weights.len() < 2 {
+            return out;
+        }
+        let mut outside = false;
+        for (id, w) in &weights {
+            let target = total * w / weight;
+            let b = bytes[id] as f64;
+            outside |= (b - target).abs() > target * REBALANCE_TOLERANCE;
+            if b > target {
+                out.excess.insert(*id, (b - target) as u64);
+                out.give.insert(*id, ((b - target) * share).ceil() as u64);
+            } else if b < target {
+                out.deficit.insert(*id, (target - b) as u64);
+                out.take.insert(*id, ((target - b) * share).ceil() as u64);
+            }
+        }
+        // Every node within the tolerance: nothing to move.
+        if !outside {
+            return Balance::default();
+        }
+        out
+    }
+
+    /// Whether any move is left in this coordinator's budget.
+    pub fn open(&self) -> bool {
+        self.give.values().any(|g| *g > 0) && self.take.values().any(|t| *t > 0)
+    }
+}
+
+/// A move that brings stored bytes closer to every node's share: for a
+/// message `me` coordinates whose set is healthy, one member above its
+/// share gives its copy to the node furthest below its share that is not
+/// in the set (in a zone the rest of the set does not use, or the giver's
+/// own), if the move helps both (each is at least half the message away
+/// from its share) and both budgets have room; the figures are updated.
+/// `None` when no move is due.
+pub fn plan_move(me: NodeId, view: &View, balance: &mut Balance, meta: &EntryMeta) -> Option<RepairStep> {
+    let current = &meta.replicas;
+    if !current.contains(&me) || coordinator(view, current) != Some(me) || !balance.open() {
+        return None;
+    }
+    let size = meta.size_bytes.max(1);
+    let helps = |m: &BTreeMap<NodeId, u64>, n: &NodeId| m.get(n).is_some_and(|d| *d >= size / 2);
+    let zone = |n: NodeId| view.node(placement::NodeId(n)).map(|i| i.zone.as_str());
+    let from = current
+        .iter()
+        .copied()
+        .filter(|m| helps(&balance.excess, m) && balance.give.get(m).is_some_and(|g| *g > 0))
+        .max_by_key(|m| balance.excess[m])?;
+    let rest_zones: Vec<Option<&str>> = current.iter().filter(|n| **n != from).map(|n| zone(*n)).collect();
+    let to = balance
+        .deficit
+        .iter()
+        .filter(|(n, _)| !current.contains(n) && helps(&balance.deficit, n))
+        .filter(|(n, _)| balance.take.get(n).is_some_and(|t| *t > 0))
+        .filter(|(n, _)| zone(**n) == zone(from) || !rest_zones.contains(&zone(**n)))
+        .max_by_key(|(n, d)| (**d, std::cmp::Reverse(**n)))
+        .map(|(n, _)| *n)?;
+    for (map, n) in [
+        (&mut balance.excess, from),
+        (&mut balance.give, from),
+        (&mut balance.deficit, to),
+        (&mut balance.take, to),
+    ] {
+        if let Some(v) = map.get_mut(&n) {
+            *v = v.saturating_sub(size);
+        }
+    }
+    let mut replicas: Vec<NodeId> = current.iter().copied().filter(|n| *n != from).chain([to]).collect();
+    replicas.sort_unstable();
+    let mut prior = vec![from];
+    prior.extend(meta.prior.iter().copied().filter(|n| *n != from && *n != to));
+    prior.truncate(PRIOR_MAX);
+    Some(RepairStep {
+        id: meta.id,
+        replicas,
+        add: vec![to],
+        surplus: vec![from],
+        prior,
+    })
+}
+
 /// Spaces repair traffic out to `rate` bytes per second.
 #[derive(Debug)]
 pub struct RateLimit {
@@ -165,6 +281,15 @@ impl<N: super::Network> Replicator<N> {
         }
     }
 
+    /// Whether this run has compared notes with the other nodes (an
+    /// anti-entropy round that reached every live peer, or a few rounds):
+    /// until then it neither repairs nor moves, since a node back from an
+    /// absence may hold replica sets, or copies, that the others changed
+    /// or deleted while it was away.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Relaxed)
+    }
+
     /// Notes when each node was first seen down (for the grace period).
     pub(super) fn note_down(&self, view: &View) {
         let mut since = lock(&self.down_since);
@@ -215,6 +340,9 @@ impl<N: super::Network> Replicator<N> {
     /// coordinates, at most `rate` bytes a second of copies.
     pub async fn repair_round(&self, rate: &RateLimit) -> RepairRound {
         let mut round = RepairRound::default();
+        if !self.caught_up() {
+            return round;
+        }
         let users: Vec<String> = self.store.usage_async().await.into_iter().map(|u| u.user).collect();
         let mut plans: Vec<(String, Vec<(EntryMeta, RepairStep)>)> = Vec::new();
         {
@@ -303,6 +431,89 @@ impl<N: super::Network> Replicator<N> {
             }
         }
         told
+    }
+
+    /// Moves copies towards every up node's share of the stored bytes
+    /// (weighted), as the coordinator of the messages it moves: asks every
+    /// up node what it stores (no figures from one of them: no moves), then
+    /// walks the messages it coordinates whose sets are healthy and plans
+    /// moves from nodes above their share to nodes below it, this
+    /// coordinator's part of each excess (`1 / up nodes`, since all of
+    /// them move at once on the same figures), at most `budget` bytes in
+    /// this round. Each move is carried out like a repair: copy, new set on
+    /// the staying member, the giving node drops its copy last.
+    pub async fn rebalance_round(&self, rate: &RateLimit, budget: u64) -> RepairRound {
+        let mut round = RepairRound::default();
+        if !self.caught_up() {
+            return round;
+        }
+        let view = self.view();
+        let up: Vec<NodeId> = view.up_nodes().map(|n| n.id.0).collect();
+        if up.len() < 2 || !up.contains(&self.me) {
+            return round;
+        }
+        let mut bytes: BTreeMap<NodeId, u64> = BTreeMap::new();
+        bytes.insert(self.me, self.store.stats().body_bytes);
+        let asks = up
+            .iter()
+            .filter(|n| **n != self.me)
+            .map(|&n| async move { (n, self.call(n, Request::Usage).await) });
+        for (n, r) in futures::future::join_all(asks).await {
+            if let Ok(Reply::Usage { bytes: b }) = r {
+                bytes.insert(n, b);
+            }
+        }
+        if bytes.len() < up.len() {
+            return round;
+        }
+        let mut balance = Balance::new(&view, &bytes, 1.0 / up.len() as f64);
+        if !balance.open() {
+            return round;
+        }
+        let gone = self.gone_nodes();
+        let users: Vec<String> = self.store.usage_async().await.into_iter().map(|u| u.user).collect();
+        let mut planned_bytes = 0u64;
+        let mut plans: Vec<(String, Vec<(EntryMeta, RepairStep)>)> = Vec::new();
+        'walk: for user in users {
+            let mut steps = Vec::new();
+            for m in self.store.list(&user) {
+                if plan_repair(self.me, &view, self.cfg.replicas, &gone, &m).is_some() {
+                    continue;
+                }
+                if let Some(step) = plan_move(self.me, &view, &mut balance, &m) {
+                    planned_bytes += m.size_bytes;
+                    steps.push((m, step));
+                }
+                if planned_bytes >= budget || !balance.open() {
+                    if !steps.is_empty() {
+                        plans.push((user, steps));
+                    }
+                    break 'walk;
+                }
+            }
+            if !steps.is_empty() {
+                plans.push((user, steps));
+            }
+        }
+        round.planned = plans.iter().map(|(_, s)| s.len() as u64).sum();
+        self.counters.repair_pending.store(round.planned, Ordering::Relaxed);
+        for (user, steps) in plans {
+            for chunk in steps.chunks(PLACE_BATCH_MAX) {
+                self.repair_user(&user, chunk, rate, &mut round).await;
+                let left = round
+                    .planned
+                    .saturating_sub(round.repaired + round.failed + round.deleted);
+                self.counters.repair_pending.store(left, Ordering::Relaxed);
+            }
+        }
+        self.counters.repair_pending.store(0, Ordering::Relaxed);
+        if round.planned > 0 {
+            self.counters
+                .rebalance_moves
+                .fetch_add(round.repaired, Ordering::Relaxed);
+            info!(?round, "rebalance round");
+        }
+        round
     }
 
     /// Carries out the steps of one user's messages, batched per node.

@@ -476,6 +476,30 @@ impl Membership {
             }
             LeaderRequest::Join(node) => {
                 node.validate().map_err(|e| LeaderError::Refused(e.to_string()))?;
+                // A new identity at the cluster address of a node that is
+                // down: that machine came back with an empty (replaced)
+                // disk. Its old identity is gone for good, and is removed
+                // first, so that its copies are made again at once and no
+                // ping to the address is taken for the old node's. (Only a
+                // down one: a member naming a live node's address must not
+                // push it out.)
+                let view = self.view();
+                let old: Vec<u64> = view
+                    .nodes
+                    .values()
+                    .filter(|n| n.id != node.id && n.addrs.cluster == node.addrs.cluster)
+                    .map(|n| n.id)
+                    .collect();
+                for id in old {
+                    if view.node(id).is_some_and(|n| n.state != NodeState::Down) {
+                        return Err(LeaderError::Refused(format!(
+                            "node {id} at {} is not down: one address, one node",
+                            node.addrs.cluster
+                        )));
+                    }
+                    tracing::warn!(old = id, new = node.id, addr = %node.addrs.cluster, "a new identity at a down node's address (a replaced disk): removing the old one");
+                    Box::pin(self.serve_now(LeaderRequest::RemoveNode(id))).await?;
+                }
                 raft.add_learner(node.id, BasicNode::new(&node.addrs.cluster), false)
                     .await
                     .map_err(|e| self.raft_error(e))?;

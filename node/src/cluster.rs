@@ -276,7 +276,7 @@ impl Cluster {
             let (t, addr) = (self.transport.clone(), n.addrs.cluster.clone());
             async move {
                 match tokio::time::timeout(PING_TIMEOUT * 4, t.request(&addr, &ClusterRequest::Ping)).await {
-                    Ok(Ok(ClusterReply::Pong { epoch })) => epoch,
+                    Ok(Ok(ClusterReply::Pong { epoch, .. })) => epoch,
                     _ => 0,
                 }
             }
@@ -465,8 +465,12 @@ async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr
     match req {
         ClusterRequest::Enroll { secret, name } => enroll_request(h, peer, &secret, &name).await,
         _ if !member => ClusterReply::Refused("a cluster certificate is required".into()),
-        ClusterRequest::Raft(msg) => ClusterReply::Raft(membership.handle(*msg).await),
+        ClusterRequest::Raft { to, .. } if to != 0 && to != membership.id() => {
+            ClusterReply::Refused(format!("this address serves node {}, not node {to}", membership.id()))
+        }
+        ClusterRequest::Raft { msg, .. } => ClusterReply::Raft(membership.handle(*msg).await),
         ClusterRequest::Ping => ClusterReply::Pong {
+            id: membership.id(),
             epoch: membership.view().epoch,
         },
         ClusterRequest::Stats => ClusterReply::Stats(node_stats(store, replica.get().map(|r| r.as_ref()))),
@@ -824,7 +828,7 @@ fn ping(cluster: &Cluster, id: u64, addr: String) -> impl std::future::Future<Ou
     let t = cluster.transport.clone();
     async move {
         let r = tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await;
-        let ok = matches!(r, Ok(Ok(ClusterReply::Pong { .. })));
+        let ok = matches!(r, Ok(Ok(ClusterReply::Pong { id: who, .. })) if who == id);
         if !ok {
             // Maybe a stale connection to a restarted peer: start afresh.
             t.forget(&addr);

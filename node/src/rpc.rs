@@ -25,7 +25,15 @@ pub enum ClusterRequest {
         secret: String,
         name: String,
     },
-    Raft(Box<RaftMessage>),
+    /// Raft traffic for node `to` (0: whichever node answers, for a leader
+    /// request sent to a seed): refused by any other identity, e.g. the
+    /// new one of a machine that came back at the same address with an
+    /// empty disk (its empty log would otherwise look like the old
+    /// follower's log going backwards).
+    Raft {
+        to: u64,
+        msg: Box<RaftMessage>,
+    },
     Ping,
     Stats,
     /// The replica protocol (see `replication::replica`).
@@ -59,9 +67,12 @@ pub enum ClusterReply {
     },
     Refused(String),
     Raft(RaftReply),
-    /// With the epoch of the view the answering node has applied.
+    /// With the epoch of the view the answering node has applied, and its
+    /// id: a ping answered at a node's address by another identity (the
+    /// machine came back with an empty disk) is not that node alive.
     Pong {
         epoch: u64,
+        id: u64,
     },
     Stats(NodeStats),
     Replica(Box<replication::replica::Answer>),
@@ -175,7 +186,15 @@ impl Transport for QuicTransport {
                 addr: addr.to_owned(),
                 why: format!("{e:#}"),
             })?;
-            match wire::call::<_, ClusterReply>(&conn, &ClusterRequest::Raft(Box::new(msg))).await {
+            match wire::call::<_, ClusterReply>(
+                &conn,
+                &ClusterRequest::Raft {
+                    to: target,
+                    msg: Box::new(msg),
+                },
+            )
+            .await
+            {
                 Ok(ClusterReply::Raft(r)) => Ok(r),
                 Ok(other) => Err(TransportError::Failed {
                     node: target,

@@ -860,6 +860,7 @@ async fn a_cancelled_store_handler_releases_its_load() {
     assert_eq!(rep.load(), 0);
     let call = |i: u64| Envelope {
         from: 2,
+        to: rep.id(),
         hlc: 0,
         load: 0,
         boot: 1,

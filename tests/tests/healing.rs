@@ -274,23 +274,85 @@ async fn copies_are_restored_trimmed_and_drained_without_an_operator() {
     assert_eq!(under, 0);
     assert_eq!(per.values().map(|m| m.unwrap_or(0)).sum::<u64>(), R * MESSAGES as u64);
     check_all_readable(&joined, &users, &expected).await;
+    let before = counts(&joined).await.0[&joined_id].expect("its count");
     let mut c = SmtpClient::connect(joined.smtp(), false).await.expect("smtp");
-    for k in 0..40 {
+    for k in MESSAGES..MESSAGES + 40 {
         let user = &users[k % USERS];
+        let body = format!("Subject: after the join\r\nX-Test-Seq: {k}\r\n\r\nbody of message {k} for {user}\r\n");
         let replies = c
-            .send_mail(
-                "sender@remote.test",
-                &[user.as_str()],
-                b"Subject: after the join\r\n\r\nnew\r\n",
-            )
+            .send_mail("sender@remote.test", &[user.as_str()], body.as_bytes())
             .await
             .expect("send");
         assert!(replies.last().expect("reply").is_ok());
+        expected.entry(user.clone()).or_default().insert(k.to_string());
     }
     c.quit().await.expect("quit");
     let (per, _) = counts(&joined).await;
     assert!(
-        per[&joined_id].expect("its count") > 0,
-        "the new node holds copies: {per:?}"
+        per[&joined_id].expect("its count") > before,
+        "the new node takes new mail: {per:?}"
     );
+    let total = R * (MESSAGES as u64 + 40);
+
+    // A replaced disk: a node comes back at its address with an empty data
+    // directory. It enrolls as a new node; its old identity is removed, the
+    // copies it held are made again, and it takes its share.
+    let token = nodes[0].join_token().expect("join token");
+    let mut nodes: Vec<NodeProcess> = nodes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader_ix)
+        .map(|(_, n)| n)
+        .collect();
+    nodes.push(joined);
+    let leader = status(&nodes[0]).await["leader"].as_u64().expect("leader");
+    let mut ids = Vec::new();
+    for n in &nodes {
+        ids.push(node_id(&status(n).await));
+    }
+    let lost = ids.iter().position(|id| *id != leader).expect("a follower");
+    let old_id = ids[lost];
+    let watcher = (lost + 1) % nodes.len();
+    let seed = nodes[watcher].cluster_addr();
+    nodes[lost].kill9().await.expect("kill -9");
+    std::fs::remove_dir_all(&nodes[lost].opts.data).expect("the disk is lost");
+    nodes[lost].opts.seeds = vec![seed];
+    nodes[lost].opts.join_token = Some(token);
+    let replaced_at = std::time::Instant::now();
+    nodes[lost].restart().await.expect("the node starts on an empty disk");
+    let new_id = node_id(&status(&nodes[lost]).await);
+    assert_ne!(new_id, old_id, "an empty disk is a new identity");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(&nodes[watcher]).await;
+        let (per, under) = counts(&nodes[watcher]).await;
+        let bytes: Vec<u64> = s["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["bytes"].as_u64())
+            .collect();
+        let mean = bytes.iter().sum::<u64>() / bytes.len().max(1) as u64;
+        if !per.contains_key(&old_id)
+            && per.len() == 4
+            && under == 0
+            && per.values().map(|m| m.unwrap_or(0)).sum::<u64>() == total
+            && bytes.iter().all(|b| b.abs_diff(mean) <= mean / 10)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replaced disk not healed and filled within 120 s: {per:?} under_replicated {under}, bytes {bytes:?}, want {total} copies without {old_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "a replaced disk: old identity removed, R copies and its share back after {:.1} s: {:?}",
+        replaced_at.elapsed().as_secs_f64(),
+        counts(&nodes[watcher]).await.0
+    );
+    for node in &nodes {
+        check_all_readable(node, &users, &expected).await;
+    }
 }

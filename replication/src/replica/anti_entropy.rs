@@ -15,10 +15,10 @@ use super::protocol::{DIGESTS_MAX, Network, NodeId, ReplicaError, Reply, Request
 use super::{RepairReport, Replicator, lock, wall_ms};
 use crate::{BodyHash, EntryMeta, MessageId, Moved, SetChange, SyncItem, Tombstone};
 
-/// Anti-entropy rounds after which a node repairs even if some peer never
-/// answered one (a peer that is up but failing must not stop repair for
-/// good).
-const CATCH_UP_ROUNDS: u64 = 3;
+/// How long after its start a node repairs even if no anti-entropy round
+/// has reached every live peer yet (a peer that is up but failing must not
+/// stop repair for good).
+pub(super) const CATCH_UP_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What [`Replicator::reconcile`] returns: what to send back, (copies
 /// pulled, tombstones applied), and the newer sets held here.
@@ -173,8 +173,7 @@ impl<N: Network> Replicator<N> {
         if report.copies_pulled + report.tombstones_applied > 0 {
             info!(?report, "anti-entropy repaired differences");
         }
-        let done = self.rounds_done.fetch_add(1, Ordering::Relaxed) + 1;
-        if report.peers_failed == 0 || done >= CATCH_UP_ROUNDS {
+        if report.peers_failed == 0 {
             self.caught_up.store(true, Ordering::Relaxed);
         }
         report

@@ -49,6 +49,7 @@ impl<N: Network> Replicator<N> {
             let deadline = self.deadline(&req);
             let env = Envelope {
                 from: self.me,
+                to,
                 hlc: self.clock.now(),
                 load: self.load(),
                 boot: self.boot,
@@ -75,6 +76,11 @@ impl<N: Network> Replicator<N> {
                     kind: kind.to_owned(),
                     why: e.0,
                 }),
+                Ok(Ok(answer)) if answer.from != to => Err(ReplicaError::Unreachable {
+                    node: to,
+                    kind: kind.to_owned(),
+                    why: format!("node {} answers at its address", answer.from),
+                }),
                 Ok(Ok(answer)) => {
                     self.clock.observe(answer.hlc);
                     self.observe(to, answer.load, answer.boot);
@@ -100,12 +106,21 @@ impl<N: Network> Replicator<N> {
     /// Serves a request from another node.
     pub async fn handle(&self, call: Call) -> Answer {
         self.clock.observe(call.hlc);
-        if call.from != self.me {
-            self.observe(call.from, call.load, call.boot);
-        }
-        let body = self.serve(call.from, call.body).await;
+        let body = if call.to != self.me {
+            Err(ReplicaError::Remote {
+                node: self.me,
+                kind: call.body.kind().to_owned(),
+                error: format!("this is node {}, not node {}", self.me, call.to),
+            })
+        } else {
+            if call.from != self.me {
+                self.observe(call.from, call.load, call.boot);
+            }
+            self.serve(call.from, call.body).await
+        };
         Envelope {
             from: self.me,
+            to: call.from,
             hlc: self.clock.now(),
             load: self.load(),
             boot: self.boot,

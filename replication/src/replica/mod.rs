@@ -186,11 +186,10 @@ pub struct Replicator<N: Network> {
     pending_unlocks: Mutex<Vec<(String, NodeId, u64, u64)>>,
     /// When this node first saw each node down (for the repair grace).
     down_since: Mutex<HashMap<NodeId, Instant>>,
-    /// Anti-entropy rounds completed in this run, and whether one reached
-    /// every live peer: a node back from an absence may hold sets (or
-    /// copies) the others changed or deleted meanwhile, so it repairs and
-    /// moves nothing until it has compared notes with them.
-    rounds_done: AtomicU64,
+    /// Whether an anti-entropy round of this run reached every live peer:
+    /// a node back from an absence may hold sets (or copies) the others
+    /// changed or deleted meanwhile, so it repairs and moves nothing until
+    /// it has compared notes with them.
     caught_up: std::sync::atomic::AtomicBool,
     pub counters: ReplicaCounters,
 }
@@ -272,7 +271,6 @@ impl<N: Network> Replicator<N> {
             missing: Mutex::new(BTreeMap::new()),
             pending_unlocks: Mutex::new(Vec::new()),
             down_since: Mutex::new(HashMap::new()),
-            rounds_done: AtomicU64::new(0),
             caught_up: std::sync::atomic::AtomicBool::new(false),
             counters: ReplicaCounters::default(),
         })

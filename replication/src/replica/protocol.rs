@@ -237,6 +237,10 @@ pub enum Reply {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope<T> {
     pub from: NodeId,
+    /// The node the message is for: a call that reaches another identity
+    /// (a machine back at the same address with an empty disk) is refused
+    /// there, and an answer from another identity is not taken.
+    pub to: NodeId,
     pub hlc: u64,
     pub load: u64,
     pub boot: u32,

@@ -282,12 +282,12 @@ impl<N: super::Network> Replicator<N> {
     }
 
     /// Whether this run has compared notes with the other nodes (an
-    /// anti-entropy round that reached every live peer, or a few rounds):
+    /// anti-entropy round that reached every live peer, or ten minutes):
     /// until then it neither repairs nor moves, since a node back from an
     /// absence may hold replica sets, or copies, that the others changed
     /// or deleted while it was away.
     pub fn caught_up(&self) -> bool {
-        self.caught_up.load(Ordering::Relaxed)
+        self.caught_up.load(Ordering::Relaxed) || self.started.elapsed() >= super::anti_entropy::CATCH_UP_AFTER
     }
 
     /// Notes when each node was first seen down (for the grace period).

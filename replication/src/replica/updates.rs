@@ -112,14 +112,24 @@ impl<N: Network> Replicator<N> {
 
 impl<N: Network> Replicator<N> {
     /// Sends deletions meant for a node that left to the nodes that hold
-    /// those messages now (by the user's fragments); whether each of them
-    /// took them or logged them for later.
+    /// those messages now; whether each of them took them or logged them
+    /// for later. Every live node is asked for its listing (not only those
+    /// the user's mail map names: a copy moved while the map was being
+    /// rebuilt must not keep a deleted message alive); this is rare, only
+    /// when a node leaves with deletions still owed to it.
     async fn redirect_deletions(&self, user: &str, tombs: Vec<Tombstone>) -> bool {
         let ids: std::collections::BTreeSet<_> = tombs.iter().map(|t| t.id).collect();
+        let view = self.view();
         let mut holders: Vec<NodeId> = Vec::new();
-        for (node, entries) in self.fragments(user).await {
-            if entries.iter().any(|e| ids.contains(&e.id)) {
-                holders.push(node);
+        for node in super::live_nodes(&view).collect::<Vec<_>>() {
+            match self.call(node, Request::List { user: user.to_owned() }).await {
+                Ok(super::Reply::Listed { entries }) => {
+                    if entries.iter().any(|e| ids.contains(&e.id)) {
+                        holders.push(node);
+                    }
+                }
+                // Not answered: the entry stays for the next replay.
+                _ => return false,
             }
         }
         for node in holders {

@@ -42,6 +42,9 @@ pub struct ClusterState {
     pub binary: PathBuf,
     pub log: String,
     pub nodes: Vec<NodeEntry>,
+    /// The nodes' `--repair-grace` (None: the node's default).
+    #[serde(default)]
+    pub repair_grace: Option<String>,
 }
 
 impl ClusterState {
@@ -57,6 +60,7 @@ impl ClusterState {
             binary: crate::process::quill_binary()?,
             log: "info".into(),
             nodes: (1..=nodes).map(|k| NodeEntry { k, pid: None }).collect(),
+            repair_grace: None,
         })
     }
 
@@ -134,6 +138,9 @@ impl ClusterState {
             "--name".into(),
             format!("n{k}"),
         ];
+        if let Some(g) = &self.repair_grace {
+            o.extra_args.extend(["--repair-grace".into(), g.clone()]);
+        }
         Ok(o)
     }
 

@@ -563,6 +563,9 @@ pub async fn ensure_users(admin: SocketAddr, token: &str, users: u32, password: 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub users_checked: usize,
+    /// Messages listed in the checked mailboxes (whatever they are).
+    #[serde(default)]
+    pub listed: usize,
     pub expected_present: usize,
     pub present_ok: usize,
     /// Acknowledged, not deleted, not found.
@@ -617,6 +620,7 @@ pub async fn verify(record: &Record, node: &Target, password: &str) -> anyhow::R
             }
         };
         for (n, _) in p.uidl().await? {
+            report.listed += 1;
             let msg = p.retr(n).await?;
             let original = strip_received(&msg).unwrap_or(&msg);
             let Some(seq) = seq_of(original) else {

@@ -47,6 +47,11 @@ enum Cmd {
         /// Leave the cluster running and return (stop it with `down`).
         #[arg(long)]
         detach: bool,
+        /// The nodes' --repair-grace: how long a node may be down before
+        /// its copies are made again elsewhere (e.g. 5s) [default: the
+        /// node's, 30s].
+        #[arg(long)]
+        repair_grace: Option<String>,
     },
     /// Start one more node, joining the cluster in DIR.
     Add {
@@ -329,7 +334,8 @@ fn main() -> anyhow::Result<()> {
                 password,
                 subnet,
                 detach,
-            } => cli::up(dir, nodes, replicas, password, subnet, detach).await,
+                repair_grace,
+            } => cli::up(dir, nodes, replicas, password, subnet, detach, repair_grace).await,
             Cmd::Add { dir } => cli::add(dir).await,
             Cmd::Kill { node, dir } => cli::kill(dir, node).await,
             Cmd::Restart { node, dir } => cli::restart(dir, node).await,

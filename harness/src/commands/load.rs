@@ -174,6 +174,19 @@ async fn run_faults(run: Arc<Run>, dir: PathBuf, mut faults: Vec<(Duration, Faul
                     });
                     format!("partition n{k} for {how_long:?}")
                 }
+                Fault::Drain(k) => {
+                    state.drain(&dir, k).await?;
+                    let id = state.node_id(&dir, k).await?;
+                    let (run, dir) = (run.clone(), dir.clone());
+                    tokio::spawn(async move {
+                        let r = remove_when_drained(&run, &dir, k, id).await;
+                        run.event(match r {
+                            Ok(()) => format!("remove n{k} (drained)"),
+                            Err(e) => format!("fault failed: remove n{k}: {e:#}"),
+                        });
+                    });
+                    format!("drain n{k}")
+                }
                 Fault::Add => {
                     let k = state.nodes.iter().map(|n| n.k).max().unwrap_or(0) + 1;
                     state.nodes.push(NodeEntry { k, pid: None });
@@ -190,6 +203,41 @@ async fn run_faults(run: Arc<Run>, dir: PathBuf, mut faults: Vec<(Duration, Faul
             Ok(what) => run.event(what),
             Err(e) => run.event(format!("fault failed: {e:#}")),
         }
+    }
+}
+
+/// Waits (at most 5 minutes) until draining node `k` holds nothing, then
+/// removes it through another node, stops it and takes it out of the
+/// harness state.
+async fn remove_when_drained(run: &Arc<Run>, dir: &Path, k: u8, id: u64) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs(300);
+    loop {
+        let state = ClusterState::load(dir)?;
+        if let Ok(s) = state.any_status(dir).await {
+            let empty = s["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|n| n["id"].as_u64() == Some(id) && n["messages"].as_u64() == Some(0));
+            if empty {
+                for other in state.live().into_iter().filter(|o| *o != k) {
+                    let h = state.handle(dir, other)?;
+                    if h.admin(Method::DELETE, &format!("/v1/nodes/{id}"), None).await.is_ok() {
+                        let mut state = ClusterState::load(dir)?;
+                        state.stop_node(k)?;
+                        state.nodes.retain(|n| n.k != k);
+                        state.save(dir)?;
+                        let name = format!("n{k}");
+                        run.targets.write().expect("lock").retain(|t| t.name != name);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if Instant::now() > end {
+            bail!("n{k} still holds copies after 5 minutes of draining");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

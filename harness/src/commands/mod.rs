@@ -74,6 +74,9 @@ pub enum Fault {
     Pause(u8, Duration),
     /// Cut off from the other nodes (their UDP traffic) for this long.
     Partition(u8, Duration),
+    /// `node drain`: the node hands its copies off; once it holds none it
+    /// is removed from the cluster (`node remove`) and stopped.
+    Drain(u8),
 }
 
 pub fn parse_at(s: &str) -> anyhow::Result<(String, Duration)> {

@@ -44,7 +44,7 @@ pub async fn scale(
                 let _ = std::fs::remove_dir_all(&cdir);
                 // A fresh subnet per cluster: no waiting on sockets of the last.
                 let subnet = format!("127.77.{}", 1 + i * sizes.len() + j);
-                up(cdir.clone(), n, r, Some("scale-password".into()), subnet, true).await?;
+                up(cdir.clone(), n, r, Some("scale-password".into()), subnet, true, None).await?;
                 let rep = super::load(LoadArgs {
                     cluster: Cluster::Dir(cdir.clone()),
                     token: None,

@@ -21,6 +21,7 @@ pub async fn up(
     password: Option<String>,
     subnet: String,
     detach: bool,
+    repair_grace: Option<String>,
 ) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 250 {
         bail!("--nodes must be 1..=250");
@@ -50,6 +51,9 @@ pub async fn up(
             },
         )?,
     };
+    if repair_grace.is_some() {
+        state.repair_grace = repair_grace;
+    }
     let handles = state.start_all(&dir, true).await?;
     let first = &handles[0];
     let domains = first.admin(Method::GET, "/v1/domains", None).await?.to_string();

@@ -213,6 +213,37 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Porcupine's failure figure: fill a cluster with mail, run a steady
+    /// open-loop load, kill -9 one node at 20 s and a second one later;
+    /// throughput before, during and after each repair, time to full
+    /// service, time until under_replicated is 0, p99 during repair, then
+    /// the rebalancing rate after a join (heal.svg, heal.png in --out).
+    BenchHeal {
+        #[arg(long, default_value_t = 5)]
+        nodes: u8,
+        /// Mail to fill the cluster with before the load (one copy; R = 2).
+        #[arg(long, default_value = "1GB", value_parser = parse_size_arg)]
+        fill: u64,
+        /// Size of each fill message.
+        #[arg(long, default_value = "100KB", value_parser = parse_size_arg)]
+        message_size: u64,
+        /// Operations started per second (open loop).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value = "5s")]
+        repair_grace: String,
+        /// Seconds into the load of the second kill (the first is at 20 s).
+        #[arg(long, default_value_t = 90.0)]
+        second_kill: f64,
+        /// Seconds the load runs.
+        #[arg(long, default_value_t = 160.0)]
+        duration: f64,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure failure handling: start a cluster, then repeatedly kill -9 a
     /// node and time until every survivor has applied the view that marks
     /// it down (one epoch and leader on all); restart it between trials.
@@ -415,6 +446,30 @@ fn main() -> anyhow::Result<()> {
                 victim,
                 dir,
             } => bench_failover(nodes, trials, victim, dir).await,
+            Cmd::BenchHeal {
+                nodes,
+                fill,
+                message_size,
+                rate,
+                repair_grace,
+                second_kill,
+                duration,
+                dir,
+                out,
+            } => {
+                quill_harness::commands::bench_heal::bench_heal(quill_harness::commands::bench_heal::BenchHealArgs {
+                    nodes,
+                    fill_bytes: fill,
+                    message_bytes: message_size as usize,
+                    rate,
+                    repair_grace,
+                    second_kill_s: second_kill,
+                    duration_s: duration,
+                    dir,
+                    out,
+                })
+                .await
+            }
             Cmd::BenchNode {
                 messages,
                 connections,
@@ -434,4 +489,24 @@ fn main() -> anyhow::Result<()> {
             } => bench_replication(configs, messages, connections, users, dir, seed).await,
         }
     })
+}
+
+/// A size: bytes, or with a unit KB, MB, GB (powers of 1000) or KiB, MiB,
+/// GiB (powers of 1024).
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected a number and a unit"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }

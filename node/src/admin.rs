@@ -757,6 +757,9 @@ async fn metrics(State(s): State<AdminState>) -> Response {
     ] {
         line(name, "counter", help, c(v));
     }
+    // The latency histograms (prometheus-client's registry) go last: its
+    // text ends with `# EOF`.
+    out.push_str(&s.services.latency.encode());
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 

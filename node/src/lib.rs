@@ -27,6 +27,7 @@ pub mod data;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod mail;
+pub mod metrics;
 pub mod pop3;
 pub mod replica;
 pub mod rpc;

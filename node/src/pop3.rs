@@ -421,7 +421,12 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
         };
         let listed = self.mailbox.as_ref().expect("in transaction").listed[n as usize - 1].clone();
         // From a live replica, this node first.
-        let body = match self.services.mail.read(&listed).await {
+        let started = std::time::Instant::now();
+        let read = self.services.mail.read(&listed).await;
+        if top_lines.is_none() {
+            crate::metrics::Latencies::observe(&self.services.latency.retrieval, started.elapsed());
+        }
+        let body = match read {
             Ok(b) => b,
             Err(e) => {
                 warn!(id = %entry.id, error = %e, "cannot read message body");

@@ -157,6 +157,8 @@ pub struct Services {
     pub directory: Arc<dyn Directory>,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// Delivery and retrieval latency histograms.
+    pub latency: crate::metrics::Latencies,
     /// The memory budget for messages being received, one permit per
     /// [`DATA_BUDGET_CHUNK`] bytes (see [`Limits::data_memory_bytes_max`]).
     pub data_budget: Arc<Semaphore>,
@@ -270,6 +272,7 @@ impl Services {
             ),
             limits,
             metrics: Metrics::default(),
+            latency: crate::metrics::Latencies::default(),
             pop3_locks: Mutex::new(HashSet::new()),
             auth: Mutex::new(AuthState::default()),
             auth_key,

@@ -365,11 +365,13 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
         let from = self.tx.take().map(|t| t.mail_from).unwrap_or_default();
         // To R nodes per recipient, one body per node; each has it on disk
         // before the reply.
+        let started = std::time::Instant::now();
         let outcome = self
             .services
             .mail
             .deliver_as(id, &unique, "INBOX", arrival_ms, body)
             .await;
+        crate::metrics::Latencies::observe(&self.services.latency.delivery, started.elapsed());
         let stored = |rcpt: &str| unique.iter().position(|u| u == rcpt).is_some_and(|i| outcome.stored[i]);
         let all_stored = outcome.stored.iter().all(|s| *s);
         if all_stored {

@@ -857,7 +857,7 @@ async fn a_cancelled_store_handler_releases_its_load() {
     use replication::replica::{Envelope, Request};
     let sim = Sim::new(31);
     let rep = sim.live()[0].clone();
-    assert_eq!(rep.load(), 0);
+    assert_eq!(rep.copies_in_flight(), 0);
     let call = |i: u64| Envelope {
         from: 2,
         to: rep.id(),
@@ -879,15 +879,19 @@ async fn a_cancelled_store_handler_releases_its_load() {
         let mut handler = Box::pin(rep.handle(call(i)));
         let polled = futures::poll!(&mut handler);
         if polled.is_pending() {
-            assert_eq!(rep.load(), 1, "the copy in flight counts as load");
+            assert_eq!(rep.copies_in_flight(), 1, "the copy in flight counts as load");
         }
         drop(handler);
-        assert_eq!(rep.load(), 0, "round {i}: a dropped handler left its load behind");
+        assert_eq!(
+            rep.copies_in_flight(),
+            0,
+            "round {i}: a dropped handler left its load behind"
+        );
     }
     // A handler that runs to the end releases it too.
     let answer = rep.handle(call(99)).await;
     assert!(answer.body.is_ok(), "{:?}", answer.body);
-    assert_eq!(rep.load(), 0);
+    assert_eq!(rep.copies_in_flight(), 0);
 }
 
 /// A copy that fails to a node the view still has up (cut off, not yet

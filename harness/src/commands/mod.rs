@@ -3,10 +3,11 @@
 //!
 //! Cluster commands: `up`, `add`, `kill`, `restart`, `drain`, `status`,
 //! `down` ([`up`], [`nodes`]), `load` with its fault schedule ([`load`]),
-//! `verify`, `scale`; one node: `demo`; benchmarks: `bench-node`,
-//! `bench-failover`, `bench-replication`.
+//! `verify`, `scale`, `chaos`; one node: `demo`; benchmarks: `bench-node`,
+//! `bench-failover`, `bench-replication`, `bench-heal`.
 
 pub mod bench_failover;
+pub mod bench_heal;
 pub mod bench_node;
 pub mod bench_replication;
 pub mod chaos;

@@ -161,7 +161,7 @@ pub struct Replicator<N: Network> {
     view_epoch: tokio::sync::watch::Sender<u64>,
     /// The user manager's soft state (pure; see [`manager`]).
     manager: Mutex<Manager>,
-    /// Copies being written here: the load other nodes see.
+    /// Copies being written here (part of the load other nodes see).
     inflight: AtomicU64,
     clock: HlcClock,
     /// The origin of the monotonic milliseconds the manager is given.
@@ -310,8 +310,17 @@ impl<N: Network> Replicator<N> {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// This node's load as it tells the others: copies being written.
+    /// This node's load as it tells the others: copies being written, plus
+    /// the writes waiting in its store's queue, so that managers place new
+    /// mail elsewhere while this store falls behind (slow fsyncs, a repair
+    /// or move taking its disk).
     pub fn load(&self) -> u64 {
+        self.copies_in_flight() + self.store.queued() as u64
+    }
+
+    /// Copies being written here (handlers in flight; released when they
+    /// end, however they end).
+    pub fn copies_in_flight(&self) -> u64 {
         self.inflight.load(Ordering::Relaxed)
     }
 

@@ -353,6 +353,16 @@ impl FragmentStore {
         self.submit(|reply| Op::Delete { user, tombs, reply }).await
     }
 
+    /// Operations waiting in the writer's queue (a store that falls behind,
+    /// e.g. slow fsyncs, shows it here first).
+    pub fn queued(&self) -> usize {
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+    }
+
     /// Stops the writer after the operations already queued, and waits.
     pub fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();

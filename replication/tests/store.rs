@@ -1266,3 +1266,74 @@ async fn a_full_disk_takes_mail_again_after_deletions() {
     assert_absent(&store, &gone, &["alice"], "deleted mail after a restart");
     store.close();
 }
+
+/// What a peer (or a bug) could send too long for a record: a mailbox or
+/// folder name over the bound, a replica set of thousands of nodes, a
+/// deletion naming as many. Each is refused with a clear error before the
+/// writer sees it (an entry record over its encoding limit used to panic
+/// the writer, stopping the store for good), and the store goes on taking
+/// writes and reopens with what it had.
+#[tokio::test]
+async fn oversized_names_and_node_lists_are_refused_and_the_store_goes_on() {
+    use replication::{SetChange, Tombstone};
+    let dir = TempDir::new("store-oversized");
+    let store = open(dir.path(), SMALL_SEGMENT);
+    let (id, _) = deliver(&store, &["alice@example.org"], 1_000, b"kept\r\n".to_vec()).await;
+    let bad = |d: Delivery| async { store.deliver(d).await };
+    let base = || Delivery {
+        id: store.new_message_id(2_000),
+        arrival_ms: 2_000,
+        users: vec!["alice@example.org".into()],
+        folder: "INBOX".into(),
+        body: b"x\r\n".to_vec(),
+        replicas: vec![1, 2],
+    };
+    let long_user = Delivery {
+        users: vec!["a".repeat(70_000)],
+        ..base()
+    };
+    let long_folder = Delivery {
+        folder: "f".repeat(2_000),
+        ..base()
+    };
+    let many_nodes = Delivery {
+        replicas: (0..100_000).collect(),
+        ..base()
+    };
+    for d in [long_user, long_folder, many_nodes] {
+        let e = bad(d).await.expect_err("refused");
+        assert!(matches!(e, StoreError::Refused(_)), "{e}");
+    }
+    let e = store
+        .set_replicas(
+            "alice@example.org",
+            vec![SetChange {
+                id,
+                replicas: vec![1, 3],
+                prior: (0..10_000).collect(),
+                placed: 9,
+            }],
+            1,
+        )
+        .await
+        .expect_err("refused");
+    assert!(matches!(e, StoreError::Refused(_)), "{e}");
+    let e = store
+        .apply_tombstones(
+            "alice@example.org",
+            vec![Tombstone {
+                id,
+                hlc: 9,
+                replicas: (0..10_000).collect(),
+            }],
+        )
+        .await
+        .expect_err("refused");
+    assert!(matches!(e, StoreError::Refused(_)), "{e}");
+    assert!(store.failure().is_none(), "the store still takes writes");
+    deliver(&store, &["bob@example.org"], 3_000, b"after\r\n".to_vec()).await;
+    let store = reopen(store, dir.path(), SMALL_SEGMENT);
+    assert_eq!(store.list("alice@example.org").len(), 1);
+    assert_eq!(store.list("bob@example.org").len(), 1);
+    store.close();
+}

@@ -71,6 +71,41 @@ pub enum StoreError {
     /// [`FragmentStore::failure`]).
     #[error("store stopped taking writes: {0}")]
     Stopped(String),
+    /// A mailbox name, folder or replica list longer than any the store
+    /// writes (a record must fit its encoding limit): refused before it
+    /// reaches the writer.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// The longest mailbox name or folder name the store takes (an address is
+/// at most 320 octets, `#N` aside).
+pub const NAME_BYTES_MAX: usize = 1024;
+/// The most nodes a replica set may name (`--replicas` is at most 16).
+pub const REPLICAS_MAX: usize = 16;
+/// The most nodes a deletion may name (a set and its earlier members).
+pub const TOMB_NODES_MAX: usize = REPLICAS_MAX + crate::PRIOR_MAX;
+
+/// Checks what a peer (or a bug) could make too long for a record.
+fn check_names(user: &str, folder: &str) -> Result<(), StoreError> {
+    if user.len() > NAME_BYTES_MAX || folder.len() > NAME_BYTES_MAX {
+        return Err(StoreError::Refused(format!(
+            "a mailbox or folder name over {NAME_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn check_nodes(replicas: &[u64], prior: &[u64]) -> Result<(), StoreError> {
+    if replicas.len() > REPLICAS_MAX || prior.len() > crate::PRIOR_MAX {
+        return Err(StoreError::Refused(format!(
+            "a replica set of {} nodes with {} earlier ones (at most {REPLICAS_MAX} and {})",
+            replicas.len(),
+            prior.len(),
+            crate::PRIOR_MAX
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +296,10 @@ impl FragmentStore {
             return Err(StoreError::TooLarge(delivery.body.len()));
         }
         assert!(!delivery.users.is_empty(), "a delivery has at least one user");
+        for u in &delivery.users {
+            check_names(u, &delivery.folder)?;
+        }
+        check_nodes(&delivery.replicas, &[])?;
         let hash = BodyHash::of(&delivery.body);
         self.submit(|reply| Op::Deliver {
             delivery,
@@ -281,6 +320,8 @@ impl FragmentStore {
         if body.len() > MESSAGE_BYTES_MAX {
             return Err(StoreError::TooLarge(body.len()));
         }
+        check_names(user, &meta.folder)?;
+        check_nodes(&meta.replicas, &meta.prior)?;
         let hash = BodyHash::of(&body);
         if hash != meta.body {
             return Err(StoreError::Corrupt(meta.body));
@@ -315,6 +356,10 @@ impl FragmentStore {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
+        check_names(user, "")?;
+        for c in &changes {
+            check_nodes(&c.replicas, &c.prior)?;
+        }
         let user = user.to_owned();
         self.submit(|reply| Op::Place {
             user,
@@ -348,6 +393,13 @@ impl FragmentStore {
     pub async fn apply_tombstones(&self, user: &str, tombs: Vec<Tombstone>) -> Result<usize, StoreError> {
         if tombs.is_empty() {
             return Ok(0);
+        }
+        check_names(user, "")?;
+        if let Some(t) = tombs.iter().find(|t| t.replicas.len() > TOMB_NODES_MAX) {
+            return Err(StoreError::Refused(format!(
+                "a deletion naming {} nodes (at most {TOMB_NODES_MAX})",
+                t.replicas.len()
+            )));
         }
         let user = user.to_owned();
         self.submit(|reply| Op::Delete { user, tombs, reply }).await

@@ -212,14 +212,7 @@ impl<N: Network> Replicator<N> {
                 if !newer_here.is_empty() {
                     // The other side answered with sets older than ours: it
                     // takes ours (and drops copies they leave it out of).
-                    self.call(
-                        peer,
-                        Request::SetReplicas {
-                            user: user.clone(),
-                            changes: newer_here,
-                        },
-                    )
-                    .await?;
+                    self.set_replicas_on(peer, &user, newer_here).await?;
                 }
             }
         }

@@ -361,18 +361,7 @@ impl<N: super::Network> Replicator<N> {
                 }
             }
         }
-        self.counters.repair_pending.store(round.planned, Ordering::Relaxed);
-        for (user, steps) in plans {
-            for chunk in steps.chunks(PLACE_BATCH_MAX) {
-                self.repair_user(&user, chunk, rate, &mut round).await;
-                let left = round
-                    .planned
-                    .saturating_sub(round.repaired + round.failed + round.deleted);
-                self.counters.repair_pending.store(left, Ordering::Relaxed);
-            }
-            round.settled += self.settle_sets(&user).await;
-        }
-        self.counters.repair_pending.store(0, Ordering::Relaxed);
+        self.carry_out(plans, rate, &mut round, true).await;
         if round.planned > 0 {
             info!(?round, "repair round");
         }
@@ -420,11 +409,7 @@ impl<N: super::Network> Replicator<N> {
         for (node, changes) in tell {
             for chunk in changes.chunks(PLACE_BATCH_MAX) {
                 let n = chunk.len() as u64;
-                let req = Request::SetReplicas {
-                    user: user.to_owned(),
-                    changes: chunk.to_vec(),
-                };
-                match self.call(node, req).await {
+                match self.set_replicas_on(node, user, chunk.to_vec()).await {
                     Ok(_) => told += n,
                     Err(e) => debug!(node, error = %e, "settling sets: holder not told"),
                 }
@@ -496,17 +481,7 @@ impl<N: super::Network> Replicator<N> {
             }
         }
         round.planned = plans.iter().map(|(_, s)| s.len() as u64).sum();
-        self.counters.repair_pending.store(round.planned, Ordering::Relaxed);
-        for (user, steps) in plans {
-            for chunk in steps.chunks(PLACE_BATCH_MAX) {
-                self.repair_user(&user, chunk, rate, &mut round).await;
-                let left = round
-                    .planned
-                    .saturating_sub(round.repaired + round.failed + round.deleted);
-                self.counters.repair_pending.store(left, Ordering::Relaxed);
-            }
-        }
-        self.counters.repair_pending.store(0, Ordering::Relaxed);
+        self.carry_out(plans, rate, &mut round, false).await;
         if round.planned > 0 {
             self.counters
                 .rebalance_moves
@@ -514,6 +489,49 @@ impl<N: super::Network> Replicator<N> {
             info!(?round, "rebalance round");
         }
         round
+    }
+
+    /// Carries out planned steps user by user (batches of at most
+    /// [`PLACE_BATCH_MAX`]), keeping `repair_pending` at what is left; with
+    /// `settle`, then lists each user's fragments ([`Self::settle_sets`]).
+    async fn carry_out(
+        &self,
+        plans: Vec<(String, Vec<(EntryMeta, RepairStep)>)>,
+        rate: &RateLimit,
+        round: &mut RepairRound,
+        settle: bool,
+    ) {
+        self.counters.repair_pending.store(round.planned, Ordering::Relaxed);
+        for (user, steps) in plans {
+            for chunk in steps.chunks(PLACE_BATCH_MAX) {
+                self.repair_user(&user, chunk, rate, round).await;
+                let left = round
+                    .planned
+                    .saturating_sub(round.repaired + round.failed + round.deleted);
+                self.counters.repair_pending.store(left, Ordering::Relaxed);
+            }
+            if settle {
+                round.settled += self.settle_sets(&user).await;
+            }
+        }
+        self.counters.repair_pending.store(0, Ordering::Relaxed);
+    }
+
+    /// New replica sets for `user`'s entries on `node`; its outcomes.
+    pub(super) async fn set_replicas_on(
+        &self,
+        node: NodeId,
+        user: &str,
+        changes: Vec<SetChange>,
+    ) -> Result<Vec<Placed>, ReplicaError> {
+        let req = Request::SetReplicas {
+            user: user.to_owned(),
+            changes,
+        };
+        match self.call(node, req).await? {
+            Reply::ReplicasSet { outcomes } => Ok(outcomes),
+            _ => Err(ReplicaError::UnexpectedReply("set-replicas".into())),
+        }
     }
 
     /// Carries out the steps of one user's messages, batched per node.
@@ -609,17 +627,8 @@ impl<N: super::Network> Replicator<N> {
         let mut unsettled: BTreeSet<MessageId> = BTreeSet::new();
         for (node, changes) in stay {
             let ids: Vec<MessageId> = changes.iter().map(|c| c.id).collect();
-            match self
-                .call(
-                    node,
-                    Request::SetReplicas {
-                        user: user.to_owned(),
-                        changes,
-                    },
-                )
-                .await
-            {
-                Ok(Reply::ReplicasSet { outcomes }) => {
+            match self.set_replicas_on(node, user, changes).await {
+                Ok(outcomes) => {
                     for (id, o) in ids.iter().zip(outcomes) {
                         if let Placed::Deleted(t) = o {
                             deleted.push(t);
@@ -629,8 +638,8 @@ impl<N: super::Network> Replicator<N> {
                         }
                     }
                 }
-                other => {
-                    debug!(node, error = ?other.err(), "repair: set not taken by a staying member");
+                Err(e) => {
+                    debug!(node, error = %e, "repair: set not taken by a staying member");
                     unsettled.extend(ids);
                 }
             }
@@ -642,24 +651,15 @@ impl<N: super::Network> Replicator<N> {
             if changes.is_empty() {
                 continue;
             }
-            match self
-                .call(
-                    node,
-                    Request::SetReplicas {
-                        user: user.to_owned(),
-                        changes,
-                    },
-                )
-                .await
-            {
-                Ok(Reply::ReplicasSet { outcomes }) => {
+            match self.set_replicas_on(node, user, changes).await {
+                Ok(outcomes) => {
                     deleted.extend(outcomes.into_iter().filter_map(|o| match o {
                         Placed::Deleted(t) => Some(t),
                         _ => None,
                     }));
                 }
                 // It learns the new set from anti-entropy when it answers.
-                other => debug!(node, error = ?other.err(), "repair: a left-out holder not told yet"),
+                Err(e) => debug!(node, error = %e, "repair: a left-out holder not told yet"),
             }
         }
         // Deletions found on the way win: applied here, and those

@@ -39,6 +39,22 @@ async fn counts(n: &NodeProcess) -> (BTreeMap<u64, Option<u64>>, u64) {
     (per, s["under_replicated"].as_u64().expect("under_replicated"))
 }
 
+/// Each node's stored bytes, from a status (nodes that answer).
+fn stored_bytes(s: &Value) -> Vec<u64> {
+    s["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["bytes"].as_u64())
+        .collect()
+}
+
+/// Every figure within 10% of their mean (equal weights).
+fn within_10_percent(bytes: &[u64]) -> bool {
+    let mean = bytes.iter().sum::<u64>() / bytes.len().max(1) as u64;
+    bytes.iter().all(|b| b.abs_diff(mean) <= mean / 10)
+}
+
 fn node_id(s: &Value) -> u64 {
     s["self"].as_u64().expect("self")
 }
@@ -255,15 +271,8 @@ async fn copies_are_restored_trimmed_and_drained_without_an_operator() {
     let joined_id = node_id(&status(&joined).await);
     let joined_at = std::time::Instant::now();
     common::wait_for("the stored bytes even within 10%", Duration::from_secs(120), || async {
-        let s = status(&nodes[other]).await;
-        let bytes: Vec<u64> = s["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .filter_map(|n| n["bytes"].as_u64())
-            .collect();
-        let mean = bytes.iter().sum::<u64>() / bytes.len().max(1) as u64;
-        bytes.len() == 4 && bytes.iter().all(|b| b.abs_diff(mean) <= mean / 10)
+        let bytes = stored_bytes(&status(&nodes[other]).await);
+        bytes.len() == 4 && within_10_percent(&bytes)
     })
     .await;
     let (per, under) = counts(&nodes[other]).await;
@@ -324,20 +333,13 @@ async fn copies_are_restored_trimmed_and_drained_without_an_operator() {
     assert_ne!(new_id, old_id, "an empty disk is a new identity");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let s = status(&nodes[watcher]).await;
+        let bytes = stored_bytes(&status(&nodes[watcher]).await);
         let (per, under) = counts(&nodes[watcher]).await;
-        let bytes: Vec<u64> = s["nodes"]
-            .as_array()
-            .expect("nodes")
-            .iter()
-            .filter_map(|n| n["bytes"].as_u64())
-            .collect();
-        let mean = bytes.iter().sum::<u64>() / bytes.len().max(1) as u64;
         if !per.contains_key(&old_id)
             && per.len() == 4
             && under == 0
             && per.values().map(|m| m.unwrap_or(0)).sum::<u64>() == total
-            && bytes.iter().all(|b| b.abs_diff(mean) <= mean / 10)
+            && within_10_percent(&bytes)
         {
             break;
         }

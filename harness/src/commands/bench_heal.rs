@@ -45,30 +45,15 @@ pub async fn bench_heal(a: BenchHealArgs) -> anyhow::Result<()> {
     let _down = Down(dir.clone());
     let users = 100;
     crate::load::ensure_users(handles[0].admin_addr(), &state.admin_token, users, &state.password).await?;
-    let last = crate::load::load_user(users);
-    for h in &handles {
-        let end = Instant::now() + Duration::from_secs(30);
-        while !h
-            .admin(Method::GET, "/v1/users", None)
-            .await
-            .is_ok_and(|v| v.to_string().contains(&last))
-        {
-            if Instant::now() > end {
-                bail!("the users did not reach every node");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     // Fill users of their own: the load's POP3 sessions fetch and delete
     // the load users' mail, and must not empty what repair is measured on.
-    let fill_users = 100u32;
-    let fill_user = |i: u64| format!("fill{:03}@example.org", 1 + i % fill_users as u64);
-    for i in 0..fill_users as u64 {
+    for i in 0..FILL_USERS {
         let body = serde_json::json!({ "address": fill_user(i), "password": state.password });
         handles[0].admin(Method::POST, "/v1/users", Some(body)).await?;
     }
-    let last_fill = fill_user(fill_users as u64 - 1);
+    // Written after the load users (one Raft log): the last fill user on
+    // every node means all the users are there.
+    let last_fill = fill_user(FILL_USERS - 1);
     for h in &handles {
         let end = Instant::now() + Duration::from_secs(30);
         while !h
@@ -77,7 +62,7 @@ pub async fn bench_heal(a: BenchHealArgs) -> anyhow::Result<()> {
             .is_ok_and(|v| v.to_string().contains(&last_fill))
         {
             if Instant::now() > end {
-                bail!("the fill users did not reach every node");
+                bail!("the users did not reach every node");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -94,7 +79,7 @@ pub async fn bench_heal(a: BenchHealArgs) -> anyhow::Result<()> {
             let mut rng = workload::Rng::new(c + 1);
             let mut client = SmtpClient::connect(smtp, false).await?;
             for seq in (c..n_msgs).step_by(8) {
-                let to = format!("fill{:03}@example.org", 1 + seq % fill_users as u64);
+                let to = fill_user(seq);
                 let msg = workload::message(&mut rng, 1_000_000 + seq, "fill@remote.test", &to, size);
                 let r = client.send_mail("fill@remote.test", &[to.as_str()], &msg).await?;
                 if !r.last().is_some_and(|r| r.is_ok()) {
@@ -267,6 +252,13 @@ pub async fn bench_heal(a: BenchHealArgs) -> anyhow::Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// Users that only the fill writes to.
+const FILL_USERS: u64 = 100;
+
+fn fill_user(i: u64) -> String {
+    format!("fill{:03}@example.org", 1 + i % FILL_USERS)
 }
 
 /// The first second after `kill` at which `under_replicated` is 0 again,

@@ -77,27 +77,6 @@ async fn counts(n: &NodeProcess) -> (BTreeMap<u64, (u64, u64)>, u64) {
     (per, s["under_replicated"].as_u64().expect("under_replicated"))
 }
 
-/// Reads a user's whole mailbox over POP3: UIDL → message text.
-async fn read_all(node: &NodeProcess, user: &str) -> BTreeMap<String, Vec<u8>> {
-    let mut p = Pop3Client::connect(node.pop3()).await.expect("pop3 connects");
-    p.login(user, PASSWORD).await.expect("login");
-    let mut out = BTreeMap::new();
-    for (n, uid) in p.uidl().await.expect("uidl") {
-        out.insert(uid, p.retr(n).await.expect("retr"));
-    }
-    p.quit().await.expect("quit");
-    out
-}
-
-fn marker(msg: &[u8]) -> String {
-    let text = String::from_utf8_lossy(msg);
-    text.lines()
-        .find_map(|l| l.strip_prefix("X-Test-Seq: "))
-        .expect("test marker header")
-        .trim()
-        .to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_two_copies_any_node_serves_any_mailbox() {
     let _slot = common::cluster_slot().await;
@@ -164,13 +143,13 @@ async fn three_nodes_two_copies_any_node_serves_any_mailbox() {
     // Every message readable from every node, byte-exact, exactly once.
     for node in &nodes {
         for user in &users {
-            let got = read_all(node, user).await;
-            let markers: BTreeSet<String> = got.values().map(|m| marker(m)).collect();
+            let got = common::read_all(node, user).await;
+            let markers: BTreeSet<String> = got.values().map(|m| common::marker(m)).collect();
             assert_eq!(markers.len(), got.len(), "{user}: a message listed twice");
             let want = expected.get(user).cloned().unwrap_or_default();
             assert_eq!(markers, want, "{user} as read from {}", node.pop3());
             for m in got.values() {
-                let k = marker(m);
+                let k = common::marker(m);
                 let text = String::from_utf8_lossy(m);
                 assert!(
                     text.contains(&format!("body of message {k} for {user}\r\n")),
@@ -368,7 +347,7 @@ async fn a_dead_node_misses_nothing_once_it_returns() {
     // Everything is still readable, and new mail still goes in.
     let mut total = 0;
     for u in &users {
-        total += read_all(&nodes[0], u).await.len();
+        total += common::read_all(&nodes[0], u).await.len();
     }
     assert_eq!(total, 100, "every message readable with one node down");
     for k in 100..120 {
@@ -417,13 +396,13 @@ async fn a_dead_node_misses_nothing_once_it_returns() {
     .await;
     for u in &users[..5] {
         assert!(
-            read_all(&nodes[victim], u).await.is_empty(),
+            common::read_all(&nodes[victim], u).await.is_empty(),
             "{u}: deleted mail came back on node {victim_id}"
         );
     }
     let mut total = 0;
     for u in &users {
-        total += read_all(&nodes[victim], u).await.len();
+        total += common::read_all(&nodes[victim], u).await.len();
     }
     assert_eq!(total, left, "the returned node serves every mailbox");
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use quill_harness::fresh_loopback;
 use quill_harness::process::{self, NodeOptions, NodeProcess, TempDir};
-use quill_harness::{Pop3Client, SmtpClient};
+use quill_harness::SmtpClient;
 use serde_json::Value;
 
 const SECRET: &str = "healing-test-secret";
@@ -59,32 +59,12 @@ fn node_id(s: &Value) -> u64 {
     s["self"].as_u64().expect("self")
 }
 
-async fn read_all(node: &NodeProcess, user: &str) -> BTreeMap<String, Vec<u8>> {
-    let mut p = Pop3Client::connect(node.pop3()).await.expect("pop3 connects");
-    p.login(user, PASSWORD).await.expect("login");
-    let mut out = BTreeMap::new();
-    for (n, uid) in p.uidl().await.expect("uidl") {
-        out.insert(uid, p.retr(n).await.expect("retr"));
-    }
-    p.quit().await.expect("quit");
-    out
-}
-
-fn marker(msg: &[u8]) -> String {
-    String::from_utf8_lossy(msg)
-        .lines()
-        .find_map(|l| l.strip_prefix("X-Test-Seq: "))
-        .expect("test marker header")
-        .trim()
-        .to_owned()
-}
-
 /// Every user's mailbox, read through `node`, is exactly `expected`, each
 /// message once and intact.
 async fn check_all_readable(node: &NodeProcess, users: &[String], expected: &BTreeMap<String, BTreeSet<String>>) {
     for user in users {
-        let got = read_all(node, user).await;
-        let markers: BTreeSet<String> = got.values().map(|m| marker(m)).collect();
+        let got = common::read_all(node, user).await;
+        let markers: BTreeSet<String> = got.values().map(|m| common::marker(m)).collect();
         assert_eq!(
             markers.len(),
             got.len(),
@@ -94,7 +74,7 @@ async fn check_all_readable(node: &NodeProcess, users: &[String], expected: &BTr
         let want = expected.get(user).cloned().unwrap_or_default();
         assert_eq!(markers, want, "{user} as read through {}", node.pop3());
         for m in got.values() {
-            let k = marker(m);
+            let k = common::marker(m);
             assert!(
                 String::from_utf8_lossy(m).contains(&format!("body of message {k} for {user}\r\n")),
                 "{user} message {k} is damaged"

@@ -40,3 +40,28 @@ pub async fn cluster_slot() -> tokio::sync::MutexGuard<'static, ()> {
 pub fn cluster_slot_blocking() -> tokio::sync::MutexGuard<'static, ()> {
     CLUSTER_SLOT.blocking_lock()
 }
+
+/// A user's whole mailbox read over POP3 through `node` (password
+/// [`PASSWORD`]), without deleting: UIDL -> message bytes.
+pub async fn read_all(node: &NodeProcess, user: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut p = quill_harness::Pop3Client::connect(node.pop3())
+        .await
+        .expect("pop3 connects");
+    p.login(user, PASSWORD).await.expect("login");
+    let mut out = std::collections::BTreeMap::new();
+    for (n, uid) in p.uidl().await.expect("uidl") {
+        out.insert(uid, p.retr(n).await.expect("retr"));
+    }
+    p.quit().await.expect("quit");
+    out
+}
+
+/// The `X-Test-Seq:` value a test message carries.
+pub fn marker(msg: &[u8]) -> String {
+    String::from_utf8_lossy(msg)
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Test-Seq: "))
+        .expect("test marker header")
+        .trim()
+        .to_owned()
+}

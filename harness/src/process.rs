@@ -20,6 +20,9 @@ pub const SMTP_PORT: u16 = 2525;
 pub const LMTP_PORT: u16 = 2424;
 pub const POP3_PORT: u16 = 2110;
 pub const ADMIN_PORT: u16 = 8080;
+/// Implicit-TLS SMTP (RFC 8314) and POP3.
+pub const SMTPS_PORT: u16 = 2465;
+pub const POP3S_PORT: u16 = 2995;
 pub const CLUSTER_PORT: u16 = 7400;
 
 /// How long a node may take to answer its admin API after start.
@@ -188,6 +191,16 @@ impl NodeProcess {
     pub fn pop3(&self) -> SocketAddr {
         self.opts.addr(POP3_PORT)
     }
+    pub fn smtps(&self) -> SocketAddr {
+        self.opts.addr(SMTPS_PORT)
+    }
+    pub fn pop3s(&self) -> SocketAddr {
+        self.opts.addr(POP3S_PORT)
+    }
+    /// The certificate a node serves when given none (self-signed).
+    pub fn self_signed_cert(&self) -> PathBuf {
+        self.opts.data.join("tls-self-signed.crt")
+    }
     pub fn admin_addr(&self) -> SocketAddr {
         self.opts.addr(ADMIN_PORT)
     }
@@ -236,6 +249,10 @@ impl NodeProcess {
             .arg(o.addr(LMTP_PORT).to_string())
             .arg("--pop3")
             .arg(o.addr(POP3_PORT).to_string())
+            .arg("--smtps")
+            .arg(o.addr(SMTPS_PORT).to_string())
+            .arg("--pop3s")
+            .arg(o.addr(POP3S_PORT).to_string())
             .arg("--admin")
             .arg(o.addr(ADMIN_PORT).to_string())
             .arg("--admin-token")

@@ -46,6 +46,8 @@ pub struct Addrs {
     pub lmtp: Option<SocketAddr>,
     pub pop3: Option<SocketAddr>,
     pub imap: Option<SocketAddr>,
+    pub smtps: Option<SocketAddr>,
+    pub pop3s: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
 }
 
@@ -632,6 +634,30 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "counter",
         "Connections refused by a limit.",
         c(&m.connections_refused),
+    );
+    line(
+        "quill_tls_handshakes_total",
+        "counter",
+        "Client TLS handshakes completed (implicit TLS and STARTTLS).",
+        c(&m.tls_handshakes),
+    );
+    line(
+        "quill_tls_handshake_failures_total",
+        "counter",
+        "Client TLS handshakes that failed or timed out.",
+        c(&m.tls_handshake_failures),
+    );
+    line(
+        "quill_starttls_injections_total",
+        "counter",
+        "STARTTLS commands followed by plaintext before the handshake (discarded).",
+        c(&m.tls_injected),
+    );
+    line(
+        "quill_plaintext_auth_refused_total",
+        "counter",
+        "Logins refused because the session was not encrypted (--plaintext-auth).",
+        c(&m.plaintext_auth_refused),
     );
     line(
         "quill_store_entries",

@@ -36,6 +36,7 @@ pub mod session;
 pub mod slots;
 pub mod smtp;
 pub mod time;
+pub mod tls;
 pub mod wire;
 
 use std::future::Future;
@@ -71,6 +72,15 @@ pub struct NodeConfig {
     pub submission: Option<SocketAddr>,
     pub lmtp: Option<SocketAddr>,
     pub pop3: Option<SocketAddr>,
+    /// Implicit-TLS SMTP (RFC 8314, port 465).
+    pub smtps: Option<SocketAddr>,
+    /// Implicit-TLS POP3 (port 995).
+    pub pop3s: Option<SocketAddr>,
+    /// Certificate and key files (`--tls-cert`/`--tls-key`); none: a
+    /// self-signed certificate made in the data directory.
+    pub tls_files: Vec<tls::FilePair>,
+    /// Where passwords may be sent without TLS.
+    pub plaintext_auth: services::PlaintextAuth,
     pub admin: Option<SocketAddr>,
     /// The admin token; made and saved in the data directory if not given.
     pub admin_token: Option<String>,
@@ -99,6 +109,14 @@ enum Proto {
     Submission,
     Lmtp,
     Pop3,
+    Smtps,
+    Pop3s,
+}
+
+impl Proto {
+    fn implicit_tls(self) -> bool {
+        matches!(self, Proto::Smtps | Proto::Pop3s)
+    }
 }
 
 /// Reads 32 random bytes from the kernel.
@@ -162,6 +180,21 @@ pub async fn run(
         .context("cannot open the fragment store")?;
     let store = Arc::new(store);
     let token = admin_token(&config)?;
+    // A bad certificate pair fails the start, with its reason.
+    let ips: Vec<std::net::IpAddr> = [
+        config.smtp,
+        config.submission,
+        config.lmtp,
+        config.pop3,
+        config.smtps,
+        config.pop3s,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|a| a.ip())
+    .filter(|ip| !ip.is_unspecified())
+    .collect();
+    let tls = tls::Tls::load(config.tls_files.clone(), &config.data_dir, &config.name, &ips)?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Bind every listener first: an address in use fails the start, and the
@@ -176,6 +209,8 @@ pub async fn run(
         (config.submission, Proto::Submission),
         (config.lmtp, Proto::Lmtp),
         (config.pop3, Proto::Pop3),
+        (config.smtps, Proto::Smtps),
+        (config.pop3s, Proto::Pop3s),
     ] {
         let Some(addr) = addr else { continue };
         let listener = TcpListener::bind(addr)
@@ -187,6 +222,8 @@ pub async fn run(
             Proto::Submission => addrs.submission = Some(bound),
             Proto::Lmtp => addrs.lmtp = Some(bound),
             Proto::Pop3 => addrs.pop3 = Some(bound),
+            Proto::Smtps => addrs.smtps = Some(bound),
+            Proto::Pop3s => addrs.pop3s = Some(bound),
         }
         info!(addr = %bound, ?proto, "listening");
         listeners.push((listener, proto));
@@ -255,9 +292,12 @@ pub async fn run(
     );
     services.default_login_domain = config.default_login_domain.clone();
     services.postmaster = config.postmaster.clone();
+    services.tls = Some(tls.clone());
+    services.plaintext_auth = config.plaintext_auth;
     let services = Arc::new(services);
 
     let mut tasks = JoinSet::new();
+    tasks.spawn(tls.watch_files(stop_rx.clone()));
     tasks.spawn(replica::duties(
         replica.clone(),
         cluster.membership.clone(),
@@ -367,16 +407,37 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
         sessions.spawn(async move {
             let stop = slot.close.clone();
             let _held = slot;
+            let stream = if proto.implicit_tls() {
+                // The handshake first, within its deadline, holding the slot.
+                let Some(tls) = services.tls.clone() else { return };
+                match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+                    Ok(Ok(t)) => {
+                        bump(&services.metrics.tls_handshakes);
+                        session::Stream::Tls(Box::new(t))
+                    }
+                    Ok(Err(e)) => {
+                        bump(&services.metrics.tls_handshake_failures);
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        bump(&services.metrics.tls_handshake_failures);
+                        return;
+                    }
+                }
+            } else {
+                session::Stream::Plain(stream)
+            };
             match proto {
-                Proto::Smtp | Proto::Submission => {
+                Proto::Smtp | Proto::Submission | Proto::Smtps => {
                     bump(&services.metrics.smtp_sessions);
-                    smtp::serve(stream, peer, services, smtp::Mode::Smtp, stop).await
+                    smtp::serve_on(stream, peer, services, smtp::Mode::Smtp, stop).await
                 }
                 Proto::Lmtp => {
                     bump(&services.metrics.lmtp_sessions);
-                    smtp::serve(stream, peer, services, smtp::Mode::Lmtp, stop).await
+                    smtp::serve_on(stream, peer, services, smtp::Mode::Lmtp, stop).await
                 }
-                Proto::Pop3 => pop3::serve(stream, peer, services, stop).await,
+                Proto::Pop3 | Proto::Pop3s => pop3::serve_on(stream, peer, services, stop).await,
             }
         });
     }
@@ -391,6 +452,8 @@ async fn refuse(mut stream: TcpStream, proto: Proto) {
     let text: &[u8] = match proto {
         Proto::Smtp | Proto::Submission | Proto::Lmtp => b"421 4.7.0 Too many connections, try again later\r\n",
         Proto::Pop3 => b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
+        // A TLS client cannot read plaintext: just close.
+        Proto::Smtps | Proto::Pop3s => b"",
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(text)).await;
     let _ = stream.shutdown().await;

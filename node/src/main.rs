@@ -16,7 +16,7 @@ use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::Subscrib
 #[command(
     name = "quill",
     version,
-    about = "Quill: a clustered mail service (SMTP, LMTP, POP3)"
+    about = "Quill: a clustered mail service (SMTP, LMTP, POP3; STARTTLS and implicit TLS)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -66,6 +66,25 @@ struct NodeArgs {
     /// IMAP address (reserved: IMAP is not served yet).
     #[arg(long)]
     imap: Option<SocketAddr>,
+    /// Implicit-TLS SMTP address (RFC 8314; port 465 by convention).
+    #[arg(long)]
+    smtps: Option<SocketAddr>,
+    /// Implicit-TLS POP3 address (port 995 by convention).
+    #[arg(long)]
+    pop3s: Option<SocketAddr>,
+    /// TLS certificate chain, PEM (repeatable, each with its --tls-key; the
+    /// client's SNI chooses, the first is the default). Re-read when the
+    /// file changes; a bad pair is refused and the one before kept.
+    /// Without any: a self-signed certificate kept in DATA/tls-self-signed.crt.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Vec<PathBuf>,
+    /// The private key of the --tls-cert at the same position, PEM.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Vec<PathBuf>,
+    /// Where passwords (POP3 USER/PASS, AUTH) may be sent without TLS:
+    /// loopback (only from loopback clients), never, or always.
+    #[arg(long, value_enum, default_value = "loopback")]
+    plaintext_auth: quill_node::services::PlaintextAuth,
     /// Admin HTTP API address.
     #[arg(long)]
     admin: Option<SocketAddr>,
@@ -397,6 +416,15 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             replication::MESSAGE_BYTES_MAX - 64 * 1024
         );
     }
+    if a.tls_cert.len() != a.tls_key.len() {
+        bail!("give one --tls-key for each --tls-cert, in the same order");
+    }
+    let tls_files = a
+        .tls_cert
+        .into_iter()
+        .zip(a.tls_key)
+        .map(|(cert, key)| quill_node::tls::FilePair { cert, key })
+        .collect();
     let config = NodeConfig {
         data_dir: a.data,
         name: a.name.unwrap_or_else(|| format!("quill-{}", a.cluster_addr)),
@@ -405,6 +433,10 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         submission: a.submission,
         lmtp: a.lmtp,
         pop3: a.pop3,
+        smtps: a.smtps,
+        pop3s: a.pop3s,
+        tls_files,
+        plaintext_auth: a.plaintext_auth,
         admin: a.admin,
         admin_token: a.admin_token,
         seeds: a.seed,

@@ -1,4 +1,5 @@
-//! POP3 (RFC 1939), with CAPA (RFC 2449) and AUTH PLAIN (RFC 5034).
+//! POP3 (RFC 1939), with CAPA (RFC 2449), AUTH PLAIN (RFC 5034) and STLS
+//! (RFC 2595).
 //!
 //! A session sees the mailbox as it was at login; deletions are marked and
 //! applied, durably, only at QUIT. One session per mailbox at a time.
@@ -15,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::trim_eol;
 use crate::services::{Auth, MailboxLock, POP3_LINE_BYTES_MAX, Services, bump};
-use crate::session::{Dialect, LineSession};
+use crate::session::{Dialect, LineSession, Stream, Upgrade};
 
 /// Failed logins in one session before it is closed.
 const SESSION_AUTH_FAILURES_MAX: u32 = 3;
@@ -39,6 +40,8 @@ pub enum Command {
     Noop,
     /// RFC 6856: UTF-8 user names and passwords (always accepted here).
     Utf8,
+    /// RFC 2595: TLS from here on.
+    Stls,
 }
 
 /// Parses one command line (terminator already removed). Pure: table-tested.
@@ -89,6 +92,7 @@ pub fn parse(line: &[u8]) -> Result<Command, &'static str> {
         "RSET" => none(&args, Command::Rset),
         "NOOP" => none(&args, Command::Noop),
         "UTF8" => none(&args, Command::Utf8),
+        "STLS" => none(&args, Command::Stls),
         "LIST" => opt_num(&args).map(Command::List),
         "UIDL" => opt_num(&args).map(Command::Uidl),
         "RETR" => match args.as_slice() {
@@ -107,8 +111,24 @@ pub fn parse(line: &[u8]) -> Result<Command, &'static str> {
     }
 }
 
-const CAPA: &str = "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n\
-                    AUTH-RESP-CODE\r\nPIPELINING\r\nUTF8 USER\r\nEXPIRE NEVER\r\nIMPLEMENTATION Quill\r\n.";
+/// The CAPA reply: USER and SASL only where a password may be sent now
+/// (RFC 2595 4: not before STLS where plaintext logins are refused), STLS
+/// while TLS can still be started.
+fn capa(login: bool, stls: bool) -> String {
+    let mut c = String::from("+OK Capability list follows\r\n");
+    if login {
+        c.push_str("USER\r\nSASL PLAIN\r\n");
+    }
+    if stls {
+        c.push_str("STLS\r\n");
+    }
+    c.push_str("TOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\nUTF8 USER\r\nEXPIRE NEVER\r\nIMPLEMENTATION Quill\r\n.");
+    c
+}
+
+/// The answer to a login sent in the clear where `--plaintext-auth` refuses it.
+const PLAINTEXT_REFUSED: &str =
+    "-ERR [AUTH] Plaintext authentication disallowed on an unencrypted connection; use STLS (or port 995) first";
 
 struct Mailbox {
     user: String,
@@ -138,8 +158,19 @@ struct Session<S> {
     auth_failures: u32,
 }
 
-pub async fn serve<S: AsyncRead + AsyncWrite>(
+/// Serves one plaintext connection (STLS offered when TLS is set up).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
+    peer: SocketAddr,
+    services: Arc<Services>,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_on(Stream::Plain(stream), peer, services, shutdown).await
+}
+
+/// Serves one connection, plaintext or already under TLS (`--pop3s`).
+pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: Stream<S>,
     peer: SocketAddr,
     services: Arc<Services>,
     mut shutdown: watch::Receiver<bool>,
@@ -167,7 +198,7 @@ enum Flow {
     Close,
 }
 
-impl<S: AsyncRead + AsyncWrite> Session<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
         self.io.reply(text).await
     }
@@ -207,9 +238,31 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
     }
 
     async fn authorization(&mut self, cmd: Command, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<Flow> {
+        let login = self.io.may_send_password(self.peer.ip());
         match cmd {
-            Command::Capa => self.reply(CAPA).await?,
+            Command::Capa => {
+                let c = capa(login, self.io.can_start_tls());
+                self.reply(&c).await?
+            }
+            Command::Stls if self.io.tls().is_some() => self.reply("-ERR TLS already active").await?,
+            Command::Stls if !self.io.can_start_tls() => self.reply("-ERR [SYS/TEMP] TLS not available").await?,
+            Command::Stls => {
+                self.reply("+OK Begin TLS negotiation").await?;
+                match self.io.start_tls().await? {
+                    // Start over: no USER given before counts.
+                    Upgrade::Done => self.user = None,
+                    Upgrade::Failed => return Ok(Flow::Close),
+                }
+            }
             Command::Utf8 => self.reply("+OK UTF8 enabled").await?,
+            Command::User(_) | Command::Pass(_) | Command::Auth(Some(_)) if !login => {
+                bump(&self.services.metrics.plaintext_auth_refused);
+                self.user = None;
+                self.reply(PLAINTEXT_REFUSED).await?;
+                if self.bad().await? {
+                    return Ok(Flow::Close);
+                }
+            }
             Command::Quit => {
                 self.reply("+OK Quill POP3 server signing off").await?;
                 return Ok(Flow::Close);
@@ -331,7 +384,8 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
                 .filter(|(_, (_, d))| !**d)
         };
         match cmd {
-            Command::Capa => self.reply(CAPA).await?,
+            Command::Capa => self.reply(&capa(false, false)).await?,
+            Command::Stls => self.reply("-ERR STLS only before login").await?,
             Command::Noop => self.reply("+OK").await?,
             // RFC 6856 §2: not permitted after authentication.
             Command::Utf8 => self.reply("-ERR UTF8 must come before login").await?,

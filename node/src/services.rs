@@ -99,6 +99,39 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     pub limit_refusals: AtomicU64,
     pub connections_refused: AtomicU64,
+    /// TLS handshakes that succeeded (implicit TLS and STARTTLS).
+    pub tls_handshakes: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    /// STARTTLS commands followed by plaintext before the handshake (the
+    /// input was discarded).
+    pub tls_injected: AtomicU64,
+    /// Logins refused because they came in the clear (`--plaintext-auth`).
+    pub plaintext_auth_refused: AtomicU64,
+}
+
+/// Where passwords may be sent without TLS (`--plaintext-auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PlaintextAuth {
+    /// Only from loopback clients (Dovecot's default).
+    #[default]
+    Loopback,
+    /// Never: TLS first.
+    Never,
+    /// From anywhere (only behind a network you trust).
+    Always,
+}
+
+impl PlaintextAuth {
+    /// Whether a password may be sent on a session that is (or is not)
+    /// encrypted, from `peer`.
+    pub fn allows(self, encrypted: bool, peer: IpAddr) -> bool {
+        encrypted
+            || match self {
+                PlaintextAuth::Always => true,
+                PlaintextAuth::Loopback => peer.is_loopback(),
+                PlaintextAuth::Never => false,
+            }
+    }
 }
 
 pub fn bump(c: &AtomicU64) {
@@ -151,6 +184,10 @@ pub struct Services {
     /// Where postmaster mail goes when a domain has no `postmaster` user
     /// (`--postmaster`); else [`Directory::postmaster_fallback`].
     pub postmaster: Option<String>,
+    /// Client TLS; `None`: no STARTTLS offered (tests only: a node always
+    /// has a certificate, its own self-signed one at least).
+    pub tls: Option<crate::tls::Tls>,
+    pub plaintext_auth: PlaintextAuth,
     pub store: Arc<FragmentStore>,
     /// Delivery to R nodes and mailboxes across the cluster.
     pub mail: Arc<dyn Mail>,
@@ -260,6 +297,8 @@ impl Services {
             hostname,
             default_login_domain: None,
             postmaster: None,
+            tls: None,
+            plaintext_auth: PlaintextAuth::default(),
             store,
             mail,
             directory,

@@ -25,33 +25,122 @@ pub struct Dialect {
     pub shutting_down: &'static str,
 }
 
+/// A client connection, in the clear or under TLS (from the start on an
+/// implicit-TLS port, or after STARTTLS).
+pub enum Stream<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    /// Stands in while a session swaps its stream for TLS.
+    Gone,
+}
+
+/// How a STARTTLS ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Upgrade {
+    /// TLS is on; the session starts over.
+    Done,
+    /// The handshake failed or timed out: the connection is unusable.
+    Failed,
+}
+
 /// One client connection: its buffered halves and its counters.
 pub struct LineSession<S> {
-    pub r: BufReader<ReadHalf<S>>,
-    pub w: BufWriter<Stalled<WriteHalf<S>>>,
+    pub r: BufReader<ReadHalf<Stream<S>>>,
+    pub w: BufWriter<Stalled<WriteHalf<Stream<S>>>>,
     pub services: Arc<Services>,
     dialect: &'static Dialect,
     n_commands: u32,
     n_bad: u32,
+    bufs: (usize, usize),
+    /// The TLS version and cipher suite, once TLS is on.
+    tls: Option<String>,
 }
 
-impl<S: AsyncRead + AsyncWrite> LineSession<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> LineSession<S> {
     pub fn new(
-        stream: S,
+        stream: Stream<S>,
         services: Arc<Services>,
         dialect: &'static Dialect,
         read_buf: usize,
         write_buf: usize,
     ) -> Self {
-        let (r, w) = tokio::io::split(stream);
-        let stall = services.limits.idle_timeout;
+        let tls = match &stream {
+            Stream::Tls(t) => Some(crate::tls::describe(t.get_ref().1)),
+            _ => None,
+        };
+        let (r, w) = halves(stream, &services, (read_buf, write_buf));
         LineSession {
-            r: BufReader::with_capacity(read_buf, r),
-            w: BufWriter::with_capacity(write_buf, Stalled::new(w, stall)),
+            r,
+            w,
             services,
             dialect,
             n_commands: 0,
             n_bad: 0,
+            bufs: (read_buf, write_buf),
+            tls,
+        }
+    }
+
+    /// The TLS version and cipher suite, when the session is encrypted.
+    pub fn tls(&self) -> Option<&str> {
+        self.tls.as_deref()
+    }
+
+    /// Whether a password may be sent on this session now (see
+    /// `--plaintext-auth`).
+    pub fn may_send_password(&self, peer: std::net::IpAddr) -> bool {
+        self.services.plaintext_auth.allows(self.tls.is_some(), peer)
+    }
+
+    /// Whether STARTTLS is offered: TLS is configured and not on yet.
+    pub fn can_start_tls(&self) -> bool {
+        self.tls.is_none() && self.services.tls.is_some()
+    }
+
+    /// Turns TLS on after the protocol's go-ahead reply (which this flushes).
+    /// Whatever the client sent after the STARTTLS command and before the
+    /// handshake is thrown away unread, never executed (the STARTTLS
+    /// command-injection class of bugs, CVE-2011-0411); the caller resets
+    /// its protocol state when this returns `Done`.
+    pub async fn start_tls(&mut self) -> std::io::Result<Upgrade> {
+        let Some(tls) = self.services.tls.clone() else {
+            return Ok(Upgrade::Failed);
+        };
+        self.w.flush().await?;
+        let injected = self.r.buffer().len();
+        if injected > 0 {
+            bump(&self.services.metrics.tls_injected);
+            tracing::warn!(
+                bytes = injected,
+                "input sent after STARTTLS before the handshake discarded"
+            );
+        }
+        let (dr, dw) = halves(Stream::Gone, &self.services, (1, 1));
+        let r = std::mem::replace(&mut self.r, dr);
+        let w = std::mem::replace(&mut self.w, dw);
+        // Dropping the read buffer is the discarding.
+        let stream = r.into_inner().unsplit(w.into_inner().into_inner());
+        let Stream::Plain(plain) = stream else {
+            return Ok(Upgrade::Failed);
+        };
+        match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, tls.acceptor.accept(plain)).await {
+            Ok(Ok(t)) => {
+                bump(&self.services.metrics.tls_handshakes);
+                self.tls = Some(crate::tls::describe(t.get_ref().1));
+                let (r, w) = halves(Stream::Tls(Box::new(t)), &self.services, self.bufs);
+                self.r = r;
+                self.w = w;
+                Ok(Upgrade::Done)
+            }
+            Ok(Err(e)) => {
+                bump(&self.services.metrics.tls_handshake_failures);
+                tracing::debug!(error = %e, "STARTTLS handshake failed");
+                Ok(Upgrade::Failed)
+            }
+            Err(_) => {
+                bump(&self.services.metrics.tls_handshake_failures);
+                Ok(Upgrade::Failed)
+            }
         }
     }
 
@@ -127,6 +216,74 @@ impl<S: AsyncRead + AsyncWrite> LineSession<S> {
     }
 }
 
+type Halves<S> = (BufReader<ReadHalf<Stream<S>>>, BufWriter<Stalled<WriteHalf<Stream<S>>>>);
+
+fn halves<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: Stream<S>,
+    services: &Services,
+    bufs: (usize, usize),
+) -> Halves<S> {
+    let (r, w) = tokio::io::split(stream);
+    let stall = services.limits.idle_timeout;
+    (
+        BufReader::with_capacity(bufs.0, r),
+        BufWriter::with_capacity(bufs.1, Stalled::new(w, stall)),
+    )
+}
+
+macro_rules! each_stream {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($s) => {
+                let $s = std::pin::Pin::new($s);
+                $e
+            }
+            Stream::Tls($s) => {
+                let $s = std::pin::Pin::new($s.as_mut());
+                $e
+            }
+            Stream::Gone => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the stream is being upgraded",
+            ))),
+        }
+    };
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        each_stream!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_stream!(self, s => s.poll_shutdown(cx))
+    }
+}
+
 /// A writer that fails with `TimedOut` when one write (or flush) makes no
 /// progress for `limit`: a client that stops reading (its TCP window
 /// closed) cannot hold a session, and its slot, forever.
@@ -137,6 +294,10 @@ pub struct Stalled<W> {
 }
 
 impl<W> Stalled<W> {
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+
     pub fn new(inner: W, limit: std::time::Duration) -> Self {
         Stalled {
             inner,

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::conn::{Line, read_line};
 use crate::data::{DATA_LINE_BYTES_MAX, DataReader, Refusal, Step};
 use crate::services::{SMTP_COMMAND_BYTES_MAX, Services, bump};
-use crate::session::{Dialect, LineSession};
+use crate::session::{Dialect, LineSession, Stream, Upgrade};
 use crate::time::{now_ms, rfc5322_date};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,8 +87,20 @@ fn clean_name(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic()).take(255).collect()
 }
 
-pub async fn serve<S: AsyncRead + AsyncWrite>(
+/// Serves one plaintext connection (STARTTLS offered when TLS is set up).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
+    peer: SocketAddr,
+    services: Arc<Services>,
+    mode: Mode,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_on(Stream::Plain(stream), peer, services, mode, shutdown).await
+}
+
+/// Serves one connection, plaintext or already under TLS (`--smtps`).
+pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: Stream<S>,
     peer: SocketAddr,
     services: Arc<Services>,
     mode: Mode,
@@ -114,7 +126,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite>(
     }
 }
 
-impl<S: AsyncRead + AsyncWrite> Session<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
         self.io.reply(text).await
     }
@@ -176,9 +188,10 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
                     self.reply(&format!("250 {me}")).await?;
                 } else {
                     let size = self.services.limits.message_bytes_max;
+                    let starttls = if self.io.can_start_tls() { "250-STARTTLS\r\n" } else { "" };
                     self.reply(&format!(
                         "250-{me}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-8BITMIME\r\n\
-                         250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 HELP"
+                         {starttls}250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 HELP"
                     ))
                     .await?;
                 }
@@ -216,6 +229,7 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
             }
             Request::Rcpt { to } => return self.rcpt(&to.address).await,
             Request::Data => return self.data().await,
+            Request::StartTls => return self.start_tls(line).await,
             Request::Rset => {
                 self.tx = None;
                 self.reply("250 2.0.0 Ok").await?;
@@ -234,6 +248,34 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
             }
         }
         Ok(true)
+    }
+
+    /// `STARTTLS` (RFC 3207): on success the session starts over, as if
+    /// just connected (no greeting): the client must send EHLO again, and
+    /// nothing it sent before the handshake is executed.
+    async fn start_tls(&mut self, line: &[u8]) -> std::io::Result<bool> {
+        if crate::conn::trim_eol(line).len() != b"STARTTLS".len() {
+            self.reply("501 5.5.4 Syntax: STARTTLS takes no parameters").await?;
+            return Ok(!self.bad().await?);
+        }
+        if self.io.tls().is_some() {
+            self.reply("503 5.5.1 TLS already active").await?;
+            return Ok(!self.bad().await?);
+        }
+        if !self.io.can_start_tls() {
+            self.reply("454 4.7.0 TLS not available").await?;
+            return Ok(true);
+        }
+        self.reply("220 2.0.0 Ready to start TLS").await?;
+        match self.io.start_tls().await? {
+            Upgrade::Done => {
+                self.helo = None;
+                self.esmtp = false;
+                self.tx = None;
+                Ok(true)
+            }
+            Upgrade::Failed => Ok(false),
+        }
     }
 
     /// Handles `RCPT TO`; false ends the session.
@@ -414,18 +456,23 @@ impl<S: AsyncRead + AsyncWrite> Session<S> {
     }
 
     fn received_header(&self, id: &str, rcpts: &[&str], arrival_ms: u64) -> Vec<u8> {
-        let with = match (self.mode, self.esmtp) {
-            (Mode::Lmtp, _) => "LMTP",
-            (Mode::Smtp, true) => "ESMTP",
-            (Mode::Smtp, false) => "SMTP",
+        // RFC 3848: an S for TLS.
+        let tls = self.io.tls();
+        let with = match (self.mode, self.esmtp, tls.is_some()) {
+            (Mode::Lmtp, _, false) => "LMTP",
+            (Mode::Lmtp, _, true) => "LMTPS",
+            (Mode::Smtp, true, false) => "ESMTP",
+            (Mode::Smtp, true, true) => "ESMTPS",
+            (Mode::Smtp, false, _) => "SMTP",
         };
+        let using = tls.map(|t| format!(" (using {t})")).unwrap_or_default();
         let helo = self.helo.as_deref().unwrap_or("unknown");
         let for_clause = match rcpts {
             [one] => format!("\r\n\tfor <{one}>"),
             _ => String::new(),
         };
         format!(
-            "Received: from {helo} ({ip})\r\n\tby {me} (Quill) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
+            "Received: from {helo} ({ip}){using}\r\n\tby {me} (Quill) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
             ip = self.peer.ip(),
             me = self.services.hostname,
             date = rfc5322_date(arrival_ms / 1000),

@@ -11,9 +11,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use quill_harness::SmtpClient;
 use quill_harness::fresh_loopback;
 use quill_harness::process::{self, NodeOptions, NodeProcess, TempDir};
-use quill_harness::SmtpClient;
 use serde_json::Value;
 
 const SECRET: &str = "healing-test-secret";

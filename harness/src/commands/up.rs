@@ -147,7 +147,7 @@ fn print_instructions(state: &ClusterState, dir: &Path) {
     for n in &state.nodes {
         let ip = state.ip(n.k);
         println!(
-            "  n{}: SMTP {ip}:2525  LMTP {ip}:2424  POP3 {ip}:2110  admin {ip}:8080",
+            "  n{}: SMTP {ip}:2525  LMTP {ip}:2424  POP3 {ip}:2110  SMTPS {ip}:2465  POP3S {ip}:2995  admin {ip}:8080",
             n.k
         );
     }
@@ -155,6 +155,8 @@ fn print_instructions(state: &ClusterState, dir: &Path) {
     let b = state.ip(state.nodes.get(1).unwrap_or(&state.nodes[0]).k);
     let d = dir.display();
     let h = crate::process::harness_command();
+    let cert_b = ClusterState::data(dir, state.nodes.get(1).unwrap_or(&state.nodes[0]).k).join("tls-self-signed.crt");
+    let cert_b = cert_b.display();
     println!(
         r#"  users alice@example.org and bob@example.org, password {pw}; admin token {token}
 
@@ -163,6 +165,12 @@ Send a message to one node (swaks, or Python's smtplib):
   python3 -c "import smtplib; smtplib.SMTP('{a}', 2525).sendmail('alice@example.org', ['bob@example.org'], 'Subject: hi\r\n\r\nhello\r\n')"
 Read it from another (Python's poplib):
   python3 -c "import poplib; p = poplib.POP3('{b}', 2110); p.user('bob@example.org'); p.pass_('{pw}'); print(p.stat()); print(b'\n'.join(p.retr(len(p.list()[1]))[1]).decode())"
+Over TLS (STARTTLS on 2525, STLS on 2110, implicit TLS on 2465 and 2995;
+each node serves its own self-signed certificate, DATA/tls-self-signed.crt,
+until --tls-cert/--tls-key give a real one):
+  swaks --server {b}:2525 --tls --from alice@example.org --to bob@example.org
+  openssl s_client -connect {b}:2110 -starttls pop3 -CAfile {cert_b}
+  python3 -c "import poplib, ssl; p = poplib.POP3_SSL('{b}', 2995, context=ssl.create_default_context(cafile='{cert_b}')); p.user('bob@example.org'); p.pass_('{pw}'); print(p.stat())"
 Drive it:
   {h} status --dir {d}
   {h} load --dir {d} --duration 60s --kill n2@20s --restart n2@40s --out {d}/run1

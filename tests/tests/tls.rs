@@ -1,0 +1,335 @@
+//! Client TLS with clients nobody here wrote: Python's smtplib `starttls()`
+//! and `SMTP_SSL`, poplib `stls()` and `POP3_SSL`, `openssl s_client
+//! -starttls`, swaks `--tls`; the STARTTLS injection case; plaintext logins
+//! refused with `--plaintext-auth never`; certificate files replaced under
+//! a running node, and a bad pair refused with the old one still served.
+//!
+//! Certificates are made with the `openssl` command line (Debian's
+//! `openssl`, installed by `.ci/run`).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{PASSWORD, node, wait_for};
+use quill_harness::fresh_loopback;
+use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+/// A self-signed certificate for `cn` (also its DNS name), key and
+/// certificate written to `dir/{name}.key` and `dir/{name}.crt`.
+fn make_cert(dir: &Path, name: &str, cn: &str) {
+    let (key, crt) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.crt")));
+    run(Command::new("openssl").args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        &format!("/CN={cn}"),
+        "-addext",
+        &format!("subjectAltName=DNS:{cn}"),
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        crt.to_str().unwrap(),
+    ]));
+}
+
+fn tools() -> bool {
+    testkit::program("python3") && testkit::program("openssl")
+}
+
+/// Replaces `to` by `from`'s contents the way certificate tools do: write
+/// aside, then rename over.
+fn replace_by_rename(from: &Path, to: &Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+/// The common name of the certificate a TLS port serves (implicit TLS).
+fn served_cn(addr: std::net::SocketAddr) -> String {
+    let script = r#"
+import socket, ssl, sys, subprocess
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+    with ctx.wrap_socket(s) as t:
+        der = t.getpeercert(binary_form=True)
+pem = ssl.DER_cert_to_PEM_cert(der)
+out = subprocess.run(["openssl", "x509", "-noout", "-subject", "-nameopt", "multiline"], input=pem.encode(), capture_output=True).stdout.decode()
+print([l.split("=", 1)[1].strip() for l in out.splitlines() if "commonName" in l][0])
+"#;
+    run(Command::new("python3").args(["-c", script, &addr.ip().to_string(), &addr.port().to_string()]))
+        .trim()
+        .to_owned()
+}
+
+const PY_TLS: &str = r#"
+import poplib, smtplib, socket, ssl, sys
+host, smtp, smtps, pop, pops, cafile, pw = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.check_hostname = False  # the certificate names mail.example.org; we dial an IP
+body = b"Subject: over tls\r\n\r\nsecret\r\n"
+with smtplib.SMTP(host, smtp, timeout=30) as s:
+    s.ehlo("python.test")
+    assert s.has_extn("starttls"), s.esmtp_features
+    s.starttls(context=ctx)
+    s.ehlo("python.test")
+    assert not s.has_extn("starttls"), "STARTTLS offered again under TLS"
+    assert s.sendmail("py@remote.test", ["bob@example.org"], body) == {}
+with smtplib.SMTP_SSL(host, smtps, context=ctx, timeout=30) as s:
+    assert s.sendmail("py@remote.test", ["bob@example.org"], body) == {}
+
+# POP3 in the clear: no USER or SASL offered, USER refused with the reason.
+p = poplib.POP3(host, pop, timeout=30)
+caps = p.capa()
+assert "STLS" in caps and "USER" not in caps and "SASL" not in caps, caps
+try:
+    p.user("bob@example.org")
+    raise SystemExit("USER accepted in the clear")
+except poplib.error_proto as e:
+    assert b"Plaintext authentication disallowed" in e.args[0], e
+p.stls(context=ctx)
+caps = p.capa()
+assert "STLS" not in caps and "USER" in caps, caps
+p.user("bob@example.org"); p.pass_(pw)
+n, _ = p.stat()
+assert n == 2, n
+msg = b"\r\n".join(p.retr(1)[1])
+assert b"with ESMTPS" in msg and b"(using TLSv1_3" in msg, msg
+p.quit()
+p = poplib.POP3_SSL(host, pops, context=ctx, timeout=30)
+p.user("bob@example.org"); p.pass_(pw)
+assert p.stat()[0] == 2
+p.quit()
+
+# STARTTLS with a command in the same packet: the command is discarded.
+s = socket.create_connection((host, smtp), timeout=30)
+f = s.makefile("rb")
+assert f.readline().startswith(b"220")
+s.sendall(b"EHLO x\r\n")
+while not f.readline().startswith(b"250 "):
+    pass
+s.sendall(b"STARTTLS\r\nMAIL FROM:<evil@remote.test>\r\n")
+assert f.readline().startswith(b"220 2.0.0"), "no go-ahead"
+t = ctx.wrap_socket(s)
+tf = t.makefile("rb")
+t.sendall(b"EHLO y\r\n")
+while not tf.readline().startswith(b"250 "):
+    pass
+t.sendall(b"RCPT TO:<bob@example.org>\r\n")
+reply = tf.readline()
+assert reply.startswith(b"503"), ("the injected MAIL FROM was executed", reply)
+t.sendall(b"QUIT\r\n")
+t.close()
+
+# The same on POP3: USER injected after STLS does not count.
+s = socket.create_connection((host, pop), timeout=30)
+f = s.makefile("rb")
+assert f.readline().startswith(b"+OK")
+s.sendall(b"STLS\r\nUSER bob@example.org\r\n")
+assert f.readline().startswith(b"+OK"), "no go-ahead"
+t = ctx.wrap_socket(s)
+tf = t.makefile("rb")
+t.sendall(("PASS " + pw + "\r\n").encode())
+reply = tf.readline()
+assert reply.startswith(b"-ERR USER first"), ("the injected USER was executed", reply)
+t.close()
+print("python tls ok")
+"#;
+
+/// A node with `name.crt`/`name.key` from `dir`, and its extra flags.
+async fn tls_node(label: &str, dir: &Path, name: &str, extra: &[&str]) -> (TempDir, NodeProcess) {
+    let (crt, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let mut args = vec!["--tls-cert", crt.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    node(label, &args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_clients_over_starttls_and_implicit_tls() {
+    if !tools() {
+        return;
+    }
+    let certs = TempDir::new("tls-certs").unwrap();
+    make_cert(certs.path(), "mail", "mail.example.org");
+    let (_d, node) = tls_node("tls-python", certs.path(), "mail", &["--plaintext-auth", "never"]).await;
+    let cafile = certs.path().join("mail.crt");
+    let (smtp, smtps, pop, pops) = (node.smtp(), node.smtps(), node.pop3(), node.pop3s());
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new("python3").args([
+            "-c",
+            PY_TLS,
+            &smtp.ip().to_string(),
+            &smtp.port().to_string(),
+            &smtps.port().to_string(),
+            &pop.port().to_string(),
+            &pops.port().to_string(),
+            cafile.to_str().unwrap(),
+            PASSWORD,
+        ]))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("python tls ok"), "{out}");
+    let metrics = node.metrics().await.unwrap();
+    let get = |k: &str| metrics.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    assert_eq!(get("quill_starttls_injections_total"), Some(2.0), "{metrics:?}");
+    assert_eq!(get("quill_plaintext_auth_refused_total"), Some(1.0), "{metrics:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_s_client_and_swaks_starttls() {
+    if !tools() || !testkit::program("swaks") {
+        return;
+    }
+    let certs = TempDir::new("tls-certs").unwrap();
+    make_cert(certs.path(), "mail", "mail.example.org");
+    let (_d, node) = tls_node("tls-openssl", certs.path(), "mail", &[]).await;
+    let cafile = certs.path().join("mail.crt").to_str().unwrap().to_owned();
+    let (smtp, pop) = (node.smtp().to_string(), node.pop3().to_string());
+    tokio::task::spawn_blocking(move || {
+        for (addr, proto, cmd) in [(&smtp, "smtp", "QUIT\n"), (&pop, "pop3", "QUIT\n")] {
+            let mut child = Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    addr,
+                    "-starttls",
+                    proto,
+                    "-CAfile",
+                    &cafile,
+                    "-verify_return_error",
+                    "-servername",
+                    "mail.example.org",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            // s_client reads stdin after the handshake; QUIT ends the session.
+            child.stdin.take().unwrap().write_all(cmd.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains("Verify return code: 0 (ok)"), "{proto}: {text}");
+            assert!(text.contains("TLSv1.3"), "{proto}: {text}");
+        }
+        let out = run(Command::new("swaks").args([
+            "--server",
+            &smtp,
+            "--tls",
+            "--from",
+            "s@remote.test",
+            "--to",
+            "carol@example.org",
+        ]));
+        assert!(out.contains("<-  220 2.0.0 Ready to start TLS"), "{out}");
+        assert!(out.contains("TLS started"), "{out}");
+        assert!(out.contains("<~  250 2.0.0 Ok: stored as"), "{out}");
+    })
+    .await
+    .unwrap();
+    let mut pop = quill_harness::Pop3Client::connect(node.pop3()).await.unwrap();
+    pop.login("carol@example.org", PASSWORD).await.unwrap();
+    assert_eq!(pop.stat().await.unwrap().0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_files_are_reloaded_and_a_bad_pair_is_refused() {
+    if !tools() {
+        return;
+    }
+    let certs = TempDir::new("tls-certs").unwrap();
+    for (name, cn) in [
+        ("one", "one.example.org"),
+        ("two", "two.example.org"),
+        ("three", "three.example.org"),
+    ] {
+        make_cert(certs.path(), name, cn);
+    }
+    let dir = certs.path();
+    for ext in ["crt", "key"] {
+        std::fs::copy(dir.join(format!("one.{ext}")), dir.join(format!("live.{ext}"))).unwrap();
+    }
+    let (_d, node) = tls_node("tls-reload", dir, "live", &[]).await;
+    let smtps = node.smtps();
+    let cn = move || tokio::task::spawn_blocking(move || served_cn(smtps));
+    assert_eq!(cn().await.unwrap(), "one.example.org");
+
+    // Renewed by rename, key first then certificate: served without a restart.
+    replace_by_rename(&dir.join("two.key"), &dir.join("live.key"));
+    replace_by_rename(&dir.join("two.crt"), &dir.join("live.crt"));
+    wait_for("the renewed certificate served", Duration::from_secs(20), || async {
+        cn().await.unwrap() == "two.example.org"
+    })
+    .await;
+
+    // A certificate whose key is another's: refused, the old one stays.
+    replace_by_rename(&dir.join("three.crt"), &dir.join("live.crt"));
+    let log = node.log_path();
+    wait_for(
+        "the mismatched pair refused in the log",
+        Duration::from_secs(20),
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("the private key does not match the certificate")
+            }
+        },
+    )
+    .await;
+    assert_eq!(cn().await.unwrap(), "two.example.org");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_mismatched_pair_does_not_start() {
+    if !tools() {
+        return;
+    }
+    let certs = TempDir::new("tls-certs").unwrap();
+    make_cert(certs.path(), "a", "a.example.org");
+    make_cert(certs.path(), "b", "b.example.org");
+    let dir = TempDir::new("tls-bad").unwrap();
+    let mut opts = NodeOptions::new(dir.path().join("node"), fresh_loopback()).unwrap();
+    let (crt, key) = (certs.path().join("a.crt"), certs.path().join("b.key"));
+    opts.extra_args = vec![
+        "--tls-cert".into(),
+        crt.to_str().unwrap().into(),
+        "--tls-key".into(),
+        key.to_str().unwrap().into(),
+    ];
+    let Err(err) = NodeProcess::start(opts).await else {
+        panic!("a node with a mismatched certificate and key started");
+    };
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("the private key does not match the certificate"),
+        "{text}"
+    );
+}

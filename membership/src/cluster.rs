@@ -301,6 +301,25 @@ impl Membership {
         expect_ok(self.write(Command::Verdict { id, state, term }).await?)
     }
 
+    /// The cluster-wide TLS certificates, as of the last applied entry.
+    pub fn tls_certs(&self) -> crate::command::TlsCerts {
+        self.inner.shared.read().state.tls.clone()
+    }
+
+    /// What [`Membership::tls_certs`] holds moved when this did.
+    pub fn tls_version(&self) -> u64 {
+        self.inner.shared.read().state.tls.version
+    }
+
+    /// Stores a client TLS certificate cluster-wide (checked by the caller).
+    pub async fn set_tls_cert(&self, name: String, cert: crate::command::StoredCert) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::SetTlsCert { name, cert }).await?)
+    }
+
+    pub async fn remove_tls_cert(&self, name: String) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::RemoveTlsCert { name }).await?)
+    }
+
     /// The term this node leads in, if it is the leader now.
     pub fn leading_term(&self) -> Option<u64> {
         let m = self.inner.raft.metrics();

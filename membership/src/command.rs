@@ -13,6 +13,9 @@ use crate::directory::{DirectoryCommand, DirectoryError, DirectoryState};
 use crate::view::{ClusterView, NODES_MAX, NodeError, NodeInfo, NodeState};
 
 /// A change to the replicated state.
+// Short-lived (built, encoded, applied): the size of the largest variant
+// costs nothing worth a Box in every constructor.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// A directory write; refused ones are committed no-ops whose response
@@ -23,17 +26,61 @@ pub enum Command {
     /// in the argument is ignored: it follows the Raft membership.
     AddNode(NodeInfo),
     /// Failure detection (down / up) and drain (draining).
-    SetNodeState { id: u64, state: NodeState },
+    SetNodeState {
+        id: u64,
+        state: NodeState,
+    },
     /// The node leaves the view. Refused while it is still a Raft voter.
-    RemoveNode { id: u64 },
+    RemoveNode {
+        id: u64,
+    },
     /// The failure detector's verdict on node `id` (up or down), decided by
     /// the leader of `term` from its own pings. Applied only if committed
     /// in that same term: a leader deposed between deciding and committing
     /// (paused, partitioned) would otherwise have its stale verdicts
     /// forwarded to, and committed by, the next leader. A `Down` verdict on
     /// the leader that commits it is refused too (it is alive: it is
-    /// committing). Kept last so that earlier variants keep their tags.
-    Verdict { id: u64, state: NodeState, term: u64 },
+    /// committing). Kept after the earlier variants so that they keep
+    /// their tags.
+    Verdict {
+        id: u64,
+        state: NodeState,
+        term: u64,
+    },
+    /// Stores (or replaces) a client TLS certificate under `name`, served
+    /// by every node (`quill admin tls set`). The node checked the pair
+    /// before proposing it; every node checks it again before serving.
+    SetTlsCert {
+        name: String,
+        cert: StoredCert,
+    },
+    RemoveTlsCert {
+        name: String,
+    },
+}
+
+/// A client TLS certificate chain and its private key, PEM, as stored in
+/// the replicated state (on every node's disk, like the rest of the state:
+/// private to the node's data directory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Certificates stored cluster-wide, at most.
+pub const TLS_CERTS_MAX: usize = 32;
+/// Longest certificate chain or key PEM (both fit one Raft entry).
+pub const TLS_PEM_BYTES_MAX: usize = 24 * 1024;
+/// Longest certificate name.
+pub const TLS_NAME_BYTES_MAX: usize = 253;
+
+/// The cluster-wide certificates and a counter moved by every change, so
+/// that nodes notice a change without comparing them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsCerts {
+    pub version: u64,
+    pub certs: BTreeMap<String, StoredCert>,
 }
 
 /// Who committed a log entry: the term and leader of its log id.
@@ -84,6 +131,10 @@ pub enum CommandError {
     /// client: it may have been applied, so it is not applied again.
     #[error("request {serial} of node {node} is too old to be answered")]
     Stale { node: u64, serial: u64 },
+    #[error("bad TLS certificate: {0}")]
+    BadTls(String),
+    #[error("no TLS certificate named {0:?}")]
+    NoSuchTlsCert(String),
 }
 
 /// The answer to one log entry.
@@ -117,6 +168,7 @@ pub struct ClusterState {
     pub view: ClusterView,
     pub directory: DirectoryState,
     sessions: BTreeMap<u64, Session>,
+    pub tls: TlsCerts,
 }
 
 impl ClusterState {
@@ -193,6 +245,30 @@ impl ClusterState {
                 }
             }
             Command::SetNodeState { id, state } => self.set_state(*id, *state)?,
+            Command::SetTlsCert { name, cert } => {
+                let bad = |why: String| Err(CommandError::BadTls(why));
+                if name.is_empty() || name.len() > TLS_NAME_BYTES_MAX || name.chars().any(|c| c.is_control()) {
+                    return bad(format!("a name must be 1 to {TLS_NAME_BYTES_MAX} printable characters"));
+                }
+                if cert.cert_pem.len() > TLS_PEM_BYTES_MAX || cert.key_pem.len() > TLS_PEM_BYTES_MAX {
+                    return bad(format!(
+                        "certificate and key must each be at most {TLS_PEM_BYTES_MAX} bytes"
+                    ));
+                }
+                if !self.tls.certs.contains_key(name) && self.tls.certs.len() >= TLS_CERTS_MAX {
+                    return bad(format!(
+                        "at most {TLS_CERTS_MAX} certificates are stored; remove one first"
+                    ));
+                }
+                self.tls.certs.insert(name.clone(), cert.clone());
+                self.tls.version += 1;
+            }
+            Command::RemoveTlsCert { name } => {
+                if self.tls.certs.remove(name).is_none() {
+                    return Err(CommandError::NoSuchTlsCert(name.clone()));
+                }
+                self.tls.version += 1;
+            }
             Command::Verdict { id, state, term } => {
                 if *term != by.term || (*state == NodeState::Down && *id == by.leader) {
                     return Err(CommandError::StaleVerdict {

@@ -56,7 +56,9 @@ pub mod view;
 mod test_dir;
 
 pub use cluster::{Membership, MembershipConfig, MembershipError, RaftDirectory};
-pub use command::{ClientId, ClusterState, Command, CommandError, CommittedBy, Request, Response};
+pub use command::{
+    ClientId, ClusterState, Command, CommandError, CommittedBy, Request, Response, StoredCert, TlsCerts,
+};
 pub use directory::{
     Directory, DirectoryCommand, DirectoryError, DirectoryState, LocalDirectory, Recipient, UserRecord, UserSummary,
     mailbox_name, needs_smtputf8, normalize_address,

@@ -32,6 +32,9 @@ pub struct NodeAddrs {
     pub pop3: Option<String>,
     pub imap: Option<String>,
     pub admin: Option<String>,
+    /// Implicit-TLS SMTP and POP3 (`--smtps`, `--pop3s`).
+    pub smtps: Option<String>,
+    pub pop3s: Option<String>,
 }
 
 impl NodeAddrs {
@@ -44,6 +47,8 @@ impl NodeAddrs {
                 &self.pop3,
                 &self.imap,
                 &self.admin,
+                &self.smtps,
+                &self.pop3s,
             ]
             .into_iter()
             .filter_map(|a| a.as_deref()),

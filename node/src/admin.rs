@@ -13,6 +13,9 @@
 //! POST   /v1/nodes/{id}/drain         mark a node draining (placement stops choosing it)
 //! DELETE /v1/nodes/{id}               take a node out of the cluster for good
 //! PUT    /v1/log-level                {"level": "debug" | "quill=trace,info" ...}
+//! GET    /v1/tls                      -> {"cluster": [...], "local": [...]} certificates served here
+//! PUT    /v1/tls/{name}               {"cert_pem", "key_pem"}: stored cluster-wide, checked first
+//! DELETE /v1/tls/{name}
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict) or 500.
@@ -174,6 +177,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/nodes/{id}/drain", axum::routing::post(drain_node))
         .route("/v1/nodes/{id}", delete(remove_node))
         .route("/v1/log-level", put(log_level))
+        .route("/v1/tls", get(list_tls))
+        .route("/v1/tls/{name}", put(set_tls).delete(remove_tls))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -498,6 +503,8 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
                 "lmtp": n.addrs.lmtp,
                 "pop3": n.addrs.pop3,
                 "imap": n.addrs.imap,
+                "smtps": n.addrs.smtps,
+                "pop3s": n.addrs.pop3s,
                 "admin": n.addrs.admin,
             }
         }));
@@ -533,6 +540,66 @@ fn find_node(s: &AdminState, key: &str) -> Result<u64, ApiError> {
         .find(|n| n.id.to_string() == key || n.name == key)
         .map(|n| n.id)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no such node: {key}")))
+}
+
+fn describe_pair(name: Option<&str>, p: &crate::tls::Pair) -> serde_json::Value {
+    json!({ "name": name, "names": p.names, "not_after": p.not_after, "fingerprint": p.fingerprint })
+}
+
+async fn list_tls(State(s): State<AdminState>, h: HeaderMap) -> ApiResult {
+    check(&s, &h)?;
+    let Some(tls) = &s.services.tls else {
+        return Ok(Json(json!({ "cluster": [], "local": [] })).into_response());
+    };
+    let cluster: Vec<_> = tls
+        .certs
+        .cluster()
+        .iter()
+        .map(|(n, p)| describe_pair(Some(n), p))
+        .collect();
+    let local: Vec<_> = tls.certs.local().iter().map(|p| describe_pair(None, p)).collect();
+    Ok(Json(json!({ "cluster": cluster, "local": local })).into_response())
+}
+
+#[derive(Deserialize)]
+struct TlsBody {
+    cert_pem: String,
+    key_pem: String,
+}
+
+async fn set_tls(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Json(b): Json<TlsBody>,
+) -> ApiResult {
+    check(&s, &h)?;
+    // Refused here, with the reason, before it reaches any node.
+    let now = i64::try_from(crate::time::now_ms() / 1000).unwrap_or(i64::MAX);
+    let pair = crate::tls::check_pair(b.cert_pem.as_bytes(), b.key_pem.as_bytes(), now)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let cert = membership::StoredCert {
+        cert_pem: b.cert_pem,
+        key_pem: b.key_pem,
+    };
+    s.cluster
+        .membership
+        .set_tls_cert(name.clone(), cert)
+        .await
+        .map_err(|e| match e {
+            membership::MembershipError::Refused(why) => ApiError(StatusCode::BAD_REQUEST, why),
+            other => node_error(other),
+        })?;
+    Ok(Json(json!({ "ok": true, "certificate": describe_pair(Some(&name), &pair) })).into_response())
+}
+
+async fn remove_tls(State(s): State<AdminState>, h: HeaderMap, Path(name): Path<String>) -> ApiResult {
+    check(&s, &h)?;
+    s.cluster.membership.remove_tls_cert(name).await.map_err(|e| match e {
+        membership::MembershipError::Refused(why) => ApiError(StatusCode::NOT_FOUND, why),
+        other => node_error(other),
+    })?;
+    Ok(Json(json!({ "ok": true })).into_response())
 }
 
 async fn drain_node(State(s): State<AdminState>, h: HeaderMap, Path(key): Path<String>) -> ApiResult {

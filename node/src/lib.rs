@@ -256,6 +256,8 @@ pub async fn run(
                 pop3: s(addrs.pop3),
                 imap: None,
                 admin: s(addrs.admin),
+                smtps: s(addrs.smtps),
+                pop3s: s(addrs.pop3s),
             },
         },
         store.clone(),
@@ -297,7 +299,12 @@ pub async fn run(
     let services = Arc::new(services);
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(tls.watch_files(stop_rx.clone()));
+    tasks.spawn(tls.clone().watch_files(stop_rx.clone()));
+    tasks.spawn(tls::watch_cluster(
+        tls.certs.clone(),
+        cluster.membership.clone(),
+        stop_rx.clone(),
+    ));
     tasks.spawn(replica::duties(
         replica.clone(),
         cluster.membership.clone(),

@@ -174,6 +174,10 @@ enum AdminCmd {
     /// Cluster nodes, by id or name.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Client TLS certificates stored cluster-wide: every node serves them
+    /// (before its own --tls-cert files), renewed without a restart.
+    #[command(subcommand)]
+    Tls(TlsCmd),
     /// Set the log filter at once, without a restart (e.g. debug,
     /// quill_node=trace,info): on the addressed node only, or with --all on
     /// every node that is up.
@@ -184,6 +188,27 @@ enum AdminCmd {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum TlsCmd {
+    /// Store a certificate chain and its key (PEM files); checked first: a
+    /// key that does not match, an expired or unparsable certificate is
+    /// refused with the reason.
+    Set {
+        #[arg(long, value_name = "PEM")]
+        cert: PathBuf,
+        #[arg(long, value_name = "PEM")]
+        key: PathBuf,
+        /// The name it is stored under (replacing one of the same name);
+        /// `default` is served to clients whose SNI matches no certificate.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// The certificates this node serves: cluster-wide, then its own.
+    List,
+    /// Stop serving a cluster-wide certificate.
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -501,6 +526,13 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
             (Method::POST, format!("/v1/nodes/{}/drain", path_segment(node)), None)
         }
         AdminCmd::Node(NodeCmd::Remove { node }) => (Method::DELETE, format!("/v1/nodes/{}", path_segment(node)), None),
+        AdminCmd::Tls(TlsCmd::Set { cert, key, name }) => {
+            let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
+            let body = serde_json::json!({ "cert_pem": read(cert)?, "key_pem": read(key)? });
+            (Method::PUT, format!("/v1/tls/{}", path_segment(name)), Some(body))
+        }
+        AdminCmd::Tls(TlsCmd::List) => (Method::GET, "/v1/tls".to_owned(), None),
+        AdminCmd::Tls(TlsCmd::Remove { name }) => (Method::DELETE, format!("/v1/tls/{}", path_segment(name)), None),
         AdminCmd::LogLevel { level, all } => (
             Method::PUT,
             "/v1/log-level".to_owned(),
@@ -532,6 +564,19 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
             }
         }
         AdminCmd::Cluster(ClusterCmd::Status { json: true }) => println!("{reply}"),
+        AdminCmd::Tls(TlsCmd::List) => {
+            for (source, list) in [("cluster", &reply["cluster"]), ("local", &reply["local"])] {
+                for c in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{source} {} names={} not_after={} fingerprint={}",
+                        c["name"].as_str().unwrap_or("-"),
+                        c["names"],
+                        c["not_after"],
+                        c["fingerprint"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
         AdminCmd::User(UserCmd::Remove { purge: true, .. }) => {
             println!("ok ({} message(s) purged)", reply["purged"]);
         }

@@ -110,23 +110,41 @@ fn matches(name: &str, host: &str) -> bool {
     name == host
 }
 
-/// The certificates a node serves, swapped in place as files change.
+/// The certificates a node serves, swapped in place as files or the
+/// cluster's store change.
 #[derive(Debug)]
 pub struct Certs {
-    /// In order of preference: the configured pairs, then the fallback.
+    /// Stored cluster-wide (`quill admin tls set`), by name, `default`
+    /// first: preferred, so every node serves the same.
+    cluster: RwLock<Vec<(String, Arc<Pair>)>>,
+    /// From this node's files, or its self-signed pair.
     pairs: RwLock<Vec<Arc<Pair>>>,
 }
 
 impl Certs {
     pub fn new(pairs: Vec<Pair>) -> Self {
         Certs {
+            cluster: RwLock::new(Vec::new()),
             pairs: RwLock::new(pairs.into_iter().map(Arc::new).collect()),
         }
     }
 
-    /// The pair served for SNI `host` (none: the first).
+    /// The cluster-wide pairs being served, by name.
+    pub fn cluster(&self) -> Vec<(String, Arc<Pair>)> {
+        self.cluster.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// This node's own pairs (files or self-signed).
+    pub fn local(&self) -> Vec<Arc<Pair>> {
+        self.pairs.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The pair served for SNI `host`: the first whose names hold it
+    /// exactly, else by wildcard, else the first of all; cluster-wide
+    /// pairs before this node's own.
     pub fn choose(&self, host: Option<&str>) -> Option<Arc<Pair>> {
-        let pairs = self.pairs.read().unwrap_or_else(|p| p.into_inner());
+        let mut pairs: Vec<Arc<Pair>> = self.cluster().into_iter().map(|(_, p)| p).collect();
+        pairs.extend(self.local());
         if let Some(host) = host.map(str::to_ascii_lowercase) {
             let exact = pairs.iter().find(|p| p.names.contains(&host));
             let wild = || pairs.iter().find(|p| p.names.iter().any(|n| matches(n, &host)));
@@ -135,6 +153,11 @@ impl Certs {
             }
         }
         pairs.first().cloned()
+    }
+
+    fn set_cluster(&self, mut pairs: Vec<(String, Arc<Pair>)>) {
+        pairs.sort_by(|a, b| (a.0 != "default", &a.0).cmp(&(b.0 != "default", &b.0)));
+        *self.cluster.write().unwrap_or_else(|p| p.into_inner()) = pairs;
     }
 
     fn replace(&self, index: usize, pair: Pair) {
@@ -328,6 +351,51 @@ impl std::fmt::Debug for Tls {
         f.debug_struct("Tls").field("certs", &self.certs).finish()
     }
 }
+
+/// Follows the certificates stored in the cluster's replicated state: each
+/// is checked again here before it is served (one that fails, e.g. expired
+/// since it was set, is logged and the pair served before under its name
+/// stays). Looks every [`CLUSTER_POLL`] at a version counter.
+pub async fn watch_cluster(certs: Arc<Certs>, membership: membership::Membership, mut stop: watch::Receiver<bool>) {
+    let mut seen = 0u64;
+    loop {
+        let version = membership.tls_version();
+        if version != seen {
+            seen = version;
+            let stored = membership.tls_certs();
+            let before = certs.cluster();
+            let mut next = Vec::new();
+            for (name, c) in &stored.certs {
+                match check_pair(c.cert_pem.as_bytes(), c.key_pem.as_bytes(), now_secs()) {
+                    Ok(pair) => {
+                        let same = before
+                            .iter()
+                            .any(|(n, p)| n == name && p.fingerprint == pair.fingerprint);
+                        if !same {
+                            info!(%name, names = ?pair.names, fingerprint = %pair.fingerprint,
+                                "cluster-wide TLS certificate served");
+                        }
+                        next.push((name.clone(), Arc::new(pair)));
+                    }
+                    Err(e) => {
+                        warn!(%name, error = %format!("{e:#}"), "cluster-wide TLS certificate refused here");
+                        if let Some(old) = before.iter().find(|(n, _)| n == name) {
+                            next.push(old.clone());
+                        }
+                    }
+                }
+            }
+            certs.set_cluster(next);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CLUSTER_POLL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// How often a node looks for a change of the cluster-wide certificates.
+pub const CLUSTER_POLL: Duration = Duration::from_millis(500);
 
 fn server_config(certs: Arc<Certs>) -> anyhow::Result<ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -333,3 +333,82 @@ async fn a_node_with_a_mismatched_pair_does_not_start() {
         "{text}"
     );
 }
+
+/// `quill admin tls set` through one node of three: the other two serve
+/// the certificate within seconds, without a restart; a mismatched pair is
+/// refused with the reason and the stored one stays served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_set_through_one_node_is_served_by_every_node() {
+    if !tools() {
+        return;
+    }
+    let _slot = common::cluster_slot().await;
+    let certs = TempDir::new("tls-certs").unwrap();
+    make_cert(certs.path(), "shared", "shared.example.org");
+    make_cert(certs.path(), "other", "other.example.org");
+    let dir = TempDir::new("tls-cluster").unwrap();
+    let nodes = quill_harness::process::start_cluster(dir.path(), 3, "tls-secret", "info")
+        .await
+        .unwrap();
+    let admin = |args: Vec<String>| {
+        let (addr, binary) = (
+            nodes[0].admin_addr().to_string(),
+            quill_harness::process::quill_binary().unwrap(),
+        );
+        tokio::task::spawn_blocking(move || {
+            Command::new(binary)
+                .args(["admin", "--node", &addr, "--token", "harness-token", "tls"])
+                .args(args)
+                .output()
+                .unwrap()
+        })
+    };
+    let path = |f: &str| certs.path().join(f).to_str().unwrap().to_owned();
+    let set = |crt: &str, key: &str| {
+        vec![
+            "set".to_owned(),
+            "--cert".to_owned(),
+            path(crt),
+            "--key".to_owned(),
+            path(key),
+        ]
+    };
+    // The status names every node's TLS addresses.
+    let status = nodes[1].status().await.unwrap();
+    for n in status["nodes"].as_array().unwrap() {
+        assert!(
+            n["addrs"]["smtps"].as_str().is_some_and(|a| a.ends_with(":2465")),
+            "{status}"
+        );
+        assert!(
+            n["addrs"]["pop3s"].as_str().is_some_and(|a| a.ends_with(":2995")),
+            "{status}"
+        );
+    }
+    let before = served_cn(nodes[2].smtps());
+    assert!(before.contains("self-signed"), "{before}");
+    let out = admin(set("shared.crt", "shared.key")).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for n in &nodes[1..] {
+        let addr = n.smtps();
+        wait_for("the cluster certificate served", Duration::from_secs(10), || async move {
+            tokio::task::spawn_blocking(move || served_cn(addr)).await.unwrap() == "shared.example.org"
+        })
+        .await;
+    }
+    let out = admin(set("other.crt", "shared.key")).await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the private key does not match the certificate"), "{err}");
+    let addr = nodes[2].smtps();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || served_cn(addr)).await.unwrap(),
+        "shared.example.org"
+    );
+    let out = admin(vec!["list".to_owned()]).await.unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("cluster default") && listed.contains("shared.example.org"),
+        "{listed}"
+    );
+}

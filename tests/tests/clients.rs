@@ -10,20 +10,9 @@ mod common;
 
 use std::process::Command;
 
-use common::{PASSWORD, node};
+use common::{PASSWORD, node, run};
 use quill_harness::Pop3Client;
 use quill_harness::client::strip_received;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
 
 const PY: &str = r#"
 import poplib, smtplib, sys

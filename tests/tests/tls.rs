@@ -13,20 +13,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{PASSWORD, node, wait_for};
+use common::{PASSWORD, node, run, wait_for};
 use quill_harness::fresh_loopback;
 use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
 
 /// A self-signed certificate for `cn` (also its DNS name), key and
 /// certificate written to `dir/{name}.key` and `dir/{name}.crt`.

@@ -65,3 +65,16 @@ pub fn marker(msg: &[u8]) -> String {
         .trim()
         .to_owned()
 }
+
+/// Runs a command to its end; its stdout and stderr, or a panic with them
+/// if it failed.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}

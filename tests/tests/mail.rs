@@ -112,7 +112,7 @@ async fn smtp_replies_follow_rfc5321() {
         ("NOOP", 250, "2.0.0"),
         ("HELP", 214, "2.0.0"),
         ("EXPN list", 502, "5.5.1"),
-        ("STARTTLS", 502, "5.5.1"),
+        ("STARTTLS now", 501, "5.5.4"),
         ("FOO bar", 500, "5.5.1"),
         ("RCPT TO:alice", 501, "5.5.4"),
         ("RSET", 250, "2.0.0"),

@@ -143,16 +143,18 @@ impl Certs {
     /// exactly, else by wildcard, else the first of all; cluster-wide
     /// pairs before this node's own.
     pub fn choose(&self, host: Option<&str>) -> Option<Arc<Pair>> {
-        let mut pairs: Vec<Arc<Pair>> = self.cluster().into_iter().map(|(_, p)| p).collect();
-        pairs.extend(self.local());
+        // Every handshake asks: read under the locks, no copies.
+        let cluster = self.cluster.read().unwrap_or_else(|p| p.into_inner());
+        let local = self.pairs.read().unwrap_or_else(|p| p.into_inner());
+        let pairs = || cluster.iter().map(|(_, p)| p).chain(local.iter());
         if let Some(host) = host.map(str::to_ascii_lowercase) {
-            let exact = pairs.iter().find(|p| p.names.contains(&host));
-            let wild = || pairs.iter().find(|p| p.names.iter().any(|n| matches(n, &host)));
+            let exact = pairs().find(|p| p.names.contains(&host));
+            let wild = || pairs().find(|p| p.names.iter().any(|n| matches(n, &host)));
             if let Some(p) = exact.or_else(wild) {
                 return Some(p.clone());
             }
         }
-        pairs.first().cloned()
+        pairs().next().cloned()
     }
 
     fn set_cluster(&self, mut pairs: Vec<(String, Arc<Pair>)>) {
@@ -238,25 +240,9 @@ fn self_signed(data_dir: &Path, hostname: &str, ips: &[std::net::IpAddr]) -> any
     params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let key = rcgen::KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
-    write_private(&key_path, key.serialize_pem().as_bytes())?;
-    write_private(&cert_path, cert.pem().as_bytes())?;
+    crate::wire::write_private(&key_path, key.serialize_pem().as_bytes())?;
+    crate::wire::write_private(&cert_path, cert.pem().as_bytes())?;
     check_pair(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), now_secs())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::io::Write::write_all(&mut f, bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 /// What the node's TLS listeners and STARTTLS use.

@@ -588,9 +588,13 @@ impl Writer {
             // wrote no new copy of it because it was live when planned.
             let mut deletes = Vec::new();
             let mut forgets = Vec::new();
+            let mut written = Vec::new();
             for effect in effects {
                 match effect {
-                    Effect::Body { hash, loc } => index.put_body(hash, loc),
+                    Effect::Body { hash, loc } => {
+                        index.put_body(hash, loc);
+                        written.push(hash);
+                    }
                     Effect::Entry { rec, loc } => {
                         let (user, id) = (rec.user.clone(), rec.id);
                         index.put_entry(&user, meta_of(rec), loc);
@@ -618,8 +622,15 @@ impl Writer {
                 index.put_tomb(&rec.user, rec.id, tomb);
             }
             // A body written by this batch that no entry references (only
-            // possible for relocation races) is dead: forget it.
-            index.bodies.retain(|_, b| b.refs > 0);
+            // possible for relocation races) is dead: forget it. Only this
+            // batch's bodies can be unreferenced here (every batch ends
+            // so), so there is no need to walk the whole body table, which
+            // made each commit cost O(bodies stored).
+            for hash in written {
+                if index.bodies.get(&hash).is_some_and(|b| b.refs == 0) {
+                    index.bodies.remove(&hash);
+                }
+            }
         }
         for done in dones {
             match done {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::client::{Pop3Client, SmtpClient, strip_received};
+use crate::client::{Pop3Client, SmtpClient, Tls, strip_received};
 use crate::workload::{Rng, message, message_size, seq_of};
 
 /// A message the load generator sent.
@@ -48,6 +48,8 @@ pub struct DeliverPlan {
     pub max_errors: usize,
     /// Stop at this time whatever is left.
     pub max_duration: Duration,
+    /// STARTTLS at the start of every session.
+    pub starttls: Option<Tls>,
 }
 
 impl DeliverPlan {
@@ -65,6 +67,7 @@ impl DeliverPlan {
             seed,
             max_errors: 50,
             max_duration: Duration::from_secs(900),
+            starttls: None,
         }
     }
 
@@ -113,7 +116,11 @@ pub async fn deliver(plan: DeliverPlan) -> DeliverOutcome {
                 let t0 = Instant::now();
                 let result = async {
                     if session.is_none() {
-                        session = Some(SmtpClient::connect(addr, plan.lmtp).await?);
+                        let s = SmtpClient::connect(addr, plan.lmtp).await?;
+                        session = Some(match &plan.starttls {
+                            Some(tls) => s.starttls(tls).await?,
+                            None => s,
+                        });
                     }
                     let s = session.as_mut().expect("connected");
                     s.send_mail("loadgen@remote.test", &[&user], &body).await

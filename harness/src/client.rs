@@ -4,10 +4,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{Context, anyhow, bail};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadHalf, WriteHalf,
+};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Any reply must come within this time.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -27,9 +32,51 @@ impl Reply {
     }
 }
 
+/// A byte stream a session runs over: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// How a client speaks TLS to a node: trusting one certificate (a node's
+/// self-signed one) for one name (the node's address).
+#[derive(Clone)]
+pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Trusts the PEM certificate in `cert` for `name` (an IP address or a
+    /// DNS name), TLS 1.2 and 1.3 with ring, as the nodes serve; no
+    /// session resumption.
+    pub fn trusting(cert: &std::path::Path, name: &str) -> anyhow::Result<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(cert).with_context(|| format!("reading {}", cert.display()))? {
+            roots.add(c?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Every handshake a full one: what a benchmark of handshakes
+        // measures, and what a client meeting a node for the first time does.
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Tls {
+            config: Arc::new(config),
+            name: ServerName::try_from(name.to_owned())?,
+        })
+    }
+}
+
 struct Conn {
-    r: BufReader<OwnedReadHalf>,
-    w: BufWriter<OwnedWriteHalf>,
+    r: BufReader<ReadHalf<Box<dyn Io>>>,
+    w: BufWriter<WriteHalf<Box<dyn Io>>>,
 }
 
 impl Conn {
@@ -39,11 +86,32 @@ impl Conn {
             .map_err(|_| anyhow!("connect to {addr} timed out"))?
             .with_context(|| format!("connect to {addr}"))?;
         s.set_nodelay(true)?;
-        let (r, w) = s.into_split();
-        Ok(Conn {
+        Ok(Conn::over(Box::new(s)))
+    }
+
+    fn over(s: Box<dyn Io>) -> Self {
+        let (r, w) = tokio::io::split(s);
+        Conn {
             r: BufReader::with_capacity(64 * 1024, r),
             w: BufWriter::with_capacity(64 * 1024, w),
-        })
+        }
+    }
+
+    /// The TLS handshake over this connection (after the server's go-ahead
+    /// for STARTTLS, or at once for implicit TLS). Anything the server sent
+    /// before it is an error: it would be plaintext injected into the
+    /// encrypted session.
+    async fn tls(self, tls: &Tls) -> anyhow::Result<Self> {
+        if !self.r.buffer().is_empty() {
+            bail!("the server sent data before the TLS handshake");
+        }
+        let s = self.r.into_inner().unsplit(self.w.into_inner());
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        let t = tokio::time::timeout(REPLY_TIMEOUT, connector.connect(tls.name.clone(), s))
+            .await
+            .map_err(|_| anyhow!("TLS handshake timed out"))?
+            .context("TLS handshake")?;
+        Ok(Conn::over(Box::new(t)))
     }
 
     async fn line(&mut self) -> anyhow::Result<Vec<u8>> {
@@ -81,7 +149,10 @@ pub struct SmtpClient {
 impl SmtpClient {
     /// Connects and says EHLO (or LHLO); fails unless both are positive.
     pub async fn connect(addr: SocketAddr, lmtp: bool) -> anyhow::Result<Self> {
-        let mut c = Conn::connect(addr).await?;
+        Self::hello(Conn::connect(addr).await?, lmtp).await
+    }
+
+    async fn hello(mut c: Conn, lmtp: bool) -> anyhow::Result<Self> {
         let greeting = read_reply(&mut c).await?;
         if greeting.code != 220 {
             bail!("greeting: {greeting:?}");
@@ -98,6 +169,31 @@ impl SmtpClient {
             greeting,
             ehlo,
         })
+    }
+
+    /// Connects with implicit TLS (SMTPS), then as `connect`.
+    pub async fn connect_tls(addr: SocketAddr, tls: &Tls) -> anyhow::Result<Self> {
+        let c = Conn::connect(addr).await?.tls(tls).await?;
+        Self::hello(c, false).await
+    }
+
+    /// STARTTLS, the handshake, and EHLO again (RFC 3207: the session
+    /// starts over).
+    pub async fn starttls(self, tls: &Tls) -> anyhow::Result<Self> {
+        let mut me = self;
+        let r = me.command("STARTTLS").await?;
+        if r.code != 220 {
+            bail!("STARTTLS: {r:?}");
+        }
+        let c = me.c.tls(tls).await?;
+        let verb = if me.lmtp { "LHLO" } else { "EHLO" };
+        let mut s = SmtpClient { c, ..me };
+        s.c.send(format!("{verb} harness.quill.test\r\n").as_bytes()).await?;
+        s.ehlo = read_reply(&mut s.c).await?;
+        if s.ehlo.code != 250 {
+            bail!("{verb} after STARTTLS: {:?}", s.ehlo);
+        }
+        Ok(s)
     }
 
     /// Connects and returns the greeting without saying hello.

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use quill_harness::commands::bench_failover::{Victim, bench_failover};
 use quill_harness::commands::bench_node::{Proto, bench_node};
 use quill_harness::commands::bench_replication::bench_replication;
+use quill_harness::commands::bench_tls::bench_tls;
 use quill_harness::commands::demo::demo;
 use quill_harness::commands::{self as cli};
 use quill_harness::load::LoadConfig;
@@ -260,6 +261,27 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// What TLS costs one node: full TLS handshakes/s on SMTPS, then
+    /// deliveries/s over persistent SMTP sessions, plaintext beside
+    /// STARTTLS (rounds in ABBA order), with the node's CPU time per
+    /// operation and the ratios.
+    BenchTls {
+        /// Messages per delivery round.
+        #[arg(long, default_value_t = 20_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 5_000)]
+        handshakes: u64,
+        /// Rounds of each kind (plaintext and STARTTLS).
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Delivery throughput with replication: for each NODES:R pair, start a
     /// cluster of NODES with `--replicas R`, deliver the same load over SMTP
     /// with the connections spread over every node, and print msgs/s.
@@ -480,6 +502,14 @@ fn main() -> anyhow::Result<()> {
                 log,
                 seed,
             } => bench_node(messages, connections, users, proto, dir, log, seed).await,
+            Cmd::BenchTls {
+                messages,
+                connections,
+                handshakes,
+                rounds,
+                dir,
+                seed,
+            } => bench_tls(messages, connections, handshakes, rounds, dir, seed).await,
             Cmd::BenchReplication {
                 configs,
                 messages,

@@ -401,3 +401,66 @@ async fn a_certificate_set_through_one_node_is_served_by_every_node() {
         "{listed}"
     );
 }
+
+/// The harness's own rustls client (what `bench-tls` measures with):
+/// STARTTLS and implicit TLS, trusting the node's self-signed certificate
+/// for its address, deliver mail that arrives marked as sent over TLS; a
+/// client trusting another certificate is refused at the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_client_delivers_over_starttls_and_smtps() {
+    use quill_harness::client::{Pop3Client, SmtpClient, Tls};
+    let (_d, n) = node("tls-harness-client", &[]).await;
+    let ip = n.opts.ip.to_string();
+    let tls = Tls::trusting(&n.self_signed_cert(), &ip).unwrap();
+    let s = SmtpClient::connect(n.smtp(), false).await.unwrap();
+    assert!(s.ehlo.text.contains("STARTTLS"), "{:?}", s.ehlo);
+    let mut s = s.starttls(&tls).await.unwrap();
+    assert!(
+        !s.ehlo.text.contains("STARTTLS"),
+        "offered again under TLS: {:?}",
+        s.ehlo
+    );
+    let r = s
+        .send_mail(
+            "a@remote.test",
+            &["bob@example.org"],
+            b"Subject: one\r\n\r\nover starttls\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r[0].code, 250, "{r:?}");
+    s.quit().await.unwrap();
+    let mut s = SmtpClient::connect_tls(n.smtps(), &tls).await.unwrap();
+    let r = s
+        .send_mail(
+            "a@remote.test",
+            &["bob@example.org"],
+            b"Subject: two\r\n\r\nover smtps\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r[0].code, 250, "{r:?}");
+    s.quit().await.unwrap();
+
+    let mut p = Pop3Client::connect(n.pop3()).await.unwrap();
+    p.login("bob@example.org", PASSWORD).await.unwrap();
+    let (count, _) = p.stat().await.unwrap();
+    assert_eq!(count, 2);
+    for i in 1..=2 {
+        let m = String::from_utf8_lossy(&p.retr(i).await.unwrap()).into_owned();
+        assert!(
+            m.contains("with ESMTPS"),
+            "message {i} not marked as received over TLS:\n{m}"
+        );
+    }
+    p.quit().await.unwrap();
+
+    // Trusting some other node's certificate: the handshake must fail.
+    let (_d2, other) = node("tls-harness-other", &[]).await;
+    let wrong = Tls::trusting(&other.self_signed_cert(), &ip).unwrap();
+    let err = SmtpClient::connect_tls(n.smtps(), &wrong)
+        .await
+        .err()
+        .expect("untrusted certificate accepted");
+    assert!(format!("{err:#}").contains("TLS handshake"), "{err:#}");
+}

@@ -4,12 +4,13 @@
 //! Cluster commands: `up`, `add`, `kill`, `restart`, `drain`, `status`,
 //! `down` ([`up`], [`nodes`]), `load` with its fault schedule ([`load`]),
 //! `verify`, `scale`, `chaos`; one node: `demo`; benchmarks: `bench-node`,
-//! `bench-failover`, `bench-replication`, `bench-heal`.
+//! `bench-failover`, `bench-replication`, `bench-heal`, `bench-tls`.
 
 pub mod bench_failover;
 pub mod bench_heal;
 pub mod bench_node;
 pub mod bench_replication;
+pub mod bench_tls;
 pub mod chaos;
 pub mod demo;
 pub mod load;

@@ -417,7 +417,8 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
             let stream = if proto.implicit_tls() {
                 // The handshake first, within its deadline, holding the slot.
                 let Some(tls) = services.tls.clone() else { return };
-                match tokio::time::timeout(tls::HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+                match tokio::time::timeout(tls::handshake_deadline(&services.limits), tls.acceptor.accept(stream)).await
+                {
                     Ok(Ok(t)) => {
                         bump(&services.metrics.tls_handshakes);
                         session::Stream::Tls(Box::new(t))
@@ -429,6 +430,7 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
                     }
                     Err(_) => {
                         bump(&services.metrics.tls_handshake_failures);
+                        tracing::debug!(%peer, "TLS handshake timed out");
                         return;
                     }
                 }

@@ -123,7 +123,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineSession<S> {
         let Stream::Plain(plain) = stream else {
             return Ok(Upgrade::Failed);
         };
-        match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, tls.acceptor.accept(plain)).await {
+        match tokio::time::timeout(
+            crate::tls::handshake_deadline(&self.services.limits),
+            tls.acceptor.accept(plain),
+        )
+        .await
+        {
             Ok(Ok(t)) => {
                 bump(&self.services.metrics.tls_handshakes);
                 self.tls = Some(crate::tls::describe(t.get_ref().1));

@@ -27,8 +27,14 @@ use tracing::{info, warn};
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Largest PEM file read (a long chain with an RSA-4096 key fits easily).
 pub const PEM_BYTES_MAX: usize = 64 * 1024;
-/// A TLS handshake must finish within this.
+/// A TLS handshake must finish within this (or the session idle timeout,
+/// if shorter: a client silent that long is gone either way).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The deadline of one handshake under these limits.
+pub fn handshake_deadline(limits: &crate::services::Limits) -> Duration {
+    HANDSHAKE_TIMEOUT.min(limits.idle_timeout)
+}
 
 /// One certificate pair, checked.
 #[derive(Debug, Clone)]

@@ -464,3 +464,65 @@ async fn harness_client_delivers_over_starttls_and_smtps() {
         .expect("untrusted certificate accepted");
     assert!(format!("{err:#}").contains("TLS handshake"), "{err:#}");
 }
+
+/// A client that stops in the middle of a handshake (implicit TLS, and
+/// after STARTTLS's go-ahead) is cut off at the handshake deadline (here
+/// the session idle timeout, 2 s, which is shorter than 30 s), counted as a
+/// failed handshake, and the node serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_is_cut_off_at_its_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_d, n) = node("tls-stalled", &["--idle-timeout", "2"]).await;
+    // Reads until the node closes the connection; the time it took.
+    async fn closed_after(mut s: tokio::net::TcpStream) -> Duration {
+        let t0 = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the node kept a stalled handshake open for 20 s");
+        t0.elapsed()
+    }
+    // Implicit TLS: the first bytes of a ClientHello record, then nothing.
+    let mut s = tokio::net::TcpStream::connect(n.smtps()).await.unwrap();
+    s.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let took = closed_after(s).await;
+    assert!(
+        took >= Duration::from_millis(1500),
+        "cut off before its deadline: {took:?}"
+    );
+    // STARTTLS, the go-ahead, then silence.
+    let mut s = tokio::net::TcpStream::connect(n.smtp()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let got = s.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..got].starts_with(b"220 "),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..got])
+    );
+    s.write_all(b"STARTTLS\r\n").await.unwrap();
+    let got = s.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..got].starts_with(b"220 2.0.0"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..got])
+    );
+    closed_after(s).await;
+    let metrics = n.metrics().await.unwrap();
+    let get = |k: &str| metrics.iter().find(|(m, _)| m == k).map(|(_, v)| *v);
+    assert_eq!(get("quill_tls_handshake_failures_total"), Some(2.0), "{metrics:?}");
+    // Still serving.
+    let tls = quill_harness::client::Tls::trusting(&n.self_signed_cert(), &n.opts.ip.to_string()).unwrap();
+    quill_harness::client::SmtpClient::connect_tls(n.smtps(), &tls)
+        .await
+        .unwrap()
+        .quit()
+        .await
+        .unwrap();
+}

@@ -27,8 +27,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a local cluster: node k on SUBNET.k (127.0.0.k) with SMTP 2525,
-    /// LMTP 2424, POP3 2110, SMTPS 2465, POP3S 2995 (each node's self-signed
-    /// certificate) and admin 8080; domain example.org with users
+    /// LMTP 2424, POP3 2110, IMAP 2143, SMTPS 2465, POP3S 2995, IMAPS 2993
+    /// (each node's self-signed certificate) and admin 8080; domain
+    /// example.org with users
     /// alice and bob; send a mail on one node and read it on another; print
     /// how to connect; run until Ctrl-C (or `down`). With an existing
     /// cluster in DIR, start its nodes again.

@@ -23,6 +23,8 @@ pub const ADMIN_PORT: u16 = 8080;
 /// Implicit-TLS SMTP (RFC 8314) and POP3.
 pub const SMTPS_PORT: u16 = 2465;
 pub const POP3S_PORT: u16 = 2995;
+pub const IMAP_PORT: u16 = 2143;
+pub const IMAPS_PORT: u16 = 2993;
 pub const CLUSTER_PORT: u16 = 7400;
 
 /// How long a node may take to answer its admin API after start.
@@ -197,6 +199,12 @@ impl NodeProcess {
     pub fn pop3s(&self) -> SocketAddr {
         self.opts.addr(POP3S_PORT)
     }
+    pub fn imap(&self) -> SocketAddr {
+        self.opts.addr(IMAP_PORT)
+    }
+    pub fn imaps(&self) -> SocketAddr {
+        self.opts.addr(IMAPS_PORT)
+    }
     /// The certificate a node serves when given none (self-signed).
     pub fn self_signed_cert(&self) -> PathBuf {
         self.opts.data.join("tls-self-signed.crt")
@@ -253,6 +261,10 @@ impl NodeProcess {
             .arg(o.addr(SMTPS_PORT).to_string())
             .arg("--pop3s")
             .arg(o.addr(POP3S_PORT).to_string())
+            .arg("--imap")
+            .arg(o.addr(IMAP_PORT).to_string())
+            .arg("--imaps")
+            .arg(o.addr(IMAPS_PORT).to_string())
             .arg("--admin")
             .arg(o.addr(ADMIN_PORT).to_string())
             .arg("--admin-token")

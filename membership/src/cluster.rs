@@ -320,6 +320,30 @@ impl Membership {
         expect_ok(self.write(Command::RemoveTlsCert { name }).await?)
     }
 
+    /// Numbers `ids` in sequence `name` (those numbered keep theirs) and
+    /// returns once the entry is applied here: read them with
+    /// [`Membership::with_sequence`].
+    pub async fn assign_numbers(&self, name: String, ids: Vec<[u8; 16]>) -> Result<(), MembershipError> {
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs().min(u64::from(u32::MAX)) as u32);
+        expect_ok(self.write(Command::AssignNumbers { name, ids, now_secs }).await?)
+    }
+
+    pub async fn forget_numbers(&self, name: String, ids: Vec<[u8; 16]>) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::ForgetNumbers { name, ids }).await?)
+    }
+
+    pub async fn drop_sequence(&self, name: String) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::DropSequence { name }).await?)
+    }
+
+    /// Reads sequence `name` as of the last entry applied here (under the
+    /// state's lock: keep `f` short).
+    pub fn with_sequence<R>(&self, name: &str, f: impl FnOnce(Option<&crate::sequence::Sequence>) -> R) -> R {
+        f(self.inner.shared.read().state.sequences.get(name))
+    }
+
     /// The term this node leads in, if it is the leader now.
     pub fn leading_term(&self) -> Option<u64> {
         let m = self.inner.raft.metrics();

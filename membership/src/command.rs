@@ -57,6 +57,21 @@ pub enum Command {
     RemoveTlsCert {
         name: String,
     },
+    /// Numbers for ids in a named sequence (IMAP UIDs for message ids):
+    /// see [`crate::sequence`]. `now_secs` is the proposer's clock, for a
+    /// new sequence's validity.
+    AssignNumbers {
+        name: String,
+        ids: Vec<[u8; 16]>,
+        now_secs: u32,
+    },
+    ForgetNumbers {
+        name: String,
+        ids: Vec<[u8; 16]>,
+    },
+    DropSequence {
+        name: String,
+    },
 }
 
 /// A client TLS certificate chain and its private key, PEM, as stored in
@@ -135,6 +150,8 @@ pub enum CommandError {
     BadTls(String),
     #[error("no TLS certificate named {0:?}")]
     NoSuchTlsCert(String),
+    #[error(transparent)]
+    Sequence(#[from] crate::sequence::SequenceError),
 }
 
 /// The answer to one log entry.
@@ -169,6 +186,7 @@ pub struct ClusterState {
     pub directory: DirectoryState,
     sessions: BTreeMap<u64, Session>,
     pub tls: TlsCerts,
+    pub sequences: crate::sequence::Sequences,
 }
 
 impl ClusterState {
@@ -269,6 +287,9 @@ impl ClusterState {
                 }
                 self.tls.version += 1;
             }
+            Command::AssignNumbers { name, ids, now_secs } => self.sequences.assign(name, ids, *now_secs)?,
+            Command::ForgetNumbers { name, ids } => self.sequences.forget(name, ids)?,
+            Command::DropSequence { name } => self.sequences.drop_sequence(name)?,
             Command::Verdict { id, state, term } => {
                 if *term != by.term || (*state == NodeState::Down && *id == by.leader) {
                     return Err(CommandError::StaleVerdict {

@@ -48,6 +48,7 @@ pub mod directory;
 pub mod mem_transport;
 pub mod network;
 pub mod password;
+pub mod sequence;
 pub mod store;
 pub mod types;
 pub mod view;

@@ -32,9 +32,10 @@ pub struct NodeAddrs {
     pub pop3: Option<String>,
     pub imap: Option<String>,
     pub admin: Option<String>,
-    /// Implicit-TLS SMTP and POP3 (`--smtps`, `--pop3s`).
+    /// Implicit-TLS SMTP, POP3 and IMAP (`--smtps`, `--pop3s`, `--imaps`).
     pub smtps: Option<String>,
     pub pop3s: Option<String>,
+    pub imaps: Option<String>,
 }
 
 impl NodeAddrs {
@@ -49,6 +50,7 @@ impl NodeAddrs {
                 &self.admin,
                 &self.smtps,
                 &self.pop3s,
+                &self.imaps,
             ]
             .into_iter()
             .filter_map(|a| a.as_deref()),

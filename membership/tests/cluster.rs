@@ -363,3 +363,52 @@ async fn a_late_joiner_catches_up_from_a_snapshot_and_can_be_removed() {
     }
     c.shutdown().await;
 }
+
+/// IMAP's UIDs are numbers from the replicated sequences: a node cut off
+/// from the majority (which thinks itself still in the view) gets no
+/// number at all, while the majority numbers the same ids and others; after
+/// the heal every node holds the same numbers, each given to one id, and
+/// the cut-off node asking again for its ids gets the majority's numbers.
+#[tokio::test(flavor = "current_thread")]
+async fn a_partitioned_node_never_numbers_an_id_the_majority_numbers_differently() {
+    let seed = common::seed(9);
+    let _r = common::reproduce(
+        seed,
+        "a_partitioned_node_never_numbers_an_id_the_majority_numbers_differently",
+    );
+    let mut config = test_config();
+    config.write_timeout_ms = 2_000;
+    let c = Cluster::start(seed, 3, config).await;
+    let id = |n: u8| [n; 16];
+    let name = "imap/u/INBOX".to_string();
+    c.node(1)
+        .assign_numbers(name.clone(), vec![id(1), id(2)])
+        .await
+        .unwrap();
+    let old = c.leader_of(&[1, 2, 3]).await;
+    let majority: Vec<u64> = c.nodes.keys().copied().filter(|n| *n != old).collect();
+    c.router.partition(&[&[old], &majority]);
+    let (cut, major) = tokio::join!(
+        c.node(old).assign_numbers(name.clone(), vec![id(3), id(4)]),
+        c.node(majority[0])
+            .assign_numbers(name.clone(), vec![id(4), id(5), id(3)]),
+    );
+    assert!(cut.is_err(), "the minority numbered ids: {cut:?}");
+    major.unwrap();
+    c.router.heal();
+    c.node(old)
+        .assign_numbers(name.clone(), vec![id(3), id(4), id(6)])
+        .await
+        .unwrap();
+    let want: Vec<Option<u32>> = vec![Some(1), Some(2), Some(5), Some(3), Some(4), Some(6)];
+    for m in c.nodes.values() {
+        let (name, want) = (name.clone(), want.clone());
+        wait_until(m, "the same numbers everywhere", move |m| {
+            m.with_sequence(&name, |s| {
+                s.map(|s| (1..=6u8).map(|n| s.number(&[n; 16])).collect::<Vec<_>>())
+            }) == Some(want.clone())
+        })
+        .await;
+    }
+    c.shutdown().await;
+}

@@ -51,6 +51,7 @@ pub struct Addrs {
     pub imap: Option<SocketAddr>,
     pub smtps: Option<SocketAddr>,
     pub pop3s: Option<SocketAddr>,
+    pub imaps: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
 }
 
@@ -505,6 +506,7 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
                 "imap": n.addrs.imap,
                 "smtps": n.addrs.smtps,
                 "pop3s": n.addrs.pop3s,
+                "imaps": n.addrs.imaps,
                 "admin": n.addrs.admin,
             }
         }));
@@ -659,6 +661,24 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "counter",
         "Successful POP3 logins.",
         c(&m.pop3_sessions),
+    );
+    line(
+        "quill_imap_sessions_total",
+        "counter",
+        "IMAP sessions accepted.",
+        c(&m.imap_sessions),
+    );
+    line(
+        "quill_imap_logins_total",
+        "counter",
+        "Successful IMAP logins.",
+        c(&m.imap_logins),
+    );
+    line(
+        "quill_imap_uid_failures_total",
+        "counter",
+        "Times UIDs could not be given to new mail (Raft state not writable).",
+        c(&m.imap_uid_failures),
     );
     line(
         "quill_messages_accepted_total",

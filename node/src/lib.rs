@@ -26,6 +26,7 @@ pub mod conn;
 pub mod data;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod imap;
 pub mod mail;
 pub mod metrics;
 pub mod pop3;
@@ -37,6 +38,7 @@ pub mod slots;
 pub mod smtp;
 pub mod time;
 pub mod tls;
+pub mod uids;
 pub mod wire;
 
 use std::future::Future;
@@ -76,6 +78,9 @@ pub struct NodeConfig {
     pub smtps: Option<SocketAddr>,
     /// Implicit-TLS POP3 (port 995).
     pub pop3s: Option<SocketAddr>,
+    pub imap: Option<SocketAddr>,
+    /// Implicit-TLS IMAP (port 993).
+    pub imaps: Option<SocketAddr>,
     /// Certificate and key files (`--tls-cert`/`--tls-key`); none: a
     /// self-signed certificate made in the data directory.
     pub tls_files: Vec<tls::FilePair>,
@@ -111,11 +116,13 @@ enum Proto {
     Pop3,
     Smtps,
     Pop3s,
+    Imap,
+    Imaps,
 }
 
 impl Proto {
     fn implicit_tls(self) -> bool {
-        matches!(self, Proto::Smtps | Proto::Pop3s)
+        matches!(self, Proto::Smtps | Proto::Pop3s | Proto::Imaps)
     }
 }
 
@@ -188,6 +195,8 @@ pub async fn run(
         config.pop3,
         config.smtps,
         config.pop3s,
+        config.imap,
+        config.imaps,
     ]
     .into_iter()
     .flatten()
@@ -211,6 +220,8 @@ pub async fn run(
         (config.pop3, Proto::Pop3),
         (config.smtps, Proto::Smtps),
         (config.pop3s, Proto::Pop3s),
+        (config.imap, Proto::Imap),
+        (config.imaps, Proto::Imaps),
     ] {
         let Some(addr) = addr else { continue };
         let listener = TcpListener::bind(addr)
@@ -224,6 +235,8 @@ pub async fn run(
             Proto::Pop3 => addrs.pop3 = Some(bound),
             Proto::Smtps => addrs.smtps = Some(bound),
             Proto::Pop3s => addrs.pop3s = Some(bound),
+            Proto::Imap => addrs.imap = Some(bound),
+            Proto::Imaps => addrs.imaps = Some(bound),
         }
         info!(addr = %bound, ?proto, "listening");
         listeners.push((listener, proto));
@@ -254,7 +267,8 @@ pub async fn run(
                 submission: s(addrs.submission),
                 lmtp: s(addrs.lmtp),
                 pop3: s(addrs.pop3),
-                imap: None,
+                imap: s(addrs.imap),
+                imaps: s(addrs.imaps),
                 admin: s(addrs.admin),
                 smtps: s(addrs.smtps),
                 pop3s: s(addrs.pop3s),
@@ -296,6 +310,7 @@ pub async fn run(
     services.postmaster = config.postmaster.clone();
     services.tls = Some(tls.clone());
     services.plaintext_auth = config.plaintext_auth;
+    services.uids = Arc::new(cluster.membership.clone());
     let services = Arc::new(services);
 
     let mut tasks = JoinSet::new();
@@ -447,6 +462,10 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
                     smtp::serve_on(stream, peer, services, smtp::Mode::Lmtp, stop).await
                 }
                 Proto::Pop3 | Proto::Pop3s => pop3::serve_on(stream, peer, services, stop).await,
+                Proto::Imap | Proto::Imaps => {
+                    bump(&services.metrics.imap_sessions);
+                    imap::serve_on(stream, peer, services, stop).await
+                }
             }
         });
     }
@@ -461,8 +480,9 @@ async fn refuse(mut stream: TcpStream, proto: Proto) {
     let text: &[u8] = match proto {
         Proto::Smtp | Proto::Submission | Proto::Lmtp => b"421 4.7.0 Too many connections, try again later\r\n",
         Proto::Pop3 => b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
+        Proto::Imap => b"* BYE [UNAVAILABLE] too many connections, try again later\r\n",
         // A TLS client cannot read plaintext: just close.
-        Proto::Smtps | Proto::Pop3s => b"",
+        Proto::Smtps | Proto::Pop3s | Proto::Imaps => b"",
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(text)).await;
     let _ = stream.shutdown().await;

@@ -63,9 +63,12 @@ struct NodeArgs {
     lmtp: Option<SocketAddr>,
     #[arg(long)]
     pop3: Option<SocketAddr>,
-    /// IMAP address (reserved: IMAP is not served yet).
+    /// IMAP address (port 143 by convention; STARTTLS offered).
     #[arg(long)]
     imap: Option<SocketAddr>,
+    /// Implicit-TLS IMAP address (port 993 by convention).
+    #[arg(long)]
+    imaps: Option<SocketAddr>,
     /// Implicit-TLS SMTP address (RFC 8314; port 465 by convention).
     #[arg(long)]
     smtps: Option<SocketAddr>,
@@ -422,9 +425,6 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         let f = EnvFilter::try_new(level).map_err(|e| format!("bad log filter {level:?}: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     });
-    if a.imap.is_some() {
-        tracing::warn!("--imap given but IMAP is not served yet; ignoring it");
-    }
     let limits = Limits {
         message_bytes_max: usize::try_from(a.max_message_size).unwrap_or(usize::MAX),
         data_memory_bytes_max: usize::try_from(a.max_data_memory).unwrap_or(usize::MAX),
@@ -460,6 +460,8 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         pop3: a.pop3,
         smtps: a.smtps,
         pop3s: a.pop3s,
+        imap: a.imap,
+        imaps: a.imaps,
         tls_files,
         plaintext_auth: a.plaintext_auth,
         admin: a.admin,

@@ -92,6 +92,11 @@ pub struct Metrics {
     pub smtp_sessions: AtomicU64,
     pub lmtp_sessions: AtomicU64,
     pub pop3_sessions: AtomicU64,
+    pub imap_sessions: AtomicU64,
+    pub imap_logins: AtomicU64,
+    /// UIDs asked for and not given (the Raft state could not be written:
+    /// new mail stays out of IMAP sessions until it can).
+    pub imap_uid_failures: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub deliveries_failed: AtomicU64,
     pub messages_retrieved: AtomicU64,
@@ -191,6 +196,8 @@ pub struct Services {
     pub store: Arc<FragmentStore>,
     /// Delivery to R nodes and mailboxes across the cluster.
     pub mail: Arc<dyn Mail>,
+    /// IMAP UIDs (the Raft state's sequences; in memory in tests).
+    pub uids: Arc<dyn crate::uids::Uids>,
     pub directory: Arc<dyn Directory>,
     pub limits: Limits,
     pub metrics: Metrics,
@@ -301,6 +308,7 @@ impl Services {
             plaintext_auth: PlaintextAuth::default(),
             store,
             mail,
+            uids: Arc::new(crate::uids::LocalUids::default()),
             directory,
             data_budget: Arc::new(Semaphore::new(
                 limits.data_memory_bytes_max.div_ceil(DATA_BUDGET_CHUNK).max(1),

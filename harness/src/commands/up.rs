@@ -147,7 +147,7 @@ fn print_instructions(state: &ClusterState, dir: &Path) {
     for n in &state.nodes {
         let ip = state.ip(n.k);
         println!(
-            "  n{}: SMTP {ip}:2525  LMTP {ip}:2424  POP3 {ip}:2110  SMTPS {ip}:2465  POP3S {ip}:2995  admin {ip}:8080",
+            "  n{}: SMTP {ip}:2525  LMTP {ip}:2424  POP3 {ip}:2110  IMAP {ip}:2143  SMTPS {ip}:2465  POP3S {ip}:2995  IMAPS {ip}:2993  admin {ip}:8080",
             n.k
         );
     }
@@ -165,12 +165,15 @@ Send a message to one node (swaks, or Python's smtplib):
   python3 -c "import smtplib; smtplib.SMTP('{a}', 2525).sendmail('alice@example.org', ['bob@example.org'], 'Subject: hi\r\n\r\nhello\r\n')"
 Read it from another (Python's poplib):
   python3 -c "import poplib; p = poplib.POP3('{b}', 2110); p.user('bob@example.org'); p.pass_('{pw}'); print(p.stat()); print(b'\n'.join(p.retr(len(p.list()[1]))[1]).decode())"
-Over TLS (STARTTLS on 2525, STLS on 2110, implicit TLS on 2465 and 2995;
+Or over IMAP (Python's imaplib; the same UIDs on every node):
+  python3 -c "import imaplib; m = imaplib.IMAP4('{b}', 2143); m.login('bob@example.org', '{pw}'); m.select('INBOX'); print(m.uid('SEARCH', 'ALL')); print(m.uid('FETCH', '1:*', '(UID RFC822.SIZE)'))"
+Over TLS (STARTTLS on 2525, 2110 and 2143, implicit TLS on 2465, 2995 and 2993;
 each node serves its own self-signed certificate, DATA/tls-self-signed.crt,
 until --tls-cert/--tls-key give a real one):
   swaks --server {b}:2525 --tls --from alice@example.org --to bob@example.org
   openssl s_client -connect {b}:2110 -starttls pop3 -CAfile {cert_b}
   python3 -c "import poplib, ssl; p = poplib.POP3_SSL('{b}', 2995, context=ssl.create_default_context(cafile='{cert_b}')); p.user('bob@example.org'); p.pass_('{pw}'); print(p.stat())"
+  python3 -c "import imaplib, ssl; m = imaplib.IMAP4_SSL('{b}', 2993, ssl_context=ssl.create_default_context(cafile='{cert_b}')); m.login('bob@example.org', '{pw}'); print(m.select('INBOX'))"
 Drive it:
   {h} status --dir {d}
   {h} load --dir {d} --duration 60s --kill n2@20s --restart n2@40s --out {d}/run1

@@ -1,0 +1,530 @@
+//! IMAP: every command's replies on one node (a table over a raw socket),
+//! limits, TLS with Python's imaplib (`starttls()`, `IMAP4_SSL`) and
+//! `openssl s_client -starttls imap`, the STARTTLS injection case, and
+//! Python's imaplib, unmodified, against two nodes of a three-node cluster:
+//! the same UIDs and UIDVALIDITY on both, IDLE on one seeing a delivery and
+//! an expunge made through the other, and no UID or UIDVALIDITY changed by
+//! a `kill -9` between two sessions.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{PASSWORD, node, run};
+use quill_harness::SmtpClient;
+use quill_harness::process::{self, NodeProcess, TempDir};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// A raw IMAP connection: lines in, lines out, every read bounded.
+struct Raw {
+    r: BufReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+}
+
+impl Raw {
+    async fn connect(addr: std::net::SocketAddr) -> (Raw, String) {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let (r, w) = s.into_split();
+        let mut raw = Raw {
+            r: BufReader::new(r),
+            w,
+        };
+        let greeting = raw.line().await;
+        (raw, greeting)
+    }
+
+    async fn line(&mut self) -> String {
+        let mut l = String::new();
+        let n = tokio::time::timeout(Duration::from_secs(20), self.r.read_line(&mut l))
+            .await
+            .expect("a line within 20 s")
+            .expect("read");
+        assert!(n > 0, "connection closed");
+        l
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.w.write_all(bytes).await.expect("write");
+    }
+
+    /// Sends `tag rest` and reads up to the tagged reply: (untagged lines,
+    /// the tagged line without its tag).
+    async fn cmd(&mut self, tag: &str, rest: &str) -> (Vec<String>, String) {
+        self.send(format!("{tag} {rest}\r\n").as_bytes()).await;
+        self.until(tag).await
+    }
+
+    async fn until(&mut self, tag: &str) -> (Vec<String>, String) {
+        let mut untagged = Vec::new();
+        loop {
+            let l = self.line().await;
+            if let Some(t) = l.strip_prefix(&format!("{tag} ")) {
+                return (untagged, t.trim_end().to_owned());
+            }
+            untagged.push(l.trim_end().to_owned());
+        }
+    }
+}
+
+async fn smtp_to(node: &NodeProcess, to: &str, subject: &str) {
+    let mut s = SmtpClient::connect(node.smtp(), false).await.expect("smtp");
+    let body = format!("Subject: {subject}\r\nFrom: a@remote.test\r\n\r\nbody of {subject}\r\n");
+    let r = s
+        .send_mail("a@remote.test", &[to], body.as_bytes())
+        .await
+        .expect("delivered");
+    assert_eq!(r[0].code, 250, "{r:?}");
+    s.quit().await.expect("quit");
+}
+
+/// Every command's reply on one node, the error paths included. `(none)`
+/// as the expectation: no untagged response at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_to_every_command() {
+    let (_d, n) = node("imap-table", &[]).await;
+    smtp_to(&n, "bob@example.org", "one").await;
+    smtp_to(&n, "bob@example.org", "two").await;
+    let (mut c, greeting) = Raw::connect(n.imap()).await;
+    assert!(greeting.starts_with("* OK [CAPABILITY IMAP4REV1"), "{greeting}");
+    let login = format!("LOGIN bob@example.org \"{PASSWORD}\"");
+    let table: &[(&str, &str, &[&str])] = &[
+        (
+            "CAPABILITY",
+            "OK",
+            &["* CAPABILITY IMAP4REV1", "STARTTLS", "AUTH=PLAIN", "IDLE", "UIDPLUS"],
+        ),
+        ("NOOP", "OK", &["(none)"]),
+        ("SELECT INBOX", "BAD", &[]),
+        ("FETCH 1 FLAGS", "BAD", &[]),
+        ("LOGIN bob@example.org wrong", "NO [AUTHENTICATIONFAILED]", &[]),
+        ("LOGIN nobody@example.org wrong", "NO [AUTHENTICATIONFAILED]", &[]),
+        (&login, "OK [CAPABILITY IMAP4REV1", &[]),
+        (&login, "BAD", &[]),
+        ("STARTTLS", "BAD", &[]),
+        ("ID NIL", "OK", &["* ID (\"name\" \"Quill\")"]),
+        ("NAMESPACE", "OK", &["* NAMESPACE ((\"\" \"/\")) NIL NIL"]),
+        ("ENABLE CONDSTORE", "OK", &["* ENABLED"]),
+        ("LIST \"\" \"\"", "OK", &["* LIST (\\Noselect) \"/\" \"\""]),
+        ("LIST \"\" *", "OK", &["* LIST (\\HasNoChildren) \"/\" INBOX"]),
+        ("LIST \"\" Sent*", "OK", &["(none)"]),
+        ("LSUB \"\" *", "OK", &["INBOX"]),
+        ("SUBSCRIBE INBOX", "OK", &[]),
+        ("SUBSCRIBE Sent", "NO [NONEXISTENT]", &[]),
+        ("CREATE Sent", "NO [CANNOT]", &[]),
+        ("DELETE INBOX", "NO [CANNOT]", &[]),
+        ("RENAME INBOX Old", "NO [CANNOT]", &[]),
+        (
+            "STATUS INBOX (MESSAGES UIDNEXT)",
+            "OK",
+            &["* STATUS INBOX (MESSAGES 2 UIDNEXT 3)"],
+        ),
+        ("STATUS Sent (MESSAGES)", "NO [NONEXISTENT]", &[]),
+        ("SELECT Sent", "NO [NONEXISTENT]", &[]),
+        ("FETCH 1 FLAGS", "BAD", &[]),
+        (
+            "SELECT INBOX",
+            "OK [READ-WRITE]",
+            &[
+                "* 2 EXISTS",
+                "* 0 RECENT",
+                "* FLAGS (\\Deleted)",
+                "[PERMANENTFLAGS ()]",
+                "[UIDVALIDITY ",
+                "[UIDNEXT 3]",
+            ],
+        ),
+        ("UID SEARCH ALL", "OK", &["* SEARCH 1 2"]),
+        ("SEARCH SUBJECT two", "OK", &["* SEARCH 2"]),
+        ("SEARCH OR SUBJECT one BODY \"of two\"", "OK", &["* SEARCH 1 2"]),
+        ("SEARCH NOT SUBJECT one", "OK", &["* SEARCH 2"]),
+        ("SEARCH LARGER 100000", "OK", &["* SEARCH"]),
+        ("SEARCH UNSEEN UNDELETED SINCE 1-Jan-2020", "OK", &["* SEARCH 1 2"]),
+        ("UID SEARCH UID 2:*", "OK", &["* SEARCH 2"]),
+        ("UID FETCH 2 (RFC822.SIZE)", "OK", &["* 2 FETCH (UID 2 RFC822.SIZE "]),
+        ("UID FETCH 9:* (UID)", "OK", &["* 2 FETCH (UID 2)"]),
+        (
+            "FETCH 1:* (FLAGS)",
+            "OK",
+            &["* 1 FETCH (FLAGS ())", "* 2 FETCH (FLAGS ())"],
+        ),
+        (
+            "FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])",
+            "OK",
+            &["* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT)] {"],
+        ),
+        ("FETCH 1 (INTERNALDATE)", "OK", &["* 1 FETCH (INTERNALDATE \""]),
+        ("FETCH 1 ENVELOPE", "NO [CANNOT]", &[]),
+        ("FETCH 1 BODY[1.2]", "NO [CANNOT]", &[]),
+        ("FETCH 7 FLAGS", "BAD", &[]),
+        ("STORE 1 +FLAGS (\\Seen)", "NO [CANNOT]", &[]),
+        ("COPY 1 INBOX", "NO [CANNOT]", &[]),
+        ("MOVE 1 INBOX", "NO [CANNOT]", &[]),
+        ("STORE 1 +FLAGS (\\Deleted)", "OK", &["* 1 FETCH (FLAGS (\\Deleted))"]),
+        ("STORE 1 -FLAGS.SILENT (\\Deleted)", "OK", &["(none)"]),
+        ("SEARCH DELETED", "OK", &["* SEARCH"]),
+        ("FROB", "BAD", &[]),
+        ("EXAMINE INBOX", "OK [READ-ONLY]", &["* 2 EXISTS"]),
+        ("STORE 1 +FLAGS (\\Deleted)", "NO [READ-ONLY]", &[]),
+        ("SELECT INBOX", "OK [READ-WRITE]", &["* 2 EXISTS"]),
+        ("UID STORE 1 +FLAGS.SILENT (\\Deleted)", "OK", &["(none)"]),
+        ("EXPUNGE", "OK", &["* 1 EXPUNGE"]),
+        ("UID SEARCH ALL", "OK", &["* SEARCH 2"]),
+        ("CHECK", "OK", &[]),
+        ("UNSELECT", "OK", &[]),
+        ("FETCH 1 FLAGS", "BAD", &[]),
+        ("LOGOUT", "OK", &["* BYE"]),
+    ];
+    for (i, (command, reply, untagged)) in table.iter().enumerate() {
+        let tag = format!("t{i}");
+        let (got, tagged) = c.cmd(&tag, command).await;
+        assert!(
+            tagged.starts_with(reply),
+            "{command}: want {reply}, got {tagged} (untagged {got:?})"
+        );
+        for want in *untagged {
+            if *want == "(none)" {
+                assert!(got.is_empty(), "{command}: untagged {got:?}");
+            } else {
+                assert!(
+                    got.iter().any(|l| l.contains(want)),
+                    "{command}: want {want:?} in {got:?}"
+                );
+            }
+        }
+    }
+    // The expunged message is gone for every session and protocol: POP3
+    // sees one message, and a new IMAP session the same UIDs.
+    let mut p = quill_harness::Pop3Client::connect(n.pop3()).await.unwrap();
+    p.login("bob@example.org", PASSWORD).await.unwrap();
+    assert_eq!(p.stat().await.unwrap().0, 1);
+    p.quit().await.unwrap();
+    let (mut c, _) = Raw::connect(n.imap()).await;
+    c.cmd("a", &login).await;
+    let (got, tagged) = c.cmd("b", "SELECT INBOX").await;
+    assert!(tagged.starts_with("OK"), "{tagged}");
+    assert!(
+        got.iter().any(|l| l == "* 1 EXISTS") && got.iter().any(|l| l.contains("[UIDNEXT 3]")),
+        "{got:?}"
+    );
+    let (got, _) = c.cmd("c", "UID SEARCH ALL").await;
+    assert_eq!(got, ["* SEARCH 2"]);
+}
+
+/// APPEND (synchronizing and LITERAL+), APPENDUID, the literal size limit,
+/// bad syntax, AUTHENTICATE PLAIN, the bad-command limit (20) and the
+/// failed-login limit (3 a session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_literals_and_limits() {
+    let (_d, n) = node("imap-limits", &["--max-message-size", "1000"]).await;
+    let (mut c, _) = Raw::connect(n.imap()).await;
+    // SASL-IR: the PLAIN response on the command line.
+    let plain = quill_node::imap::plain_response("bob@example.org", PASSWORD);
+    let (_, tagged) = c.cmd("a", &format!("AUTHENTICATE PLAIN {plain}")).await;
+    assert!(tagged.starts_with("OK"), "{tagged}");
+    let msg = b"Subject: appended\r\n\r\nhello\r\n";
+    c.send(format!("b APPEND INBOX {{{}}}\r\n", msg.len()).as_bytes()).await;
+    let go = c.line().await;
+    assert!(go.starts_with('+'), "{go}");
+    c.send(msg).await;
+    c.send(b"\r\n").await;
+    let (_, tagged) = c.until("b").await;
+    assert!(tagged.starts_with("OK [APPENDUID "), "{tagged}");
+    assert!(tagged.contains(" 1] "), "{tagged}");
+    c.send(format!("c APPEND INBOX (\\Deleted) {{{}+}}\r\n", msg.len()).as_bytes())
+        .await;
+    c.send(msg).await;
+    c.send(b"\r\n").await;
+    let (_, tagged) = c.until("c").await;
+    assert!(tagged.contains(" 2] "), "{tagged}");
+    // Over the message size limit: refused before the client sends it.
+    let (_, tagged) = c.cmd("d", "APPEND INBOX {5000}").await;
+    assert!(tagged.starts_with("BAD"), "{tagged}");
+    let (got, tagged) = c.cmd("e", "STATUS INBOX (MESSAGES UIDNEXT)").await;
+    assert!(tagged.starts_with("OK"), "{tagged}");
+    assert_eq!(got, ["* STATUS INBOX (MESSAGES 2 UIDNEXT 3)"]);
+    let (_, tagged) = c.cmd("f", "APPEND Sent {1+}\r\nx").await;
+    assert!(tagged.starts_with("NO [TRYCREATE]"), "{tagged}");
+    // Bad lines: BAD each, and BYE at the limit (20, the refused literal
+    // above was the first).
+    for i in 0..18 {
+        let (_, tagged) = c.cmd(&format!("g{i}"), "SELECT").await;
+        assert!(tagged.starts_with("BAD"), "{tagged}");
+    }
+    c.send(b"h )(\r\n").await;
+    let (got, tagged) = c.until("h").await;
+    assert!(tagged.starts_with("BAD"), "{tagged}");
+    let bye = if got.is_empty() { c.line().await } else { got[0].clone() };
+    assert!(bye.starts_with("* BYE"), "{bye}");
+
+    // Failed logins: NO, and BYE after the third in one session.
+    let (mut c, _) = Raw::connect(n.imap()).await;
+    for t in ["x1", "x2"] {
+        let (_, tagged) = c.cmd(t, "LOGIN bob@example.org nope").await;
+        assert!(tagged.starts_with("NO [AUTHENTICATIONFAILED]"), "{tagged}");
+    }
+    let (got, tagged) = c.cmd("x3", "LOGIN bob@example.org nope").await;
+    assert!(tagged.starts_with("NO"), "{tagged}");
+    let bye = match got.first() {
+        Some(l) => l.clone(),
+        None => c.line().await,
+    };
+    assert!(bye.starts_with("* BYE"), "{bye}");
+}
+
+const PY_TLS: &str = r#"
+import imaplib, socket, ssl, subprocess, sys
+host, port, ports, cafile, user, pw = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+ctx = ssl.create_default_context(cafile=cafile)
+ctx.check_hostname = False
+m = imaplib.IMAP4(host, port)
+assert "LOGINDISABLED" in m.capabilities and "AUTH=PLAIN" not in m.capabilities, m.capabilities
+try:
+    m.login(user, pw)
+    raise SystemExit("plaintext LOGIN accepted")
+except imaplib.IMAP4.error as e:
+    assert "PRIVACYREQUIRED" in str(e), e
+m.starttls(ssl_context=ctx)
+assert "LOGINDISABLED" not in m.capabilities, m.capabilities
+m.login(user, pw)
+typ, data = m.select("INBOX")
+assert typ == "OK", (typ, data)
+m.logout()
+s = imaplib.IMAP4_SSL(host, ports, ssl_context=ctx)
+s.login(user, pw)
+assert s.select("INBOX")[0] == "OK"
+s.logout()
+# Injection: a command pipelined behind STARTTLS is never executed.
+raw = socket.create_connection((host, port))
+f = raw.makefile("rb")
+f.readline()
+raw.sendall(b"a STARTTLS\r\nb LOGIN " + user.encode() + b" " + pw.encode() + b"\r\n")
+line = f.readline()
+assert line.startswith(b"a OK"), line
+t = ctx.wrap_socket(raw, server_hostname="localhost")
+tf = t.makefile("rb")
+t.sendall(b"c NOOP\r\n")
+line = tf.readline()
+assert line.startswith(b"c OK"), ("the injected LOGIN was executed", line)
+t.sendall(b"d SELECT INBOX\r\n")
+line = tf.readline()
+assert line.startswith(b"d BAD"), ("the injected LOGIN logged in", line)
+t.close()
+print("imap tls ok")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_openssl_over_starttls_and_implicit_tls() {
+    if !testkit::program("python3") || !testkit::program("openssl") {
+        return;
+    }
+    let (_d, n) = node("imap-tls", &["--plaintext-auth", "never"]).await;
+    let cert = n.self_signed_cert();
+    let (imap, imaps) = (n.imap(), n.imaps());
+    let ca = cert.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new("python3").args([
+            "-c",
+            PY_TLS,
+            &imap.ip().to_string(),
+            &imap.port().to_string(),
+            &imaps.port().to_string(),
+            ca.to_str().unwrap(),
+            "bob@example.org",
+            PASSWORD,
+        ]))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("imap tls ok"), "{out}");
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-quiet",
+                "-starttls",
+                "imap",
+                "-connect",
+                &imap.to_string(),
+                "-CAfile",
+            ])
+            .arg(&cert)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"a CAPABILITY\r\nb LOGOUT\r\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("AUTH=PLAIN") && out.contains("* BYE"), "{out}");
+    assert!(
+        out.contains("verify return:1") || out.contains("Verify return code: 0"),
+        "{out}"
+    );
+}
+
+const SECRET: &str = "imap-test-secret";
+
+const PY_CLUSTER: &str = r#"
+import imaplib, json, smtplib, sys, time
+a_host, a_port, b_host, b_port, b_smtp, user, pw = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
+def view(m):
+    typ, data = m.select("INBOX")
+    assert typ == "OK", (typ, data)
+    validity = m.untagged_responses["UIDVALIDITY"][-1]
+    typ, data = m.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    uids = {}
+    for item in data:
+        if isinstance(item, tuple):
+            uid = int(item[0].split(b"UID ")[1].split()[0])
+            uids[uid] = item[1].decode().strip()
+    return validity.decode(), uids
+a = imaplib.IMAP4(a_host, a_port); a.login(user, pw)
+b = imaplib.IMAP4(b_host, b_port); b.login(user, pw)
+va, ua = view(a)
+vb, ub = view(b)
+assert (va, ua) == (vb, ub), ((va, ua), (vb, ub))
+assert len(ua) == 3, ua
+# APPEND through B: its UID is the next one, seen by A at its next NOOP.
+typ, data = b.append("INBOX", None, None, b"Subject: appended\r\n\r\nx\r\n")
+assert typ == "OK" and b"APPENDUID" in data[0], data
+appended = int(data[0].split()[2].rstrip(b"]"))
+assert appended == max(ua) + 1, (appended, ua)
+deadline = time.time() + 10
+while time.time() < deadline:
+    a.noop()
+    if a.untagged_responses.get("EXISTS", [b"0"])[-1] == b"4":
+        break
+    time.sleep(0.1)
+else:
+    raise SystemExit("A never saw the APPEND made through B")
+# IDLE on A sees a delivery made through B's SMTP, then an expunge made
+# through B.
+tag = a._new_tag()
+a.send(tag + b" IDLE\r\n")
+assert a.readline().startswith(b"+"), "IDLE not accepted"
+a.sock.settimeout(15)
+t0 = time.time()
+smtplib.SMTP(b_host, int(b_smtp)).sendmail("x@remote.test", [user], "Subject: during idle\r\n\r\nidle\r\n")
+line = a.readline()
+while b"EXISTS" not in line:
+    line = a.readline()
+idle_seen = time.time() - t0
+assert line.strip() == b"* 5 EXISTS", line
+b.noop()
+b.uid("STORE", "1", "+FLAGS.SILENT", "(\\Deleted)")
+typ, data = b.expunge()
+assert typ == "OK" and data == [b"1"], (typ, data)
+line = a.readline()
+while b"EXPUNGE" not in line:
+    line = a.readline()
+assert line.strip() == b"* 1 EXPUNGE", line
+a.send(b"DONE\r\n")
+line = a.readline()
+while not line.startswith(tag):
+    line = a.readline()
+assert b"OK" in line, line
+va, ua = view(a)
+vb, ub = view(b)
+assert (va, ua) == (vb, ub), ((va, ua), (vb, ub))
+assert 1 not in ua and len(ua) == 4, ua
+a.logout(); b.logout()
+print(json.dumps({"validity": va, "uids": {str(k): v for k, v in ua.items()}, "idle_seen_s": idle_seen}))
+"#;
+
+const PY_VIEW: &str = r#"
+import imaplib, json, sys
+m = imaplib.IMAP4(sys.argv[1], int(sys.argv[2])); m.login(sys.argv[3], sys.argv[4])
+typ, data = m.select("INBOX")
+assert typ == "OK", (typ, data)
+validity = m.untagged_responses["UIDVALIDITY"][-1].decode()
+typ, data = m.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+uids = {}
+for item in data:
+    if isinstance(item, tuple):
+        uids[item[0].split(b"UID ")[1].split()[0].decode()] = item[1].decode().strip()
+m.logout()
+print(json.dumps({"validity": validity, "uids": uids}))
+"#;
+
+fn py(script: &str, args: Vec<String>) -> serde_json::Value {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c").arg(script).args(args);
+    let out = run(&mut cmd);
+    let last = out.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaplib_on_two_nodes_sees_the_same_uids_through_idle_and_a_kill() {
+    let _slot = common::cluster_slot().await;
+    if !testkit::program("python3") {
+        return;
+    }
+    let dir = TempDir::new("imap-cluster").expect("temp dir");
+    let mut nodes = process::start_cluster(dir.path(), 3, SECRET, "info")
+        .await
+        .expect("cluster starts");
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    process::wait_converged(&all, 3, Duration::from_secs(60))
+        .await
+        .expect("converges");
+    nodes[0].add_domain("example.org").await.unwrap();
+    nodes[0].add_user("carol@example.org", PASSWORD, None).await.unwrap();
+    for n in &nodes {
+        common::wait_for("the user on every node", Duration::from_secs(30), || async {
+            n.admin(hyper::Method::GET, "/v1/users", None)
+                .await
+                .is_ok_and(|d| d.to_string().contains("carol@"))
+        })
+        .await;
+    }
+    for s in ["first", "second", "third"] {
+        smtp_to(&nodes[0], "carol@example.org", s).await;
+    }
+    let (a, b) = (nodes[0].imap(), nodes[1].imap());
+    let args = vec![
+        a.ip().to_string(),
+        a.port().to_string(),
+        b.ip().to_string(),
+        b.port().to_string(),
+        nodes[1].smtp().port().to_string(),
+        "carol@example.org".to_owned(),
+        PASSWORD.to_owned(),
+    ];
+    let before = tokio::task::spawn_blocking(move || py(PY_CLUSTER, args)).await.unwrap();
+    eprintln!("IDLE saw the delivery after {} s", before["idle_seen_s"]);
+    let view_of = |n: &NodeProcess| {
+        let addr = n.imap();
+        let args = vec![
+            addr.ip().to_string(),
+            addr.port().to_string(),
+            "carol@example.org".to_owned(),
+            PASSWORD.to_owned(),
+        ];
+        tokio::task::spawn_blocking(move || py(PY_VIEW, args))
+    };
+    // kill -9 of node 2 between sessions: the survivors show the same
+    // UIDs and UIDVALIDITY, and so does node 2 once it is back.
+    nodes[1].kill9().await.unwrap();
+    for k in [0, 2] {
+        let v = view_of(&nodes[k]).await.unwrap();
+        assert_eq!(v["validity"], before["validity"], "node {k}");
+        assert_eq!(v["uids"], before["uids"], "node {k}");
+    }
+    nodes[1].restart().await.unwrap();
+    let v = view_of(&nodes[1]).await.unwrap();
+    assert_eq!((&v["validity"], &v["uids"]), (&before["validity"], &before["uids"]));
+}

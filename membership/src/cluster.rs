@@ -330,6 +330,16 @@ impl Membership {
         expect_ok(self.write(Command::AssignNumbers { name, ids, now_secs }).await?)
     }
 
+    /// Several assignments in one entry (see [`Command::AssignMany`]): the
+    /// error, if any, is the first item's that was refused; the others are
+    /// applied all the same.
+    pub async fn assign_many(&self, items: Vec<(String, Vec<[u8; 16]>)>) -> Result<(), MembershipError> {
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs().min(u64::from(u32::MAX)) as u32);
+        expect_ok(self.write(Command::AssignMany { items, now_secs }).await?)
+    }
+
     pub async fn forget_numbers(&self, name: String, ids: Vec<[u8; 16]>) -> Result<(), MembershipError> {
         expect_ok(self.write(Command::ForgetNumbers { name, ids }).await?)
     }

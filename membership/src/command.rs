@@ -72,6 +72,13 @@ pub enum Command {
     DropSequence {
         name: String,
     },
+    /// Several [`Command::AssignNumbers`] in one entry (a node batches the
+    /// requests of its sessions): each is applied on its own, one refused
+    /// does not stop the others; callers read their numbers back.
+    AssignMany {
+        items: Vec<(String, Vec<[u8; 16]>)>,
+        now_secs: u32,
+    },
 }
 
 /// A client TLS certificate chain and its private key, PEM, as stored in
@@ -290,6 +297,17 @@ impl ClusterState {
             Command::AssignNumbers { name, ids, now_secs } => self.sequences.assign(name, ids, *now_secs)?,
             Command::ForgetNumbers { name, ids } => self.sequences.forget(name, ids)?,
             Command::DropSequence { name } => self.sequences.drop_sequence(name)?,
+            Command::AssignMany { items, now_secs } => {
+                let mut first = Ok(());
+                for (name, ids) in items {
+                    if let Err(e) = self.sequences.assign(name, ids, *now_secs)
+                        && first.is_ok()
+                    {
+                        first = Err(e);
+                    }
+                }
+                first?
+            }
             Command::Verdict { id, state, term } => {
                 if *term != by.term || (*state == NodeState::Down && *id == by.leader) {
                     return Err(CommandError::StaleVerdict {

@@ -27,6 +27,7 @@ pub mod data;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod imap;
+pub mod imap_mime;
 pub mod mail;
 pub mod metrics;
 pub mod pop3;
@@ -310,7 +311,7 @@ pub async fn run(
     services.postmaster = config.postmaster.clone();
     services.tls = Some(tls.clone());
     services.plaintext_auth = config.plaintext_auth;
-    services.uids = Arc::new(cluster.membership.clone());
+    services.uids = Arc::new(uids::RaftUids::new(cluster.membership.clone()));
     let services = Arc::new(services);
 
     let mut tasks = JoinSet::new();
@@ -415,6 +416,7 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
             Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let slot = match services.slots.acquire(peer.ip(), std::time::Instant::now()) {
             Ok(slot) => slot,
             Err(why) => {
@@ -464,7 +466,7 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
                 Proto::Pop3 | Proto::Pop3s => pop3::serve_on(stream, peer, services, stop).await,
                 Proto::Imap | Proto::Imaps => {
                     bump(&services.metrics.imap_sessions);
-                    imap::serve_on(stream, peer, services, stop).await
+                    imap::serve_on(stream, peer, services, stop, Some(fd)).await
                 }
             }
         });

@@ -109,6 +109,8 @@ struct Session<S> {
     close_after: Option<ResponseHandle>,
     /// Say BYE (with this reason) after the command's tagged reply.
     bye_after: Option<&'static str>,
+    /// This session counted against its user's limit (after login).
+    _counted: Option<crate::services::ImapSession>,
     /// The client's TCP socket (owned by `stream`, alive as long as it).
     fd: Option<std::os::fd::RawFd>,
     buf: Vec<u8>,
@@ -202,6 +204,7 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
         starttls_after: None,
         close_after: None,
         bye_after: None,
+        _counted: None,
         fd,
         buf: vec![0; 16 * 1024],
     };
@@ -599,6 +602,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ))
             }
             Auth::Ok(record) => {
+                let Some(counted) = self.services.imap_session(&record.mailbox()) else {
+                    bump(&self.services.metrics.limit_refusals);
+                    return Err(no(
+                        tag,
+                        Some(Code::Other(code_other("LIMIT"))),
+                        "too many IMAP sessions for this user on this node",
+                    ));
+                };
+                self._counted = Some(counted);
                 bump(&self.services.metrics.imap_logins);
                 debug!(peer = %self.peer, user = %record.address, "imap login");
                 self.phase = Phase::Authenticated { user: record.mailbox() };

@@ -132,6 +132,9 @@ struct NodeArgs {
     /// --max-connections is taken).
     #[arg(long, default_value_t = 64)]
     max_connections_per_ip: u32,
+    /// IMAP sessions one user may have open on this node at once.
+    #[arg(long, default_value_t = 20)]
+    max_imap_sessions_per_user: u32,
     /// Unknown recipients one client address may name per minute; past it
     /// every RCPT from that address gets 450 4.7.1 until the minute ends.
     /// (In one session, each unknown recipient after the third waits 1 s
@@ -431,6 +434,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         recipients_max: a.max_recipients,
         unknown_recipients_max: a.max_unknown_recipients,
         connections_per_address_max: a.max_connections_per_ip,
+        imap_sessions_per_user_max: a.max_imap_sessions_per_user,
         connections_max: a.max_connections,
         idle_timeout: Duration::from_secs(a.idle_timeout),
         ..Limits::default()

@@ -39,6 +39,8 @@ pub struct Limits {
     /// All connections of all protocols on this node.
     pub connections_max: usize,
     pub connections_per_address_max: u32,
+    /// IMAP sessions of one user on this node at once.
+    pub imap_sessions_per_user_max: u32,
     /// Failed logins from one address within `auth_window` before it is
     /// refused for the rest of the window.
     pub auth_failures_max: u32,
@@ -64,6 +66,7 @@ impl Default for Limits {
             data_memory_bytes_max: 512 << 20,
             connections_max: 1024,
             connections_per_address_max: 64,
+            imap_sessions_per_user_max: 20,
             auth_failures_max: 10,
             auth_failures_per_account_max: 30,
             auth_window: Duration::from_secs(60),
@@ -213,6 +216,7 @@ pub struct Services {
     /// taking memory and blocking threads without bound.
     password_checks: Semaphore,
     pop3_locks: Mutex<HashSet<String>>,
+    imap_users: Mutex<HashMap<String, u32>>,
     auth: Mutex<AuthState>,
     auth_key: [u8; 32],
     /// A hash of a random password with the parameters of real ones: an
@@ -230,6 +234,24 @@ impl std::fmt::Debug for Services {
 /// Held by a POP3 session while it owns a mailbox: on this node, and
 /// (`cluster`) at the user's manager.
 #[derive(Debug)]
+/// An IMAP session counted against its user's limit.
+pub struct ImapSession {
+    services: Arc<Services>,
+    user: String,
+}
+
+impl Drop for ImapSession {
+    fn drop(&mut self) {
+        let mut users = self.services.imap_users.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = users.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
+}
+
 pub struct MailboxLock {
     services: Arc<Services>,
     user: String,
@@ -321,10 +343,26 @@ impl Services {
             metrics: Metrics::default(),
             latency: crate::metrics::Latencies::default(),
             pop3_locks: Mutex::new(HashSet::new()),
+            imap_users: Mutex::new(HashMap::new()),
             auth: Mutex::new(AuthState::default()),
             auth_key,
             dummy_hash: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// One IMAP session of `user` on this node, if under the limit; given
+    /// back when the guard drops.
+    pub fn imap_session(self: &Arc<Self>, user: &str) -> Option<ImapSession> {
+        let mut users = self.imap_users.lock().unwrap_or_else(|p| p.into_inner());
+        let n = users.entry(user.to_owned()).or_insert(0);
+        if *n >= self.limits.imap_sessions_per_user_max {
+            return None;
+        }
+        *n += 1;
+        Some(ImapSession {
+            services: self.clone(),
+            user: user.to_owned(),
+        })
     }
 
     /// Takes the POP3 lock of a mailbox on this node (RFC 1939 §8: one

@@ -230,7 +230,11 @@ async fn replies_to_every_command() {
 /// failed-login limit (3 a session).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_literals_and_limits() {
-    let (_d, n) = node("imap-limits", &["--max-message-size", "1000"]).await;
+    let (_d, n) = node(
+        "imap-limits",
+        &["--max-message-size", "1000", "--max-imap-sessions-per-user", "2"],
+    )
+    .await;
     let (mut c, _) = Raw::connect(n.imap()).await;
     // SASL-IR: the PLAIN response on the command line.
     let plain = quill_node::imap::plain_response("bob@example.org", PASSWORD);
@@ -270,6 +274,29 @@ async fn append_literals_and_limits() {
     assert!(tagged.starts_with("BAD"), "{tagged}");
     let bye = if got.is_empty() { c.line().await } else { got[0].clone() };
     assert!(bye.starts_with("* BYE"), "{bye}");
+
+    // Sessions per user: two at once here; a third is refused until one
+    // ends.
+    let login = format!("LOGIN bob@example.org \"{PASSWORD}\"");
+    let (mut s1, _) = Raw::connect(n.imap()).await;
+    assert!(s1.cmd("a", &login).await.1.starts_with("OK"));
+    let (mut s2, _) = Raw::connect(n.imap()).await;
+    assert!(s2.cmd("a", &login).await.1.starts_with("OK"));
+    let (mut s3, _) = Raw::connect(n.imap()).await;
+    let (_, tagged) = s3.cmd("a", &login).await;
+    assert!(tagged.starts_with("NO [LIMIT]"), "{tagged}");
+    s1.cmd("z", "LOGOUT").await;
+    drop(s1);
+    common::wait_for("a session slot back", Duration::from_secs(10), || {
+        let addr = n.imap();
+        let login = login.clone();
+        async move {
+            let (mut s, _) = Raw::connect(addr).await;
+            s.cmd("a", &login).await.1.starts_with("OK")
+        }
+    })
+    .await;
+    drop((s2, s3));
 
     // Failed logins: NO, and BYE after the third in one session.
     let (mut c, _) = Raw::connect(n.imap()).await;

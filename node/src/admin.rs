@@ -365,7 +365,17 @@ async fn remove_user(
         .apply(DirectoryCommand::RemoveUser { address })
         .await?;
     if q.purge {
-        purged += purge(mailbox).await?;
+        purged += purge(mailbox.clone()).await?;
+    }
+    // Its folders' UIDs go too (a mailbox name is never reused: see
+    // `UserRecord::mailbox`).
+    if let Err(e) = s
+        .services
+        .uids
+        .drop_folder(&crate::uids::sequence_name(&mailbox, "INBOX"))
+        .await
+    {
+        tracing::warn!(user = %user.address, error = %e, "the user's UIDs were not dropped");
     }
     tracing::info!(user = %user.address, purged, "user removed");
     Ok(Json(json!({ "ok": true, "purged": purged })).into_response())

@@ -448,6 +448,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 lock.release().await;
                 match outcome {
                     Ok(_) => {
+                        // A POP3 DELE is an IMAP expunge: the UIDs are
+                        // forgotten (after the reply; best effort: a number
+                        // left behind costs memory, never a wrong UID).
+                        let ids: Vec<[u8; 16]> = victims.iter().map(|l| l.meta.id.0).collect();
+                        if !ids.is_empty() {
+                            let (services, name) = (self.services.clone(), crate::uids::sequence_name(&user, "INBOX"));
+                            tokio::spawn(async move { services.uids.forget(&name, ids).await });
+                        }
                         self.services
                             .metrics
                             .messages_deleted

@@ -30,6 +30,9 @@ pub trait Uids: Send + Sync + 'static {
     fn assign<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Forgets expunged ids (their UIDs are never given again).
     fn forget<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Drops a folder's sequence (its user is removed): a later folder of
+    /// that name gets a new UIDVALIDITY.
+    fn drop_folder<'a>(&'a self, name: &'a str) -> BoxFuture<'a, anyhow::Result<()>>;
     /// The folder's validity, UIDNEXT and the UIDs of `ids`; `None` if the
     /// folder has no sequence yet.
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers>;
@@ -158,6 +161,10 @@ impl Uids for RaftUids {
         })
     }
 
+    fn drop_folder<'a>(&'a self, name: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.membership.drop_sequence(name.to_owned()).await?) })
+    }
+
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers> {
         self.membership.with_sequence(name, |s| read(s, ids))
     }
@@ -193,6 +200,10 @@ impl Uids for LocalUids {
             }
             Ok(())
         })
+    }
+
+    fn drop_folder<'a>(&'a self, name: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.seqs().drop_sequence(name)?) })
     }
 
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers> {

@@ -24,6 +24,7 @@ pub const ADMIN_PORT: u16 = 8080;
 pub const SMTPS_PORT: u16 = 2465;
 pub const POP3S_PORT: u16 = 2995;
 pub const IMAP_PORT: u16 = 2143;
+pub const SUBMISSION_PORT: u16 = 2587;
 pub const IMAPS_PORT: u16 = 2993;
 pub const CLUSTER_PORT: u16 = 7400;
 
@@ -202,6 +203,9 @@ impl NodeProcess {
     pub fn imap(&self) -> SocketAddr {
         self.opts.addr(IMAP_PORT)
     }
+    pub fn submission(&self) -> SocketAddr {
+        self.opts.addr(SUBMISSION_PORT)
+    }
     pub fn imaps(&self) -> SocketAddr {
         self.opts.addr(IMAPS_PORT)
     }
@@ -263,6 +267,8 @@ impl NodeProcess {
             .arg(o.addr(POP3S_PORT).to_string())
             .arg("--imap")
             .arg(o.addr(IMAP_PORT).to_string())
+            .arg("--submission")
+            .arg(o.addr(SUBMISSION_PORT).to_string())
             .arg("--imaps")
             .arg(o.addr(IMAPS_PORT).to_string())
             .arg("--admin")

@@ -455,9 +455,13 @@ async fn accept_loop(listener: TcpListener, proto: Proto, services: Arc<Services
                 session::Stream::Plain(stream)
             };
             match proto {
-                Proto::Smtp | Proto::Submission | Proto::Smtps => {
+                Proto::Smtp | Proto::Smtps => {
                     bump(&services.metrics.smtp_sessions);
                     smtp::serve_on(stream, peer, services, smtp::Mode::Smtp, stop).await
+                }
+                Proto::Submission => {
+                    bump(&services.metrics.smtp_sessions);
+                    smtp::serve_on(stream, peer, services, smtp::Mode::Submission, stop).await
                 }
                 Proto::Lmtp => {
                     bump(&services.metrics.lmtp_sessions);

@@ -24,6 +24,9 @@ use crate::time::{now_ms, rfc5322_date};
 pub enum Mode {
     Smtp,
     Lmtp,
+    /// Message submission (RFC 6409, `--submission`): AUTH required; the
+    /// envelope sender and `From:` must be the authenticated user.
+    Submission,
 }
 
 /// How a DATA section ended.
@@ -79,7 +82,15 @@ struct Session<S> {
     tx: Option<Transaction>,
     /// Unknown recipients named in this session.
     n_unknown: u32,
+    /// Submission: the authenticated user's address.
+    authed: Option<String>,
+    auth_failures: u32,
 }
+
+/// Failed AUTH attempts in one submission session before it is closed.
+const AUTH_FAILURES_MAX: u32 = 3;
+/// Longest AUTH response line (base64 of a PLAIN response).
+const AUTH_LINE_BYTES_MAX: usize = 12 * 1024;
 
 /// Sanitizes a client-supplied name for a `Received:` header: printable
 /// ASCII only, at most 255 bytes.
@@ -115,6 +126,8 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
         esmtp: false,
         tx: None,
         n_unknown: 0,
+        authed: None,
+        auth_failures: 0,
     };
     let proto = if mode == Mode::Lmtp { "LMTP" } else { "ESMTP" };
     let host = s.services.hostname.clone();
@@ -189,9 +202,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 } else {
                     let size = self.services.limits.message_bytes_max;
                     let starttls = if self.io.can_start_tls() { "250-STARTTLS\r\n" } else { "" };
+                    // RFC 4954: AUTH only where a password may be sent.
+                    let auth = if self.mode == Mode::Submission
+                        && self.authed.is_none()
+                        && self.io.may_send_password(self.peer.ip())
+                    {
+                        "250-AUTH PLAIN LOGIN\r\n"
+                    } else {
+                        ""
+                    };
                     self.reply(&format!(
                         "250-{me}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-8BITMIME\r\n\
-                         {starttls}250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 HELP"
+                         {starttls}{auth}250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 HELP"
                     ))
                     .await?;
                 }
@@ -200,6 +222,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if self.helo.is_none() {
                     let hello = if lmtp { "LHLO" } else { "EHLO/HELO" };
                     self.reply(&format!("503 5.5.1 Send {hello} first")).await?;
+                } else if self.mode == Mode::Submission && self.authed.is_none() {
+                    self.reply("530 5.7.0 Authentication required").await?;
+                } else if self.mode == Mode::Submission
+                    && !self.authed.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(&from.address))
+                {
+                    self.reply("553 5.7.1 Sender address not owned by the authenticated user").await?;
                 } else if self.tx.is_some() {
                     self.reply("503 5.5.1 Sender already specified").await?;
                 } else if from.size > self.services.limits.message_bytes_max {
@@ -230,6 +258,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Rcpt { to } => return self.rcpt(&to.address).await,
             Request::Data => return self.data().await,
             Request::StartTls => return self.start_tls(line).await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } if self.mode == Mode::Submission => return self.auth(mechanism, initial_response.into_owned()).await,
             Request::Rset => {
                 self.tx = None;
                 self.reply("250 2.0.0 Ok").await?;
@@ -272,6 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.helo = None;
                 self.esmtp = false;
                 self.tx = None;
+                self.authed = None;
                 Ok(true)
             }
             Upgrade::Failed => Ok(false),
@@ -307,6 +340,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let user = match self.services.resolve_recipient(address) {
             Recipient::Local(user) => user,
             Recipient::UnknownUser => return self.unknown_recipient(ip).await,
+            Recipient::NotLocal if self.mode == Mode::Submission => {
+                // Fail closed until there is an outbound queue to take it.
+                self.reply("550 5.7.1 Delivery to other domains is not available yet (no outbound queue)")
+                    .await?;
+                return Ok(true);
+            }
             Recipient::NotLocal => {
                 self.reply("550 5.7.1 Relaying denied").await?;
                 return Ok(true);
@@ -403,6 +442,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(true);
             }
         };
+        // Submission: every From: address must be the authenticated user.
+        if self.mode == Mode::Submission
+            && let Some(user) = &self.authed
+            && !from_is(&body, user)
+        {
+            self.tx = None;
+            self.reply("553 5.7.1 From: header not owned by the authenticated user")
+                .await?;
+            return Ok(true);
+        }
         let size = body.len();
         let from = self.tx.take().map(|t| t.mail_from).unwrap_or_default();
         // To R nodes per recipient, one body per node; each has it on disk
@@ -425,7 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             warn!(peer = %self.peer, %id, stored = ?outcome.stored, "delivery failed for some recipients");
         }
         match self.mode {
-            Mode::Smtp => {
+            Mode::Smtp | Mode::Submission => {
                 // One reply for the transaction: a partial failure must be
                 // retried for everyone (the stored copies of this attempt
                 // stay; a client retry may duplicate them, never lose them).
@@ -455,6 +504,119 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(true)
     }
 
+    /// AUTH PLAIN (RFC 4616) or LOGIN on submission (RFC 4954).
+    async fn auth(&mut self, mechanism: u64, initial: String) -> std::io::Result<bool> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        if self.authed.is_some() {
+            self.reply("503 5.5.1 Already authenticated").await?;
+            return Ok(true);
+        }
+        if self.tx.is_some() {
+            self.reply("503 5.5.1 AUTH not allowed during a mail transaction")
+                .await?;
+            return Ok(true);
+        }
+        if !self.io.may_send_password(self.peer.ip()) {
+            bump(&self.services.metrics.plaintext_auth_refused);
+            self.reply("538 5.7.11 Encryption required for requested authentication mechanism (STARTTLS first)")
+                .await?;
+            return Ok(true);
+        }
+        // One response line from the client after a 334 challenge; None:
+        // cancelled (`*`), malformed, or the client went away.
+        async fn response<S: AsyncRead + AsyncWrite + Unpin>(
+            s: &mut Session<S>,
+            challenge: &str,
+        ) -> std::io::Result<Option<Vec<u8>>> {
+            s.reply(&format!("334 {challenge}")).await?;
+            s.flush().await?;
+            let idle = s.services.limits.idle_timeout;
+            match read_line(&mut s.io.r, AUTH_LINE_BYTES_MAX, idle).await? {
+                Line::Ok(l) => {
+                    let l = crate::conn::trim_eol(&l);
+                    if l == b"*" {
+                        return Ok(None);
+                    }
+                    Ok(base64::engine::general_purpose::STANDARD.decode(l).ok())
+                }
+                _ => Ok(None),
+            }
+        }
+        let decoded = |s: &str| {
+            if s.is_empty() || s == "=" {
+                Some(Vec::new())
+            } else {
+                b64.decode(s).ok()
+            }
+        };
+        let creds: Option<(String, String)> = if mechanism == smtp_proto::AUTH_PLAIN {
+            let data = if initial.is_empty() {
+                response(self, "").await?
+            } else {
+                decoded(&initial)
+            };
+            data.and_then(|d| {
+                let parts: Vec<&[u8]> = d.split(|b| *b == 0).collect();
+                match parts.as_slice() {
+                    [authz, user, pass] if authz.is_empty() || authz == user => Some((
+                        String::from_utf8_lossy(user).into_owned(),
+                        String::from_utf8_lossy(pass).into_owned(),
+                    )),
+                    _ => None,
+                }
+            })
+        } else if mechanism == smtp_proto::AUTH_LOGIN {
+            let user = if initial.is_empty() {
+                response(self, "VXNlcm5hbWU6").await?
+            } else {
+                decoded(&initial)
+            };
+            match user {
+                Some(u) => response(self, "UGFzc3dvcmQ6").await?.map(|p| {
+                    (
+                        String::from_utf8_lossy(&u).into_owned(),
+                        String::from_utf8_lossy(&p).into_owned(),
+                    )
+                }),
+                None => None,
+            }
+        } else {
+            self.reply("504 5.5.4 Unrecognized authentication type (PLAIN, LOGIN)")
+                .await?;
+            return Ok(!self.bad().await?);
+        };
+        let Some((user, pass)) = creds else {
+            self.reply("501 5.5.2 Cannot decode the response (or cancelled)")
+                .await?;
+            return Ok(!self.bad().await?);
+        };
+        match self.services.authenticate(self.peer.ip(), &user, &pass).await {
+            crate::services::Auth::Ok(record) => {
+                info!(peer = %self.peer, user = %record.address, "submission login");
+                self.authed = Some(record.address.clone());
+                self.reply("235 2.7.0 Authentication successful").await?;
+                Ok(true)
+            }
+            crate::services::Auth::Failed => {
+                self.auth_failures += 1;
+                self.reply("535 5.7.8 Authentication credentials invalid").await?;
+                if self.auth_failures >= AUTH_FAILURES_MAX {
+                    self.reply("421 4.7.0 Too many authentication failures, closing connection")
+                        .await?;
+                    return Ok(false);
+                }
+                Ok(true)
+            }
+            crate::services::Auth::Blocked => {
+                bump(&self.services.metrics.limit_refusals);
+                self.reply("421 4.7.0 Too many authentication failures, try again later")
+                    .await?;
+                Ok(false)
+            }
+        }
+    }
+
     fn received_header(&self, id: &str, rcpts: &[&str], arrival_ms: u64) -> Vec<u8> {
         // RFC 3848: an S for TLS.
         let tls = self.io.tls();
@@ -464,6 +626,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             (Mode::Smtp, true, false) => "ESMTP",
             (Mode::Smtp, true, true) => "ESMTPS",
             (Mode::Smtp, false, _) => "SMTP",
+            // RFC 3848: A for authenticated.
+            (Mode::Submission, _, false) => "ESMTPA",
+            (Mode::Submission, _, true) => "ESMTPSA",
         };
         let using = tls.map(|t| format!(" (using {t})")).unwrap_or_default();
         let helo = self.helo.as_deref().unwrap_or("unknown");
@@ -548,4 +713,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
     }
+}
+
+/// Whether every `From:` address of the message is `user` (and there is
+/// one): RFC 6409 8.1's check that a submitter sends as itself.
+fn from_is(message: &[u8], user: &str) -> bool {
+    let Some(m) = mail_parser::MessageParser::default().parse_headers(message) else {
+        return false;
+    };
+    let Some(from) = m.from() else { return false };
+    let mut any = false;
+    for a in from.iter() {
+        any = true;
+        if !a.address.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(user)) {
+            return false;
+        }
+    }
+    any
 }

@@ -147,7 +147,7 @@ fn print_instructions(state: &ClusterState, dir: &Path) {
     for n in &state.nodes {
         let ip = state.ip(n.k);
         println!(
-            "  n{}: SMTP {ip}:2525  LMTP {ip}:2424  POP3 {ip}:2110  IMAP {ip}:2143  SMTPS {ip}:2465  POP3S {ip}:2995  IMAPS {ip}:2993  admin {ip}:8080",
+            "  n{}: SMTP {ip}:2525  LMTP {ip}:2424  POP3 {ip}:2110  IMAP {ip}:2143  submission {ip}:2587  SMTPS {ip}:2465  POP3S {ip}:2995  IMAPS {ip}:2993  admin {ip}:8080",
             n.k
         );
     }

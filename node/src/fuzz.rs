@@ -82,3 +82,41 @@ pub fn cluster_frame(data: &[u8]) {
 pub fn admin_json(data: &[u8]) {
     crate::admin::fuzz_bodies(data);
 }
+
+/// IMAP: the bytes as a client's stream into imap-next's server state (with
+/// the node's options: literal and command bounds), every event drained;
+/// and the bytes as a stored message through what FETCH makes of one
+/// (ENVELOPE, BODYSTRUCTURE, BODY, header and MIME sections, header
+/// fields), which must stay inside the message.
+pub fn imap(data: &[u8]) {
+    use imap_next::State;
+    use imap_next::imap_types::response::Greeting;
+    let mut o = imap_next::server::Options::default();
+    o.max_literal_size = 4096;
+    o.max_command_size = 8192;
+    let mut server = imap_next::server::Server::new(o, Greeting::ok(None, "fuzz").expect("valid"));
+    // Fed in small pieces, as reads cut them.
+    for chunk in data.chunks(97) {
+        server.enqueue_input(chunk);
+        for _ in 0..10_000 {
+            match server.next() {
+                Err(imap_next::Interrupt::Io(imap_next::Io::NeedMoreInput)) => break,
+                Ok(imap_next::server::Event::IdleCommandReceived { .. }) => {
+                    let cont = imap_next::imap_types::response::CommandContinuationRequest::basic(None, "idling")
+                        .expect("valid");
+                    let _ = server.idle_accept(cont);
+                }
+                Ok(imap_next::server::Event::CommandAuthenticateReceived { command_authenticate }) => {
+                    let st = imap_next::imap_types::response::Status::no(Some(command_authenticate.tag), None, "no")
+                        .expect("valid");
+                    let _ = server.authenticate_finish(st);
+                }
+                _ => {}
+            }
+        }
+    }
+    let _ = crate::imap_mime::envelope(data);
+    let _ = crate::imap_mime::body_structure(data, true);
+    let _ = crate::imap_mime::body_structure(data, false);
+    crate::imap::fuzz_sections(data);
+}

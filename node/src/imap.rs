@@ -1509,6 +1509,33 @@ pub fn plain_response(user: &str, password: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
 }
 
+/// For the fuzz target: every kind of section of `message`, each of which
+/// must be a slice of it (or the header fields' copy, bounded by it).
+#[doc(hidden)]
+pub fn fuzz_sections(message: &[u8]) {
+    use imap_next::imap_types::fetch::Part;
+    let n = |k: u32| NonZeroU32::new(k).expect("nonzero");
+    let names = Vec1::unvalidated(vec![AString::try_from("Subject").expect("valid")]);
+    let part = |p: &[u32]| Part(Vec1::unvalidated(p.iter().map(|k| n(*k)).collect()));
+    let sections = [
+        None,
+        Some(Section::Header(None)),
+        Some(Section::Text(None)),
+        Some(Section::HeaderFields(None, names.clone())),
+        Some(Section::HeaderFieldsNot(None, names)),
+        Some(Section::Part(part(&[1]))),
+        Some(Section::Part(part(&[2, 1]))),
+        Some(Section::Mime(part(&[1]))),
+        Some(Section::Header(Some(part(&[1])))),
+        Some(Section::Text(Some(part(&[2])))),
+    ];
+    for s in &sections {
+        if let Some(b) = section_bytes(message, s.as_ref()) {
+            assert!(b.len() <= message.len() + 2, "a section larger than its message");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,10 @@ use mail_parser::{Message, MessageParser, MessagePart, MimeHeaders, PartType};
 
 /// Nesting followed at most (a hostile message may nest very deeply).
 const DEPTH_MAX: usize = 32;
+/// Parts described at most in one BODYSTRUCTURE: a malformed message can
+/// make the parser's tree name the same part many times over (the fuzzer
+/// found one where 32 levels of that took 19 s and gigabytes).
+const PARTS_MAX: usize = 1000;
 
 fn parse(raw: &[u8]) -> Option<Message<'_>> {
     MessageParser::default().parse(raw)
@@ -140,14 +144,24 @@ fn params(
     }
 }
 
-fn part_structure(m: &Message<'_>, p: &MessagePart<'_>, ext: bool, depth: usize) -> BodyStructure<'static> {
+fn part_structure(
+    m: &Message<'_>,
+    p: &MessagePart<'_>,
+    ext: bool,
+    depth: usize,
+    budget: &mut usize,
+) -> BodyStructure<'static> {
+    *budget = budget.saturating_sub(1);
+    let deeper = depth < DEPTH_MAX && *budget > 0;
     let ct = p.content_type();
-    if let (PartType::Multipart(children), true) = (&p.body, depth < DEPTH_MAX) {
-        let bodies: Vec<BodyStructure<'static>> = children
-            .iter()
-            .filter_map(|i| m.part(*i))
-            .map(|c| part_structure(m, c, ext, depth + 1))
-            .collect();
+    if let (PartType::Multipart(children), true) = (&p.body, deeper) {
+        let mut bodies: Vec<BodyStructure<'static>> = Vec::new();
+        for c in children.iter().filter_map(|i| m.part(*i)) {
+            if *budget == 0 {
+                break;
+            }
+            bodies.push(part_structure(m, c, ext, depth + 1, budget));
+        }
         if let Ok(bodies) = Vec1::try_from(bodies) {
             let subtype = ct.and_then(|c| c.subtype()).unwrap_or("mixed").to_ascii_uppercase();
             return BodyStructure::Multi {
@@ -183,9 +197,9 @@ fn part_structure(m: &Message<'_>, p: &MessagePart<'_>, ext: bool, depth: usize)
         size: body.len() as u32,
     };
     let specific = match (&p.body, ty.as_str()) {
-        (PartType::Message(inner), _) if depth < DEPTH_MAX => SpecificFields::Message {
+        (PartType::Message(inner), _) if deeper => SpecificFields::Message {
             envelope: Box::new(envelope_of(inner)),
-            body_structure: Box::new(part_structure(inner, inner.root_part(), ext, depth + 1)),
+            body_structure: Box::new(part_structure(inner, inner.root_part(), ext, depth + 1, budget)),
             number_of_lines: lines(body),
         },
         (_, "TEXT") => SpecificFields::Text {
@@ -241,7 +255,10 @@ fn plain_text(raw: &[u8], ext: bool) -> BodyStructure<'static> {
 /// BODYSTRUCTURE (`ext`) or BODY of a message.
 pub fn body_structure(raw: &[u8], ext: bool) -> BodyStructure<'static> {
     match parse(raw) {
-        Some(m) => part_structure(&m, m.root_part(), ext, 0),
+        Some(m) => {
+            let mut budget = PARTS_MAX;
+            part_structure(&m, m.root_part(), ext, 0, &mut budget)
+        }
         None => plain_text(raw, ext),
     }
 }

@@ -38,6 +38,11 @@ fn smtp() {
 }
 
 #[test]
+fn imap() {
+    replay("imap", quill_node::fuzz::imap);
+}
+
+#[test]
 fn pop3() {
     replay("pop3", quill_node::fuzz::pop3);
 }

@@ -337,7 +337,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// changes every [`IDLE_POLL`]. False: the session is over.
     async fn read_more(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<bool> {
         let idle_timeout = self.services.limits.idle_timeout;
-        let started = Instant::now();
         loop {
             let wait = if self.idling.is_some() { IDLE_POLL } else { idle_timeout };
             let read = tokio::select! {
@@ -372,7 +371,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                         return Ok(true);
                     }
-                    let _ = started;
                 }
             }
         }
@@ -690,37 +688,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             CommandBody::List {
                 reference,
                 mailbox_wildcard,
-            }
-            | CommandBody::Lsub {
+            } => self.list(tag, &reference, &mailbox_wildcard, false),
+            CommandBody::Lsub {
                 reference,
                 mailbox_wildcard,
-            } => {
-                let lsub = false;
-                let pattern = match &mailbox_wildcard {
-                    ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
-                    ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
-                };
-                let reference = String::from_utf8_lossy(mailbox_as_bytes(&reference)).into_owned();
-                if pattern.is_empty() {
-                    // The hierarchy delimiter and root.
-                    self.server.enqueue_data(Data::List {
-                        items: vec![FlagNameAttribute::Noselect],
-                        delimiter: Some(QuotedChar::try_from('/').expect("valid")),
-                        mailbox: Mailbox::try_from("").unwrap_or(Mailbox::Inbox),
-                    });
-                } else if wildcard_match(&format!("{reference}{pattern}"), INBOX) {
-                    let d = Data::List {
-                        items: vec![FlagNameAttribute::from(imap_next::imap_types::core::Atom::unvalidated(
-                            "HasNoChildren",
-                        ))],
-                        delimiter: Some(QuotedChar::try_from('/').expect("valid")),
-                        mailbox: Mailbox::Inbox,
-                    };
-                    let _ = lsub;
-                    self.server.enqueue_data(d);
-                }
-                ok(tag, None, "LIST completed")
-            }
+            } => self.list(tag, &reference, &mailbox_wildcard, true),
             CommandBody::Status { mailbox, item_names } => {
                 if mailbox != Mailbox::Inbox {
                     return nonexistent(tag);
@@ -778,6 +750,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.selected(tag, body).await
             }
         }
+    }
+
+    /// LIST or LSUB: INBOX is the only folder (and subscribed).
+    fn list(
+        &mut self,
+        tag: Tag<'static>,
+        reference: &Mailbox<'_>,
+        mailbox_wildcard: &ListMailbox<'_>,
+        lsub: bool,
+    ) -> Status<'static> {
+        let pattern = match mailbox_wildcard {
+            ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
+            ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
+        };
+        let reference = String::from_utf8_lossy(mailbox_as_bytes(reference)).into_owned();
+        let delimiter = Some(QuotedChar::try_from('/').expect("valid"));
+        // (items, mailbox) of the one answer, if any.
+        let found = if pattern.is_empty() {
+            // The hierarchy delimiter and root.
+            Some((
+                vec![FlagNameAttribute::Noselect],
+                Mailbox::try_from("").unwrap_or(Mailbox::Inbox),
+            ))
+        } else if wildcard_match(&format!("{reference}{pattern}"), INBOX) {
+            let no_children = imap_next::imap_types::core::Atom::unvalidated("HasNoChildren");
+            Some((vec![FlagNameAttribute::from(no_children)], Mailbox::Inbox))
+        } else {
+            None
+        };
+        if let Some((items, mailbox)) = found {
+            self.server.enqueue_data(if lsub {
+                Data::Lsub {
+                    items,
+                    delimiter,
+                    mailbox,
+                }
+            } else {
+                Data::List {
+                    items,
+                    delimiter,
+                    mailbox,
+                }
+            });
+        }
+        ok(tag, None, if lsub { "LSUB completed" } else { "LIST completed" })
     }
 
     /// The folder's UIDs and messages as listed now, numbering new ones.
@@ -1277,19 +1294,35 @@ fn parse_tag(discarded: &[u8]) -> Option<Tag<'static>> {
 }
 
 /// IMAP LIST matching: `*` matches anything, `%` anything but `/`;
-/// INBOX case-insensitively.
+/// INBOX case-insensitively. Dynamic programming over (pattern, name)
+/// positions: a pattern of many wildcards cannot make it backtrack
+/// exponentially.
 fn wildcard_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some(b'*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
-            Some(b'%') => (0..=n.len())
-                .take_while(|i| *i == 0 || n[*i - 1] != b'/')
-                .any(|i| go(&p[1..], &n[i..])),
-            Some(c) => n.first().is_some_and(|d| d.eq_ignore_ascii_case(c)) && go(&p[1..], &n[1..]),
-        }
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    if p.len() > 1024 {
+        return false;
     }
-    pattern.len() <= 1024 && go(pattern.as_bytes(), name.as_bytes())
+    // ok[j]: the pattern so far matches name[..j].
+    let mut ok = vec![false; n.len() + 1];
+    ok[0] = true;
+    for &c in p {
+        let mut next = vec![false; n.len() + 1];
+        match c {
+            b'*' | b'%' => {
+                for j in 0..=n.len() {
+                    // Either the wildcard ends here, or it goes on over n[j-1].
+                    next[j] = ok[j] || (j > 0 && next[j - 1] && (c == b'*' || n[j - 1] != b'/'));
+                }
+            }
+            _ => {
+                for j in 1..=n.len() {
+                    next[j] = ok[j - 1] && n[j - 1].eq_ignore_ascii_case(&c);
+                }
+            }
+        }
+        ok = next;
+    }
+    ok[n.len()]
 }
 
 fn largest(sel: &Selected, uid: bool) -> u32 {
@@ -1563,6 +1596,14 @@ mod tests {
         assert!(wildcard_match("IN*", "INBOX"));
         assert!(!wildcard_match("Sent", "INBOX"));
         assert!(!wildcard_match("INBOX/%", "INBOX"));
+        assert!(wildcard_match("I%X", "INBOX"));
+        assert!(!wildcard_match("%", "a/b"));
+        assert!(wildcard_match("*", "a/b"));
+        assert!(wildcard_match("", ""));
+        // Many wildcards: linear, not exponential.
+        let many = "*".repeat(1000) + "Z";
+        assert!(!wildcard_match(&many, "INBOX"));
+        assert!(wildcard_match(&"%".repeat(1000), "INBOX"));
     }
 
     #[test]

@@ -110,7 +110,7 @@ async fn replies_to_every_command() {
         ("LIST \"\" \"\"", "OK", &["* LIST (\\Noselect) \"/\" \"\""]),
         ("LIST \"\" *", "OK", &["* LIST (\\HasNoChildren) \"/\" INBOX"]),
         ("LIST \"\" Sent*", "OK", &["(none)"]),
-        ("LSUB \"\" *", "OK", &["INBOX"]),
+        ("LSUB \"\" *", "OK", &["* LSUB (\\HasNoChildren) \"/\" INBOX"]),
         ("SUBSCRIBE INBOX", "OK", &[]),
         ("SUBSCRIBE Sent", "NO [NONEXISTENT]", &[]),
         ("CREATE Sent", "NO [CANNOT]", &[]),

@@ -30,12 +30,14 @@
 #[doc(hidden)]
 pub mod fuzz;
 pub mod hlc;
+pub mod marks;
 #[cfg(feature = "testing")]
 pub mod mem_net;
 mod record;
 pub mod replica;
 mod store;
 
+pub use marks::{FlagMark, MarkChange, Marks};
 pub use store::{CompactReport, Delivery, FragmentStore, Placed, StoreConfig, StoreError, StoreStats, UserUsage};
 
 use serde::{Deserialize, Serialize};
@@ -110,6 +112,8 @@ pub struct EntryMeta {
     /// move marker, so anti-entropy pairs them with this copy's holders
     /// too, and a deletion is sent to them as well.
     pub prior: Vec<u64>,
+    /// The folder's and the flags' versions (see [`marks`]).
+    pub marks: Marks,
 }
 
 /// Earlier members an entry remembers at most.

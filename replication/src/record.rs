@@ -9,10 +9,13 @@
 //!                    without `placed`), read as `placed` 0; no longer written
 //!   kind 3 (delete): bincode(DeleteRecord)
 //!   kind 4 (commit): batch:u64le      (ends one group commit)
-//!   kind 5 (entry):  bincode(EntryRecord)
+//!   kind 5 (entry, before marks): bincode(EntryRecord without `marks`),
+//!                    read with no marks; no longer written
 //!   kind 6 (moved):  bincode(DeleteRecord) with `moved` set: this node's
 //!                    copy was handed to a newer replica set (kind 3 holds
 //!                    the same fields but `moved`, always absent there)
+//!   kind 7 (entry):  bincode(EntryRecord), with the folder's and flags'
+//!                    versions (`marks`)
 //! checksum = blake3(payload)
 //! ```
 //! A record is valid only if its magic, length and checksum all hold. After
@@ -40,6 +43,7 @@ pub(crate) const KIND_DELETE: u8 = 3;
 pub(crate) const KIND_COMMIT: u8 = 4;
 pub(crate) const KIND_ENTRY_PLACED: u8 = 5;
 pub(crate) const KIND_MOVED: u8 = 6;
+pub(crate) const KIND_ENTRY_MARKS: u8 = 7;
 
 /// One mailbox entry: `user` holds message `id`, whose bytes are the body
 /// named `body`.
@@ -59,6 +63,23 @@ pub(crate) struct EntryRecord {
     pub placed: u64,
     /// Earlier members later sets left out (see `EntryMeta::prior`).
     pub prior: Vec<u64>,
+    /// The folder's and flags' versions (see `crate::marks`).
+    pub marks: crate::Marks,
+}
+
+/// Kind 5, written before marks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct EntryRecordV2 {
+    user: String,
+    id: MessageId,
+    body: BodyHash,
+    size_bytes: u64,
+    arrival_ms: u64,
+    folder: String,
+    flags: u32,
+    replicas: Vec<u64>,
+    placed: u64,
+    prior: Vec<u64>,
 }
 
 /// Kind 2, written before replica sets had versions.
@@ -152,7 +173,7 @@ pub(crate) fn encode_body(out: &mut Vec<u8>, hash: &BodyHash, body: &[u8]) -> u6
 
 pub(crate) fn encode_entry(out: &mut Vec<u8>, entry: &EntryRecord) {
     let bytes = bincode::serde::encode_to_vec(entry, bincode_config()).expect("entry encodes");
-    push_record(out, KIND_ENTRY_PLACED, &[&bytes]);
+    push_record(out, KIND_ENTRY_MARKS, &[&bytes]);
 }
 
 pub(crate) fn encode_delete(out: &mut Vec<u8>, delete: &DeleteRecord) {
@@ -267,11 +288,30 @@ fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), &'static str> {
                         replicas: e.replicas,
                         placed: 0,
                         prior: Vec::new(),
+                        marks: crate::Marks::default(),
                     }),
                     Err(_) => return Err("undecodable entry"),
                 }
             }
-            KIND_ENTRY_PLACED => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
+            KIND_ENTRY_PLACED => {
+                match bincode::serde::decode_from_slice::<EntryRecordV2, _>(&payload[1..], bincode_config()) {
+                    Ok((e, _)) => Decoded::Entry(EntryRecord {
+                        user: e.user,
+                        id: e.id,
+                        body: e.body,
+                        size_bytes: e.size_bytes,
+                        arrival_ms: e.arrival_ms,
+                        folder: e.folder,
+                        flags: e.flags,
+                        replicas: e.replicas,
+                        placed: e.placed,
+                        prior: e.prior,
+                        marks: crate::Marks::default(),
+                    }),
+                    Err(_) => return Err("undecodable entry"),
+                }
+            }
+            KIND_ENTRY_MARKS => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
                 Ok((e, _)) => Decoded::Entry(e),
                 Err(_) => return Err("undecodable entry"),
             },
@@ -314,6 +354,7 @@ mod tests {
             replicas: vec![1, 2],
             placed: 0,
             prior: Vec::new(),
+            marks: crate::Marks::default(),
         }
     }
 
@@ -388,12 +429,39 @@ mod tests {
         let mut buf = Vec::new();
         let bytes = bincode::serde::encode_to_vec(&old, bincode_config()).expect("encodes");
         push_record(&mut buf, KIND_ENTRY, &[&bytes]);
+        // Kind 5 (before marks) reads with no marks.
+        let v2 = EntryRecordV2 {
+            user: e.user.clone(),
+            id: e.id,
+            body: e.body,
+            size_bytes: e.size_bytes,
+            arrival_ms: e.arrival_ms,
+            folder: e.folder.clone(),
+            flags: e.flags,
+            replicas: e.replicas.clone(),
+            placed: 77,
+            prior: vec![4],
+        };
+        let bytes = bincode::serde::encode_to_vec(&v2, bincode_config()).expect("encodes");
+        push_record(&mut buf, KIND_ENTRY_PLACED, &[&bytes]);
         let placed = EntryRecord {
             placed: 77,
             prior: vec![4],
             ..entry()
         };
-        encode_entry(&mut buf, &placed);
+        let marked = EntryRecord {
+            folder: "f1".into(),
+            marks: crate::Marks {
+                folder_hlc: 5,
+                flags: vec![crate::FlagMark {
+                    name: "\\Seen".into(),
+                    set: true,
+                    hlc: 6,
+                }],
+            },
+            ..placed.clone()
+        };
+        encode_entry(&mut buf, &marked);
         let moved = DeleteRecord {
             user: e.user.clone(),
             id: e.id,
@@ -406,6 +474,7 @@ mod tests {
         assert_eq!(scan(&buf, |_, _, d| seen.push(d)), Scan::default());
         assert!(matches!(&seen[0], Decoded::Entry(r) if *r == e), "{:?}", seen[0]);
         assert!(matches!(&seen[1], Decoded::Entry(r) if *r == placed), "{:?}", seen[1]);
-        assert!(matches!(&seen[2], Decoded::Delete(d) if *d == moved), "{:?}", seen[2]);
+        assert!(matches!(&seen[2], Decoded::Entry(r) if *r == marked), "{:?}", seen[2]);
+        assert!(matches!(&seen[3], Decoded::Delete(d) if *d == moved), "{:?}", seen[3]);
     }
 }

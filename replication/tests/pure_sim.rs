@@ -138,6 +138,7 @@ impl Sim {
             replicas: targets.clone(),
             placed: 0,
             prior: Vec::new(),
+            marks: Default::default(),
         };
         let mut stored = false;
         for t in &targets {

@@ -521,6 +521,116 @@ async fn deletion_survives_a_replica_that_missed_it() {
     assert_eq!(sim.live().iter().map(|r| r.pending_updates()).sum::<usize>(), 0);
 }
 
+/// A flag change or a move made while a replica is down reaches it when it
+/// is back (by the update log, or by anti-entropy when the log is lost),
+/// and changes made through two nodes at once merge to one state on every
+/// replica (last writer wins per flag).
+#[tokio::test(flavor = "current_thread")]
+async fn flags_and_moves_reach_a_replica_that_missed_them() {
+    use replication::{FlagMark, MarkChange};
+    let mut sim = Sim::new(7);
+    let user = "flo@example.org".to_owned();
+    let front = sim.live()[0].clone();
+    let out = front
+        .deliver(std::slice::from_ref(&user), "INBOX", 5, b"hello\r\n".to_vec())
+        .await;
+    assert_eq!(out.copies[0].len(), R);
+    let victim = *out.copies[0]
+        .iter()
+        .find(|&&n| n != front.id())
+        .expect("a remote replica");
+    let vi = sim.nodes.iter().position(|n| n.id == victim).expect("node");
+    sim.crash(vi).await;
+    let front = sim.live().into_iter().find(|r| r.id() != victim).expect("front");
+    let listed = front.mailbox(&user).await;
+    assert_eq!(listed.len(), 1);
+    let hlc = front.hlc_now();
+    let change = MarkChange {
+        id: listed[0].meta.id,
+        folder: Some(("f-archive".into(), hlc)),
+        flags: vec![FlagMark {
+            name: "\\Seen".into(),
+            set: true,
+            hlc,
+        }],
+    };
+    front.mark(&user, &[(listed[0].clone(), change)]).await.expect("mark");
+    assert!(
+        front.pending_updates() >= 1,
+        "the change owed to the down replica is logged"
+    );
+    sim.restart(vi).await;
+    let back = sim.nodes[vi].rep.as_ref().expect("up").clone();
+    assert!(!back.store().list(&user)[0].marks.has("\\Seen"), "not reached yet");
+    // Every listing already shows the newest state (merged across holders).
+    for r in sim.live() {
+        let l = r.mailbox(&user).await;
+        assert!(
+            l[0].meta.marks.has("\\Seen") && l[0].meta.folder == "f-archive",
+            "node {}",
+            r.id()
+        );
+    }
+    for r in sim.live() {
+        r.replay_updates().await;
+    }
+    let m = &back.store().list(&user)[0];
+    assert!(
+        m.marks.has("\\Seen") && m.folder == "f-archive",
+        "the update log delivered it"
+    );
+
+    // Two nodes change the same message's flags at once, with the victim
+    // down for one of them: anti-entropy alone makes every copy agree.
+    sim.crash(vi).await;
+    let lives = sim.live();
+    let (x, y) = (&lives[0], &lives[1]);
+    let l = x.mailbox(&user).await;
+    let (hx, hy) = (x.hlc_now(), y.hlc_now());
+    let flag = |name: &str, set, hlc| FlagMark {
+        name: name.into(),
+        set,
+        hlc,
+    };
+    let cx = MarkChange {
+        id: l[0].meta.id,
+        folder: None,
+        flags: vec![flag("\\Seen", false, hx), flag("$A", true, hx)],
+    };
+    let cy = MarkChange {
+        id: l[0].meta.id,
+        folder: None,
+        flags: vec![flag("$B", true, hy)],
+    };
+    let (x_holds, y_holds) = (!x.store().list(&user).is_empty(), !y.store().list(&user).is_empty());
+    assert!(x_holds || y_holds, "seed 7: one of them holds a copy");
+    x.store().mark(&user, vec![cx]).await.expect("mark x");
+    y.store().mark(&user, vec![cy]).await.expect("mark y");
+    sim.restart(vi).await;
+    for _ in 0..2 {
+        for r in sim.live() {
+            r.anti_entropy_round().await;
+        }
+    }
+    let holders: Vec<_> = sim
+        .live()
+        .into_iter()
+        .filter(|r| !r.store().list(&user).is_empty())
+        .collect();
+    assert_eq!(holders.len(), R);
+    let states: Vec<_> = holders.iter().map(|r| r.store().list(&user)[0].marks.clone()).collect();
+    for s in &states {
+        assert_eq!(s, &states[0], "replicas disagree after anti-entropy: {states:?}");
+    }
+    // Where x or y hold a copy, their change is in; the cleared \Seen is newer.
+    if x_holds {
+        assert!(!states[0].has("\\Seen") && states[0].has("$A"));
+    }
+    if y_holds {
+        assert!(states[0].has("$B"));
+    }
+}
+
 /// Right after a view change, before the reports reach the users' new
 /// managers, every node still lists every mailbox in full: a map answers
 /// with every live node until each has reported for the view.

@@ -1337,3 +1337,76 @@ async fn oversized_names_and_node_lists_are_refused_and_the_store_goes_on() {
     assert_eq!(store.list("bob@example.org").len(), 1);
     store.close();
 }
+
+/// Folder and flag changes are durable, merge last writer wins per
+/// register (in one batch too), survive compaction, and leave deleted
+/// messages deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_are_durable_and_merge_last_writer_wins() {
+    use replication::{FlagMark, MarkChange};
+    let flag = |name: &str, set, hlc| FlagMark {
+        name: name.into(),
+        set,
+        hlc,
+    };
+    let dir = TempDir::new("marks");
+    let store = open(dir.path(), SMALL_SEGMENT);
+    let a = deliver_msg(&store, &["alice"], T0, bytes(1, 100)).await;
+    let b = deliver_msg(&store, &["alice"], T0 + 1, bytes(2, 100)).await;
+    let change = |id, folder: Option<(&str, u64)>, flags| MarkChange {
+        id,
+        folder: folder.map(|(f, h)| (f.to_owned(), h)),
+        flags,
+    };
+    // Several changes of one entry submitted at once (likely one batch).
+    let (r1, r2, r3) = tokio::join!(
+        store.mark("alice", vec![change(a.id, None, vec![flag("\\Seen", true, 10)])]),
+        store.mark("alice", vec![change(a.id, Some(("f1", 11)), vec![])]),
+        store.mark("alice", vec![change(a.id, None, vec![flag("$Work", true, 12)])]),
+    );
+    assert_eq!(r1.expect("mark") + r2.expect("mark") + r3.expect("mark"), 3);
+    // Older writes lose.
+    let n = store
+        .mark(
+            "alice",
+            vec![change(a.id, Some(("f2", 5)), vec![flag("\\Seen", false, 9)])],
+        )
+        .await
+        .expect("mark");
+    assert_eq!(n, 0, "older changes change nothing");
+    store.delete("alice", vec![b.id]).await.expect("delete");
+    let n = store
+        .mark("alice", vec![change(b.id, None, vec![flag("\\Seen", true, 20)])])
+        .await
+        .expect("mark");
+    assert_eq!(n, 0, "a deleted message is not marked (nor brought back)");
+    let check = |store: &FragmentStore, when: &str| {
+        let listed = store.list("alice");
+        assert_eq!(listed.len(), 1, "{when}: only a is left");
+        let m = &listed[0];
+        assert_eq!(m.folder, "f1", "{when}");
+        assert_eq!(m.marks.folder_hlc, 11, "{when}");
+        assert_eq!(
+            m.marks.set_flags().collect::<Vec<_>>(),
+            vec!["$Work", "\\Seen"],
+            "{when}"
+        );
+    };
+    check(&store, "before reopen");
+    let store = reopen(store, dir.path(), SMALL_SEGMENT);
+    check(&store, "after reopen");
+    // Filler, so that the marked entry's segment is sealed and compacted.
+    for i in 0..40u8 {
+        deliver_msg(
+            &store,
+            &["bob"],
+            T0 + 10 + u64::from(i),
+            bytes(u64::from(i) + 50, 2_000),
+        )
+        .await;
+    }
+    compact_fully(&store).await;
+    let store = reopen(store, dir.path(), SMALL_SEGMENT);
+    check(&store, "after compaction and reopen");
+    store.close();
+}

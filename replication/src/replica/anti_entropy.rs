@@ -13,7 +13,7 @@ use tracing::{debug, info};
 
 use super::protocol::{DIGESTS_MAX, Network, NodeId, ReplicaError, Reply, Request};
 use super::{RepairReport, Replicator, lock, wall_ms};
-use crate::{BodyHash, EntryMeta, MessageId, Moved, SetChange, SyncItem, Tombstone};
+use crate::{BodyHash, EntryMeta, MarkChange, MessageId, Moved, SetChange, SyncItem, Tombstone};
 
 /// How long after its start a node repairs even if no anti-entropy round
 /// has reached every live peer yet (a peer that is up but failing must not
@@ -40,6 +40,9 @@ pub struct SyncPlan {
     /// Messages the other side holds under an older replica set than this
     /// node's, with this node's (newer) set.
     pub newer_here: Vec<SetChange>,
+    /// Folder and flag registers the other side holds newer versions of
+    /// (its whole state, to merge here).
+    pub marks: Vec<MarkChange>,
 }
 
 fn change_of(m: &EntryMeta) -> SetChange {
@@ -89,7 +92,19 @@ pub fn plan_sync(me: NodeId, from: NodeId, mine: Vec<SyncItem>, theirs: Vec<Sync
             (SyncItem::Dead(t), _) => plan.tombstones.push(t),
             (_, Some(m @ SyncItem::Dead(_))) => plan.back.push(m.clone()),
             (SyncItem::Live(theirs), Some(SyncItem::Live(m))) => {
+                // Folder and flags: each side merges the other's registers
+                // (last writer wins per register, so both end the same).
+                let mut ours_back = false;
+                if theirs.marks != m.marks || theirs.folder != m.folder {
+                    if m.clone().apply_marks(&theirs.marks_change()) {
+                        plan.marks.push(theirs.marks_change());
+                    }
+                    ours_back = theirs.clone().apply_marks(&m.marks_change());
+                }
                 versions(change_of(&theirs), change_of(m), SyncItem::Live(m.clone()));
+                if ours_back && plan.back.last().map(SyncItem::id) != Some(id) {
+                    plan.back.push(SyncItem::Live(m.clone()));
+                }
             }
             (SyncItem::Live(theirs), Some(SyncItem::Moved(mv))) => {
                 // Dropped here for a newer set: only a newer one still
@@ -241,6 +256,10 @@ impl<N: Network> Replicator<N> {
         if !plan.adopt.is_empty() {
             self.store.set_replicas(user, plan.adopt, self.me).await?;
         }
+        if !plan.marks.is_empty() {
+            let n = self.store.mark(user, plan.marks).await?;
+            self.counters.repairs_marks.fetch_add(n as u64, Ordering::Relaxed);
+        }
         let mut n_pulled = 0;
         let new_fragment = !plan.fetch.is_empty() && !self.store.holds(user);
         for meta in plan.fetch {
@@ -311,6 +330,7 @@ mod tests {
             replicas: replicas.to_vec(),
             placed: 0,
             prior: Vec::new(),
+            marks: Default::default(),
         })
     }
 
@@ -373,6 +393,46 @@ mod tests {
             tombstone_expired(1, 1_000, 2_000, 0, &clean, t(&[1, 4], 400)),
             "past retention"
         );
+    }
+
+    #[test]
+    fn copies_with_different_flags_merge_both_ways() {
+        let flag = |name: &str, set, hlc| crate::FlagMark {
+            name: name.into(),
+            set,
+            hlc,
+        };
+        let with = |flags: Vec<crate::FlagMark>| {
+            let SyncItem::Live(mut m) = live(1, &[1, 2]) else {
+                unreachable!()
+            };
+            m.marks.flags = flags;
+            m
+        };
+        // A saw \Seen set at 5; B saw it cleared at 7 and $Work set at 3.
+        let a = with(vec![flag("\\Seen", true, 5)]);
+        let b = with(vec![flag("$Work", true, 3), flag("\\Seen", false, 7)]);
+        let plan_b = plan_sync(
+            2,
+            1,
+            vec![SyncItem::Live(b.clone())],
+            vec![SyncItem::Live(a.clone())],
+            true,
+        );
+        assert!(plan_b.marks.is_empty(), "A has nothing newer for B");
+        assert_eq!(
+            plan_b.back,
+            vec![SyncItem::Live(b.clone())],
+            "B's newer registers go back"
+        );
+        let plan_a = plan_sync(1, 2, vec![SyncItem::Live(a.clone())], plan_b.back, false);
+        assert_eq!(plan_a.marks, vec![b.marks_change()]);
+        let mut a2 = a.clone();
+        a2.apply_marks(&plan_a.marks[0]);
+        assert_eq!(a2.marks, b.marks);
+        // Equal copies plan nothing.
+        let same = plan_sync(1, 2, vec![SyncItem::Live(b.clone())], vec![SyncItem::Live(b)], true);
+        assert_eq!(same, SyncPlan::default());
     }
 
     fn item() -> impl Strategy<Value = (u64, bool, Vec<NodeId>)> {

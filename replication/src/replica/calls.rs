@@ -7,8 +7,8 @@ use std::time::Duration;
 use tracing::info;
 
 use super::protocol::{
-    Answer, BoxFuture, Call, DELETED_QUERY_MAX, DIGESTS_MAX, Envelope, Network, NodeId, PLACE_BATCH_MAX, ReplicaError,
-    Reply, Request, THROTTLE_KEYS_PER_CALL_MAX,
+    Answer, BoxFuture, Call, DELETED_QUERY_MAX, DIGESTS_MAX, Envelope, MARKS_PER_CALL_MAX, Network, NodeId,
+    PLACE_BATCH_MAX, ReplicaError, Reply, Request, THROTTLE_KEYS_PER_CALL_MAX,
 };
 use super::{Inflight, Replicator, is_live, lock};
 use crate::Delivery;
@@ -202,6 +202,12 @@ impl<N: Network> Replicator<N> {
                 Request::Delete { user, tombs } => Ok(Reply::Deleted {
                     removed: self.store.apply_tombstones(&user, tombs).await?,
                 }),
+                Request::Mark { user, mut changes } => {
+                    changes.truncate(MARKS_PER_CALL_MAX);
+                    Ok(Reply::Marked {
+                        changed: self.store.mark(&user, changes).await?,
+                    })
+                }
                 Request::Digests { digests } => {
                     let users = digests
                         .into_iter()

@@ -9,12 +9,12 @@ use placement::UserKey;
 use tracing::{debug, info, warn};
 
 use super::protocol::{
-    DELETED_QUERY_MAX, MAILBOX_LOCK_LEASE, MailboxInUse, Network, NodeId, PENDING_UNLOCKS_MAX, ReplicaError, Reply,
-    Request,
+    DELETED_QUERY_MAX, MAILBOX_LOCK_LEASE, MARKS_PER_CALL_MAX, MailboxInUse, Network, NodeId, PENDING_UNLOCKS_MAX,
+    ReplicaError, Reply, Request,
 };
-use super::updates::PendingUpdate;
+use super::updates::Owed;
 use super::{DeliverOutcome, Listed, Replicator, is_live, lock, manager_of};
-use crate::{BodyHash, EntryMeta, MessageId, Tombstone};
+use crate::{BodyHash, EntryMeta, MarkChange, MessageId, Tombstone};
 
 impl<N: Network> Replicator<N> {
     /// Stores one message for `users` on R nodes each (one body per node).
@@ -360,14 +360,23 @@ impl<N: Network> Replicator<N> {
         let mut union: BTreeMap<MessageId, Listed> = BTreeMap::new();
         for (node, entries) in self.fragments(user).await {
             for meta in entries {
-                union
-                    .entry(meta.id)
-                    .or_insert_with(|| Listed {
-                        meta,
-                        holders: Vec::new(),
-                    })
-                    .holders
-                    .push(node);
+                match union.entry(meta.id) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(Listed {
+                            meta,
+                            holders: vec![node],
+                        });
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        // Copies that have not merged each other's folder
+                        // and flag changes yet: the newest of each shows.
+                        let l = o.get_mut();
+                        if l.meta.marks != meta.marks || l.meta.folder != meta.folder {
+                            l.meta.apply_marks(&meta.marks_change());
+                        }
+                        l.holders.push(node);
+                    }
+                }
             }
         }
         // A live replica that did not list a message another one listed
@@ -487,6 +496,61 @@ impl<N: Network> Replicator<N> {
         Ok(msgs.len())
     }
 
+    /// A hybrid logical clock value for a change made now (a session
+    /// stamps a flag change or a move with it).
+    pub fn hlc_now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// Sends folder and flag changes of the user's messages to every
+    /// replica of each (and every node that listed it). A replica that
+    /// does not acknowledge gets them from the durable update log when it
+    /// is back, and anti-entropy merges whatever both miss. Fails only if
+    /// this node cannot record a change owed to a replica.
+    pub async fn mark(&self, user: &str, changes: &[(Listed, MarkChange)]) -> Result<(), ReplicaError> {
+        let mut per_node: BTreeMap<NodeId, Vec<MarkChange>> = BTreeMap::new();
+        for (m, change) in changes {
+            let mut nodes: Vec<NodeId> = m.meta.replicas.clone();
+            nodes.extend(&m.holders);
+            nodes.sort_unstable();
+            nodes.dedup();
+            for n in nodes {
+                per_node.entry(n).or_default().push(change.clone());
+            }
+        }
+        let view = self.view();
+        let (per_node, down): (BTreeMap<_, _>, BTreeMap<_, _>) = per_node
+            .into_iter()
+            .partition(|(n, _)| *n == self.me || is_live(&view, *n));
+        let log = |n: NodeId, changes: Vec<MarkChange>| {
+            self.log_update(n, user, Owed::Marks(changes))
+                .map_err(|e| ReplicaError::UpdateLog(e.to_string()))
+        };
+        for (n, changes) in down {
+            log(n, changes)?;
+        }
+        let sends = per_node.into_iter().map(|(n, changes)| async move {
+            let mut missed = Vec::new();
+            for chunk in changes.chunks(MARKS_PER_CALL_MAX) {
+                let req = Request::Mark {
+                    user: user.to_owned(),
+                    changes: chunk.to_vec(),
+                };
+                if let Err(e) = self.call(n, req).await {
+                    debug!(node = n, user, error = %e, "flag change not acknowledged; logged for later");
+                    missed.extend_from_slice(chunk);
+                }
+            }
+            (n, missed)
+        });
+        for (n, missed) in futures::future::join_all(sends).await {
+            if !missed.is_empty() {
+                log(n, missed)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Best effort: tombstones to `nodes`, logged where not acknowledged.
     async fn send_tombstones(&self, user: &str, nodes: &[NodeId], tombs: Vec<Tombstone>) {
         let view = self.view();
@@ -497,11 +561,7 @@ impl<N: Network> Replicator<N> {
             };
             let live = n == self.me || is_live(&view, n);
             if (!live || self.call(n, req).await.is_err())
-                && let Err(e) = self.log_update(PendingUpdate {
-                    node: n,
-                    user: user.to_owned(),
-                    tombs: tombs.clone(),
-                })
+                && let Err(e) = self.log_update(n, user, Owed::Tombs(tombs.clone()))
             {
                 warn!(error = %e, "cannot log a tombstone");
             }

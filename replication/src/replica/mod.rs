@@ -137,6 +137,8 @@ pub struct ReplicaCounters {
     pub updates_replayed: AtomicU64,
     pub repairs_pulled: AtomicU64,
     pub repairs_tombstones: AtomicU64,
+    /// Copies whose folder or flags anti-entropy brought up to date.
+    pub repairs_marks: AtomicU64,
     pub manager_fallbacks: AtomicU64,
     /// Calls ended because a new view had their node down.
     pub calls_cut_by_view: AtomicU64,

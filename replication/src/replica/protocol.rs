@@ -19,6 +19,8 @@ pub const REPORT_USERS_MAX: usize = 2_000;
 pub const DIGESTS_MAX: usize = 2_000;
 /// Message ids in one [`Request::Deleted`].
 pub const DELETED_QUERY_MAX: usize = 10_000;
+/// Message changes in one [`Request::Mark`].
+pub const MARKS_PER_CALL_MAX: usize = 10_000;
 /// Updates kept in the durable log; past this, anti-entropy alone repairs.
 pub const UPDATE_LOG_FILES_MAX: usize = 100_000;
 /// Copies noted missing that one node keeps at most (beyond, new notes are
@@ -99,6 +101,12 @@ pub enum Request {
         user: String,
         tombs: Vec<Tombstone>,
     },
+    /// Folder and flag changes of the user's messages (merged last writer
+    /// wins per register, see [`crate::marks`]).
+    Mark {
+        user: String,
+        changes: Vec<crate::MarkChange>,
+    },
     /// Anti-entropy: the sender's digests for users it shares with the
     /// receiver; the answer names those that differ.
     Digests {
@@ -166,6 +174,7 @@ impl Request {
             Request::Deleted { .. } => "deleted",
             Request::Read { .. } => "read",
             Request::Delete { .. } => "delete",
+            Request::Mark { .. } => "mark",
             Request::Digests { .. } => "digests",
             Request::Sync { .. } => "sync",
             Request::Lock { .. } => "lock",
@@ -202,6 +211,9 @@ pub enum Reply {
     },
     Deleted {
         removed: usize,
+    },
+    Marked {
+        changed: usize,
     },
     Differ {
         users: Vec<String>,

@@ -787,6 +787,7 @@ mod tests {
             replicas: replicas.to_vec(),
             placed: 0,
             prior: Vec::new(),
+            marks: Default::default(),
         }
     }
 

@@ -1,6 +1,7 @@
-//! The durable update log: a deletion a replica did not acknowledge is
-//! kept in a file of its own (`DIR/updates/upd-*`, fsynced) and sent again
-//! once the replica is live, until it acknowledges.
+//! The durable update log: a deletion (or a folder or flag change) a
+//! replica did not acknowledge is kept in a file of its own
+//! (`DIR/updates/upd-*` for deletions, `upm-*` for changes, fsynced) and
+//! sent again once the replica is live, until it acknowledges.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -10,9 +11,9 @@ use tracing::warn;
 
 use super::protocol::{Network, NodeId, ReplicaError, Request, UPDATE_LOG_FILES_MAX};
 use super::{Replicator, is_live};
-use crate::Tombstone;
+use crate::{MarkChange, MessageId, Tombstone};
 
-/// A deletion some replica has not acknowledged yet.
+/// A deletion some replica has not acknowledged yet (an `upd-` file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct PendingUpdate {
     pub(super) node: NodeId,
@@ -20,30 +21,77 @@ pub(super) struct PendingUpdate {
     pub(super) tombs: Vec<Tombstone>,
 }
 
+/// Folder and flag changes some replica has not acknowledged yet (an
+/// `upm-` file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PendingMarks {
+    node: NodeId,
+    user: String,
+    changes: Vec<MarkChange>,
+}
+
+/// What is owed to a replica.
+#[derive(Debug, Clone)]
+pub(super) enum Owed {
+    Tombs(Vec<Tombstone>),
+    Marks(Vec<MarkChange>),
+}
+
+impl Owed {
+    fn request(&self, user: &str) -> Request {
+        match self {
+            Owed::Tombs(tombs) => Request::Delete {
+                user: user.to_owned(),
+                tombs: tombs.clone(),
+            },
+            Owed::Marks(changes) => Request::Mark {
+                user: user.to_owned(),
+                changes: changes.clone(),
+            },
+        }
+    }
+
+    fn ids(&self) -> std::collections::BTreeSet<MessageId> {
+        match self {
+            Owed::Tombs(tombs) => tombs.iter().map(|t| t.id).collect(),
+            Owed::Marks(changes) => changes.iter().map(|c| c.id).collect(),
+        }
+    }
+}
+
+const PREFIXES: [&str; 2] = ["upd-", "upm-"];
+
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ 16 << 20 }>()
 }
 
 impl<N: Network> Replicator<N> {
     pub(super) fn log_deletion(&self, node: NodeId, user: &str, tombs: Vec<Tombstone>) -> Result<(), ReplicaError> {
-        self.log_update(PendingUpdate {
-            node,
-            user: user.to_owned(),
-            tombs,
-        })
-        .map_err(|e| ReplicaError::UpdateLog(e.to_string()))
+        self.log_update(node, user, Owed::Tombs(tombs))
+            .map_err(|e| ReplicaError::UpdateLog(e.to_string()))
     }
 
-    pub(super) fn log_update(&self, u: PendingUpdate) -> std::io::Result<()> {
+    pub(super) fn log_update(&self, node: NodeId, user: &str, owed: Owed) -> std::io::Result<()> {
         let dir = &self.cfg.update_dir;
         let n_files = std::fs::read_dir(dir)?.count();
         if n_files >= UPDATE_LOG_FILES_MAX {
-            warn!(node = u.node, "update log full; anti-entropy will repair this replica");
+            warn!(node, "update log full; anti-entropy will repair this replica");
             return Ok(());
         }
         let seq = self.update_seq.fetch_add(1, Ordering::Relaxed);
-        let name = format!("upd-{:016x}-{seq:08}-{}", self.clock.now(), u.node);
-        let bytes = bincode::serde::encode_to_vec(&u, bincode_config()).map_err(std::io::Error::other)?;
+        let user = user.to_owned();
+        let (prefix, bytes) = match owed {
+            Owed::Tombs(tombs) => (
+                PREFIXES[0],
+                bincode::serde::encode_to_vec(PendingUpdate { node, user, tombs }, bincode_config()),
+            ),
+            Owed::Marks(changes) => (
+                PREFIXES[1],
+                bincode::serde::encode_to_vec(PendingMarks { node, user, changes }, bincode_config()),
+            ),
+        };
+        let bytes = bytes.map_err(std::io::Error::other)?;
+        let name = format!("{prefix}{:016x}-{seq:08}-{node}", self.clock.now());
         write_durable(dir, &name, &bytes)?;
         self.counters.updates_logged.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -53,7 +101,7 @@ impl<N: Network> Replicator<N> {
     pub fn pending_updates(&self) -> usize {
         std::fs::read_dir(&self.cfg.update_dir).map_or(0, |d| {
             d.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().starts_with("upd-"))
+                .filter(|e| PREFIXES.iter().any(|p| e.file_name().to_string_lossy().starts_with(p)))
                 .count()
         })
     }
@@ -66,41 +114,45 @@ impl<N: Network> Replicator<N> {
         let mut names: Vec<String> = rd
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("upd-"))
+            .filter(|n| PREFIXES.iter().any(|p| n.starts_with(p)))
             .collect();
-        names.sort();
+        // In the order they were logged (the HLC after the prefix).
+        names.sort_by(|a, b| a[4..].cmp(&b[4..]));
         let view = self.view();
         let mut done = 0;
         for name in names {
             let path = dir.join(&name);
             let Ok(bytes) = std::fs::read(&path) else { continue };
-            let u: PendingUpdate = match bincode::serde::decode_from_slice(&bytes, bincode_config()) {
-                Ok((u, _)) => u,
+            let decoded = if name.starts_with(PREFIXES[0]) {
+                bincode::serde::decode_from_slice::<PendingUpdate, _>(&bytes, bincode_config())
+                    .map(|(u, _)| (u.node, u.user, Owed::Tombs(u.tombs)))
+            } else {
+                bincode::serde::decode_from_slice::<PendingMarks, _>(&bytes, bincode_config())
+                    .map(|(u, _)| (u.node, u.user, Owed::Marks(u.changes)))
+            };
+            let (node, user, owed) = match decoded {
+                Ok(u) => u,
                 Err(e) => {
                     warn!(file = %path.display(), error = %e, "unreadable update dropped");
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
             };
-            if view.node(placement::NodeId(u.node)).is_none() && view.epoch() > 0 {
+            if view.node(placement::NodeId(node)).is_none() && view.epoch() > 0 {
                 // The node left the cluster, and its copies may have moved
                 // on meanwhile (repair, drain): the deletions go to whoever
                 // holds those messages now (logged again for them if they
                 // do not answer), then this entry goes.
-                if self.redirect_deletions(&u.user, u.tombs).await {
+                if self.redirect(&user, owed).await {
                     let _ = std::fs::remove_file(&path);
                     done += 1;
                 }
                 continue;
             }
-            if !is_live(&view, u.node) {
+            if !is_live(&view, node) {
                 continue;
             }
-            let req = Request::Delete {
-                user: u.user.clone(),
-                tombs: u.tombs,
-            };
-            if self.call(u.node, req).await.is_ok() {
+            if self.call(node, owed.request(&user)).await.is_ok() {
                 let _ = std::fs::remove_file(&path);
                 done += 1;
                 self.counters.updates_replayed.fetch_add(1, Ordering::Relaxed);
@@ -111,14 +163,14 @@ impl<N: Network> Replicator<N> {
 }
 
 impl<N: Network> Replicator<N> {
-    /// Sends deletions meant for a node that left to the nodes that hold
-    /// those messages now; whether each of them took them or logged them
-    /// for later. Every live node is asked for its listing (not only those
+    /// Sends deletions (or changes) meant for a node that left to the
+    /// nodes that hold those messages now; whether each of them took them
+    /// or logged them for later. Every live node is asked for its listing (not only those
     /// the user's mail map names: a copy moved while the map was being
     /// rebuilt must not keep a deleted message alive); this is rare, only
     /// when a node leaves with deletions still owed to it.
-    async fn redirect_deletions(&self, user: &str, tombs: Vec<Tombstone>) -> bool {
-        let ids: std::collections::BTreeSet<_> = tombs.iter().map(|t| t.id).collect();
+    async fn redirect(&self, user: &str, owed: Owed) -> bool {
+        let ids = owed.ids();
         let view = self.view();
         let mut holders: Vec<NodeId> = Vec::new();
         for node in super::live_nodes(&view).collect::<Vec<_>>() {
@@ -133,18 +185,7 @@ impl<N: Network> Replicator<N> {
             }
         }
         for node in holders {
-            let req = Request::Delete {
-                user: user.to_owned(),
-                tombs: tombs.clone(),
-            };
-            if self.call(node, req).await.is_err()
-                && self
-                    .log_update(PendingUpdate {
-                        node,
-                        user: user.to_owned(),
-                        tombs: tombs.clone(),
-                    })
-                    .is_err()
+            if self.call(node, owed.request(user)).await.is_err() && self.log_update(node, user, owed.clone()).is_err()
             {
                 return false;
             }

@@ -306,6 +306,7 @@ impl FragmentStore {
             hash,
             placed: 0,
             prior: Vec::new(),
+            marks: crate::Marks::default(),
             reply,
         })
         .await?;
@@ -334,15 +335,41 @@ impl FragmentStore {
             body,
             replicas: meta.replicas.clone(),
         };
-        let (placed, prior) = (meta.placed, meta.prior.clone());
+        let (placed, prior, marks) = (meta.placed, meta.prior.clone(), meta.marks.clone());
         self.submit(|reply| Op::Deliver {
             delivery,
             hash,
             placed,
             prior,
+            marks,
             reply,
         })
         .await
+    }
+
+    /// Merges folder and flag changes into entries of `user` (last writer
+    /// wins per register, see [`crate::marks`]); entries not held here or
+    /// deleted are left alone. Fsynced before it resolves; returns how
+    /// many entries changed.
+    pub async fn mark(&self, user: &str, changes: Vec<crate::MarkChange>) -> Result<usize, StoreError> {
+        if changes.is_empty() {
+            return Ok(0);
+        }
+        check_names(user, "")?;
+        for c in &changes {
+            if let Some((folder, _)) = &c.folder {
+                check_names(user, folder)?;
+            }
+            if c.flags.len() > crate::marks::FLAGS_PER_MESSAGE_MAX {
+                return Err(StoreError::Refused(format!(
+                    "a change of {} flags (at most {})",
+                    c.flags.len(),
+                    crate::marks::FLAGS_PER_MESSAGE_MAX
+                )));
+            }
+        }
+        let user = user.to_owned();
+        self.submit(|reply| Op::Mark { user, changes, reply }).await
     }
 
     /// Gives entries of `user` new replica sets: each change replaces the
@@ -451,6 +478,7 @@ pub(super) fn meta_of(e: EntryRecord) -> EntryMeta {
         replicas: e.replicas,
         placed: e.placed,
         prior: e.prior,
+        marks: e.marks,
     }
 }
 
@@ -466,5 +494,6 @@ pub(super) fn record_of(user: &str, m: &EntryMeta) -> EntryRecord {
         replicas: m.replicas.clone(),
         placed: m.placed,
         prior: m.prior.clone(),
+        marks: m.marks.clone(),
     }
 }

@@ -237,32 +237,41 @@ impl FragmentStore {
 
 pub(super) fn mailbox_digest(m: &Mailbox, peer: u64) -> Option<[u8; 32]> {
     // Both maps are sorted by id; merge them so the digest follows id order.
-    let live = m
-        .entries
-        .iter()
-        .filter(|(_, e)| e.meta.involves(peer))
-        .map(|(id, e)| (*id, 0u8, e.meta.placed));
+    // A copy's folder and flags count only towards a peer meant to hold a
+    // copy too (an earlier member holds at most a move marker).
+    let live = m.entries.iter().filter(|(_, e)| e.meta.involves(peer)).map(|(id, e)| {
+        let marks = if e.meta.replicas.contains(&peer) {
+            e.meta.marks.fingerprint(&e.meta.folder)
+        } else {
+            0
+        };
+        (*id, 0u8, e.meta.placed, marks)
+    });
     let dead = m
         .tombstones
         .iter()
         .filter(|(_, t)| t.replicas.contains(&peer))
         .map(|(id, t)| match &t.moved {
-            None => (*id, 1u8, 0),
+            None => (*id, 1u8, 0, 0),
             // A move marker and a copy of the same set agree.
-            Some((_, placed)) => (*id, 0u8, *placed),
+            Some((_, placed)) => (*id, 0u8, *placed, 0),
         });
-    let mut all: Vec<(MessageId, u8, u64)> = live.chain(dead).collect();
+    let mut all: Vec<(MessageId, u8, u64, u64)> = live.chain(dead).collect();
     if all.is_empty() {
         return None;
     }
     all.sort_unstable();
     let mut h = blake3::Hasher::new();
-    for (id, state, placed) in all {
+    for (id, state, placed, marks) in all {
         h.update(&id.0);
         h.update(&[state]);
         // Copies under different replica sets differ (the newer set wins).
         if placed != 0 {
             h.update(&placed.to_le_bytes());
+        }
+        // So do copies with different folders or flags (merged both ways).
+        if marks != 0 {
+            h.update(&marks.to_le_bytes());
         }
     }
     Some(*h.finalize().as_bytes())

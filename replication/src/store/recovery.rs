@@ -181,6 +181,7 @@ impl FragmentStore {
             active,
             segment_bytes_max: config.segment_bytes_max,
             batch_seq: 0,
+            carry: Vec::new(),
             // Opened on a full disk: deletions first (see the writer).
             space_short: !has_reserve,
         };

@@ -26,6 +26,8 @@ pub(super) enum Op {
         /// `EntryRecord::placed`, `EntryRecord::prior`).
         placed: u64,
         prior: Vec<u64>,
+        /// The copy's folder and flag versions (none for a new delivery).
+        marks: crate::Marks,
         reply: Reply<()>,
     },
     Delete {
@@ -49,6 +51,13 @@ pub(super) enum Op {
         changes: Vec<SetChange>,
         me: u64,
         reply: Reply<Vec<Placed>>,
+    },
+    /// Folder and flag changes of entries of `user` (see
+    /// `FragmentStore::mark`).
+    Mark {
+        user: String,
+        changes: Vec<crate::MarkChange>,
+        reply: Reply<usize>,
     },
 }
 
@@ -204,6 +213,7 @@ pub(super) enum Done {
     Delete(Reply<usize>, usize),
     Relocate(Reply<u64>, u64),
     Place(Reply<Vec<Placed>>, Vec<Placed>),
+    Mark(Reply<usize>, usize),
 }
 
 pub(super) struct Writer {
@@ -215,18 +225,28 @@ pub(super) struct Writer {
     /// A write found the disk full: dead bodies are given back in place
     /// after every batch that deletes, until a delivery fits again.
     pub(super) space_short: bool,
+    /// Operations a batch put off to the next one: a change of an entry
+    /// another operation of the batch already changes (one change per
+    /// entry and batch).
+    pub(super) carry: Vec<Op>,
 }
 
 impl Writer {
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Op>) {
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            let mut batch = std::mem::take(&mut self.carry);
+            if batch.is_empty() {
+                match rx.blocking_recv() {
+                    Some(first) => batch.push(first),
+                    None => break,
+                }
+            }
             if let Some(why) = self.shared.failed.get() {
                 let why = format!("store stopped taking writes: {why}");
-                fail_all(vec![first], &why);
+                fail_all(batch, &why);
                 continue;
             }
-            let mut bytes = first.bytes();
-            let mut batch = vec![first];
+            let mut bytes: usize = batch.iter().map(Op::bytes).sum();
             while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
                 match rx.try_recv() {
                     Ok(op) => {
@@ -283,6 +303,10 @@ impl Writer {
             let mut deleted: HashSet<(String, MessageId)> = HashSet::new();
             let mut moved_bodies: HashSet<BodyHash> = HashSet::new();
             let mut new_entries: HashSet<(String, MessageId)> = HashSet::new();
+            // Entries this batch marks (a later Place of one waits for the
+            // next batch, and a later Mark merges into the same record).
+            let mut marked: HashSet<(String, MessageId)> = HashSet::new();
+            let mut carry: Vec<Op> = Vec::new();
             for op in batch {
                 match op {
                     Op::Deliver {
@@ -290,6 +314,7 @@ impl Writer {
                         hash,
                         placed,
                         prior,
+                        marks,
                         reply,
                     } => {
                         delivered = true;
@@ -329,6 +354,7 @@ impl Writer {
                                 replicas: delivery.replicas.clone(),
                                 placed,
                                 prior: prior.clone(),
+                                marks: marks.clone(),
                             };
                             pieces.push(Piece::Entry(rec));
                         }
@@ -437,6 +463,67 @@ impl Writer {
                         changes,
                         me,
                         reply,
+                    } if changes.iter().any(|c| marked.contains(&(user.clone(), c.id))) => {
+                        carry.push(Op::Place {
+                            user,
+                            changes,
+                            me,
+                            reply,
+                        });
+                    }
+                    Op::Mark { user, changes, reply }
+                        if changes.iter().any(|c| {
+                            let key = (user.clone(), c.id);
+                            new_entries.contains(&key) && !marked.contains(&key)
+                        }) =>
+                    {
+                        carry.push(Op::Mark { user, changes, reply });
+                    }
+                    Op::Mark { user, changes, reply } => {
+                        let mut n = 0;
+                        for c in changes {
+                            let key = (user.clone(), c.id);
+                            if deleted.contains(&key) {
+                                continue;
+                            }
+                            if marked.contains(&key) {
+                                // Marked twice in this batch: merged into
+                                // the record the first one wrote.
+                                let Some(Piece::Entry(rec)) = pieces
+                                    .iter_mut()
+                                    .rev()
+                                    .find(|p| matches!(p, Piece::Entry(r) if r.id == c.id && r.user == user))
+                                else {
+                                    continue;
+                                };
+                                let mut meta = meta_of(rec.clone());
+                                if meta.apply_marks(&c) {
+                                    *rec = record_of(&user, &meta);
+                                    n += 1;
+                                }
+                                continue;
+                            }
+                            // Not held: nothing to mark (a copy made later
+                            // gets the marks of the copy it is made from,
+                            // and anti-entropy merges the rest).
+                            let Some(e) = index.entry(&user, &c.id) else {
+                                continue;
+                            };
+                            let mut meta = e.meta.clone();
+                            if meta.apply_marks(&c) {
+                                marked.insert(key.clone());
+                                new_entries.insert(key);
+                                pieces.push(Piece::Entry(record_of(&user, &meta)));
+                                n += 1;
+                            }
+                        }
+                        dones.push(Done::Mark(reply, n));
+                    }
+                    Op::Place {
+                        user,
+                        changes,
+                        me,
+                        reply,
                     } => {
                         let mut out = Vec::with_capacity(changes.len());
                         for change in changes {
@@ -513,6 +600,7 @@ impl Writer {
                     }
                 }
             }
+            self.carry = carry;
         }
 
         // Encoding needs no index: readers (listings, status) go on meanwhile.
@@ -638,6 +726,7 @@ impl Writer {
                 Done::Delete(r, n) => drop(r.send(Ok(n))),
                 Done::Relocate(r, n) => drop(r.send(Ok(n))),
                 Done::Place(r, out) => drop(r.send(Ok(out))),
+                Done::Mark(r, n) => drop(r.send(Ok(n))),
             }
         }
         for (seg, reply) in drops {
@@ -786,6 +875,7 @@ pub(super) fn fail_all(batch: Vec<Op>, msg: &str) {
             Op::Relocate { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
             Op::DropSegment { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
             Op::Place { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
+            Op::Mark { reply, .. } => drop(reply.send(Err(msg.to_owned()))),
         }
     }
 }
@@ -797,6 +887,7 @@ pub(super) fn fail_dones(dones: Vec<Done>, msg: &str) {
             Done::Delete(r, _) => drop(r.send(Err(msg.to_owned()))),
             Done::Relocate(r, _) => drop(r.send(Err(msg.to_owned()))),
             Done::Place(r, _) => drop(r.send(Err(msg.to_owned()))),
+            Done::Mark(r, _) => drop(r.send(Err(msg.to_owned()))),
         }
     }
 }

@@ -348,6 +348,37 @@ impl Membership {
         expect_ok(self.write(Command::DropSequence { name }).await?)
     }
 
+    /// Binds names to ids in `scope` (see [`crate::names::Names::bind`]).
+    pub async fn bind_names(&self, scope: String, items: Vec<(String, [u8; 16])>) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::BindNames { scope, items }).await?)
+    }
+
+    /// Removes names bound to the ids given (see [`crate::names::Names::unbind`]).
+    pub async fn unbind_names(&self, scope: String, items: Vec<(String, [u8; 16])>) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::UnbindNames { scope, items }).await?)
+    }
+
+    /// Renames at once (see [`crate::names::Names::rename`]).
+    pub async fn rename_names(
+        &self,
+        scope: String,
+        moves: Vec<(String, [u8; 16], String)>,
+    ) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::RenameNames { scope, moves }).await?)
+    }
+
+    /// The names of `scope` as of the last entry applied here.
+    pub fn names(&self, scope: &str) -> std::collections::BTreeMap<String, [u8; 16]> {
+        self.inner
+            .shared
+            .read()
+            .state
+            .names
+            .get(scope)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Reads sequence `name` as of the last entry applied here (under the
     /// state's lock: keep `f` short).
     pub fn with_sequence<R>(&self, name: &str, f: impl FnOnce(Option<&crate::sequence::Sequence>) -> R) -> R {

@@ -79,6 +79,19 @@ pub enum Command {
         items: Vec<(String, Vec<[u8; 16]>)>,
         now_secs: u32,
     },
+    /// Named bindings (IMAP folders): see [`crate::names`].
+    BindNames {
+        scope: String,
+        items: Vec<(String, [u8; 16])>,
+    },
+    UnbindNames {
+        scope: String,
+        items: Vec<(String, [u8; 16])>,
+    },
+    RenameNames {
+        scope: String,
+        moves: Vec<(String, [u8; 16], String)>,
+    },
 }
 
 /// A client TLS certificate chain and its private key, PEM, as stored in
@@ -159,6 +172,8 @@ pub enum CommandError {
     NoSuchTlsCert(String),
     #[error(transparent)]
     Sequence(#[from] crate::sequence::SequenceError),
+    #[error(transparent)]
+    Name(#[from] crate::names::NameError),
 }
 
 /// The answer to one log entry.
@@ -194,6 +209,7 @@ pub struct ClusterState {
     sessions: BTreeMap<u64, Session>,
     pub tls: TlsCerts,
     pub sequences: crate::sequence::Sequences,
+    pub names: crate::names::Names,
 }
 
 impl ClusterState {
@@ -297,6 +313,9 @@ impl ClusterState {
             Command::AssignNumbers { name, ids, now_secs } => self.sequences.assign(name, ids, *now_secs)?,
             Command::ForgetNumbers { name, ids } => self.sequences.forget(name, ids)?,
             Command::DropSequence { name } => self.sequences.drop_sequence(name)?,
+            Command::BindNames { scope, items } => self.names.bind(scope, items)?,
+            Command::UnbindNames { scope, items } => self.names.unbind(scope, items)?,
+            Command::RenameNames { scope, moves } => self.names.rename(scope, moves)?,
             Command::AssignMany { items, now_secs } => {
                 let mut first = Ok(());
                 for (name, ids) in items {

@@ -46,6 +46,7 @@ pub mod command;
 pub mod directory;
 #[cfg(feature = "testing")]
 pub mod mem_transport;
+pub mod names;
 pub mod network;
 pub mod password;
 pub mod sequence;

@@ -367,15 +367,29 @@ async fn remove_user(
     if q.purge {
         purged += purge(mailbox.clone()).await?;
     }
-    // Its folders' UIDs go too (a mailbox name is never reused: see
-    // `UserRecord::mailbox`).
-    if let Err(e) = s
-        .services
-        .uids
-        .drop_folder(&crate::uids::sequence_name(&mailbox, "INBOX"))
+    // Its folders, their UIDs and its subscriptions go too (a mailbox name
+    // is never reused: see `UserRecord::mailbox`).
+    let uids = &s.services.uids;
+    let scope = crate::imap_folders::scope(&mailbox);
+    let folders: Vec<(String, [u8; 16])> = uids.names(&scope).into_iter().collect();
+    let mut ids: Vec<String> = folders
+        .iter()
+        .map(|(_, id)| crate::imap_folders::id_string(id))
+        .collect();
+    ids.push(crate::imap_folders::INBOX.to_owned());
+    let subs: Vec<(String, [u8; 16])> = uids
+        .names(&crate::imap_folders::subscriptions(&mailbox))
+        .into_iter()
+        .collect();
+    let mut dropped = uids
+        .unbind(&scope, folders)
         .await
-    {
-        tracing::warn!(user = %user.address, error = %e, "the user's UIDs were not dropped");
+        .and(uids.unbind(&crate::imap_folders::subscriptions(&mailbox), subs).await);
+    for id in ids {
+        dropped = dropped.and(uids.drop_folder(&crate::uids::sequence_name(&mailbox, &id)).await);
+    }
+    if let Err(e) = dropped {
+        tracing::warn!(user = %user.address, error = %e, "the user's folders and UIDs were not all dropped");
     }
     tracing::info!(user = %user.address, purged, "user removed");
     Ok(Json(json!({ "ok": true, "purged": purged })).into_response())
@@ -689,6 +703,24 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "counter",
         "Times UIDs could not be given to new mail (Raft state not writable).",
         c(&m.imap_uid_failures),
+    );
+    line(
+        "quill_imap_stores_total",
+        "counter",
+        "IMAP STORE commands that changed flags.",
+        c(&m.imap_stores),
+    );
+    line(
+        "quill_imap_copies_total",
+        "counter",
+        "Messages copied by IMAP COPY.",
+        c(&m.imap_copies),
+    );
+    line(
+        "quill_imap_moves_total",
+        "counter",
+        "Messages moved by IMAP MOVE.",
+        c(&m.imap_moves),
     );
     line(
         "quill_messages_accepted_total",

@@ -1,6 +1,6 @@
-//! IMAP4rev1 (RFC 3501) on the cluster's mail: INBOX, with UIDs that are
-//! the same on every node (see [`crate::uids`]), over plaintext, STARTTLS
-//! or implicit TLS.
+//! IMAP4rev1 (RFC 3501) on the cluster's mail: folders, flags and UIDs
+//! that are the same on every node (see [`crate::uids`] and
+//! [`crate::imap_folders`]), over plaintext, STARTTLS or implicit TLS.
 //!
 //! The grammar and the protocol flows (literals, AUTHENTICATE, IDLE) are
 //! imap-next's sans-I/O server: this module feeds it the bytes read from
@@ -9,17 +9,21 @@
 //!
 //! What this version serves: CAPABILITY, NOOP, LOGOUT, STARTTLS, LOGIN,
 //! AUTHENTICATE PLAIN (with SASL-IR), ID, NAMESPACE, ENABLE, LIST, LSUB,
-//! STATUS, SELECT, EXAMINE, CHECK, CLOSE, UNSELECT, EXPUNGE, UID EXPUNGE,
-//! FETCH and UID FETCH (FLAGS, UID, INTERNALDATE, RFC822.SIZE, RFC822,
+//! STATUS, SELECT, EXAMINE, CREATE, DELETE, RENAME, SUBSCRIBE,
+//! UNSUBSCRIBE, CHECK, CLOSE, UNSELECT, EXPUNGE, UID EXPUNGE, FETCH and
+//! UID FETCH (FLAGS, UID, INTERNALDATE, RFC822.SIZE, RFC822,
 //! RFC822.HEADER, RFC822.TEXT, BODY[], BODY.PEEK[], BODY[HEADER],
 //! BODY[HEADER.FIELDS (...)], BODY[TEXT], MIME parts, ENVELOPE, BODY,
-//! BODYSTRUCTURE, partial ranges), SEARCH and UID
-//! SEARCH, STORE of `\Deleted`, APPEND to INBOX (with APPENDUID), IDLE.
-//! Folders other than INBOX, stored flags (`\Seen`, keywords), COPY and
-//! MOVE are refused with `NO [CANNOT]` and say so: they need flags and
-//! folders replicated as metadata, which the replica protocol does not
-//! carry yet. `\Deleted` lives in the session until EXPUNGE or CLOSE, like
-//! POP3's DELE until QUIT, and is announced as non-permanent.
+//! BODYSTRUCTURE, partial ranges), SEARCH and UID SEARCH, STORE and UID
+//! STORE (+/-FLAGS, .SILENT), COPY, MOVE and their UID forms (with
+//! COPYUID), APPEND (with flags, date and APPENDUID), IDLE.
+//!
+//! Flags (system flags and keywords) are stored: each flag of each message
+//! is a register, last writer wins by HLC, sent to every replica and
+//! merged by anti-entropy ([`replication::marks`]); so is the folder a
+//! message is in, which is how MOVE works (the message keeps its id and
+//! body, gets a UID in the destination and loses the one in the source).
+//! COPY stores a new message (the body is shared by hash on each node).
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -48,9 +52,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::debug;
 
+use crate::imap_folders::{self as folders, Folder};
 use crate::services::{Auth, Services, bump};
 use crate::session::Stream;
 use crate::uids::sequence_name;
+use replication::{FlagMark, MarkChange};
 
 /// Failed logins in one session before it is closed.
 const SESSION_AUTH_FAILURES_MAX: u32 = 3;
@@ -65,18 +71,26 @@ pub const IDLE_POLL: Duration = Duration::from_millis(500);
 pub const FOLDER_MESSAGES_MAX: usize = membership::sequence::IDS_PER_SEQUENCE_MAX;
 /// Bytes a SEARCH on text may read (bodies), after which it fails.
 const SEARCH_BYTES_MAX: u64 = 256 << 20;
-const INBOX: &str = "INBOX";
+/// Flags one STORE or APPEND names at most.
+const FLAGS_PER_COMMAND_MAX: usize = 32;
+/// Messages one COPY copies at most (each is a new message on R nodes).
+const COPY_MESSAGES_MAX: usize = 10_000;
 
 /// One message of the selected folder.
 struct Msg {
     uid: u32,
     listed: Listed,
-    /// `\Deleted`, set in this session (applied by EXPUNGE or CLOSE).
-    deleted: bool,
+}
+
+impl Msg {
+    fn has(&self, flag: &str) -> bool {
+        self.listed.meta.marks.has(flag)
+    }
 }
 
 struct Selected {
     user: String,
+    folder: Folder,
     read_only: bool,
     validity: u32,
     uid_next: u32,
@@ -170,6 +184,7 @@ fn capabilities(services: &Services, tls: bool, peer: SocketAddr, authenticated:
         Capability::LiteralPlus,
         Capability::Idle,
         Capability::UidPlus,
+        Capability::Move,
         Capability::Unselect,
         Capability::Id,
         Capability::Namespace,
@@ -675,7 +690,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             CommandBody::Namespace => {
                 let personal = vec![Namespace {
                     prefix: IString::try_from("").expect("valid"),
-                    delimiter: Some(QuotedChar::try_from('/').expect("valid")),
+                    delimiter: Some(QuotedChar::try_from(folders::DELIMITER).expect("valid")),
                     extensions: vec![],
                 }];
                 self.server.enqueue_data(Data::Namespace {
@@ -688,19 +703,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             CommandBody::List {
                 reference,
                 mailbox_wildcard,
-            } => self.list(tag, &reference, &mailbox_wildcard, false),
+            } => self.list(tag, &user, &reference, &mailbox_wildcard, false),
             CommandBody::Lsub {
                 reference,
                 mailbox_wildcard,
-            } => self.list(tag, &reference, &mailbox_wildcard, true),
+            } => self.list(tag, &user, &reference, &mailbox_wildcard, true),
             CommandBody::Status { mailbox, item_names } => {
-                if mailbox != Mailbox::Inbox {
-                    return nonexistent(tag);
-                }
-                let (validity, next, msgs) = match self.folder_now(&user).await {
+                let folder = match self.folder(&user, &mailbox) {
+                    Ok(f) => f,
+                    Err(s) => return s(tag),
+                };
+                let (validity, next, msgs) = match self.folder_now(&user, &folder).await {
                     Ok(v) => v,
                     Err(s) => return s(tag),
                 };
+                let count = |flag: &str| msgs.iter().filter(|(_, l)| l.meta.marks.has(flag)).count() as u32;
                 let mut items = Vec::new();
                 for name in item_names.iter() {
                     items.push(match name {
@@ -708,40 +725,80 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         StatusDataItemName::Recent => StatusDataItem::Recent(0),
                         StatusDataItemName::UidNext => StatusDataItem::UidNext(nz(next)),
                         StatusDataItemName::UidValidity => StatusDataItem::UidValidity(nz(validity)),
-                        StatusDataItemName::Unseen => StatusDataItem::Unseen(msgs.len() as u32),
-                        StatusDataItemName::Deleted => StatusDataItem::Deleted(0),
-                        StatusDataItemName::DeletedStorage => StatusDataItem::DeletedStorage(0),
+                        StatusDataItemName::Unseen => StatusDataItem::Unseen(msgs.len() as u32 - count("\\Seen")),
+                        StatusDataItemName::Deleted => StatusDataItem::Deleted(count("\\Deleted")),
+                        StatusDataItemName::DeletedStorage => StatusDataItem::DeletedStorage(
+                            msgs.iter()
+                                .filter(|(_, l)| l.meta.marks.has("\\Deleted"))
+                                .map(|(_, l)| l.meta.size_bytes)
+                                .sum(),
+                        ),
                     });
                 }
                 self.server.enqueue_data(Data::Status {
-                    mailbox: Mailbox::Inbox,
+                    mailbox,
                     items: Cow::Owned(items),
                 });
                 ok(tag, None, "STATUS completed")
             }
             CommandBody::Select { mailbox, .. } => self.select(tag, user, mailbox, false).await,
             CommandBody::Examine { mailbox, .. } => self.select(tag, user, mailbox, true).await,
-            CommandBody::Subscribe { mailbox } | CommandBody::Unsubscribe { mailbox } => {
-                if mailbox == Mailbox::Inbox {
-                    ok(tag, None, "completed")
-                } else {
-                    nonexistent(tag)
+            CommandBody::Subscribe { mailbox } => {
+                let name = match folders::canonical(mailbox_as_bytes(&mailbox)) {
+                    Ok(n) => n,
+                    Err(why) => return no(tag, None, why),
+                };
+                if name == folders::INBOX {
+                    return ok(tag, None, "SUBSCRIBE completed");
+                }
+                // Subscribing to a folder that does not exist (yet) is
+                // allowed (RFC 3501 6.3.6 lets a server refuse; clients
+                // subscribe before or after CREATE).
+                match self
+                    .services
+                    .uids
+                    .bind(&folders::subscriptions(&user), vec![(name, [0; 16])])
+                    .await
+                {
+                    Ok(()) => ok(tag, None, "SUBSCRIBE completed"),
+                    Err(e) => self.refused(tag, &e),
                 }
             }
-            CommandBody::Create { .. } | CommandBody::Delete { .. } | CommandBody::Rename { .. } => {
-                cannot(tag, "only INBOX exists: folders are not built yet")
-            }
-            CommandBody::Append { mailbox, message, .. } => {
-                if mailbox != Mailbox::Inbox {
-                    return no(tag, Some(Code::TryCreate), "only INBOX exists");
+            CommandBody::Unsubscribe { mailbox } => {
+                let name = match folders::canonical(mailbox_as_bytes(&mailbox)) {
+                    Ok(n) => n,
+                    Err(why) => return no(tag, None, why),
+                };
+                let scope = folders::subscriptions(&user);
+                if !self.services.uids.names(&scope).contains_key(&name) {
+                    return no(tag, Some(Code::Other(code_other("NONEXISTENT"))), "not subscribed");
                 }
+                match self.services.uids.unbind(&scope, vec![(name, [0; 16])]).await {
+                    Ok(()) => ok(tag, None, "UNSUBSCRIBE completed"),
+                    Err(e) => self.refused(tag, &e),
+                }
+            }
+            CommandBody::Create { mailbox } => self.create(tag, &user, &mailbox).await,
+            CommandBody::Delete { mailbox } => self.delete_folder(tag, &user, &mailbox).await,
+            CommandBody::Rename { from, to } => self.rename(tag, &user, &from, &to).await,
+            CommandBody::Append {
+                mailbox,
+                message,
+                flags,
+                date,
+            } => {
+                let folder = match self.folder(&user, &mailbox) {
+                    Ok(f) => f,
+                    Err(_) => return no(tag, Some(Code::TryCreate), "no such folder: CREATE it first"),
+                };
                 let bytes = match message {
                     imap_next::imap_types::extensions::binary::LiteralOrLiteral8::Literal(l) => {
                         l.into_inner().into_owned()
                     }
                     imap_next::imap_types::extensions::binary::LiteralOrLiteral8::Literal8(l) => l.data.into_owned(),
                 };
-                self.append(tag, user, bytes).await
+                let arrival = date.map(|d| d.as_ref().timestamp_millis().max(0) as u64);
+                self.append(tag, user, folder, bytes, flags, arrival).await
             }
             body => {
                 let Phase::Selected(_) = &self.phase else {
@@ -752,10 +809,184 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// LIST or LSUB: INBOX is the only folder (and subscribed).
+    /// A new folder's id: unique like a message id (time, node nonce,
+    /// counter).
+    fn new_folder_id(&self) -> [u8; 16] {
+        self.services.mail.new_message_id(crate::time::now_ms()).0
+    }
+
+    /// A refused Raft change (a limit, or a race with another session).
+    fn refused(&self, tag: Tag<'static>, e: &anyhow::Error) -> Status<'static> {
+        let why = e.to_string();
+        debug!(error = %why, "imap: folder change refused");
+        if why.contains("already exists") {
+            no(
+                tag,
+                Some(Code::Other(code_other("ALREADYEXISTS"))),
+                "that folder already exists",
+            )
+        } else if why.contains("at most") {
+            no(tag, Some(Code::Other(code_other("LIMIT"))), "too many folders")
+        } else if why.contains("does not exist") {
+            nonexistent(tag)
+        } else {
+            no(
+                tag,
+                Some(Code::Other(code_other("UNAVAILABLE"))),
+                "the change could not be made now, try again",
+            )
+        }
+    }
+
+    /// The folder a client's mailbox name names, if it exists.
+    #[allow(clippy::result_large_err)]
+    fn folder(&self, user: &str, mailbox: &Mailbox<'_>) -> Result<Folder, fn(Tag<'static>) -> Status<'static>> {
+        let Ok(name) = folders::canonical(mailbox_as_bytes(mailbox)) else {
+            return Err(nonexistent);
+        };
+        if name == folders::INBOX {
+            return Ok(Folder::inbox());
+        }
+        folders::resolve(&self.services.uids.names(&folders::scope(user)), &name).ok_or(nonexistent as _)
+    }
+
+    async fn create(&mut self, tag: Tag<'static>, user: &str, mailbox: &Mailbox<'_>) -> Status<'static> {
+        let name = match folders::canonical(mailbox_as_bytes(mailbox)) {
+            Ok(n) => n,
+            Err(why) => return no(tag, None, why),
+        };
+        let scope = folders::scope(user);
+        let names = self.services.uids.names(&scope);
+        if name == folders::INBOX || names.contains_key(&name) {
+            return no(
+                tag,
+                Some(Code::Other(code_other("ALREADYEXISTS"))),
+                "that folder already exists",
+            );
+        }
+        // The levels above it are made too (RFC 3501 6.3.3).
+        let mut items: Vec<(String, [u8; 16])> = folders::superiors(&name)
+            .into_iter()
+            .filter(|s| s != folders::INBOX && !names.contains_key(s))
+            .map(|s| (s, self.new_folder_id()))
+            .collect();
+        items.push((name, self.new_folder_id()));
+        if names.len() + items.len() > folders::FOLDERS_MAX {
+            return no(
+                tag,
+                Some(Code::Other(code_other("LIMIT"))),
+                "too many folders (at most 1000)",
+            );
+        }
+        match self.services.uids.bind(&scope, items).await {
+            Ok(()) => ok(tag, None, "CREATE completed"),
+            Err(e) => self.refused(tag, &e),
+        }
+    }
+
+    async fn delete_folder(&mut self, tag: Tag<'static>, user: &str, mailbox: &Mailbox<'_>) -> Status<'static> {
+        let folder = match self.folder(user, mailbox) {
+            Ok(f) => f,
+            Err(s) => return s(tag),
+        };
+        if folder.is_inbox() {
+            return no(tag, Some(Code::Other(code_other("CANNOT"))), "INBOX cannot be deleted");
+        }
+        if let Phase::Selected(sel) = &self.phase
+            && sel.folder.id == folder.id
+        {
+            self.phase = Phase::Authenticated { user: user.to_owned() };
+        }
+        let scope = folders::scope(user);
+        if let Err(e) = self
+            .services
+            .uids
+            .unbind(&scope, vec![(folder.name.clone(), folder.raw)])
+            .await
+        {
+            return self.refused(tag, &e);
+        }
+        // Gone from every listing now; its messages and UIDs follow.
+        let msgs: Vec<Listed> = self
+            .services
+            .mail
+            .mailbox(user)
+            .await
+            .into_iter()
+            .filter(|l| l.meta.folder == folder.id)
+            .collect();
+        if !msgs.is_empty() && self.services.mail.delete(user, &msgs).await.is_err() {
+            debug!(user, "imap: a deleted folder's messages are not all deleted yet");
+        }
+        let _ = self.services.uids.drop_folder(&sequence_name(user, &folder.id)).await;
+        ok(tag, None, "DELETE completed")
+    }
+
+    async fn rename(&mut self, tag: Tag<'static>, user: &str, from: &Mailbox<'_>, to: &Mailbox<'_>) -> Status<'static> {
+        let folder = match self.folder(user, from) {
+            Ok(f) => f,
+            Err(s) => return s(tag),
+        };
+        if folder.is_inbox() {
+            return no(
+                tag,
+                Some(Code::Other(code_other("CANNOT"))),
+                "renaming INBOX is not supported: MOVE its messages instead",
+            );
+        }
+        let new = match folders::canonical(mailbox_as_bytes(to)) {
+            Ok(n) => n,
+            Err(why) => return no(tag, None, why),
+        };
+        let scope = folders::scope(user);
+        let names = self.services.uids.names(&scope);
+        if new == folders::INBOX || names.contains_key(&new) {
+            return no(
+                tag,
+                Some(Code::Other(code_other("ALREADYEXISTS"))),
+                "that folder already exists",
+            );
+        }
+        if new.starts_with(&format!("{}{}", folder.name, folders::DELIMITER)) {
+            return no(
+                tag,
+                Some(Code::Other(code_other("CANNOT"))),
+                "a folder cannot go below itself",
+            );
+        }
+        let moves = folders::renames(&names, &folder.name, &new);
+        if moves
+            .iter()
+            .any(|(_, _, to)| folders::canonical(to.as_bytes()).is_err())
+        {
+            return no(tag, None, "a folder below would get a name too long or too deep");
+        }
+        if let Err(e) = self.services.uids.rename(&scope, moves).await {
+            return self.refused(tag, &e);
+        }
+        // The levels above the new name, as CREATE makes them.
+        let names = self.services.uids.names(&scope);
+        let missing: Vec<(String, [u8; 16])> = folders::superiors(&new)
+            .into_iter()
+            .filter(|s| s != folders::INBOX && !names.contains_key(s))
+            .map(|s| (s, self.new_folder_id()))
+            .collect();
+        if !missing.is_empty() {
+            let _ = self.services.uids.bind(&scope, missing).await;
+        }
+        if let Phase::Selected(sel) = &mut self.phase
+            && sel.folder.id == folder.id
+        {
+            sel.folder.name = new;
+        }
+        ok(tag, None, "RENAME completed")
+    }
+
+    /// LIST or LSUB.
     fn list(
         &mut self,
         tag: Tag<'static>,
+        user: &str,
         reference: &Mailbox<'_>,
         mailbox_wildcard: &ListMailbox<'_>,
         lsub: bool,
@@ -765,21 +996,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
         };
         let reference = String::from_utf8_lossy(mailbox_as_bytes(reference)).into_owned();
-        let delimiter = Some(QuotedChar::try_from('/').expect("valid"));
-        // (items, mailbox) of the one answer, if any.
-        let found = if pattern.is_empty() {
+        let delimiter = Some(QuotedChar::try_from(folders::DELIMITER).expect("valid"));
+        let done = if lsub { "LSUB completed" } else { "LIST completed" };
+        if pattern.is_empty() {
             // The hierarchy delimiter and root.
-            Some((
-                vec![FlagNameAttribute::Noselect],
-                Mailbox::try_from("").unwrap_or(Mailbox::Inbox),
-            ))
-        } else if wildcard_match(&format!("{reference}{pattern}"), INBOX) {
-            let no_children = imap_next::imap_types::core::Atom::unvalidated("HasNoChildren");
-            Some((vec![FlagNameAttribute::from(no_children)], Mailbox::Inbox))
-        } else {
-            None
-        };
-        if let Some((items, mailbox)) = found {
+            let mailbox = Mailbox::try_from("").unwrap_or(Mailbox::Inbox);
+            let items = vec![FlagNameAttribute::Noselect];
             self.server.enqueue_data(if lsub {
                 Data::Lsub {
                     items,
@@ -793,8 +1015,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     mailbox,
                 }
             });
+            return ok(tag, None, done);
         }
-        ok(tag, None, if lsub { "LSUB completed" } else { "LIST completed" })
+        let full = format!("{reference}{pattern}");
+        let names = self.services.uids.names(&folders::scope(user));
+        let found = folders::list(&names, |n| wildcard_match(&full, n));
+        let subscribed = if lsub {
+            Some(self.services.uids.names(&folders::subscriptions(user)))
+        } else {
+            None
+        };
+        let mut shown = 0usize;
+        for l in found {
+            if let Some(subs) = &subscribed
+                && l.name != folders::INBOX
+                && !subs.contains_key(&l.name)
+            {
+                continue;
+            }
+            let mut items = Vec::new();
+            if l.noselect {
+                items.push(FlagNameAttribute::Noselect);
+            }
+            let children = if l.children { "HasChildren" } else { "HasNoChildren" };
+            items.push(FlagNameAttribute::from(imap_next::imap_types::core::Atom::unvalidated(
+                children,
+            )));
+            let Ok(mailbox) = Mailbox::try_from(l.name) else {
+                continue;
+            };
+            self.server.enqueue_data(if lsub {
+                Data::Lsub {
+                    items,
+                    delimiter,
+                    mailbox,
+                }
+            } else {
+                Data::List {
+                    items,
+                    delimiter,
+                    mailbox,
+                }
+            });
+            shown += 1;
+        }
+        // Subscriptions to folders that do not exist (any more).
+        if let Some(subs) = subscribed {
+            for name in subs.keys() {
+                if names.contains_key(name) || !wildcard_match(&full, name) {
+                    continue;
+                }
+                let Ok(mailbox) = Mailbox::try_from(name.clone()) else {
+                    continue;
+                };
+                self.server.enqueue_data(Data::Lsub {
+                    items: vec![FlagNameAttribute::Noselect],
+                    delimiter,
+                    mailbox,
+                });
+                shown += 1;
+            }
+        }
+        debug!(user, shown, "imap list");
+        ok(tag, None, done)
     }
 
     /// The folder's UIDs and messages as listed now, numbering new ones.
@@ -802,6 +1085,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn folder_now(
         &mut self,
         user: &str,
+        folder: &Folder,
     ) -> Result<(u32, u32, Vec<(u32, Listed)>), fn(Tag<'static>) -> Status<'static>> {
         let mut listed: Vec<Listed> = self
             .services
@@ -809,11 +1093,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .mailbox(user)
             .await
             .into_iter()
-            .filter(|l| l.meta.folder == INBOX)
+            .filter(|l| l.meta.folder == folder.id)
             .collect();
         listed.sort_by_key(|l| l.meta.id);
         listed.truncate(FOLDER_MESSAGES_MAX);
-        let name = sequence_name(user, INBOX);
+        let name = sequence_name(user, &folder.id);
         let ids: Vec<[u8; 16]> = listed.iter().map(|l| l.meta.id.0).collect();
         let mut numbers = self.services.uids.numbers(&name, &ids);
         let missing: Vec<[u8; 16]> = match &numbers {
@@ -861,37 +1145,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Status<'static> {
         // A failed SELECT leaves no folder selected (RFC 3501 6.3.1).
         self.phase = Phase::Authenticated { user: user.clone() };
-        if mailbox != Mailbox::Inbox {
-            return nonexistent(tag);
-        }
-        let (validity, uid_next, msgs) = match self.folder_now(&user).await {
+        let folder = match self.folder(&user, &mailbox) {
+            Ok(f) => f,
+            Err(s) => return s(tag),
+        };
+        let (validity, uid_next, msgs) = match self.folder_now(&user, &folder).await {
             Ok(v) => v,
             Err(s) => return s(tag),
         };
+        let msgs: Vec<Msg> = msgs.into_iter().map(|(uid, listed)| Msg { uid, listed }).collect();
         let n = msgs.len() as u32;
-        self.server.enqueue_data(Data::Flags(vec![Flag::Deleted]));
+        let flags = folder_flags(&msgs);
+        let mut permanent: Vec<imap_next::imap_types::flag::FlagPerm<'static>> =
+            flags.iter().cloned().map(Into::into).collect();
+        permanent.push(imap_next::imap_types::flag::FlagPerm::Asterisk);
+        self.server.enqueue_data(Data::Flags(flags));
         self.server.enqueue_data(Data::Exists(n));
         self.server.enqueue_data(Data::Recent(0));
-        // \Deleted is kept by the session only: nothing is permanent.
-        self.untagged_ok(
-            Code::PermanentFlags(vec![]),
-            "no permanent flags: flags are not stored yet",
-        );
+        if let Some(first) = msgs.iter().position(|m| !m.has("\\Seen")) {
+            self.untagged_ok(Code::Unseen(nz(first as u32 + 1)), "first unseen");
+        }
+        self.untagged_ok(Code::PermanentFlags(permanent), "flags are stored");
         self.untagged_ok(Code::UidValidity(nz(validity)), "UIDs valid");
         self.untagged_ok(Code::UidNext(nz(uid_next)), "predicted next UID");
         self.phase = Phase::Selected(Box::new(Selected {
             user,
+            folder,
             read_only,
             validity,
             uid_next,
-            msgs: msgs
-                .into_iter()
-                .map(|(uid, listed)| Msg {
-                    uid,
-                    listed,
-                    deleted: false,
-                })
-                .collect(),
+            msgs,
         }));
         if read_only {
             ok(tag, Some(Code::ReadOnly), "EXAMINE completed")
@@ -906,15 +1189,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// What changed in the selected folder since the session last looked:
-    /// EXPUNGE for messages gone, EXISTS for new ones (only UIDs above
-    /// every UID the session has shown: a UID is never shown below one
-    /// already seen).
+    /// EXPUNGE for messages gone (deleted, or moved away), FETCH FLAGS for
+    /// flags changed (through any node), EXISTS for new ones (only UIDs
+    /// above every UID the session has shown: a UID is never shown below
+    /// one already seen).
     async fn sync(&mut self) -> Vec<Data<'static>> {
         let Phase::Selected(sel) = &self.phase else {
             return vec![];
         };
-        let user = sel.user.clone();
-        let Ok((validity, next, now)) = self.folder_now(&user).await else {
+        let (user, folder) = (sel.user.clone(), sel.folder.clone());
+        let Ok((validity, next, now)) = self.folder_now(&user, &folder).await else {
             return vec![];
         };
         let Phase::Selected(sel) = &mut self.phase else {
@@ -925,53 +1209,98 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // The folder was made anew: the client must start over.
             return out;
         }
-        let present: std::collections::HashSet<u32> = now.iter().map(|(u, _)| *u).collect();
+        let mut present: std::collections::HashMap<u32, Listed> = now.iter().map(|(u, l)| (*u, l.clone())).collect();
         let mut i = 0;
         while i < sel.msgs.len() {
-            if present.contains(&sel.msgs[i].uid) {
-                i += 1;
-            } else {
-                sel.msgs.remove(i);
-                out.push(Data::Expunge(nz(i as u32 + 1)));
+            match present.remove(&sel.msgs[i].uid) {
+                Some(listed) => {
+                    let m = &mut sel.msgs[i];
+                    let before: Vec<&str> = m.listed.meta.marks.set_flags().collect();
+                    let after: Vec<&str> = listed.meta.marks.set_flags().collect();
+                    let changed = before != after;
+                    m.listed = listed;
+                    if changed {
+                        out.push(Data::Fetch {
+                            seq: nz(i as u32 + 1),
+                            items: Vec1::unvalidated(vec![
+                                MessageDataItem::Uid(nz(m.uid)),
+                                MessageDataItem::Flags(flags_of(m)),
+                            ]),
+                        });
+                    }
+                    i += 1;
+                }
+                None => {
+                    sel.msgs.remove(i);
+                    out.push(Data::Expunge(nz(i as u32 + 1)));
+                }
             }
         }
         let high = sel.msgs.last().map_or(0, |m| m.uid).max(sel.uid_next.saturating_sub(1));
         let before = sel.msgs.len();
         for (uid, listed) in now {
             if uid > high {
-                sel.msgs.push(Msg {
-                    uid,
-                    listed,
-                    deleted: false,
-                });
+                sel.msgs.push(Msg { uid, listed });
             }
         }
         sel.uid_next = sel.uid_next.max(next);
-        if sel.msgs.len() != before || !out.is_empty() {
+        if sel.msgs.len() != before || out.iter().any(|d| matches!(d, Data::Expunge(_))) {
             out.push(Data::Exists(sel.msgs.len() as u32));
         }
         out
     }
 
-    async fn append(&mut self, tag: Tag<'static>, user: String, bytes: Vec<u8>) -> Status<'static> {
+    async fn append(
+        &mut self,
+        tag: Tag<'static>,
+        user: String,
+        folder: Folder,
+        bytes: Vec<u8>,
+        flags: Vec<Flag<'static>>,
+        arrival: Option<u64>,
+    ) -> Status<'static> {
         if bytes.len() > self.services.limits.message_bytes_max {
             return no(tag, Some(Code::TooBig), "message larger than the size limit");
         }
+        if flags.len() > FLAGS_PER_COMMAND_MAX {
+            return no(tag, Some(Code::Other(code_other("LIMIT"))), "too many flags");
+        }
         let now = crate::time::now_ms();
-        let id = self.services.mail.new_message_id(now);
+        let arrival = arrival.unwrap_or(now);
+        let id = self.services.mail.new_message_id(arrival);
         let out = self
             .services
             .mail
-            .deliver_as(id, std::slice::from_ref(&user), INBOX, now, bytes)
+            .deliver_as(id, std::slice::from_ref(&user), &folder.id, arrival, bytes)
             .await;
-        if out.stored.is_empty() {
+        if !out.stored.first().copied().unwrap_or(false) {
             return no(
                 tag,
                 Some(Code::Other(code_other("UNAVAILABLE"))),
                 "could not store the message, try again",
             );
         }
-        let name = sequence_name(&user, INBOX);
+        if !flags.is_empty() {
+            // The copies are where the delivery put them: mark them there.
+            let listed = fresh_listed(id, &folder.id, arrival, out.copies.first().cloned().unwrap_or_default());
+            let hlc = self.services.mail.hlc_now();
+            let change = MarkChange {
+                id,
+                folder: None,
+                flags: flags
+                    .iter()
+                    .map(|f| FlagMark {
+                        name: name_of_flag(f),
+                        set: true,
+                        hlc,
+                    })
+                    .collect(),
+            };
+            if self.services.mail.mark(&user, &[(listed, change)]).await.is_err() {
+                debug!(user, "imap append: flags not recorded everywhere");
+            }
+        }
+        let name = sequence_name(&user, &folder.id);
         let _ = self.services.uids.assign(&name, vec![id.0]).await;
         let uid = self.services.uids.numbers(&name, &[id.0]);
         match uid.and_then(|n| n.uids[0].map(|u| (n.validity, u))) {
@@ -1023,29 +1352,87 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 uid,
                 ..
             } => {
-                let Phase::Selected(sel) = &mut self.phase else {
+                let Phase::Selected(sel) = &self.phase else {
                     unreachable!()
                 };
                 if sel.read_only {
                     return no(tag, Some(Code::ReadOnly), "the folder is read-only (EXAMINE)");
                 }
-                if flags.iter().any(|f| *f != Flag::Deleted) {
-                    return cannot(tag, "only \\Deleted can be set: other flags are not stored yet");
+                if flags.len() > FLAGS_PER_COMMAND_MAX {
+                    return no(
+                        tag,
+                        Some(Code::Other(code_other("LIMIT"))),
+                        "too many flags in one STORE",
+                    );
                 }
-                let set = !flags.is_empty();
                 let silent = response == imap_next::imap_types::flag::StoreResponse::Silent;
+                let names: Vec<String> = flags.iter().map(name_of_flag).collect();
                 let largest = largest(sel, uid);
-                let mut out = Vec::new();
-                for (i, m) in sel.msgs.iter_mut().enumerate() {
+                let hlc = self.services.mail.hlc_now();
+                let mut changes: Vec<(usize, Listed, MarkChange)> = Vec::new();
+                for (i, m) in sel.msgs.iter().enumerate() {
                     let key = if uid { m.uid } else { i as u32 + 1 };
                     if !set_contains(&sequence_set, key, largest) {
                         continue;
                     }
-                    m.deleted = match kind {
-                        StoreType::Add => m.deleted || set,
-                        StoreType::Remove => m.deleted && !set,
-                        StoreType::Replace => set,
+                    let mark = |name: &str, set| FlagMark {
+                        name: name.to_owned(),
+                        set,
+                        hlc,
                     };
+                    let mut edits: Vec<FlagMark> = match kind {
+                        StoreType::Add => names.iter().map(|n| mark(n, true)).collect(),
+                        StoreType::Remove => names.iter().map(|n| mark(n, false)).collect(),
+                        StoreType::Replace => names.iter().map(|n| mark(n, true)).collect(),
+                    };
+                    if kind == StoreType::Replace {
+                        for old in m.listed.meta.marks.set_flags() {
+                            if !names.iter().any(|n| n.eq_ignore_ascii_case(old)) {
+                                edits.push(mark(old, false));
+                            }
+                        }
+                    }
+                    // Only what changes (a STORE that changes nothing sends nothing).
+                    edits.retain(|e| m.has(&e.name) != e.set);
+                    let fresh = edits
+                        .iter()
+                        .filter(|e| !m.listed.meta.marks.flags.iter().any(|f| f.name == e.name))
+                        .count();
+                    if m.listed.meta.marks.flags.len() + fresh > replication::marks::FLAGS_PER_MESSAGE_MAX {
+                        return no(
+                            tag,
+                            Some(Code::Other(code_other("LIMIT"))),
+                            "a message keeps at most 64 flags (set or cleared)",
+                        );
+                    }
+                    let change = MarkChange {
+                        id: m.listed.meta.id,
+                        folder: None,
+                        flags: edits,
+                    };
+                    changes.push((i, m.listed.clone(), change));
+                }
+                let user = sel.user.clone();
+                let to_send: Vec<(Listed, MarkChange)> = changes
+                    .iter()
+                    .filter(|(_, _, c)| !c.flags.is_empty())
+                    .map(|(_, l, c)| (l.clone(), c.clone()))
+                    .collect();
+                if !to_send.is_empty() && self.services.mail.mark(&user, &to_send).await.is_err() {
+                    return no(
+                        tag,
+                        Some(Code::Other(code_other("UNAVAILABLE"))),
+                        "the flags could not be stored now, try again",
+                    );
+                }
+                bump(&self.services.metrics.imap_stores);
+                let Phase::Selected(sel) = &mut self.phase else {
+                    unreachable!()
+                };
+                let mut out = Vec::new();
+                for (i, _, change) in changes {
+                    let m = &mut sel.msgs[i];
+                    m.listed.meta.apply_marks(&change);
                     if !silent {
                         let mut items = vec![MessageDataItem::Flags(flags_of(m))];
                         if uid {
@@ -1097,14 +1484,211 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .enqueue_data(Data::Search(hits.into_iter().map(nz).collect()));
                 ok(tag, None, "SEARCH completed")
             }
-            CommandBody::Copy { .. } | CommandBody::Move { .. } => {
-                cannot(tag, "only INBOX exists: COPY and MOVE come with folders")
-            }
+            CommandBody::Copy {
+                sequence_set,
+                mailbox,
+                uid,
+            } => self.copy_or_move(tag, sequence_set, mailbox, uid, false).await,
+            CommandBody::Move {
+                sequence_set,
+                mailbox,
+                uid,
+            } => self.copy_or_move(tag, sequence_set, mailbox, uid, true).await,
             other => bad(Some(tag), &format!("{} is not supported", other.name())),
         }
     }
 
-    /// Deletes the session's `\Deleted` messages (in `only`, if given) on
+    /// COPY or MOVE (and their UID forms) to `mailbox`.
+    async fn copy_or_move(
+        &mut self,
+        tag: Tag<'static>,
+        set: SequenceSet,
+        mailbox: Mailbox<'static>,
+        uid: bool,
+        is_move: bool,
+    ) -> Status<'static> {
+        let Phase::Selected(sel) = &self.phase else {
+            unreachable!()
+        };
+        let user = sel.user.clone();
+        if is_move && sel.read_only {
+            return no(tag, Some(Code::ReadOnly), "the folder is read-only (EXAMINE)");
+        }
+        let source = sel.folder.clone();
+        let dest = match self.folder(&user, &mailbox) {
+            Ok(f) => f,
+            Err(_) => return no(tag, Some(Code::TryCreate), "no such folder: CREATE it first"),
+        };
+        let Phase::Selected(sel) = &self.phase else {
+            unreachable!()
+        };
+        let largest = largest(sel, uid);
+        let targets: Vec<usize> = (0..sel.msgs.len())
+            .filter(|i| set_contains(&set, if uid { sel.msgs[*i].uid } else { *i as u32 + 1 }, largest))
+            .collect();
+        let verb = if is_move { "MOVE" } else { "COPY" };
+        if targets.is_empty() {
+            if !uid && !sel.msgs.is_empty() {
+                return bad(Some(tag), "no such message");
+            }
+            return ok(tag, None, &format!("{verb} completed (no message)"));
+        }
+        if is_move && dest.id == source.id {
+            return no(
+                tag,
+                Some(Code::Other(code_other("CANNOT"))),
+                "the source and the destination are the same folder",
+            );
+        }
+        if !is_move && targets.len() > COPY_MESSAGES_MAX {
+            return no(
+                tag,
+                Some(Code::Other(code_other("LIMIT"))),
+                "too many messages in one COPY (at most 10 000)",
+            );
+        }
+        let src_uids: Vec<u32> = targets.iter().map(|i| sel.msgs[*i].uid).collect();
+        let listed: Vec<Listed> = targets.iter().map(|i| sel.msgs[*i].listed.clone()).collect();
+        let dest_seq = sequence_name(&user, &dest.id);
+        let unavailable = |tag| {
+            no(
+                tag,
+                Some(Code::Other(code_other("UNAVAILABLE"))),
+                "the messages could not be copied now, try again",
+            )
+        };
+        let new_ids: Vec<[u8; 16]> = if is_move {
+            let ids: Vec<[u8; 16]> = listed.iter().map(|l| l.meta.id.0).collect();
+            // UIDs in the destination first: a session there numbers the
+            // messages the same once they show up in it.
+            if self.services.uids.assign(&dest_seq, ids.clone()).await.is_err() {
+                return unavailable(tag);
+            }
+            let hlc = self.services.mail.hlc_now();
+            let changes: Vec<(Listed, MarkChange)> = listed
+                .iter()
+                .map(|l| {
+                    let change = MarkChange {
+                        id: l.meta.id,
+                        folder: Some((dest.id.clone(), hlc)),
+                        flags: vec![],
+                    };
+                    (l.clone(), change)
+                })
+                .collect();
+            if self.services.mail.mark(&user, &changes).await.is_err() {
+                return unavailable(tag);
+            }
+            let _ = self
+                .services
+                .uids
+                .forget(&sequence_name(&user, &source.id), ids.clone())
+                .await;
+            self.services
+                .metrics
+                .imap_moves
+                .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            ids
+        } else {
+            let mut made: Vec<Listed> = Vec::new();
+            let mut failed = false;
+            for l in &listed {
+                let Ok(body) = self.services.mail.read(l).await else {
+                    failed = true;
+                    break;
+                };
+                let arrival = l.meta.arrival_ms;
+                let id = self.services.mail.new_message_id(arrival);
+                let out = self
+                    .services
+                    .mail
+                    .deliver_as(id, std::slice::from_ref(&user), &dest.id, arrival, body)
+                    .await;
+                if !out.stored.first().copied().unwrap_or(false) {
+                    failed = true;
+                    break;
+                }
+                let mut copy = fresh_listed(id, &dest.id, arrival, out.copies.first().cloned().unwrap_or_default());
+                copy.meta.marks = l.meta.marks.clone();
+                made.push(copy);
+            }
+            if failed {
+                // All or nothing (RFC 3501 6.4.7): the copies made go again.
+                let _ = self.services.mail.delete(&user, &made).await;
+                return unavailable(tag);
+            }
+            let hlc = self.services.mail.hlc_now();
+            let changes: Vec<(Listed, MarkChange)> = made
+                .iter()
+                .filter(|c| c.meta.marks.set_flags().next().is_some())
+                .map(|c| {
+                    let flags = c
+                        .meta
+                        .marks
+                        .set_flags()
+                        .map(|name| FlagMark {
+                            name: name.to_owned(),
+                            set: true,
+                            hlc,
+                        })
+                        .collect();
+                    let change = MarkChange {
+                        id: c.meta.id,
+                        folder: None,
+                        flags,
+                    };
+                    (c.clone(), change)
+                })
+                .collect();
+            if !changes.is_empty() && self.services.mail.mark(&user, &changes).await.is_err() {
+                debug!(user, "imap copy: flags of the copies not recorded everywhere");
+            }
+            let ids: Vec<[u8; 16]> = made.iter().map(|c| c.meta.id.0).collect();
+            let _ = self.services.uids.assign(&dest_seq, ids.clone()).await;
+            self.services
+                .metrics
+                .imap_copies
+                .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            ids
+        };
+        // COPYUID (RFC 4315): source UIDs and their UIDs in the destination.
+        let code = self.services.uids.numbers(&dest_seq, &new_ids).and_then(|n| {
+            let pairs: Vec<(u32, u32)> = src_uids
+                .iter()
+                .zip(&n.uids)
+                .filter_map(|(s, d)| d.map(|d| (*s, d)))
+                .collect();
+            (pairs.len() == src_uids.len()).then(|| {
+                let single = |u: u32| imap_next::imap_types::extensions::uidplus::UidElement::Single(nz(u));
+                Code::CopyUid {
+                    uid_validity: nz(n.validity),
+                    source: imap_next::imap_types::extensions::uidplus::UidSet(Vec1::unvalidated(
+                        pairs.iter().map(|(s, _)| single(*s)).collect(),
+                    )),
+                    destination: imap_next::imap_types::extensions::uidplus::UidSet(Vec1::unvalidated(
+                        pairs.iter().map(|(_, d)| single(*d)).collect(),
+                    )),
+                }
+            })
+        });
+        if !is_move {
+            return ok(tag, code, "COPY completed");
+        }
+        // MOVE (RFC 6851): COPYUID untagged, then the expunges.
+        if let Some(code) = code {
+            self.untagged_ok(code, "moved");
+        }
+        let Phase::Selected(sel) = &mut self.phase else {
+            unreachable!()
+        };
+        for i in targets.into_iter().rev() {
+            sel.msgs.remove(i);
+            self.server.enqueue_data(Data::Expunge(nz(i as u32 + 1)));
+        }
+        ok(tag, None, "MOVE completed")
+    }
+
+    /// Deletes the folder's `\Deleted` messages (in `only`, if given) on
     /// every replica, then tells the client (when `tell`).
     async fn expunge(&mut self, only: Option<SequenceSet>, tell: bool) -> Result<(), &'static str> {
         let Phase::Selected(sel) = &mut self.phase else {
@@ -1118,7 +1702,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .msgs
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.deleted && only.as_ref().is_none_or(|s| set_contains(s, m.uid, largest)))
+            .filter(|(_, m)| m.has("\\Deleted") && only.as_ref().is_none_or(|s| set_contains(s, m.uid, largest)))
             .map(|(i, _)| i)
             .collect();
         if victims.is_empty() {
@@ -1126,11 +1710,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let listed: Vec<Listed> = victims.iter().map(|i| sel.msgs[*i].listed.clone()).collect();
         let user = sel.user.clone();
+        let seq = sequence_name(&user, &sel.folder.id);
         if self.services.mail.delete(&user, &listed).await.is_err() {
             return Err("the messages could not be deleted now, try again");
         }
         let ids: Vec<[u8; 16]> = listed.iter().map(|l| l.meta.id.0).collect();
-        let _ = self.services.uids.forget(&sequence_name(&user, INBOX), ids).await;
+        let _ = self.services.uids.forget(&seq, ids).await;
         let Phase::Selected(sel) = &mut self.phase else {
             return Ok(());
         };
@@ -1189,6 +1774,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .collect();
         if !uid && targets.is_empty() && !sel.msgs.is_empty() {
             return bad(Some(tag), "no such message");
+        }
+        // Fetching a body (not its PEEK) sets \Seen (RFC 3501 6.4.5),
+        // stored like a STORE, and the FLAGS go with the answer.
+        let sets_seen = !sel.read_only
+            && names.iter().any(|n| {
+                matches!(
+                    n,
+                    MessageDataItemName::BodyExt { peek: false, .. }
+                        | MessageDataItemName::Rfc822
+                        | MessageDataItemName::Rfc822Text
+                )
+            });
+        let mut now_seen: std::collections::HashSet<usize> = std::collections::HashSet::new();
+        if sets_seen {
+            let hlc = self.services.mail.hlc_now();
+            let changes: Vec<(usize, Listed, MarkChange)> = targets
+                .iter()
+                .filter(|i| !sel.msgs[**i].has("\\Seen"))
+                .map(|i| {
+                    let l = &sel.msgs[*i].listed;
+                    let change = MarkChange {
+                        id: l.meta.id,
+                        folder: None,
+                        flags: vec![FlagMark {
+                            name: "\\Seen".to_owned(),
+                            set: true,
+                            hlc,
+                        }],
+                    };
+                    (*i, l.clone(), change)
+                })
+                .collect();
+            if !changes.is_empty() {
+                let user = sel.user.clone();
+                let send: Vec<(Listed, MarkChange)> = changes.iter().map(|(_, l, c)| (l.clone(), c.clone())).collect();
+                if self.services.mail.mark(&user, &send).await.is_err() {
+                    debug!(user, "imap fetch: \\Seen not stored everywhere");
+                }
+                let Phase::Selected(sel) = &mut self.phase else {
+                    unreachable!()
+                };
+                for (i, _, change) in changes {
+                    sel.msgs[i].listed.meta.apply_marks(&change);
+                    now_seen.insert(i);
+                }
+            }
         }
         for i in targets {
             let Phase::Selected(sel) = &self.phase else {
@@ -1263,6 +1894,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     _ => unreachable!("refused above"),
                 });
             }
+            if now_seen.contains(&i) && !names.contains(&MessageDataItemName::Flags) {
+                items.push(MessageDataItem::Flags(flags_of(m)));
+            }
             self.server.enqueue_data(Data::Fetch {
                 seq: nz(i as u32 + 1),
                 items: Vec1::unvalidated(items),
@@ -1272,12 +1906,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// A message just stored, as a listing would show it (enough to send
+/// changes to its copies).
+fn fresh_listed(id: replication::MessageId, folder: &str, arrival_ms: u64, replicas: Vec<u64>) -> Listed {
+    Listed {
+        meta: replication::EntryMeta {
+            id,
+            body: replication::BodyHash([0; 32]),
+            size_bytes: 0,
+            arrival_ms,
+            folder: folder.to_owned(),
+            flags: 0,
+            replicas,
+            placed: 0,
+            prior: Vec::new(),
+            marks: Default::default(),
+        },
+        holders: Vec::new(),
+    }
+}
+
 fn nonexistent(tag: Tag<'static>) -> Status<'static> {
-    no(
-        tag,
-        Some(Code::Other(code_other("NONEXISTENT"))),
-        "no such folder: only INBOX exists",
-    )
+    no(tag, Some(Code::Other(code_other("NONEXISTENT"))), "no such folder")
 }
 
 fn mailbox_as_bytes<'a>(m: &'a Mailbox<'_>) -> &'a [u8] {
@@ -1351,11 +2001,43 @@ pub fn set_contains(set: &SequenceSet, n: u32, largest: u32) -> bool {
 }
 
 fn flags_of(m: &Msg) -> Vec<FlagFetch<'static>> {
-    if m.deleted {
-        vec![FlagFetch::Flag(Flag::Deleted)]
-    } else {
-        vec![]
+    m.listed
+        .meta
+        .marks
+        .set_flags()
+        .filter_map(flag_of_name)
+        .map(FlagFetch::Flag)
+        .collect()
+}
+
+/// A stored flag name as IMAP shows it.
+fn flag_of_name(name: &str) -> Option<Flag<'static>> {
+    match name.strip_prefix('\\') {
+        Some(system) => imap_next::imap_types::core::Atom::try_from(system.to_owned())
+            .ok()
+            .map(Flag::system),
+        None => imap_next::imap_types::core::Atom::try_from(name.to_owned())
+            .ok()
+            .map(Flag::Keyword),
     }
+}
+
+/// How a flag is stored: `\Seen`-style for system flags (their canonical
+/// case), the keyword as given otherwise.
+fn name_of_flag(flag: &Flag<'_>) -> String {
+    flag.to_string()
+}
+
+/// The FLAGS and PERMANENTFLAGS of a folder: the system flags and the
+/// keywords its messages carry.
+fn folder_flags(msgs: &[Msg]) -> Vec<Flag<'static>> {
+    let mut out = vec![Flag::Answered, Flag::Flagged, Flag::Deleted, Flag::Seen, Flag::Draft];
+    let mut keywords: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    for m in msgs {
+        keywords.extend(m.listed.meta.marks.set_flags().filter(|f| !f.starts_with('\\')));
+    }
+    out.extend(keywords.into_iter().take(256).filter_map(flag_of_name));
+    out
 }
 
 fn internal_date(arrival_ms: u64) -> DateTime {
@@ -1483,14 +2165,22 @@ fn matches<'a>(
             SearchKey::Before(d) => arrival < day(d),
             SearchKey::Since(d) => arrival >= day(d),
             SearchKey::On(d) => arrival >= day(d) && arrival < day(d) + 86_400_000,
-            SearchKey::Deleted => c.msg.deleted,
-            SearchKey::Undeleted => !c.msg.deleted,
-            // No flag but \Deleted is stored: every message is unseen,
-            // unanswered, unflagged, not a draft, not recent.
-            SearchKey::Answered | SearchKey::Flagged | SearchKey::Draft | SearchKey::Seen | SearchKey::Recent => false,
-            SearchKey::New | SearchKey::Keyword(_) => false,
-            SearchKey::Unanswered | SearchKey::Unflagged | SearchKey::Undraft | SearchKey::Unseen => true,
-            SearchKey::Old | SearchKey::Unkeyword(_) => true,
+            SearchKey::Deleted => c.msg.has("\\Deleted"),
+            SearchKey::Undeleted => !c.msg.has("\\Deleted"),
+            SearchKey::Answered => c.msg.has("\\Answered"),
+            SearchKey::Unanswered => !c.msg.has("\\Answered"),
+            SearchKey::Flagged => c.msg.has("\\Flagged"),
+            SearchKey::Unflagged => !c.msg.has("\\Flagged"),
+            SearchKey::Draft => c.msg.has("\\Draft"),
+            SearchKey::Undraft => !c.msg.has("\\Draft"),
+            SearchKey::Seen => c.msg.has("\\Seen"),
+            SearchKey::Unseen => !c.msg.has("\\Seen"),
+            SearchKey::Keyword(k) => c.msg.has(k.as_ref()),
+            SearchKey::Unkeyword(k) => !c.msg.has(k.as_ref()),
+            // No session is told of a message as recent (\Recent is
+            // per session, and no node owns a folder's sessions).
+            SearchKey::Recent | SearchKey::New => false,
+            SearchKey::Old => true,
             SearchKey::Header(..)
             | SearchKey::Subject(_)
             | SearchKey::From(_)

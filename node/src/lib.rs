@@ -27,6 +27,7 @@ pub mod data;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod imap;
+pub mod imap_folders;
 pub mod imap_mime;
 pub mod mail;
 pub mod metrics;

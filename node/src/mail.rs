@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use replication::MessageId;
 use replication::replica::{
     BoxFuture, DeliverOutcome, Listed, MailboxInUse, Network, NodeId, ReplicaError, Replicator,
 };
+use replication::{MarkChange, MessageId};
 
 /// What SMTP, LMTP and POP3 (and IMAP next) ask of the mail system.
 pub trait Mail: Send + Sync + 'static {
@@ -30,6 +30,15 @@ pub trait Mail: Send + Sync + 'static {
     fn read<'a>(&'a self, msg: &'a Listed) -> BoxFuture<'a, Result<Vec<u8>, ReplicaError>>;
     /// Deletes messages on every replica.
     fn delete<'a>(&'a self, mailbox: &'a str, msgs: &'a [Listed]) -> BoxFuture<'a, Result<usize, ReplicaError>>;
+    /// A hybrid logical clock value for a folder or flag change made now.
+    fn hlc_now(&self) -> u64;
+    /// Changes folders and flags of messages on every replica (last
+    /// writer wins per register).
+    fn mark<'a>(
+        &'a self,
+        mailbox: &'a str,
+        changes: &'a [(Listed, MarkChange)],
+    ) -> BoxFuture<'a, Result<(), ReplicaError>>;
     /// Takes the mailbox for one session, cluster-wide.
     fn lock_mailbox<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, Result<Option<(NodeId, u64)>, MailboxInUse>>;
     /// Gives a lock back at the manager that granted it.
@@ -73,6 +82,18 @@ impl<N: Network> Mail for Replicator<N> {
 
     fn delete<'a>(&'a self, mailbox: &'a str, msgs: &'a [Listed]) -> BoxFuture<'a, Result<usize, ReplicaError>> {
         Box::pin(Replicator::delete(self, mailbox, msgs))
+    }
+
+    fn hlc_now(&self) -> u64 {
+        Replicator::hlc_now(self)
+    }
+
+    fn mark<'a>(
+        &'a self,
+        mailbox: &'a str,
+        changes: &'a [(Listed, MarkChange)],
+    ) -> BoxFuture<'a, Result<(), ReplicaError>> {
+        Box::pin(Replicator::mark(self, mailbox, changes))
     }
 
     fn lock_mailbox<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, Result<Option<(NodeId, u64)>, MailboxInUse>> {

@@ -100,6 +100,10 @@ pub struct Metrics {
     /// UIDs asked for and not given (the Raft state could not be written:
     /// new mail stays out of IMAP sessions until it can).
     pub imap_uid_failures: AtomicU64,
+    /// IMAP STOREs that changed flags, and messages copied or moved.
+    pub imap_stores: AtomicU64,
+    pub imap_copies: AtomicU64,
+    pub imap_moves: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub deliveries_failed: AtomicU64,
     pub messages_retrieved: AtomicU64,

@@ -6,10 +6,16 @@
 //! nodes that disagree about the view can at worst ask twice for the same
 //! message and get the same answer. Reads are local. Why this and not the
 //! manager or a quorum register: ARCHITECTURE.md, "IMAP UIDs".
+//!
+//! A user's folders are named bindings in the same state
+//! (`membership::names`): a folder's name is bound to its id, which is
+//! what its messages and its UID sequence are named by, so a rename is one
+//! committed entry and moves no message.
 
 use std::sync::Mutex;
 
 use membership::Membership;
+use membership::names::Names;
 use membership::sequence::Sequences;
 use replication::replica::BoxFuture;
 
@@ -36,7 +42,21 @@ pub trait Uids: Send + Sync + 'static {
     /// The folder's validity, UIDNEXT and the UIDs of `ids`; `None` if the
     /// folder has no sequence yet.
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers>;
+    /// The names bound in `scope` (a user's folders), as applied here.
+    fn names(&self, scope: &str) -> BTreeMap<String, [u8; 16]>;
+    /// Binds names (see `membership::names::Names::bind`).
+    fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Unbinds names bound to the ids given.
+    fn unbind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Renames at once: `(from, id, to)`.
+    fn rename<'a>(
+        &'a self,
+        scope: &'a str,
+        moves: Vec<(String, [u8; 16], String)>,
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
 }
+
+use std::collections::BTreeMap;
 
 /// The sequence name of a user's folder.
 pub fn sequence_name(mailbox: &str, folder: &str) -> String {
@@ -168,15 +188,40 @@ impl Uids for RaftUids {
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers> {
         self.membership.with_sequence(name, |s| read(s, ids))
     }
+
+    fn names(&self, scope: &str) -> BTreeMap<String, [u8; 16]> {
+        self.membership.names(scope)
+    }
+
+    fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.membership.bind_names(scope.to_owned(), items).await?) })
+    }
+
+    fn unbind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.membership.unbind_names(scope.to_owned(), items).await?) })
+    }
+
+    fn rename<'a>(
+        &'a self,
+        scope: &'a str,
+        moves: Vec<(String, [u8; 16], String)>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.membership.rename_names(scope.to_owned(), moves).await?) })
+    }
 }
 
-/// One node's sequences in memory (tests of the sessions without Raft).
+/// One node's sequences and folder names in memory (tests of the
+/// sessions without Raft).
 #[derive(Debug, Default)]
-pub struct LocalUids(Mutex<Sequences>);
+pub struct LocalUids(Mutex<Sequences>, Mutex<Names>);
 
 impl LocalUids {
     fn seqs(&self) -> std::sync::MutexGuard<'_, Sequences> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn names_mut(&self) -> std::sync::MutexGuard<'_, Names> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -208,5 +253,25 @@ impl Uids for LocalUids {
 
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers> {
         read(self.seqs().get(name), ids)
+    }
+
+    fn names(&self, scope: &str) -> BTreeMap<String, [u8; 16]> {
+        self.names_mut().get(scope).cloned().unwrap_or_default()
+    }
+
+    fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.names_mut().bind(scope, &items)?) })
+    }
+
+    fn unbind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.names_mut().unbind(scope, &items)?) })
+    }
+
+    fn rename<'a>(
+        &'a self,
+        scope: &'a str,
+        moves: Vec<(String, [u8; 16], String)>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move { Ok(self.names_mut().rename(scope, &moves)?) })
     }
 }

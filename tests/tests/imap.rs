@@ -112,17 +112,53 @@ async fn replies_to_every_command() {
         ("LIST \"\" Sent*", "OK", &["(none)"]),
         ("LSUB \"\" *", "OK", &["* LSUB (\\HasNoChildren) \"/\" INBOX"]),
         ("SUBSCRIBE INBOX", "OK", &[]),
-        ("SUBSCRIBE Sent", "NO [NONEXISTENT]", &[]),
-        ("CREATE Sent", "NO [CANNOT]", &[]),
+        ("STATUS Sent (MESSAGES)", "NO [NONEXISTENT]", &[]),
+        ("SELECT Sent", "NO [NONEXISTENT]", &[]),
+        ("CREATE Sent", "OK", &[]),
+        ("CREATE Sent", "NO [ALREADYEXISTS]", &[]),
+        ("CREATE inbox", "NO [ALREADYEXISTS]", &[]),
+        ("CREATE a//b", "NO", &[]),
+        ("CREATE Archive/2026/Q4", "OK", &[]),
+        (
+            "LIST \"\" %",
+            "OK",
+            &[
+                "* LIST (\\HasChildren) \"/\" Archive",
+                "* LIST (\\HasNoChildren) \"/\" Sent",
+            ],
+        ),
+        (
+            "LIST \"\" Archive/*",
+            "OK",
+            &[
+                "* LIST (\\HasChildren) \"/\" Archive/2026",
+                "* LIST (\\HasNoChildren) \"/\" Archive/2026/Q4",
+            ],
+        ),
+        ("SUBSCRIBE Sent", "OK", &[]),
+        ("LSUB \"\" *", "OK", &["* LSUB (\\HasNoChildren) \"/\" Sent"]),
+        ("UNSUBSCRIBE Sent", "OK", &[]),
+        ("UNSUBSCRIBE Sent", "NO [NONEXISTENT]", &[]),
+        ("RENAME Archive Old", "OK", &[]),
+        ("LIST \"\" Old/*", "OK", &["\"/\" Old/2026/Q4"]),
+        ("LIST \"\" Archive*", "OK", &["(none)"]),
+        ("RENAME Old Sent", "NO [ALREADYEXISTS]", &[]),
+        ("RENAME Old Old/x", "NO [CANNOT]", &[]),
+        ("RENAME INBOX Old2", "NO [CANNOT]", &[]),
+        ("RENAME Nope X", "NO [NONEXISTENT]", &[]),
+        ("DELETE Old/2026/Q4", "OK", &[]),
+        ("DELETE Old/2026/Q4", "NO [NONEXISTENT]", &[]),
         ("DELETE INBOX", "NO [CANNOT]", &[]),
-        ("RENAME INBOX Old", "NO [CANNOT]", &[]),
         (
             "STATUS INBOX (MESSAGES UIDNEXT)",
             "OK",
             &["* STATUS INBOX (MESSAGES 2 UIDNEXT 3)"],
         ),
-        ("STATUS Sent (MESSAGES)", "NO [NONEXISTENT]", &[]),
-        ("SELECT Sent", "NO [NONEXISTENT]", &[]),
+        (
+            "STATUS Sent (MESSAGES UNSEEN)",
+            "OK",
+            &["* STATUS Sent (MESSAGES 0 UNSEEN 0)"],
+        ),
         ("FETCH 1 FLAGS", "BAD", &[]),
         (
             "SELECT INBOX",
@@ -130,8 +166,9 @@ async fn replies_to_every_command() {
             &[
                 "* 2 EXISTS",
                 "* 0 RECENT",
-                "* FLAGS (\\Deleted)",
-                "[PERMANENTFLAGS ()]",
+                "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)",
+                "[PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)]",
+                "[UNSEEN 1]",
                 "[UIDVALIDITY ",
                 "[UIDNEXT 3]",
             ],
@@ -171,8 +208,26 @@ async fn replies_to_every_command() {
         ("FETCH 1 BODY.PEEK[1.2]", "OK", &["* 1 FETCH (BODY[1.2] {0}"]),
         ("FETCH 1 BINARY[1]", "NO [CANNOT]", &[]),
         ("FETCH 7 FLAGS", "BAD", &[]),
-        ("STORE 1 +FLAGS (\\Seen)", "NO [CANNOT]", &[]),
-        ("COPY 1 INBOX", "NO [CANNOT]", &[]),
+        (
+            "STORE 1 +FLAGS (\\Seen $Work)",
+            "OK",
+            &["* 1 FETCH (FLAGS ($Work \\Seen))"],
+        ),
+        ("SEARCH SEEN", "OK", &["* SEARCH 1"]),
+        ("SEARCH KEYWORD $Work", "OK", &["* SEARCH 1"]),
+        ("SEARCH UNKEYWORD $Work", "OK", &["* SEARCH 2"]),
+        ("STORE 1 FLAGS (\\Flagged)", "OK", &["* 1 FETCH (FLAGS (\\Flagged))"]),
+        ("STORE 1 -FLAGS (\\Flagged)", "OK", &["* 1 FETCH (FLAGS ())"]),
+        ("FETCH 2 (BODY[TEXT])", "OK", &["FLAGS (\\Seen)"]),
+        ("SEARCH UNSEEN", "OK", &["* SEARCH 1"]),
+        ("COPY 2 Sent", "OK [COPYUID ", &[]),
+        (
+            "STATUS Sent (MESSAGES UNSEEN)",
+            "OK",
+            &["* STATUS Sent (MESSAGES 1 UNSEEN 0)"],
+        ),
+        ("COPY 1 Nope", "NO [TRYCREATE]", &[]),
+        ("MOVE 1 Nope", "NO [TRYCREATE]", &[]),
         ("MOVE 1 INBOX", "NO [CANNOT]", &[]),
         ("STORE 1 +FLAGS (\\Deleted)", "OK", &["* 1 FETCH (FLAGS (\\Deleted))"]),
         ("STORE 1 -FLAGS.SILENT (\\Deleted)", "OK", &["(none)"]),
@@ -180,10 +235,21 @@ async fn replies_to_every_command() {
         ("FROB", "BAD", &[]),
         ("EXAMINE INBOX", "OK [READ-ONLY]", &["* 2 EXISTS"]),
         ("STORE 1 +FLAGS (\\Deleted)", "NO [READ-ONLY]", &[]),
-        ("SELECT INBOX", "OK [READ-WRITE]", &["* 2 EXISTS"]),
+        ("MOVE 1 Sent", "NO [READ-ONLY]", &[]),
+        ("FETCH 1 BODY[TEXT]", "OK", &["* 1 FETCH (BODY[TEXT]"]),
+        ("SELECT INBOX", "OK [READ-WRITE]", &["* 2 EXISTS", "[UNSEEN 1]"]),
         ("UID STORE 1 +FLAGS.SILENT (\\Deleted)", "OK", &["(none)"]),
         ("EXPUNGE", "OK", &["* 1 EXPUNGE"]),
         ("UID SEARCH ALL", "OK", &["* SEARCH 2"]),
+        ("UID MOVE 2 Sent", "OK", &["[COPYUID ", "* 1 EXPUNGE"]),
+        ("UID SEARCH ALL", "OK", &["* SEARCH"]),
+        ("SELECT Sent", "OK [READ-WRITE]", &["* 2 EXISTS"]),
+        ("UID SEARCH ALL", "OK", &["* SEARCH 1 2"]),
+        (
+            "FETCH 1:* (FLAGS)",
+            "OK",
+            &["* 1 FETCH (FLAGS (\\Seen))", "* 2 FETCH (FLAGS (\\Seen))"],
+        ),
         ("CHECK", "OK", &[]),
         ("UNSELECT", "OK", &[]),
         ("FETCH 1 FLAGS", "BAD", &[]),
@@ -207,22 +273,37 @@ async fn replies_to_every_command() {
             }
         }
     }
-    // The expunged message is gone for every session and protocol: POP3
-    // sees one message, and a new IMAP session the same UIDs.
+    // The expunged message is gone and the moved one is out of INBOX for
+    // every session and protocol: POP3 (INBOX only) sees none, and a new
+    // IMAP session the same UIDs and stored flags in Sent.
     let mut p = quill_harness::Pop3Client::connect(n.pop3()).await.unwrap();
     p.login("bob@example.org", PASSWORD).await.unwrap();
-    assert_eq!(p.stat().await.unwrap().0, 1);
+    assert_eq!(p.stat().await.unwrap().0, 0);
     p.quit().await.unwrap();
     let (mut c, _) = Raw::connect(n.imap()).await;
     c.cmd("a", &login).await;
     let (got, tagged) = c.cmd("b", "SELECT INBOX").await;
     assert!(tagged.starts_with("OK"), "{tagged}");
     assert!(
-        got.iter().any(|l| l == "* 1 EXISTS") && got.iter().any(|l| l.contains("[UIDNEXT 3]")),
+        got.iter().any(|l| l == "* 0 EXISTS") && got.iter().any(|l| l.contains("[UIDNEXT 3]")),
         "{got:?}"
     );
-    let (got, _) = c.cmd("c", "UID SEARCH ALL").await;
-    assert_eq!(got, ["* SEARCH 2"]);
+    let (got, _) = c.cmd("c", "SELECT Sent").await;
+    assert!(got.iter().any(|l| l == "* 2 EXISTS"), "{got:?}");
+    let (got, _) = c.cmd("d", "UID FETCH 1:* (FLAGS)").await;
+    assert_eq!(
+        got,
+        ["* 1 FETCH (UID 1 FLAGS (\\Seen))", "* 2 FETCH (UID 2 FLAGS (\\Seen))"]
+    );
+    // DELETE takes the folder's messages with it.
+    let (_, tagged) = c.cmd("e", "DELETE Sent").await;
+    assert!(tagged.starts_with("OK"), "{tagged}");
+    let (got, tagged) = c.cmd("f", "SELECT Sent").await;
+    assert!(tagged.starts_with("NO [NONEXISTENT]"), "{tagged} {got:?}");
+    let (_, tagged) = c.cmd("g", "CREATE Sent").await;
+    assert!(tagged.starts_with("OK"), "{tagged}");
+    let (got, _) = c.cmd("h", "STATUS Sent (MESSAGES)").await;
+    assert_eq!(got, ["* STATUS Sent (MESSAGES 0)"]);
 }
 
 /// APPEND (synchronizing and LITERAL+), APPENDUID, the literal size limit,
@@ -261,6 +342,11 @@ async fn append_literals_and_limits() {
     let (got, tagged) = c.cmd("e", "STATUS INBOX (MESSAGES UIDNEXT)").await;
     assert!(tagged.starts_with("OK"), "{tagged}");
     assert_eq!(got, ["* STATUS INBOX (MESSAGES 2 UIDNEXT 3)"]);
+    // APPEND's flags are stored; a folder that does not exist wants CREATE.
+    let (got, _) = c.cmd("e2", "STATUS INBOX (DELETED UNSEEN)").await;
+    assert_eq!(got, ["* STATUS INBOX (DELETED 1 UNSEEN 2)"]);
+    let (_, tagged) = c.cmd("e3", "APPEND Nope {5+}\r\nhello").await;
+    assert!(tagged.starts_with("NO [TRYCREATE]"), "{tagged}");
     let (_, tagged) = c.cmd("f", "APPEND Sent {1+}\r\nx").await;
     assert!(tagged.starts_with("NO [TRYCREATE]"), "{tagged}");
     // Bad lines: BAD each, and BYE at the limit (20, the refused literal
@@ -470,6 +556,14 @@ line = a.readline()
 while b"EXPUNGE" not in line:
     line = a.readline()
 assert line.strip() == b"* 1 EXPUNGE", line
+# A flag stored through B reaches A's IDLE.
+t1 = time.time()
+b.uid("STORE", "2", "+FLAGS", "(\\Flagged)")
+line = a.readline()
+while b"FETCH" not in line:
+    line = a.readline()
+flag_seen = time.time() - t1
+assert b"UID 2" in line and b"\\Flagged" in line, line
 a.send(b"DONE\r\n")
 line = a.readline()
 while not line.startswith(tag):
@@ -479,23 +573,57 @@ va, ua = view(a)
 vb, ub = view(b)
 assert (va, ua) == (vb, ub), ((va, ua), (vb, ub))
 assert 1 not in ua and len(ua) == 4, ua
+# A folder made through B, a message moved into it through B: A's NOOP
+# sees it leave INBOX, and finds it in the folder under the UID B's
+# COPYUID named; a flag set through A is seen through B.
+typ, data = b.create("Archive")
+assert typ == "OK", data
+typ, data = b.uid("MOVE", "3", "Archive")
+assert typ == "OK", (typ, data)
+arch_validity, src, dst = b.untagged_responses["COPYUID"][-1].split()
+assert src == b"3", (src, dst)
+deadline = time.time() + 10
+while time.time() < deadline:
+    a.noop()
+    if a.untagged_responses.pop("EXPUNGE", None):
+        break
+    time.sleep(0.1)
+else:
+    raise SystemExit("A never saw the MOVE made through B")
+typ, data = a.select("Archive")
+assert typ == "OK" and a.untagged_responses["UIDVALIDITY"][-1] == arch_validity, (typ, data)
+typ, data = a.uid("FETCH", dst.decode(), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+assert data[0][1].decode().strip() == ua[3], (data, ua)
+typ, data = a.uid("STORE", dst.decode(), "+FLAGS", "(\\Seen $Done)")
+assert typ == "OK", data
+b.select("Archive")
+typ, data = b.uid("FETCH", dst.decode(), "(FLAGS)")
+assert b"\\Seen" in data[0] and b"$Done" in data[0], data
+va, ua = view(a)
+vb, ub = view(b)
+assert (va, ua) == (vb, ub) and 3 not in ua, ((va, ua), (vb, ub))
 a.logout(); b.logout()
-print(json.dumps({"validity": va, "uids": {str(k): v for k, v in ua.items()}, "idle_seen_s": idle_seen}))
+print(json.dumps({"validity": va, "uids": {str(k): v for k, v in ua.items()}, "idle_seen_s": idle_seen, "flag_seen_s": flag_seen}))
 "#;
 
 const PY_VIEW: &str = r#"
-import imaplib, json, sys
+import imaplib, json, re, sys
 m = imaplib.IMAP4(sys.argv[1], int(sys.argv[2])); m.login(sys.argv[3], sys.argv[4])
-typ, data = m.select("INBOX")
-assert typ == "OK", (typ, data)
-validity = m.untagged_responses["UIDVALIDITY"][-1].decode()
-typ, data = m.uid("FETCH", "1:*", "(UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-uids = {}
-for item in data:
-    if isinstance(item, tuple):
-        uids[item[0].split(b"UID ")[1].split()[0].decode()] = item[1].decode().strip()
+out = {}
+for folder in ["INBOX", "Archive"]:
+    typ, data = m.select(folder)
+    assert typ == "OK", (typ, data)
+    validity = m.untagged_responses["UIDVALIDITY"][-1].decode()
+    typ, data = m.uid("FETCH", "1:*", "(UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    uids = {}
+    for item in data:
+        if isinstance(item, tuple):
+            uid = item[0].split(b"UID ")[1].split()[0].decode()
+            flags = re.search(rb"FLAGS \(([^)]*)\)", item[0]).group(1).decode()
+            uids[uid] = item[1].decode().strip() + " | " + flags
+    out[folder] = {"validity": validity, "uids": uids}
 m.logout()
-print(json.dumps({"validity": validity, "uids": uids}))
+print(json.dumps(out))
 "#;
 
 fn py(script: &str, args: Vec<String>) -> serde_json::Value {
@@ -544,7 +672,13 @@ async fn imaplib_on_two_nodes_sees_the_same_uids_through_idle_and_a_kill() {
         PASSWORD.to_owned(),
     ];
     let before = tokio::task::spawn_blocking(move || py(PY_CLUSTER, args)).await.unwrap();
-    eprintln!("IDLE saw the delivery after {} s", before["idle_seen_s"]);
+    eprintln!(
+        "IDLE saw the delivery after {} s, the flag after {} s",
+        before["idle_seen_s"], before["flag_seen_s"]
+    );
+    // Generous (a loaded 2-core CI machine): the aim is 1 s, measured in
+    // BENCHMARKS.md; this only catches a change that is never announced.
+    assert!(before["flag_seen_s"].as_f64().unwrap() < 5.0, "{before}");
     let view_of = |n: &NodeProcess| {
         let addr = n.imap();
         let args = vec![
@@ -556,16 +690,35 @@ async fn imaplib_on_two_nodes_sees_the_same_uids_through_idle_and_a_kill() {
         tokio::task::spawn_blocking(move || py(PY_VIEW, args))
     };
     // kill -9 of node 2 between sessions: the survivors show the same
-    // UIDs and UIDVALIDITY, and so does node 2 once it is back.
+    // UIDs, UIDVALIDITY and flags in both folders, and so does node 2
+    // once it is back.
+    let first = view_of(&nodes[0]).await.unwrap();
+    assert_eq!(first["INBOX"]["validity"], before["validity"]);
+    let subjects: serde_json::Map<String, serde_json::Value> = first["INBOX"]["uids"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().split(" | ").next().unwrap().into()))
+        .collect();
+    assert_eq!(serde_json::Value::Object(subjects), before["uids"]);
+    assert!(
+        first["INBOX"]["uids"]["2"].as_str().unwrap().contains("\\Flagged"),
+        "{first}"
+    );
+    let archived = first["Archive"]["uids"].as_object().unwrap();
+    assert_eq!(archived.len(), 1, "{first}");
+    assert!(
+        archived.values().all(|v| v.as_str().unwrap().contains("$Done")),
+        "{first}"
+    );
     nodes[1].kill9().await.unwrap();
     for k in [0, 2] {
         let v = view_of(&nodes[k]).await.unwrap();
-        assert_eq!(v["validity"], before["validity"], "node {k}");
-        assert_eq!(v["uids"], before["uids"], "node {k}");
+        assert_eq!(v, first, "node {k}");
     }
     nodes[1].restart().await.unwrap();
     let v = view_of(&nodes[1]).await.unwrap();
-    assert_eq!((&v["validity"], &v["uids"]), (&before["validity"], &before["uids"]));
+    assert_eq!(v, first);
 }
 
 fn mbsync_config(dir: &std::path::Path, node: &NodeProcess) -> std::path::PathBuf {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # IMAP beside Dovecot's, in one run, with the same Python clients:
 # UID FETCH 1:* (BODY.PEEK[]) messages/s (../shared/bench/baseline/
-# retrieve_load.py --proto imap) and APPEND messages/s (bench/imap_append.py),
+# retrieve_load.py --proto imap), STORE operations/s (bench/imap_store.py,
+# one message per UID STORE) and APPEND messages/s (bench/imap_append.py),
 # on one Quill node, on a 3-node Quill cluster (R=2, every client on node 1,
 # which fetches from the replicas), and on Dovecot 2.3 (maildir, fsync on,
 # argon2id passwords like Quill's: PASS_SCHEME=ARGON2ID, then again with
@@ -19,6 +20,7 @@ N=${N:-20000}
 CONC=${CONC:-16}
 SIZE=${SIZE:-4096}
 PER=${PER:-200}   # APPENDs per session, 16 sessions
+STORES=${STORES:-400}   # STOREs per session, 16 sessions
 PY=${PY:-python3}
 TOKEN=imap-compare
 
@@ -57,6 +59,7 @@ bench_imap() {  # host lmtp_port imap_port label
   "$PY" "$BASE/lmtp_load.py" --host "$1" --port "$2" -n "$N" -c "$CONC" --size "$SIZE" --users 100 --label "$4 fill (LMTP)"
   "$PY" "$BASE/retrieve_load.py" --proto imap --host "$1" --port "$3" --users 100 -c "$CONC" --label "$4 UID FETCH BODY.PEEK[] (first logins)"
   "$PY" "$BASE/retrieve_load.py" --proto imap --host "$1" --port "$3" --users 100 -c "$CONC" --label "$4 UID FETCH BODY.PEEK[]"
+  "$PY" "$ROOT/bench/imap_store.py" --host "$1" --port "$3" --users 16 -c 16 --per "$STORES" --label "$4 STORE"
   "$PY" "$ROOT/bench/imap_append.py" --host "$1" --port "$3" --users 16 -c 16 --per "$PER" --size "$SIZE" --label "$4 APPEND"
 }
 

@@ -90,6 +90,12 @@ async fn replies_to_every_command() {
     let (mut c, greeting) = Raw::connect(n.imap()).await;
     assert!(greeting.starts_with("* OK [CAPABILITY IMAP4REV1"), "{greeting}");
     let login = format!("LOGIN bob@example.org \"{PASSWORD}\"");
+    let many_flags = format!(
+        "STORE 1 +FLAGS ({})",
+        (0..33).map(|i| format!("k{i}")).collect::<Vec<_>>().join(" ")
+    );
+    let long_name = format!("CREATE {}", "x".repeat(256));
+    let deep_name = format!("CREATE {}", vec!["d"; 17].join("/"));
     let table: &[(&str, &str, &[&str])] = &[
         (
             "CAPABILITY",
@@ -118,6 +124,8 @@ async fn replies_to_every_command() {
         ("CREATE Sent", "NO [ALREADYEXISTS]", &[]),
         ("CREATE inbox", "NO [ALREADYEXISTS]", &[]),
         ("CREATE a//b", "NO", &[]),
+        (&long_name, "NO", &[]),
+        (&deep_name, "NO", &[]),
         ("CREATE Archive/2026/Q4", "OK", &[]),
         (
             "LIST \"\" %",
@@ -220,6 +228,7 @@ async fn replies_to_every_command() {
         ("STORE 1 -FLAGS (\\Flagged)", "OK", &["* 1 FETCH (FLAGS ())"]),
         ("FETCH 2 (BODY[TEXT])", "OK", &["FLAGS (\\Seen)"]),
         ("SEARCH UNSEEN", "OK", &["* SEARCH 1"]),
+        (&many_flags, "NO [LIMIT]", &[]),
         ("COPY 2 Sent", "OK [COPYUID ", &[]),
         (
             "STATUS Sent (MESSAGES UNSEEN)",
@@ -853,4 +862,60 @@ async fn mbsync_syncs_a_thousand_messages_down_and_deletions_back_up_through_ano
         );
     }
     assert_eq!(near_ids(&work).len(), 1000 - 100 + 150 - 100 + 150);
+
+    // Flags both ways: 10 messages flagged and read on the near side go up
+    // through node 2; 5 flagged on the far side through node 3 come down
+    // through node 1.
+    let mut marked = 0;
+    for sub in ["new", "cur"] {
+        for e in std::fs::read_dir(work.join("mail/INBOX").join(sub)).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if marked == 10 || name.contains(",F") {
+                continue;
+            }
+            let base = name.split(':').next().unwrap();
+            std::fs::rename(&path, work.join("mail/INBOX/cur").join(format!("{base}:2,FS"))).unwrap();
+            marked += 1;
+        }
+    }
+    mbsync(mbsync_config(&work, &nodes[1])).await.unwrap();
+    assert_eq!(
+        far_search(&nodes[2], "FLAGGED SEEN").await.len(),
+        10,
+        "near flags went up"
+    );
+    let unflagged = far_search(&nodes[2], "UNFLAGGED").await;
+    {
+        let (mut c, _) = Raw::connect(nodes[2].imap()).await;
+        c.cmd("a", "LOGIN user0001@example.com pass0001").await;
+        c.cmd("b", "SELECT INBOX").await;
+        let set = unflagged[..5].join(",");
+        let (_, tagged) = c.cmd("c", &format!("UID STORE {set} +FLAGS.SILENT (\\Flagged)")).await;
+        assert!(tagged.starts_with("OK"), "{tagged}");
+    }
+    mbsync(mbsync_config(&work, &nodes[0])).await.unwrap();
+    let flagged_near = ["new", "cur"]
+        .iter()
+        .flat_map(|sub| std::fs::read_dir(work.join("mail/INBOX").join(sub)).unwrap())
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name().to_string_lossy().into_owned();
+            name.rsplit_once(":2,").is_some_and(|(_, f)| f.contains('F'))
+        })
+        .count();
+    assert_eq!(flagged_near, 15, "far flags came down");
+    assert_eq!(far_search(&nodes[0], "FLAGGED").await.len(), 15);
+}
+
+/// UIDs of the far INBOX matching a SEARCH.
+async fn far_search(node: &NodeProcess, criteria: &str) -> Vec<String> {
+    let (mut c, _) = Raw::connect(node.imap()).await;
+    c.cmd("a", "LOGIN user0001@example.com pass0001").await;
+    c.cmd("b", "SELECT INBOX").await;
+    let (got, _) = c.cmd("c", &format!("UID SEARCH {criteria}")).await;
+    got[0]
+        .trim_start_matches("* SEARCH")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }

@@ -1198,6 +1198,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return vec![];
         };
         let (user, folder) = (sel.user.clone(), sel.folder.clone());
+        if !folder.is_inbox()
+            && !self
+                .services
+                .uids
+                .names(&folders::scope(&user))
+                .values()
+                .any(|id| *id == folder.raw)
+        {
+            // Deleted by another session: every message goes (and the
+            // folder's sequence is not made again by a listing).
+            let Phase::Selected(sel) = &mut self.phase else {
+                return vec![];
+            };
+            let n = sel.msgs.len();
+            sel.msgs.clear();
+            return (0..n).map(|_| Data::Expunge(nz(1))).collect();
+        }
         let Ok((validity, next, now)) = self.folder_now(&user, &folder).await else {
             return vec![];
         };

@@ -313,6 +313,19 @@ async fn replies_to_every_command() {
     assert!(tagged.starts_with("OK"), "{tagged}");
     let (got, _) = c.cmd("h", "STATUS Sent (MESSAGES)").await;
     assert_eq!(got, ["* STATUS Sent (MESSAGES 0)"]);
+    // A folder deleted under a session that has it selected: its
+    // messages are expunged at the next NOOP.
+    let (_, tagged) = c.cmd("i", "APPEND Sent {5+}\r\nhello").await;
+    assert!(tagged.starts_with("OK [APPENDUID"), "{tagged}");
+    let (mut other, _) = Raw::connect(n.imap()).await;
+    other.cmd("a", &login).await;
+    let (got, _) = other.cmd("b", "SELECT Sent").await;
+    assert!(got.iter().any(|l| l == "* 1 EXISTS"), "{got:?}");
+    let (_, tagged) = c.cmd("j", "DELETE Sent").await;
+    assert!(tagged.starts_with("OK"), "{tagged}");
+    let (got, tagged) = other.cmd("c", "NOOP").await;
+    assert!(tagged.starts_with("OK"), "{tagged}");
+    assert_eq!(got, ["* 1 EXPUNGE"]);
 }
 
 /// APPEND (synchronizing and LITERAL+), APPENDUID, the literal size limit,

@@ -704,6 +704,71 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         "Times UIDs could not be given to new mail (Raft state not writable).",
         c(&m.imap_uid_failures),
     );
+    let q = &s.services.queue;
+    for (name, kind, help, v) in [
+        (
+            "quill_queue_messages_held",
+            "gauge",
+            "Outbound queue entries stored on this node (the bounds apply to these).",
+            c(&q.held_messages),
+        ),
+        (
+            "quill_queue_bytes_held",
+            "gauge",
+            "Outbound queue bytes stored on this node.",
+            c(&q.held_bytes),
+        ),
+        (
+            "quill_queue_messages_owned",
+            "gauge",
+            "Outbound queue entries in the shards this node works.",
+            c(&q.owned_messages),
+        ),
+        (
+            "quill_queue_oldest_age_ms",
+            "gauge",
+            "Age of the oldest entry in the shards this node works.",
+            c(&q.oldest_ms),
+        ),
+        (
+            "quill_queue_slow_domains",
+            "gauge",
+            "Destinations in the slow lane.",
+            c(&q.slow_domains),
+        ),
+        (
+            "quill_outbound_delivered_total",
+            "counter",
+            "Recipients delivered to a remote server.",
+            c(&q.delivered),
+        ),
+        (
+            "quill_outbound_deferred_total",
+            "counter",
+            "Recipient tries that failed temporarily (retried).",
+            c(&q.deferred),
+        ),
+        (
+            "quill_outbound_failed_total",
+            "counter",
+            "Recipients that failed for good (bounced).",
+            c(&q.failed),
+        ),
+        (
+            "quill_outbound_bounces_total",
+            "counter",
+            "Delivery status notifications made.",
+            c(&q.bounces),
+        ),
+        (
+            "quill_outbound_cut_transactions_total",
+            "counter",
+            "Transactions cut after DATA was sent (a duplicate is possible).",
+            c(&q.cut_transactions),
+        ),
+    ] {
+        line(name, kind, help, v);
+    }
     line(
         "quill_imap_stores_total",
         "counter",

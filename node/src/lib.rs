@@ -31,7 +31,9 @@ pub mod imap_folders;
 pub mod imap_mime;
 pub mod mail;
 pub mod metrics;
+pub mod outbound;
 pub mod pop3;
+pub mod queue;
 pub mod replica;
 pub mod rpc;
 pub mod services;
@@ -108,6 +110,8 @@ pub struct NodeConfig {
     pub repair_grace: Duration,
     /// Bytes per second of repair and move traffic this node sends.
     pub repair_rate: u64,
+    /// Outbound delivery (relay host, DNS, retries, queue bounds).
+    pub outbound: outbound::OutboundConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,9 +317,13 @@ pub async fn run(
     services.tls = Some(tls.clone());
     services.plaintext_auth = config.plaintext_auth;
     services.uids = Arc::new(uids::RaftUids::new(cluster.membership.clone()));
+    services.queue_bounds = (config.outbound.max_messages, config.outbound.max_bytes);
     let services = Arc::new(services);
+    let outbound = outbound::Outbound::new(services.clone(), config.outbound.clone())
+        .context("cannot set up outbound delivery (DNS resolver)")?;
 
     let mut tasks = JoinSet::new();
+    tasks.spawn(outbound.run(stop_rx.clone()));
     tasks.spawn(tls.clone().watch_files(stop_rx.clone()));
     tasks.spawn(tls::watch_cluster(
         tls.certs.clone(),

@@ -56,7 +56,8 @@ struct NodeArgs {
     name: Option<String>,
     #[arg(long)]
     smtp: Option<SocketAddr>,
-    /// Mail submission port (served as SMTP for now; AUTH comes with outbound mail).
+    /// Mail submission address (RFC 6409, port 587 by convention): AUTH
+    /// required; mail for other domains goes to the outbound queue.
     #[arg(long)]
     submission: Option<SocketAddr>,
     #[arg(long)]
@@ -149,6 +150,35 @@ struct NodeArgs {
     /// Seconds a session may stay silent before it is closed.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    /// Send all outbound mail to this smarthost (HOST:PORT) instead of
+    /// looking up the recipients' MX records.
+    #[arg(long, value_name = "HOST:PORT")]
+    relay_host: Option<String>,
+    /// The DNS server for MX lookups (HOST:PORT, an IP address); default:
+    /// the system's (/etc/resolv.conf).
+    #[arg(long, value_name = "IP:PORT")]
+    dns: Option<SocketAddr>,
+    /// The port mail exchangers are reached on (25; another for tests).
+    #[arg(long, default_value_t = 25)]
+    mx_port: u16,
+    /// First wait before an outbound delivery that failed temporarily is
+    /// tried again; it doubles each time up to --retry-max.
+    #[arg(long, default_value = "1m", value_parser = parse_duration_arg)]
+    retry_initial: Duration,
+    #[arg(long, default_value = "1h", value_parser = parse_duration_arg)]
+    retry_max: Duration,
+    /// How long a message stays in the outbound queue before it bounces
+    /// (units: ms, s, m, h; 5 days = 120h).
+    #[arg(long, default_value = "120h", value_parser = parse_duration_arg)]
+    queue_lifetime: Duration,
+    /// Outbound queue messages held on this node above which new mail for
+    /// remote recipients gets `451 4.3.1`.
+    #[arg(long, default_value_t = 100_000)]
+    queue_max_messages: u64,
+    /// Outbound queue bytes held on this node above which new mail for
+    /// remote recipients gets `451 4.3.1`.
+    #[arg(long, default_value = "2GiB", value_parser = parse_size_arg)]
+    queue_max_bytes: u64,
     /// Initial log filter (tracing EnvFilter syntax); change it later with `quill admin log-level`.
     #[arg(long, env = "QUILL_LOG", default_value = "info,openraft=warn")]
     log: String,
@@ -479,6 +509,19 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         repair_grace: a.repair_grace,
         repair_rate: a.repair_rate,
         limits,
+        outbound: quill_node::outbound::OutboundConfig {
+            relay_host: a.relay_host,
+            dns: a.dns,
+            mx_port: a.mx_port,
+            schedule: quill_node::queue::Schedule {
+                initial_ms: a.retry_initial.as_millis() as u64,
+                max_ms: a.retry_max.as_millis() as u64,
+                lifetime_ms: a.queue_lifetime.as_millis() as u64,
+            },
+            max_messages: a.queue_max_messages,
+            max_bytes: a.queue_max_bytes,
+            ..Default::default()
+        },
     };
     quill_node::run(config, set_log_level, shutdown_signal()).await
 }

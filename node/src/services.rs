@@ -208,6 +208,10 @@ pub struct Services {
     pub directory: Arc<dyn Directory>,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// The outbound queue as this node sees it (bounds, `/metrics`).
+    pub queue: crate::outbound::QueueGauge,
+    /// The queue's bounds (`--queue-max-messages`, `--queue-max-bytes`).
+    pub queue_bounds: (u64, u64),
     /// Delivery and retrieval latency histograms.
     pub latency: crate::metrics::Latencies,
     /// The memory budget for messages being received, one permit per
@@ -345,6 +349,8 @@ impl Services {
             ),
             limits,
             metrics: Metrics::default(),
+            queue: Default::default(),
+            queue_bounds: (100_000, 2 << 30),
             latency: crate::metrics::Latencies::default(),
             pop3_locks: Mutex::new(HashSet::new()),
             imap_users: Mutex::new(HashMap::new()),
@@ -352,6 +358,14 @@ impl Services {
             auth_key,
             dummy_hash: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Whether the outbound queue's share on this node is over a bound
+    /// (new mail for remote recipients is then refused with `451 4.3.1`).
+    pub fn queue_full(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (max_messages, max_bytes) = self.queue_bounds;
+        self.queue.held_messages.load(Relaxed) >= max_messages || self.queue.held_bytes.load(Relaxed) >= max_bytes
     }
 
     /// One IMAP session of `user` on this node, if under the limit; given

@@ -44,6 +44,8 @@ struct Transaction {
     /// Accepted recipients in RCPT order, without duplicates (but for LMTP,
     /// which owes one reply per RCPT).
     rcpts: Vec<Rcpt>,
+    /// Recipients in other domains (submission only): the outbound queue's.
+    remote: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -241,6 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         mail_from: from.address.chars().filter(|c| !c.is_control()).take(256).collect(),
                         smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
                         rcpts: Vec::new(),
+                        remote: Vec::new(),
                     });
                     self.reply("250 2.1.0 Sender ok").await?;
                 }
@@ -317,7 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply("503 5.5.1 Need MAIL command first").await?;
             return Ok(true);
         };
-        if tx.rcpts.len() >= self.services.limits.recipients_max {
+        if tx.rcpts.len() + tx.remote.len() >= self.services.limits.recipients_max {
             bump(&self.services.metrics.limit_refusals);
             self.reply("452 4.5.3 Too many recipients").await?;
             return Ok(true);
@@ -341,8 +344,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Recipient::Local(user) => user,
             Recipient::UnknownUser => return self.unknown_recipient(ip).await,
             Recipient::NotLocal if self.mode == Mode::Submission => {
-                // Fail closed until there is an outbound queue to take it.
-                self.reply("550 5.7.1 Delivery to other domains is not available yet (no outbound queue)")
+                if self.services.queue_full() {
+                    bump(&self.services.metrics.limit_refusals);
+                    self.reply("451 4.3.1 Outbound queue full, try again later").await?;
+                    return Ok(true);
+                }
+                if crate::queue::domain_of(address).is_none() {
+                    self.reply("553 5.1.3 A recipient address needs a domain").await?;
+                    return Ok(true);
+                }
+                let tx = self.tx.as_mut().expect("checked above");
+                let address: String = address.chars().filter(|c| !c.is_control()).take(320).collect();
+                if !tx.remote.contains(&address) {
+                    tx.remote.push(address);
+                }
+                self.reply("250 2.1.5 Recipient ok (queued for remote delivery)")
                     .await?;
                 return Ok(true);
             }
@@ -400,7 +416,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.reply("503 5.5.1 Need MAIL command first").await?;
                 return Ok(true);
             }
-            Some(tx) if tx.rcpts.is_empty() => {
+            Some(tx) if tx.rcpts.is_empty() && tx.remote.is_empty() => {
                 self.reply("554 5.5.1 No valid recipients").await?;
                 return Ok(true);
             }
@@ -442,6 +458,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(true);
             }
         };
+        // A message that has been through too many hops is looping (RFC
+        // 5321 6.3), as is one that says it was already delivered to one
+        // of its recipients here.
+        // (`body` starts with this node's own `Received:`.)
+        let looping = crate::queue::received_count(&body) > crate::queue::RECEIVED_MAX + 1
+            || rcpts.iter().any(|r| crate::queue::delivered_to(&body, &r.address));
+        if looping {
+            self.tx = None;
+            bump(&self.services.metrics.limit_refusals);
+            warn!(peer = %self.peer, "message refused: mail loop");
+            self.reply("554 5.4.6 Too many hops or already delivered here: mail loop detected")
+                .await?;
+            return Ok(true);
+        }
         // Submission: every From: address must be the authenticated user.
         if self.mode == Mode::Submission
             && let Some(user) = &self.authed
@@ -453,18 +483,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(true);
         }
         let size = body.len();
-        let from = self.tx.take().map(|t| t.mail_from).unwrap_or_default();
+        let (from, remote) = self.tx.take().map(|t| (t.mail_from, t.remote)).unwrap_or_default();
+        // Remote recipients: into the outbound queue (R copies, fsynced).
+        let queued = if remote.is_empty() {
+            true
+        } else {
+            let env = crate::queue::Envelope {
+                from: from.clone(),
+                rcpts: remote.clone(),
+                queued_ms: arrival_ms,
+                submitter: self.authed.clone(),
+            };
+            let ok = crate::outbound::enqueue(&self.services, &env, &body).await;
+            if ok {
+                info!(peer = %self.peer, %id, from = %from, rcpts = remote.len(), size, "message queued for remote delivery");
+            }
+            ok
+        };
         // To R nodes per recipient, one body per node; each has it on disk
         // before the reply.
         let started = std::time::Instant::now();
-        let outcome = self
-            .services
-            .mail
-            .deliver_as(id, &unique, "INBOX", arrival_ms, body)
-            .await;
+        let outcome = if unique.is_empty() {
+            replication::replica::DeliverOutcome {
+                id,
+                stored: vec![],
+                copies: vec![],
+                under_replicated: false,
+            }
+        } else {
+            self.services
+                .mail
+                .deliver_as(id, &unique, "INBOX", arrival_ms, body)
+                .await
+        };
         crate::metrics::Latencies::observe(&self.services.latency.delivery, started.elapsed());
         let stored = |rcpt: &str| unique.iter().position(|u| u == rcpt).is_some_and(|i| outcome.stored[i]);
-        let all_stored = outcome.stored.iter().all(|s| *s);
+        let all_stored = outcome.stored.iter().all(|s| *s) && queued;
         if all_stored {
             bump(&self.services.metrics.messages_accepted);
             info!(peer = %self.peer, %id, from = %from, rcpts = unique.len(), size,

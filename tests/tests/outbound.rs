@@ -1,0 +1,428 @@
+//! Outbound mail: submission of mail for other domains, the replicated
+//! queue, delivery to a remote server (a scripted SMTP sink on loopback,
+//! as `--relay-host`), deferral and retry, bounces (RFC 3464, read with
+//! Python's `email` package), loop detection, the queue bound, and a
+//! kill -9 of a node with queued mail.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{PASSWORD, node, run};
+use quill_harness::process::{self, NodeProcess, TempDir};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use tokio::net::{TcpListener, TcpStream};
+
+/// One message the sink took.
+#[derive(Debug, Clone)]
+struct Got {
+    from: String,
+    rcpts: Vec<String>,
+    data: String,
+}
+
+/// A scripted SMTP server: `reject*@` gets `550 5.1.1`, `defer*@` gets
+/// `451 4.2.0` for the first `defers` tries of each address, anything
+/// else is accepted.
+#[derive(Clone)]
+struct Sink {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Got>>>,
+    tries: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Sink {
+    async fn start(defers: u32) -> Sink {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), defers)
+    }
+
+    fn start_on(listener: TcpListener, defers: u32) -> Sink {
+        let sink = Sink {
+            addr: listener.local_addr().unwrap(),
+            got: Arc::default(),
+            tries: Arc::default(),
+        };
+        let s = sink.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move { s.serve(conn, defers).await });
+            }
+        });
+        sink
+    }
+
+    async fn serve(&self, conn: TcpStream, defers: u32) {
+        let (r, mut w) = conn.into_split();
+        let mut r = BufReader::new(r);
+        let _ = w.write_all(b"220 sink.test ESMTP\r\n").await;
+        let (mut from, mut rcpts) = (String::new(), Vec::new());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let upper = line.to_ascii_uppercase();
+            let reply = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+                "250-sink.test\r\n250 8BITMIME".to_owned()
+            } else if upper.starts_with("MAIL FROM:") {
+                from = addr_of(&line);
+                rcpts.clear();
+                "250 2.1.0 ok".to_owned()
+            } else if upper.starts_with("RCPT TO:") {
+                let a = addr_of(&line);
+                let n = {
+                    let mut t = self.tries.lock().unwrap();
+                    let n = t.entry(a.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                if a.starts_with("reject") {
+                    format!("550 5.1.1 <{a}>: no such user")
+                } else if a.starts_with("defer") && n <= defers {
+                    format!("451 4.2.0 <{a}>: try again later")
+                } else {
+                    rcpts.push(a);
+                    "250 2.1.5 ok".to_owned()
+                }
+            } else if upper.starts_with("DATA") {
+                let _ = w.write_all(b"354 go ahead\r\n").await;
+                let mut data = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == ".\r\n" {
+                        break;
+                    }
+                    data.push_str(line.strip_prefix('.').unwrap_or(&line));
+                }
+                self.got.lock().unwrap().push(Got {
+                    from: from.clone(),
+                    rcpts: rcpts.clone(),
+                    data,
+                });
+                "250 2.0.0 queued".to_owned()
+            } else if upper.starts_with("QUIT") {
+                let _ = w.write_all(b"221 bye\r\n").await;
+                return;
+            } else {
+                "250 ok".to_owned()
+            };
+            if w.write_all(format!("{reply}\r\n").as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn got(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+fn addr_of(line: &str) -> String {
+    let start = line.find('<').map_or(0, |i| i + 1);
+    let end = line[start..].find('>').map_or(line.len(), |i| start + i);
+    line[start..end].to_ascii_lowercase()
+}
+
+/// Submits one message through `node`'s submission port as alice.
+async fn submit(node: &NodeProcess, rcpts: &[&str], subject: &str) -> Result<(), String> {
+    use base64::Engine;
+    let mut c = quill_harness::SmtpClient::connect(node.submission(), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0alice@example.org\0{PASSWORD}"));
+    let r = c
+        .command(&format!("AUTH PLAIN {plain}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.code != 235 {
+        return Err(format!("AUTH: {r:?}"));
+    }
+    let msg = format!(
+        "From: alice@example.org\r\nTo: {}\r\nSubject: {subject}\r\n\r\nhello\r\n",
+        rcpts.join(", ")
+    );
+    let replies = c
+        .send_mail("alice@example.org", rcpts, msg.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = c.quit().await;
+    match replies.first() {
+        Some(r) if r.code == 250 => Ok(()),
+        other => Err(format!("DATA: {other:?}")),
+    }
+}
+
+/// One transaction on port 25; the final reply's code and text, or the
+/// refusal.
+async fn smtp_send(node: &NodeProcess, from: &str, rcpts: &[&str], body: &[u8]) -> Result<(), String> {
+    let mut c = quill_harness::SmtpClient::connect(node.smtp(), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let replies = c.send_mail(from, rcpts, body).await.map_err(|e| e.to_string())?;
+    let _ = c.quit().await;
+    match replies.first() {
+        Some(r) if r.code == 250 => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_mail_is_delivered_deferred_retried_and_bounced() {
+    let sink = Sink::start(2).await;
+    let relay = sink.addr.to_string();
+    let (_d, n) = node(
+        "outbound",
+        &["--relay-host", &relay, "--retry-initial", "200ms", "--retry-max", "1s"],
+    )
+    .await;
+    // One message, three remote recipients and a local one: the local one
+    // has it at once; the remote ones are delivered, deferred twice then
+    // delivered, and refused for good.
+    submit(
+        &n,
+        &[
+            "friend@remote.test",
+            "defer1@remote.test",
+            "reject1@remote.test",
+            "bob@example.org",
+        ],
+        "out",
+    )
+    .await
+    .expect("submitted");
+    assert_eq!(common::read_all(&n, "bob@example.org").await.len(), 1);
+    common::wait_for("both remote deliveries", Duration::from_secs(30), || async {
+        let got = sink.got();
+        let rcpts: Vec<String> = got.iter().flat_map(|g| g.rcpts.clone()).collect();
+        rcpts.contains(&"friend@remote.test".to_owned()) && rcpts.contains(&"defer1@remote.test".to_owned())
+    })
+    .await;
+    let got = sink.got();
+    assert_eq!(got.len(), 2, "friend at the first try, defer1 at the third: {got:?}");
+    assert!(got.iter().all(|g| g.from == "alice@example.org"));
+    assert!(got[0].data.contains("Subject: out") && got[0].data.contains("with ESMTPA"));
+    assert!(got[0].data.ends_with("hello\r\n"), "{:?}", got[0].data);
+    assert_eq!(sink.tries.lock().unwrap()["defer1@remote.test"], 3);
+    // The refused recipient: a DSN in alice's mailbox.
+    common::wait_for("the bounce", Duration::from_secs(30), || async {
+        common::read_all(&n, "alice@example.org").await.len() == 1
+    })
+    .await;
+    let dsn = common::read_all(&n, "alice@example.org")
+        .await
+        .into_values()
+        .next()
+        .unwrap();
+    if testkit::program("python3") {
+        let out = run(Command::new("python3")
+            .args(["-c", PY_DSN])
+            .arg(String::from_utf8_lossy(&dsn).as_ref()));
+        assert!(out.contains("dsn ok"), "{out}");
+    }
+    // The queue is empty again (every recipient ended), nothing left over.
+    common::wait_for("an empty queue", Duration::from_secs(10), || async {
+        metric(&n, "quill_queue_messages_held").await == Some(0)
+    })
+    .await;
+    assert_eq!(metric(&n, "quill_outbound_delivered_total").await, Some(2));
+    assert_eq!(metric(&n, "quill_outbound_failed_total").await, Some(1));
+    assert_eq!(metric(&n, "quill_outbound_bounces_total").await, Some(1));
+    assert_eq!(metric(&n, "quill_outbound_cut_transactions_total").await, Some(0));
+    assert_eq!(sink.got().len(), 2, "nothing delivered twice");
+}
+
+const PY_DSN: &str = r#"
+import email, sys
+m = email.message_from_string(sys.argv[1])
+assert m.get_content_type() == "multipart/report", m.get_content_type()
+assert m.get_param("report-type") == "delivery-status", m.get_param("report-type")
+parts = m.get_payload()
+assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status", "text/rfc822-headers"], [p.get_content_type() for p in parts]
+status = parts[1].get_payload()
+# The per-message fields, then one block per recipient.
+blocks = [dict(b.items()) for b in status]
+rcpt = blocks[1]
+assert rcpt["Final-Recipient"] == "rfc822; reject1@remote.test", rcpt
+assert rcpt["Action"] == "failed" and rcpt["Status"] == "5.1.1", rcpt
+assert "no such user" in rcpt["Diagnostic-Code"], rcpt
+assert "Subject: out" in parts[2].get_payload(), parts[2].get_payload()
+assert m["To"] == "<alice@example.org>", m["To"]
+print("dsn ok")
+"#;
+
+/// A metric of a node's `/metrics`.
+async fn metric(n: &NodeProcess, name: &str) -> Option<u64> {
+    n.metric(name).await.ok().map(|v| v as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loops_are_refused_and_a_full_queue_says_try_later() {
+    // Nothing listens at the relay: mail stays queued.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let (_d, n) = node(
+        "outbound-bounds",
+        &["--relay-host", &relay, "--queue-max-messages", "1"],
+    )
+    .await;
+    // A loop: 51 Received headers.
+    let mut msg = String::new();
+    for i in 0..51 {
+        msg.push_str(&format!("Received: from hop{i}.test by hop{}.test\r\n", i + 1));
+    }
+    msg.push_str("Subject: loop\r\n\r\nround and round\r\n");
+    let err = smtp_send(&n, "x@remote.test", &["bob@example.org"], msg.as_bytes())
+        .await
+        .expect_err("a loop is refused");
+    assert!(err.contains("554") && err.contains("5.4.6"), "{err}");
+    // 50 are fine.
+    let fine = msg.split_once("\r\n").unwrap().1;
+    smtp_send(&n, "x@remote.test", &["bob@example.org"], fine.as_bytes())
+        .await
+        .expect("50 hops are no loop");
+    // Delivered-To naming the recipient: a loop too.
+    let err = smtp_send(
+        &n,
+        "x@remote.test",
+        &["bob@example.org"],
+        b"Delivered-To: bob@example.org\r\nSubject: again\r\n\r\nx\r\n",
+    )
+    .await
+    .expect_err("a loop is refused");
+    assert!(err.contains("5.4.6"), "{err}");
+    // Port 25 still relays for nobody.
+    let err = smtp_send(
+        &n,
+        "alice@example.org",
+        &["someone@remote.test"],
+        b"Subject: relay?\r\n\r\nx\r\n",
+    )
+    .await
+    .expect_err("no relaying on port 25");
+    assert!(err.contains("550"), "{err}");
+    // The queue bound (1 message on this node): the first is taken, the
+    // next is told to come back, and nothing accepted is lost.
+    submit(&n, &["first@remote.test"], "first").await.expect("first queued");
+    common::wait_for("the queue counted", Duration::from_secs(10), || async {
+        metric(&n, "quill_queue_messages_held").await == Some(1)
+    })
+    .await;
+    let err = submit(&n, &["second@remote.test"], "second")
+        .await
+        .expect_err("queue full");
+    assert!(err.contains("451 4.3.1"), "{err}");
+    // Local mail still flows.
+    submit(&n, &["bob@example.org"], "local")
+        .await
+        .expect("local mail is not held back");
+    assert!(
+        metric(&n, "quill_outbound_deferred_total").await.unwrap_or(0) >= 1,
+        "the dead relay defers"
+    );
+    assert_eq!(
+        metric(&n, "quill_queue_messages_held").await,
+        Some(1),
+        "the first stays queued"
+    );
+}
+
+const SECRET: &str = "outbound-test-secret";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_mail_survives_a_kill_of_its_owner() {
+    let _slot = common::cluster_slot().await;
+    // The remote server is down while mail is queued; its port is kept.
+    let hold = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = hold.local_addr().unwrap();
+    drop(hold);
+    let dir = TempDir::new("outbound-kill").expect("temp dir");
+    let relay_s = relay.to_string();
+    let extra = [
+        "--relay-host",
+        relay_s.as_str(),
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "1s",
+    ];
+    let mut nodes = process::start_cluster_with(dir.path(), 3, SECRET, "info", &extra)
+        .await
+        .expect("cluster starts");
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    process::wait_converged(&all, 3, Duration::from_secs(60))
+        .await
+        .expect("converges");
+    nodes[0].add_domain("example.org").await.unwrap();
+    nodes[0].add_user("alice@example.org", PASSWORD, None).await.unwrap();
+    for n in &nodes {
+        common::wait_for("the user on every node", Duration::from_secs(30), || async {
+            n.admin(hyper::Method::GET, "/v1/users", None)
+                .await
+                .is_ok_and(|d| d.to_string().contains("alice@"))
+        })
+        .await;
+    }
+    const N: usize = 24;
+    for i in 0..N {
+        let to = format!("r{i}@remote.test");
+        submit(&nodes[i % 3], &[to.as_str()], &format!("m{i}"))
+            .await
+            .expect("queued");
+    }
+    // Every node owns some of the 32 shards: kill the one with the most
+    // work queued.
+    let counts = || async {
+        let mut owned = Vec::new();
+        for n in &nodes {
+            owned.push(metric(n, "quill_queue_messages_owned").await.unwrap_or(0));
+        }
+        owned
+    };
+    common::wait_for("every queued message owned", Duration::from_secs(20), || async {
+        counts().await.iter().sum::<u64>() == N as u64
+    })
+    .await;
+    let owned = counts().await;
+    let victim = (0..3).max_by_key(|k| owned[*k]).unwrap();
+    let owned = owned[victim];
+    assert!(owned > 0);
+    nodes[victim].kill9().await.unwrap();
+    let sink = Sink::start_on(TcpListener::bind(relay).await.unwrap(), 0);
+    common::wait_for("every queued message delivered", Duration::from_secs(60), || async {
+        sink.got().len() >= N
+    })
+    .await;
+    let got = sink.got();
+    let mut subjects: Vec<String> = got
+        .iter()
+        .map(|g| {
+            g.data
+                .lines()
+                .find(|l| l.starts_with("Subject: "))
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    subjects.sort();
+    let before = subjects.len();
+    subjects.dedup();
+    eprintln!(
+        "node {} owned {owned} queued messages when it was killed; {before} deliveries for {N} messages",
+        victim + 1
+    );
+    assert_eq!(subjects.len(), N, "every message arrived: {subjects:?}");
+    // The sink was down, so no transaction was cut: no duplicate.
+    assert_eq!(before, N, "duplicates");
+    nodes[victim].restart().await.unwrap();
+}

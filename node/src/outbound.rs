@@ -514,6 +514,7 @@ impl Outbound {
             Ok(t) => t,
             Err(Target::Permanent(why)) => return fail_all("5.1.10", why),
             Err(Target::Temporary(why)) => {
+                info!(domain, %why, "no mail exchanger found now; deferred");
                 self.note_trouble(domain, true);
                 return defer_all("4.4.3", why, None);
             }

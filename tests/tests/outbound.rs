@@ -426,3 +426,141 @@ async fn queued_mail_survives_a_kill_of_its_owner() {
     assert_eq!(before, N, "duplicates");
     nodes[victim].restart().await.unwrap();
 }
+
+/// dnsmasq on a loopback port answering for the test domains; killed on drop.
+struct Dns {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dnsmasq(records: &[String]) -> Dns {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--bind-interfaces",
+        "--listen-address=127.0.0.1",
+        "--pid-file=",
+        "--user=root",
+        "--log-facility=-",
+        &format!("--port={port}"),
+    ]);
+    cmd.args(records);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = cmd.spawn().expect("dnsmasq starts");
+    Dns {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    }
+}
+
+/// MX delivery through a real DNS server: MX preference with fallback
+/// (the preferred host refuses connections), implicit MX, null MX
+/// bounces at once, and a destination that never answers (it takes the
+/// connection and says nothing) does not hold up mail to a healthy one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mx_lookup_fallback_and_a_dead_destination_beside_a_healthy_one() {
+    if !testkit::program("dnsmasq") {
+        return;
+    }
+    // The healthy MX on 127.0.0.2, a black hole on 127.0.0.3, same port;
+    // 127.0.0.4 refuses connections (the preferred MX of healthy.test).
+    let healthy = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = healthy.local_addr().unwrap().port();
+    let hole = TcpListener::bind(("127.0.0.3", port))
+        .await
+        .expect("the same port on 127.0.0.3");
+    let sink = Sink::start_on(healthy, 0);
+    let held = Arc::new(Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        tokio::spawn(async move {
+            while let Ok((c, _)) = hole.accept().await {
+                held.lock().unwrap().push(c);
+            }
+        });
+    }
+    let dns = dnsmasq(&[
+        "--mx-host=healthy.test,mx1.healthy.test,5".into(),
+        "--mx-host=healthy.test,mx2.healthy.test,10".into(),
+        "--address=/mx1.healthy.test/127.0.0.4".into(),
+        "--address=/mx2.healthy.test/127.0.0.2".into(),
+        "--address=/implicit.test/127.0.0.2".into(),
+        "--mx-host=dead.test,mx.dead.test,10".into(),
+        "--address=/mx.dead.test/127.0.0.3".into(),
+        "--mx-host=nomail.test,.,0".into(),
+        // Answered here, never forwarded: a name without MX records gets
+        // an empty answer (implicit MX), not a refusal.
+        "--local=/test/".into(),
+    ]);
+    let (dns_s, port_s) = (dns.addr.to_string(), port.to_string());
+    let (_d, n) = node(
+        "outbound-mx",
+        &["--dns", &dns_s, "--mx-port", &port_s, "--retry-initial", "1s"],
+    )
+    .await;
+    // Mail to the dead destination first: it takes its connection slots.
+    for i in 0..12 {
+        submit(&n, &[format!("u{i}@dead.test").as_str()], &format!("dead {i}"))
+            .await
+            .expect("queued");
+    }
+    common::wait_for(
+        "the dead destination holding connections",
+        Duration::from_secs(20),
+        || async { held.lock().unwrap().len() >= 2 },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        submit(&n, &[format!("h{i}@healthy.test").as_str()], &format!("healthy {i}"))
+            .await
+            .expect("queued");
+    }
+    submit(&n, &["someone@implicit.test"], "implicit")
+        .await
+        .expect("queued");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sink.got().len() < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the healthy mail was not delivered ({} of 6): {}",
+            sink.got().len(),
+            n.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed();
+    eprintln!("healthy mail delivered in {took:?} beside a dead destination");
+    // Well under the 30 s a dead host holds a try: nothing waited for it.
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    let rcpts: Vec<String> = sink.got().iter().flat_map(|g| g.rcpts.clone()).collect();
+    assert!(rcpts.contains(&"someone@implicit.test".to_owned()), "{rcpts:?}");
+    // The dead destination holds at most its own slots (4), never all.
+    assert!(held.lock().unwrap().len() <= 4, "{}", held.lock().unwrap().len());
+    // Null MX: bounced at once.
+    submit(&n, &["x@nomail.test"], "nomail").await.expect("queued");
+    common::wait_for("the null-MX bounce", Duration::from_secs(20), || async {
+        common::read_all(&n, "alice@example.org")
+            .await
+            .values()
+            .any(|m| String::from_utf8_lossy(m).contains("Final-Recipient: rfc822; x@nomail.test"))
+    })
+    .await;
+    drop(dns);
+}

@@ -180,6 +180,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/log-level", put(log_level))
         .route("/v1/tls", get(list_tls))
         .route("/v1/tls/{name}", put(set_tls).delete(remove_tls))
+        .route("/v1/queue", get(list_queue))
+        .route("/v1/queue/{id}", get(show_queued).delete(remove_queued))
+        .route("/v1/queue/{id}/{action}", axum::routing::post(queue_action))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
@@ -626,6 +629,155 @@ async fn remove_tls(State(s): State<AdminState>, h: HeaderMap, Path(name): Path<
         other => node_error(other),
     })?;
     Ok(Json(json!({ "ok": true })).into_response())
+}
+
+/// Queue entries listed at most by `GET /v1/queue`.
+const QUEUE_LIST_MAX: usize = 1000;
+
+/// One queue entry as the API shows it (reading its envelope).
+async fn queue_entry(s: &AdminState, shard: &str, l: &replication::replica::Listed, header: bool) -> serde_json::Value {
+    let now = crate::time::now_ms();
+    let body = s.services.mail.read(l).await.ok();
+    let decoded = body.as_deref().and_then(crate::queue::decode);
+    let marks = &l.meta.marks;
+    let (from, rcpts, queued_ms, head) = match &decoded {
+        Some((env, msg)) => {
+            let rcpts: Vec<serde_json::Value> = env
+                .rcpts
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let state = if marks.has(&crate::queue::ok_flag(i)) {
+                        "delivered"
+                    } else if marks.has(&crate::queue::failed_flag(i)) {
+                        "failed"
+                    } else {
+                        "pending"
+                    };
+                    json!({ "address": r, "state": state })
+                })
+                .collect();
+            let head = header.then(|| String::from_utf8_lossy(&msg[..crate::imap::header_end(msg)]).into_owned());
+            (env.from.clone(), rcpts, env.queued_ms, head)
+        }
+        None => (String::new(), vec![], l.meta.arrival_ms, None),
+    };
+    let mut v = json!({
+        "id": l.meta.id.to_hex(),
+        "shard": shard,
+        "from": from,
+        "rcpts": rcpts,
+        "queued_ms": queued_ms,
+        "age_s": now.saturating_sub(queued_ms) / 1000,
+        "size": l.meta.size_bytes,
+        "held": marks.has("held"),
+        "replicas": l.meta.replicas,
+        "readable": decoded.is_some(),
+    });
+    if let Some(h) = head {
+        v["header"] = json!(h);
+    }
+    v
+}
+
+async fn list_queue(State(s): State<AdminState>, h: HeaderMap) -> ApiResult {
+    check(&s, &h)?;
+    let mut entries = Vec::new();
+    let mut total = 0usize;
+    for k in 0..crate::queue::SHARDS {
+        let shard = crate::queue::shard_mailbox(k);
+        for l in s.services.mail.mailbox(&shard).await {
+            total += 1;
+            if entries.len() < QUEUE_LIST_MAX {
+                entries.push(queue_entry(&s, &shard, &l, false).await);
+            }
+        }
+    }
+    Ok(Json(json!({ "entries": entries, "total": total, "listed_max": QUEUE_LIST_MAX })).into_response())
+}
+
+/// The queue entry named by a hex id, and its shard.
+async fn find_queued(s: &AdminState, id: &str) -> Result<(String, replication::replica::Listed), ApiError> {
+    let bytes: Vec<u8> = (0..id.len())
+        .step_by(2)
+        .filter_map(|i| id.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect();
+    let raw: [u8; 16] = bytes.try_into().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not a queue id (32 hex digits)"),
+        )
+    })?;
+    let shard = crate::queue::shard_mailbox(crate::queue::shard_of(&raw));
+    let found = s
+        .services
+        .mail
+        .mailbox(&shard)
+        .await
+        .into_iter()
+        .find(|l| l.meta.id.0 == raw)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no queued message {id}")))?;
+    Ok((shard, found))
+}
+
+async fn show_queued(State(s): State<AdminState>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    check(&s, &h)?;
+    let (shard, l) = find_queued(&s, &id).await?;
+    Ok(Json(queue_entry(&s, &shard, &l, true).await).into_response())
+}
+
+async fn remove_queued(State(s): State<AdminState>, h: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    check(&s, &h)?;
+    let (shard, l) = find_queued(&s, &id).await?;
+    s.services
+        .mail
+        .delete(&shard, std::slice::from_ref(&l))
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    tracing::info!(%id, "queued message removed by an operator");
+    Ok(Json(json!({ "ok": true, "removed": id })).into_response())
+}
+
+/// retry, hold, release: a flag register of the entry, which its owner
+/// reads at its next look.
+async fn queue_action(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult {
+    check(&s, &h)?;
+    let (name, set) = match action.as_str() {
+        "retry" => ("retry", true),
+        "hold" => ("held", true),
+        "release" => ("held", false),
+        other => return Err(ApiError(StatusCode::NOT_FOUND, format!("no queue action {other:?}"))),
+    };
+    let (shard, l) = find_queued(&s, &id).await?;
+    let hlc = s.services.mail.hlc_now();
+    let mut flags = vec![replication::FlagMark {
+        name: name.to_owned(),
+        set,
+        hlc,
+    }];
+    if action == "release" {
+        // Released: tried at once.
+        flags.push(replication::FlagMark {
+            name: "retry".to_owned(),
+            set: true,
+            hlc,
+        });
+    }
+    let change = replication::MarkChange {
+        id: l.meta.id,
+        folder: None,
+        flags,
+    };
+    s.services
+        .mail
+        .mark(&shard, &[(l, change)])
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(json!({ "ok": true, "id": id, "action": action })).into_response())
 }
 
 async fn drain_node(State(s): State<AdminState>, h: HeaderMap, Path(key): Path<String>) -> ApiResult {

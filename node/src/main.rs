@@ -214,6 +214,9 @@ enum AdminCmd {
     /// (before its own --tls-cert files), renewed without a restart.
     #[command(subcommand)]
     Tls(TlsCmd),
+    /// The outbound queue, cluster-wide (any node answers for all).
+    #[command(subcommand)]
+    Queue(QueueCmd),
     /// Set the log filter at once, without a restart (e.g. debug,
     /// quill_node=trace,info): on the addressed node only, or with --all on
     /// every node that is up.
@@ -245,6 +248,31 @@ enum TlsCmd {
     List,
     /// Stop serving a cluster-wide certificate.
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Every queued message: id, age, sender, recipients and their state.
+    List,
+    /// One queued message: its envelope, recipients and header.
+    Show {
+        id: String,
+    },
+    /// Try it again now (at its owner's next look, within a second).
+    Retry {
+        id: String,
+    },
+    /// Take it out of the queue without a bounce.
+    Remove {
+        id: String,
+    },
+    /// Keep it queued but do not try it until released.
+    Hold {
+        id: String,
+    },
+    Release {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -581,6 +609,16 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
             (Method::PUT, format!("/v1/tls/{}", path_segment(name)), Some(body))
         }
         AdminCmd::Tls(TlsCmd::List) => (Method::GET, "/v1/tls".to_owned(), None),
+        AdminCmd::Queue(QueueCmd::List) => (Method::GET, "/v1/queue".to_owned(), None),
+        AdminCmd::Queue(QueueCmd::Show { id }) => (Method::GET, format!("/v1/queue/{}", path_segment(id)), None),
+        AdminCmd::Queue(QueueCmd::Remove { id }) => (Method::DELETE, format!("/v1/queue/{}", path_segment(id)), None),
+        AdminCmd::Queue(QueueCmd::Retry { id }) => {
+            (Method::POST, format!("/v1/queue/{}/retry", path_segment(id)), None)
+        }
+        AdminCmd::Queue(QueueCmd::Hold { id }) => (Method::POST, format!("/v1/queue/{}/hold", path_segment(id)), None),
+        AdminCmd::Queue(QueueCmd::Release { id }) => {
+            (Method::POST, format!("/v1/queue/{}/release", path_segment(id)), None)
+        }
         AdminCmd::Tls(TlsCmd::Remove { name }) => (Method::DELETE, format!("/v1/tls/{}", path_segment(name)), None),
         AdminCmd::LogLevel { level, all } => (
             Method::PUT,
@@ -613,6 +651,34 @@ async fn admin(a: AdminArgs) -> anyhow::Result<()> {
             }
         }
         AdminCmd::Cluster(ClusterCmd::Status { json: true }) => println!("{reply}"),
+        AdminCmd::Queue(QueueCmd::List) => {
+            let entries = reply["entries"].as_array().cloned().unwrap_or_default();
+            for e in &entries {
+                let rcpts: Vec<String> = e["rcpts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| {
+                        format!(
+                            "{}={}",
+                            r["address"].as_str().unwrap_or("?"),
+                            r["state"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{} age={}s size={} from=<{}> {}{}",
+                    e["id"].as_str().unwrap_or("?"),
+                    e["age_s"],
+                    e["size"],
+                    e["from"].as_str().unwrap_or(""),
+                    rcpts.join(" "),
+                    if e["held"] == true { " HELD" } else { "" }
+                );
+            }
+            println!("{} queued", entries.len());
+        }
+        AdminCmd::Queue(QueueCmd::Show { .. }) => println!("{}", serde_json::to_string_pretty(&reply)?),
         AdminCmd::Tls(TlsCmd::List) => {
             for (source, list) in [("cluster", &reply["cluster"]), ("local", &reply["local"])] {
                 for c in list.as_array().into_iter().flatten() {

@@ -335,6 +335,62 @@ async fn loops_are_refused_and_a_full_queue_says_try_later() {
         Some(1),
         "the first stays queued"
     );
+
+    // The operator's view: `quill admin queue list|show|hold|retry|release|remove`.
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(process::quill_binary().unwrap());
+        cmd.args([
+            "admin",
+            "--node",
+            &n.admin_addr().to_string(),
+            "--token",
+            &n.opts.admin_token,
+            "queue",
+        ]);
+        cmd.args(args);
+        run(&mut cmd)
+    };
+    let listed = cli(&["list"]);
+    assert!(
+        listed.contains("first@remote.test=pending") && listed.contains("1 queued"),
+        "{listed}"
+    );
+    let id = listed.split_whitespace().next().unwrap().to_owned();
+    let shown = cli(&["show", &id]);
+    assert!(
+        shown.contains("Subject: first") && shown.contains("\"held\": false"),
+        "{shown}"
+    );
+    cli(&["hold", &id]);
+    assert!(cli(&["list"]).contains("HELD"));
+    cli(&["release", &id]);
+    cli(&["retry", &id]);
+    assert!(!cli(&["list"]).contains("HELD"));
+    let err = Command::new(process::quill_binary().unwrap())
+        .args([
+            "admin",
+            "--node",
+            &n.admin_addr().to_string(),
+            "--token",
+            &n.opts.admin_token,
+            "queue",
+            "show",
+            "00",
+        ])
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    cli(&["remove", &id]);
+    common::wait_for("the removed entry gone", Duration::from_secs(10), || async {
+        metric(&n, "quill_queue_messages_held").await == Some(0)
+    })
+    .await;
+    assert!(cli(&["list"]).contains("0 queued"));
+    assert_eq!(
+        metric(&n, "quill_outbound_bounces_total").await,
+        Some(0),
+        "removed without a bounce"
+    );
 }
 
 const SECRET: &str = "outbound-test-secret";

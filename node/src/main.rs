@@ -171,6 +171,13 @@ struct NodeArgs {
     /// (units: ms, s, m, h; 5 days = 120h).
     #[arg(long, default_value = "120h", value_parser = parse_duration_arg)]
     queue_lifetime: Duration,
+    /// Outbound SMTP connections of this node at once, all destinations.
+    #[arg(long, default_value_t = 100)]
+    outbound_concurrency: usize,
+    /// Outbound SMTP connections to one destination domain at once (one
+    /// for a destination in the slow lane).
+    #[arg(long, default_value_t = 20)]
+    outbound_per_destination: usize,
     /// Outbound queue messages held on this node above which new mail for
     /// remote recipients gets `451 4.3.1`.
     #[arg(long, default_value_t = 100_000)]
@@ -546,6 +553,8 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
                 max_ms: a.retry_max.as_millis() as u64,
                 lifetime_ms: a.queue_lifetime.as_millis() as u64,
             },
+            concurrency: a.outbound_concurrency.max(1),
+            per_domain: a.outbound_per_destination.max(1),
             max_messages: a.queue_max_messages,
             max_bytes: a.queue_max_bytes,
             ..Default::default()

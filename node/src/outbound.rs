@@ -53,6 +53,8 @@ const DATA_TIMEOUT: Duration = Duration::from_secs(300);
 const MX_TRIED_MAX: usize = 5;
 /// Consecutive failed tries that put a domain in the slow lane.
 const SLOW_AFTER: u32 = 3;
+/// Queue entries being worked at once (each holds its body in memory).
+const ENTRIES_IN_FLIGHT_MAX: usize = 256;
 /// How long a domain stays in the slow lane after its last failure.
 const SLOW_FOR: Duration = Duration::from_secs(600);
 
@@ -90,8 +92,8 @@ impl Default for OutboundConfig {
                 max_ms: 3_600_000,
                 lifetime_ms: 5 * 86_400_000,
             },
-            concurrency: 32,
-            per_domain: 4,
+            concurrency: 100,
+            per_domain: 20,
             slow_lane: 4,
             max_messages: 100_000,
             max_bytes: 2 << 30,
@@ -145,6 +147,8 @@ pub struct Outbound {
     state: Mutex<State>,
     lane: Arc<Semaphore>,
     slow: Arc<Semaphore>,
+    /// Entries being worked (see [`ENTRIES_IN_FLIGHT_MAX`]).
+    work: Arc<Semaphore>,
 }
 
 /// One recipient's outcome of a try.
@@ -166,6 +170,7 @@ impl Outbound {
             services,
             lane: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             slow: Arc::new(Semaphore::new(cfg.slow_lane.max(1))),
+            work: Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX)),
             cfg,
             resolver,
             state: Mutex::new(State::default()),
@@ -254,11 +259,17 @@ impl Outbound {
                     }
                     st.retry.entry(id).or_default().last_try_ms = now;
                 }
+                let Ok(permit) = self.work.clone().try_acquire_owned() else {
+                    // Enough in flight: the rest waits for a later look.
+                    self.state().busy.remove(&id);
+                    continue;
+                };
                 let me = self.clone();
                 let shard = shard.clone();
                 tokio::spawn(async move {
                     me.work(&shard, entry).await;
                     me.state().busy.remove(&id);
+                    drop(permit);
                 });
             }
         }

@@ -567,7 +567,16 @@ async fn mx_lookup_fallback_and_a_dead_destination_beside_a_healthy_one() {
     let (dns_s, port_s) = (dns.addr.to_string(), port.to_string());
     let (_d, n) = node(
         "outbound-mx",
-        &["--dns", &dns_s, "--mx-port", &port_s, "--retry-initial", "1s"],
+        &[
+            "--dns",
+            &dns_s,
+            "--mx-port",
+            &port_s,
+            "--retry-initial",
+            "1s",
+            "--outbound-per-destination",
+            "4",
+        ],
     )
     .await;
     // Mail to the dead destination first: it takes its connection slots.

@@ -149,7 +149,21 @@ pub struct Outbound {
     slow: Arc<Semaphore>,
     /// Entries being worked (see [`ENTRIES_IN_FLIGHT_MAX`]).
     work: Arc<Semaphore>,
+    /// Told when an entry is done while others wait for a slot.
+    freed: tokio::sync::Notify,
+    /// Idle connections, per remote address, for the next transaction.
+    pool: Mutex<HashMap<SocketAddr, Vec<(std::time::Instant, Client)>>>,
 }
+
+/// A connection to a remote server, after EHLO (and STARTTLS if offered).
+enum Client {
+    Plain(SmtpClient<tokio::net::TcpStream>),
+    Tls(Box<SmtpClient<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>),
+}
+
+/// How long an idle connection is kept, and how many per address.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+const POOL_PER_ADDRESS_MAX: usize = 20;
 
 /// One recipient's outcome of a try.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +185,8 @@ impl Outbound {
             lane: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             slow: Arc::new(Semaphore::new(cfg.slow_lane.max(1))),
             work: Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX)),
+            freed: tokio::sync::Notify::new(),
+            pool: Mutex::new(HashMap::new()),
             cfg,
             resolver,
             state: Mutex::new(State::default()),
@@ -203,14 +219,18 @@ impl Outbound {
 
     /// Works the owned shards until `stop`.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut backlog = false;
         loop {
+            // With a backlog (due entries that found no slot), look again
+            // as soon as one is done rather than at the next tick.
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
+                _ = self.freed.notified(), if backlog => {}
                 _ = stop.changed() => return,
             }
             self.count_held();
             if self.cfg.works_queue {
-                self.clone().tick().await;
+                backlog = self.clone().tick().await;
             }
         }
     }
@@ -228,8 +248,12 @@ impl Outbound {
         self.gauge().held_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    async fn tick(self: Arc<Self>) {
+    /// One look at the owned shards; whether due entries were left for
+    /// want of a slot.
+    async fn tick(self: Arc<Self>) -> bool {
         let now = crate::time::now_ms();
+        let mut backlog = false;
+        self.prune_pool();
         let (mut owned, mut oldest) = (0u64, 0u64);
         for k in 0..queue::SHARDS {
             let shard = queue::shard_mailbox(k);
@@ -262,6 +286,7 @@ impl Outbound {
                 let Ok(permit) = self.work.clone().try_acquire_owned() else {
                     // Enough in flight: the rest waits for a later look.
                     self.state().busy.remove(&id);
+                    backlog = true;
                     continue;
                 };
                 let me = self.clone();
@@ -270,6 +295,7 @@ impl Outbound {
                     me.work(&shard, entry).await;
                     me.state().busy.remove(&id);
                     drop(permit);
+                    me.freed.notify_one();
                 });
             }
         }
@@ -283,6 +309,34 @@ impl Outbound {
                 .count()
         };
         self.gauge().slow_domains.store(slow as u64, Ordering::Relaxed);
+        backlog
+    }
+
+    fn prune_pool(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|_, conns| {
+            conns.retain(|(at, _)| at.elapsed() < POOL_IDLE);
+            !conns.is_empty()
+        });
+    }
+
+    fn pooled(&self, addr: SocketAddr) -> Option<Client> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.get_mut(&addr)?;
+        while let Some((at, c)) = conns.pop() {
+            if at.elapsed() < POOL_IDLE {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, addr: SocketAddr, c: Client) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.entry(addr).or_default();
+        if conns.len() < POOL_PER_ADDRESS_MAX {
+            conns.push((std::time::Instant::now(), c));
+        }
     }
 
     /// One try of one entry: its pending recipients, domain by domain.
@@ -384,6 +438,26 @@ impl Outbound {
         if !failed.is_empty() && !env.from.is_empty() {
             self.bounce(env, message, &failed, &entry.meta.id).await;
         }
+        let all_ended = (0..env.rcpts.len()).all(|i| {
+            flags.contains(&queue::ok_flag(i))
+                || flags.contains(&queue::failed_flag(i))
+                || entry.meta.marks.has(&queue::ok_flag(i))
+                || entry.meta.marks.has(&queue::failed_flag(i))
+        });
+        // Every recipient ended: the deletion (a tombstone on every replica,
+        // durable like a flag) is the record; no flags first.
+        if all_ended
+            && self
+                .services
+                .mail
+                .delete(shard, std::slice::from_ref(entry))
+                .await
+                .is_ok()
+        {
+            self.state().retry.remove(&entry.meta.id);
+            debug!(id = %entry.meta.id, "queue entry done");
+            return;
+        }
         if !flags.is_empty() {
             let change = MarkChange {
                 id: entry.meta.id,
@@ -401,26 +475,7 @@ impl Outbound {
                 warn!(id = %entry.meta.id, error = %e, "recipient ends not recorded; they may be tried again");
             }
         }
-        let all_ended = (0..env.rcpts.len()).all(|i| {
-            flags.contains(&queue::ok_flag(i))
-                || flags.contains(&queue::failed_flag(i))
-                || entry.meta.marks.has(&queue::ok_flag(i))
-                || entry.meta.marks.has(&queue::failed_flag(i))
-        });
-        if all_ended {
-            if self
-                .services
-                .mail
-                .delete(shard, std::slice::from_ref(entry))
-                .await
-                .is_ok()
-            {
-                self.state().retry.remove(&entry.meta.id);
-                debug!(id = %entry.meta.id, "queue entry done");
-            }
-        } else {
-            self.defer(entry.meta.id, deferred);
-        }
+        self.defer(entry.meta.id, deferred);
     }
 
     fn defer(&self, id: MessageId, last: BTreeMap<usize, Failed>) {
@@ -625,8 +680,9 @@ impl Outbound {
         Ok(out)
     }
 
-    /// One SMTP transaction; `Err` when this host could not take it at all
-    /// (the next one is tried).
+    /// One SMTP transaction, over an idle connection to the host if there
+    /// is one (a fresh one if that fails before DATA); `Err` when this host
+    /// could not take it at all (the next one is tried).
     async fn transaction(
         &self,
         host: &str,
@@ -635,6 +691,29 @@ impl Outbound {
         rcpts: &[&str],
         message: &[u8],
     ) -> Result<Vec<Outcome>, String> {
+        if let Some(mut c) = self.pooled(addr) {
+            let r = match &mut c {
+                Client::Plain(c) => self.send(c, host, from, rcpts, message).await,
+                Client::Tls(c) => self.send(c, host, from, rcpts, message).await,
+            };
+            if let Ok(outcomes) = r {
+                self.give_back(addr, c);
+                return Ok(outcomes);
+            }
+        }
+        let mut c = self.connect(host, addr).await?;
+        let r = match &mut c {
+            Client::Plain(c) => self.send(c, host, from, rcpts, message).await,
+            Client::Tls(c) => self.send(c, host, from, rcpts, message).await,
+        };
+        if r.is_ok() {
+            self.give_back(addr, c);
+        }
+        r
+    }
+
+    /// A new connection: greeting, EHLO, and STARTTLS when offered.
+    async fn connect(&self, host: &str, addr: SocketAddr) -> Result<Client, String> {
         let mut client = SmtpClient::connect(addr, SMTP_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
@@ -643,20 +722,18 @@ impl Outbound {
             return Err(format!("greeting {} {}", greeting.code, one_line(&greeting.message)));
         }
         let ehlo = client.ehlo(&self.helo_name()).await.map_err(|e| e.to_string())?;
-        if ehlo.has_capability(smtp_proto::EXT_START_TLS) {
-            let connector = tls_connector();
-            match client.start_tls(&connector, host).await {
-                Ok(mut tls) => {
-                    tls.ehlo(&self.helo_name()).await.map_err(|e| e.to_string())?;
-                    return self.send(&mut tls, host, from, rcpts, message).await;
-                }
-                // The connection is spent: the next host (or the retry)
-                // goes on. Opportunistic TLS does not fall back to plain
-                // text on the same connection.
-                Err(e) => return Err(format!("STARTTLS: {e}")),
-            }
+        if !ehlo.has_capability(smtp_proto::EXT_START_TLS) {
+            return Ok(Client::Plain(client));
         }
-        self.send(&mut client, host, from, rcpts, message).await
+        // Opportunistic TLS does not fall back to plain text on the same
+        // connection: a failed handshake spends it (the next host, or the
+        // retry, goes on).
+        let mut tls = client
+            .start_tls(&tls_connector(), host)
+            .await
+            .map_err(|e| format!("STARTTLS: {e}"))?;
+        tls.ehlo(&self.helo_name()).await.map_err(|e| e.to_string())?;
+        Ok(Client::Tls(Box::new(tls)))
     }
 
     async fn send<T: AsyncRead + AsyncWrite + Unpin>(
@@ -716,6 +793,7 @@ impl Outbound {
                 }
             }
         }
+        let accepted_none = accepted.is_empty();
         if !accepted.is_empty() {
             // mail-send ends the data with CRLF.CRLF itself.
             let body = message.strip_suffix(b"\r\n").unwrap_or(message);
@@ -757,7 +835,10 @@ impl Outbound {
                 out[i] = Some(o);
             }
         }
-        let _ = client.cmd(b"QUIT\r\n").await;
+        if accepted_none {
+            // MAIL was taken: clear it for the next transaction.
+            client.rset().await.map_err(|e| e.to_string())?;
+        }
         Ok(out.into_iter().map(|o| o.expect("every recipient answered")).collect())
     }
 }

@@ -85,10 +85,15 @@ drain() {
   sleep 3   # a few failed tries each, so both are in back-off
   local t0; t0=$(date +%s.%N)
   start_sink
-  local deadline=$(( $(date +%s) + 900 ))
-  while [ "$(sink_count)" -lt "$DRAIN" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.05; done
+  local deadline=$(( $(date +%s) + ${DRAIN_WAIT:-300} ))
+  local t99=
+  while [ "$(sink_count)" -lt "$DRAIN" ] && [ "$(date +%s)" -lt "$deadline" ]; do
+    if [ -z "$t99" ] && [ "$(sink_count)" -ge $(( DRAIN * 99 / 100 )) ]; then t99=$(date +%s.%N); fi
+    sleep 0.05
+  done
   local t1; t1=$(date +%s.%N)
-  echo "$label: drained $(sink_count) of $DRAIN in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the remote server came back"
+  [ -n "$t99" ] || t99=$t1
+  echo "$label: drained $(sink_count) of $DRAIN in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the remote server came back (99% in $(awk -v a="$t0" -v b="$t99" 'BEGIN { printf "%.2f", b - a }') s)"
 }
 
 rm -rf "$WORK"/q*

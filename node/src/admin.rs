@@ -524,6 +524,7 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
             },
             "repair_pending": c.map(|c| c.repair_pending),
             "repairs_copied": c.map(|c| c.repairs_copied),
+            "queued": c.map(|c| c.queued),
             "addrs": {
                 "cluster": n.addrs.cluster,
                 "smtp": n.addrs.smtp,
@@ -543,6 +544,9 @@ pub async fn status_json(s: &AdminState) -> serde_json::Value {
         "epoch": view.epoch,
         "leader": s.cluster.membership.leader(),
         "under_replicated": under_replicated,
+        // Outbound queue entries, as copies over every node that answered
+        // (each entry is stored on R nodes).
+        "queued_copies": counts.values().map(|c| c.queued).sum::<u64>(),
         "nodes": nodes,
     })
 }

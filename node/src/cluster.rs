@@ -862,6 +862,9 @@ pub fn node_stats(store: &replication::FragmentStore, replica: Option<&dyn Repli
         under_replicated: replica.map_or(0, |r| r.under_replicated()),
         repair_pending,
         repairs_copied,
+        queued: (0..crate::queue::SHARDS)
+            .map(|k| store.list(&crate::queue::shard_mailbox(k)).len() as u64)
+            .sum(),
     }
 }
 

@@ -171,6 +171,13 @@ struct NodeArgs {
     /// (units: ms, s, m, h; 5 days = 120h).
     #[arg(long, default_value = "120h", value_parser = parse_duration_arg)]
     queue_lifetime: Duration,
+    /// Submissions with remote recipients one account may make a minute,
+    /// cluster-wide (then `451 4.7.1`).
+    #[arg(long, default_value_t = 120)]
+    max_submissions_per_minute: u32,
+    /// Remote recipients one account may submit to an hour, cluster-wide.
+    #[arg(long, default_value_t = 2000)]
+    max_submission_recipients_per_hour: u32,
     /// Outbound SMTP connections of this node at once, all destinations.
     #[arg(long, default_value_t = 100)]
     outbound_concurrency: usize,
@@ -502,6 +509,8 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         imap_sessions_per_user_max: a.max_imap_sessions_per_user,
         connections_max: a.max_connections,
         idle_timeout: Duration::from_secs(a.idle_timeout),
+        submission_messages_per_minute: a.max_submissions_per_minute,
+        submission_recipients_per_hour: a.max_submission_recipients_per_hour,
         ..Limits::default()
     };
     if limits.message_bytes_max > replication::MESSAGE_BYTES_MAX - 64 * 1024 {

@@ -717,6 +717,10 @@ impl Outbound {
         let mut client = SmtpClient::connect(addr, SMTP_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
+        // mail-send writes a message and its final dot in separate writes:
+        // with Nagle's algorithm the dot waits for the peer's delayed ACK
+        // (40 ms a message).
+        let _ = client.stream.set_nodelay(true);
         let greeting = client.read().await.map_err(|e| e.to_string())?;
         if greeting.code / 100 != 2 {
             return Err(format!("greeting {} {}", greeting.code, one_line(&greeting.message)));

@@ -94,6 +94,9 @@ pub struct NodeStats {
     /// done yet, and the copies it has made since it started.
     pub repair_pending: u64,
     pub repairs_copied: u64,
+    /// Outbound queue entries stored here (copies: each entry is on R
+    /// nodes).
+    pub queued: u64,
 }
 
 /// What the cluster wire needs of the replica protocol: serving calls, and

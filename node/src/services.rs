@@ -48,6 +48,12 @@ pub struct Limits {
     /// `auth_window` before the account is refused for the rest of it.
     pub auth_failures_per_account_max: u32,
     pub auth_window: Duration,
+    /// Submissions with remote recipients one account may make a minute,
+    /// and remote recipients it may name an hour (cluster-wide, counted
+    /// at each account's manager): one compromised account cannot flood
+    /// the queue.
+    pub submission_messages_per_minute: u32,
+    pub submission_recipients_per_hour: u32,
     /// Unknown recipients one client address may name within
     /// `auth_window` before every RCPT from it gets `450 4.7.1`.
     pub unknown_recipients_max: u32,
@@ -71,6 +77,8 @@ impl Default for Limits {
             auth_failures_per_account_max: 30,
             auth_window: Duration::from_secs(60),
             unknown_recipients_max: 50,
+            submission_messages_per_minute: 120,
+            submission_recipients_per_hour: 2000,
         }
     }
 }
@@ -357,6 +365,34 @@ impl Services {
             auth: Mutex::new(AuthState::default()),
             auth_key,
             dummy_hash: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Counts one use of a sending allowance of `user` (`what`: messages
+    /// a minute or recipients an hour); `Err` with the reply when it is
+    /// spent, or when no counter could be reached (fail closed: a
+    /// temporary refusal).
+    pub async fn spend_sending_allowance(&self, user: &str, per_hour: bool) -> Result<(), &'static str> {
+        let (key, max, window) = if per_hour {
+            (
+                format!("send-rcpts/{user}"),
+                self.limits.submission_recipients_per_hour,
+                Duration::from_secs(3600),
+            )
+        } else {
+            (
+                format!("send-msgs/{user}"),
+                self.limits.submission_messages_per_minute,
+                Duration::from_secs(60),
+            )
+        };
+        match self.mail.throttle(&[(key, max.saturating_add(1))], window, true).await {
+            Some(false) => Ok(()),
+            Some(true) if per_hour => {
+                Err("451 4.7.1 This account has sent to too many recipients this hour, try again later")
+            }
+            Some(true) => Err("451 4.7.1 This account is sending too fast, try again in a minute"),
+            None => Err("451 4.3.0 Sending limits cannot be checked now, try again later"),
         }
     }
 

@@ -353,6 +353,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.reply("553 5.1.3 A recipient address needs a domain").await?;
                     return Ok(true);
                 }
+                if let Some(user) = self.authed.clone()
+                    && let Err(reply) = self.services.spend_sending_allowance(&user, true).await
+                {
+                    bump(&self.services.metrics.limit_refusals);
+                    self.reply(reply).await?;
+                    return Ok(true);
+                }
                 let tx = self.tx.as_mut().expect("checked above");
                 let address: String = address.chars().filter(|c| !c.is_control()).take(320).collect();
                 if !tx.remote.contains(&address) {
@@ -422,6 +429,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Some(tx) => tx.rcpts.clone(),
         };
+        let remote = self.tx.as_ref().is_some_and(|t| !t.remote.is_empty());
+        if remote
+            && let Some(user) = self.authed.clone()
+            && let Err(reply) = self.services.spend_sending_allowance(&user, false).await
+        {
+            bump(&self.services.metrics.limit_refusals);
+            self.tx = None;
+            self.reply(reply).await?;
+            return Ok(true);
+        }
         self.reply("354 Start mail input; end with <CRLF>.<CRLF>").await?;
         self.flush().await?;
         let arrival_ms = now_ms();

@@ -629,3 +629,40 @@ async fn mx_lookup_fallback_and_a_dead_destination_beside_a_healthy_one() {
     .await;
     drop(dns);
 }
+
+/// Per-account sending limits on submission: messages with remote
+/// recipients a minute, remote recipients an hour (`451 4.7.1` past
+/// them); local mail is not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_account_cannot_flood_the_queue() {
+    let (_d, n) = node(
+        "outbound-rates",
+        &[
+            "--relay-host",
+            "127.0.0.1:9",
+            "--max-submissions-per-minute",
+            "2",
+            "--max-submission-recipients-per-hour",
+            "5",
+        ],
+    )
+    .await;
+    submit(&n, &["a@remote.test"], "1").await.expect("first");
+    submit(&n, &["b@remote.test", "c@remote.test"], "2")
+        .await
+        .expect("second");
+    let err = submit(&n, &["d@remote.test"], "3")
+        .await
+        .expect_err("a third in the minute");
+    assert!(err.contains("451") && err.contains("4.7.1"), "{err}");
+    for i in 0..3 {
+        submit(&n, &["bob@example.org"], &format!("local {i}"))
+            .await
+            .expect("local mail is not limited");
+    }
+    // 4 remote recipients counted so far (a, b, c, d): the sixth is refused.
+    let err = submit(&n, &["e@remote.test", "f@remote.test"], "4")
+        .await
+        .expect_err("over the recipients an hour");
+    assert!(err.contains("4.7.1"), "{err}");
+}

@@ -55,12 +55,12 @@ pub async fn status(dir: PathBuf, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "epoch {}  leader {}  under_replicated {}",
-        s["epoch"], s["leader"], s["under_replicated"]
+        "epoch {}  leader {}  under_replicated {}  outbound queue {} copies",
+        s["epoch"], s["leader"], s["under_replicated"], s["queued_copies"]
     );
     println!(
-        "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12}  {:<20} addr",
-        "node", "id", "state", "voter", "messages", "bytes", "doing"
+        "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12} {:>7}  {:<20} addr",
+        "node", "id", "state", "voter", "messages", "bytes", "queued", "doing"
     );
     for n in s["nodes"].as_array().into_iter().flatten() {
         let doing = match n["activity"].as_str().unwrap_or("?") {
@@ -68,13 +68,14 @@ pub async fn status(dir: PathBuf, json: bool) -> anyhow::Result<()> {
             other => other.to_owned(),
         };
         println!(
-            "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12}  {:<20} {}",
+            "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12} {:>7}  {:<20} {}",
             n["name"].as_str().unwrap_or("?"),
             n["id"].to_string(),
             n["state"].as_str().unwrap_or("?"),
             n["voter"].to_string(),
             n["messages"].to_string(),
             n["bytes"].to_string(),
+            n["queued"].to_string(),
             doing,
             n["addrs"]["smtp"].as_str().unwrap_or("-"),
         );

@@ -10,6 +10,7 @@
 # minimal_backoff_time 1s, maximal_backoff_time 2s, queue_run_delay 1s).
 # Quill's clients log in (AUTH PLAIN on --submission, argon2id hashes);
 # Postfix's relay for 127.0.0.0/8 without AUTH: the extra work is Quill's.
+# Quill's per-account sending limits are lifted (Postfix has none).
 #
 #   bash bench/outbound_compare.sh            # N=10000 DRAIN=10000
 #   N=2000 DRAIN=2000 SKIP_BASELINE=1 bash bench/outbound_compare.sh
@@ -59,6 +60,7 @@ start_node() {
   local h=127.0.1.$k
   "$QUILL" node --data "$WORK/q$k" --cluster-addr $h:12674 --submission $h:12587 \
     --admin $h:12680 --admin-token $TOKEN --relay-host "$SINK" --retry-initial 1s --retry-max 2s \
+    --max-submissions-per-minute 1000000 --max-submission-recipients-per-hour 1000000000 \
     --log warn "$@" </dev/null >"$WORK/q$k.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 1 200); do curl -sf "http://$h:12680/health" >/dev/null && return 0; sleep 0.1; done

@@ -36,6 +36,9 @@ pub struct NodeAddrs {
     pub smtps: Option<String>,
     pub pop3s: Option<String>,
     pub imaps: Option<String>,
+    /// `--role in`: the node takes mail in but owns no outbound queue
+    /// shards.
+    pub inbound_only: bool,
 }
 
 impl NodeAddrs {

@@ -278,6 +278,7 @@ pub async fn run(
                 admin: s(addrs.admin),
                 smtps: s(addrs.smtps),
                 pop3s: s(addrs.pop3s),
+                inbound_only: !config.outbound.works_queue,
             },
         },
         store.clone(),
@@ -319,7 +320,11 @@ pub async fn run(
     services.uids = Arc::new(uids::RaftUids::new(cluster.membership.clone()));
     services.queue_bounds = (config.outbound.max_messages, config.outbound.max_bytes);
     let services = Arc::new(services);
-    let outbound = outbound::Outbound::new(services.clone(), config.outbound.clone())
+    let owner: outbound::Owner = {
+        let (membership, me) = (cluster.membership.clone(), cluster.id());
+        Arc::new(move |shard: &str| outbound::owner_of(&membership.view(), shard) == Some(me))
+    };
+    let outbound = outbound::Outbound::new(services.clone(), config.outbound.clone(), owner)
         .context("cannot set up outbound delivery (DNS resolver)")?;
 
     let mut tasks = JoinSet::new();

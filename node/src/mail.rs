@@ -32,9 +32,6 @@ pub trait Mail: Send + Sync + 'static {
     fn delete<'a>(&'a self, mailbox: &'a str, msgs: &'a [Listed]) -> BoxFuture<'a, Result<usize, ReplicaError>>;
     /// A hybrid logical clock value for a folder or flag change made now.
     fn hlc_now(&self) -> u64;
-    /// Whether this node is `mailbox`'s user manager under its current
-    /// view (the owner of a queue shard).
-    fn owns(&self, mailbox: &str) -> bool;
     /// Changes folders and flags of messages on every replica (last
     /// writer wins per register).
     fn mark<'a>(
@@ -89,10 +86,6 @@ impl<N: Network> Mail for Replicator<N> {
 
     fn hlc_now(&self) -> u64 {
         Replicator::hlc_now(self)
-    }
-
-    fn owns(&self, mailbox: &str) -> bool {
-        Replicator::manages(self, mailbox)
     }
 
     fn mark<'a>(

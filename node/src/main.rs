@@ -150,6 +150,11 @@ struct NodeArgs {
     /// Seconds a session may stay silent before it is closed.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
+    /// What this node does: `in` takes mail in and works no outbound queue
+    /// shard, `out` works the queue and takes no mail from other servers
+    /// (no --smtp or --lmtp), `both`. Taken when the node first joins.
+    #[arg(long, value_enum, default_value = "both")]
+    role: Role,
     /// Send all outbound mail to this smarthost (HOST:PORT) instead of
     /// looking up the recipients' MX records.
     #[arg(long, value_name = "HOST:PORT")]
@@ -262,6 +267,13 @@ enum TlsCmd {
     List,
     /// Stop serving a cluster-wide certificate.
     Remove { name: String },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    In,
+    Out,
+    Both,
 }
 
 #[derive(Subcommand)]
@@ -519,6 +531,9 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             replication::MESSAGE_BYTES_MAX - 64 * 1024
         );
     }
+    if a.role == Role::Out && (a.smtp.is_some() || a.lmtp.is_some() || a.smtps.is_some()) {
+        bail!("--role out takes no mail from other servers: drop --smtp, --smtps and --lmtp, or use --role both");
+    }
     if a.tls_cert.len() != a.tls_key.len() {
         bail!("give one --tls-key for each --tls-cert, in the same order");
     }
@@ -564,6 +579,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             },
             concurrency: a.outbound_concurrency.max(1),
             per_domain: a.outbound_per_destination.max(1),
+            works_queue: a.role != Role::In,
             max_messages: a.queue_max_messages,
             max_bytes: a.queue_max_bytes,
             ..Default::default()

@@ -1,6 +1,6 @@
-//! Outbound delivery: every node works the queue shards it owns (the
-//! shard mailbox's user manager under the current view, see
-//! [`crate::queue`]), delivering each entry's pending recipients to their
+//! Outbound delivery: every node works the queue shards it owns
+//! ([`owner_of`]: rendezvous hashing of the shard over the nodes the
+//! current view has up and not `--role in`), delivering each entry's pending recipients to their
 //! domains' mail exchangers (MX lookup through one shared caching
 //! resolver, implicit MX, null MX) or to `--relay-host`, with mail-send's
 //! SMTP client (opportunistic STARTTLS), one connection per domain for all
@@ -140,8 +140,29 @@ struct State {
     domains: HashMap<String, Arc<Semaphore>>,
 }
 
+/// Whether this node owns a queue shard (now).
+pub type Owner = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The owner of queue shard `shard` under `view`: of the nodes that are up
+/// and work the queue, the one with the highest blake3 of (shard, node id)
+/// (rendezvous hashing: a node that goes or comes moves only its own
+/// shards). None when no such node is up: the queue waits.
+pub fn owner_of(view: &membership::ClusterView, shard: &str) -> Option<u64> {
+    view.nodes
+        .values()
+        .filter(|n| n.state == membership::NodeState::Up && !n.addrs.inbound_only)
+        .max_by_key(|n| {
+            let mut h = blake3::Hasher::new();
+            h.update(shard.as_bytes());
+            h.update(&n.id.to_le_bytes());
+            *h.finalize().as_bytes()
+        })
+        .map(|n| n.id)
+}
+
 pub struct Outbound {
     services: Arc<Services>,
+    owner: Owner,
     cfg: OutboundConfig,
     resolver: Option<TokioResolver>,
     state: Mutex<State>,
@@ -174,7 +195,7 @@ enum Outcome {
 }
 
 impl Outbound {
-    pub fn new(services: Arc<Services>, cfg: OutboundConfig) -> anyhow::Result<Arc<Self>> {
+    pub fn new(services: Arc<Services>, cfg: OutboundConfig, owner: Owner) -> anyhow::Result<Arc<Self>> {
         let resolver = if cfg.relay_host.is_some() {
             None
         } else {
@@ -182,6 +203,7 @@ impl Outbound {
         };
         Ok(Arc::new(Outbound {
             services,
+            owner,
             lane: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             slow: Arc::new(Semaphore::new(cfg.slow_lane.max(1))),
             work: Arc::new(Semaphore::new(ENTRIES_IN_FLIGHT_MAX)),
@@ -257,7 +279,7 @@ impl Outbound {
         let (mut owned, mut oldest) = (0u64, 0u64);
         for k in 0..queue::SHARDS {
             let shard = queue::shard_mailbox(k);
-            if !self.services.mail.owns(&shard) {
+            if !(self.owner)(&shard) {
                 continue;
             }
             for entry in self.services.mail.mailbox(&shard).await {

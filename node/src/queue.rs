@@ -9,9 +9,9 @@
 //! of the message. Each recipient's end is a flag register of the entry
 //! (`rcpt-ok:I`, `rcpt-failed:I`), replicated like IMAP flags; the entry is
 //! deleted (a tombstone) once every recipient has ended. Each shard has one
-//! owner at a time, the shard mailbox's user manager under the view
-//! placement gives: the work spreads over every node and moves when the
-//! owner dies.
+//! owner at a time ([`crate::outbound::owner_of`], over the current view):
+//! the work spreads over every node that works the queue and moves when
+//! the owner dies.
 
 use serde::{Deserialize, Serialize};
 

@@ -666,3 +666,97 @@ async fn one_account_cannot_flood_the_queue() {
         .expect_err("over the recipients an hour");
     assert!(err.contains("4.7.1"), "{err}");
 }
+
+/// Quill delivering to Quill: the remote server offers STARTTLS (its
+/// self-signed certificate), the sender takes it (opportunistic TLS), and
+/// the message lands in the remote user's mailbox, marked as received
+/// over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_starttls_to_another_quill() {
+    let (_r, remote) = node("outbound-remote", &[]).await;
+    remote.add_domain("remote.test").await.unwrap();
+    remote.add_user("rob@remote.test", PASSWORD, None).await.unwrap();
+    let relay = remote.smtp().to_string();
+    let (_d, n) = node("outbound-tls", &["--relay-host", &relay]).await;
+    submit(&n, &["rob@remote.test"], "over tls").await.expect("queued");
+    common::wait_for("the message at the remote Quill", Duration::from_secs(20), || async {
+        common::read_all(&remote, "rob@remote.test").await.len() == 1
+    })
+    .await;
+    let got = common::read_all(&remote, "rob@remote.test")
+        .await
+        .into_values()
+        .next()
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("Subject: over tls"), "{text}");
+    // The remote's Received: names TLS; below it, the sender's own (ESMTPA).
+    let first = text.lines().take(3).collect::<Vec<_>>().join(" ");
+    assert!(first.contains("with ESMTPS"), "{text}");
+    assert!(text.contains("with ESMTPA"), "{text}");
+}
+
+/// `--role in`: the node takes mail (and submissions) but owns no queue
+/// shard; the others work the whole queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_out_role_owns_no_queue_entries() {
+    let _slot = common::cluster_slot().await;
+    let hold = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = hold.local_addr().unwrap();
+    drop(hold);
+    let dir = TempDir::new("outbound-roles").expect("temp dir");
+    let relay_s = relay.to_string();
+    let extra = [
+        "--relay-host",
+        relay_s.as_str(),
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "1s",
+    ];
+    let mut nodes = process::start_cluster_with(dir.path(), 2, SECRET, "info", &extra)
+        .await
+        .expect("cluster starts");
+    let mut o = process::NodeOptions::new(dir.path().join("n3"), quill_harness::fresh_loopback()).unwrap();
+    o.seeds = vec![nodes[0].cluster_addr()];
+    o.join_token = Some(nodes[0].join_token().unwrap());
+    o.extra_args = extra
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--role".into(), "in".into()])
+        .collect();
+    nodes.push(NodeProcess::start(o).await.expect("the in-only node starts"));
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    process::wait_converged(&all, 3, Duration::from_secs(60))
+        .await
+        .expect("converges");
+    nodes[0].add_domain("example.org").await.unwrap();
+    nodes[0].add_user("alice@example.org", PASSWORD, None).await.unwrap();
+    common::wait_for("the user on the in-only node", Duration::from_secs(30), || async {
+        nodes[2]
+            .admin(hyper::Method::GET, "/v1/users", None)
+            .await
+            .is_ok_and(|d| d.to_string().contains("alice@"))
+    })
+    .await;
+    const N: u64 = 12;
+    for i in 0..N {
+        let to = format!("r{i}@remote.test");
+        submit(&nodes[2], &[to.as_str()], &format!("m{i}"))
+            .await
+            .expect("queued");
+    }
+    common::wait_for("the queue owned by the out nodes", Duration::from_secs(20), || async {
+        let a = metric(&nodes[0], "quill_queue_messages_owned").await.unwrap_or(0);
+        let b = metric(&nodes[1], "quill_queue_messages_owned").await.unwrap_or(0);
+        a + b == N
+    })
+    .await;
+    assert_eq!(metric(&nodes[2], "quill_queue_messages_owned").await, Some(0));
+    let sink = Sink::start_on(TcpListener::bind(relay).await.unwrap(), 0);
+    common::wait_for("every message delivered", Duration::from_secs(30), || async {
+        sink.got().len() as u64 >= N
+    })
+    .await;
+    assert_eq!(sink.got().len() as u64, N);
+}

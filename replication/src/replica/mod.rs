@@ -294,14 +294,6 @@ impl<N: Network> Replicator<N> {
         self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Whether this node manages `user` under its current view (a queue
-    /// shard's owner is its manager). Two nodes that disagree about the
-    /// view may both think so for a while: whoever works the shard must
-    /// be idempotent (the outbound queue records each recipient's end).
-    pub fn manages(&self, user: &str) -> bool {
-        manager_of(&self.view(), user) == Some(self.me)
-    }
-
     /// Takes a new view (see [`Manager::take_view`]); the caller then runs
     /// [`Replicator::report_round`] and an anti-entropy round.
     pub fn set_view(&self, view: Arc<View>) {

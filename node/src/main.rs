@@ -190,6 +190,10 @@ struct NodeArgs {
     /// for a destination in the slow lane).
     #[arg(long, default_value_t = 20)]
     outbound_per_destination: usize,
+    /// Outbound transactions a second to one destination domain (0: no
+    /// limit).
+    #[arg(long, default_value_t = 0)]
+    outbound_rate_per_destination: u32,
     /// Outbound queue messages held on this node above which new mail for
     /// remote recipients gets `451 4.3.1`.
     #[arg(long, default_value_t = 100_000)]
@@ -579,6 +583,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             },
             concurrency: a.outbound_concurrency.max(1),
             per_domain: a.outbound_per_destination.max(1),
+            rate_per_domain: a.outbound_rate_per_destination,
             works_queue: a.role != Role::In,
             max_messages: a.queue_max_messages,
             max_bytes: a.queue_max_bytes,

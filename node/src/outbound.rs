@@ -73,6 +73,8 @@ pub struct OutboundConfig {
     pub per_domain: usize,
     /// Slots of the slow lane (shared by every slow domain).
     pub slow_lane: usize,
+    /// Transactions a second to one destination domain (0: no limit).
+    pub rate_per_domain: u32,
     /// Queue bounds, on this node's share of the queue: past either, new
     /// mail for remote recipients gets `451 4.3.1`.
     pub max_messages: u64,
@@ -95,6 +97,7 @@ impl Default for OutboundConfig {
             concurrency: 100,
             per_domain: 20,
             slow_lane: 4,
+            rate_per_domain: 0,
             max_messages: 100_000,
             max_bytes: 2 << 30,
             works_queue: true,
@@ -138,6 +141,8 @@ struct State {
     /// Per domain: consecutive failed tries and when the last was.
     trouble: HashMap<String, (u32, u64)>,
     domains: HashMap<String, Arc<Semaphore>>,
+    /// Per domain: the token bucket of `rate_per_domain` (tokens, when).
+    buckets: HashMap<String, (f64, std::time::Instant)>,
 }
 
 /// Whether this node owns a queue shard (now).
@@ -598,6 +603,10 @@ impl Outbound {
         let Ok(_slot) = domain_sem.acquire_owned().await else {
             return defer_all("4.3.2", "shutting down".into(), None);
         };
+        let wait = self.rate_wait(domain);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let targets = match self.targets(domain).await {
             Ok(t) => t,
             Err(Target::Permanent(why)) => return fail_all("5.1.10", why),
@@ -623,6 +632,30 @@ impl Outbound {
         }
         self.note_trouble(domain, true);
         defer_all("4.4.1", last, None)
+    }
+
+    /// How long to wait before the next transaction to `domain` under
+    /// `--outbound-rate-per-destination` (a token bucket of one second's
+    /// worth; waiters reserve their token, so they go one after another).
+    fn rate_wait(&self, domain: &str) -> Duration {
+        let rate = f64::from(self.cfg.rate_per_domain);
+        if rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let now = std::time::Instant::now();
+        let mut st = self.state();
+        if st.buckets.len() > 100_000 {
+            st.buckets.clear();
+        }
+        let b = st.buckets.entry(domain.to_owned()).or_insert((rate, now));
+        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate);
+        b.1 = now;
+        b.0 -= 1.0;
+        if b.0 >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-b.0 / rate)
+        }
     }
 
     fn note_trouble(&self, domain: &str, bad: bool) {

@@ -760,3 +760,39 @@ async fn a_node_without_the_out_role_owns_no_queue_entries() {
     .await;
     assert_eq!(sink.got().len() as u64, N);
 }
+
+/// `--outbound-rate-per-destination`: 4 a second to one domain, a bucket
+/// of one second's worth: 12 messages cannot all arrive within 2 s, and
+/// another domain is not slowed by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rate_limit_spaces_deliveries() {
+    let sink = Sink::start(0).await;
+    let relay = sink.addr.to_string();
+    let (_d, n) = node(
+        "outbound-rate",
+        &["--relay-host", &relay, "--outbound-rate-per-destination", "4"],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    for i in 0..12 {
+        submit(&n, &[format!("u{i}@slow.test").as_str()], &format!("s{i}"))
+            .await
+            .expect("queued");
+    }
+    submit(&n, &["x@fast.test"], "fast").await.expect("queued");
+    let fast = |g: &Got| g.rcpts.iter().any(|r| r == "x@fast.test");
+    common::wait_for("the other domain's message", Duration::from_secs(30), || async {
+        sink.got().iter().any(fast)
+    })
+    .await;
+    let slow_before = sink.got().iter().filter(|g| !fast(g)).count();
+    assert!(slow_before < 12, "the other domain waited for the limited one");
+    common::wait_for("every message delivered", Duration::from_secs(30), || async {
+        sink.got().len() >= 13
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!("12 messages at 4/s to one domain took {took:?}");
+    // 4 at once, then 8 more at 4 a second: at least 2 s.
+    assert!(took >= Duration::from_millis(1900), "{took:?}");
+}

@@ -176,6 +176,10 @@ struct NodeArgs {
     /// (units: ms, s, m, h; 5 days = 120h).
     #[arg(long, default_value = "120h", value_parser = parse_duration_arg)]
     queue_lifetime: Duration,
+    /// Tell the sender once when a message has waited this long in the
+    /// outbound queue (a DSN with Action: delayed); 0s: never.
+    #[arg(long, default_value = "0s", value_parser = parse_duration_arg)]
+    delay_warning: Duration,
     /// Submissions with remote recipients one account may make a minute,
     /// cluster-wide (then `451 4.7.1`).
     #[arg(long, default_value_t = 120)]
@@ -584,6 +588,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             concurrency: a.outbound_concurrency.max(1),
             per_domain: a.outbound_per_destination.max(1),
             rate_per_domain: a.outbound_rate_per_destination,
+            delay_warning_ms: a.delay_warning.as_millis() as u64,
             works_queue: a.role != Role::In,
             max_messages: a.queue_max_messages,
             max_bytes: a.queue_max_bytes,

@@ -75,6 +75,9 @@ pub struct OutboundConfig {
     pub slow_lane: usize,
     /// Transactions a second to one destination domain (0: no limit).
     pub rate_per_domain: u32,
+    /// After this long in the queue, the sender is told once that the
+    /// message is delayed (0: never).
+    pub delay_warning_ms: u64,
     /// Queue bounds, on this node's share of the queue: past either, new
     /// mail for remote recipients gets `451 4.3.1`.
     pub max_messages: u64,
@@ -98,6 +101,7 @@ impl Default for OutboundConfig {
             per_domain: 20,
             slow_lane: 4,
             rate_per_domain: 0,
+            delay_warning_ms: 0,
             max_messages: 100_000,
             max_bytes: 2 << 30,
             works_queue: true,
@@ -464,6 +468,18 @@ impl Outbound {
         }
         if !failed.is_empty() && !env.from.is_empty() {
             self.bounce(env, message, &failed, &entry.meta.id).await;
+        }
+        // A delay warning, once per message (a flag says it was sent).
+        let warn_after = self.cfg.delay_warning_ms;
+        if warn_after > 0
+            && !deferred.is_empty()
+            && !env.from.is_empty()
+            && crate::time::now_ms().saturating_sub(env.queued_ms) >= warn_after
+            && !entry.meta.marks.has("warned")
+        {
+            let delayed: Vec<Failed> = deferred.values().cloned().collect();
+            self.bounce(env, message, &delayed, &entry.meta.id).await;
+            flags.push("warned".to_owned());
         }
         let all_ended = (0..env.rcpts.len()).all(|i| {
             flags.contains(&queue::ok_flag(i))

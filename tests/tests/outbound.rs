@@ -796,3 +796,52 @@ async fn a_destination_rate_limit_spaces_deliveries() {
     // 4 at once, then 8 more at 4 a second: at least 2 s.
     assert!(took >= Duration::from_millis(1900), "{took:?}");
 }
+
+/// `--delay-warning`: a message still deferred after it gets one
+/// "delayed" DSN (Action: delayed, a 4.x.x status), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_is_announced_once() {
+    let sink = Sink::start(1_000).await;
+    let relay = sink.addr.to_string();
+    let (_d, n) = node(
+        "outbound-delay",
+        &[
+            "--relay-host",
+            &relay,
+            "--retry-initial",
+            "200ms",
+            "--retry-max",
+            "300ms",
+            "--delay-warning",
+            "1s",
+        ],
+    )
+    .await;
+    submit(&n, &["defer-me@remote.test"], "slow one").await.expect("queued");
+    common::wait_for("the delay warning", Duration::from_secs(20), || async {
+        !common::read_all(&n, "alice@example.org").await.is_empty()
+    })
+    .await;
+    let first = common::read_all(&n, "alice@example.org")
+        .await
+        .into_values()
+        .next()
+        .unwrap();
+    let text = String::from_utf8_lossy(&first);
+    assert!(text.contains("Subject: Delayed Mail"), "{text}");
+    assert!(
+        text.contains("Action: delayed") && text.contains("Status: 4.2.0"),
+        "{text}"
+    );
+    // More tries, no second warning.
+    let tries = sink.tries.lock().unwrap()["defer-me@remote.test"];
+    common::wait_for("more tries", Duration::from_secs(20), || async {
+        sink.tries.lock().unwrap()["defer-me@remote.test"] >= tries + 3
+    })
+    .await;
+    assert_eq!(
+        common::read_all(&n, "alice@example.org").await.len(),
+        1,
+        "one warning only"
+    );
+}

@@ -175,6 +175,7 @@ impl Membership {
         let raft_config = Arc::new(config.raft_config()?);
         let d = dir.to_path_buf();
         let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            store::check_format(&d)?;
             let log = LogStore::open(&d)?;
             let sm = StateMachineStore::open(&d)?;
             // After the log's folder lock: no other process bumps it too.

@@ -467,7 +467,7 @@ impl Outbound {
             }
         }
         if !failed.is_empty() && !env.from.is_empty() {
-            self.bounce(env, message, &failed, &entry.meta.id).await;
+            self.bounce(env, message, &failed, false, &entry.meta.id).await;
         }
         // A delay warning, once per message (a flag says it was sent).
         let warn_after = self.cfg.delay_warning_ms;
@@ -478,7 +478,7 @@ impl Outbound {
             && !entry.meta.marks.has("warned")
         {
             let delayed: Vec<Failed> = deferred.values().cloned().collect();
-            self.bounce(env, message, &delayed, &entry.meta.id).await;
+            self.bounce(env, message, &delayed, true, &entry.meta.id).await;
             flags.push("warned".to_owned());
         }
         let all_ended = (0..env.rcpts.len()).all(|i| {
@@ -531,9 +531,9 @@ impl Outbound {
 
     /// A DSN to the envelope sender: into the sender's mailbox if local,
     /// else queued (with the null sender, so it never bounces again).
-    async fn bounce(&self, env: &Envelope, message: &[u8], failed: &[Failed], id: &MessageId) {
+    async fn bounce(&self, env: &Envelope, message: &[u8], failed: &[Failed], delayed: bool, id: &MessageId) {
         let now = crate::time::now_ms();
-        let report = queue::dsn(&self.helo_name(), env, message, failed, now, &id.to_hex());
+        let report = queue::dsn(&self.helo_name(), env, message, failed, delayed, now, &id.to_hex());
         bump(&self.gauge().bounces);
         let stored = match self.services.resolve_recipient(&env.from) {
             membership::Recipient::Local(user) => {

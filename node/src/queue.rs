@@ -142,17 +142,38 @@ pub struct Failed {
 /// A delivery status notification (RFC 3464) to `env.from` for the
 /// recipients in `failed`: a human-readable part, the machine-readable
 /// `message/delivery-status` and the original message's header
-/// (`text/rfc822-headers`). Sent with the null sender. Hand-built: the
-/// format is fixed ASCII (no crate writes RFC 3464 reports), and the
-/// copied header is the original's bytes as they are.
-pub fn dsn(me: &str, env: &Envelope, original: &[u8], failed: &[Failed], now_ms: u64, id: &str) -> Vec<u8> {
+/// (`text/rfc822-headers`). Sent with the null sender. `delayed`: a delay
+/// warning (the recipients are still being tried), else a failure (an
+/// expired message fails with its `4.4.7`). Hand-built: the format is
+/// fixed ASCII (no crate writes RFC 3464 reports), and the copied header
+/// is the original's bytes as they are.
+pub fn dsn(
+    me: &str,
+    env: &Envelope,
+    original: &[u8],
+    failed: &[Failed],
+    delayed: bool,
+    now_ms: u64,
+    id: &str,
+) -> Vec<u8> {
     let boundary = format!("=_quill_dsn_{id}");
     let date = crate::time::rfc5322_date(now_ms / 1000);
     let header = &original[..crate::imap::header_end(original)];
-    let subject = if failed.iter().all(|f| f.status.starts_with('4')) {
+    let subject = if delayed {
         "Delayed Mail (still being retried)"
     } else {
         "Undelivered Mail Returned to Sender"
+    };
+    let (said, action) = if delayed {
+        (
+            "Your message has not been delivered yet to one or more recipients; it is still being tried.",
+            "delayed",
+        )
+    } else {
+        (
+            "Your message could not be delivered to one or more recipients.",
+            "failed",
+        )
     };
     let mut out = format!(
         "From: Mail Delivery System <MAILER-DAEMON@{me}>\r\n\
@@ -171,7 +192,7 @@ pub fn dsn(me: &str, env: &Envelope, original: &[u8], failed: &[Failed], now_ms:
          \r\n\
          This is the mail system at {me}.\r\n\
          \r\n\
-         Your message could not be delivered to one or more recipients.\r\n\
+         {said}\r\n\
          \r\n",
         to = env.from,
     );
@@ -187,7 +208,6 @@ pub fn dsn(me: &str, env: &Envelope, original: &[u8], failed: &[Failed], now_ms:
         crate::time::rfc5322_date(env.queued_ms / 1000)
     ));
     for f in failed {
-        let action = if f.status.starts_with('4') { "delayed" } else { "failed" };
         out.push_str(&format!(
             "\r\nFinal-Recipient: rfc822; {}\r\nAction: {action}\r\nStatus: {}\r\n",
             f.rcpt, f.status
@@ -305,7 +325,27 @@ mod tests {
             diagnostic: "550 5.1.1 <bob@remote.test>: no such user\r\nx".into(),
             remote: Some("mx.remote.test".into()),
         }];
-        let d = String::from_utf8(dsn("quill.test", &env(), original, &failed, 1_700_000_100_000, "abc")).unwrap();
+        let d = String::from_utf8(dsn(
+            "quill.test",
+            &env(),
+            original,
+            &failed,
+            false,
+            1_700_000_100_000,
+            "abc",
+        ))
+        .unwrap();
+        let w = String::from_utf8(dsn(
+            "quill.test",
+            &env(),
+            original,
+            &failed,
+            true,
+            1_700_000_100_000,
+            "abc",
+        ))
+        .unwrap();
+        assert!(w.contains("Action: delayed") && w.contains("Subject: Delayed Mail"));
         assert!(d.contains("report-type=delivery-status"));
         assert!(d.contains("Final-Recipient: rfc822; bob@remote.test\r\nAction: failed\r\nStatus: 5.1.1"));
         assert!(d.contains("Subject: lost"), "the original header is there");

@@ -426,3 +426,60 @@ async fn messages_in_flight_share_a_memory_budget() {
     })
     .await;
 }
+
+/// Expired queue entries: the one from a sender gets a DSN (into the
+/// local sender's mailbox), the one from the null sender `<>` (a bounce
+/// itself) gets none; both leave the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_bounces_except_to_the_null_sender() {
+    use quill_node::outbound::{Outbound, OutboundConfig, enqueue};
+    use quill_node::queue::{Envelope, SHARDS, Schedule, shard_mailbox};
+    let dir = TempDir::new("expired").expect("temp dir");
+    let reps = cluster(&dir);
+    let s = services(&dir, &reps[0]).await;
+    let env = |from: &str| Envelope {
+        from: from.into(),
+        rcpts: vec!["x@remote.test".into()],
+        queued_ms: 1,
+        submitter: None,
+    };
+    assert!(enqueue(&s, &env("alice@example.org"), b"Subject: one\r\n\r\nx\r\n").await);
+    assert!(enqueue(&s, &env(""), b"Subject: a bounce\r\n\r\nx\r\n").await);
+    let cfg = OutboundConfig {
+        // Never reached: both have outlived the queue (lifetime 1 ms).
+        relay_host: Some("127.0.0.1:9".into()),
+        schedule: Schedule {
+            initial_ms: 10,
+            max_ms: 10,
+            lifetime_ms: 1,
+        },
+        ..OutboundConfig::default()
+    };
+    let out = Outbound::new(s.clone(), cfg, Arc::new(|_: &str| true)).expect("outbound");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(out.run(stop_rx));
+    let queued = || async {
+        let mut n = 0;
+        for k in 0..SHARDS {
+            n += s.mail.mailbox(&shard_mailbox(k)).await.len();
+        }
+        n
+    };
+    testkit::wait_for("an empty queue", Duration::from_secs(20), || async {
+        queued().await == 0
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    task.await.expect("the worker stops");
+    let inbox = s.mail.mailbox("alice@example.org").await;
+    assert_eq!(inbox.len(), 1, "one DSN, for alice's message only");
+    let dsn = s.mail.read(&inbox[0]).await.expect("the DSN reads");
+    let text = String::from_utf8_lossy(&dsn);
+    assert!(
+        text.contains("Action: failed\r\nStatus: 4.4.7") && text.contains("Subject: one"),
+        "{text}"
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(s.queue.bounces.load(Relaxed), 1);
+    assert_eq!(s.queue.failed.load(Relaxed), 2);
+}

@@ -26,6 +26,7 @@
 //! COPY stores a new message (the body is shared by hash on each node).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -850,26 +851,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         folders::resolve(&self.services.uids.names(&folders::scope(user)), &name).ok_or(nonexistent as _)
     }
 
-    async fn create(&mut self, tag: Tag<'static>, user: &str, mailbox: &Mailbox<'_>) -> Status<'static> {
-        let name = match folders::canonical(mailbox_as_bytes(mailbox)) {
-            Ok(n) => n,
-            Err(why) => return no(tag, None, why),
-        };
-        let scope = folders::scope(user);
-        let names = self.services.uids.names(&scope);
+    /// A name for a new folder (CREATE, the target of RENAME): canonical
+    /// and not taken; with the user's folders as they are now.
+    #[allow(clippy::result_large_err)]
+    fn free_name(
+        &self,
+        tag: &Tag<'static>,
+        user: &str,
+        mailbox: &Mailbox<'_>,
+    ) -> Result<(String, BTreeMap<String, [u8; 16]>), Status<'static>> {
+        let name = folders::canonical(mailbox_as_bytes(mailbox)).map_err(|why| no(tag.clone(), None, why))?;
+        let names = self.services.uids.names(&folders::scope(user));
         if name == folders::INBOX || names.contains_key(&name) {
-            return no(
-                tag,
+            return Err(no(
+                tag.clone(),
                 Some(Code::Other(code_other("ALREADYEXISTS"))),
                 "that folder already exists",
-            );
+            ));
         }
-        // The levels above it are made too (RFC 3501 6.3.3).
-        let mut items: Vec<(String, [u8; 16])> = folders::superiors(&name)
+        Ok((name, names))
+    }
+
+    /// The levels above `name` that do not exist, with new ids (CREATE and
+    /// RENAME make them, RFC 3501 6.3.3).
+    fn missing_superiors(&self, name: &str, names: &BTreeMap<String, [u8; 16]>) -> Vec<(String, [u8; 16])> {
+        folders::superiors(name)
             .into_iter()
             .filter(|s| s != folders::INBOX && !names.contains_key(s))
             .map(|s| (s, self.new_folder_id()))
-            .collect();
+            .collect()
+    }
+
+    async fn create(&mut self, tag: Tag<'static>, user: &str, mailbox: &Mailbox<'_>) -> Status<'static> {
+        let (name, names) = match self.free_name(&tag, user, mailbox) {
+            Ok(v) => v,
+            Err(s) => return s,
+        };
+        let scope = folders::scope(user);
+        let mut items = self.missing_superiors(&name, &names);
         items.push((name, self.new_folder_id()));
         if names.len() + items.len() > folders::FOLDERS_MAX {
             return no(
@@ -934,19 +953,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "renaming INBOX is not supported: MOVE its messages instead",
             );
         }
-        let new = match folders::canonical(mailbox_as_bytes(to)) {
-            Ok(n) => n,
-            Err(why) => return no(tag, None, why),
+        let (new, names) = match self.free_name(&tag, user, to) {
+            Ok(v) => v,
+            Err(s) => return s,
         };
         let scope = folders::scope(user);
-        let names = self.services.uids.names(&scope);
-        if new == folders::INBOX || names.contains_key(&new) {
-            return no(
-                tag,
-                Some(Code::Other(code_other("ALREADYEXISTS"))),
-                "that folder already exists",
-            );
-        }
         if new.starts_with(&format!("{}{}", folder.name, folders::DELIMITER)) {
             return no(
                 tag,
@@ -966,11 +977,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // The levels above the new name, as CREATE makes them.
         let names = self.services.uids.names(&scope);
-        let missing: Vec<(String, [u8; 16])> = folders::superiors(&new)
-            .into_iter()
-            .filter(|s| s != folders::INBOX && !names.contains_key(s))
-            .map(|s| (s, self.new_folder_id()))
-            .collect();
+        let missing = self.missing_superiors(&new, &names);
         if !missing.is_empty() {
             let _ = self.services.uids.bind(&scope, missing).await;
         }

@@ -268,9 +268,7 @@ async fn metric(n: &NodeProcess, name: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loops_are_refused_and_a_full_queue_says_try_later() {
     // Nothing listens at the relay: mail stays queued.
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay = dead.local_addr().unwrap().to_string();
-    drop(dead);
+    let relay = free_addr().await.to_string();
     let (_d, n) = node(
         "outbound-bounds",
         &["--relay-host", &relay, "--queue-max-messages", "1"],
@@ -395,33 +393,31 @@ async fn loops_are_refused_and_a_full_queue_says_try_later() {
 
 const SECRET: &str = "outbound-test-secret";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_mail_survives_a_kill_of_its_owner() {
-    let _slot = common::cluster_slot().await;
-    // The remote server is down while mail is queued; its port is kept.
-    let hold = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay = hold.local_addr().unwrap();
-    drop(hold);
-    let dir = TempDir::new("outbound-kill").expect("temp dir");
-    let relay_s = relay.to_string();
-    let extra = [
-        "--relay-host",
-        relay_s.as_str(),
-        "--retry-initial",
-        "300ms",
-        "--retry-max",
-        "1s",
-    ];
-    let mut nodes = process::start_cluster_with(dir.path(), 3, SECRET, "info", &extra)
-        .await
-        .expect("cluster starts");
+/// A loopback address nothing listens on (yet): the remote server of a
+/// test that starts it later.
+async fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+}
+
+/// The flags of a cluster test's nodes: `relay` as the smarthost, quick
+/// retries.
+fn quick_queue(relay: &str) -> Vec<String> {
+    ["--relay-host", relay, "--retry-initial", "300ms", "--retry-max", "1s"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Waits for the cluster to converge, then makes alice and waits for her
+/// on every node.
+async fn with_alice(nodes: &[NodeProcess]) {
     let all: Vec<&NodeProcess> = nodes.iter().collect();
-    process::wait_converged(&all, 3, Duration::from_secs(60))
+    process::wait_converged(&all, nodes.len(), Duration::from_secs(60))
         .await
         .expect("converges");
     nodes[0].add_domain("example.org").await.unwrap();
     nodes[0].add_user("alice@example.org", PASSWORD, None).await.unwrap();
-    for n in &nodes {
+    for n in nodes {
         common::wait_for("the user on every node", Duration::from_secs(30), || async {
             n.admin(hyper::Method::GET, "/v1/users", None)
                 .await
@@ -429,6 +425,20 @@ async fn queued_mail_survives_a_kill_of_its_owner() {
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_mail_survives_a_kill_of_its_owner() {
+    let _slot = common::cluster_slot().await;
+    // The remote server is down while mail is queued; its port is kept.
+    let relay = free_addr().await;
+    let dir = TempDir::new("outbound-kill").expect("temp dir");
+    let extra = quick_queue(&relay.to_string());
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut nodes = process::start_cluster_with(dir.path(), 3, SECRET, "info", &extra)
+        .await
+        .expect("cluster starts");
+    with_alice(&nodes).await;
     const N: usize = 24;
     for i in 0..N {
         let to = format!("r{i}@remote.test");
@@ -701,44 +711,19 @@ async fn opportunistic_starttls_to_another_quill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_the_out_role_owns_no_queue_entries() {
     let _slot = common::cluster_slot().await;
-    let hold = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let relay = hold.local_addr().unwrap();
-    drop(hold);
+    let relay = free_addr().await;
     let dir = TempDir::new("outbound-roles").expect("temp dir");
-    let relay_s = relay.to_string();
-    let extra = [
-        "--relay-host",
-        relay_s.as_str(),
-        "--retry-initial",
-        "300ms",
-        "--retry-max",
-        "1s",
-    ];
-    let mut nodes = process::start_cluster_with(dir.path(), 2, SECRET, "info", &extra)
+    let extra = quick_queue(&relay.to_string());
+    let flags: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut nodes = process::start_cluster_with(dir.path(), 2, SECRET, "info", &flags)
         .await
         .expect("cluster starts");
     let mut o = process::NodeOptions::new(dir.path().join("n3"), quill_harness::fresh_loopback()).unwrap();
     o.seeds = vec![nodes[0].cluster_addr()];
     o.join_token = Some(nodes[0].join_token().unwrap());
-    o.extra_args = extra
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--role".into(), "in".into()])
-        .collect();
+    o.extra_args = extra.into_iter().chain(["--role".into(), "in".into()]).collect();
     nodes.push(NodeProcess::start(o).await.expect("the in-only node starts"));
-    let all: Vec<&NodeProcess> = nodes.iter().collect();
-    process::wait_converged(&all, 3, Duration::from_secs(60))
-        .await
-        .expect("converges");
-    nodes[0].add_domain("example.org").await.unwrap();
-    nodes[0].add_user("alice@example.org", PASSWORD, None).await.unwrap();
-    common::wait_for("the user on the in-only node", Duration::from_secs(30), || async {
-        nodes[2]
-            .admin(hyper::Method::GET, "/v1/users", None)
-            .await
-            .is_ok_and(|d| d.to_string().contains("alice@"))
-    })
-    .await;
+    with_alice(&nodes).await;
     const N: u64 = 12;
     for i in 0..N {
         let to = format!("r{i}@remote.test");

@@ -231,6 +231,25 @@ impl Membership {
         self.inner.raft.metrics().borrow().current_leader
     }
 
+    /// Whether this node has been in touch with a majority lately: as
+    /// leader, a quorum acknowledged it within `within`; as follower, it
+    /// knows a leader (a follower cut off from the leader stops knowing
+    /// one when its election timer fires). Work that must not run on two
+    /// nodes at once (an outbound queue shard) stops on a node that fails
+    /// this: a node on the minority side of a partition, or a deposed
+    /// leader that has not heard of it yet.
+    pub fn in_quorum(&self, within: std::time::Duration) -> bool {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        match m.current_leader {
+            Some(l) if l == self.inner.id => m
+                .millis_since_quorum_ack
+                .is_some_and(|ms| u128::from(ms) < within.as_millis()),
+            Some(_) => true,
+            None => false,
+        }
+    }
+
     /// The local view (as of the last applied entry).
     pub fn view(&self) -> Arc<ClusterView> {
         self.inner.view_rx.borrow().clone()

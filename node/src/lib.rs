@@ -64,6 +64,8 @@ pub use services::Limits;
 use services::{Services, bump};
 
 /// How long sessions get to finish after shutdown is asked for.
+/// How recently a queue owner must have been in touch with a majority.
+const OWNER_QUORUM_WITHIN: Duration = Duration::from_secs(3);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the log cleaner looks for a segment worth cleaning.
 const COMPACT_INTERVAL: Duration = Duration::from_secs(30);
@@ -322,7 +324,12 @@ pub async fn run(
     let services = Arc::new(services);
     let owner: outbound::Owner = {
         let (membership, me) = (cluster.membership.clone(), cluster.id());
-        Arc::new(move |shard: &str| outbound::owner_of(&membership.view(), shard) == Some(me))
+        // Fenced: a node out of touch with a majority (a partition's
+        // minority side) works no shard, while the majority's view gives
+        // its shards to others.
+        Arc::new(move |shard: &str| {
+            membership.in_quorum(OWNER_QUORUM_WITHIN) && outbound::owner_of(&membership.view(), shard) == Some(me)
+        })
     };
     let outbound = outbound::Outbound::new(services.clone(), config.outbound.clone(), owner)
         .context("cannot set up outbound delivery (DNS resolver)")?;

@@ -830,3 +830,88 @@ async fn a_delayed_message_is_announced_once() {
         "one warning only"
     );
 }
+
+/// A queue owner cut off from the majority (its cluster traffic dropped;
+/// it can still reach the remote server) stops working its shards, and
+/// the majority's new owners deliver them: every message once, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_owner_stops_and_nothing_is_sent_twice() {
+    if !testkit::available(process::Partition::available(), "iptables (as root) is not usable here") {
+        return;
+    }
+    let _slot = common::cluster_slot().await;
+    let relay = free_addr().await;
+    let dir = TempDir::new("outbound-partition").expect("temp dir");
+    let extra = quick_queue(&relay.to_string());
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let nodes = process::start_cluster_with(dir.path(), 3, SECRET, "info", &extra)
+        .await
+        .expect("cluster starts");
+    process::wait_voters(&nodes[0], 3, Duration::from_secs(30))
+        .await
+        .unwrap();
+    with_alice(&nodes).await;
+    const N: u64 = 24;
+    for i in 0..N {
+        let to = format!("p{i}@remote.test");
+        submit(&nodes[i as usize % 3], &[to.as_str()], &format!("p{i}"))
+            .await
+            .expect("queued");
+    }
+    let counts = || async {
+        let mut owned = Vec::new();
+        for n in &nodes {
+            owned.push(metric(n, "quill_queue_messages_owned").await.unwrap_or(0));
+        }
+        owned
+    };
+    common::wait_for("every queued message owned", Duration::from_secs(20), || async {
+        counts().await.iter().sum::<u64>() == N
+    })
+    .await;
+    let owned = counts().await;
+    let victim = (0..3).max_by_key(|k| owned[*k]).unwrap();
+    let mut cut = process::Partition::cut(nodes[victim].opts.ip).unwrap();
+    // The cut-off node notices it has no majority and lets its shards go;
+    // the others take them over.
+    common::wait_for("the cut-off owner letting go", Duration::from_secs(30), || async {
+        metric(&nodes[victim], "quill_queue_messages_owned").await == Some(0)
+    })
+    .await;
+    let others: Vec<usize> = (0..3).filter(|k| *k != victim).collect();
+    common::wait_for("the majority owning every message", Duration::from_secs(30), || async {
+        let mut sum = 0;
+        for k in &others {
+            sum += metric(&nodes[*k], "quill_queue_messages_owned").await.unwrap_or(0);
+        }
+        sum == N
+    })
+    .await;
+    let sink = Sink::start_on(TcpListener::bind(relay).await.unwrap(), 0);
+    common::wait_for("every message delivered", Duration::from_secs(60), || async {
+        sink.got().len() as u64 >= N
+    })
+    .await;
+    // A few more looks by every node: nothing comes twice.
+    let more = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < more {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut subjects: Vec<String> = sink
+        .got()
+        .iter()
+        .map(|g| {
+            g.data
+                .lines()
+                .find(|l| l.starts_with("Subject: "))
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    subjects.sort();
+    let all = subjects.len();
+    subjects.dedup();
+    assert_eq!(subjects.len() as u64, N, "every message arrived");
+    assert_eq!(all as u64, N, "a message was sent twice");
+    cut.heal();
+}

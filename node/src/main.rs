@@ -159,7 +159,7 @@ struct NodeArgs {
     /// looking up the recipients' MX records.
     #[arg(long, value_name = "HOST:PORT")]
     relay_host: Option<String>,
-    /// The DNS server for MX lookups (HOST:PORT, an IP address); default:
+    /// The DNS server for MX lookups (an IP address and port); default:
     /// the system's (/etc/resolv.conf).
     #[arg(long, value_name = "IP:PORT")]
     dns: Option<SocketAddr>,
@@ -170,6 +170,7 @@ struct NodeArgs {
     /// tried again; it doubles each time up to --retry-max.
     #[arg(long, default_value = "1m", value_parser = parse_duration_arg)]
     retry_initial: Duration,
+    /// The longest wait between two tries of an outbound delivery.
     #[arg(long, default_value = "1h", value_parser = parse_duration_arg)]
     retry_max: Duration,
     /// How long a message stays in the outbound queue before it bounces

@@ -863,7 +863,7 @@ pub fn node_stats(store: &replication::FragmentStore, replica: Option<&dyn Repli
         repair_pending,
         repairs_copied,
         queued: (0..crate::queue::SHARDS)
-            .map(|k| store.list(&crate::queue::shard_mailbox(k)).len() as u64)
+            .map(|k| store.size(&crate::queue::shard_mailbox(k)).0)
             .sum(),
     }
 }

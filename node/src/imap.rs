@@ -1009,19 +1009,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // The hierarchy delimiter and root.
             let mailbox = Mailbox::try_from("").unwrap_or(Mailbox::Inbox);
             let items = vec![FlagNameAttribute::Noselect];
-            self.server.enqueue_data(if lsub {
-                Data::Lsub {
-                    items,
-                    delimiter,
-                    mailbox,
-                }
-            } else {
-                Data::List {
-                    items,
-                    delimiter,
-                    mailbox,
-                }
-            });
+            self.server.enqueue_data(list_data(lsub, items, delimiter, mailbox));
             return ok(tag, None, done);
         }
         let full = format!("{reference}{pattern}");
@@ -1051,19 +1039,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let Ok(mailbox) = Mailbox::try_from(l.name) else {
                 continue;
             };
-            self.server.enqueue_data(if lsub {
-                Data::Lsub {
-                    items,
-                    delimiter,
-                    mailbox,
-                }
-            } else {
-                Data::List {
-                    items,
-                    delimiter,
-                    mailbox,
-                }
-            });
+            self.server.enqueue_data(list_data(lsub, items, delimiter, mailbox));
             shown += 1;
         }
         // Subscriptions to folders that do not exist (any more).
@@ -1075,11 +1051,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let Ok(mailbox) = Mailbox::try_from(name.clone()) else {
                     continue;
                 };
-                self.server.enqueue_data(Data::Lsub {
-                    items: vec![FlagNameAttribute::Noselect],
-                    delimiter,
-                    mailbox,
-                });
+                self.server
+                    .enqueue_data(list_data(true, vec![FlagNameAttribute::Noselect], delimiter, mailbox));
                 shown += 1;
             }
         }
@@ -1286,8 +1259,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if bytes.len() > self.services.limits.message_bytes_max {
             return no(tag, Some(Code::TooBig), "message larger than the size limit");
         }
-        if flags.len() > FLAGS_PER_COMMAND_MAX {
-            return no(tag, Some(Code::Other(code_other("LIMIT"))), "too many flags");
+        if flags.len() > FLAGS_PER_COMMAND_MAX
+            || flags
+                .iter()
+                .any(|f| name_of_flag(f).len() > replication::marks::FLAG_BYTES_MAX)
+        {
+            return no(
+                tag,
+                Some(Code::Other(code_other("LIMIT"))),
+                "too many flags, or a flag name over 64 bytes",
+            );
         }
         let now = crate::time::now_ms();
         let arrival = arrival.unwrap_or(now);
@@ -1391,6 +1372,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 let silent = response == imap_next::imap_types::flag::StoreResponse::Silent;
                 let names: Vec<String> = flags.iter().map(name_of_flag).collect();
+                if names.iter().any(|n| n.len() > replication::marks::FLAG_BYTES_MAX) {
+                    return no(
+                        tag,
+                        Some(Code::Other(code_other("LIMIT"))),
+                        "a flag name is too long (at most 64 bytes)",
+                    );
+                }
                 let largest = largest(sel, uid);
                 let hlc = self.services.mail.hlc_now();
                 let mut changes: Vec<(usize, Listed, MarkChange)> = Vec::new();
@@ -1399,8 +1387,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if !set_contains(&sequence_set, key, largest) {
                         continue;
                     }
+                    // Keywords are case-insensitive: a change goes to the
+                    // register the message already has under another case.
                     let mark = |name: &str, set| FlagMark {
-                        name: name.to_owned(),
+                        name: m
+                            .listed
+                            .meta
+                            .marks
+                            .flags
+                            .iter()
+                            .find(|f| f.name.eq_ignore_ascii_case(name))
+                            .map_or_else(|| name.to_owned(), |f| f.name.clone()),
                         set,
                         hlc,
                     };
@@ -1927,6 +1924,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             });
         }
         ok(tag, None, "FETCH completed")
+    }
+}
+
+/// One LIST or LSUB answer.
+fn list_data(
+    lsub: bool,
+    items: Vec<FlagNameAttribute<'static>>,
+    delimiter: Option<QuotedChar>,
+    mailbox: Mailbox<'static>,
+) -> Data<'static> {
+    if lsub {
+        Data::Lsub {
+            items,
+            delimiter,
+            mailbox,
+        }
+    } else {
+        Data::List {
+            items,
+            delimiter,
+            mailbox,
+        }
     }
 }
 

@@ -270,10 +270,9 @@ impl Outbound {
     fn count_held(&self) {
         let (mut n, mut bytes) = (0u64, 0u64);
         for k in 0..queue::SHARDS {
-            for e in self.services.store.list(&queue::shard_mailbox(k)) {
-                n += 1;
-                bytes += e.size_bytes;
-            }
+            let (entries, b) = self.services.store.size(&queue::shard_mailbox(k));
+            n += entries;
+            bytes += b;
         }
         self.gauge().held_messages.store(n, Ordering::Relaxed);
         self.gauge().held_bytes.store(bytes, Ordering::Relaxed);
@@ -286,6 +285,7 @@ impl Outbound {
         let mut backlog = false;
         self.prune_pool();
         let (mut owned, mut oldest) = (0u64, 0u64);
+        let mut seen: HashSet<MessageId> = HashSet::new();
         for k in 0..queue::SHARDS {
             let shard = queue::shard_mailbox(k);
             if !(self.owner)(&shard) {
@@ -295,12 +295,13 @@ impl Outbound {
                 owned += 1;
                 oldest = oldest.max(now.saturating_sub(entry.meta.arrival_ms));
                 let id = entry.meta.id;
+                seen.insert(id);
                 if entry.meta.marks.has("held") {
                     continue;
                 }
-                {
-                    let mut st = self.state();
-                    let retry = st.retry.get(&id).cloned().unwrap_or_default();
+                let due = {
+                    let st = self.state();
+                    let (next_ms, last_try_ms) = st.retry.get(&id).map_or((0, 0), |r| (r.next_ms, r.last_try_ms));
                     // `quill admin queue retry` stamps a flag: newer than the
                     // last try, it makes the entry due now.
                     let forced = entry
@@ -308,18 +309,22 @@ impl Outbound {
                         .marks
                         .flags
                         .iter()
-                        .any(|f| f.name == "retry" && f.set && replication::hlc::to_ms(f.hlc) > retry.last_try_ms);
-                    if (retry.next_ms > now && !forced) || !st.busy.insert(id) {
-                        continue;
-                    }
-                    st.retry.entry(id).or_default().last_try_ms = now;
+                        .any(|f| f.name == "retry" && f.set && replication::hlc::to_ms(f.hlc) > last_try_ms);
+                    (next_ms <= now || forced) && !st.busy.contains(&id)
+                };
+                if !due {
+                    continue;
                 }
                 let Ok(permit) = self.work.clone().try_acquire_owned() else {
                     // Enough in flight: the rest waits for a later look.
-                    self.state().busy.remove(&id);
                     backlog = true;
                     continue;
                 };
+                {
+                    let mut st = self.state();
+                    st.busy.insert(id);
+                    st.retry.entry(id).or_default().last_try_ms = now;
+                }
                 let me = self.clone();
                 let shard = shard.clone();
                 tokio::spawn(async move {
@@ -333,11 +338,12 @@ impl Outbound {
         self.gauge().owned_messages.store(owned, Ordering::Relaxed);
         self.gauge().oldest_ms.store(oldest, Ordering::Relaxed);
         let slow = {
-            let st = self.state();
-            st.trouble
-                .values()
-                .filter(|(n, at)| *n >= SLOW_AFTER && now.saturating_sub(*at) < SLOW_FOR.as_millis() as u64)
-                .count()
+            let mut st = self.state();
+            // Retry state of entries no longer here (done through another
+            // owner, removed, or in a shard this node gave up) goes.
+            let State { retry, busy, .. } = &mut *st;
+            retry.retain(|id, _| seen.contains(id) || busy.contains(id));
+            st.trouble.values().filter(|t| is_slow(t, now)).count()
         };
         self.gauge().slow_domains.store(slow as u64, Ordering::Relaxed);
         backlog
@@ -600,10 +606,7 @@ impl Outbound {
         let now = crate::time::now_ms();
         let (slow, domain_sem) = {
             let mut st = self.state();
-            let slow = st
-                .trouble
-                .get(domain)
-                .is_some_and(|(n, at)| *n >= SLOW_AFTER && now.saturating_sub(*at) < SLOW_FOR.as_millis() as u64);
+            let slow = st.trouble.get(domain).is_some_and(|t| is_slow(t, now));
             let per = if slow { 1 } else { self.cfg.per_domain.max(1) };
             let sem = st
                 .domains
@@ -918,6 +921,12 @@ impl Outbound {
     }
 }
 
+/// Whether a domain's trouble record `(failed tries in a row, when the
+/// last was)` puts it in the slow lane at `now_ms`.
+fn is_slow(&(n, at): &(u32, u64), now_ms: u64) -> bool {
+    n >= SLOW_AFTER && now_ms.saturating_sub(at) < SLOW_FOR.as_millis() as u64
+}
+
 enum Target {
     Permanent(String),
     Temporary(String),
@@ -930,11 +939,18 @@ fn no_records(e: &hickory_resolver::net::NetError) -> bool {
     )
 }
 
+/// A remote reply as one line, at most 400 characters (a hostile server's
+/// reply is kept in memory for the DSN).
 fn one_line(s: &str) -> String {
-    s.split(['\r', '\n'])
+    let mut line = s
+        .split(['\r', '\n'])
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    if let Some((cut, _)) = line.char_indices().nth(400) {
+        line.truncate(cut);
+    }
+    line
 }
 
 /// Opportunistic TLS: encryption against passive listeners, with no

@@ -95,6 +95,7 @@ async fn replies_to_every_command() {
         (0..33).map(|i| format!("k{i}")).collect::<Vec<_>>().join(" ")
     );
     let long_name = format!("CREATE {}", "x".repeat(256));
+    let long_flag = format!("STORE 1 +FLAGS (k{})", "x".repeat(64));
     let deep_name = format!("CREATE {}", vec!["d"; 17].join("/"));
     let table: &[(&str, &str, &[&str])] = &[
         (
@@ -226,6 +227,10 @@ async fn replies_to_every_command() {
         ("SEARCH UNKEYWORD $Work", "OK", &["* SEARCH 2"]),
         ("STORE 1 FLAGS (\\Flagged)", "OK", &["* 1 FETCH (FLAGS (\\Flagged))"]),
         ("STORE 1 -FLAGS (\\Flagged)", "OK", &["* 1 FETCH (FLAGS ())"]),
+        ("STORE 1 +FLAGS ($Case)", "OK", &["* 1 FETCH (FLAGS ($Case))"]),
+        ("STORE 1 -FLAGS ($CASE)", "OK", &["* 1 FETCH (FLAGS ())"]),
+        ("SEARCH KEYWORD $case", "OK", &["* SEARCH"]),
+        (&long_flag, "NO [LIMIT]", &[]),
         ("FETCH 2 (BODY[TEXT])", "OK", &["FLAGS (\\Seen)"]),
         ("SEARCH UNSEEN", "OK", &["* SEARCH 1"]),
         (&many_flags, "NO [LIMIT]", &[]),

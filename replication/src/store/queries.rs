@@ -206,6 +206,16 @@ impl FragmentStore {
         self.shared.index().mailboxes.get(user).map_or(0, |m| m.usage_bytes)
     }
 
+    /// Entries and bytes of the user's mailbox held here, without listing
+    /// it.
+    pub fn size(&self, user: &str) -> (u64, u64) {
+        self.shared
+            .index()
+            .mailboxes
+            .get(user)
+            .map_or((0, 0), |m| (m.entries.len() as u64, m.usage_bytes))
+    }
+
     /// Reads a body back and checks it against its hash.
     pub async fn read_body(&self, hash: BodyHash) -> Result<Vec<u8>, StoreError> {
         let (file, offset, len) = {

@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| quill_node::fuzz::smtp(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| quill_proto::fuzz::smtp(data));

@@ -114,7 +114,10 @@ impl ClusterState {
     /// Written whole or not at all, and private: it holds the admin token
     /// and the users' password.
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        quill_node::wire::write_private(&Self::path(dir), &serde_json::to_vec_pretty(self)?)
+        Ok(quill_node::files::write_private(
+            &Self::path(dir),
+            &serde_json::to_vec_pretty(self)?,
+        )?)
     }
 
     pub fn ip(&self, k: u8) -> Ipv4Addr {

@@ -452,7 +452,7 @@ impl Run {
             for t in targets {
                 let r = tokio::time::timeout(
                     Duration::from_millis(800),
-                    quill_node::admin_client::call(
+                    quill_node::admin::client::call(
                         &t.admin.to_string(),
                         &token,
                         hyper::Method::GET,
@@ -518,7 +518,7 @@ pub async fn ensure_users(admin: SocketAddr, token: &str, users: u32, password: 
     let addr = admin.to_string();
     let call = |m, path: String, body| {
         let addr = addr.clone();
-        async move { quill_node::admin_client::call(&addr, token, m, &path, body).await }
+        async move { quill_node::admin::client::call(&addr, token, m, &path, body).await }
     };
     let (_, existing) = call(hyper::Method::GET, "/v1/users".into(), None).await?;
     let have: HashSet<String> = existing

@@ -406,7 +406,7 @@ impl NodeProcess {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        quill_node::admin_client::call(
+        quill_node::admin::client::call(
             &self.admin_addr().to_string(),
             &self.opts.admin_token,
             method,
@@ -510,7 +510,7 @@ pub async fn converged(live: &[&NodeProcess], up: usize) -> Option<(u64, u64)> {
     for n in live {
         let (addr, token) = (n.admin_addr().to_string(), n.opts.admin_token.clone());
         asks.push(tokio::spawn(async move {
-            quill_node::admin_client::call(&addr, &token, Method::GET, "/v1/cluster/status", None).await
+            quill_node::admin::client::call(&addr, &token, Method::GET, "/v1/cluster/status", None).await
         }));
     }
     for a in asks {

@@ -1,6 +1,7 @@
 //! How the protocol sessions reach mail: a trait over the replica protocol,
 //! so that a session runs the same against the cluster (QUIC) and against
-//! an in-memory network in tests, with no socket but the client's.
+//! an in-memory network in tests, with no socket but the client's. Below
+//! the protocols and the services: it uses replication only.
 
 use std::time::Duration;
 
@@ -9,7 +10,8 @@ use replication::replica::{
 };
 use replication::{MarkChange, MessageId};
 
-/// What SMTP, LMTP and POP3 (and IMAP next) ask of the mail system.
+/// What SMTP, LMTP, POP3, IMAP and the outbound queue ask of the mail
+/// system.
 pub trait Mail: Send + Sync + 'static {
     /// A new message id (ordered by arrival).
     fn new_message_id(&self, arrival_ms: u64) -> MessageId;
@@ -50,6 +52,37 @@ pub trait Mail: Send + Sync + 'static {
     /// `None` when no counter's manager answered.
     fn throttle<'a>(&'a self, keys: &'a [(String, u32)], window: Duration, failed: bool)
     -> BoxFuture<'a, Option<bool>>;
+}
+
+/// One message stored for one mailbox: its id and the nodes that hold it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub id: MessageId,
+    pub copies: Vec<NodeId>,
+}
+
+/// Stores one new message for one mailbox (R copies, fsynced) under a new
+/// id; `None` when no copy could be stored.
+pub async fn store_one(mail: &dyn Mail, mailbox: &str, folder: &str, arrival_ms: u64, body: Vec<u8>) -> Option<Stored> {
+    store_as(mail, mail.new_message_id(arrival_ms), mailbox, folder, arrival_ms, body).await
+}
+
+/// [`store_one`] under the id given.
+pub async fn store_as(
+    mail: &dyn Mail,
+    id: MessageId,
+    mailbox: &str,
+    folder: &str,
+    arrival_ms: u64,
+    body: Vec<u8>,
+) -> Option<Stored> {
+    let out = mail
+        .deliver_as(id, std::slice::from_ref(&mailbox.to_owned()), folder, arrival_ms, body)
+        .await;
+    out.stored.first().copied().unwrap_or(false).then(|| Stored {
+        id,
+        copies: out.copies.into_iter().next().unwrap_or_default(),
+    })
 }
 
 impl<N: Network> Mail for Replicator<N> {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use hyper::Method;
-use quill_node::admin_client::{call, path_segment};
+use quill_node::admin::cli::AdminArgs;
+use quill_node::units::{parse_duration_arg, parse_size_arg};
 use quill_node::{Limits, NodeConfig};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
@@ -88,7 +88,7 @@ struct NodeArgs {
     /// Where passwords (POP3 USER/PASS, AUTH) may be sent without TLS:
     /// loopback (only from loopback clients), never, or always.
     #[arg(long, value_enum, default_value = "loopback")]
-    plaintext_auth: quill_node::services::PlaintextAuth,
+    plaintext_auth: quill_node::net::PlaintextAuth,
     /// Admin HTTP API address.
     #[arg(long)]
     admin: Option<SocketAddr>,
@@ -212,255 +212,12 @@ struct NodeArgs {
     log: String,
 }
 
-#[derive(Args)]
-struct AdminArgs {
-    /// Admin API address of any node (its --admin), host:port.
-    #[arg(long)]
-    node: String,
-    /// Admin token.
-    #[arg(long, env = "QUILL_ADMIN_TOKEN")]
-    token: String,
-    #[command(subcommand)]
-    command: AdminCmd,
-}
-
-#[derive(Subcommand)]
-enum AdminCmd {
-    /// Mail domains this service accepts.
-    #[command(subcommand)]
-    Domain(DomainCmd),
-    /// Mailbox users.
-    #[command(subcommand)]
-    User(UserCmd),
-    /// The cluster as this node sees it.
-    #[command(subcommand)]
-    Cluster(ClusterCmd),
-    /// Cluster nodes, by id or name.
-    #[command(subcommand)]
-    Node(NodeCmd),
-    /// Client TLS certificates stored cluster-wide: every node serves them
-    /// (before its own --tls-cert files), renewed without a restart.
-    #[command(subcommand)]
-    Tls(TlsCmd),
-    /// The outbound queue, cluster-wide (any node answers for all).
-    #[command(subcommand)]
-    Queue(QueueCmd),
-    /// Set the log filter at once, without a restart (e.g. debug,
-    /// quill_node=trace,info): on the addressed node only, or with --all on
-    /// every node that is up.
-    LogLevel {
-        /// A tracing EnvFilter, e.g. `debug` or `info,quill_node=trace`.
-        level: String,
-        /// Every node that is not down, not only the addressed one.
-        #[arg(long)]
-        all: bool,
-    },
-}
-
-#[derive(Subcommand)]
-enum TlsCmd {
-    /// Store a certificate chain and its key (PEM files); checked first: a
-    /// key that does not match, an expired or unparsable certificate is
-    /// refused with the reason.
-    Set {
-        #[arg(long, value_name = "PEM")]
-        cert: PathBuf,
-        #[arg(long, value_name = "PEM")]
-        key: PathBuf,
-        /// The name it is stored under (replacing one of the same name);
-        /// `default` is served to clients whose SNI matches no certificate.
-        #[arg(long, default_value = "default")]
-        name: String,
-    },
-    /// The certificates this node serves: cluster-wide, then its own.
-    List,
-    /// Stop serving a cluster-wide certificate.
-    Remove { name: String },
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Role {
     In,
     Out,
     Both,
 }
-
-#[derive(Subcommand)]
-enum QueueCmd {
-    /// Every queued message: id, age, sender, recipients and their state.
-    List,
-    /// One queued message: its envelope, recipients and header.
-    Show {
-        id: String,
-    },
-    /// Try it again now (at its owner's next look, within a second).
-    Retry {
-        id: String,
-    },
-    /// Take it out of the queue without a bounce.
-    Remove {
-        id: String,
-    },
-    /// Keep it queued but do not try it until released.
-    Hold {
-        id: String,
-    },
-    Release {
-        id: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum NodeCmd {
-    /// Mark a node draining: placement stops choosing it.
-    Drain { node: String },
-    /// Take a node out of the cluster for good.
-    Remove { node: String },
-}
-
-#[derive(Subcommand)]
-enum DomainCmd {
-    /// Accept mail for a domain.
-    Add { domain: String },
-    /// List the domains.
-    List,
-    /// Stop accepting mail for a domain (refused while it has users).
-    Remove { domain: String },
-}
-
-/// Where a password comes from: `--password` (visible to `ps`),
-/// `--password-file FILE` (`-` for standard input), else a prompt on a
-/// terminal, else one line of standard input.
-#[derive(Args)]
-struct PasswordArgs {
-    /// The password itself (other users of this machine can see it in `ps`;
-    /// prefer --password-file or the prompt).
-    #[arg(long, conflicts_with = "password_file")]
-    password: Option<String>,
-    /// Read the password from the first line of FILE (`-`: standard input).
-    #[arg(long, value_name = "FILE")]
-    password_file: Option<PathBuf>,
-}
-
-#[derive(Subcommand)]
-enum UserCmd {
-    /// Create a mailbox user.
-    Add {
-        address: String,
-        #[command(flatten)]
-        password: PasswordArgs,
-        /// Mailbox quota: bytes, or with a unit: KB, MB, GB (powers of
-        /// 1000), K/KiB, M/MiB, G/GiB (powers of 1024); none by default.
-        #[arg(long)]
-        quota: Option<String>,
-    },
-    /// List the users and their quotas.
-    List,
-    /// Remove a user. Refused while the mailbox holds mail, unless --purge.
-    Remove {
-        address: String,
-        /// Delete the user's mail on every replica too.
-        #[arg(long)]
-        purge: bool,
-    },
-    /// Set a new password.
-    Passwd {
-        address: String,
-        #[command(flatten)]
-        password: PasswordArgs,
-    },
-}
-
-#[derive(Subcommand)]
-enum ClusterCmd {
-    /// Epoch, leader, nodes with their state and counts, under-replicated mail.
-    Status {
-        /// Print the JSON object as is.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// A size to bytes: `123`, `10KB`/`10MB`/`10GB`/`1TB` (powers of 1000),
-/// `10K`/`10KiB`, `500M`/`500MiB`, `2G`/`2GiB`, `1T`/`1TiB` (powers of 1024);
-/// units in any case, a space before them allowed.
-fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        other => bail!("not a size: {s:?} (unknown unit {other:?}; use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("not a size: {s:?} (a whole number, then an optional unit such as MB or MiB)"))?;
-    n.checked_mul(mult).with_context(|| format!("size too large: {s:?}"))
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
-/// A duration: a number and a unit, ms, s, m or h (`30s`, `500ms`, `5m`).
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number and a unit (ms, s, m, h)"))?;
-    let ms = match unit.trim() {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1_000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
-    };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is too long"))
-}
-
-/// The password of a `user add` or `user passwd`, from wherever it was given.
-fn read_password(p: &PasswordArgs) -> anyhow::Result<String> {
-    use std::io::{BufRead, IsTerminal};
-    let first_line = |r: &mut dyn BufRead| -> anyhow::Result<String> {
-        let mut line = String::new();
-        r.read_line(&mut line)?;
-        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
-    };
-    let pw = if let Some(pw) = &p.password {
-        pw.clone()
-    } else if let Some(f) = &p.password_file {
-        if f.as_os_str() == "-" {
-            first_line(&mut std::io::stdin().lock())?
-        } else {
-            let file = std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
-            first_line(&mut std::io::BufReader::new(file))?
-        }
-    } else if std::io::stdin().is_terminal() {
-        let pw = rpassword::prompt_password("Password: ")?;
-        if rpassword::prompt_password("Again: ")? != pw {
-            bail!("the two passwords differ");
-        }
-        pw
-    } else {
-        first_line(&mut std::io::stdin().lock())?
-    };
-    if pw.is_empty() {
-        bail!("empty password");
-    }
-    Ok(pw)
-}
-
 /// glibc raises its mmap threshold to the size of each large block freed
 /// (up to 32 MiB), after which argon2's 19 MiB working memory (one per
 /// concurrent login) comes from per-thread arenas that keep it: a node grew
@@ -491,7 +248,7 @@ fn main() -> std::process::ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|rt| match cli.command {
             Cmd::Node(args) => rt.block_on(node(*args)),
-            Cmd::Admin(args) => rt.block_on(admin(args)),
+            Cmd::Admin(args) => rt.block_on(quill_node::admin::cli::run(args)),
         });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -581,7 +338,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             relay_host: a.relay_host,
             dns: a.dns,
             mx_port: a.mx_port,
-            schedule: quill_node::queue::Schedule {
+            schedule: quill_proto::queue::Schedule {
                 initial_ms: a.retry_initial.as_millis() as u64,
                 max_ms: a.retry_max.as_millis() as u64,
                 lifetime_ms: a.queue_lifetime.as_millis() as u64,
@@ -605,206 +362,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-async fn admin(a: AdminArgs) -> anyhow::Result<()> {
-    let (method, path, body) = match &a.command {
-        AdminCmd::Domain(DomainCmd::Add { domain }) => (
-            Method::POST,
-            "/v1/domains".to_owned(),
-            Some(serde_json::json!({ "domain": domain })),
-        ),
-        AdminCmd::Domain(DomainCmd::List) => (Method::GET, "/v1/domains".to_owned(), None),
-        AdminCmd::Domain(DomainCmd::Remove { domain }) => {
-            (Method::DELETE, format!("/v1/domains/{}", path_segment(domain)), None)
-        }
-        AdminCmd::User(UserCmd::Add {
-            address,
-            password,
-            quota,
-        }) => {
-            let quota_bytes = quota.as_deref().map(parse_size).transpose().context("--quota")?;
-            let password = read_password(password)?;
-            let body = serde_json::json!({ "address": address, "password": password, "quota_bytes": quota_bytes });
-            (Method::POST, "/v1/users".to_owned(), Some(body))
-        }
-        AdminCmd::User(UserCmd::List) => (Method::GET, "/v1/users".to_owned(), None),
-        AdminCmd::User(UserCmd::Remove { address, purge }) => {
-            let query = if *purge { "?purge=true" } else { "" };
-            (
-                Method::DELETE,
-                format!("/v1/users/{}{query}", path_segment(address)),
-                None,
-            )
-        }
-        AdminCmd::User(UserCmd::Passwd { address, password }) => (
-            Method::PUT,
-            format!("/v1/users/{}/password", path_segment(address)),
-            Some(serde_json::json!({ "password": read_password(password)? })),
-        ),
-        AdminCmd::Cluster(ClusterCmd::Status { .. }) => (Method::GET, "/v1/cluster/status".to_owned(), None),
-        AdminCmd::Node(NodeCmd::Drain { node }) => {
-            (Method::POST, format!("/v1/nodes/{}/drain", path_segment(node)), None)
-        }
-        AdminCmd::Node(NodeCmd::Remove { node }) => (Method::DELETE, format!("/v1/nodes/{}", path_segment(node)), None),
-        AdminCmd::Tls(TlsCmd::Set { cert, key, name }) => {
-            let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
-            let body = serde_json::json!({ "cert_pem": read(cert)?, "key_pem": read(key)? });
-            (Method::PUT, format!("/v1/tls/{}", path_segment(name)), Some(body))
-        }
-        AdminCmd::Tls(TlsCmd::List) => (Method::GET, "/v1/tls".to_owned(), None),
-        AdminCmd::Queue(QueueCmd::List) => (Method::GET, "/v1/queue".to_owned(), None),
-        AdminCmd::Queue(QueueCmd::Show { id }) => (Method::GET, format!("/v1/queue/{}", path_segment(id)), None),
-        AdminCmd::Queue(QueueCmd::Remove { id }) => (Method::DELETE, format!("/v1/queue/{}", path_segment(id)), None),
-        AdminCmd::Queue(QueueCmd::Retry { id }) => {
-            (Method::POST, format!("/v1/queue/{}/retry", path_segment(id)), None)
-        }
-        AdminCmd::Queue(QueueCmd::Hold { id }) => (Method::POST, format!("/v1/queue/{}/hold", path_segment(id)), None),
-        AdminCmd::Queue(QueueCmd::Release { id }) => {
-            (Method::POST, format!("/v1/queue/{}/release", path_segment(id)), None)
-        }
-        AdminCmd::Tls(TlsCmd::Remove { name }) => (Method::DELETE, format!("/v1/tls/{}", path_segment(name)), None),
-        AdminCmd::LogLevel { level, all } => (
-            Method::PUT,
-            "/v1/log-level".to_owned(),
-            Some(serde_json::json!({ "level": level, "all": all })),
-        ),
-    };
-    let (status, reply) = call(&a.node, &a.token, method, &path, body).await?;
-    if !(200..300).contains(&status) {
-        let msg = reply
-            .get("error")
-            .and_then(|e| e.as_str())
-            .map(str::to_owned)
-            .unwrap_or_else(|| reply.to_string());
-        bail!("{msg} (HTTP {status})");
-    }
-    match &a.command {
-        AdminCmd::Domain(DomainCmd::List) => {
-            for d in reply.as_array().into_iter().flatten() {
-                println!("{}", d.as_str().unwrap_or_default());
-            }
-        }
-        AdminCmd::User(UserCmd::List) => {
-            for u in reply.as_array().into_iter().flatten() {
-                let quota = u["quota_bytes"]
-                    .as_u64()
-                    .map(|q| format!("quota {q} bytes"))
-                    .unwrap_or_default();
-                println!("{} {quota}", u["address"].as_str().unwrap_or_default());
-            }
-        }
-        AdminCmd::Cluster(ClusterCmd::Status { json: true }) => println!("{reply}"),
-        AdminCmd::Queue(QueueCmd::List) => {
-            let entries = reply["entries"].as_array().cloned().unwrap_or_default();
-            for e in &entries {
-                let rcpts: Vec<String> = e["rcpts"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| {
-                        format!(
-                            "{}={}",
-                            r["address"].as_str().unwrap_or("?"),
-                            r["state"].as_str().unwrap_or("?")
-                        )
-                    })
-                    .collect();
-                println!(
-                    "{} age={}s size={} from=<{}> {}{}",
-                    e["id"].as_str().unwrap_or("?"),
-                    e["age_s"],
-                    e["size"],
-                    e["from"].as_str().unwrap_or(""),
-                    rcpts.join(" "),
-                    if e["held"] == true { " HELD" } else { "" }
-                );
-            }
-            println!("{} queued", entries.len());
-        }
-        AdminCmd::Queue(QueueCmd::Show { .. }) => println!("{}", serde_json::to_string_pretty(&reply)?),
-        AdminCmd::Tls(TlsCmd::List) => {
-            for (source, list) in [("cluster", &reply["cluster"]), ("local", &reply["local"])] {
-                for c in list.as_array().into_iter().flatten() {
-                    println!(
-                        "{source} {} names={} not_after={} fingerprint={}",
-                        c["name"].as_str().unwrap_or("-"),
-                        c["names"],
-                        c["not_after"],
-                        c["fingerprint"].as_str().unwrap_or_default()
-                    );
-                }
-            }
-        }
-        AdminCmd::User(UserCmd::Remove { purge: true, .. }) => {
-            println!("ok ({} message(s) purged)", reply["purged"]);
-        }
-        AdminCmd::LogLevel { .. } => {
-            let nodes = reply["nodes"].as_object().cloned().unwrap_or_default();
-            for (name, said) in &nodes {
-                println!("{name}: {}", said.as_str().unwrap_or_default());
-            }
-            if reply["scope"] == "this node" {
-                println!("(this node only; --all sets it on every node that is up)");
-            }
-            if reply["ok"] != true {
-                bail!("the log level was not set on every node");
-            }
-        }
-        AdminCmd::Cluster(ClusterCmd::Status { json: false }) => {
-            println!(
-                "epoch {}  leader {}  self {}  under-replicated {}",
-                reply["epoch"], reply["leader"], reply["self"], reply["under_replicated"]
-            );
-            for n in reply["nodes"].as_array().into_iter().flatten() {
-                let activity = match n["activity"].as_str().unwrap_or_default() {
-                    "repairing" => format!("repairing({} left)", n["repair_pending"]),
-                    other => other.to_owned(),
-                };
-                println!(
-                    "  node {} {:<16} {:<9} voter={} messages={} bytes={} {activity} smtp={} pop3={} admin={}",
-                    n["id"],
-                    n["name"].as_str().unwrap_or_default(),
-                    n["state"].as_str().unwrap_or_default(),
-                    n["voter"],
-                    n["messages"],
-                    n["bytes"],
-                    n["addrs"]["smtp"].as_str().unwrap_or("-"),
-                    n["addrs"]["pop3"].as_str().unwrap_or("-"),
-                    n["addrs"]["admin"].as_str().unwrap_or("-"),
-                );
-            }
-        }
-        _ => println!("ok"),
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes() {
-        use super::parse_size;
-        for (s, want) in [
-            ("123", 123),
-            ("10K", 10240),
-            ("2g", 2 << 30),
-            ("10MB", 10_000_000),
-            ("10 MB", 10_000_000),
-            ("10mb", 10_000_000),
-            ("10MiB", 10 << 20),
-            ("1GB", 1_000_000_000),
-            ("1GiB", 1 << 30),
-            ("5KB", 5_000),
-            ("5KiB", 5 << 10),
-            ("7B", 7),
-        ] {
-            assert_eq!(parse_size(s).unwrap(), want, "{s}");
-        }
-        for bad in ["x", "", "MB", "10XB", "1.5G", "-1", "99999999999T"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-        assert!(parse_size("10XB").unwrap_err().to_string().contains("unknown unit"));
     }
 }

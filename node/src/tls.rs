@@ -27,14 +27,6 @@ use tracing::{info, warn};
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Largest PEM file read (a long chain with an RSA-4096 key fits easily).
 pub const PEM_BYTES_MAX: usize = 64 * 1024;
-/// A TLS handshake must finish within this (or the session idle timeout,
-/// if shorter: a client silent that long is gone either way).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The deadline of one handshake under these limits.
-pub fn handshake_deadline(limits: &crate::services::Limits) -> Duration {
-    HANDSHAKE_TIMEOUT.min(limits.idle_timeout)
-}
 
 /// One certificate pair, checked.
 #[derive(Debug, Clone)]
@@ -87,7 +79,7 @@ pub fn check_pair(cert_pem: &[u8], key_pem: &[u8], now: i64) -> anyhow::Result<P
     {
         names.push(cn.to_ascii_lowercase());
     }
-    let fingerprint = crate::hex(&blake3::hash(leaf).as_bytes()[..16]);
+    let fingerprint = crate::files::hex(&blake3::hash(leaf).as_bytes()[..16]);
     let provider = rustls::crypto::ring::default_provider();
     let key = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => anyhow!("the private key does not match the certificate"),
@@ -246,8 +238,8 @@ fn self_signed(data_dir: &Path, hostname: &str, ips: &[std::net::IpAddr]) -> any
     params.not_after = rcgen::date_time_ymd(2036, 1, 1);
     let key = rcgen::KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
-    crate::wire::write_private(&key_path, key.serialize_pem().as_bytes())?;
-    crate::wire::write_private(&cert_path, cert.pem().as_bytes())?;
+    crate::files::write_private(&key_path, key.serialize_pem().as_bytes())?;
+    crate::files::write_private(&cert_path, cert.pem().as_bytes())?;
     check_pair(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), now_secs())
 }
 

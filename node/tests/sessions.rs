@@ -2,119 +2,16 @@
 //! network: no sockets, no processes, only the sessions' own byte streams
 //! (`tokio::io::duplex`). What a client sees is the same as over TCP.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use membership::{Directory, DirectoryCommand, LocalDirectory};
-use placement::{NodeId, NodeInfo, NodeState, View};
-use quill_node::mail::Mail;
-use quill_node::services::Services;
+use common::{Client, cluster, peer, services, services_with};
 use quill_node::{Limits, pop3, smtp};
-use replication::mem_net::{MemNet, MemRouter, Serve};
-use replication::replica::{ReplicaConfig, Replicator};
-use replication::{FragmentStore, StoreConfig};
 use testkit::TempDir;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
-
-type Rep = Replicator<MemNet>;
-
-/// Two replicators (R=2) on one in-memory router, both up in one view.
-fn cluster(dir: &TempDir) -> Vec<Arc<Rep>> {
-    let router = MemRouter::new(7);
-    let reps: Vec<Arc<Rep>> = (1..=2)
-        .map(|id| {
-            let d = dir.path().join(format!("n{id}"));
-            let store = FragmentStore::open(StoreConfig::new(d.join("store"))).expect("store");
-            let mut cfg = ReplicaConfig::new(d.join("updates"));
-            cfg.replicas = 2;
-            let rep = Arc::new(Replicator::new(id, Arc::new(store), router.net(id), cfg).expect("replicator"));
-            let serve: Arc<dyn Serve> = rep.clone();
-            router.register(id, Arc::downgrade(&serve));
-            rep
-        })
-        .collect();
-    let infos = (1..=2)
-        .map(|id| NodeInfo {
-            id: NodeId(id),
-            weight: 1,
-            zone: String::new(),
-            state: NodeState::Up,
-        })
-        .collect();
-    let view = Arc::new(View::with_slot_bits(1, infos, placement::MIN_SLOT_BITS).expect("view"));
-    for r in &reps {
-        r.set_view(view.clone());
-    }
-    reps
-}
-
-async fn services(dir: &TempDir, rep: &Arc<Rep>) -> Arc<Services> {
-    services_with(dir, rep, Limits::default()).await
-}
-
-async fn services_with(dir: &TempDir, rep: &Arc<Rep>, limits: Limits) -> Arc<Services> {
-    let directory = LocalDirectory::open(dir.path()).expect("directory");
-    directory
-        .apply(DirectoryCommand::AddDomain {
-            domain: "example.org".into(),
-        })
-        .await
-        .expect("domain");
-    let password_hash = membership::password::hash("pw").expect("hash");
-    directory
-        .apply(DirectoryCommand::AddUser {
-            address: "alice@example.org".into(),
-            password_hash,
-            quota_bytes: None,
-        })
-        .await
-        .expect("user");
-    Arc::new(Services::new(
-        "n1".into(),
-        rep.store().clone(),
-        rep.clone() as Arc<dyn Mail>,
-        Arc::new(directory),
-        limits,
-        [1; 32],
-    ))
-}
-
-/// The client end of a session: send a line, read a reply.
-struct Client(BufReader<DuplexStream>);
-
-impl Client {
-    async fn line(&mut self) -> String {
-        let mut l = String::new();
-        tokio::time::timeout(Duration::from_secs(10), self.0.read_line(&mut l))
-            .await
-            .expect("a reply within 10 s")
-            .expect("read");
-        l
-    }
-
-    /// A whole (multi-line) SMTP reply.
-    async fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let l = self.line().await;
-            let more = l.as_bytes().get(3) == Some(&b'-');
-            all.push_str(&l);
-            if !more {
-                return all;
-            }
-        }
-    }
-
-    async fn send(&mut self, text: &str) {
-        self.0.get_mut().write_all(text.as_bytes()).await.expect("write");
-    }
-}
-
-fn peer() -> SocketAddr {
-    "127.0.0.1:40000".parse().expect("addr")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_in_and_pop3_out_on_the_in_memory_cluster() {
@@ -433,7 +330,7 @@ async fn messages_in_flight_share_a_memory_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_message_bounces_except_to_the_null_sender() {
     use quill_node::outbound::{Outbound, OutboundConfig, enqueue};
-    use quill_node::queue::{Envelope, SHARDS, Schedule, shard_mailbox};
+    use quill_proto::queue::{Envelope, SHARDS, Schedule, shard_mailbox};
     let dir = TempDir::new("expired").expect("temp dir");
     let reps = cluster(&dir);
     let s = services(&dir, &reps[0]).await;
@@ -479,7 +376,6 @@ async fn an_expired_message_bounces_except_to_the_null_sender() {
         text.contains("Action: failed\r\nStatus: 4.4.7") && text.contains("Subject: one"),
         "{text}"
     );
-    use std::sync::atomic::Ordering::Relaxed;
-    assert_eq!(s.queue.bounces.load(Relaxed), 1);
-    assert_eq!(s.queue.failed.load(Relaxed), 2);
+    assert_eq!(s.queue.bounces.get(), 1);
+    assert_eq!(s.queue.failed.get(), 2);
 }

@@ -400,7 +400,7 @@ async fn a_partitioned_node_converges_after_the_heal() {
         "the cut-off node says it has no majority",
         Duration::from_secs(10),
         || async {
-            let h = quill_node::admin_client::call(
+            let h = quill_node::admin::client::call(
                 &nodes[2].admin_addr().to_string(),
                 "",
                 hyper::Method::GET,

@@ -34,27 +34,31 @@ fn replay(target: &str, f: impl Fn(&[u8])) {
 
 #[test]
 fn smtp() {
-    replay("smtp", quill_node::fuzz::smtp);
+    replay("smtp", quill_proto::fuzz::smtp);
 }
 
 #[test]
 fn imap() {
-    replay("imap", quill_node::fuzz::imap);
+    replay("imap", quill_proto::fuzz::imap);
 }
 
 #[test]
 fn pop3() {
-    replay("pop3", quill_node::fuzz::pop3);
+    replay("pop3", quill_proto::fuzz::pop3);
 }
 
 #[test]
 fn cluster_frame() {
-    replay("cluster_frame", quill_node::fuzz::cluster_frame);
+    use quill_node::cluster::{ClusterReply, ClusterRequest};
+    replay(
+        "cluster_frame",
+        quill_proto::fuzz::cluster_frame::<ClusterRequest, ClusterReply>,
+    );
 }
 
 #[test]
 fn admin_json() {
-    replay("admin_json", quill_node::fuzz::admin_json);
+    replay("admin_json", quill_proto::fuzz::admin_json);
 }
 
 #[test]

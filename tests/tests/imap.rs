@@ -345,7 +345,7 @@ async fn append_literals_and_limits() {
     .await;
     let (mut c, _) = Raw::connect(n.imap()).await;
     // SASL-IR: the PLAIN response on the command line.
-    let plain = quill_node::imap::plain_response("bob@example.org", PASSWORD);
+    let plain = quill_proto::sasl::plain_response("bob@example.org", PASSWORD);
     let (_, tagged) = c.cmd("a", &format!("AUTHENTICATE PLAIN {plain}")).await;
     assert!(tagged.starts_with("OK"), "{tagged}");
     let msg = b"Subject: appended\r\n\r\nhello\r\n";

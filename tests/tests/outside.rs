@@ -128,7 +128,7 @@ async fn long_lines_are_stored_unchanged() {
     assert_eq!(quill_harness::client::strip_received(&got[0]).unwrap(), body.as_bytes());
 
     // One octet over DATA_LINE_BYTES_MAX (1 MiB, CRLF included) is refused.
-    let limit = quill_node::data::DATA_LINE_BYTES_MAX;
+    let limit = quill_proto::data::DATA_LINE_BYTES_MAX;
     for (len, want) in [(limit - 2, 250), (limit - 1, 500)] {
         assert_eq!(s.command("MAIL FROM:<a@b.test>").await.unwrap().code, 250);
         assert_eq!(s.command("RCPT TO:<bob@example.org>").await.unwrap().code, 250);

@@ -11,14 +11,14 @@ pub async fn demo(dir: Option<PathBuf>, password: Option<String>, exit: bool) ->
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("quill-demo-{}", std::process::id())));
     let password = match password {
         Some(p) => p,
-        None => quill_node::random_bytes()?
+        None => quill_node::files::random_bytes()?
             .iter()
             .take(6)
             .map(|b| format!("{b:02x}"))
             .collect(),
     };
     let mut opts = NodeOptions::new(&dir, Ipv4Addr::LOCALHOST)?;
-    opts.admin_token = quill_node::random_bytes()?
+    opts.admin_token = quill_node::files::random_bytes()?
         .iter()
         .take(16)
         .map(|b| format!("{b:02x}"))

@@ -66,7 +66,7 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<LoadReport> {
     for t in &targets {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
-            let r = quill_node::admin_client::call(&t.admin.to_string(), &token, Method::GET, "/v1/users", None).await;
+            let r = quill_node::admin::client::call(&t.admin.to_string(), &token, Method::GET, "/v1/users", None).await;
             if r.is_ok_and(|(_, v)| v.to_string().contains(&last)) {
                 break;
             }

@@ -41,7 +41,7 @@ pub fn default_dir() -> PathBuf {
 }
 
 pub(crate) fn random_hex(n: usize) -> anyhow::Result<String> {
-    Ok(quill_node::random_bytes()?
+    Ok(quill_node::files::random_bytes()?
         .iter()
         .take(n)
         .map(|b| format!("{b:02x}"))

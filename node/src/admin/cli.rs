@@ -1,0 +1,391 @@
+//! `quill admin`: the admin API from the command line. Each subcommand is
+//! one typed call (`quill_proto::admin::Call`) to any node's `--admin`;
+//! its typed reply is printed for people (or as JSON where asked).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use quill_proto::admin::{
+    Call, CertList, ClusterStatus, DomainBody, LevelBody, LevelSet, PasswordBody, QueueAction, QueueEntry, QueueList,
+    TlsBody, UserBody, UserInfo, UserRemoved,
+};
+
+use super::client::request;
+use crate::units::parse_size;
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Admin API address of any node (its --admin), host:port.
+    #[arg(long)]
+    node: String,
+    /// Admin token.
+    #[arg(long, env = "QUILL_ADMIN_TOKEN")]
+    token: String,
+    #[command(subcommand)]
+    command: AdminCmd,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Mail domains this service accepts.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Mailbox users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// The cluster as this node sees it.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Cluster nodes, by id or name.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Client TLS certificates stored cluster-wide: every node serves them
+    /// (before its own --tls-cert files), renewed without a restart.
+    #[command(subcommand)]
+    Tls(TlsCmd),
+    /// The outbound queue, cluster-wide (any node answers for all).
+    #[command(subcommand)]
+    Queue(QueueCmd),
+    /// Set the log filter at once, without a restart (e.g. debug,
+    /// quill_node=trace,info): on the addressed node only, or with --all on
+    /// every node that is up.
+    LogLevel {
+        /// A tracing EnvFilter, e.g. `debug` or `info,quill_node=trace`.
+        level: String,
+        /// Every node that is not down, not only the addressed one.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCmd {
+    /// Store a certificate chain and its key (PEM files); checked first: a
+    /// key that does not match, an expired or unparsable certificate is
+    /// refused with the reason.
+    Set {
+        #[arg(long, value_name = "PEM")]
+        cert: PathBuf,
+        #[arg(long, value_name = "PEM")]
+        key: PathBuf,
+        /// The name it is stored under (replacing one of the same name);
+        /// `default` is served to clients whose SNI matches no certificate.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// The certificates this node serves: cluster-wide, then its own.
+    List,
+    /// Stop serving a cluster-wide certificate.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Every queued message: id, age, sender, recipients and their state.
+    List,
+    /// One queued message: its envelope, recipients and header.
+    Show {
+        id: String,
+    },
+    /// Try it again now (at its owner's next look, within a second).
+    Retry {
+        id: String,
+    },
+    /// Take it out of the queue without a bounce.
+    Remove {
+        id: String,
+    },
+    /// Keep it queued but do not try it until released.
+    Hold {
+        id: String,
+    },
+    Release {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Mark a node draining: placement stops choosing it.
+    Drain { node: String },
+    /// Take a node out of the cluster for good.
+    Remove { node: String },
+}
+
+#[derive(Subcommand)]
+enum DomainCmd {
+    /// Accept mail for a domain.
+    Add { domain: String },
+    /// List the domains.
+    List,
+    /// Stop accepting mail for a domain (refused while it has users).
+    Remove { domain: String },
+}
+
+/// Where a password comes from: `--password` (visible to `ps`),
+/// `--password-file FILE` (`-` for standard input), else a prompt on a
+/// terminal, else one line of standard input.
+#[derive(Args)]
+struct PasswordArgs {
+    /// The password itself (other users of this machine can see it in `ps`;
+    /// prefer --password-file or the prompt).
+    #[arg(long, conflicts_with = "password_file")]
+    password: Option<String>,
+    /// Read the password from the first line of FILE (`-`: standard input).
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a mailbox user.
+    Add {
+        address: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// Mailbox quota: bytes, or with a unit: KB, MB, GB (powers of
+        /// 1000), K/KiB, M/MiB, G/GiB (powers of 1024); none by default.
+        #[arg(long)]
+        quota: Option<String>,
+    },
+    /// List the users and their quotas.
+    List,
+    /// Remove a user. Refused while the mailbox holds mail, unless --purge.
+    Remove {
+        address: String,
+        /// Delete the user's mail on every replica too.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Set a new password.
+    Passwd {
+        address: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Epoch, leader, nodes with their state and counts, under-replicated mail.
+    Status {
+        /// Print the JSON object as is.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The password of a `user add` or `user passwd`, from wherever it was given.
+fn read_password(p: &PasswordArgs) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let first_line = |r: &mut dyn BufRead| -> anyhow::Result<String> {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    let pw = if let Some(pw) = &p.password {
+        pw.clone()
+    } else if let Some(f) = &p.password_file {
+        if f.as_os_str() == "-" {
+            first_line(&mut std::io::stdin().lock())?
+        } else {
+            let file = std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
+            first_line(&mut std::io::BufReader::new(file))?
+        }
+    } else if std::io::stdin().is_terminal() {
+        let pw = rpassword::prompt_password("Password: ")?;
+        if rpassword::prompt_password("Again: ")? != pw {
+            bail!("the two passwords differ");
+        }
+        pw
+    } else {
+        first_line(&mut std::io::stdin().lock())?
+    };
+    if pw.is_empty() {
+        bail!("empty password");
+    }
+    Ok(pw)
+}
+
+impl AdminCmd {
+    /// The call this subcommand makes (reading files and passwords).
+    fn call(&self) -> anyhow::Result<Call> {
+        let s = |v: &String| v.clone();
+        Ok(match self {
+            AdminCmd::Domain(DomainCmd::Add { domain }) => Call::AddDomain(DomainBody { domain: s(domain) }),
+            AdminCmd::Domain(DomainCmd::List) => Call::ListDomains,
+            AdminCmd::Domain(DomainCmd::Remove { domain }) => Call::RemoveDomain { domain: s(domain) },
+            AdminCmd::User(UserCmd::Add {
+                address,
+                password,
+                quota,
+            }) => {
+                let quota_bytes = quota.as_deref().map(parse_size).transpose().context("--quota")?;
+                Call::AddUser(UserBody {
+                    address: s(address),
+                    password: read_password(password)?,
+                    quota_bytes,
+                })
+            }
+            AdminCmd::User(UserCmd::List) => Call::ListUsers,
+            AdminCmd::User(UserCmd::Remove { address, purge }) => Call::RemoveUser {
+                address: s(address),
+                purge: *purge,
+            },
+            AdminCmd::User(UserCmd::Passwd { address, password }) => Call::SetPassword {
+                address: s(address),
+                body: PasswordBody {
+                    password: read_password(password)?,
+                },
+            },
+            AdminCmd::Cluster(ClusterCmd::Status { .. }) => Call::ClusterStatus,
+            AdminCmd::Node(NodeCmd::Drain { node }) => Call::DrainNode { node: s(node) },
+            AdminCmd::Node(NodeCmd::Remove { node }) => Call::RemoveNode { node: s(node) },
+            AdminCmd::Tls(TlsCmd::Set { cert, key, name }) => {
+                let read =
+                    |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
+                Call::SetTls {
+                    name: s(name),
+                    body: TlsBody {
+                        cert_pem: read(cert)?,
+                        key_pem: read(key)?,
+                    },
+                }
+            }
+            AdminCmd::Tls(TlsCmd::List) => Call::ListTls,
+            AdminCmd::Tls(TlsCmd::Remove { name }) => Call::RemoveTls { name: s(name) },
+            AdminCmd::Queue(QueueCmd::List) => Call::ListQueue,
+            AdminCmd::Queue(QueueCmd::Show { id }) => Call::ShowQueued { id: s(id) },
+            AdminCmd::Queue(QueueCmd::Remove { id }) => Call::RemoveQueued { id: s(id) },
+            AdminCmd::Queue(QueueCmd::Retry { id }) => Call::ActOnQueued {
+                id: s(id),
+                action: QueueAction::Retry,
+            },
+            AdminCmd::Queue(QueueCmd::Hold { id }) => Call::ActOnQueued {
+                id: s(id),
+                action: QueueAction::Hold,
+            },
+            AdminCmd::Queue(QueueCmd::Release { id }) => Call::ActOnQueued {
+                id: s(id),
+                action: QueueAction::Release,
+            },
+            AdminCmd::LogLevel { level, all } => Call::SetLogLevel(LevelBody {
+                level: s(level),
+                all: *all,
+            }),
+        })
+    }
+}
+
+/// Runs one `quill admin` command and prints its answer.
+pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
+    let call = a.command.call()?;
+    let (node, token) = (a.node.as_str(), a.token.as_str());
+    match &a.command {
+        AdminCmd::Domain(DomainCmd::List) => {
+            for d in request::<Vec<String>>(node, token, &call).await? {
+                println!("{d}");
+            }
+        }
+        AdminCmd::User(UserCmd::List) => {
+            for u in request::<Vec<UserInfo>>(node, token, &call).await? {
+                let quota = u.quota_bytes.map(|q| format!("quota {q} bytes")).unwrap_or_default();
+                println!("{} {quota}", u.address);
+            }
+        }
+        AdminCmd::Cluster(ClusterCmd::Status { json }) => {
+            let status: ClusterStatus = request(node, token, &call).await?;
+            if *json {
+                println!("{}", serde_json::to_string(&status)?);
+            } else {
+                print_status(&status);
+            }
+        }
+        AdminCmd::Queue(QueueCmd::List) => {
+            let list: QueueList = request(node, token, &call).await?;
+            for e in &list.entries {
+                let rcpts: Vec<String> = e.rcpts.iter().map(|r| format!("{}={}", r.address, r.state)).collect();
+                println!(
+                    "{} age={}s size={} from=<{}> {}{}",
+                    e.id,
+                    e.age_s,
+                    e.size,
+                    e.from,
+                    rcpts.join(" "),
+                    if e.held { " HELD" } else { "" }
+                );
+            }
+            println!("{} queued", list.entries.len());
+        }
+        AdminCmd::Queue(QueueCmd::Show { .. }) => {
+            let e: QueueEntry = request(node, token, &call).await?;
+            println!("{}", serde_json::to_string_pretty(&e)?);
+        }
+        AdminCmd::Tls(TlsCmd::List) => {
+            let list: CertList = request(node, token, &call).await?;
+            for (source, certs) in [("cluster", &list.cluster), ("local", &list.local)] {
+                for c in certs {
+                    println!(
+                        "{source} {} names={} not_after={} fingerprint={}",
+                        c.name.as_deref().unwrap_or("-"),
+                        serde_json::to_string(&c.names)?,
+                        c.not_after,
+                        c.fingerprint
+                    );
+                }
+            }
+        }
+        AdminCmd::User(UserCmd::Remove { purge: true, .. }) => {
+            let r: UserRemoved = request(node, token, &call).await?;
+            println!("ok ({} message(s) purged)", r.purged);
+        }
+        AdminCmd::LogLevel { .. } => {
+            let r: LevelSet = request(node, token, &call).await?;
+            for (name, said) in &r.nodes {
+                println!("{name}: {said}");
+            }
+            if r.scope == "this node" {
+                println!("(this node only; --all sets it on every node that is up)");
+            }
+            if !r.ok {
+                bail!("the log level was not set on every node");
+            }
+        }
+        _ => {
+            let _: serde_json::Value = request(node, token, &call).await?;
+            println!("ok");
+        }
+    }
+    Ok(())
+}
+
+/// `cluster status` for people.
+fn print_status(s: &ClusterStatus) {
+    let or_null = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
+    println!(
+        "epoch {}  leader {}  self {}  under-replicated {}",
+        s.epoch,
+        or_null(s.leader),
+        s.me,
+        s.under_replicated
+    );
+    for n in &s.nodes {
+        let activity = match n.activity.as_str() {
+            "repairing" => format!("repairing({} left)", or_null(n.repair_pending)),
+            other => other.to_owned(),
+        };
+        println!(
+            "  node {} {:<16} {:<9} voter={} messages={} bytes={} {activity} smtp={} pop3={} admin={}",
+            n.id,
+            n.name,
+            n.state,
+            n.voter,
+            or_null(n.messages),
+            or_null(n.bytes),
+            n.addrs.smtp.as_deref().unwrap_or("-"),
+            n.addrs.pop3.as_deref().unwrap_or("-"),
+            n.addrs.admin.as_deref().unwrap_or("-"),
+        );
+    }
+}

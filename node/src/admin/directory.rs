@@ -1,0 +1,132 @@
+//! Domains and users: the directory in the Raft state, changed through
+//! any node. Removing a user with mail is refused unless purged.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use membership::{DirectoryCommand, DirectoryError};
+use quill_proto::admin::{DomainBody, PasswordBody, RemoveQuery, UserBody, UserRemoved};
+use quill_proto::imap::folders;
+
+use super::state::{AdminState, ApiResult, Failure, done, reply};
+use crate::uids::sequence_name;
+
+async fn apply(state: &AdminState, cmd: DirectoryCommand) -> ApiResult {
+    state.services.directory.apply(cmd).await?;
+    done()
+}
+
+pub(super) async fn list_domains(State(s): State<AdminState>) -> ApiResult {
+    reply(s.services.directory.domains())
+}
+
+pub(super) async fn add_domain(State(s): State<AdminState>, Json(b): Json<DomainBody>) -> ApiResult {
+    apply(&s, DirectoryCommand::AddDomain { domain: b.domain }).await
+}
+
+pub(super) async fn remove_domain(State(s): State<AdminState>, Path(domain): Path<String>) -> ApiResult {
+    apply(&s, DirectoryCommand::RemoveDomain { domain }).await
+}
+
+pub(super) async fn list_users(State(s): State<AdminState>) -> ApiResult {
+    reply(s.services.directory.users())
+}
+
+async fn hash_password(password: String) -> Result<String, Failure> {
+    tokio::task::spawn_blocking(move || membership::password::hash(&password))
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+pub(super) async fn add_user(State(s): State<AdminState>, Json(b): Json<UserBody>) -> ApiResult {
+    let password_hash = hash_password(b.password).await?;
+    apply(
+        &s,
+        DirectoryCommand::AddUser {
+            address: b.address,
+            password_hash,
+            quota_bytes: b.quota_bytes,
+        },
+    )
+    .await
+}
+
+pub(super) async fn set_password(
+    State(s): State<AdminState>,
+    Path(address): Path<String>,
+    Json(b): Json<PasswordBody>,
+) -> ApiResult {
+    let password_hash = hash_password(b.password).await?;
+    apply(&s, DirectoryCommand::SetPassword { address, password_hash }).await
+}
+
+/// Removes a user. One with mail is refused unless `?purge=true`, which
+/// deletes every message on every replica first (tombstones, so that a node
+/// that is down cannot bring them back) and again after the removal (mail
+/// that arrived meanwhile). Whatever is left, the next user given this
+/// address has a new mailbox name ([`membership::UserRecord::mailbox`]) and
+/// starts empty.
+pub(super) async fn remove_user(
+    State(s): State<AdminState>,
+    Path(address): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> ApiResult {
+    let user = s
+        .services
+        .directory
+        .user(&address)
+        .ok_or_else(|| Failure::from(DirectoryError::NoSuchUser(address.clone())))?;
+    let mailbox = user.mailbox();
+    let purge = |mailbox: String| {
+        let mail = s.services.mail.clone();
+        async move {
+            let msgs = mail.mailbox(&mailbox).await;
+            let n = msgs.len();
+            if n > 0 {
+                mail.delete(&mailbox, &msgs)
+                    .await
+                    .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, format!("purging the mailbox: {e}")))?;
+            }
+            Ok::<usize, Failure>(n)
+        }
+    };
+    let held = s.services.mail.mailbox(&mailbox).await.len();
+    if held > 0 && !q.purge {
+        return Err(Failure(
+            StatusCode::CONFLICT,
+            format!(
+                "{} has {held} message(s); remove with --purge to delete them",
+                user.address
+            ),
+        ));
+    }
+    let mut purged = if q.purge { purge(mailbox.clone()).await? } else { 0 };
+    s.services
+        .directory
+        .apply(DirectoryCommand::RemoveUser { address })
+        .await?;
+    if q.purge {
+        purged += purge(mailbox.clone()).await?;
+    }
+    // Its folders, their UIDs and its subscriptions go too (a mailbox name
+    // is never reused: see `UserRecord::mailbox`).
+    let uids = &s.services.uids;
+    let scope = folders::scope(&mailbox);
+    let folder_names: Vec<(String, [u8; 16])> = uids.names(&scope).into_iter().collect();
+    let mut ids: Vec<String> = folder_names.iter().map(|(_, id)| folders::id_string(id)).collect();
+    ids.push(folders::INBOX.to_owned());
+    let subs: Vec<(String, [u8; 16])> = uids.names(&folders::subscriptions(&mailbox)).into_iter().collect();
+    let mut dropped = uids
+        .unbind(&scope, folder_names)
+        .await
+        .and(uids.unbind(&folders::subscriptions(&mailbox), subs).await);
+    for id in ids {
+        dropped = dropped.and(uids.drop_folder(&sequence_name(&mailbox, &id)).await);
+    }
+    if let Err(e) = dropped {
+        tracing::warn!(user = %user.address, error = %e, "the user's folders and UIDs were not all dropped");
+    }
+    tracing::info!(user = %user.address, purged, "user removed");
+    reply(UserRemoved { ok: true, purged })
+}

@@ -1,0 +1,173 @@
+//! The admin API: HTTP+JSON on `--admin`, bearer-token protected, plus an
+//! unauthenticated `GET /metrics` (Prometheus text, from the node's
+//! registry) and `GET /health`. The requests and replies are typed once in
+//! `quill_proto::admin`, for this server and for its clients ([`client`],
+//! `quill admin` in [`cli`]).
+//!
+//! ```text
+//! GET    /v1/domains                  -> ["example.org", ...]
+//! POST   /v1/domains                  {"domain": "example.org"}
+//! DELETE /v1/domains/{domain}
+//! GET    /v1/users                    -> [{"address": ..., "quota_bytes": ...}]
+//! POST   /v1/users                    {"address", "password", "quota_bytes"?}
+//! DELETE /v1/users/{address}[?purge=true]  refused (409) if the user has mail, unless purged
+//! PUT    /v1/users/{address}/password {"password"}
+//! GET    /v1/cluster/status           -> DESIGN.md's status object
+//! POST   /v1/nodes/{id}/drain         mark a node draining (placement stops choosing it)
+//! DELETE /v1/nodes/{id}               take a node out of the cluster for good
+//! PUT    /v1/log-level                {"level": "debug" | "quill=trace,info" ..., "all"?}
+//! GET    /v1/tls                      -> {"cluster": [...], "local": [...]} certificates served here
+//! PUT    /v1/tls/{name}               {"cert_pem", "key_pem"}: stored cluster-wide, checked first
+//! DELETE /v1/tls/{name}
+//! GET    /v1/queue                    -> the outbound queue, cluster-wide
+//! GET    /v1/queue/{id}               one entry with its header
+//! DELETE /v1/queue/{id}
+//! POST   /v1/queue/{id}/retry|hold|release
+//! ```
+//! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
+//! 409 (conflict), 500 or 503.
+//!
+//! It may use the services, the cluster, TLS and the outbound queue's
+//! data; nothing depends on it but the wiring.
+
+pub mod cli;
+pub mod client;
+mod cluster;
+mod directory;
+mod queue;
+mod state;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use serde::Serialize;
+
+use crate::net::conn::PerAddress;
+pub use state::AdminState;
+
+pub use crate::cluster::LogLevelSetter;
+
+/// Admin requests are small JSON documents.
+const ADMIN_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Admin connections open at once, all addresses together, and from one
+/// address: the admin port is for operators and scripts, not crowds.
+pub const ADMIN_CONNECTIONS_MAX: usize = 64;
+pub const ADMIN_CONNECTIONS_PER_ADDRESS_MAX: u32 = 16;
+/// A request's head must arrive within this (slowloris), and a connection
+/// lives at most `ADMIN_CONNECTION_LIFETIME` (a purge of a large mailbox
+/// fits well inside).
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+
+/// The addresses a node serves, as it prints them when ready.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Addrs {
+    pub cluster: Option<SocketAddr>,
+    pub smtp: Option<SocketAddr>,
+    pub submission: Option<SocketAddr>,
+    pub lmtp: Option<SocketAddr>,
+    pub pop3: Option<SocketAddr>,
+    pub imap: Option<SocketAddr>,
+    pub smtps: Option<SocketAddr>,
+    pub pop3s: Option<SocketAddr>,
+    pub imaps: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Every `/v1` request shows the token before anything else of it is
+/// read: the layer runs before the handlers' body extractors.
+async fn require_token(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match state::check(&s, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/v1/domains", get(directory::list_domains).post(directory::add_domain))
+        .route("/v1/domains/{domain}", delete(directory::remove_domain))
+        .route("/v1/users", get(directory::list_users).post(directory::add_user))
+        .route("/v1/users/{address}", delete(directory::remove_user))
+        .route("/v1/users/{address}/password", put(directory::set_password))
+        .route("/v1/cluster/status", get(cluster::status))
+        .route("/v1/nodes/{id}/drain", post(cluster::drain_node))
+        .route("/v1/nodes/{id}", delete(cluster::remove_node))
+        .route("/v1/log-level", put(cluster::log_level))
+        .route("/v1/tls", get(tls::list))
+        .route("/v1/tls/{name}", put(tls::set).delete(tls::remove))
+        .route("/v1/queue", get(queue::list))
+        .route("/v1/queue/{id}", get(queue::show).delete(queue::remove))
+        .route("/v1/queue/{id}/{action}", post(queue::act))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/health", get(cluster::health))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+/// `GET /metrics`: the node's registry.
+async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.services.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Serves the admin API on `listener` until `stop`: HTTP/1.1 over hyper
+/// with a cap on connections (in all and per address: one over the cap is
+/// closed at once), a deadline for each request head and a longest
+/// connection lifetime.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router, stop: tokio::sync::watch::Receiver<bool>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    let per_address = Arc::new(PerAddress::default());
+    let conn_stop = stop.clone();
+    let mut conns = crate::net::accept_loop(&listener, "admin", stop, |stream, peer| {
+        let permit = slots.clone().try_acquire_owned().ok();
+        let slot = per_address.acquire(peer.ip(), ADMIN_CONNECTIONS_PER_ADDRESS_MAX);
+        let (Some(permit), Some(slot)) = (permit, slot) else {
+            tracing::debug!(%peer, "admin connection refused: too many");
+            return None;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = conn_stop.clone();
+        Some(async move {
+            let _held = (permit, slot);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let lifetime = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME);
+            tokio::pin!(lifetime);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = &mut lifetime => {}
+                _ = stop.changed() => {}
+            }
+            // Let a request in flight finish (bounded), then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        })
+    })
+    .await;
+    // Each connection closes itself on `stop` (bounded).
+    while conns.join_next().await.is_some() {}
+}

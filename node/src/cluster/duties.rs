@@ -1,0 +1,324 @@
+//! What every node does in the background: pings every other node, and,
+//! as leader, marks nodes down and up, keeps the voters odd and healthy,
+//! and steps down while draining; as a voter, holds the CA key.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use membership::NodeState;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::node::Cluster;
+use super::rpc::{ClusterReply, ClusterRequest, PING_TIMEOUT, join_all};
+use super::wire::ClusterCa;
+use crate::files::write_secret;
+
+/// How often every node pings every other node. With `PING_TIMEOUT` this
+/// bounds how late a failure is noticed past `--failure-timeout-ms`.
+const PING_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the leader checks the voter set.
+const VOTER_INTERVAL: Duration = Duration::from_secs(1);
+/// Raft voters at most: more only slows commits down.
+const VOTERS_MAX: usize = 5;
+/// How often a voter checks that it holds the CA key.
+const CA_KEY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Every voter holds the CA key (see the module docs): a voter without it
+/// fetches it from another voter. Checked every few seconds.
+pub async fn ca_key(cluster: Cluster, dir: PathBuf, mut stop: watch::Receiver<bool>) {
+    let me = cluster.id();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CA_KEY_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let view = cluster.membership.view();
+        if !view.node(me).is_some_and(|n| n.voter) || dir.join("ca.key").exists() {
+            continue;
+        }
+        for n in view.nodes.values().filter(|n| n.voter && n.id != me) {
+            let r = tokio::time::timeout(
+                PING_TIMEOUT * 4,
+                cluster.transport.request(&n.addrs.cluster, &ClusterRequest::CaKey),
+            )
+            .await;
+            if let Ok(Ok(ClusterReply::CaKey(pem))) = r {
+                // Keep it only if it is the key of this cluster's CA.
+                let ca = std::fs::read(dir.join("ca.der")).unwrap_or_default();
+                if !ClusterCa::key_matches(&ca, &pem) {
+                    warn!(
+                        from = n.id,
+                        "the CA key received does not match this cluster's CA; ignored"
+                    );
+                    continue;
+                }
+                let tmp = dir.join("ca.key.new");
+                if write_secret(&tmp, pem.trim()).is_ok() && std::fs::rename(&tmp, dir.join("ca.key")).is_ok() {
+                    info!(from = n.id, "fetched the CA key (this node is a voter)");
+                    break;
+                }
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+}
+
+/// A draining leader steps down: it stops sending heartbeats and standing
+/// for election (openraft 0.9 cannot transfer leadership nor remove the
+/// leader), and asks an up voter to call an election; the followers' leases
+/// run out without heartbeats, so that voter (or another) wins, and the
+/// new leader moves the vote away from the draining node. A node that is
+/// up again stands for election again.
+async fn step_down_if_draining(cluster: &Cluster, view: &membership::ClusterView, leading: bool) {
+    let me = cluster.id();
+    let draining = view.node(me).is_some_and(|n| n.state == NodeState::Draining);
+    let raft = cluster.membership.raft();
+    raft.runtime_config().elect(!draining);
+    if !draining || !leading {
+        raft.runtime_config().heartbeat(true);
+        return;
+    }
+    let Some(target) = view
+        .nodes
+        .values()
+        .filter(|n| n.id != me && n.voter && n.state == NodeState::Up)
+        .min_by_key(|n| n.id)
+    else {
+        // No up voter to take over: stay leader (the voters are changed
+        // first, by `desired_voters`, once learners are up).
+        raft.runtime_config().heartbeat(true);
+        return;
+    };
+    raft.runtime_config().heartbeat(false);
+    info!(node = target.id, "draining: handing leadership over");
+    match cluster
+        .transport
+        .request(&target.addrs.cluster, &ClusterRequest::TakeLeadership)
+        .await
+    {
+        Ok(ClusterReply::Done) => {}
+        other => {
+            tracing::debug!(node = target.id, reply = ?other.err(), "leadership hand-over asked; the leases decide")
+        }
+    }
+}
+
+/// The voters the cluster should have. Their number is odd, at most
+/// `VOTERS_MAX`, and grows with the up nodes; it never shrinks because a
+/// voter died: a down voter is replaced by an up learner when there is one,
+/// and kept otherwise (shrinking on every failure and growing on every
+/// restart would churn Raft's configuration for nothing: five voters with
+/// one down still commit). The leader always votes.
+pub fn desired_voters(leader: u64, current: &BTreeSet<u64>, up: &BTreeSet<u64>) -> BTreeSet<u64> {
+    let odd = |n: usize| if n.is_multiple_of(2) { n.saturating_sub(1) } else { n };
+    let grow_to = odd(up.len().clamp(1, VOTERS_MAX));
+    let size = odd(current.len().max(grow_to).min(VOTERS_MAX)).max(1);
+    let mut out = BTreeSet::from([leader]);
+    let up_voters = current.iter().filter(|id| up.contains(id));
+    let learners = up.iter().filter(|id| !current.contains(id));
+    let down_voters = current.iter().filter(|id| !up.contains(id));
+    for id in up_voters.chain(learners).chain(down_voters) {
+        if out.len() >= size {
+            break;
+        }
+        out.insert(*id);
+    }
+    out
+}
+
+/// Every node pings every other node (so that a newly elected leader
+/// already knows who has been silent); the leader alone acts on it: marks
+/// the silent nodes down and the answering ones up, and keeps the voter set
+/// healthy and odd.
+///
+/// Verdicts are fenced three ways (a paused or partitioned leader once
+/// committed stale ones through its successor): each carries the term it
+/// was decided in and the state machine refuses it from any other term; a
+/// node that did not run for a while (its own rounds stalled) restarts
+/// every peer's timer instead of judging them by its own silence; and a
+/// `Down` verdict is re-checked with one more ping right before it is
+/// committed. The leader marks itself up if a stale verdict got through
+/// before (it never pings itself).
+pub async fn leader(cluster: Cluster, failure_timeout: Duration, mut stop: watch::Receiver<bool>) {
+    let me = cluster.id();
+    let mut last_ok: HashMap<u64, Instant> = HashMap::new();
+    let mut next_voter_check = Instant::now();
+    // A gap between rounds longer than this means this node was not
+    // running (SIGSTOP, a stalled VM or runtime), not that the others were.
+    let stall = (failure_timeout / 2).max((PING_INTERVAL + PING_TIMEOUT) * 2);
+    let mut last_round = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PING_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        let view = cluster.membership.view();
+        // A ping that gets through proves the node alive when it was sent.
+        let round_start = Instant::now();
+        if round_start.duration_since(last_round) > stall {
+            warn!(
+                stalled_ms = round_start.duration_since(last_round).as_millis() as u64,
+                "this node did not run for a while; restarting the failure timers"
+            );
+            last_ok.values_mut().for_each(|t| *t = round_start);
+        }
+        let results = join_all(
+            view.nodes
+                .values()
+                .filter(|n| n.id != me)
+                .map(|n| ping(&cluster, n.id, n.addrs.cluster.clone())),
+        )
+        .await;
+        let now = Instant::now();
+        last_round = now;
+        note_majority(&cluster, &view, &results);
+        last_ok.retain(|id, _| view.nodes.contains_key(id));
+        let mut changes = Vec::new();
+        for (id, ok) in results {
+            // A node never heard from gets a full timeout from first sight.
+            let seen = last_ok.entry(id).or_insert(round_start);
+            if ok {
+                *seen = round_start;
+            }
+            let Some(node) = view.node(id) else { continue };
+            match (node.state, ok) {
+                (NodeState::Up, false) if now.duration_since(*seen) >= failure_timeout => {
+                    changes.push((id, NodeState::Down))
+                }
+                (NodeState::Down, true) => changes.push((id, NodeState::Up)),
+                _ => {}
+            }
+        }
+        let leading = cluster.membership.leading_term();
+        step_down_if_draining(&cluster, &view, leading.is_some()).await;
+        // Only a leader that is still a voter in the view acts (a removed
+        // leader may run on briefly: it must not change anything).
+        let Some(term) = leading else {
+            continue;
+        };
+        if !view.node(me).is_some_and(|n| n.voter) {
+            continue;
+        }
+        if view.node(me).is_some_and(|n| n.state == NodeState::Down) {
+            changes.push((me, NodeState::Up));
+        }
+        for (id, state) in changes {
+            if state == NodeState::Down {
+                let addr = view.node(id).map(|n| n.addrs.cluster.clone()).unwrap_or_default();
+                if ping(&cluster, id, addr).await.1 {
+                    info!(
+                        node = id,
+                        "failure detector: answered the re-check; not marking it down"
+                    );
+                    last_ok.insert(id, Instant::now());
+                    continue;
+                }
+            }
+            info!(node = id, ?state, term, "failure detector: marking node");
+            if let Err(e) = cluster.membership.set_node_verdict(id, state, term).await {
+                warn!(node = id, error = %e, "cannot change node state");
+            }
+        }
+        if now >= next_voter_check {
+            next_voter_check = now + VOTER_INTERVAL;
+            let view = cluster.membership.view();
+            let current = view.voters();
+            let up: BTreeSet<u64> = view
+                .nodes
+                .values()
+                .filter(|n| n.state == NodeState::Up)
+                .map(|n| n.id)
+                .collect();
+            let want = desired_voters(me, &current, &up);
+            if want != current {
+                info!(?current, ?want, "changing the raft voters");
+                if let Err(e) = cluster.membership.change_membership(want).await {
+                    warn!(error = %e, "cannot change the voters");
+                }
+            }
+        }
+    }
+}
+
+/// Notes whether the voters that answered this round (and this node, if it
+/// votes) are a majority; says so in the log when that changes.
+fn note_majority(cluster: &Cluster, view: &membership::ClusterView, results: &[(u64, bool)]) {
+    use std::sync::atomic::Ordering;
+    let me = cluster.id();
+    let voters = view.voters();
+    if voters.is_empty() {
+        return;
+    }
+    let answered =
+        results.iter().filter(|(id, ok)| *ok && voters.contains(id)).count() + usize::from(voters.contains(&me));
+    let majority = answered * 2 > voters.len();
+    let before = cluster.majority.swap(majority, Ordering::Relaxed);
+    if before && !majority {
+        warn!(
+            answered,
+            voters = voters.len(),
+            "cannot reach a majority of the voters: the view and the directory cannot change here; serving mail by the last view"
+        );
+    } else if !before && majority {
+        info!(
+            answered,
+            voters = voters.len(),
+            "a majority of the voters is reachable again"
+        );
+    }
+}
+
+/// One ping within `PING_TIMEOUT`: whether node `id` answered.
+fn ping(cluster: &Cluster, id: u64, addr: String) -> impl std::future::Future<Output = (u64, bool)> + Send + 'static {
+    let t = cluster.transport.clone();
+    async move {
+        let r = tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await;
+        let ok = matches!(r, Ok(Ok(ClusterReply::Pong { id: who, .. })) if who == id);
+        if !ok {
+            // Maybe a stale connection to a restarted peer: start afresh.
+            t.forget(&addr);
+        }
+        (id, ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::desired_voters;
+    use std::collections::BTreeSet;
+
+    fn s(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn voters_stay_odd_and_healthy() {
+        // One node: itself.
+        assert_eq!(desired_voters(1, &s(&[1]), &s(&[1])), s(&[1]));
+        // Two up nodes: one voter.
+        assert_eq!(desired_voters(1, &s(&[1]), &s(&[1, 2])), s(&[1]));
+        // Three: all vote.
+        assert_eq!(desired_voters(1, &s(&[1]), &s(&[1, 2, 3])), s(&[1, 2, 3]));
+        // Six up: five voters, keeping current ones first.
+        assert_eq!(
+            desired_voters(4, &s(&[4, 5, 6]), &s(&[1, 2, 3, 4, 5, 6])),
+            s(&[1, 2, 4, 5, 6])
+        );
+        // A down voter is replaced by an up learner.
+        assert_eq!(desired_voters(1, &s(&[1, 2, 3]), &s(&[1, 2, 4])), s(&[1, 2, 4]));
+        // Five voters, one dies, no learner to take its place: keep five.
+        assert_eq!(
+            desired_voters(1, &s(&[1, 2, 3, 4, 5]), &s(&[1, 2, 3, 4])),
+            s(&[1, 2, 3, 4, 5])
+        );
+        // ... with a learner up: it replaces the dead voter.
+        assert_eq!(
+            desired_voters(1, &s(&[1, 2, 3, 4, 5]), &s(&[1, 2, 3, 4, 6])),
+            s(&[1, 2, 3, 4, 6])
+        );
+        // Three voters, one down, nothing else: unchanged.
+        assert_eq!(desired_voters(1, &s(&[1, 2, 3]), &s(&[1, 2])), s(&[1, 2, 3]));
+    }
+}

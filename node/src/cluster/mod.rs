@@ -1,0 +1,228 @@
+//! The cluster side of a node: its identity (certificate under the cluster
+//! CA), joining through a seed, the QUIC transport that carries membership
+//! (Raft) traffic, and the leader's two duties: failure detection and
+//! keeping an odd number of voters.
+//!
+//! Files in `DATA/cluster/`: `node-id`, `node.der`, `node.key`, `ca.der`,
+//! `ca.key`, `token` (the join secret) and `raft/` (membership's storage).
+//! The full join token is also written to `DATA/join-token`.
+//!
+//! Who holds the CA key (`ca.key`): the founding node and every node that
+//! has been a Raft voter (a voter without it fetches it from another voter
+//! over the mutually authenticated cluster wire). Voters already decide the
+//! whole replicated state, so the key adds nothing to what an intruder on a
+//! voter could do; learners, the bulk of a large cluster, never hold it. Any
+//! member can still be a seed: one without the key checks the join secret
+//! itself and asks a holder to issue the certificate (`IssueCert`).
+//!
+//! Enrollment fails closed: a node whose join secret is missing, unreadable
+//! or empty admits nobody, and attempts are throttled per source address.
+//!
+//! Split by role: [`node`] (the `Cluster` a started node holds),
+//! [`wire`] (QUIC, mutual TLS, the CA, framing), [`rpc`] (the messages and
+//! the connection pool), [`admission`] (enrollment, both sides),
+//! [`serve`] (what a node answers), [`duties`] (failure detection, voters,
+//! the CA key) and [`replica`] (the replica protocol over this wire, and
+//! its background duties).
+
+pub mod admission;
+pub mod duties;
+pub mod node;
+pub mod replica;
+pub mod rpc;
+pub mod serve;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use membership::{Membership, MembershipConfig, NodeAddrs, NodeInfo, NodeState};
+use quinn::Endpoint;
+use replication::FragmentStore;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use node::Cluster;
+pub use rpc::{ClusterReply, ClusterRequest, LogLevelSetter, QuicTransport};
+
+use crate::files::write_secret;
+use rpc::{LogSlot, ReplicaSlot};
+use wire::{ClusterCa, JoinToken, NodeIdentity};
+
+/// How long a joining node keeps trying to be admitted.
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub cluster_addr: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    /// First node: the secret the cluster's token is made from. Joining
+    /// node: the full token.
+    pub join_token: Option<String>,
+    /// A node silent this long is marked down.
+    pub failure_timeout: Duration,
+    /// The node's service addresses, for the view.
+    pub addrs: NodeAddrs,
+}
+
+/// Raft timing: a leader is replaced within about a second of going
+/// silent, with margins that a loaded 2-core machine running several nodes
+/// still keeps (heartbeats every 200 ms, elections after 600-1200 ms).
+fn membership_config() -> MembershipConfig {
+    MembershipConfig {
+        heartbeat_interval_ms: 200,
+        election_timeout_min_ms: 600,
+        election_timeout_max_ms: 1200,
+        ..MembershipConfig::default()
+    }
+}
+
+fn random_hex(n: usize) -> anyhow::Result<String> {
+    Ok(crate::files::random_bytes()?
+        .iter()
+        .take(n)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn random_id() -> anyhow::Result<u64> {
+    let b = crate::files::random_bytes()?;
+    // Never 0 (membership uses 0 for "address only"), and below 2^53 so
+    // that JSON readers of `cluster status` keep every digit.
+    Ok((u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) & ((1 << 53) - 1)).max(1))
+}
+
+/// How this start relates to the cluster.
+enum Boot {
+    /// Known identity and Raft state: carry on.
+    Restart,
+    /// A new cluster, this node its first member.
+    Found,
+    /// Admitted through `seed`: ask the leader to add us.
+    Join(SocketAddr),
+}
+
+impl Cluster {
+    /// Sets up identity (creating the cluster or enrolling through a seed
+    /// on first start), binds the cluster endpoint, starts membership and
+    /// the leader duties. `stop` ends the background tasks.
+    pub async fn start(
+        cfg: ClusterConfig,
+        store: Arc<FragmentStore>,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Cluster> {
+        let dir = cfg.data_dir.join("cluster");
+        std::fs::create_dir_all(&dir)?;
+        let (identity, id, boot) = if dir.join("node.der").exists() {
+            let id: u64 = std::fs::read_to_string(dir.join("node-id"))?
+                .trim()
+                .parse()
+                .context("bad node-id file")?;
+            (NodeIdentity::load(&dir)?, id, Boot::Restart)
+        } else if cfg.seeds.is_empty() {
+            let ca = ClusterCa::create()?;
+            ca.save(&dir)?;
+            let secret = match &cfg.join_token {
+                Some(s) if s.starts_with("quill1.") => {
+                    bail!("--join-token for a new cluster is a secret, not a full token")
+                }
+                Some(s) => s.clone(),
+                None => random_hex(16)?,
+            };
+            let identity = ca.issue(&cfg.name)?;
+            identity.save(&dir)?;
+            write_secret(&dir.join("token"), &secret)?;
+            let token = JoinToken::new(&ca, secret);
+            write_secret(&cfg.data_dir.join("join-token"), &token.to_string())?;
+            println!(
+                "new cluster; join token written to {}",
+                cfg.data_dir.join("join-token").display()
+            );
+            let id = random_id()?;
+            write_secret(&dir.join("node-id"), &id.to_string())?;
+            (identity, id, Boot::Found)
+        } else {
+            let token = JoinToken::parse(
+                cfg.join_token
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("--seed needs --join-token"))?,
+            )?;
+            let (identity, seed) =
+                admission::enroll(&cfg.data_dir, &cfg.name, cfg.cluster_addr, &cfg.seeds, &token).await?;
+            identity.save(&dir)?;
+            write_secret(&dir.join("token"), &token.secret)?;
+            write_secret(&cfg.data_dir.join("join-token"), &token.to_string())?;
+            let id = random_id()?;
+            write_secret(&dir.join("node-id"), &id.to_string())?;
+            (identity, id, Boot::Join(seed))
+        };
+
+        let endpoint = Endpoint::server(wire::server_config(&identity)?, cfg.cluster_addr)
+            .with_context(|| format!("cannot listen on {} (cluster, UDP)", cfg.cluster_addr))?;
+        let transport = Arc::new(QuicTransport::new(
+            endpoint.clone(),
+            wire::member_client_config(&identity)?,
+        ));
+        let membership = Membership::start(id, &dir.join("raft"), membership_config(), transport.clone()).await?;
+        let replica: ReplicaSlot = Arc::default();
+        let log_level: LogSlot = Arc::default();
+        let cluster = Cluster {
+            membership: membership.clone(),
+            transport: transport.clone(),
+            replica: replica.clone(),
+            log_level: log_level.clone(),
+            majority: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            endpoint: endpoint.clone(),
+        };
+        tokio::spawn(serve::accept_loop(
+            endpoint,
+            Arc::new(serve::Handler {
+                dir: dir.clone(),
+                membership: membership.clone(),
+                transport: transport.clone(),
+                store,
+                replica,
+                log_level,
+                joins: Default::default(),
+            }),
+            stop.clone(),
+        ));
+
+        let me = NodeInfo {
+            id,
+            name: cfg.name.clone(),
+            addrs: cfg.addrs.clone(),
+            weight: 1,
+            zone: String::new(),
+            state: NodeState::Up,
+            voter: false,
+        };
+        match boot {
+            Boot::Restart => info!(node = id, "rejoining the cluster with saved state"),
+            Boot::Found => membership.initialize(me).await?,
+            Boot::Join(seed) => {
+                let deadline = Instant::now() + JOIN_DEADLINE;
+                loop {
+                    match membership.join(&seed.to_string(), me.clone()).await {
+                        Ok(()) => break,
+                        Err(e) if Instant::now() < deadline => {
+                            warn!(error = %e, "join not done yet; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => return Err(e).context("the cluster did not add this node"),
+                    }
+                }
+                info!(node = id, %seed, "joined the cluster");
+            }
+        }
+        tokio::spawn(duties::ca_key(cluster.clone(), dir.clone(), stop.clone()));
+        tokio::spawn(duties::leader(cluster.clone(), cfg.failure_timeout, stop));
+        Ok(cluster)
+    }
+}

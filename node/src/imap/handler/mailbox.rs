@@ -1,0 +1,210 @@
+//! The selected folder: SELECT and EXAMINE, the folder as listed now with
+//! its UIDs (numbering new mail), what a session is told of changes made
+//! elsewhere, and EXPUNGE.
+
+use imap_next::imap_types::core::Tag;
+use imap_next::imap_types::flag::FlagPerm;
+use imap_next::imap_types::mailbox::Mailbox;
+use imap_next::imap_types::response::{Code, Data, Status};
+use imap_next::imap_types::sequence::SequenceSet;
+use quill_proto::imap::folders::{self, Folder};
+use quill_proto::imap::reply::{folder_flags, nz, ok, unavailable};
+use quill_proto::imap::sets::set_contains;
+use quill_proto::imap::{Message, sets, sync};
+use replication::replica::Listed;
+use tracing::debug;
+
+use super::state::{Handler, Msg, Phase, Refusal, Selected};
+use crate::uids::sequence_name;
+
+/// Messages one SELECT shows at most (a folder holds at most this many).
+pub const FOLDER_MESSAGES_MAX: usize = membership::sequence::IDS_PER_SEQUENCE_MAX;
+
+/// A folder as listed now: UIDVALIDITY, UIDNEXT, and its messages by UID.
+type Listing = (u32, u32, Vec<(u32, Listed)>);
+
+impl Handler {
+    /// The folder's UIDs and messages as listed now, numbering new ones.
+    pub(super) async fn folder_now(&mut self, user: &str, folder: &Folder) -> Result<Listing, Refusal> {
+        let mut listed: Vec<Listed> = self
+            .services
+            .mail
+            .mailbox(user)
+            .await
+            .into_iter()
+            .filter(|l| l.meta.folder == folder.id)
+            .collect();
+        listed.sort_by_key(|l| l.meta.id);
+        listed.truncate(FOLDER_MESSAGES_MAX);
+        let name = sequence_name(user, &folder.id);
+        let ids: Vec<[u8; 16]> = listed.iter().map(|l| l.meta.id.0).collect();
+        let mut numbers = self.services.uids.numbers(&name, &ids);
+        let missing: Vec<[u8; 16]> = match &numbers {
+            None => ids.clone(),
+            Some(n) => ids
+                .iter()
+                .zip(&n.uids)
+                .filter(|(_, u)| u.is_none())
+                .map(|(id, _)| *id)
+                .collect(),
+        };
+        // A folder seen for the first time gets its sequence (and so its
+        // UIDVALIDITY) even when it is empty.
+        if !missing.is_empty() || numbers.is_none() {
+            if let Err(e) = self.services.uids.assign(&name, missing).await {
+                self.services.counters().imap_uid_failures.inc();
+                debug!(user, error = %e, "UIDs for new mail: not all given now");
+            }
+            numbers = self.services.uids.numbers(&name, &ids);
+        }
+        let Some(numbers) = numbers else {
+            return Err(|tag| unavailable(tag, "the folder's UIDs cannot be read now, try again"));
+        };
+        let mut msgs: Vec<(u32, Listed)> = listed
+            .into_iter()
+            .zip(numbers.uids)
+            .filter_map(|(l, u)| u.map(|u| (u, l)))
+            .collect();
+        msgs.sort_by_key(|(u, _)| *u);
+        Ok((numbers.validity, numbers.next, msgs))
+    }
+
+    pub(super) async fn select(
+        &mut self,
+        tag: Tag<'static>,
+        user: String,
+        mailbox: Mailbox<'static>,
+        read_only: bool,
+    ) -> Status<'static> {
+        // A failed SELECT leaves no folder selected (RFC 3501 6.3.1).
+        self.phase = Phase::Authenticated { user: user.clone() };
+        let folder = match self.folder(&user, &mailbox) {
+            Ok(f) => f,
+            Err(s) => return s(tag),
+        };
+        let (validity, uid_next, msgs) = match self.folder_now(&user, &folder).await {
+            Ok(v) => v,
+            Err(s) => return s(tag),
+        };
+        let msgs: Vec<Msg> = msgs.into_iter().map(|(uid, listed)| Msg { uid, listed }).collect();
+        let n = msgs.len() as u32;
+        let flags = folder_flags(&msgs);
+        let mut permanent: Vec<FlagPerm<'static>> = flags.iter().cloned().map(Into::into).collect();
+        permanent.push(FlagPerm::Asterisk);
+        self.data(Data::Flags(flags));
+        self.data(Data::Exists(n));
+        self.data(Data::Recent(0));
+        if let Some(first) = msgs.iter().position(|m| !m.has("\\Seen")) {
+            self.untagged_ok(Code::Unseen(nz(first as u32 + 1)), "first unseen");
+        }
+        self.untagged_ok(Code::PermanentFlags(permanent), "flags are stored");
+        self.untagged_ok(Code::UidValidity(nz(validity)), "UIDs valid");
+        self.untagged_ok(Code::UidNext(nz(uid_next)), "predicted next UID");
+        self.phase = Phase::Selected(Box::new(Selected {
+            user,
+            folder,
+            read_only,
+            validity,
+            uid_next,
+            msgs,
+        }));
+        if read_only {
+            ok(tag, Some(Code::ReadOnly), "EXAMINE completed")
+        } else {
+            ok(tag, Some(Code::ReadWrite), "SELECT completed")
+        }
+    }
+
+    /// What changed in the selected folder since the session last looked
+    /// (see `quill_proto::imap::sync`). A folder deleted by another
+    /// session loses every message (and its sequence is not made again by
+    /// a listing); one made anew (another UIDVALIDITY) says nothing: the
+    /// client must start over.
+    pub async fn sync(&mut self) -> Vec<Data<'static>> {
+        let Phase::Selected(sel) = &self.phase else {
+            return vec![];
+        };
+        let (user, folder) = (sel.user.clone(), sel.folder.clone());
+        if !folder.is_inbox()
+            && !self
+                .services
+                .uids
+                .names(&folders::scope(&user))
+                .values()
+                .any(|id| *id == folder.raw)
+        {
+            let Phase::Selected(sel) = &mut self.phase else {
+                return vec![];
+            };
+            let n = sel.msgs.len();
+            sel.msgs.clear();
+            return (0..n).map(|_| Data::Expunge(nz(1))).collect();
+        }
+        let Ok((validity, next, now)) = self.folder_now(&user, &folder).await else {
+            return vec![];
+        };
+        let Phase::Selected(sel) = &mut self.phase else {
+            return vec![];
+        };
+        if validity != sel.validity {
+            return vec![];
+        }
+        let now: Vec<Msg> = now.into_iter().map(|(uid, listed)| Msg { uid, listed }).collect();
+        sync::sync(&mut sel.msgs, now, &mut sel.uid_next, next)
+    }
+
+    /// Deletes the folder's `\Deleted` messages (in `only`, if given) on
+    /// every replica, then tells the client (when `tell`).
+    pub(super) async fn expunge(&mut self, only: Option<SequenceSet>, tell: bool) -> Result<(), &'static str> {
+        let Phase::Selected(sel) = &mut self.phase else {
+            return Ok(());
+        };
+        if sel.read_only {
+            return Ok(());
+        }
+        let largest = sets::largest(&sel.msgs, true);
+        let victims: Vec<usize> = sel
+            .msgs
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.has("\\Deleted") && only.as_ref().is_none_or(|s| set_contains(s, m.uid, largest)))
+            .map(|(i, _)| i)
+            .collect();
+        if victims.is_empty() {
+            return Ok(());
+        }
+        let listed: Vec<Listed> = victims.iter().map(|i| sel.msgs[*i].listed.clone()).collect();
+        let user = sel.user.clone();
+        let seq = sequence_name(&user, &sel.folder.id);
+        if self.services.mail.delete(&user, &listed).await.is_err() {
+            return Err("the messages could not be deleted now, try again");
+        }
+        let ids: Vec<[u8; 16]> = listed.iter().map(|l| l.meta.id.0).collect();
+        let _ = self.services.uids.forget(&seq, ids).await;
+        self.remove_shown(victims, tell);
+        Ok(())
+    }
+
+    /// Takes messages (positions, ascending) out of the selected folder in
+    /// one pass, telling the client each EXPUNGE (when `tell`), last first
+    /// so that the numbers stay right.
+    pub(super) fn remove_shown(&mut self, positions: Vec<usize>, tell: bool) {
+        let Phase::Selected(sel) = &mut self.phase else {
+            return;
+        };
+        let mut gone = vec![false; sel.msgs.len()];
+        for &i in &positions {
+            gone[i] = true;
+        }
+        let mut i = 0;
+        sel.msgs.retain(|_| {
+            i += 1;
+            !gone[i - 1]
+        });
+        if tell {
+            for i in positions.into_iter().rev() {
+                self.data(Data::Expunge(nz(i as u32 + 1)));
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The message commands of the selected state: FETCH (a body fetch sets
+//! `\Seen`), STORE (flag registers on every copy) and SEARCH (bodies read
+//! only where a key needs them, within a byte budget).
+
+use imap_next::imap_types::core::{Tag, Vec1};
+use imap_next::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItem};
+use imap_next::imap_types::flag::{Flag, StoreResponse, StoreType};
+use imap_next::imap_types::response::{Code, Data, Status};
+use imap_next::imap_types::search::SearchKey;
+use imap_next::imap_types::sequence::SequenceSet;
+use quill_proto::imap::reply::{bad, cannot, flags_of, limit, name_of_flag, no, nz, ok, unavailable};
+use quill_proto::imap::search::{Position, SearchError};
+use quill_proto::imap::{FLAG_BYTES_MAX, FLAGS_PER_COMMAND_MAX, SEARCH_BYTES_MAX, fetch, search, sets, store};
+use replication::replica::Listed;
+use replication::{FlagMark, MarkChange};
+use tracing::debug;
+
+use super::state::{Handler, Phase};
+
+impl Handler {
+    pub(super) async fn fetch(
+        &mut self,
+        tag: Tag<'static>,
+        set: SequenceSet,
+        names: MacroOrMessageDataItemNames<'static>,
+        uid: bool,
+    ) -> Status<'static> {
+        let names = match fetch::item_names(names, uid) {
+            Ok(n) => n,
+            Err(why) => return cannot(tag, why),
+        };
+        let needs_body = fetch::needs_body(&names);
+        let Phase::Selected(sel) = &self.phase else {
+            unreachable!("the selected state")
+        };
+        let targets = sets::selected(&sel.msgs, &set, uid);
+        if !uid && targets.is_empty() && !sel.msgs.is_empty() {
+            return bad(Some(tag), "no such message");
+        }
+        // Fetching a body (not its PEEK) sets \Seen (RFC 3501 6.4.5),
+        // stored like a STORE, and the FLAGS go with the answer.
+        let mut now_seen = vec![false; sel.msgs.len()];
+        if !sel.read_only && fetch::sets_seen(&names) {
+            let hlc = self.services.mail.hlc_now();
+            let changes: Vec<(usize, Listed, MarkChange)> = targets
+                .iter()
+                .filter(|i| !sel.msgs[**i].listed.meta.marks.has("\\Seen"))
+                .map(|i| {
+                    let l = &sel.msgs[*i].listed;
+                    (*i, l.clone(), flag_change(l, &[("\\Seen".to_owned(), true)], hlc))
+                })
+                .collect();
+            if !changes.is_empty() {
+                let user = sel.user.clone();
+                let send: Vec<(Listed, MarkChange)> = changes.iter().map(|(_, l, c)| (l.clone(), c.clone())).collect();
+                if self.services.mail.mark(&user, &send).await.is_err() {
+                    debug!(user, "imap fetch: \\Seen not stored everywhere");
+                }
+                let Phase::Selected(sel) = &mut self.phase else {
+                    unreachable!("the selected state")
+                };
+                for (i, _, change) in changes {
+                    sel.msgs[i].listed.meta.apply_marks(&change);
+                    now_seen[i] = true;
+                }
+            }
+        }
+        for i in targets {
+            let Phase::Selected(sel) = &self.phase else {
+                unreachable!("the selected state")
+            };
+            let body = if needs_body {
+                match self.services.mail.read(&sel.msgs[i].listed).await {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        debug!(error = %e, "imap fetch: message unreadable now");
+                        return unavailable(tag, "a message cannot be read now, try again");
+                    }
+                }
+            } else {
+                None
+            };
+            let Phase::Selected(sel) = &self.phase else {
+                unreachable!("the selected state")
+            };
+            let items = fetch::items(&names, &sel.msgs[i], body.as_deref(), now_seen[i]);
+            self.data(Data::Fetch {
+                seq: nz(i as u32 + 1),
+                items: Vec1::unvalidated(items),
+            });
+        }
+        ok(tag, None, "FETCH completed")
+    }
+
+    pub(super) async fn store(
+        &mut self,
+        tag: Tag<'static>,
+        set: SequenceSet,
+        kind: StoreType,
+        response: StoreResponse,
+        flags: Vec<Flag<'static>>,
+        uid: bool,
+    ) -> Status<'static> {
+        let Phase::Selected(sel) = &self.phase else {
+            unreachable!("the selected state")
+        };
+        if sel.read_only {
+            return no(tag, Some(Code::ReadOnly), "the folder is read-only (EXAMINE)");
+        }
+        if flags.len() > FLAGS_PER_COMMAND_MAX {
+            return limit(tag, "too many flags in one STORE");
+        }
+        let silent = response == StoreResponse::Silent;
+        let names: Vec<String> = flags.iter().map(name_of_flag).collect();
+        if names.iter().any(|n| n.len() > FLAG_BYTES_MAX) {
+            return limit(tag, "a flag name is too long (at most 64 bytes)");
+        }
+        let hlc = self.services.mail.hlc_now();
+        let mut changes: Vec<(usize, Listed, MarkChange)> = Vec::new();
+        for i in sets::selected(&sel.msgs, &set, uid) {
+            let m = &sel.msgs[i];
+            let edits = match store::edits(m, kind, &names) {
+                Ok(e) => e,
+                Err(why) => return limit(tag, why),
+            };
+            changes.push((i, m.listed.clone(), flag_change(&m.listed, &edits, hlc)));
+        }
+        let user = sel.user.clone();
+        let to_send: Vec<(Listed, MarkChange)> = changes
+            .iter()
+            .filter(|(_, _, c)| !c.flags.is_empty())
+            .map(|(_, l, c)| (l.clone(), c.clone()))
+            .collect();
+        if !to_send.is_empty() && self.services.mail.mark(&user, &to_send).await.is_err() {
+            return unavailable(tag, "the flags could not be stored now, try again");
+        }
+        self.services.counters().imap_stores.inc();
+        let Phase::Selected(sel) = &mut self.phase else {
+            unreachable!("the selected state")
+        };
+        let mut out = Vec::new();
+        for (i, _, change) in changes {
+            let m = &mut sel.msgs[i];
+            m.listed.meta.apply_marks(&change);
+            if !silent {
+                let mut items = vec![MessageDataItem::Flags(flags_of(&*m))];
+                if uid {
+                    items.push(MessageDataItem::Uid(nz(m.uid)));
+                }
+                out.push(Data::Fetch {
+                    seq: nz(i as u32 + 1),
+                    items: Vec1::unvalidated(items),
+                });
+            }
+        }
+        for d in out {
+            self.data(d);
+        }
+        ok(tag, None, "STORE completed")
+    }
+
+    pub(super) async fn search(
+        &mut self,
+        tag: Tag<'static>,
+        criteria: &[SearchKey<'static>],
+        uid: bool,
+    ) -> Status<'static> {
+        let key = search::one_key(criteria);
+        let mut hits = Vec::new();
+        let mut budget = SEARCH_BYTES_MAX;
+        let Phase::Selected(sel) = &self.phase else {
+            unreachable!("the selected state")
+        };
+        let (seq_largest, uid_largest) = (sets::largest(&sel.msgs, false), sets::largest(&sel.msgs, true));
+        for (i, m) in sel.msgs.iter().enumerate() {
+            let pos = Position {
+                seq: i as u32 + 1,
+                seq_largest,
+                uid_largest,
+            };
+            let mut body = None;
+            let hit = loop {
+                match search::matches(&key, pos, m, body.as_deref()) {
+                    Ok(hit) => break hit,
+                    Err(SearchError::Unsupported(why)) => return no(tag, None, why),
+                    Err(SearchError::NeedBody) => {
+                        let size = m.listed.meta.size_bytes;
+                        if size > budget {
+                            return no(tag, None, "the search reads too many bytes: narrow it down");
+                        }
+                        budget -= size;
+                        match self.services.mail.read(&m.listed).await {
+                            Ok(b) => body = Some(b),
+                            Err(_) => return no(tag, None, "a message cannot be read now"),
+                        }
+                    }
+                }
+            };
+            if hit {
+                hits.push(if uid { m.uid } else { i as u32 + 1 });
+            }
+        }
+        self.data(Data::Search(hits.into_iter().map(nz).collect()));
+        ok(tag, None, "SEARCH completed")
+    }
+}
+
+/// The change that sets (or clears) flags of a listed message, stamped
+/// `hlc`.
+pub(super) fn flag_change(l: &Listed, flags: &[(String, bool)], hlc: u64) -> MarkChange {
+    MarkChange {
+        id: l.meta.id,
+        folder: None,
+        flags: flags
+            .iter()
+            .map(|(name, set)| FlagMark {
+                name: name.clone(),
+                set: *set,
+                hlc,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,324 @@
+//! An IMAP session's state as the handler keeps it: the phase (not
+//! authenticated, authenticated, a folder selected), the counts that end
+//! an abusive session, and the responses a command makes. No socket: the
+//! driver sends what the handler returns.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use imap_next::imap_types::core::Tag;
+use imap_next::imap_types::mailbox::Mailbox;
+use imap_next::imap_types::response::{Code, Data, Status};
+use quill_proto::imap::folders::{self, Folder};
+use quill_proto::imap::reply::{self, mailbox_as_bytes, nonexistent};
+use replication::replica::Listed;
+
+use crate::services::{ImapSession, Services};
+
+/// One message of the selected folder.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub uid: u32,
+    pub listed: Listed,
+}
+
+impl quill_proto::imap::Message for Msg {
+    fn uid(&self) -> u32 {
+        self.uid
+    }
+    fn size(&self) -> u64 {
+        self.listed.meta.size_bytes
+    }
+    fn arrival_ms(&self) -> u64 {
+        self.listed.meta.arrival_ms
+    }
+    fn flags(&self) -> Vec<&str> {
+        self.listed.meta.marks.set_flags().collect()
+    }
+    fn registers(&self) -> Vec<(&str, bool)> {
+        self.listed
+            .meta
+            .marks
+            .flags
+            .iter()
+            .map(|f| (f.name.as_str(), f.set))
+            .collect()
+    }
+    fn has(&self, flag: &str) -> bool {
+        self.listed.meta.marks.has(flag)
+    }
+}
+
+pub struct Selected {
+    pub user: String,
+    pub folder: Folder,
+    pub read_only: bool,
+    pub validity: u32,
+    pub uid_next: u32,
+    pub msgs: Vec<Msg>,
+}
+
+pub enum Phase {
+    NotAuthenticated,
+    Authenticated { user: String },
+    Selected(Box<Selected>),
+}
+
+/// One response of a command, in the order it is sent.
+#[derive(Debug)]
+pub enum Response {
+    Data(Data<'static>),
+    Status(Status<'static>),
+}
+
+/// What the driver does once a command's responses are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    Continue,
+    /// Start TLS once the last response is written (STARTTLS's OK).
+    StartTls,
+    /// Close once the last response (a BYE) is written.
+    Close,
+}
+
+/// A command's responses and what follows them.
+#[derive(Debug)]
+pub struct Reply {
+    pub responses: Vec<Response>,
+    pub then: Then,
+}
+
+/// A response to a command that failed before it started (no such
+/// folder, ...): made with the command's tag.
+pub type Refusal = fn(Tag<'static>) -> Status<'static>;
+
+/// One IMAP session's state and the services it reaches mail through.
+pub struct Handler {
+    pub(super) services: Arc<Services>,
+    pub(super) peer: SocketAddr,
+    pub(super) phase: Phase,
+    /// Whether the connection is under TLS.
+    pub(super) tls: bool,
+    n_commands: u32,
+    n_bad: u32,
+    pub(super) auth_failures: u32,
+    /// An AUTHENTICATE waiting for its (PLAIN) response.
+    pub(super) authenticating: Option<Tag<'static>>,
+    /// This session counted against its user's limit (after login).
+    pub(super) counted: Option<ImapSession>,
+    /// Responses made so far by the command being handled.
+    out: Vec<Response>,
+    /// Say BYE (with this reason) after the command's tagged reply.
+    pub(super) bye_after: Option<&'static str>,
+}
+
+impl Handler {
+    pub fn new(services: Arc<Services>, peer: SocketAddr, tls: bool) -> Handler {
+        Handler {
+            services,
+            peer,
+            phase: Phase::NotAuthenticated,
+            tls,
+            n_commands: 0,
+            n_bad: 0,
+            auth_failures: 0,
+            authenticating: None,
+            counted: None,
+            out: Vec::new(),
+            bye_after: None,
+        }
+    }
+
+    /// TLS is on (after STARTTLS).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+    }
+
+    pub(super) fn data(&mut self, d: Data<'static>) {
+        self.out.push(Response::Data(d));
+    }
+
+    pub(super) fn status(&mut self, s: Status<'static>) {
+        self.out.push(Response::Status(s));
+    }
+
+    pub(super) fn untagged_ok(&mut self, code: Code<'static>, t: &str) {
+        self.status(reply::untagged_ok(code, t));
+    }
+
+    /// The responses made so far, and what follows them.
+    pub(super) fn reply(&mut self, then: Then) -> Reply {
+        Reply {
+            responses: std::mem::take(&mut self.out),
+            then,
+        }
+    }
+
+    /// Ends a command with its tagged status, and a BYE if one is due.
+    pub(super) fn done(&mut self, status: Status<'static>) -> Reply {
+        self.status(status);
+        self.then_bye()
+    }
+
+    /// The responses so far, then the BYE that was due, if one was.
+    pub(super) fn then_bye(&mut self) -> Reply {
+        match self.bye_after.take() {
+            Some(why) => self.bye(why),
+            None => self.reply(Then::Continue),
+        }
+    }
+
+    /// The responses so far, then BYE: the session ends.
+    pub fn bye(&mut self, why: &str) -> Reply {
+        self.status(reply::bye(why));
+        self.reply(Then::Close)
+    }
+
+    /// Counts a command; a BYE when the session has had too many.
+    pub fn count_command(&mut self) -> Option<Reply> {
+        self.n_commands += 1;
+        if self.n_commands > self.services.limits.commands_max {
+            self.services.counters().limit_refusals.inc();
+            return Some(self.bye("too many commands in one session"));
+        }
+        None
+    }
+
+    /// Counts a bad command (after its BAD, if any, was pushed); a BYE
+    /// when the session has had too many.
+    pub fn count_bad(&mut self) -> Reply {
+        self.n_bad += 1;
+        if self.n_bad >= self.services.limits.bad_commands_max {
+            self.services.counters().limit_refusals.inc();
+            return self.bye("too many bad commands");
+        }
+        self.reply(Then::Continue)
+    }
+
+    /// A line the protocol layer could not take: BAD (with its tag, if it
+    /// had one), counted.
+    pub fn malformed(&mut self, discarded: &[u8], why: &str) -> Reply {
+        let tag = reply::parse_tag(discarded);
+        self.status(reply::bad(tag, why));
+        self.count_bad()
+    }
+
+    /// A literal over the limit (refused with BAD by the protocol layer).
+    pub fn literal_refused(&mut self) -> Reply {
+        self.services.counters().limit_refusals.inc();
+        self.count_bad()
+    }
+
+    /// A command line over the limit: the session ends.
+    pub fn command_too_long(&mut self) -> Reply {
+        self.services.counters().limit_refusals.inc();
+        self.bye("command line too long")
+    }
+
+    pub(super) fn user(&self) -> Option<String> {
+        match &self.phase {
+            Phase::NotAuthenticated => None,
+            Phase::Authenticated { user } => Some(user.clone()),
+            Phase::Selected(s) => Some(s.user.clone()),
+        }
+    }
+
+    /// Whether IDLE may start (a folder is selected).
+    pub fn can_idle(&self) -> bool {
+        matches!(self.phase, Phase::Selected(_))
+    }
+
+    /// The capabilities to announce now.
+    pub fn capabilities(
+        &self,
+    ) -> imap_next::imap_types::core::Vec1<imap_next::imap_types::response::Capability<'static>> {
+        let env = &self.services.env;
+        let authenticated = !matches!(self.phase, Phase::NotAuthenticated);
+        reply::capabilities(
+            !self.tls && env.tls.is_some(),
+            env.plaintext_auth.allows(self.tls, self.peer.ip()),
+            authenticated,
+        )
+    }
+
+    /// Whether a password may be sent on this connection now.
+    pub(super) fn password_ok(&self) -> bool {
+        self.services.env.plaintext_auth.allows(self.tls, self.peer.ip())
+    }
+
+    /// A new folder's id: unique like a message id (time, node nonce,
+    /// counter).
+    pub(super) fn new_folder_id(&self) -> [u8; 16] {
+        self.services.mail.new_message_id(crate::time::now_ms()).0
+    }
+
+    /// The folder a client's mailbox name names, if it exists.
+    pub(super) fn folder(&self, user: &str, mailbox: &Mailbox<'_>) -> Result<Folder, Refusal> {
+        let Ok(name) = folders::canonical(mailbox_as_bytes(mailbox)) else {
+            return Err(nonexistent);
+        };
+        if name == folders::INBOX {
+            return Ok(Folder::inbox());
+        }
+        folders::resolve(&self.services.uids.names(&folders::scope(user)), &name).ok_or(nonexistent as _)
+    }
+
+    /// A name for a new folder (CREATE, the target of RENAME): canonical
+    /// and not taken; with the user's folders as they are now.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn free_name(
+        &self,
+        tag: &Tag<'static>,
+        user: &str,
+        mailbox: &Mailbox<'_>,
+    ) -> Result<(String, BTreeMap<String, [u8; 16]>), Status<'static>> {
+        let name = folders::canonical(mailbox_as_bytes(mailbox)).map_err(|why| reply::no(tag.clone(), None, why))?;
+        let names = self.services.uids.names(&folders::scope(user));
+        if name == folders::INBOX || names.contains_key(&name) {
+            return Err(reply::no_code(
+                tag.clone(),
+                "ALREADYEXISTS",
+                "that folder already exists",
+            ));
+        }
+        Ok((name, names))
+    }
+
+    /// The levels above `name` that do not exist, with new ids (CREATE and
+    /// RENAME make them, RFC 3501 6.3.3).
+    pub(super) fn missing_superiors(&self, name: &str, names: &BTreeMap<String, [u8; 16]>) -> Vec<(String, [u8; 16])> {
+        folders::superiors(name)
+            .into_iter()
+            .filter(|s| s != folders::INBOX && !names.contains_key(s))
+            .map(|s| (s, self.new_folder_id()))
+            .collect()
+    }
+
+    /// A refused Raft change (a limit, or a race with another session).
+    pub(super) fn refused(&self, tag: Tag<'static>, e: &anyhow::Error) -> Status<'static> {
+        let why = e.to_string();
+        tracing::debug!(error = %why, "imap: folder change refused");
+        reply::refused(tag, &why)
+    }
+}
+
+/// A message just stored, as a listing would show it (enough to send
+/// changes to its copies).
+pub fn fresh_listed(id: replication::MessageId, folder: &str, arrival_ms: u64, replicas: Vec<u64>) -> Listed {
+    Listed {
+        meta: replication::EntryMeta {
+            id,
+            body: replication::BodyHash([0; 32]),
+            size_bytes: 0,
+            arrival_ms,
+            folder: folder.to_owned(),
+            flags: 0,
+            replicas,
+            placed: 0,
+            prior: Vec::new(),
+            marks: Default::default(),
+        },
+        holders: Vec::new(),
+    }
+}

@@ -1,0 +1,298 @@
+//! Connection slots for the client protocols, shared by every listener of a
+//! node: a cap in all, a share per client address that shrinks as the node
+//! fills, a reserve that only addresses holding no connection may use, and,
+//! when full, the longest-idle session closed to make room for a newcomer.
+//!
+//! A session is idle since the last line it sent ([`Tracked`] notes every
+//! line feed read), so a client trickling a byte a second into a command
+//! that never ends is idle too. Without this, 17 addresses holding 64
+//! connections each filled all 1 024 slots and every other client got `421`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+
+/// A session idle for less than this is never closed to make room.
+pub const EVICT_IDLE_MIN: Duration = Duration::from_secs(10);
+
+/// Why a connection got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its address holds its share already.
+    PerAddress,
+    /// Every slot is taken and no session has been idle long enough.
+    Full,
+}
+
+#[derive(Debug)]
+struct Entry {
+    ip: IpAddr,
+    /// Milliseconds since `Slots::epoch` of the last line feed read.
+    activity: Arc<AtomicU64>,
+    close: watch::Sender<bool>,
+    evicted: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_address: HashMap<IpAddr, u32>,
+    sessions: HashMap<u64, Entry>,
+    next_id: u64,
+    stopping: bool,
+}
+
+/// See the module docs. One per node.
+#[derive(Debug)]
+pub struct Slots {
+    max: usize,
+    per_address_max: u32,
+    epoch: Instant,
+    inner: Mutex<Inner>,
+}
+
+/// Held while a connection is open: gives its slot back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    owner: Arc<Slots>,
+    id: u64,
+    /// Becomes true when the session must end (evicted, or the node stops).
+    pub close: watch::Receiver<bool>,
+    pub activity: Arc<AtomicU64>,
+}
+
+impl Slots {
+    pub fn new(max: usize, per_address_max: u32) -> Arc<Slots> {
+        Arc::new(Slots {
+            max: max.max(1),
+            per_address_max: per_address_max.max(1),
+            epoch: Instant::now(),
+            inner: Mutex::default(),
+        })
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Slots kept for addresses that hold none (a tenth).
+    fn reserve(&self) -> usize {
+        self.max / 10
+    }
+
+    /// How many connections one address may hold with `used` slots taken:
+    /// the full share up to half the slots, then shrinking with the free
+    /// room (never below 1).
+    pub fn share(&self, used: usize) -> u32 {
+        let half = self.max / 2;
+        if used <= half || half == 0 {
+            return self.per_address_max;
+        }
+        let free = self.max.saturating_sub(used) as u64;
+        ((self.per_address_max as u64 * free / half as u64) as u32).max(1)
+    }
+
+    /// A slot for a connection from `ip` at `now`, closing the longest-idle
+    /// session when that is the only way to make room.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Slot, Refused> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.stopping {
+            return Err(Refused::Full);
+        }
+        // Sessions already told to go do not count against newcomers.
+        let used = inner.sessions.values().filter(|e| !e.evicted).count();
+        let held = inner.by_address.get(&ip).copied().unwrap_or(0);
+        if held >= self.share(used) {
+            return Err(Refused::PerAddress);
+        }
+        // An address that holds connections leaves the reserve to others.
+        let room = if held > 0 { self.max - self.reserve() } else { self.max };
+        if used >= room {
+            let now_ms = self.ms(now);
+            let idle_min = EVICT_IDLE_MIN.as_millis() as u64;
+            let victim = inner
+                .sessions
+                .iter()
+                .filter(|(_, e)| !e.evicted && now_ms.saturating_sub(e.activity.load(Ordering::Relaxed)) >= idle_min)
+                .min_by_key(|(_, e)| e.activity.load(Ordering::Relaxed))
+                .map(|(id, _)| *id);
+            let Some(victim) = victim else {
+                return Err(Refused::Full);
+            };
+            let e = inner.sessions.get_mut(&victim).expect("found");
+            e.evicted = true;
+            let _ = e.close.send(true);
+            tracing::debug!(client = %e.ip, "connections full: closing the longest-idle session");
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let activity = Arc::new(AtomicU64::new(self.ms(now)));
+        let (close, rx) = watch::channel(false);
+        inner.sessions.insert(
+            id,
+            Entry {
+                ip,
+                activity: activity.clone(),
+                close,
+                evicted: false,
+            },
+        );
+        *inner.by_address.entry(ip).or_insert(0) += 1;
+        Ok(Slot {
+            owner: self.clone(),
+            id,
+            close: rx,
+            activity,
+        })
+    }
+
+    /// Tells every session to end (the node stops); no new slot is given.
+    pub fn close_all(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.stopping = true;
+        for e in inner.sessions.values() {
+            let _ = e.close.send(true);
+        }
+    }
+
+    /// Sessions open now.
+    pub fn open(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).sessions.len()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.owner.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = inner.sessions.remove(&self.id)
+            && let Some(n) = inner.by_address.get_mut(&e.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                inner.by_address.remove(&e.ip);
+            }
+        }
+    }
+}
+
+/// A client stream that notes, in its slot, when it last delivered a line
+/// feed (the end of a command or of a DATA line).
+pub struct Tracked<S> {
+    inner: S,
+    activity: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<S> Tracked<S> {
+    pub fn new(inner: S, slots: &Slots, slot: &Slot) -> Self {
+        Tracked {
+            inner,
+            activity: slot.activity.clone(),
+            epoch: slots.epoch,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled()[before..].contains(&b'\n') {
+            let ms = Instant::now().saturating_duration_since(self.epoch).as_millis() as u64;
+            self.activity.store(ms, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([127, 0, 1, n])
+    }
+
+    #[test]
+    fn a_crowd_of_addresses_cannot_take_every_slot() {
+        let s = Slots::new(100, 20);
+        let t0 = Instant::now();
+        let mut held = Vec::new();
+        // Five addresses try for 20 each: the share shrinks past half.
+        for a in 1..=5 {
+            while let Ok(slot) = s.acquire(ip(a), t0) {
+                held.push(slot);
+            }
+        }
+        let used = held.len();
+        assert!(used <= 90, "the reserve is left to new addresses: {used}");
+        // A new address still gets in, through the reserve.
+        let newcomer = s.acquire(ip(50), t0).expect("a new address gets a slot");
+        assert_eq!(s.acquire(ip(1), t0).unwrap_err(), Refused::PerAddress);
+        held.push(newcomer);
+        // Fill the reserve with other new addresses.
+        let mut a = 60;
+        while s.open() < 100 {
+            held.push(s.acquire(ip(a), t0).expect("room"));
+            a += 1;
+        }
+        // Full, nobody idle long enough: refused.
+        assert_eq!(s.acquire(ip(200), t0).unwrap_err(), Refused::Full);
+        // Later, the longest idle goes to make room; the others are kept.
+        let later = t0 + EVICT_IDLE_MIN * 2;
+        for h in &held {
+            h.activity.store(s.ms(t0) + 1_000, Ordering::Relaxed);
+        }
+        held[10].activity.store(s.ms(later), Ordering::Relaxed);
+        held[0].activity.store(s.ms(t0), Ordering::Relaxed);
+        let in_ = s.acquire(ip(201), later).expect("the longest idle made room");
+        assert!(*held[0].close.borrow(), "the longest idle was told to close");
+        assert!(!*held[10].close.borrow(), "a busy session stays");
+        assert_eq!(held.iter().filter(|h| *h.close.borrow()).count(), 1);
+        drop(in_);
+        let n = held.len();
+        drop(held);
+        assert_eq!(s.open(), 0, "{n} slots given back");
+    }
+
+    #[test]
+    fn share_shrinks_with_free_room() {
+        let s = Slots::new(1024, 64);
+        assert_eq!(s.share(0), 64);
+        assert_eq!(s.share(512), 64);
+        assert_eq!(s.share(768), 32);
+        assert_eq!(s.share(1020), 1);
+        assert_eq!(s.share(1024), 1);
+    }
+
+    #[test]
+    fn close_all_tells_every_session_and_admits_nobody() {
+        let s = Slots::new(10, 5);
+        let a = s.acquire(ip(1), Instant::now()).unwrap();
+        s.close_all();
+        assert!(*a.close.borrow());
+        assert!(s.acquire(ip(2), Instant::now()).is_err());
+    }
+}

@@ -1,0 +1,372 @@
+//! The wiring of one node: opens the store, takes the node's place in the
+//! cluster, builds the replicator and the services, binds every listener
+//! (from one table), runs the background duties and the sessions, and
+//! stops them all on one signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use membership::Directory;
+use replication::replica::{ReplicaConfig, Replicator};
+use replication::{FragmentStore, StoreConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::admin::{self, Addrs, AdminState};
+use crate::cluster::{self, replica};
+use crate::metrics::{ReplicaFigures, StoreFigures};
+use crate::net::{self, Client, PlaintextAuth, Proto};
+use crate::services::{Limits, Parts, Services};
+use crate::{files, mail, outbound, tls, uids};
+
+/// How recently a queue owner must have been in touch with a majority.
+const OWNER_QUORUM_WITHIN: Duration = Duration::from_secs(3);
+/// How long sessions get to finish after shutdown is asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often the log cleaner looks for a segment worth cleaning.
+const COMPACT_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a starting node waits to catch up with the cluster's view
+/// before it serves clients anyway.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub cluster_addr: SocketAddr,
+    pub smtp: Option<SocketAddr>,
+    pub submission: Option<SocketAddr>,
+    pub lmtp: Option<SocketAddr>,
+    pub pop3: Option<SocketAddr>,
+    /// Implicit-TLS SMTP (RFC 8314, port 465).
+    pub smtps: Option<SocketAddr>,
+    /// Implicit-TLS POP3 (port 995).
+    pub pop3s: Option<SocketAddr>,
+    pub imap: Option<SocketAddr>,
+    /// Implicit-TLS IMAP (port 993).
+    pub imaps: Option<SocketAddr>,
+    /// Certificate and key files (`--tls-cert`/`--tls-key`); none: a
+    /// self-signed certificate made in the data directory.
+    pub tls_files: Vec<tls::FilePair>,
+    /// Where passwords may be sent without TLS.
+    pub plaintext_auth: PlaintextAuth,
+    pub admin: Option<SocketAddr>,
+    /// The admin token; made and saved in the data directory if not given.
+    pub admin_token: Option<String>,
+    /// Members to join through; none: found a new cluster.
+    pub seeds: Vec<SocketAddr>,
+    /// First node: the join secret; joining node: the full join token.
+    pub join_token: Option<String>,
+    /// A node silent this long is marked down by the leader.
+    pub failure_timeout: Duration,
+    /// Domain appended to logins that have none.
+    pub default_login_domain: Option<String>,
+    /// Where postmaster mail goes for domains without a postmaster user.
+    pub postmaster: Option<String>,
+    pub limits: Limits,
+    /// Copies of each message (R).
+    pub replicas: usize,
+    /// How long a node may be down before its copies are made elsewhere.
+    pub repair_grace: Duration,
+    /// Bytes per second of repair and move traffic this node sends.
+    pub repair_rate: u64,
+    /// Outbound delivery (relay host, DNS, retries, queue bounds).
+    pub outbound: outbound::OutboundConfig,
+}
+
+impl NodeConfig {
+    /// The client listeners asked for, one row a protocol.
+    fn listeners(&self) -> Vec<(Proto, SocketAddr)> {
+        [
+            (Proto::Smtp, self.smtp),
+            (Proto::Submission, self.submission),
+            (Proto::Lmtp, self.lmtp),
+            (Proto::Pop3, self.pop3),
+            (Proto::Smtps, self.smtps),
+            (Proto::Pop3s, self.pop3s),
+            (Proto::Imap, self.imap),
+            (Proto::Imaps, self.imaps),
+        ]
+        .into_iter()
+        .filter_map(|(p, a)| a.map(|a| (p, a)))
+        .collect()
+    }
+}
+
+impl Addrs {
+    fn set(&mut self, proto: Proto, addr: SocketAddr) {
+        let slot = match proto {
+            Proto::Smtp => &mut self.smtp,
+            Proto::Submission => &mut self.submission,
+            Proto::Lmtp => &mut self.lmtp,
+            Proto::Pop3 => &mut self.pop3,
+            Proto::Smtps => &mut self.smtps,
+            Proto::Pop3s => &mut self.pop3s,
+            Proto::Imap => &mut self.imap,
+            Proto::Imaps => &mut self.imaps,
+        };
+        *slot = Some(addr);
+    }
+}
+
+/// The admin token: the one given, else the one saved in the data directory,
+/// else a new random one saved there (mode 0600).
+fn admin_token(config: &NodeConfig) -> anyhow::Result<String> {
+    let path = config.data_dir.join("admin-token");
+    if let Some(t) = &config.admin_token {
+        return Ok(t.clone());
+    }
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_owned());
+    }
+    let token = files::hex(&files::random_bytes()?);
+    files::write_secret(&path, &token)?;
+    println!("admin token created: {}", path.display());
+    Ok(token)
+}
+
+/// Serves one client connection with its protocol.
+async fn serve_client(proto: Proto, c: Client, services: Arc<Services>) {
+    use crate::{imap, pop3, smtp};
+    match proto {
+        Proto::Smtp | Proto::Smtps => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Smtp, c.stop).await,
+        Proto::Submission => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Submission, c.stop).await,
+        Proto::Lmtp => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Lmtp, c.stop).await,
+        Proto::Pop3 | Proto::Pop3s => pop3::serve_on(c.stream, c.peer, services, c.stop).await,
+        Proto::Imap | Proto::Imaps => imap::serve_on(c.stream, c.peer, services, c.stop).await,
+    }
+}
+
+/// Runs a node until `shutdown` resolves. Binds every listener before it
+/// reports ready, so an address in use is an error at start, not later.
+pub async fn run(
+    config: NodeConfig,
+    set_log_level: admin::LogLevelSetter,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    // Private, also when made by an earlier version or by hand (the binary
+    // sets umask 077 for everything it creates below).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", config.data_dir.display()))?;
+    }
+    let store_dir = config.data_dir.join("store");
+    let store = tokio::task::spawn_blocking(move || FragmentStore::open(StoreConfig::new(store_dir)))
+        .await?
+        .context("cannot open the fragment store")?;
+    let store = Arc::new(store);
+    let token = admin_token(&config)?;
+    // A bad certificate pair fails the start, with its reason.
+    let table = config.listeners();
+    let ips: Vec<std::net::IpAddr> = table
+        .iter()
+        .map(|(_, a)| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    let tls = tls::Tls::load(config.tls_files.clone(), &config.data_dir, &config.name, &ips)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Bind every listener first: an address in use fails the start, and the
+    // view records the addresses actually bound.
+    let mut addrs = Addrs {
+        cluster: Some(config.cluster_addr),
+        ..Default::default()
+    };
+    let listeners = net::bind(&table).await?;
+    for l in &listeners {
+        addrs.set(l.proto, l.addr);
+    }
+    let admin_listener = match config.admin {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin)"))?;
+            addrs.admin = Some(l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
+
+    let s = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+    let cluster = cluster::Cluster::start(
+        cluster::ClusterConfig {
+            data_dir: config.data_dir.clone(),
+            name: config.name.clone(),
+            cluster_addr: config.cluster_addr,
+            seeds: config.seeds.clone(),
+            join_token: config.join_token.clone(),
+            failure_timeout: config.failure_timeout,
+            addrs: membership::NodeAddrs {
+                cluster: config.cluster_addr.to_string(),
+                smtp: s(addrs.smtp),
+                submission: s(addrs.submission),
+                lmtp: s(addrs.lmtp),
+                pop3: s(addrs.pop3),
+                imap: s(addrs.imap),
+                imaps: s(addrs.imaps),
+                admin: s(addrs.admin),
+                smtps: s(addrs.smtps),
+                pop3s: s(addrs.pop3s),
+                inbound_only: !config.outbound.works_queue,
+            },
+        },
+        store.clone(),
+        stop_rx.clone(),
+    )
+    .await
+    .context("cannot take this node's place in the cluster")?;
+    let directory: Arc<dyn Directory> = Arc::new(cluster.membership.directory());
+    let mut replica_cfg = ReplicaConfig::new(config.data_dir.join("updates"));
+    replica_cfg.replicas = config.replicas.max(1);
+    replica_cfg.repair_grace = config.repair_grace;
+    let replica = Arc::new(Replicator::new(
+        cluster.id(),
+        store.clone(),
+        replica::QuicNet {
+            transport: cluster.transport.clone(),
+            membership: cluster.membership.clone(),
+        },
+        replica_cfg,
+    )?);
+    // Place mail by the current view from the first message on.
+    if let Some(v) = replica::placement_view(&cluster.membership).await {
+        replica.set_view(v);
+    }
+    let _ = cluster
+        .replica
+        .set(replica.clone() as Arc<dyn cluster::rpc::ReplicaService>);
+    let _ = cluster.log_level.set(set_log_level.clone());
+    let mut parts = Parts::new(
+        config.name.clone(),
+        store.clone(),
+        replica.clone() as Arc<dyn mail::Mail>,
+        Arc::new(uids::RaftUids::new(cluster.membership.clone())),
+        directory,
+        config.limits.clone(),
+        Some(tls.clone()),
+        files::random_bytes()?,
+    );
+    parts.plaintext_auth = config.plaintext_auth;
+    parts.default_login_domain = config.default_login_domain.clone();
+    parts.postmaster = config.postmaster.clone();
+    parts.queue_bounds = (config.outbound.max_messages, config.outbound.max_bytes);
+    parts.metric_sources = vec![
+        Box::new(StoreFigures(store.clone())),
+        Box::new(ReplicaFigures(replica.clone())),
+    ];
+    let services = Arc::new(Services::new(parts));
+    let owner: outbound::Owner = {
+        let (membership, me) = (cluster.membership.clone(), cluster.id());
+        // Fenced: a node out of touch with a majority (a partition's
+        // minority side) works no shard, while the majority's view gives
+        // its shards to others.
+        Arc::new(move |shard: &str| {
+            membership.in_quorum(OWNER_QUORUM_WITHIN) && outbound::owner_of(&membership.view(), shard) == Some(me)
+        })
+    };
+    let outbound = outbound::Outbound::new(services.clone(), config.outbound.clone(), owner)
+        .context("cannot set up outbound delivery (DNS resolver)")?;
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(outbound.run(stop_rx.clone()));
+    tasks.spawn(tls.clone().watch_files(stop_rx.clone()));
+    tasks.spawn(tls::watch_cluster(
+        tls.certs.clone(),
+        cluster.membership.clone(),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(replica::duties(
+        replica.clone(),
+        cluster.membership.clone(),
+        config.repair_rate,
+        stop_rx.clone(),
+    ));
+    if let Some(listener) = admin_listener {
+        info!(addr = %addrs.admin.expect("bound"), "admin API listening");
+        let state = AdminState {
+            services: services.clone(),
+            replica: replica.clone(),
+            token: Arc::new(token),
+            cluster: cluster.clone(),
+            name: config.name.clone(),
+            set_log_level,
+        };
+        tasks.spawn(admin::serve(listener, admin::router(state), stop_rx.clone()));
+    }
+    tasks.spawn(clean_log(store.clone(), stop_rx.clone()));
+    // Clients are served by the cluster's current view, not by the one
+    // this node may have died with (bounded: a cluster without a quorum
+    // still gets served).
+    if cluster.catch_up(CATCH_UP_DEADLINE).await
+        && replica
+            .wait_for_view(cluster.membership.view().epoch, CATCH_UP_DEADLINE)
+            .await
+    {
+        info!(
+            epoch = cluster.membership.view().epoch,
+            "caught up with the cluster's view"
+        );
+    }
+    for l in listeners {
+        let serve = {
+            let services = services.clone();
+            move |proto, c| serve_client(proto, c, services.clone())
+        };
+        tasks.spawn(net::serve_clients(
+            l,
+            services.env.clone(),
+            services.slots.clone(),
+            stop_rx.clone(),
+            serve,
+        ));
+    }
+    info!(name = %config.name, data = %config.data_dir.display(), "quill node ready");
+    println!(
+        "quill node ready: {}",
+        serde_json::to_string(&addrs).unwrap_or_default()
+    );
+
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!("sessions still open after the grace period; aborting them");
+        tasks.abort_all();
+    }
+    cluster.shutdown().await;
+    tokio::task::spawn_blocking(move || store.close()).await?;
+    info!("stopped");
+    Ok(())
+}
+
+/// The log cleaner: as many segments as are worth it, one at a time,
+/// every [`COMPACT_INTERVAL`].
+async fn clean_log(store: Arc<FragmentStore>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(COMPACT_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            match store.compact_once().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(error = %e, "log cleaner failed");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Every input bound of a node's client sessions.
+
+use std::time::Duration;
+
+/// Every input bound of a node. Defaults follow the RFCs where they set a
+/// number and common practice (Postfix, Dovecot) where they don't.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest message accepted (advertised in `SIZE`).
+    pub message_bytes_max: usize,
+    /// RFC 5321 §4.5.3.1.8: at least 100 must be accepted.
+    pub recipients_max: usize,
+    /// Commands in one session before it is closed (stops endless sessions).
+    pub commands_max: u32,
+    /// Unknown or malformed commands in one session before it is closed.
+    pub bad_commands_max: u32,
+    /// RFC 5321 §4.5.3.2.7 suggests 5 minutes for the server. Also the
+    /// longest a command line may take to arrive, byte by byte.
+    pub idle_timeout: Duration,
+    /// A message (DATA, or a POP3 client reading one) must move at least
+    /// this many bytes a second on average once `transfer_grace` is over:
+    /// a trickle cannot hold a session (and a slot) for hours.
+    pub transfer_bytes_per_sec_min: u64,
+    pub transfer_grace: Duration,
+    /// Bytes of incoming messages all sessions together may hold in memory;
+    /// past it a message gets `452 4.3.1` (read to its end, dropped).
+    pub data_memory_bytes_max: usize,
+    /// All connections of all protocols on this node.
+    pub connections_max: usize,
+    pub connections_per_address_max: u32,
+    /// IMAP sessions of one user on this node at once.
+    pub imap_sessions_per_user_max: u32,
+    /// Failed logins from one address within `auth_window` before it is
+    /// refused for the rest of the window.
+    pub auth_failures_max: u32,
+    /// Failed logins on one account, from all addresses together, within
+    /// `auth_window` before the account is refused for the rest of it.
+    pub auth_failures_per_account_max: u32,
+    pub auth_window: Duration,
+    /// Submissions with remote recipients one account may make a minute,
+    /// and remote recipients it may name an hour (cluster-wide, counted
+    /// at each account's manager): one compromised account cannot flood
+    /// the queue.
+    pub submission_messages_per_minute: u32,
+    pub submission_recipients_per_hour: u32,
+    /// Unknown recipients one client address may name within
+    /// `auth_window` before every RCPT from it gets `450 4.7.1`.
+    pub unknown_recipients_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            message_bytes_max: 50 << 20,
+            recipients_max: 100,
+            commands_max: 10_000,
+            bad_commands_max: 20,
+            idle_timeout: Duration::from_secs(300),
+            transfer_bytes_per_sec_min: 1024,
+            transfer_grace: Duration::from_secs(60),
+            data_memory_bytes_max: 512 << 20,
+            connections_max: 1024,
+            connections_per_address_max: 64,
+            imap_sessions_per_user_max: 20,
+            auth_failures_max: 10,
+            auth_failures_per_account_max: 30,
+            auth_window: Duration::from_secs(60),
+            unknown_recipients_max: 50,
+            submission_messages_per_minute: 120,
+            submission_recipients_per_hour: 2000,
+        }
+    }
+}
+
+/// The memory budget for incoming messages is taken in chunks this large.
+pub const DATA_BUDGET_CHUNK: usize = 64 * 1024;

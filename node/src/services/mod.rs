@@ -1,0 +1,180 @@
+//! What the protocol sessions of one node share: the mail and the
+//! directory, the limits, logins ([`auth`]), where mail goes and who may
+//! send how much ([`routing`]), sessions that exclude others ([`locks`]),
+//! the memory budget of messages being received, and the metrics. It may
+//! use `net`, `mail`, `uids`, `metrics` and `tls`; never a protocol.
+
+pub mod auth;
+pub mod limits;
+pub mod locks;
+pub mod routing;
+mod windows;
+
+use std::sync::Arc;
+
+use membership::Directory;
+use prometheus_client::collector::Collector;
+use replication::FragmentStore;
+use tokio::sync::Semaphore;
+
+pub use auth::{Auth, AuthLimits, Authenticator};
+pub use limits::{DATA_BUDGET_CHUNK, Limits};
+pub use locks::{ImapSession, Locks, MailboxLock};
+pub use routing::{Routing, SendingLimits};
+
+use crate::mail::Mail;
+use crate::metrics::{Metrics, QueueGauge};
+use crate::net::slots::Slots;
+use crate::net::{Env, PlaintextAuth};
+use crate::tls::Tls;
+use crate::uids::Uids;
+
+/// What a node's services are made of. Everything without a default here
+/// must be given: a node and a test build them the same way.
+pub struct Parts {
+    pub hostname: String,
+    pub store: Arc<FragmentStore>,
+    /// Delivery to R nodes and mailboxes across the cluster.
+    pub mail: Arc<dyn Mail>,
+    /// IMAP UIDs and folder names (the Raft state's; in memory in tests).
+    pub uids: Arc<dyn Uids>,
+    pub directory: Arc<dyn Directory>,
+    pub limits: Limits,
+    /// Client TLS; `None`: no STARTTLS or implicit TLS offered.
+    pub tls: Option<Tls>,
+    /// Keys the login cache (random per process).
+    pub auth_key: [u8; 32],
+    pub plaintext_auth: PlaintextAuth,
+    pub default_login_domain: Option<String>,
+    pub postmaster: Option<String>,
+    /// The outbound queue's bounds on this node's share: messages, bytes.
+    pub queue_bounds: (u64, u64),
+    /// Figures other parts count, read at each scrape of `/metrics`.
+    pub metric_sources: Vec<Box<dyn Collector>>,
+}
+
+impl Parts {
+    /// The parts every node needs; the rest at their defaults (those of
+    /// `quill node`'s flags).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        hostname: String,
+        store: Arc<FragmentStore>,
+        mail: Arc<dyn Mail>,
+        uids: Arc<dyn Uids>,
+        directory: Arc<dyn Directory>,
+        limits: Limits,
+        tls: Option<Tls>,
+        auth_key: [u8; 32],
+    ) -> Parts {
+        Parts {
+            hostname,
+            store,
+            mail,
+            uids,
+            directory,
+            limits,
+            tls,
+            auth_key,
+            plaintext_auth: PlaintextAuth::default(),
+            default_login_domain: None,
+            postmaster: None,
+            queue_bounds: (100_000, 2 << 30),
+            metric_sources: Vec::new(),
+        }
+    }
+}
+
+pub struct Services {
+    pub hostname: String,
+    pub limits: Limits,
+    /// What the connection layer needs (bounds, TLS, counters).
+    pub env: Env,
+    pub store: Arc<FragmentStore>,
+    pub mail: Arc<dyn Mail>,
+    pub uids: Arc<dyn Uids>,
+    pub directory: Arc<dyn Directory>,
+    pub auth: Authenticator,
+    pub routing: Routing,
+    pub locks: Arc<Locks>,
+    pub metrics: Arc<Metrics>,
+    /// The outbound queue as this node sees it (bounds, `/metrics`).
+    pub queue: QueueGauge,
+    /// The memory budget for messages being received, one permit per
+    /// [`DATA_BUDGET_CHUNK`] bytes (see [`Limits::data_memory_bytes_max`]).
+    pub data_budget: Arc<Semaphore>,
+    /// Connection slots of every client listener (see [`crate::net::slots`]).
+    pub slots: Arc<Slots>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services").field("hostname", &self.hostname).finish()
+    }
+}
+
+impl Services {
+    pub fn new(p: Parts) -> Services {
+        let metrics = Arc::new(Metrics::new(p.metric_sources));
+        let counters = metrics.counters.clone();
+        let queue = metrics.queue.clone();
+        let l = &p.limits;
+        let env = Env {
+            idle_timeout: l.idle_timeout,
+            commands_max: l.commands_max,
+            bad_commands_max: l.bad_commands_max,
+            tls: p.tls,
+            plaintext_auth: p.plaintext_auth,
+            counters: counters.clone(),
+        };
+        let auth = Authenticator::new(
+            p.directory.clone(),
+            p.mail.clone(),
+            counters,
+            AuthLimits {
+                per_address: l.auth_failures_max,
+                per_account: l.auth_failures_per_account_max,
+                window: l.auth_window,
+            },
+            p.default_login_domain,
+            p.auth_key,
+        );
+        let routing = Routing::new(
+            p.directory.clone(),
+            p.mail.clone(),
+            p.postmaster,
+            SendingLimits {
+                messages_per_minute: l.submission_messages_per_minute,
+                recipients_per_hour: l.submission_recipients_per_hour,
+                unknown_recipients_max: l.unknown_recipients_max,
+                window: l.auth_window,
+                queue_messages_max: p.queue_bounds.0,
+                queue_bytes_max: p.queue_bounds.1,
+            },
+            queue.clone(),
+        );
+        Services {
+            hostname: p.hostname,
+            env,
+            store: p.store,
+            locks: Locks::new(p.mail.clone(), l.imap_sessions_per_user_max),
+            mail: p.mail,
+            uids: p.uids,
+            directory: p.directory,
+            auth,
+            routing,
+            data_budget: Arc::new(Semaphore::new(
+                l.data_memory_bytes_max.div_ceil(DATA_BUDGET_CHUNK).max(1),
+            )),
+            slots: Slots::new(l.connections_max, l.connections_per_address_max),
+            metrics,
+            queue,
+            limits: p.limits,
+        }
+    }
+
+    /// The counters the sessions bump.
+    pub fn counters(&self) -> &crate::metrics::Counters {
+        &self.metrics.counters
+    }
+}

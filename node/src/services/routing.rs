@@ -1,0 +1,138 @@
+//! Where mail for an address goes, and who may send how much: recipient
+//! resolution with postmaster routing, unknown recipients counted per
+//! client address, the per-account sending allowance, and the outbound
+//! queue's bounds.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use membership::{Directory, Recipient};
+
+use super::windows::Windows;
+use crate::mail::Mail;
+use crate::metrics::QueueGauge;
+
+/// How much one account and one client address may do.
+#[derive(Debug, Clone, Copy)]
+pub struct SendingLimits {
+    pub messages_per_minute: u32,
+    pub recipients_per_hour: u32,
+    /// Unknown recipients one address may name in `window`.
+    pub unknown_recipients_max: u32,
+    pub window: Duration,
+    /// The outbound queue's bounds on this node's share: messages, bytes.
+    pub queue_messages_max: u64,
+    pub queue_bytes_max: u64,
+}
+
+pub struct Routing {
+    directory: Arc<dyn Directory>,
+    mail: Arc<dyn Mail>,
+    /// Where postmaster mail goes when a domain has no `postmaster` user
+    /// (`--postmaster`); else [`Directory::postmaster_fallback`].
+    postmaster: Option<String>,
+    limits: SendingLimits,
+    queue: QueueGauge,
+    unknown: Windows,
+}
+
+impl std::fmt::Debug for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routing").field("limits", &self.limits).finish()
+    }
+}
+
+impl Routing {
+    pub fn new(
+        directory: Arc<dyn Directory>,
+        mail: Arc<dyn Mail>,
+        postmaster: Option<String>,
+        limits: SendingLimits,
+        queue: QueueGauge,
+    ) -> Self {
+        Routing {
+            directory,
+            mail,
+            postmaster,
+            limits,
+            queue,
+            unknown: Windows::default(),
+        }
+    }
+
+    /// Resolves a recipient, with postmaster (RFC 5321 §4.5.1) deliverable
+    /// for every local domain, and bare `postmaster`: to the
+    /// `postmaster@DOMAIN` user if there is one, else to `--postmaster`,
+    /// else to the directory's fallback (the domain's first user).
+    pub fn resolve(&self, address: &str) -> Recipient {
+        let dir = &self.directory;
+        let (local, domain) = match address.rsplit_once('@') {
+            Some((l, d)) => (l, Some(d)),
+            None => (address, None),
+        };
+        if !local.eq_ignore_ascii_case("postmaster") {
+            return dir.resolve(address);
+        }
+        // A postmaster user, or a domain that is not ours, decides; a
+        // local domain without a postmaster user is routed below.
+        if domain.is_some() {
+            match dir.resolve(address) {
+                Recipient::UnknownUser => {}
+                other => return other,
+            }
+        }
+        let configured = self.postmaster.as_deref().and_then(|a| dir.user(a));
+        match configured.or_else(|| dir.postmaster_fallback(domain)) {
+            Some(u) => Recipient::Local(u),
+            // No user anywhere to take it: an unknown user, not relaying.
+            None => Recipient::UnknownUser,
+        }
+    }
+
+    /// Counts an unknown recipient named by `ip`.
+    pub fn note_unknown_recipient(&self, ip: IpAddr) {
+        self.unknown.count(ip, self.limits.window);
+    }
+
+    /// Whether `ip` has named too many unknown recipients in the window.
+    pub fn unknown_recipients_exhausted(&self, ip: IpAddr) -> bool {
+        self.unknown
+            .full(ip, self.limits.unknown_recipients_max, self.limits.window)
+    }
+
+    /// Counts one use of a sending allowance of `user` (messages a minute,
+    /// or recipients an hour); `Err` with the reply when it is spent, or
+    /// when no counter could be reached (fail closed: a temporary
+    /// refusal).
+    pub async fn spend_sending_allowance(&self, user: &str, per_hour: bool) -> Result<(), &'static str> {
+        let (key, max, window) = if per_hour {
+            (
+                format!("send-rcpts/{user}"),
+                self.limits.recipients_per_hour,
+                Duration::from_secs(3600),
+            )
+        } else {
+            (
+                format!("send-msgs/{user}"),
+                self.limits.messages_per_minute,
+                Duration::from_secs(60),
+            )
+        };
+        match self.mail.throttle(&[(key, max.saturating_add(1))], window, true).await {
+            Some(false) => Ok(()),
+            Some(true) if per_hour => {
+                Err("451 4.7.1 This account has sent to too many recipients this hour, try again later")
+            }
+            Some(true) => Err("451 4.7.1 This account is sending too fast, try again in a minute"),
+            None => Err("451 4.3.0 Sending limits cannot be checked now, try again later"),
+        }
+    }
+
+    /// Whether the outbound queue's share on this node is over a bound
+    /// (new mail for remote recipients is then refused with `451 4.3.1`).
+    pub fn queue_full(&self) -> bool {
+        self.queue.held_messages.get() >= self.limits.queue_messages_max
+            || self.queue.held_bytes.get() >= self.limits.queue_bytes_max
+    }
+}

@@ -1,0 +1,216 @@
+//! DATA: the message read line by line through the protocol cores'
+//! smuggling-proof reader within the node's memory budget, checked (loops,
+//! submission's `From:`), stored on R nodes per mailbox or queued for
+//! remote recipients, and answered once it is on disk.
+
+use std::time::Duration;
+
+use quill_proto::data::{DATA_LINE_BYTES_MAX, DataReader, Refusal, Step};
+use quill_proto::message::{from_is, is_loop};
+use quill_proto::smtp::{Mode, REPLY_DATA_GO_AHEAD, Reply, data_reply, refusal_reply, unique_recipients};
+use replication::replica::DeliverOutcome;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{info, warn};
+
+use super::Session;
+use crate::metrics::Latencies;
+use crate::net::conn::Line;
+use crate::services::DATA_BUDGET_CHUNK;
+use crate::time::now_ms;
+
+/// How a DATA section ended.
+enum Body {
+    /// With its share of the node's memory budget, held until delivered.
+    Ok(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>),
+    Refused(Refusal),
+    Closed,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// DATA; false ends the session.
+    pub(super) async fn data(&mut self) -> std::io::Result<bool> {
+        let rcpts = match self.state.data_check() {
+            Ok(r) => r,
+            Err(r) => return self.send(r).await,
+        };
+        if self.state.has_remote()
+            && let Some(user) = self.state.authed.clone()
+            && let Err(reply) = self.services.routing.spend_sending_allowance(&user, false).await
+        {
+            self.state.tx = None;
+            return self.send(Reply::limit(reply)).await;
+        }
+        self.io.reply(REPLY_DATA_GO_AHEAD).await?;
+        self.io.flush().await?;
+        let arrival_ms = now_ms();
+        let id = self.services.mail.new_message_id(arrival_ms);
+        // One copy per mailbox; the header names addresses.
+        let (unique, addresses) = unique_recipients(&rcpts);
+        let ip = self.peer.ip().to_string();
+        let received = self
+            .state
+            .received_header(&ip, self.io.tls(), &id.to_hex(), &addresses, arrival_ms);
+        let (body, _budget) = match self.read_body(received).await? {
+            Body::Ok(b, budget) => (b, budget),
+            Body::Closed => return Ok(false),
+            Body::Refused(why) => {
+                self.state.tx = None;
+                match why {
+                    Refusal::BareLineEnd => warn!("message with a bare CR or LF refused"),
+                    Refusal::NoMemory => {
+                        warn!("message refused: the node's memory budget for messages is spent")
+                    }
+                    Refusal::TooBig | Refusal::LineTooLong => {}
+                }
+                return self.send(Reply::limit(refusal_reply(why))).await;
+            }
+        };
+        // A message that has been through too many hops is looping (RFC
+        // 5321 6.3), as is one that says it was already delivered to one
+        // of its recipients here. (`body` starts with this node's own
+        // `Received:`.)
+        if is_loop(&body, rcpts.iter().map(|r| r.address.as_str())) {
+            self.state.tx = None;
+            warn!("message refused: mail loop");
+            let r = Reply::limit("554 5.4.6 Too many hops or already delivered here: mail loop detected");
+            return self.send(r).await;
+        }
+        // Submission: every From: address must be the authenticated user.
+        if self.state.mode == Mode::Submission
+            && let Some(user) = &self.state.authed
+            && !from_is(&body, user)
+        {
+            self.state.tx = None;
+            return self
+                .send(Reply::ok("553 5.7.1 From: header not owned by the authenticated user"))
+                .await;
+        }
+        let size = body.len();
+        let (from, remote) = self
+            .state
+            .tx
+            .take()
+            .map(|t| (t.mail_from, t.remote))
+            .unwrap_or_default();
+        // Remote recipients: into the outbound queue (R copies, fsynced).
+        let queued = if remote.is_empty() {
+            true
+        } else {
+            let env = quill_proto::queue::Envelope {
+                from: from.clone(),
+                rcpts: remote.clone(),
+                queued_ms: arrival_ms,
+                submitter: self.state.authed.clone(),
+            };
+            let ok = crate::outbound::enqueue(&self.services, &env, &body).await;
+            if ok {
+                info!(%id, from = %from, rcpts = remote.len(), size, "message queued for remote delivery");
+            }
+            ok
+        };
+        // To R nodes per recipient, one body per node; each has it on disk
+        // before the reply.
+        let started = std::time::Instant::now();
+        let outcome = if unique.is_empty() {
+            DeliverOutcome {
+                id,
+                stored: vec![],
+                copies: vec![],
+                under_replicated: false,
+            }
+        } else {
+            self.services
+                .mail
+                .deliver_as(id, &unique, "INBOX", arrival_ms, body)
+                .await
+        };
+        Latencies::observe(&self.services.metrics.latency.delivery, started.elapsed());
+        let stored = |mailbox: &str| {
+            unique
+                .iter()
+                .position(|u| u == mailbox)
+                .is_some_and(|i| outcome.stored[i])
+        };
+        let all_stored = outcome.stored.iter().all(|s| *s) && queued;
+        if all_stored {
+            self.services.counters().messages_accepted.inc();
+            info!(%id, from = %from, rcpts = unique.len(), size,
+                copies = ?outcome.copies, under_replicated = outcome.under_replicated, "message stored");
+        } else {
+            self.services.counters().deliveries_failed.inc();
+            warn!(%id, stored = ?outcome.stored, "delivery failed for some recipients");
+        }
+        let text = data_reply(self.state.mode, &id.to_hex(), all_stored, &rcpts, stored);
+        self.io.reply(&text).await?;
+        Ok(true)
+    }
+
+    /// Reads the DATA section (see `quill_proto::data`): past a limit it
+    /// keeps reading (and dropping) until the end so that the session
+    /// stays in step with the client.
+    async fn read_body(&mut self, head: Vec<u8>) -> std::io::Result<Body> {
+        let limits = &self.services.limits;
+        let (idle, grace, rate) = (
+            limits.idle_timeout,
+            limits.transfer_grace,
+            limits.transfer_bytes_per_sec_min.max(1),
+        );
+        let mut reader = DataReader::new(head, limits.message_bytes_max);
+        let start = tokio::time::Instant::now();
+        let mut received: u64 = 0;
+        // The node-wide budget for message bytes held in memory, taken in
+        // chunks as the message grows (see `Services::data_budget`).
+        let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut budget_bytes: usize = 0;
+        loop {
+            // The transfer as a whole must keep up the minimum rate: the
+            // next line is due when the bytes so far stop paying for the
+            // time taken (and within the idle timeout in any case).
+            let allowed = grace + Duration::from_secs_f64(received as f64 / rate as f64);
+            let left = allowed.saturating_sub(start.elapsed());
+            let line = self.io.read_line(DATA_LINE_BYTES_MAX, left.min(idle)).await?;
+            match line {
+                Line::Eof => return Ok(Body::Closed),
+                Line::Idle if left <= idle => {
+                    self.services.counters().limit_refusals.inc();
+                    self.io
+                        .reply("421 4.4.2 Message transfer too slow, closing connection")
+                        .await?;
+                    self.io.flush().await?;
+                    return Ok(Body::Closed);
+                }
+                Line::Idle => {
+                    self.io.reply("421 4.4.2 Idle timeout, closing connection").await?;
+                    self.io.flush().await?;
+                    return Ok(Body::Closed);
+                }
+                Line::Ok(ref l) => received += l.len() as u64,
+                Line::TooLong { .. } => received += DATA_LINE_BYTES_MAX as u64,
+            }
+            let step = reader.line(&line);
+            while reader.held() > budget_bytes {
+                match self.services.data_budget.clone().try_acquire_owned() {
+                    Ok(p) => {
+                        match budget.as_mut() {
+                            Some(b) => b.merge(p),
+                            None => budget = Some(p),
+                        }
+                        budget_bytes += DATA_BUDGET_CHUNK;
+                    }
+                    Err(_) => {
+                        self.services.counters().limit_refusals.inc();
+                        reader.refuse(Refusal::NoMemory);
+                        budget = None;
+                        budget_bytes = 0;
+                    }
+                }
+            }
+            if let Step::End(outcome) = step {
+                return Ok(match outcome {
+                    Ok(body) => Body::Ok(body, budget),
+                    Err(r) => Body::Refused(r),
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! SMTP (RFC 5321), LMTP (RFC 2033) and submission (RFC 6409) sessions:
+//! one per connection. Commands are parsed by `smtp-proto`; what each is
+//! answered is the protocol cores' (`quill_proto::smtp`); this module
+//! reads and writes, asks the services who a recipient is, and stores the
+//! message ([`data`]) or hands it to the outbound queue. AUTH's exchange
+//! is in [`auth`].
+//!
+//! The reply to the end of DATA is sent only after the message is fsynced.
+
+mod auth;
+mod data;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use membership::Recipient;
+use quill_proto::message::domain_of;
+use quill_proto::smtp::{Offer, Rcpt, Reply, SMTP_COMMAND_BYTES_MAX, State};
+use smtp_proto::Request;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tracing::{Instrument, debug};
+
+pub use quill_proto::smtp::Mode;
+
+use crate::net::session::{Dialect, LineSession, Upgrade};
+use crate::net::stream::Stream;
+use crate::services::Services;
+
+/// How long a `550` for an unknown recipient waits once a session has
+/// named more than `UNKNOWN_RCPT_FREE` (Postfix's error sleep).
+const UNKNOWN_RCPT_DELAY: Duration = Duration::from_secs(1);
+
+/// What SMTP and LMTP answer to the session scaffold's events.
+static DIALECT: Dialect = Dialect {
+    line_bytes_max: SMTP_COMMAND_BYTES_MAX,
+    line_too_long: "500 5.5.2 Line too long (512 octets max)",
+    too_many_errors: "421 4.7.0 Too many errors, closing connection",
+    too_many_commands: "421 4.7.0 Too many commands in one session, closing connection",
+    idle: "421 4.4.2 Idle timeout, closing connection",
+    shutting_down: "421 4.3.2 Service shutting down, closing transmission channel",
+};
+
+struct Session<S> {
+    io: LineSession<S>,
+    services: Arc<Services>,
+    peer: SocketAddr,
+    state: State,
+}
+
+/// Serves one plaintext connection (STARTTLS offered when TLS is set up).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    peer: SocketAddr,
+    services: Arc<Services>,
+    mode: Mode,
+    shutdown: watch::Receiver<bool>,
+) {
+    serve_on(Stream::Plain(stream), peer, services, mode, shutdown).await
+}
+
+/// Serves one connection, plaintext or already under TLS (`--smtps`).
+pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: Stream<S>,
+    peer: SocketAddr,
+    services: Arc<Services>,
+    mode: Mode,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let counters = services.counters();
+    match mode {
+        Mode::Lmtp => counters.lmtp_sessions.inc(),
+        Mode::Smtp | Mode::Submission => counters.smtp_sessions.inc(),
+    };
+    let proto = match mode {
+        Mode::Smtp => "smtp",
+        Mode::Lmtp => "lmtp",
+        Mode::Submission => "submission",
+    };
+    let span = tracing::info_span!("session", proto, %peer, user = tracing::field::Empty);
+    async move {
+        let mut s = Session {
+            io: LineSession::new(stream, services.env.clone(), &DIALECT, 16 * 1024, 16 * 1024),
+            state: State::new(mode, services.hostname.clone()),
+            services,
+            peer,
+        };
+        let greeting = s.state.greeting();
+        if s.io.reply(&greeting).await.is_err() {
+            return;
+        }
+        if let Err(e) = s.run(&mut shutdown).await {
+            debug!(error = %e, "session ended with an i/o error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<()> {
+        while let Some(line) = self.io.next_command(shutdown).await? {
+            if !self.command(&line).await? {
+                return self.io.flush().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a reply the protocol cores made, with its consequences;
+    /// false when the session must end.
+    async fn send(&mut self, r: Reply) -> std::io::Result<bool> {
+        if r.limit {
+            self.services.counters().limit_refusals.inc();
+        }
+        self.io.reply(&r.text).await?;
+        if r.close {
+            return Ok(false);
+        }
+        if r.bad {
+            return Ok(!self.io.bad().await?);
+        }
+        Ok(true)
+    }
+
+    fn offer(&self) -> Offer {
+        Offer {
+            starttls: self.io.can_start_tls(),
+            password: self.io.may_send_password(self.peer.ip()),
+            size: self.services.limits.message_bytes_max,
+        }
+    }
+
+    /// Handles one command line; false ends the session.
+    async fn command(&mut self, line: &[u8]) -> std::io::Result<bool> {
+        // read_line always hands over the line feed smtp-proto wants.
+        let req = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => return self.send(quill_proto::smtp::parse_error(e)).await,
+        };
+        let reply = match req {
+            Request::Ehlo { host } | Request::Lhlo { host } | Request::Helo { host } => {
+                let verb = line.get(..4).unwrap_or_default();
+                let offer = self.offer();
+                self.state.hello(verb, &host, offer)
+            }
+            Request::Mail { from } => self.state.mail(&from, self.services.limits.message_bytes_max),
+            Request::Rcpt { to } if to.address.is_empty() => {
+                // smtp-proto hands `<Postmaster>` (no domain) over as "".
+                let lower = String::from_utf8_lossy(line).to_ascii_lowercase();
+                if lower.contains("<postmaster>") {
+                    return self.rcpt("postmaster").await;
+                }
+                Reply::bad("501 5.1.3 Bad recipient address syntax")
+            }
+            Request::Rcpt { to } => return self.rcpt(&to.address).await,
+            Request::Data => return self.data().await,
+            Request::StartTls => return self.start_tls(line).await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } if self.state.mode == Mode::Submission => {
+                return self.auth(mechanism, initial_response.into_owned()).await;
+            }
+            Request::Rset => self.state.rset(),
+            Request::Noop { .. } => Reply::ok("250 2.0.0 Ok"),
+            Request::Vrfy { .. } => Reply::ok(quill_proto::smtp::REPLY_VRFY),
+            Request::Help { .. } => Reply::ok(quill_proto::smtp::REPLY_HELP),
+            Request::Quit => Reply::ok("221 2.0.0 Bye").close(),
+            other => Reply::ok(format!("502 5.5.1 {} not implemented", other.name())),
+        };
+        self.send(reply).await
+    }
+
+    /// `STARTTLS` (RFC 3207): on success the session starts over, as if
+    /// just connected (no greeting): the client must send EHLO again, and
+    /// nothing it sent before the handshake is executed.
+    async fn start_tls(&mut self, line: &[u8]) -> std::io::Result<bool> {
+        let (go, reply) = self
+            .state
+            .starttls(line, self.io.tls().is_some(), self.io.can_start_tls());
+        let alive = self.send(reply).await?;
+        if !go || !alive {
+            return Ok(alive);
+        }
+        match self.io.start_tls().await? {
+            Upgrade::Done => {
+                self.state.tls_started();
+                Ok(true)
+            }
+            Upgrade::Failed => Ok(false),
+        }
+    }
+
+    /// Handles `RCPT TO`; false ends the session.
+    async fn rcpt(&mut self, address: &str) -> std::io::Result<bool> {
+        if let Err(r) = self.state.rcpt_check(address, self.services.limits.recipients_max) {
+            return self.send(r).await;
+        }
+        // An address that has named too many unknown users lately is told
+        // to come back, whoever it names now: the answer says nothing
+        // about who exists.
+        let ip = self.peer.ip();
+        let routing = &self.services.routing;
+        if routing.unknown_recipients_exhausted(ip) {
+            let r = Reply::limit("450 4.7.1 Too many unknown recipients from your address, try again later");
+            return self.send(r).await;
+        }
+        let user = match routing.resolve(address) {
+            Recipient::Local(user) => user,
+            Recipient::UnknownUser => {
+                routing.note_unknown_recipient(ip);
+                let (delay, reply) = self.state.unknown_recipient();
+                if delay {
+                    self.io.flush().await?;
+                    tokio::time::sleep(UNKNOWN_RCPT_DELAY).await;
+                }
+                return self.send(reply).await;
+            }
+            Recipient::NotLocal if self.state.mode == Mode::Submission => {
+                if routing.queue_full() {
+                    return self
+                        .send(Reply::limit("451 4.3.1 Outbound queue full, try again later"))
+                        .await;
+                }
+                if domain_of(address).is_none() {
+                    return self
+                        .send(Reply::ok("553 5.1.3 A recipient address needs a domain"))
+                        .await;
+                }
+                if let Some(user) = self.state.authed.clone()
+                    && let Err(reply) = routing.spend_sending_allowance(&user, true).await
+                {
+                    return self.send(Reply::limit(reply)).await;
+                }
+                let reply = self.state.add_remote(address);
+                return self.send(reply).await;
+            }
+            Recipient::NotLocal => return self.send(Reply::ok("550 5.7.1 Relaying denied")).await,
+        };
+        let mailbox = user.mailbox();
+        // The mailbox size as the user's manager knows it (this node's
+        // share only if the manager does not answer).
+        if let Some(quota) = user.quota_bytes
+            && self.services.mail.usage_bytes(&mailbox).await >= quota
+        {
+            return self.send(Reply::limit("552 5.2.2 Mailbox full")).await;
+        }
+        let reply = self.state.add_local(Rcpt {
+            address: user.address,
+            mailbox,
+        });
+        self.send(reply).await
+    }
+}

@@ -1,0 +1,222 @@
+//! The cluster wire's messages and frames. One bidirectional stream per
+//! request: `version:u16le deadline:u32le len:u32le bincode(body)`,
+//! answered the same way (deadline 0). The length is checked from the
+//! header, before the body is read. The messages are generic over the Raft
+//! and replica payloads, which membership and replication own; the node
+//! names the concrete types and carries the frames over QUIC.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version written before every frame; a peer speaking another refuses.
+/// 2: the caller's deadline travels in the header.
+pub const WIRE_VERSION: u16 = 2;
+/// Bytes before the body: version, deadline, length.
+pub const HEADER_BYTES: usize = 10;
+/// A frame larger than this is refused (a Raft snapshot of a large
+/// directory is the biggest thing that travels).
+pub const FRAME_BYTES_MAX: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("peer speaks wire version {0}, this node {WIRE_VERSION}")]
+    Version(u16),
+    #[error("frame of {0} bytes exceeds the {FRAME_BYTES_MAX} limit")]
+    TooLarge(usize),
+    #[error("short frame")]
+    Short,
+    #[error("frame length {0} does not match its {1} bytes")]
+    Length(usize, usize),
+    #[error("trailing bytes in frame")]
+    Trailing,
+    #[error("frame does not decode: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+    #[error("frame does not encode: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+}
+
+/// A frame: `deadline` is the caller's budget (0 in replies).
+pub fn encode<T: Serialize>(v: &T, deadline: Duration) -> Result<Vec<u8>, FrameError> {
+    let body = bincode::serde::encode_to_vec(v, bincode::config::standard())?;
+    if body.len() > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
+    out.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+    out.extend_from_slice(&deadline_ms.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The header of a frame: the deadline it carries and its body's length
+/// (checked against the limit before anything more is read).
+pub fn header(h: &[u8; HEADER_BYTES]) -> Result<(Duration, usize), FrameError> {
+    let version = u16::from_le_bytes([h[0], h[1]]);
+    if version != WIRE_VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let deadline = Duration::from_millis(u32::from_le_bytes(h[2..6].try_into().expect("4 bytes")).into());
+    let len = u32::from_le_bytes(h[6..10].try_into().expect("4 bytes")) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok((deadline, len))
+}
+
+/// A body of `len` bytes, as the header announced it.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8], len: usize) -> Result<T, FrameError> {
+    if len != body.len() {
+        return Err(FrameError::Length(len, body.len()));
+    }
+    let config = bincode::config::standard().with_limit::<FRAME_BYTES_MAX>();
+    let (v, used) = bincode::serde::decode_from_slice(body, config)?;
+    if used != len {
+        return Err(FrameError::Trailing);
+    }
+    Ok(v)
+}
+
+/// A whole frame (header and body) as it comes off a stream.
+pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, FrameError> {
+    let Some(h) = frame.first_chunk::<HEADER_BYTES>() else {
+        return Err(FrameError::Short);
+    };
+    let (_, len) = header(h)?;
+    decode_body(&frame[HEADER_BYTES..], len)
+}
+
+/// What nodes say to each other. `R` is a Raft message, `C` a replica
+/// protocol call.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClusterRequest<R, C> {
+    /// A new node proves the join secret and asks for a certificate. The
+    /// only request a peer without a cluster certificate may send.
+    Enroll {
+        secret: String,
+        name: String,
+    },
+    /// Raft traffic for node `to` (0: whichever node answers, for a leader
+    /// request sent to a seed): refused by any other identity, e.g. the
+    /// new one of a machine that came back at the same address with an
+    /// empty disk (its empty log would otherwise look like the old
+    /// follower's log going backwards).
+    Raft {
+        to: u64,
+        msg: Box<R>,
+    },
+    Ping,
+    Stats,
+    /// The replica protocol.
+    Replica(Box<C>),
+    /// `quill admin log-level --all`: set this node's log filter.
+    SetLogLevel {
+        filter: String,
+    },
+    /// A seed without the CA key asks a member that holds it to issue a
+    /// certificate for an enrollment the seed has already checked.
+    IssueCert {
+        name: String,
+    },
+    /// A Raft voter without the CA key asks another for it (answered only
+    /// to a voter of the answering node's view).
+    CaKey,
+    /// A draining leader hands leadership over: the receiving voter calls
+    /// an election (answered only to the leader of the receiver's view).
+    TakeLeadership,
+}
+
+/// The answers. `R` is a Raft reply, `A` a replica protocol answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClusterReply<R, A> {
+    /// `ca_key_pem` is empty: joiners no longer get the CA key (voters
+    /// fetch it with `CaKey`). Kept for the wire layout.
+    Enrolled {
+        cert: Vec<u8>,
+        key: Vec<u8>,
+        ca_cert: Vec<u8>,
+        ca_key_pem: String,
+    },
+    Refused(String),
+    Raft(R),
+    /// With the epoch of the view the answering node has applied, and its
+    /// id: a ping answered at a node's address by another identity (the
+    /// machine came back with an empty disk) is not that node alive.
+    Pong {
+        epoch: u64,
+        id: u64,
+    },
+    Stats(NodeStats),
+    Replica(Box<A>),
+    /// A request that needs no more than "done".
+    Done,
+    /// The CA key, PEM.
+    CaKey(String),
+}
+
+/// One node's figures for `cluster status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// Entries (message copies) and body bytes in its store.
+    pub messages: u64,
+    pub bytes: u64,
+    /// Messages it counts as having fewer than R live copies.
+    pub under_replicated: u64,
+    /// Repairs and hand-offs it coordinates that its running round has not
+    /// done yet, and the copies it has made since it started.
+    pub repair_pending: u64,
+    pub repairs_copied: u64,
+    /// Outbound queue entries stored here (copies: each entry is on R
+    /// nodes).
+    pub queued: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    enum Req {
+        Join(String),
+        Echo(u32),
+    }
+
+    #[test]
+    fn frames_are_versioned_and_bounded() {
+        let f = encode(&Req::Echo(5), Duration::from_secs(7)).unwrap();
+        assert_eq!(decode::<Req>(&f).unwrap(), Req::Echo(5));
+        let h = f.first_chunk::<HEADER_BYTES>().unwrap();
+        assert_eq!(header(h).unwrap().0, Duration::from_secs(7), "the deadline travels");
+        let mut other = f.clone();
+        other[0] = 1;
+        assert!(decode::<Req>(&other).unwrap_err().to_string().contains("version"));
+        assert!(decode::<Req>(&f[..f.len() - 1]).is_err());
+        assert!(decode::<Req>(&[2, 0]).is_err());
+        // A length over the limit is refused from the header alone.
+        let mut huge = f.clone();
+        huge[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(
+            header(huge.first_chunk().unwrap())
+                .unwrap_err()
+                .to_string()
+                .contains("limit")
+        );
+        assert_eq!(
+            decode::<Req>(&encode(&Req::Join("x".into()), Duration::ZERO).unwrap()).unwrap(),
+            Req::Join("x".into())
+        );
+    }
+
+    #[test]
+    fn the_layout_of_the_messages_is_positional() {
+        // The variant index is the first byte of a body: a new variant goes
+        // last, or peers of another build misread every later one.
+        let ping = encode(&ClusterRequest::<(), ()>::Ping, Duration::ZERO).unwrap();
+        assert_eq!(ping[HEADER_BYTES], 2);
+        let pong = encode(&ClusterReply::<(), ()>::Pong { epoch: 1, id: 2 }, Duration::ZERO).unwrap();
+        assert_eq!(pong[HEADER_BYTES], 3);
+    }
+}

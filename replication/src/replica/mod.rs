@@ -36,7 +36,9 @@
 //! * `reports`: the reports that rebuild managers' maps after view changes;
 //! * `front`: delivery, mailbox listing, reads and deletions;
 //! * `updates`: the durable log of updates a replica has not acknowledged;
-//! * [`anti_entropy`]: the pure repair plan and the rounds that carry it out.
+//! * [`anti_entropy`]: the pure repair plan and the rounds that carry it out;
+//! * [`repair_plan`] (pure) and [`repair`]: restoring R copies, handing a
+//!   draining node's copies off, evening out stored bytes.
 
 mod anti_entropy;
 mod calls;
@@ -44,12 +46,14 @@ mod front;
 pub mod manager;
 pub mod protocol;
 pub mod repair;
+pub mod repair_plan;
 mod reports;
 mod updates;
 
 pub use anti_entropy::{SyncPlan, plan_sync, tombstone_expired};
 pub use protocol::*;
-pub use repair::{Balance, RateLimit, RepairRound, RepairStep, coordinator, plan_move, plan_repair};
+pub use repair::{RateLimit, RepairRound};
+pub use repair_plan::{Balance, RepairStep, coordinator, plan_move, plan_repair};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;

@@ -17,14 +17,17 @@
 //! # Layout
 //! `index` (the in-memory index and what it counts), `recovery` (opening:
 //! the index rebuilt from the segments, a torn tail cut), `writer` (the one
-//! writer thread: group commit, effects applied after the fsync),
-//! `cleaner` (the log cleaner), `queries` (reads of the index, and the
-//! whole-index walks).
+//! writer thread: group commit in steps, effects applied after the fsync),
+//! `plan` (a commit's first step: what a batch writes, decided under the
+//! index lock), `space` (segments, and a full disk), `cleaner` (the log
+//! cleaner), `queries` (reads of the index, and the whole-index walks).
 
 mod cleaner;
 mod index;
+mod plan;
 mod queries;
 mod recovery;
+mod space;
 mod writer;
 
 use std::fs::File;
@@ -40,6 +43,8 @@ use crate::record::EntryRecord;
 use crate::{BodyHash, EntryMeta, MESSAGE_BYTES_MAX, MessageId, SetChange, Tombstone};
 
 use index::*;
+use plan::Plan;
+use space::*;
 use writer::*;
 
 /// Writes waiting for the writer thread. Bounded so that a slow disk pushes

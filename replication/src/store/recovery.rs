@@ -174,7 +174,7 @@ impl FragmentStore {
             disk_full: Default::default(),
             fail_next_sync: Default::default(),
         });
-        let has_reserve = super::writer::make_reserve(&config.dir);
+        let has_reserve = super::space::make_reserve(&config.dir);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
         let writer = Writer {
             shared: shared.clone(),

@@ -1,0 +1,202 @@
+//! Room on disk: the segment a batch goes to (a new one when the active
+//! one is full), sealed segments dropped, and a full disk: a reserve file
+//! given up so that the deletions that free space fit, deliveries refused
+//! meanwhile, and dead bodies' space given back in place.
+
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::*;
+
+/// A file of `RESERVE_BYTES` kept in the store directory and given up
+/// when the disk fills, so that the deletions that free space fit even
+/// then (a tombstone needs room before the space it frees comes back).
+const RESERVE_FILE: &str = "reserve";
+const RESERVE_BYTES: u64 = 256 * 1024;
+
+/// Makes the reserve if it is missing (and there is room for it);
+/// whether it is there now.
+pub(super) fn make_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE_FILE);
+    if path.exists() {
+        return true;
+    }
+    let made = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|f| {
+            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, RESERVE_BYTES)
+                .map_err(std::io::Error::from)?;
+            f.sync_all()
+        });
+    if made.is_err() {
+        let _ = fs::remove_file(&path);
+        return false;
+    }
+    true
+}
+
+/// Gives the reserve up (the disk is full).
+pub(super) fn release_reserve(dir: &Path) {
+    if fs::remove_file(dir.join(RESERVE_FILE)).is_ok() {
+        tracing::warn!(
+            bytes = RESERVE_BYTES,
+            "disk full: released the store's reserve for deletions"
+        );
+    }
+}
+
+pub(super) fn new_segment(dir: &Path, index: &mut Index, seg: u32) -> Result<u32, StoreError> {
+    let path = seg_path(dir, seg);
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create_new(true)
+        .open(&path)?;
+    file.sync_all()?;
+    // The new name must survive a crash, or records in it would vanish.
+    sync_dir(dir)?;
+    index.segments.insert(
+        seg,
+        Segment {
+            file: Arc::new(file),
+            len: 0,
+            live_bytes: 0,
+        },
+    );
+    Ok(seg)
+}
+
+impl Writer {
+    /// While the disk is full, deliveries are refused up front (the room
+    /// left, the reserve included, is for the deletions that free space)
+    /// until the reserve can be made again: then there is room beyond it.
+    pub(super) fn refuse_deliveries_while_full(&mut self, batch: Vec<Op>) -> Vec<Op> {
+        if !self.space_short {
+            return batch;
+        }
+        // Room again: enough for the reserve and as much again beyond it
+        // (the reserve just released would otherwise be taken back at once).
+        let free = rustix::fs::statvfs(&self.shared.dir)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .unwrap_or(0);
+        if free >= 3 * RESERVE_BYTES && make_reserve(&self.shared.dir) {
+            self.space_short = false;
+            self.shared.disk_full.store(false, Ordering::Relaxed);
+            tracing::info!(free_bytes = free, "the store has room again; taking mail");
+            return batch;
+        }
+        let (deliveries, rest): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(|op| matches!(op, Op::Deliver { .. }));
+        fail_all(
+            deliveries,
+            "No space left on device: the store takes deletions only until space is freed",
+        );
+        rest
+    }
+
+    /// Gives the space of dead body records back to the file system in
+    /// place: the record's bytes are zeroed (whole blocks punched out with
+    /// fallocate, the edges written), then fdatasync. Only dead bodies
+    /// (no entry refers to them; their tombstones are durable), and only
+    /// when the disk is full: copying live records elsewhere, as the
+    /// cleaner does, needs free space a full disk does not have, and a
+    /// store with a single segment has nothing sealed to clean at all.
+    /// Recovery skips zeroed records. Returns the bytes given back.
+    pub(super) fn reclaim(&mut self) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let dead = std::mem::take(&mut self.shared.index().dead_bodies);
+        if dead.is_empty() {
+            return 0;
+        }
+        let mut by_seg: std::collections::BTreeMap<u32, Vec<(u64, u64)>> = Default::default();
+        for (seg, start, len) in dead {
+            by_seg.entry(seg).or_default().push((start, len));
+        }
+        let mut freed = 0;
+        for (seg, ranges) in by_seg {
+            if !self.shared.index().segments.contains_key(&seg) {
+                continue; // Cleaned away meanwhile.
+            }
+            // Not the append handle: pwrite on an O_APPEND file appends.
+            let file = match OpenOptions::new().write(true).open(seg_path(&self.shared.dir, seg)) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(segment = seg, error = %e, "cannot open a segment to reclaim space");
+                    continue;
+                }
+            };
+            const BLOCK: u64 = 4096;
+            for (start, len) in ranges {
+                let end = start + len;
+                let (a, b) = (start.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
+                let zero = |from: u64, to: u64| -> std::io::Result<()> {
+                    if to > from {
+                        file.write_all_at(&vec![0u8; (to - from) as usize], from)?;
+                    }
+                    Ok(())
+                };
+                let done = if a < b {
+                    zero(start, a)
+                        .and_then(|()| zero(b, end))
+                        .and_then(|()| {
+                            rustix::fs::fallocate(
+                                &file,
+                                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                                a,
+                                b - a,
+                            )
+                            .map_err(std::io::Error::from)
+                        })
+                        .map(|()| b - a)
+                } else {
+                    zero(start, end).map(|()| 0)
+                };
+                match done {
+                    Ok(n) => freed += n,
+                    Err(e) => {
+                        tracing::warn!(segment = seg, error = %e, "cannot reclaim a dead body's space");
+                        break;
+                    }
+                }
+            }
+            // Only these zeros are unsynced here (live data was synced before
+            // it was acknowledged), so a failure here loses nothing.
+            if let Err(e) = file.sync_data() {
+                tracing::warn!(segment = seg, error = %e, "fdatasync after reclaiming failed");
+            }
+        }
+        if freed > 0 {
+            tracing::info!(freed_bytes = freed, "disk full: gave dead bodies' space back in place");
+        }
+        freed
+    }
+
+    /// Removes a sealed segment that holds nothing live any more.
+    pub(super) fn drop_segment(&mut self, seg: u32) -> std::io::Result<bool> {
+        if seg == self.active {
+            return Ok(false);
+        }
+        {
+            let mut index = self.shared.index();
+            match index.segments.get(&seg) {
+                Some(s) if s.live_bytes == 0 => {}
+                Some(_) => return Ok(false),
+                None => return Ok(true),
+            }
+            index.segments.remove(&seg);
+        }
+        fs::remove_file(seg_path(&self.shared.dir, seg))?;
+        sync_dir(&self.shared.dir)?;
+        Ok(true)
+    }
+
+    pub(super) fn rotate(&mut self) -> Result<(), StoreError> {
+        let mut index = self.shared.index();
+        let next = self.active + 1;
+        self.active = new_segment(&self.shared.dir, &mut index, next)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! The IMAP session against a two-node cluster on the in-memory network:
+//! the driver and handler over a duplex byte stream, no socket, no
+//! process. Two nodes' services share the directory and the UIDs (as they
+//! share the Raft state), so what one session does, a session on the other
+//! node sees.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Client, cluster, directory, peer, services_on};
+use quill_node::Limits;
+use quill_node::services::Services;
+use quill_node::uids::LocalUids;
+use testkit::TempDir;
+use tokio::io::BufReader;
+use tokio::sync::watch;
+
+/// An IMAP session on `services`, greeted.
+async fn open(services: &Arc<Services>, stop: &watch::Receiver<bool>) -> Client {
+    let (client, server) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(quill_node::imap::serve_on(
+        quill_node::net::stream::Stream::Plain(server),
+        peer(),
+        services.clone(),
+        stop.clone(),
+    ));
+    let mut c = Client(BufReader::new(client));
+    let greeting = c.line().await;
+    assert!(
+        greeting.to_ascii_uppercase().starts_with("* OK [CAPABILITY IMAP4REV1"),
+        "{greeting}"
+    );
+    c
+}
+
+fn ok(lines: &[String]) -> &str {
+    let last = lines.last().expect("a tagged reply");
+    assert!(last.split(' ').nth(1) == Some("OK"), "{lines:?}");
+    last
+}
+
+/// The number in `[NAME n]` of a line, if there is one.
+fn code(lines: &[String], name: &str) -> Option<u32> {
+    lines.iter().find_map(|l| {
+        let i = l.find(&format!("[{name} "))?;
+        l[i + name.len() + 2..].split([' ', ']']).next()?.parse().ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_on_the_in_memory_cluster() {
+    let dir = TempDir::new("imap-sessions").expect("temp dir");
+    let reps = cluster(&dir);
+    let dir_state = directory(&dir).await;
+    let uids = Arc::new(LocalUids::default());
+    let s1 = services_on(&reps[0], dir_state.clone(), uids.clone(), Limits::default());
+    let s2 = services_on(&reps[1], dir_state, uids, Limits::default());
+    let (_stop_tx, stop) = watch::channel(false);
+
+    let mut a = open(&s1, &stop).await;
+    // Wrong password, then the right one.
+    let r = a.command("a1", "LOGIN alice@example.org nope").await;
+    assert!(r[0].starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    ok(&a.command("a2", "LOGIN alice@example.org pw").await);
+    let r = a.command("a3", "SELECT INBOX").await;
+    ok(&r);
+    assert!(r.iter().any(|l| l == "* 0 EXISTS\r\n"), "{r:?}");
+    let validity = code(&r, "UIDVALIDITY").expect("UIDVALIDITY");
+
+    // APPEND with a flag: stored on both nodes (R=2), with its UID.
+    let msg = "Subject: hello\r\nFrom: bob@example.org\r\n\r\nbody\r\n";
+    a.send(&format!("a4 APPEND INBOX (\\Flagged) {{{}+}}\r\n{msg}\r\n", msg.len()))
+        .await;
+    let r = a.until_tagged("a4").await;
+    let appended = ok(&r).to_owned();
+    assert!(appended.contains(&format!("[APPENDUID {validity} 1]")), "{appended}");
+    for rep in &reps {
+        assert_eq!(rep.store().list(&alice_mailbox(&s1)).len(), 1, "node {}", rep.id());
+    }
+    // The session learns of it at its next NOOP.
+    let r = a.command("a5", "NOOP").await;
+    assert!(r.iter().any(|l| l == "* 1 EXISTS\r\n"), "{r:?}");
+    let r = a
+        .command("a6", "FETCH 1 (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        .await;
+    ok(&r);
+    let fetch = r.concat();
+    assert!(fetch.contains("UID 1") && fetch.contains("\\Flagged"), "{fetch}");
+    assert!(fetch.contains("Subject: hello"), "{fetch}");
+    let r = a.command("a7", "SEARCH FLAGGED SUBJECT hello").await;
+    assert_eq!(r[0], "* SEARCH 1\r\n", "{r:?}");
+
+    // A second session on the other node sees the same UID and flag, and
+    // a flag it stores reaches the first at its next NOOP.
+    let mut b = open(&s2, &stop).await;
+    ok(&b.command("b1", "LOGIN alice@example.org pw").await);
+    let r = b.command("b2", "SELECT INBOX").await;
+    assert_eq!(code(&r, "UIDVALIDITY"), Some(validity), "{r:?}");
+    let r = b.command("b3", "UID STORE 1 +FLAGS (\\Seen)").await;
+    ok(&r);
+    let r = a.command("a8", "NOOP").await;
+    assert!(
+        r.iter().any(|l| l.starts_with("* 1 FETCH") && l.contains("\\Seen")),
+        "{r:?}"
+    );
+
+    // MOVE to a new folder: COPYUID, then EXPUNGE; the message is there
+    // under the UID COPYUID named.
+    ok(&a.command("a9", "CREATE Archive").await);
+    let r = a.command("a10", "UID MOVE 1 Archive").await;
+    ok(&r);
+    let all = r.concat();
+    assert!(all.contains("[COPYUID ") && all.contains("* 1 EXPUNGE"), "{all}");
+    let r = b.command("b4", "NOOP").await;
+    assert!(r.iter().any(|l| l == "* 1 EXPUNGE\r\n"), "{r:?}");
+    let r = b.command("b5", "SELECT Archive").await;
+    assert!(r.iter().any(|l| l == "* 1 EXISTS\r\n"), "{r:?}");
+    let r = b.command("b6", "UID FETCH 1:* (FLAGS)").await;
+    ok(&r);
+    assert!(r[0].contains("\\Flagged") && r[0].contains("\\Seen"), "{r:?}");
+
+    // Bad input: a command the grammar refuses, then LOGOUT.
+    let r = a.command("a11", "FROB").await;
+    assert!(r.last().expect("reply").starts_with("a11 BAD"), "{r:?}");
+    let r = a.command("a12", "LOGOUT").await;
+    assert!(r[0].starts_with("* BYE"), "{r:?}");
+    ok(&r);
+}
+
+/// Where alice's mail is stored (her mailbox name, not her address).
+fn alice_mailbox(s: &Services) -> String {
+    s.directory.user("alice@example.org").expect("alice").mailbox()
+}

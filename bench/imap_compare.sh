@@ -11,6 +11,7 @@
 #   bash bench/imap_compare.sh            # N=20000 messages to fetch
 #   N=5000 bash bench/imap_compare.sh
 #   SKIP_BASELINE=1 bash bench/imap_compare.sh
+#   QUILL=/tmp/before/quill SKIP_BASELINE=1 bash bench/imap_compare.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SHARED=${SHARED:-$ROOT/../shared}
@@ -26,35 +27,24 @@ TOKEN=imap-compare
 
 log() { printf '[imap-compare %s] %s\n' "$(date +%T)" "$*" >&2; }
 cd "$ROOT"
-cargo build --release --bins -q
-QUILL=$ROOT/target/release/quill
+# QUILL=/path/to/quill measures another build (e.g. before and after a
+# change, back to back); by default this tree's, built now.
+if [ -z "${QUILL:-}" ]; then
+  cargo build --release --bins -q
+  QUILL=$ROOT/target/release/quill
+fi
 mkdir -p "$WORK"
 PIDS=()
+# shellcheck source=nodes.sh
+. "$ROOT/bench/nodes.sh"
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  PIDS=()
+  stop_nodes
   [ "${SKIP_BASELINE:-0}" = 1 ] || WORK=$WORK/baseline bash "$BASE/run.sh" stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
-# node K on 127.0.1.K: SMTP 12625 LMTP 12624 IMAP 12643 admin 12680 cluster 12674
-start_node() {
-  local k=$1; shift
-  local h=127.0.1.$k
-  "$QUILL" node --data "$WORK/q$k" --cluster-addr $h:12674 --lmtp $h:12624 --imap $h:12643 \
-    --admin $h:12680 --admin-token $TOKEN --default-login-domain example.com --log warn "$@" \
-    </dev/null >"$WORK/q$k.log" 2>&1 &
-  PIDS+=($!)
-  for _ in $(seq 1 200); do curl -sf "http://$h:12680/health" >/dev/null && return 0; sleep 0.1; done
-  log "node $k did not come up"; exit 1
-}
-users() {
-  local A="$QUILL admin --node 127.0.1.1:12680 --token $TOKEN"
-  $A domain add example.com >/dev/null
-  for i in $(seq 1 100); do printf 'user%04d@example.com pass%04d\n' "$i" "$i"; done |
-    xargs -P 2 -n 2 sh -c "$A"' user add "$0" --password "$1" >/dev/null'
-}
+# node K on 127.0.1.K: LMTP 12624 IMAP 12643 (admin 12680, cluster 12674)
+node_flags() { FLAGS=(--lmtp "$1:12624" --imap "$1:12643" --default-login-domain example.com); }
 bench_imap() {  # host lmtp_port imap_port label
   "$PY" "$BASE/lmtp_load.py" --host "$1" --port "$2" -n "$N" -c "$CONC" --size "$SIZE" --users 100 --label "$4 fill (LMTP)"
   "$PY" "$BASE/retrieve_load.py" --proto imap --host "$1" --port "$3" --users 100 -c "$CONC" --label "$4 UID FETCH BODY.PEEK[] (first logins)"
@@ -63,21 +53,11 @@ bench_imap() {  # host lmtp_port imap_port label
   "$PY" "$ROOT/bench/imap_append.py" --host "$1" --port "$3" --users 16 -c 16 --per "$PER" --size "$SIZE" --label "$4 APPEND"
 }
 
-rm -rf "$WORK"/q*
-start_node 1 --replicas 1
-users
+start_one
 bench_imap 127.0.1.1 12624 12643 "quill 1 node"
 cleanup
 
-rm -rf "$WORK"/q*
-start_node 1 --replicas 2
-for k in 2 3; do start_node $k --replicas 2 --seed 127.0.1.1:12674 --join-token "$(cat "$WORK/q1/join-token")"; done
-for _ in $(seq 1 300); do
-  up=$(curl -sf -H "Authorization: Bearer $TOKEN" http://127.0.1.1:12680/v1/cluster/status | grep -o '"state":"up"' | wc -l || true)
-  [ "$up" -ge 3 ] && break; sleep 0.2
-done
-users
-sleep 2   # the directory reaches the other nodes through Raft
+start_three
 bench_imap 127.0.1.1 12624 12643 "quill 3 nodes R=2"
 cleanup
 

@@ -33,6 +33,8 @@ cargo build --release --bins -q
 QUILL=$ROOT/target/release/quill
 mkdir -p "$WORK"
 PIDS=()
+# shellcheck source=nodes.sh
+. "$ROOT/bench/nodes.sh"
 SINK_PID=
 stop_sink() {
   if [ -n "$SINK_PID" ]; then kill "$SINK_PID" 2>/dev/null || true; wait "$SINK_PID" 2>/dev/null || true; SINK_PID=; fi
@@ -46,31 +48,16 @@ start_sink() {  # a fresh counter file each time
 }
 sink_count() { tr '\r' '\n' <"$WORK/sink.out" | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2 | sed 's/^$/0/'; }
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  PIDS=()
+  stop_nodes
   stop_sink
   [ "${SKIP_BASELINE:-0}" = 1 ] || WORK=$WORK/baseline bash "$BASE/run.sh" stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
 # node K on 127.0.1.K: submission 12587, admin 12680, cluster 12674
-start_node() {
-  local k=$1; shift
-  local h=127.0.1.$k
-  "$QUILL" node --data "$WORK/q$k" --cluster-addr $h:12674 --submission $h:12587 \
-    --admin $h:12680 --admin-token $TOKEN --relay-host "$SINK" --retry-initial 1s --retry-max 2s \
-    --max-submissions-per-minute 1000000 --max-submission-recipients-per-hour 1000000000 \
-    --log warn "$@" </dev/null >"$WORK/q$k.log" 2>&1 &
-  PIDS+=($!)
-  for _ in $(seq 1 200); do curl -sf "http://$h:12680/health" >/dev/null && return 0; sleep 0.1; done
-  log "node $k did not come up"; exit 1
-}
-users() {
-  local A="$QUILL admin --node 127.0.1.1:12680 --token $TOKEN"
-  $A domain add example.com >/dev/null
-  for i in $(seq 1 100); do printf 'user%04d@example.com pass%04d\n' "$i" "$i"; done |
-    xargs -P 2 -n 2 sh -c "$A"' user add "$0" --password "$1" >/dev/null'
+node_flags() {
+  FLAGS=(--submission "$1:12587" --relay-host "$SINK" --retry-initial 1s --retry-max 2s
+    --max-submissions-per-minute 1000000 --max-submission-recipients-per-hour 1000000000)
 }
 # submit HOST PORT N LABEL [--auth]: through to the sink, end to end
 submit() {
@@ -98,24 +85,14 @@ drain() {
   echo "$label: drained $(sink_count) of $DRAIN in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the remote server came back (99% in $(awk -v a="$t0" -v b="$t99" 'BEGIN { printf "%.2f", b - a }') s)"
 }
 
-rm -rf "$WORK"/q*
 start_sink
-start_node 1 --replicas 1
-users
+start_one
 submit 127.0.1.1 12587 "$N" "quill 1 node" --auth
 drain 127.0.1.1 12587 "quill 1 node" --auth
 cleanup
 
-rm -rf "$WORK"/q*
 start_sink
-start_node 1 --replicas 2
-for k in 2 3; do start_node $k --replicas 2 --seed 127.0.1.1:12674 --join-token "$(cat "$WORK/q1/join-token")"; done
-for _ in $(seq 1 300); do
-  up=$(curl -sf -H "Authorization: Bearer $TOKEN" http://127.0.1.1:12680/v1/cluster/status | grep -o '"state":"up"' | wc -l || true)
-  [ "$up" -ge 3 ] && break; sleep 0.2
-done
-users
-sleep 2   # the directory reaches the other nodes through Raft
+start_three
 # The clients spread over the three nodes (DNS round robin's effect), at
 # once; end to end is until the sink has all of them.
 base=$(sink_count); t0=$(date +%s.%N)

@@ -58,29 +58,29 @@ enum Anchor {
 
 #[derive(Debug, Clone)]
 enum Prim {
-    Line {
-        a: (f64, f64),
-        b: (f64, f64),
-        color: Rgb,
-        width: f64,
-        dashed: bool,
-    },
-    Rect {
-        x: f64,
-        y: f64,
-        w: f64,
-        h: f64,
-        color: Rgb,
-    },
-    Text {
-        x: f64,
-        y: f64,
-        text: String,
-        color: Rgb,
-        size: f64,
-        anchor: Anchor,
-        vertical: bool,
-    },
+    Line(LinePrim),
+    Rect { x: f64, y: f64, w: f64, h: f64, color: Rgb },
+    Text(TextPrim),
+}
+
+#[derive(Debug, Clone)]
+struct LinePrim {
+    a: (f64, f64),
+    b: (f64, f64),
+    color: Rgb,
+    width: f64,
+    dashed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct TextPrim {
+    x: f64,
+    y: f64,
+    text: String,
+    color: Rgb,
+    size: f64,
+    anchor: Anchor,
+    vertical: bool,
 }
 
 const W: f64 = 1000.0;
@@ -152,14 +152,14 @@ impl Chart {
             color: (255, 255, 255),
         });
         for &t in &y_ticks {
-            p.push(Prim::Line {
+            p.push(Prim::Line(LinePrim {
                 a: (LEFT, py(t)),
                 b: (W - RIGHT, py(t)),
                 color: GRID,
                 width: 1.0,
                 dashed: false,
-            });
-            p.push(Prim::Text {
+            }));
+            p.push(Prim::Text(TextPrim {
                 x: LEFT - 8.0,
                 y: py(t) + 4.0,
                 text: fmt_tick(t),
@@ -167,17 +167,17 @@ impl Chart {
                 size: 12.0,
                 anchor: Anchor::End,
                 vertical: false,
-            });
+            }));
         }
         for &t in &x_ticks {
-            p.push(Prim::Line {
+            p.push(Prim::Line(LinePrim {
                 a: (px(t), TOP + ph),
                 b: (px(t), TOP + ph + 5.0),
                 color: AXIS,
                 width: 1.0,
                 dashed: false,
-            });
-            p.push(Prim::Text {
+            }));
+            p.push(Prim::Text(TextPrim {
                 x: px(t),
                 y: TOP + ph + 20.0,
                 text: fmt_tick(t),
@@ -185,24 +185,24 @@ impl Chart {
                 size: 12.0,
                 anchor: Anchor::Middle,
                 vertical: false,
-            });
+            }));
         }
         // Axes.
-        p.push(Prim::Line {
+        p.push(Prim::Line(LinePrim {
             a: (LEFT, TOP),
             b: (LEFT, TOP + ph),
             color: AXIS,
             width: 1.5,
             dashed: false,
-        });
-        p.push(Prim::Line {
+        }));
+        p.push(Prim::Line(LinePrim {
             a: (LEFT, TOP + ph),
             b: (W - RIGHT, TOP + ph),
             color: AXIS,
             width: 1.5,
             dashed: false,
-        });
-        p.push(Prim::Text {
+        }));
+        p.push(Prim::Text(TextPrim {
             x: LEFT + pw / 2.0,
             y: H - 20.0,
             text: self.x_label.clone(),
@@ -210,8 +210,8 @@ impl Chart {
             size: 14.0,
             anchor: Anchor::Middle,
             vertical: false,
-        });
-        p.push(Prim::Text {
+        }));
+        p.push(Prim::Text(TextPrim {
             x: 24.0,
             y: TOP + ph / 2.0,
             text: self.y_label.clone(),
@@ -219,8 +219,8 @@ impl Chart {
             size: 14.0,
             anchor: Anchor::Middle,
             vertical: true,
-        });
-        p.push(Prim::Text {
+        }));
+        p.push(Prim::Text(TextPrim {
             x: W / 2.0,
             y: 28.0,
             text: self.title.clone(),
@@ -228,9 +228,9 @@ impl Chart {
             size: 18.0,
             anchor: Anchor::Middle,
             vertical: false,
-        });
+        }));
         if let Some(note) = &self.note {
-            p.push(Prim::Text {
+            p.push(Prim::Text(TextPrim {
                 x: W / 2.0,
                 y: 50.0,
                 text: note.clone(),
@@ -238,18 +238,18 @@ impl Chart {
                 size: 12.0,
                 anchor: Anchor::Middle,
                 vertical: false,
-            });
+            }));
         }
         // Fault markers.
         for (i, m) in self.markers.iter().enumerate() {
-            p.push(Prim::Line {
+            p.push(Prim::Line(LinePrim {
                 a: (px(m.x), TOP),
                 b: (px(m.x), TOP + ph),
                 color: FAULT,
                 width: 1.5,
                 dashed: true,
-            });
-            p.push(Prim::Text {
+            }));
+            p.push(Prim::Text(TextPrim {
                 x: px(m.x) + 4.0,
                 y: TOP + 16.0 + 14.0 * (i % 3) as f64,
                 text: m.label.clone(),
@@ -257,19 +257,19 @@ impl Chart {
                 size: 12.0,
                 anchor: Anchor::Start,
                 vertical: false,
-            });
+            }));
         }
         // Series and legend.
         let mut legend_x = 0.0;
         for s in &self.series {
             for w in s.points.windows(2) {
-                p.push(Prim::Line {
+                p.push(Prim::Line(LinePrim {
                     a: (px(w[0].0), py(w[0].1)),
                     b: (px(w[1].0), py(w[1].1)),
                     color: s.color,
                     width: 2.0,
                     dashed: false,
-                });
+                }));
             }
             if s.points.len() <= 12 {
                 for q in &s.points {
@@ -293,7 +293,7 @@ impl Chart {
                 h: 4.0,
                 color: s.color,
             });
-            p.push(Prim::Text {
+            p.push(Prim::Text(TextPrim {
                 x: lx + 24.0,
                 y: ly,
                 text: s.name.clone(),
@@ -301,7 +301,7 @@ impl Chart {
                 size: 12.0,
                 anchor: Anchor::Start,
                 vertical: false,
-            });
+            }));
         }
         p
     }
@@ -314,13 +314,13 @@ impl Chart {
         let rgb = |c: Rgb| format!("rgb({},{},{})", c.0, c.1, c.2);
         for prim in self.layout() {
             match prim {
-                Prim::Line {
+                Prim::Line(LinePrim {
                     a,
                     b,
                     color,
                     width,
                     dashed,
-                } => {
+                }) => {
                     let _ = writeln!(
                         out,
                         "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{}\" stroke-width=\"{width}\"{}/>",
@@ -339,7 +339,7 @@ impl Chart {
                         rgb(color)
                     );
                 }
-                Prim::Text {
+                Prim::Text(TextPrim {
                     x,
                     y,
                     text,
@@ -347,7 +347,7 @@ impl Chart {
                     size,
                     anchor,
                     vertical,
-                } => {
+                }) => {
                     let anchor = match anchor {
                         Anchor::Start => "start",
                         Anchor::Middle => "middle",
@@ -375,23 +375,9 @@ impl Chart {
         let mut c = Canvas::new(W as usize, H as usize);
         for prim in self.layout() {
             match prim {
-                Prim::Line {
-                    a,
-                    b,
-                    color,
-                    width,
-                    dashed,
-                } => c.line(a, b, color, width, dashed),
+                Prim::Line(l) => c.line(&l),
                 Prim::Rect { x, y, w, h, color } => c.rect(x, y, w, h, color),
-                Prim::Text {
-                    x,
-                    y,
-                    text,
-                    color,
-                    size,
-                    anchor,
-                    vertical,
-                } => c.text(x, y, &text, color, size, anchor, vertical),
+                Prim::Text(t) => c.text(&t),
             }
         }
         c.encode()
@@ -435,7 +421,14 @@ impl Canvas {
         }
     }
 
-    fn line(&mut self, a: (f64, f64), b: (f64, f64), c: Rgb, width: f64, dashed: bool) {
+    fn line(&mut self, l: &LinePrim) {
+        let LinePrim {
+            a,
+            b,
+            color: c,
+            width,
+            dashed,
+        } = *l;
         let len = ((b.0 - a.0).powi(2) + (b.1 - a.1).powi(2)).sqrt();
         let steps = (len * 2.0).ceil().max(1.0) as usize;
         let half = (width / 2.0).max(0.5);
@@ -460,8 +453,18 @@ impl Canvas {
 
     /// 8×8 glyphs, scaled to about `size` pixels high; `y` is the baseline.
     #[allow(clippy::too_many_arguments)]
-    fn text(&mut self, x: f64, y: f64, s: &str, c: Rgb, size: f64, anchor: Anchor, vertical: bool) {
+    fn text(&mut self, t: &TextPrim) {
         use font8x8::UnicodeFonts;
+        let TextPrim {
+            x,
+            y,
+            ref text,
+            color: c,
+            size,
+            anchor,
+            vertical,
+        } = *t;
+        let s = text.as_str();
         // 8 px glyphs for small print, doubled for titles.
         let scale = if size > 16.0 { 2 } else { 1 };
         let adv = 8 * scale;

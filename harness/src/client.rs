@@ -268,19 +268,8 @@ impl SmtpClient {
 /// The DATA section for a message: dot-stuffed, CRLF-terminated, ending
 /// with `.` CRLF.
 pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + 64);
-    let mut at_start = true;
-    for &b in body {
-        if at_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_start = b == b'\n';
-    }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
+    let mut out = Vec::new();
+    quill_proto::message::dot_stuff(body, &mut out);
     out
 }
 

@@ -159,6 +159,46 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// `(t, f(second))` for every whole second (the last, partial one
+    /// would look like a drop), each at its middle.
+    pub fn points(&self, f: impl Fn(&Second) -> f64) -> Vec<(f64, f64)> {
+        let whole = self.elapsed_s.floor() as u64;
+        self.seconds
+            .iter()
+            .filter(|s| s.t < whole)
+            .map(|s| (s.t as f64 + 0.5, f(s)))
+            .collect()
+    }
+
+    /// Deliveries a second, as a chart draws them.
+    pub fn deliveries_series(&self) -> crate::chart::Series {
+        crate::chart::Series {
+            name: "deliveries/s".into(),
+            points: self.points(|s| s.deliveries as f64),
+            color: crate::chart::PALETTE[0],
+        }
+    }
+
+    /// Errors a second, as a chart draws them.
+    pub fn errors_series(&self) -> crate::chart::Series {
+        crate::chart::Series {
+            name: "errors/s".into(),
+            points: self.points(|s| s.errors.values().sum::<u64>() as f64),
+            color: crate::chart::PALETTE[5],
+        }
+    }
+
+    /// The faults injected, as chart markers.
+    pub fn markers(&self) -> Vec<crate::chart::Marker> {
+        self.events
+            .iter()
+            .map(|e| crate::chart::Marker {
+                x: e.t,
+                label: e.what.clone(),
+            })
+            .collect()
+    }
+
     /// Deliveries and retrievals per second over the whole seconds after
     /// the first `warmup` (first logins pay the password hash on every
     /// node; a scaling comparison leaves that out).

@@ -167,14 +167,9 @@ enum Cmd {
         /// Where the clusters and results go.
         #[arg(long, default_value_os_t = std::env::temp_dir().join("quill-scale"))]
         dir: PathBuf,
-        /// Measure already running nodes instead (one IP per line,
-        /// standard ports); needs --admin-token and --password.
-        #[arg(long)]
-        hosts: Option<PathBuf>,
-        #[arg(long)]
-        admin_token: Option<String>,
-        #[arg(long)]
-        password: Option<String>,
+        /// Measure already running nodes instead.
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Seconds at the start of each run left out of the figure.
         #[arg(long, default_value = "5s", value_parser = cli::parse_duration)]
         warmup: Duration,
@@ -198,13 +193,8 @@ enum Cmd {
     /// Benchmark one node: deliver N messages with C connections over SMTP
     /// and/or LMTP, then retrieve and delete them all over POP3.
     BenchNode {
-        #[arg(long, default_value_t = 10_000)]
-        messages: u64,
-        #[arg(long, default_value_t = 16)]
-        connections: usize,
-        /// Users user0001..userNNNN@example.com, password passNNNN (as the Dovecot baseline).
-        #[arg(long, default_value_t = 100)]
-        users: u32,
+        #[command(flatten)]
+        amount: Amount,
         #[arg(long, value_enum, default_value_t = Proto::Both)]
         proto: Proto,
         /// Data directory [default: a fresh one under /tmp, removed afterwards].
@@ -225,10 +215,10 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         nodes: u8,
         /// Mail to fill the cluster with before the load (one copy; R = 2).
-        #[arg(long, default_value = "1GB", value_parser = parse_size_arg)]
+        #[arg(long, default_value = "1GB", value_parser = quill_node::units::parse_size_arg)]
         fill: u64,
         /// Size of each fill message.
-        #[arg(long, default_value = "100KB", value_parser = parse_size_arg)]
+        #[arg(long, default_value = "100KB", value_parser = quill_node::units::parse_size_arg)]
         message_size: u64,
         /// Operations started per second (open loop).
         #[arg(long, default_value_t = 100.0)]
@@ -290,12 +280,8 @@ enum Cmd {
         /// NODES:R pairs, run one after the other in this order.
         #[arg(long, value_delimiter = ',', default_value = "1:1,3:1,3:2,3:3")]
         configs: Vec<String>,
-        #[arg(long, default_value_t = 10_000)]
-        messages: u64,
-        #[arg(long, default_value_t = 16)]
-        connections: usize,
-        #[arg(long, default_value_t = 100)]
-        users: u32,
+        #[command(flatten)]
+        amount: Amount,
         /// Data directory [default: a fresh one under /tmp, removed afterwards].
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -304,14 +290,33 @@ enum Cmd {
     },
 }
 
+/// How much a benchmark delivers, over how many connections, to whom.
+#[derive(clap::Args, Clone, Copy)]
+struct Amount {
+    #[arg(long, default_value_t = 10_000)]
+    messages: u64,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Users user0001..userNNNN@example.com, password passNNNN (as the Dovecot baseline).
+    #[arg(long, default_value_t = 100)]
+    users: u32,
+}
+
 /// Which cluster a command talks to.
 #[derive(clap::Args, Clone)]
 struct TargetArgs {
     /// The harness cluster's directory.
     #[arg(long, default_value_os_t = cli::default_dir())]
     dir: PathBuf,
-    /// Nodes not started by the harness: a file with one IP per line
-    /// (standard ports); needs --admin-token and --password.
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+/// Nodes the harness did not start.
+#[derive(clap::Args, Clone)]
+struct RemoteArgs {
+    /// A file with one IP per line (standard ports); needs --admin-token
+    /// and --password.
     #[arg(long)]
     hosts: Option<PathBuf>,
     #[arg(long)]
@@ -408,9 +413,9 @@ fn main() -> anyhow::Result<()> {
                 out,
                 quiet,
             } => cli::load(cli::LoadArgs {
-                cluster: cli::hosts_or_dir(target.dir, target.hosts)?,
-                token: target.admin_token,
-                password: target.password,
+                cluster: cli::hosts_or_dir(target.dir, target.remote.hosts)?,
+                token: target.remote.admin_token,
+                password: target.remote.password,
                 cfg: load.config()?,
                 faults: cli::load::parse_faults(&kill, &restart, &add, &pause, &partition)?,
                 out,
@@ -436,18 +441,18 @@ fn main() -> anyhow::Result<()> {
                 })
                 .await
             }
-            Cmd::Verify { target, out } => {
-                cli::verify(cli::hosts_or_dir(target.dir, target.hosts)?, target.password, out)
-                    .await
-                    .map(drop)
-            }
+            Cmd::Verify { target, out } => cli::verify(
+                cli::hosts_or_dir(target.dir, target.remote.hosts)?,
+                target.remote.password,
+                out,
+            )
+            .await
+            .map(drop),
             Cmd::Scale {
                 nodes,
                 replicas,
                 dir,
-                hosts,
-                admin_token,
-                password,
+                remote,
                 warmup,
                 load,
             } => {
@@ -457,9 +462,9 @@ fn main() -> anyhow::Result<()> {
                     replicas,
                     load.config()?,
                     warmup,
-                    hosts,
-                    admin_token,
-                    password,
+                    remote.hosts,
+                    remote.admin_token,
+                    remote.password,
                 )
                 .await
             }
@@ -495,14 +500,12 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Cmd::BenchNode {
-                messages,
-                connections,
-                users,
+                amount: a,
                 proto,
                 dir,
                 log,
                 seed,
-            } => bench_node(messages, connections, users, proto, dir, log, seed).await,
+            } => bench_node(a.messages, a.connections, a.users, proto, dir, log, seed).await,
             Cmd::BenchTls {
                 messages,
                 connections,
@@ -513,32 +516,10 @@ fn main() -> anyhow::Result<()> {
             } => bench_tls(messages, connections, handshakes, rounds, dir, seed).await,
             Cmd::BenchReplication {
                 configs,
-                messages,
-                connections,
-                users,
+                amount: a,
                 dir,
                 seed,
-            } => bench_replication(configs, messages, connections, users, dir, seed).await,
+            } => bench_replication(configs, a.messages, a.connections, a.users, dir, seed).await,
         }
     })
-}
-
-/// A size: bytes, or with a unit KB, MB, GB (powers of 1000) or KiB, MiB,
-/// GiB (powers of 1024).
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected a number and a unit"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        u => return Err(format!("{s:?}: unknown unit {u:?} (KB, MB, GB, KiB, MiB, GiB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }

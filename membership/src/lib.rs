@@ -68,6 +68,6 @@ pub use directory::{
 #[cfg(feature = "testing")]
 pub use mem_transport::{MemRouter, SplitMix64};
 pub use network::{
-    BoxFuture, LeaderError, LeaderReply, LeaderRequest, RaftMessage, RaftReply, Transport, TransportError,
+    BoxFuture, LeaderError, LeaderReply, LeaderRequest, RaftCall, RaftMessage, RaftReply, Transport, TransportError,
 };
 pub use view::{ClusterView, NodeAddrs, NodeInfo, NodeState};

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::cluster::Membership;
 use crate::codec;
-use crate::network::{BoxFuture, RaftMessage, RaftReply, Transport, TransportError};
+use crate::network::{RaftCall, RaftMessage, RaftReply, Transport, TransportError};
 
 /// The seeded generator of the faults (testkit's SplitMix64).
 pub use testkit::Rng as SplitMix64;
@@ -179,12 +179,7 @@ fn failed(node: u64, why: impl ToString) -> TransportError {
 }
 
 impl Transport for MemTransport {
-    fn call<'a>(
-        &'a self,
-        target: u64,
-        addr: &'a str,
-        msg: RaftMessage,
-    ) -> BoxFuture<'a, Result<RaftReply, TransportError>> {
+    fn call<'a>(&'a self, target: u64, addr: &'a str, msg: RaftMessage) -> RaftCall<'a> {
         Box::pin(async move {
             let (to, delay, lose_reply) = match self.router.route(self.from, target, addr) {
                 Route::Deliver { to, delay, lose_reply } => (to, delay, lose_reply),

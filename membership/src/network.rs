@@ -46,13 +46,11 @@ pub enum TransportError {
 /// message sizes (see [`crate::codec::MESSAGE_BYTES_MAX`]); callers put a
 /// deadline on every call.
 pub trait Transport: Send + Sync + 'static {
-    fn call<'a>(
-        &'a self,
-        target: u64,
-        addr: &'a str,
-        msg: RaftMessage,
-    ) -> BoxFuture<'a, Result<RaftReply, TransportError>>;
+    fn call<'a>(&'a self, target: u64, addr: &'a str, msg: RaftMessage) -> RaftCall<'a>;
 }
+
+/// A Raft message on its way: the reply, or why there is none.
+pub type RaftCall<'a> = BoxFuture<'a, Result<RaftReply, TransportError>>;
 
 /// A request only the leader can serve. Any node may receive one: a node
 /// that is not the leader answers [`LeaderError::NotLeader`] with the leader

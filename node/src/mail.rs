@@ -16,14 +16,7 @@ pub trait Mail: Send + Sync + 'static {
     /// A new message id (ordered by arrival).
     fn new_message_id(&self, arrival_ms: u64) -> MessageId;
     /// Stores one message for every mailbox on R nodes each.
-    fn deliver_as<'a>(
-        &'a self,
-        id: MessageId,
-        mailboxes: &'a [String],
-        folder: &'a str,
-        arrival_ms: u64,
-        body: Vec<u8>,
-    ) -> BoxFuture<'a, DeliverOutcome>;
+    fn deliver_as<'a>(&'a self, m: NewMail<'a>) -> BoxFuture<'a, DeliverOutcome>;
     /// The mailbox size as the user's manager knows it (quotas).
     fn usage_bytes<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, u64>;
     /// Every message of the mailbox across the cluster.
@@ -54,6 +47,17 @@ pub trait Mail: Send + Sync + 'static {
     -> BoxFuture<'a, Option<bool>>;
 }
 
+/// A message to store: under `id`, for every one of `mailboxes`, in
+/// `folder`, arrived at `arrival_ms`.
+#[derive(Debug)]
+pub struct NewMail<'a> {
+    pub id: MessageId,
+    pub mailboxes: &'a [String],
+    pub folder: &'a str,
+    pub arrival_ms: u64,
+    pub body: Vec<u8>,
+}
+
 /// One message stored for one mailbox: its id and the nodes that hold it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -64,21 +68,23 @@ pub struct Stored {
 /// Stores one new message for one mailbox (R copies, fsynced) under a new
 /// id; `None` when no copy could be stored.
 pub async fn store_one(mail: &dyn Mail, mailbox: &str, folder: &str, arrival_ms: u64, body: Vec<u8>) -> Option<Stored> {
-    store_as(mail, mail.new_message_id(arrival_ms), mailbox, folder, arrival_ms, body).await
+    let mailboxes = [mailbox.to_owned()];
+    let m = NewMail {
+        id: mail.new_message_id(arrival_ms),
+        mailboxes: &mailboxes,
+        folder,
+        arrival_ms,
+        body,
+    };
+    store_as(mail, m).await
 }
 
-/// [`store_one`] under the id given.
-pub async fn store_as(
-    mail: &dyn Mail,
-    id: MessageId,
-    mailbox: &str,
-    folder: &str,
-    arrival_ms: u64,
-    body: Vec<u8>,
-) -> Option<Stored> {
-    let out = mail
-        .deliver_as(id, std::slice::from_ref(&mailbox.to_owned()), folder, arrival_ms, body)
-        .await;
+/// Stores a message (under the id given) for the one mailbox it names:
+/// where its copies are, or `None` when none could be stored.
+pub async fn store_as(mail: &dyn Mail, m: NewMail<'_>) -> Option<Stored> {
+    debug_assert_eq!(m.mailboxes.len(), 1, "one mailbox");
+    let id = m.id;
+    let out = mail.deliver_as(m).await;
     out.stored.first().copied().unwrap_or(false).then(|| Stored {
         id,
         copies: out.copies.into_iter().next().unwrap_or_default(),
@@ -90,15 +96,15 @@ impl<N: Network> Mail for Replicator<N> {
         self.store().new_message_id(arrival_ms)
     }
 
-    fn deliver_as<'a>(
-        &'a self,
-        id: MessageId,
-        mailboxes: &'a [String],
-        folder: &'a str,
-        arrival_ms: u64,
-        body: Vec<u8>,
-    ) -> BoxFuture<'a, DeliverOutcome> {
-        Box::pin(Replicator::deliver_as(self, id, mailboxes, folder, arrival_ms, body))
+    fn deliver_as<'a>(&'a self, m: NewMail<'a>) -> BoxFuture<'a, DeliverOutcome> {
+        Box::pin(Replicator::deliver_as(
+            self,
+            m.id,
+            m.mailboxes,
+            m.folder,
+            m.arrival_ms,
+            m.body,
+        ))
     }
 
     fn usage_bytes<'a>(&'a self, mailbox: &'a str) -> BoxFuture<'a, u64> {

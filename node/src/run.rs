@@ -22,7 +22,7 @@ use crate::admin::{self, Addrs, AdminState};
 use crate::cluster::{self, replica};
 use crate::metrics::{ReplicaFigures, StoreFigures};
 use crate::net::{self, Client, PlaintextAuth, Proto};
-use crate::services::{Limits, Parts, Services};
+use crate::services::{Limits, Options, Parts, Services};
 use crate::{files, mail, outbound, tls, uids};
 
 /// How recently a queue owner must have been in touch with a majority.
@@ -246,25 +246,26 @@ pub async fn run(
         .replica
         .set(replica.clone() as Arc<dyn cluster::rpc::ReplicaService>);
     let _ = cluster.log_level.set(set_log_level.clone());
-    let mut parts = Parts::new(
-        config.name.clone(),
-        store.clone(),
-        replica.clone() as Arc<dyn mail::Mail>,
-        Arc::new(uids::RaftUids::new(cluster.membership.clone())),
+    let services = Arc::new(Services::new(Parts {
+        hostname: config.name.clone(),
+        store: store.clone(),
+        mail: replica.clone() as Arc<dyn mail::Mail>,
+        uids: Arc::new(uids::RaftUids::new(cluster.membership.clone())),
         directory,
-        config.limits.clone(),
-        Some(tls.clone()),
-        files::random_bytes()?,
-    );
-    parts.plaintext_auth = config.plaintext_auth;
-    parts.default_login_domain = config.default_login_domain.clone();
-    parts.postmaster = config.postmaster.clone();
-    parts.queue_bounds = (config.outbound.max_messages, config.outbound.max_bytes);
-    parts.metric_sources = vec![
-        Box::new(StoreFigures(store.clone())),
-        Box::new(ReplicaFigures(replica.clone())),
-    ];
-    let services = Arc::new(Services::new(parts));
+        limits: config.limits.clone(),
+        tls: Some(tls.clone()),
+        auth_key: files::random_bytes()?,
+        options: Options {
+            plaintext_auth: config.plaintext_auth,
+            default_login_domain: config.default_login_domain.clone(),
+            postmaster: config.postmaster.clone(),
+            queue_bounds: (config.outbound.max_messages, config.outbound.max_bytes),
+            metric_sources: vec![
+                Box::new(StoreFigures(store.clone())),
+                Box::new(ReplicaFigures(replica.clone())),
+            ],
+        },
+    }));
     let owner: outbound::Owner = {
         let (membership, me) = (cluster.membership.clone(), cluster.id());
         // Fenced: a node out of touch with a majority (a partition's

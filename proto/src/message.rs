@@ -102,6 +102,25 @@ pub fn clean_name(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic()).take(255).collect()
 }
 
+/// A message made transparent (RFC 5321 4.5.2, RFC 1939 3): a dot before
+/// every line that starts with one, CRLF at the end, then the terminating
+/// `.` line, appended to `out` (SMTP's DATA, POP3's RETR).
+pub fn dot_stuff(body: &[u8], out: &mut Vec<u8>) {
+    out.reserve(body.len() + 64);
+    let mut at_line_start = true;
+    for &b in body {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    if !body.is_empty() && !body.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+}
+
 /// `Sat, 28 Nov 2026 16:49:35 +0000` for a time in seconds since the epoch.
 pub fn rfc5322_date(unix_secs: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];

@@ -6,6 +6,8 @@
 
 use crate::sasl;
 
+pub use crate::message::dot_stuff;
+
 /// RFC 2449 gives 255 octets for POP3 commands; AUTH PLAIN responses
 /// (RFC 5034) may be longer, so a little room is left.
 pub const POP3_LINE_BYTES_MAX: usize = 1024;
@@ -292,24 +294,6 @@ pub fn top(msg: &[u8], k: u32) -> &[u8] {
         }
     }
     &msg[..end]
-}
-
-/// A multi-line response body: a dot before every line that starts with
-/// one, CRLF at the end, then the terminating `.` line, appended to `out`.
-pub fn dot_stuff(body: &[u8], out: &mut Vec<u8>) {
-    out.reserve(body.len() + 64);
-    let mut at_line_start = true;
-    for &b in body {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !body.is_empty() && !body.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
 }
 
 #[cfg(test)]

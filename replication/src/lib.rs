@@ -120,6 +120,30 @@ pub struct EntryMeta {
 pub const PRIOR_MAX: usize = 8;
 
 impl EntryMeta {
+    /// A message as delivered: in `folder` on `replicas`, the set chosen
+    /// at delivery (version 0, no earlier members), no flag set.
+    pub fn delivered(
+        id: MessageId,
+        body: BodyHash,
+        size_bytes: u64,
+        arrival_ms: u64,
+        folder: String,
+        replicas: Vec<u64>,
+    ) -> EntryMeta {
+        EntryMeta {
+            id,
+            body,
+            size_bytes,
+            arrival_ms,
+            folder,
+            flags: 0,
+            replicas,
+            placed: 0,
+            prior: Vec::new(),
+            marks: Marks::default(),
+        }
+    }
+
     /// Whether `node` is in the replica set or among its earlier members.
     pub fn involves(&self, node: u64) -> bool {
         self.replicas.contains(&node) || self.prior.contains(&node)

@@ -144,18 +144,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn meta() -> EntryMeta {
-        EntryMeta {
-            id: MessageId([1; 16]),
-            body: BodyHash([2; 32]),
-            size_bytes: 1,
-            arrival_ms: 1,
-            folder: "INBOX".into(),
-            flags: 0,
-            replicas: vec![1, 2],
-            placed: 0,
-            prior: vec![],
-            marks: Marks::default(),
-        }
+        EntryMeta::delivered(MessageId([1; 16]), BodyHash([2; 32]), 1, 1, "INBOX".into(), vec![1, 2])
     }
 
     fn flag(name: &str, set: bool, hlc: u64) -> FlagMark {

@@ -28,7 +28,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BodyHash, MessageId};
+use crate::{BodyHash, EntryMeta, MessageId};
 
 pub(crate) const MAGIC: u32 = 0x5155_494c; // "QUIL"
 pub(crate) const HEADER_BYTES: usize = 40;
@@ -45,47 +45,29 @@ pub(crate) const KIND_ENTRY_PLACED: u8 = 5;
 pub(crate) const KIND_MOVED: u8 = 6;
 pub(crate) const KIND_ENTRY_MARKS: u8 = 7;
 
-/// One mailbox entry: `user` holds message `id`, whose bytes are the body
-/// named `body`.
+/// One mailbox entry: `user` holds the message `meta` describes (its id,
+/// the body it names, folder, flags, replica set). Bincode writes a nested
+/// struct's fields in line, so this is the same bytes as the flat record
+/// kind 7 has always held.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct EntryRecord {
     pub user: String,
-    pub id: MessageId,
-    pub body: BodyHash,
-    pub size_bytes: u64,
-    pub arrival_ms: u64,
-    pub folder: String,
-    pub flags: u32,
-    /// The nodes that hold this message (its replica set, ids in the view).
-    pub replicas: Vec<u64>,
-    /// The hybrid logical clock of the decision that made `replicas` the
-    /// replica set (0: the set chosen at delivery). The newest set wins.
-    pub placed: u64,
-    /// Earlier members later sets left out (see `EntryMeta::prior`).
-    pub prior: Vec<u64>,
-    /// The folder's and flags' versions (see `crate::marks`).
-    pub marks: crate::Marks,
+    pub meta: EntryMeta,
 }
 
-/// Kind 5, written before marks.
+/// Kind 5's entry, written before marks: kind 2's, then the replica set's
+/// version and earlier members (in line, as bincode writes them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct EntryRecordV2 {
-    user: String,
-    id: MessageId,
-    body: BodyHash,
-    size_bytes: u64,
-    arrival_ms: u64,
-    folder: String,
-    flags: u32,
-    replicas: Vec<u64>,
+struct MetaV2 {
+    v1: MetaV1,
     placed: u64,
     prior: Vec<u64>,
 }
 
-/// Kind 2, written before replica sets had versions.
+/// Kind 2's entry, written before replica sets had versions: without
+/// `placed` and `prior`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct EntryRecordV1 {
-    user: String,
+struct MetaV1 {
     id: MessageId,
     body: BodyHash,
     size_bytes: u64,
@@ -93,6 +75,37 @@ struct EntryRecordV1 {
     folder: String,
     flags: u32,
     replicas: Vec<u64>,
+}
+
+/// The migration from kind 2 to kind 5: the set chosen at delivery
+/// (version 0), no earlier members.
+impl From<MetaV1> for MetaV2 {
+    fn from(v1: MetaV1) -> MetaV2 {
+        MetaV2 {
+            v1,
+            placed: 0,
+            prior: Vec::new(),
+        }
+    }
+}
+
+/// The migration from kind 5 to kind 7: no folder or flag changes yet.
+impl From<MetaV2> for EntryMeta {
+    fn from(m: MetaV2) -> EntryMeta {
+        let v1 = m.v1;
+        EntryMeta {
+            id: v1.id,
+            body: v1.body,
+            size_bytes: v1.size_bytes,
+            arrival_ms: v1.arrival_ms,
+            folder: v1.folder,
+            flags: v1.flags,
+            replicas: v1.replicas,
+            placed: m.placed,
+            prior: m.prior,
+            marks: crate::Marks::default(),
+        }
+    }
 }
 
 /// A tombstone: `user` no longer holds message `id`, deleted at hybrid
@@ -246,6 +259,26 @@ pub(crate) fn scan(data: &[u8], mut f: impl FnMut(u64, u64, Decoded)) -> Scan {
     out
 }
 
+/// An entry record of an earlier or the current kind: the user, then the
+/// entry as that kind wrote it, brought to the current one by `migrate`.
+fn entry<M: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    migrate: impl Fn(M) -> EntryMeta,
+) -> Result<Decoded, &'static str> {
+    #[derive(Deserialize)]
+    struct Record<M> {
+        user: String,
+        meta: M,
+    }
+    match bincode::serde::decode_from_slice::<Record<M>, _>(bytes, bincode_config()) {
+        Ok((r, _)) => Ok(Decoded::Entry(EntryRecord {
+            user: r.user,
+            meta: migrate(r.meta),
+        })),
+        Err(_) => Err("undecodable entry"),
+    }
+}
+
 /// Parses the record at `pos`: its length and content, or why it is invalid.
 fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), &'static str> {
     {
@@ -275,46 +308,9 @@ fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), &'static str> {
                 body_offset: (pos + HEADER_BYTES + 33) as u64,
                 body_len: (payload_len - 33) as u64,
             },
-            KIND_ENTRY => {
-                match bincode::serde::decode_from_slice::<EntryRecordV1, _>(&payload[1..], bincode_config()) {
-                    Ok((e, _)) => Decoded::Entry(EntryRecord {
-                        user: e.user,
-                        id: e.id,
-                        body: e.body,
-                        size_bytes: e.size_bytes,
-                        arrival_ms: e.arrival_ms,
-                        folder: e.folder,
-                        flags: e.flags,
-                        replicas: e.replicas,
-                        placed: 0,
-                        prior: Vec::new(),
-                        marks: crate::Marks::default(),
-                    }),
-                    Err(_) => return Err("undecodable entry"),
-                }
-            }
-            KIND_ENTRY_PLACED => {
-                match bincode::serde::decode_from_slice::<EntryRecordV2, _>(&payload[1..], bincode_config()) {
-                    Ok((e, _)) => Decoded::Entry(EntryRecord {
-                        user: e.user,
-                        id: e.id,
-                        body: e.body,
-                        size_bytes: e.size_bytes,
-                        arrival_ms: e.arrival_ms,
-                        folder: e.folder,
-                        flags: e.flags,
-                        replicas: e.replicas,
-                        placed: e.placed,
-                        prior: e.prior,
-                        marks: crate::Marks::default(),
-                    }),
-                    Err(_) => return Err("undecodable entry"),
-                }
-            }
-            KIND_ENTRY_MARKS => match bincode::serde::decode_from_slice(&payload[1..], bincode_config()) {
-                Ok((e, _)) => Decoded::Entry(e),
-                Err(_) => return Err("undecodable entry"),
-            },
+            KIND_ENTRY => entry::<MetaV1>(&payload[1..], |m| EntryMeta::from(MetaV2::from(m)))?,
+            KIND_ENTRY_PLACED => entry::<MetaV2>(&payload[1..], EntryMeta::from)?,
+            KIND_ENTRY_MARKS => entry::<EntryMeta>(&payload[1..], |m| m)?,
             KIND_MOVED => match bincode::serde::decode_from_slice::<DeleteRecord, _>(&payload[1..], bincode_config()) {
                 Ok((d, _)) if d.moved.is_some() => Decoded::Delete(d),
                 _ => return Err("undecodable move"),
@@ -345,16 +341,7 @@ mod tests {
     fn entry() -> EntryRecord {
         EntryRecord {
             user: "alice@example.org".into(),
-            id: MessageId([7; 16]),
-            body: BodyHash([9; 32]),
-            size_bytes: 5,
-            arrival_ms: 1,
-            folder: "INBOX".into(),
-            flags: 0,
-            replicas: vec![1, 2],
-            placed: 0,
-            prior: Vec::new(),
-            marks: crate::Marks::default(),
+            meta: EntryMeta::delivered(MessageId([7; 16]), BodyHash([9; 32]), 5, 1, "INBOX".into(), vec![1, 2]),
         }
     }
 
@@ -416,55 +403,62 @@ mod tests {
     #[test]
     fn old_entries_read_as_placed_zero_and_move_markers_round_trip() {
         let e = entry();
-        let old = EntryRecordV1 {
-            user: e.user.clone(),
-            id: e.id,
-            body: e.body,
-            size_bytes: e.size_bytes,
-            arrival_ms: e.arrival_ms,
-            folder: e.folder.clone(),
-            flags: e.flags,
-            replicas: e.replicas.clone(),
-        };
+        let m = &e.meta;
+        // Kind 2 as an earlier build wrote it: the user, then the entry
+        // without `placed`, `prior` or `marks`.
+        let old = (
+            e.user.clone(),
+            MetaV1 {
+                id: m.id,
+                body: m.body,
+                size_bytes: m.size_bytes,
+                arrival_ms: m.arrival_ms,
+                folder: m.folder.clone(),
+                flags: m.flags,
+                replicas: m.replicas.clone(),
+            },
+        );
         let mut buf = Vec::new();
         let bytes = bincode::serde::encode_to_vec(&old, bincode_config()).expect("encodes");
         push_record(&mut buf, KIND_ENTRY, &[&bytes]);
         // Kind 5 (before marks) reads with no marks.
-        let v2 = EntryRecordV2 {
-            user: e.user.clone(),
-            id: e.id,
-            body: e.body,
-            size_bytes: e.size_bytes,
-            arrival_ms: e.arrival_ms,
-            folder: e.folder.clone(),
-            flags: e.flags,
-            replicas: e.replicas.clone(),
-            placed: 77,
-            prior: vec![4],
-        };
+        let v2 = (
+            e.user.clone(),
+            MetaV2 {
+                placed: 77,
+                prior: vec![4],
+                ..MetaV2::from(old.1.clone())
+            },
+        );
         let bytes = bincode::serde::encode_to_vec(&v2, bincode_config()).expect("encodes");
         push_record(&mut buf, KIND_ENTRY_PLACED, &[&bytes]);
         let placed = EntryRecord {
-            placed: 77,
-            prior: vec![4],
+            meta: EntryMeta {
+                placed: 77,
+                prior: vec![4],
+                ..entry().meta
+            },
             ..entry()
         };
         let marked = EntryRecord {
-            folder: "f1".into(),
-            marks: crate::Marks {
-                folder_hlc: 5,
-                flags: vec![crate::FlagMark {
-                    name: "\\Seen".into(),
-                    set: true,
-                    hlc: 6,
-                }],
+            meta: EntryMeta {
+                folder: "f1".into(),
+                marks: crate::Marks {
+                    folder_hlc: 5,
+                    flags: vec![crate::FlagMark {
+                        name: "\\Seen".into(),
+                        set: true,
+                        hlc: 6,
+                    }],
+                },
+                ..placed.meta.clone()
             },
             ..placed.clone()
         };
         encode_entry(&mut buf, &marked);
         let moved = DeleteRecord {
             user: e.user.clone(),
-            id: e.id,
+            id: m.id,
             hlc: 99,
             replicas: vec![2],
             moved: Some((vec![1, 3], 99)),

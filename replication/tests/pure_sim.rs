@@ -128,18 +128,14 @@ impl Sim {
         self.next_id += 1;
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&self.next_id.to_be_bytes());
-        let meta = EntryMeta {
-            id: MessageId(id),
-            body: BodyHash::of(&self.next_id.to_le_bytes()),
-            size_bytes: 100,
-            arrival_ms: self.next_id,
-            folder: "INBOX".into(),
-            flags: 0,
-            replicas: targets.clone(),
-            placed: 0,
-            prior: Vec::new(),
-            marks: Default::default(),
-        };
+        let meta = EntryMeta::delivered(
+            MessageId(id),
+            BodyHash::of(&self.next_id.to_le_bytes()),
+            100,
+            self.next_id,
+            "INBOX".into(),
+            targets.clone(),
+        );
         let mut stored = false;
         for t in &targets {
             let lost = self.rng.chance(0.15);

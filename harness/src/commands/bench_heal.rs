@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use hyper::Method;
 
 use super::{Cluster, Fault, LoadArgs, load};
-use crate::chart::{Chart, Marker, PALETTE, Series};
+use crate::chart::{Chart, PALETTE, Series};
 use crate::cluster::{ClusterState, NodeEntry};
 use crate::load::{LoadConfig, LoadReport, Second};
 use crate::{SmtpClient, workload};
@@ -300,14 +300,6 @@ async fn bytes_per_node(state: &ClusterState, dir: &std::path::Path) -> anyhow::
 }
 
 fn heal_chart(r: &LoadReport, offered: f64) -> Chart {
-    let whole = r.elapsed_s.floor() as u64;
-    let pts = |f: &dyn Fn(&Second) -> f64| -> Vec<(f64, f64)> {
-        r.seconds
-            .iter()
-            .filter(|s| s.t < whole)
-            .map(|s| (s.t as f64 + 0.5, f(s)))
-            .collect()
-    };
     let max_under = r
         .seconds
         .iter()
@@ -326,30 +318,15 @@ fn heal_chart(r: &LoadReport, offered: f64) -> Chart {
             "open loop {offered:.0} ops/s; dashed red lines: kill -9; under-replicated messages scaled: peak {max_under:.0}"
         )),
         series: vec![
-            Series {
-                name: "deliveries/s".into(),
-                points: pts(&|s| s.deliveries as f64),
-                color: PALETTE[0],
-            },
+            r.deliveries_series(),
             Series {
                 name: format!("under-replicated (peak {max_under:.0})"),
-                points: pts(&|s| s.under_replicated.unwrap_or(0) as f64 * scale),
+                points: r.points(|s| s.under_replicated.unwrap_or(0) as f64 * scale),
                 color: PALETTE[2],
             },
-            Series {
-                name: "errors/s".into(),
-                points: pts(&|s| s.errors.values().sum::<u64>() as f64),
-                color: PALETTE[5],
-            },
+            r.errors_series(),
         ],
-        markers: r
-            .events
-            .iter()
-            .map(|e| Marker {
-                x: e.t,
-                label: e.what.clone(),
-            })
-            .collect(),
+        markers: r.markers(),
         x_integer: false,
     }
 }

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use hyper::Method;
 
 use super::{Cluster, Fault, target};
-use crate::chart::{Chart, Marker, PALETTE, Series};
+use crate::chart::{Chart, PALETTE, Series};
 use crate::cluster::{ClusterState, NodeEntry};
 use crate::load::{self, LoadConfig, LoadReport, Record, Run, Target};
 use crate::process::{ADMIN_PORT, POP3_PORT, SMTP_PORT};
@@ -242,15 +242,6 @@ async fn remove_when_drained(run: &Arc<Run>, dir: &Path, k: u8, id: u64) -> anyh
 }
 
 fn timeline_chart(r: &LoadReport) -> Chart {
-    // Whole seconds only: the last, partial one would look like a drop.
-    let whole = r.elapsed_s.floor() as u64;
-    let pts = |f: &dyn Fn(&load::Second) -> f64| -> Vec<(f64, f64)> {
-        r.seconds
-            .iter()
-            .filter(|s| s.t < whole)
-            .map(|s| (s.t as f64 + 0.5, f(s)))
-            .collect()
-    };
     let cfg = r.config.clone().unwrap_or_else(|| LoadConfig {
         users: 0,
         zipf: 0.0,
@@ -278,30 +269,15 @@ fn timeline_chart(r: &LoadReport) -> Chart {
             }
         )),
         series: vec![
-            Series {
-                name: "deliveries/s".into(),
-                points: pts(&|s| s.deliveries as f64),
-                color: PALETTE[0],
-            },
+            r.deliveries_series(),
             Series {
                 name: "messages retrieved/s".into(),
-                points: pts(&|s| s.retrievals as f64),
+                points: r.points(|s| s.retrievals as f64),
                 color: PALETTE[1],
             },
-            Series {
-                name: "errors/s".into(),
-                points: pts(&|s| s.errors.values().sum::<u64>() as f64),
-                color: PALETTE[5],
-            },
+            r.errors_series(),
         ],
-        markers: r
-            .events
-            .iter()
-            .map(|e| Marker {
-                x: e.t,
-                label: e.what.clone(),
-            })
-            .collect(),
+        markers: r.markers(),
         x_integer: false,
     }
 }

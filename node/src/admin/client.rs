@@ -27,56 +27,49 @@ pub async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
-    tokio::time::timeout(REQUEST_TIMEOUT, call_inner(node, token, method, path, body))
+    let exchange = async {
+        let stream = TcpStream::connect(node)
+            .await
+            .with_context(|| format!("cannot connect to admin API at {node}"))?;
+        // Anything but an HTTP server here (a mail port, the QUIC port) fails
+        // below: say what was expected rather than hyper's words alone.
+        let not_admin = |e: hyper::Error| {
+            anyhow!(
+                "no admin API answered at {node} ({e}); --node takes a node's --admin address \
+                 (HTTP, e.g. 127.0.0.1:8080), not a mail or cluster port"
+            )
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(not_admin)?;
+        let conn = tokio::spawn(conn);
+        let bytes = body.map(|b| serde_json::to_vec(&b).expect("json")).unwrap_or_default();
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", node)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))?;
+        let resp = sender.send_request(req).await.map_err(not_admin)?;
+        let status = resp.status().as_u16();
+        let body = http_body_util::Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading admin reply: {e}"))?
+            .to_bytes();
+        conn.abort();
+        let value = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()))
+        };
+        Ok((status, value))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .map_err(|_| anyhow!("admin API at {node} did not answer within {REQUEST_TIMEOUT:?}"))?
-}
-
-async fn call_inner(
-    node: &str,
-    token: &str,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<(u16, serde_json::Value)> {
-    let stream = TcpStream::connect(node)
-        .await
-        .with_context(|| format!("cannot connect to admin API at {node}"))?;
-    // Anything but an HTTP server here (a mail port, the QUIC port) fails
-    // below: say what was expected rather than hyper's words alone.
-    let not_admin = |e: hyper::Error| {
-        anyhow!(
-            "no admin API answered at {node} ({e}); --node takes a node's --admin address \
-             (HTTP, e.g. 127.0.0.1:8080), not a mail or cluster port"
-        )
-    };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(not_admin)?;
-    let conn = tokio::spawn(conn);
-    let bytes = body.map(|b| serde_json::to_vec(&b).expect("json")).unwrap_or_default();
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", node)
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(bytes)))?;
-    let resp = sender.send_request(req).await.map_err(not_admin)?;
-    let status = resp.status().as_u16();
-    let body = http_body_util::Limited::new(resp.into_body(), RESPONSE_BYTES_MAX)
-        .collect()
-        .await
-        .map_err(|e| anyhow!("reading admin reply: {e}"))?
-        .to_bytes();
-    conn.abort();
-    let value = if body.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_slice(&body)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()))
-    };
-    Ok((status, value))
 }
 
 /// Sends one call and reads its reply as `T`; a failure (not 2xx) is an

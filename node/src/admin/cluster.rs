@@ -78,23 +78,13 @@ fn state_name(s: NodeState) -> &'static str {
 pub async fn status_of(s: &AdminState) -> ClusterStatus {
     let view = s.cluster.membership.view();
     let me = s.cluster.id();
-    // Ask the other nodes for their counts all at once, so that a dead node
-    // not yet marked down costs one short timeout, not one per node.
-    let asks: Vec<_> = view
-        .nodes
-        .values()
-        .filter(|n| n.id != me && n.state != NodeState::Down)
-        .map(|n| {
-            let (cluster, id, addr) = (s.cluster.clone(), n.id, n.addrs.cluster.clone());
-            tokio::spawn(async move { (id, cluster.stats_of(&addr).await) })
-        })
+    let mut counts: std::collections::HashMap<u64, _> = s
+        .cluster
+        .ask_others(|cluster, addr| async move { cluster.stats_of(&addr).await })
+        .await
+        .into_iter()
+        .filter_map(|(n, c)| Some((n.id, c?)))
         .collect();
-    let mut counts = std::collections::HashMap::new();
-    for a in asks {
-        if let Ok((id, Some(c))) = a.await {
-            counts.insert(id, c);
-        }
-    }
     let service: &dyn ReplicaService = s.replica.as_ref();
     counts.insert(me, node_stats(&s.services.store, Some(service)));
     let nodes = view
@@ -217,35 +207,24 @@ pub(super) async fn log_level(State(s): State<AdminState>, Json(b): Json<LevelBo
     let mut nodes = BTreeMap::new();
     nodes.insert(s.name.clone(), "ok".to_owned());
     if b.all {
-        let view = s.cluster.membership.view();
-        let me = s.cluster.id();
-        let asks: Vec<_> = view
-            .nodes
-            .values()
-            .filter(|n| n.id != me && n.state != NodeState::Down)
-            .map(|n| {
-                let (cluster, name, addr) = (s.cluster.clone(), n.name.clone(), n.addrs.cluster.clone());
-                let req = ClusterRequest::SetLogLevel {
-                    filter: b.level.clone(),
-                };
-                tokio::spawn(async move {
+        let filter = b.level.clone();
+        let answers = s
+            .cluster
+            .ask_others(move |cluster, addr| {
+                let req = ClusterRequest::SetLogLevel { filter: filter.clone() };
+                async move {
                     let r = tokio::time::timeout(LOG_LEVEL_TIMEOUT, cluster.transport.request(&addr, &req)).await;
-                    let said = match r {
+                    match r {
                         Ok(Ok(ClusterReply::Done)) => "ok".to_owned(),
                         Ok(Ok(ClusterReply::Refused(e))) => format!("refused: {e}"),
                         Ok(Ok(_)) => "unexpected reply".to_owned(),
                         Ok(Err(e)) => format!("unreachable: {e:#}"),
                         Err(_) => format!("no answer within {LOG_LEVEL_TIMEOUT:?}"),
-                    };
-                    (name, said)
-                })
+                    }
+                }
             })
-            .collect();
-        for a in asks {
-            if let Ok((name, said)) = a.await {
-                nodes.insert(name, said);
-            }
-        }
+            .await;
+        nodes.extend(answers.into_iter().map(|(n, said)| (n.name, said)));
     }
     reply(LevelSet {
         ok: nodes.values().all(|v| v == "ok"),

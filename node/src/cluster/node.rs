@@ -88,6 +88,32 @@ impl Cluster {
         self.endpoint.close(0u32.into(), b"shutdown");
     }
 
+    /// Asks every other node that is not down, all at once (a dead node
+    /// not yet marked down costs one timeout, not one per node): each
+    /// node with what `ask` got from it at its cluster address.
+    pub async fn ask_others<T, F, Fut>(&self, ask: F) -> Vec<(membership::NodeInfo, T)>
+    where
+        T: Send + 'static,
+        F: Fn(Cluster, String) -> Fut,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+    {
+        let view = self.membership.view();
+        let me = self.id();
+        let asks: Vec<_> = view
+            .nodes
+            .values()
+            .filter(|n| n.id != me && n.state != NodeState::Down)
+            .map(|n| (n.clone(), tokio::spawn(ask(self.clone(), n.addrs.cluster.clone()))))
+            .collect();
+        let mut out = Vec::with_capacity(asks.len());
+        for (n, a) in asks {
+            if let Ok(v) = a.await {
+                out.push((n, v));
+            }
+        }
+        out
+    }
+
     /// Asks a node for its store figures (None if it does not answer within
     /// `STATS_TIMEOUT`: status pages must stay quick while a node dies).
     pub async fn stats_of(&self, addr: &str) -> Option<NodeStats> {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use membership::{BoxFuture, RaftMessage, RaftReply, Transport, TransportError};
+use membership::{BoxFuture, RaftCall, RaftMessage, RaftReply, Transport, TransportError};
 use quinn::{ClientConfig, Connection, Endpoint};
 
 pub use quill_proto::wire::NodeStats;
@@ -107,12 +107,7 @@ impl QuicTransport {
 }
 
 impl Transport for QuicTransport {
-    fn call<'a>(
-        &'a self,
-        target: u64,
-        addr: &'a str,
-        msg: RaftMessage,
-    ) -> BoxFuture<'a, Result<RaftReply, TransportError>> {
+    fn call<'a>(&'a self, target: u64, addr: &'a str, msg: RaftMessage) -> RaftCall<'a> {
         Box::pin(async move {
             let conn = self.conn(addr).await.map_err(|e| TransportError::Unreachable {
                 node: target,

@@ -38,7 +38,7 @@ use replication::{FlagMark, MarkChange, MessageId};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
-use crate::mail::{store_as, store_one};
+use crate::mail::{NewMail, store_as, store_one};
 use crate::metrics::QueueGauge;
 use crate::services::Services;
 use crate::time::now_ms;
@@ -508,14 +508,12 @@ pub async fn enqueue(services: &Services, env: &Envelope, message: &[u8]) -> boo
     // The shard is the id's: an entry is found again by its id alone.
     let id = services.mail.new_message_id(now);
     let shard = queue::shard_mailbox(queue::shard_of(&id.0));
-    store_as(
-        &*services.mail,
+    let m = NewMail {
         id,
-        &shard,
-        QUEUE_FOLDER,
-        now,
-        queue::encode(env, message),
-    )
-    .await
-    .is_some()
+        mailboxes: &[shard],
+        folder: QUEUE_FOLDER,
+        arrival_ms: now,
+        body: queue::encode(env, message),
+    };
+    store_as(&*services.mail, m).await.is_some()
 }

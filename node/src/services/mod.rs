@@ -29,8 +29,8 @@ use crate::net::{Env, PlaintextAuth};
 use crate::tls::Tls;
 use crate::uids::Uids;
 
-/// What a node's services are made of. Everything without a default here
-/// must be given: a node and a test build them the same way.
+/// What a node's services are made of: everything a node and a test
+/// must both give, and [`Options`] (the `quill node` flags' defaults).
 pub struct Parts {
     pub hostname: String,
     pub store: Arc<FragmentStore>,
@@ -44,6 +44,11 @@ pub struct Parts {
     pub tls: Option<Tls>,
     /// Keys the login cache (random per process).
     pub auth_key: [u8; 32],
+    pub options: Options,
+}
+
+/// What has a default (that of `quill node`'s flag).
+pub struct Options {
     pub plaintext_auth: PlaintextAuth,
     pub default_login_domain: Option<String>,
     pub postmaster: Option<String>,
@@ -53,29 +58,9 @@ pub struct Parts {
     pub metric_sources: Vec<Box<dyn Collector>>,
 }
 
-impl Parts {
-    /// The parts every node needs; the rest at their defaults (those of
-    /// `quill node`'s flags).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        hostname: String,
-        store: Arc<FragmentStore>,
-        mail: Arc<dyn Mail>,
-        uids: Arc<dyn Uids>,
-        directory: Arc<dyn Directory>,
-        limits: Limits,
-        tls: Option<Tls>,
-        auth_key: [u8; 32],
-    ) -> Parts {
-        Parts {
-            hostname,
-            store,
-            mail,
-            uids,
-            directory,
-            limits,
-            tls,
-            auth_key,
+impl Default for Options {
+    fn default() -> Self {
+        Options {
             plaintext_auth: PlaintextAuth::default(),
             default_login_domain: None,
             postmaster: None,
@@ -90,10 +75,11 @@ pub struct Services {
     pub limits: Limits,
     /// What the connection layer needs (bounds, TLS, counters).
     pub env: Env,
-    pub store: Arc<FragmentStore>,
+    /// Users and domains, and their mail (as in [`Parts`]).
+    pub directory: Arc<dyn Directory>,
     pub mail: Arc<dyn Mail>,
     pub uids: Arc<dyn Uids>,
-    pub directory: Arc<dyn Directory>,
+    pub store: Arc<FragmentStore>,
     pub auth: Authenticator,
     pub routing: Routing,
     pub locks: Arc<Locks>,
@@ -115,7 +101,8 @@ impl std::fmt::Debug for Services {
 
 impl Services {
     pub fn new(p: Parts) -> Services {
-        let metrics = Arc::new(Metrics::new(p.metric_sources));
+        let o = p.options;
+        let metrics = Arc::new(Metrics::new(o.metric_sources));
         let counters = metrics.counters.clone();
         let queue = metrics.queue.clone();
         let l = &p.limits;
@@ -124,7 +111,7 @@ impl Services {
             commands_max: l.commands_max,
             bad_commands_max: l.bad_commands_max,
             tls: p.tls,
-            plaintext_auth: p.plaintext_auth,
+            plaintext_auth: o.plaintext_auth,
             counters: counters.clone(),
         };
         let auth = Authenticator::new(
@@ -136,20 +123,20 @@ impl Services {
                 per_account: l.auth_failures_per_account_max,
                 window: l.auth_window,
             },
-            p.default_login_domain,
+            o.default_login_domain,
             p.auth_key,
         );
         let routing = Routing::new(
             p.directory.clone(),
             p.mail.clone(),
-            p.postmaster,
+            o.postmaster,
             SendingLimits {
                 messages_per_minute: l.submission_messages_per_minute,
                 recipients_per_hour: l.submission_recipients_per_hour,
                 unknown_recipients_max: l.unknown_recipients_max,
                 window: l.auth_window,
-                queue_messages_max: p.queue_bounds.0,
-                queue_bytes_max: p.queue_bounds.1,
+                queue_messages_max: o.queue_bounds.0,
+                queue_bytes_max: o.queue_bounds.1,
             },
             queue.clone(),
         );

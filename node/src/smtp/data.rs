@@ -119,10 +119,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 under_replicated: false,
             }
         } else {
-            self.services
-                .mail
-                .deliver_as(id, &unique, "INBOX", arrival_ms, body)
-                .await
+            let m = crate::mail::NewMail {
+                id,
+                mailboxes: &unique,
+                folder: "INBOX",
+                arrival_ms,
+                body,
+            };
+            self.services.mail.deliver_as(m).await
         };
         Latencies::observe(&self.services.metrics.latency.delivery, started.elapsed());
         let stored = |mailbox: &str| {

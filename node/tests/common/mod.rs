@@ -12,7 +12,7 @@ use membership::{Directory, DirectoryCommand, LocalDirectory};
 use placement::{NodeId, NodeInfo, NodeState, View};
 use quill_node::Limits;
 use quill_node::mail::Mail;
-use quill_node::services::{Parts, Services};
+use quill_node::services::{Options, Parts, Services};
 use quill_node::uids::{LocalUids, Uids};
 use replication::mem_net::{MemNet, MemRouter, Serve};
 use replication::replica::{ReplicaConfig, Replicator};
@@ -91,16 +91,17 @@ pub fn services_on(
     uids: Arc<dyn Uids>,
     limits: Limits,
 ) -> Arc<Services> {
-    Arc::new(Services::new(Parts::new(
-        format!("n{}", rep.id()),
-        rep.store().clone(),
-        rep.clone() as Arc<dyn Mail>,
+    Arc::new(Services::new(Parts {
+        hostname: format!("n{}", rep.id()),
+        store: rep.store().clone(),
+        mail: rep.clone() as Arc<dyn Mail>,
         uids,
         directory,
         limits,
-        None,
-        [1; 32],
-    )))
+        tls: None,
+        auth_key: [1; 32],
+        options: Options::default(),
+    }))
 }
 
 /// The client end of a session: send a line, read a reply.

@@ -320,18 +320,14 @@ mod tests {
     }
 
     fn live(n: u64, replicas: &[NodeId]) -> SyncItem {
-        SyncItem::Live(EntryMeta {
-            id: id(n),
-            body: BodyHash::of(&n.to_le_bytes()),
-            size_bytes: 8,
-            arrival_ms: 1_000 + n,
-            folder: "INBOX".into(),
-            flags: 0,
-            replicas: replicas.to_vec(),
-            placed: 0,
-            prior: Vec::new(),
-            marks: Default::default(),
-        })
+        SyncItem::Live(EntryMeta::delivered(
+            id(n),
+            BodyHash::of(&n.to_le_bytes()),
+            8,
+            1_000 + n,
+            "INBOX".into(),
+            replicas.to_vec(),
+        ))
     }
 
     fn dead(n: u64, replicas: &[NodeId]) -> SyncItem {

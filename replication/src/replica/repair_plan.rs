@@ -223,18 +223,14 @@ mod tests {
     }
 
     fn meta(n: u8, replicas: &[NodeId]) -> EntryMeta {
-        EntryMeta {
-            id: MessageId([n; 16]),
-            body: BodyHash::of(&[n]),
-            size_bytes: 1,
-            arrival_ms: 1,
-            folder: "INBOX".into(),
-            flags: 0,
-            replicas: replicas.to_vec(),
-            placed: 0,
-            prior: Vec::new(),
-            marks: Default::default(),
-        }
+        EntryMeta::delivered(
+            MessageId([n; 16]),
+            BodyHash::of(&[n]),
+            1,
+            1,
+            "INBOX".into(),
+            replicas.to_vec(),
+        )
     }
 
     const UP: NodeState = NodeState::Up;

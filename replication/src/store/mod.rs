@@ -309,9 +309,7 @@ impl FragmentStore {
         self.submit(|reply| Op::Deliver {
             delivery,
             hash,
-            placed: 0,
-            prior: Vec::new(),
-            marks: crate::Marks::default(),
+            copy: CopyOf::default(),
             reply,
         })
         .await?;
@@ -340,13 +338,15 @@ impl FragmentStore {
             body,
             replicas: meta.replicas.clone(),
         };
-        let (placed, prior, marks) = (meta.placed, meta.prior.clone(), meta.marks.clone());
+        let copy = CopyOf {
+            placed: meta.placed,
+            prior: meta.prior.clone(),
+            marks: meta.marks.clone(),
+        };
         self.submit(|reply| Op::Deliver {
             delivery,
             hash,
-            placed,
-            prior,
-            marks,
+            copy,
             reply,
         })
         .await
@@ -472,33 +472,9 @@ pub(super) fn read_checked(file: &File, offset: u64, len: u64, hash: BodyHash) -
     Ok(buf)
 }
 
-pub(super) fn meta_of(e: EntryRecord) -> EntryMeta {
-    EntryMeta {
-        id: e.id,
-        body: e.body,
-        size_bytes: e.size_bytes,
-        arrival_ms: e.arrival_ms,
-        folder: e.folder,
-        flags: e.flags,
-        replicas: e.replicas,
-        placed: e.placed,
-        prior: e.prior,
-        marks: e.marks,
-    }
-}
-
 pub(super) fn record_of(user: &str, m: &EntryMeta) -> EntryRecord {
     EntryRecord {
         user: user.to_owned(),
-        id: m.id,
-        body: m.body,
-        size_bytes: m.size_bytes,
-        arrival_ms: m.arrival_ms,
-        folder: m.folder.clone(),
-        flags: m.flags,
-        replicas: m.replicas.clone(),
-        placed: m.placed,
-        prior: m.prior.clone(),
-        marks: m.marks.clone(),
+        meta: m.clone(),
     }
 }

@@ -10,7 +10,7 @@ use tracing::error;
 
 use super::*;
 use crate::record::DeleteRecord;
-use crate::{BodyHash, MarkChange, Marks, MessageId, SetChange, Tombstone};
+use crate::{BodyHash, MarkChange, MessageId, SetChange, Tombstone};
 
 /// What a batch will do, decided.
 #[derive(Default)]
@@ -48,11 +48,9 @@ impl Plan {
             Op::Deliver {
                 delivery,
                 hash,
-                placed,
-                prior,
-                marks,
+                copy,
                 reply,
-            } => self.deliver(index, delivery, hash, placed, prior, marks, reply),
+            } => self.deliver(index, delivery, hash, copy, reply),
             Op::Delete { user, tombs, reply } => self.delete(index, user, tombs, reply),
             Op::Relocate { seg, items, reply } => self.relocate(index, seg, items, reply),
             Op::DropSegment { seg, reply } => self.drops.push((seg, reply)),
@@ -87,17 +85,8 @@ impl Plan {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn deliver(
-        &mut self,
-        index: &Index,
-        delivery: Delivery,
-        hash: BodyHash,
-        placed: u64,
-        prior: Vec<u64>,
-        marks: Marks,
-        reply: Reply<()>,
-    ) {
+    fn deliver(&mut self, index: &Index, delivery: Delivery, hash: BodyHash, copy: CopyOf, reply: Reply<()>) {
+        let CopyOf { placed, prior, marks } = copy;
         self.delivered = true;
         let size = delivery.body.len() as u64;
         let live = index.bodies.get(&hash).is_some_and(|b| b.refs > 0);
@@ -126,16 +115,19 @@ impl Plan {
             }
             let rec = EntryRecord {
                 user,
-                id: delivery.id,
-                body: hash,
-                size_bytes: size,
-                arrival_ms: delivery.arrival_ms,
-                folder: delivery.folder.clone(),
-                flags: 0,
-                replicas: delivery.replicas.clone(),
-                placed,
-                prior: prior.clone(),
-                marks: marks.clone(),
+                meta: EntryMeta {
+                    placed,
+                    prior: prior.clone(),
+                    marks: marks.clone(),
+                    ..EntryMeta::delivered(
+                        delivery.id,
+                        hash,
+                        size,
+                        delivery.arrival_ms,
+                        delivery.folder.clone(),
+                        delivery.replicas.clone(),
+                    )
+                },
             };
             self.pieces.push(Piece::Entry(rec));
         }
@@ -224,8 +216,8 @@ impl Plan {
                     }
                 }
                 Relocation::Entry(rec) => {
-                    let still = index.entry(&rec.user, &rec.id).is_some_and(|e| e.loc.seg == from)
-                        && !self.deleted.contains(&(rec.user.clone(), rec.id));
+                    let still = index.entry(&rec.user, &rec.meta.id).is_some_and(|e| e.loc.seg == from)
+                        && !self.deleted.contains(&(rec.user.clone(), rec.meta.id));
                     if still {
                         self.pieces.push(Piece::Entry(rec));
                         n += 1;
@@ -250,13 +242,11 @@ impl Plan {
                     .pieces
                     .iter_mut()
                     .rev()
-                    .find(|p| matches!(p, Piece::Entry(r) if r.id == c.id && r.user == user))
+                    .find(|p| matches!(p, Piece::Entry(r) if r.meta.id == c.id && r.user == user))
                 else {
                     continue;
                 };
-                let mut meta = meta_of(rec.clone());
-                if meta.apply_marks(&c) {
-                    *rec = record_of(&user, &meta);
+                if rec.meta.apply_marks(&c) {
                     n += 1;
                 }
                 continue;

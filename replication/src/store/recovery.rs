@@ -63,7 +63,7 @@ impl FragmentStore {
                         Decoded::Entry(e) => {
                             // An entry after a tombstone of the same id can
                             // only follow that tombstone's expiry: it wins.
-                            let key = (e.user.clone(), e.id);
+                            let key = (e.user.clone(), e.meta.id);
                             tombs.remove(&key);
                             entries.insert(key, (e, Loc { seg, record_len }));
                         }
@@ -119,14 +119,13 @@ impl FragmentStore {
         }
         index.bodies = bodies;
         let mut sorted: Vec<_> = entries.into_values().collect();
-        sorted.sort_by(|a, b| (&a.0.user, a.0.id).cmp(&(&b.0.user, b.0.id)));
+        sorted.sort_by(|a, b| (&a.0.user, a.0.meta.id).cmp(&(&b.0.user, b.0.meta.id)));
         for (e, loc) in sorted {
-            if !index.bodies.contains_key(&e.body) {
-                error!(user = %e.user, id = %e.id, "entry without its body on recovery; dropped");
+            if !index.bodies.contains_key(&e.meta.body) {
+                error!(user = %e.user, id = %e.meta.id, "entry without its body on recovery; dropped");
                 continue;
             }
-            let user = e.user.clone();
-            index.put_entry(&user, meta_of(e), loc);
+            index.put_entry(&e.user, e.meta, loc);
         }
         for ((user, id), (d, loc)) in tombs {
             index.put_tomb(

@@ -19,12 +19,7 @@ pub(super) enum Op {
     Deliver {
         delivery: Delivery,
         hash: BodyHash,
-        /// The replica set's version and earlier members (see
-        /// `EntryRecord::placed`, `EntryRecord::prior`).
-        placed: u64,
-        prior: Vec<u64>,
-        /// The copy's folder and flag versions (none for a new delivery).
-        marks: crate::Marks,
+        copy: CopyOf,
         reply: Reply<()>,
     },
     Delete {
@@ -56,6 +51,18 @@ pub(super) enum Op {
         changes: Vec<crate::MarkChange>,
         reply: Reply<usize>,
     },
+}
+
+/// What a copy of another node's entry carries beyond a delivery (all
+/// zero and empty for a new delivery).
+#[derive(Debug, Default)]
+pub(super) struct CopyOf {
+    /// The replica set's version and earlier members (see
+    /// `EntryMeta::placed`, `EntryMeta::prior`).
+    pub(super) placed: u64,
+    pub(super) prior: Vec<u64>,
+    /// The copy's folder and flag versions.
+    pub(super) marks: crate::Marks,
 }
 
 impl Op {
@@ -123,26 +130,15 @@ pub(super) enum Piece {
     Forget { user: String, id: MessageId },
 }
 
-/// Appends an entry record to a batch and notes its effect.
-pub(super) fn write_entry(buf: &mut Vec<u8>, effects: &mut Vec<Effect>, seg: u32, rec: EntryRecord) {
+/// Appends one record to a batch (`encode` writes it) and says where it
+/// is: in segment `seg`, and how long.
+fn record_at(buf: &mut Vec<u8>, seg: u32, encode: impl FnOnce(&mut Vec<u8>)) -> Loc {
     let start = buf.len();
-    record::encode_entry(buf, &rec);
-    let record_len = (buf.len() - start) as u64;
-    effects.push(Effect::Entry {
-        rec,
-        loc: Loc { seg, record_len },
-    });
-}
-
-/// Appends a tombstone record to a batch and notes its effect.
-pub(super) fn write_tomb(buf: &mut Vec<u8>, effects: &mut Vec<Effect>, seg: u32, rec: DeleteRecord) {
-    let start = buf.len();
-    record::encode_delete(buf, &rec);
-    let record_len = (buf.len() - start) as u64;
-    effects.push(Effect::Tomb {
-        rec,
-        loc: Loc { seg, record_len },
-    });
+    encode(buf);
+    Loc {
+        seg,
+        record_len: (buf.len() - start) as u64,
+    }
 }
 
 pub(super) enum Done {
@@ -333,8 +329,8 @@ impl Writer {
                     written.push(hash);
                 }
                 Effect::Entry { rec, loc } => {
-                    let (user, id) = (rec.user.clone(), rec.id);
-                    index.put_entry(&user, meta_of(rec), loc);
+                    let (user, id) = (rec.user, rec.meta.id);
+                    index.put_entry(&user, rec.meta, loc);
                     // A copy of a newer set replaces a move marker.
                     if index.tomb(&user, &id).is_some_and(|t| !t.is_deletion()) {
                         index.remove_tomb(&user, &id);
@@ -393,8 +389,14 @@ fn encode(pieces: Vec<Piece>, seg: u32, base: u64) -> (Vec<u8>, Vec<Effect>) {
                     },
                 });
             }
-            Piece::Entry(rec) => write_entry(&mut buf, &mut effects, seg, rec),
-            Piece::Tomb(rec) => write_tomb(&mut buf, &mut effects, seg, rec),
+            Piece::Entry(rec) => {
+                let loc = record_at(&mut buf, seg, |b| record::encode_entry(b, &rec));
+                effects.push(Effect::Entry { rec, loc });
+            }
+            Piece::Tomb(rec) => {
+                let loc = record_at(&mut buf, seg, |b| record::encode_delete(b, &rec));
+                effects.push(Effect::Tomb { rec, loc });
+            }
             Piece::Forget { user, id } => effects.push(Effect::Forget { user, id }),
         }
     }

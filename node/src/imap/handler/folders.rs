@@ -224,14 +224,7 @@ impl Handler {
             return self.refused(tag, &e);
         }
         // Gone from every listing now; its messages and UIDs follow.
-        let msgs: Vec<Listed> = self
-            .services
-            .mail
-            .mailbox(user)
-            .await
-            .into_iter()
-            .filter(|l| l.meta.folder == folder.id)
-            .collect();
+        let msgs = self.folder_messages(user, &folder).await;
         if !msgs.is_empty() && self.services.mail.delete(user, &msgs).await.is_err() {
             debug!(user, "imap: a deleted folder's messages are not all deleted yet");
         }

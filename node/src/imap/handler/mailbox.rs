@@ -26,14 +26,7 @@ type Listing = (u32, u32, Vec<(u32, Listed)>);
 impl Handler {
     /// The folder's UIDs and messages as listed now, numbering new ones.
     pub(super) async fn folder_now(&mut self, user: &str, folder: &Folder) -> Result<Listing, Refusal> {
-        let mut listed: Vec<Listed> = self
-            .services
-            .mail
-            .mailbox(user)
-            .await
-            .into_iter()
-            .filter(|l| l.meta.folder == folder.id)
-            .collect();
+        let mut listed = self.folder_messages(user, folder).await;
         listed.sort_by_key(|l| l.meta.id);
         listed.truncate(FOLDER_MESSAGES_MAX);
         let name = sequence_name(user, &folder.id);

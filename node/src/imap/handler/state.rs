@@ -295,6 +295,14 @@ impl Handler {
             .collect()
     }
 
+    /// The messages of one of `user`'s folders as listed now (every
+    /// node's fragments).
+    pub(super) async fn folder_messages(&self, user: &str, folder: &Folder) -> Vec<Listed> {
+        let mut listed = self.services.mail.mailbox(user).await;
+        listed.retain(|l| l.meta.folder == folder.id);
+        listed
+    }
+
     /// A refused Raft change (a limit, or a race with another session).
     pub(super) fn refused(&self, tag: Tag<'static>, e: &anyhow::Error) -> Status<'static> {
         let why = e.to_string();
@@ -307,18 +315,14 @@ impl Handler {
 /// changes to its copies).
 pub fn fresh_listed(id: replication::MessageId, folder: &str, arrival_ms: u64, replicas: Vec<u64>) -> Listed {
     Listed {
-        meta: replication::EntryMeta {
+        meta: replication::EntryMeta::delivered(
             id,
-            body: replication::BodyHash([0; 32]),
-            size_bytes: 0,
+            replication::BodyHash([0; 32]),
+            0,
             arrival_ms,
-            folder: folder.to_owned(),
-            flags: 0,
+            folder.to_owned(),
             replicas,
-            placed: 0,
-            prior: Vec::new(),
-            marks: Default::default(),
-        },
+        ),
         holders: Vec::new(),
     }
 }

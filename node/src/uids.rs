@@ -4,13 +4,65 @@
 //! a folder and finds messages without a UID asks for numbers with one
 //! committed entry, which every node applies in the same order, so two
 //! nodes that disagree about the view can at worst ask twice for the same
-//! message and get the same answer. Reads are local. Why this and not the
-//! manager or a quorum register: ARCHITECTURE.md, "IMAP UIDs".
+//! message and get the same answer. Reads are local.
 //!
 //! A user's folders are named bindings in the same state
 //! (`membership::names`): a folder's name is bound to its id, which is
 //! what its messages and its UID sequence are named by, so a rename is one
 //! committed entry and moves no message.
+//!
+//! # Why the Raft state
+//! UIDs must be per folder, strictly ascending, never reused within a
+//! UIDVALIDITY, and the same whichever node a client reaches, after any
+//! failure. Three ways were weighed:
+//!
+//! - *The user's manager assigns them and stores them on the user's
+//!   replicas.* The manager is soft state chosen by placement over a view;
+//!   two nodes that disagree about the view (a partition, a manager change
+//!   half-way) each believe they manage the user, and both would number the
+//!   same new message or give one number to two messages. Fencing that needs
+//!   a quorum per assignment, which is what the next option is.
+//! - *Derived from replicated data* (e.g. the rank of a message's id). A
+//!   message that arrives late (a partition heals, a copy comes back from a
+//!   node that was down) would rank below UIDs clients have already seen:
+//!   either it is invisible or the UIDs move (a UIDVALIDITY change every
+//!   time): not acceptable.
+//! - *A register written with a quorum and fenced*: the cluster already has
+//!   one, Raft, on every node, committed by a majority and fenced by terms.
+//!   **This is what Quill does**: a folder's UIDs are a named sequence in the
+//!   Raft state (`membership::sequence`). A session that lists a folder and
+//!   finds messages without a UID asks for numbers with one committed entry
+//!   (`AssignNumbers`/`AssignMany`); the state machine numbers, in the given
+//!   order, only ids it has not numbered, so the entry is idempotent.
+//!
+//! Failure cases: two sessions on nodes with different views ask for the
+//! same message: the second entry applies after the first and finds it
+//! numbered, same answer. A node cut off from the majority cannot commit: it
+//! gives no UID (new mail stays out of its IMAP sessions, counted in
+//! `quill_imap_uid_failures_total`), never a conflicting one. A request whose
+//! answer is lost is retried with the same serial and answered from the
+//! session table, or re-asked and found numbered. The manager may change or
+//! die at any time: it plays no part. A node restart, kill -9, a new leader:
+//! the numbers are in the replicated log and snapshots. UIDVALIDITY changes
+//! only when a sequence is made anew: a folder deleted and created again
+//! (RFC 3501 asks for exactly that), or a user removed; a rename keeps it (the
+//! sequence is named by the folder's id, not its name); it is set from the
+//! proposer's clock and above every earlier
+//! validity, so a cluster whose Raft state was lost and rebuilt starts above
+//! what clients saw, as long as clocks move forward. Expunged messages'
+//! numbers are forgotten (`ForgetNumbers`) and never given again. Tests: the
+//! seeded interleavings in `sequence.rs` (stale, partial, duplicated and lost
+//! requests: no number to two ids, none changes, replicas agree), the
+//! partition test in `membership/tests/cluster.rs`, and imaplib/mbsync across
+//! real nodes with a kill -9 (`tests/tests/imap.rs`).
+//!
+//! Costs: one Raft entry per batch of new messages (the delivery path is
+//! untouched: numbering happens when an IMAP session first sees a message,
+//! or at APPEND), and 16 bytes plus a number per message of every folder in
+//! every node's memory and in the Raft snapshot (the directory already puts
+//! every user there): 1 M messages ≈ 40 MB. Past tens of millions of
+//! messages the sequences should move out of the snapshot into a per-node
+//! store fed by the log; the scheme stays the same.
 
 use std::sync::Mutex;
 

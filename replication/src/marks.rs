@@ -10,6 +10,33 @@
 //! A cleared flag is kept (with the HLC that cleared it) so that an older
 //! "set" arriving later cannot bring it back, as a tombstone does for a
 //! deletion.
+//!
+//! # How the registers travel
+//! A message's folder and each of its flags are **registers**
+//! (`replication/src/marks.rs`): a value and the HLC of the change that wrote
+//! it; merging keeps, per register, the newer write (ties broken by value: a
+//! set flag wins, the greater folder id wins), so any two replicas that have
+//! seen the same changes agree, whatever the order (a proptest checks it).
+//! A cleared flag stays as a register with its HLC, as a tombstone does for a
+//! deletion, so an older "set" arriving late cannot bring it back. They ride
+//! the paths deletions take: entry records of kind 7 carry them (kinds 2 and
+//! 5 read with none), `Request::Mark` sends a change to every replica and
+//! holder, the update log keeps what a replica did not acknowledge (`upm-`
+//! files beside `upd-`), anti-entropy's digest includes a copy's registers
+//! (only towards peers meant to hold a copy: an earlier member keeps at most a
+//! move marker) and `plan_sync` merges them both ways, and a listing shows
+//! the newest of each register across holders. A STORE is stamped with the
+//! session node's HLC: two nodes flagging one message at once converge to the
+//! same flags; a STORE and a concurrent opposite STORE through another node
+//! end with the later one (by HLC), like any last-writer-wins register.
+//!
+//! Not done: **CONDSTORE**. The registers' HLCs look like MODSEQs, but
+//! MODSEQ must grow for every change a client can observe: a change made
+//! through a node whose clock is behind could be stamped below a
+//! HIGHESTMODSEQ the client already read from another node, and CHANGEDSINCE
+//! would miss it. A correct one needs a per-folder counter bumped by every
+//! change (a Raft entry per STORE, or the manager fencing an epoch-counter):
+//! not cheap, so it is left out rather than served wrong.
 
 use serde::{Deserialize, Serialize};
 

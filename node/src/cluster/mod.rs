@@ -24,6 +24,48 @@
 //! [`serve`] (what a node answers), [`duties`] (failure detection, voters,
 //! the CA key) and [`replica`] (the replica protocol over this wire, and
 //! its background duties).
+//!
+//! # In more detail
+//! `cluster.rs`: `Cluster::start` founds a cluster, enrolls through a seed,
+//! or resumes from `DATA/cluster/`; `QuicTransport` implements membership's
+//! `Transport`; every node pings every node (`leader_duties`) and the leader
+//! marks nodes down/up and keeps the voters odd and at most 5
+//! (`desired_voters`); a **draining leader steps down** (`step_down_if_draining`:
+//! openraft 0.9 can neither transfer leadership nor remove its leader): it
+//! stops heartbeats and standing for election and asks an up voter to call
+//! one (`ClusterRequest::TakeLeadership`, served only for the view's
+//! leader); the followers' leases run out and a new leader is elected, which
+//! then moves the vote away from the draining node. **One address, one
+//! identity**: `Pong` carries the answering node's id, Raft requests
+//! (`ClusterRequest::Raft { to, .. }`) and replica envelopes name their
+//! target, and another identity refuses them, so a machine back at its
+//! address with an empty disk (a new identity) is never taken for the old
+//! node. `Pong` carries the epoch a node has applied, and a
+//! starting node serves clients only once its view is as new as its peers'
+//! and has it up (`catch_up`, at most 10 s). `ClusterRequest::Stats` answers a node's `NodeStats` (entries, body
+//! bytes, under-replicated count, repairs pending in its running round,
+//! copies made by repair) for `cluster status`, which shows each node's
+//! `activity`: serving, repairing, draining or down.
+//! Failure-detector verdicts are fenced: each is a `Command::Verdict`
+//! carrying the term its leader decided it in, and the state machine
+//! refuses it when the entry is committed in another term (a paused or
+//! partitioned leader's stale verdicts used to be forwarded to, and
+//! committed by, its successor) or when it marks the committing leader
+//! itself down; a node whose own rounds stalled (SIGSTOP, a starved
+//! runtime) restarts every peer's timer instead of judging them by its own
+//! silence; a `Down` verdict is re-pinged right before it is written; the
+//! leader marks itself up if an earlier verdict left it down.
+//! **Who holds the CA key**: the founder and every node that has been a
+//! Raft voter (a voter without `ca.key` fetches it from another voter,
+//! `CaKey`, answered only to a peer whose address is a voter's in the
+//! view, and kept only if it matches `ca.der`). Voters already decide the
+//! replicated state, so the key gives an intruder on one nothing more;
+//! learners, most of a large cluster, never hold it. Any member is a seed:
+//! one without the key checks the join secret and asks a voter to issue
+//! the certificate (`IssueCert`). Enrollment fails closed: a missing,
+//! unreadable or empty `cluster/token` admits nobody, and attempts are
+//! limited to 10 a minute per source address (4 096 addresses tracked at
+//! most; when full of live windows, new addresses are refused).
 
 pub mod admission;
 pub mod duties;

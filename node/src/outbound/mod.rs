@@ -1,9 +1,9 @@
 //! Outbound delivery: every node works the queue shards it owns (the
 //! owner is `quill_proto::queue::owner_of` over the nodes the current
 //! view has up and not `--role in`), delivering each entry's pending
-//! recipients to their domains' mail exchangers ([`mx`]) or to
+//! recipients to their domains' mail exchangers (`mx`) or to
 //! `--relay-host`, with one connection per domain for all of its
-//! recipients ([`client`]). What a try's outcomes mean (ends, bounces, a
+//! recipients (`client`). What a try's outcomes mean (ends, bounces, a
 //! delay warning, the next try, the slow lane) is decided by the protocol
 //! cores (`quill_proto::queue`); this module performs it.
 //!
@@ -23,6 +23,53 @@
 //! domain cannot take the slots of the healthy ones. Retry and lane state
 //! is soft: a new owner starts over (tries at once), which costs an early
 //! retry, never a message.
+//!
+//! # Ownership, fencing and the queue's data
+//! A queued message is mail like any other: it is stored with the same
+//! front end and replica protocol (R copies, fsync before `250`) in one of
+//! 32 **queue shards**, mailboxes `queue~K` (no user has that name: user
+//! mailboxes hold an `@`), folder `QUEUE`, its body an envelope (sender,
+//! recipients, time queued, submitter; JSON behind a magic) in front of the
+//! message (`node/src/queue.rs`, pure: encoding, retry schedule, loop
+//! checks, the RFC 3464 DSN). **Ownership**: a shard's owner is chosen by
+//! rendezvous hashing (`outbound::owner_of`: the highest blake3 of shard and
+//! node id) over the nodes the current view has up and that work the queue
+//! (not `--role in`, which the view carries in `NodeAddrs::inbound_only`),
+//! so the shards spread over every such node and move within a
+//! failure-detector timeout when an owner dies; a node that comes back takes
+//! only its own shards back.
+//! The fence is Raft's: a node works shards only while it is in touch with
+//! a majority (`Membership::in_quorum`: a follower that knows a leader, a
+//! leader acknowledged by a quorum within 3 s), so the minority side of a
+//! partition lets its shards go within an election timeout while the
+//! majority's new view gives them to others (tested with iptables: the
+//! cut-off owner stops, the others deliver everything once). Two nodes that
+//! disagree about the view may still both work a shard for the moment a view
+//! change takes to apply everywhere; what makes that safe is that each
+//! recipient's end is a flag register of the entry (`rcpt-ok:I`, `rcpt-failed:I`), written to every
+//! replica before the entry is deleted, and an owner only tries recipients
+//! without an end: delivery is at least once, and exactly once unless a
+//! transaction is cut between the end of DATA and the reply
+//! (`quill_outbound_cut_transactions_total`). **The worker**
+//! (`node/src/outbound.rs`) looks at its shards every 500 ms, works at most
+//! 256 entries at once, groups an entry's pending recipients by domain and
+//! sends each group over one connection (mail-send's client, opportunistic
+//! STARTTLS), to `--relay-host` or to the MX hosts by preference (hickory
+//! resolver; implicit MX; null MX bounces at once). Lanes: 100 connections
+//! in all, 20 per domain, optionally a token bucket of
+//! `--outbound-rate-per-destination` transactions a second per domain; a domain with 3 failed tries in a row takes the
+//! slow lane (4 slots for all such domains, 1 per domain) for 10 minutes
+//! after its last failure. Retry state (tries, next try, last errors) is
+//! soft, in the owner's memory: a new owner tries at once, which costs an
+//! early retry, never a message; the lifetime counts from the envelope's
+//! time queued, which is replicated. A recipient that failed (5xx, or the
+//! lifetime ran out) gets a DSN to the envelope sender (the sender's mailbox
+//! if local; else queued with `MAIL FROM:<>`, so a bounce never bounces).
+//! **Backpressure**: the bounds are on this node's stored share of the queue
+//! (counted every 500 ms from the local store); past them submission answers
+//! RCPT for remote recipients with `451 4.3.1`. Operators act through flag
+//! registers too: `hold`/`release` set `held`, `retry` stamps `retry` with
+//! an HLC newer than the owner's last try.
 
 mod client;
 mod mx;

@@ -2,8 +2,8 @@
 //! one per connection. Commands are parsed by `smtp-proto`; what each is
 //! answered is the protocol cores' (`quill_proto::smtp`); this module
 //! reads and writes, asks the services who a recipient is, and stores the
-//! message ([`data`]) or hands it to the outbound queue. AUTH's exchange
-//! is in [`auth`].
+//! message (`data`) or hands it to the outbound queue. AUTH's exchange
+//! is in `auth`.
 //!
 //! The reply to the end of DATA is sent only after the message is fsynced.
 

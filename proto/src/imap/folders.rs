@@ -7,6 +7,26 @@
 //! folder's id, and so is the last part of the folder's UID sequence name:
 //! renaming a folder changes one binding and neither its messages nor its
 //! UIDVALIDITY. Subscriptions are bindings too (scope `imap-sub/{user}`).
+//!
+//! # Folders, MOVE and COPY across the cluster
+//! A **folder** is a name bound to a random 16-byte id in the Raft state
+//! (`membership::names`, scope `imap/{user}`); a message's `folder` is
+//! `INBOX` or that id in hex, and so is the end of its UID sequence's name.
+//! CREATE binds (and binds the missing levels above), RENAME moves the
+//! bindings of the folder and those below it in one entry (no message is
+//! touched, UIDVALIDITY is kept), DELETE unbinds, then deletes the folder's
+//! messages and drops its sequence. Every names command names the id it
+//! expects, so a session acting on a stale view cannot undo a newer change.
+//! Subscriptions are bindings too (`imap-sub/{user}`). **MOVE** numbers the
+//! messages in the destination's sequence first (for COPYUID, and so that a
+//! session there gives them the same UIDs), then changes their folder
+//! register, then forgets their UIDs in the source: a message keeps its id
+//! and body, and moved back later it gets a new UID (forgotten numbers are
+//! never given again). Two sessions moving one message to different folders
+//! at once: the later move wins, the other destination shows it and then
+//! expunges it. **COPY** stores new messages (bodies deduplicated by hash on
+//! each node) with the source's flags, all or nothing (copies made before a
+//! failure are deleted).
 
 use std::collections::BTreeMap;
 

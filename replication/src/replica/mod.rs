@@ -39,6 +39,66 @@
 //! * [`anti_entropy`]: the pure repair plan and the rounds that carry it out;
 //! * [`repair_plan`] (pure) and [`repair`]: restoring R copies, handing a
 //!   draining node's copies off, evening out stored bytes.
+//!
+//! # In more detail
+//! `replica/`: the replica protocol, by role. `protocol.rs`: `Request`/
+//! `Reply` in an `Envelope` that names sender and target and piggybacks the
+//! sender's HLC, load and run number (a call reaching another identity is
+//! refused there, an answer from another identity is not taken); the
+//! `Network` trait; `ReplicaError` (typed: unreachable, timeout,
+//! marked down, remote failure, store, wrong body, update log).
+//! `calls.rs`: every call has a deadline (2 s, longer for bodies) and also
+//! ends when a view arrives that has its node down; serving calls.
+//! `manager.rs`: the user manager as a **pure state machine** (`Manager`:
+//! mail maps, reports, mailbox locks with leases, loads and run numbers;
+//! time is an argument, no I/O): `Place`, `MailMap` (trusted only once every
+//! live node, this one included, has sent its full report for the current
+//! view epoch; until then it answers with every live node, so a listing is
+//! never partial; a report from a node ahead of this one is voided by an
+//! intermediate view), `Report`, `Lock`/`Unlock`; unit and property tests.
+//! `reports.rs`: the full reports after a view change and the first-fragment
+//! report. `front.rs`: `deliver` (a manager that does not answer is replaced
+//! by local placement; a delivery none of whose copies was acknowledged is
+//! answered `451` and tombstoned on its targets), `mailbox` (asks a live
+//! replica that did not list a message another listed whether it deleted
+//! it), `read`, `delete`, the cluster-wide mailbox lock. `updates.rs`: the
+//! durable update log (one fsynced file per unacknowledged deletion in
+//! `DATA/updates/`; `upd-` deletions, `upm-` folder and flag changes).
+//! `anti_entropy.rs`: `plan_sync` (pure: deletions win, a copy missing here
+//! is fetched by a node in its replica set, folder and flag registers merge
+//! both ways, what to send back) and `tombstone_expired` (pure), with a convergence property test;
+//! the async round carries the plan out. Where two copies of a message
+//! disagree about its replica set, the newer set (by version) wins on both,
+//! and a copy dropped for a newer set leaves a **move marker**
+//! (`SyncItem::Moved`) that refuses older sets and tells older holders the
+//! newer one. A node repairs and moves nothing until one anti-entropy round
+//! of its run has reached every live peer (or 10 minutes passed), so a node
+//! back from an absence cannot move a copy that was deleted or re-placed
+//! while it was away. `repair.rs`: **self-healing**. `plan_repair` (pure):
+//! only a message's coordinator acts (the lowest member of its set that is
+//! up, else the lowest draining one, so a draining node hands off what only
+//! it holds), when a member is gone (removed, draining, down past the grace)
+//! or the set is short of R with more nodes up; the new set is placement's
+//! `repair`, never smaller than the copies there are now. `plan_move` (pure)
+//! for rebalancing: once any node is more than 5% from its weighted share of
+//! the stored bytes (`Balance`, from `Request::Usage` of every up node), a
+//! member above its share gives its copy to the node furthest below, each
+//! coordinator taking 1/N of each distance. A step is carried out in this
+//! order, so that no message ever has fewer copies than before it: the new
+//! copies (`Request::Copy`, bodies checked against their hash, fsynced),
+//! the new set on the members that stay, then on those it leaves out (they
+//! drop their copies), this node last (`Request::SetReplicas`); each step
+//! gives the set a fresh version (an HLC with the node's id in its low
+//! bits). A step cut short is planned again next round (copies are
+//! idempotent, placement picks the same targets). `settle_sets` lists a
+//! repaired user's fragments and tells holders of older sets the newest
+//! (two repairs made apart, by coordinators that each saw the other's
+//! members gone, leave sets with no member in common, which anti-entropy
+//! would never compare). `drained()`: no copy, no pending update, every
+//! deletion synced with its other replicas. `tests/pure_sim.rs` drives the
+//! manager and the plan alone from a seed (no runtime, no threads), so a
+//! failing seed replays the same run; `tests/sim.rs` drives whole
+//! replicators over the seeded in-memory network.
 
 mod anti_entropy;
 mod calls;

@@ -21,6 +21,41 @@
 //! `plan` (a commit's first step: what a batch writes, decided under the
 //! index lock), `space` (segments, and a full disk), `cleaner` (the log
 //! cleaner), `queries` (reads of the index, and the whole-index walks).
+//!
+//! # In more detail
+//! `store/`: `FragmentStore`. Files `store/seg-NNNNNNNN.qseg`; the highest
+//! is active. `writer.rs`: one writer thread takes operations from a bounded
+//! queue, decides a whole batch under the index lock (which bodies, entries
+//! and tombstones it writes), encodes it after releasing the lock, writes it
+//! with one `write` and one `fdatasync`, and only then updates the
+//! in-memory index and answers every caller (group commit). `index.rs`: mailboxes → entries and tombstones,
+//! bodies → location and reference count, segments → live bytes, entry
+//! counts per replica set. `recovery.rs`: the index rebuilt by scanning the
+//! segments on open; a bad record in the last segment is a torn tail and is
+//! cut off (logged), one in a sealed segment ends what is read of that
+//! segment (logged as an error). `cleaner.rs`: `compact_once` copies the
+//! live records of the *oldest* sealed segment forward through the writer
+//! and then deletes the file. **A full disk** (a write gets ENOSPC; not an
+//! fsync error, which stops the store for good): copying needs free space a
+//! full disk lacks, and a single segment has nothing sealed, so the writer
+//! gives dead bodies' space back *in place*: the whole dead record is zeroed
+//! (blocks punched out with `fallocate(PUNCH_HOLE)`, edges written) and
+//! fdatasynced; recovery skips zero runs (a record never starts with a zero
+//! byte). A 256 KiB `reserve` file in the store directory is given up at the
+//! first ENOSPC, so the deletions that free space fit; until there is room
+//! for the reserve again and as much beyond, deliveries are refused up front
+//! (451) and deletions taken, each freeing its bodies at once
+//! (`FragmentStore::disk_full`, a `/health` warning). `queries.rs`: reads (`list`, `sync_items`,
+//! `digest`, `usage`, `under_replicated` from the per-replica-set counts)
+//! and the **whole-index walks** (`peer_digests`, `forget_tombstones`,
+//! `usage`, the cleaner's plan): they take the index lock 256 mailboxes at a
+//! time with a short pause between chunks (the lock is not fair; without the
+//! pause a walk starves the writer), and have `*_async` forms that run on a
+//! blocking thread, which the replicator uses. Bodies are stored once and
+//! named by blake3; entries point at them and carry their replica set. A
+//! deletion is a tombstone (HLC stamp, replica set) that stays in the index
+//! and is copied forward by the cleaner until it expires, so a late copy of
+//! a deleted message is refused.
 
 mod cleaner;
 mod index;

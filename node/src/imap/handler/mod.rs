@@ -1,8 +1,8 @@
 //! The IMAP handler: one session's state and the commands, returning
 //! responses without touching a socket (the driver sends them). Split by
-//! what the commands act on: logging in and dispatch ([`commands`]),
-//! folders ([`folders`]), the selected folder ([`mailbox`]), messages
-//! ([`messages`]) and new messages in a folder ([`copy`]).
+//! what the commands act on: logging in and dispatch (`commands`),
+//! folders (`folders`), the selected folder (`mailbox`), messages
+//! (`messages`) and new messages in a folder (`copy`).
 
 mod commands;
 mod copy;

@@ -31,6 +31,7 @@ use crate::command::{ClientId, Command, CommandError, Request, Response};
 use crate::directory::{
     Directory, DirectoryCommand, DirectoryError, DirectoryFuture, Recipient, UserRecord, UserSummary,
 };
+use crate::formats::FEATURE_LEVEL_MAX;
 use crate::network::{LeaderError, LeaderReply, LeaderRequest, NetworkFactory, RaftMessage, RaftReply, Transport};
 use crate::store::{self, LogStore, Shared, StateMachineStore};
 use crate::types::{Raft, RaftMetrics};
@@ -175,7 +176,8 @@ impl Membership {
         let raft_config = Arc::new(config.raft_config()?);
         let d = dir.to_path_buf();
         let opened = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            store::check_format(&d)?;
+            let format = store::check_format(&d)?;
+            tracing::info!(format, "raft folder opened");
             let log = LogStore::open(&d)?;
             let sm = StateMachineStore::open(&d)?;
             // After the log's folder lock: no other process bumps it too.
@@ -280,6 +282,26 @@ impl Membership {
         if self.view().node(me.id).is_none() {
             expect_ok(self.write(Command::AddNode(me)).await?)?;
         }
+        // A cluster this release founds has never had a node of an older
+        // release: it runs at the newest level from the start.
+        if self.feature_level() < FEATURE_LEVEL_MAX && self.view().nodes.len() == 1 {
+            self.raise_feature_level(FEATURE_LEVEL_MAX).await?;
+        }
+        Ok(())
+    }
+
+    /// The feature level the cluster runs at, as applied here.
+    pub fn feature_level(&self) -> u32 {
+        self.inner.shared.read().state.feature_level
+    }
+
+    /// Raises the cluster's feature level to `level` (at most
+    /// [`FEATURE_LEVEL_MAX`]; never lowers it). The caller has checked
+    /// that every node runs a release that supports it: a node that does
+    /// not cannot read what is written from then on.
+    pub async fn raise_feature_level(&self, level: u32) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::SetFeatureLevel { level }).await?)?;
+        tracing::info!(level, "cluster feature level raised");
         Ok(())
     }
 
@@ -416,6 +438,13 @@ impl Membership {
     /// it is applied there (refused commands are committed no-ops: see
     /// [`Response::result`]).
     pub async fn write(&self, command: Command) -> Result<Response, MembershipError> {
+        let (needs, runs) = (command.feature_level(), self.feature_level());
+        if needs > runs && !matches!(command, Command::SetFeatureLevel { .. }) {
+            return Err(MembershipError::Refused(format!(
+                "this change needs feature level {needs}, the cluster runs at {runs}: once every node runs \
+                 a release that has it, `quill admin cluster upgrade-finish` raises the level"
+            )));
+        }
         let deadline = Instant::now() + self.inner.write_timeout;
         let _slot = tokio::time::timeout_at(deadline, self.inner.writes.acquire())
             .await

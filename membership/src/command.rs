@@ -92,6 +92,27 @@ pub enum Command {
         scope: String,
         moves: Vec<(String, [u8; 16], String)>,
     },
+    /// Feature level 2: the cluster runs at `level` from this entry on
+    /// (see [`crate::formats`]). Proposed once every node of the view runs
+    /// a release that supports it (`quill admin cluster upgrade-finish`,
+    /// or the leader by itself); never lowers the level.
+    SetFeatureLevel {
+        level: u32,
+    },
+}
+
+impl Command {
+    /// The feature level that brought this command: a node of a release
+    /// before it cannot decode it, so it is refused until the cluster runs
+    /// at that level (by the proposer, and by the state machine, which
+    /// makes it a committed no-op). `SetFeatureLevel` is what raises the
+    /// level, so it is allowed at any.
+    pub fn feature_level(&self) -> u32 {
+        match self {
+            Command::SetFeatureLevel { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// A client TLS certificate chain and its private key, PEM, as stored in
@@ -174,6 +195,10 @@ pub enum CommandError {
     Sequence(#[from] crate::sequence::SequenceError),
     #[error(transparent)]
     Name(#[from] crate::names::NameError),
+    /// A command of a feature level the cluster does not run at, or a
+    /// level this release does not know or that would lower it.
+    #[error("feature level {asked}: the cluster runs at {current}, this release supports up to {supported}")]
+    FeatureLevel { asked: u32, current: u32, supported: u32 },
 }
 
 /// The answer to one log entry.
@@ -194,22 +219,42 @@ pub const SESSION_RESPONSES_MAX: usize = 128;
 pub const SESSIONS_MAX: usize = NODES_MAX;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct Session {
+pub(crate) struct Session {
     incarnation: u64,
     /// Serials below this were answered and forgotten.
     floor_serial: u64,
     responses: BTreeMap<u64, Response>,
 }
 
-/// The whole replicated state: what a snapshot holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The whole replicated state: what a snapshot holds. Its encoding is
+/// versioned by feature level: see [`crate::formats`] before adding a
+/// field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub view: ClusterView,
     pub directory: DirectoryState,
-    sessions: BTreeMap<u64, Session>,
+    pub(crate) sessions: BTreeMap<u64, Session>,
     pub tls: TlsCerts,
     pub sequences: crate::sequence::Sequences,
     pub names: crate::names::Names,
+    /// What the cluster's data may use: every node can read what is
+    /// written at this level ([`crate::formats`]). 1 for a cluster
+    /// founded by release 0.1.0, raised by [`Command::SetFeatureLevel`].
+    pub feature_level: u32,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState {
+            view: ClusterView::default(),
+            directory: DirectoryState::default(),
+            sessions: BTreeMap::new(),
+            tls: TlsCerts::default(),
+            sequences: Default::default(),
+            names: Default::default(),
+            feature_level: crate::formats::FEATURE_LEVEL_MIN,
+        }
+    }
 }
 
 impl ClusterState {
@@ -268,7 +313,21 @@ impl ClusterState {
     }
 
     fn apply_inner(&mut self, cmd: &Command, voters: &BTreeSet<u64>, by: CommittedBy) -> Result<(), CommandError> {
+        let refused = |asked| CommandError::FeatureLevel {
+            asked,
+            current: self.feature_level,
+            supported: crate::formats::FEATURE_LEVEL_MAX,
+        };
+        if cmd.feature_level() > self.feature_level && !matches!(cmd, Command::SetFeatureLevel { .. }) {
+            return Err(refused(cmd.feature_level()));
+        }
         match cmd {
+            Command::SetFeatureLevel { level } => {
+                if *level < self.feature_level || *level > crate::formats::FEATURE_LEVEL_MAX {
+                    return Err(refused(*level));
+                }
+                self.feature_level = *level;
+            }
             Command::Directory(c) => self.directory.apply(c)?,
             Command::AddNode(info) => {
                 info.validate()?;
@@ -497,6 +556,28 @@ mod tests {
             state: NodeState::Draining,
         };
         assert_eq!(s.apply(&drain, &v, by(9, 1)).result, Ok(()));
+    }
+
+    #[test]
+    fn the_feature_level_only_rises_and_gates_newer_commands() {
+        let mut s = ClusterState::default();
+        let v = BTreeSet::new();
+        let by = CommittedBy::default();
+        let max = crate::formats::FEATURE_LEVEL_MAX;
+        assert_eq!(s.feature_level, 1, "a state of release 0.1.0's level");
+        // A level this release does not know: refused, nothing changes.
+        let before = s.clone();
+        let r = s.apply(&Command::SetFeatureLevel { level: max + 1 }, &v, by);
+        assert!(matches!(r.result, Err(CommandError::FeatureLevel { asked, .. }) if asked == max + 1));
+        assert_eq!(s, before);
+        assert_eq!(s.apply(&Command::SetFeatureLevel { level: 2 }, &v, by).result, Ok(()));
+        assert_eq!(s.feature_level, 2);
+        // Again: a no-op; lower: refused.
+        assert_eq!(s.apply(&Command::SetFeatureLevel { level: 2 }, &v, by).result, Ok(()));
+        assert!(s.apply(&Command::SetFeatureLevel { level: 1 }, &v, by).result.is_err());
+        assert_eq!(s.feature_level, 2);
+        // Every command's level is one this release knows.
+        assert!(Command::SetFeatureLevel { level: 2 }.feature_level() <= max);
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //!   table that makes retried writes safe;
 //! * [`store`]: the Raft log, vote and snapshots in a folder (append-only
 //!   framed files, fsync before acknowledging);
+//! * [`formats`]: feature levels, and the state's encodings by level, so
+//!   that a cluster is upgraded node by node and reads what an earlier
+//!   release wrote;
 //! * [`network`]: the [`Transport`] trait the node implements over its wire
 //!   (QUIC), the [`RaftMessage`] / [`RaftReply`] it carries, and openraft's
 //!   network traits over it; `mem_transport` (feature `testing`): an in-memory, fault-injecting
@@ -44,6 +47,7 @@ pub mod cluster;
 pub mod codec;
 pub mod command;
 pub mod directory;
+pub mod formats;
 #[cfg(feature = "testing")]
 pub mod mem_transport;
 pub mod names;
@@ -65,6 +69,7 @@ pub use directory::{
     Directory, DirectoryCommand, DirectoryError, DirectoryState, LocalDirectory, Recipient, UserRecord, UserSummary,
     mailbox_name, needs_smtputf8, normalize_address,
 };
+pub use formats::{FEATURE_LEVEL_MAX, FEATURE_LEVEL_MIN};
 #[cfg(feature = "testing")]
 pub use mem_transport::{MemRouter, SplitMix64};
 pub use network::{

@@ -4,8 +4,12 @@
 //! * `log`: append-only frames (see `frame`), each a [`LogRecord`]: an
 //!   entry, a truncation, a purge or the committed log id. Replaying them in
 //!   order gives the log. A bad frame ends the replay and is cut off (a torn
-//!   tail); when dead records outweigh live ones the file is rewritten
-//!   (temporary file, fsync, rename, fsync the folder).
+//!   tail); a whole frame that does not decode is not torn but of another
+//!   format, and the folder is refused rather than cut. When dead records
+//!   outweigh live ones the file is rewritten (temporary file, fsync,
+//!   rename, fsync the folder). An entry of a command newer than the
+//!   folder's format raises the folder's `format` file first (see
+//!   [`crate::formats`]).
 //! * `vote`: one frame, replaced atomically on every vote.
 //! * `lock`: held (`flock`) while the store is open, so two processes never
 //!   share a folder.
@@ -30,10 +34,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader};
 use serde::{Deserialize, Serialize};
 
 use crate::codec;
+use crate::store::FormatMark;
 use crate::store::frame::{self, Frame};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -113,6 +118,7 @@ struct LogWriter {
 pub struct LogStore {
     mem: Arc<Mutex<MemLog>>,
     writer: Arc<Mutex<LogWriter>>,
+    format: Arc<FormatMark>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +127,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn write_err(e: io::Error) -> StorageError {
     StorageError::from_io_error(ErrorSubject::Logs, ErrorVerb::Write, e)
+}
+
+/// The format an entry needs its folder to be of: its command's level.
+fn entry_format(e: &Entry) -> u32 {
+    match &e.payload {
+        EntryPayload::Normal(req) => req.command.feature_level(),
+        _ => 1,
+    }
 }
 
 fn encode_record(rec: &LogRecord, out: &mut Vec<u8>) -> io::Result<u64> {
@@ -172,8 +186,16 @@ impl LogStore {
                         at = next;
                     }
                     Err(e) => {
-                        tracing::error!(path = %log_path.display(), offset = at, "undecodable raft log record: {e}");
-                        break;
+                        // Whole and checked, yet unreadable: written by a
+                        // release this one cannot read (or a bug). Cutting
+                        // it would drop committed entries: refuse instead.
+                        return Err(frame::bad_data(
+                            &log_path,
+                            &format!(
+                                "record at offset {at} does not decode ({e}): written by another release; \
+                                 run the release that wrote it"
+                            ),
+                        ));
                     }
                 },
                 Frame::End => break,
@@ -207,6 +229,7 @@ impl LogStore {
             "raft log opened"
         );
         Ok(LogStore {
+            format: Arc::new(FormatMark::open(dir)?),
             mem: Arc::new(Mutex::new(mem)),
             writer: Arc::new(Mutex::new(LogWriter {
                 dir: dir.to_path_buf(),
@@ -233,8 +256,11 @@ impl LogStore {
 impl LogStore {
     /// Writes and fsyncs entries, then makes them visible.
     async fn append_entries(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
+        let format = entries.iter().map(entry_format).max().unwrap_or(1);
         let records: Vec<LogRecord> = entries.into_iter().map(LogRecord::Entry).collect();
+        let mark = self.format.clone();
         self.blocking(move |w, mem| {
+            mark.raise_to(format).map_err(write_err)?;
             let sizes = w.write(&records, true).map_err(write_err)?;
             let mut m = lock(mem);
             for (rec, bytes) in records.into_iter().zip(sizes) {

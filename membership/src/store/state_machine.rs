@@ -5,6 +5,8 @@
 //! `log_store`) and the snapshot file `snapshot` (one frame: meta and the
 //! encoded [`ClusterState`], replaced atomically). On start the state is
 //! the snapshot's, and openraft re-applies the committed log after it.
+//! The state is encoded in the format of the feature level it runs at,
+//! and read in any format this release knows ([`crate::formats`]).
 //!
 //! Readers (the directory, the view) take a read lock that is never held
 //! across an await or any I/O.
@@ -24,7 +26,8 @@ use tokio::sync::watch;
 
 use crate::codec::{self, DISK_BYTES_MAX};
 use crate::command::{ClusterState, CommittedBy, Response};
-use crate::store::frame;
+use crate::formats::{decode_state, encode_state, state_format};
+use crate::store::{FormatMark, frame};
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::view::ClusterView;
 
@@ -99,6 +102,7 @@ fn voters_of(m: &StoredMembership) -> BTreeSet<u64> {
 pub struct StateMachineStore {
     shared: Arc<Shared>,
     dir: PathBuf,
+    format: Arc<FormatMark>,
 }
 
 impl StateMachineStore {
@@ -112,9 +116,13 @@ impl StateMachineStore {
         if let Some(payload) = frame::read_file(&path, DISK_BYTES_MAX)? {
             let file: SnapshotFile =
                 codec::decode(&payload, DISK_BYTES_MAX).map_err(|e| frame::bad_data(&path, &e.to_string()))?;
-            let state: ClusterState =
-                codec::decode(&file.data, DISK_BYTES_MAX).map_err(|e| frame::bad_data(&path, &e.to_string()))?;
-            tracing::info!(snapshot = %file.meta, epoch = state.view.epoch, "state restored from snapshot");
+            let state = decode_state(&file.data, DISK_BYTES_MAX).map_err(|e| frame::bad_data(&path, &e.to_string()))?;
+            tracing::info!(
+                snapshot = %file.meta,
+                epoch = state.view.epoch,
+                feature_level = state.feature_level,
+                "state restored from snapshot"
+            );
             data = SmData {
                 last_applied: file.meta.last_log_id,
                 last_membership: file.meta.last_membership.clone(),
@@ -130,6 +138,7 @@ impl StateMachineStore {
                 snapshot_written: Mutex::new(written),
             }),
             dir: dir.to_path_buf(),
+            format: Arc::new(FormatMark::open(dir)?),
         })
     }
 
@@ -137,15 +146,20 @@ impl StateMachineStore {
         self.shared.clone()
     }
 
-    /// Persists a snapshot unless a newer one is already on disk.
+    /// Persists a snapshot unless a newer one is already on disk; the
+    /// folder's format is raised to the snapshot's first.
     async fn persist(&self, meta: SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
         let shared = self.shared.clone();
         let dir = self.dir.clone();
+        let mark = self.format.clone();
         tokio::task::spawn_blocking(move || {
             let mut written = shared.snapshot_written.lock().unwrap_or_else(|p| p.into_inner());
             if *written > meta.last_log_id {
                 return Ok(());
             }
+            let format = state_format(&data).map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?;
+            mark.raise_to(format)
+                .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?;
             let last = meta.last_log_id;
             let file = SnapshotFile { meta, data };
             let payload = codec::encode(&file).map_err(|e| snap_err(Some(&file.meta), ErrorVerb::Write, e))?;
@@ -169,7 +183,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let (meta, data) = {
             let d = self.store.shared.read();
-            let data = codec::encode(&d.state).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            let data = encode_state(&d.state).map_err(|e| sm_err(ErrorVerb::Read, e))?;
             let snapshot_id = match d.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
                 None => "empty".to_owned(),
@@ -249,8 +263,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: ClusterState =
-            codec::decode(&data, DISK_BYTES_MAX).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        let state = decode_state(&data, DISK_BYTES_MAX).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
         // Durable first, then visible.
         self.persist(meta.clone(), data).await?;
         let mut d = self.shared.data.write().unwrap_or_else(|p| p.into_inner());

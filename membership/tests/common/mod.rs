@@ -72,12 +72,7 @@ impl Cluster {
     /// Starts `n` nodes (ids 1..=n): node 1 initializes, the others join
     /// through it, then all become voters.
     pub async fn start(seed: u64, n: u64, config: MembershipConfig) -> Cluster {
-        let mut c = Cluster {
-            router: MemRouter::new(seed),
-            config,
-            nodes: BTreeMap::new(),
-            root: TestDir::new(&format!("cluster-{seed}")),
-        };
+        let mut c = Cluster::empty(seed, config);
         let first = c.start_node(1).await;
         first.initialize(info(1)).await.expect("initialize");
         for id in 2..=n {
@@ -96,6 +91,17 @@ impl Cluster {
             .await;
         }
         c
+    }
+
+    /// No node yet: the caller fills folders ([`Cluster::dir`]) and starts
+    /// nodes on them.
+    pub fn empty(seed: u64, config: MembershipConfig) -> Cluster {
+        Cluster {
+            router: MemRouter::new(seed),
+            config,
+            nodes: BTreeMap::new(),
+            root: TestDir::new(&format!("cluster-{seed}")),
+        }
     }
 
     pub fn dir(&self, id: u64) -> PathBuf {

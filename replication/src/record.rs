@@ -21,7 +21,17 @@
 //! A record is valid only if its magic, length and checksum all hold. After
 //! an invalid record the reader looks for the next valid one (resync), so
 //! one damaged record does not hide the intact ones behind it; an invalid
-//! stretch with nothing valid after it is a torn tail.
+//! stretch with nothing valid after it is a torn tail. A whole record of a
+//! kind this release does not know (or whose content it cannot decode) is
+//! not damage but a newer release's: the store refuses to open rather than
+//! skip or cut it.
+//!
+//! # Versions
+//! A kind's layout never changes: a new layout is a new kind (as 5 and 7
+//! were), read by every later release through a migration to the current
+//! entry (`From` below), and written only once the cluster's feature level
+//! says every node reads it (membership's `formats`), so a node of the
+//! previous release never meets it.
 //!
 //! The records of one batch take effect only once its commit record is
 //! read: a delivery to several mailboxes is all or nothing.
@@ -217,6 +227,21 @@ pub(crate) struct Scan {
     /// The offset of an invalid stretch that runs to the end of the data
     /// (a torn tail), and why.
     pub torn: Option<(u64, &'static str)>,
+    /// A whole record (its checksum holds) this release cannot read: a
+    /// kind it does not know, or one whose content does not decode. Not
+    /// damage: written by a newer release. Reading stops there; the store
+    /// must not open (cutting it off would lose what that release wrote).
+    pub unreadable: Option<(u64, u8, &'static str)>,
+}
+
+/// Why there is no valid record at an offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Invalid {
+    /// Torn, damaged, or not a record at all.
+    Damaged(&'static str),
+    /// Whole (its checksum holds), but of a kind or content this release
+    /// does not read.
+    Unreadable { kind: u8, why: &'static str },
 }
 
 /// Reads every valid record of a segment held in `data`, calling `f(offset,
@@ -230,6 +255,10 @@ pub(crate) fn scan(data: &[u8], mut f: impl FnMut(u64, u64, Decoded)) -> Scan {
                 f(pos as u64, len as u64, decoded);
                 pos += len;
             }
+            Err(Invalid::Unreadable { kind, why }) => {
+                out.unreadable = Some((pos as u64, kind, why));
+                break;
+            }
             Err(_) if data[pos] == 0 && data[pos..].iter().any(|b| *b != 0) => {
                 // A dead record the store zeroed to give its space back
                 // (`FragmentStore` reclaims dead bodies when the disk is
@@ -238,11 +267,11 @@ pub(crate) fn scan(data: &[u8], mut f: impl FnMut(u64, u64, Decoded)) -> Scan {
                 // zero run to the end is a torn tail like any other.
                 pos += data[pos..].iter().position(|b| *b != 0).expect("a non-zero byte");
             }
-            Err(why) => {
+            Err(Invalid::Damaged(why)) => {
                 // Resync: the next offset holding the magic and a valid record.
                 let next = (pos + 1..data.len().saturating_sub(HEADER_BYTES - 1))
                     .filter(|&q| data[q..q + 4] == MAGIC.to_le_bytes())
-                    .find(|&q| parse_at(data, q).is_ok());
+                    .find(|&q| !matches!(parse_at(data, q), Err(Invalid::Damaged(_))));
                 match next {
                     Some(q) => {
                         out.corrupt.push((pos as u64, q as u64, why));
@@ -280,40 +309,43 @@ fn entry<M: serde::de::DeserializeOwned>(
 }
 
 /// Parses the record at `pos`: its length and content, or why it is invalid.
-fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), &'static str> {
+fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), Invalid> {
+    let damaged = Invalid::Damaged;
     {
         if data.len() - pos < HEADER_BYTES {
-            return Err("truncated header");
+            return Err(damaged("truncated header"));
         }
         let header = &data[pos..pos + HEADER_BYTES];
         let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
         if magic != MAGIC {
-            return Err("bad magic");
+            return Err(damaged("bad magic"));
         }
         let payload_len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
         if payload_len == 0 || payload_len > PAYLOAD_BYTES_MAX {
-            return Err("impossible length");
+            return Err(damaged("impossible length"));
         }
         if data.len() - pos - HEADER_BYTES < payload_len {
-            return Err("truncated payload");
+            return Err(damaged("truncated payload"));
         }
         let payload = &data[pos + HEADER_BYTES..pos + HEADER_BYTES + payload_len];
         if blake3::hash(payload).as_bytes() != &header[8..40] {
-            return Err("checksum mismatch");
+            return Err(damaged("checksum mismatch"));
         }
         let record_len = (HEADER_BYTES + payload_len) as u64;
-        let decoded = match payload[0] {
+        let kind = payload[0];
+        let unreadable = |why| Invalid::Unreadable { kind, why };
+        let decoded = match kind {
             KIND_BODY if payload.len() >= 33 => Decoded::Body {
                 hash: BodyHash(payload[1..33].try_into().expect("32 bytes")),
                 body_offset: (pos + HEADER_BYTES + 33) as u64,
                 body_len: (payload_len - 33) as u64,
             },
-            KIND_ENTRY => entry::<MetaV1>(&payload[1..], |m| EntryMeta::from(MetaV2::from(m)))?,
-            KIND_ENTRY_PLACED => entry::<MetaV2>(&payload[1..], EntryMeta::from)?,
-            KIND_ENTRY_MARKS => entry::<EntryMeta>(&payload[1..], |m| m)?,
+            KIND_ENTRY => entry::<MetaV1>(&payload[1..], |m| EntryMeta::from(MetaV2::from(m))).map_err(unreadable)?,
+            KIND_ENTRY_PLACED => entry::<MetaV2>(&payload[1..], EntryMeta::from).map_err(unreadable)?,
+            KIND_ENTRY_MARKS => entry::<EntryMeta>(&payload[1..], |m| m).map_err(unreadable)?,
             KIND_MOVED => match bincode::serde::decode_from_slice::<DeleteRecord, _>(&payload[1..], bincode_config()) {
                 Ok((d, _)) if d.moved.is_some() => Decoded::Delete(d),
-                _ => return Err("undecodable move"),
+                _ => return Err(unreadable("undecodable move")),
             },
             KIND_DELETE => {
                 match bincode::serde::decode_from_slice::<DeleteRecordV1, _>(&payload[1..], bincode_config()) {
@@ -324,11 +356,12 @@ fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), &'static str> {
                         replicas: d.replicas,
                         moved: None,
                     }),
-                    Err(_) => return Err("undecodable delete"),
+                    Err(_) => return Err(unreadable("undecodable delete")),
                 }
             }
             KIND_COMMIT if payload.len() == 9 => Decoded::Commit,
-            _ => return Err("unknown kind"),
+            KIND_BODY | KIND_COMMIT => return Err(unreadable("too short for its kind")),
+            _ => return Err(unreadable("a kind this release does not know")),
         };
         Ok((record_len as usize, decoded))
     }
@@ -398,6 +431,36 @@ mod tests {
         assert!(kinds[0].starts_with("Entry") && kinds[1].starts_with("Delete"));
         assert_eq!(found.corrupt.len(), 1);
         assert_eq!(found.torn, None);
+    }
+
+    /// A whole record of a kind this release does not know (a newer
+    /// release's) is neither skipped as damage nor cut as a torn tail:
+    /// reading stops there and says so.
+    #[test]
+    fn a_newer_kind_stops_the_scan_instead_of_being_skipped_or_cut() {
+        let mut buf = Vec::new();
+        encode_entry(&mut buf, &entry());
+        let at = buf.len();
+        push_record(&mut buf, 42, &[b"a record of a later release"]);
+        encode_entry(&mut buf, &entry());
+        let mut n = 0;
+        let found = scan(&buf, |_, _, _| n += 1);
+        assert_eq!(n, 1, "the records before it are read");
+        assert_eq!(
+            found.unreadable,
+            Some((at as u64, 42, "a kind this release does not know"))
+        );
+        assert!(found.corrupt.is_empty() && found.torn.is_none(), "{found:?}");
+        // The same at the very end: not a torn tail either.
+        let mut tail = Vec::new();
+        encode_entry(&mut tail, &entry());
+        push_record(&mut tail, 8, &[b"x"]);
+        let found = scan(&tail, |_, _, _| {});
+        assert!(found.torn.is_none() && found.unreadable.is_some(), "{found:?}");
+        // A known kind whose content does not decode, checksum intact.
+        let mut odd = Vec::new();
+        push_record(&mut odd, KIND_ENTRY_MARKS, &[&[0xff; 3]]);
+        assert!(scan(&odd, |_, _, _| {}).unreadable.is_some());
     }
 
     #[test]

@@ -1410,3 +1410,92 @@ async fn marks_are_durable_and_merge_last_writer_wins() {
     check(&store, "after compaction and reopen");
     store.close();
 }
+
+/// A whole record of a kind a newer release writes, appended after this
+/// release's: the store refuses to open, saying why, and leaves the
+/// segment as it was (skipping or cutting it off would lose what the
+/// newer release wrote, which a rollback to it must find).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_a_newer_release_is_refused_not_cut() {
+    let dir = TempDir::new("newer-kind");
+    let store = open(dir.path(), DEFAULT_SEGMENT);
+    deliver_msg(&store, &["alice"], T0, bytes(1, 100)).await;
+    store.close();
+    drop(store);
+    let seg = common::last_segment(dir.path());
+    let payload = [&[99u8][..], b"a later release's record"].concat();
+    let mut rec = MAGIC.to_le_bytes().to_vec();
+    rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    rec.extend_from_slice(blake3::hash(&payload).as_bytes());
+    rec.extend_from_slice(&payload);
+    assert_eq!(rec.len(), HEADER_BYTES + payload.len());
+    let mut data = std::fs::read(&seg).unwrap();
+    data.extend_from_slice(&rec);
+    std::fs::write(&seg, &data).unwrap();
+    let e = FragmentStore::open(common::config(dir.path(), DEFAULT_SEGMENT)).expect_err("a newer kind");
+    assert!(matches!(e, StoreError::Unreadable(_)), "{e}");
+    assert!(
+        e.to_string().contains("kind 99") && e.to_string().contains("newer release"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&seg).unwrap(), data, "the segment is left as it was");
+}
+
+/// The stores of the three nodes of `tests/fixtures/v0.1.0` (written by
+/// release 0.1.0, see `tests/fixtures/make-v0.1.0.sh`) open, and together
+/// hold every message the manifest lists, with its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stores_release_0_1_0_wrote_open_and_hold_every_message() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v0.1.0");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("manifest.json")).unwrap()).unwrap();
+    let mut bodies = std::collections::BTreeSet::new();
+    let mut stores = Vec::new();
+    for k in 1..=3 {
+        // A copy: opening a store writes to it (the reserve file, a cut).
+        let dir = TempDir::new(&format!("fixture-n{k}"));
+        for e in std::fs::read_dir(fixture.join(format!("n{k}/store"))).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+        let store = open(dir.path(), DEFAULT_SEGMENT);
+        for user in ["alice@example.org", "bob@example.org", "carol@example.org"] {
+            for e in store.list(user) {
+                let body = store.read_body(e.body).await.expect("a listed body reads");
+                assert_eq!(BodyHash::of(&body), e.body);
+                bodies.insert(message_id(&body));
+            }
+        }
+        stores.push((dir, store));
+    }
+    let mailboxes = manifest["mailboxes"].as_object().unwrap();
+    let mut want = 0;
+    for (user, m) in mailboxes {
+        for (folder, f) in m["folders"].as_object().unwrap() {
+            for msg in f["messages"].as_array().unwrap() {
+                want += 1;
+                let id = msg["message_id"].as_str().unwrap();
+                assert!(
+                    bodies.contains(id),
+                    "{user} {folder} UID {}: no body of {id}",
+                    msg["uid"]
+                );
+            }
+        }
+    }
+    assert!(want >= 10, "the manifest lists {want} messages");
+    for (_, s) in stores {
+        s.close();
+    }
+}
+
+/// The Message-ID header of a stored message (the manifest names each
+/// message by it).
+fn message_id(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Message-ID: "))
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}

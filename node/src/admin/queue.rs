@@ -17,7 +17,7 @@ const QUEUE_LIST_MAX: usize = 1000;
 async fn entry(s: &AdminState, shard: &str, l: &Listed, header: bool) -> QueueEntry {
     let now = crate::time::now_ms();
     let body = s.services.mail.read(l).await.ok();
-    let decoded = body.as_deref().and_then(queue::decode);
+    let decoded = body.as_deref().and_then(|b| queue::decode(b).ok());
     let marks = &l.meta.marks;
     let (from, rcpts, queued_ms, head) = match &decoded {
         Some((env, msg)) => {

@@ -344,10 +344,20 @@ impl Outbound {
                 return;
             }
         };
-        let Some((env, message)) = queue::decode(&body) else {
-            warn!(id = %entry.meta.id, "queue entry without an envelope: removed");
-            let _ = self.services.mail.delete(shard, std::slice::from_ref(&entry)).await;
-            return;
+        let (env, message) = match queue::decode(&body) {
+            Ok(d) => d,
+            Err(queue::EnvelopeError::Newer) => {
+                // A newer release's entry (a node of it owns the shard
+                // once this one is upgraded): left as it is.
+                debug!(id = %entry.meta.id, "queue entry of a newer release: left alone");
+                self.defer(entry.meta.id, BTreeMap::new());
+                return;
+            }
+            Err(queue::EnvelopeError::Invalid) => {
+                warn!(id = %entry.meta.id, "queue entry without an envelope: removed");
+                let _ = self.services.mail.delete(shard, std::slice::from_ref(&entry)).await;
+                return;
+            }
         };
         let marks = &entry.meta.marks;
         let ended = |i: usize| marks.has(&queue::ok_flag(i)) || marks.has(&queue::failed_flag(i));

@@ -23,8 +23,14 @@ pub use dsn::{Failed, dsn, status_of};
 
 /// Queue mailboxes (shards): each has one owner at a time.
 pub const SHARDS: u32 = 32;
-/// What a queued body starts with.
+/// What a queued body starts with: the envelope's version is its 7th
+/// byte. Version 1's envelope is JSON, so a field added later (with a
+/// default) is read by both releases; a change an older release cannot
+/// read gets version 2, written only once the cluster's feature level
+/// says every node reads it (membership's `formats`).
 const MAGIC: &[u8; 8] = b"QUILLQ1\n";
+/// What every version's magic starts with.
+const MAGIC_PREFIX: &[u8; 6] = b"QUILLQ";
 /// Longest envelope (it travels in front of the message).
 const ENVELOPE_BYTES_MAX: usize = 256 * 1024;
 
@@ -62,8 +68,28 @@ pub fn encode(env: &Envelope, message: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Why a queued body has no envelope this release reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvelopeError {
+    /// Written by a newer release (a later envelope version): left alone
+    /// for a node that reads it, never removed.
+    Newer,
+    /// Not an envelope at all: nothing can ever deliver it.
+    Invalid,
+}
+
 /// Splits a queued body into its envelope and message.
-pub fn decode(body: &[u8]) -> Option<(Envelope, &[u8])> {
+pub fn decode(body: &[u8]) -> Result<(Envelope, &[u8]), EnvelopeError> {
+    if body.starts_with(MAGIC_PREFIX) && !body.starts_with(MAGIC) {
+        return match body.get(MAGIC_PREFIX.len()) {
+            Some(v) if v.is_ascii_digit() && *v > b'1' => Err(EnvelopeError::Newer),
+            _ => Err(EnvelopeError::Invalid),
+        };
+    }
+    read_v1(body).ok_or(EnvelopeError::Invalid)
+}
+
+fn read_v1(body: &[u8]) -> Option<(Envelope, &[u8])> {
     let rest = body.strip_prefix(MAGIC)?;
     let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
     if len > ENVELOPE_BYTES_MAX {
@@ -126,11 +152,19 @@ mod tests {
         let (e, m) = decode(&body).expect("decodes");
         assert_eq!(e, env());
         assert_eq!(m, msg);
-        assert!(decode(msg).is_none(), "an ordinary message is no queue entry");
+        let invalid = Err(EnvelopeError::Invalid);
+        assert_eq!(decode(msg), invalid, "an ordinary message is no queue entry");
         let mut bad = body.clone();
         bad[8..12].copy_from_slice(&(u32::MAX).to_le_bytes());
-        assert!(decode(&bad).is_none());
-        assert!(decode(&body[..14]).is_none());
+        assert_eq!(decode(&bad), invalid);
+        assert_eq!(decode(&body[..14]), invalid);
+        // A later envelope version is a newer release's: never "invalid"
+        // (which the worker removes).
+        let mut v2 = body.clone();
+        v2[6] = b'2';
+        assert_eq!(decode(&v2), Err(EnvelopeError::Newer));
+        v2[6] = b'x';
+        assert_eq!(decode(&v2), invalid);
     }
 
     #[test]

@@ -2,6 +2,17 @@
 //! replica did not acknowledge is kept in a file of its own
 //! (`DIR/updates/upd-*` for deletions, `upm-*` for changes, fsynced) and
 //! sent again once the replica is live, until it acknowledges.
+//!
+//! # Versions
+//! A file's prefix names what it holds and in which layout (bincode of
+//! [`PendingUpdate`] for `upd-`, of `PendingMarks` for `upm-`, both since
+//! release 0.1.0). A layout never changes: a new one gets a new prefix,
+//! written only once the cluster's feature level says every node reads it
+//! (membership's `formats`). A file of a prefix this release does not know
+//! is left alone, neither replayed nor removed (release 0.1.0 does the
+//! same), so a newer release finds it after an upgrade; one of a known
+//! prefix that does not decode is damage (files are written whole:
+//! temporary file, fsync, rename) and is removed with a warning.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;

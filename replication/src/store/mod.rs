@@ -116,6 +116,10 @@ pub enum StoreError {
     /// reaches the writer.
     #[error("refused: {0}")]
     Refused(String),
+    /// A whole record this release cannot read (a newer release's): the
+    /// store does not open rather than lose it.
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// The longest mailbox name or folder name the store takes (an address is

@@ -76,6 +76,13 @@ impl FragmentStore {
                     }
                 }
             });
+            if let Some((offset, kind, why)) = found.unreadable {
+                return Err(StoreError::Unreadable(format!(
+                    "{}: the record at offset {offset} (kind {kind}) is whole but unreadable here ({why}): \
+                     written by a newer release; run that release (this one reads kinds 1 to 7)",
+                    path.display()
+                )));
+            }
             for (start, end, why) in &found.corrupt {
                 error!(segment = seg, start, end, why, "damaged records skipped on recovery");
             }

@@ -54,6 +54,10 @@ pub mod uids;
 pub mod units;
 
 pub use run::{NodeConfig, run};
+
+/// This build's release, as `cluster status` shows it for every node
+/// (the workspace version).
+pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
 pub use services::Limits;
 
 // The protocol cores keep their own copies of bounds the Raft state and the

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use quill_node::admin::cli::AdminArgs;
+use quill_node::cluster::levels::UpgradeFinish;
 use quill_node::units::{parse_duration_arg, parse_size_arg};
 use quill_node::{Limits, NodeConfig};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
@@ -51,6 +52,13 @@ struct NodeArgs {
     /// Milliseconds without an answer after which the leader marks a node down.
     #[arg(long, default_value_t = 2000)]
     failure_timeout_ms: u64,
+    /// Who raises the cluster's feature level once every node runs a
+    /// release that supports a newer one (see UPGRADING.md): `auto`, the
+    /// leader by itself; `manual`, only `quill admin cluster
+    /// upgrade-finish` (a rollback to the previous release stays possible
+    /// until then). Give every node the same.
+    #[arg(long, value_enum, default_value = "auto")]
+    upgrade_finish: UpgradeFinishArg,
     /// Node name shown in status and in Received headers [default: quill-<cluster address>].
     #[arg(long)]
     name: Option<String>,
@@ -213,6 +221,12 @@ struct NodeArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UpgradeFinishArg {
+    Auto,
+    Manual,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Role {
     In,
     Out,
@@ -328,6 +342,10 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         seeds: a.seed,
         join_token: a.join_token,
         failure_timeout: Duration::from_millis(a.failure_timeout_ms),
+        upgrade_finish: match a.upgrade_finish {
+            UpgradeFinishArg::Auto => UpgradeFinish::Auto,
+            UpgradeFinishArg::Manual => UpgradeFinish::Manual,
+        },
         default_login_domain: a.default_login_domain,
         postmaster: a.postmaster,
         replicas: a.replicas as usize,

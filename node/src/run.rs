@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub join_token: Option<String>,
     /// A node silent this long is marked down by the leader.
     pub failure_timeout: Duration,
+    /// Who raises the cluster's feature level once every node supports more.
+    pub upgrade_finish: crate::cluster::levels::UpgradeFinish,
     /// Domain appended to logins that have none.
     pub default_login_domain: Option<String>,
     /// Where postmaster mail goes for domains without a postmaster user.
@@ -206,6 +208,7 @@ pub async fn run(
             seeds: config.seeds.clone(),
             join_token: config.join_token.clone(),
             failure_timeout: config.failure_timeout,
+            upgrade_finish: config.upgrade_finish,
             addrs: membership::NodeAddrs {
                 cluster: config.cluster_addr.to_string(),
                 smtp: s(addrs.smtp),

@@ -110,7 +110,16 @@ pub struct ClusterStatus {
     pub under_replicated: u64,
     /// Outbound queue entries as copies over every node that answered.
     pub queued_copies: u64,
+    /// The feature level the cluster runs at (see `upgrade-finish`); read
+    /// as 1 from a status served by a node of release 0.1.0, which does
+    /// not say.
+    #[serde(default = "level_one")]
+    pub feature_level: u32,
     pub nodes: Vec<NodeStatus>,
+}
+
+fn level_one() -> u32 {
+    1
 }
 
 /// One node in [`ClusterStatus`]; its counts are null when it did not
@@ -129,6 +138,13 @@ pub struct NodeStatus {
     pub repair_pending: Option<u64>,
     pub repairs_copied: Option<u64>,
     pub queued: Option<u64>,
+    /// The node's release (e.g. `0.2.0`); null when it did not answer.
+    /// (A status served by a node of release 0.1.0 has neither field.)
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The newest feature level its release supports; null as `version`.
+    #[serde(default)]
+    pub feature_level_max: Option<u32>,
     pub addrs: NodeAddrs,
 }
 
@@ -241,6 +257,23 @@ pub struct NodeDrained {
     pub state: String,
 }
 
+/// `POST /v1/cluster/upgrade-finish`: the feature level before and now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeFinished {
+    pub ok: bool,
+    pub before: u32,
+    pub feature_level: u32,
+}
+
+/// `POST /v1/cluster/step-down`: whether the addressed node led, and who
+/// leads now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SteppedDown {
+    pub ok: bool,
+    pub was_leader: bool,
+    pub leader: Option<u64>,
+}
+
 /// `DELETE /v1/nodes/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRemoved {
@@ -299,6 +332,8 @@ pub enum Call {
     RemoveUser { address: String, purge: bool },
     SetPassword { address: String, body: PasswordBody },
     ClusterStatus,
+    UpgradeFinish,
+    StepDown,
     DrainNode { node: String },
     RemoveNode { node: String },
     SetLogLevel(LevelBody),
@@ -321,7 +356,12 @@ impl Call {
             | Call::ListTls
             | Call::ListQueue
             | Call::ShowQueued { .. } => "GET",
-            Call::AddDomain(_) | Call::AddUser(_) | Call::DrainNode { .. } | Call::ActOnQueued { .. } => "POST",
+            Call::AddDomain(_)
+            | Call::AddUser(_)
+            | Call::DrainNode { .. }
+            | Call::ActOnQueued { .. }
+            | Call::UpgradeFinish
+            | Call::StepDown => "POST",
             Call::SetPassword { .. } | Call::SetLogLevel(_) | Call::SetTls { .. } => "PUT",
             Call::RemoveDomain { .. }
             | Call::RemoveUser { .. }
@@ -343,6 +383,8 @@ impl Call {
             }
             Call::SetPassword { address, .. } => format!("/v1/users/{}/password", s(address)),
             Call::ClusterStatus => "/v1/cluster/status".to_owned(),
+            Call::UpgradeFinish => "/v1/cluster/upgrade-finish".to_owned(),
+            Call::StepDown => "/v1/cluster/step-down".to_owned(),
             Call::DrainNode { node } => format!("/v1/nodes/{}/drain", s(node)),
             Call::RemoveNode { node } => format!("/v1/nodes/{}", s(node)),
             Call::SetLogLevel(_) => "/v1/log-level".to_owned(),

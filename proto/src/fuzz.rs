@@ -55,8 +55,10 @@ pub fn pop3(data: &[u8]) {
 /// (enrollment reads a request before any certificate), and a reply as a
 /// peer may send it back, with the payload types the caller names.
 pub fn cluster_frame<Req: serde::de::DeserializeOwned, Reply: serde::de::DeserializeOwned>(data: &[u8]) {
-    let _ = crate::wire::decode::<Req>(data);
-    let _ = crate::wire::decode::<Reply>(data);
+    for p in crate::wire::Protocol::ALL {
+        let _ = crate::wire::decode::<Req>(data, p);
+        let _ = crate::wire::decode::<Reply>(data, p);
+    }
 }
 
 /// The admin API's JSON bodies and query (parsed only after the token:

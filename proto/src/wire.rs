@@ -4,15 +4,74 @@
 //! header, before the body is read. The messages are generic over the Raft
 //! and replica payloads, which membership and replication own; the node
 //! names the concrete types and carries the frames over QUIC.
+//!
+//! # Versions
+//! A connection speaks one [`Protocol`], chosen when it opens: each side
+//! offers (TLS ALPN) every protocol it speaks, and the newest both know is
+//! taken, so a node of the new release talks to one of the previous
+//! release in that release's protocol while a cluster is upgraded node by
+//! node. A protocol fixes the frame version in every header and the
+//! messages the connection may carry: the messages are positional
+//! (bincode writes a variant's index), so a new message is a new variant
+//! at the end of [`ClusterRequest`] or [`ClusterReply`], sent only on a
+//! connection whose protocol has it ([`ClusterRequest::protocol`]); an
+//! existing variant never changes.
 
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Version written before every frame; a peer speaking another refuses.
-/// 2: the caller's deadline travels in the header.
-pub const WIRE_VERSION: u16 = 2;
+/// A cluster protocol: what a connection may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// Release 0.1.0's: frame version 2 (the caller's deadline in the
+    /// header); the messages up to `TakeLeadership` / `CaKey`.
+    V1,
+    /// Release 0.2.0's: frame version 3; adds `Describe` (a node's release
+    /// and the feature levels it supports).
+    V2,
+}
+
+impl Protocol {
+    /// Every protocol this build speaks, newest first: the order offered
+    /// in ALPN (the server takes the first of its list the client offers).
+    pub const ALL: [Protocol; 2] = [Protocol::V2, Protocol::V1];
+    pub const NEWEST: Protocol = Protocol::V2;
+
+    /// Its ALPN name.
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Protocol::V1 => b"quill-cluster/1",
+            Protocol::V2 => b"quill-cluster/2",
+        }
+    }
+
+    /// The protocol an ALPN name stands for, if this build speaks it.
+    pub fn from_alpn(name: &[u8]) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.alpn() == name)
+    }
+
+    /// The version in the header of every frame of a connection of this
+    /// protocol.
+    pub fn frame_version(self) -> u16 {
+        match self {
+            Protocol::V1 => 2,
+            Protocol::V2 => 3,
+        }
+    }
+
+    /// The release a peer is known to run when this is the newest
+    /// protocol it offers: only release 0.1.0 stops at V1; from V2 on a
+    /// peer says its release itself (`Describe`).
+    pub fn oldest_release(self) -> &'static str {
+        match self {
+            Protocol::V1 => "0.1.0",
+            Protocol::V2 => "0.2.0",
+        }
+    }
+}
+
 /// Bytes before the body: version, deadline, length.
 pub const HEADER_BYTES: usize = 10;
 /// A frame larger than this is refused (a Raft snapshot of a large
@@ -21,8 +80,8 @@ pub const FRAME_BYTES_MAX: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("peer speaks wire version {0}, this node {WIRE_VERSION}")]
-    Version(u16),
+    #[error("frame of wire version {got} on a connection of version {want}")]
+    Version { got: u16, want: u16 },
     #[error("frame of {0} bytes exceeds the {FRAME_BYTES_MAX} limit")]
     TooLarge(usize),
     #[error("short frame")]
@@ -37,27 +96,32 @@ pub enum FrameError {
     Encode(#[from] bincode::error::EncodeError),
 }
 
-/// A frame: `deadline` is the caller's budget (0 in replies).
-pub fn encode<T: Serialize>(v: &T, deadline: Duration) -> Result<Vec<u8>, FrameError> {
+/// A frame of a connection of protocol `p`: `deadline` is the caller's
+/// budget (0 in replies).
+pub fn encode<T: Serialize>(v: &T, deadline: Duration, p: Protocol) -> Result<Vec<u8>, FrameError> {
     let body = bincode::serde::encode_to_vec(v, bincode::config::standard())?;
     if body.len() > FRAME_BYTES_MAX {
         return Err(FrameError::TooLarge(body.len()));
     }
     let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
     let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
-    out.extend_from_slice(&WIRE_VERSION.to_le_bytes());
+    out.extend_from_slice(&p.frame_version().to_le_bytes());
     out.extend_from_slice(&deadline_ms.to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     Ok(out)
 }
 
-/// The header of a frame: the deadline it carries and its body's length
-/// (checked against the limit before anything more is read).
-pub fn header(h: &[u8; HEADER_BYTES]) -> Result<(Duration, usize), FrameError> {
+/// The header of a frame on a connection of protocol `p`: the deadline it
+/// carries and its body's length (checked against the limit before
+/// anything more is read). A frame of another version is refused.
+pub fn header(h: &[u8; HEADER_BYTES], p: Protocol) -> Result<(Duration, usize), FrameError> {
     let version = u16::from_le_bytes([h[0], h[1]]);
-    if version != WIRE_VERSION {
-        return Err(FrameError::Version(version));
+    if version != p.frame_version() {
+        return Err(FrameError::Version {
+            got: version,
+            want: p.frame_version(),
+        });
     }
     let deadline = Duration::from_millis(u32::from_le_bytes(h[2..6].try_into().expect("4 bytes")).into());
     let len = u32::from_le_bytes(h[6..10].try_into().expect("4 bytes")) as usize;
@@ -80,12 +144,13 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8], len: usize) -> Result<T, Fr
     Ok(v)
 }
 
-/// A whole frame (header and body) as it comes off a stream.
-pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, FrameError> {
+/// A whole frame (header and body) as it comes off a stream of a
+/// connection of protocol `p`.
+pub fn decode<T: DeserializeOwned>(frame: &[u8], p: Protocol) -> Result<T, FrameError> {
     let Some(h) = frame.first_chunk::<HEADER_BYTES>() else {
         return Err(FrameError::Short);
     };
-    let (_, len) = header(h)?;
+    let (_, len) = header(h, p)?;
     decode_body(&frame[HEADER_BYTES..], len)
 }
 
@@ -127,6 +192,20 @@ pub enum ClusterRequest<R, C> {
     /// A draining leader hands leadership over: the receiving voter calls
     /// an election (answered only to the leader of the receiver's view).
     TakeLeadership,
+    /// [`Protocol::V2`]: the node's release, the feature levels it can run
+    /// at, and its figures ([`ClusterReply::Described`]).
+    Describe,
+}
+
+impl<R, C> ClusterRequest<R, C> {
+    /// The oldest protocol that carries this request: it is sent only on a
+    /// connection of that protocol or a newer one.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            ClusterRequest::Describe => Protocol::V2,
+            _ => Protocol::V1,
+        }
+    }
 }
 
 /// The answers. `R` is a Raft reply, `A` a replica protocol answer.
@@ -155,6 +234,20 @@ pub enum ClusterReply<R, A> {
     Done,
     /// The CA key, PEM.
     CaKey(String),
+    /// [`Protocol::V2`]: the answer to `Describe`.
+    Described(NodeDescription),
+}
+
+/// What a node says of itself (`Describe`): what `cluster status` shows
+/// and what the leader checks before it raises the cluster's feature level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDescription {
+    /// Its release, e.g. `0.2.0`.
+    pub version: String,
+    /// The newest feature level it can run at (membership's
+    /// `FEATURE_LEVEL_MAX` of its build).
+    pub feature_level_max: u32,
+    pub stats: NodeStats,
 }
 
 /// One node's figures for `cluster status`.
@@ -183,35 +276,64 @@ mod tests {
 
     #[test]
     fn frames_are_versioned_and_bounded() {
-        let f = encode(&(5u32, "echo".to_owned()), Duration::from_secs(7)).unwrap();
-        assert_eq!(decode::<Req>(&f).unwrap(), (5, "echo".to_owned()));
+        let p = Protocol::NEWEST;
+        let f = encode(&(5u32, "echo".to_owned()), Duration::from_secs(7), p).unwrap();
+        assert_eq!(decode::<Req>(&f, p).unwrap(), (5, "echo".to_owned()));
         let h = f.first_chunk::<HEADER_BYTES>().unwrap();
-        assert_eq!(header(h).unwrap().0, Duration::from_secs(7), "the deadline travels");
+        assert_eq!(header(h, p).unwrap().0, Duration::from_secs(7), "the deadline travels");
         let mut other = f.clone();
         other[0] = 1;
-        assert!(decode::<Req>(&other).unwrap_err().to_string().contains("version"));
-        assert!(decode::<Req>(&f[..f.len() - 1]).is_err());
-        assert!(decode::<Req>(&[2, 0]).is_err());
+        assert!(decode::<Req>(&other, p).unwrap_err().to_string().contains("version"));
+        // A frame of one protocol is refused on a connection of another.
+        assert!(
+            decode::<Req>(&f, Protocol::V1)
+                .unwrap_err()
+                .to_string()
+                .contains("version")
+        );
+        assert!(decode::<Req>(&f[..f.len() - 1], p).is_err());
+        assert!(decode::<Req>(&[2, 0], p).is_err());
         // A length over the limit is refused from the header alone.
         let mut huge = f.clone();
         huge[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(
-            header(huge.first_chunk().unwrap())
+            header(huge.first_chunk().unwrap(), p)
                 .unwrap_err()
                 .to_string()
                 .contains("limit")
         );
         let join = (0u32, "x".to_owned());
-        assert_eq!(decode::<Req>(&encode(&join, Duration::ZERO).unwrap()).unwrap(), join);
+        assert_eq!(
+            decode::<Req>(&encode(&join, Duration::ZERO, p).unwrap(), p).unwrap(),
+            join
+        );
     }
 
     #[test]
     fn the_layout_of_the_messages_is_positional() {
         // The variant index is the first byte of a body: a new variant goes
         // last, or peers of another build misread every later one.
-        let ping = encode(&ClusterRequest::<(), ()>::Ping, Duration::ZERO).unwrap();
+        let v1 = Protocol::V1;
+        let ping = encode(&ClusterRequest::<(), ()>::Ping, Duration::ZERO, v1).unwrap();
         assert_eq!(ping[HEADER_BYTES], 2);
-        let pong = encode(&ClusterReply::<(), ()>::Pong { epoch: 1, id: 2 }, Duration::ZERO).unwrap();
+        let pong = encode(&ClusterReply::<(), ()>::Pong { epoch: 1, id: 2 }, Duration::ZERO, v1).unwrap();
         assert_eq!(pong[HEADER_BYTES], 3);
+        // Release 0.1.0 spoke frame version 2: a V1 connection still does.
+        assert_eq!(&ping[..2], &2u16.to_le_bytes());
+        // The messages V2 added come after every V1 one.
+        let describe = encode(&ClusterRequest::<(), ()>::Describe, Duration::ZERO, Protocol::V2).unwrap();
+        assert_eq!(describe[HEADER_BYTES], 9);
+        assert_eq!(ClusterRequest::<(), ()>::Describe.protocol(), Protocol::V2);
+        assert_eq!(ClusterRequest::<(), ()>::Ping.protocol(), Protocol::V1);
+    }
+
+    #[test]
+    fn alpn_names_round_trip_newest_first() {
+        for p in Protocol::ALL {
+            assert_eq!(Protocol::from_alpn(p.alpn()), Some(p));
+        }
+        assert_eq!(Protocol::ALL[0], Protocol::NEWEST);
+        assert!(Protocol::ALL.windows(2).all(|w| w[0] > w[1]));
+        assert_eq!(Protocol::from_alpn(b"quill-cluster/9"), None);
     }
 }

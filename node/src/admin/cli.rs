@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use quill_proto::admin::{
     Call, CertList, ClusterStatus, DomainBody, LevelBody, LevelSet, PasswordBody, QueueAction, QueueEntry, QueueList,
-    TlsBody, UserBody, UserInfo, UserRemoved,
+    SteppedDown, TlsBody, UpgradeFinished, UserBody, UserInfo, UserRemoved,
 };
 
 use super::client::request;
@@ -168,12 +168,23 @@ enum UserCmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Epoch, leader, nodes with their state and counts, under-replicated mail.
+    /// Epoch, leader, feature level, nodes with their release, state and
+    /// counts, under-replicated mail.
     Status {
         /// Print the JSON object as is.
         #[arg(long)]
         json: bool,
     },
+    /// After every node runs the new release: raise the cluster's feature
+    /// level to the newest they all support, so that data only the new
+    /// release reads may be written. A rollback to the previous release is
+    /// refused from then on. Refused, naming them, while some node runs an
+    /// older release or does not answer.
+    UpgradeFinish,
+    /// The node --node names stops leading Raft, before it is stopped for
+    /// an upgrade (another node takes over first, so writes do not wait
+    /// for an election); nothing to do if it does not lead.
+    StepDown,
 }
 
 /// The password of a `user add` or `user passwd`, from wherever it was given.
@@ -240,6 +251,8 @@ impl AdminCmd {
                 },
             },
             AdminCmd::Cluster(ClusterCmd::Status { .. }) => Call::ClusterStatus,
+            AdminCmd::Cluster(ClusterCmd::UpgradeFinish) => Call::UpgradeFinish,
+            AdminCmd::Cluster(ClusterCmd::StepDown) => Call::StepDown,
             AdminCmd::Node(NodeCmd::Drain { node }) => Call::DrainNode { node: s(node) },
             AdminCmd::Node(NodeCmd::Remove { node }) => Call::RemoveNode { node: s(node) },
             AdminCmd::Tls(TlsCmd::Set { cert, key, name }) => {
@@ -300,6 +313,26 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&status)?);
             } else {
                 print_status(&status);
+            }
+        }
+        AdminCmd::Cluster(ClusterCmd::UpgradeFinish) => {
+            let r: UpgradeFinished = request(node, token, &call).await?;
+            if r.feature_level > r.before {
+                println!("feature level raised from {} to {}", r.before, r.feature_level);
+            } else {
+                println!(
+                    "feature level {}: already the newest every node supports",
+                    r.feature_level
+                );
+            }
+        }
+        AdminCmd::Cluster(ClusterCmd::StepDown) => {
+            let r: SteppedDown = request(node, token, &call).await?;
+            let leader = r.leader.map_or("none yet".to_owned(), |l| l.to_string());
+            if r.was_leader {
+                println!("stepped down; leader now {leader}");
+            } else {
+                println!("not the leader (leader {leader}): nothing to do");
             }
         }
         AdminCmd::Queue(QueueCmd::List) => {
@@ -364,11 +397,12 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
 fn print_status(s: &ClusterStatus) {
     let or_null = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
     println!(
-        "epoch {}  leader {}  self {}  under-replicated {}",
+        "epoch {}  leader {}  self {}  under-replicated {}  feature level {}",
         s.epoch,
         or_null(s.leader),
         s.me,
-        s.under_replicated
+        s.under_replicated,
+        s.feature_level
     );
     for n in &s.nodes {
         let activity = match n.activity.as_str() {
@@ -376,10 +410,11 @@ fn print_status(s: &ClusterStatus) {
             other => other.to_owned(),
         };
         println!(
-            "  node {} {:<16} {:<9} voter={} messages={} bytes={} {activity} smtp={} pop3={} admin={}",
+            "  node {} {:<16} {:<9} release={} voter={} messages={} bytes={} {activity} smtp={} pop3={} admin={}",
             n.id,
             n.name,
             n.state,
+            n.version.as_deref().unwrap_or("?"),
             n.voter,
             or_null(n.messages),
             or_null(n.bytes),

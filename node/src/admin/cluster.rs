@@ -9,10 +9,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use membership::NodeState;
-use quill_proto::admin::{ClusterStatus, Health, LevelBody, LevelSet, NodeAddrs, NodeDrained, NodeRemoved, NodeStatus};
+use quill_proto::admin::{
+    ClusterStatus, Health, LevelBody, LevelSet, NodeAddrs, NodeDrained, NodeRemoved, NodeStatus, SteppedDown,
+    UpgradeFinished,
+};
 
 use super::state::{AdminState, ApiResult, Failure, reply};
-use crate::cluster::rpc::{ReplicaService, node_stats};
+use crate::cluster::rpc::{ReplicaService, describe_here};
 use crate::cluster::{ClusterReply, ClusterRequest};
 
 /// How long `log-level --all` waits for each other node.
@@ -78,15 +81,16 @@ fn state_name(s: NodeState) -> &'static str {
 pub async fn status_of(s: &AdminState) -> ClusterStatus {
     let view = s.cluster.membership.view();
     let me = s.cluster.id();
-    let mut counts: std::collections::HashMap<u64, _> = s
+    let mut described: std::collections::HashMap<u64, _> = s
         .cluster
-        .ask_others(|cluster, addr| async move { cluster.stats_of(&addr).await })
+        .ask_others(|cluster, addr| async move { cluster.describe(&addr).await })
         .await
         .into_iter()
         .filter_map(|(n, c)| Some((n.id, c?)))
         .collect();
     let service: &dyn ReplicaService = s.replica.as_ref();
-    counts.insert(me, node_stats(&s.services.store, Some(service)));
+    described.insert(me, describe_here(&s.services.store, Some(service)));
+    let counts: std::collections::HashMap<u64, _> = described.iter().map(|(id, d)| (*id, d.stats)).collect();
     let nodes = view
         .nodes
         .values()
@@ -113,6 +117,8 @@ pub async fn status_of(s: &AdminState) -> ClusterStatus {
                 repair_pending: c.map(|c| c.repair_pending),
                 repairs_copied: c.map(|c| c.repairs_copied),
                 queued: c.map(|c| c.queued),
+                version: described.get(&n.id).map(|d| d.version.clone()),
+                feature_level_max: described.get(&n.id).map(|d| d.feature_level_max),
                 addrs: NodeAddrs {
                     cluster: Some(a.cluster.clone()),
                     smtp: a.smtp.clone(),
@@ -137,12 +143,50 @@ pub async fn status_of(s: &AdminState) -> ClusterStatus {
         // Outbound queue entries, as copies over every node that answered
         // (each entry is stored on R nodes).
         queued_copies: counts.values().map(|c| c.queued).sum(),
+        feature_level: s.cluster.membership.feature_level(),
         nodes,
     }
 }
 
 pub(super) async fn status(State(s): State<AdminState>) -> ApiResult {
     reply(status_of(&s).await)
+}
+
+/// How long `step-down` waits for another node to take over.
+const STEP_DOWN_WITHIN: Duration = Duration::from_secs(15);
+
+/// `POST /v1/cluster/upgrade-finish`: raises the feature level to the
+/// newest every node supports; 409 naming the nodes that hold it back.
+pub(super) async fn upgrade_finish(State(s): State<AdminState>) -> ApiResult {
+    let answers = crate::cluster::levels::survey(&s.cluster).await;
+    let (before, now) = crate::cluster::levels::finish(&s.cluster, &answers)
+        .await
+        .map_err(|why| Failure(StatusCode::CONFLICT, why))?;
+    if now > before {
+        tracing::info!(from = before, to = now, "feature level raised (upgrade-finish)");
+    }
+    reply(UpgradeFinished {
+        ok: true,
+        before,
+        feature_level: now,
+    })
+}
+
+/// `POST /v1/cluster/step-down`: this node stops leading Raft (before it
+/// is stopped for an upgrade); answered once another node leads.
+pub(super) async fn step_down(State(s): State<AdminState>) -> ApiResult {
+    let was_leader = s.cluster.membership.leader() == Some(s.cluster.id());
+    let leader = s
+        .cluster
+        .step_down(STEP_DOWN_WITHIN)
+        .await
+        .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?
+        .or(s.cluster.membership.leader());
+    reply(SteppedDown {
+        ok: true,
+        was_leader,
+        leader,
+    })
 }
 
 fn node_error(e: membership::MembershipError) -> Failure {

@@ -12,7 +12,9 @@
 //! POST   /v1/users                    {"address", "password", "quota_bytes"?}
 //! DELETE /v1/users/{address}[?purge=true]  refused (409) if the user has mail, unless purged
 //! PUT    /v1/users/{address}/password {"password"}
-//! GET    /v1/cluster/status           -> DESIGN.md's status object
+//! GET    /v1/cluster/status           -> DESIGN.md's status object (with versions, feature level)
+//! POST   /v1/cluster/upgrade-finish   raise the feature level (409 naming the nodes holding it back)
+//! POST   /v1/cluster/step-down        this node stops leading Raft (before it is stopped)
 //! POST   /v1/nodes/{id}/drain         mark a node draining (placement stops choosing it)
 //! DELETE /v1/nodes/{id}               take a node out of the cluster for good
 //! PUT    /v1/log-level                {"level": "debug" | "quill=trace,info" ..., "all"?}
@@ -101,6 +103,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/users/{address}", delete(directory::remove_user))
         .route("/v1/users/{address}/password", put(directory::set_password))
         .route("/v1/cluster/status", get(cluster::status))
+        .route("/v1/cluster/upgrade-finish", post(cluster::upgrade_finish))
+        .route("/v1/cluster/step-down", post(cluster::step_down))
         .route("/v1/nodes/{id}/drain", post(cluster::drain_node))
         .route("/v1/nodes/{id}", delete(cluster::remove_node))
         .route("/v1/log-level", put(cluster::log_level))

@@ -1,6 +1,7 @@
 //! What every node does in the background: pings every other node, and,
 //! as leader, marks nodes down and up, keeps the voters odd and healthy,
-//! and steps down while draining; as a voter, holds the CA key.
+//! and steps down while draining or before a stop; as a voter, holds the
+//! CA key. (The feature level has its own: `levels::duty`.)
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -65,15 +66,17 @@ pub async fn ca_key(cluster: Cluster, dir: PathBuf, mut stop: watch::Receiver<bo
     }
 }
 
-/// A draining leader steps down: it stops sending heartbeats and standing
-/// for election (openraft 0.9 cannot transfer leadership nor remove the
-/// leader), and asks an up voter to call an election; the followers' leases
-/// run out without heartbeats, so that voter (or another) wins, and the
-/// new leader moves the vote away from the draining node. A node that is
-/// up again stands for election again.
-async fn step_down_if_draining(cluster: &Cluster, view: &membership::ClusterView, leading: bool) {
+/// A leader that is leaving (draining, or stepping down before it is
+/// stopped: [`Cluster::step_down`]) hands leadership over: it stops
+/// sending heartbeats and standing for election (openraft 0.9 cannot
+/// transfer leadership nor remove the leader), and asks an up voter to
+/// call an election; the followers' leases run out without heartbeats, so
+/// that voter (or another) wins, and (draining) the new leader moves the
+/// vote away from the draining node. A node that stays stands for
+/// election again.
+async fn hand_over_if_leaving(cluster: &Cluster, view: &membership::ClusterView, leading: bool) {
     let me = cluster.id();
-    let draining = view.node(me).is_some_and(|n| n.state == NodeState::Draining);
+    let draining = view.node(me).is_some_and(|n| n.state == NodeState::Draining) || cluster.stepping_down();
     let raft = cluster.membership.raft();
     raft.runtime_config().elect(!draining);
     if !draining || !leading {
@@ -92,7 +95,7 @@ async fn step_down_if_draining(cluster: &Cluster, view: &membership::ClusterView
         return;
     };
     raft.runtime_config().heartbeat(false);
-    info!(node = target.id, "draining: handing leadership over");
+    info!(node = target.id, "leaving: handing leadership over");
     match cluster
         .transport
         .request(&target.addrs.cluster, &ClusterRequest::TakeLeadership)
@@ -192,7 +195,7 @@ pub async fn leader(cluster: Cluster, failure_timeout: Duration, mut stop: watch
             }
         }
         let leading = cluster.membership.leading_term();
-        step_down_if_draining(&cluster, &view, leading.is_some()).await;
+        hand_over_if_leaving(&cluster, &view, leading.is_some()).await;
         // Only a leader that is still a voter in the view acts (a removed
         // leader may run on briefly: it must not change anything).
         let Some(term) = leading else {

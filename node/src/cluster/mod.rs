@@ -69,6 +69,7 @@
 
 pub mod admission;
 pub mod duties;
+pub mod levels;
 pub mod node;
 pub mod replica;
 pub mod rpc;
@@ -109,6 +110,8 @@ pub struct ClusterConfig {
     pub join_token: Option<String>,
     /// A node silent this long is marked down.
     pub failure_timeout: Duration,
+    /// Who raises the feature level once every node supports more.
+    pub upgrade_finish: levels::UpgradeFinish,
     /// The node's service addresses, for the view.
     pub addrs: NodeAddrs,
 }
@@ -220,6 +223,7 @@ impl Cluster {
             replica: replica.clone(),
             log_level: log_level.clone(),
             majority: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            stepping_down_until: Arc::default(),
             endpoint: endpoint.clone(),
         };
         tokio::spawn(serve::accept_loop(
@@ -264,6 +268,7 @@ impl Cluster {
             }
         }
         tokio::spawn(duties::ca_key(cluster.clone(), dir.clone(), stop.clone()));
+        tokio::spawn(levels::duty(cluster.clone(), cfg.upgrade_finish, stop.clone()));
         tokio::spawn(duties::leader(cluster.clone(), cfg.failure_timeout, stop));
         Ok(cluster)
     }

@@ -3,14 +3,15 @@
 //! as it is, their figures).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use membership::{Membership, NodeState};
 use quinn::Endpoint;
 use tracing::warn;
 
 use super::rpc::{
-    ClusterReply, ClusterRequest, LogSlot, NodeStats, PING_TIMEOUT, QuicTransport, ReplicaSlot, STATS_TIMEOUT, join_all,
+    ClusterReply, ClusterRequest, LogSlot, NodeDescription, PING_TIMEOUT, Protocol, QuicTransport, ReplicaSlot,
+    STATS_TIMEOUT, join_all,
 };
 
 /// A node's place in the cluster.
@@ -26,6 +27,9 @@ pub struct Cluster {
     /// voters (itself included): without one the view and the directory
     /// cannot change here, though mail still flows (`/health` says so).
     pub majority: Arc<std::sync::atomic::AtomicBool>,
+    /// Until when this node hands leadership over and stands for no
+    /// election (`step_down`: before it is stopped for an upgrade).
+    pub(super) stepping_down_until: Arc<std::sync::Mutex<Option<Instant>>>,
     pub(super) endpoint: Endpoint,
 }
 
@@ -114,13 +118,62 @@ impl Cluster {
         out
     }
 
-    /// Asks a node for its store figures (None if it does not answer within
-    /// `STATS_TIMEOUT`: status pages must stay quick while a node dies).
-    pub async fn stats_of(&self, addr: &str) -> Option<NodeStats> {
-        let r = tokio::time::timeout(STATS_TIMEOUT, self.transport.request(addr, &ClusterRequest::Stats)).await;
-        match r {
-            Ok(Ok(ClusterReply::Stats(stats))) => Some(stats),
-            _ => None,
+    /// Whether this node is handing leadership over ([`Cluster::step_down`]).
+    pub fn stepping_down(&self) -> bool {
+        let until = *self.stepping_down_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Moves Raft leadership off this node, before it is stopped (an
+    /// upgrade, node by node): for `within`, it stands for no election and,
+    /// while it leads, sends no heartbeats and asks an up voter to call an
+    /// election (the duty loop does it: `hand_over_if_leaving`). Returns
+    /// the leader once another node leads (or `None` if this one did not
+    /// lead), or an error if none took over in time.
+    pub async fn step_down(&self, within: Duration) -> anyhow::Result<Option<u64>> {
+        let me = self.id();
+        if self.membership.leader() != Some(me) {
+            return Ok(None);
         }
+        let until = Instant::now() + within;
+        *self.stepping_down_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+        let mut metrics = self.membership.metrics();
+        let taken = tokio::time::timeout_at(
+            until.into(),
+            metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != me)),
+        )
+        .await;
+        match taken {
+            Ok(Ok(m)) => Ok(m.current_leader),
+            _ => {
+                *self.stepping_down_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                anyhow::bail!("no other node took over leadership within {within:?} (is another voter up?)")
+            }
+        }
+    }
+
+    /// Asks a node for its release, the feature levels it supports and its
+    /// store figures (None if it does not answer within `STATS_TIMEOUT`:
+    /// status pages must stay quick while a node dies). A node of release
+    /// 0.1.0 (cluster protocol V1) has no `Describe`: its figures come from
+    /// `Stats`, and it supports level 1 only.
+    pub async fn describe(&self, addr: &str) -> Option<NodeDescription> {
+        let ask = async {
+            match self.transport.protocol(addr).await.ok()? {
+                Protocol::V1 => match self.transport.request(addr, &ClusterRequest::Stats).await {
+                    Ok(ClusterReply::Stats(stats)) => Some(NodeDescription {
+                        version: Protocol::V1.oldest_release().to_owned(),
+                        feature_level_max: 1,
+                        stats,
+                    }),
+                    _ => None,
+                },
+                _ => match self.transport.request(addr, &ClusterRequest::Describe).await {
+                    Ok(ClusterReply::Described(d)) => Some(d),
+                    _ => None,
+                },
+            }
+        };
+        tokio::time::timeout(STATS_TIMEOUT, ask).await.ok().flatten()
     }
 }

@@ -13,7 +13,7 @@ use anyhow::Context;
 use membership::{BoxFuture, RaftCall, RaftMessage, RaftReply, Transport, TransportError};
 use quinn::{ClientConfig, Connection, Endpoint};
 
-pub use quill_proto::wire::NodeStats;
+pub use quill_proto::wire::{NodeDescription, NodeStats, Protocol};
 
 use super::wire;
 
@@ -80,6 +80,12 @@ impl QuicTransport {
         Ok(c)
     }
 
+    /// The protocol of the connection to `addr` (connecting if needed):
+    /// what the node there speaks.
+    pub async fn protocol(&self, addr: &str) -> anyhow::Result<Protocol> {
+        Ok(wire::protocol_of(&self.conn(addr).await?))
+    }
+
     /// Drops the cached connection to `addr` (a failed ping: it may be stale).
     pub fn forget(&self, addr: &str) {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
@@ -98,6 +104,14 @@ impl QuicTransport {
         deadline: Duration,
     ) -> anyhow::Result<ClusterReply> {
         let conn = self.conn(addr).await?;
+        let speaks = wire::protocol_of(&conn);
+        if req.protocol() > speaks {
+            // It could not decode it: a node of an earlier release.
+            anyhow::bail!(
+                "the node at {addr} speaks cluster protocol {speaks:?} (release {}), too old for this request",
+                speaks.oldest_release()
+            );
+        }
         let r = wire::call_within(&conn, req, deadline).await;
         if r.is_err() {
             self.forget(addr);
@@ -153,6 +167,15 @@ where
         }
     }
     out
+}
+
+/// What this node says of itself (`Describe`).
+pub fn describe_here(store: &replication::FragmentStore, replica: Option<&dyn ReplicaService>) -> NodeDescription {
+    NodeDescription {
+        version: crate::RELEASE.to_owned(),
+        feature_level_max: membership::FEATURE_LEVEL_MAX,
+        stats: node_stats(store, replica),
+    }
 }
 
 /// This node's figures for `cluster status`.

@@ -12,8 +12,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::admission::{JoinLimiter, enroll_request, issue_here};
-use super::rpc::{ClusterReply, ClusterRequest, LogSlot, QuicTransport, ReplicaSlot, node_stats};
+use super::rpc::{ClusterReply, ClusterRequest, LogSlot, QuicTransport, ReplicaSlot, describe_here, node_stats};
 use super::wire;
+use quill_proto::wire::Protocol;
 
 /// What the server side of the cluster wire answers with.
 pub struct Handler {
@@ -43,22 +44,26 @@ pub async fn accept_loop(endpoint: Endpoint, handler: Arc<Handler>, mut stop: wa
                 }
             };
             let peer = conn.remote_address();
-            wire::serve_connection(conn, move |member: bool, req: ClusterRequest| {
+            wire::serve_connection(conn, move |who: wire::Peer, req: ClusterRequest| {
                 let handler = handler.clone();
-                async move { handle(member, req, &handler, peer).await }
+                async move { handle(who, req, &handler, peer).await }
             })
             .await
         });
     }
 }
 
-async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr) -> ClusterReply {
+async fn handle(who: wire::Peer, req: ClusterRequest, h: &Handler, peer: SocketAddr) -> ClusterReply {
     let (dir, membership, store, replica) = (h.dir.as_path(), &h.membership, &h.store, &h.replica);
+    if let Some(why) = too_old(who.protocol, membership.feature_level()) {
+        warn!(%peer, "{why}");
+        return ClusterReply::Refused(why);
+    }
     match req {
         ClusterRequest::Enroll { secret, name } => {
             enroll_request(&h.dir, &h.membership, &h.transport, &h.joins, peer, &secret, &name).await
         }
-        _ if !member => ClusterReply::Refused("a cluster certificate is required".into()),
+        _ if !who.member => ClusterReply::Refused("a cluster certificate is required".into()),
         ClusterRequest::Raft { to, .. } if to != 0 && to != membership.id() => {
             ClusterReply::Refused(format!("this address serves node {}, not node {to}", membership.id()))
         }
@@ -68,6 +73,7 @@ async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr
             epoch: membership.view().epoch,
         },
         ClusterRequest::Stats => ClusterReply::Stats(node_stats(store, replica.get().map(|r| r.as_ref()))),
+        ClusterRequest::Describe => ClusterReply::Described(describe_here(store, replica.get().map(|r| r.as_ref()))),
         ClusterRequest::Replica(call) => match replica.get() {
             Some(r) => ClusterReply::Replica(Box::new(r.handle(*call).await)),
             None => ClusterReply::Refused("this node is still starting".into()),
@@ -120,5 +126,34 @@ async fn handle(member: bool, req: ClusterRequest, h: &Handler, peer: SocketAddr
                 Err(e) => ClusterReply::Refused(format!("cannot call an election: {e}")),
             }
         }
+    }
+}
+
+/// Why a peer of `protocol` can no longer take part in a cluster running
+/// at `level`: release 0.1.0 (the only one that stops at protocol V1)
+/// cannot read what is written from level 2 on. Refused with the reason
+/// (in a reply that release understands), not left to fail at decoding.
+fn too_old(protocol: Protocol, level: u32) -> Option<String> {
+    (protocol == Protocol::V1 && level > 1).then(|| {
+        format!(
+            "this cluster runs at feature level {level}; release {} supports only level 1: \
+             run release {} or later on this node",
+            Protocol::V1.oldest_release(),
+            Protocol::V2.oldest_release()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_0_1_0_peer_is_refused_once_the_level_is_raised() {
+        assert_eq!(too_old(Protocol::V1, 1), None);
+        assert_eq!(too_old(Protocol::V2, 1), None);
+        assert_eq!(too_old(Protocol::V2, 2), None);
+        let why = too_old(Protocol::V1, 2).expect("refused");
+        assert!(why.contains("feature level 2") && why.contains("0.2.0"), "{why}");
     }
 }

@@ -10,7 +10,9 @@
 //! - One bidirectional stream per request, framed by the protocol cores
 //!   (`quill_proto::wire`: `version:u16le deadline:u32le len:u32le
 //!   bincode(request)`), answered the same way (deadline 0); every read
-//!   has a size limit. **The deadline contract**: `deadline` is the
+//!   has a size limit. Each connection speaks the newest cluster protocol
+//!   both sides offer in ALPN ([`Protocol`]: a node of the previous
+//!   release gets that release's protocol), and carries only its messages. **The deadline contract**: `deadline` is the
 //!   caller's budget in milliseconds; a member's request is served within
 //!   it (at most [`SERVE_DEADLINE_MAX`]), so a large copy the caller gave
 //!   a minute is not cut at the server after two seconds. A peer without a
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use quill_proto::wire::{FRAME_BYTES_MAX, HEADER_BYTES, decode, decode_body, encode, header};
+use quill_proto::wire::{FRAME_BYTES_MAX, HEADER_BYTES, Protocol, decode, decode_body, encode, header};
 use quinn::{ClientConfig, Connection, Endpoint, ServerConfig};
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -31,8 +33,31 @@ use crate::files::write_private;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-/// ALPN of the cluster protocol; both sides must agree.
-pub const ALPN: &[u8] = b"quill-cluster/1";
+/// The ALPN names of `protocols`, in their order: a node offers every
+/// protocol it speaks ([`Protocol::ALL`], newest first), and TLS takes the
+/// newest both sides know.
+fn alpn(protocols: &[Protocol]) -> Vec<Vec<u8>> {
+    protocols.iter().map(|p| p.alpn().to_vec()).collect()
+}
+
+/// The protocol a connection's handshake settled on. Both sides always
+/// offer ALPN (a handshake without a common protocol fails), so a
+/// connection without one cannot happen; it would be taken as the oldest.
+pub fn protocol_of(conn: &Connection) -> Protocol {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .and_then(|name| Protocol::from_alpn(&name))
+        .unwrap_or(Protocol::V1)
+}
+
+/// Who sent a request: whether it showed a cluster certificate, and the
+/// protocol of its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub member: bool,
+    pub protocol: Protocol,
+}
 /// The most a member may ask a server to spend on one request (reading
 /// the request, handling it, writing the reply).
 pub const SERVE_DEADLINE_MAX: Duration = Duration::from_secs(300);
@@ -235,6 +260,10 @@ fn quic_transport() -> Arc<quinn::TransportConfig> {
 /// certificate from the cluster CA but lets a joiner without one connect
 /// (such a connection may only send the join request).
 pub fn server_config(id: &NodeIdentity) -> anyhow::Result<ServerConfig> {
+    server_config_speaking(id, &Protocol::ALL)
+}
+
+fn server_config_speaking(id: &NodeIdentity, protocols: &[Protocol]) -> anyhow::Result<ServerConfig> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(id.roots()?, provider())
         .allow_unauthenticated()
         .build()?;
@@ -242,7 +271,7 @@ pub fn server_config(id: &NodeIdentity) -> anyhow::Result<ServerConfig> {
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.chain(), PrivateKeyDer::Pkcs8(id.key.clone_key()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn(protocols);
     let mut cfg = ServerConfig::with_crypto(Arc::new(quinn::crypto::rustls::QuicServerConfig::try_from(tls)?));
     cfg.transport_config(quic_transport());
     Ok(cfg)
@@ -250,11 +279,15 @@ pub fn server_config(id: &NodeIdentity) -> anyhow::Result<ServerConfig> {
 
 /// A member's client side: trusts only the cluster CA, shows its own cert.
 pub fn member_client_config(id: &NodeIdentity) -> anyhow::Result<ClientConfig> {
+    member_client_config_speaking(id, &Protocol::ALL)
+}
+
+fn member_client_config_speaking(id: &NodeIdentity, protocols: &[Protocol]) -> anyhow::Result<ClientConfig> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(id.roots()?)
         .with_client_auth_cert(id.chain(), PrivateKeyDer::Pkcs8(id.key.clone_key()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn(protocols);
     let mut cfg = ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
     cfg.transport_config(quic_transport());
     Ok(cfg)
@@ -272,7 +305,7 @@ pub fn joiner_client_config(token: &JoinToken) -> anyhow::Result<ClientConfig> {
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn(&Protocol::ALL);
     Ok(ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
     )))
@@ -351,13 +384,14 @@ pub async fn call_within<Req: Serialize, Resp: DeserializeOwned>(
     req: &Req,
     deadline: Duration,
 ) -> anyhow::Result<Resp> {
-    let frame = encode(req, deadline)?;
+    let protocol = protocol_of(conn);
+    let frame = encode(req, deadline, protocol)?;
     tokio::time::timeout(deadline, async {
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(&frame).await?;
         send.finish()?;
         let reply = recv.read_to_end(FRAME_BYTES_MAX + HEADER_BYTES).await?;
-        Ok::<_, anyhow::Error>(decode(&reply)?)
+        Ok::<_, anyhow::Error>(decode(&reply, protocol)?)
     })
     .await
     .map_err(|_| anyhow!("no reply within {deadline:?}"))?
@@ -373,7 +407,7 @@ pub async fn connect(endpoint: &Endpoint, config: ClientConfig, addr: SocketAddr
 }
 
 /// Serves the requests of one accepted connection until it closes:
-/// `handle(is_member, request)` gives each reply, within the deadline the
+/// `handle(peer, request)` gives each reply, within the deadline the
 /// request carries (members; at most [`SERVE_DEADLINE_MAX`]) or
 /// [`RPC_TIMEOUT`] (anyone else). A handler cut by its deadline is dropped,
 /// so whatever it holds must be released by guards.
@@ -381,10 +415,14 @@ pub async fn serve_connection<Req, Resp, F, Fut>(conn: Connection, handle: F)
 where
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
-    F: Fn(bool, Req) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Peer, Req) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Resp> + Send,
 {
-    let member = peer_is_member(&conn);
+    let peer = Peer {
+        member: peer_is_member(&conn),
+        protocol: protocol_of(&conn),
+    };
+    let member = peer.member;
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let handle = handle.clone();
         tokio::spawn(async move {
@@ -394,7 +432,7 @@ where
                 tokio::time::timeout(RPC_TIMEOUT, recv.read_exact(&mut h))
                     .await
                     .map_err(|_| anyhow!("no request header within {RPC_TIMEOUT:?}"))??;
-                let (asked, len) = header(&h)?;
+                let (asked, len) = header(&h, peer.protocol)?;
                 let deadline = if member {
                     asked.min(SERVE_DEADLINE_MAX)
                 } else {
@@ -403,7 +441,7 @@ where
                 tokio::time::timeout(deadline, async {
                     let body = recv.read_to_end(len).await?;
                     let req: Req = decode_body(&body, len)?;
-                    let reply = encode(&handle(member, req).await, Duration::ZERO)?;
+                    let reply = encode(&handle(peer, req).await, Duration::ZERO, peer.protocol)?;
                     send.write_all(&reply).await?;
                     send.finish()?;
                     Ok::<_, anyhow::Error>(())
@@ -444,8 +482,8 @@ mod tests {
             while let Some(incoming) = accept.accept().await {
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
-                    serve_connection(conn, |member: bool, req: Req| async move {
-                        match (member, req) {
+                    serve_connection(conn, |peer: Peer, req: Req| async move {
+                        match (peer.member, req) {
                             (_, Req::Join(_)) => Resp::Welcome,
                             (true, Req::Echo(n)) => Resp::Ok(n),
                             (false, Req::Echo(_)) => Resp::Refused("members only".into()),
@@ -505,7 +543,7 @@ mod tests {
             .with_root_certificates(a.roots().unwrap())
             .with_client_auth_cert(stranger.chain(), PrivateKeyDer::Pkcs8(stranger.key.clone_key()))
             .unwrap();
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = alpn(&Protocol::ALL);
         let cfg = ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
         ));
@@ -518,6 +556,53 @@ mod tests {
             refused.is_err(),
             "a certificate from another CA must not get through: {refused:?}"
         );
+    }
+
+    /// A node of the previous release offers only its protocol (V1), on
+    /// either side of a connection: the new node speaks V1 with it, in
+    /// V1's frames; two new nodes speak the newest.
+    #[tokio::test]
+    async fn each_connection_speaks_the_newest_protocol_both_sides_know() {
+        let ca = ClusterCa::create().unwrap();
+        let (a, b) = (ca.issue("a").unwrap(), ca.issue("b").unwrap());
+        let serve = |cfg: ServerConfig| {
+            let ep = Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = ep.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Some(incoming) = ep.accept().await {
+                    tokio::spawn(async move {
+                        let Ok(conn) = incoming.await else { return };
+                        serve_connection(conn, |peer: Peer, req: Req| async move {
+                            match req {
+                                // Says which protocol it heard the request in.
+                                Req::Echo(_) => Resp::Ok(peer.protocol.frame_version().into()),
+                                Req::Join(_) => Resp::Welcome,
+                            }
+                        })
+                        .await
+                    });
+                }
+            });
+            addr
+        };
+        let new_server = serve(server_config(&a).unwrap());
+        let old_server = serve(server_config_speaking(&a, &[Protocol::V1]).unwrap());
+        let client = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let cases = [
+            (new_server, member_client_config(&b).unwrap(), Protocol::V2),
+            (
+                new_server,
+                member_client_config_speaking(&b, &[Protocol::V1]).unwrap(),
+                Protocol::V1,
+            ),
+            (old_server, member_client_config(&b).unwrap(), Protocol::V1),
+        ];
+        for (addr, cfg, want) in cases {
+            let conn = connect(&client, cfg, addr).await.unwrap();
+            assert_eq!(protocol_of(&conn), want);
+            let heard = call::<Req, Resp>(&conn, &Req::Echo(1)).await.unwrap();
+            assert_eq!(heard, Resp::Ok(want.frame_version().into()));
+        }
     }
 
     /// A handler that needs longer than `RPC_TIMEOUT` but less than its
@@ -533,7 +618,7 @@ mod tests {
             while let Some(incoming) = srv.accept().await {
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
-                    serve_connection(conn, |_member: bool, req: Req| async move {
+                    serve_connection(conn, |_peer: Peer, req: Req| async move {
                         tokio::time::sleep(RPC_TIMEOUT + Duration::from_millis(800)).await;
                         match req {
                             Req::Echo(n) => Resp::Ok(n),

@@ -19,6 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::process::{CLUSTER_PORT, NodeOptions, NodeProcess, Signal, send_signal};
 
 pub const STATE_FILE: &str = "harness.json";
+/// The layout of `harness.json` this release writes. 1: release 0.1.0's
+/// (no `version` field); 2: `version`, `node_args` and each node's
+/// `binary` (all read with defaults from a version 1 file).
+pub const STATE_VERSION: u32 = 2;
 const STOP_DEADLINE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,10 +31,32 @@ pub struct NodeEntry {
     pub k: u8,
     /// The running process, if any.
     pub pid: Option<u32>,
+    /// The `quill` binary this node runs when it is not the cluster's
+    /// (mid-`upgrade`).
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+}
+
+impl NodeEntry {
+    /// Node `k`, not running, on the cluster's binary.
+    pub fn new(k: u8) -> NodeEntry {
+        NodeEntry {
+            k,
+            pid: None,
+            binary: None,
+        }
+    }
+}
+
+fn state_version_1() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterState {
+    /// The layout of the file ([`STATE_VERSION`] when written).
+    #[serde(default = "state_version_1")]
+    pub version: u32,
     /// The first three octets of the nodes' addresses.
     pub subnet: [u8; 3],
     pub admin_token: String,
@@ -45,6 +71,9 @@ pub struct ClusterState {
     /// The nodes' `--repair-grace` (None: the node's default).
     #[serde(default)]
     pub repair_grace: Option<String>,
+    /// More `quill node` flags for every node (`up --node-arg`).
+    #[serde(default)]
+    pub node_args: Vec<String>,
 }
 
 impl ClusterState {
@@ -52,6 +81,7 @@ impl ClusterState {
     /// started; see [`ClusterState::start_all`]).
     pub fn new(subnet: [u8; 3], nodes: u8, replicas: usize, password: String) -> anyhow::Result<Self> {
         Ok(ClusterState {
+            version: STATE_VERSION,
             subnet,
             admin_token: crate::commands::random_hex(16)?,
             password,
@@ -59,8 +89,9 @@ impl ClusterState {
             secret: crate::commands::random_hex(16)?,
             binary: crate::process::quill_binary()?,
             log: "info".into(),
-            nodes: (1..=nodes).map(|k| NodeEntry { k, pid: None }).collect(),
+            nodes: (1..=nodes).map(NodeEntry::new).collect(),
             repair_grace: None,
+            node_args: Vec::new(),
         })
     }
 
@@ -108,15 +139,28 @@ impl ClusterState {
                 dir.display()
             )
         })?;
-        serde_json::from_str(&text).with_context(|| format!("bad {}", path.display()))
+        let state: ClusterState = serde_json::from_str(&text).with_context(|| format!("bad {}", path.display()))?;
+        if state.version > STATE_VERSION {
+            bail!(
+                "{} is of layout {} (a newer quill-harness); this one reads layouts 1 to {STATE_VERSION}",
+                path.display(),
+                state.version
+            );
+        }
+        Ok(state)
     }
 
     /// Written whole or not at all, and private: it holds the admin token
     /// and the users' password.
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        // Read with defaults, written in this release's layout.
+        let current = ClusterState {
+            version: STATE_VERSION,
+            ..self.clone()
+        };
         Ok(quill_node::files::write_private(
             &Self::path(dir),
-            &serde_json::to_vec_pretty(self)?,
+            &serde_json::to_vec_pretty(&current)?,
         )?)
     }
 
@@ -131,7 +175,7 @@ impl ClusterState {
     /// Options to run node `k` (its data directory under `dir`).
     pub fn options(&self, dir: &Path, k: u8) -> anyhow::Result<NodeOptions> {
         let mut o = NodeOptions::new(Self::data(dir, k), self.ip(k))?;
-        o.binary = self.binary.clone();
+        o.binary = self.binary_of(k);
         o.admin_token = self.admin_token.clone();
         o.log = self.log.clone();
         o.detached = true;
@@ -144,7 +188,16 @@ impl ClusterState {
         if let Some(g) = &self.repair_grace {
             o.extra_args.extend(["--repair-grace".into(), g.clone()]);
         }
+        o.extra_args.extend(self.node_args.iter().cloned());
         Ok(o)
+    }
+
+    /// The binary node `k` runs: its own (mid-`upgrade`) or the cluster's.
+    pub fn binary_of(&self, k: u8) -> PathBuf {
+        self.entry(k)
+            .ok()
+            .and_then(|e| e.binary.clone())
+            .unwrap_or_else(|| self.binary.clone())
     }
 
     /// A handle on node `k` (whether or not it runs).
@@ -159,7 +212,7 @@ impl ClusterState {
             .ok_or_else(|| anyhow!("no node n{k} in this cluster"))
     }
 
-    fn entry_mut(&mut self, k: u8) -> anyhow::Result<&mut NodeEntry> {
+    pub fn entry_mut(&mut self, k: u8) -> anyhow::Result<&mut NodeEntry> {
         self.nodes
             .iter_mut()
             .find(|n| n.k == k)
@@ -210,7 +263,10 @@ impl ClusterState {
         let pid = node.pid().ok_or_else(|| anyhow!("n{k} has no pid"))?;
         match self.entry_mut(k) {
             Ok(e) => e.pid = Some(pid),
-            Err(_) => self.nodes.push(NodeEntry { k, pid: Some(pid) }),
+            Err(_) => self.nodes.push(NodeEntry {
+                pid: Some(pid),
+                ..NodeEntry::new(k)
+            }),
         }
         Ok(())
     }

@@ -33,28 +33,26 @@ enum Cmd {
     /// alice and bob; send a mail on one node and read it on another; print
     /// how to connect; run until Ctrl-C (or `down`). With an existing
     /// cluster in DIR, start its nodes again.
-    Up {
-        #[arg(long, default_value_t = 3)]
-        nodes: u8,
-        #[arg(long, default_value_t = 2)]
-        replicas: usize,
-        /// The cluster's directory (state, node data, logs).
+    Up(cli::UpArgs),
+    /// Replace the nodes of the cluster in DIR with another quill binary,
+    /// one at a time, the leader last: leadership moves off a node
+    /// (step-down), it stops, starts on the new binary with its data, and
+    /// the next waits until it serves and every copy is in sync again.
+    /// Logins on the other nodes are tried throughout and must all work.
+    /// Run a `load` beside it and `verify` afterwards (UPGRADING.md).
+    Upgrade {
         #[arg(long, default_value_os_t = cli::default_dir())]
         dir: PathBuf,
-        /// Password of alice, bob and the load users [default: generated, printed].
+        /// The `quill` binary to run from now on (a newer release, or the
+        /// previous one to roll back before the feature level is raised).
         #[arg(long)]
-        password: Option<String>,
-        /// First three octets of the nodes' addresses.
-        #[arg(long, default_value = "127.0.0")]
-        subnet: String,
-        /// Leave the cluster running and return (stop it with `down`).
-        #[arg(long)]
-        detach: bool,
-        /// The nodes' --repair-grace: how long a node may be down before
-        /// its copies are made again elsewhere (e.g. 5s) [default: the
-        /// node's, 30s].
-        #[arg(long)]
-        repair_grace: Option<String>,
+        to: PathBuf,
+        /// Only these nodes (e.g. n1,n3) [default: every running node].
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// How long a replaced node may take to be in sync again.
+        #[arg(long, default_value = "120s", value_parser = cli::parse_duration)]
+        sync_timeout: Duration,
     },
     /// Start one more node, joining the cluster in DIR.
     Add {
@@ -387,15 +385,13 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         match cli.command {
-            Cmd::Up {
-                nodes,
-                replicas,
+            Cmd::Up(a) => cli::up(a).await,
+            Cmd::Upgrade {
                 dir,
-                password,
-                subnet,
-                detach,
-                repair_grace,
-            } => cli::up(dir, nodes, replicas, password, subnet, detach, repair_grace).await,
+                to,
+                nodes,
+                sync_timeout,
+            } => cli::upgrade(dir, to, nodes, sync_timeout).await,
             Cmd::Add { dir } => cli::add(dir).await,
             Cmd::Kill { node, dir } => cli::kill(dir, node).await,
             Cmd::Restart { node, dir } => cli::restart(dir, node).await,

@@ -220,7 +220,7 @@ pub async fn bench_heal(a: BenchHealArgs) -> anyhow::Result<()> {
     }
     state.save(&dir)?;
     let k = state.nodes.iter().map(|n| n.k).max().unwrap_or(0) + 1;
-    state.nodes.push(NodeEntry { k, pid: None });
+    state.nodes.push(NodeEntry::new(k));
     let joined_at = Instant::now();
     state.start_node(&dir, k).await?;
     state.save(&dir)?;

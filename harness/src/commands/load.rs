@@ -189,7 +189,7 @@ async fn run_faults(run: Arc<Run>, dir: PathBuf, mut faults: Vec<(Duration, Faul
                 }
                 Fault::Add => {
                     let k = state.nodes.iter().map(|n| n.k).max().unwrap_or(0) + 1;
-                    state.nodes.push(NodeEntry { k, pid: None });
+                    state.nodes.push(NodeEntry::new(k));
                     state.start_node(&dir, k).await?;
                     run.add_target(target(&state, k));
                     format!("add n{k}")

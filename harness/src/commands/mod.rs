@@ -2,7 +2,8 @@
 //! command line and the dispatch only.
 //!
 //! Cluster commands: `up`, `add`, `kill`, `restart`, `drain`, `status`,
-//! `down` ([`up`], [`nodes`]), `load` with its fault schedule ([`load`]),
+//! `down` ([`up`], [`nodes`]), `upgrade` ([`upgrade`]), `load` with its
+//! fault schedule ([`load`]),
 //! `verify`, `scale`, `chaos`; one node: `demo`; benchmarks: `bench-node`,
 //! `bench-failover`, `bench-replication`, `bench-heal`, `bench-tls`.
 
@@ -17,6 +18,7 @@ pub mod load;
 pub mod nodes;
 pub mod scale;
 pub mod up;
+pub mod upgrade;
 pub mod verify;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -33,7 +35,8 @@ pub use chaos::{ChaosArgs, chaos};
 pub use load::{LoadArgs, load};
 pub use nodes::{add, down, drain, kill, restart, status};
 pub use scale::scale;
-pub use up::{show_mail, up};
+pub use up::{UpArgs, show_mail, up};
+pub use upgrade::upgrade;
 pub use verify::verify;
 
 pub fn default_dir() -> PathBuf {

@@ -8,7 +8,7 @@ use crate::cluster::{ClusterState, NodeEntry, parse_node};
 pub async fn add(dir: PathBuf) -> anyhow::Result<()> {
     let mut state = ClusterState::load(&dir)?;
     let k = state.nodes.iter().map(|n| n.k).max().unwrap_or(0) + 1;
-    state.nodes.push(NodeEntry { k, pid: None });
+    state.nodes.push(NodeEntry::new(k));
     let r = state.start_node(&dir, k).await;
     if r.is_err() {
         state.nodes.retain(|n| n.k != k);
@@ -55,12 +55,12 @@ pub async fn status(dir: PathBuf, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "epoch {}  leader {}  under_replicated {}  outbound queue {} copies",
-        s["epoch"], s["leader"], s["under_replicated"], s["queued_copies"]
+        "epoch {}  leader {}  under_replicated {}  outbound queue {} copies  feature level {}",
+        s["epoch"], s["leader"], s["under_replicated"], s["queued_copies"], s["feature_level"]
     );
     println!(
-        "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12} {:>7}  {:<20} addr",
-        "node", "id", "state", "voter", "messages", "bytes", "queued", "doing"
+        "{:<5} {:<18} {:<9} {:<8} {:<6} {:>9} {:>12} {:>7}  {:<20} addr",
+        "node", "id", "state", "release", "voter", "messages", "bytes", "queued", "doing"
     );
     for n in s["nodes"].as_array().into_iter().flatten() {
         let doing = match n["activity"].as_str().unwrap_or("?") {
@@ -68,10 +68,11 @@ pub async fn status(dir: PathBuf, json: bool) -> anyhow::Result<()> {
             other => other.to_owned(),
         };
         println!(
-            "{:<5} {:<18} {:<9} {:<6} {:>9} {:>12} {:>7}  {:<20} {}",
+            "{:<5} {:<18} {:<9} {:<8} {:<6} {:>9} {:>12} {:>7}  {:<20} {}",
             n["name"].as_str().unwrap_or("?"),
             n["id"].to_string(),
             n["state"].as_str().unwrap_or("?"),
+            n["version"].as_str().unwrap_or("?"),
             n["voter"].to_string(),
             n["messages"].to_string(),
             n["bytes"].to_string(),

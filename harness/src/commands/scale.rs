@@ -44,7 +44,18 @@ pub async fn scale(
                 let _ = std::fs::remove_dir_all(&cdir);
                 // A fresh subnet per cluster: no waiting on sockets of the last.
                 let subnet = format!("127.77.{}", 1 + i * sizes.len() + j);
-                up(cdir.clone(), n, r, Some("scale-password".into()), subnet, true, None).await?;
+                up(super::UpArgs {
+                    dir: cdir.clone(),
+                    nodes: n,
+                    replicas: r,
+                    password: Some("scale-password".into()),
+                    subnet,
+                    detach: true,
+                    repair_grace: None,
+                    node_arg: Vec::new(),
+                    binary: None,
+                })
+                .await?;
                 let rep = super::load(LoadArgs {
                     cluster: Cluster::Dir(cdir.clone()),
                     token: None,

@@ -12,17 +12,55 @@ use crate::client::{Pop3Client, SmtpClient};
 use crate::cluster::ClusterState;
 use crate::process::NodeProcess;
 
+/// `quill-harness up`.
+#[derive(clap::Args)]
+pub struct UpArgs {
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u8,
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    /// The cluster's directory (state, node data, logs).
+    #[arg(long, default_value_os_t = super::default_dir())]
+    pub dir: PathBuf,
+    /// Password of alice, bob and the load users [default: generated, printed].
+    #[arg(long)]
+    pub password: Option<String>,
+    /// First three octets of the nodes' addresses.
+    #[arg(long, default_value = "127.0.0")]
+    pub subnet: String,
+    /// Leave the cluster running and return (stop it with `down`).
+    #[arg(long)]
+    pub detach: bool,
+    /// The nodes' --repair-grace: how long a node may be down before
+    /// its copies are made again elsewhere (e.g. 5s) [default: the
+    /// node's, 30s].
+    #[arg(long)]
+    pub repair_grace: Option<String>,
+    /// One more `quill node` flag for every node, e.g.
+    /// --node-arg=--relay-host=127.0.0.9:2525 (repeatable; kept for the
+    /// cluster's later starts).
+    #[arg(long, allow_hyphen_values = true)]
+    pub node_arg: Vec<String>,
+    /// The `quill` binary every node runs [default: the one beside this
+    /// harness, or $QUILL_BIN; a resumed cluster keeps its own].
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+}
+
 /// `up`: starts (or resumes) the cluster in `dir` and shows mail going in
 /// on one node and out on another.
-pub async fn up(
-    dir: PathBuf,
-    nodes: u8,
-    replicas: usize,
-    password: Option<String>,
-    subnet: String,
-    detach: bool,
-    repair_grace: Option<String>,
-) -> anyhow::Result<()> {
+pub async fn up(a: UpArgs) -> anyhow::Result<()> {
+    let UpArgs {
+        dir,
+        nodes,
+        replicas,
+        password,
+        subnet,
+        detach,
+        repair_grace,
+        node_arg,
+        binary,
+    } = a;
     if nodes == 0 || nodes > 250 {
         bail!("--nodes must be 1..=250");
     }
@@ -53,6 +91,17 @@ pub async fn up(
     };
     if repair_grace.is_some() {
         state.repair_grace = repair_grace;
+    }
+    if !node_arg.is_empty() {
+        state.node_args = node_arg;
+    }
+    if let Some(b) = binary {
+        state.binary = b
+            .canonicalize()
+            .with_context(|| format!("no quill binary at {}", b.display()))?;
+        for n in &mut state.nodes {
+            n.binary = None;
+        }
     }
     let handles = state.start_all(&dir, true).await?;
     let first = &handles[0];

@@ -1,6 +1,9 @@
 //! Shared setup for the tests in this folder.
 #![allow(dead_code)]
 
+pub mod harness;
+pub mod sink;
+
 use quill_harness::fresh_loopback;
 use quill_harness::process::{NodeOptions, NodeProcess, TempDir};
 

@@ -58,6 +58,10 @@ enum Cmd {
     Add {
         #[arg(long, default_value_os_t = cli::default_dir())]
         dir: PathBuf,
+        /// The `quill` binary the new node runs [default: the cluster's]:
+        /// a node of another release joining (mid-upgrade).
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
     /// kill -9 a node (NODE: 2 or n2).
     Kill {
@@ -392,7 +396,7 @@ fn main() -> anyhow::Result<()> {
                 nodes,
                 sync_timeout,
             } => cli::upgrade(dir, to, nodes, sync_timeout).await,
-            Cmd::Add { dir } => cli::add(dir).await,
+            Cmd::Add { dir, binary } => cli::add(dir, binary).await,
             Cmd::Kill { node, dir } => cli::kill(dir, node).await,
             Cmd::Restart { node, dir } => cli::restart(dir, node).await,
             Cmd::Drain { node, dir } => cli::drain(dir, node).await,

@@ -11,8 +11,9 @@
 //! - a data directory of a newer release is refused with the reason;
 //! - with `QUILL_UPGRADE_TEST=1` (it builds release 0.1.0, commit 1b88f8e,
 //!   unless `QUILL_OLD_BIN` names its `quill`): a running 0.1.0 cluster is
-//!   upgraded node by node under load, and a node rolled back to 0.1.0
-//!   before the feature level is raised rejoins (after, it is refused).
+//!   upgraded node by node under load, a node of this release joins it
+//!   while it is mixed, and a node rolled back to 0.1.0 before the
+//!   feature level is raised rejoins (after, it is refused).
 
 mod common;
 
@@ -422,14 +423,41 @@ fn a_running_release_0_1_0_cluster_is_upgraded_node_by_node_under_load() {
     for k in 1..=3 {
         fill(&["check", &host(k), manifest_s]);
     }
+    // A node of the new release joins the cluster of 0.1.0 and serves;
+    // it tells each node's release (a node of 0.1.0 does not).
+    ok(&dir, &["add", "--binary", new_s]);
+    fill(&["check", &host(4), manifest_s]);
+    let n4_admin = format!("{}:8080", host(4));
+    let s: serde_json::Value =
+        serde_json::from_str(&admin(&new, &n4_admin, &token, &["cluster", "status", "--json"])).unwrap();
+    let versions: Vec<(String, String)> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                n["version"].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect();
+    for (name, version) in &versions {
+        let want = if name == "n4" {
+            env!("CARGO_PKG_VERSION")
+        } else {
+            "0.1.0"
+        };
+        assert_eq!(version, want, "{name}: {s}");
+    }
+    assert_eq!(s["feature_level"], 1, "{s}");
 
     // The whole cluster, node by node, under load.
     let out = dir.join("load1");
     let load = start_load(&dir, &out, 40, &old, &token, &admin_addr);
     let up = ok(&dir, &["upgrade", "--to", new_s]);
-    assert_eq!(up.matches("logins elsewhere").count(), 3, "{up}");
+    assert_eq!(up.matches("logins elsewhere").count(), 4, "{up}");
     finish_load(load, &dir, &out);
-    for k in 1..=3 {
+    for k in 1..=4 {
         fill(&["check", &host(k), manifest_s]);
     }
     wait_for_this_release(&dir);
@@ -449,7 +477,7 @@ fn a_running_release_0_1_0_cluster_is_upgraded_node_by_node_under_load() {
     assert!(said.contains("format 2"), "{said}");
     // n2 back on the new release: the cluster is whole again.
     ok(&dir, &["upgrade", "--to", new_s, "--nodes", "n2"]);
-    for k in 1..=3 {
+    for k in 1..=4 {
         fill(&["check", &host(k), manifest_s]);
     }
 }

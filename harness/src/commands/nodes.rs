@@ -3,12 +3,24 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use crate::cluster::{ClusterState, NodeEntry, parse_node};
 
-pub async fn add(dir: PathBuf) -> anyhow::Result<()> {
+pub async fn add(dir: PathBuf, binary: Option<PathBuf>) -> anyhow::Result<()> {
     let mut state = ClusterState::load(&dir)?;
     let k = state.nodes.iter().map(|n| n.k).max().unwrap_or(0) + 1;
-    state.nodes.push(NodeEntry::new(k));
+    let binary = match binary {
+        Some(b) => Some(
+            b.canonicalize()
+                .with_context(|| format!("no quill binary at {}", b.display()))?,
+        ),
+        None => None,
+    };
+    state.nodes.push(NodeEntry {
+        binary,
+        ..NodeEntry::new(k)
+    });
     let r = state.start_node(&dir, k).await;
     if r.is_err() {
         state.nodes.retain(|n| n.k != k);

@@ -51,7 +51,10 @@ const RECORD_BYTES_MAX: usize = 16 << 20;
 const COMPACT_FILE_BYTES_MIN: u64 = 4 << 20;
 
 /// One record of the `log` file. Short-lived (encoded, then replayed), so
-/// the size gap between variants costs nothing.
+/// the size gap between variants costs nothing. Positional, like
+/// everything in the folder: as release 0.1.0 wrote it; a new kind of
+/// record would go at the end, written only at the feature level that
+/// brings it (`crate::formats`).
 #[derive(Debug, Serialize, Deserialize)]
 #[allow(clippy::large_enum_variant)]
 enum LogRecord {

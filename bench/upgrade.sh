@@ -36,7 +36,7 @@ prober() {
 import imaplib, json, sys, time
 dirname, secs, out, subnet = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
 pw = json.load(open(dirname + "/harness.json"))["password"]
-lat, failed, down, i = [], 0, 0, 0
+lat, failed, down, ended, i = [], 0, 0, 0, 0
 end = time.time() + secs
 while time.time() < end:
     host = f"{subnet}.{1 + i % 3}"
@@ -52,13 +52,13 @@ while time.time() < end:
     try:
         ok = c.create(f"probe{i}")[0] == "OK" and c.delete(f"probe{i}")[0] == "OK"
         lat.append(time.time() - t)
-        failed += 0 if ok else 1
+        failed += 0 if ok else 1      # a NO: the write was refused
         c.logout()
-    except Exception:
-        failed += 1
+    except (imaplib.IMAP4.abort, OSError):
+        ended += 1         # BYE or a closed connection: its node stopped
     time.sleep(0.1)
 lat.sort()
-json.dump({"writes": len(lat), "failed": failed, "node_down": down,
+json.dump({"writes": len(lat), "failed": failed, "node_down": down, "ended": ended,
            "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
            "max_ms": 1000 * lat[-1] if lat else None}, open(out, "w"))
 PY
@@ -101,9 +101,14 @@ if s:
     win = [x["deliveries"] for x in secs if int(s) <= x["t"] <= int(e)]
     line += f"; during the upgrade ({s}-{e} s) mean {sum(win)/max(1,len(win)):.0f}, lowest second {min(win) if win else '-'}"
 print(line)
-print(f"  [{name}] errors {json.dumps(load['errors'])}")
+kinds = {}
+for x in load["seconds"]:
+    for k, v in x["errors"].items():
+        kinds[k] = kinds.get(k, 0) + v
+print(f"  [{name}] operations failed: {load['errors']} {json.dumps(kinds, sort_keys=True)}")
 print(f"  [{name}] raft writes (IMAP CREATE+DELETE): {p['writes']}, failed {p['failed']}, "
-      f"p50 {p['p50_ms']:.0f} ms, longest {p['max_ms']:.0f} ms; logins refused by a node being replaced: {p['node_down']}")
+      f"p50 {p['p50_ms']:.0f} ms, longest {p['max_ms']:.0f} ms; sessions a stopping node ended: {p['ended']}, "
+      f"logins refused by a node being replaced: {p['node_down']}")
 PY
 }
 

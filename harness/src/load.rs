@@ -386,10 +386,12 @@ impl Run {
             Err(_) => return self.error("connect"),
         };
         if let Err(e) = p.login(user, &self.cfg.password).await {
+            // Why, as the other commands say it: a node shutting down
+            // answers `-ERR [SYS/TEMP]`, a refused password `-ERR [AUTH]`.
             let code = if e.to_string().contains("IN-USE") {
-                "-ERR in-use"
+                "-ERR in-use".to_owned()
             } else {
-                "-ERR login"
+                pop3_error("login", &e)
             };
             return self.error(code);
         }

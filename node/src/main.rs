@@ -371,14 +371,21 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    quill_node::run(config, set_log_level, shutdown_signal()).await
+    quill_node::run(config, set_log_level, shutdown_signal()?).await
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed here, before
+/// the node starts, not when `run` first waits on the future: a SIGTERM
+/// that arrives while the node is still starting (its `/health` may
+/// already answer) then stops it cleanly instead of killing it.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

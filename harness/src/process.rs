@@ -57,8 +57,6 @@ pub fn quill_binary() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// A loopback address no other node of this process (or, with high
-/// probability, of another test process) uses: 127.<pid-derived>.<n>.1.
 pub use rustix::process::Signal;
 
 /// Sends `sig` to process `pid` with kill(2) (no `kill` program spawned).
@@ -105,6 +103,8 @@ pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = &'stat
     })
 }
 
+/// A loopback address no other node of this process (or, with high
+/// probability, of another test process) uses: `127.<pid-derived>.<n>.1`.
 pub fn fresh_loopback() -> Ipv4Addr {
     static NEXT: AtomicU32 = AtomicU32::new(1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);

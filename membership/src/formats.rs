@@ -37,7 +37,7 @@
 //! To add to the state (aliases, keys, scripts, settings, ...):
 //! 1. add the field to [`ClusterState`], and its commands at the end of
 //!    [`Command`] with the new level in [`Command::feature_level`];
-//! 2. freeze the previous layout here (`StateV2`, as [`StateV1`] is: a
+//! 2. freeze the previous layout here (`StateV2`, as `StateV1` is: a
 //!    type of another module that changes is frozen with it), with a
 //!    `From` migration to the new one;
 //! 3. raise [`FEATURE_LEVEL_MAX`]; [`encode_state`] writes the frozen

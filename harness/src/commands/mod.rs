@@ -2,8 +2,8 @@
 //! command line and the dispatch only.
 //!
 //! Cluster commands: `up`, `add`, `kill`, `restart`, `drain`, `status`,
-//! `down` ([`up`], [`nodes`]), `upgrade` ([`upgrade`]), `load` with its
-//! fault schedule ([`load`]),
+//! `down` ([`up`](mod@up), [`nodes`]), `upgrade` ([`upgrade`](mod@upgrade)), `load` with its
+//! fault schedule ([`load`](mod@load)),
 //! `verify`, `scale`, `chaos`; one node: `demo`; benchmarks: `bench-node`,
 //! `bench-failover`, `bench-replication`, `bench-heal`, `bench-tls`.
 

@@ -348,22 +348,28 @@ async fn queued_mail_survives_a_kill_of_its_owner() {
     assert!(owned > 0);
     nodes[victim].kill9().await.unwrap();
     let sink = Sink::start_on(TcpListener::bind(relay).await.unwrap(), 0);
+    let subjects = || -> Vec<String> {
+        let mut s: Vec<String> = sink
+            .got()
+            .iter()
+            .map(|g| {
+                g.data
+                    .lines()
+                    .find(|l| l.starts_with("Subject: "))
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect();
+        s.sort();
+        s
+    };
     common::wait_for("every queued message delivered", Duration::from_secs(60), || async {
-        sink.got().len() >= N
+        let mut s = subjects();
+        s.dedup();
+        s.len() >= N
     })
     .await;
-    let got = sink.got();
-    let mut subjects: Vec<String> = got
-        .iter()
-        .map(|g| {
-            g.data
-                .lines()
-                .find(|l| l.starts_with("Subject: "))
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect();
-    subjects.sort();
+    let mut subjects = subjects();
     let before = subjects.len();
     subjects.dedup();
     eprintln!(

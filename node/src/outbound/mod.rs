@@ -50,7 +50,10 @@
 //! replica before the entry is deleted, and an owner only tries recipients
 //! without an end: delivery is at least once, and exactly once unless a
 //! transaction is cut between the end of DATA and the reply
-//! (`quill_outbound_cut_transactions_total`). **The worker**
+//! (`quill_outbound_cut_transactions_total`). An owner never tries again
+//! an entry it finished: one that a listing still shows (made before the
+//! deletion reached a replica, or a copy a rebalance move left on a node
+//! the deletion did not name) is deleted again, not sent. **The worker**
 //! (`node/src/outbound.rs`) looks at its shards every 500 ms, works at most
 //! 256 entries at once, groups an entry's pending recipients by domain and
 //! sends each group over one connection (mail-send's client, opportunistic
@@ -154,6 +157,11 @@ impl Default for OutboundConfig {
 struct State {
     retry: HashMap<MessageId, Retry>,
     busy: HashSet<MessageId>,
+    /// Entries this node finished (every recipient ended, the entry
+    /// deleted), kept while a listing still shows them: a listing made
+    /// before the deletion reached a replica, or a copy that a move left on
+    /// a node the deletion did not name, must not be sent again.
+    done: HashMap<MessageId, Instant>,
     lanes: Lanes,
     /// Per domain: its own connection slots.
     domains: HashMap<String, Arc<Semaphore>>,
@@ -265,6 +273,7 @@ impl Outbound {
     /// want of a slot.
     async fn tick(self: Arc<Self>) -> bool {
         let now = now_ms();
+        let started = Instant::now();
         let mut backlog = false;
         self.sender.prune();
         let (mut owned, mut oldest) = (0u64, 0u64);
@@ -274,11 +283,16 @@ impl Outbound {
             if !(self.owner)(&shard) {
                 continue;
             }
+            let mut finished: Vec<Listed> = Vec::new();
             for entry in self.services.mail.mailbox(&shard).await {
-                owned += 1;
-                oldest = oldest.max(now.saturating_sub(entry.meta.arrival_ms));
                 let id = entry.meta.id;
                 seen.insert(id);
+                if self.state().done.contains_key(&id) {
+                    finished.push(entry);
+                    continue;
+                }
+                owned += 1;
+                oldest = oldest.max(now.saturating_sub(entry.meta.arrival_ms));
                 if entry.meta.marks.has("held") {
                     continue;
                 }
@@ -319,6 +333,7 @@ impl Outbound {
                     me.freed.notify_one();
                 });
             }
+            self.delete_again(&shard, &finished).await;
         }
         self.gauge().owned_messages.set(owned);
         self.gauge().oldest_ms.set(oldest);
@@ -326,8 +341,11 @@ impl Outbound {
             let mut st = self.state();
             // Retry state of entries no longer here (done through another
             // owner, removed, or in a shard this node gave up) goes.
-            let State { retry, busy, .. } = &mut *st;
+            let State { retry, busy, done, .. } = &mut *st;
             retry.retain(|id, _| seen.contains(id) || busy.contains(id));
+            // A finished entry is forgotten once a listing made after its
+            // deletion no longer shows it.
+            done.retain(|id, at| seen.contains(id) || *at >= started);
             st.lanes.slow_count(now)
         };
         self.gauge().slow_domains.set(slow as u64);
@@ -419,7 +437,9 @@ impl Outbound {
                 .await
                 .is_ok()
         {
-            self.state().retry.remove(&entry.meta.id);
+            let mut st = self.state();
+            st.retry.remove(&entry.meta.id);
+            st.done.insert(entry.meta.id, Instant::now());
             debug!(id = %entry.meta.id, "queue entry done");
             return;
         }
@@ -442,6 +462,30 @@ impl Outbound {
             }
         }
         self.defer(entry.meta.id, s.deferred);
+    }
+
+    /// Deletes again, without a try, entries this node already finished
+    /// that a listing still shows: from the holders that showed them.
+    async fn delete_again(&self, shard: &str, finished: &[Listed]) {
+        let stale: Vec<Listed> = {
+            let st = self.state();
+            finished
+                .iter()
+                .filter(|e| !st.busy.contains(&e.meta.id))
+                .cloned()
+                .collect()
+        };
+        if stale.is_empty() {
+            return;
+        }
+        info!(
+            shard,
+            entries = stale.len(),
+            "finished queue entries seen again (a late replica or a moved copy): deleted again, not sent"
+        );
+        if let Err(e) = self.services.mail.delete(shard, &stale).await {
+            warn!(shard, error = %e, "finished queue entries not deleted again; tried at the next look");
+        }
     }
 
     fn defer(&self, id: MessageId, last: BTreeMap<usize, Failed>) {

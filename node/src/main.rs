@@ -78,7 +78,9 @@ struct NodeArgs {
     /// Implicit-TLS IMAP address (port 993 by convention).
     #[arg(long)]
     imaps: Option<SocketAddr>,
-    /// Implicit-TLS SMTP address (RFC 8314; port 465 by convention).
+    /// Implicit-TLS message submission address (RFC 8314; port 465 by
+    /// convention): AUTH required, the same sender checks as --submission.
+    /// Mail from other servers comes over --smtp (STARTTLS offered).
     #[arg(long)]
     smtps: Option<SocketAddr>,
     /// Implicit-TLS POP3 address (port 995 by convention).

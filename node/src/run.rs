@@ -138,8 +138,12 @@ fn admin_token(config: &NodeConfig) -> anyhow::Result<String> {
 async fn serve_client(proto: Proto, c: Client, services: Arc<Services>) {
     use crate::{imap, pop3, smtp};
     match proto {
-        Proto::Smtp | Proto::Smtps => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Smtp, c.stop).await,
-        Proto::Submission => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Submission, c.stop).await,
+        Proto::Smtp => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Smtp, c.stop).await,
+        // RFC 8314: port 465 is message submission over implicit TLS
+        // (AUTH required); mail between servers uses STARTTLS on 25.
+        Proto::Submission | Proto::Smtps => {
+            smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Submission, c.stop).await
+        }
         Proto::Lmtp => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Lmtp, c.stop).await,
         Proto::Pop3 | Proto::Pop3s => pop3::serve_on(c.stream, c.peer, services, c.stop).await,
         Proto::Imap | Proto::Imaps => imap::serve_on(c.stream, c.peer, services, c.stop).await,

@@ -84,8 +84,23 @@ with smtplib.SMTP(host, smtp, timeout=30) as s:
     s.ehlo("python.test")
     assert not s.has_extn("starttls"), "STARTTLS offered again under TLS"
     assert s.sendmail("py@remote.test", ["bob@example.org"], body) == {}
+# Port 465 is submission over implicit TLS (RFC 8314): AUTH offered and
+# required, the sender checked, as a mail client set to "SSL/TLS" uses it.
 with smtplib.SMTP_SSL(host, smtps, context=ctx, timeout=30) as s:
-    assert s.sendmail("py@remote.test", ["bob@example.org"], body) == {}
+    s.ehlo("python.test")
+    assert "PLAIN" in s.esmtp_features.get("auth", ""), s.esmtp_features
+    try:
+        s.sendmail("py@remote.test", ["bob@example.org"], body)
+        raise SystemExit("mail taken on the SMTPS port without AUTH")
+    except smtplib.SMTPSenderRefused as e:
+        assert e.smtp_code == 530, e
+    s.login("bob@example.org", pw)
+    try:
+        s.sendmail("eve@example.org", ["bob@example.org"], body)
+        raise SystemExit("a sender not the authenticated user was taken")
+    except smtplib.SMTPSenderRefused as e:
+        assert e.smtp_code == 553, e
+    assert s.sendmail("bob@example.org", ["bob@example.org"], b"From: bob@example.org\r\n" + body) == {}
 
 # POP3 in the clear: no USER or SASL offered, USER refused with the reason.
 p = poplib.POP3(host, pop, timeout=30)
@@ -430,12 +445,22 @@ async fn harness_client_delivers_over_starttls_and_smtps() {
         .unwrap();
     assert_eq!(r[0].code, 250, "{r:?}");
     s.quit().await.unwrap();
+    // SMTPS is submission (RFC 8314): no mail before AUTH.
     let mut s = SmtpClient::connect_tls(n.smtps(), &tls).await.unwrap();
+    assert!(s.ehlo.text.contains("AUTH PLAIN"), "{:?}", s.ehlo);
+    let r = s.command("MAIL FROM:<a@remote.test>").await.unwrap();
+    assert_eq!(r.code, 530, "{r:?}");
+    let creds = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("\0bob@example.org\0{PASSWORD}"),
+    );
+    let r = s.command(&format!("AUTH PLAIN {creds}")).await.unwrap();
+    assert_eq!(r.code, 235, "{r:?}");
     let r = s
         .send_mail(
-            "a@remote.test",
+            "bob@example.org",
             &["bob@example.org"],
-            b"Subject: two\r\n\r\nover smtps\r\n",
+            b"From: bob@example.org\r\nSubject: two\r\n\r\nover smtps\r\n",
         )
         .await
         .unwrap();

@@ -60,7 +60,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     serve_on(Stream::Plain(stream), peer, services, mode, shutdown).await
 }
 
-/// Serves one connection, plaintext or already under TLS (`--smtps`).
+/// Serves one connection, plaintext or already under TLS (`--smtps`,
+/// submission over implicit TLS).
 pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
     stream: Stream<S>,
     peer: SocketAddr,

@@ -42,10 +42,12 @@
 //! (blocks punched out with `fallocate(PUNCH_HOLE)`, edges written) and
 //! fdatasynced; recovery skips zero runs (a record never starts with a zero
 //! byte). A 256 KiB `reserve` file in the store directory is given up at the
-//! first ENOSPC, so the deletions that free space fit; until there is room
-//! for the reserve again and as much beyond, deliveries are refused up front
-//! (451) and deletions taken, each freeing its bodies at once
-//! (`FragmentStore::disk_full`, a `/health` warning). `queries.rs`: reads (`list`, `sync_items`,
+//! first ENOSPC, so the deletions that free space fit; until a delivery
+//! fits with room for the reserve again and as much beyond, deliveries are
+//! refused up front (451) and deletions taken, each freeing its bodies at
+//! once (`FragmentStore::disk_full`, a `/health` warning). On a nearly full
+//! disk (less free than a sixteenth of it) deletions give their bodies'
+//! space back in place too, before any delivery has failed. `queries.rs`: reads (`list`, `sync_items`,
 //! `digest`, `usage`, `under_replicated` from the per-replica-set counts)
 //! and the **whole-index walks** (`peer_digests`, `forget_tombstones`,
 //! `usage`, the cleaner's plan): they take the index lock 256 mailboxes at a

@@ -70,43 +70,88 @@ pub(super) fn new_segment(dir: &Path, index: &mut Index, seg: u32) -> Result<u32
     Ok(seg)
 }
 
+/// Bytes free for this process on the file system holding `dir` (0 when
+/// it cannot be told).
+fn free_bytes(dir: &Path) -> u64 {
+    rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .unwrap_or(0)
+}
+
+/// Whether the file system holding `dir` is nearly full: less free than a
+/// sixteenth of its size, counted between 1 MiB and 1 GiB. Deleted mail's
+/// space is then given back in place at once, not when a segment is
+/// cleaned (which needs room to copy into).
+fn low_on_disk(dir: &Path) -> bool {
+    let Ok(s) = rustix::fs::statvfs(dir) else {
+        return false;
+    };
+    let total = s.f_blocks.saturating_mul(s.f_frsize);
+    let free = s.f_bavail.saturating_mul(s.f_frsize);
+    free < (total / 16).clamp(4 * RESERVE_BYTES, 1 << 30)
+}
+
 impl Writer {
     /// While the disk is full, deliveries are refused up front (the room
     /// left, the reserve included, is for the deletions that free space)
-    /// until the reserve can be made again: then there is room beyond it.
+    /// until deliveries fit with the reserve made again and as much beyond
+    /// it: those of a batch that fit are taken, the rest refused. Only a
+    /// batch with deliveries decides that, so the room the reserve leaves
+    /// when it is given up does not end the full state before the deletions
+    /// that follow have given their space back.
     pub(super) fn refuse_deliveries_while_full(&mut self, batch: Vec<Op>) -> Vec<Op> {
-        if !self.space_short {
+        if !self.space_short || !batch.iter().any(|op| matches!(op, Op::Deliver { .. })) {
             return batch;
         }
-        // Room again: enough for the reserve and as much again beyond it
-        // (the reserve just released would otherwise be taken back at once).
-        let free = rustix::fs::statvfs(&self.shared.dir)
-            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-            .unwrap_or(0);
-        if free >= 3 * RESERVE_BYTES && make_reserve(&self.shared.dir) {
+        let free = free_bytes(&self.shared.dir);
+        let mut room = free.saturating_sub(3 * RESERVE_BYTES);
+        let mut refused = Vec::new();
+        let mut kept = Vec::with_capacity(batch.len());
+        for op in batch {
+            if !matches!(op, Op::Deliver { .. }) {
+                kept.push(op);
+            } else if (op.bytes() as u64) <= room {
+                room -= op.bytes() as u64;
+                kept.push(op);
+            } else {
+                refused.push(op);
+            }
+        }
+        let taking = kept.iter().any(|op| matches!(op, Op::Deliver { .. }));
+        if taking && make_reserve(&self.shared.dir) {
             self.space_short = false;
             self.shared.disk_full.store(false, Ordering::Relaxed);
             tracing::info!(free_bytes = free, "the store has room again; taking mail");
-            return batch;
+        } else if taking {
+            // No room for the reserve after all: nothing is taken.
+            let (deliveries, rest): (Vec<Op>, Vec<Op>) =
+                kept.into_iter().partition(|op| matches!(op, Op::Deliver { .. }));
+            refused.extend(deliveries);
+            kept = rest;
         }
-        let (deliveries, rest): (Vec<Op>, Vec<Op>) = batch.into_iter().partition(|op| matches!(op, Op::Deliver { .. }));
         fail_all(
-            deliveries,
+            refused,
             "No space left on device: the store takes deletions only until space is freed",
         );
-        rest
+        kept
     }
 
     /// Gives the space of dead body records back to the file system in
     /// place: the record's bytes are zeroed (whole blocks punched out with
     /// fallocate, the edges written), then fdatasync. Only dead bodies
     /// (no entry refers to them; their tombstones are durable), and only
-    /// when the disk is full: copying live records elsewhere, as the
-    /// cleaner does, needs free space a full disk does not have, and a
+    /// when the disk is full or nearly full ([`low_on_disk`]): copying
+    /// live records elsewhere, as the cleaner does, needs free space a full disk does not have, and a
     /// store with a single segment has nothing sealed to clean at all.
     /// Recovery skips zeroed records. Returns the bytes given back.
     pub(super) fn reclaim(&mut self) -> u64 {
         use std::os::unix::fs::FileExt;
+        if self.shared.index().dead_bodies.is_empty() {
+            return 0;
+        }
+        if !self.space_short && !low_on_disk(&self.shared.dir) {
+            return 0;
+        }
         let dead = std::mem::take(&mut self.shared.index().dead_bodies);
         if dead.is_empty() {
             return 0;
@@ -169,7 +214,10 @@ impl Writer {
             }
         }
         if freed > 0 {
-            tracing::info!(freed_bytes = freed, "disk full: gave dead bodies' space back in place");
+            tracing::info!(
+                freed_bytes = freed,
+                "disk (nearly) full: gave dead bodies' space back in place"
+            );
         }
         freed
     }

@@ -240,12 +240,15 @@ impl Writer {
         }
         self.shared.ops.fetch_add(n_ops, Ordering::Relaxed);
         self.apply(seg, base + buf.len() as u64, effects);
+        // A full or nearly full disk gets deleted mail's space back with
+        // the deletions (before they are answered), not when a delivery
+        // next fails for want of it.
+        if !delivered {
+            self.reclaim();
+        }
         answer(dones);
         for (seg, reply) in drops {
             let _ = reply.send(self.drop_segment(seg).map_err(|e| e.to_string()));
-        }
-        if self.space_short && !delivered {
-            self.reclaim();
         }
     }
 

@@ -269,10 +269,17 @@ impl<S: Transport> Driver<S> {
                         self.send(bye);
                         return Ok(true);
                     }
-                    let updates = self.handler.sync().await;
+                    let updates = self.handler.idle_updates().await;
                     if !updates.is_empty() {
-                        for d in updates {
-                            self.server.enqueue_data(d);
+                        for r in updates {
+                            match r {
+                                Response::Data(d) => {
+                                    self.server.enqueue_data(d);
+                                }
+                                Response::Status(s) => {
+                                    self.server.enqueue_status(s);
+                                }
+                            }
                         }
                         return Ok(true);
                     }

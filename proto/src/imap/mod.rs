@@ -8,6 +8,7 @@
 
 pub mod fetch;
 pub mod folders;
+pub mod keywords;
 pub mod mime;
 pub mod reply;
 pub mod search;

@@ -39,6 +39,51 @@ fn day(d: &NaiveDate) -> u64 {
         .map_or(0, |t| t.and_utc().timestamp_millis() as u64)
 }
 
+/// The calendar day of an instant (ms since the epoch), in UTC.
+fn day_of(ms: u64) -> chrono::NaiveDate {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .unwrap_or_default()
+        .date_naive()
+}
+
+/// The day of the message's `Date:` header as written, disregarding time
+/// and zone (RFC 3501 6.4.4, SENTBEFORE/SENTON/SENTSINCE); `None` without
+/// a readable one (INTERNALDATE's day is used then, as Dovecot does).
+fn sent_date(message: &[u8]) -> Option<chrono::NaiveDate> {
+    let m = mail_parser::MessageParser::default().parse_headers(message)?;
+    let d = m.date()?;
+    chrono::NaiveDate::from_ymd_opt(i32::from(d.year), u32::from(d.month), u32::from(d.day))
+}
+
+#[derive(Clone, Copy)]
+enum Field {
+    From,
+    To,
+    Cc,
+    Bcc,
+}
+
+/// Whether an address of the field (its address or its display name, as
+/// parsed: comments and quoting gone) contains `needle`, without regard
+/// to case. Beside the substring of the raw field, this finds
+/// `user@domain` in `<user (comment)@ (comment) domain>`.
+fn in_addresses(message: &[u8], which: Field, needle: &[u8]) -> bool {
+    let Some(m) = mail_parser::MessageParser::default().parse_headers(message) else {
+        return false;
+    };
+    let field = match which {
+        Field::From => m.from(),
+        Field::To => m.to(),
+        Field::Cc => m.cc(),
+        Field::Bcc => m.bcc(),
+    };
+    let Some(field) = field else { return false };
+    let hit = |s: Option<&str>| s.is_some_and(|s| contains_ci(s.as_bytes(), needle));
+    field
+        .iter()
+        .any(|a| hit(a.address.as_deref()) || hit(a.name.as_deref()))
+}
+
 /// Evaluates `key` on `m` at `pos`; `body` is the message's bytes once
 /// read. Keys are evaluated left to right and stop as soon as the answer
 /// is known, so a body is needed only where it decides.
@@ -84,6 +129,16 @@ pub fn matches<M: Message>(
         // session, and no node owns a folder's sessions).
         SearchKey::Recent | SearchKey::New => false,
         SearchKey::Old => true,
+        SearchKey::SentBefore(_) | SearchKey::SentOn(_) | SearchKey::SentSince(_) => {
+            let b = body.ok_or(SearchError::NeedBody)?;
+            let sent = sent_date(b).unwrap_or_else(|| day_of(arrival));
+            match key {
+                SearchKey::SentBefore(d) => sent < *d.as_ref(),
+                SearchKey::SentOn(d) => sent == *d.as_ref(),
+                SearchKey::SentSince(d) => sent >= *d.as_ref(),
+                _ => unreachable!("the keys above"),
+            }
+        }
         SearchKey::Header(..)
         | SearchKey::Subject(_)
         | SearchKey::From(_)
@@ -102,16 +157,15 @@ pub fn matches<M: Message>(
             match key {
                 SearchKey::Header(name, value) => field(name.as_ref(), value.as_ref()),
                 SearchKey::Subject(v) => field(b"subject", v.as_ref()),
-                SearchKey::From(v) => field(b"from", v.as_ref()),
-                SearchKey::To(v) => field(b"to", v.as_ref()),
-                SearchKey::Cc(v) => field(b"cc", v.as_ref()),
-                SearchKey::Bcc(v) => field(b"bcc", v.as_ref()),
+                SearchKey::From(v) => field(b"from", v.as_ref()) || in_addresses(b, Field::From, v.as_ref()),
+                SearchKey::To(v) => field(b"to", v.as_ref()) || in_addresses(b, Field::To, v.as_ref()),
+                SearchKey::Cc(v) => field(b"cc", v.as_ref()) || in_addresses(b, Field::Cc, v.as_ref()),
+                SearchKey::Bcc(v) => field(b"bcc", v.as_ref()) || in_addresses(b, Field::Bcc, v.as_ref()),
                 SearchKey::Body(v) => contains_ci(text, v.as_ref()),
                 SearchKey::Text(v) => contains_ci(b, v.as_ref()),
                 _ => unreachable!("the keys above"),
             }
         }
-        _ => return Err(SearchError::Unsupported("that search key is not supported yet")),
     })
 }
 
@@ -134,6 +188,45 @@ mod tests {
         seq_largest: 1,
         uid_largest: 7,
     };
+
+    fn date(s: &str) -> NaiveDate {
+        NaiveDate::try_from(chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn sent_dates_are_the_date_header_s_day_as_written() {
+        let m = TestMsg::new(7, &[]);
+        // 23:00 at +0200 is the 24th as written (the 24th at 21:00 UTC);
+        // 00:00 at +0200 is the 25th (the 24th at 22:00 UTC).
+        let late = b"Date: Sat, 24 Mar 2007 23:00:00 +0200\r\n\r\nx\r\n";
+        let midnight = b"Date: Sun, 25 Mar 2007 00:00:00 +0200\r\n\r\nx\r\n";
+        let on = |d: &str| SearchKey::SentOn(date(d));
+        assert_eq!(matches(&on("2007-03-24"), POS, &m, None), Err(SearchError::NeedBody));
+        assert_eq!(matches(&on("2007-03-24"), POS, &m, Some(late)), Ok(true));
+        assert_eq!(matches(&on("2007-03-25"), POS, &m, Some(midnight)), Ok(true));
+        let before = SearchKey::SentBefore(date("2007-03-25"));
+        assert_eq!(matches(&before, POS, &m, Some(late)), Ok(true));
+        assert_eq!(matches(&before, POS, &m, Some(midnight)), Ok(false));
+        let since = SearchKey::SentSince(date("2007-03-25"));
+        assert_eq!(matches(&since, POS, &m, Some(midnight)), Ok(true));
+        assert_eq!(matches(&since, POS, &m, Some(late)), Ok(false));
+    }
+
+    #[test]
+    fn addresses_match_as_parsed_and_as_written() {
+        let m = TestMsg::new(7, &[]);
+        let from = |v: &str| SearchKey::From(AString::try_from(v.to_owned()).unwrap());
+        let commented = b"From: <user-from (comment)@ (comment) domain.org>\r\n\r\nx\r\n";
+        assert_eq!(
+            matches(&from("user-from@domain.org"), POS, &m, Some(commented)),
+            Ok(true)
+        );
+        let two = b"From: user-from1@domain.org, user-from2@domain.org\r\n\r\nx\r\n";
+        assert_eq!(matches(&from("user-from@domain.org"), POS, &m, Some(two)), Ok(false));
+        assert_eq!(matches(&from("ser-fro"), POS, &m, Some(two)), Ok(true));
+        let named = b"From: user-from@domain.org (RealFrom)\r\n\r\nx\r\n";
+        assert_eq!(matches(&from("ealfro"), POS, &m, Some(named)), Ok(true));
+    }
 
     #[test]
     fn flags_sets_and_text() {

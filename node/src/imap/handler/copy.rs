@@ -9,7 +9,7 @@ use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Status};
 use imap_next::imap_types::sequence::SequenceSet;
 use quill_proto::imap::folders::Folder;
-use quill_proto::imap::reply::{bad, copy_uid, limit, name_of_flag, no, no_code, nz, ok, unavailable};
+use quill_proto::imap::reply::{bad, copy_uid, limit, name_of_flag, no, nz, ok, unavailable};
 use quill_proto::imap::{COPY_MESSAGES_MAX, FLAG_BYTES_MAX, FLAGS_PER_COMMAND_MAX, sets};
 use replication::MarkChange;
 use replication::replica::Listed;
@@ -53,16 +53,16 @@ impl Handler {
             }
             return ok(tag, None, &format!("{verb} completed (no message)"));
         }
-        if is_move && dest.id == source.id {
-            return no_code(tag, "CANNOT", "the source and the destination are the same folder");
-        }
-        if !is_move && targets.len() > COPY_MESSAGES_MAX {
+        // A MOVE within one folder (RFC 6851 allows it) is a COPY there
+        // and the originals expunged: a message keeps one UID per folder.
+        let same = dest.id == source.id;
+        if (!is_move || same) && targets.len() > COPY_MESSAGES_MAX {
             return limit(tag, "too many messages in one COPY (at most 10 000)");
         }
         let src_uids: Vec<u32> = targets.iter().map(|i| sel.msgs[*i].uid).collect();
         let listed: Vec<Listed> = targets.iter().map(|i| sel.msgs[*i].listed.clone()).collect();
         let dest_seq = sequence_name(&user, &dest.id);
-        let made = if is_move {
+        let made = if is_move && !same {
             self.move_to(&user, &source, &dest, &listed).await
         } else {
             self.copy_to(&user, &dest, &listed).await
@@ -80,13 +80,28 @@ impl Handler {
             (pairs.len() == src_uids.len()).then(|| copy_uid(n.validity, &pairs))
         });
         if !is_move {
+            if same {
+                self.tell_changes().await;
+            }
             return ok(tag, code, "COPY completed");
         }
-        // MOVE (RFC 6851): COPYUID untagged, then the expunges.
+        if same {
+            // The originals go once their copies are made.
+            if self.services.mail.delete(&user, &listed).await.is_err() {
+                return unavailable(tag, "the messages could not be moved now, try again");
+            }
+            let ids: Vec<[u8; 16]> = listed.iter().map(|l| l.meta.id.0).collect();
+            let _ = self.services.uids.forget(&dest_seq, ids).await;
+        }
+        // MOVE (RFC 6851): COPYUID untagged, then the expunges (and, within
+        // one folder, the copies' EXISTS).
         if let Some(code) = code {
             self.untagged_ok(code, "moved");
         }
         self.remove_shown(targets, true);
+        if same {
+            self.tell_changes().await;
+        }
         ok(tag, None, "MOVE completed")
     }
 
@@ -194,6 +209,11 @@ impl Handler {
         let name = sequence_name(&user, &folder.id);
         let _ = self.services.uids.assign(&name, vec![id.0]).await;
         let uid = self.services.uids.numbers(&name, &[id.0]);
+        if self.is_selected(&folder) {
+            // The session that appended is told of its message (EXISTS)
+            // before the tagged OK, so its next FETCH can name it.
+            self.tell_changes().await;
+        }
         match uid.and_then(|n| n.uids[0].map(|u| (n.validity, u))) {
             Some((validity, uid)) => ok(
                 tag,

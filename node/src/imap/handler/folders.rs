@@ -79,13 +79,27 @@ impl Handler {
             self.data(list_data(lsub, items, mailbox));
             shown += 1;
         }
-        // Subscriptions to folders that do not exist (any more).
         if let Some(subs) = subscribed {
+            // Subscriptions to folders that do not exist (any more), and
+            // (RFC 3501 6.3.9) a level above a subscribed folder that the
+            // pattern matches where it does not match the folder itself
+            // (`%` stops at the delimiter), the level not subscribed:
+            // both \Noselect.
+            let mut extra: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
             for name in subs.keys() {
-                if names.contains_key(name) || !wildcard_match(&full, name) {
-                    continue;
+                if !names.contains_key(name) && wildcard_match(&full, name) {
+                    extra.insert(name.clone());
                 }
-                let Ok(mailbox) = Mailbox::try_from(name.clone()) else {
+                if !wildcard_match(&full, name) {
+                    extra.extend(
+                        folders::superiors(name)
+                            .into_iter()
+                            .filter(|p| !subs.contains_key(p) && wildcard_match(&full, p)),
+                    );
+                }
+            }
+            for name in extra {
+                let Ok(mailbox) = Mailbox::try_from(name) else {
                     continue;
                 };
                 self.data(list_data(true, vec![FlagNameAttribute::Noselect], mailbox));

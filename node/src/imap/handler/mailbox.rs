@@ -100,6 +100,7 @@ impl Handler {
             validity,
             uid_next,
             msgs,
+            keywords: Default::default(),
         }));
         if read_only {
             ok(tag, Some(Code::ReadOnly), "EXAMINE completed")
@@ -144,6 +145,20 @@ impl Handler {
         }
         let now: Vec<Msg> = now.into_iter().map(|(uid, listed)| Msg { uid, listed }).collect();
         sync::sync(&mut sel.msgs, now, &mut sel.uid_next, next)
+    }
+
+    /// Whether `folder` is the one selected.
+    pub(super) fn is_selected(&self, folder: &Folder) -> bool {
+        matches!(&self.phase, Phase::Selected(sel) if sel.folder.id == folder.id)
+    }
+
+    /// Tells the session what changed in its folder ([`Self::sync`]) among
+    /// the command's responses: after a command that added to the folder
+    /// itself (APPEND, COPY or MOVE into it).
+    pub(super) async fn tell_changes(&mut self) {
+        for d in self.sync().await {
+            self.data(d);
+        }
     }
 
     /// Deletes the folder's `\Deleted` messages (in `only`, if given) on

@@ -11,6 +11,7 @@ use imap_next::imap_types::core::Tag;
 use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Data, Status};
 use quill_proto::imap::folders::{self, Folder};
+use quill_proto::imap::keywords::Shown;
 use quill_proto::imap::reply::{self, mailbox_as_bytes, nonexistent};
 use replication::replica::Listed;
 
@@ -57,6 +58,8 @@ pub struct Selected {
     pub validity: u32,
     pub uid_next: u32,
     pub msgs: Vec<Msg>,
+    /// The keywords the last FLAGS response listed.
+    pub keywords: Shown,
 }
 
 pub enum Phase {
@@ -149,10 +152,51 @@ impl Handler {
 
     /// The responses made so far, and what follows them.
     pub(super) fn reply(&mut self, then: Then) -> Reply {
+        self.announce_keywords();
         Reply {
             responses: std::mem::take(&mut self.out),
             then,
         }
+    }
+
+    /// What the session is told while it idles: the folder's changes, with
+    /// their new keywords announced.
+    pub async fn idle_updates(&mut self) -> Vec<Response> {
+        for d in self.sync().await {
+            self.data(d);
+        }
+        self.announce_keywords();
+        std::mem::take(&mut self.out)
+    }
+
+    /// A FETCH may show a keyword only after a FLAGS response listed it
+    /// (RFC 3501 7.2.6): FLAGS and PERMANENTFLAGS go before the first
+    /// response that shows a new one.
+    fn announce_keywords(&mut self) {
+        let Phase::Selected(sel) = &mut self.phase else {
+            return;
+        };
+        if !self
+            .out
+            .iter()
+            .any(|r| matches!(r, Response::Data(Data::Fetch { .. } | Data::Flags(_))))
+        {
+            return;
+        }
+        let mut out = Vec::with_capacity(self.out.len() + 2);
+        for r in self.out.drain(..) {
+            match &r {
+                Response::Data(Data::Flags(f)) => sel.keywords.told(f),
+                Response::Data(d) if !sel.keywords.new_in(d).is_empty() => {
+                    let (flags, permanent) = sel.keywords.announcement();
+                    out.push(Response::Data(flags));
+                    out.push(Response::Status(permanent));
+                }
+                _ => {}
+            }
+            out.push(r);
+        }
+        self.out = out;
     }
 
     /// Ends a command with its tagged status, and a BYE if one is due.

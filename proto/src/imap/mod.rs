@@ -8,7 +8,10 @@
 
 pub mod fetch;
 pub mod folders;
+#[cfg(test)]
+mod imaptest;
 pub mod mime;
+pub mod parts;
 pub mod reply;
 pub mod search;
 pub mod sections;

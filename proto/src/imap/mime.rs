@@ -1,18 +1,16 @@
 //! What IMAP tells of a message's structure, from mail-parser's MIME tree:
-//! ENVELOPE, BODY and BODYSTRUCTURE (RFC 3501 7.4.2) and the bytes of a
-//! section `BODY[1.2]`, `BODY[2.HEADER]`, `BODY[1.MIME]`, … Header values
+//! ENVELOPE, BODY and BODYSTRUCTURE (RFC 3501 7.4.2). (The bytes of a
+//! section `BODY[1.2]`, `BODY[2.HEADER]`, … are found by [`super::parts`]
+//! on the message's own bytes.) Header values
 //! in ENVELOPE are the raw (unfolded) field values, as RFC 3501 wants:
 //! encoded words are left for the client to decode.
-
-use std::num::NonZeroU32;
 
 use imap_next::imap_types::body::{
     BasicFields, Body, BodyStructure, Disposition, MultiPartExtensionData, SinglePartExtensionData, SpecificFields,
 };
 use imap_next::imap_types::core::{IString, NString, Vec1};
 use imap_next::imap_types::envelope::{Address, Envelope};
-use imap_next::imap_types::fetch::Section;
-use mail_parser::{Message, MessageParser, MessagePart, MimeHeaders, PartType};
+use mail_parser::{Encoding, Message, MessageParser, MessagePart, MimeHeaders, PartType};
 
 /// Nesting followed at most (a hostile message may nest very deeply).
 const DEPTH_MAX: usize = 32;
@@ -35,22 +33,32 @@ fn nstring(s: Option<&str>) -> NString<'static> {
     NString(s.map(istring))
 }
 
-/// The raw, unfolded value of a header field (the first one).
-fn raw_field(m: &Message<'_>, name: &str) -> Option<String> {
-    let v = m.header_raw(name)?;
-    let unfolded = v.replace("\r\n", "").replace('\n', "");
+/// The raw, unfolded value of a header field (the first one) of `header`.
+/// (Not mail-parser's `header_raw`: its offsets into an enclosed message
+/// are not those of the message's own bytes.)
+fn raw_field(header: &[u8], name: &str) -> Option<String> {
+    let (_, field) = crate::message::header_fields(header)
+        .into_iter()
+        .find(|(n, _)| n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))?;
+    let value = &field[field.iter().position(|c| *c == b':')? + 1..];
+    let unfolded = String::from_utf8_lossy(value).replace("\r\n", "").replace('\n', "");
     Some(unfolded.trim().to_owned())
 }
 
 fn addresses(a: Option<&mail_parser::Address<'_>>) -> Vec<Address<'static>> {
     let one = |name: Option<&str>, addr: Option<&str>| {
+        // A source route (`<@route:user@host>`) is the address's adl.
+        let (adl, addr) = match addr.and_then(|a| a.strip_prefix('@').and(a.split_once(':'))) {
+            Some((route, rest)) => (Some(route), Some(rest)),
+            None => (None, addr),
+        };
         let (mailbox, host) = match addr.and_then(|a| a.rsplit_once('@')) {
             Some((m, h)) => (Some(m.to_owned()), Some(h.to_owned())),
             None => (addr.map(str::to_owned), None),
         };
         Address {
             name: nstring(name),
-            adl: NString(None),
+            adl: nstring(adl),
             mailbox: nstring(mailbox.as_deref()),
             host: nstring(host.as_deref()),
         }
@@ -72,7 +80,14 @@ fn addresses(a: Option<&mail_parser::Address<'_>>) -> Vec<Address<'static>> {
                     mailbox: nstring(g.name.as_deref()),
                     host: NString(None),
                 });
-                out.extend(g.addresses.iter().map(|x| one(x.name.as_deref(), x.address.as_deref())));
+                // A member without an address (`group: (foo) ;` makes
+                // mail-parser one of the comment) is none.
+                out.extend(
+                    g.addresses
+                        .iter()
+                        .filter(|x| x.address.is_some())
+                        .map(|x| one(x.name.as_deref(), x.address.as_deref())),
+                );
                 out.push(Address {
                     name: NString(None),
                     adl: NString(None),
@@ -85,19 +100,21 @@ fn addresses(a: Option<&mail_parser::Address<'_>>) -> Vec<Address<'static>> {
     }
 }
 
-fn envelope_of(m: &Message<'_>) -> Envelope<'static> {
+/// ENVELOPE of `m`, whose header's bytes are `header`.
+fn envelope_of(m: &Message<'_>, header: &[u8]) -> Envelope<'static> {
+    let raw_field = |name| raw_field(header, name);
     let from = addresses(m.from());
     let or_from = |v: Vec<Address<'static>>| if v.is_empty() { from.clone() } else { v };
     Envelope {
-        date: nstring(raw_field(m, "Date").as_deref()),
-        subject: nstring(raw_field(m, "Subject").as_deref()),
+        date: nstring(raw_field("Date").as_deref()),
+        subject: nstring(raw_field("Subject").as_deref()),
         sender: or_from(addresses(m.sender())),
         reply_to: or_from(addresses(m.reply_to())),
         to: addresses(m.to()),
         cc: addresses(m.cc()),
         bcc: addresses(m.bcc()),
-        in_reply_to: nstring(raw_field(m, "In-Reply-To").as_deref()),
-        message_id: nstring(raw_field(m, "Message-ID").as_deref()),
+        in_reply_to: nstring(raw_field("In-Reply-To").as_deref()),
+        message_id: nstring(raw_field("Message-ID").as_deref()),
         from,
     }
 }
@@ -105,7 +122,7 @@ fn envelope_of(m: &Message<'_>) -> Envelope<'static> {
 /// ENVELOPE of a message (all NIL if it cannot be parsed at all).
 pub fn envelope(raw: &[u8]) -> Envelope<'static> {
     match parse(raw) {
-        Some(m) => envelope_of(&m),
+        Some(m) => envelope_of(&m, &raw[..crate::message::header_end(raw)]),
         None => Envelope {
             date: NString(None),
             subject: NString(None),
@@ -125,8 +142,8 @@ fn lines(b: &[u8]) -> u32 {
     b.iter().filter(|c| **c == b'\n').count() as u32
 }
 
-fn raw_body<'a>(m: &'a Message<'_>, p: &MessagePart<'_>) -> &'a [u8] {
-    let raw = m.raw_message();
+/// The body of `p`, whose offsets are into `raw`.
+fn raw_body<'a>(raw: &'a [u8], p: &MessagePart<'_>) -> &'a [u8] {
     let (s, e) = (p.offset_body as usize, p.offset_end as usize);
     raw.get(s.min(e)..e.min(raw.len())).unwrap_or_default()
 }
@@ -144,7 +161,13 @@ fn params(
     }
 }
 
+/// The structure of `p`, a part of `m`; `raw`: the bytes `m`'s offsets
+/// are into. mail-parser parses an enclosed message in place, its offsets
+/// those of the outer message's bytes (its `raw_message` only its body);
+/// one base64 or quoted-printable encoded is parsed from its decoded
+/// bytes, its offsets into those.
 fn part_structure(
+    raw: &[u8],
     m: &Message<'_>,
     p: &MessagePart<'_>,
     ext: bool,
@@ -160,7 +183,7 @@ fn part_structure(
             if *budget == 0 {
                 break;
             }
-            bodies.push(part_structure(m, c, ext, depth + 1, budget));
+            bodies.push(part_structure(raw, m, c, ext, depth + 1, budget));
         }
         if let Ok(bodies) = Vec1::try_from(bodies) {
             let subtype = ct.and_then(|c| c.subtype()).unwrap_or("mixed").to_ascii_uppercase();
@@ -174,7 +197,7 @@ fn part_structure(
             };
         }
     }
-    let body = raw_body(m, p);
+    let body = raw_body(raw, p);
     let default_text = !matches!(
         p.body,
         PartType::Binary(_) | PartType::InlineBinary(_) | PartType::Message(_)
@@ -186,6 +209,8 @@ fn part_structure(
                 .unwrap_or(if default_text { "plain" } else { "octet-stream" })
                 .to_ascii_uppercase(),
         ),
+        // A part of a multipart/digest (RFC 2046 5.1.5).
+        None if matches!(p.body, PartType::Message(_)) => ("MESSAGE".to_owned(), "RFC822".to_owned()),
         None if default_text => ("TEXT".to_owned(), "PLAIN".to_owned()),
         None => ("APPLICATION".to_owned(), "OCTET-STREAM".to_owned()),
     };
@@ -197,11 +222,29 @@ fn part_structure(
         size: body.len() as u32,
     };
     let specific = match (&p.body, ty.as_str()) {
-        (PartType::Message(inner), _) if deeper => SpecificFields::Message {
-            envelope: Box::new(envelope_of(inner)),
-            body_structure: Box::new(part_structure(inner, inner.root_part(), ext, depth + 1, budget)),
-            number_of_lines: lines(body),
-        },
+        (PartType::Message(inner), _) if deeper => {
+            let inner_raw = match p.encoding {
+                Encoding::None => raw,
+                _ => inner.raw_message(),
+            };
+            let header = match p.encoding {
+                Encoding::None => body,
+                _ => inner_raw,
+            };
+            let header = &header[..crate::message::header_end(header)];
+            SpecificFields::Message {
+                envelope: Box::new(envelope_of(inner, header)),
+                body_structure: Box::new(part_structure(
+                    inner_raw,
+                    inner,
+                    inner.root_part(),
+                    ext,
+                    depth + 1,
+                    budget,
+                )),
+                number_of_lines: lines(body),
+            }
+        }
         (_, "TEXT") => SpecificFields::Text {
             subtype: istring(&sub),
             number_of_lines: lines(body),
@@ -257,73 +300,18 @@ pub fn body_structure(raw: &[u8], ext: bool) -> BodyStructure<'static> {
     match parse(raw) {
         Some(m) => {
             let mut budget = PARTS_MAX;
-            part_structure(&m, m.root_part(), ext, 0, &mut budget)
+            part_structure(raw, &m, m.root_part(), ext, 0, &mut budget)
         }
         None => plain_text(raw, ext),
     }
 }
 
-/// The part at `path` (1-based numbers), and the message it belongs to.
-fn find<'a, 'x>(m: &'a Message<'x>, path: &[NonZeroU32]) -> Option<(&'a Message<'x>, &'a MessagePart<'x>)> {
-    let mut msg = m;
-    let mut part = m.root_part();
-    for (depth, n) in path.iter().enumerate() {
-        if depth >= DEPTH_MAX {
-            return None;
-        }
-        let n = n.get() as usize;
-        // Into an enclosed message: its body's parts are numbered from it.
-        if let PartType::Message(inner) = &part.body {
-            msg = inner;
-            part = inner.root_part();
-        }
-        match &part.body {
-            PartType::Multipart(children) => {
-                part = msg.part(*children.get(n - 1)?)?;
-            }
-            _ if n == 1 => {}
-            _ => return None,
-        }
-    }
-    Some((msg, part))
-}
-
-/// The bytes of a section with a part number (the others are the whole
-/// message's header or text, handled by the caller). `None`: no such part.
-pub fn part_section(raw: &[u8], section: &Section<'_>) -> Option<Vec<u8>> {
-    let m = parse(raw)?;
-    let bytes = |msg: &Message<'_>, s: u32, e: u32| -> Vec<u8> {
-        let r = msg.raw_message();
-        r.get(s as usize..(e as usize).min(r.len()))
-            .unwrap_or_default()
-            .to_vec()
-    };
-    match section {
-        Section::Part(p) => {
-            let (msg, part) = find(&m, p.0.as_ref())?;
-            Some(bytes(msg, part.offset_body, part.offset_end))
-        }
-        Section::Mime(p) => {
-            let (msg, part) = find(&m, p.0.as_ref())?;
-            Some(bytes(msg, part.offset_header, part.offset_body))
-        }
-        Section::Header(Some(p)) | Section::Text(Some(p)) => {
-            let (_, part) = find(&m, p.0.as_ref())?;
-            let PartType::Message(inner) = &part.body else {
-                return None;
-            };
-            let root = inner.root_part();
-            Some(match section {
-                Section::Header(_) => bytes(inner, root.offset_header, root.offset_body),
-                _ => bytes(inner, root.offset_body, root.offset_end),
-            })
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
+    use imap_next::imap_types::fetch::Section;
+
     use super::*;
 
     const MULTI: &[u8] = b"From: Ann <ann@example.org>\r\nTo: bob@example.org, Cy <cy@example.org>\r\nSubject: =?utf-8?q?hi?=\r\nDate: Thu, 3 Dec 2026 10:00:00 +0000\r\nMessage-ID: <1@example.org>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\npreamble\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhello\r\nthere\r\n--b\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"a.pdf\"\r\n\r\nAAAA\r\n--b--\r\n";
@@ -352,9 +340,10 @@ mod tests {
                 NonZeroU32::new(n).unwrap(),
             )))
         };
-        assert_eq!(part_section(MULTI, &one(1)).unwrap(), b"hello\r\nthere");
-        assert_eq!(part_section(MULTI, &one(2)).unwrap(), b"AAAA");
-        assert!(part_section(MULTI, &one(3)).is_none());
+        let part = |n| crate::imap::sections::section_bytes(MULTI, Some(&one(n)));
+        assert_eq!(part(1).unwrap(), b"hello\r\nthere");
+        assert_eq!(part(2).unwrap(), b"AAAA");
+        assert!(part(3).is_none());
     }
 
     #[test]

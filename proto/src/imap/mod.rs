@@ -8,8 +8,11 @@
 
 pub mod fetch;
 pub mod folders;
+#[cfg(test)]
+mod imaptest;
 pub mod keywords;
 pub mod mime;
+pub mod parts;
 pub mod reply;
 pub mod search;
 pub mod sections;

@@ -6,65 +6,83 @@
 use std::num::NonZeroU32;
 
 use imap_next::imap_types::core::{AString, Vec1};
-use imap_next::imap_types::fetch::Section;
+use imap_next::imap_types::fetch::{Part, Section};
 
+use super::parts::{Entity, find};
 use crate::message::{header_end, header_fields};
 
 /// A section's bytes: `[]`, `HEADER`, `HEADER.FIELDS (..)`,
-/// `HEADER.FIELDS.NOT (..)`, `TEXT`, `1` of a single-part message, and the
-/// MIME parts (`1.2`, `2.MIME`, `3.HEADER`, ..., from mail-parser's tree).
-/// `None`: no such part.
+/// `HEADER.FIELDS.NOT (..)`, `TEXT`, and those of the parts (`1.2`,
+/// `2.MIME`, `3.HEADER`, `3.HEADER.FIELDS (..)`, `3.TEXT`, `3.1`, ...,
+/// found by [`super::parts`]). `None`: no such part, or (`HEADER`, `TEXT`
+/// of a part) one that is no message/rfc822.
 pub fn section_bytes(b: &[u8], section: Option<&Section<'_>>) -> Option<Vec<u8>> {
-    let end = header_end(b);
-    let (header, rest) = b.split_at(end);
-    let pick = |names: &Vec1<AString<'_>>, keep: bool| {
-        let wanted: Vec<&[u8]> = names.as_ref().iter().map(|n| n.as_ref()).collect();
-        let mut out: Vec<u8> = header_fields(header)
-            .into_iter()
-            .filter(|(name, _)| wanted.iter().any(|w| w.eq_ignore_ascii_case(name.trim_ascii())) == keep)
-            .flat_map(|(_, f)| f.iter().copied())
-            .collect();
-        out.extend_from_slice(b"\r\n");
-        out
+    let whole = || Entity {
+        start: 0,
+        body: header_end(b),
+        end: b.len(),
     };
-    Some(match section {
-        None => b.to_vec(),
-        Some(Section::Header(None)) => header.to_vec(),
-        Some(Section::HeaderFields(None, names)) => pick(names, true),
-        Some(Section::HeaderFieldsNot(None, names)) => pick(names, false),
-        Some(Section::Text(None)) => rest.to_vec(),
-        Some(Section::Part(p)) if p.0.as_ref() == [NonZeroU32::MIN] && !is_multipart(header) => rest.to_vec(),
-        Some(s) => return super::mime::part_section(b, s),
-    })
+    // The message a HEADER, HEADER.FIELDS or TEXT section is of.
+    let message = |part: &Option<Part>| match part {
+        None => Some(whole()),
+        Some(p) => find(b, p.0.as_ref())?.1,
+    };
+    let slice = |r: std::ops::Range<usize>| b.get(r).map(<[u8]>::to_vec);
+    match section {
+        None => Some(b.to_vec()),
+        Some(Section::Header(p)) => slice(message(p)?.header()),
+        Some(Section::HeaderFields(p, names)) => Some(pick(b.get(message(p)?.header())?, names, true)),
+        Some(Section::HeaderFieldsNot(p, names)) => Some(pick(b.get(message(p)?.header())?, names, false)),
+        Some(Section::Text(p)) => slice(message(p)?.text()),
+        Some(Section::Part(p)) => slice(find(b, p.0.as_ref())?.0.text()),
+        Some(Section::Mime(p)) => slice(find(b, p.0.as_ref())?.0.header()),
+    }
 }
 
-fn is_multipart(header: &[u8]) -> bool {
-    header_fields(header).iter().any(|(name, f)| {
-        name.trim_ascii().eq_ignore_ascii_case(b"content-type")
-            && String::from_utf8_lossy(f).to_ascii_lowercase().contains("multipart/")
-    })
+/// The fields of `header` named in `names` (`keep`) or not named there,
+/// and the empty line that ends a header.
+fn pick(header: &[u8], names: &Vec1<AString<'_>>, keep: bool) -> Vec<u8> {
+    let wanted: Vec<&[u8]> = names.as_ref().iter().map(|n| n.as_ref()).collect();
+    let mut out: Vec<u8> = header_fields(header)
+        .into_iter()
+        .filter(|(name, _)| wanted.iter().any(|w| w.eq_ignore_ascii_case(name.trim_ascii())) == keep)
+        .flat_map(|(_, f)| f.iter().copied())
+        .collect();
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// For the fuzz target: every kind of section of `message`, each of which
 /// must be a slice of it (or the header fields' copy, bounded by it).
 pub fn check_sections(message: &[u8]) {
-    use imap_next::imap_types::fetch::Part;
     let n = |k: u32| NonZeroU32::new(k).expect("nonzero");
     let names = Vec1::unvalidated(vec![AString::try_from("Subject").expect("valid")]);
     let part = |p: &[u32]| Part(Vec1::unvalidated(p.iter().map(|k| n(*k)).collect()));
+    let nested = [&[1][..], &[2], &[1, 1], &[2, 1], &[2, 2], &[1, 1, 1], &[2, 1, 2]];
     let sections = [
         None,
         Some(Section::Header(None)),
         Some(Section::Text(None)),
         Some(Section::HeaderFields(None, names.clone())),
-        Some(Section::HeaderFieldsNot(None, names)),
+        Some(Section::HeaderFieldsNot(None, names.clone())),
         Some(Section::Part(part(&[1]))),
         Some(Section::Part(part(&[2, 1]))),
         Some(Section::Mime(part(&[1]))),
         Some(Section::Header(Some(part(&[1])))),
         Some(Section::Text(Some(part(&[2])))),
-    ];
-    for s in &sections {
+    ]
+    .into_iter()
+    .chain(nested.iter().flat_map(|p| {
+        [
+            Some(Section::Part(part(p))),
+            Some(Section::Mime(part(p))),
+            Some(Section::Header(Some(part(p)))),
+            Some(Section::HeaderFields(Some(part(p)), names.clone())),
+            Some(Section::HeaderFieldsNot(Some(part(p)), names.clone())),
+            Some(Section::Text(Some(part(p)))),
+        ]
+    }));
+    for s in sections {
         if let Some(b) = section_bytes(message, s.as_ref()) {
             assert!(b.len() <= message.len() + 2, "a section larger than its message");
         }

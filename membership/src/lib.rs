@@ -53,6 +53,7 @@ pub mod mem_transport;
 pub mod names;
 pub mod network;
 pub mod password;
+pub mod recent;
 pub mod sequence;
 pub mod store;
 pub mod types;

@@ -412,3 +412,37 @@ async fn a_partitioned_node_never_numbers_an_id_the_majority_numbers_differently
     }
     c.shutdown().await;
 }
+
+/// IMAP's `\Recent` claims: the node whose entry numbered an id claims
+/// it, no other node does (every node applies the entry), an id already
+/// numbered is claimed by no one, and a claim is taken once.
+#[tokio::test(flavor = "current_thread")]
+async fn the_node_that_numbers_a_message_claims_it_as_recent() {
+    let seed = common::seed(10);
+    let _r = common::reproduce(seed, "the_node_that_numbers_a_message_claims_it_as_recent");
+    let c = Cluster::start(seed, 3, test_config()).await;
+    let id = |n: u8| [n; 16];
+    let name = "imap/u/INBOX".to_string();
+    let all = [id(1), id(2), id(3)];
+    c.node(1)
+        .assign_numbers(name.clone(), vec![id(1), id(2)])
+        .await
+        .unwrap();
+    c.node(2)
+        .assign_numbers(name.clone(), vec![id(2), id(3)])
+        .await
+        .unwrap();
+    for m in c.nodes.values() {
+        let name = name.clone();
+        wait_until(m, "every number applied", move |m| {
+            m.with_sequence(&name, |s| s.is_some_and(|s| s.number(&[3; 16]).is_some()))
+        })
+        .await;
+    }
+    assert_eq!(c.node(1).count_recent(&name, &all), 2);
+    assert_eq!(c.node(2).count_recent(&name, &all), 1, "id 2 was numbered already");
+    assert_eq!(c.node(3).count_recent(&name, &all), 0);
+    assert_eq!(c.node(2).take_recent(&name, &all), vec![id(3)]);
+    assert!(c.node(2).take_recent(&name, &all).is_empty(), "taken twice");
+    c.shutdown().await;
+}

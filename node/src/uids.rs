@@ -96,6 +96,12 @@ pub trait Uids: Send + Sync + 'static {
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers>;
     /// The names bound in `scope` (a user's folders), as applied here.
     fn names(&self, scope: &str) -> BTreeMap<String, [u8; 16]>;
+    /// Takes this node's `\Recent` claims on `ids` of folder sequence
+    /// `name` (`membership::recent`): the ids returned are recent to the
+    /// caller and to no other session.
+    fn take_recent(&self, name: &str, ids: &[[u8; 16]]) -> Vec<[u8; 16]>;
+    /// How many of `ids` this node claims as recent, untaken.
+    fn count_recent(&self, name: &str, ids: &[[u8; 16]]) -> usize;
     /// Binds names (see `membership::names::Names::bind`).
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Unbinds names bound to the ids given.
@@ -245,6 +251,14 @@ impl Uids for RaftUids {
         self.membership.names(scope)
     }
 
+    fn take_recent(&self, name: &str, ids: &[[u8; 16]]) -> Vec<[u8; 16]> {
+        self.membership.take_recent(name, ids)
+    }
+
+    fn count_recent(&self, name: &str, ids: &[[u8; 16]]) -> usize {
+        self.membership.count_recent(name, ids)
+    }
+
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move { Ok(self.membership.bind_names(scope.to_owned(), items).await?) })
     }
@@ -265,7 +279,7 @@ impl Uids for RaftUids {
 /// One node's sequences and folder names in memory (tests of the
 /// sessions without Raft).
 #[derive(Debug, Default)]
-pub struct LocalUids(Mutex<Sequences>, Mutex<Names>);
+pub struct LocalUids(Mutex<Sequences>, Mutex<Names>, Mutex<membership::recent::RecentClaims>);
 
 impl LocalUids {
     fn seqs(&self) -> std::sync::MutexGuard<'_, Sequences> {
@@ -274,6 +288,10 @@ impl LocalUids {
 
     fn names_mut(&self) -> std::sync::MutexGuard<'_, Names> {
         self.1.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, membership::recent::RecentClaims> {
+        self.2.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -284,7 +302,14 @@ impl Uids for LocalUids {
                 return Ok(self.seqs().assign(name, &[], 1)?);
             }
             for chunk in ids.chunks(CHUNK) {
-                self.seqs().assign(name, chunk, 1)?;
+                let mut seqs = self.seqs();
+                let new: Vec<[u8; 16]> = chunk
+                    .iter()
+                    .filter(|id| seqs.get(name).is_none_or(|s| s.number(id).is_none()))
+                    .copied()
+                    .collect();
+                seqs.assign(name, chunk, 1)?;
+                self.recent().claim(name, new);
             }
             Ok(())
         })
@@ -309,6 +334,14 @@ impl Uids for LocalUids {
 
     fn names(&self, scope: &str) -> BTreeMap<String, [u8; 16]> {
         self.names_mut().get(scope).cloned().unwrap_or_default()
+    }
+
+    fn take_recent(&self, name: &str, ids: &[[u8; 16]]) -> Vec<[u8; 16]> {
+        self.recent().take(name, ids)
+    }
+
+    fn count_recent(&self, name: &str, ids: &[[u8; 16]]) -> usize {
+        self.recent().count(name, ids)
     }
 
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {

@@ -78,9 +78,12 @@ async fn imap_on_the_in_memory_cluster() {
     for rep in &reps {
         assert_eq!(rep.store().list(&alice_mailbox(&s1)).len(), 1, "node {}", rep.id());
     }
-    // The session learns of it at its next NOOP.
-    let r = a.command("a5", "NOOP").await;
+    // The session that appended learns of it before the tagged OK (its
+    // next FETCH may name it), with \Recent: it numbered the message.
     assert!(r.iter().any(|l| l == "* 1 EXISTS\r\n"), "{r:?}");
+    assert!(r.iter().any(|l| l == "* 1 RECENT\r\n"), "{r:?}");
+    let r = a.command("a5", "NOOP").await;
+    assert!(!r.iter().any(|l| l.contains("EXISTS")), "told twice: {r:?}");
     let r = a
         .command("a6", "FETCH 1 (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
         .await;
@@ -131,4 +134,69 @@ async fn imap_on_the_in_memory_cluster() {
 /// Where alice's mail is stored (her mailbox name, not her address).
 fn alice_mailbox(s: &Services) -> String {
     s.directory.user("alice@example.org").expect("alice").mailbox()
+}
+
+/// `\Recent` (RFC 3501 2.3.2) goes to exactly one session: the node whose
+/// entry numbered a message claims it, and the first of its sessions with
+/// the folder selected read-write to look takes the claim. EXAMINE and
+/// STATUS count claims without taking them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_is_told_to_one_session_only() {
+    let dir = TempDir::new("imap-recent").expect("temp dir");
+    let reps = cluster(&dir);
+    let uids = Arc::new(LocalUids::default());
+    let s1 = services_on(&reps[0], directory(&dir).await, uids, Limits::default());
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut sessions = Vec::new();
+    for tag in ["a", "b", "c", "d"] {
+        let mut s = open(&s1, &stop).await;
+        ok(&s.command(&format!("{tag}0"), "LOGIN alice@example.org pw").await);
+        sessions.push(s);
+    }
+    let [a, b, c, d] = &mut sessions[..] else {
+        unreachable!()
+    };
+    ok(&a.command("a1", "SELECT INBOX").await);
+    ok(&b.command("b1", "SELECT INBOX").await);
+    // c, with no folder selected, appends: recent to a or b, never both.
+    let msg = "Subject: one\r\n\r\nbody\r\n";
+    c.send(&format!("c1 APPEND INBOX {{{}+}}\r\n{msg}\r\n", msg.len()))
+        .await;
+    ok(&c.until_tagged("c1").await);
+    let r = c.command("c2", "STATUS INBOX (MESSAGES RECENT)").await;
+    assert_eq!(r[0], "* STATUS INBOX (MESSAGES 1 RECENT 1)\r\n", "{r:?}");
+    let ra = a.command("a2", "NOOP").await;
+    let rb = b.command("b2", "NOOP").await;
+    assert!(ra.iter().any(|l| l == "* 1 EXISTS\r\n") && rb.iter().any(|l| l == "* 1 EXISTS\r\n"));
+    assert!(
+        ra.iter().any(|l| l == "* 1 RECENT\r\n"),
+        "the first to look takes it: {ra:?}"
+    );
+    assert!(
+        rb.iter().any(|l| l == "* 0 RECENT\r\n"),
+        "recent to one session only: {rb:?}"
+    );
+    let r = a.command("a3", "FETCH 1 (FLAGS)").await;
+    assert!(r[0].contains("\\Recent"), "{r:?}");
+    let r = b.command("b3", "FETCH 1 (FLAGS)").await;
+    assert!(!r[0].contains("\\Recent"), "{r:?}");
+    let r = c.command("c3", "STATUS INBOX (RECENT)").await;
+    assert_eq!(r[0], "* STATUS INBOX (RECENT 0)\r\n", "{r:?}");
+
+    // EXAMINE counts a claim and leaves it for a read-write session.
+    c.send(&format!("c4 APPEND INBOX {{{}+}}\r\n{msg}\r\n", msg.len()))
+        .await;
+    ok(&c.until_tagged("c4").await);
+    let r = d.command("d1", "EXAMINE INBOX").await;
+    assert!(r.iter().any(|l| l == "* 1 RECENT\r\n"), "{r:?}");
+    let r = d.command("d2", "FETCH 2 (FLAGS)").await;
+    assert!(!r[0].contains("\\Recent"), "EXAMINE took a claim: {r:?}");
+    let r = b.command("b4", "NOOP").await;
+    assert!(r.iter().any(|l| l == "* 1 RECENT\r\n"), "{r:?}");
+    let r = b.command("b5", "SEARCH RECENT").await;
+    assert_eq!(r[0], "* SEARCH 2\r\n", "{r:?}");
+    let r = b.command("b6", "SEARCH OLD").await;
+    assert_eq!(r[0], "* SEARCH 1\r\n", "{r:?}");
+    let r = a.command("a4", "NOOP").await;
+    assert!(r.iter().any(|l| l == "* 1 RECENT\r\n"), "still one for a: {r:?}");
 }

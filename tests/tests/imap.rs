@@ -174,7 +174,9 @@ async fn replies_to_every_command() {
             "OK [READ-WRITE]",
             &[
                 "* 2 EXISTS",
-                "* 0 RECENT",
+                // This session numbers the two delivered messages first:
+                // they are recent to it (and to no other session).
+                "* 2 RECENT",
                 "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)",
                 "[PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)]",
                 "[UNSEEN 1]",
@@ -194,7 +196,7 @@ async fn replies_to_every_command() {
         (
             "FETCH 1:* (FLAGS)",
             "OK",
-            &["* 1 FETCH (FLAGS ())", "* 2 FETCH (FLAGS ())"],
+            &["* 1 FETCH (FLAGS (\\Recent))", "* 2 FETCH (FLAGS (\\Recent))"],
         ),
         (
             "FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])",
@@ -220,18 +222,27 @@ async fn replies_to_every_command() {
         (
             "STORE 1 +FLAGS (\\Seen $Work)",
             "OK",
-            &["* 1 FETCH (FLAGS ($Work \\Seen))"],
+            // A keyword shown first is announced before it is shown.
+            &[
+                "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work)",
+                "[PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work \\*)]",
+                "* 1 FETCH (FLAGS ($Work \\Seen \\Recent))",
+            ],
         ),
         ("SEARCH SEEN", "OK", &["* SEARCH 1"]),
         ("SEARCH KEYWORD $Work", "OK", &["* SEARCH 1"]),
         ("SEARCH UNKEYWORD $Work", "OK", &["* SEARCH 2"]),
-        ("STORE 1 FLAGS (\\Flagged)", "OK", &["* 1 FETCH (FLAGS (\\Flagged))"]),
-        ("STORE 1 -FLAGS (\\Flagged)", "OK", &["* 1 FETCH (FLAGS ())"]),
-        ("STORE 1 +FLAGS ($Case)", "OK", &["* 1 FETCH (FLAGS ($Case))"]),
-        ("STORE 1 -FLAGS ($CASE)", "OK", &["* 1 FETCH (FLAGS ())"]),
+        (
+            "STORE 1 FLAGS (\\Flagged)",
+            "OK",
+            &["* 1 FETCH (FLAGS (\\Flagged \\Recent))"],
+        ),
+        ("STORE 1 -FLAGS (\\Flagged)", "OK", &["* 1 FETCH (FLAGS (\\Recent))"]),
+        ("STORE 1 +FLAGS ($Case)", "OK", &["* 1 FETCH (FLAGS ($Case \\Recent))"]),
+        ("STORE 1 -FLAGS ($CASE)", "OK", &["* 1 FETCH (FLAGS (\\Recent))"]),
         ("SEARCH KEYWORD $case", "OK", &["* SEARCH"]),
         (&long_flag, "NO [LIMIT]", &[]),
-        ("FETCH 2 (BODY[TEXT])", "OK", &["FLAGS (\\Seen)"]),
+        ("FETCH 2 (BODY[TEXT])", "OK", &["FLAGS (\\Seen \\Recent)"]),
         ("SEARCH UNSEEN", "OK", &["* SEARCH 1"]),
         (&many_flags, "NO [LIMIT]", &[]),
         ("COPY 2 Sent", "OK [COPYUID ", &[]),
@@ -242,8 +253,11 @@ async fn replies_to_every_command() {
         ),
         ("COPY 1 Nope", "NO [TRYCREATE]", &[]),
         ("MOVE 1 Nope", "NO [TRYCREATE]", &[]),
-        ("MOVE 1 INBOX", "NO [CANNOT]", &[]),
-        ("STORE 1 +FLAGS (\\Deleted)", "OK", &["* 1 FETCH (FLAGS (\\Deleted))"]),
+        (
+            "STORE 1 +FLAGS (\\Deleted)",
+            "OK",
+            &["* 1 FETCH (FLAGS (\\Deleted \\Recent))"],
+        ),
         ("STORE 1 -FLAGS.SILENT (\\Deleted)", "OK", &["(none)"]),
         ("SEARCH DELETED", "OK", &["* SEARCH"]),
         ("FROB", "BAD", &[]),
@@ -262,7 +276,11 @@ async fn replies_to_every_command() {
         (
             "FETCH 1:* (FLAGS)",
             "OK",
-            &["* 1 FETCH (FLAGS (\\Seen))", "* 2 FETCH (FLAGS (\\Seen))"],
+            // Copied and moved here by this session: recent to it.
+            &[
+                "* 1 FETCH (FLAGS (\\Seen \\Recent))",
+                "* 2 FETCH (FLAGS (\\Seen \\Recent))",
+            ],
         ),
         ("CHECK", "OK", &[]),
         ("UNSELECT", "OK", &[]),

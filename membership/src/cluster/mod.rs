@@ -189,6 +189,9 @@ impl Membership {
             source,
         })?;
         let shared = sm.shared();
+        // Before Raft replays the log: entries of an earlier run claim
+        // nothing (their sessions are gone).
+        shared.set_claimer(ClientId { node: id, incarnation });
         let view_rx = shared.subscribe();
         let network = NetworkFactory {
             transport: transport.clone(),
@@ -423,6 +426,18 @@ impl Membership {
     /// state's lock: keep `f` short).
     pub fn with_sequence<R>(&self, name: &str, f: impl FnOnce(Option<&crate::sequence::Sequence>) -> R) -> R {
         f(self.inner.shared.read().state.sequences.get(name))
+    }
+
+    /// Takes this node's `\Recent` claims on `ids` of sequence `name`
+    /// (see [`crate::recent`]): the ids returned are recent to the caller
+    /// alone.
+    pub fn take_recent(&self, name: &str, ids: &[[u8; 16]]) -> Vec<[u8; 16]> {
+        self.inner.shared.recent().take(name, ids)
+    }
+
+    /// How many of `ids` of `name` this node claims as recent, untaken.
+    pub fn count_recent(&self, name: &str, ids: &[[u8; 16]]) -> usize {
+        self.inner.shared.recent().count(name, ids)
     }
 
     /// The term this node leads in, if it is the leader now.

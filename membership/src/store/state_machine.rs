@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::codec::{self, DISK_BYTES_MAX};
-use crate::command::{ClusterState, CommittedBy, Response};
+use crate::command::{ClientId, ClusterState, Command, CommittedBy, Request, Response};
 use crate::formats::{decode_state, encode_state, state_format};
+use crate::recent::RecentClaims;
 use crate::store::{FormatMark, frame};
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::view::ClusterView;
@@ -49,6 +50,10 @@ pub(crate) struct Shared {
     /// Serializes snapshot file writes; holds the last written snapshot's
     /// last log id, so an older build never replaces a newer install.
     snapshot_written: Mutex<Option<LogId>>,
+    /// This run's client id: entries it proposed that number messages
+    /// leave their claims in `recent` (node-local, never replicated).
+    claimer: Mutex<Option<ClientId>>,
+    pub(crate) recent: Mutex<RecentClaims>,
 }
 
 impl Shared {
@@ -58,6 +63,16 @@ impl Shared {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>> {
         self.view_tx.subscribe()
+    }
+
+    /// Entries of `client` (this run of this node) that number messages
+    /// claim them as recent here (see [`crate::recent`]).
+    pub(crate) fn set_claimer(&self, client: ClientId) {
+        *self.claimer.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+    }
+
+    pub(crate) fn recent(&self) -> std::sync::MutexGuard<'_, RecentClaims> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Publishes the view if its epoch moved.
@@ -91,6 +106,37 @@ fn snap_err(meta: Option<&SnapshotMeta>, verb: ErrorVerb, e: impl std::fmt::Disp
         verb,
         io::Error::other(e.to_string()),
     )
+}
+
+/// The ids an entry asks to number that have no number yet, by sequence.
+fn unnumbered(state: &ClusterState, req: &Request) -> Vec<(String, Vec<[u8; 16]>)> {
+    let items: Vec<(&String, &Vec<[u8; 16]>)> = match &req.command {
+        Command::AssignNumbers { name, ids, .. } => vec![(name, ids)],
+        Command::AssignMany { items, .. } => items.iter().map(|(n, ids)| (n, ids)).collect(),
+        _ => return Vec::new(),
+    };
+    items
+        .into_iter()
+        .map(|(name, ids)| {
+            let seq = state.sequences.get(name);
+            let new = ids
+                .iter()
+                .filter(|id| seq.is_none_or(|s| s.number(id).is_none()))
+                .copied()
+                .collect();
+            (name.clone(), new)
+        })
+        .collect()
+}
+
+/// Claims the ids of `asked` the entry just applied numbered.
+fn claim_numbered(state: &ClusterState, asked: Vec<(String, Vec<[u8; 16]>)>, recent: &mut RecentClaims) {
+    for (name, ids) in asked {
+        let Some(seq) = state.sequences.get(&name) else {
+            continue;
+        };
+        recent.claim(&name, ids.into_iter().filter(|id| seq.number(id).is_some()));
+    }
 }
 
 fn voters_of(m: &StoredMembership) -> BTreeSet<u64> {
@@ -136,6 +182,8 @@ impl StateMachineStore {
                 data: RwLock::new(data),
                 view_tx,
                 snapshot_written: Mutex::new(written),
+                claimer: Mutex::new(None),
+                recent: Mutex::new(RecentClaims::default()),
             }),
             dir: dir.to_path_buf(),
             format: Arc::new(FormatMark::open(dir)?),
@@ -219,6 +267,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut d = self.shared.data.write().unwrap_or_else(|p| p.into_inner());
         let d = &mut *d;
+        let claimer = *self.shared.claimer.lock().unwrap_or_else(|p| p.into_inner());
         let mut replies = Vec::new();
         for entry in entries {
             d.last_applied = Some(entry.log_id);
@@ -232,7 +281,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         term: entry.log_id.leader_id.term,
                         leader: entry.log_id.leader_id.node_id,
                     };
-                    d.state.apply_request(&req, &voters_of(&d.last_membership), by)
+                    let unnumbered = (Some(req.client) == claimer).then(|| unnumbered(&d.state, &req));
+                    let response = d.state.apply_request(&req, &voters_of(&d.last_membership), by);
+                    if let Some(asked) = unnumbered.filter(|a| !a.is_empty()) {
+                        claim_numbered(&d.state, asked, &mut self.shared.recent());
+                    }
+                    response
                 }
                 EntryPayload::Membership(m) => {
                     d.last_membership = StoredMembership::new(Some(entry.log_id), m);

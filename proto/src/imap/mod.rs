@@ -52,6 +52,11 @@ pub trait Message {
     fn has(&self, flag: &str) -> bool {
         self.flags().iter().any(|f| f.eq_ignore_ascii_case(flag))
     }
+    /// Whether the message is `\Recent` to this session (RFC 3501 2.3.2:
+    /// to one session only; not a stored flag).
+    fn recent(&self) -> bool {
+        false
+    }
 }
 
 /// The options of imap-next's server for a node whose largest message is

@@ -162,11 +162,16 @@ pub fn parse_tag(discarded: &[u8]) -> Option<Tag<'static>> {
 
 /// A message's flags as FETCH shows them.
 pub fn flags_of<M: Message>(m: &M) -> Vec<FlagFetch<'static>> {
-    m.flags()
+    let mut out: Vec<FlagFetch<'static>> = m
+        .flags()
         .into_iter()
         .filter_map(flag_of_name)
         .map(FlagFetch::Flag)
-        .collect()
+        .collect();
+    if m.recent() {
+        out.push(FlagFetch::Recent);
+    }
+    out
 }
 
 /// A stored flag name as IMAP shows it.

@@ -125,10 +125,9 @@ pub fn matches<M: Message>(
         SearchKey::Unseen => !m.has("\\Seen"),
         SearchKey::Keyword(k) => m.has(k.as_ref()),
         SearchKey::Unkeyword(k) => !m.has(k.as_ref()),
-        // No session is told of a message as recent (\Recent is per
-        // session, and no node owns a folder's sessions).
-        SearchKey::Recent | SearchKey::New => false,
-        SearchKey::Old => true,
+        SearchKey::Recent => m.recent(),
+        SearchKey::New => m.recent() && !m.has("\\Seen"),
+        SearchKey::Old => !m.recent(),
         SearchKey::SentBefore(_) | SearchKey::SentOn(_) | SearchKey::SentSince(_) => {
             let b = body.ok_or(SearchError::NeedBody)?;
             let sent = sent_date(b).unwrap_or_else(|| day_of(arrival));

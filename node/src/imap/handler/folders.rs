@@ -126,6 +126,13 @@ impl Handler {
             Err(s) => return s(tag),
         };
         let count = |flag: &str| msgs.iter().filter(|(_, l)| l.meta.marks.has(flag)).count() as u32;
+        // Claimed on this node and taken by no session yet (see
+        // `membership::recent`).
+        let ids: Vec<[u8; 16]> = msgs.iter().map(|(_, l)| l.meta.id.0).collect();
+        let recent = self
+            .services
+            .uids
+            .count_recent(&crate::uids::sequence_name(user, &folder.id), &ids);
         let deleted_bytes = |msgs: &[(u32, Listed)]| {
             msgs.iter()
                 .filter(|(_, l)| l.meta.marks.has("\\Deleted"))
@@ -136,7 +143,7 @@ impl Handler {
             .iter()
             .map(|name| match name {
                 StatusDataItemName::Messages => StatusDataItem::Messages(msgs.len() as u32),
-                StatusDataItemName::Recent => StatusDataItem::Recent(0),
+                StatusDataItemName::Recent => StatusDataItem::Recent(recent as u32),
                 StatusDataItemName::UidNext => StatusDataItem::UidNext(nz(next)),
                 StatusDataItemName::UidValidity => StatusDataItem::UidValidity(nz(validity)),
                 StatusDataItemName::Unseen => StatusDataItem::Unseen(msgs.len() as u32 - count("\\Seen")),

@@ -79,14 +79,37 @@ impl Handler {
             Ok(v) => v,
             Err(s) => return s(tag),
         };
-        let msgs: Vec<Msg> = msgs.into_iter().map(|(uid, listed)| Msg { uid, listed }).collect();
+        let mut msgs: Vec<Msg> = msgs
+            .into_iter()
+            .map(|(uid, listed)| Msg {
+                uid,
+                listed,
+                recent: false,
+            })
+            .collect();
         let n = msgs.len() as u32;
+        // \Recent (RFC 3501 2.3.2): SELECT takes this node's claims on the
+        // folder's messages; EXAMINE counts them and leaves them.
+        let seq = sequence_name(&user, &folder.id);
+        let ids: Vec<[u8; 16]> = msgs.iter().map(|m| m.listed.meta.id.0).collect();
+        let mut recent = std::collections::HashSet::new();
+        let n_recent = if read_only {
+            self.services.uids.count_recent(&seq, &ids)
+        } else {
+            let taken: std::collections::HashSet<[u8; 16]> =
+                self.services.uids.take_recent(&seq, &ids).into_iter().collect();
+            for m in msgs.iter_mut().filter(|m| taken.contains(&m.listed.meta.id.0)) {
+                m.recent = true;
+                recent.insert(m.uid);
+            }
+            taken.len()
+        };
         let flags = folder_flags(&msgs);
         let mut permanent: Vec<FlagPerm<'static>> = flags.iter().cloned().map(Into::into).collect();
         permanent.push(FlagPerm::Asterisk);
         self.data(Data::Flags(flags));
         self.data(Data::Exists(n));
-        self.data(Data::Recent(0));
+        self.data(Data::Recent(n_recent as u32));
         if let Some(first) = msgs.iter().position(|m| !m.has("\\Seen")) {
             self.untagged_ok(Code::Unseen(nz(first as u32 + 1)), "first unseen");
         }
@@ -101,6 +124,7 @@ impl Handler {
             uid_next,
             msgs,
             keywords: Default::default(),
+            recent,
         }));
         if read_only {
             ok(tag, Some(Code::ReadOnly), "EXAMINE completed")
@@ -143,8 +167,46 @@ impl Handler {
         if validity != sel.validity {
             return vec![];
         }
-        let now: Vec<Msg> = now.into_iter().map(|(uid, listed)| Msg { uid, listed }).collect();
-        sync::sync(&mut sel.msgs, now, &mut sel.uid_next, next)
+        let now: Vec<Msg> = now
+            .into_iter()
+            .map(|(uid, listed)| Msg {
+                uid,
+                listed,
+                recent: false,
+            })
+            .collect();
+        let before = sel.msgs.last().map_or(0, |m| m.uid);
+        let mut out = sync::sync(&mut sel.msgs, now, &mut sel.uid_next, next);
+        // New messages whose claim this session takes are \Recent to it.
+        if !sel.read_only {
+            let fresh: Vec<[u8; 16]> = sel
+                .msgs
+                .iter()
+                .filter(|m| m.uid > before)
+                .map(|m| m.listed.meta.id.0)
+                .collect();
+            if !fresh.is_empty() {
+                let seq = sequence_name(&user, &folder.id);
+                let taken: std::collections::HashSet<[u8; 16]> =
+                    self.services.uids.take_recent(&seq, &fresh).into_iter().collect();
+                sel.recent.extend(
+                    sel.msgs
+                        .iter()
+                        .filter(|m| taken.contains(&m.listed.meta.id.0))
+                        .map(|m| m.uid),
+                );
+            }
+        }
+        let present: std::collections::HashSet<u32> = sel.msgs.iter().map(|m| m.uid).collect();
+        sel.recent.retain(|u| present.contains(u));
+        for m in &mut sel.msgs {
+            m.recent = sel.recent.contains(&m.uid);
+        }
+        // RECENT goes with EXISTS (RFC 3501 7.3.2: the count may change).
+        if let Some(i) = out.iter().rposition(|d| matches!(d, Data::Exists(_))) {
+            out.insert(i + 1, Data::Recent(sel.recent.len() as u32));
+        }
+        out
     }
 
     /// Whether `folder` is the one selected.

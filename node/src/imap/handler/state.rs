@@ -22,6 +22,8 @@ use crate::services::{ImapSession, Services};
 pub struct Msg {
     pub uid: u32,
     pub listed: Listed,
+    /// `\Recent` to this session (it took the message's claim).
+    pub recent: bool,
 }
 
 impl quill_proto::imap::Message for Msg {
@@ -49,6 +51,9 @@ impl quill_proto::imap::Message for Msg {
     fn has(&self, flag: &str) -> bool {
         self.listed.meta.marks.has(flag)
     }
+    fn recent(&self) -> bool {
+        self.recent
+    }
 }
 
 pub struct Selected {
@@ -60,6 +65,8 @@ pub struct Selected {
     pub msgs: Vec<Msg>,
     /// The keywords the last FLAGS response listed.
     pub keywords: Shown,
+    /// The UIDs `\Recent` to this session (`membership::recent`).
+    pub recent: std::collections::HashSet<u32>,
 }
 
 pub enum Phase {

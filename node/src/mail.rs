@@ -25,6 +25,9 @@ pub trait Mail: Send + Sync + 'static {
     fn read<'a>(&'a self, msg: &'a Listed) -> BoxFuture<'a, Result<Vec<u8>, ReplicaError>>;
     /// Deletes messages on every replica.
     fn delete<'a>(&'a self, mailbox: &'a str, msgs: &'a [Listed]) -> BoxFuture<'a, Result<usize, ReplicaError>>;
+    /// Whether a message of the mailbox was deleted (a replica holds its
+    /// tombstone), as opposed to unreachable now.
+    fn is_deleted<'a>(&'a self, mailbox: &'a str, msg: &'a Listed) -> BoxFuture<'a, bool>;
     /// A hybrid logical clock value for a folder or flag change made now.
     fn hlc_now(&self) -> u64;
     /// Changes folders and flags of messages on every replica (last
@@ -117,6 +120,10 @@ impl<N: Network> Mail for Replicator<N> {
 
     fn read<'a>(&'a self, msg: &'a Listed) -> BoxFuture<'a, Result<Vec<u8>, ReplicaError>> {
         Box::pin(Replicator::read(self, msg))
+    }
+
+    fn is_deleted<'a>(&'a self, mailbox: &'a str, msg: &'a Listed) -> BoxFuture<'a, bool> {
+        Box::pin(Replicator::is_deleted(self, mailbox, msg))
     }
 
     fn delete<'a>(&'a self, mailbox: &'a str, msgs: &'a [Listed]) -> BoxFuture<'a, Result<usize, ReplicaError>> {

@@ -200,3 +200,41 @@ async fn recent_is_told_to_one_session_only() {
     let r = a.command("a4", "NOOP").await;
     assert!(r.iter().any(|l| l == "* 1 RECENT\r\n"), "still one for a: {r:?}");
 }
+
+/// A message another session expunged, this one not told yet: a FETCH of
+/// its body answers the others and `NO [EXPUNGEISSUED]` (RFC 5530), not
+/// "unavailable": nothing is wrong with the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_of_a_message_expunged_elsewhere_says_so() {
+    let dir = TempDir::new("imap-expunged").expect("temp dir");
+    let reps = cluster(&dir);
+    let uids = Arc::new(LocalUids::default());
+    let s1 = services_on(&reps[0], directory(&dir).await, uids, Limits::default());
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut a = open(&s1, &stop).await;
+    let mut b = open(&s1, &stop).await;
+    ok(&a.command("a0", "LOGIN alice@example.org pw").await);
+    ok(&b.command("b0", "LOGIN alice@example.org pw").await);
+    for (k, subject) in ["one", "two"].iter().enumerate() {
+        let msg = format!("Subject: {subject}\r\n\r\nbody\r\n");
+        a.send(&format!("a{} APPEND INBOX {{{}+}}\r\n{msg}\r\n", k + 1, msg.len()))
+            .await;
+        ok(&a.until_tagged(&format!("a{}", k + 1)).await);
+    }
+    ok(&a.command("a3", "SELECT INBOX").await);
+    ok(&b.command("b1", "SELECT INBOX").await);
+    ok(&b.command("b2", "STORE 1 +FLAGS.SILENT (\\Deleted)").await);
+    ok(&b.command("b3", "EXPUNGE").await);
+    let r = a.command("a4", "FETCH 1:2 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])").await;
+    let last = r.last().expect("a tagged reply");
+    assert!(last.starts_with("a4 NO [EXPUNGEISSUED]"), "{r:?}");
+    assert!(
+        r.iter().any(|l| l.starts_with("* 2 FETCH")),
+        "the other message's data: {r:?}"
+    );
+    assert!(!r.iter().any(|l| l.starts_with("* 1 FETCH")), "{r:?}");
+    // Told at the next NOOP; then all is well again.
+    let r = a.command("a5", "NOOP").await;
+    assert!(r.iter().any(|l| l == "* 1 EXPUNGE\r\n"), "{r:?}");
+    ok(&a.command("a6", "FETCH 1 (BODY.PEEK[])").await);
+}

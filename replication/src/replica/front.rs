@@ -412,6 +412,31 @@ impl<N: Network> Replicator<N> {
         union.into_values().collect()
     }
 
+    /// Whether a message was deleted: a live replica of it (this node
+    /// first) holds its tombstone. A FETCH that cannot read a message
+    /// tells "expunged meanwhile" from "unreachable now" with it.
+    pub async fn is_deleted(&self, user: &str, msg: &Listed) -> bool {
+        let view = self.view();
+        let mut order: Vec<NodeId> = vec![self.me];
+        for n in msg.holders.iter().chain(&msg.meta.replicas) {
+            if !order.contains(n) && is_live(&view, *n) {
+                order.push(*n);
+            }
+        }
+        for n in order {
+            let req = Request::Deleted {
+                user: user.to_owned(),
+                ids: vec![msg.meta.id],
+            };
+            if let Ok(Reply::Tombstoned { ids }) = self.call(n, req).await
+                && ids.contains(&msg.meta.id)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
     /// A message's bytes from a live replica, this node first; checked
     /// against the body hash.
     pub async fn read(&self, msg: &Listed) -> Result<Vec<u8>, ReplicaError> {

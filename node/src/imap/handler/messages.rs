@@ -8,7 +8,7 @@ use imap_next::imap_types::flag::{Flag, StoreResponse, StoreType};
 use imap_next::imap_types::response::{Code, Data, Status};
 use imap_next::imap_types::search::SearchKey;
 use imap_next::imap_types::sequence::SequenceSet;
-use quill_proto::imap::reply::{bad, cannot, flags_of, limit, name_of_flag, no, nz, ok, unavailable};
+use quill_proto::imap::reply::{bad, cannot, flags_of, limit, name_of_flag, no, no_code, nz, ok, unavailable};
 use quill_proto::imap::search::{Position, SearchError};
 use quill_proto::imap::{FLAG_BYTES_MAX, FLAGS_PER_COMMAND_MAX, SEARCH_BYTES_MAX, fetch, search, sets, store};
 use replication::replica::Listed;
@@ -65,6 +65,7 @@ impl Handler {
                 }
             }
         }
+        let mut expunged = false;
         for i in targets {
             let Phase::Selected(sel) = &self.phase else {
                 unreachable!("the selected state")
@@ -72,6 +73,13 @@ impl Handler {
             let body = if needs_body {
                 match self.services.mail.read(&sel.msgs[i].listed).await {
                     Ok(b) => Some(b),
+                    // Expunged by another session, and this one not told
+                    // yet: the others' data goes out, then NO
+                    // [EXPUNGEISSUED] (RFC 5530; RFC 2180 4.1.3).
+                    Err(_) if self.services.mail.is_deleted(&sel.user, &sel.msgs[i].listed).await => {
+                        expunged = true;
+                        continue;
+                    }
                     Err(e) => {
                         debug!(error = %e, "imap fetch: message unreadable now");
                         return unavailable(tag, "a message cannot be read now, try again");
@@ -88,6 +96,13 @@ impl Handler {
                 seq: nz(i as u32 + 1),
                 items: Vec1::unvalidated(items),
             });
+        }
+        if expunged {
+            return no_code(
+                tag,
+                "EXPUNGEISSUED",
+                "some of the requested messages no longer exist (expunged by another session)",
+            );
         }
         ok(tag, None, "FETCH completed")
     }

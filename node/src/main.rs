@@ -139,6 +139,14 @@ struct NodeArgs {
     /// Recipients per message.
     #[arg(long, default_value_t = 100)]
     max_recipients: usize,
+    /// Submission (and --smtps): lets users send as addresses other than
+    /// their own, in the envelope and in From: (repeatable). WHO:PATTERN,
+    /// WHO a user's address or @DOMAIN (its users), PATTERN an address,
+    /// @DOMAIN (any of its addresses) or * (any): e.g.
+    /// --allow-from @example.org:@example.org. Without one, a user sends
+    /// only as their own address (553 5.7.1 otherwise).
+    #[arg(long = "allow-from", value_name = "WHO:PATTERN")]
+    allow_from: Vec<quill_proto::send_as::Rule>,
     /// Open connections per client address (the share shrinks once half of
     /// --max-connections is taken).
     #[arg(long, default_value_t = 64)]
@@ -298,6 +306,9 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         message_bytes_max: usize::try_from(a.max_message_size).unwrap_or(usize::MAX),
         data_memory_bytes_max: usize::try_from(a.max_data_memory).unwrap_or(usize::MAX),
         recipients_max: a.max_recipients,
+        send_as: std::sync::Arc::new(
+            quill_proto::send_as::SendAs::new(a.allow_from.clone()).map_err(anyhow::Error::msg)?,
+        ),
         unknown_recipients_max: a.max_unknown_recipients,
         connections_per_address_max: a.max_connections_per_ip,
         imap_sessions_per_user_max: a.max_imap_sessions_per_user,

@@ -20,5 +20,6 @@ pub mod message;
 pub mod pop3;
 pub mod queue;
 pub mod sasl;
+pub mod send_as;
 pub mod smtp;
 pub mod wire;

@@ -82,6 +82,12 @@ pub fn domain_of(address: &str) -> Option<String> {
 /// Whether every `From:` address of the message is `user` (and there is
 /// one): RFC 6409 8.1's check that a submitter sends as itself.
 pub fn from_is(message: &[u8], user: &str) -> bool {
+    from_all(message, |a| a.eq_ignore_ascii_case(user))
+}
+
+/// Whether the message has a `From:` and `allowed` holds for every
+/// address in it (submission: the addresses the user may send as).
+pub fn from_all(message: &[u8], allowed: impl Fn(&str) -> bool) -> bool {
     let Some(m) = mail_parser::MessageParser::default().parse_headers(message) else {
         return false;
     };
@@ -89,7 +95,7 @@ pub fn from_is(message: &[u8], user: &str) -> bool {
     let mut any = false;
     for a in from.iter() {
         any = true;
-        if !a.address.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(user)) {
+        if !a.address.as_deref().is_some_and(&allowed) {
             return false;
         }
     }

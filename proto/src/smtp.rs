@@ -149,6 +149,8 @@ pub struct State {
     /// Submission: the authenticated user's address.
     pub authed: Option<String>,
     pub auth_failures: u32,
+    /// Submission: the addresses a user may send as besides their own.
+    pub send_as: std::sync::Arc<crate::send_as::SendAs>,
 }
 
 impl State {
@@ -162,6 +164,7 @@ impl State {
             n_unknown: 0,
             authed: None,
             auth_failures: 0,
+            send_as: Default::default(),
         }
     }
 
@@ -216,7 +219,7 @@ impl State {
             && !self
                 .authed
                 .as_deref()
-                .is_some_and(|a| a.eq_ignore_ascii_case(&from.address))
+                .is_some_and(|a| self.send_as.allows(a, &from.address))
         {
             return Reply::ok("553 5.7.1 Sender address not owned by the authenticated user");
         }

@@ -184,3 +184,77 @@ p.quit(); print("tls submission ok")
         assert!(out.contains("tls submission ok"), "{out}");
     }
 }
+
+const PY_SEND_AS: &str = r#"
+import smtplib, sys
+host, port, pw = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def session(user):
+    s = smtplib.SMTP(host, port)
+    s.login(user, pw)
+    return s
+s = session("alice@example.org")
+# @example.org:@example.org: any address of her own domain, envelope and From:.
+assert s.sendmail("sales@example.org", ["bob@example.org"], "From: Sales <sales@example.org>\r\nSubject: as sales\r\n\r\nx\r\n") == {}
+try:
+    s.sendmail("boss@other.test", ["bob@example.org"], "From: boss@other.test\r\n\r\nforged\r\n")
+    raise SystemExit("another domain's envelope sender was accepted")
+except smtplib.SMTPSenderRefused as e:
+    assert e.smtp_code == 553, e
+try:
+    s.sendmail("alice@example.org", ["bob@example.org"], "From: boss@other.test\r\n\r\nforged\r\n")
+    raise SystemExit("another domain's From: was accepted")
+except smtplib.SMTPDataError as e:
+    assert e.smtp_code == 553, e
+s.quit()
+# carol@example.org:* may send as anyone.
+s = session("carol@example.org")
+assert s.sendmail("carol@example.org", ["bob@example.org"], "From: news@list.test\r\nSubject: as news\r\n\r\nx\r\n") == {}
+s.quit()
+print("send-as ok")
+"#;
+
+/// `--allow-from` lets an operator allow more than a user's own address,
+/// per domain or per user, in the envelope and in `From:`; anything else
+/// is still refused; a rule that does not parse stops the start with the
+/// reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_from_rules_let_users_send_as_more_than_themselves() {
+    if !testkit::program("python3") {
+        return;
+    }
+    let (_d, n) = node(
+        "submission-send-as",
+        &[
+            "--relay-host",
+            "127.0.0.1:9",
+            "--allow-from",
+            "@example.org:@example.org",
+            "--allow-from",
+            "carol@example.org:*",
+        ],
+    )
+    .await;
+    let sub = n.submission();
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new("python3").args([
+            "-c",
+            PY_SEND_AS,
+            &sub.ip().to_string(),
+            &sub.port().to_string(),
+            PASSWORD,
+        ]))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("send-as ok"), "{out}");
+    let got = common::read_all(&n, "bob@example.org").await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    let bin = quill_harness::process::quill_binary().unwrap();
+    let bad = Command::new(bin)
+        .args(["node", "--data", "/nonexistent", "--allow-from", "example.org"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("WHO:PATTERN"), "{err}");
+}

@@ -6,6 +6,9 @@ use std::time::Duration;
 /// number and common practice (Postfix, Dovecot) where they don't.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Submission: the addresses users may send as besides their own
+    /// (`--allow-from`).
+    pub send_as: std::sync::Arc<quill_proto::send_as::SendAs>,
     /// Largest message accepted (advertised in `SIZE`).
     pub message_bytes_max: usize,
     /// RFC 5321 §4.5.3.1.8: at least 100 must be accepted.
@@ -51,6 +54,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
+            send_as: Default::default(),
             message_bytes_max: 50 << 20,
             recipients_max: 100,
             commands_max: 10_000,

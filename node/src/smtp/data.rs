@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use quill_proto::data::{DATA_LINE_BYTES_MAX, DataReader, Refusal, Step};
-use quill_proto::message::{from_is, is_loop};
+use quill_proto::message::{from_all, is_loop};
 use quill_proto::smtp::{Mode, REPLY_DATA_GO_AHEAD, Reply, data_reply, refusal_reply, unique_recipients};
 use replication::replica::DeliverOutcome;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -78,7 +78,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Submission: every From: address must be the authenticated user.
         if self.state.mode == Mode::Submission
             && let Some(user) = &self.state.authed
-            && !from_is(&body, user)
+            && !from_all(&body, |a| self.state.send_as.allows(user, a))
         {
             self.state.tx = None;
             return self

@@ -83,7 +83,10 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
     async move {
         let mut s = Session {
             io: LineSession::new(stream, services.env.clone(), &DIALECT, 16 * 1024, 16 * 1024),
-            state: State::new(mode, services.hostname.clone()),
+            state: State {
+                send_as: services.limits.send_as.clone(),
+                ..State::new(mode, services.hostname.clone())
+            },
             services,
             peer,
         };

@@ -348,28 +348,13 @@ async fn queued_mail_survives_a_kill_of_its_owner() {
     assert!(owned > 0);
     nodes[victim].kill9().await.unwrap();
     let sink = Sink::start_on(TcpListener::bind(relay).await.unwrap(), 0);
-    let subjects = || -> Vec<String> {
-        let mut s: Vec<String> = sink
-            .got()
-            .iter()
-            .map(|g| {
-                g.data
-                    .lines()
-                    .find(|l| l.starts_with("Subject: "))
-                    .unwrap_or("")
-                    .to_owned()
-            })
-            .collect();
-        s.sort();
-        s
-    };
     common::wait_for("every queued message delivered", Duration::from_secs(60), || async {
-        let mut s = subjects();
+        let mut s = sink.subjects();
         s.dedup();
         s.len() >= N
     })
     .await;
-    let mut subjects = subjects();
+    let mut subjects = sink.subjects();
     let before = subjects.len();
     subjects.dedup();
     eprintln!(
@@ -786,18 +771,7 @@ async fn a_partitioned_owner_stops_and_nothing_is_sent_twice() {
     while std::time::Instant::now() < more {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut subjects: Vec<String> = sink
-        .got()
-        .iter()
-        .map(|g| {
-            g.data
-                .lines()
-                .find(|l| l.starts_with("Subject: "))
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect();
-    subjects.sort();
+    let mut subjects = sink.subjects();
     let all = subjects.len();
     subjects.dedup();
     assert_eq!(subjects.len() as u64, N, "every message arrived");

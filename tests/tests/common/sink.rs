@@ -115,6 +115,25 @@ impl Sink {
     pub fn got(&self) -> Vec<Got> {
         self.got.lock().unwrap().clone()
     }
+
+    /// The `Subject:` line of each message taken, sorted (a duplicate
+    /// shows twice).
+    #[allow(dead_code)] // Not every test binary that has the sink uses it.
+    pub fn subjects(&self) -> Vec<String> {
+        let mut s: Vec<String> = self
+            .got()
+            .iter()
+            .map(|g| {
+                g.data
+                    .lines()
+                    .find(|l| l.starts_with("Subject: "))
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect();
+        s.sort();
+        s
+    }
 }
 
 fn addr_of(line: &str) -> String {

@@ -23,6 +23,18 @@ pub const FOLDER_MESSAGES_MAX: usize = membership::sequence::IDS_PER_SEQUENCE_MA
 /// A folder as listed now: UIDVALIDITY, UIDNEXT, and its messages by UID.
 type Listing = (u32, u32, Vec<(u32, Listed)>);
 
+/// A listing's messages as a session holds them (none recent yet).
+fn shown(listing: Vec<(u32, Listed)>) -> Vec<Msg> {
+    listing
+        .into_iter()
+        .map(|(uid, listed)| Msg {
+            uid,
+            listed,
+            recent: false,
+        })
+        .collect()
+}
+
 impl Handler {
     /// The folder's UIDs and messages as listed now, numbering new ones.
     pub(super) async fn folder_now(&mut self, user: &str, folder: &Folder) -> Result<Listing, Refusal> {
@@ -79,14 +91,7 @@ impl Handler {
             Ok(v) => v,
             Err(s) => return s(tag),
         };
-        let mut msgs: Vec<Msg> = msgs
-            .into_iter()
-            .map(|(uid, listed)| Msg {
-                uid,
-                listed,
-                recent: false,
-            })
-            .collect();
+        let mut msgs = shown(msgs);
         let n = msgs.len() as u32;
         // \Recent (RFC 3501 2.3.2): SELECT takes this node's claims on the
         // folder's messages; EXAMINE counts them and leaves them.
@@ -167,14 +172,7 @@ impl Handler {
         if validity != sel.validity {
             return vec![];
         }
-        let now: Vec<Msg> = now
-            .into_iter()
-            .map(|(uid, listed)| Msg {
-                uid,
-                listed,
-                recent: false,
-            })
-            .collect();
+        let now = shown(now);
         let before = sel.msgs.last().map_or(0, |m| m.uid);
         let mut out = sync::sync(&mut sel.msgs, now, &mut sel.uid_next, next);
         // New messages whose claim this session takes are \Recent to it.

@@ -222,6 +222,9 @@ impl Handler {
 
     /// The responses so far, then BYE: the session ends.
     pub fn bye(&mut self, why: &str) -> Reply {
+        // A session the server ends says why in the log (LOGOUT does not
+        // come here).
+        tracing::info!(reason = why, "imap session closed by the server");
         self.status(reply::bye(why));
         self.reply(Then::Close)
     }

@@ -102,6 +102,9 @@ pub trait Uids: Send + Sync + 'static {
     fn take_recent(&self, name: &str, ids: &[[u8; 16]]) -> Vec<[u8; 16]>;
     /// How many of `ids` this node claims as recent, untaken.
     fn count_recent(&self, name: &str, ids: &[[u8; 16]]) -> usize;
+    /// The UIDs of the folder's messages (numbered, not forgotten) from
+    /// `from` up.
+    fn numbered_from(&self, name: &str, from: u32) -> Vec<u32>;
     /// Binds names (see `membership::names::Names::bind`).
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Unbinds names bound to the ids given.
@@ -119,6 +122,11 @@ use std::collections::BTreeMap;
 /// The sequence name of a user's folder.
 pub fn sequence_name(mailbox: &str, folder: &str) -> String {
     format!("imap/{mailbox}/{folder}")
+}
+
+fn numbered_from(seq: Option<&membership::sequence::Sequence>, from: u32) -> Vec<u32> {
+    seq.map(|s| s.ids.values().copied().filter(|u| *u >= from).collect())
+        .unwrap_or_default()
 }
 
 fn read(seqs: Option<&membership::sequence::Sequence>, ids: &[[u8; 16]]) -> Option<Numbers> {
@@ -259,6 +267,10 @@ impl Uids for RaftUids {
         self.membership.count_recent(name, ids)
     }
 
+    fn numbered_from(&self, name: &str, from: u32) -> Vec<u32> {
+        self.membership.with_sequence(name, |s| numbered_from(s, from))
+    }
+
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move { Ok(self.membership.bind_names(scope.to_owned(), items).await?) })
     }
@@ -342,6 +354,10 @@ impl Uids for LocalUids {
 
     fn count_recent(&self, name: &str, ids: &[[u8; 16]]) -> usize {
         self.recent().count(name, ids)
+    }
+
+    fn numbered_from(&self, name: &str, from: u32) -> Vec<u32> {
+        numbered_from(self.seqs().get(name), from)
     }
 
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {

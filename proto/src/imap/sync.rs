@@ -54,6 +54,18 @@ pub fn sync<M: Message>(shown: &mut Vec<M>, now: Vec<M>, uid_next: &mut u32, nex
     out
 }
 
+/// The lowest UID numbered since a look at the folder began (`numbered`:
+/// the folder's UIDs from the value UIDNEXT had then) that the look's
+/// listing does not show: a message numbered in another order than the
+/// listing saw the messages. What is above it waits for the next look,
+/// and UIDNEXT stays at most it; otherwise, once a higher UID is shown,
+/// that message would be below a UID the session has seen and never be
+/// shown to it.
+pub fn barrier(listed: &[u32], numbered: impl IntoIterator<Item = u32>) -> Option<u32> {
+    let listed: std::collections::HashSet<u32> = listed.iter().copied().collect();
+    numbered.into_iter().filter(|u| !listed.contains(u)).min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +104,22 @@ mod tests {
         let mut late = shown.clone();
         late.insert(0, TestMsg::new(2, &[]));
         assert!(sync(&mut shown, late, &mut next, 7).is_empty());
+    }
+
+    #[test]
+    fn a_uid_numbered_meanwhile_and_not_listed_holds_the_ones_above() {
+        // UIDNEXT was 30 when the look began; 31 is listed, 30 (numbered
+        // since, its message not listed yet) is not: 31 waits.
+        assert_eq!(barrier(&[28, 29, 31], [30, 31]), Some(30));
+        let mut shown: Vec<TestMsg> = [28, 29].iter().map(|u| TestMsg::new(*u, &[])).collect();
+        let mut next = 30;
+        let now: Vec<TestMsg> = [28, 29].iter().map(|u| TestMsg::new(*u, &[])).collect();
+        assert!(sync(&mut shown, now, &mut next, 30).is_empty());
+        // At the next look both are listed and shown, in order.
+        assert_eq!(barrier(&[28, 29, 30, 31], [30, 31]), None);
+        let now: Vec<TestMsg> = [28, 29, 30, 31].iter().map(|u| TestMsg::new(*u, &[])).collect();
+        assert_eq!(kinds(&sync(&mut shown, now, &mut next, 32)), ["EXISTS 4"]);
+        assert_eq!(shown.iter().map(|m| m.uid).collect::<Vec<_>>(), [28, 29, 30, 31]);
     }
 
     #[test]

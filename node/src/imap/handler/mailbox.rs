@@ -36,12 +36,15 @@ fn shown(listing: Vec<(u32, Listed)>) -> Vec<Msg> {
 }
 
 impl Handler {
-    /// The folder's UIDs and messages as listed now, numbering new ones.
+    /// The folder's UIDs and messages as listed now, numbering new ones;
+    /// what lies above a UID numbered since the look began and not listed
+    /// yet waits for the next look (`quill_proto::imap::sync::barrier`).
     pub(super) async fn folder_now(&mut self, user: &str, folder: &Folder) -> Result<Listing, Refusal> {
+        let name = sequence_name(user, &folder.id);
+        let next_before = self.services.uids.numbers(&name, &[]).map_or(1, |n| n.next);
         let mut listed = self.folder_messages(user, folder).await;
         listed.sort_by_key(|l| l.meta.id);
         listed.truncate(FOLDER_MESSAGES_MAX);
-        let name = sequence_name(user, &folder.id);
         let ids: Vec<[u8; 16]> = listed.iter().map(|l| l.meta.id.0).collect();
         let mut numbers = self.services.uids.numbers(&name, &ids);
         let missing: Vec<[u8; 16]> = match &numbers {
@@ -71,7 +74,14 @@ impl Handler {
             .filter_map(|(l, u)| u.map(|u| (u, l)))
             .collect();
         msgs.sort_by_key(|(u, _)| *u);
-        Ok((numbers.validity, numbers.next, msgs))
+        let listed_uids: Vec<u32> = msgs.iter().map(|(u, _)| *u).collect();
+        let barrier = sync::barrier(&listed_uids, self.services.uids.numbered_from(&name, next_before));
+        let mut next = numbers.next;
+        if let Some(b) = barrier {
+            msgs.retain(|(u, _)| *u < b);
+            next = next.min(b);
+        }
+        Ok((numbers.validity, next, msgs))
     }
 
     pub(super) async fn select(

@@ -199,6 +199,11 @@ async fn recent_is_told_to_one_session_only() {
     assert_eq!(r[0], "* SEARCH 1\r\n", "{r:?}");
     let r = a.command("a4", "NOOP").await;
     assert!(r.iter().any(|l| l == "* 1 RECENT\r\n"), "still one for a: {r:?}");
+    // Selecting the folder again keeps what was recent to the session.
+    let r = a.command("a5", "SELECT INBOX").await;
+    assert!(r.iter().any(|l| l == "* 1 RECENT\r\n"), "{r:?}");
+    let r = a.command("a6", "SEARCH RECENT").await;
+    assert_eq!(r[0], "* SEARCH 1\r\n", "{r:?}");
 }
 
 /// A message another session expunged, this one not told yet: a FETCH of

@@ -104,21 +104,26 @@ impl Handler {
         let mut msgs = shown(msgs);
         let n = msgs.len() as u32;
         // \Recent (RFC 3501 2.3.2): SELECT takes this node's claims on the
-        // folder's messages; EXAMINE counts them and leaves them.
+        // folder's messages; EXAMINE counts them and leaves them. What was
+        // recent to this session before stays so.
         let seq = sequence_name(&user, &folder.id);
         let ids: Vec<[u8; 16]> = msgs.iter().map(|m| m.listed.meta.id.0).collect();
-        let mut recent = std::collections::HashSet::new();
-        let n_recent = if read_only {
+        let present: std::collections::HashSet<[u8; 16]> = ids.iter().copied().collect();
+        let mut held = self.recent_held.remove(&folder.id).unwrap_or_default();
+        held.retain(|id| present.contains(id));
+        let unclaimed = if read_only {
             self.services.uids.count_recent(&seq, &ids)
         } else {
-            let taken: std::collections::HashSet<[u8; 16]> =
-                self.services.uids.take_recent(&seq, &ids).into_iter().collect();
-            for m in msgs.iter_mut().filter(|m| taken.contains(&m.listed.meta.id.0)) {
-                m.recent = true;
-                recent.insert(m.uid);
-            }
-            taken.len()
+            held.extend(self.services.uids.take_recent(&seq, &ids));
+            0
         };
+        let mut recent = std::collections::HashSet::new();
+        for m in msgs.iter_mut().filter(|m| held.contains(&m.listed.meta.id.0)) {
+            m.recent = true;
+            recent.insert(m.uid);
+        }
+        let n_recent = recent.len() + unclaimed;
+        self.recent_held.insert(folder.id.clone(), held);
         let flags = folder_flags(&msgs);
         let mut permanent: Vec<FlagPerm<'static>> = flags.iter().cloned().map(Into::into).collect();
         permanent.push(FlagPerm::Asterisk);
@@ -210,6 +215,13 @@ impl Handler {
         for m in &mut sel.msgs {
             m.recent = sel.recent.contains(&m.uid);
         }
+        let held = sel
+            .msgs
+            .iter()
+            .filter(|m| m.recent)
+            .map(|m| m.listed.meta.id.0)
+            .collect();
+        self.recent_held.insert(folder.id.clone(), held);
         // RECENT goes with EXISTS (RFC 3501 7.3.2: the count may change).
         if let Some(i) = out.iter().rposition(|d| matches!(d, Data::Exists(_))) {
             out.insert(i + 1, Data::Recent(sel.recent.len() as u32));

@@ -121,6 +121,9 @@ pub struct Handler {
     out: Vec<Response>,
     /// Say BYE (with this reason) after the command's tagged reply.
     pub(super) bye_after: Option<&'static str>,
+    /// Per folder id, the messages `\Recent` to this session: they stay
+    /// so when it selects the folder again (the claims are taken once).
+    pub(super) recent_held: std::collections::HashMap<String, std::collections::HashSet<[u8; 16]>>,
 }
 
 impl Handler {
@@ -137,6 +140,7 @@ impl Handler {
             counted: None,
             out: Vec::new(),
             bye_after: None,
+            recent_held: Default::default(),
         }
     }
 

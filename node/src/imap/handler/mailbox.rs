@@ -74,8 +74,15 @@ impl Handler {
             .filter_map(|(l, u)| u.map(|u| (u, l)))
             .collect();
         msgs.sort_by_key(|(u, _)| *u);
-        let listed_uids: Vec<u32> = msgs.iter().map(|(u, _)| *u).collect();
-        let barrier = sync::barrier(&listed_uids, self.services.uids.numbered_from(&name, next_before));
+        // Nothing numbered since the look began (the common case: no new
+        // mail): no barrier, and no walk over the folder's UIDs under the
+        // Raft state's lock (an IDLE looks twice a second).
+        let barrier = if numbers.next > next_before {
+            let listed_uids: Vec<u32> = msgs.iter().map(|(u, _)| *u).collect();
+            sync::barrier(&listed_uids, self.services.uids.numbered_from(&name, next_before))
+        } else {
+            None
+        };
         let mut next = numbers.next;
         if let Some(b) = barrier {
             msgs.retain(|(u, _)| *u < b);

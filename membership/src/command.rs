@@ -99,6 +99,13 @@ pub enum Command {
     SetFeatureLevel {
         level: u32,
     },
+    /// Feature level 3: IMAP keywords folder (sequence) `name` defines
+    /// from now on (see [`crate::keywords`]); ignored for a sequence that
+    /// does not exist.
+    DefineKeywords {
+        name: String,
+        keywords: Vec<String>,
+    },
 }
 
 impl Command {
@@ -110,6 +117,7 @@ impl Command {
     pub fn feature_level(&self) -> u32 {
         match self {
             Command::SetFeatureLevel { .. } => 2,
+            Command::DefineKeywords { .. } => crate::keywords::KEYWORDS_FEATURE_LEVEL,
             _ => 1,
         }
     }
@@ -241,6 +249,8 @@ pub struct ClusterState {
     /// written at this level ([`crate::formats`]). 1 for a cluster
     /// founded by release 0.1.0, raised by [`Command::SetFeatureLevel`].
     pub feature_level: u32,
+    /// Level 3: the IMAP keywords each folder defines.
+    pub keywords: crate::keywords::FolderKeywords,
 }
 
 impl Default for ClusterState {
@@ -253,6 +263,7 @@ impl Default for ClusterState {
             sequences: Default::default(),
             names: Default::default(),
             feature_level: crate::formats::FEATURE_LEVEL_MIN,
+            keywords: Default::default(),
         }
     }
 }
@@ -371,7 +382,15 @@ impl ClusterState {
             }
             Command::AssignNumbers { name, ids, now_secs } => self.sequences.assign(name, ids, *now_secs)?,
             Command::ForgetNumbers { name, ids } => self.sequences.forget(name, ids)?,
-            Command::DropSequence { name } => self.sequences.drop_sequence(name)?,
+            Command::DropSequence { name } => {
+                self.sequences.drop_sequence(name)?;
+                self.keywords.drop_folder(name);
+            }
+            Command::DefineKeywords { name, keywords } => {
+                if self.sequences.get(name).is_some() {
+                    self.keywords.define(name, keywords);
+                }
+            }
             Command::BindNames { scope, items } => self.names.bind(scope, items)?,
             Command::UnbindNames { scope, items } => self.names.unbind(scope, items)?,
             Command::RenameNames { scope, moves } => self.names.rename(scope, moves)?,
@@ -578,6 +597,34 @@ mod tests {
         assert_eq!(s.feature_level, 2);
         // Every command's level is one this release knows.
         assert!(Command::SetFeatureLevel { level: 2 }.feature_level() <= max);
+    }
+
+    #[test]
+    fn a_folder_defines_keywords_from_level_three_until_it_goes() {
+        let mut s = ClusterState::default();
+        let v = BTreeSet::new();
+        let by = CommittedBy::default();
+        let name = "imap/alice/INBOX".to_owned();
+        let define = Command::DefineKeywords {
+            name: name.clone(),
+            keywords: vec!["$Label1".into()],
+        };
+        assert!(s.apply(&define, &v, by).result.is_err(), "refused below level 3");
+        assert_eq!(s.apply(&Command::SetFeatureLevel { level: 3 }, &v, by).result, Ok(()));
+        // No sequence, no folder: nothing defined.
+        assert_eq!(s.apply(&define, &v, by).result, Ok(()));
+        assert!(s.keywords.is_empty());
+        let assign = Command::AssignNumbers {
+            name: name.clone(),
+            ids: vec![[1; 16]],
+            now_secs: 1,
+        };
+        assert_eq!(s.apply(&assign, &v, by).result, Ok(()));
+        assert_eq!(s.apply(&define, &v, by).result, Ok(()));
+        assert!(s.keywords.get(&name).is_some_and(|k| k.contains("$Label1")));
+        let drop = Command::DropSequence { name: name.clone() };
+        assert_eq!(s.apply(&drop, &v, by).result, Ok(()));
+        assert!(s.keywords.get(&name).is_none(), "the folder's keywords went with it");
     }
 
     #[test]

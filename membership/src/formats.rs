@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | 1 | 0.1.0 | the Raft state as 0.1.0 wrote it, bare |
 //! | 2 | 0.2.0 | the level itself ([`Command::SetFeatureLevel`]); snapshots that say their format |
+//! | 3 | 0.3.0 | the IMAP keywords each folder defines ([`Command::DefineKeywords`], [`crate::keywords`]) |
 //!
 //! What each part does:
 //! - **Log entries** (a [`crate::Request`] and its [`Command`]): a command
@@ -61,7 +62,7 @@ use crate::command::Command;
 /// The oldest level this release runs at: release 0.1.0's.
 pub const FEATURE_LEVEL_MIN: u32 = 1;
 /// The newest level this release supports.
-pub const FEATURE_LEVEL_MAX: u32 = 2;
+pub const FEATURE_LEVEL_MAX: u32 = 3;
 
 /// The first byte of a snapshot of format 2 or later.
 pub const TAG: u8 = 0xFF;
@@ -102,6 +103,48 @@ impl From<StateV1> for ClusterState {
             sequences: v.sequences,
             names: v.names,
             feature_level: 1,
+            keywords: Default::default(),
+        }
+    }
+}
+
+/// Release 0.2.0's state (format 2): [`ClusterState`] without the
+/// folders' keywords. Frozen: a test reads what 0.2.0 wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StateV2 {
+    view: ClusterView,
+    directory: DirectoryState,
+    sessions: BTreeMap<u64, Session>,
+    tls: TlsCerts,
+    sequences: crate::sequence::Sequences,
+    names: crate::names::Names,
+    feature_level: u32,
+}
+
+/// [`StateV2`]'s layout over a borrowed state.
+#[derive(Serialize)]
+struct StateV2Ref<'a> {
+    view: &'a ClusterView,
+    directory: &'a DirectoryState,
+    sessions: &'a BTreeMap<u64, Session>,
+    tls: &'a TlsCerts,
+    sequences: &'a crate::sequence::Sequences,
+    names: &'a crate::names::Names,
+    feature_level: u32,
+}
+
+/// The migration from format 2: no folder has defined keywords yet.
+impl From<StateV2> for ClusterState {
+    fn from(v: StateV2) -> ClusterState {
+        ClusterState {
+            view: v.view,
+            directory: v.directory,
+            sessions: v.sessions,
+            tls: v.tls,
+            sequences: v.sequences,
+            names: v.names,
+            feature_level: v.feature_level,
+            keywords: Default::default(),
         }
     }
 }
@@ -134,7 +177,19 @@ pub fn encode_state(s: &ClusterState) -> Result<Vec<u8>, CodecError> {
             names: &s.names,
         });
     }
-    let body = codec::encode(s)?;
+    let body = if s.feature_level == 2 {
+        codec::encode(&StateV2Ref {
+            view: &s.view,
+            directory: &s.directory,
+            sessions: &s.sessions,
+            tls: &s.tls,
+            sequences: &s.sequences,
+            names: &s.names,
+            feature_level: s.feature_level,
+        })?
+    } else {
+        codec::encode(s)?
+    };
     let mut out = Vec::with_capacity(TAGGED_HEADER_BYTES + body.len());
     out.push(TAG);
     out.extend_from_slice(&s.feature_level.to_le_bytes());
@@ -160,7 +215,12 @@ pub fn decode_state(bytes: &[u8], limit_bytes: usize) -> Result<ClusterState, Fo
         f if f > FEATURE_LEVEL_MAX => Err(FormatError::Newer(f)),
         f if f < 2 => Err(FormatError::Unknown(f)),
         f => {
-            let s: ClusterState = codec::decode(&bytes[TAGGED_HEADER_BYTES..], limit_bytes)?;
+            let body = &bytes[TAGGED_HEADER_BYTES..];
+            let s: ClusterState = if f == 2 {
+                codec::decode::<StateV2>(body, limit_bytes)?.into()
+            } else {
+                codec::decode(body, limit_bytes)?
+            };
             if s.feature_level != f {
                 return Err(FormatError::Mismatch {
                     format: f,
@@ -252,13 +312,23 @@ mod fixture_v0_1_0 {
     use std::path::{Path, PathBuf};
 
     fn fixture() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v0.1.0")
+        release("v0.1.0")
+    }
+
+    pub(super) fn release(version: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(version)
     }
 
     /// A copy of node `k`'s Raft folder (opening a folder writes to it).
     fn raft_copy(k: u32) -> TestDir {
+        raft_copy_of("v0.1.0", k)
+    }
+
+    pub(super) fn raft_copy_of(version: &str, k: u32) -> TestDir {
         let dir = TestDir::new("fixture");
-        let from = fixture().join(format!("n{k}/cluster/raft"));
+        let from = release(version).join(format!("n{k}/cluster/raft"));
         for e in std::fs::read_dir(&from).unwrap() {
             let e = e.unwrap();
             std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
@@ -346,5 +416,95 @@ mod fixture_v0_1_0 {
             matched >= 3,
             "only {matched} of the folders IMAP showed are in the snapshot"
         );
+    }
+}
+
+/// What release 0.2.0 wrote (`tests/fixtures/v0.2.0`: node 1's Raft
+/// folder and the manifest of a cluster that `make-v0.1.0.sh` filled,
+/// run with `QUILL_OLD` set to a 0.2.0 build), read by this release.
+#[cfg(test)]
+mod fixture_v0_2_0 {
+    use super::fixture_v0_1_0::{raft_copy_of, release};
+    use super::*;
+    use crate::codec::DISK_BYTES_MAX;
+    use crate::command::{Command, CommittedBy};
+    use crate::store::{StateMachineStore, check_format, frame};
+    use std::collections::BTreeSet;
+
+    fn snapshot_state() -> (Vec<u8>, ClusterState) {
+        let dir = raft_copy_of("v0.2.0", 1);
+        assert_eq!(check_format(dir.path()).unwrap(), 2);
+        let payload = frame::read_file(&dir.path().join("snapshot"), DISK_BYTES_MAX)
+            .unwrap()
+            .expect("the fixture has a snapshot");
+        #[derive(serde::Deserialize)]
+        struct SnapshotFile {
+            #[allow(dead_code)]
+            meta: crate::types::SnapshotMeta,
+            data: Vec<u8>,
+        }
+        let file: SnapshotFile = codec::decode(&payload, DISK_BYTES_MAX).unwrap();
+        let state = decode_state(&file.data, DISK_BYTES_MAX).unwrap();
+        (file.data, state)
+    }
+
+    #[test]
+    fn the_snapshot_reads_as_level_two_and_writes_back_byte_for_byte() {
+        let (bytes, state) = snapshot_state();
+        assert_eq!(state_format(&bytes).unwrap(), 2);
+        assert_eq!(state.feature_level, 2);
+        assert!(state.keywords.is_empty());
+        // At level 2 this release writes what 0.2.0 wrote.
+        assert_eq!(encode_state(&state).unwrap(), bytes);
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(release("v0.2.0").join("manifest.json")).unwrap()).unwrap();
+        for user in manifest["mailboxes"].as_object().unwrap().keys() {
+            assert!(state.directory.users.contains_key(user), "{user}");
+        }
+        assert_eq!(state.view.nodes.len(), 3);
+    }
+
+    #[test]
+    fn raised_to_level_three_it_keeps_everything_and_defines_keywords() {
+        let (_, mut state) = snapshot_state();
+        let before = state.clone();
+        let name = state
+            .sequences
+            .spaces
+            .keys()
+            .find(|n| n.starts_with("imap/"))
+            .cloned()
+            .expect("the fixture has IMAP folders");
+        let define = Command::DefineKeywords {
+            name: name.clone(),
+            keywords: vec!["$Label1".into()],
+        };
+        let v = BTreeSet::new();
+        let by = CommittedBy::default();
+        assert!(state.apply(&define, &v, by).result.is_err(), "refused at level 2");
+        assert!(state.keywords.is_empty());
+        assert_eq!(
+            state.apply(&Command::SetFeatureLevel { level: 3 }, &v, by).result,
+            Ok(())
+        );
+        assert_eq!(state.apply(&define, &v, by).result, Ok(()));
+        assert!(state.keywords.get(&name).unwrap().contains("$Label1"));
+        let bytes = encode_state(&state).unwrap();
+        assert_eq!(state_format(&bytes).unwrap(), 3);
+        let back = decode_state(&bytes, DISK_BYTES_MAX).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.directory, before.directory);
+        assert_eq!(back.sequences, before.sequences);
+        assert_eq!(back.names, before.names);
+    }
+
+    #[test]
+    fn the_state_machine_opens_the_folder() {
+        let dir = raft_copy_of("v0.2.0", 1);
+        let sm = StateMachineStore::open(dir.path()).expect("the 0.2.0 snapshot opens");
+        let d = sm.shared();
+        let d = d.read();
+        assert_eq!(d.state.feature_level, 2);
+        assert!(d.state.names.get("imap/alice@example.org").is_some());
     }
 }

@@ -25,6 +25,7 @@
 //!   membership changes, writes forwarded to the leader, the server side
 //!   [`Membership::handle`], the view and its watch channel) and
 //!   [`RaftDirectory`], the [`Directory`] over it;
+//! * [`keywords`]: the IMAP keywords each folder defines;
 //! * [`directory`]: the directory state machine, the [`Directory`] trait the
 //!   node's services use, and [`LocalDirectory`] (one node, a JSON file).
 //!
@@ -48,6 +49,7 @@ pub mod codec;
 pub mod command;
 pub mod directory;
 pub mod formats;
+pub mod keywords;
 #[cfg(feature = "testing")]
 pub mod mem_transport;
 pub mod names;

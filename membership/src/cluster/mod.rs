@@ -428,6 +428,23 @@ impl Membership {
         f(self.inner.shared.read().state.sequences.get(name))
     }
 
+    /// Defines IMAP keywords for folder (sequence) `name` (see
+    /// [`crate::keywords`]); refused below feature level 3.
+    pub async fn define_keywords(&self, name: String, keywords: Vec<String>) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::DefineKeywords { name, keywords }).await?)
+    }
+
+    /// The keywords folder (sequence) `name` defines, as of the last entry
+    /// applied here.
+    pub fn folder_keywords(&self, name: &str) -> Vec<String> {
+        let d = self.inner.shared.read();
+        d.state
+            .keywords
+            .get(name)
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Takes this node's `\Recent` claims on `ids` of sequence `name`
     /// (see [`crate::recent`]): the ids returned are recent to the caller
     /// alone.

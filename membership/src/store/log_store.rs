@@ -135,7 +135,14 @@ fn write_err(e: io::Error) -> StorageError {
 /// The format an entry needs its folder to be of: its command's level.
 fn entry_format(e: &Entry) -> u32 {
     match &e.payload {
-        EntryPayload::Normal(req) => req.command.feature_level(),
+        // A release that knows `SetFeatureLevel` but not the level it sets
+        // would refuse it and go on at its own level, apart from the
+        // others: the folder is marked with the level, so that release
+        // refuses the folder instead.
+        EntryPayload::Normal(req) => match req.command {
+            crate::command::Command::SetFeatureLevel { level } => level.max(req.command.feature_level()),
+            ref c => c.feature_level(),
+        },
         _ => 1,
     }
 }

@@ -105,6 +105,11 @@ pub trait Uids: Send + Sync + 'static {
     /// The UIDs of the folder's messages (numbered, not forgotten) from
     /// `from` up.
     fn numbered_from(&self, name: &str, from: u32) -> Vec<u32>;
+    /// The IMAP keywords the folder defines (`membership::keywords`).
+    fn keywords(&self, name: &str) -> Vec<String>;
+    /// Defines keywords for the folder, once every node can keep them
+    /// (feature level 3); below it, does nothing.
+    fn define_keywords<'a>(&'a self, name: &'a str, keywords: Vec<String>) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Binds names (see `membership::names::Names::bind`).
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Unbinds names bound to the ids given.
@@ -118,6 +123,8 @@ pub trait Uids: Send + Sync + 'static {
 }
 
 use std::collections::BTreeMap;
+
+use membership::keywords::{FolderKeywords, KEYWORDS_FEATURE_LEVEL};
 
 /// The sequence name of a user's folder.
 pub fn sequence_name(mailbox: &str, folder: &str) -> String {
@@ -271,6 +278,19 @@ impl Uids for RaftUids {
         self.membership.with_sequence(name, |s| numbered_from(s, from))
     }
 
+    fn keywords(&self, name: &str) -> Vec<String> {
+        self.membership.folder_keywords(name)
+    }
+
+    fn define_keywords<'a>(&'a self, name: &'a str, keywords: Vec<String>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            if self.membership.feature_level() < KEYWORDS_FEATURE_LEVEL || keywords.is_empty() {
+                return Ok(());
+            }
+            Ok(self.membership.define_keywords(name.to_owned(), keywords).await?)
+        })
+    }
+
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move { Ok(self.membership.bind_names(scope.to_owned(), items).await?) })
     }
@@ -291,7 +311,12 @@ impl Uids for RaftUids {
 /// One node's sequences and folder names in memory (tests of the
 /// sessions without Raft).
 #[derive(Debug, Default)]
-pub struct LocalUids(Mutex<Sequences>, Mutex<Names>, Mutex<membership::recent::RecentClaims>);
+pub struct LocalUids(
+    Mutex<Sequences>,
+    Mutex<Names>,
+    Mutex<membership::recent::RecentClaims>,
+    Mutex<FolderKeywords>,
+);
 
 impl LocalUids {
     fn seqs(&self) -> std::sync::MutexGuard<'_, Sequences> {
@@ -304,6 +329,10 @@ impl LocalUids {
 
     fn recent(&self) -> std::sync::MutexGuard<'_, membership::recent::RecentClaims> {
         self.2.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn keywords_mut(&self) -> std::sync::MutexGuard<'_, FolderKeywords> {
+        self.3.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -337,7 +366,11 @@ impl Uids for LocalUids {
     }
 
     fn drop_folder<'a>(&'a self, name: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move { Ok(self.seqs().drop_sequence(name)?) })
+        Box::pin(async move {
+            self.seqs().drop_sequence(name)?;
+            self.keywords_mut().drop_folder(name);
+            Ok(())
+        })
     }
 
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers> {
@@ -358,6 +391,22 @@ impl Uids for LocalUids {
 
     fn numbered_from(&self, name: &str, from: u32) -> Vec<u32> {
         numbered_from(self.seqs().get(name), from)
+    }
+
+    fn keywords(&self, name: &str) -> Vec<String> {
+        self.keywords_mut()
+            .get(name)
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn define_keywords<'a>(&'a self, name: &'a str, keywords: Vec<String>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            if self.seqs().get(name).is_some() {
+                self.keywords_mut().define(name, &keywords);
+            }
+            Ok(())
+        })
     }
 
     fn bind<'a>(&'a self, scope: &'a str, items: Vec<(String, [u8; 16])>) -> BoxFuture<'a, anyhow::Result<()>> {

@@ -243,3 +243,58 @@ async fn a_fetch_of_a_message_expunged_elsewhere_says_so() {
     assert!(r.iter().any(|l| l == "* 1 EXPUNGE\r\n"), "{r:?}");
     ok(&a.command("a6", "FETCH 1 (BODY.PEEK[])").await);
 }
+
+/// A folder's keywords stay defined (RFC 3501 7.2.6, as imaptest's
+/// checkpoints compare them): a keyword set and cleared again by one
+/// session is told to a session selected meanwhile (at its NOOP) and to a
+/// session that selects the folder later; the recent count is told again
+/// when an expunge moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keywords_stay_defined_and_recent_counts_follow_expunges() {
+    let dir = TempDir::new("imap-keywords").expect("temp dir");
+    let reps = cluster(&dir);
+    let uids = Arc::new(LocalUids::default());
+    let s1 = services_on(&reps[0], directory(&dir).await, uids, Limits::default());
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut a = open(&s1, &stop).await;
+    let mut b = open(&s1, &stop).await;
+    ok(&a.command("a0", "LOGIN alice@example.org pw").await);
+    ok(&b.command("b0", "LOGIN alice@example.org pw").await);
+    let msg = "Subject: one\r\n\r\nbody\r\n";
+    a.send(&format!("a1 APPEND INBOX {{{}+}}\r\n{msg}\r\n", msg.len()))
+        .await;
+    ok(&a.until_tagged("a1").await);
+    ok(&a.command("a2", "SELECT INBOX").await);
+    let r = b.command("b1", "SELECT INBOX").await;
+    assert!(!r.iter().any(|l| l.contains("$Gone")), "{r:?}");
+    ok(&a.command("a3", "STORE 1 +FLAGS.SILENT ($Gone)").await);
+    ok(&a.command("a4", "STORE 1 -FLAGS.SILENT ($Gone)").await);
+    let r = b.command("b2", "NOOP").await;
+    assert!(
+        r.iter().any(|l| l.starts_with("* FLAGS (") && l.contains("$Gone")),
+        "{r:?}"
+    );
+    assert!(
+        r.iter().any(|l| l.contains("[PERMANENTFLAGS (") && l.contains("$Gone")),
+        "{r:?}"
+    );
+    let r = b.command("b3", "NOOP").await;
+    assert!(!r.iter().any(|l| l.starts_with("* FLAGS")), "told once: {r:?}");
+    let mut c = open(&s1, &stop).await;
+    ok(&c.command("c0", "LOGIN alice@example.org pw").await);
+    let r = c.command("c1", "EXAMINE INBOX").await;
+    assert!(
+        r.iter().any(|l| l.starts_with("* FLAGS (") && l.contains("$Gone")),
+        "{r:?}"
+    );
+    // a took the message as recent (it numbered it); its expunge by b
+    // moves a's count, and a is told.
+    let r = a.command("a5", "FETCH 1 (FLAGS)").await;
+    assert!(r[0].contains("\\Recent"), "{r:?}");
+    ok(&b.command("b4", "STORE 1 +FLAGS.SILENT (\\Deleted)").await);
+    ok(&b.command("b5", "EXPUNGE").await);
+    let r = a.command("a6", "NOOP").await;
+    let at = |line: &str| r.iter().position(|l| l == line);
+    assert!(at("* 1 EXPUNGE\r\n") < at("* 0 RECENT\r\n"), "{r:?}");
+    assert!(at("* 1 EXPUNGE\r\n").is_some(), "{r:?}");
+}

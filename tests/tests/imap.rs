@@ -267,9 +267,11 @@ async fn replies_to_every_command() {
         ("FETCH 1 BODY[TEXT]", "OK", &["* 1 FETCH (BODY[TEXT]"]),
         ("SELECT INBOX", "OK [READ-WRITE]", &["* 2 EXISTS", "[UNSEEN 1]"]),
         ("UID STORE 1 +FLAGS.SILENT (\\Deleted)", "OK", &["(none)"]),
-        ("EXPUNGE", "OK", &["* 1 EXPUNGE"]),
+        // The count of recent messages changed: RECENT says so (RFC 3501
+        // 7.3.2; imaptest's checkpoints add the sessions' counts up).
+        ("EXPUNGE", "OK", &["* 1 EXPUNGE", "* 1 RECENT"]),
         ("UID SEARCH ALL", "OK", &["* SEARCH 2"]),
-        ("UID MOVE 2 Sent", "OK", &["[COPYUID ", "* 1 EXPUNGE"]),
+        ("UID MOVE 2 Sent", "OK", &["[COPYUID ", "* 1 EXPUNGE", "* 0 RECENT"]),
         ("UID SEARCH ALL", "OK", &["* SEARCH"]),
         ("SELECT Sent", "OK [READ-WRITE]", &["* 2 EXISTS"]),
         ("UID SEARCH ALL", "OK", &["* SEARCH 1 2"]),
@@ -764,6 +766,46 @@ async fn imaplib_on_two_nodes_sees_the_same_uids_through_idle_and_a_kill() {
     nodes[1].restart().await.unwrap();
     let v = view_of(&nodes[1]).await.unwrap();
     assert_eq!(v, first);
+    a_keyword_is_told_to_every_session_of_the_folder(&nodes).await;
+}
+
+/// RFC 3501 7.2.6 as imaptest's checkpoints hold a server to it: a
+/// keyword set through one node and cleared again is in the FLAGS of a
+/// session selected on another node (told at its NOOP) and of a session
+/// that selects the folder later, though no message carries it any more.
+async fn a_keyword_is_told_to_every_session_of_the_folder(nodes: &[NodeProcess]) {
+    let login = format!("LOGIN carol@example.org \"{PASSWORD}\"");
+    let session = |n: &NodeProcess| {
+        let (addr, login) = (n.imap(), login.clone());
+        async move {
+            let (mut c, _) = Raw::connect(addr).await;
+            assert!(c.cmd("l", &login).await.1.starts_with("OK"));
+            let (lines, ok) = c.cmd("s", "SELECT INBOX").await;
+            assert!(ok.starts_with("OK"), "{ok}");
+            (c, lines)
+        }
+    };
+    let (mut watcher, _) = session(&nodes[1]).await;
+    let (mut setter, _) = session(&nodes[0]).await;
+    let (_, ok) = setter.cmd("a", "STORE 1 +FLAGS.SILENT ($Gone)").await;
+    assert!(ok.starts_with("OK"), "{ok}");
+    let (_, ok) = setter.cmd("b", "STORE 1 -FLAGS.SILENT ($Gone)").await;
+    assert!(ok.starts_with("OK"), "{ok}");
+    let flags_with_gone = |lines: &[String]| lines.iter().any(|l| l.starts_with("* FLAGS (") && l.contains("$Gone"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (lines, ok) = watcher.cmd("n", "NOOP").await;
+        assert!(ok.starts_with("OK"), "{ok}");
+        if flags_with_gone(&lines) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never told of $Gone: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // On the node that has applied the definition (a lagging node would
+    // tell it at its first NOOP instead).
+    let (_, lines) = session(&nodes[1]).await;
+    assert!(flags_with_gone(&lines), "a later SELECT: {lines:?}");
 }
 
 fn mbsync_config(dir: &std::path::Path, node: &NodeProcess) -> std::path::PathBuf {

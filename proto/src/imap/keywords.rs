@@ -57,6 +57,24 @@ impl Shown {
         new
     }
 
+    /// Keywords the folder defines (`membership::keywords`) that this
+    /// session was not told of: noted as announced now; empty when none
+    /// (or no room for more).
+    pub fn defined(&mut self, defined: &[String]) -> Vec<String> {
+        let mut new = Vec::new();
+        for k in defined {
+            let key = k.to_ascii_lowercase();
+            if !self.keywords.contains_key(&key)
+                && self.keywords.len() < KEYWORDS_SHOWN_MAX
+                && flag_of_name(k).is_some()
+            {
+                self.keywords.insert(key, k.clone());
+                new.push(k.clone());
+            }
+        }
+        new
+    }
+
     /// The `FLAGS` response and the `PERMANENTFLAGS` code that announce
     /// every keyword known now.
     pub fn announcement(&self) -> (Data<'static>, Status<'static>) {
@@ -106,5 +124,8 @@ mod tests {
         // A new FLAGS response replaces what was known.
         shown.told(&[Flag::Seen]);
         assert_eq!(shown.new_in(&fetch(&["work"])), ["work"]);
+        // What the folder defines is announced once.
+        assert_eq!(shown.defined(&["Work".into(), "$Label2".into()]), ["$Label2"]);
+        assert!(shown.defined(&["$label2".into()]).is_empty());
     }
 }

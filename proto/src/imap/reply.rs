@@ -188,16 +188,27 @@ pub fn name_of_flag(flag: &Flag<'_>) -> String {
     flag.to_string()
 }
 
-/// The FLAGS of a folder: the system flags and the keywords its messages
-/// carry (at most 256 of them).
-pub fn folder_flags<M: Message>(msgs: &[M]) -> Vec<Flag<'static>> {
+/// The FLAGS of a folder: the system flags, and the keywords it defines
+/// (`defined`) and its messages carry (at most 256 of them).
+pub fn folder_flags<M: Message>(msgs: &[M], defined: &[String]) -> Vec<Flag<'static>> {
     let mut out = vec![Flag::Answered, Flag::Flagged, Flag::Deleted, Flag::Seen, Flag::Draft];
-    let mut keywords: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
-    for m in msgs {
-        keywords.extend(m.flags().into_iter().filter(|f| !f.starts_with('\\')));
+    let mut keywords: std::collections::BTreeMap<String, &str> = std::collections::BTreeMap::new();
+    let in_use = msgs.iter().flat_map(|m| m.flags()).filter(|f| !f.starts_with('\\'));
+    for k in defined.iter().map(String::as_str).chain(in_use) {
+        keywords.entry(k.to_ascii_lowercase()).or_insert(k);
     }
-    out.extend(keywords.into_iter().take(256).filter_map(flag_of_name));
+    out.extend(keywords.into_values().take(256).filter_map(flag_of_name));
     out
+}
+
+/// The keywords `msgs` carry, once each (keywords match without regard
+/// to case).
+pub fn keywords_in_use<M: Message>(msgs: &[M]) -> Vec<String> {
+    let mut keywords: std::collections::BTreeMap<String, &str> = std::collections::BTreeMap::new();
+    for k in msgs.iter().flat_map(|m| m.flags()).filter(|f| !f.starts_with('\\')) {
+        keywords.entry(k.to_ascii_lowercase()).or_insert(k);
+    }
+    keywords.into_values().map(str::to_owned).collect()
 }
 
 pub fn internal_date(arrival_ms: u64) -> DateTime {
@@ -233,7 +244,7 @@ mod tests {
     #[test]
     fn flags_as_shown() {
         let msgs = vec![TestMsg::new(1, &["\\Seen", "$Junk"]), TestMsg::new(2, &["work"])];
-        let shown: Vec<String> = folder_flags(&msgs).iter().map(|f| f.to_string()).collect();
+        let shown: Vec<String> = folder_flags(&msgs, &[]).iter().map(|f| f.to_string()).collect();
         assert_eq!(
             shown,
             [

@@ -7,8 +7,9 @@ use imap_next::imap_types::flag::FlagPerm;
 use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Data, Status};
 use imap_next::imap_types::sequence::SequenceSet;
+use membership::keywords::{KEYWORDS_PER_FOLDER_MAX, valid_keyword};
 use quill_proto::imap::folders::{self, Folder};
-use quill_proto::imap::reply::{folder_flags, nz, ok, unavailable};
+use quill_proto::imap::reply::{folder_flags, keywords_in_use, nz, ok, unavailable};
 use quill_proto::imap::sets::set_contains;
 use quill_proto::imap::{Message, sets, sync};
 use replication::replica::Listed;
@@ -131,7 +132,8 @@ impl Handler {
         }
         let n_recent = recent.len() + unclaimed;
         self.recent_held.insert(folder.id.clone(), held);
-        let flags = folder_flags(&msgs);
+        let defined = self.folder_keywords(&seq, keywords_in_use(&msgs)).await;
+        let flags = folder_flags(&msgs, &defined);
         let mut permanent: Vec<FlagPerm<'static>> = flags.iter().cloned().map(Into::into).collect();
         permanent.push(FlagPerm::Asterisk);
         self.data(Data::Flags(flags));
@@ -151,6 +153,9 @@ impl Handler {
             uid_next,
             msgs,
             keywords: Default::default(),
+            // EXAMINE counts claims it does not take: none is this
+            // session's to tell of later.
+            told_recent: recent.len(),
             recent,
         }));
         if read_only {
@@ -217,8 +222,9 @@ impl Handler {
                 );
             }
         }
-        let present: std::collections::HashSet<u32> = sel.msgs.iter().map(|m| m.uid).collect();
-        sel.recent.retain(|u| present.contains(u));
+        let news = sel.recent_news();
+        let recent_now = sel.recent.len() as u32;
+        let in_use = keywords_in_use(&sel.msgs);
         for m in &mut sel.msgs {
             m.recent = sel.recent.contains(&m.uid);
         }
@@ -229,11 +235,48 @@ impl Handler {
             .map(|m| m.listed.meta.id.0)
             .collect();
         self.recent_held.insert(folder.id.clone(), held);
-        // RECENT goes with EXISTS (RFC 3501 7.3.2: the count may change).
-        if let Some(i) = out.iter().rposition(|d| matches!(d, Data::Exists(_))) {
-            out.insert(i + 1, Data::Recent(sel.recent.len() as u32));
+        // Keywords defined for the folder elsewhere (RFC 3501 7.2.6: every
+        // session of a folder is told the same keywords, a keyword no
+        // message carries any more too), announced before the changes.
+        let seq = sequence_name(&user, &folder.id);
+        let defined = self.folder_keywords(&seq, in_use).await;
+        if let Phase::Selected(sel) = &mut self.phase
+            && !sel.keywords.defined(&defined).is_empty()
+        {
+            let (flags, permanent) = sel.keywords.announcement();
+            self.data(flags);
+            self.status(permanent);
+        }
+        // RECENT goes with EXISTS, and follows EXPUNGE when the count
+        // moved (RFC 3501 7.3.2); a client that counts on it sees no other
+        // sign of it.
+        match (out.iter().rposition(|d| matches!(d, Data::Exists(_))), news) {
+            (Some(i), _) => out.insert(i + 1, Data::Recent(recent_now)),
+            (None, Some(news)) => out.push(news),
+            (None, None) => {}
         }
         out
+    }
+
+    /// The keywords folder `seq` defines, after defining those of
+    /// `in_use` it did not (`membership::keywords`): a session that uses or
+    /// first sees a keyword makes it known to every session of the folder.
+    pub(super) async fn folder_keywords(&self, seq: &str, in_use: Vec<String>) -> Vec<String> {
+        let defined = self.services.uids.keywords(seq);
+        if defined.len() >= KEYWORDS_PER_FOLDER_MAX {
+            return defined;
+        }
+        let missing: Vec<String> = in_use
+            .into_iter()
+            .filter(|k| valid_keyword(k) && !defined.iter().any(|d| d.eq_ignore_ascii_case(k)))
+            .collect();
+        if missing.is_empty() {
+            return defined;
+        }
+        if let Err(e) = self.services.uids.define_keywords(seq, missing).await {
+            debug!(seq, error = %e, "keywords not defined for the folder now");
+        }
+        self.services.uids.keywords(seq)
     }
 
     /// Whether `folder` is the one selected.
@@ -298,9 +341,13 @@ impl Handler {
             i += 1;
             !gone[i - 1]
         });
+        let news = sel.recent_news();
         if tell {
             for i in positions.into_iter().rev() {
                 self.data(Data::Expunge(nz(i as u32 + 1)));
+            }
+            if let Some(news) = news {
+                self.data(news);
             }
         }
     }

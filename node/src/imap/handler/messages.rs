@@ -141,6 +141,7 @@ impl Handler {
             changes.push((i, m.listed.clone(), flag_change(&m.listed, &edits, hlc)));
         }
         let user = sel.user.clone();
+        let sel_folder = sel.folder.id.clone();
         let to_send: Vec<(Listed, MarkChange)> = changes
             .iter()
             .filter(|(_, _, c)| !c.flags.is_empty())
@@ -150,6 +151,13 @@ impl Handler {
             return unavailable(tag, "the flags could not be stored now, try again");
         }
         self.services.counters().imap_stores.inc();
+        // A keyword set here is defined for the folder before the client
+        // hears of it, so every session of the folder is told of it.
+        if kind != StoreType::Remove && !to_send.is_empty() {
+            let seq = crate::uids::sequence_name(&user, &sel_folder);
+            let keywords = names.iter().filter(|n| !n.starts_with('\\')).cloned().collect();
+            self.folder_keywords(&seq, keywords).await;
+        }
         let Phase::Selected(sel) = &mut self.phase else {
             unreachable!("the selected state")
         };

@@ -67,6 +67,22 @@ pub struct Selected {
     pub keywords: Shown,
     /// The UIDs `\Recent` to this session (`membership::recent`).
     pub recent: std::collections::HashSet<u32>,
+    /// The count the last RECENT response gave: RFC 3501 7.3.2 sends
+    /// RECENT whenever it changes, an expunge of a recent message too.
+    pub told_recent: usize,
+}
+
+impl Selected {
+    /// A RECENT response when the session's count moved since it was last
+    /// told (after new mail, or the expunge of a recent message).
+    pub fn recent_news(&mut self) -> Option<imap_next::imap_types::response::Data<'static>> {
+        let present: std::collections::HashSet<u32> = self.msgs.iter().map(|m| m.uid).collect();
+        self.recent.retain(|u| present.contains(u));
+        (self.recent.len() != self.told_recent).then(|| {
+            self.told_recent = self.recent.len();
+            imap_next::imap_types::response::Data::Recent(self.told_recent as u32)
+        })
+    }
 }
 
 pub enum Phase {

@@ -681,3 +681,20 @@ impl Drop for Partition {
         self.heal();
     }
 }
+
+/// User plus system CPU time of process `pid` so far (Linux /proc), for
+/// the benchmarks' `server_cpu_us` (node CPU per delivery).
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    Ok(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// The CPU seconds of processes `pids` so far, summed.
+pub fn pids_cpu_secs(pids: &[u32]) -> anyhow::Result<f64> {
+    pids.iter().map(|p| cpu_secs(*p)).sum()
+}

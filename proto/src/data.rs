@@ -13,7 +13,7 @@
 //! reading that is safe everywhere (RFC 5321 §2.3.8: bare CR and LF "MUST
 //! NOT" be sent).
 
-use crate::line::Line;
+use crate::line::{Line, LineRef};
 
 /// The longest line accepted inside a message, CRLF included. RFC 5322's
 /// 998 characters are broken by real senders (long HTML lines, base64
@@ -81,12 +81,20 @@ impl DataReader {
     pub fn line(&mut self, line: &Line) -> Step {
         match line {
             Line::Ok(l) => self.whole_line(l),
-            Line::TooLong { crlf } => {
+            Line::TooLong { crlf } => self.line_ref(LineRef::TooLong { crlf: *crlf }),
+            Line::Eof | Line::Idle => Step::More,
+        }
+    }
+
+    /// Takes one line as [`crate::line::LineSplitter::next_in`] lends it.
+    pub fn line_ref(&mut self, line: LineRef<'_>) -> Step {
+        match line {
+            LineRef::Ok(l) => self.whole_line(l),
+            LineRef::TooLong { crlf } => {
                 self.refuse(Refusal::LineTooLong);
-                self.after_crlf = *crlf;
+                self.after_crlf = crlf;
                 Step::More
             }
-            Line::Eof | Line::Idle => Step::More,
         }
     }
 

@@ -17,6 +17,17 @@ pub enum Line {
     Idle,
 }
 
+/// A line as [`LineSplitter::next_in`] lends it: borrowed from the bytes
+/// offered (or from the splitter, for a line that crossed reads), copied
+/// nowhere.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum LineRef<'a> {
+    /// A whole line, terminator included.
+    Ok(&'a [u8]),
+    /// Longer than allowed, read and thrown away; see [`Line::TooLong`].
+    TooLong { crlf: bool },
+}
+
 /// Cuts lines of at most `max_bytes` (terminator included) out of the
 /// bytes offered to it, whatever their chunking: memory stays bounded by
 /// `max_bytes` whatever the client sends.
@@ -28,6 +39,8 @@ pub struct LineSplitter {
     /// The last byte consumed, to tell `\r\n` from a bare `\n` when the
     /// line itself was thrown away.
     last: u8,
+    /// `line` holds a line [`Self::next_in`] lent: cleared at the next call.
+    lent: bool,
 }
 
 impl LineSplitter {
@@ -37,13 +50,14 @@ impl LineSplitter {
             line: Vec::new(),
             too_long: false,
             last: 0,
+            lent: false,
         }
     }
 
     /// Takes what it can of `available`: how many bytes it consumed, and
     /// the line they completed, if they did.
     pub fn push(&mut self, available: &[u8]) -> (usize, Option<Line>) {
-        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+        let (chunk, done) = match memchr::memchr(b'\n', available) {
             Some(i) => (&available[..=i], true),
             None => (available, false),
         };
@@ -72,6 +86,40 @@ impl LineSplitter {
             Line::Ok(std::mem::take(&mut self.line))
         };
         (n, Some(line))
+    }
+
+    /// As [`Self::push`], lending the line instead of giving it: a line
+    /// that lies whole in `available` is a slice of it (no copy, no
+    /// allocation: a DATA body is read this way); one that began in an
+    /// earlier read is the splitter's, until the next call.
+    pub fn next_in<'a>(&'a mut self, available: &'a [u8]) -> (usize, Option<LineRef<'a>>) {
+        if self.lent {
+            self.line.clear();
+            self.lent = false;
+        }
+        if self.line.is_empty() && !self.too_long {
+            if let Some(i) = memchr::memchr(b'\n', available) {
+                let n = i + 1;
+                self.last = b'\n';
+                if n <= self.max_bytes {
+                    return (n, Some(LineRef::Ok(&available[..n])));
+                }
+                let crlf = n >= 2 && available[n - 2] == b'\r';
+                return (n, Some(LineRef::TooLong { crlf }));
+            }
+        }
+        let (n, line) = self.push(available);
+        match line {
+            None => (n, None),
+            Some(Line::Ok(l)) => {
+                // Lent from the splitter's own buffer, kept for the next line.
+                self.line = l;
+                self.lent = true;
+                (n, Some(LineRef::Ok(&self.line)))
+            }
+            Some(Line::TooLong { crlf }) => (n, Some(LineRef::TooLong { crlf })),
+            Some(Line::Eof | Line::Idle) => (n, None),
+        }
     }
 
     /// Every line of `data` offered in chunks of `chunk` bytes (tests and
@@ -125,6 +173,40 @@ mod tests {
             lines(b"123456789\r\n", 7),
             vec![Line::TooLong { crlf: true }, Line::Eof]
         );
+    }
+
+    /// What `next_in` lends, owned, for every line of `data` offered in
+    /// chunks of `chunk` bytes.
+    fn lent_lines(max: usize, data: &[u8], chunk: usize) -> Vec<Line> {
+        let mut s = LineSplitter::new(max);
+        let mut out = Vec::new();
+        for piece in data.chunks(chunk.max(1)) {
+            let mut rest = piece;
+            while !rest.is_empty() {
+                let (n, line) = s.next_in(rest);
+                out.extend(line.map(|l| match l {
+                    LineRef::Ok(b) => Line::Ok(b.to_vec()),
+                    LineRef::TooLong { crlf } => Line::TooLong { crlf },
+                }));
+                rest = &rest[n..];
+            }
+        }
+        out.push(Line::Eof);
+        out
+    }
+
+    #[test]
+    fn lent_lines_are_the_lines_pushed_whatever_the_chunks() {
+        let input = b"ab\r\ncdefghij\r\nk\n\r\n1234567\r\n.\r\nx\ny\rz\r\npartial";
+        for max in [3, 6, 7, 8, 64] {
+            for chunk in [1, 2, 3, 4, 5, 7, 11, 64] {
+                assert_eq!(
+                    lent_lines(max, input, chunk),
+                    LineSplitter::split_all(max, input, chunk),
+                    "max {max} chunk {chunk}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 
 use super::ms;
 use crate::bench::{self, DeliverPlan};
 use crate::fresh_loopback;
-use crate::process::{NodeOptions, NodeProcess};
+use crate::process::{NodeOptions, NodeProcess, cpu_secs};
 
 /// Which delivery protocols to measure.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,7 +58,10 @@ pub async fn bench_node(
             node.metric("quill_store_ops_total").await?,
         );
         let plan = DeliverPlan::bench(vec![addr], lmtp, messages, connections, users, seed);
+        let pid = node.pid().context("the node's pid")?;
+        let cpu0 = cpu_secs(pid)?;
         let d = bench::deliver(plan).await;
+        let cpu = cpu_secs(pid)? - cpu0;
         let fs1 = (
             node.metric("quill_store_fsyncs_total").await?,
             node.metric("quill_store_ops_total").await?,
@@ -66,7 +69,7 @@ pub async fn bench_node(
         let bytes: usize = d.acked.iter().map(|s| s.size).sum();
         println!(
             "deliver proto={} n={messages} c={connections} ok={} failed={} mean_size={} secs={:.2} msgs_per_sec={:.1} \
-             lat_ms_p50={} p99={} fsyncs={} ops_per_fsync={:.1}",
+             lat_ms_p50={} p99={} fsyncs={} ops_per_fsync={:.1} server_cpu_us={:.0}",
             if lmtp { "lmtp" } else { "smtp" },
             d.acked.len(),
             d.unknown.len(),
@@ -77,6 +80,7 @@ pub async fn bench_node(
             ms(&d.latencies_ms, 99.0),
             fs1.0 - fs0.0,
             (fs1.1 - fs0.1) / (fs1.0 - fs0.0).max(1.0),
+            cpu / d.acked.len().max(1) as f64 * 1e6,
         );
         if let Some(e) = d.errors.first() {
             println!("  first error: {e}");

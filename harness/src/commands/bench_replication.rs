@@ -48,7 +48,7 @@ pub async fn bench_replication(
             .with_context(|| format!("bad config {c:?}: want NODES:R"))?;
         pairs.push((n.parse::<usize>()?, r.parse::<usize>()?));
     }
-    let mut rows: Vec<(usize, usize, f64, f64, f64, u64, u64)> = Vec::new();
+    let mut rows: Vec<(usize, usize, f64, f64, f64, u64, u64, f64)> = Vec::new();
     for (i, &(n, r)) in pairs.iter().enumerate() {
         // Each run on a subnet of its own, started the way `up` starts a
         // cluster; the nodes are stopped at the end of the run, or when
@@ -82,7 +82,12 @@ pub async fn bench_replication(
         }
         let addrs = nodes.iter().map(|x| x.smtp()).collect();
         let plan = DeliverPlan::bench(addrs, false, messages, connections, users, seed);
+        let pids: Vec<u32> = ClusterState::load(&base)?.nodes.iter().filter_map(|n| n.pid).collect();
+        anyhow::ensure!(pids.len() == n, "the pids of {n} nodes");
+        let cpu0 = crate::process::pids_cpu_secs(&pids)?;
         let d = bench::deliver(plan).await;
+        // Every node's CPU per acknowledged delivery (R copies each).
+        let cpu_us = (crate::process::pids_cpu_secs(&pids)? - cpu0) / d.acked.len().max(1) as f64 * 1e6;
         let s = nodes[0].status().await?;
         let entries: u64 = s["nodes"]
             .as_array()
@@ -92,7 +97,7 @@ pub async fn bench_replication(
         let rate = d.acked.len() as f64 / d.secs;
         println!(
             "nodes={n} replicas={r} ok={} failed={} secs={:.2} msgs_per_sec={rate:.1} lat_ms_p50={} p99={} \
-             entries={entries} under_replicated={under}",
+             entries={entries} under_replicated={under} server_cpu_us={cpu_us:.0}",
             d.acked.len(),
             d.unknown.len(),
             d.secs,
@@ -107,16 +112,19 @@ pub async fn bench_replication(
             percentile(&d.latencies_ms, 99.0),
             entries,
             under,
+            cpu_us,
         ));
         run.stop()?;
     }
     println!();
-    println!("| nodes | R | msgs/s | vs first | p50 ms | p99 ms | entries stored | under-replicated |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| nodes | R | msgs/s | vs first | p50 ms | p99 ms | entries stored | under-replicated | CPU µs/msg (all nodes) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let first = rows.first().map_or(1.0, |r| r.2);
-    for (n, r, rate, p50, p99, entries, under) in rows {
+    for (n, r, rate, p50, p99, entries, under, cpu_us) in rows {
         println!(
-            "| {n} | {r} | {rate:.0} | {:.0} % | {p50:.1} | {p99:.1} | {entries} | {under} |",
+            "| {n} | {r} | {rate:.0} | {:.0} % | {p50:.1} | {p99:.1} | {entries} | {under} | {cpu_us:.0} |",
             100.0 * rate / first
         );
     }

@@ -16,17 +16,7 @@ use anyhow::{Context, bail};
 use crate::bench::{self, DeliverPlan};
 use crate::client::{SmtpClient, Tls};
 use crate::fresh_loopback;
-use crate::process::{NodeOptions, NodeProcess};
-
-/// User plus system CPU time of process `pid` so far (Linux /proc).
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
-}
+use crate::process::{NodeOptions, NodeProcess, cpu_secs};
 
 /// Totals of one kind of operation over its rounds.
 #[derive(Default)]

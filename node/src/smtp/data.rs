@@ -6,15 +6,15 @@
 use std::time::Duration;
 
 use quill_proto::data::{DATA_LINE_BYTES_MAX, DataReader, Refusal, Step};
+use quill_proto::line::LineSplitter;
 use quill_proto::message::{from_all, is_loop};
 use quill_proto::smtp::{Mode, REPLY_DATA_GO_AHEAD, Reply, data_reply, refusal_reply, unique_recipients};
 use replication::replica::DeliverOutcome;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::Session;
 use crate::metrics::Latencies;
-use crate::net::conn::Line;
 use crate::services::DATA_BUDGET_CHUNK;
 use crate::time::now_ms;
 
@@ -166,16 +166,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // chunks as the message grows (see `Services::data_budget`).
         let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let mut budget_bytes: usize = 0;
+        // Every line the last read holds is taken at once, lent from the
+        // read buffer: one timer per read, no copy or allocation per line.
+        let mut splitter = LineSplitter::new(DATA_LINE_BYTES_MAX);
         loop {
             // The transfer as a whole must keep up the minimum rate: the
-            // next line is due when the bytes so far stop paying for the
+            // next bytes are due when the bytes so far stop paying for the
             // time taken (and within the idle timeout in any case).
             let allowed = grace + Duration::from_secs_f64(received as f64 / rate as f64);
             let left = allowed.saturating_sub(start.elapsed());
-            let line = self.io.read_line(DATA_LINE_BYTES_MAX, left.min(idle)).await?;
-            match line {
-                Line::Eof => return Ok(Body::Closed),
-                Line::Idle if left <= idle => {
+            let wait = left.min(idle);
+            let available = match tokio::time::timeout(wait, self.io.r.fill_buf()).await {
+                Ok(r) => r?,
+                Err(_) if left <= idle => {
                     self.services.counters().limit_refusals.inc();
                     self.io
                         .reply("421 4.4.2 Message transfer too slow, closing connection")
@@ -183,33 +186,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.io.flush().await?;
                     return Ok(Body::Closed);
                 }
-                Line::Idle => {
+                Err(_) => {
                     self.io.reply("421 4.4.2 Idle timeout, closing connection").await?;
                     self.io.flush().await?;
                     return Ok(Body::Closed);
                 }
-                Line::Ok(ref l) => received += l.len() as u64,
-                Line::TooLong { .. } => received += DATA_LINE_BYTES_MAX as u64,
+            };
+            if available.is_empty() {
+                return Ok(Body::Closed);
             }
-            let step = reader.line(&line);
-            while reader.held() > budget_bytes {
-                match self.services.data_budget.clone().try_acquire_owned() {
-                    Ok(p) => {
-                        match budget.as_mut() {
-                            Some(b) => b.merge(p),
-                            None => budget = Some(p),
+            let mut used = 0;
+            let mut ended = None;
+            while used < available.len() {
+                let (n, line) = splitter.next_in(&available[used..]);
+                used += n;
+                received += n as u64;
+                let Some(line) = line else { break };
+                let step = reader.line_ref(line);
+                while reader.held() > budget_bytes {
+                    match self.services.data_budget.clone().try_acquire_owned() {
+                        Ok(p) => {
+                            match budget.as_mut() {
+                                Some(b) => b.merge(p),
+                                None => budget = Some(p),
+                            }
+                            budget_bytes += DATA_BUDGET_CHUNK;
                         }
-                        budget_bytes += DATA_BUDGET_CHUNK;
-                    }
-                    Err(_) => {
-                        self.services.counters().limit_refusals.inc();
-                        reader.refuse(Refusal::NoMemory);
-                        budget = None;
-                        budget_bytes = 0;
+                        Err(_) => {
+                            self.services.counters().limit_refusals.inc();
+                            reader.refuse(Refusal::NoMemory);
+                            budget = None;
+                            budget_bytes = 0;
+                        }
                     }
                 }
+                if let Step::End(outcome) = step {
+                    ended = Some(outcome);
+                    break;
+                }
             }
-            if let Step::End(outcome) = step {
+            // What follows the end of the message stays for the commands.
+            self.io.r.consume(used);
+            if let Some(outcome) = ended {
                 return Ok(match outcome {
                     Ok(body) => Body::Ok(body, budget),
                     Err(r) => Body::Refused(r),

@@ -97,16 +97,17 @@ impl LineSplitter {
             self.line.clear();
             self.lent = false;
         }
-        if self.line.is_empty() && !self.too_long {
-            if let Some(i) = memchr::memchr(b'\n', available) {
-                let n = i + 1;
-                self.last = b'\n';
-                if n <= self.max_bytes {
-                    return (n, Some(LineRef::Ok(&available[..n])));
-                }
-                let crlf = n >= 2 && available[n - 2] == b'\r';
-                return (n, Some(LineRef::TooLong { crlf }));
+        if self.line.is_empty()
+            && !self.too_long
+            && let Some(i) = memchr::memchr(b'\n', available)
+        {
+            let n = i + 1;
+            self.last = b'\n';
+            if n <= self.max_bytes {
+                return (n, Some(LineRef::Ok(&available[..n])));
             }
+            let crlf = n >= 2 && available[n - 2] == b'\r';
+            return (n, Some(LineRef::TooLong { crlf }));
         }
         let (n, line) = self.push(available);
         match line {

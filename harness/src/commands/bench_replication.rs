@@ -32,6 +32,19 @@ impl Drop for Run {
     }
 }
 
+/// One NODES:R run's figures.
+struct Row {
+    n: usize,
+    r: usize,
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    entries: u64,
+    under: u64,
+    /// The nodes' CPU per acknowledged delivery, all nodes together.
+    cpu_us: f64,
+}
+
 pub async fn bench_replication(
     configs: Vec<String>,
     messages: u64,
@@ -48,7 +61,7 @@ pub async fn bench_replication(
             .with_context(|| format!("bad config {c:?}: want NODES:R"))?;
         pairs.push((n.parse::<usize>()?, r.parse::<usize>()?));
     }
-    let mut rows: Vec<(usize, usize, f64, f64, f64, u64, u64, f64)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     for (i, &(n, r)) in pairs.iter().enumerate() {
         // Each run on a subnet of its own, started the way `up` starts a
         // cluster; the nodes are stopped at the end of the run, or when
@@ -104,16 +117,16 @@ pub async fn bench_replication(
             ms(&d.latencies_ms, 50.0),
             ms(&d.latencies_ms, 99.0),
         );
-        rows.push((
+        rows.push(Row {
             n,
             r,
             rate,
-            percentile(&d.latencies_ms, 50.0),
-            percentile(&d.latencies_ms, 99.0),
+            p50: percentile(&d.latencies_ms, 50.0),
+            p99: percentile(&d.latencies_ms, 99.0),
             entries,
             under,
             cpu_us,
-        ));
+        });
         run.stop()?;
     }
     println!();
@@ -121,8 +134,18 @@ pub async fn bench_replication(
         "| nodes | R | msgs/s | vs first | p50 ms | p99 ms | entries stored | under-replicated | CPU µs/msg (all nodes) |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let first = rows.first().map_or(1.0, |r| r.2);
-    for (n, r, rate, p50, p99, entries, under, cpu_us) in rows {
+    let first = rows.first().map_or(1.0, |r| r.rate);
+    for Row {
+        n,
+        r,
+        rate,
+        p50,
+        p99,
+        entries,
+        under,
+        cpu_us,
+    } in rows
+    {
         println!(
             "| {n} | {r} | {rate:.0} | {:.0} % | {p50:.1} | {p99:.1} | {entries} | {under} | {cpu_us:.0} |",
             100.0 * rate / first

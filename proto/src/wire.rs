@@ -96,19 +96,35 @@ pub enum FrameError {
     Encode(#[from] bincode::error::EncodeError),
 }
 
-/// A frame of a connection of protocol `p`: `deadline` is the caller's
-/// budget (0 in replies).
-pub fn encode<T: Serialize>(v: &T, deadline: Duration, p: Protocol) -> Result<Vec<u8>, FrameError> {
-    let body = bincode::serde::encode_to_vec(v, bincode::config::standard())?;
-    if body.len() > FRAME_BYTES_MAX {
-        return Err(FrameError::TooLarge(body.len()));
+/// Counts what is written to it (a frame's size before it is built).
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
     }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A frame of a connection of protocol `p`: `deadline` is the caller's
+/// budget (0 in replies). Its size is counted first, then the body is
+/// encoded in place after the header: a message body is copied once.
+pub fn encode<T: Serialize>(v: &T, deadline: Duration, p: Protocol) -> Result<Vec<u8>, FrameError> {
     let deadline_ms = u32::try_from(deadline.as_millis()).unwrap_or(u32::MAX);
-    let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
+    let size = bincode::serde::encode_into_std_write(v, &mut Counter(0), bincode::config::standard())?;
+    if size > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge(size));
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + size);
     out.extend_from_slice(&p.frame_version().to_le_bytes());
     out.extend_from_slice(&deadline_ms.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let n = bincode::serde::encode_into_std_write(v, &mut out, bincode::config::standard())?;
+    debug_assert_eq!(n, size);
+    out[HEADER_BYTES - 4..HEADER_BYTES].copy_from_slice(&(n as u32).to_le_bytes());
     Ok(out)
 }
 

@@ -74,6 +74,7 @@ pub enum Request {
         arrival_ms: u64,
         folder: String,
         groups: Vec<(Vec<NodeId>, Vec<String>)>,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
         /// The view epoch the sender placed the message by, and the users
         /// whose targets it chose without their manager: the receiver tells
@@ -204,6 +205,7 @@ pub enum Reply {
         entries: Vec<EntryMeta>,
     },
     Body {
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     Tombstoned {
@@ -320,3 +322,50 @@ impl From<crate::StoreError> for ReplicaError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the mailbox is locked by another session")]
 pub struct MailboxInUse;
+
+#[cfg(test)]
+mod wire_tests {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct Plain {
+        a: u32,
+        body: Vec<u8>,
+    }
+
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct AsBytes {
+        a: u32,
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+    }
+
+    /// A body sent as one byte string is the same bytes on the wire as the
+    /// sequence of u8 a release before sent: either side reads the other.
+    #[test]
+    fn bodies_as_byte_strings_keep_the_wire() {
+        let body: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+        let cfg = bincode::config::standard();
+        let plain = bincode::serde::encode_to_vec(
+            Plain {
+                a: 7,
+                body: body.clone(),
+            },
+            cfg,
+        )
+        .unwrap();
+        let bytes = bincode::serde::encode_to_vec(
+            AsBytes {
+                a: 7,
+                body: body.clone(),
+            },
+            cfg,
+        )
+        .unwrap();
+        assert_eq!(plain, bytes);
+        let (back, _): (AsBytes, usize) = bincode::serde::decode_from_slice(&plain, cfg).unwrap();
+        assert_eq!(back.body, body);
+        let (back, _): (Plain, usize) = bincode::serde::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!(back.body, body);
+    }
+}

@@ -50,6 +50,18 @@ pub struct DeliverPlan {
     pub max_duration: Duration,
     /// STARTTLS at the start of every session.
     pub starttls: Option<Tls>,
+    /// MAIL, RCPT and DATA in one write (RFC 2920), as Postfix sends.
+    pub pipelining: bool,
+}
+
+/// How much a benchmark delivers, over how many connections, to whom, and
+/// how.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub messages: u64,
+    pub connections: usize,
+    pub users: u32,
+    pub pipelining: bool,
 }
 
 impl DeliverPlan {
@@ -68,6 +80,15 @@ impl DeliverPlan {
             max_errors: 50,
             max_duration: Duration::from_secs(900),
             starttls: None,
+            pipelining: false,
+        }
+    }
+
+    /// The benchmarks' plan for `load`.
+    pub fn for_load(addrs: Vec<SocketAddr>, lmtp: bool, load: Load, seed: u64) -> Self {
+        DeliverPlan {
+            pipelining: load.pipelining,
+            ..DeliverPlan::bench(addrs, lmtp, load.messages, load.connections, load.users, seed)
         }
     }
 
@@ -123,7 +144,11 @@ pub async fn deliver(plan: DeliverPlan) -> DeliverOutcome {
                         });
                     }
                     let s = session.as_mut().expect("connected");
-                    s.send_mail("loadgen@remote.test", &[&user], &body).await
+                    if plan.pipelining {
+                        s.send_mail_pipelined("loadgen@remote.test", &[&user], &body).await
+                    } else {
+                        s.send_mail("loadgen@remote.test", &[&user], &body).await
+                    }
                 }
                 .await;
                 let mut o = out.lock().expect("lock");

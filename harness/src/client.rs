@@ -259,6 +259,48 @@ impl SmtpClient {
         Ok(replies)
     }
 
+    /// As [`Self::send_mail`], pipelined (RFC 2920), as Postfix sends:
+    /// MAIL, every RCPT and DATA in one write, their replies read after;
+    /// then the body. A refused recipient is an error naming it; the
+    /// others still get the message when DATA was taken (as Postfix does:
+    /// after 354 the message is sent), and the session goes on.
+    pub async fn send_mail_pipelined(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> anyhow::Result<Vec<Reply>> {
+        let mut group = format!("MAIL FROM:<{from}>\r\n");
+        for rcpt in rcpts {
+            group.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
+        }
+        group.push_str("DATA\r\n");
+        self.c.send(group.as_bytes()).await?;
+        let mail = read_reply(&mut self.c).await?;
+        let mut refused = None;
+        let mut accepted = 0;
+        for rcpt in rcpts {
+            let r = read_reply(&mut self.c).await?;
+            if r.code == 250 {
+                accepted += 1;
+            } else if refused.is_none() {
+                refused = Some(format!("RCPT {rcpt}: {r:?}"));
+            }
+        }
+        let data = read_reply(&mut self.c).await?;
+        if mail.code != 250 {
+            refused.get_or_insert(format!("MAIL: {mail:?}"));
+        }
+        if data.code != 354 {
+            bail!(refused.unwrap_or(format!("DATA: {data:?}")));
+        }
+        self.c.send(&dot_stuff(body)).await?;
+        let n = if self.lmtp { accepted } else { 1 };
+        let mut replies = Vec::with_capacity(n);
+        for _ in 0..n {
+            replies.push(read_reply(&mut self.c).await?);
+        }
+        if let Some(why) = refused {
+            bail!(why);
+        }
+        Ok(replies)
+    }
+
     pub async fn quit(mut self) -> anyhow::Result<()> {
         let _ = self.command("QUIT").await?;
         Ok(())

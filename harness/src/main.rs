@@ -302,6 +302,21 @@ struct Amount {
     /// Users user0001..userNNNN@example.com, password passNNNN (as the Dovecot baseline).
     #[arg(long, default_value_t = 100)]
     users: u32,
+    /// Send MAIL, RCPT and DATA in one write (RFC 2920 PIPELINING), as
+    /// Postfix does; without it every command waits for its reply.
+    #[arg(long)]
+    pipelining: bool,
+}
+
+impl Amount {
+    fn load(self) -> quill_harness::bench::Load {
+        quill_harness::bench::Load {
+            messages: self.messages,
+            connections: self.connections,
+            users: self.users,
+            pipelining: self.pipelining,
+        }
+    }
 }
 
 /// Which cluster a command talks to.
@@ -505,7 +520,7 @@ fn main() -> anyhow::Result<()> {
                 dir,
                 log,
                 seed,
-            } => bench_node(a.messages, a.connections, a.users, proto, dir, log, seed).await,
+            } => bench_node(a.load(), proto, dir, log, seed).await,
             Cmd::BenchTls {
                 messages,
                 connections,
@@ -519,7 +534,7 @@ fn main() -> anyhow::Result<()> {
                 amount: a,
                 dir,
                 seed,
-            } => bench_replication(configs, a.messages, a.connections, a.users, dir, seed).await,
+            } => bench_replication(configs, a.load(), dir, seed).await,
         }
     })
 }

@@ -144,6 +144,30 @@ async fn pipelined_transaction_gets_replies_in_order() {
     assert_eq!(codes, vec![250, 250, 550, 354]);
     let r = s.raw(b"Subject: p\r\n\r\nx\r\n.\r\n").await.unwrap();
     assert_eq!(r.code, 250, "{r:?}");
+    // The load generator's pipelined transactions (bench --pipelining),
+    // over SMTP and LMTP: delivered; a refused recipient is an error by
+    // name and the session goes on.
+    for (addr, lmtp) in [(node.smtp(), false), (node.lmtp(), true)] {
+        let mut c = SmtpClient::connect(addr, lmtp).await.unwrap();
+        let r = c
+            .send_mail_pipelined("x@remote.test", &["alice@example.org", "bob@example.org"], MSG)
+            .await
+            .unwrap();
+        assert!(
+            r.iter().all(|r| r.code == 250) && r.len() == if lmtp { 2 } else { 1 },
+            "{r:?}"
+        );
+        let e = c
+            .send_mail_pipelined("x@remote.test", &["alice@example.org", "nobody@example.org"], MSG)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nobody@example.org"), "{e}");
+        let r = c
+            .send_mail_pipelined("x@remote.test", &["bob@example.org"], MSG)
+            .await
+            .unwrap();
+        assert_eq!(r[0].code, 250, "{r:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

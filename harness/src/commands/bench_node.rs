@@ -19,14 +19,18 @@ pub enum Proto {
 }
 
 pub async fn bench_node(
-    messages: u64,
-    connections: usize,
-    users: u32,
+    load: bench::Load,
     proto: Proto,
     dir: Option<PathBuf>,
     log: String,
     seed: u64,
 ) -> anyhow::Result<()> {
+    let bench::Load {
+        messages,
+        connections,
+        users,
+        pipelining,
+    } = load;
     let (_temp, dir) = crate::process::or_fresh(dir, "bench")?;
     let mut opts = NodeOptions::new(dir.join("node"), fresh_loopback())?;
     opts.log = log;
@@ -57,7 +61,7 @@ pub async fn bench_node(
             node.metric("quill_store_fsyncs_total").await?,
             node.metric("quill_store_ops_total").await?,
         );
-        let plan = DeliverPlan::bench(vec![addr], lmtp, messages, connections, users, seed);
+        let plan = DeliverPlan::for_load(vec![addr], lmtp, load, seed);
         let pid = node.pid().context("the node's pid")?;
         let cpu0 = cpu_secs(pid)?;
         let d = bench::deliver(plan).await;
@@ -68,7 +72,7 @@ pub async fn bench_node(
         );
         let bytes: usize = d.acked.iter().map(|s| s.size).sum();
         println!(
-            "deliver proto={} n={messages} c={connections} ok={} failed={} mean_size={} secs={:.2} msgs_per_sec={:.1} \
+            "deliver proto={} pipelining={pipelining} n={messages} c={connections} ok={} failed={} mean_size={} secs={:.2} msgs_per_sec={:.1} \
              lat_ms_p50={} p99={} fsyncs={} ops_per_fsync={:.1} server_cpu_us={:.0}",
             if lmtp { "lmtp" } else { "smtp" },
             d.acked.len(),

@@ -47,12 +47,11 @@ struct Row {
 
 pub async fn bench_replication(
     configs: Vec<String>,
-    messages: u64,
-    connections: usize,
-    users: u32,
+    load: bench::Load,
     dir: Option<PathBuf>,
     seed: u64,
 ) -> anyhow::Result<()> {
+    let users = load.users;
     let (_temp, dir) = crate::process::or_fresh(dir, "bench-repl")?;
     let mut pairs = Vec::new();
     for c in &configs {
@@ -94,7 +93,7 @@ pub async fn bench_replication(
             }
         }
         let addrs = nodes.iter().map(|x| x.smtp()).collect();
-        let plan = DeliverPlan::bench(addrs, false, messages, connections, users, seed);
+        let plan = DeliverPlan::for_load(addrs, false, load, seed);
         let pids: Vec<u32> = ClusterState::load(&base)?.nodes.iter().filter_map(|n| n.pid).collect();
         anyhow::ensure!(pids.len() == n, "the pids of {n} nodes");
         let cpu0 = crate::process::pids_cpu_secs(&pids)?;

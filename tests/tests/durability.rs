@@ -39,6 +39,7 @@ fn plan(node: &NodeProcess, messages: u64, seed: u64) -> DeliverPlan {
         max_errors: 64,
         max_duration: Duration::from_secs(600),
         starttls: None,
+        pipelining: false,
     }
 }
 

@@ -106,6 +106,9 @@ pub enum Command {
         name: String,
         keywords: Vec<String>,
     },
+    /// Feature level 3: aliases, domain aliases and catch-alls (see
+    /// [`crate::routes`]).
+    Routes(crate::routes::RoutesCommand),
 }
 
 impl Command {
@@ -118,6 +121,7 @@ impl Command {
         match self {
             Command::SetFeatureLevel { .. } => 2,
             Command::DefineKeywords { .. } => crate::keywords::KEYWORDS_FEATURE_LEVEL,
+            Command::Routes(_) => crate::routes::ROUTES_FEATURE_LEVEL,
             _ => 1,
         }
     }
@@ -203,6 +207,8 @@ pub enum CommandError {
     Sequence(#[from] crate::sequence::SequenceError),
     #[error(transparent)]
     Name(#[from] crate::names::NameError),
+    #[error(transparent)]
+    Route(#[from] crate::routes::RouteError),
     /// A command of a feature level the cluster does not run at, or a
     /// level this release does not know or that would lower it.
     #[error("feature level {asked}: the cluster runs at {current}, this release supports up to {supported}")]
@@ -251,6 +257,8 @@ pub struct ClusterState {
     pub feature_level: u32,
     /// Level 3: the IMAP keywords each folder defines.
     pub keywords: crate::keywords::FolderKeywords,
+    /// Level 3: aliases, domain aliases, catch-alls, the SRS key.
+    pub routes: crate::routes::Routes,
 }
 
 impl Default for ClusterState {
@@ -264,6 +272,7 @@ impl Default for ClusterState {
             names: Default::default(),
             feature_level: crate::formats::FEATURE_LEVEL_MIN,
             keywords: Default::default(),
+            routes: Default::default(),
         }
     }
 }
@@ -339,7 +348,8 @@ impl ClusterState {
                 }
                 self.feature_level = *level;
             }
-            Command::Directory(c) => self.directory.apply(c)?,
+            Command::Directory(c) => self.apply_directory(c)?,
+            Command::Routes(c) => self.routes.apply(c, &mut self.directory)?,
             Command::AddNode(info) => {
                 info.validate()?;
                 if !self.view.nodes.contains_key(&info.id) && self.view.nodes.len() >= NODES_MAX {
@@ -426,6 +436,26 @@ impl ClusterState {
             }
         }
         Ok(())
+    }
+
+    /// A directory write, kept consistent with the routes: an alias
+    /// domain is not added as a domain of its own, and a domain that
+    /// aliases point into stays until they go.
+    fn apply_directory(&mut self, c: &DirectoryCommand) -> Result<(), CommandError> {
+        match c {
+            DirectoryCommand::AddDomain { domain } if self.routes.is_domain_alias(domain) => {
+                Err(DirectoryError::DomainExists(domain.to_ascii_lowercase()).into())
+            }
+            DirectoryCommand::RemoveDomain { domain } if self.routes.blocks_domain_removal(domain) => {
+                Err(DirectoryError::DomainNotEmpty(domain.to_ascii_lowercase()).into())
+            }
+            DirectoryCommand::RemoveDomain { domain } => {
+                self.directory.apply(c)?;
+                self.routes.domain_removed(domain);
+                Ok(())
+            }
+            c => Ok(self.directory.apply(c)?),
+        }
     }
 
     fn set_state(&mut self, id: u64, state: NodeState) -> Result<(), CommandError> {
@@ -625,6 +655,50 @@ mod tests {
         let drop = Command::DropSequence { name: name.clone() };
         assert_eq!(s.apply(&drop, &v, by).result, Ok(()));
         assert!(s.keywords.get(&name).is_none(), "the folder's keywords went with it");
+    }
+
+    #[test]
+    fn routes_and_the_directory_stay_consistent() {
+        use crate::routes::RoutesCommand;
+        let mut s = ClusterState::default();
+        let v = BTreeSet::new();
+        let by = CommittedBy::default();
+        assert_eq!(s.apply(&Command::SetFeatureLevel { level: 3 }, &v, by).result, Ok(()));
+        for d in ["example.org", "example.net"] {
+            assert_eq!(s.apply(&add_domain(d), &v, by).result, Ok(()));
+        }
+        let user = Command::Directory(DirectoryCommand::AddUser {
+            address: "alice@example.org".into(),
+            password_hash: "h".into(),
+            quota_bytes: None,
+        });
+        assert_eq!(s.apply(&user, &v, by).result, Ok(()));
+        let alias_domain = Command::Routes(RoutesCommand::SetDomainAlias {
+            alias: "example.net".into(),
+            target: "example.org".into(),
+        });
+        assert_eq!(s.apply(&alias_domain, &v, by).result, Ok(()));
+        assert!(
+            !s.directory.domains.contains("example.net"),
+            "now an alias, not a domain of its own"
+        );
+        // An alias domain is not added again as a domain, and its target
+        // stays while aliased.
+        assert!(s.apply(&add_domain("example.net"), &v, by).result.is_err());
+        let remove = |d: &str| Command::Directory(DirectoryCommand::RemoveDomain { domain: d.into() });
+        let catch_all = Command::Routes(RoutesCommand::SetCatchAll {
+            domain: "other.org".into(),
+            address: Some("alice@example.org".into()),
+        });
+        assert_eq!(s.apply(&add_domain("other.org"), &v, by).result, Ok(()));
+        assert_eq!(s.apply(&catch_all, &v, by).result, Ok(()));
+        assert!(matches!(
+            s.apply(&remove("example.org"), &v, by).result,
+            Err(CommandError::Directory(DirectoryError::DomainNotEmpty(_)))
+        ));
+        // A domain removed takes its catch-all with it.
+        assert_eq!(s.apply(&remove("other.org"), &v, by).result, Ok(()));
+        assert!(s.routes.catch_all.is_empty());
     }
 
     #[test]

@@ -136,7 +136,7 @@ fn valid_domain(d: &str) -> bool {
         })
 }
 
-fn normalize_domain(d: &str) -> Result<String, DirectoryError> {
+pub(crate) fn normalize_domain(d: &str) -> Result<String, DirectoryError> {
     let d = d.trim().trim_end_matches('.').to_ascii_lowercase();
     if valid_domain(&d) {
         Ok(d)
@@ -293,6 +293,19 @@ impl DirectoryState {
 }
 
 pub type DirectoryFuture<'a> = Pin<Box<dyn Future<Output = Result<(), DirectoryError>> + Send + 'a>>;
+pub type RoutesFuture<'a> = Pin<Box<dyn Future<Output = Result<(), RoutesWriteError>> + Send + 'a>>;
+
+/// Why a routes write did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoutesWriteError {
+    /// Committed as a no-op: the reason (a loop, a missing target, a
+    /// feature level the cluster does not run at yet, ...).
+    #[error(transparent)]
+    Refused(#[from] crate::command::CommandError),
+    /// Not committed in time (no leader, storage).
+    #[error("not committed: {0}")]
+    Unavailable(String),
+}
 
 /// The directory as the rest of a node sees it: reads are local and cheap;
 /// writes are committed (to a file now, through Raft later) before they
@@ -305,6 +318,16 @@ pub trait Directory: Send + Sync + 'static {
     /// See [`DirectoryState::postmaster_fallback`].
     fn postmaster_fallback(&self, domain: Option<&str>) -> Option<UserRecord>;
     fn apply(&self, cmd: DirectoryCommand) -> DirectoryFuture<'_>;
+    /// Where mail for `address` goes: users, aliases, domain aliases,
+    /// sub-addresses and catch-alls ([`crate::routes::expand`]).
+    fn expand(&self, address: &str) -> Result<crate::routes::Expansion, crate::routes::ExpandError>;
+    /// The routing table as it stands (aliases, domain aliases,
+    /// catch-alls, the SRS key).
+    fn routes(&self) -> crate::routes::Routes;
+    /// The key forwarded mail's senders are rewritten with (SRS), once an
+    /// alias has been made.
+    fn srs_key(&self) -> Option<[u8; 32]>;
+    fn apply_routes(&self, cmd: crate::routes::RoutesCommand) -> RoutesFuture<'_>;
 }
 
 /// The directory of a single node, kept in `directory.json` in the data
@@ -382,6 +405,27 @@ impl Directory for LocalDirectory {
     fn apply(&self, cmd: DirectoryCommand) -> DirectoryFuture<'_> {
         // Writes are rare (operators); the file write is small.
         Box::pin(async move { self.apply_sync(&cmd) })
+    }
+
+    /// Users only: routes live in the cluster's Raft state.
+    fn expand(&self, address: &str) -> Result<crate::routes::Expansion, crate::routes::ExpandError> {
+        crate::routes::expand(&self.read(), &crate::routes::Routes::default(), address)
+    }
+
+    fn routes(&self) -> crate::routes::Routes {
+        crate::routes::Routes::default()
+    }
+
+    fn srs_key(&self) -> Option<[u8; 32]> {
+        None
+    }
+
+    fn apply_routes(&self, _cmd: crate::routes::RoutesCommand) -> RoutesFuture<'_> {
+        Box::pin(async {
+            Err(RoutesWriteError::Unavailable(
+                "routes need a cluster's Raft state".into(),
+            ))
+        })
     }
 }
 

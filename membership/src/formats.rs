@@ -15,7 +15,7 @@
 //! |---|---|---|
 //! | 1 | 0.1.0 | the Raft state as 0.1.0 wrote it, bare |
 //! | 2 | 0.2.0 | the level itself ([`Command::SetFeatureLevel`]); snapshots that say their format |
-//! | 3 | 0.3.0 | the IMAP keywords each folder defines ([`Command::DefineKeywords`], [`crate::keywords`]) |
+//! | 3 | 0.3.0 | the IMAP keywords each folder defines ([`Command::DefineKeywords`], [`crate::keywords`]); aliases, domain aliases, catch-alls ([`Command::Routes`], [`crate::routes`]) |
 //!
 //! What each part does:
 //! - **Log entries** (a [`crate::Request`] and its [`Command`]): a command
@@ -104,6 +104,7 @@ impl From<StateV1> for ClusterState {
             names: v.names,
             feature_level: 1,
             keywords: Default::default(),
+            routes: Default::default(),
         }
     }
 }
@@ -145,6 +146,7 @@ impl From<StateV2> for ClusterState {
             names: v.names,
             feature_level: v.feature_level,
             keywords: Default::default(),
+            routes: Default::default(),
         }
     }
 }
@@ -482,6 +484,12 @@ mod fixture_v0_2_0 {
         let v = BTreeSet::new();
         let by = CommittedBy::default();
         assert!(state.apply(&define, &v, by).result.is_err(), "refused at level 2");
+        let routes = Command::Routes(crate::routes::RoutesCommand::SetDomainAlias {
+            alias: "alias.test".into(),
+            target: "example.org".into(),
+        });
+        assert!(state.apply(&routes, &v, by).result.is_err(), "refused at level 2");
+        assert_eq!(state.routes, Default::default());
         assert!(state.keywords.is_empty());
         assert_eq!(
             state.apply(&Command::SetFeatureLevel { level: 3 }, &v, by).result,
@@ -489,6 +497,17 @@ mod fixture_v0_2_0 {
         );
         assert_eq!(state.apply(&define, &v, by).result, Ok(()));
         assert!(state.keywords.get(&name).unwrap().contains("$Label1"));
+        // Routes come with level 3 too, into the fixture's own users.
+        let user = state.directory.users.keys().next().cloned().expect("users");
+        let domain = user.rsplit_once('@').unwrap().1.to_owned();
+        let alias = Command::Routes(crate::routes::RoutesCommand::SetAlias {
+            address: format!("team@{domain}"),
+            targets: vec![user.clone()],
+            srs_key: [5; 32],
+        });
+        assert_eq!(state.apply(&alias, &v, by).result, Ok(()));
+        let e = crate::routes::expand(&state.directory, &state.routes, &format!("team@{domain}")).unwrap();
+        assert_eq!(e.local[0].0.address, user);
         let bytes = encode_state(&state).unwrap();
         assert_eq!(state_format(&bytes).unwrap(), 3);
         let back = decode_state(&bytes, DISK_BYTES_MAX).unwrap();

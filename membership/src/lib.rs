@@ -26,6 +26,9 @@
 //!   [`Membership::handle`], the view and its watch channel) and
 //!   [`RaftDirectory`], the [`Directory`] over it;
 //! * [`keywords`]: the IMAP keywords each folder defines;
+//! * [`routes`]: aliases, domain aliases, catch-alls and sub-addressing,
+//!   and the expansion of an address to the users and remote addresses
+//!   that get its mail;
 //! * [`directory`]: the directory state machine, the [`Directory`] trait the
 //!   node's services use, and [`LocalDirectory`] (one node, a JSON file).
 //!
@@ -56,6 +59,7 @@ pub mod names;
 pub mod network;
 pub mod password;
 pub mod recent;
+pub mod routes;
 pub mod sequence;
 pub mod store;
 pub mod types;
@@ -69,8 +73,8 @@ pub use command::{
     ClientId, ClusterState, Command, CommandError, CommittedBy, Request, Response, StoredCert, TlsCerts,
 };
 pub use directory::{
-    Directory, DirectoryCommand, DirectoryError, DirectoryState, LocalDirectory, Recipient, UserRecord, UserSummary,
-    mailbox_name, needs_smtputf8, normalize_address,
+    Directory, DirectoryCommand, DirectoryError, DirectoryState, LocalDirectory, Recipient, RoutesWriteError,
+    UserRecord, UserSummary, mailbox_name, needs_smtputf8, normalize_address,
 };
 pub use formats::{FEATURE_LEVEL_MAX, FEATURE_LEVEL_MIN};
 #[cfg(feature = "testing")]
@@ -78,4 +82,5 @@ pub use mem_transport::{MemRouter, SplitMix64};
 pub use network::{
     BoxFuture, LeaderError, LeaderReply, LeaderRequest, RaftCall, RaftMessage, RaftReply, Transport, TransportError,
 };
+pub use routes::{ExpandError, Expansion, RouteError, Routes, RoutesCommand};
 pub use view::{ClusterView, NodeAddrs, NodeInfo, NodeState};

@@ -29,6 +29,39 @@ pub struct PasswordBody {
     pub password: String,
 }
 
+/// `POST /v1/aliases`: mail for `address` goes to `targets` (local or
+/// remote addresses); replaces an alias of the same address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasBody {
+    pub address: String,
+    pub targets: Vec<String>,
+}
+
+/// `POST /v1/domain-aliases`: every address of `alias` is the same address
+/// of `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainAliasBody {
+    pub alias: String,
+    pub target: String,
+}
+
+/// `PUT /v1/catch-all/{domain}`: where mail to unknown addresses of the
+/// domain goes (`null`: refused again, the default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatchAllBody {
+    pub address: Option<String>,
+}
+
+/// `GET /v1/routes`: the recipients that are not users, cluster-wide.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesList {
+    /// Address to targets, in address order.
+    pub aliases: Vec<AliasBody>,
+    pub domain_aliases: Vec<DomainAliasBody>,
+    /// Domain to catch-all address.
+    pub catch_all: BTreeMap<String, String>,
+}
+
 /// `PUT /v1/log-level`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LevelBody {
@@ -344,6 +377,12 @@ pub enum Call {
     ShowQueued { id: String },
     RemoveQueued { id: String },
     ActOnQueued { id: String, action: QueueAction },
+    ListRoutes,
+    SetAlias(AliasBody),
+    RemoveAlias { address: String },
+    SetDomainAlias(DomainAliasBody),
+    RemoveDomainAlias { alias: String },
+    SetCatchAll { domain: String, body: CatchAllBody },
 }
 
 impl Call {
@@ -355,14 +394,17 @@ impl Call {
             | Call::ClusterStatus
             | Call::ListTls
             | Call::ListQueue
+            | Call::ListRoutes
             | Call::ShowQueued { .. } => "GET",
+            Call::SetAlias(_) | Call::SetDomainAlias(_) => "POST",
             Call::AddDomain(_)
             | Call::AddUser(_)
             | Call::DrainNode { .. }
             | Call::ActOnQueued { .. }
             | Call::UpgradeFinish
             | Call::StepDown => "POST",
-            Call::SetPassword { .. } | Call::SetLogLevel(_) | Call::SetTls { .. } => "PUT",
+            Call::SetPassword { .. } | Call::SetLogLevel(_) | Call::SetTls { .. } | Call::SetCatchAll { .. } => "PUT",
+            Call::RemoveAlias { .. } | Call::RemoveDomainAlias { .. } => "DELETE",
             Call::RemoveDomain { .. }
             | Call::RemoveUser { .. }
             | Call::RemoveNode { .. }
@@ -393,6 +435,12 @@ impl Call {
             Call::ListQueue => "/v1/queue".to_owned(),
             Call::ShowQueued { id } | Call::RemoveQueued { id } => format!("/v1/queue/{}", s(id)),
             Call::ActOnQueued { id, action } => format!("/v1/queue/{}/{}", s(id), action.name()),
+            Call::ListRoutes => "/v1/routes".to_owned(),
+            Call::SetAlias(_) => "/v1/aliases".to_owned(),
+            Call::RemoveAlias { address } => format!("/v1/aliases/{}", s(address)),
+            Call::SetDomainAlias(_) => "/v1/domain-aliases".to_owned(),
+            Call::RemoveDomainAlias { alias } => format!("/v1/domain-aliases/{}", s(alias)),
+            Call::SetCatchAll { domain, .. } => format!("/v1/catch-all/{}", s(domain)),
         }
     }
 
@@ -404,6 +452,9 @@ impl Call {
             Call::SetPassword { body, .. } => serde_json::to_value(body),
             Call::SetLogLevel(b) => serde_json::to_value(b),
             Call::SetTls { body, .. } => serde_json::to_value(body),
+            Call::SetAlias(b) => serde_json::to_value(b),
+            Call::SetDomainAlias(b) => serde_json::to_value(b),
+            Call::SetCatchAll { body, .. } => serde_json::to_value(body),
             _ => return None,
         };
         Some(v.expect("admin bodies encode"))
@@ -427,6 +478,9 @@ pub fn parse_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<PasswordBody>(data);
     let _ = serde_json::from_slice::<LevelBody>(data);
     let _ = serde_json::from_slice::<TlsBody>(data);
+    let _ = serde_json::from_slice::<AliasBody>(data);
+    let _ = serde_json::from_slice::<DomainAliasBody>(data);
+    let _ = serde_json::from_slice::<CatchAllBody>(data);
     if let Ok(q) = std::str::from_utf8(data) {
         let _ = RemoveQuery::parse(q);
     }

@@ -40,6 +40,27 @@ pub fn smtp(data: &[u8]) {
             reader = DataReader::new(Vec::new(), max);
         }
     }
+    // Every line as a recipient's local part that may be SRS: a forged
+    // one is refused, never taken; one we made comes back as its sender.
+    let key = [3u8; 32];
+    for l in lines(data, SMTP_COMMAND_BYTES_MAX) {
+        if let Line::Ok(bytes) = l
+            && let Ok(text) = std::str::from_utf8(&bytes)
+        {
+            let text = text.trim_end();
+            let _ = crate::srs::reverse(&key, text, 20_000);
+            if let Some((local, domain)) = text.rsplit_once('@') {
+                let made = crate::srs::forward(&key, text, "fwd.test", 20_000);
+                let dns_name = domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+                if dns_name && !domain.eq_ignore_ascii_case("fwd.test") && !local.is_empty() && !domain.is_empty() {
+                    let back = made.rsplit_once('@').map(|(l, _)| crate::srs::reverse(&key, l, 20_000));
+                    assert!(matches!(back, Some(Ok(_))), "{text:?} -> {made:?} not reversed");
+                }
+            }
+        }
+    }
 }
 
 /// POP3: every line through the command parser.

@@ -22,4 +22,5 @@ pub mod queue;
 pub mod sasl;
 pub mod send_as;
 pub mod smtp;
+pub mod srs;
 pub mod wire;

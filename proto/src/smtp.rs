@@ -114,14 +114,32 @@ pub struct Transaction {
     pub rcpts: Vec<Rcpt>,
     /// Recipients in other domains (submission only): the outbound queue's.
     pub remote: Vec<String>,
+    /// Remote addresses local recipients forward to (aliases): queued
+    /// with the sender rewritten (SRS) and `Delivered-To:` added.
+    pub forward: Vec<String>,
 }
 
+/// One accepted local recipient: the address a RCPT named and where its
+/// mail goes (an alias names several mailboxes, or forwards).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rcpt {
-    /// The user's normalized address (replies, headers).
+    /// The normalized address as named (replies, headers).
     pub address: String,
-    /// Where their mail is stored.
-    pub mailbox: String,
+    /// Where its copies are stored: one per user it reaches.
+    pub mailboxes: Vec<String>,
+    /// Whether some of its mail is forwarded to `Transaction::forward`.
+    pub forwards: bool,
+}
+
+impl Rcpt {
+    /// A user named directly.
+    pub fn user(address: impl Into<String>, mailbox: impl Into<String>) -> Rcpt {
+        Rcpt {
+            address: address.into(),
+            mailboxes: vec![mailbox.into()],
+            forwards: false,
+        }
+    }
 }
 
 /// What the connection offers now, for EHLO and AUTH.
@@ -237,6 +255,7 @@ impl State {
             smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
             rcpts: Vec::new(),
             remote: Vec::new(),
+            forward: Vec::new(),
         });
         Reply::ok("250 2.1.0 Sender ok")
     }
@@ -255,14 +274,20 @@ impl State {
         Ok(())
     }
 
-    /// A local recipient accepted: one entry per mailbox, however often it
-    /// is named (LMTP keeps duplicates: it owes one reply per RCPT).
-    pub fn add_local(&mut self, rcpt: Rcpt) -> Reply {
+    /// A local recipient accepted: one entry per address, however often it
+    /// is named (LMTP keeps duplicates: it owes one reply per RCPT), with
+    /// the remote addresses it forwards to.
+    pub fn add_local(&mut self, rcpt: Rcpt, forward: Vec<String>) -> Reply {
         let lmtp = self.lmtp();
         if let Some(tx) = self.tx.as_mut()
-            && (lmtp || !tx.rcpts.contains(&rcpt))
+            && (lmtp || !tx.rcpts.iter().any(|r| r.address == rcpt.address))
         {
             tx.rcpts.push(rcpt);
+            for f in forward {
+                if !tx.forward.contains(&f) {
+                    tx.forward.push(f);
+                }
+            }
         }
         Reply::ok("250 2.1.5 Recipient ok")
     }
@@ -305,7 +330,8 @@ impl State {
         }
     }
 
-    /// Whether the transaction names remote recipients.
+    /// Whether the transaction names remote recipients (submission's own,
+    /// not forwards).
     pub fn has_remote(&self) -> bool {
         self.tx.as_ref().is_some_and(|t| !t.remote.is_empty())
     }
@@ -434,7 +460,7 @@ pub fn refusal_reply(why: Refusal) -> String {
 /// as named in the `Received:` header (one per address), each sorted and
 /// without duplicates.
 pub fn unique_recipients(rcpts: &[Rcpt]) -> (Vec<String>, Vec<&str>) {
-    let mut mailboxes: Vec<String> = rcpts.iter().map(|r| r.mailbox.clone()).collect();
+    let mut mailboxes: Vec<String> = rcpts.iter().flat_map(|r| r.mailboxes.iter().cloned()).collect();
     mailboxes.sort();
     mailboxes.dedup();
     let mut addresses: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
@@ -446,8 +472,16 @@ pub fn unique_recipients(rcpts: &[Rcpt]) -> (Vec<String>, Vec<&str>) {
 /// The reply to the end of DATA: SMTP's one for the transaction (a partial
 /// failure must be retried for everyone: the stored copies of this
 /// attempt stay, a retry may duplicate them, never lose them); LMTP's one
-/// per recipient, `stored(mailbox)` saying whose copies are on disk.
-pub fn data_reply(mode: Mode, id: &str, all_stored: bool, rcpts: &[Rcpt], stored: impl Fn(&str) -> bool) -> String {
+/// per recipient, `stored(mailbox)` saying whose copies are on disk and
+/// `forwarded` whether the forwarded copy is queued.
+pub fn data_reply(
+    mode: Mode,
+    id: &str,
+    all_stored: bool,
+    rcpts: &[Rcpt],
+    stored: impl Fn(&str) -> bool,
+    forwarded: bool,
+) -> String {
     match mode {
         Mode::Smtp | Mode::Submission if all_stored => format!("250 2.0.0 Ok: stored as {id}"),
         Mode::Smtp | Mode::Submission => REPLY_STORE_UNAVAILABLE.to_owned(),
@@ -455,7 +489,7 @@ pub fn data_reply(mode: Mode, id: &str, all_stored: bool, rcpts: &[Rcpt], stored
             .iter()
             .map(|r| {
                 let addr = &r.address;
-                if stored(&r.mailbox) {
+                if r.mailboxes.iter().all(|m| stored(m)) && (forwarded || !r.forwards) {
                     format!("250 2.0.0 <{addr}> Ok: stored as {id}")
                 } else {
                     format!("451 4.3.0 <{addr}> Mail store unavailable, try again later")
@@ -507,12 +541,9 @@ mod tests {
                 .starts_with("503 5.5.1 Sender already")
         );
         assert!(s.rcpt_check("x@y", 100).is_ok());
-        let r = Rcpt {
-            address: "x@y".into(),
-            mailbox: "x@y#1".into(),
-        };
-        s.add_local(r.clone());
-        s.add_local(r);
+        let r = Rcpt::user("x@y", "x@y#1");
+        s.add_local(r.clone(), vec![]);
+        s.add_local(r, vec![]);
         assert_eq!(s.data_check().unwrap().len(), 1, "one entry per mailbox");
         assert!(s.rcpt_check("z@y", 1).unwrap_err().limit);
         assert!(s.rset().text.starts_with("250"));
@@ -541,25 +572,30 @@ mod tests {
         let mut s = State::new(Mode::Lmtp, "mx.test".into());
         assert!(s.hello(b"EHLO", "c", offer()).bad);
         assert!(s.hello(b"LHLO", "c", offer()).text.starts_with("250-mx.test"));
-        let rcpts = vec![
-            Rcpt {
-                address: "a@x".into(),
-                mailbox: "a".into(),
-            },
-            Rcpt {
-                address: "b@x".into(),
-                mailbox: "b".into(),
-            },
-        ];
-        let r = data_reply(Mode::Lmtp, "ID", false, &rcpts, |m| m == "a");
+        let rcpts = vec![Rcpt::user("a@x", "a"), Rcpt::user("b@x", "b")];
+        let r = data_reply(Mode::Lmtp, "ID", false, &rcpts, |m| m == "a", true);
         assert_eq!(
             r,
             "250 2.0.0 <a@x> Ok: stored as ID\r\n451 4.3.0 <b@x> Mail store unavailable, try again later"
         );
         assert_eq!(
-            data_reply(Mode::Smtp, "ID", false, &rcpts, |_| true),
+            data_reply(Mode::Smtp, "ID", false, &rcpts, |_| true, true),
             REPLY_STORE_UNAVAILABLE
         );
+        // An alias: one reply for its RCPT, good only if every copy is
+        // stored and its forwarded copy queued.
+        let alias = Rcpt {
+            address: "team@x".into(),
+            mailboxes: vec!["a".into(), "b".into()],
+            forwards: true,
+        };
+        let one = |stored: &dyn Fn(&str) -> bool, fwd| {
+            data_reply(Mode::Lmtp, "ID", false, std::slice::from_ref(&alias), stored, fwd)
+        };
+        assert!(one(&|_| true, true).starts_with("250 2.0.0 <team@x>"));
+        assert!(one(&|m| m == "a", true).starts_with("451"));
+        assert!(one(&|_| true, false).starts_with("451"));
+        assert_eq!(one(&|_| true, true).lines().count(), 1);
     }
 
     #[test]

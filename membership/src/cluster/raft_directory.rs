@@ -3,8 +3,10 @@
 use super::Membership;
 use crate::command::{Command, CommandError, Response};
 use crate::directory::{
-    Directory, DirectoryCommand, DirectoryError, DirectoryFuture, Recipient, UserRecord, UserSummary,
+    Directory, DirectoryCommand, DirectoryError, DirectoryFuture, Recipient, RoutesFuture, RoutesWriteError,
+    UserRecord, UserSummary,
 };
+use crate::routes::{ExpandError, Expansion, Routes, RoutesCommand};
 
 /// The user directory kept by Raft: the same [`Directory`] trait as
 /// [`crate::LocalDirectory`]. Reads are local (this node's applied state);
@@ -55,5 +57,28 @@ impl Directory for RaftDirectory {
 
     fn apply(&self, cmd: DirectoryCommand) -> DirectoryFuture<'_> {
         Box::pin(self.write(cmd))
+    }
+
+    fn expand(&self, address: &str) -> Result<Expansion, ExpandError> {
+        let shared = self.m.inner.shared.read();
+        crate::routes::expand(&shared.state.directory, &shared.state.routes, address)
+    }
+
+    fn routes(&self) -> Routes {
+        self.m.inner.shared.read().state.routes.clone()
+    }
+
+    fn srs_key(&self) -> Option<[u8; 32]> {
+        self.m.inner.shared.read().state.routes.srs_key
+    }
+
+    fn apply_routes(&self, cmd: RoutesCommand) -> RoutesFuture<'_> {
+        Box::pin(async move {
+            match self.m.write(Command::Routes(cmd)).await {
+                Ok(Response { result: Ok(()), .. }) => Ok(()),
+                Ok(Response { result: Err(e), .. }) => Err(RoutesWriteError::Refused(e)),
+                Err(e) => Err(RoutesWriteError::Unavailable(format!("raft: {e}"))),
+            }
+        })
     }
 }

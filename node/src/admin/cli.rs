@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use quill_proto::admin::{
-    Call, CertList, ClusterStatus, DomainBody, LevelBody, LevelSet, PasswordBody, QueueAction, QueueEntry, QueueList,
-    SteppedDown, TlsBody, UpgradeFinished, UserBody, UserInfo, UserRemoved,
+    AliasBody, Call, CatchAllBody, CertList, ClusterStatus, DomainAliasBody, DomainBody, LevelBody, LevelSet,
+    PasswordBody, QueueAction, QueueEntry, QueueList, RoutesList, SteppedDown, TlsBody, UpgradeFinished, UserBody,
+    UserInfo, UserRemoved,
 };
 
 use super::client::request;
@@ -34,6 +35,10 @@ enum AdminCmd {
     /// Mailbox users.
     #[command(subcommand)]
     User(UserCmd),
+    /// Addresses that are not users: their mail goes to other addresses,
+    /// local or remote (forwarded with the sender rewritten by SRS).
+    #[command(subcommand)]
+    Alias(AliasCmd),
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -119,8 +124,45 @@ enum DomainCmd {
     Add { domain: String },
     /// List the domains.
     List,
-    /// Stop accepting mail for a domain (refused while it has users).
+    /// Stop accepting mail for a domain (refused while it has users, or
+    /// aliases in it or onto it).
     Remove { domain: String },
+    /// Accept mail for ALIAS as for TARGET: every address of ALIAS is the
+    /// same address of TARGET. Refused if ALIAS has users of its own.
+    Alias { alias: String, target: String },
+    /// Stop accepting mail for an alias domain.
+    Unalias { alias: String },
+    /// Mail to an unknown address of DOMAIN goes to ADDRESS (an existing
+    /// user or alias, or a remote address), instead of being refused.
+    CatchAll {
+        domain: String,
+        #[arg(required_unless_present = "remove")]
+        address: Option<String>,
+        /// Refuse unknown addresses again (the default).
+        #[arg(long, conflicts_with = "address")]
+        remove: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AliasCmd {
+    /// Mail for ADDRESS goes to each TARGET (replacing an alias of the
+    /// same address). Local targets must exist; an alias that would reach
+    /// itself is refused, naming the loop.
+    Add {
+        address: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// The aliases, domain aliases and catch-alls.
+    List {
+        /// Print the JSON object as is.
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        address: String,
+    },
 }
 
 /// Where a password comes from: `--password` (visible to `ps`),
@@ -227,6 +269,23 @@ impl AdminCmd {
             AdminCmd::Domain(DomainCmd::Add { domain }) => Call::AddDomain(DomainBody { domain: s(domain) }),
             AdminCmd::Domain(DomainCmd::List) => Call::ListDomains,
             AdminCmd::Domain(DomainCmd::Remove { domain }) => Call::RemoveDomain { domain: s(domain) },
+            AdminCmd::Domain(DomainCmd::Alias { alias, target }) => Call::SetDomainAlias(DomainAliasBody {
+                alias: s(alias),
+                target: s(target),
+            }),
+            AdminCmd::Domain(DomainCmd::Unalias { alias }) => Call::RemoveDomainAlias { alias: s(alias) },
+            AdminCmd::Domain(DomainCmd::CatchAll { domain, address, .. }) => Call::SetCatchAll {
+                domain: s(domain),
+                body: CatchAllBody {
+                    address: address.clone(),
+                },
+            },
+            AdminCmd::Alias(AliasCmd::Add { address, targets }) => Call::SetAlias(AliasBody {
+                address: s(address),
+                targets: targets.clone(),
+            }),
+            AdminCmd::Alias(AliasCmd::List { .. }) => Call::ListRoutes,
+            AdminCmd::Alias(AliasCmd::Remove { address }) => Call::RemoveAlias { address: s(address) },
             AdminCmd::User(UserCmd::Add {
                 address,
                 password,
@@ -299,6 +358,22 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         AdminCmd::Domain(DomainCmd::List) => {
             for d in request::<Vec<String>>(node, token, &call).await? {
                 println!("{d}");
+            }
+        }
+        AdminCmd::Alias(AliasCmd::List { json }) => {
+            let r: RoutesList = request(node, token, &call).await?;
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                for a in &r.aliases {
+                    println!("{} -> {}", a.address, a.targets.join(", "));
+                }
+                for d in &r.domain_aliases {
+                    println!("*@{} -> *@{} (domain alias)", d.alias, d.target);
+                }
+                for (domain, address) in &r.catch_all {
+                    println!("*@{domain} -> {address} (catch-all)");
+                }
             }
         }
         AdminCmd::User(UserCmd::List) => {

@@ -25,6 +25,12 @@
 //! GET    /v1/queue/{id}               one entry with its header
 //! DELETE /v1/queue/{id}
 //! POST   /v1/queue/{id}/retry|hold|release
+//! GET    /v1/routes                   -> {"aliases": [...], "domain_aliases": [...], "catch_all": {...}}
+//! POST   /v1/aliases                  {"address", "targets": [...]}: add or replace (409 naming a loop)
+//! DELETE /v1/aliases/{address}
+//! POST   /v1/domain-aliases           {"alias", "target"}: every address of alias is target's
+//! DELETE /v1/domain-aliases/{alias}
+//! PUT    /v1/catch-all/{domain}       {"address": "..." | null}
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict), 500 or 503.
@@ -37,6 +43,7 @@ pub mod client;
 mod cluster;
 mod directory;
 mod queue;
+mod routes;
 mod state;
 mod tls;
 
@@ -113,6 +120,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/queue", get(queue::list))
         .route("/v1/queue/{id}", get(queue::show).delete(queue::remove))
         .route("/v1/queue/{id}/{action}", post(queue::act))
+        .route("/v1/routes", get(routes::list))
+        .route("/v1/aliases", post(routes::set_alias))
+        .route("/v1/aliases/{address}", delete(routes::remove_alias))
+        .route("/v1/domain-aliases", post(routes::set_domain_alias))
+        .route("/v1/domain-aliases/{alias}", delete(routes::remove_domain_alias))
+        .route("/v1/catch-all/{domain}", put(routes::set_catch_all))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(cluster::health))

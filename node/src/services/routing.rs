@@ -7,11 +7,26 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use membership::{Directory, Recipient};
+use membership::{Directory, ExpandError, Expansion, Recipient};
 
 use super::windows::Windows;
 use crate::mail::Mail;
 use crate::metrics::QueueGauge;
+
+/// Why a recipient has nowhere to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unroutable {
+    /// Not one of our domains.
+    NotLocal,
+    /// Ours, but nobody takes it.
+    Unknown,
+    /// Its aliases come back to it.
+    Loop,
+    /// Its aliases nest too deep or reach too many recipients.
+    TooMany,
+    /// An SRS address we did not make, or made too long ago.
+    BadSrs,
+}
 
 /// How much one account and one client address may do.
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +103,48 @@ impl Routing {
             // No user anywhere to take it: an unknown user, not relaying.
             None => Recipient::UnknownUser,
         }
+    }
+
+    /// Where mail for `address` goes (RCPT): users, aliases, domain
+    /// aliases, sub-addresses and catch-alls, postmaster as [`Self::resolve`]
+    /// routes it, and bounces to the SRS addresses this cluster made for
+    /// forwarded mail (back to the original sender). `day` is today, in
+    /// days since 1970 (SRS timestamps).
+    pub fn route(&self, address: &str, day: u32) -> Result<Expansion, Unroutable> {
+        let (local, domain) = address.rsplit_once('@').unwrap_or((address, ""));
+        if quill_proto::srs::is_srs(local) {
+            // Ours if the domain is: only an address of ours was made here.
+            let ours = !matches!(
+                self.directory.expand(&format!("postmaster@{domain}")),
+                Err(ExpandError::NotLocal)
+            );
+            if ours {
+                let key = self.directory.srs_key().ok_or(Unroutable::BadSrs)?;
+                let back = quill_proto::srs::reverse(&key, local, day).map_err(|_| Unroutable::BadSrs)?;
+                return Ok(Expansion {
+                    local: vec![],
+                    remote: vec![back],
+                    routed: true,
+                });
+            }
+        }
+        if local.eq_ignore_ascii_case("postmaster") {
+            return match self.resolve(address) {
+                Recipient::Local(user) => Ok(Expansion {
+                    local: vec![(user, None)],
+                    remote: vec![],
+                    routed: false,
+                }),
+                Recipient::UnknownUser => Err(Unroutable::Unknown),
+                Recipient::NotLocal => Err(Unroutable::NotLocal),
+            };
+        }
+        self.directory.expand(address).map_err(|e| match e {
+            ExpandError::NotLocal => Unroutable::NotLocal,
+            ExpandError::Unknown => Unroutable::Unknown,
+            ExpandError::Loop(_) => Unroutable::Loop,
+            ExpandError::TooDeep | ExpandError::TooMany => Unroutable::TooMany,
+        })
     }
 
     /// Counts an unknown recipient named by `ip`.

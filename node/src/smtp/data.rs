@@ -8,7 +8,7 @@ use std::time::Duration;
 use quill_proto::data::{DATA_LINE_BYTES_MAX, DataReader, Refusal, Step};
 use quill_proto::line::LineSplitter;
 use quill_proto::message::{from_all, is_loop};
-use quill_proto::smtp::{Mode, REPLY_DATA_GO_AHEAD, Reply, data_reply, refusal_reply, unique_recipients};
+use quill_proto::smtp::{Mode, REPLY_DATA_GO_AHEAD, Rcpt, Reply, data_reply, refusal_reply, unique_recipients};
 use replication::replica::DeliverOutcome;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 use tracing::{info, warn};
@@ -86,12 +86,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .await;
         }
         let size = body.len();
-        let (from, remote) = self
+        let (from, remote, forward) = self
             .state
             .tx
             .take()
-            .map(|t| (t.mail_from, t.remote))
+            .map(|t| (t.mail_from, t.remote, t.forward))
             .unwrap_or_default();
+        // Forwarded by aliases: queued with the sender rewritten (SRS).
+        let forwarded = if forward.is_empty() {
+            true
+        } else {
+            self.forward(&from, &rcpts, forward, &body, arrival_ms).await
+        };
         // Remote recipients: into the outbound queue (R copies, fsynced).
         let queued = if remote.is_empty() {
             true
@@ -135,7 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .position(|u| u == mailbox)
                 .is_some_and(|i| outcome.stored[i])
         };
-        let all_stored = outcome.stored.iter().all(|s| *s) && queued;
+        let all_stored = outcome.stored.iter().all(|s| *s) && queued && forwarded;
         if all_stored {
             self.services.counters().messages_accepted.inc();
             info!(%id, from = %from, rcpts = unique.len(), size,
@@ -144,9 +150,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.services.counters().deliveries_failed.inc();
             warn!(%id, stored = ?outcome.stored, "delivery failed for some recipients");
         }
-        let text = data_reply(self.state.mode, &id.to_hex(), all_stored, &rcpts, stored);
+        let text = data_reply(self.state.mode, &id.to_hex(), all_stored, &rcpts, stored, forwarded);
         self.io.reply(&text).await?;
         Ok(true)
+    }
+
+    /// Queues a copy for the remote addresses aliases forward to (R
+    /// copies, fsynced, before the reply): the message as received, with a
+    /// `Delivered-To:` for each alias that forwards (so that it is known
+    /// as a loop if it comes back), from the original sender rewritten by
+    /// SRS in the first forwarding alias's domain (so the destination's
+    /// SPF check passes and a bounce comes back through us).
+    async fn forward(&self, from: &str, rcpts: &[Rcpt], to: Vec<String>, body: &[u8], arrival_ms: u64) -> bool {
+        let aliases: Vec<&str> = rcpts
+            .iter()
+            .filter(|r| r.forwards)
+            .map(|r| r.address.as_str())
+            .collect();
+        let forwarder = aliases.first().and_then(|a| a.rsplit_once('@')).map_or("", |(_, d)| d);
+        let sender = match self.services.directory.srs_key() {
+            Some(key) => quill_proto::srs::forward(&key, from, forwarder, (arrival_ms / 86_400_000) as u32),
+            // No alias was ever made with the key (an SRS bounce needs
+            // none: its sender is null).
+            None => from.to_owned(),
+        };
+        let mut copy = Vec::with_capacity(body.len() + aliases.len() * 64);
+        for a in &aliases {
+            copy.extend_from_slice(format!("Delivered-To: {a}\r\n").as_bytes());
+        }
+        copy.extend_from_slice(body);
+        let env = quill_proto::queue::Envelope {
+            from: sender.clone(),
+            rcpts: to,
+            queued_ms: arrival_ms,
+            submitter: None,
+        };
+        let ok = crate::outbound::enqueue(&self.services, &env, &copy).await;
+        if ok {
+            info!(from = %from, sender = %sender, rcpts = env.rcpts.len(), via = ?aliases, "message forwarded");
+        }
+        ok
     }
 
     /// Reads the DATA section (see `quill_proto::data`): past a limit it

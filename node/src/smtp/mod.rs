@@ -14,19 +14,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use membership::Recipient;
 use quill_proto::message::domain_of;
 use quill_proto::smtp::{Offer, Rcpt, Reply, SMTP_COMMAND_BYTES_MAX, State};
 use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tracing::{Instrument, debug};
+use tracing::{Instrument, debug, warn};
 
 pub use quill_proto::smtp::Mode;
 
 use crate::net::session::{Dialect, LineSession, Upgrade};
 use crate::net::stream::Stream;
 use crate::services::Services;
+use crate::services::routing::Unroutable;
 
 /// How long a `550` for an unknown recipient waits once a session has
 /// named more than `UNKNOWN_RCPT_FREE` (Postfix's error sleep).
@@ -211,9 +211,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let r = Reply::limit("450 4.7.1 Too many unknown recipients from your address, try again later");
             return self.send(r).await;
         }
-        let user = match routing.resolve(address) {
-            Recipient::Local(user) => user,
-            Recipient::UnknownUser => {
+        let day = (crate::time::now_ms() / 86_400_000) as u32;
+        let expansion = match routing.route(address, day) {
+            Ok(e) => e,
+            Err(Unroutable::Unknown) => {
                 routing.note_unknown_recipient(ip);
                 let (delay, reply) = self.state.unknown_recipient();
                 if delay {
@@ -222,7 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 return self.send(reply).await;
             }
-            Recipient::NotLocal if self.state.mode == Mode::Submission => {
+            Err(Unroutable::NotLocal) if self.state.mode == Mode::Submission => {
                 if routing.queue_full() {
                     return self
                         .send(Reply::limit("451 4.3.1 Outbound queue full, try again later"))
@@ -241,20 +242,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let reply = self.state.add_remote(address);
                 return self.send(reply).await;
             }
-            Recipient::NotLocal => return self.send(Reply::ok("550 5.7.1 Relaying denied")).await,
+            Err(Unroutable::NotLocal) => return self.send(Reply::ok("550 5.7.1 Relaying denied")).await,
+            Err(Unroutable::Loop) => {
+                warn!(rcpt = %address, "recipient refused: its aliases loop");
+                return self
+                    .send(Reply::ok("554 5.4.6 Alias loop detected for this recipient"))
+                    .await;
+            }
+            Err(Unroutable::TooMany) => {
+                warn!(rcpt = %address, "recipient refused: its aliases expand beyond the bounds");
+                return self
+                    .send(Reply::ok("550 5.7.0 This address expands to too many recipients"))
+                    .await;
+            }
+            Err(Unroutable::BadSrs) => {
+                return self
+                    .send(Reply::ok("550 5.1.1 Invalid or expired forwarding (SRS) address"))
+                    .await;
+            }
         };
-        let mailbox = user.mailbox();
-        // The mailbox size as the user's manager knows it (this node's
-        // share only if the manager does not answer).
-        if let Some(quota) = user.quota_bytes
-            && self.services.mail.usage_bytes(&mailbox).await >= quota
-        {
+        if !expansion.remote.is_empty() && routing.queue_full() {
+            return self
+                .send(Reply::limit("451 4.3.1 Outbound queue full, try again later"))
+                .await;
+        }
+        // Quotas, as each user's manager knows the mailbox's size (this
+        // node's share only if the manager does not answer): a user named
+        // directly over quota refuses the recipient; an alias skips its
+        // members that are full, unless all are.
+        let mut mailboxes = Vec::with_capacity(expansion.local.len());
+        let mut full = 0;
+        for (user, _tag) in &expansion.local {
+            let mailbox = user.mailbox();
+            if let Some(quota) = user.quota_bytes
+                && self.services.mail.usage_bytes(&mailbox).await >= quota
+            {
+                full += 1;
+                continue;
+            }
+            mailboxes.push(mailbox);
+        }
+        if full > 0 && mailboxes.is_empty() && expansion.remote.is_empty() {
             return self.send(Reply::limit("552 5.2.2 Mailbox full")).await;
         }
-        let reply = self.state.add_local(Rcpt {
-            address: user.address,
-            mailbox,
-        });
+        let named = match (&expansion.local[..], expansion.routed) {
+            ([(user, _)], false) => user.address.clone(),
+            _ => membership::normalize_address(address).unwrap_or_else(|_| address.to_owned()),
+        };
+        let rcpt = Rcpt {
+            address: named,
+            mailboxes,
+            forwards: !expansion.remote.is_empty(),
+        };
+        let reply = self.state.add_local(rcpt, expansion.remote);
         self.send(reply).await
     }
 }

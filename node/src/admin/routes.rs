@@ -1,0 +1,94 @@
+//! Recipients that are not users: aliases, domain aliases and catch-alls,
+//! in the Raft state (`membership::routes`), changed through any node.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use membership::{CommandError, RouteError, RoutesCommand, RoutesWriteError};
+use quill_proto::admin::{AliasBody, CatchAllBody, DomainAliasBody, RoutesList};
+
+use super::state::{AdminState, ApiResult, Failure, done, reply};
+
+impl From<RoutesWriteError> for Failure {
+    fn from(e: RoutesWriteError) -> Self {
+        let code = match &e {
+            RoutesWriteError::Refused(CommandError::Route(r)) => match r {
+                RouteError::BadAddress(_) | RouteError::BadDomain(_) | RouteError::TargetCount => {
+                    StatusCode::BAD_REQUEST
+                }
+                RouteError::NoSuchAlias(_) | RouteError::NoSuchDomainAlias(_) | RouteError::NotLocal(_) => {
+                    StatusCode::NOT_FOUND
+                }
+                _ => StatusCode::CONFLICT,
+            },
+            // Below the feature level that brought routes.
+            RoutesWriteError::Refused(CommandError::FeatureLevel { .. }) => StatusCode::CONFLICT,
+            RoutesWriteError::Refused(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RoutesWriteError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Failure(code, e.to_string())
+    }
+}
+
+async fn apply(s: &AdminState, cmd: RoutesCommand) -> ApiResult {
+    s.services.directory.apply_routes(cmd).await?;
+    done()
+}
+
+pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
+    let r = s.services.directory.routes();
+    reply(RoutesList {
+        aliases: r
+            .aliases
+            .into_iter()
+            .map(|(address, targets)| AliasBody { address, targets })
+            .collect(),
+        domain_aliases: r
+            .domain_aliases
+            .into_iter()
+            .map(|(alias, target)| DomainAliasBody { alias, target })
+            .collect(),
+        catch_all: r.catch_all,
+    })
+}
+
+pub(super) async fn set_alias(State(s): State<AdminState>, Json(b): Json<AliasBody>) -> ApiResult {
+    // The SRS key, should this be the first alias: fresh randomness from
+    // this node, the same on every node once committed.
+    let srs_key =
+        crate::files::random_bytes().map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let cmd = RoutesCommand::SetAlias {
+        address: b.address,
+        targets: b.targets,
+        srs_key,
+    };
+    apply(&s, cmd).await
+}
+
+pub(super) async fn remove_alias(State(s): State<AdminState>, Path(address): Path<String>) -> ApiResult {
+    apply(&s, RoutesCommand::RemoveAlias { address }).await
+}
+
+pub(super) async fn set_domain_alias(State(s): State<AdminState>, Json(b): Json<DomainAliasBody>) -> ApiResult {
+    let cmd = RoutesCommand::SetDomainAlias {
+        alias: b.alias,
+        target: b.target,
+    };
+    apply(&s, cmd).await
+}
+
+pub(super) async fn remove_domain_alias(State(s): State<AdminState>, Path(alias): Path<String>) -> ApiResult {
+    apply(&s, RoutesCommand::RemoveDomainAlias { alias }).await
+}
+
+pub(super) async fn set_catch_all(
+    State(s): State<AdminState>,
+    Path(domain): Path<String>,
+    Json(b): Json<CatchAllBody>,
+) -> ApiResult {
+    let cmd = RoutesCommand::SetCatchAll {
+        domain,
+        address: b.address,
+    };
+    apply(&s, cmd).await
+}

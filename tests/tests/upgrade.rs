@@ -73,15 +73,19 @@ fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The newest feature level this release supports: what a cluster of it
+/// is raised to.
+const NEWEST: u32 = membership::FEATURE_LEVEL_MAX;
+
 /// Until every node says it runs this release and the cluster runs at
-/// feature level 2 (the leader raises it by itself).
+/// its newest feature level (the leader raises it by itself).
 fn wait_for_this_release(dir: &Path) {
     wait_for(
-        "every node on this release, at feature level 2",
+        "every node on this release, at its newest feature level",
         Duration::from_secs(60),
         || {
             let s = status(dir);
-            s["feature_level"] == 2
+            s["feature_level"] == NEWEST
                 && s["nodes"]
                     .as_array()
                     .unwrap()
@@ -205,7 +209,9 @@ fn a_cluster_release_0_1_0_left_on_disk_runs_here_and_upgrades_in_place() {
     wait_for_this_release(&dir);
     for k in 1..=3 {
         let data = dir.join(format!("n{k}"));
-        wait_for("the format mark", Duration::from_secs(30), || raft_format(&data) == 2);
+        wait_for("the format mark", Duration::from_secs(30), || {
+            u32::from(raft_format(&data)) == NEWEST
+        });
     }
     // The updates n1 and n2 owed n3 are delivered.
     wait_for("the update log replayed", Duration::from_secs(60), || {
@@ -225,7 +231,10 @@ fn a_cluster_release_0_1_0_left_on_disk_runs_here_and_upgrades_in_place() {
         admin(&quill, "127.0.26.1:8080", FIXTURE_TOKEN, &["queue", "list"]).contains("0 queued")
     });
     let finished = admin(&quill, "127.0.26.3:8080", FIXTURE_TOKEN, &["cluster", "upgrade-finish"]);
-    assert!(finished.contains("feature level 2: already the newest"), "{finished}");
+    assert!(
+        finished.contains(&format!("feature level {NEWEST}: already the newest")),
+        "{finished}"
+    );
     // The cluster-wide certificate 0.1.0 stored is served.
     let crt = fixture().join("tls-mail.example.org.crt");
     assert!(serves_cert("127.0.26.2", "mail.example.org", &crt));

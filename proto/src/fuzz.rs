@@ -63,6 +63,31 @@ pub fn smtp(data: &[u8]) {
     }
 }
 
+/// Sieve: the input as a script (checked; run, when it compiles, over a
+/// fixed message and over the input itself as a message). Running never
+/// panics, always ends within its steps, and never loses the message to
+/// a limit.
+pub fn sieve(data: &[u8]) {
+    const MSG: &[u8] = b"From: a@b.example\r\nTo: c@d.example\r\nSubject: s\r\n\r\nbody\r\n";
+    let Ok(src) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(script) = crate::sieve::compile(src) {
+        for msg in [MSG, data] {
+            let env = crate::sieve::Envelope {
+                from: "a@b.example",
+                to: "c@d.example",
+            };
+            let a = crate::sieve::run(&script, msg, env);
+            assert!(a.redirect.len() <= crate::sieve::REDIRECTS_MAX);
+            assert!(a.fileinto.len() <= crate::sieve::FILEINTO_MAX);
+            if !a.errors.is_empty() {
+                assert!(a.keep.is_some(), "a limit reached must keep the message");
+            }
+        }
+    }
+}
+
 /// POP3: every line through the command parser.
 pub fn pop3(data: &[u8]) {
     for l in lines(data, POP3_LINE_BYTES_MAX) {

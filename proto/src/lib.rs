@@ -21,6 +21,7 @@ pub mod pop3;
 pub mod queue;
 pub mod sasl;
 pub mod send_as;
+pub mod sieve;
 pub mod smtp;
 pub mod srs;
 pub mod wire;

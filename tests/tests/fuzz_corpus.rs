@@ -43,6 +43,11 @@ fn imap() {
 }
 
 #[test]
+fn sieve() {
+    replay("sieve", quill_proto::fuzz::sieve);
+}
+
+#[test]
 fn pop3() {
     replay("pop3", quill_proto::fuzz::pop3);
 }

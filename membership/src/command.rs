@@ -454,6 +454,11 @@ impl ClusterState {
                 self.routes.domain_removed(domain);
                 Ok(())
             }
+            DirectoryCommand::RemoveUser { address } => {
+                self.directory.apply(c)?;
+                self.routes.user_removed(address);
+                Ok(())
+            }
             c => Ok(self.directory.apply(c)?),
         }
     }

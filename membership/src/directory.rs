@@ -327,6 +327,10 @@ pub trait Directory: Send + Sync + 'static {
     /// The key forwarded mail's senders are rewritten with (SRS), once an
     /// alias has been made.
     fn srs_key(&self) -> Option<[u8; 32]>;
+    /// The user's active Sieve script (by normalized address), if any.
+    fn sieve_script(&self, user: &str) -> Option<String>;
+    /// The user's Sieve scripts, all of them (ManageSieve, admin).
+    fn sieve_scripts(&self, user: &str) -> crate::routes::SieveScripts;
     fn apply_routes(&self, cmd: crate::routes::RoutesCommand) -> RoutesFuture<'_>;
 }
 
@@ -418,6 +422,14 @@ impl Directory for LocalDirectory {
 
     fn srs_key(&self) -> Option<[u8; 32]> {
         None
+    }
+
+    fn sieve_script(&self, _user: &str) -> Option<String> {
+        None
+    }
+
+    fn sieve_scripts(&self, _user: &str) -> crate::routes::SieveScripts {
+        Default::default()
     }
 
     fn apply_routes(&self, _cmd: crate::routes::RoutesCommand) -> RoutesFuture<'_> {

@@ -82,5 +82,5 @@ pub use mem_transport::{MemRouter, SplitMix64};
 pub use network::{
     BoxFuture, LeaderError, LeaderReply, LeaderRequest, RaftCall, RaftMessage, RaftReply, Transport, TransportError,
 };
-pub use routes::{ExpandError, Expansion, RouteError, Routes, RoutesCommand};
+pub use routes::{ExpandError, Expansion, RouteError, Routes, RoutesCommand, SieveScripts};
 pub use view::{ClusterView, NodeAddrs, NodeInfo, NodeState};

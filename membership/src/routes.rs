@@ -25,6 +25,13 @@ pub const EXPANSION_RECIPIENTS_MAX: usize = 1000;
 pub const ALIAS_TARGETS_MAX: usize = 1000;
 /// Aliases, domain aliases and catch-alls in the cluster, each.
 pub const ROUTES_MAX: usize = 100_000;
+/// The largest Sieve script a user may keep (it travels in one Raft
+/// entry).
+pub const SIEVE_SCRIPT_BYTES_MAX: usize = 32 * 1024;
+/// Named scripts one user may keep (one of them active).
+pub const SIEVE_SCRIPTS_MAX: usize = 8;
+/// Longest script name.
+pub const SIEVE_NAME_BYTES_MAX: usize = 128;
 /// What separates a user from a tag in `user+tag@domain` (RFC 5233).
 pub const SUBADDRESS_SEPARATOR: char = '+';
 
@@ -41,6 +48,27 @@ pub struct Routes {
     /// by the first alias written (from the proposer's randomness, so that
     /// every node applies the same key).
     pub srs_key: Option<[u8; 32]>,
+    /// Users' Sieve scripts, by user address (checked by the node before
+    /// they are proposed: membership knows nothing about Sieve).
+    pub sieve: BTreeMap<String, SieveScripts>,
+}
+
+/// One user's Sieve scripts (ManageSieve keeps several by name, one of
+/// them active).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SieveScripts {
+    pub active: Option<String>,
+    pub scripts: BTreeMap<String, String>,
+}
+
+impl SieveScripts {
+    /// The active script's source.
+    pub fn active_script(&self) -> Option<&str> {
+        self.active
+            .as_ref()
+            .and_then(|n| self.scripts.get(n))
+            .map(String::as_str)
+    }
 }
 
 /// A change to the routing table: what a Raft log entry carries.
@@ -68,6 +96,26 @@ pub enum RoutesCommand {
     SetCatchAll {
         domain: String,
         address: Option<String>,
+    },
+    /// Stores (`Some`) or deletes (`None`) a user's script `name`, and
+    /// makes it the active one if `activate`.
+    PutSieve {
+        user: String,
+        name: String,
+        script: Option<String>,
+        activate: bool,
+        /// The SRS key, if none is set yet (a script may redirect).
+        srs_key: [u8; 32],
+    },
+    /// Makes script `name` active (`None`: none is).
+    ActivateSieve {
+        user: String,
+        name: Option<String>,
+    },
+    RenameSieve {
+        user: String,
+        from: String,
+        to: String,
     },
 }
 
@@ -97,6 +145,18 @@ pub enum RouteError {
     Loop(Vec<String>),
     #[error("too many routes ({ROUTES_MAX} of each kind)")]
     TooMany,
+    #[error("no such user: {0}")]
+    NoSuchUser(String),
+    #[error("no such script: {0}")]
+    NoSuchScript(String),
+    #[error("script {0} already exists")]
+    ScriptExists(String),
+    #[error("the active script cannot be deleted; deactivate it first")]
+    ScriptActive,
+    #[error(
+        "a script is at most {SIEVE_SCRIPT_BYTES_MAX} bytes, a name 1 to {SIEVE_NAME_BYTES_MAX} printable characters, and a user keeps at most {SIEVE_SCRIPTS_MAX}"
+    )]
+    ScriptLimit,
     #[error(transparent)]
     Expansion(#[from] ExpandError),
 }
@@ -130,6 +190,11 @@ pub struct Expansion {
     /// Whether the address was reached through an alias, a domain alias or
     /// a catch-all (not a user named directly).
     pub routed: bool,
+}
+
+/// A user's address as scripts are kept under.
+pub fn normalize_user(user: &str) -> Option<String> {
+    normalize_address(user).ok()
 }
 
 /// Whether `domain` (normalized) takes mail here.
@@ -324,6 +389,83 @@ impl Routes {
                     return Err(RouteError::NoSuchDomainAlias(alias));
                 }
             }
+            RoutesCommand::PutSieve {
+                user,
+                name,
+                script,
+                activate,
+                srs_key,
+            } => {
+                let u = Self::sieve_user(dir, user)?;
+                let entry = self.sieve.entry(u.clone()).or_default();
+                match script {
+                    Some(src) => {
+                        let fresh = !entry.scripts.contains_key(name);
+                        if src.len() > SIEVE_SCRIPT_BYTES_MAX
+                            || name.is_empty()
+                            || name.len() > SIEVE_NAME_BYTES_MAX
+                            || name.chars().any(char::is_control)
+                            || (fresh && entry.scripts.len() >= SIEVE_SCRIPTS_MAX)
+                        {
+                            return Err(RouteError::ScriptLimit);
+                        }
+                        entry.scripts.insert(name.clone(), src.clone());
+                        if *activate {
+                            entry.active = Some(name.clone());
+                        }
+                        self.srs_key.get_or_insert(*srs_key);
+                    }
+                    None => {
+                        if !entry.scripts.contains_key(name) {
+                            return Err(RouteError::NoSuchScript(name.clone()));
+                        }
+                        if entry.active.as_ref() == Some(name) && !*activate {
+                            return Err(RouteError::ScriptActive);
+                        }
+                        entry.scripts.remove(name);
+                        if entry.active.as_ref() == Some(name) {
+                            entry.active = None;
+                        }
+                    }
+                }
+                if entry.scripts.is_empty() {
+                    self.sieve.remove(&u);
+                }
+            }
+            RoutesCommand::ActivateSieve { user, name } => {
+                let u = Self::sieve_user(dir, user)?;
+                match name {
+                    Some(n) => {
+                        let entry = self.sieve.get_mut(&u).filter(|e| e.scripts.contains_key(n));
+                        let Some(entry) = entry else {
+                            return Err(RouteError::NoSuchScript(n.clone()));
+                        };
+                        entry.active = Some(n.clone());
+                    }
+                    None => {
+                        if let Some(e) = self.sieve.get_mut(&u) {
+                            e.active = None;
+                        }
+                    }
+                }
+            }
+            RoutesCommand::RenameSieve { user, from, to } => {
+                let u = Self::sieve_user(dir, user)?;
+                if to.is_empty() || to.len() > SIEVE_NAME_BYTES_MAX || to.chars().any(char::is_control) {
+                    return Err(RouteError::ScriptLimit);
+                }
+                let Some(entry) = self.sieve.get_mut(&u).filter(|e| e.scripts.contains_key(from)) else {
+                    return Err(RouteError::NoSuchScript(from.clone()));
+                };
+                if entry.scripts.contains_key(to) {
+                    return Err(RouteError::ScriptExists(to.clone()));
+                }
+                let src = entry.scripts.remove(from).expect("checked");
+                entry.scripts.insert(to.clone(), src);
+                if entry.active.as_ref() == Some(from) {
+                    entry.active = Some(to.clone());
+                }
+            }
             RoutesCommand::SetCatchAll { domain, address } => {
                 let domain = normalize_domain(domain).map_err(|_| RouteError::BadDomain(domain.clone()))?;
                 if self.domain_aliases.contains_key(&domain) {
@@ -357,6 +499,27 @@ impl Routes {
             }
         }
         Ok(())
+    }
+
+    /// A user's normalized address, if the user exists.
+    fn sieve_user(dir: &DirectoryState, user: &str) -> Result<String, RouteError> {
+        let u = normalize_address(user).map_err(|_| RouteError::BadAddress(user.to_owned()))?;
+        if !dir.users.contains_key(&u) {
+            return Err(RouteError::NoSuchUser(u));
+        }
+        Ok(u)
+    }
+
+    /// A removed user's scripts go with the user.
+    pub fn user_removed(&mut self, address: &str) {
+        if let Ok(a) = normalize_address(address) {
+            self.sieve.remove(&a);
+        }
+    }
+
+    /// The active Sieve script of a user, if any.
+    pub fn active_sieve(&self, user: &str) -> Option<&str> {
+        self.sieve.get(user).and_then(SieveScripts::active_script)
     }
 
     /// `address` normalized, in a domain the directory holds (an alias

@@ -8,7 +8,7 @@ use std::time::Duration;
 use replication::replica::{
     BoxFuture, DeliverOutcome, Listed, MailboxInUse, Network, NodeId, ReplicaError, Replicator,
 };
-use replication::{MarkChange, MessageId};
+use replication::{FlagMark, MarkChange, MessageId};
 
 /// What SMTP, LMTP, POP3, IMAP and the outbound queue ask of the mail
 /// system.
@@ -161,5 +161,38 @@ impl<N: Network> Mail for Replicator<N> {
         failed: bool,
     ) -> BoxFuture<'a, Option<bool>> {
         Box::pin(Replicator::throttle(self, keys, window, failed))
+    }
+}
+
+/// A message just stored, as a listing would show it (enough to send
+/// changes to its copies).
+pub fn fresh_listed(id: replication::MessageId, folder: &str, arrival_ms: u64, replicas: Vec<u64>) -> Listed {
+    Listed {
+        meta: replication::EntryMeta::delivered(
+            id,
+            replication::BodyHash([0; 32]),
+            0,
+            arrival_ms,
+            folder.to_owned(),
+            replicas,
+        ),
+        holders: Vec::new(),
+    }
+}
+
+/// The change that sets (or clears) flags of a listed message, stamped
+/// `hlc`.
+pub fn flag_change(l: &Listed, flags: &[(String, bool)], hlc: u64) -> MarkChange {
+    MarkChange {
+        id: l.meta.id,
+        folder: None,
+        flags: flags
+            .iter()
+            .map(|(name, set)| FlagMark {
+                name: name.clone(),
+                set: *set,
+                hlc,
+            })
+            .collect(),
     }
 }

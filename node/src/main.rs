@@ -147,6 +147,11 @@ struct NodeArgs {
     /// only as their own address (553 5.7.1 otherwise).
     #[arg(long = "allow-from", value_name = "WHO:PATTERN")]
     allow_from: Vec<quill_proto::send_as::Rule>,
+    /// Mail to user+TAG@domain is filed into the user's folder named TAG
+    /// where it exists (RFC 5233), else into INBOX (as without this flag).
+    /// A user's Sieve script, if any, decides instead.
+    #[arg(long)]
+    subaddress_folders: bool,
     /// Open connections per client address (the share shrinks once half of
     /// --max-connections is taken).
     #[arg(long, default_value_t = 64)]
@@ -310,6 +315,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             quill_proto::send_as::SendAs::new(a.allow_from.clone()).map_err(anyhow::Error::msg)?,
         ),
         unknown_recipients_max: a.max_unknown_recipients,
+        subaddress_folders: a.subaddress_folders,
         connections_per_address_max: a.max_connections_per_ip,
         imap_sessions_per_user_max: a.max_imap_sessions_per_user,
         connections_max: a.max_connections,

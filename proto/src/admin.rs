@@ -52,6 +52,21 @@ pub struct CatchAllBody {
     pub address: Option<String>,
 }
 
+/// `PUT /v1/sieve/{address}`: the user's Sieve script (checked first: a
+/// script with an error is refused with its line and reason), made
+/// active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SieveBody {
+    pub script: String,
+}
+
+/// `GET /v1/sieve/{address}`: the user's scripts and which is active.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SieveList {
+    pub active: Option<String>,
+    pub scripts: BTreeMap<String, String>,
+}
+
 /// `GET /v1/routes`: the recipients that are not users, cluster-wide.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutesList {
@@ -383,6 +398,9 @@ pub enum Call {
     SetDomainAlias(DomainAliasBody),
     RemoveDomainAlias { alias: String },
     SetCatchAll { domain: String, body: CatchAllBody },
+    SetSieve { address: String, body: SieveBody },
+    GetSieve { address: String },
+    RemoveSieve { address: String },
 }
 
 impl Call {
@@ -395,6 +413,7 @@ impl Call {
             | Call::ListTls
             | Call::ListQueue
             | Call::ListRoutes
+            | Call::GetSieve { .. }
             | Call::ShowQueued { .. } => "GET",
             Call::SetAlias(_) | Call::SetDomainAlias(_) => "POST",
             Call::AddDomain(_)
@@ -403,8 +422,12 @@ impl Call {
             | Call::ActOnQueued { .. }
             | Call::UpgradeFinish
             | Call::StepDown => "POST",
-            Call::SetPassword { .. } | Call::SetLogLevel(_) | Call::SetTls { .. } | Call::SetCatchAll { .. } => "PUT",
-            Call::RemoveAlias { .. } | Call::RemoveDomainAlias { .. } => "DELETE",
+            Call::SetPassword { .. }
+            | Call::SetLogLevel(_)
+            | Call::SetTls { .. }
+            | Call::SetCatchAll { .. }
+            | Call::SetSieve { .. } => "PUT",
+            Call::RemoveAlias { .. } | Call::RemoveDomainAlias { .. } | Call::RemoveSieve { .. } => "DELETE",
             Call::RemoveDomain { .. }
             | Call::RemoveUser { .. }
             | Call::RemoveNode { .. }
@@ -441,6 +464,9 @@ impl Call {
             Call::SetDomainAlias(_) => "/v1/domain-aliases".to_owned(),
             Call::RemoveDomainAlias { alias } => format!("/v1/domain-aliases/{}", s(alias)),
             Call::SetCatchAll { domain, .. } => format!("/v1/catch-all/{}", s(domain)),
+            Call::SetSieve { address, .. } | Call::GetSieve { address } | Call::RemoveSieve { address } => {
+                format!("/v1/sieve/{}", s(address))
+            }
         }
     }
 
@@ -455,6 +481,7 @@ impl Call {
             Call::SetAlias(b) => serde_json::to_value(b),
             Call::SetDomainAlias(b) => serde_json::to_value(b),
             Call::SetCatchAll { body, .. } => serde_json::to_value(body),
+            Call::SetSieve { body, .. } => serde_json::to_value(body),
             _ => return None,
         };
         Some(v.expect("admin bodies encode"))
@@ -481,6 +508,7 @@ pub fn parse_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<AliasBody>(data);
     let _ = serde_json::from_slice::<DomainAliasBody>(data);
     let _ = serde_json::from_slice::<CatchAllBody>(data);
+    let _ = serde_json::from_slice::<SieveBody>(data);
     if let Ok(q) = std::str::from_utf8(data) {
         let _ = RemoveQuery::parse(q);
     }

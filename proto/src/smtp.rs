@@ -126,17 +126,33 @@ pub struct Rcpt {
     /// The normalized address as named (replies, headers).
     pub address: String,
     /// Where its copies are stored: one per user it reaches.
-    pub mailboxes: Vec<String>,
+    pub dests: Vec<Dest>,
     /// Whether some of its mail is forwarded to `Transaction::forward`.
     pub forwards: bool,
+}
+
+/// One user a recipient reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dest {
+    /// The user's normalized address (their Sieve script, vacation).
+    pub user: String,
+    /// Where their mail is stored.
+    pub mailbox: String,
+    /// The sub-address tag they were named by (`user+tag@`), if any.
+    pub tag: Option<String>,
 }
 
 impl Rcpt {
     /// A user named directly.
     pub fn user(address: impl Into<String>, mailbox: impl Into<String>) -> Rcpt {
+        let address = address.into();
         Rcpt {
-            address: address.into(),
-            mailboxes: vec![mailbox.into()],
+            dests: vec![Dest {
+                user: address.clone(),
+                mailbox: mailbox.into(),
+                tag: None,
+            }],
+            address,
             forwards: false,
         }
     }
@@ -460,7 +476,10 @@ pub fn refusal_reply(why: Refusal) -> String {
 /// as named in the `Received:` header (one per address), each sorted and
 /// without duplicates.
 pub fn unique_recipients(rcpts: &[Rcpt]) -> (Vec<String>, Vec<&str>) {
-    let mut mailboxes: Vec<String> = rcpts.iter().flat_map(|r| r.mailboxes.iter().cloned()).collect();
+    let mut mailboxes: Vec<String> = rcpts
+        .iter()
+        .flat_map(|r| r.dests.iter().map(|d| d.mailbox.clone()))
+        .collect();
     mailboxes.sort();
     mailboxes.dedup();
     let mut addresses: Vec<&str> = rcpts.iter().map(|r| r.address.as_str()).collect();
@@ -489,7 +508,7 @@ pub fn data_reply(
             .iter()
             .map(|r| {
                 let addr = &r.address;
-                if r.mailboxes.iter().all(|m| stored(m)) && (forwarded || !r.forwards) {
+                if r.dests.iter().all(|d| stored(&d.mailbox)) && (forwarded || !r.forwards) {
                     format!("250 2.0.0 <{addr}> Ok: stored as {id}")
                 } else {
                     format!("451 4.3.0 <{addr}> Mail store unavailable, try again later")
@@ -586,7 +605,10 @@ mod tests {
         // stored and its forwarded copy queued.
         let alias = Rcpt {
             address: "team@x".into(),
-            mailboxes: vec!["a".into(), "b".into()],
+            dests: [Rcpt::user("a@x", "a"), Rcpt::user("b@x", "b")]
+                .into_iter()
+                .flat_map(|r| r.dests)
+                .collect(),
             forwards: true,
         };
         let one = |stored: &dyn Fn(&str) -> bool, fwd| {

@@ -332,3 +332,178 @@ print("clients ok")
         assert_eq!(subjects(&node, "carol@example.org").await, ["lmtp"]);
     }
 }
+
+const SCRIPT: &str = r#"require ["fileinto", "mailbox", "imap4flags", "copy", "vacation"];
+# Reports into their folder, flagged; list mail dropped; the rest kept.
+if header :contains "subject" "report" {
+    fileinto :create :flags "\\Flagged" "Work/Reports";
+    stop;
+}
+if address :is "from" "noise@lists.example" {
+    discard;
+    stop;
+}
+if header :contains "subject" "forward me" {
+    redirect :copy "friend@remote.test";
+}
+vacation :days 1 :subject "Away" "I am away until Monday.";
+"#;
+
+/// A Sieve script set through one node runs on mail taken by the others:
+/// folders made and flagged, discards, redirects (SRS, at the sink), and
+/// one vacation reply though the sender writes three times through three
+/// nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sieve_files_flags_redirects_and_answers_once_across_nodes() {
+    let _slot = common::cluster_slot().await;
+    let sink = Sink::start(0).await;
+    let dir = TempDir::new("sieve").expect("temp dir");
+    let relay = sink.addr.to_string();
+    let extra = ["--relay-host", &relay, "--retry-initial", "300ms", "--retry-max", "1s"];
+    let nodes = process::start_cluster_with(dir.path(), 3, SECRET, "info", &extra)
+        .await
+        .expect("cluster starts");
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    process::wait_converged(&all, 3, Duration::from_secs(60))
+        .await
+        .expect("converges");
+    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
+    n1.add_domain("example.org").await.unwrap();
+    n1.add_user("alice@example.org", PASSWORD, None).await.unwrap();
+    // A script with an error is refused with its line and reason.
+    let (status, reply) = n2
+        .admin_raw(
+            Method::PUT,
+            "/v1/sieve/alice@example.org",
+            Some(json!({"script": "keep;\nfileinto \"x\";\n"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply
+            .to_string()
+            .contains("line 2: fileinto needs require \\\"fileinto\\\""),
+        "{reply}"
+    );
+    n2.admin(
+        Method::PUT,
+        "/v1/sieve/alice@example.org",
+        Some(json!({"script": SCRIPT})),
+    )
+    .await
+    .expect("script stored");
+    let from = "bob@remote.example";
+    let send = |n: &NodeProcess, subject: &str, from: &str| {
+        let (addr, subject, from) = (n.smtp(), subject.to_owned(), from.to_owned());
+        async move {
+            let mut c = quill_harness::SmtpClient::connect(addr, false).await.unwrap();
+            let body = format!(
+                "From: {from}\r\nTo: alice@example.org\r\nSubject: {subject}\r\nMessage-ID: <{subject}@remote.example>\r\n\r\nhello\r\n"
+            );
+            let r = c
+                .send_mail(from.as_str(), &["alice@example.org"], body.as_bytes())
+                .await;
+            let _ = c.quit().await;
+            r.map(|r| r[0].code)
+        }
+    };
+    common::wait_for("the script on node 3", Duration::from_secs(10), || async {
+        n3.admin(Method::GET, "/v1/sieve/alice@example.org", None)
+            .await
+            .is_ok_and(|v| v["active"] == "quill")
+    })
+    .await;
+    for (k, n) in [n1, n2, n3].into_iter().enumerate() {
+        assert_eq!(send(n, &format!("hello {k}"), from).await.unwrap(), 250);
+    }
+    assert_eq!(send(n3, "monthly report", from).await.unwrap(), 250);
+    assert_eq!(send(n1, "noise", "noise@lists.example").await.unwrap(), 250);
+    assert_eq!(
+        send(n2, "please forward me", "carol@remote.example").await.unwrap(),
+        250
+    );
+    // Over IMAP: INBOX has the kept ones, Work/Reports the report, flagged;
+    // the discarded one is nowhere.
+    if testkit::program("python3") {
+        let imap = n2.imap();
+        let script = format!(
+            r#"
+import imaplib
+m = imaplib.IMAP4("{}", {})
+m.login("alice@example.org", "{PASSWORD}")
+typ, boxes = m.list()
+assert any(b'"Work/Reports"' in b or b' Work/Reports' in b for b in boxes), boxes
+typ, n = m.select("INBOX", readonly=True)
+assert n[0] == b"4", n
+typ, d = m.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+subjects = sorted(x[1].decode().strip() for x in d if isinstance(x, tuple))
+assert subjects == ["Subject: hello 0", "Subject: hello 1", "Subject: hello 2", "Subject: please forward me"], subjects
+typ, n = m.select("Work/Reports", readonly=True)
+assert n[0] == b"1", n
+typ, d = m.fetch("1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+assert b"\\Flagged" in d[0][0] and b"monthly report" in d[0][1], d
+m.logout()
+print("imap ok")
+"#,
+            imap.ip(),
+            imap.port()
+        );
+        let out = tokio::task::spawn_blocking(move || run(Command::new("python3").args(["-c", &script])))
+            .await
+            .unwrap();
+        assert!(out.contains("imap ok"), "{out}");
+    }
+    // At the sink: one vacation reply to bob (three messages, three nodes;
+    // none for the report, which stopped first, nor to the list), one to
+    // carol, and carol's message redirected with an SRS sender.
+    common::wait_for("the replies and the redirect", Duration::from_secs(30), || async {
+        sink.got().len() >= 3
+    })
+    .await;
+    // Anything more would come within the retry interval.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = sink.got();
+    let to_bob: Vec<_> = got.iter().filter(|g| g.rcpts == [from]).collect();
+    assert_eq!(to_bob.len(), 1, "one vacation reply to bob: {got:?}");
+    assert_eq!(to_bob[0].from, "", "sent from the null sender");
+    assert!(to_bob[0].data.contains("Auto-Submitted: auto-replied\r\n"));
+    assert!(to_bob[0].data.contains("Subject: Away\r\n"));
+    assert!(to_bob[0].data.contains("I am away until Monday."));
+    assert!(!got.iter().any(|g| g.rcpts.iter().any(|r| r.contains("lists.example"))));
+    let fwd: Vec<_> = got.iter().filter(|g| g.rcpts == ["friend@remote.test"]).collect();
+    assert_eq!(fwd.len(), 1, "{got:?}");
+    assert!(fwd[0].from.starts_with("srs0=") && fwd[0].from.ends_with("=remote.example=carol@example.org"));
+    assert!(fwd[0].data.starts_with("Delivered-To: alice@example.org\r\n"));
+    assert_eq!(got.len(), 3, "{got:?}");
+    // quill admin sieve get prints it; remove turns filtering off.
+    let bin = n1.opts.binary.clone();
+    let (addr, token) = (n1.admin_addr().to_string(), n1.opts.admin_token.clone());
+    let out = run(Command::new(&bin).args([
+        "admin",
+        "--node",
+        &addr,
+        "--token",
+        &token,
+        "sieve",
+        "get",
+        "alice@example.org",
+    ]));
+    assert_eq!(out, SCRIPT);
+    run(Command::new(&bin).args([
+        "admin",
+        "--node",
+        &addr,
+        "--token",
+        &token,
+        "sieve",
+        "remove",
+        "alice@example.org",
+    ]));
+    assert!(
+        n1.admin(Method::GET, "/v1/sieve/alice@example.org", None)
+            .await
+            .unwrap()["active"]
+            .is_null()
+    );
+}

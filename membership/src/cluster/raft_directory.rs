@@ -72,6 +72,24 @@ impl Directory for RaftDirectory {
         self.m.inner.shared.read().state.routes.srs_key
     }
 
+    fn sieve_script(&self, user: &str) -> Option<String> {
+        self.m
+            .inner
+            .shared
+            .read()
+            .state
+            .routes
+            .active_sieve(user)
+            .map(str::to_owned)
+    }
+
+    fn sieve_scripts(&self, user: &str) -> crate::routes::SieveScripts {
+        let shared = self.m.inner.shared.read();
+        crate::routes::normalize_user(user)
+            .and_then(|u| shared.state.routes.sieve.get(&u).cloned())
+            .unwrap_or_default()
+    }
+
     fn apply_routes(&self, cmd: RoutesCommand) -> RoutesFuture<'_> {
         Box::pin(async move {
             match self.m.write(Command::Routes(cmd)).await {

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use quill_proto::admin::{
     AliasBody, Call, CatchAllBody, CertList, ClusterStatus, DomainAliasBody, DomainBody, LevelBody, LevelSet,
-    PasswordBody, QueueAction, QueueEntry, QueueList, RoutesList, SteppedDown, TlsBody, UpgradeFinished, UserBody,
-    UserInfo, UserRemoved,
+    PasswordBody, QueueAction, QueueEntry, QueueList, RoutesList, SieveBody, SieveList, SteppedDown, TlsBody,
+    UpgradeFinished, UserBody, UserInfo, UserRemoved,
 };
 
 use super::client::request;
@@ -39,6 +39,10 @@ enum AdminCmd {
     /// local or remote (forwarded with the sender rewritten by SRS).
     #[command(subcommand)]
     Alias(AliasCmd),
+    /// A user's Sieve filter (RFC 5228: fileinto, redirect, vacation, ...),
+    /// run on every message the user gets. Also over ManageSieve.
+    #[command(subcommand)]
+    Sieve(SieveCmd),
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -142,6 +146,17 @@ enum DomainCmd {
         #[arg(long, conflicts_with = "address")]
         remove: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum SieveCmd {
+    /// Check FILE and make it the user's active script (`-`: standard
+    /// input). A script with an error is refused with its line and reason.
+    Set { address: String, file: PathBuf },
+    /// Print the user's active script.
+    Get { address: String },
+    /// Remove the user's active script: no filtering from now on.
+    Remove { address: String },
 }
 
 #[derive(Subcommand)]
@@ -285,6 +300,21 @@ impl AdminCmd {
                 targets: targets.clone(),
             }),
             AdminCmd::Alias(AliasCmd::List { .. }) => Call::ListRoutes,
+            AdminCmd::Sieve(SieveCmd::Set { address, file }) => {
+                let script = if file.as_os_str() == "-" {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                    s
+                } else {
+                    std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?
+                };
+                Call::SetSieve {
+                    address: s(address),
+                    body: SieveBody { script },
+                }
+            }
+            AdminCmd::Sieve(SieveCmd::Get { address }) => Call::GetSieve { address: s(address) },
+            AdminCmd::Sieve(SieveCmd::Remove { address }) => Call::RemoveSieve { address: s(address) },
             AdminCmd::Alias(AliasCmd::Remove { address }) => Call::RemoveAlias { address: s(address) },
             AdminCmd::User(UserCmd::Add {
                 address,
@@ -374,6 +404,13 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                 for (domain, address) in &r.catch_all {
                     println!("*@{domain} -> {address} (catch-all)");
                 }
+            }
+        }
+        AdminCmd::Sieve(SieveCmd::Get { address }) => {
+            let list: SieveList = request(node, token, &call).await?;
+            match list.active.as_ref().and_then(|n| list.scripts.get(n)) {
+                Some(src) => print!("{src}"),
+                None => bail!("{address} has no active script"),
             }
         }
         AdminCmd::User(UserCmd::List) => {

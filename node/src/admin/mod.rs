@@ -31,6 +31,9 @@
 //! POST   /v1/domain-aliases           {"alias", "target"}: every address of alias is target's
 //! DELETE /v1/domain-aliases/{alias}
 //! PUT    /v1/catch-all/{domain}       {"address": "..." | null}
+//! GET    /v1/sieve/{address}          -> {"active": name | null, "scripts": {name: source}}
+//! PUT    /v1/sieve/{address}          {"script"}: checked (400 with line and reason), made active
+//! DELETE /v1/sieve/{address}          the active script
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict), 500 or 503.
@@ -126,6 +129,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/domain-aliases", post(routes::set_domain_alias))
         .route("/v1/domain-aliases/{alias}", delete(routes::remove_domain_alias))
         .route("/v1/catch-all/{domain}", put(routes::set_catch_all))
+        .route(
+            "/v1/sieve/{address}",
+            get(routes::get_sieve)
+                .put(routes::set_sieve)
+                .delete(routes::remove_sieve),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(cluster::health))

@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use membership::{CommandError, RouteError, RoutesCommand, RoutesWriteError};
-use quill_proto::admin::{AliasBody, CatchAllBody, DomainAliasBody, RoutesList};
+use quill_proto::admin::{AliasBody, CatchAllBody, DomainAliasBody, RoutesList, SieveBody, SieveList};
 
 use super::state::{AdminState, ApiResult, Failure, done, reply};
 
@@ -16,9 +16,12 @@ impl From<RoutesWriteError> for Failure {
                 RouteError::BadAddress(_) | RouteError::BadDomain(_) | RouteError::TargetCount => {
                     StatusCode::BAD_REQUEST
                 }
-                RouteError::NoSuchAlias(_) | RouteError::NoSuchDomainAlias(_) | RouteError::NotLocal(_) => {
-                    StatusCode::NOT_FOUND
-                }
+                RouteError::NoSuchAlias(_)
+                | RouteError::NoSuchDomainAlias(_)
+                | RouteError::NotLocal(_)
+                | RouteError::NoSuchUser(_)
+                | RouteError::NoSuchScript(_) => StatusCode::NOT_FOUND,
+                RouteError::ScriptLimit => StatusCode::BAD_REQUEST,
                 _ => StatusCode::CONFLICT,
             },
             // Below the feature level that brought routes.
@@ -89,6 +92,56 @@ pub(super) async fn set_catch_all(
     let cmd = RoutesCommand::SetCatchAll {
         domain,
         address: b.address,
+    };
+    apply(&s, cmd).await
+}
+
+/// The name `quill admin sieve set` stores a script under.
+pub const ADMIN_SCRIPT_NAME: &str = "quill";
+
+pub(super) async fn set_sieve(
+    State(s): State<AdminState>,
+    Path(address): Path<String>,
+    Json(b): Json<SieveBody>,
+) -> ApiResult {
+    if let Err(e) = quill_proto::sieve::compile(&b.script) {
+        return Err(Failure(StatusCode::BAD_REQUEST, format!("script refused: {e}")));
+    }
+    let srs_key =
+        crate::files::random_bytes().map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let cmd = RoutesCommand::PutSieve {
+        user: address,
+        name: ADMIN_SCRIPT_NAME.to_owned(),
+        script: Some(b.script),
+        activate: true,
+        srs_key,
+    };
+    apply(&s, cmd).await
+}
+
+pub(super) async fn get_sieve(State(s): State<AdminState>, Path(address): Path<String>) -> ApiResult {
+    let all = s.services.directory.sieve_scripts(&address);
+    reply(SieveList {
+        active: all.active,
+        scripts: all.scripts,
+    })
+}
+
+/// Removes the user's active script (and with it any filtering).
+pub(super) async fn remove_sieve(State(s): State<AdminState>, Path(address): Path<String>) -> ApiResult {
+    let all = s.services.directory.sieve_scripts(&address);
+    let Some(name) = all.active else {
+        return Err(Failure(
+            StatusCode::NOT_FOUND,
+            format!("{address} has no active script"),
+        ));
+    };
+    let cmd = RoutesCommand::PutSieve {
+        user: address,
+        name,
+        script: None,
+        activate: true,
+        srs_key: [0; 32],
     };
     apply(&s, cmd).await
 }

@@ -9,6 +9,9 @@ pub struct Limits {
     /// Submission: the addresses users may send as besides their own
     /// (`--allow-from`).
     pub send_as: std::sync::Arc<quill_proto::send_as::SendAs>,
+    /// `user+tag@` is filed into the user's folder `tag` where it exists
+    /// (`--subaddress-folders`); else into INBOX.
+    pub subaddress_folders: bool,
     /// Largest message accepted (advertised in `SIZE`).
     pub message_bytes_max: usize,
     /// RFC 5321 §4.5.3.1.8: at least 100 must be accepted.
@@ -55,6 +58,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             send_as: Default::default(),
+            subaddress_folders: false,
             message_bytes_max: 50 << 20,
             recipients_max: 100,
             commands_max: 10_000,

@@ -50,7 +50,13 @@ pub struct Routing {
     limits: SendingLimits,
     queue: QueueGauge,
     unknown: Windows,
+    /// Users' active Sieve scripts, compiled once per version of the
+    /// source (user -> source, script).
+    scripts: std::sync::Mutex<std::collections::HashMap<String, (String, Arc<quill_proto::sieve::Script>)>>,
 }
+
+/// Compiled scripts kept at most (all dropped past it; rebuilt as used).
+const SCRIPTS_CACHED_MAX: usize = 10_000;
 
 impl std::fmt::Debug for Routing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,7 +79,38 @@ impl Routing {
             limits,
             queue,
             unknown: Windows::default(),
+            scripts: Default::default(),
         }
+    }
+
+    /// The user's active Sieve script, compiled; `None` without one (or
+    /// with one that no longer compiles: it was checked when stored, so
+    /// only a newer release's script could, and the mail is kept).
+    pub fn sieve(&self, user: &str) -> Option<Arc<quill_proto::sieve::Script>> {
+        let src = self.directory.sieve_script(user)?;
+        let mut cache = self.scripts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached, script)) = cache.get(user)
+            && *cached == src
+        {
+            return Some(script.clone());
+        }
+        let script = Arc::new(quill_proto::sieve::compile(&src).ok()?);
+        if cache.len() >= SCRIPTS_CACHED_MAX {
+            cache.clear();
+        }
+        cache.insert(user.to_owned(), (src, script.clone()));
+        Some(script)
+    }
+
+    /// Counts one vacation reply from `user` to `sender` under `handle`
+    /// at the cluster's counter for it: true if none was sent in the last
+    /// `days` (RFC 5230's rule, kept at one node for the whole cluster);
+    /// false too when no counter answers (no reply rather than a storm).
+    pub async fn vacation_due(&self, user: &str, sender: &str, handle: &str, days: u64) -> bool {
+        let h = blake3::hash(handle.as_bytes()).to_hex();
+        let key = format!("vacation/{user}/{}/{}", sender.to_ascii_lowercase(), &h[..16]);
+        let window = Duration::from_secs(days.clamp(1, 365) * 86_400);
+        self.mail.throttle(&[(key, 2)], window, true).await == Some(false)
     }
 
     /// Resolves a recipient, with postmaster (RFC 5321 §4.5.1) deliverable

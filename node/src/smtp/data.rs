@@ -9,11 +9,10 @@ use quill_proto::data::{DATA_LINE_BYTES_MAX, DataReader, Refusal, Step};
 use quill_proto::line::LineSplitter;
 use quill_proto::message::{from_all, is_loop};
 use quill_proto::smtp::{Mode, REPLY_DATA_GO_AHEAD, Rcpt, Reply, data_reply, refusal_reply, unique_recipients};
-use replication::replica::DeliverOutcome;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
-use super::Session;
+use super::{Session, deliver};
 use crate::metrics::Latencies;
 use crate::services::DATA_BUDGET_CHUNK;
 use crate::time::now_ms;
@@ -114,43 +113,101 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             ok
         };
-        // To R nodes per recipient, one body per node; each has it on disk
-        // before the reply.
-        let started = std::time::Instant::now();
-        let outcome = if unique.is_empty() {
-            DeliverOutcome {
-                id,
-                stored: vec![],
-                copies: vec![],
-                under_replicated: false,
-            }
-        } else {
-            let m = crate::mail::NewMail {
-                id,
-                mailboxes: &unique,
-                folder: "INBOX",
-                arrival_ms,
-                body,
+        // What each user's copy becomes (Sieve, sub-address folders),
+        // decided once, here, before any copy is stored.
+        let plan = deliver::plan(&self.services, &rcpts, &from, &body).await;
+        let mut redirected = true;
+        for (user, to) in &plan.redirects {
+            redirected &= self
+                .forward_via(&from, &[user.as_str()], to.clone(), &body, arrival_ms)
+                .await;
+        }
+        for (to, reply) in &plan.replies {
+            let env = quill_proto::queue::Envelope {
+                from: String::new(),
+                rcpts: vec![to.clone()],
+                queued_ms: arrival_ms,
+                submitter: None,
             };
-            self.services.mail.deliver_as(m).await
-        };
+            if !crate::outbound::enqueue(&self.services, &env, reply).await {
+                warn!(%id, to = %to, "vacation reply not queued");
+            }
+        }
+        // To R nodes per copy, one body per node; each has it on disk
+        // before the reply. Copies that share a folder and flags (all of
+        // them, without scripts) are one delivery.
+        let started = std::time::Instant::now();
+        let mut groups: Vec<(&str, &[String], Vec<String>)> = Vec::new();
+        for c in &plan.copies {
+            match groups
+                .iter_mut()
+                .find(|(f, fl, _)| *f == c.folder && *fl == c.flags.as_slice())
+            {
+                Some(g) => g.2.push(c.mailbox.clone()),
+                None => groups.push((&c.folder, &c.flags, vec![c.mailbox.clone()])),
+            }
+        }
+        // A user whose script discarded the message has it "delivered".
+        let mut stored_by: std::collections::HashMap<&str, bool> = unique.iter().map(|m| (m.as_str(), true)).collect();
+        let (mut copies, mut under_replicated) = (Vec::new(), false);
+        let last = groups.len().saturating_sub(1);
+        let mut body = Some(body);
+        for (i, (folder, flags, mailboxes)) in groups.iter().enumerate() {
+            let gid = if i == 0 {
+                id
+            } else {
+                self.services.mail.new_message_id(arrival_ms)
+            };
+            let b = if i == last {
+                body.take().unwrap_or_default()
+            } else {
+                body.clone().unwrap_or_default()
+            };
+            let m = crate::mail::NewMail {
+                id: gid,
+                mailboxes,
+                folder,
+                arrival_ms,
+                body: b,
+            };
+            let outcome = self.services.mail.deliver_as(m).await;
+            under_replicated |= outcome.under_replicated;
+            for (k, mb) in mailboxes.iter().enumerate() {
+                let ok = outcome.stored.get(k).copied().unwrap_or(false);
+                if let Some(s) = stored_by.get_mut(mb.as_str()) {
+                    *s &= ok;
+                }
+                if ok && !flags.is_empty() {
+                    let holders = outcome.copies.get(k).cloned().unwrap_or_default();
+                    let listed = crate::mail::fresh_listed(gid, folder, arrival_ms, holders);
+                    let set: Vec<(String, bool)> = flags.iter().map(|f| (f.clone(), true)).collect();
+                    let change = crate::mail::flag_change(&listed, &set, self.services.mail.hlc_now());
+                    if self.services.mail.mark(mb, &[(listed, change)]).await.is_err() {
+                        warn!(%id, mailbox = %mb, "sieve flags not set on every copy");
+                    }
+                }
+            }
+            copies.push(outcome.copies);
+        }
         Latencies::observe(&self.services.metrics.latency.delivery, started.elapsed());
-        let stored = |mailbox: &str| {
-            unique
-                .iter()
-                .position(|u| u == mailbox)
-                .is_some_and(|i| outcome.stored[i])
-        };
-        let all_stored = outcome.stored.iter().all(|s| *s) && queued && forwarded;
+        let stored = |mailbox: &str| stored_by.get(mailbox).copied().unwrap_or(false);
+        let all_stored = stored_by.values().all(|s| *s) && queued && forwarded && redirected;
         if all_stored {
             self.services.counters().messages_accepted.inc();
             info!(%id, from = %from, rcpts = unique.len(), size,
-                copies = ?outcome.copies, under_replicated = outcome.under_replicated, "message stored");
+                copies = ?copies, under_replicated, "message stored");
         } else {
             self.services.counters().deliveries_failed.inc();
-            warn!(%id, stored = ?outcome.stored, "delivery failed for some recipients");
+            warn!(%id, stored = ?stored_by, "delivery failed for some recipients");
         }
-        let text = data_reply(self.state.mode, &id.to_hex(), all_stored, &rcpts, stored, forwarded);
+        let text = data_reply(
+            self.state.mode,
+            &id.to_hex(),
+            all_stored,
+            &rcpts,
+            stored,
+            forwarded && redirected,
+        );
         self.io.reply(&text).await?;
         Ok(true)
     }
@@ -167,6 +224,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .filter(|r| r.forwards)
             .map(|r| r.address.as_str())
             .collect();
+        self.forward_via(from, &aliases, to, body, arrival_ms).await
+    }
+
+    /// Queues a copy for `to`, forwarded by the local addresses `aliases`
+    /// (aliases, or a user whose Sieve script redirects): see
+    /// [`Self::forward`].
+    async fn forward_via(&self, from: &str, aliases: &[&str], to: Vec<String>, body: &[u8], arrival_ms: u64) -> bool {
         let forwarder = aliases.first().and_then(|a| a.rsplit_once('@')).map_or("", |(_, d)| d);
         let sender = match self.services.directory.srs_key() {
             Some(key) => quill_proto::srs::forward(&key, from, forwarder, (arrival_ms / 86_400_000) as u32),
@@ -175,7 +239,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None => from.to_owned(),
         };
         let mut copy = Vec::with_capacity(body.len() + aliases.len() * 64);
-        for a in &aliases {
+        for a in aliases {
             copy.extend_from_slice(format!("Delivered-To: {a}\r\n").as_bytes());
         }
         copy.extend_from_slice(body);

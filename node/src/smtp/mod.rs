@@ -9,13 +9,14 @@
 
 mod auth;
 mod data;
+mod deliver;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quill_proto::message::domain_of;
-use quill_proto::smtp::{Offer, Rcpt, Reply, SMTP_COMMAND_BYTES_MAX, State};
+use quill_proto::smtp::{Dest, Offer, Rcpt, Reply, SMTP_COMMAND_BYTES_MAX, State};
 use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -270,9 +271,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // node's share only if the manager does not answer): a user named
         // directly over quota refuses the recipient; an alias skips its
         // members that are full, unless all are.
-        let mut mailboxes = Vec::with_capacity(expansion.local.len());
+        let mut dests = Vec::with_capacity(expansion.local.len());
         let mut full = 0;
-        for (user, _tag) in &expansion.local {
+        for (user, tag) in &expansion.local {
             let mailbox = user.mailbox();
             if let Some(quota) = user.quota_bytes
                 && self.services.mail.usage_bytes(&mailbox).await >= quota
@@ -280,9 +281,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 full += 1;
                 continue;
             }
-            mailboxes.push(mailbox);
+            dests.push(Dest {
+                user: user.address.clone(),
+                mailbox,
+                tag: tag.clone(),
+            });
         }
-        if full > 0 && mailboxes.is_empty() && expansion.remote.is_empty() {
+        if full > 0 && dests.is_empty() && expansion.remote.is_empty() {
             return self.send(Reply::limit("552 5.2.2 Mailbox full")).await;
         }
         let named = match (&expansion.local[..], expansion.routed) {
@@ -291,7 +296,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         let rcpt = Rcpt {
             address: named,
-            mailboxes,
+            dests,
             forwards: !expansion.remote.is_empty(),
         };
         let reply = self.state.add_local(rcpt, expansion.remote);

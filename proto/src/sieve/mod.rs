@@ -26,18 +26,20 @@
 mod lex;
 mod parse;
 mod run;
+pub mod vacation;
 
 pub use parse::{Script, compile};
 pub use run::{Actions, Envelope, FileInto, Vacation, run};
 
-/// The largest script, in bytes.
-pub const SCRIPT_BYTES_MAX: usize = 64 * 1024;
+/// The largest script, in bytes (it travels in one Raft entry:
+/// `membership::routes::SIEVE_SCRIPT_BYTES_MAX` is the same).
+pub const SCRIPT_BYTES_MAX: usize = 32 * 1024;
 /// Blocks nested in blocks, and tests in tests, at most.
 pub const NESTING_MAX: usize = 16;
 /// Strings in one list, at most.
 pub const LIST_MAX: usize = 1024;
 /// Commands and tests evaluated for one message, at most.
-pub const STEPS_MAX: usize = 10_000;
+pub const STEPS_MAX: usize = 4096;
 /// `redirect`s one message may make (the rest are refused).
 pub const REDIRECTS_MAX: usize = 4;
 /// Folders one message may be filed into.

@@ -623,7 +623,7 @@ Please read the attached report.\r\n";
         // A script as long as allowed never runs past its steps.
         let tests = "true,".repeat(999) + "true";
         let one = format!("if allof({tests}) {{ keep; }}\n");
-        let a = go(&one.repeat(11));
+        let a = go(&one.repeat(6));
         assert_eq!(a.keep, Some(vec![]));
         assert!(a.errors[0].contains("steps"));
     }

@@ -15,9 +15,9 @@ use replication::MarkChange;
 use replication::replica::Listed;
 use tracing::debug;
 
-use super::messages::flag_change;
-use super::state::{Handler, Phase, fresh_listed};
+use super::state::{Handler, Phase};
 use crate::mail::store_one;
+use crate::mail::{flag_change, fresh_listed};
 use crate::uids::sequence_name;
 
 impl Handler {

@@ -11,8 +11,10 @@ use imap_next::imap_types::sequence::SequenceSet;
 use quill_proto::imap::reply::{bad, cannot, flags_of, limit, name_of_flag, no, no_code, nz, ok, unavailable};
 use quill_proto::imap::search::{Position, SearchError};
 use quill_proto::imap::{FLAG_BYTES_MAX, FLAGS_PER_COMMAND_MAX, SEARCH_BYTES_MAX, fetch, search, sets, store};
+use replication::MarkChange;
 use replication::replica::Listed;
-use replication::{FlagMark, MarkChange};
+
+use crate::mail::flag_change;
 use tracing::debug;
 
 use super::state::{Handler, Phase};
@@ -225,22 +227,5 @@ impl Handler {
         }
         self.data(Data::Search(hits.into_iter().map(nz).collect()));
         ok(tag, None, "SEARCH completed")
-    }
-}
-
-/// The change that sets (or clears) flags of a listed message, stamped
-/// `hlc`.
-pub(super) fn flag_change(l: &Listed, flags: &[(String, bool)], hlc: u64) -> MarkChange {
-    MarkChange {
-        id: l.meta.id,
-        folder: None,
-        flags: flags
-            .iter()
-            .map(|(name, set)| FlagMark {
-                name: name.clone(),
-                set: *set,
-                hlc,
-            })
-            .collect(),
     }
 }

@@ -384,19 +384,3 @@ impl Handler {
         reply::refused(tag, &why)
     }
 }
-
-/// A message just stored, as a listing would show it (enough to send
-/// changes to its copies).
-pub fn fresh_listed(id: replication::MessageId, folder: &str, arrival_ms: u64, replicas: Vec<u64>) -> Listed {
-    Listed {
-        meta: replication::EntryMeta::delivered(
-            id,
-            replication::BodyHash([0; 32]),
-            0,
-            arrival_ms,
-            folder.to_owned(),
-            replicas,
-        ),
-        holders: Vec::new(),
-    }
-}

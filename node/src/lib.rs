@@ -8,7 +8,7 @@
 //!   line-session scaffold. Uses `tls`, `metrics`.
 //! - [`services`]: what sessions share (logins, routing, locks, limits,
 //!   the memory budget). Uses `net`, `mail`, `uids`, `metrics`, `tls`.
-//! - [`smtp`], [`pop3`], [`imap`]: the client protocols. Use `services`,
+//! - [`smtp`], [`pop3`], [`imap`], [`managesieve`]: the client protocols. Use `services`,
 //!   `net`, `mail`, `uids` (and SMTP the outbound queue's `enqueue`).
 //! - [`outbound`]: the queue's worker, MX lookup and SMTP client. Uses
 //!   `services`, `mail`.
@@ -41,6 +41,7 @@ pub mod cluster;
 pub mod files;
 pub mod imap;
 pub mod mail;
+pub mod managesieve;
 pub mod metrics;
 pub mod net;
 pub mod outbound;

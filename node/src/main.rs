@@ -86,6 +86,10 @@ struct NodeArgs {
     /// Implicit-TLS POP3 address (port 995 by convention).
     #[arg(long)]
     pop3s: Option<SocketAddr>,
+    /// ManageSieve address (RFC 5804, port 4190 by convention; STARTTLS
+    /// offered): users upload and activate their Sieve filters.
+    #[arg(long)]
+    managesieve: Option<SocketAddr>,
     /// TLS certificate chain, PEM (repeatable, each with its --tls-key; the
     /// client's SNI chooses, the first is the default). Re-read when the
     /// file changes; a bad pair is refused and the one before kept.
@@ -352,6 +356,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         pop3: a.pop3,
         smtps: a.smtps,
         pop3s: a.pop3s,
+        managesieve: a.managesieve,
         imap: a.imap,
         imaps: a.imaps,
         tls_files,

@@ -49,6 +49,8 @@ pub struct NodeConfig {
     pub smtps: Option<SocketAddr>,
     /// Implicit-TLS POP3 (port 995).
     pub pop3s: Option<SocketAddr>,
+    /// ManageSieve (RFC 5804, port 4190).
+    pub managesieve: Option<SocketAddr>,
     pub imap: Option<SocketAddr>,
     /// Implicit-TLS IMAP (port 993).
     pub imaps: Option<SocketAddr>,
@@ -95,6 +97,7 @@ impl NodeConfig {
             (Proto::Pop3s, self.pop3s),
             (Proto::Imap, self.imap),
             (Proto::Imaps, self.imaps),
+            (Proto::ManageSieve, self.managesieve),
         ]
         .into_iter()
         .filter_map(|(p, a)| a.map(|a| (p, a)))
@@ -113,6 +116,9 @@ impl Addrs {
             Proto::Pop3s => &mut self.pop3s,
             Proto::Imap => &mut self.imap,
             Proto::Imaps => &mut self.imaps,
+            // Not in the view's addresses (a frozen layout): the flag says
+            // where it is.
+            Proto::ManageSieve => return,
         };
         *slot = Some(addr);
     }
@@ -136,7 +142,7 @@ fn admin_token(config: &NodeConfig) -> anyhow::Result<String> {
 
 /// Serves one client connection with its protocol.
 async fn serve_client(proto: Proto, c: Client, services: Arc<Services>) {
-    use crate::{imap, pop3, smtp};
+    use crate::{imap, managesieve, pop3, smtp};
     match proto {
         Proto::Smtp => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Smtp, c.stop).await,
         // RFC 8314: port 465 is message submission over implicit TLS
@@ -147,6 +153,7 @@ async fn serve_client(proto: Proto, c: Client, services: Arc<Services>) {
         Proto::Lmtp => smtp::serve_on(c.stream, c.peer, services, smtp::Mode::Lmtp, c.stop).await,
         Proto::Pop3 | Proto::Pop3s => pop3::serve_on(c.stream, c.peer, services, c.stop).await,
         Proto::Imap | Proto::Imaps => imap::serve_on(c.stream, c.peer, services, c.stop).await,
+        Proto::ManageSieve => managesieve::serve_on(c.stream, c.peer, services, c.stop).await,
     }
 }
 

@@ -16,6 +16,7 @@ pub mod data;
 pub mod fuzz;
 pub mod imap;
 pub mod line;
+pub mod managesieve;
 pub mod message;
 pub mod pop3;
 pub mod queue;

@@ -507,3 +507,114 @@ print("imap ok")
             .is_null()
     );
 }
+
+/// ManageSieve (RFC 5804) with an outside client, `sieve-connect`: STARTTLS,
+/// AUTHENTICATE PLAIN, a script with an error refused with its line, one
+/// uploaded and activated, listed, and then filtering mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managesieve_with_sieve_connect() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = TempDir::new("managesieve").expect("temp dir");
+    let ip = quill_harness::fresh_loopback();
+    let mut opts = quill_harness::process::NodeOptions::new(dir.path().join("node"), ip).expect("quill binary");
+    let sieve_addr = opts.addr(4190);
+    opts.extra_args = vec!["--managesieve".into(), sieve_addr.to_string()];
+    let node = NodeProcess::start(opts).await.expect("node starts");
+    node.add_domain("example.org").await.unwrap();
+    node.add_user("alice@example.org", PASSWORD, None).await.unwrap();
+    // The greeting is the capability list; commands need a login.
+    let conn = tokio::net::TcpStream::connect(sieve_addr).await.unwrap();
+    let (r, mut w) = conn.into_split();
+    let mut r = BufReader::new(r);
+    let mut caps = String::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).await.unwrap();
+        caps.push_str(&l);
+        if l.starts_with("OK") {
+            break;
+        }
+    }
+    assert!(caps.contains("\"SIEVE\" \"fileinto copy imap4flags vacation"), "{caps}");
+    assert!(caps.contains("\"STARTTLS\""), "{caps}");
+    w.write_all(b"LISTSCRIPTS\r\n").await.unwrap();
+    let mut l = String::new();
+    r.read_line(&mut l).await.unwrap();
+    assert!(l.starts_with("NO"), "{l}");
+    w.write_all(b"LOGOUT\r\n").await.unwrap();
+    drop((r, w));
+
+    if !testkit::program("sieve-connect") {
+        return;
+    }
+    let bad = dir.path().join("bad.sieve");
+    std::fs::write(&bad, "keep;\nfileinto \"Junk\";\n").unwrap();
+    let good = dir.path().join("good.sieve");
+    std::fs::write(
+        &good,
+        "require \"fileinto\";\nif header :contains \"subject\" \"spam\" { discard; stop; }\n",
+    )
+    .unwrap();
+    let connect = |args: Vec<String>| {
+        let (ip, port) = (sieve_addr.ip().to_string(), sieve_addr.port().to_string());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut c = Command::new("sieve-connect")
+                    .args(["--server", &ip, "--port", &port, "--user", "alice@example.org"])
+                    .args(["--passwordfd", "0", "--notlsverify", "--authmech", "PLAIN"])
+                    .args(&args)
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("sieve-connect runs");
+                c.stdin.take().unwrap().write_all(PASSWORD.as_bytes()).unwrap();
+                let o = c.wait_with_output().unwrap();
+                (
+                    o.status.success(),
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    ),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (ok, out) = connect(s(&[
+        "--upload",
+        "--localsieve",
+        bad.to_str().unwrap(),
+        "--remotesieve",
+        "bad",
+    ]))
+    .await;
+    assert!(!ok && out.contains("line 2: fileinto needs require"), "{out}");
+    let (ok, out) = connect(s(&[
+        "--upload",
+        "--localsieve",
+        good.to_str().unwrap(),
+        "--remotesieve",
+        "filter",
+    ]))
+    .await;
+    assert!(ok, "{out}");
+    let (ok, out) = connect(s(&["--activate", "--remotesieve", "filter"])).await;
+    assert!(ok, "{out}");
+    let (ok, out) = connect(s(&["--list"])).await;
+    assert!(ok && out.contains("filter") && out.contains("ACTIVE"), "{out}");
+    // It filters: the spam is dropped, the rest kept.
+    smtp_send(&node, "x@origin.test", &["alice@example.org"], "buy spam now")
+        .await
+        .unwrap();
+    smtp_send(&node, "x@origin.test", &["alice@example.org"], "lunch")
+        .await
+        .unwrap();
+    assert_eq!(subjects(&node, "alice@example.org").await, ["lunch"]);
+    let (ok, out) = connect(s(&["--download", "--remotesieve", "filter", "--localsieve", "-"])).await;
+    assert!(ok && out.contains("discard; stop;"), "{out}");
+}

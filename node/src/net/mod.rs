@@ -100,6 +100,7 @@ pub enum Proto {
     Pop3s,
     Imap,
     Imaps,
+    ManageSieve,
 }
 
 impl Proto {
@@ -113,6 +114,7 @@ impl Proto {
             Proto::Smtp | Proto::Submission | Proto::Lmtp => b"421 4.7.0 Too many connections, try again later\r\n",
             Proto::Pop3 => b"-ERR [SYS/TEMP] too many connections, try again later\r\n",
             Proto::Imap => b"* BYE [UNAVAILABLE] too many connections, try again later\r\n",
+            Proto::ManageSieve => b"BYE (TRYLATER) \"too many connections, try again later\"\r\n",
             // A TLS client cannot read plaintext: just close.
             Proto::Smtps | Proto::Pop3s | Proto::Imaps => b"",
         }

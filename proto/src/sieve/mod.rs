@@ -23,6 +23,7 @@
 //! The complete Sieve implementations among Rust crates are AGPL, which
 //! Quill's licence cannot take; this one is written here and fuzzed.
 
+mod ast;
 mod lex;
 mod parse;
 mod run;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use super::ast::{BodyPart, Cmd, Cmp, Kind, Match, Part, Rel, Test, VacationSpec};
 use super::lex::{Tok, tokens};
 use super::{LIST_MAX, NESTING_MAX, SCRIPT_BYTES_MAX, SieveError};
 
@@ -11,129 +12,6 @@ use super::{LIST_MAX, NESTING_MAX, SCRIPT_BYTES_MAX, SieveError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Script {
     pub(super) cmds: Vec<Cmd>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Cmd {
-    If {
-        branches: Vec<(Test, Vec<Cmd>)>,
-        otherwise: Option<Vec<Cmd>>,
-    },
-    Stop,
-    Keep {
-        flags: Option<Vec<String>>,
-    },
-    Discard,
-    FileInto {
-        folder: String,
-        copy: bool,
-        create: bool,
-        flags: Option<Vec<String>>,
-    },
-    Redirect {
-        address: String,
-        copy: bool,
-    },
-    SetFlag(Vec<String>),
-    AddFlag(Vec<String>),
-    RemoveFlag(Vec<String>),
-    Vacation(VacationSpec),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct VacationSpec {
-    pub days: u64,
-    pub subject: Option<String>,
-    pub from: Option<String>,
-    pub addresses: Vec<String>,
-    pub mime: bool,
-    pub handle: Option<String>,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Part {
-    All,
-    Local,
-    Domain,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Rel {
-    Gt,
-    Ge,
-    Lt,
-    Le,
-    Eq,
-    Ne,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Kind {
-    Is,
-    Contains,
-    Matches,
-    Value(Rel),
-    Count(Rel),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Cmp {
-    Casemap,
-    Octet,
-    Numeric,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Match {
-    pub kind: Kind,
-    pub cmp: Cmp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum BodyPart {
-    Raw,
-    Text,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Test {
-    Address {
-        part: Part,
-        m: Match,
-        headers: Vec<String>,
-        keys: Vec<String>,
-    },
-    Envelope {
-        part: Part,
-        m: Match,
-        which: Vec<String>,
-        keys: Vec<String>,
-    },
-    Header {
-        m: Match,
-        headers: Vec<String>,
-        keys: Vec<String>,
-    },
-    Exists(Vec<String>),
-    Size {
-        over: bool,
-        limit: u64,
-    },
-    AllOf(Vec<Test>),
-    AnyOf(Vec<Test>),
-    Not(Box<Test>),
-    True,
-    False,
-    Body {
-        part: BodyPart,
-        m: Match,
-        keys: Vec<String>,
-    },
-    HasFlag {
-        m: Match,
-        keys: Vec<String>,
-    },
 }
 
 /// An argument as written.

@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use super::parse::{BodyPart, Cmd, Cmp, Kind, Match, Part, Rel, Script, Test, VacationSpec};
+use super::Script;
+use super::ast::{BodyPart, Cmd, Cmp, Kind, Match, Part, Rel, Test, VacationSpec};
 use super::{BODY_BYTES_MAX, FILEINTO_MAX, REDIRECTS_MAX, STEPS_MAX};
 
 /// The envelope of the message, for this recipient.

@@ -327,6 +327,8 @@ pub trait Directory: Send + Sync + 'static {
     /// The key forwarded mail's senders are rewritten with (SRS), once an
     /// alias has been made.
     fn srs_key(&self) -> Option<[u8; 32]>;
+    /// The users (archives) that get a copy of mail for `address`.
+    fn taps_for(&self, address: &str) -> Vec<UserRecord>;
     /// The user's active Sieve script (by normalized address), if any.
     fn sieve_script(&self, user: &str) -> Option<String>;
     /// The user's Sieve scripts, all of them (ManageSieve, admin).
@@ -426,6 +428,10 @@ impl Directory for LocalDirectory {
 
     fn sieve_script(&self, _user: &str) -> Option<String> {
         None
+    }
+
+    fn taps_for(&self, _address: &str) -> Vec<UserRecord> {
+        Vec::new()
     }
 
     fn sieve_scripts(&self, _user: &str) -> crate::routes::SieveScripts {

@@ -51,6 +51,9 @@ pub struct Routes {
     /// Users' Sieve scripts, by user address (checked by the node before
     /// they are proposed: membership knows nothing about Sieve).
     pub sieve: BTreeMap<String, SieveScripts>,
+    /// Taps: a local domain or address to the user that gets a copy of
+    /// every message accepted for it (archiving, lawful interception).
+    pub taps: BTreeMap<String, String>,
 }
 
 /// One user's Sieve scripts (ManageSieve keeps several by name, one of
@@ -117,6 +120,12 @@ pub enum RoutesCommand {
         from: String,
         to: String,
     },
+    /// Copies every message accepted for `target` (a local domain or an
+    /// address of one) to the user `archive`; `None` removes the tap.
+    SetTap {
+        target: String,
+        archive: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -147,6 +156,8 @@ pub enum RouteError {
     TooMany,
     #[error("no such user: {0}")]
     NoSuchUser(String),
+    #[error("no tap on {0}")]
+    NoSuchTap(String),
     #[error("no such script: {0}")]
     NoSuchScript(String),
     #[error("script {0} already exists")]
@@ -466,6 +477,27 @@ impl Routes {
                     entry.active = Some(to.clone());
                 }
             }
+            RoutesCommand::SetTap { target, archive } => {
+                let t = match target.contains('@') {
+                    true => normalize_address(target).map_err(|_| RouteError::BadAddress(target.clone()))?,
+                    false => normalize_domain(target).map_err(|_| RouteError::BadDomain(target.clone()))?,
+                };
+                let Some(archive) = archive else {
+                    if self.taps.remove(&t).is_none() {
+                        return Err(RouteError::NoSuchTap(t));
+                    }
+                    return Ok(());
+                };
+                let domain = t.rsplit_once('@').map_or(t.as_str(), |(_, d)| d);
+                if !is_local(dir, self, domain) {
+                    return Err(RouteError::NotLocal(domain.to_owned()));
+                }
+                let a = Self::sieve_user(dir, archive)?;
+                if !self.taps.contains_key(&t) && self.taps.len() >= ROUTES_MAX {
+                    return Err(RouteError::TooMany);
+                }
+                self.taps.insert(t, a);
+            }
             RoutesCommand::SetCatchAll { domain, address } => {
                 let domain = normalize_domain(domain).map_err(|_| RouteError::BadDomain(domain.clone()))?;
                 if self.domain_aliases.contains_key(&domain) {
@@ -508,6 +540,27 @@ impl Routes {
             return Err(RouteError::NoSuchUser(u));
         }
         Ok(u)
+    }
+
+    /// The archives that get a copy of mail for `address` (as RCPT named
+    /// it, normalized): its own tap and its domain's, each once.
+    pub fn taps_for(&self, address: &str) -> Vec<&str> {
+        if self.taps.is_empty() {
+            return Vec::new();
+        }
+        let Ok(a) = normalize_address(address) else {
+            return Vec::new();
+        };
+        let domain = a.rsplit_once('@').expect("normalized").1;
+        let mut out: Vec<&str> = Vec::new();
+        for key in [a.as_str(), domain] {
+            if let Some(t) = self.taps.get(key)
+                && !out.contains(&t.as_str())
+            {
+                out.push(t);
+            }
+        }
+        out
     }
 
     /// A removed user's scripts go with the user.
@@ -731,6 +784,35 @@ mod tests {
         assert_eq!(
             r.apply(&alias("all@example.org", &["m1@example.org", "m2@example.org"]), &mut d),
             Err(RouteError::Expansion(ExpandError::TooMany))
+        );
+    }
+
+    #[test]
+    fn taps_copy_an_address_or_a_whole_domain_to_a_user() {
+        let mut d = dir();
+        let mut r = Routes::default();
+        let tap = |t: &str, a: Option<&str>| RoutesCommand::SetTap {
+            target: t.into(),
+            archive: a.map(str::to_owned),
+        };
+        assert_eq!(
+            r.apply(&tap("nowhere.net", Some("carol@other.org")), &mut d),
+            Err(RouteError::NotLocal("nowhere.net".into()))
+        );
+        assert_eq!(
+            r.apply(&tap("example.org", Some("ghost@other.org")), &mut d),
+            Err(RouteError::NoSuchUser("ghost@other.org".into()))
+        );
+        r.apply(&tap("Example.ORG", Some("carol@other.org")), &mut d).unwrap();
+        r.apply(&tap("alice@example.org", Some("carol@other.org")), &mut d).unwrap();
+        assert_eq!(r.taps_for("ALICE@example.org"), ["carol@other.org"], "once");
+        assert_eq!(r.taps_for("anyone@example.org"), ["carol@other.org"]);
+        assert!(r.taps_for("carol@other.org").is_empty());
+        r.apply(&tap("example.org", None), &mut d).unwrap();
+        assert!(r.taps_for("anyone@example.org").is_empty());
+        assert_eq!(
+            r.apply(&tap("example.org", None), &mut d),
+            Err(RouteError::NoSuchTap("example.org".into()))
         );
     }
 

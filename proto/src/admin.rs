@@ -75,6 +75,16 @@ pub struct RoutesList {
     pub domain_aliases: Vec<DomainAliasBody>,
     /// Domain to catch-all address.
     pub catch_all: BTreeMap<String, String>,
+    /// Domain or address to the archive user that gets a copy.
+    #[serde(default)]
+    pub taps: BTreeMap<String, String>,
+}
+
+/// `PUT /v1/taps/{target}`: every message accepted for the target (a
+/// domain or an address) is copied to `archive`'s mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapBody {
+    pub archive: String,
 }
 
 /// `PUT /v1/log-level`.
@@ -399,6 +409,8 @@ pub enum Call {
     RemoveDomainAlias { alias: String },
     SetCatchAll { domain: String, body: CatchAllBody },
     SetSieve { address: String, body: SieveBody },
+    SetTap { target: String, body: TapBody },
+    RemoveTap { target: String },
     GetSieve { address: String },
     RemoveSieve { address: String },
 }
@@ -426,8 +438,12 @@ impl Call {
             | Call::SetLogLevel(_)
             | Call::SetTls { .. }
             | Call::SetCatchAll { .. }
-            | Call::SetSieve { .. } => "PUT",
-            Call::RemoveAlias { .. } | Call::RemoveDomainAlias { .. } | Call::RemoveSieve { .. } => "DELETE",
+            | Call::SetSieve { .. }
+            | Call::SetTap { .. } => "PUT",
+            Call::RemoveAlias { .. }
+            | Call::RemoveDomainAlias { .. }
+            | Call::RemoveSieve { .. }
+            | Call::RemoveTap { .. } => "DELETE",
             Call::RemoveDomain { .. }
             | Call::RemoveUser { .. }
             | Call::RemoveNode { .. }
@@ -464,6 +480,7 @@ impl Call {
             Call::SetDomainAlias(_) => "/v1/domain-aliases".to_owned(),
             Call::RemoveDomainAlias { alias } => format!("/v1/domain-aliases/{}", s(alias)),
             Call::SetCatchAll { domain, .. } => format!("/v1/catch-all/{}", s(domain)),
+            Call::SetTap { target, .. } | Call::RemoveTap { target } => format!("/v1/taps/{}", s(target)),
             Call::SetSieve { address, .. } | Call::GetSieve { address } | Call::RemoveSieve { address } => {
                 format!("/v1/sieve/{}", s(address))
             }
@@ -482,6 +499,7 @@ impl Call {
             Call::SetDomainAlias(b) => serde_json::to_value(b),
             Call::SetCatchAll { body, .. } => serde_json::to_value(body),
             Call::SetSieve { body, .. } => serde_json::to_value(body),
+            Call::SetTap { body, .. } => serde_json::to_value(body),
             _ => return None,
         };
         Some(v.expect("admin bodies encode"))
@@ -509,6 +527,7 @@ pub fn parse_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<DomainAliasBody>(data);
     let _ = serde_json::from_slice::<CatchAllBody>(data);
     let _ = serde_json::from_slice::<SieveBody>(data);
+    let _ = serde_json::from_slice::<TapBody>(data);
     if let Ok(q) = std::str::from_utf8(data) {
         let _ = RemoveQuery::parse(q);
     }

@@ -140,6 +140,8 @@ pub struct Dest {
     pub mailbox: String,
     /// The sub-address tag they were named by (`user+tag@`), if any.
     pub tag: Option<String>,
+    /// A tap's archive copy: stored as received, no filter runs.
+    pub tap: bool,
 }
 
 impl Rcpt {
@@ -151,6 +153,7 @@ impl Rcpt {
                 user: address.clone(),
                 mailbox: mailbox.into(),
                 tag: None,
+                tap: false,
             }],
             address,
             forwards: false,

@@ -393,6 +393,24 @@ async fn sieve_files_flags_redirects_and_answers_once_across_nodes() {
     )
     .await
     .expect("script stored");
+    // A tap keeps a copy of everything alice is sent, before her script
+    // runs (the discarded message included).
+    n1.add_user("archive@example.org", PASSWORD, None).await.unwrap();
+    let bin = n1.opts.binary.clone();
+    let (addr, token) = (n1.admin_addr().to_string(), n1.opts.admin_token.clone());
+    let quill = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(["admin", "--node", &addr, "--token", &token]).args(args);
+        run(&mut c)
+    };
+    quill(&["tap", "add", "alice@example.org", "archive@example.org"]);
+    assert!(quill(&["tap", "list"]).contains("alice@example.org -> archive@example.org"));
+    common::wait_for("the tap on node 3", Duration::from_secs(10), || async {
+        n3.admin(Method::GET, "/v1/routes", None)
+            .await
+            .is_ok_and(|v| v["taps"]["alice@example.org"] == "archive@example.org")
+    })
+    .await;
     let from = "bob@remote.example";
     let send = |n: &NodeProcess, subject: &str, from: &str| {
         let (addr, subject, from) = (n.smtp(), subject.to_owned(), from.to_owned());
@@ -476,30 +494,21 @@ print("imap ok")
     assert!(fwd[0].from.starts_with("srs0=") && fwd[0].from.ends_with("=remote.example=carol@example.org"));
     assert!(fwd[0].data.starts_with("Delivered-To: alice@example.org\r\n"));
     assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(
+        subjects(n1, "archive@example.org").await,
+        [
+            "hello 0",
+            "hello 1",
+            "hello 2",
+            "monthly report",
+            "noise",
+            "please forward me"
+        ],
+        "the tap's copies, as received"
+    );
     // quill admin sieve get prints it; remove turns filtering off.
-    let bin = n1.opts.binary.clone();
-    let (addr, token) = (n1.admin_addr().to_string(), n1.opts.admin_token.clone());
-    let out = run(Command::new(&bin).args([
-        "admin",
-        "--node",
-        &addr,
-        "--token",
-        &token,
-        "sieve",
-        "get",
-        "alice@example.org",
-    ]));
-    assert_eq!(out, SCRIPT);
-    run(Command::new(&bin).args([
-        "admin",
-        "--node",
-        &addr,
-        "--token",
-        &token,
-        "sieve",
-        "remove",
-        "alice@example.org",
-    ]));
+    assert_eq!(quill(&["sieve", "get", "alice@example.org"]), SCRIPT);
+    quill(&["sieve", "remove", "alice@example.org"]);
     assert!(
         n1.admin(Method::GET, "/v1/sieve/alice@example.org", None)
             .await

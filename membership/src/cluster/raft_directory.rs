@@ -72,6 +72,16 @@ impl Directory for RaftDirectory {
         self.m.inner.shared.read().state.routes.srs_key
     }
 
+    fn taps_for(&self, address: &str) -> Vec<UserRecord> {
+        let shared = self.m.inner.shared.read();
+        let st = &shared.state;
+        st.routes
+            .taps_for(address)
+            .into_iter()
+            .filter_map(|a| st.directory.users.get(a).cloned())
+            .collect()
+    }
+
     fn sieve_script(&self, user: &str) -> Option<String> {
         self.m
             .inner

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use quill_proto::admin::{
     AliasBody, Call, CatchAllBody, CertList, ClusterStatus, DomainAliasBody, DomainBody, LevelBody, LevelSet,
-    PasswordBody, QueueAction, QueueEntry, QueueList, RoutesList, SieveBody, SieveList, SteppedDown, TlsBody,
+    PasswordBody, QueueAction, QueueEntry, QueueList, RoutesList, SieveBody, SieveList, SteppedDown, TapBody, TlsBody,
     UpgradeFinished, UserBody, UserInfo, UserRemoved,
 };
 
@@ -43,6 +43,10 @@ enum AdminCmd {
     /// run on every message the user gets. Also over ManageSieve.
     #[command(subcommand)]
     Sieve(SieveCmd),
+    /// Taps: a copy of every message accepted for a domain or an address
+    /// goes to an archive user, before any filter or alias runs.
+    #[command(subcommand)]
+    Tap(TapCmd),
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -145,6 +149,19 @@ enum DomainCmd {
         /// Refuse unknown addresses again (the default).
         #[arg(long, conflicts_with = "address")]
         remove: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TapCmd {
+    /// Copy mail for TARGET (a local domain or address) to ARCHIVE (a user).
+    Add {
+        target: String,
+        archive: String,
+    },
+    List,
+    Remove {
+        target: String,
     },
 }
 
@@ -314,6 +331,12 @@ impl AdminCmd {
                 }
             }
             AdminCmd::Sieve(SieveCmd::Get { address }) => Call::GetSieve { address: s(address) },
+            AdminCmd::Tap(TapCmd::Add { target, archive }) => Call::SetTap {
+                target: s(target),
+                body: TapBody { archive: s(archive) },
+            },
+            AdminCmd::Tap(TapCmd::List) => Call::ListRoutes,
+            AdminCmd::Tap(TapCmd::Remove { target }) => Call::RemoveTap { target: s(target) },
             AdminCmd::Sieve(SieveCmd::Remove { address }) => Call::RemoveSieve { address: s(address) },
             AdminCmd::Alias(AliasCmd::Remove { address }) => Call::RemoveAlias { address: s(address) },
             AdminCmd::User(UserCmd::Add {
@@ -404,6 +427,15 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                 for (domain, address) in &r.catch_all {
                     println!("*@{domain} -> {address} (catch-all)");
                 }
+                for (target, archive) in &r.taps {
+                    println!("{target} => {archive} (tap)");
+                }
+            }
+        }
+        AdminCmd::Tap(TapCmd::List) => {
+            let r: RoutesList = request(node, token, &call).await?;
+            for (target, archive) in &r.taps {
+                println!("{target} -> {archive}");
             }
         }
         AdminCmd::Sieve(SieveCmd::Get { address }) => {

@@ -34,6 +34,8 @@
 //! GET    /v1/sieve/{address}          -> {"active": name | null, "scripts": {name: source}}
 //! PUT    /v1/sieve/{address}          {"script"}: checked (400 with line and reason), made active
 //! DELETE /v1/sieve/{address}          the active script
+//! PUT    /v1/taps/{domain-or-address} {"archive"}: a copy of every message accepted for it
+//! DELETE /v1/taps/{domain-or-address}
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict), 500 or 503.
@@ -129,6 +131,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/domain-aliases", post(routes::set_domain_alias))
         .route("/v1/domain-aliases/{alias}", delete(routes::remove_domain_alias))
         .route("/v1/catch-all/{domain}", put(routes::set_catch_all))
+        .route("/v1/taps/{target}", put(routes::set_tap).delete(routes::remove_tap))
         .route(
             "/v1/sieve/{address}",
             get(routes::get_sieve)

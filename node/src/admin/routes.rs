@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use membership::{CommandError, RouteError, RoutesCommand, RoutesWriteError};
-use quill_proto::admin::{AliasBody, CatchAllBody, DomainAliasBody, RoutesList, SieveBody, SieveList};
+use quill_proto::admin::{AliasBody, CatchAllBody, DomainAliasBody, RoutesList, SieveBody, SieveList, TapBody};
 
 use super::state::{AdminState, ApiResult, Failure, done, reply};
 
@@ -20,7 +20,8 @@ impl From<RoutesWriteError> for Failure {
                 | RouteError::NoSuchDomainAlias(_)
                 | RouteError::NotLocal(_)
                 | RouteError::NoSuchUser(_)
-                | RouteError::NoSuchScript(_) => StatusCode::NOT_FOUND,
+                | RouteError::NoSuchScript(_)
+                | RouteError::NoSuchTap(_) => StatusCode::NOT_FOUND,
                 RouteError::ScriptLimit => StatusCode::BAD_REQUEST,
                 _ => StatusCode::CONFLICT,
             },
@@ -52,7 +53,24 @@ pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
             .map(|(alias, target)| DomainAliasBody { alias, target })
             .collect(),
         catch_all: r.catch_all,
+        taps: r.taps,
     })
+}
+
+pub(super) async fn set_tap(
+    State(s): State<AdminState>,
+    Path(target): Path<String>,
+    Json(b): Json<TapBody>,
+) -> ApiResult {
+    let cmd = RoutesCommand::SetTap {
+        target,
+        archive: Some(b.archive),
+    };
+    apply(&s, cmd).await
+}
+
+pub(super) async fn remove_tap(State(s): State<AdminState>, Path(target): Path<String>) -> ApiResult {
+    apply(&s, RoutesCommand::SetTap { target, archive: None }).await
 }
 
 pub(super) async fn set_alias(State(s): State<AdminState>, Json(b): Json<AliasBody>) -> ApiResult {

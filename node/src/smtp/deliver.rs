@@ -44,9 +44,10 @@ pub(super) async fn plan(services: &Services, rcpts: &[Rcpt], from: &str, body: 
                 folder: folders::INBOX.to_owned(),
                 flags,
             };
-            let Some(script) = services.routing.sieve(&d.user) else {
+            let script = if d.tap { None } else { services.routing.sieve(&d.user) };
+            let Some(script) = script else {
                 let folder = match (&d.tag, services.limits.subaddress_folders) {
-                    (Some(tag), true) => folder_id(services, &d.mailbox, tag, false).await,
+                    (Some(tag), true) if !d.tap => folder_id(services, &d.mailbox, tag, false).await,
                     _ => folders::INBOX.to_owned(),
                 };
                 plan.copies.push(Copy {

@@ -285,6 +285,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 user: user.address.clone(),
                 mailbox,
                 tag: tag.clone(),
+                tap: false,
+            });
+        }
+        // Taps on the address as named, or on its domain: the archive's
+        // copy, whatever filters and aliases do with the rest.
+        for archive in self.services.directory.taps_for(address) {
+            dests.push(Dest {
+                user: archive.address.clone(),
+                mailbox: archive.mailbox(),
+                tag: None,
+                tap: true,
             });
         }
         if full > 0 && dests.is_empty() && expansion.remote.is_empty() {

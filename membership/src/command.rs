@@ -122,6 +122,7 @@ impl Command {
             Command::SetFeatureLevel { .. } => 2,
             Command::DefineKeywords { .. } => crate::keywords::KEYWORDS_FEATURE_LEVEL,
             Command::Routes(_) => crate::routes::ROUTES_FEATURE_LEVEL,
+            Command::Directory(DirectoryCommand::SetQuota { .. }) => crate::routes::ROUTES_FEATURE_LEVEL,
             _ => 1,
         }
     }

@@ -61,6 +61,11 @@ pub enum DirectoryCommand {
         address: String,
         password_hash: String,
     },
+    /// Feature level 3: a user's quota (`None`: unlimited).
+    SetQuota {
+        address: String,
+        quota_bytes: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +242,14 @@ impl DirectoryState {
                     .get_mut(&a)
                     .ok_or_else(|| DirectoryError::NoSuchUser(a.clone()))?;
                 u.password_hash = password_hash.clone();
+            }
+            DirectoryCommand::SetQuota { address, quota_bytes } => {
+                let a = normalize_address(address)?;
+                let u = self
+                    .users
+                    .get_mut(&a)
+                    .ok_or_else(|| DirectoryError::NoSuchUser(a.clone()))?;
+                u.quota_bytes = *quota_bytes;
             }
         }
         Ok(())

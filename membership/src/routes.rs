@@ -804,7 +804,8 @@ mod tests {
             Err(RouteError::NoSuchUser("ghost@other.org".into()))
         );
         r.apply(&tap("Example.ORG", Some("carol@other.org")), &mut d).unwrap();
-        r.apply(&tap("alice@example.org", Some("carol@other.org")), &mut d).unwrap();
+        r.apply(&tap("alice@example.org", Some("carol@other.org")), &mut d)
+            .unwrap();
         assert_eq!(r.taps_for("ALICE@example.org"), ["carol@other.org"], "once");
         assert_eq!(r.taps_for("anyone@example.org"), ["carol@other.org"]);
         assert!(r.taps_for("carol@other.org").is_empty());

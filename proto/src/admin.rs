@@ -87,6 +87,12 @@ pub struct TapBody {
     pub archive: String,
 }
 
+/// `PUT /v1/users/{address}/quota`: bytes, or `null` for none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaBody {
+    pub quota_bytes: Option<u64>,
+}
+
 /// `PUT /v1/log-level`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LevelBody {
@@ -389,6 +395,7 @@ pub enum Call {
     ListUsers,
     RemoveUser { address: String, purge: bool },
     SetPassword { address: String, body: PasswordBody },
+    SetQuota { address: String, body: QuotaBody },
     ClusterStatus,
     UpgradeFinish,
     StepDown,
@@ -435,6 +442,7 @@ impl Call {
             | Call::UpgradeFinish
             | Call::StepDown => "POST",
             Call::SetPassword { .. }
+            | Call::SetQuota { .. }
             | Call::SetLogLevel(_)
             | Call::SetTls { .. }
             | Call::SetCatchAll { .. }
@@ -463,6 +471,7 @@ impl Call {
                 format!("/v1/users/{}{}", s(address), if *purge { "?purge=true" } else { "" })
             }
             Call::SetPassword { address, .. } => format!("/v1/users/{}/password", s(address)),
+            Call::SetQuota { address, .. } => format!("/v1/users/{}/quota", s(address)),
             Call::ClusterStatus => "/v1/cluster/status".to_owned(),
             Call::UpgradeFinish => "/v1/cluster/upgrade-finish".to_owned(),
             Call::StepDown => "/v1/cluster/step-down".to_owned(),
@@ -493,6 +502,7 @@ impl Call {
             Call::AddDomain(b) => serde_json::to_value(b),
             Call::AddUser(b) => serde_json::to_value(b),
             Call::SetPassword { body, .. } => serde_json::to_value(body),
+            Call::SetQuota { body, .. } => serde_json::to_value(body),
             Call::SetLogLevel(b) => serde_json::to_value(b),
             Call::SetTls { body, .. } => serde_json::to_value(body),
             Call::SetAlias(b) => serde_json::to_value(b),
@@ -528,6 +538,7 @@ pub fn parse_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<CatchAllBody>(data);
     let _ = serde_json::from_slice::<SieveBody>(data);
     let _ = serde_json::from_slice::<TapBody>(data);
+    let _ = serde_json::from_slice::<QuotaBody>(data);
     if let Ok(q) = std::str::from_utf8(data) {
         let _ = RemoveQuery::parse(q);
     }

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use quill_proto::admin::{
     AliasBody, Call, CatchAllBody, CertList, ClusterStatus, DomainAliasBody, DomainBody, LevelBody, LevelSet,
-    PasswordBody, QueueAction, QueueEntry, QueueList, RoutesList, SieveBody, SieveList, SteppedDown, TapBody, TlsBody,
-    UpgradeFinished, UserBody, UserInfo, UserRemoved,
+    PasswordBody, QueueAction, QueueEntry, QueueList, QuotaBody, RoutesList, SieveBody, SieveList, SteppedDown,
+    TapBody, TlsBody, UpgradeFinished, UserBody, UserInfo, UserRemoved,
 };
 
 use super::client::request;
@@ -232,6 +232,10 @@ enum UserCmd {
         #[arg(long)]
         purge: bool,
     },
+    /// Set a user's quota: bytes, or with a unit (10MB, 2GiB, as for
+    /// `user add --quota`), or `none`. Over it, mail is refused at RCPT
+    /// with 452 4.2.2 and IMAP APPEND and COPY with NO [OVERQUOTA].
+    Quota { address: String, size: String },
     /// Set a new password.
     Passwd {
         address: String,
@@ -352,6 +356,16 @@ impl AdminCmd {
                 })
             }
             AdminCmd::User(UserCmd::List) => Call::ListUsers,
+            AdminCmd::User(UserCmd::Quota { address, size }) => {
+                let quota_bytes = match size.as_str() {
+                    "none" | "unlimited" => None,
+                    s => Some(parse_size(s).context("SIZE")?),
+                };
+                Call::SetQuota {
+                    address: s(address),
+                    body: QuotaBody { quota_bytes },
+                }
+            }
             AdminCmd::User(UserCmd::Remove { address, purge }) => Call::RemoveUser {
                 address: s(address),
                 purge: *purge,

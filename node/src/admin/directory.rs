@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use membership::{DirectoryCommand, DirectoryError};
-use quill_proto::admin::{DomainBody, PasswordBody, RemoveQuery, UserBody, UserRemoved};
+use quill_proto::admin::{DomainBody, PasswordBody, QuotaBody, RemoveQuery, UserBody, UserRemoved};
 use quill_proto::imap::folders;
 
 use super::state::{AdminState, ApiResult, Failure, done, reply};
@@ -59,6 +59,19 @@ pub(super) async fn set_password(
 ) -> ApiResult {
     let password_hash = hash_password(b.password).await?;
     apply(&s, DirectoryCommand::SetPassword { address, password_hash }).await
+}
+
+/// Sets a user's quota (feature level 3: refused below it).
+pub(super) async fn set_quota(
+    State(s): State<AdminState>,
+    Path(address): Path<String>,
+    Json(b): Json<QuotaBody>,
+) -> ApiResult {
+    let cmd = DirectoryCommand::SetQuota {
+        address,
+        quota_bytes: b.quota_bytes,
+    };
+    apply(&s, cmd).await
 }
 
 /// Removes a user. One with mail is refused unless `?purge=true`, which

@@ -12,6 +12,7 @@
 //! POST   /v1/users                    {"address", "password", "quota_bytes"?}
 //! DELETE /v1/users/{address}[?purge=true]  refused (409) if the user has mail, unless purged
 //! PUT    /v1/users/{address}/password {"password"}
+//! PUT    /v1/users/{address}/quota    {"quota_bytes": N | null}
 //! GET    /v1/cluster/status           -> DESIGN.md's status object (with versions, feature level)
 //! POST   /v1/cluster/upgrade-finish   raise the feature level (409 naming the nodes holding it back)
 //! POST   /v1/cluster/step-down        this node stops leading Raft (before it is stopped)
@@ -114,6 +115,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/users", get(directory::list_users).post(directory::add_user))
         .route("/v1/users/{address}", delete(directory::remove_user))
         .route("/v1/users/{address}/password", put(directory::set_password))
+        .route("/v1/users/{address}/quota", put(directory::set_quota))
         .route("/v1/cluster/status", get(cluster::status))
         .route("/v1/cluster/upgrade-finish", post(cluster::upgrade_finish))
         .route("/v1/cluster/step-down", post(cluster::step_down))

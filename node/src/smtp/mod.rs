@@ -299,7 +299,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             });
         }
         if full > 0 && dests.is_empty() && expansion.remote.is_empty() {
-            return self.send(Reply::limit("552 5.2.2 Mailbox full")).await;
+            // Temporary (RFC 3463 4.2.2): the sender retries, the user
+            // can make room.
+            return self.send(Reply::limit("452 4.2.2 Mailbox full, try again later")).await;
         }
         let named = match (&expansion.local[..], expansion.routed) {
             ([(user, _)], false) => user.address.clone(),

@@ -116,6 +116,13 @@ pub fn capabilities(starttls: bool, password_ok: bool, authenticated: bool) -> V
         Capability::Namespace,
         Capability::Enable,
     ]);
+    if authenticated {
+        // RFC 9208: usage and limit of the user's storage.
+        c.push(Capability::Quota);
+        c.push(Capability::QuotaRes(
+            imap_next::imap_types::extensions::quota::Resource::Storage,
+        ));
+    }
     Vec1::unvalidated(c)
 }
 

@@ -189,6 +189,11 @@ impl Handler {
     async fn authenticated(&mut self, tag: Tag<'static>, user: String, body: CommandBody<'static>) -> Status<'static> {
         match body {
             CommandBody::Namespace => self.namespace(tag),
+            CommandBody::GetQuotaRoot { mailbox } => self.get_quota_root(tag, &user, mailbox).await,
+            CommandBody::GetQuota { root } => self.get_quota(tag, &user, &root).await,
+            CommandBody::SetQuota { .. } => {
+                no_code(tag, "NOPERM", "quotas are set by the operator (quill admin user quota)")
+            }
             CommandBody::List {
                 reference,
                 mailbox_wildcard,

@@ -53,6 +53,14 @@ impl Handler {
             }
             return ok(tag, None, &format!("{verb} completed (no message)"));
         }
+        // A COPY adds the messages' size again (a MOVE within the user's
+        // mailbox adds nothing).
+        if !is_move || same_folder(&dest, &source) {
+            let adding: u64 = targets.iter().map(|i| sel.msgs[*i].listed.meta.size_bytes).sum();
+            if let Some(refusal) = self.over_quota(&tag, &user, adding).await {
+                return refusal;
+            }
+        }
         // A MOVE within one folder (RFC 6851 allows it) is a COPY there
         // and the originals expunged: a message keeps one UID per folder.
         let same = dest.id == source.id;
@@ -192,6 +200,9 @@ impl Handler {
         if flags.len() > FLAGS_PER_COMMAND_MAX || flags.iter().any(|f| name_of_flag(f).len() > FLAG_BYTES_MAX) {
             return limit(tag, "too many flags, or a flag name over 64 bytes");
         }
+        if let Some(refusal) = self.over_quota(&tag, &user, bytes.len() as u64).await {
+            return refusal;
+        }
         let arrival = arrival.unwrap_or_else(crate::time::now_ms);
         let Some(stored) = store_one(&*self.services.mail, &user, &folder.id, arrival, bytes).await else {
             return unavailable(tag, "could not store the message, try again");
@@ -226,4 +237,8 @@ impl Handler {
             None => ok(tag, None, "APPEND completed"),
         }
     }
+}
+
+fn same_folder(a: &Folder, b: &Folder) -> bool {
+    a.id == b.id
 }

@@ -9,6 +9,7 @@ mod copy;
 mod folders;
 mod mailbox;
 mod messages;
+mod quota;
 mod state;
 
 pub use commands::AuthStep;

@@ -207,6 +207,11 @@ enum Cmd {
         log: String,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Deliver also with a Sieve script of this many rules on every
+        /// user, alternated with none (none, script, none, script), and
+        /// print both rates and their ratio.
+        #[arg(long, default_value_t = 0)]
+        sieve_rules: usize,
     },
     /// Porcupine's failure figure: fill a cluster with mail, run a steady
     /// open-loop load, kill -9 one node at 20 s and a second one later;
@@ -520,7 +525,8 @@ fn main() -> anyhow::Result<()> {
                 dir,
                 log,
                 seed,
-            } => bench_node(a.load(), proto, dir, log, seed).await,
+                sieve_rules,
+            } => bench_node(a.load(), proto, dir, log, seed, sieve_rules).await,
             Cmd::BenchTls {
                 messages,
                 connections,

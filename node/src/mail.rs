@@ -196,3 +196,22 @@ pub fn flag_change(l: &Listed, flags: &[(String, bool)], hlc: u64) -> MarkChange
             .collect(),
     }
 }
+
+/// A mailbox's size, exactly: the sizes of its messages as the replicas
+/// list them, each message once whatever its copies (a listing across
+/// the cluster).
+pub async fn exact_usage(mail: &dyn Mail, mailbox: &str) -> u64 {
+    mail.mailbox(mailbox).await.iter().map(|l| l.meta.size_bytes).sum()
+}
+
+/// Whether `adding` bytes would take the mailbox past `quota`. The
+/// manager's figure (cheap, kept from the replicas' reports) answers when
+/// it is well below the quota; near it, the exact count decides, so mail
+/// is never refused on an estimate.
+pub async fn over_quota(mail: &dyn Mail, mailbox: &str, quota: u64, adding: u64) -> bool {
+    let estimate = mail.usage_bytes(mailbox).await;
+    if estimate.saturating_add(adding) < quota - quota / 10 {
+        return false;
+    }
+    exact_usage(mail, mailbox).await.saturating_add(adding) > quota
+}

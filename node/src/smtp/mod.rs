@@ -267,16 +267,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .send(Reply::limit("451 4.3.1 Outbound queue full, try again later"))
                 .await;
         }
-        // Quotas, as each user's manager knows the mailbox's size (this
-        // node's share only if the manager does not answer): a user named
-        // directly over quota refuses the recipient; an alias skips its
-        // members that are full, unless all are.
+        // Quotas (a mailbox at or past its quota; counted exactly near
+        // it): a user named directly over quota refuses the recipient; an
+        // alias skips its members that are full, unless all are.
         let mut dests = Vec::with_capacity(expansion.local.len());
         let mut full = 0;
         for (user, tag) in &expansion.local {
             let mailbox = user.mailbox();
             if let Some(quota) = user.quota_bytes
-                && self.services.mail.usage_bytes(&mailbox).await >= quota
+                && crate::mail::over_quota(&*self.services.mail, &mailbox, quota, 1).await
             {
                 full += 1;
                 continue;

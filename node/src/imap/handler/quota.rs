@@ -31,8 +31,8 @@ impl Handler {
     /// refusal to send, if so.
     pub(super) async fn over_quota(&self, tag: &Tag<'static>, mailbox: &str, adding: u64) -> Option<Status<'static>> {
         let quota = self.quota_of(mailbox)?;
-        let used = self.services.mail.usage_bytes(mailbox).await;
-        (used.saturating_add(adding) > quota).then(|| {
+        let over = crate::mail::over_quota(&*self.services.mail, mailbox, quota, adding).await;
+        over.then(|| {
             no(
                 tag.clone(),
                 Some(Code::OverQuota),
@@ -42,7 +42,7 @@ impl Handler {
     }
 
     async fn quota_data(&mut self, mailbox: &str, quota: u64) {
-        let used = self.services.mail.usage_bytes(mailbox).await;
+        let used = crate::mail::exact_usage(&*self.services.mail, mailbox).await;
         let q = QuotaGet::new(Resource::Storage, used.div_ceil(1024), quota.div_ceil(1024));
         self.data(Data::Quota {
             root: AString::try_from(ROOT).expect("valid"),

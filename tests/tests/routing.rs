@@ -3,7 +3,9 @@
 //! original sender), domain aliases, catch-alls, sub-addressing, loops
 //! refused at `alias add` and forged SRS addresses at RCPT; made through
 //! one node and used through the others; `quill admin` and Python's
-//! smtplib and LMTP client.
+//! smtplib and LMTP client. Sieve scripts (folders, flags, discard,
+//! redirect, one vacation reply across three nodes), taps, ManageSieve
+//! with sieve-connect, sub-address folders with imaplib.
 
 mod common;
 
@@ -626,4 +628,42 @@ async fn managesieve_with_sieve_connect() {
     assert_eq!(subjects(&node, "alice@example.org").await, ["lunch"]);
     let (ok, out) = connect(s(&["--download", "--remotesieve", "filter", "--localsieve", "-"])).await;
     assert!(ok && out.contains("discard; stop;"), "{out}");
+}
+
+/// `--subaddress-folders`: user+tag@ is filed into the user's folder `tag`
+/// where it exists (made over IMAP), else into INBOX (imaplib).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_addresses_file_into_their_folder() {
+    let (_d, node) = node("subaddress", &["--subaddress-folders"]).await;
+    if !testkit::program("python3") {
+        return;
+    }
+    let (imap, smtp) = (node.imap(), node.smtp());
+    let script = format!(
+        r#"
+import imaplib, smtplib
+m = imaplib.IMAP4("{ip}", {iport})
+m.login("alice@example.org", "{PASSWORD}")
+assert m.create("news")[0] == "OK"
+s = smtplib.SMTP("{ip}", {sport})
+for to, subject in [("alice+news@example.org", "n1"), ("alice+nosuch@example.org", "x1"), ("Alice+NEWS@example.org", "n2")]:
+    assert s.sendmail("x@origin.test", [to], "Subject: %s\r\n\r\nhi\r\n" % subject) == {{}}
+s.quit()
+def subjects(folder):
+    typ, n = m.select(folder, readonly=True)
+    typ, d = m.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    return sorted(x[1].decode().strip() for x in d if isinstance(x, tuple))
+assert subjects("news") == ["Subject: n1", "Subject: n2"], subjects("news")
+assert subjects("INBOX") == ["Subject: x1"], subjects("INBOX")
+m.logout()
+print("folders ok")
+"#,
+        ip = imap.ip(),
+        iport = imap.port(),
+        sport = smtp.port(),
+    );
+    let out = tokio::task::spawn_blocking(move || run(Command::new("python3").args(["-c", &script])))
+        .await
+        .unwrap();
+    assert!(out.contains("folders ok"), "{out}");
 }

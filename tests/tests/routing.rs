@@ -443,6 +443,23 @@ async fn sieve_files_flags_redirects_and_answers_once_across_nodes() {
         send(n2, "please forward me", "carol@remote.example").await.unwrap(),
         250
     );
+    // Another auto-responder's reply, and a bounce: kept, never answered
+    // (no storm between two responders).
+    let mut c = quill_harness::SmtpClient::connect(n3.smtp(), false).await.unwrap();
+    let robot = b"From: robot@remote.example\r\nTo: alice@example.org\r\nSubject: robot\r\nAuto-Submitted: auto-replied\r\n\r\naway\r\n";
+    assert_eq!(
+        c.send_mail("robot@remote.example", &["alice@example.org"], robot)
+            .await
+            .unwrap()[0]
+            .code,
+        250
+    );
+    let bounce = b"From: MAILER-DAEMON@remote.example\r\nTo: alice@example.org\r\nSubject: bounce\r\n\r\nfailed\r\n";
+    assert_eq!(
+        c.send_mail("", &["alice@example.org"], bounce).await.unwrap()[0].code,
+        250
+    );
+    let _ = c.quit().await;
     // Over IMAP: INBOX has the kept ones, Work/Reports the report, flagged;
     // the discarded one is nowhere.
     if testkit::program("python3") {
@@ -455,10 +472,10 @@ m.login("alice@example.org", "{PASSWORD}")
 typ, boxes = m.list()
 assert any(b'"Work/Reports"' in b or b' Work/Reports' in b for b in boxes), boxes
 typ, n = m.select("INBOX", readonly=True)
-assert n[0] == b"4", n
+assert n[0] == b"6", n
 typ, d = m.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
 subjects = sorted(x[1].decode().strip() for x in d if isinstance(x, tuple))
-assert subjects == ["Subject: hello 0", "Subject: hello 1", "Subject: hello 2", "Subject: please forward me"], subjects
+assert subjects == ["Subject: bounce", "Subject: hello 0", "Subject: hello 1", "Subject: hello 2", "Subject: please forward me", "Subject: robot"], subjects
 typ, n = m.select("Work/Reports", readonly=True)
 assert n[0] == b"1", n
 typ, d = m.fetch("1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
@@ -475,14 +492,21 @@ print("imap ok")
         assert!(out.contains("imap ok"), "{out}");
     }
     // At the sink: one vacation reply to bob (three messages, three nodes;
-    // none for the report, which stopped first, nor to the list), one to
-    // carol, and carol's message redirected with an SRS sender.
+    // none for the report, which stopped first, nor to the list, the
+    // robot or the bounce), one to carol, and carol's message redirected
+    // with an SRS sender.
     common::wait_for("the replies and the redirect", Duration::from_secs(30), || async {
         sink.got().len() >= 3
     })
     .await;
-    // Anything more would come within the retry interval.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Everything queued has gone out once every node's queue is empty:
+    // what the sink holds then is all there is.
+    for n in &nodes {
+        common::wait_for("an empty outbound queue", Duration::from_secs(30), || async {
+            n.metric("quill_queue_messages_held").await.is_ok_and(|v| v == 0.0)
+        })
+        .await;
+    }
     let got = sink.got();
     let to_bob: Vec<_> = got.iter().filter(|g| g.rcpts == [from]).collect();
     assert_eq!(to_bob.len(), 1, "one vacation reply to bob: {got:?}");
@@ -499,12 +523,14 @@ print("imap ok")
     assert_eq!(
         subjects(n1, "archive@example.org").await,
         [
+            "bounce",
             "hello 0",
             "hello 1",
             "hello 2",
             "monthly report",
             "noise",
-            "please forward me"
+            "please forward me",
+            "robot"
         ],
         "the tap's copies, as received"
     );

@@ -116,42 +116,52 @@ async fn replies_to_every_command() {
         ("ENABLE CONDSTORE", "OK", &["* ENABLED"]),
         ("LIST \"\" \"\"", "OK", &["* LIST (\\Noselect) \"/\" \"\""]),
         ("LIST \"\" *", "OK", &["* LIST (\\HasNoChildren) \"/\" INBOX"]),
-        ("LIST \"\" Sent*", "OK", &["(none)"]),
-        ("LSUB \"\" *", "OK", &["* LSUB (\\HasNoChildren) \"/\" INBOX"]),
-        ("SUBSCRIBE INBOX", "OK", &[]),
-        ("STATUS Sent (MESSAGES)", "NO [NONEXISTENT]", &[]),
-        ("SELECT Sent", "NO [NONEXISTENT]", &[]),
-        ("CREATE Sent", "OK", &[]),
-        ("CREATE Sent", "NO [ALREADYEXISTS]", &[]),
-        ("CREATE inbox", "NO [ALREADYEXISTS]", &[]),
-        ("CREATE a//b", "NO", &[]),
-        (&long_name, "NO", &[]),
-        (&deep_name, "NO", &[]),
-        ("CREATE Archive/2026/Q4", "OK", &[]),
+        ("LIST \"\" Later*", "OK", &["(none)"]),
+        // A new user has the special-use folders, marked (RFC 6154).
         (
             "LIST \"\" %",
             "OK",
             &[
-                "* LIST (\\HasChildren) \"/\" Archive",
-                "* LIST (\\HasNoChildren) \"/\" Sent",
+                "* LIST (\\HasNoChildren \\Sent) \"/\" Sent",
+                "* LIST (\\HasNoChildren \\Trash) \"/\" Trash",
+                "* LIST (\\HasNoChildren \\Junk) \"/\" Junk",
+            ],
+        ),
+        ("LSUB \"\" *", "OK", &["* LSUB (\\HasNoChildren) \"/\" INBOX"]),
+        ("SUBSCRIBE INBOX", "OK", &[]),
+        ("STATUS Later (MESSAGES)", "NO [NONEXISTENT]", &[]),
+        ("SELECT Later", "NO [NONEXISTENT]", &[]),
+        ("CREATE Later", "OK", &[]),
+        ("CREATE Later", "NO [ALREADYEXISTS]", &[]),
+        ("CREATE inbox", "NO [ALREADYEXISTS]", &[]),
+        ("CREATE a//b", "NO", &[]),
+        (&long_name, "NO", &[]),
+        (&deep_name, "NO", &[]),
+        ("CREATE Keep/2026/Q4", "OK", &[]),
+        (
+            "LIST \"\" %",
+            "OK",
+            &[
+                "* LIST (\\HasChildren) \"/\" Keep",
+                "* LIST (\\HasNoChildren) \"/\" Later",
             ],
         ),
         (
-            "LIST \"\" Archive/*",
+            "LIST \"\" Keep/*",
             "OK",
             &[
-                "* LIST (\\HasChildren) \"/\" Archive/2026",
-                "* LIST (\\HasNoChildren) \"/\" Archive/2026/Q4",
+                "* LIST (\\HasChildren) \"/\" Keep/2026",
+                "* LIST (\\HasNoChildren) \"/\" Keep/2026/Q4",
             ],
         ),
-        ("SUBSCRIBE Sent", "OK", &[]),
-        ("LSUB \"\" *", "OK", &["* LSUB (\\HasNoChildren) \"/\" Sent"]),
-        ("UNSUBSCRIBE Sent", "OK", &[]),
-        ("UNSUBSCRIBE Sent", "NO [NONEXISTENT]", &[]),
-        ("RENAME Archive Old", "OK", &[]),
+        ("SUBSCRIBE Later", "OK", &[]),
+        ("LSUB \"\" *", "OK", &["* LSUB (\\HasNoChildren) \"/\" Later"]),
+        ("UNSUBSCRIBE Later", "OK", &[]),
+        ("UNSUBSCRIBE Later", "NO [NONEXISTENT]", &[]),
+        ("RENAME Keep Old", "OK", &[]),
         ("LIST \"\" Old/*", "OK", &["\"/\" Old/2026/Q4"]),
-        ("LIST \"\" Archive*", "OK", &["(none)"]),
-        ("RENAME Old Sent", "NO [ALREADYEXISTS]", &[]),
+        ("LIST \"\" Keep*", "OK", &["(none)"]),
+        ("RENAME Old Later", "NO [ALREADYEXISTS]", &[]),
         ("RENAME Old Old/x", "NO [CANNOT]", &[]),
         ("RENAME INBOX Old2", "NO [CANNOT]", &[]),
         ("RENAME Nope X", "NO [NONEXISTENT]", &[]),
@@ -164,9 +174,9 @@ async fn replies_to_every_command() {
             &["* STATUS INBOX (MESSAGES 2 UIDNEXT 3)"],
         ),
         (
-            "STATUS Sent (MESSAGES UNSEEN)",
+            "STATUS Later (MESSAGES UNSEEN)",
             "OK",
-            &["* STATUS Sent (MESSAGES 0 UNSEEN 0)"],
+            &["* STATUS Later (MESSAGES 0 UNSEEN 0)"],
         ),
         ("FETCH 1 FLAGS", "BAD", &[]),
         (
@@ -245,11 +255,11 @@ async fn replies_to_every_command() {
         ("FETCH 2 (BODY[TEXT])", "OK", &["FLAGS (\\Seen \\Recent)"]),
         ("SEARCH UNSEEN", "OK", &["* SEARCH 1"]),
         (&many_flags, "NO [LIMIT]", &[]),
-        ("COPY 2 Sent", "OK [COPYUID ", &[]),
+        ("COPY 2 Later", "OK [COPYUID ", &[]),
         (
-            "STATUS Sent (MESSAGES UNSEEN)",
+            "STATUS Later (MESSAGES UNSEEN)",
             "OK",
-            &["* STATUS Sent (MESSAGES 1 UNSEEN 0)"],
+            &["* STATUS Later (MESSAGES 1 UNSEEN 0)"],
         ),
         ("COPY 1 Nope", "NO [TRYCREATE]", &[]),
         ("MOVE 1 Nope", "NO [TRYCREATE]", &[]),
@@ -263,7 +273,7 @@ async fn replies_to_every_command() {
         ("FROB", "BAD", &[]),
         ("EXAMINE INBOX", "OK [READ-ONLY]", &["* 2 EXISTS"]),
         ("STORE 1 +FLAGS (\\Deleted)", "NO [READ-ONLY]", &[]),
-        ("MOVE 1 Sent", "NO [READ-ONLY]", &[]),
+        ("MOVE 1 Later", "NO [READ-ONLY]", &[]),
         ("FETCH 1 BODY[TEXT]", "OK", &["* 1 FETCH (BODY[TEXT]"]),
         ("SELECT INBOX", "OK [READ-WRITE]", &["* 2 EXISTS", "[UNSEEN 1]"]),
         ("UID STORE 1 +FLAGS.SILENT (\\Deleted)", "OK", &["(none)"]),
@@ -271,9 +281,9 @@ async fn replies_to_every_command() {
         // 7.3.2; imaptest's checkpoints add the sessions' counts up).
         ("EXPUNGE", "OK", &["* 1 EXPUNGE", "* 1 RECENT"]),
         ("UID SEARCH ALL", "OK", &["* SEARCH 2"]),
-        ("UID MOVE 2 Sent", "OK", &["[COPYUID ", "* 1 EXPUNGE", "* 0 RECENT"]),
+        ("UID MOVE 2 Later", "OK", &["[COPYUID ", "* 1 EXPUNGE", "* 0 RECENT"]),
         ("UID SEARCH ALL", "OK", &["* SEARCH"]),
-        ("SELECT Sent", "OK [READ-WRITE]", &["* 2 EXISTS"]),
+        ("SELECT Later", "OK [READ-WRITE]", &["* 2 EXISTS"]),
         ("UID SEARCH ALL", "OK", &["* SEARCH 1 2"]),
         (
             "FETCH 1:* (FLAGS)",
@@ -309,7 +319,7 @@ async fn replies_to_every_command() {
     }
     // The expunged message is gone and the moved one is out of INBOX for
     // every session and protocol: POP3 (INBOX only) sees none, and a new
-    // IMAP session the same UIDs and stored flags in Sent.
+    // IMAP session the same UIDs and stored flags in Later.
     let mut p = quill_harness::Pop3Client::connect(n.pop3()).await.unwrap();
     p.login("bob@example.org", PASSWORD).await.unwrap();
     assert_eq!(p.stat().await.unwrap().0, 0);
@@ -322,7 +332,7 @@ async fn replies_to_every_command() {
         got.iter().any(|l| l == "* 0 EXISTS") && got.iter().any(|l| l.contains("[UIDNEXT 3]")),
         "{got:?}"
     );
-    let (got, _) = c.cmd("c", "SELECT Sent").await;
+    let (got, _) = c.cmd("c", "SELECT Later").await;
     assert!(got.iter().any(|l| l == "* 2 EXISTS"), "{got:?}");
     let (got, _) = c.cmd("d", "UID FETCH 1:* (FLAGS)").await;
     assert_eq!(
@@ -330,23 +340,23 @@ async fn replies_to_every_command() {
         ["* 1 FETCH (UID 1 FLAGS (\\Seen))", "* 2 FETCH (UID 2 FLAGS (\\Seen))"]
     );
     // DELETE takes the folder's messages with it.
-    let (_, tagged) = c.cmd("e", "DELETE Sent").await;
+    let (_, tagged) = c.cmd("e", "DELETE Later").await;
     assert!(tagged.starts_with("OK"), "{tagged}");
-    let (got, tagged) = c.cmd("f", "SELECT Sent").await;
+    let (got, tagged) = c.cmd("f", "SELECT Later").await;
     assert!(tagged.starts_with("NO [NONEXISTENT]"), "{tagged} {got:?}");
-    let (_, tagged) = c.cmd("g", "CREATE Sent").await;
+    let (_, tagged) = c.cmd("g", "CREATE Later").await;
     assert!(tagged.starts_with("OK"), "{tagged}");
-    let (got, _) = c.cmd("h", "STATUS Sent (MESSAGES)").await;
-    assert_eq!(got, ["* STATUS Sent (MESSAGES 0)"]);
+    let (got, _) = c.cmd("h", "STATUS Later (MESSAGES)").await;
+    assert_eq!(got, ["* STATUS Later (MESSAGES 0)"]);
     // A folder deleted under a session that has it selected: its
     // messages are expunged at the next NOOP.
-    let (_, tagged) = c.cmd("i", "APPEND Sent {5+}\r\nhello").await;
+    let (_, tagged) = c.cmd("i", "APPEND Later {5+}\r\nhello").await;
     assert!(tagged.starts_with("OK [APPENDUID"), "{tagged}");
     let (mut other, _) = Raw::connect(n.imap()).await;
     other.cmd("a", &login).await;
-    let (got, _) = other.cmd("b", "SELECT Sent").await;
+    let (got, _) = other.cmd("b", "SELECT Later").await;
     assert!(got.iter().any(|l| l == "* 1 EXISTS"), "{got:?}");
-    let (_, tagged) = c.cmd("j", "DELETE Sent").await;
+    let (_, tagged) = c.cmd("j", "DELETE Later").await;
     assert!(tagged.starts_with("OK"), "{tagged}");
     let (got, tagged) = other.cmd("c", "NOOP").await;
     assert!(tagged.starts_with("OK"), "{tagged}");
@@ -394,7 +404,7 @@ async fn append_literals_and_limits() {
     assert_eq!(got, ["* STATUS INBOX (DELETED 1 UNSEEN 2)"]);
     let (_, tagged) = c.cmd("e3", "APPEND Nope {5+}\r\nhello").await;
     assert!(tagged.starts_with("NO [TRYCREATE]"), "{tagged}");
-    let (_, tagged) = c.cmd("f", "APPEND Sent {1+}\r\nx").await;
+    let (_, tagged) = c.cmd("f", "APPEND Later {1+}\r\nx").await;
     assert!(tagged.starts_with("NO [TRYCREATE]"), "{tagged}");
     // Bad lines: BAD each, and BYE at the limit (20, the refused literal
     // above was the first).
@@ -623,9 +633,9 @@ assert 1 not in ua and len(ua) == 4, ua
 # A folder made through B, a message moved into it through B: A's NOOP
 # sees it leave INBOX, and finds it in the folder under the UID B's
 # COPYUID named; a flag set through A is seen through B.
-typ, data = b.create("Archive")
+typ, data = b.create("Keep")
 assert typ == "OK", data
-typ, data = b.uid("MOVE", "3", "Archive")
+typ, data = b.uid("MOVE", "3", "Keep")
 assert typ == "OK", (typ, data)
 arch_validity, src, dst = b.untagged_responses["COPYUID"][-1].split()
 assert src == b"3", (src, dst)
@@ -637,13 +647,13 @@ while time.time() < deadline:
     time.sleep(0.1)
 else:
     raise SystemExit("A never saw the MOVE made through B")
-typ, data = a.select("Archive")
+typ, data = a.select("Keep")
 assert typ == "OK" and a.untagged_responses["UIDVALIDITY"][-1] == arch_validity, (typ, data)
 typ, data = a.uid("FETCH", dst.decode(), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
 assert data[0][1].decode().strip() == ua[3], (data, ua)
 typ, data = a.uid("STORE", dst.decode(), "+FLAGS", "(\\Seen $Done)")
 assert typ == "OK", data
-b.select("Archive")
+b.select("Keep")
 typ, data = b.uid("FETCH", dst.decode(), "(FLAGS)")
 assert b"\\Seen" in data[0] and b"$Done" in data[0], data
 va, ua = view(a)
@@ -657,7 +667,7 @@ const PY_VIEW: &str = r#"
 import imaplib, json, re, sys
 m = imaplib.IMAP4(sys.argv[1], int(sys.argv[2])); m.login(sys.argv[3], sys.argv[4])
 out = {}
-for folder in ["INBOX", "Archive"]:
+for folder in ["INBOX", "Keep"]:
     typ, data = m.select(folder)
     assert typ == "OK", (typ, data)
     validity = m.untagged_responses["UIDVALIDITY"][-1].decode()
@@ -752,7 +762,7 @@ async fn imaplib_on_two_nodes_sees_the_same_uids_through_idle_and_a_kill() {
         first["INBOX"]["uids"]["2"].as_str().unwrap().contains("\\Flagged"),
         "{first}"
     );
-    let archived = first["Archive"]["uids"].as_object().unwrap();
+    let archived = first["Keep"]["uids"].as_object().unwrap();
     assert_eq!(archived.len(), 1, "{first}");
     assert!(
         archived.values().all(|v| v.as_str().unwrap().contains("$Done")),

@@ -39,17 +39,38 @@ async fn hash_password(password: String) -> Result<String, Failure> {
         .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
+/// Adds a user, with the special-use folders (RFC 6154: Sent, Drafts,
+/// Trash, Junk, Archive), subscribed, so that mail clients find them.
 pub(super) async fn add_user(State(s): State<AdminState>, Json(b): Json<UserBody>) -> ApiResult {
     let password_hash = hash_password(b.password).await?;
-    apply(
-        &s,
-        DirectoryCommand::AddUser {
+    let address = b.address.clone();
+    s.services
+        .directory
+        .apply(DirectoryCommand::AddUser {
             address: b.address,
             password_hash,
             quota_bytes: b.quota_bytes,
-        },
-    )
-    .await
+        })
+        .await?;
+    if let Some(user) = s.services.directory.user(&address) {
+        let mailbox = user.mailbox();
+        let uids = &s.services.uids;
+        let now = crate::time::now_ms();
+        let items: Vec<(String, [u8; 16])> = folders::SPECIAL_USE
+            .iter()
+            .map(|(name, _)| (name.to_string(), s.services.mail.new_message_id(now).0))
+            .collect();
+        let subs: Vec<(String, [u8; 16])> = items.iter().map(|(n, _)| (n.clone(), [0; 16])).collect();
+        let made = uids
+            .bind(&folders::scope(&mailbox), items)
+            .await
+            .and(uids.bind(&folders::subscriptions(&mailbox), subs).await);
+        if let Err(e) = made {
+            // The user exists; the folders come when a client makes them.
+            tracing::warn!(user = %user.address, "special-use folders not made: {e}");
+        }
+    }
+    done()
 }
 
 pub(super) async fn set_password(

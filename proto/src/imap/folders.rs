@@ -42,6 +42,22 @@ pub const DEPTH_MAX: usize = 16;
 /// the node).
 pub const FOLDERS_MAX: usize = 1000;
 
+/// The special-use folders (RFC 6154) every new user gets, by name, with
+/// the attribute LIST shows for them.
+pub const SPECIAL_USE: &[(&str, &str)] = &[
+    ("Archive", "Archive"),
+    ("Drafts", "Drafts"),
+    ("Junk", "Junk"),
+    ("Sent", "Sent"),
+    ("Trash", "Trash"),
+];
+
+/// The special-use attribute of a folder (without its backslash): the
+/// top-level folders named as [`SPECIAL_USE`] says.
+pub fn special_use(name: &str) -> Option<&'static str> {
+    SPECIAL_USE.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
+}
+
 /// The scope of a user's folders.
 pub fn scope(user: &str) -> String {
     format!("imap/{user}")

@@ -117,6 +117,8 @@ pub fn capabilities(starttls: bool, password_ok: bool, authenticated: bool) -> V
         Capability::Enable,
     ]);
     if authenticated {
+        // RFC 6154: LIST marks Sent, Drafts, Trash, Junk and Archive.
+        c.push(Capability::from(Atom::unvalidated("SPECIAL-USE")));
         // RFC 9208: usage and limit of the user's storage.
         c.push(Capability::Quota);
         c.push(Capability::QuotaRes(
@@ -147,6 +149,11 @@ pub fn list_data(lsub: bool, items: Vec<FlagNameAttribute<'static>>, mailbox: Ma
             mailbox,
         }
     }
+}
+
+/// A special-use attribute (`\Sent`, ..., RFC 6154).
+pub fn special(attribute: &'static str) -> FlagNameAttribute<'static> {
+    FlagNameAttribute::from(Atom::unvalidated(attribute))
 }
 
 /// `\HasChildren` or `\HasNoChildren` (RFC 3348).

@@ -12,7 +12,7 @@ use imap_next::imap_types::mailbox::{ListMailbox, Mailbox};
 use imap_next::imap_types::response::{Data, Status};
 use imap_next::imap_types::status::{StatusDataItem, StatusDataItemName};
 use quill_proto::imap::folders;
-use quill_proto::imap::reply::{children, delimiter, list_data, mailbox_as_bytes, no, no_code, nz, ok};
+use quill_proto::imap::reply::{children, delimiter, list_data, mailbox_as_bytes, no, no_code, nz, ok, special};
 use quill_proto::imap::sets::wildcard_match;
 use replication::replica::Listed;
 use tracing::debug;
@@ -73,6 +73,9 @@ impl Handler {
                 items.push(FlagNameAttribute::Noselect);
             }
             items.push(children(l.children));
+            if let Some(attr) = folders::special_use(&l.name) {
+                items.push(special(attr));
+            }
             let Ok(mailbox) = Mailbox::try_from(l.name) else {
                 continue;
             };

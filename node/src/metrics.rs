@@ -281,6 +281,26 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fm
     g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// The Raft state's size, read at each scrape.
+pub struct RaftFigures(pub membership::Membership);
+
+impl std::fmt::Debug for RaftFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RaftFigures")
+    }
+}
+
+impl Collector for RaftFigures {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        gauge(
+            &mut enc,
+            "quill_raft_state_bytes",
+            "Bytes of the Raft state as a snapshot would hold it (grows with users, folders and nodes, not with mail).",
+            self.0.state_bytes(),
+        )
+    }
+}
+
 /// The store's figures, read at each scrape.
 #[derive(Debug)]
 pub struct StoreFigures(pub Arc<FragmentStore>);

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, Addrs, AdminState};
 use crate::cluster::{self, replica};
-use crate::metrics::{ReplicaFigures, StoreFigures};
+use crate::metrics::{RaftFigures, ReplicaFigures, StoreFigures};
 use crate::net::{self, Client, PlaintextAuth, Proto};
 use crate::services::{Limits, Options, Parts, Services};
 use crate::{files, mail, outbound, tls, uids};
@@ -277,6 +277,7 @@ pub async fn run(
             metric_sources: vec![
                 Box::new(StoreFigures(store.clone())),
                 Box::new(ReplicaFigures(replica.clone())),
+                Box::new(RaftFigures(cluster.membership.clone())),
             ],
         },
     }));

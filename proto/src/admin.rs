@@ -179,6 +179,11 @@ pub struct ClusterStatus {
     /// not say.
     #[serde(default = "level_one")]
     pub feature_level: u32,
+    /// Bytes of the Raft state as a snapshot would hold it (the answering
+    /// node's copy; every node applies the same state): it grows with
+    /// users, folders and nodes, never with messages.
+    #[serde(default)]
+    pub raft_state_bytes: u64,
     pub nodes: Vec<NodeStatus>,
 }
 

@@ -208,3 +208,36 @@ async fn two_nodes_one_voter_one_learner() {
     let d = nodes[0].admin(hyper::Method::GET, "/v1/domains", None).await.unwrap();
     assert!(d.to_string().contains("two.example"), "{d}");
 }
+
+/// `raft_state_bytes` (status JSON) and `quill_raft_state_bytes`
+/// (`/metrics`): the Raft state grows with users, not with mail delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_state_size_is_shown_and_grows_with_users_not_mail() {
+    let (_d, node) = common::node("raft-bytes", &[]).await;
+    let size = || async {
+        let s = node.status().await.expect("status");
+        s["raft_state_bytes"].as_u64().expect("raft_state_bytes in the status")
+    };
+    let before = size().await;
+    assert!(before > 0);
+    let mut c = quill_harness::SmtpClient::connect(node.smtp(), false).await.unwrap();
+    for i in 0..200 {
+        let body = format!("Subject: m{i}\r\n\r\nhello\r\n");
+        let r = c
+            .send_mail("x@origin.test", &["alice@example.org"], body.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(r[0].code, 250);
+    }
+    let _ = c.quit().await;
+    assert_eq!(
+        size().await,
+        before,
+        "200 messages delivered: the Raft state did not grow"
+    );
+    node.add_user("dave@example.org", common::PASSWORD, None).await.unwrap();
+    let after = size().await;
+    assert!(after > before, "a user is in the Raft state: {before} -> {after}");
+    let metric = node.metric("quill_raft_state_bytes").await.unwrap();
+    assert_eq!(metric as u64, after);
+}

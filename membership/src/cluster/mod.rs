@@ -296,6 +296,15 @@ impl Membership {
         self.inner.shared.read().state.feature_level
     }
 
+    /// The size of the replicated state as a snapshot of it would be (the
+    /// same on every node that has applied the same entries): what must
+    /// stay bounded by the cluster's size, not its mail. Encodes the state
+    /// (under the read lock): for status and scrapes, not hot paths.
+    pub fn state_bytes(&self) -> u64 {
+        let shared = self.inner.shared.read();
+        crate::formats::encode_state(&shared.state).map_or(0, |b| b.len() as u64)
+    }
+
     /// Raises the cluster's feature level to `level` (at most
     /// [`FEATURE_LEVEL_MAX`]; never lowers it). The caller has checked
     /// that every node runs a release that supports it: a node that does

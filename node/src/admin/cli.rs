@@ -555,12 +555,13 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
 fn print_status(s: &ClusterStatus) {
     let or_null = |v: Option<u64>| v.map_or("null".to_owned(), |v| v.to_string());
     println!(
-        "epoch {}  leader {}  self {}  under-replicated {}  feature level {}",
+        "epoch {}  leader {}  self {}  under-replicated {}  feature level {}  raft state {} bytes",
         s.epoch,
         or_null(s.leader),
         s.me,
         s.under_replicated,
-        s.feature_level
+        s.feature_level,
+        s.raft_state_bytes
     );
     for n in &s.nodes {
         let activity = match n.activity.as_str() {

@@ -144,6 +144,7 @@ pub async fn status_of(s: &AdminState) -> ClusterStatus {
         // (each entry is stored on R nodes).
         queued_copies: counts.values().map(|c| c.queued).sum(),
         feature_level: s.cluster.membership.feature_level(),
+        raft_state_bytes: s.cluster.membership.state_bytes(),
         nodes,
     }
 }

@@ -69,11 +69,11 @@ async fn wait_subjects(node: &NodeProcess, user: &str, want: &[&str]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn routes_made_through_one_node_route_mail_on_every_node() {
-    let _slot = common::cluster_slot().await;
+/// A converged 3-node cluster whose outbound queue relays to a fresh sink,
+/// with domain example.org and `users` in it.
+async fn cluster_with_sink(label: &str, users: &[&str]) -> (TempDir, Sink, Vec<NodeProcess>) {
     let sink = Sink::start(0).await;
-    let dir = TempDir::new("routing").expect("temp dir");
+    let dir = TempDir::new(label).expect("temp dir");
     let relay = sink.addr.to_string();
     let extra = ["--relay-host", &relay, "--retry-initial", "300ms", "--retry-max", "1s"];
     let nodes = process::start_cluster_with(dir.path(), 3, SECRET, "info", &extra)
@@ -83,11 +83,21 @@ async fn routes_made_through_one_node_route_mail_on_every_node() {
     process::wait_converged(&all, 3, Duration::from_secs(60))
         .await
         .expect("converges");
-    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
-    n1.add_domain("example.org").await.unwrap();
-    for u in ["alice", "bob", "carol"] {
-        n1.add_user(&format!("{u}@example.org"), PASSWORD, None).await.unwrap();
+    nodes[0].add_domain("example.org").await.unwrap();
+    for u in users {
+        nodes[0]
+            .add_user(&format!("{u}@example.org"), PASSWORD, None)
+            .await
+            .unwrap();
     }
+    (dir, sink, nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_made_through_one_node_route_mail_on_every_node() {
+    let _slot = common::cluster_slot().await;
+    let (_dir, sink, nodes) = cluster_with_sink("routing", &["alice", "bob", "carol"]).await;
+    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
     n1.admin(
         Method::POST,
         "/v1/aliases",
@@ -374,20 +384,8 @@ vacation :days 1 :subject "Away" "I am away until Monday.";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sieve_files_flags_redirects_and_answers_once_across_nodes() {
     let _slot = common::cluster_slot().await;
-    let sink = Sink::start(0).await;
-    let dir = TempDir::new("sieve").expect("temp dir");
-    let relay = sink.addr.to_string();
-    let extra = ["--relay-host", &relay, "--retry-initial", "300ms", "--retry-max", "1s"];
-    let nodes = process::start_cluster_with(dir.path(), 3, SECRET, "info", &extra)
-        .await
-        .expect("cluster starts");
-    let all: Vec<&NodeProcess> = nodes.iter().collect();
-    process::wait_converged(&all, 3, Duration::from_secs(60))
-        .await
-        .expect("converges");
+    let (_dir, sink, nodes) = cluster_with_sink("sieve", &["alice"]).await;
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
-    n1.add_domain("example.org").await.unwrap();
-    n1.add_user("alice@example.org", PASSWORD, None).await.unwrap();
     // A script with an error is refused with its line and reason.
     let (status, reply) = n2
         .admin_raw(

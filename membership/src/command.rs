@@ -109,6 +109,12 @@ pub enum Command {
     /// Feature level 3: aliases, domain aliases and catch-alls (see
     /// [`crate::routes`]).
     Routes(crate::routes::RoutesCommand),
+    /// Feature level 3: a cluster setting set (`Some`) or unset (see
+    /// [`crate::settings`]); the node checked the value.
+    SetSetting {
+        key: String,
+        value: Option<String>,
+    },
 }
 
 impl Command {
@@ -122,6 +128,7 @@ impl Command {
             Command::SetFeatureLevel { .. } => 2,
             Command::DefineKeywords { .. } => crate::keywords::KEYWORDS_FEATURE_LEVEL,
             Command::Routes(_) => crate::routes::ROUTES_FEATURE_LEVEL,
+            Command::SetSetting { .. } => crate::settings::SETTINGS_FEATURE_LEVEL,
             Command::Directory(DirectoryCommand::SetQuota { .. }) => crate::routes::ROUTES_FEATURE_LEVEL,
             _ => 1,
         }
@@ -210,6 +217,8 @@ pub enum CommandError {
     Name(#[from] crate::names::NameError),
     #[error(transparent)]
     Route(#[from] crate::routes::RouteError),
+    #[error(transparent)]
+    Setting(#[from] crate::settings::SettingsError),
     /// A command of a feature level the cluster does not run at, or a
     /// level this release does not know or that would lower it.
     #[error("feature level {asked}: the cluster runs at {current}, this release supports up to {supported}")]
@@ -260,6 +269,8 @@ pub struct ClusterState {
     pub keywords: crate::keywords::FolderKeywords,
     /// Level 3: aliases, domain aliases, catch-alls, the SRS key.
     pub routes: crate::routes::Routes,
+    /// Level 3: cluster settings.
+    pub settings: crate::settings::Settings,
 }
 
 impl Default for ClusterState {
@@ -274,6 +285,7 @@ impl Default for ClusterState {
             feature_level: crate::formats::FEATURE_LEVEL_MIN,
             keywords: Default::default(),
             routes: Default::default(),
+            settings: Default::default(),
         }
     }
 }
@@ -351,6 +363,7 @@ impl ClusterState {
             }
             Command::Directory(c) => self.apply_directory(c)?,
             Command::Routes(c) => self.routes.apply(c, &mut self.directory)?,
+            Command::SetSetting { key, value } => self.settings.set(key, value.as_deref())?,
             Command::AddNode(info) => {
                 info.validate()?;
                 if !self.view.nodes.contains_key(&info.id) && self.view.nodes.len() >= NODES_MAX {

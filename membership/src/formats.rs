@@ -105,6 +105,7 @@ impl From<StateV1> for ClusterState {
             feature_level: 1,
             keywords: Default::default(),
             routes: Default::default(),
+            settings: Default::default(),
         }
     }
 }
@@ -147,6 +148,7 @@ impl From<StateV2> for ClusterState {
             feature_level: v.feature_level,
             keywords: Default::default(),
             routes: Default::default(),
+            settings: Default::default(),
         }
     }
 }

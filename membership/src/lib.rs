@@ -26,6 +26,7 @@
 //!   [`Membership::handle`], the view and its watch channel) and
 //!   [`RaftDirectory`], the [`Directory`] over it;
 //! * [`keywords`]: the IMAP keywords each folder defines;
+//! * [`settings`]: cluster settings, changed at runtime;
 //! * [`routes`]: aliases, domain aliases, catch-alls and sub-addressing,
 //!   and the expansion of an address to the users and remote addresses
 //!   that get its mail;
@@ -61,6 +62,7 @@ pub mod password;
 pub mod recent;
 pub mod routes;
 pub mod sequence;
+pub mod settings;
 pub mod store;
 pub mod types;
 pub mod view;

@@ -18,6 +18,8 @@
 //! - [`admin`]: the HTTP API and `quill admin`. Uses `services`,
 //!   `cluster`, `tls`.
 //! - [`run`](mod@run): the wiring of one node.
+//! - [`settings`]: the cluster settings a node knows, checked and
+//!   applied over its flags. Uses `services` (the limits), `units`.
 //! - Leaves: [`mail`], [`uids`], [`tls`], [`metrics`], [`files`],
 //!   [`time`], [`units`].
 //!
@@ -48,6 +50,7 @@ pub mod outbound;
 pub mod pop3;
 pub mod run;
 pub mod services;
+pub mod settings;
 pub mod smtp;
 pub mod time;
 pub mod tls;

@@ -274,13 +274,31 @@ fn main() -> std::process::ExitCode {
     // Mail, keys, tokens and logs are private, whatever the umask this was
     // started with: files 0600, directories 0700 at most.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // The settings a node was given a flag for: its own, over the cluster's.
+    let explicit: std::collections::BTreeSet<String> = matches
+        .subcommand_matches("node")
+        .map(|m| {
+            quill_node::settings::KEYS
+                .iter()
+                .filter(|k| {
+                    let id = k.name.replace('-', "_");
+                    m.value_source(&id) == Some(clap::parser::ValueSource::CommandLine)
+                })
+                .map(|k| k.name.to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|rt| match cli.command {
-            Cmd::Node(args) => rt.block_on(node(*args)),
+            Cmd::Node(args) => rt.block_on(node(*args, explicit)),
             Cmd::Admin(args) => rt.block_on(quill_node::admin::cli::run(args)),
         });
     match result {
@@ -293,7 +311,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn node(a: NodeArgs) -> anyhow::Result<()> {
+async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&a.log).with_context(|| format!("bad --log filter {:?}", a.log))?;
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -357,6 +375,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         smtps: a.smtps,
         pop3s: a.pop3s,
         managesieve: a.managesieve,
+        explicit_settings: explicit,
         imap: a.imap,
         imaps: a.imaps,
         tls_files,

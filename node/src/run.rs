@@ -51,6 +51,9 @@ pub struct NodeConfig {
     pub pop3s: Option<SocketAddr>,
     /// ManageSieve (RFC 5804, port 4190).
     pub managesieve: Option<SocketAddr>,
+    /// The cluster settings this node was given a flag for: its own value
+    /// holds over the cluster's (`crate::settings`).
+    pub explicit_settings: std::collections::BTreeSet<String>,
     pub imap: Option<SocketAddr>,
     /// Implicit-TLS IMAP (port 993).
     pub imaps: Option<SocketAddr>,
@@ -138,6 +141,39 @@ fn admin_token(config: &NodeConfig) -> anyhow::Result<String> {
     files::write_secret(&path, &token)?;
     println!("admin token created: {}", path.display());
     Ok(token)
+}
+
+/// How often a node looks for a change of the cluster settings (a change
+/// is in force on every node within about this long of its commit).
+const SETTINGS_POLL: Duration = Duration::from_millis(250);
+
+/// Keeps the limits in force equal to the node's flags with the cluster's
+/// settings over them (`crate::settings`), from start to shutdown.
+async fn apply_settings(
+    services: Arc<Services>,
+    membership: membership::Membership,
+    flags: Limits,
+    explicit: std::collections::BTreeSet<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut seen = None;
+    loop {
+        let version = membership.settings_version();
+        if seen != Some(version) {
+            let settings = membership.settings();
+            services
+                .live
+                .set(crate::settings::effective(&flags, &explicit, &settings.values));
+            if seen.is_some() {
+                info!(version, "cluster settings applied");
+            }
+            seen = Some(version);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SETTINGS_POLL) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// Serves one client connection with its protocol.
@@ -307,6 +343,13 @@ pub async fn run(
         config.repair_rate,
         stop_rx.clone(),
     ));
+    tasks.spawn(apply_settings(
+        services.clone(),
+        cluster.membership.clone(),
+        config.limits.clone(),
+        config.explicit_settings.clone(),
+        stop_rx.clone(),
+    ));
     if let Some(listener) = admin_listener {
         info!(addr = %addrs.admin.expect("bound"), "admin API listening");
         let state = AdminState {
@@ -316,6 +359,8 @@ pub async fn run(
             cluster: cluster.clone(),
             name: config.name.clone(),
             set_log_level,
+            flags: Arc::new(config.limits.clone()),
+            explicit_settings: Arc::new(config.explicit_settings.clone()),
         };
         tasks.spawn(admin::serve(listener, admin::router(state), stop_rx.clone()));
     }
@@ -340,7 +385,7 @@ pub async fn run(
         };
         tasks.spawn(net::serve_clients(
             l,
-            services.env.clone(),
+            services.env(),
             services.slots.clone(),
             stop_rx.clone(),
             serve,

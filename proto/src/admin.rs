@@ -93,6 +93,24 @@ pub struct QuotaBody {
     pub quota_bytes: Option<u64>,
 }
 
+/// `PUT /v1/settings/{key}`: a cluster setting (checked first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingBody {
+    pub value: String,
+}
+
+/// One row of `GET /v1/settings`, as the answering node applies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingRow {
+    pub key: String,
+    pub value: String,
+    pub default: String,
+    /// `flag` (the node's own, over the cluster's), `cluster` or `default`.
+    pub source: String,
+    #[serde(default)]
+    pub help: String,
+}
+
 /// `PUT /v1/log-level`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LevelBody {
@@ -422,6 +440,9 @@ pub enum Call {
     SetCatchAll { domain: String, body: CatchAllBody },
     SetSieve { address: String, body: SieveBody },
     SetTap { target: String, body: TapBody },
+    ListSettings,
+    SetSetting { key: String, body: SettingBody },
+    UnsetSetting { key: String },
     RemoveTap { target: String },
     GetSieve { address: String },
     RemoveSieve { address: String },
@@ -437,6 +458,7 @@ impl Call {
             | Call::ListTls
             | Call::ListQueue
             | Call::ListRoutes
+            | Call::ListSettings
             | Call::GetSieve { .. }
             | Call::ShowQueued { .. } => "GET",
             Call::SetAlias(_) | Call::SetDomainAlias(_) => "POST",
@@ -452,11 +474,13 @@ impl Call {
             | Call::SetTls { .. }
             | Call::SetCatchAll { .. }
             | Call::SetSieve { .. }
+            | Call::SetSetting { .. }
             | Call::SetTap { .. } => "PUT",
             Call::RemoveAlias { .. }
             | Call::RemoveDomainAlias { .. }
             | Call::RemoveSieve { .. }
-            | Call::RemoveTap { .. } => "DELETE",
+            | Call::RemoveTap { .. }
+            | Call::UnsetSetting { .. } => "DELETE",
             Call::RemoveDomain { .. }
             | Call::RemoveUser { .. }
             | Call::RemoveNode { .. }
@@ -495,6 +519,8 @@ impl Call {
             Call::RemoveDomainAlias { alias } => format!("/v1/domain-aliases/{}", s(alias)),
             Call::SetCatchAll { domain, .. } => format!("/v1/catch-all/{}", s(domain)),
             Call::SetTap { target, .. } | Call::RemoveTap { target } => format!("/v1/taps/{}", s(target)),
+            Call::ListSettings => "/v1/settings".to_owned(),
+            Call::SetSetting { key, .. } | Call::UnsetSetting { key } => format!("/v1/settings/{}", s(key)),
             Call::SetSieve { address, .. } | Call::GetSieve { address } | Call::RemoveSieve { address } => {
                 format!("/v1/sieve/{}", s(address))
             }
@@ -515,6 +541,7 @@ impl Call {
             Call::SetCatchAll { body, .. } => serde_json::to_value(body),
             Call::SetSieve { body, .. } => serde_json::to_value(body),
             Call::SetTap { body, .. } => serde_json::to_value(body),
+            Call::SetSetting { body, .. } => serde_json::to_value(body),
             _ => return None,
         };
         Some(v.expect("admin bodies encode"))
@@ -544,6 +571,7 @@ pub fn parse_bodies(data: &[u8]) {
     let _ = serde_json::from_slice::<SieveBody>(data);
     let _ = serde_json::from_slice::<TapBody>(data);
     let _ = serde_json::from_slice::<QuotaBody>(data);
+    let _ = serde_json::from_slice::<SettingBody>(data);
     if let Ok(q) = std::str::from_utf8(data) {
         let _ = RemoveQuery::parse(q);
     }

@@ -296,6 +296,26 @@ impl Membership {
         self.inner.shared.read().state.feature_level
     }
 
+    /// The cluster settings as applied here.
+    pub fn settings(&self) -> crate::settings::Settings {
+        self.inner.shared.read().state.settings.clone()
+    }
+
+    /// The settings' change counter (cheap: to notice a change).
+    pub fn settings_version(&self) -> u64 {
+        self.inner.shared.read().state.settings.version
+    }
+
+    /// Commits a setting (`None`: unset); the refusal if the cluster does
+    /// not take it.
+    pub async fn set_setting(&self, key: String, value: Option<String>) -> Result<(), String> {
+        match self.write(crate::command::Command::SetSetting { key, value }).await {
+            Ok(crate::command::Response { result: Ok(()), .. }) => Ok(()),
+            Ok(crate::command::Response { result: Err(e), .. }) => Err(e.to_string()),
+            Err(e) => Err(format!("not committed: {e}")),
+        }
+    }
+
     /// The size of the replicated state as a snapshot of it would be (the
     /// same on every node that has applied the same entries): what must
     /// stay bounded by the cluster's size, not its mail. Encodes the state

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use quill_proto::admin::{
     AliasBody, Call, CatchAllBody, CertList, ClusterStatus, DomainAliasBody, DomainBody, LevelBody, LevelSet,
-    PasswordBody, QueueAction, QueueEntry, QueueList, QuotaBody, RoutesList, SieveBody, SieveList, SteppedDown,
-    TapBody, TlsBody, UpgradeFinished, UserBody, UserInfo, UserRemoved,
+    PasswordBody, QueueAction, QueueEntry, QueueList, QuotaBody, RoutesList, SettingBody, SettingRow, SieveBody,
+    SieveList, SteppedDown, TapBody, TlsBody, UpgradeFinished, UserBody, UserInfo, UserRemoved,
 };
 
 use super::client::request;
@@ -47,6 +47,10 @@ enum AdminCmd {
     /// goes to an archive user, before any filter or alias runs.
     #[command(subcommand)]
     Tap(TapCmd),
+    /// Cluster settings: policy values every node applies within a second,
+    /// no restart (a node's own flag still wins on that node).
+    #[command(subcommand)]
+    Settings(SettingsCmd),
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -149,6 +153,22 @@ enum DomainCmd {
         /// Refuse unknown addresses again (the default).
         #[arg(long, conflicts_with = "address")]
         remove: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SettingsCmd {
+    /// Set KEY (a `quill node` flag's name without its dashes, e.g.
+    /// max-recipients) to VALUE for the whole cluster; checked first.
+    Set { key: String, value: String },
+    /// Back to each node's flag or the default.
+    Unset { key: String },
+    /// Every key with its value, default and source (cluster, flag,
+    /// default) on the addressed node.
+    List {
+        /// Print the JSON list as is.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -340,6 +360,12 @@ impl AdminCmd {
                 body: TapBody { archive: s(archive) },
             },
             AdminCmd::Tap(TapCmd::List) => Call::ListRoutes,
+            AdminCmd::Settings(SettingsCmd::Set { key, value }) => Call::SetSetting {
+                key: s(key),
+                body: SettingBody { value: s(value) },
+            },
+            AdminCmd::Settings(SettingsCmd::Unset { key }) => Call::UnsetSetting { key: s(key) },
+            AdminCmd::Settings(SettingsCmd::List { .. }) => Call::ListSettings,
             AdminCmd::Tap(TapCmd::Remove { target }) => Call::RemoveTap { target: s(target) },
             AdminCmd::Sieve(SieveCmd::Remove { address }) => Call::RemoveSieve { address: s(address) },
             AdminCmd::Alias(AliasCmd::Remove { address }) => Call::RemoveAlias { address: s(address) },
@@ -443,6 +469,16 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                 }
                 for (target, archive) in &r.taps {
                     println!("{target} => {archive} (tap)");
+                }
+            }
+        }
+        AdminCmd::Settings(SettingsCmd::List { json }) => {
+            let rows: Vec<SettingRow> = request(node, token, &call).await?;
+            if *json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                for r in &rows {
+                    println!("{} = {} ({}; default {})", r.key, r.value, r.source, r.default);
                 }
             }
         }

@@ -36,6 +36,9 @@
 //! PUT    /v1/sieve/{address}          {"script"}: checked (400 with line and reason), made active
 //! DELETE /v1/sieve/{address}          the active script
 //! PUT    /v1/taps/{domain-or-address} {"archive"}: a copy of every message accepted for it
+//! GET    /v1/settings                 -> [{"key", "value", "default", "source", "help"}] as this node applies them
+//! PUT    /v1/settings/{key}           {"value"}: checked (400 with the reason), for every node
+//! DELETE /v1/settings/{key}
 //! DELETE /v1/taps/{domain-or-address}
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
@@ -50,6 +53,7 @@ mod cluster;
 mod directory;
 mod queue;
 mod routes;
+mod settings;
 mod state;
 mod tls;
 
@@ -134,6 +138,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/domain-aliases/{alias}", delete(routes::remove_domain_alias))
         .route("/v1/catch-all/{domain}", put(routes::set_catch_all))
         .route("/v1/taps/{target}", put(routes::set_tap).delete(routes::remove_tap))
+        .route("/v1/settings", get(settings::list))
+        .route("/v1/settings/{key}", put(settings::set).delete(settings::unset))
         .route(
             "/v1/sieve/{address}",
             get(routes::get_sieve)

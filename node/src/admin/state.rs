@@ -23,6 +23,10 @@ pub struct AdminState {
     pub cluster: Cluster,
     pub name: String,
     pub set_log_level: LogLevelSetter,
+    /// This node's limits from its flags, and the settings it was given a
+    /// flag for (see `crate::settings`).
+    pub flags: Arc<crate::services::Limits>,
+    pub explicit_settings: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// A failed request: its status and why.

@@ -79,7 +79,7 @@ pub async fn serve_on<S: Transport>(
 }
 
 fn options(services: &Services) -> imap_next::server::Options {
-    quill_proto::imap::server_options(services.limits.message_bytes_max)
+    quill_proto::imap::server_options(services.limits().message_bytes_max)
 }
 
 impl<S: Transport> Driver<S> {
@@ -151,7 +151,7 @@ impl<S: Transport> Driver<S> {
                     }
                 }
                 Err(Interrupt::Io(Io::Output(bytes))) => {
-                    let limit = self.services.limits.idle_timeout;
+                    let limit = self.services.limits().idle_timeout;
                     let write = async {
                         self.stream.write_all(&bytes).await?;
                         self.stream.flush().await
@@ -238,7 +238,7 @@ impl<S: Transport> Driver<S> {
     /// Reads more input into the protocol state. While idling, looks for
     /// changes every [`IDLE_POLL`]. False: the session is over.
     async fn read_more(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<bool> {
-        let idle_timeout = self.services.limits.idle_timeout;
+        let idle_timeout = self.services.limits().idle_timeout;
         loop {
             let wait = if self.idling.is_some() { IDLE_POLL } else { idle_timeout };
             let read = tokio::select! {

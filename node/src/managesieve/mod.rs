@@ -53,7 +53,7 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
     let span = tracing::info_span!("session", proto = "managesieve", %peer, user = tracing::field::Empty);
     async move {
         let mut s = Session {
-            io: LineSession::new(stream, services.env.clone(), &DIALECT, 8 * 1024, 16 * 1024),
+            io: LineSession::new(stream, services.env(), &DIALECT, 8 * 1024, 16 * 1024),
             services,
             peer,
             user: None,

@@ -82,3 +82,25 @@ impl Default for Limits {
 
 /// The memory budget for incoming messages is taken in chunks this large.
 pub const DATA_BUDGET_CHUNK: usize = 64 * 1024;
+
+/// The limits in force now: the node's flags, and over them the cluster's
+/// settings for the keys no flag gave (`crate::settings`). Replaced whole
+/// when a setting changes; sessions read it as they start and commands as
+/// they run, so a change reaches new sessions at once and the running ones
+/// at their next command.
+#[derive(Debug, Clone)]
+pub struct LiveLimits(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Limits>>>);
+
+impl LiveLimits {
+    pub fn new(l: Limits) -> LiveLimits {
+        LiveLimits(std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(l))))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Limits> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, l: Limits) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(l);
+    }
+}

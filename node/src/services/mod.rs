@@ -18,7 +18,7 @@ use replication::FragmentStore;
 use tokio::sync::Semaphore;
 
 pub use auth::{Auth, AuthLimits, Authenticator};
-pub use limits::{DATA_BUDGET_CHUNK, Limits};
+pub use limits::{DATA_BUDGET_CHUNK, Limits, LiveLimits};
 pub use locks::{ImapSession, Locks, MailboxLock};
 pub use routing::{Routing, SendingLimits};
 
@@ -72,8 +72,10 @@ impl Default for Options {
 
 pub struct Services {
     pub hostname: String,
-    pub limits: Limits,
-    /// What the connection layer needs (bounds, TLS, counters).
+    /// The limits in force (flags and cluster settings): see [`Services::limits`].
+    pub live: LiveLimits,
+    /// What the connection layer needs (bounds, TLS, counters); its idle
+    /// timeout is the one at start: see [`Services::env`].
     pub env: Env,
     /// Users and domains, and their mail (as in [`Parts`]).
     pub directory: Arc<dyn Directory>,
@@ -126,14 +128,13 @@ impl Services {
             o.default_login_domain,
             p.auth_key,
         );
+        let live = LiveLimits::new(p.limits.clone());
         let routing = Routing::new(
             p.directory.clone(),
             p.mail.clone(),
+            live.clone(),
             o.postmaster,
             SendingLimits {
-                messages_per_minute: l.submission_messages_per_minute,
-                recipients_per_hour: l.submission_recipients_per_hour,
-                unknown_recipients_max: l.unknown_recipients_max,
                 window: l.auth_window,
                 queue_messages_max: o.queue_bounds.0,
                 queue_bytes_max: o.queue_bounds.1,
@@ -156,8 +157,22 @@ impl Services {
             slots: Slots::new(l.connections_max, l.connections_per_address_max),
             metrics,
             queue,
-            limits: p.limits,
+            live,
         }
+    }
+
+    /// The limits in force now (a setting may change them while the node
+    /// runs).
+    pub fn limits(&self) -> std::sync::Arc<Limits> {
+        self.live.get()
+    }
+
+    /// What a new session's connection layer needs, with the idle timeout
+    /// in force now.
+    pub fn env(&self) -> Env {
+        let mut env = self.env.clone();
+        env.idle_timeout = self.live.get().idle_timeout;
+        env
     }
 
     /// The counters the sessions bump.

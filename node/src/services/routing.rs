@@ -28,13 +28,12 @@ pub enum Unroutable {
     BadSrs,
 }
 
-/// How much one account and one client address may do.
+/// How much one account and one client address may do: the windows and
+/// queue bounds fixed at start (the allowances themselves are in the live
+/// limits: `--max-submissions-per-minute`, ..., cluster settings).
 #[derive(Debug, Clone, Copy)]
 pub struct SendingLimits {
-    pub messages_per_minute: u32,
-    pub recipients_per_hour: u32,
-    /// Unknown recipients one address may name in `window`.
-    pub unknown_recipients_max: u32,
+    /// The window of unknown recipients per address.
     pub window: Duration,
     /// The outbound queue's bounds on this node's share: messages, bytes.
     pub queue_messages_max: u64,
@@ -44,6 +43,8 @@ pub struct SendingLimits {
 pub struct Routing {
     directory: Arc<dyn Directory>,
     mail: Arc<dyn Mail>,
+    /// The allowances in force (cluster settings may change them).
+    live: super::LiveLimits,
     /// Where postmaster mail goes when a domain has no `postmaster` user
     /// (`--postmaster`); else [`Directory::postmaster_fallback`].
     postmaster: Option<String>,
@@ -68,6 +69,7 @@ impl Routing {
     pub fn new(
         directory: Arc<dyn Directory>,
         mail: Arc<dyn Mail>,
+        live: super::LiveLimits,
         postmaster: Option<String>,
         limits: SendingLimits,
         queue: QueueGauge,
@@ -75,6 +77,7 @@ impl Routing {
         Routing {
             directory,
             mail,
+            live,
             postmaster,
             limits,
             queue,
@@ -192,7 +195,7 @@ impl Routing {
     /// Whether `ip` has named too many unknown recipients in the window.
     pub fn unknown_recipients_exhausted(&self, ip: IpAddr) -> bool {
         self.unknown
-            .full(ip, self.limits.unknown_recipients_max, self.limits.window)
+            .full(ip, self.live.get().unknown_recipients_max, self.limits.window)
     }
 
     /// Counts one use of a sending allowance of `user` (messages a minute,
@@ -203,13 +206,13 @@ impl Routing {
         let (key, max, window) = if per_hour {
             (
                 format!("send-rcpts/{user}"),
-                self.limits.recipients_per_hour,
+                self.live.get().submission_recipients_per_hour,
                 Duration::from_secs(3600),
             )
         } else {
             (
                 format!("send-msgs/{user}"),
-                self.limits.messages_per_minute,
+                self.live.get().submission_messages_per_minute,
                 Duration::from_secs(60),
             )
         };

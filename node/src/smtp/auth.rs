@@ -69,7 +69,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn response(&mut self, challenge: &str) -> std::io::Result<Option<Vec<u8>>> {
         self.io.reply(&format!("334 {challenge}")).await?;
         self.io.flush().await?;
-        let idle = self.services.limits.idle_timeout;
+        let idle = self.services.limits().idle_timeout;
         match self.io.read_line(AUTH_LINE_BYTES_MAX, idle).await? {
             Line::Ok(l) => {
                 let l = trim_eol(&l);

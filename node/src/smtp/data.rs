@@ -260,7 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// keeps reading (and dropping) until the end so that the session
     /// stays in step with the client.
     async fn read_body(&mut self, head: Vec<u8>) -> std::io::Result<Body> {
-        let limits = &self.services.limits;
+        let limits = self.services.limits();
         let (idle, grace, rate) = (
             limits.idle_timeout,
             limits.transfer_grace,

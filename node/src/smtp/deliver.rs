@@ -46,7 +46,7 @@ pub(super) async fn plan(services: &Services, rcpts: &[Rcpt], from: &str, body: 
             };
             let script = if d.tap { None } else { services.routing.sieve(&d.user) };
             let Some(script) = script else {
-                let folder = match (&d.tag, services.limits.subaddress_folders) {
+                let folder = match (&d.tag, services.limits().subaddress_folders) {
                     (Some(tag), true) if !d.tap => folder_id(services, &d.mailbox, tag, false).await,
                     _ => folders::INBOX.to_owned(),
                 };

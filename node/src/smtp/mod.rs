@@ -83,9 +83,9 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
     let span = tracing::info_span!("session", proto, %peer, user = tracing::field::Empty);
     async move {
         let mut s = Session {
-            io: LineSession::new(stream, services.env.clone(), &DIALECT, 16 * 1024, 16 * 1024),
+            io: LineSession::new(stream, services.env(), &DIALECT, 16 * 1024, 16 * 1024),
             state: State {
-                send_as: services.limits.send_as.clone(),
+                send_as: services.limits().send_as.clone(),
                 ..State::new(mode, services.hostname.clone())
             },
             services,
@@ -133,7 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Offer {
             starttls: self.io.can_start_tls(),
             password: self.io.may_send_password(self.peer.ip()),
-            size: self.services.limits.message_bytes_max,
+            size: self.services.limits().message_bytes_max,
         }
     }
 
@@ -150,7 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let offer = self.offer();
                 self.state.hello(verb, &host, offer)
             }
-            Request::Mail { from } => self.state.mail(&from, self.services.limits.message_bytes_max),
+            Request::Mail { from } => self.state.mail(&from, self.services.limits().message_bytes_max),
             Request::Rcpt { to } if to.address.is_empty() => {
                 // smtp-proto hands `<Postmaster>` (no domain) over as "".
                 let lower = String::from_utf8_lossy(line).to_ascii_lowercase();
@@ -200,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Handles `RCPT TO`; false ends the session.
     async fn rcpt(&mut self, address: &str) -> std::io::Result<bool> {
-        if let Err(r) = self.state.rcpt_check(address, self.services.limits.recipients_max) {
+        if let Err(r) = self.state.rcpt_check(address, self.services.limits().recipients_max) {
             return self.send(r).await;
         }
         // An address that has named too many unknown users lately is told

@@ -194,7 +194,7 @@ impl Handler {
         flags: Vec<Flag<'static>>,
         arrival: Option<u64>,
     ) -> Status<'static> {
-        if bytes.len() > self.services.limits.message_bytes_max {
+        if bytes.len() > self.services.limits().message_bytes_max {
             return no(tag, Some(Code::TooBig), "message larger than the size limit");
         }
         if flags.len() > FLAGS_PER_COMMAND_MAX || flags.iter().any(|f| name_of_flag(f).len() > FLAG_BYTES_MAX) {

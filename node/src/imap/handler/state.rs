@@ -252,7 +252,7 @@ impl Handler {
     /// Counts a command; a BYE when the session has had too many.
     pub fn count_command(&mut self) -> Option<Reply> {
         self.n_commands += 1;
-        if self.n_commands > self.services.limits.commands_max {
+        if self.n_commands > self.services.limits().commands_max {
             self.services.counters().limit_refusals.inc();
             return Some(self.bye("too many commands in one session"));
         }
@@ -263,7 +263,7 @@ impl Handler {
     /// when the session has had too many.
     pub fn count_bad(&mut self) -> Reply {
         self.n_bad += 1;
-        if self.n_bad >= self.services.limits.bad_commands_max {
+        if self.n_bad >= self.services.limits().bad_commands_max {
             self.services.counters().limit_refusals.inc();
             return self.bye("too many bad commands");
         }

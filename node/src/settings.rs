@@ -1,0 +1,268 @@
+//! Cluster settings as a node applies them: the keys it knows (each the
+//! name of a `quill node` flag without its dashes), how a value is
+//! checked (unit, range) before it is proposed, and the limits in force
+//! (the node's own flags first, then the cluster's settings, then the
+//! defaults). The values themselves are kept in the Raft state
+//! (`membership::settings`), so a change reaches every node, one that was
+//! down included, with no restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::services::Limits;
+use crate::units::{parse_duration_arg, parse_size};
+
+/// A key's kind of value.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// Bytes, with a unit or not (`10MB`, `2GiB`).
+    Size {
+        min: u64,
+        max: u64,
+    },
+    Count {
+        min: u64,
+        max: u64,
+    },
+    /// Seconds, or a duration (`90s`, `5m`).
+    Seconds {
+        min: u64,
+        max: u64,
+    },
+    Bool,
+}
+
+/// A setting a node knows.
+#[derive(Debug)]
+pub struct Key {
+    pub name: &'static str,
+    pub help: &'static str,
+    kind: Kind,
+}
+
+/// The keys applied at runtime, every node alike.
+pub const KEYS: &[Key] = &[
+    Key {
+        name: "max-message-size",
+        help: "largest message accepted (advertised in SIZE)",
+        kind: Kind::Size {
+            min: 1024,
+            max: (replication::MESSAGE_BYTES_MAX - 64 * 1024) as u64,
+        },
+    },
+    Key {
+        name: "max-recipients",
+        help: "recipients per message",
+        kind: Kind::Count { min: 1, max: 10_000 },
+    },
+    Key {
+        name: "max-unknown-recipients",
+        help: "unknown recipients one client address may name per minute",
+        kind: Kind::Count { min: 1, max: 1_000_000 },
+    },
+    Key {
+        name: "max-submissions-per-minute",
+        help: "messages with remote recipients one account may submit a minute",
+        kind: Kind::Count { min: 1, max: 1_000_000 },
+    },
+    Key {
+        name: "max-submission-recipients-per-hour",
+        help: "remote recipients one account may name an hour",
+        kind: Kind::Count {
+            min: 1,
+            max: 100_000_000,
+        },
+    },
+    Key {
+        name: "idle-timeout",
+        help: "seconds a session may stay silent",
+        kind: Kind::Seconds { min: 10, max: 3600 },
+    },
+    Key {
+        name: "subaddress-folders",
+        help: "file user+tag@ into the user's folder tag where it exists",
+        kind: Kind::Bool,
+    },
+];
+
+fn key(name: &str) -> Result<&'static Key, String> {
+    KEYS.iter().find(|k| k.name == name).ok_or_else(|| {
+        let known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+        format!("unknown setting {name:?}; the settings are: {}", known.join(", "))
+    })
+}
+
+/// `value` checked for `name`, in the form it is stored in (a number of
+/// bytes or seconds, `true`/`false`); the reason when refused.
+pub fn check(name: &str, value: &str) -> Result<String, String> {
+    let k = key(name)?;
+    let v = value.trim();
+    let ranged = |n: u64, min: u64, max: u64, unit: &str| {
+        if (min..=max).contains(&n) {
+            Ok(n.to_string())
+        } else {
+            Err(format!("{name} must be {min} to {max}{unit}, not {n}"))
+        }
+    };
+    match k.kind {
+        Kind::Size { min, max } => {
+            let n = parse_size(v).map_err(|e| format!("{name}: {e}"))?;
+            ranged(n, min, max, " bytes")
+        }
+        Kind::Count { min, max } => {
+            let n: u64 = v
+                .parse()
+                .map_err(|_| format!("{name} takes a whole number, not {v:?}"))?;
+            ranged(n, min, max, "")
+        }
+        Kind::Seconds { min, max } => {
+            let n = match v.parse::<u64>() {
+                Ok(n) => n,
+                Err(_) => parse_duration_arg(v).map_err(|e| format!("{name}: {e}"))?.as_secs(),
+            };
+            ranged(n, min, max, " seconds")
+        }
+        Kind::Bool => match v.to_ascii_lowercase().as_str() {
+            "true" | "on" | "yes" | "1" => Ok("true".into()),
+            "false" | "off" | "no" | "0" => Ok("false".into()),
+            _ => Err(format!("{name} takes true or false, not {v:?}")),
+        },
+    }
+}
+
+/// Sets a checked value on `limits`.
+fn apply(limits: &mut Limits, name: &str, value: &str) {
+    let n = || value.parse::<u64>().unwrap_or(0);
+    match name {
+        "max-message-size" => limits.message_bytes_max = usize::try_from(n()).unwrap_or(usize::MAX),
+        "max-recipients" => limits.recipients_max = usize::try_from(n()).unwrap_or(usize::MAX),
+        "max-unknown-recipients" => limits.unknown_recipients_max = u32::try_from(n()).unwrap_or(u32::MAX),
+        "max-submissions-per-minute" => limits.submission_messages_per_minute = u32::try_from(n()).unwrap_or(u32::MAX),
+        "max-submission-recipients-per-hour" => {
+            limits.submission_recipients_per_hour = u32::try_from(n()).unwrap_or(u32::MAX)
+        }
+        "idle-timeout" => limits.idle_timeout = Duration::from_secs(n()),
+        "subaddress-folders" => limits.subaddress_folders = value == "true",
+        _ => {}
+    }
+}
+
+/// A key's value in `limits`, as stored.
+fn value_of(limits: &Limits, name: &str) -> String {
+    match name {
+        "max-message-size" => limits.message_bytes_max.to_string(),
+        "max-recipients" => limits.recipients_max.to_string(),
+        "max-unknown-recipients" => limits.unknown_recipients_max.to_string(),
+        "max-submissions-per-minute" => limits.submission_messages_per_minute.to_string(),
+        "max-submission-recipients-per-hour" => limits.submission_recipients_per_hour.to_string(),
+        "idle-timeout" => limits.idle_timeout.as_secs().to_string(),
+        "subaddress-folders" => limits.subaddress_folders.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// The limits in force: `flags` (the node's, defaults filled in), with
+/// the cluster's `settings` over every key the node was not given a flag
+/// for (`explicit`). A stored value this release cannot take (a newer
+/// release's key or range) is skipped.
+pub fn effective(flags: &Limits, explicit: &BTreeSet<String>, settings: &BTreeMap<String, String>) -> Limits {
+    let mut out = flags.clone();
+    for (name, value) in settings {
+        if explicit.contains(name) {
+            continue;
+        }
+        if let Ok(v) = check(name, value) {
+            apply(&mut out, name, &v);
+        }
+    }
+    out
+}
+
+/// One row of `settings list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub key: String,
+    /// In force on this node.
+    pub value: String,
+    pub default: String,
+    /// `flag` (this node's, over the cluster's), `cluster` or `default`.
+    pub source: String,
+    pub help: String,
+}
+
+/// Every key as this node applies it.
+pub fn rows(flags: &Limits, explicit: &BTreeSet<String>, settings: &BTreeMap<String, String>) -> Vec<Row> {
+    let now = effective(flags, explicit, settings);
+    let defaults = Limits::default();
+    KEYS.iter()
+        .map(|k| {
+            let source = if explicit.contains(k.name) {
+                "flag"
+            } else if settings.contains_key(k.name) {
+                "cluster"
+            } else {
+                "default"
+            };
+            Row {
+                key: k.name.to_owned(),
+                value: value_of(&now, k.name),
+                default: value_of(&defaults, k.name),
+                source: source.to_owned(),
+                help: k.help.to_owned(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_checked_with_the_reason() {
+        assert_eq!(check("max-message-size", "10MB"), Ok("10000000".into()));
+        assert_eq!(check("max-recipients", " 50 "), Ok("50".into()));
+        assert_eq!(check("idle-timeout", "5m"), Ok("300".into()));
+        assert_eq!(check("subaddress-folders", "ON"), Ok("true".into()));
+        assert!(check("max-recipients", "0").unwrap_err().contains("must be 1 to 10000"));
+        assert!(check("max-recipients", "lots").unwrap_err().contains("whole number"));
+        assert!(check("max-message-size", "1TB").unwrap_err().contains("must be"));
+        assert!(check("nosuch", "1").unwrap_err().contains("unknown setting"));
+    }
+
+    #[test]
+    fn a_flag_beats_the_cluster_which_beats_the_default() {
+        let flags = Limits {
+            recipients_max: 7,
+            ..Limits::default()
+        };
+        let explicit = BTreeSet::from(["max-recipients".to_owned()]);
+        let settings = BTreeMap::from([
+            ("max-recipients".to_owned(), "3".to_owned()),
+            ("idle-timeout".to_owned(), "60".to_owned()),
+            ("from-a-newer-release".to_owned(), "x".to_owned()),
+        ]);
+        let now = effective(&flags, &explicit, &settings);
+        assert_eq!(now.recipients_max, 7, "the node's flag");
+        assert_eq!(now.idle_timeout, Duration::from_secs(60), "the cluster's");
+        let rows = rows(&flags, &explicit, &settings);
+        let row = |k: &str| rows.iter().find(|r| r.key == k).unwrap().clone();
+        assert_eq!(
+            (
+                row("max-recipients").source.as_str(),
+                row("max-recipients").value.as_str()
+            ),
+            ("flag", "7")
+        );
+        assert_eq!(row("idle-timeout").source, "cluster");
+        assert_eq!(
+            (
+                row("max-message-size").source.as_str(),
+                row("max-message-size").default.as_str()
+            ),
+            ("default", "52428800")
+        );
+    }
+}

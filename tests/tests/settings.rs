@@ -1,0 +1,144 @@
+//! Cluster settings on real processes: a limit set through node 1 refuses
+//! on node 3 within 2 s with no restart, a node that was down gets the
+//! newest on its return, bad values and keys are refused with the reason,
+//! and a node's own flag holds over the cluster's.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{PASSWORD, node, run};
+use quill_harness::SmtpClient;
+use quill_harness::process::{self, NodeProcess, TempDir};
+
+/// `quill admin` against `n`: success and what it printed.
+fn admin(n: &NodeProcess, args: &[&str]) -> (bool, String) {
+    let o = Command::new(&n.opts.binary)
+        .args([
+            "admin",
+            "--node",
+            &n.admin_addr().to_string(),
+            "--token",
+            &n.opts.admin_token,
+        ])
+        .args(args)
+        .output()
+        .expect("quill admin runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+/// How many of three recipients `n` takes in one transaction.
+async fn recipients_taken(n: &NodeProcess) -> usize {
+    let Ok(mut c) = SmtpClient::connect(n.smtp(), false).await else {
+        return 0;
+    };
+    let _ = c.command("MAIL FROM:<x@origin.test>").await;
+    let mut taken = 0;
+    for u in ["alice", "bob", "carol"] {
+        if c.command(&format!("RCPT TO:<{u}@example.org>"))
+            .await
+            .is_ok_and(|r| r.code == 250)
+        {
+            taken += 1;
+        }
+    }
+    let _ = c.quit().await;
+    taken
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_made_through_one_node_holds_on_every_node() {
+    let _slot = common::cluster_slot().await;
+    let dir = TempDir::new("settings").expect("temp dir");
+    let mut nodes = process::start_cluster(dir.path(), 3, "settings-secret", "info")
+        .await
+        .expect("cluster starts");
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    process::wait_converged(&all, 3, Duration::from_secs(60))
+        .await
+        .expect("converges");
+    nodes[0].add_domain("example.org").await.unwrap();
+    for u in ["alice", "bob", "carol"] {
+        nodes[0]
+            .add_user(&format!("{u}@example.org"), PASSWORD, None)
+            .await
+            .unwrap();
+    }
+    assert_eq!(recipients_taken(&nodes[2]).await, 3);
+    // Checked at set, with the reason.
+    let (ok, out) = admin(&nodes[0], &["settings", "set", "max-recipients", "0"]);
+    assert!(!ok && out.contains("max-recipients must be 1 to 10000"), "{out}");
+    let (ok, out) = admin(&nodes[0], &["settings", "set", "max-everything", "1"]);
+    assert!(!ok && out.contains("unknown setting"), "{out}");
+    let (ok, out) = admin(&nodes[0], &["settings", "set", "max-recipients", "2"]);
+    assert!(ok, "{out}");
+    // Node 3 refuses the third recipient within 2 s, with no restart.
+    common::wait_for("the limit on node 3", Duration::from_secs(2), || async {
+        recipients_taken(&nodes[2]).await == 2
+    })
+    .await;
+    let (_, json) = admin(&nodes[1], &["settings", "list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "max-recipients")
+        .expect("listed")
+        .clone();
+    assert_eq!(
+        (row["value"].as_str(), row["default"].as_str(), row["source"].as_str()),
+        (Some("2"), Some("100"), Some("cluster"))
+    );
+    // A node down during a change has it when it returns.
+    nodes[2].stop().await.unwrap();
+    let (ok, out) = admin(&nodes[0], &["settings", "set", "max-message-size", "64KiB"]);
+    assert!(ok, "{out}");
+    nodes[2].restart().await.unwrap();
+    common::wait_for(
+        "the size on node 3 after its restart",
+        Duration::from_secs(30),
+        || async {
+            SmtpClient::connect(nodes[2].smtp(), false)
+                .await
+                .is_ok_and(|c| c.ehlo.text.contains("SIZE 65536"))
+        },
+    )
+    .await;
+    // Unset: back to the default everywhere.
+    let (ok, out) = admin(&nodes[2], &["settings", "unset", "max-recipients"]);
+    assert!(ok, "{out}");
+    common::wait_for("the default on node 1", Duration::from_secs(2), || async {
+        recipients_taken(&nodes[0]).await == 3
+    })
+    .await;
+    let (ok, out) = admin(&nodes[0], &["settings", "unset", "max-recipients"]);
+    assert!(!ok && out.contains("is not set"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_own_flag_holds_over_the_cluster_setting() {
+    let (_d, n) = node("settings-flag", &["--max-recipients", "3"]).await;
+    let (ok, out) = admin(&n, &["settings", "set", "max-recipients", "1"]);
+    assert!(ok, "{out}");
+    let (ok, out) = admin(&n, &["settings", "set", "idle-timeout", "2m"]);
+    assert!(ok, "{out}");
+    let list = run(Command::new(&n.opts.binary)
+        .args([
+            "admin",
+            "--node",
+            &n.admin_addr().to_string(),
+            "--token",
+            &n.opts.admin_token,
+        ])
+        .args(["settings", "list"]));
+    assert!(list.contains("max-recipients = 3 (flag; default 100)"), "{list}");
+    assert!(list.contains("idle-timeout = 120 (cluster; default 300)"), "{list}");
+    assert_eq!(recipients_taken(&n).await, 3);
+}

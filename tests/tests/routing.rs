@@ -15,10 +15,8 @@ use std::time::Duration;
 use common::sink::Sink;
 use common::{PASSWORD, node, run};
 use hyper::Method;
-use quill_harness::process::{self, NodeProcess, TempDir};
+use quill_harness::process::{NodeProcess, TempDir};
 use serde_json::json;
-
-const SECRET: &str = "routing-test-secret";
 
 /// One transaction on port 25 from `from`; Err names the refusal.
 async fn smtp_send(node: &NodeProcess, from: &str, rcpts: &[&str], subject: &str) -> Result<(), String> {
@@ -73,23 +71,9 @@ async fn wait_subjects(node: &NodeProcess, user: &str, want: &[&str]) {
 /// with domain example.org and `users` in it.
 async fn cluster_with_sink(label: &str, users: &[&str]) -> (TempDir, Sink, Vec<NodeProcess>) {
     let sink = Sink::start(0).await;
-    let dir = TempDir::new(label).expect("temp dir");
     let relay = sink.addr.to_string();
     let extra = ["--relay-host", &relay, "--retry-initial", "300ms", "--retry-max", "1s"];
-    let nodes = process::start_cluster_with(dir.path(), 3, SECRET, "info", &extra)
-        .await
-        .expect("cluster starts");
-    let all: Vec<&NodeProcess> = nodes.iter().collect();
-    process::wait_converged(&all, 3, Duration::from_secs(60))
-        .await
-        .expect("converges");
-    nodes[0].add_domain("example.org").await.unwrap();
-    for u in users {
-        nodes[0]
-            .add_user(&format!("{u}@example.org"), PASSWORD, None)
-            .await
-            .unwrap();
-    }
+    let (dir, nodes) = common::cluster_with_users(label, 3, &extra, users).await;
     (dir, sink, nodes)
 }
 
@@ -598,7 +582,32 @@ async fn managesieve_with_sieve_connect() {
     let mut l = String::new();
     r.read_line(&mut l).await.unwrap();
     assert!(l.starts_with("NO"), "{l}");
-    w.write_all(b"LOGOUT\r\n").await.unwrap();
+    // Hostile input: each gets a NO with the reason, the session goes on.
+    let mut say = async |line: Vec<u8>| {
+        w.write_all(&line).await.unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).await.unwrap();
+        l
+    };
+    let long = [b"NOOP \"".to_vec(), vec![b'x'; 9000], b"\"\r\n".to_vec()].concat();
+    assert!(say(long).await.starts_with("NO \"line too long\""));
+    let huge = b"PUTSCRIPT \"x\" {99999999+}\r\n".to_vec();
+    assert!(say(huge).await.starts_with("NO \"literal too large\""));
+    let bad_plain = b"AUTHENTICATE \"PLAIN\" \"%%%\"\r\n".to_vec();
+    assert!(say(bad_plain).await.starts_with("NO"));
+    let nul = b"NOOP \"a\0b\"\r\n".to_vec();
+    assert!(say(nul).await.starts_with("OK (TAG"));
+    // Too many bad commands end the session (the last NO comes with the
+    // BYE, and the server closes: a write after it may fail).
+    let mut last = String::new();
+    for _ in 0..25 {
+        let _ = w.write_all(b"FROBNICATE\r\n").await;
+        last.clear();
+        if r.read_line(&mut last).await.unwrap_or(0) == 0 || last.starts_with("BYE") {
+            break;
+        }
+    }
+    assert!(last.starts_with("BYE \"too many errors\""), "{last}");
     drop((r, w));
 
     if !testkit::program("sieve-connect") {

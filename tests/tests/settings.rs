@@ -8,9 +8,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{PASSWORD, node, run};
+use common::node;
 use quill_harness::SmtpClient;
-use quill_harness::process::{self, NodeProcess, TempDir};
+use quill_harness::process::NodeProcess;
 
 /// `quill admin` against `n`: success and what it printed.
 fn admin(n: &NodeProcess, args: &[&str]) -> (bool, String) {
@@ -55,21 +55,7 @@ async fn recipients_taken(n: &NodeProcess) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_setting_made_through_one_node_holds_on_every_node() {
     let _slot = common::cluster_slot().await;
-    let dir = TempDir::new("settings").expect("temp dir");
-    let mut nodes = process::start_cluster(dir.path(), 3, "settings-secret", "info")
-        .await
-        .expect("cluster starts");
-    let all: Vec<&NodeProcess> = nodes.iter().collect();
-    process::wait_converged(&all, 3, Duration::from_secs(60))
-        .await
-        .expect("converges");
-    nodes[0].add_domain("example.org").await.unwrap();
-    for u in ["alice", "bob", "carol"] {
-        nodes[0]
-            .add_user(&format!("{u}@example.org"), PASSWORD, None)
-            .await
-            .unwrap();
-    }
+    let (_dir, mut nodes) = common::cluster_with_users("settings", 3, &[], &["alice", "bob", "carol"]).await;
     assert_eq!(recipients_taken(&nodes[2]).await, 3);
     // Checked at set, with the reason.
     let (ok, out) = admin(&nodes[0], &["settings", "set", "max-recipients", "0"]);
@@ -129,15 +115,7 @@ async fn a_nodes_own_flag_holds_over_the_cluster_setting() {
     assert!(ok, "{out}");
     let (ok, out) = admin(&n, &["settings", "set", "idle-timeout", "2m"]);
     assert!(ok, "{out}");
-    let list = run(Command::new(&n.opts.binary)
-        .args([
-            "admin",
-            "--node",
-            &n.admin_addr().to_string(),
-            "--token",
-            &n.opts.admin_token,
-        ])
-        .args(["settings", "list"]));
+    let (_, list) = admin(&n, &["settings", "list"]);
     assert!(list.contains("max-recipients = 3 (flag; default 100)"), "{list}");
     assert!(list.contains("idle-timeout = 120 (cluster; default 300)"), "{list}");
     assert_eq!(recipients_taken(&n).await, 3);

@@ -25,6 +25,28 @@ pub async fn node(label: &str, extra: &[&str]) -> (TempDir, NodeProcess) {
     (dir, node)
 }
 
+/// A converged cluster of `n` nodes (more `quill node` flags in `extra`)
+/// with domain example.org and `users` in it (password [`PASSWORD`]).
+pub async fn cluster_with_users(label: &str, n: usize, extra: &[&str], users: &[&str]) -> (TempDir, Vec<NodeProcess>) {
+    use std::time::Duration;
+    let dir = TempDir::new(label).expect("temp dir");
+    let nodes = quill_harness::process::start_cluster_with(dir.path(), n, &format!("{label}-secret"), "info", extra)
+        .await
+        .expect("cluster starts");
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    quill_harness::process::wait_converged(&all, n, Duration::from_secs(60))
+        .await
+        .expect("converges");
+    nodes[0].add_domain("example.org").await.expect("domain");
+    for u in users {
+        nodes[0]
+            .add_user(&format!("{u}@example.org"), PASSWORD, None)
+            .await
+            .expect("user");
+    }
+    (dir, nodes)
+}
+
 // Not every test binary waits on something.
 #[allow(unused_imports)]
 pub use testkit::wait_for;

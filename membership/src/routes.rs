@@ -351,20 +351,19 @@ impl Routes {
                 if !self.aliases.contains_key(&a) && self.aliases.len() >= ROUTES_MAX {
                     return Err(RouteError::TooMany);
                 }
-                let mut next = self.clone();
-                next.aliases.insert(a.clone(), ts.clone());
-                // Every local target must lead somewhere now (a typo is
-                // caught here, not at the first delivery), and the alias
-                // must not reach itself.
-                for t in &ts {
-                    let domain = t.rsplit_once('@').expect("normalized").1;
-                    if is_local(dir, &next, domain) && expand(dir, &next, t).is_err_and(|e| e == ExpandError::Unknown) {
-                        return Err(RouteError::NoSuchTarget(t.clone()));
-                    }
+                // Tried in place and put back if refused: a copy of the
+                // whole table (scripts included) per entry would cost every
+                // node O(state) on every alias written.
+                let before = self.aliases.insert(a.clone(), ts.clone());
+                let checked = self.check_alias(dir, &a, &ts);
+                if checked.is_err() {
+                    match before {
+                        Some(old) => self.aliases.insert(a, old),
+                        None => self.aliases.remove(&a),
+                    };
+                    return checked;
                 }
-                next.check_reaches(dir, &a)?;
-                next.srs_key.get_or_insert(*srs_key);
-                *self = next;
+                self.srs_key.get_or_insert(*srs_key);
             }
             RoutesCommand::RemoveAlias { address } => {
                 let a = normalize_address(address).map_err(|_| RouteError::BadAddress(address.clone()))?;
@@ -514,23 +513,46 @@ impl Routes {
                 if !self.catch_all.contains_key(&domain) && self.catch_all.len() >= ROUTES_MAX {
                     return Err(RouteError::TooMany);
                 }
-                let mut next = self.clone();
-                next.catch_all.insert(domain.clone(), t.clone());
-                let t_domain = t.rsplit_once('@').expect("normalized").1;
-                if is_local(dir, &next, t_domain) {
-                    // The catch-all must reach someone, by a way that does
-                    // not come back to itself.
-                    match expand(dir, &next, &t) {
-                        Ok(_) => {}
-                        Err(ExpandError::Unknown) => return Err(RouteError::NoSuchTarget(t)),
-                        Err(ExpandError::Loop(l)) => return Err(RouteError::Loop(l)),
-                        Err(e) => return Err(e.into()),
-                    }
+                let before = self.catch_all.insert(domain.clone(), t.clone());
+                let checked = self.check_catch_all(dir, &t);
+                if checked.is_err() {
+                    match before {
+                        Some(old) => self.catch_all.insert(domain, old),
+                        None => self.catch_all.remove(&domain),
+                    };
+                    return checked;
                 }
-                *self = next;
             }
         }
         Ok(())
+    }
+
+    /// With the alias `a` -> `targets` in place: every local target leads
+    /// somewhere (a typo is caught here, not at the first delivery), and
+    /// the alias does not reach itself.
+    fn check_alias(&self, dir: &DirectoryState, a: &str, targets: &[String]) -> Result<(), RouteError> {
+        for t in targets {
+            let domain = t.rsplit_once('@').expect("normalized").1;
+            if is_local(dir, self, domain) && expand(dir, self, t).is_err_and(|e| e == ExpandError::Unknown) {
+                return Err(RouteError::NoSuchTarget(t.clone()));
+            }
+        }
+        self.check_reaches(dir, a)
+    }
+
+    /// With a catch-all onto `t` in place: a local `t` reaches someone, by
+    /// a way that does not come back to itself.
+    fn check_catch_all(&self, dir: &DirectoryState, t: &str) -> Result<(), RouteError> {
+        let t_domain = t.rsplit_once('@').expect("normalized").1;
+        if !is_local(dir, self, t_domain) {
+            return Ok(());
+        }
+        match expand(dir, self, t) {
+            Ok(_) => Ok(()),
+            Err(ExpandError::Unknown) => Err(RouteError::NoSuchTarget(t.to_owned())),
+            Err(ExpandError::Loop(l)) => Err(RouteError::Loop(l)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A user's normalized address, if the user exists.

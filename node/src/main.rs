@@ -34,6 +34,12 @@ enum Cmd {
 
 #[derive(Args)]
 struct NodeArgs {
+    /// Read flags from a TOML file: each key a flag's name without its
+    /// dashes (`max-recipients = 50`, `smtp = "127.0.0.1:2525"`, `seed =
+    /// ["..."]`, `subaddress-folders = true`). Flags on the command line
+    /// win over the file's; a repeatable flag takes both.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Data directory (store, directory, tokens). Created if missing.
     #[arg(long)]
     data: PathBuf,
@@ -274,7 +280,16 @@ fn main() -> std::process::ExitCode {
     // Mail, keys, tokens and logs are private, whatever the umask this was
     // started with: files 0600, directories 0700 at most.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let args = match with_config_file(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let matches = <Cli as clap::CommandFactory>::command()
+        .args_override_self(true)
+        .get_matches_from(args);
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
@@ -311,6 +326,67 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `quill node --config FILE ...`: the file's keys as flags, put before
+/// the command line's so that those win (clap takes the last of a
+/// single-valued flag). Other commands pass through unchanged.
+fn with_config_file(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    if args.get(1).is_none_or(|a| a != "node") {
+        return Ok(args);
+    }
+    let mut file = None;
+    for (i, a) in args.iter().enumerate().skip(2) {
+        let a = a.to_string_lossy();
+        if a == "--config" {
+            file = args.get(i + 1).map(PathBuf::from);
+        } else if let Some(f) = a.strip_prefix("--config=") {
+            file = Some(PathBuf::from(f));
+        }
+    }
+    let Some(file) = file else { return Ok(args) };
+    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read --config {}", file.display()))?;
+    let flags = config_flags(&text).with_context(|| format!("--config {}", file.display()))?;
+    let mut out = args[..2].to_vec();
+    out.extend(flags.into_iter().map(std::ffi::OsString::from));
+    out.extend(args[2..].iter().cloned());
+    Ok(out)
+}
+
+/// The flags a TOML config file stands for: `key = value` gives
+/// `--key=value`; `true` gives `--key` and `false` nothing; a list
+/// repeats the flag. Tables are refused (there are no sections).
+fn config_flags(text: &str) -> anyhow::Result<Vec<String>> {
+    let table: toml::Table = toml::from_str(text).context("not a TOML file")?;
+    let mut out = Vec::new();
+    for (key, value) in &table {
+        if key == "config"
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            bail!("{key:?} is not a flag's name (lower case and dashes, e.g. max-recipients)");
+        }
+        let one = |v: &toml::Value| -> anyhow::Result<Option<String>> {
+            Ok(match v {
+                toml::Value::String(s) => Some(format!("--{key}={s}")),
+                toml::Value::Integer(n) => Some(format!("--{key}={n}")),
+                toml::Value::Float(f) => Some(format!("--{key}={f}")),
+                toml::Value::Boolean(true) => Some(format!("--{key}")),
+                toml::Value::Boolean(false) => None,
+                _ => bail!("{key}: takes a string, a number, true/false or a list of them"),
+            })
+        };
+        match value {
+            toml::Value::Array(items) => {
+                for v in items {
+                    out.extend(one(v)?);
+                }
+            }
+            v => out.extend(one(v)?),
+        }
+    }
+    Ok(out)
+}
+
 async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&a.log).with_context(|| format!("bad --log filter {:?}", a.log))?;
     let (filter, handle) = reload::Layer::new(filter);
@@ -344,6 +420,21 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         idle_timeout: Duration::from_secs(a.idle_timeout),
         submission_messages_per_minute: a.max_submissions_per_minute,
         submission_recipients_per_hour: a.max_submission_recipients_per_hour,
+        plaintext_auth: a.plaintext_auth,
+        queue: quill_node::services::QueuePolicy {
+            schedule: quill_proto::queue::Schedule {
+                initial_ms: a.retry_initial.as_millis() as u64,
+                max_ms: a.retry_max.as_millis() as u64,
+                lifetime_ms: a.queue_lifetime.as_millis() as u64,
+            },
+            per_destination: a.outbound_per_destination.max(1),
+            rate_per_destination: a.outbound_rate_per_destination,
+            delay_warning_ms: a.delay_warning.as_millis() as u64,
+            max_messages: a.queue_max_messages,
+            max_bytes: a.queue_max_bytes,
+        },
+        repair_grace: a.repair_grace,
+        repair_rate: a.repair_rate,
         ..Limits::default()
     };
     if limits.message_bytes_max > replication::MESSAGE_BYTES_MAX - 64 * 1024 {
@@ -379,7 +470,6 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         imap: a.imap,
         imaps: a.imaps,
         tls_files,
-        plaintext_auth: a.plaintext_auth,
         admin: a.admin,
         admin_token: a.admin_token,
         seeds: a.seed,
@@ -392,25 +482,13 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         default_login_domain: a.default_login_domain,
         postmaster: a.postmaster,
         replicas: a.replicas as usize,
-        repair_grace: a.repair_grace,
-        repair_rate: a.repair_rate,
         limits,
         outbound: quill_node::outbound::OutboundConfig {
             relay_host: a.relay_host,
             dns: a.dns,
             mx_port: a.mx_port,
-            schedule: quill_proto::queue::Schedule {
-                initial_ms: a.retry_initial.as_millis() as u64,
-                max_ms: a.retry_max.as_millis() as u64,
-                lifetime_ms: a.queue_lifetime.as_millis() as u64,
-            },
             concurrency: a.outbound_concurrency.max(1),
-            per_domain: a.outbound_per_destination.max(1),
-            rate_per_domain: a.outbound_rate_per_destination,
-            delay_warning_ms: a.delay_warning.as_millis() as u64,
             works_queue: a.role != Role::In,
-            max_messages: a.queue_max_messages,
-            max_bytes: a.queue_max_bytes,
             ..Default::default()
         },
     };

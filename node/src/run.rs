@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::admin::{self, Addrs, AdminState};
 use crate::cluster::{self, replica};
 use crate::metrics::{RaftFigures, ReplicaFigures, StoreFigures};
-use crate::net::{self, Client, PlaintextAuth, Proto};
+use crate::net::{self, Client, Proto};
 use crate::services::{Limits, Options, Parts, Services};
 use crate::{files, mail, outbound, tls, uids};
 
@@ -60,8 +60,6 @@ pub struct NodeConfig {
     /// Certificate and key files (`--tls-cert`/`--tls-key`); none: a
     /// self-signed certificate made in the data directory.
     pub tls_files: Vec<tls::FilePair>,
-    /// Where passwords may be sent without TLS.
-    pub plaintext_auth: PlaintextAuth,
     pub admin: Option<SocketAddr>,
     /// The admin token; made and saved in the data directory if not given.
     pub admin_token: Option<String>,
@@ -77,14 +75,12 @@ pub struct NodeConfig {
     pub default_login_domain: Option<String>,
     /// Where postmaster mail goes for domains without a postmaster user.
     pub postmaster: Option<String>,
+    /// The limits and policies a cluster setting may change (the node's
+    /// flags, defaults filled in).
     pub limits: Limits,
     /// Copies of each message (R).
     pub replicas: usize,
-    /// How long a node may be down before its copies are made elsewhere.
-    pub repair_grace: Duration,
-    /// Bytes per second of repair and move traffic this node sends.
-    pub repair_rate: u64,
-    /// Outbound delivery (relay host, DNS, retries, queue bounds).
+    /// Outbound delivery (relay host, DNS, concurrency).
     pub outbound: outbound::OutboundConfig,
 }
 
@@ -147,10 +143,17 @@ fn admin_token(config: &NodeConfig) -> anyhow::Result<String> {
 /// is in force on every node within about this long of its commit).
 const SETTINGS_POLL: Duration = Duration::from_millis(250);
 
+/// What a settings change reaches besides the services' limits.
+struct Applied {
+    replica: Arc<replica::NodeReplicator>,
+    repair_limit: Arc<replication::replica::RateLimit>,
+}
+
 /// Keeps the limits in force equal to the node's flags with the cluster's
 /// settings over them (`crate::settings`), from start to shutdown.
 async fn apply_settings(
     services: Arc<Services>,
+    also: Applied,
     membership: membership::Membership,
     flags: Limits,
     explicit: std::collections::BTreeSet<String>,
@@ -161,9 +164,11 @@ async fn apply_settings(
         let version = membership.settings_version();
         if seen != Some(version) {
             let settings = membership.settings();
-            services
-                .live
-                .set(crate::settings::effective(&flags, &explicit, &settings.values));
+            let now = crate::settings::effective(&flags, &explicit, &settings.values);
+            services.slots.set_per_address_max(now.connections_per_address_max);
+            also.replica.set_repair_grace(now.repair_grace);
+            also.repair_limit.set_rate(now.repair_rate);
+            services.live.set(now);
             if seen.is_some() {
                 info!(version, "cluster settings applied");
             }
@@ -278,7 +283,7 @@ pub async fn run(
     let directory: Arc<dyn Directory> = Arc::new(cluster.membership.directory());
     let mut replica_cfg = ReplicaConfig::new(config.data_dir.join("updates"));
     replica_cfg.replicas = config.replicas.max(1);
-    replica_cfg.repair_grace = config.repair_grace;
+    replica_cfg.repair_grace = config.limits.repair_grace;
     let replica = Arc::new(Replicator::new(
         cluster.id(),
         store.clone(),
@@ -306,10 +311,8 @@ pub async fn run(
         tls: Some(tls.clone()),
         auth_key: files::random_bytes()?,
         options: Options {
-            plaintext_auth: config.plaintext_auth,
             default_login_domain: config.default_login_domain.clone(),
             postmaster: config.postmaster.clone(),
-            queue_bounds: (config.outbound.max_messages, config.outbound.max_bytes),
             metric_sources: vec![
                 Box::new(StoreFigures(store.clone())),
                 Box::new(ReplicaFigures(replica.clone())),
@@ -337,14 +340,19 @@ pub async fn run(
         cluster.membership.clone(),
         stop_rx.clone(),
     ));
+    let repair_limit = Arc::new(replication::replica::RateLimit::new(config.limits.repair_rate));
     tasks.spawn(replica::duties(
         replica.clone(),
         cluster.membership.clone(),
-        config.repair_rate,
+        repair_limit.clone(),
         stop_rx.clone(),
     ));
     tasks.spawn(apply_settings(
         services.clone(),
+        Applied {
+            replica: replica.clone(),
+            repair_limit,
+        },
         cluster.membership.clone(),
         config.limits.clone(),
         config.explicit_settings.clone(),

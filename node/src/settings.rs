@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::net::PlaintextAuth;
 use crate::services::Limits;
 use crate::units::{parse_duration_arg, parse_size};
 
@@ -32,6 +33,13 @@ enum Kind {
         max: u64,
     },
     Bool,
+    /// One of the words.
+    Choice(&'static [&'static str]),
+    /// Milliseconds, given as a duration (`500ms`, `30s`, `5m`, `120h`).
+    Millis {
+        min: u64,
+        max: u64,
+    },
 }
 
 /// A setting a node knows.
@@ -85,6 +93,95 @@ pub const KEYS: &[Key] = &[
         help: "file user+tag@ into the user's folder tag where it exists",
         kind: Kind::Bool,
     },
+    Key {
+        name: "plaintext-auth",
+        help: "where passwords may be sent without TLS: loopback, never, always",
+        kind: Kind::Choice(&["loopback", "never", "always"]),
+    },
+    Key {
+        name: "max-connections-per-ip",
+        help: "open connections per client address",
+        kind: Kind::Count { min: 1, max: 100_000 },
+    },
+    Key {
+        name: "max-imap-sessions-per-user",
+        help: "IMAP sessions one user may have open on a node",
+        kind: Kind::Count { min: 1, max: 10_000 },
+    },
+    Key {
+        name: "retry-initial",
+        help: "first wait before an outbound delivery is tried again (doubles each time)",
+        kind: Kind::Millis {
+            min: 1_000,
+            max: 86_400_000,
+        },
+    },
+    Key {
+        name: "retry-max",
+        help: "longest wait between two tries of an outbound delivery",
+        kind: Kind::Millis {
+            min: 1_000,
+            max: 7 * 86_400_000,
+        },
+    },
+    Key {
+        name: "queue-lifetime",
+        help: "how long a message stays in the outbound queue before it bounces",
+        kind: Kind::Millis {
+            min: 60_000,
+            max: 30 * 86_400_000,
+        },
+    },
+    Key {
+        name: "delay-warning",
+        help: "tell the sender once when a message waited this long (0: never)",
+        kind: Kind::Millis {
+            min: 0,
+            max: 30 * 86_400_000,
+        },
+    },
+    Key {
+        name: "outbound-per-destination",
+        help: "outbound connections to one destination domain at once",
+        kind: Kind::Count { min: 1, max: 1_000 },
+    },
+    Key {
+        name: "outbound-rate-per-destination",
+        help: "outbound transactions a second to one destination domain (0: no limit)",
+        kind: Kind::Count { min: 0, max: 1_000_000 },
+    },
+    Key {
+        name: "queue-max-messages",
+        help: "outbound queue messages held on a node above which remote mail gets 451",
+        kind: Kind::Count {
+            min: 1,
+            max: 1_000_000_000,
+        },
+    },
+    Key {
+        name: "queue-max-bytes",
+        help: "outbound queue bytes held on a node above which remote mail gets 451",
+        kind: Kind::Size {
+            min: 1 << 20,
+            max: 1 << 50,
+        },
+    },
+    Key {
+        name: "repair-grace",
+        help: "how long a node may be down before its copies are made again elsewhere",
+        kind: Kind::Millis {
+            min: 0,
+            max: 7 * 86_400_000,
+        },
+    },
+    Key {
+        name: "repair-rate",
+        help: "bytes a second a node sends when it restores or moves copies",
+        kind: Kind::Size {
+            min: 64 * 1024,
+            max: 1 << 40,
+        },
+    },
 ];
 
 fn key(name: &str) -> Result<&'static Key, String> {
@@ -124,6 +221,22 @@ pub fn check(name: &str, value: &str) -> Result<String, String> {
             };
             ranged(n, min, max, " seconds")
         }
+        Kind::Choice(words) => {
+            let w = v.to_ascii_lowercase();
+            if words.contains(&w.as_str()) {
+                Ok(w)
+            } else {
+                Err(format!("{name} takes one of {}, not {v:?}", words.join(", ")))
+            }
+        }
+        Kind::Millis { min, max } => {
+            let n = parse_duration_arg(v).map_err(|e| format!("{name}: {e}"))?.as_millis() as u64;
+            if (min..=max).contains(&n) {
+                Ok(show_ms(n))
+            } else {
+                Err(format!("{name} must be {} to {}, not {v}", show_ms(min), show_ms(max)))
+            }
+        }
         Kind::Bool => match v.to_ascii_lowercase().as_str() {
             "true" | "on" | "yes" | "1" => Ok("true".into()),
             "false" | "off" | "no" | "0" => Ok("false".into()),
@@ -135,6 +248,7 @@ pub fn check(name: &str, value: &str) -> Result<String, String> {
 /// Sets a checked value on `limits`.
 fn apply(limits: &mut Limits, name: &str, value: &str) {
     let n = || value.parse::<u64>().unwrap_or(0);
+    let ms = || parse_duration_arg(value).map_or(0, |d| d.as_millis() as u64);
     match name {
         "max-message-size" => limits.message_bytes_max = usize::try_from(n()).unwrap_or(usize::MAX),
         "max-recipients" => limits.recipients_max = usize::try_from(n()).unwrap_or(usize::MAX),
@@ -145,6 +259,25 @@ fn apply(limits: &mut Limits, name: &str, value: &str) {
         }
         "idle-timeout" => limits.idle_timeout = Duration::from_secs(n()),
         "subaddress-folders" => limits.subaddress_folders = value == "true",
+        "plaintext-auth" => {
+            limits.plaintext_auth = match value {
+                "never" => PlaintextAuth::Never,
+                "always" => PlaintextAuth::Always,
+                _ => PlaintextAuth::Loopback,
+            }
+        }
+        "max-connections-per-ip" => limits.connections_per_address_max = u32::try_from(n()).unwrap_or(u32::MAX),
+        "max-imap-sessions-per-user" => limits.imap_sessions_per_user_max = u32::try_from(n()).unwrap_or(u32::MAX),
+        "retry-initial" => limits.queue.schedule.initial_ms = ms(),
+        "retry-max" => limits.queue.schedule.max_ms = ms(),
+        "queue-lifetime" => limits.queue.schedule.lifetime_ms = ms(),
+        "delay-warning" => limits.queue.delay_warning_ms = ms(),
+        "outbound-per-destination" => limits.queue.per_destination = usize::try_from(n()).unwrap_or(usize::MAX),
+        "outbound-rate-per-destination" => limits.queue.rate_per_destination = u32::try_from(n()).unwrap_or(u32::MAX),
+        "queue-max-messages" => limits.queue.max_messages = n(),
+        "queue-max-bytes" => limits.queue.max_bytes = n(),
+        "repair-grace" => limits.repair_grace = Duration::from_millis(ms()),
+        "repair-rate" => limits.repair_rate = n(),
         _ => {}
     }
 }
@@ -159,8 +292,37 @@ fn value_of(limits: &Limits, name: &str) -> String {
         "max-submission-recipients-per-hour" => limits.submission_recipients_per_hour.to_string(),
         "idle-timeout" => limits.idle_timeout.as_secs().to_string(),
         "subaddress-folders" => limits.subaddress_folders.to_string(),
+        "plaintext-auth" => match limits.plaintext_auth {
+            PlaintextAuth::Loopback => "loopback",
+            PlaintextAuth::Never => "never",
+            PlaintextAuth::Always => "always",
+        }
+        .to_owned(),
+        "max-connections-per-ip" => limits.connections_per_address_max.to_string(),
+        "max-imap-sessions-per-user" => limits.imap_sessions_per_user_max.to_string(),
+        "retry-initial" => show_ms(limits.queue.schedule.initial_ms),
+        "retry-max" => show_ms(limits.queue.schedule.max_ms),
+        "queue-lifetime" => show_ms(limits.queue.schedule.lifetime_ms),
+        "delay-warning" => show_ms(limits.queue.delay_warning_ms),
+        "outbound-per-destination" => limits.queue.per_destination.to_string(),
+        "outbound-rate-per-destination" => limits.queue.rate_per_destination.to_string(),
+        "queue-max-messages" => limits.queue.max_messages.to_string(),
+        "queue-max-bytes" => limits.queue.max_bytes.to_string(),
+        "repair-grace" => show_ms(limits.repair_grace.as_millis() as u64),
+        "repair-rate" => limits.repair_rate.to_string(),
         _ => String::new(),
     }
+}
+
+/// A duration in milliseconds as the flags take it: the largest unit
+/// that divides it (`90s`, `5m`, `120h`, `500ms`, `0s`).
+fn show_ms(ms: u64) -> String {
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
 }
 
 /// The limits in force: `flags` (the node's, defaults filled in), with
@@ -230,6 +392,63 @@ mod tests {
         assert!(check("max-recipients", "lots").unwrap_err().contains("whole number"));
         assert!(check("max-message-size", "1TB").unwrap_err().contains("must be"));
         assert!(check("nosuch", "1").unwrap_err().contains("unknown setting"));
+        assert_eq!(check("plaintext-auth", "Never"), Ok("never".into()));
+        assert!(
+            check("plaintext-auth", "sometimes")
+                .unwrap_err()
+                .contains("one of loopback, never, always")
+        );
+        assert_eq!(check("retry-initial", "90s"), Ok("90s".into()));
+        assert_eq!(check("queue-lifetime", "120h"), Ok("120h".into()));
+        assert_eq!(check("repair-grace", "1500ms"), Ok("1500ms".into()));
+        assert!(
+            check("retry-initial", "10ms")
+                .unwrap_err()
+                .contains("must be 1s to 24h")
+        );
+        assert!(check("retry-max", "soon").unwrap_err().contains("unit"));
+        assert_eq!(check("repair-rate", "8MiB"), Ok((8u64 << 20).to_string()));
+    }
+
+    #[test]
+    fn every_key_reads_back_what_it_set() {
+        // Each key set to a value it takes, then read from the limits it
+        // made: the stored form goes through `check` again unchanged.
+        let samples = [
+            ("max-message-size", "65536"),
+            ("max-recipients", "7"),
+            ("max-unknown-recipients", "9"),
+            ("max-submissions-per-minute", "11"),
+            ("max-submission-recipients-per-hour", "13"),
+            ("idle-timeout", "60"),
+            ("subaddress-folders", "true"),
+            ("plaintext-auth", "never"),
+            ("max-connections-per-ip", "5"),
+            ("max-imap-sessions-per-user", "3"),
+            ("retry-initial", "90s"),
+            ("retry-max", "2h"),
+            ("queue-lifetime", "48h"),
+            ("delay-warning", "4h"),
+            ("outbound-per-destination", "2"),
+            ("outbound-rate-per-destination", "10"),
+            ("queue-max-messages", "500"),
+            ("queue-max-bytes", "1048576"),
+            ("repair-grace", "5m"),
+            ("repair-rate", "1048576"),
+        ];
+        assert_eq!(samples.len(), KEYS.len(), "a sample for every key");
+        for (k, v) in samples {
+            let stored = check(k, v).unwrap_or_else(|e| panic!("{k}: {e}"));
+            assert_eq!(check(k, &stored).as_deref(), Ok(stored.as_str()), "{k} stored form");
+            let settings = BTreeMap::from([(k.to_owned(), stored.clone())]);
+            let now = effective(&Limits::default(), &BTreeSet::new(), &settings);
+            assert_eq!(value_of(&now, k), stored, "{k} applied");
+            assert_ne!(
+                value_of(&Limits::default(), k),
+                stored,
+                "{k}: the sample differs from the default"
+            );
+        }
     }
 
     #[test]

@@ -333,7 +333,19 @@ async fn an_expired_message_bounces_except_to_the_null_sender() {
     use quill_proto::queue::{Envelope, SHARDS, Schedule, shard_mailbox};
     let dir = TempDir::new("expired").expect("temp dir");
     let reps = cluster(&dir);
-    let s = services(&dir, &reps[0]).await;
+    // Never reached: both outlive the queue (lifetime 1 ms).
+    let limits = quill_node::Limits {
+        queue: quill_node::services::QueuePolicy {
+            schedule: Schedule {
+                initial_ms: 10,
+                max_ms: 10,
+                lifetime_ms: 1,
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let s = common::services_with(&dir, &reps[0], limits).await;
     let env = |from: &str| Envelope {
         from: from.into(),
         rcpts: vec!["x@remote.test".into()],
@@ -343,13 +355,7 @@ async fn an_expired_message_bounces_except_to_the_null_sender() {
     assert!(enqueue(&s, &env("alice@example.org"), b"Subject: one\r\n\r\nx\r\n").await);
     assert!(enqueue(&s, &env(""), b"Subject: a bounce\r\n\r\nx\r\n").await);
     let cfg = OutboundConfig {
-        // Never reached: both have outlived the queue (lifetime 1 ms).
         relay_host: Some("127.0.0.1:9".into()),
-        schedule: Schedule {
-            initial_ms: 10,
-            max_ms: 10,
-            lifetime_ms: 1,
-        },
         ..OutboundConfig::default()
     };
     let out = Outbound::new(s.clone(), cfg, Arc::new(|_: &str| true)).expect("outbound");

@@ -108,7 +108,7 @@ pub async fn placement_view(membership: &Membership) -> Option<Arc<placement::Vi
 pub async fn duties(
     replica: Arc<NodeReplicator>,
     membership: Membership,
-    repair_rate: u64,
+    repair_limit: Arc<replication::replica::RateLimit>,
     stop: watch::Receiver<bool>,
 ) {
     let changed = Arc::new(tokio::sync::Notify::new());
@@ -119,7 +119,7 @@ pub async fn duties(
         stop.clone(),
     ));
     let chaser = tokio::spawn(chase_reports(replica.clone(), stop.clone()));
-    let repairer = tokio::spawn(repair(replica.clone(), repair_rate, stop.clone()));
+    let repairer = tokio::spawn(repair(replica.clone(), repair_limit, stop.clone()));
     work(replica, changed, stop).await;
     follower.abort();
     chaser.abort();
@@ -134,8 +134,11 @@ pub async fn duties(
 /// bytes to nodes below it (a node that joined). Copies at most `rate`
 /// bytes a second, both together. In a task of its own: a long repair does
 /// not hold up reports or anti-entropy.
-async fn repair(replica: Arc<NodeReplicator>, rate: u64, mut stop: watch::Receiver<bool>) {
-    let limit = replication::replica::RateLimit::new(rate);
+async fn repair(
+    replica: Arc<NodeReplicator>,
+    limit: Arc<replication::replica::RateLimit>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(REPAIR_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // After a round that found nothing for this node to do (another member
@@ -166,7 +169,7 @@ async fn repair(replica: Arc<NodeReplicator>, rate: u64, mut stop: watch::Receiv
                 // Repairs this node has to make come first (R copies, then
                 // evenness); messages that need repair are never moved.
                 if idle.is_some() || !replica.repair_wanted() {
-                    let budget = rate.saturating_mul(REBALANCE_INTERVAL.as_secs());
+                    let budget = limit.rate().saturating_mul(REBALANCE_INTERVAL.as_secs());
                     replica.rebalance_round(&limit, budget).await;
                 }
             }

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -52,7 +52,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct Slots {
     max: usize,
-    per_address_max: u32,
+    /// May change while the node runs (a cluster setting).
+    per_address_max: AtomicU32,
     epoch: Instant,
     inner: Mutex<Inner>,
 }
@@ -71,7 +72,7 @@ impl Slots {
     pub fn new(max: usize, per_address_max: u32) -> Arc<Slots> {
         Arc::new(Slots {
             max: max.max(1),
-            per_address_max: per_address_max.max(1),
+            per_address_max: AtomicU32::new(per_address_max.max(1)),
             epoch: Instant::now(),
             inner: Mutex::default(),
         })
@@ -79,6 +80,11 @@ impl Slots {
 
     fn ms(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Changes each address's full share, for connections from now on.
+    pub fn set_per_address_max(&self, n: u32) {
+        self.per_address_max.store(n.max(1), Ordering::Relaxed);
     }
 
     /// Slots kept for addresses that hold none (a tenth).
@@ -90,12 +96,13 @@ impl Slots {
     /// the full share up to half the slots, then shrinking with the free
     /// room (never below 1).
     pub fn share(&self, used: usize) -> u32 {
+        let full = self.per_address_max.load(Ordering::Relaxed);
         let half = self.max / 2;
         if used <= half || half == 0 {
-            return self.per_address_max;
+            return full;
         }
         let free = self.max.saturating_sub(used) as u64;
-        ((self.per_address_max as u64 * free / half as u64) as u32).max(1)
+        ((full as u64 * free / half as u64) as u32).max(1)
     }
 
     /// A slot for a connection from `ip` at `now`, closing the longest-idle

@@ -82,7 +82,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quill_proto::queue::{self, Envelope, Failed, LaneChange, Lanes, Outcome, Retry, Schedule};
+use quill_proto::queue::{self, Envelope, Failed, LaneChange, Lanes, Outcome, Retry};
 use replication::replica::Listed;
 use replication::{FlagMark, MarkChange, MessageId};
 use tokio::sync::{Semaphore, watch};
@@ -111,21 +111,11 @@ pub struct OutboundConfig {
     pub dns: Option<SocketAddr>,
     /// The port of mail exchangers (25; tests use another).
     pub mx_port: u16,
-    pub schedule: Schedule,
-    /// Domains delivered to at once, and connections per domain.
+    /// Domains delivered to at once. (Connections per domain, retries and
+    /// the queue's bounds are cluster settings: `Limits::queue`.)
     pub concurrency: usize,
-    pub per_domain: usize,
     /// Slots of the slow lane (shared by every slow domain).
     pub slow_lane: usize,
-    /// Transactions a second to one destination domain (0: no limit).
-    pub rate_per_domain: u32,
-    /// After this long in the queue, the sender is told once that the
-    /// message is delayed (0: never).
-    pub delay_warning_ms: u64,
-    /// Queue bounds, on this node's share of the queue: past either, new
-    /// mail for remote recipients gets `451 4.3.1`.
-    pub max_messages: u64,
-    pub max_bytes: u64,
     /// Whether this node works queue shards (`--role out` or both).
     pub works_queue: bool,
 }
@@ -136,18 +126,8 @@ impl Default for OutboundConfig {
             relay_host: None,
             dns: None,
             mx_port: 25,
-            schedule: Schedule {
-                initial_ms: 60_000,
-                max_ms: 3_600_000,
-                lifetime_ms: 5 * 86_400_000,
-            },
             concurrency: 100,
-            per_domain: 20,
             slow_lane: 4,
-            rate_per_domain: 0,
-            delay_warning_ms: 0,
-            max_messages: 100_000,
-            max_bytes: 2 << 30,
             works_queue: true,
         }
     }
@@ -199,6 +179,11 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// The queue's policy in force now (a cluster setting may change it).
+    fn policy(&self) -> crate::services::QueuePolicy {
+        self.services.limits().queue
+    }
+
     pub fn new(services: Arc<Services>, cfg: OutboundConfig, owner: Owner) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Outbound {
             mx: Mx::new(cfg.relay_host.clone(), cfg.dns, cfg.mx_port)?,
@@ -380,7 +365,7 @@ impl Outbound {
         let marks = &entry.meta.marks;
         let ended = |i: usize| marks.has(&queue::ok_flag(i)) || marks.has(&queue::failed_flag(i));
         let by_domain = queue::pending_by_domain(&env.rcpts, ended);
-        let outcomes: BTreeMap<usize, Outcome> = if self.cfg.schedule.expired(env.queued_ms, now_ms()) {
+        let outcomes: BTreeMap<usize, Outcome> = if self.policy().schedule.expired(env.queued_ms, now_ms()) {
             let last = self
                 .state()
                 .retry
@@ -415,7 +400,13 @@ impl Outbound {
     ) {
         let hlc = self.services.mail.hlc_now();
         let marks = &entry.meta.marks;
-        let s = queue::settle(env, outcomes, |f| marks.has(f), self.cfg.delay_warning_ms, now_ms());
+        let s = queue::settle(
+            env,
+            outcomes,
+            |f| marks.has(f),
+            self.policy().delay_warning_ms,
+            now_ms(),
+        );
         let g = self.gauge();
         g.delivered.inc_by(s.n_delivered);
         g.failed.inc_by(s.failed.len() as u64);
@@ -489,7 +480,7 @@ impl Outbound {
     }
 
     fn defer(&self, id: MessageId, last: BTreeMap<usize, Failed>) {
-        let schedule = self.cfg.schedule;
+        let schedule = self.policy().schedule;
         self.state()
             .retry
             .entry(id)
@@ -538,7 +529,7 @@ impl Outbound {
         let (slow, domain_sem) = {
             let mut st = self.state();
             let slow = st.lanes.is_slow(domain, now_ms());
-            let per = if slow { 1 } else { self.cfg.per_domain.max(1) };
+            let per = if slow { 1 } else { self.policy().per_destination.max(1) };
             let sem = st
                 .domains
                 .entry(domain.to_owned())
@@ -553,7 +544,7 @@ impl Outbound {
         let wait = self
             .state()
             .lanes
-            .rate_wait(domain, self.cfg.rate_per_domain, self.started.elapsed());
+            .rate_wait(domain, self.policy().rate_per_destination, self.started.elapsed());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }

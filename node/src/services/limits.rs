@@ -52,6 +52,53 @@ pub struct Limits {
     /// Unknown recipients one client address may name within
     /// `auth_window` before every RCPT from it gets `450 4.7.1`.
     pub unknown_recipients_max: u32,
+    /// Where passwords may be sent without TLS (`--plaintext-auth`).
+    pub plaintext_auth: crate::net::PlaintextAuth,
+    /// The outbound queue's retries and bounds (`--retry-*`,
+    /// `--queue-*`, `--outbound-*-per-destination`, `--delay-warning`).
+    pub queue: QueuePolicy,
+    /// How long a node may be down before its copies are made again
+    /// elsewhere (`--repair-grace`), and the bytes a second a node sends
+    /// when it restores or moves copies (`--repair-rate`).
+    pub repair_grace: Duration,
+    pub repair_rate: u64,
+}
+
+/// The outbound queue's policy: the same on every node through the
+/// cluster's settings (the node-specific parts, such as its relay host,
+/// its DNS server and how many connections it opens, stay in
+/// `OutboundConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePolicy {
+    pub schedule: quill_proto::queue::Schedule,
+    /// Connections to one destination domain at once.
+    pub per_destination: usize,
+    /// Transactions a second to one destination domain (0: no limit).
+    pub rate_per_destination: u32,
+    /// After this long in the queue, the sender is told once that the
+    /// message is delayed (0: never).
+    pub delay_warning_ms: u64,
+    /// Bounds on this node's share of the queue: past either, new mail
+    /// for remote recipients gets `451 4.3.1`.
+    pub max_messages: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for QueuePolicy {
+    fn default() -> Self {
+        QueuePolicy {
+            schedule: quill_proto::queue::Schedule {
+                initial_ms: 60_000,
+                max_ms: 3_600_000,
+                lifetime_ms: 5 * 86_400_000,
+            },
+            per_destination: 20,
+            rate_per_destination: 0,
+            delay_warning_ms: 0,
+            max_messages: 100_000,
+            max_bytes: 2 << 30,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -76,6 +123,10 @@ impl Default for Limits {
             unknown_recipients_max: 50,
             submission_messages_per_minute: 120,
             submission_recipients_per_hour: 2000,
+            plaintext_auth: Default::default(),
+            queue: QueuePolicy::default(),
+            repair_grace: Duration::from_secs(30),
+            repair_rate: 32 << 20,
         }
     }
 }

@@ -10,7 +10,8 @@ use crate::mail::Mail;
 /// The mailboxes held and the IMAP sessions counted on this node.
 pub struct Locks {
     mail: Arc<dyn Mail>,
-    imap_sessions_per_user_max: u32,
+    /// The limits in force (IMAP sessions per user).
+    live: super::LiveLimits,
     pop3: Mutex<HashSet<String>>,
     imap_users: Mutex<HashMap<String, u32>>,
 }
@@ -22,10 +23,10 @@ impl std::fmt::Debug for Locks {
 }
 
 impl Locks {
-    pub fn new(mail: Arc<dyn Mail>, imap_sessions_per_user_max: u32) -> Arc<Locks> {
+    pub fn new(mail: Arc<dyn Mail>, live: super::LiveLimits) -> Arc<Locks> {
         Arc::new(Locks {
             mail,
-            imap_sessions_per_user_max,
+            live,
             pop3: Mutex::default(),
             imap_users: Mutex::default(),
         })
@@ -36,7 +37,7 @@ impl Locks {
     pub fn imap_session(self: &Arc<Self>, user: &str) -> Option<ImapSession> {
         let mut users = self.imap_users.lock().unwrap_or_else(|p| p.into_inner());
         let n = users.entry(user.to_owned()).or_insert(0);
-        if *n >= self.imap_sessions_per_user_max {
+        if *n >= self.live.get().imap_sessions_per_user_max {
             return None;
         }
         *n += 1;

@@ -18,14 +18,14 @@ use replication::FragmentStore;
 use tokio::sync::Semaphore;
 
 pub use auth::{Auth, AuthLimits, Authenticator};
-pub use limits::{DATA_BUDGET_CHUNK, Limits, LiveLimits};
+pub use limits::{DATA_BUDGET_CHUNK, Limits, LiveLimits, QueuePolicy};
 pub use locks::{ImapSession, Locks, MailboxLock};
 pub use routing::{Routing, SendingLimits};
 
 use crate::mail::Mail;
 use crate::metrics::{Metrics, QueueGauge};
+use crate::net::Env;
 use crate::net::slots::Slots;
-use crate::net::{Env, PlaintextAuth};
 use crate::tls::Tls;
 use crate::uids::Uids;
 
@@ -48,26 +48,12 @@ pub struct Parts {
 }
 
 /// What has a default (that of `quill node`'s flag).
+#[derive(Default)]
 pub struct Options {
-    pub plaintext_auth: PlaintextAuth,
     pub default_login_domain: Option<String>,
     pub postmaster: Option<String>,
-    /// The outbound queue's bounds on this node's share: messages, bytes.
-    pub queue_bounds: (u64, u64),
     /// Figures other parts count, read at each scrape of `/metrics`.
     pub metric_sources: Vec<Box<dyn Collector>>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            plaintext_auth: PlaintextAuth::default(),
-            default_login_domain: None,
-            postmaster: None,
-            queue_bounds: (100_000, 2 << 30),
-            metric_sources: Vec::new(),
-        }
-    }
 }
 
 pub struct Services {
@@ -113,7 +99,7 @@ impl Services {
             commands_max: l.commands_max,
             bad_commands_max: l.bad_commands_max,
             tls: p.tls,
-            plaintext_auth: o.plaintext_auth,
+            plaintext_auth: l.plaintext_auth,
             counters: counters.clone(),
         };
         let auth = Authenticator::new(
@@ -134,18 +120,14 @@ impl Services {
             p.mail.clone(),
             live.clone(),
             o.postmaster,
-            SendingLimits {
-                window: l.auth_window,
-                queue_messages_max: o.queue_bounds.0,
-                queue_bytes_max: o.queue_bounds.1,
-            },
+            SendingLimits { window: l.auth_window },
             queue.clone(),
         );
         Services {
             hostname: p.hostname,
             env,
             store: p.store,
-            locks: Locks::new(p.mail.clone(), l.imap_sessions_per_user_max),
+            locks: Locks::new(p.mail.clone(), live.clone()),
             mail: p.mail,
             uids: p.uids,
             directory: p.directory,
@@ -168,10 +150,12 @@ impl Services {
     }
 
     /// What a new session's connection layer needs, with the idle timeout
-    /// in force now.
+    /// and the plaintext-password rule in force now.
     pub fn env(&self) -> Env {
         let mut env = self.env.clone();
-        env.idle_timeout = self.live.get().idle_timeout;
+        let live = self.live.get();
+        env.idle_timeout = live.idle_timeout;
+        env.plaintext_auth = live.plaintext_auth;
         env
     }
 

@@ -35,9 +35,6 @@ pub enum Unroutable {
 pub struct SendingLimits {
     /// The window of unknown recipients per address.
     pub window: Duration,
-    /// The outbound queue's bounds on this node's share: messages, bytes.
-    pub queue_messages_max: u64,
-    pub queue_bytes_max: u64,
 }
 
 pub struct Routing {
@@ -229,7 +226,7 @@ impl Routing {
     /// Whether the outbound queue's share on this node is over a bound
     /// (new mail for remote recipients is then refused with `451 4.3.1`).
     pub fn queue_full(&self) -> bool {
-        self.queue.held_messages.get() >= self.limits.queue_messages_max
-            || self.queue.held_bytes.get() >= self.limits.queue_bytes_max
+        let q = self.live.get().queue;
+        self.queue.held_messages.get() >= q.max_messages || self.queue.held_bytes.get() >= q.max_bytes
     }
 }

@@ -252,6 +252,9 @@ pub struct Replicator<N: Network> {
     pending_unlocks: Mutex<Vec<(String, NodeId, u64, u64)>>,
     /// When this node first saw each node down (for the repair grace).
     down_since: Mutex<HashMap<NodeId, Instant>>,
+    /// The repair grace in force, in milliseconds (`cfg.repair_grace` at
+    /// start; a cluster setting may change it while the node runs).
+    repair_grace_ms: AtomicU64,
     /// Whether an anti-entropy round of this run reached every live peer:
     /// a node back from an absence may hold sets (or copies) the others
     /// changed or deleted meanwhile, so it repairs and moves nothing until
@@ -313,6 +316,7 @@ impl<N: Network> Replicator<N> {
     pub fn new(me: NodeId, store: Arc<FragmentStore>, net: N, cfg: ReplicaConfig) -> std::io::Result<Self> {
         std::fs::create_dir_all(&cfg.update_dir)?;
         let empty = View::with_slot_bits(0, Vec::new(), placement::MIN_SLOT_BITS).expect("an empty view is valid");
+        let repair_grace_ms = cfg.repair_grace.as_millis() as u64;
         Ok(Replicator {
             me,
             store,
@@ -337,6 +341,7 @@ impl<N: Network> Replicator<N> {
             missing: Mutex::new(BTreeMap::new()),
             pending_unlocks: Mutex::new(Vec::new()),
             down_since: Mutex::new(HashMap::new()),
+            repair_grace_ms: AtomicU64::new(repair_grace_ms),
             caught_up: std::sync::atomic::AtomicBool::new(false),
             counters: ReplicaCounters::default(),
         })

@@ -31,16 +31,27 @@ use crate::{EntryMeta, MessageId, Placed, SetChange, Tombstone};
 /// Spaces repair traffic out to `rate` bytes per second.
 #[derive(Debug)]
 pub struct RateLimit {
-    rate: u64,
+    /// Bytes a second (at least 1); may change while in use.
+    rate: std::sync::atomic::AtomicU64,
     next: tokio::sync::Mutex<Instant>,
 }
 
 impl RateLimit {
     pub fn new(bytes_per_s: u64) -> Self {
         RateLimit {
-            rate: bytes_per_s.max(1),
+            rate: std::sync::atomic::AtomicU64::new(bytes_per_s.max(1)),
             next: tokio::sync::Mutex::new(Instant::now()),
         }
+    }
+
+    /// Bytes a second now.
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Changes the rate from the next [`RateLimit::take`] on.
+    pub fn set_rate(&self, bytes_per_s: u64) {
+        self.rate.store(bytes_per_s.max(1), Ordering::Relaxed);
     }
 
     /// Waits until `bytes` more may be sent.
@@ -50,7 +61,7 @@ impl RateLimit {
         // At most a second of credit builds up while idle.
         let floor = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
         let start = (*next).max(floor);
-        let end = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+        let end = start + Duration::from_secs_f64(bytes as f64 / self.rate.load(Ordering::Relaxed) as f64);
         *next = end;
         if end > now {
             tokio::time::sleep(end - now).await;
@@ -77,12 +88,18 @@ pub struct RepairRound {
 }
 
 impl<N: super::Network> Replicator<N> {
+    /// Changes the repair grace (see [`super::ReplicaConfig::repair_grace`]) from
+    /// now on.
+    pub fn set_repair_grace(&self, grace: Duration) {
+        self.repair_grace_ms.store(grace.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Whether `node` counts as gone for repair: not in the view, draining,
     /// or down for at least the grace period (as this node saw it).
     pub fn gone_nodes(&self) -> impl Fn(NodeId) -> bool + use<N> {
         let view = self.view();
         let since = lock(&self.down_since).clone();
-        let grace = self.cfg.repair_grace;
+        let grace = Duration::from_millis(self.repair_grace_ms.load(Ordering::Relaxed));
         move |n| match view.node(placement::NodeId(n)).map(|i| i.state) {
             None | Some(NodeState::Draining) => true,
             Some(NodeState::Up) => false,

@@ -311,14 +311,14 @@ impl Handler {
         let authenticated = !matches!(self.phase, Phase::NotAuthenticated);
         reply::capabilities(
             !self.tls && env.tls.is_some(),
-            env.plaintext_auth.allows(self.tls, self.peer.ip()),
+            self.services.limits().plaintext_auth.allows(self.tls, self.peer.ip()),
             authenticated,
         )
     }
 
     /// Whether a password may be sent on this connection now.
     pub(super) fn password_ok(&self) -> bool {
-        self.services.env.plaintext_auth.allows(self.tls, self.peer.ip())
+        self.services.limits().plaintext_auth.allows(self.tls, self.peer.ip())
     }
 
     /// A new folder's id: unique like a message id (time, node nonce,

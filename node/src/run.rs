@@ -320,6 +320,10 @@ pub async fn run(
             ],
         },
     }));
+    let _ = cluster
+        .queries
+        .set(admin::query_handler(services.clone(), config.name.clone()));
+
     let owner: outbound::Owner = {
         let (membership, me) = (cluster.membership.clone(), cluster.id());
         // Fenced: a node out of touch with a majority (a partition's

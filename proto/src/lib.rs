@@ -25,4 +25,5 @@ pub mod send_as;
 pub mod sieve;
 pub mod smtp;
 pub mod srs;
+pub mod topk;
 pub mod wire;

@@ -147,8 +147,87 @@ pub fn trim_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
+/// A command line as an operator's log may show it: the verb and, for
+/// verbs whose arguments carry no secret (addresses, message numbers), the
+/// arguments, cut at 200 characters with anything unprintable as `?`.
+/// Credentials (AUTH, PASS, APOP, LOGIN, AUTHENTICATE) show the verb only,
+/// and a line that is no known verb (a SASL response, a password sent as
+/// a literal) shows only its length.
+pub fn loggable(line: &[u8]) -> String {
+    const WITH_ARGS: &[&str] = &[
+        "HELO",
+        "EHLO",
+        "LHLO",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "BDAT",
+        "RSET",
+        "NOOP",
+        "QUIT",
+        "VRFY",
+        "STARTTLS",
+        "USER",
+        "STAT",
+        "LIST",
+        "RETR",
+        "DELE",
+        "TOP",
+        "UIDL",
+        "CAPA",
+        "UTF8",
+        "STLS",
+        "HAVESPACE",
+        "LISTSCRIPTS",
+        "GETSCRIPT",
+        "SETACTIVE",
+        "DELETESCRIPT",
+        "RENAMESCRIPT",
+        "CHECKSCRIPT",
+        "PUTSCRIPT",
+        "CAPABILITY",
+        "LOGOUT",
+        "UNAUTHENTICATE",
+    ];
+    const SECRET: &[&str] = &["AUTH", "PASS", "APOP", "LOGIN", "AUTHENTICATE"];
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches(['\r', '\n']);
+    let verb = text.split(' ').next().unwrap_or("");
+    let upper = verb.to_ascii_uppercase();
+    if SECRET.contains(&upper.as_str()) {
+        return format!("{upper} (credentials hidden)");
+    }
+    if !WITH_ARGS.contains(&upper.as_str()) {
+        return format!("(a line of {} bytes)", line.len());
+    }
+    let shown: String = text
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().count() > 200 {
+        format!("{shown}...")
+    } else {
+        shown
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn loggable_hides_credentials_and_unknown_lines() {
+        use super::loggable;
+        assert_eq!(loggable(b"MAIL FROM:<a@b.test>\r\n"), "MAIL FROM:<a@b.test>");
+        assert_eq!(loggable(b"pass hunter2\r\n"), "PASS (credentials hidden)");
+        assert_eq!(
+            loggable(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+            "AUTH (credentials hidden)"
+        );
+        assert_eq!(loggable(b"AGFsaWNlAHNlY3JldA==\r\n"), "(a line of 22 bytes)");
+        assert_eq!(loggable(b"RCPT TO:<x\x1b[31m@y>\r\n"), "RCPT TO:<x?[31m@y>");
+        assert!(loggable(&[b'N', b'O', b'O', b'P', b' '].repeat(100)).ends_with("..."));
+    }
+
     use super::*;
 
     fn lines(input: &[u8], max: usize) -> Vec<Line> {

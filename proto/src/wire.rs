@@ -211,6 +211,13 @@ pub enum ClusterRequest<R, C> {
     /// [`Protocol::V2`]: the node's release, the feature levels it can run
     /// at, and its figures ([`ClusterReply::Described`]).
     Describe,
+    /// An operator's question to every node (live sessions, top senders,
+    /// a log watch), as JSON ([`crate::admin::NodeQuery`]); answered with
+    /// [`ClusterReply::Json`]. Added in 0.3.0: an older node cannot read
+    /// it and the asking node reports that node as not answering.
+    Query {
+        json: String,
+    },
 }
 
 impl<R, C> ClusterRequest<R, C> {
@@ -218,7 +225,7 @@ impl<R, C> ClusterRequest<R, C> {
     /// connection of that protocol or a newer one.
     pub fn protocol(&self) -> Protocol {
         match self {
-            ClusterRequest::Describe => Protocol::V2,
+            ClusterRequest::Describe | ClusterRequest::Query { .. } => Protocol::V2,
             _ => Protocol::V1,
         }
     }
@@ -252,6 +259,8 @@ pub enum ClusterReply<R, A> {
     CaKey(String),
     /// [`Protocol::V2`]: the answer to `Describe`.
     Described(NodeDescription),
+    /// The answer to `Query`, JSON.
+    Json(String),
 }
 
 /// What a node says of itself (`Describe`): what `cluster status` shows

@@ -8,8 +8,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use quill_proto::admin::{
     AliasBody, Call, CatchAllBody, CertList, ClusterStatus, DomainAliasBody, DomainBody, LevelBody, LevelSet,
-    PasswordBody, QueueAction, QueueEntry, QueueList, QuotaBody, RoutesList, SettingBody, SettingRow, SieveBody,
-    SieveList, SteppedDown, TapBody, TlsBody, UpgradeFinished, UserBody, UserInfo, UserRemoved,
+    PasswordBody, QueueAction, QueueEntry, QueueList, QuotaBody, RoutesList, SessionList, SettingBody, SettingRow,
+    SieveBody, SieveList, SteppedDown, TapBody, TlsBody, TopList, UpgradeFinished, UserBody, UserInfo, UserRemoved,
+    WatchBody,
 };
 
 use super::client::request;
@@ -66,13 +67,42 @@ enum AdminCmd {
     Queue(QueueCmd),
     /// Set the log filter at once, without a restart (e.g. debug,
     /// quill_node=trace,info): on the addressed node only, or with --all on
-    /// every node that is up.
+    /// every node that is up. With --user or --client instead: log every
+    /// command of that user or client address (secrets hidden) for a while,
+    /// whatever the filter.
     LogLevel {
         /// A tracing EnvFilter, e.g. `debug` or `info,quill_node=trace`.
-        level: String,
+        #[arg(required_unless_present_any = ["user", "client"])]
+        level: Option<String>,
         /// Every node that is not down, not only the addressed one.
         #[arg(long)]
         all: bool,
+        /// Log everything this user does (their sessions' commands).
+        #[arg(long, conflicts_with_all = ["level", "client"])]
+        user: Option<String>,
+        /// Log everything this client IP address does.
+        #[arg(long, conflicts_with = "level")]
+        client: Option<String>,
+        /// How long the watch of --user or --client lasts (at most 24h).
+        #[arg(long = "for", default_value = "1h", value_parser = crate::units::parse_duration_arg)]
+        duration: std::time::Duration,
+    },
+    /// Live client sessions of every node: node, protocol, peer, user once
+    /// logged in, since when, TLS or not.
+    Sessions {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cluster's heaviest senders, recipients or client addresses (each
+    /// node's summary merged; exact for the leaders).
+    Top {
+        #[arg(value_parser = ["senders", "recipients", "clients"])]
+        kind: String,
+        /// 1m or 1h.
+        #[arg(long, default_value = "1h", value_parser = ["1m", "1h"])]
+        window: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -435,10 +465,26 @@ impl AdminCmd {
                 id: s(id),
                 action: QueueAction::Release,
             },
-            AdminCmd::LogLevel { level, all } => Call::SetLogLevel(LevelBody {
-                level: s(level),
+            AdminCmd::LogLevel {
+                user,
+                client,
+                all,
+                duration,
+                ..
+            } if user.is_some() || client.is_some() => Call::Watch(WatchBody {
+                target: user.clone().or_else(|| client.clone()).unwrap_or_default(),
+                for_secs: duration.as_secs().max(1),
                 all: *all,
             }),
+            AdminCmd::LogLevel { level, all, .. } => Call::SetLogLevel(LevelBody {
+                level: level.clone().unwrap_or_default(),
+                all: *all,
+            }),
+            AdminCmd::Sessions { .. } => Call::ListSessions,
+            AdminCmd::Top { kind, window, .. } => Call::Top {
+                kind: s(kind),
+                window: s(window),
+            },
         })
     }
 }
@@ -566,6 +612,51 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         AdminCmd::User(UserCmd::Remove { purge: true, .. }) => {
             let r: UserRemoved = request(node, token, &call).await?;
             println!("ok ({} message(s) purged)", r.purged);
+        }
+        AdminCmd::Sessions { json } => {
+            let r: SessionList = request(node, token, &call).await?;
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:<20} {:<12} {:<22} {:<30} {:>8} TLS",
+                    "NODE", "PROTOCOL", "PEER", "USER", "SECONDS"
+                );
+                let now = crate::time::now_ms();
+                for x in &r.sessions {
+                    println!(
+                        "{:<20} {:<12} {:<22} {:<30} {:>8} {}",
+                        x.node,
+                        x.protocol,
+                        x.peer,
+                        x.user.as_deref().unwrap_or("-"),
+                        now.saturating_sub(x.since_ms) / 1000,
+                        if x.tls { "yes" } else { "no" }
+                    );
+                }
+                for m in &r.missing {
+                    eprintln!("not answering: {m}");
+                }
+            }
+        }
+        AdminCmd::Top { json, .. } => {
+            let r: TopList = request(node, token, &call).await?;
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("top {} of the last {} ({} counted)", r.kind, r.window, r.total);
+                for (i, t) in r.top.iter().enumerate() {
+                    let within = if t.error > 0 {
+                        format!(" (at most {} over)", t.error)
+                    } else {
+                        String::new()
+                    };
+                    println!("{:>3}. {:>8}  {}{within}", i + 1, t.count, t.key);
+                }
+                for m in &r.missing {
+                    eprintln!("not answering: {m}");
+                }
+            }
         }
         AdminCmd::LogLevel { .. } => {
             let r: LevelSet = request(node, token, &call).await?;

@@ -40,6 +40,9 @@
 //! PUT    /v1/settings/{key}           {"value"}: checked (400 with the reason), for every node
 //! DELETE /v1/settings/{key}
 //! DELETE /v1/taps/{domain-or-address}
+//! GET    /v1/sessions                 -> {"sessions": [{"node", "protocol", "peer", "user", "since_ms", "tls"}], "missing"}
+//! GET    /v1/top/{senders|recipients|clients}?window=1m|1h -> {"top": [{"key", "count", "error"}], "total", ...}
+//! PUT    /v1/log-watch                {"target": address or IP, "for_secs", "all"?}: every command logged
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict), 500 or 503.
@@ -47,6 +50,7 @@
 //! It may use the services, the cluster, TLS and the outbound queue's
 //! data; nothing depends on it but the wiring.
 
+mod activity;
 pub mod cli;
 pub mod client;
 mod cluster;
@@ -68,6 +72,7 @@ use axum::routing::{delete, get, post, put};
 use serde::Serialize;
 
 use crate::net::conn::PerAddress;
+pub use activity::handler as query_handler;
 pub use state::AdminState;
 
 pub use crate::cluster::LogLevelSetter;
@@ -138,6 +143,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/domain-aliases/{alias}", delete(routes::remove_domain_alias))
         .route("/v1/catch-all/{domain}", put(routes::set_catch_all))
         .route("/v1/taps/{target}", put(routes::set_tap).delete(routes::remove_tap))
+        .route("/v1/sessions", get(activity::sessions))
+        .route("/v1/top/{kind}", get(activity::top))
+        .route("/v1/log-watch", put(activity::watch))
         .route("/v1/settings", get(settings::list))
         .route("/v1/settings/{key}", put(settings::set).delete(settings::unset))
         .route(

@@ -90,10 +90,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use node::Cluster;
-pub use rpc::{ClusterReply, ClusterRequest, LogLevelSetter, QuicTransport};
+pub use rpc::{ClusterReply, ClusterRequest, LogLevelSetter, QueryHandler, QuicTransport};
 
 use crate::files::write_secret;
-use rpc::{LogSlot, ReplicaSlot};
+use rpc::{LogSlot, QuerySlot, ReplicaSlot};
 use wire::{ClusterCa, JoinToken, NodeIdentity};
 
 /// How long a joining node keeps trying to be admitted.
@@ -217,11 +217,13 @@ impl Cluster {
         let membership = Membership::start(id, &dir.join("raft"), membership_config(), transport.clone()).await?;
         let replica: ReplicaSlot = Arc::default();
         let log_level: LogSlot = Arc::default();
+        let queries: QuerySlot = Arc::default();
         let cluster = Cluster {
             membership: membership.clone(),
             transport: transport.clone(),
             replica: replica.clone(),
             log_level: log_level.clone(),
+            queries: queries.clone(),
             majority: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             stepping_down_until: Arc::default(),
             endpoint: endpoint.clone(),
@@ -235,6 +237,7 @@ impl Cluster {
                 store,
                 replica,
                 log_level,
+                queries,
                 joins: Default::default(),
             }),
             stop.clone(),

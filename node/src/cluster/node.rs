@@ -10,8 +10,8 @@ use quinn::Endpoint;
 use tracing::warn;
 
 use super::rpc::{
-    ClusterReply, ClusterRequest, LogSlot, NodeDescription, PING_TIMEOUT, Protocol, QuicTransport, ReplicaSlot,
-    STATS_TIMEOUT, join_all,
+    ClusterReply, ClusterRequest, LogSlot, NodeDescription, PING_TIMEOUT, Protocol, QuerySlot, QuicTransport,
+    ReplicaSlot, STATS_TIMEOUT, join_all,
 };
 
 /// A node's place in the cluster.
@@ -23,6 +23,8 @@ pub struct Cluster {
     pub replica: ReplicaSlot,
     /// Set by the node at start.
     pub log_level: LogSlot,
+    /// Set by the node once its services exist.
+    pub queries: QuerySlot,
     /// Whether this node's last ping round reached a majority of the Raft
     /// voters (itself included): without one the view and the directory
     /// cannot change here, though mail still flows (`/health` says so).

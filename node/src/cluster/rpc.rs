@@ -49,6 +49,14 @@ pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// Where the accept loop finds the log filter setter.
 pub type LogSlot = Arc<std::sync::OnceLock<LogLevelSetter>>;
 
+/// Answers an operator's question from another node
+/// (`ClusterRequest::Query`, JSON in and out); given by the node once its
+/// services exist.
+pub type QueryHandler =
+    Arc<dyn Fn(String) -> futures::future::BoxFuture<'static, Result<String, String>> + Send + Sync>;
+/// Where the accept loop finds the query handler.
+pub type QuerySlot = Arc<std::sync::OnceLock<QueryHandler>>;
+
 /// A QUIC connection pool to the other nodes, by cluster address.
 pub struct QuicTransport {
     endpoint: Endpoint,

@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::admission::{JoinLimiter, enroll_request, issue_here};
-use super::rpc::{ClusterReply, ClusterRequest, LogSlot, QuicTransport, ReplicaSlot, describe_here, node_stats};
+use super::rpc::{
+    ClusterReply, ClusterRequest, LogSlot, QuerySlot, QuicTransport, ReplicaSlot, describe_here, node_stats,
+};
 use super::wire;
 use quill_proto::wire::Protocol;
 
@@ -24,6 +26,7 @@ pub struct Handler {
     pub store: Arc<FragmentStore>,
     pub replica: ReplicaSlot,
     pub log_level: LogSlot,
+    pub queries: QuerySlot,
     pub joins: Mutex<JoinLimiter>,
 }
 
@@ -84,6 +87,13 @@ async fn handle(who: wire::Peer, req: ClusterRequest, h: &Handler, peer: SocketA
                     info!(level = %filter, %peer, "log level changed (cluster-wide request)");
                     ClusterReply::Done
                 }
+                Err(e) => ClusterReply::Refused(e),
+            },
+            None => ClusterReply::Refused("this node is still starting".into()),
+        },
+        ClusterRequest::Query { json } => match h.queries.get() {
+            Some(q) => match q(json).await {
+                Ok(answer) => ClusterReply::Json(answer),
                 Err(e) => ClusterReply::Refused(e),
             },
             None => ClusterReply::Refused("this node is still starting".into()),

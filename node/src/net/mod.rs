@@ -104,6 +104,21 @@ pub enum Proto {
 }
 
 impl Proto {
+    /// As the session list shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Smtp => "smtp",
+            Proto::Submission => "submission",
+            Proto::Lmtp => "lmtp",
+            Proto::Pop3 => "pop3",
+            Proto::Smtps => "smtps",
+            Proto::Pop3s => "pop3s",
+            Proto::Imap => "imap",
+            Proto::Imaps => "imaps",
+            Proto::ManageSieve => "managesieve",
+        }
+    }
+
     pub fn implicit_tls(self) -> bool {
         matches!(self, Proto::Smtps | Proto::Pop3s | Proto::Imaps)
     }
@@ -209,7 +224,7 @@ where
     let proto = l.proto;
     let mut tasks = accept_loop(&l.listener, "client", stop, |stream, peer| {
         let _ = stream.set_nodelay(true);
-        let slot = match slots.acquire(peer.ip(), std::time::Instant::now()) {
+        let slot = match slots.acquire_session(proto.name(), peer, std::time::Instant::now()) {
             Ok(slot) => slot,
             Err(why) => {
                 env.counters.connections_refused.inc();
@@ -219,7 +234,8 @@ where
         };
         let stream = Tracked::new(stream, &slots, &slot);
         let (env, serve) = (env.clone(), serve.clone());
-        Some(Box::pin(async move {
+        let info = slot.info.clone();
+        Some(Box::pin(slots::scope(info, async move {
             let stop = slot.close.clone();
             let _held = slot;
             let stream = if proto.implicit_tls() {
@@ -233,7 +249,7 @@ where
                 Stream::Plain(stream)
             };
             serve(proto, Client { stream, peer, stop }).await
-        }))
+        })))
     })
     .await;
     // The node stops: every session of every listener is told.

@@ -169,6 +169,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineSession<S> {
             };
             match line {
                 Line::Ok(l) => {
+                    super::slots::log_command(&l);
                     self.n_commands += 1;
                     if self.n_commands > self.env.commands_max {
                         self.env.counters.limit_refusals.inc();

@@ -9,7 +9,7 @@
 //! connections each filled all 1 024 slots and every other client got `421`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,10 +34,109 @@ pub enum Refused {
 #[derive(Debug)]
 struct Entry {
     ip: IpAddr,
+    info: Arc<SessionInfo>,
     /// Milliseconds since `Slots::epoch` of the last line feed read.
     activity: Arc<AtomicU64>,
     close: watch::Sender<bool>,
     evicted: bool,
+}
+
+/// What the session list (`quill admin sessions`) shows of a connection,
+/// and whether an operator watches it (`quill admin log-level --user`).
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// The listener's protocol (`smtp`, `imap`, ...).
+    pub protocol: &'static str,
+    pub peer: SocketAddr,
+    /// Unix milliseconds.
+    pub since_ms: u64,
+    user: Mutex<Option<String>>,
+    tls: std::sync::atomic::AtomicBool,
+    /// Unix milliseconds until which the session is watched (0: not).
+    watched_until_ms: AtomicU64,
+    watches: Arc<Watches>,
+}
+
+impl SessionInfo {
+    pub fn user(&self) -> Option<String> {
+        self.user.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn tls(&self) -> bool {
+        self.tls.load(Ordering::Relaxed)
+    }
+
+    /// Whether every command of this session is logged now.
+    pub fn watched(&self) -> bool {
+        self.watched_until_ms.load(Ordering::Relaxed) > unix_ms()
+    }
+
+    fn set_user(&self, user: &str) {
+        *self.user.lock().unwrap_or_else(|p| p.into_inner()) = Some(user.to_owned());
+        self.watched_until_ms
+            .fetch_max(self.watches.until_ms(user), Ordering::Relaxed);
+    }
+}
+
+/// Who is watched, until when (unix ms): users' addresses (lower case) and
+/// client IP addresses, as text. Bounded.
+#[derive(Debug, Default)]
+pub struct Watches(Mutex<HashMap<String, u64>>);
+
+/// Watches kept at most (the oldest-ending goes first).
+pub const WATCHES_MAX: usize = 256;
+
+impl Watches {
+    fn until_ms(&self, target: &str) -> u64 {
+        let w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        w.get(&target.to_ascii_lowercase()).copied().unwrap_or(0)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+tokio::task_local! {
+    /// The session the running task serves (set by the listener).
+    static CURRENT: Arc<SessionInfo>;
+}
+
+/// Runs `f` as the session `info` (see [`note_user`], [`watched`]).
+pub fn scope<F: std::future::Future>(info: Arc<SessionInfo>, f: F) -> impl std::future::Future<Output = F::Output> {
+    CURRENT.scope(info, f)
+}
+
+/// The session's user is now known (a login).
+pub fn note_user(user: &str) {
+    let _ = CURRENT.try_with(|s| s.set_user(user));
+}
+
+/// The session is now under TLS (STARTTLS, or an implicit-TLS port).
+pub fn note_tls() {
+    let _ = CURRENT.try_with(|s| s.tls.store(true, Ordering::Relaxed));
+}
+
+/// Logs a command line of the session this task serves, if watched
+/// (secrets hidden: `quill_proto::line::loggable`).
+pub fn log_command(line: &[u8]) {
+    if let Some(s) = watched() {
+        tracing::info!(
+            target: "quill::watch",
+            protocol = s.protocol,
+            peer = %s.peer,
+            user = s.user().as_deref().unwrap_or("-"),
+            command = %quill_proto::line::loggable(line),
+            "watched session"
+        );
+    }
+}
+
+/// The session this task serves, when an operator watches it.
+pub fn watched() -> Option<Arc<SessionInfo>> {
+    CURRENT.try_with(|s| s.watched().then(|| s.clone())).ok().flatten()
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +154,7 @@ pub struct Slots {
     /// May change while the node runs (a cluster setting).
     per_address_max: AtomicU32,
     epoch: Instant,
+    watches: Arc<Watches>,
     inner: Mutex<Inner>,
 }
 
@@ -66,6 +166,7 @@ pub struct Slot {
     /// Becomes true when the session must end (evicted, or the node stops).
     pub close: watch::Receiver<bool>,
     pub activity: Arc<AtomicU64>,
+    pub info: Arc<SessionInfo>,
 }
 
 impl Slots {
@@ -74,6 +175,7 @@ impl Slots {
             max: max.max(1),
             per_address_max: AtomicU32::new(per_address_max.max(1)),
             epoch: Instant::now(),
+            watches: Arc::default(),
             inner: Mutex::default(),
         })
     }
@@ -108,6 +210,18 @@ impl Slots {
     /// A slot for a connection from `ip` at `now`, closing the longest-idle
     /// session when that is the only way to make room.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Slot, Refused> {
+        self.acquire_session("", SocketAddr::new(ip, 0), now)
+    }
+
+    /// [`Slots::acquire`] for a connection of `protocol` from `peer`, as the
+    /// session list shows it.
+    pub fn acquire_session(
+        self: &Arc<Self>,
+        protocol: &'static str,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Result<Slot, Refused> {
+        let ip = peer.ip();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if inner.stopping {
             return Err(Refused::Full);
@@ -141,10 +255,20 @@ impl Slots {
         inner.next_id += 1;
         let activity = Arc::new(AtomicU64::new(self.ms(now)));
         let (close, rx) = watch::channel(false);
+        let info = Arc::new(SessionInfo {
+            protocol,
+            peer,
+            since_ms: unix_ms(),
+            user: Mutex::new(None),
+            tls: Default::default(),
+            watched_until_ms: AtomicU64::new(self.watches.until_ms(&ip.to_string())),
+            watches: self.watches.clone(),
+        });
         inner.sessions.insert(
             id,
             Entry {
                 ip,
+                info: info.clone(),
                 activity: activity.clone(),
                 close,
                 evicted: false,
@@ -156,6 +280,7 @@ impl Slots {
             id,
             close: rx,
             activity,
+            info,
         })
     }
 
@@ -165,6 +290,41 @@ impl Slots {
         inner.stopping = true;
         for e in inner.sessions.values() {
             let _ = e.close.send(true);
+        }
+    }
+
+    /// Every open session's description, oldest first.
+    pub fn sessions(&self) -> Vec<Arc<SessionInfo>> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<Arc<SessionInfo>> = inner.sessions.values().map(|e| e.info.clone()).collect();
+        v.sort_by_key(|i| i.since_ms);
+        v
+    }
+
+    /// Logs every command of `target` (a user's address or a client's IP
+    /// address) at info for `for_ms`, on this node: sessions open now and
+    /// those to come.
+    pub fn watch(&self, target: &str, for_ms: u64) {
+        let now = unix_ms();
+        let until = now.saturating_add(for_ms);
+        let target = target.to_ascii_lowercase();
+        {
+            let mut w = self.watches.0.lock().unwrap_or_else(|p| p.into_inner());
+            w.retain(|_, u| *u > now);
+            if w.len() >= WATCHES_MAX
+                && !w.contains_key(&target)
+                && let Some(k) = w.iter().min_by_key(|(_, u)| **u).map(|(k, _)| k.clone())
+            {
+                w.remove(&k);
+            }
+            w.insert(target.clone(), until);
+        }
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for e in inner.sessions.values() {
+            let user = e.info.user().map(|u| u.to_ascii_lowercase());
+            if e.ip.to_string() == target || user.as_deref() == Some(target.as_str()) {
+                e.info.watched_until_ms.fetch_max(until, Ordering::Relaxed);
+            }
         }
     }
 

@@ -63,6 +63,7 @@ pub async fn accept_tls<S: AsyncRead + AsyncWrite + Unpin>(
     match tokio::time::timeout(deadline, tls.acceptor.accept(stream)).await {
         Ok(Ok(t)) => {
             counters.tls_handshakes.inc();
+            super::slots::note_tls();
             Some(t)
         }
         Ok(Err(e)) => {

@@ -153,7 +153,9 @@ impl Authenticator {
             }
         };
         if ok {
-            return Auth::Ok(record.expect("verified user exists"));
+            let record = record.expect("verified user exists");
+            crate::net::slots::note_user(&record.address);
+            return Auth::Ok(record);
         }
         self.counters.auth_failures.inc();
         self.failures.count(ip, self.limits.window);

@@ -4,6 +4,7 @@
 //! the memory budget of messages being received, and the metrics. It may
 //! use `net`, `mail`, `uids`, `metrics` and `tls`; never a protocol.
 
+pub mod activity;
 pub mod auth;
 pub mod limits;
 pub mod locks;
@@ -79,6 +80,8 @@ pub struct Services {
     pub data_budget: Arc<Semaphore>,
     /// Connection slots of every client listener (see [`crate::net::slots`]).
     pub slots: Arc<Slots>,
+    /// The heaviest senders, recipients and clients lately.
+    pub activity: Arc<activity::Activity>,
 }
 
 impl std::fmt::Debug for Services {
@@ -90,10 +93,17 @@ impl std::fmt::Debug for Services {
 impl Services {
     pub fn new(p: Parts) -> Services {
         let o = p.options;
-        let metrics = Arc::new(Metrics::new(o.metric_sources));
+        let l = &p.limits;
+        let activity = Arc::new(activity::Activity::default());
+        let slots = Slots::new(l.connections_max, l.connections_per_address_max);
+        let mut sources = o.metric_sources;
+        sources.push(Box::new(activity::Figures {
+            activity: activity.clone(),
+            slots: slots.clone(),
+        }));
+        let metrics = Arc::new(Metrics::new(sources));
         let counters = metrics.counters.clone();
         let queue = metrics.queue.clone();
-        let l = &p.limits;
         let env = Env {
             idle_timeout: l.idle_timeout,
             commands_max: l.commands_max,
@@ -136,7 +146,8 @@ impl Services {
             data_budget: Arc::new(Semaphore::new(
                 l.data_memory_bytes_max.div_ceil(DATA_BUDGET_CHUNK).max(1),
             )),
-            slots: Slots::new(l.connections_max, l.connections_per_address_max),
+            slots,
+            activity,
             metrics,
             queue,
             live,

@@ -91,6 +91,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .take()
             .map(|t| (t.mail_from, t.remote, t.forward))
             .unwrap_or_default();
+        // For `quill admin top`: who sends, to whom, from where.
+        self.services.activity.note_message(
+            self.peer.ip(),
+            &from,
+            rcpts
+                .iter()
+                .map(|r| r.address.as_str())
+                .chain(remote.iter().map(String::as_str)),
+        );
         // Forwarded by aliases: queued with the sender rewritten (SRS).
         let forwarded = if forward.is_empty() {
             true

@@ -26,6 +26,17 @@ pub enum AuthStep {
 impl Handler {
     /// One command (counted already by the driver); its responses.
     pub async fn command(&mut self, command: Command<'static>) -> Reply {
+        if let Some(s) = crate::net::slots::watched() {
+            // The command's name only: its arguments may hold a password.
+            tracing::info!(
+                target: "quill::watch",
+                protocol = s.protocol,
+                peer = %s.peer,
+                user = s.user().as_deref().unwrap_or("-"),
+                command = command.body.name(),
+                "watched session"
+            );
+        }
         let tag = command.tag;
         let status = match command.body {
             CommandBody::Capability => {

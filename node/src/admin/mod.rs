@@ -56,6 +56,7 @@ mod routes;
 mod settings;
 mod state;
 mod tls;
+mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -151,8 +152,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/health", get(cluster::health))
         .route("/metrics", get(metrics))
         .merge(api)
+        .with_state(state.clone())
+        // The operator's web page: its own cookie session, not the token.
+        .merge(web::router(state))
         .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
-        .with_state(state)
 }
 
 /// `GET /metrics`: the node's registry.

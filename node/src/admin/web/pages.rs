@@ -186,7 +186,7 @@ fn cluster(s: &ClusterStatus) -> Markup {
                 tbody {
                     @for n in &s.nodes {
                         tr {
-                            td.n { (n.id) @if n.id == s.me { " (this)" } }
+                            td { (n.id) @if n.id == s.me { " (this)" } }
                             td { (n.name) }
                             td class=(n.state) { (n.state) }
                             td { (n.activity) }

@@ -1,8 +1,9 @@
 //! The admin API: HTTP+JSON on `--admin`, bearer-token protected, plus an
 //! unauthenticated `GET /metrics` (Prometheus text, from the node's
-//! registry) and `GET /health`. The requests and replies are typed once in
-//! `quill_proto::admin`, for this server and for its clients ([`client`],
-//! `quill admin` in [`cli`]).
+//! registry) and `GET /health`, and the operator's web page at `/`
+//! (`web`: its own cookie session, logged in with the token). The
+//! requests and replies are typed once in `quill_proto::admin`, for this
+//! server and for its clients ([`client`], `quill admin` in [`cli`]).
 //!
 //! ```text
 //! GET    /v1/domains                  -> ["example.org", ...]
@@ -40,6 +41,10 @@
 //! PUT    /v1/settings/{key}           {"value"}: checked (400 with the reason), for every node
 //! DELETE /v1/settings/{key}
 //! DELETE /v1/taps/{domain-or-address}
+//!
+//! GET    /                            the operator's web page (the login form without a session)
+//! POST   /login                       {token} as a form: a session cookie (see `web`)
+//! POST   /logout|/users|/domains|...  the page's forms, each with the session's CSRF token
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict), 500 or 503.

@@ -139,7 +139,7 @@ pub(super) async fn act(State(s): State<AdminState>, Path((id, action)): Path<(S
 /// Sets an operator's flag on a queue entry (the JSON API's and the web
 /// page's).
 pub(super) async fn act_on(s: &AdminState, id: &str, action: &str) -> Result<(), Failure> {
-    let Some(act) = QueueAction::parse(&action) else {
+    let Some(act) = QueueAction::parse(action) else {
         return Err(Failure(StatusCode::NOT_FOUND, format!("no queue action {action:?}")));
     };
     let (shard, l) = find(s, id).await?;

@@ -34,6 +34,8 @@
 
 mod pages;
 
+use pages::Flash;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,13 +61,6 @@ const SESSIONS_MAX: usize = 64;
 /// How long a wrong token waits for its 401 (guessing is slow).
 const LOGIN_REFUSED_DELAY: Duration = Duration::from_millis(500);
 const COOKIE: &str = "quill_session";
-
-/// What the page shows after a form: what was done, or why not.
-#[derive(Clone)]
-pub(super) struct Flash {
-    pub ok: bool,
-    pub text: String,
-}
 
 struct Session {
     csrf: String,
@@ -213,6 +208,15 @@ fn refused(code: StatusCode, why: &str) -> Response {
     (code, Html(pages::refused(code, why).into_string())).into_response()
 }
 
+/// A form refused: its status and why.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        refused(self.0, &self.1)
+    }
+}
+
 /// Back to the page (303: the browser follows with a GET).
 fn to_page() -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response()
@@ -221,9 +225,9 @@ fn to_page() -> Response {
 impl Web {
     /// A form of the session `key`: refused (403) unless its `csrf` field
     /// is the session's; then decoded (400 if malformed).
-    fn form<T: DeserializeOwned>(&self, key: SessionKey, body: &Bytes) -> Result<T, Response> {
+    fn form<T: DeserializeOwned>(&self, key: SessionKey, body: &Bytes) -> Result<T, Refusal> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
-            .map_err(|_| refused(StatusCode::BAD_REQUEST, "the form could not be read"))?;
+            .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "the form could not be read".into()))?;
         let given = pairs.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v.as_str());
         let expected = self.sessions.lock().get(&key.0).map(|s| s.csrf.clone());
         let fine = match (given, expected) {
@@ -232,12 +236,12 @@ impl Web {
             _ => false,
         };
         if !fine {
-            return Err(refused(
+            return Err(Refusal(
                 StatusCode::FORBIDDEN,
-                "the form's CSRF token is missing or wrong (nothing was changed): reload the page",
+                "the form's CSRF token is missing or wrong (nothing was changed): reload the page".into(),
             ));
         }
-        serde_urlencoded::from_bytes(body).map_err(|e| refused(StatusCode::BAD_REQUEST, &format!("bad form: {e}")))
+        serde_urlencoded::from_bytes(body).map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("bad form: {e}")))
     }
 
     /// The outcome of a form, shown once on the page it goes back to.
@@ -316,7 +320,7 @@ struct Empty {}
 
 async fn logout(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     if let Err(r) = w.form::<Empty>(key, &body) {
-        return r;
+        return r.into_response();
     }
     w.sessions.lock().remove(&key.0);
     let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
@@ -335,7 +339,7 @@ struct DomainForm {
 async fn add_domain(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: DomainForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let domain = f.domain.trim().to_owned();
     let r = directory::command(&w.admin, DirectoryCommand::AddDomain { domain: domain.clone() }).await;
@@ -345,7 +349,7 @@ async fn add_domain(State(w): State<Web>, Extension(key): Extension<SessionKey>,
 async fn remove_domain(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: DomainForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let domain = f.domain;
     let r = directory::command(&w.admin, DirectoryCommand::RemoveDomain { domain: domain.clone() }).await;
@@ -374,7 +378,7 @@ fn quota(typed: &str) -> Result<Option<u64>, Failure> {
 async fn add_user(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: UserForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let address = f.address.trim().to_owned();
     let r = async {
@@ -400,7 +404,7 @@ struct RemoveUserForm {
 async fn remove_user(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: RemoveUserForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let address = f.address;
     let r = directory::delete_user(&w.admin, address.clone(), f.purge.is_some()).await;
@@ -419,7 +423,7 @@ struct PasswordForm {
 async fn set_password(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: PasswordForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let address = f.address;
     let r = directory::change_password(&w.admin, address.clone(), f.password).await;
@@ -436,7 +440,7 @@ struct QuotaForm {
 async fn set_quota(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: QuotaForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let address = f.address;
     let r = async {
@@ -467,7 +471,7 @@ struct QueueForm {
 async fn queue_action(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: QueueForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let r = match f.action.as_str() {
         "delete" => queue::remove_entry(&w.admin, &f.id).await,
@@ -486,7 +490,7 @@ struct SettingForm {
 async fn set_setting(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: SettingForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let value = f.value.unwrap_or_default();
     let r = settings::set_value(&w.admin, f.key.clone(), Some(&value)).await;
@@ -499,7 +503,7 @@ async fn set_setting(State(w): State<Web>, Extension(key): Extension<SessionKey>
 async fn unset_setting(State(w): State<Web>, Extension(key): Extension<SessionKey>, body: Bytes) -> Response {
     let f: SettingForm = match w.form(key, &body) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let r = settings::set_value(&w.admin, f.key.clone(), None).await;
     w.done(key, r.map(|()| format!("{} unset: back to its default", f.key)))

@@ -8,10 +8,15 @@ use maud::{DOCTYPE, Markup, html};
 use membership::UserSummary;
 use quill_proto::admin::{ClusterStatus, QueueList, SettingRow};
 
-use super::Flash;
-
 /// Users and queue entries shown at most (the JSON API lists them all).
 const ROWS_MAX: usize = 500;
+
+/// What the page shows after a form: what was done, or why not.
+#[derive(Clone)]
+pub(in crate::admin) struct Flash {
+    pub ok: bool,
+    pub text: String,
+}
 
 /// What the page shows.
 pub(in crate::admin) struct View {

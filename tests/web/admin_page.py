@@ -54,7 +54,7 @@ def main():
         # Not logged in: the login form, with its field `token`.
         token = wait.until(EC.presence_of_element_located((By.NAME, "token")))
         token.send_keys(a.token)
-        token.submit()
+        driver.find_element(By.CSS_SELECTOR, "form[action='/login'] button[type=submit]").click()
         wait.until(EC.presence_of_element_located((By.ID, "cluster")))
         for section in ("cluster", "queue", "activity", "domains", "users", "settings"):
             if not driver.find_elements(By.ID, section):

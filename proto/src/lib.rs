@@ -10,6 +10,7 @@
 //! without a socket or a store, and the fuzz targets build from this crate
 //! alone.
 
+pub mod activity;
 pub mod admin;
 pub mod data;
 #[doc(hidden)]

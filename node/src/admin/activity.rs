@@ -103,9 +103,9 @@ async fn ask_all<T: serde::de::DeserializeOwned + Send + 'static>(
     Ok((here, others.into_iter().map(|(n, r)| (n.name, r)).collect()))
 }
 
-/// `GET /v1/sessions`: every node's live client sessions.
-pub(super) async fn sessions(State(s): State<AdminState>) -> ApiResult {
-    let (mut all, others) = ask_all::<Vec<SessionRow>>(&s, NodeQuery::Sessions).await?;
+/// Every node's live client sessions (those that answered), oldest first.
+pub(super) async fn sessions_of(s: &AdminState) -> Result<SessionList, Failure> {
+    let (mut all, others) = ask_all::<Vec<SessionRow>>(s, NodeQuery::Sessions).await?;
     let mut missing = Vec::new();
     for (name, r) in others {
         match r {
@@ -114,7 +114,12 @@ pub(super) async fn sessions(State(s): State<AdminState>) -> ApiResult {
         }
     }
     all.sort_by(|a, b| (a.since_ms, &a.node).cmp(&(b.since_ms, &b.node)));
-    reply(SessionList { sessions: all, missing })
+    Ok(SessionList { sessions: all, missing })
+}
+
+/// `GET /v1/sessions`: every node's live client sessions.
+pub(super) async fn sessions(State(s): State<AdminState>) -> ApiResult {
+    reply(sessions_of(&s).await?)
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,19 +127,15 @@ pub(super) struct WindowQuery {
     window: Option<String>,
 }
 
-/// `GET /v1/top/{kind}?window=1m|1h`: the cluster's top 20.
-pub(super) async fn top(
-    State(s): State<AdminState>,
-    Path(kind): Path<String>,
-    Query(w): Query<WindowQuery>,
-) -> ApiResult {
-    if !TOP_KINDS.contains(&kind.as_str()) {
+/// The cluster's top 20 of `kind` (senders, recipients, clients) over
+/// `window` (1m, 1h).
+pub(super) async fn top_of(s: &AdminState, kind: &str, window: &str) -> Result<TopList, Failure> {
+    if !TOP_KINDS.contains(&kind) {
         return Err(Failure(
             StatusCode::BAD_REQUEST,
             format!("top ranks {}, not {kind:?}", TOP_KINDS.join(", ")),
         ));
     }
-    let window = w.window.unwrap_or_else(|| "1h".to_owned());
     let Some((_, secs)) = TOP_WINDOWS.iter().find(|(name, _)| *name == window) else {
         return Err(Failure(
             StatusCode::BAD_REQUEST,
@@ -142,10 +143,10 @@ pub(super) async fn top(
         ));
     };
     let q = NodeQuery::Top {
-        kind: kind.clone(),
+        kind: kind.to_owned(),
         window_secs: *secs,
     };
-    let ((total, here), others) = ask_all::<(u64, Vec<TopRow>)>(&s, q).await?;
+    let ((total, here), others) = ask_all::<(u64, Vec<TopRow>)>(s, q).await?;
     let (mut parts, mut sum, mut missing) = (vec![here], total, Vec::new());
     for (name, r) in others {
         match r {
@@ -156,13 +157,23 @@ pub(super) async fn top(
             Err(e) => missing.push(format!("{name}: {e}")),
         }
     }
-    reply(TopList {
-        kind,
-        window,
+    Ok(TopList {
+        kind: kind.to_owned(),
+        window: window.to_owned(),
         top: crate::services::activity::merge(&parts, TOP_SHOWN),
         total: sum,
         missing,
     })
+}
+
+/// `GET /v1/top/{kind}?window=1m|1h`: the cluster's top 20.
+pub(super) async fn top(
+    State(s): State<AdminState>,
+    Path(kind): Path<String>,
+    Query(w): Query<WindowQuery>,
+) -> ApiResult {
+    let window = w.window.unwrap_or_else(|| "1h".to_owned());
+    reply(top_of(&s, &kind, &window).await?)
 }
 
 /// `PUT /v1/log-watch`: log every command of a user or a client address,

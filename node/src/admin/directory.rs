@@ -12,8 +12,14 @@ use super::state::{AdminState, ApiResult, Failure, done, reply};
 use crate::uids::sequence_name;
 
 async fn apply(state: &AdminState, cmd: DirectoryCommand) -> ApiResult {
-    state.services.directory.apply(cmd).await?;
+    command(state, cmd).await?;
     done()
+}
+
+/// One change of the directory (the JSON API's and the web page's).
+pub(super) async fn command(state: &AdminState, cmd: DirectoryCommand) -> Result<(), Failure> {
+    state.services.directory.apply(cmd).await?;
+    Ok(())
 }
 
 pub(super) async fn list_domains(State(s): State<AdminState>) -> ApiResult {
@@ -42,6 +48,12 @@ async fn hash_password(password: String) -> Result<String, Failure> {
 /// Adds a user, with the special-use folders (RFC 6154: Sent, Drafts,
 /// Trash, Junk, Archive), subscribed, so that mail clients find them.
 pub(super) async fn add_user(State(s): State<AdminState>, Json(b): Json<UserBody>) -> ApiResult {
+    create_user(&s, b).await?;
+    done()
+}
+
+/// [`add_user`]'s work, for the JSON API and the web page.
+pub(super) async fn create_user(s: &AdminState, b: UserBody) -> Result<(), Failure> {
     let password_hash = hash_password(b.password).await?;
     let address = b.address.clone();
     s.services
@@ -70,7 +82,7 @@ pub(super) async fn add_user(State(s): State<AdminState>, Json(b): Json<UserBody
             tracing::warn!(user = %user.address, "special-use folders not made: {e}");
         }
     }
-    done()
+    Ok(())
 }
 
 pub(super) async fn set_password(
@@ -78,8 +90,14 @@ pub(super) async fn set_password(
     Path(address): Path<String>,
     Json(b): Json<PasswordBody>,
 ) -> ApiResult {
-    let password_hash = hash_password(b.password).await?;
-    apply(&s, DirectoryCommand::SetPassword { address, password_hash }).await
+    change_password(&s, address, b.password).await?;
+    done()
+}
+
+/// Hashes and sets a user's password (the JSON API's and the web page's).
+pub(super) async fn change_password(s: &AdminState, address: String, password: String) -> Result<(), Failure> {
+    let password_hash = hash_password(password).await?;
+    command(s, DirectoryCommand::SetPassword { address, password_hash }).await
 }
 
 /// Sets a user's quota (feature level 3: refused below it).
@@ -106,6 +124,13 @@ pub(super) async fn remove_user(
     Path(address): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> ApiResult {
+    let purged = delete_user(&s, address, q.purge).await?;
+    reply(UserRemoved { ok: true, purged })
+}
+
+/// [`remove_user`]'s work, for the JSON API and the web page: the number
+/// of messages purged.
+pub(super) async fn delete_user(s: &AdminState, address: String, purge_mail: bool) -> Result<usize, Failure> {
     let user = s
         .services
         .directory
@@ -126,7 +151,7 @@ pub(super) async fn remove_user(
         }
     };
     let held = s.services.mail.mailbox(&mailbox).await.len();
-    if held > 0 && !q.purge {
+    if held > 0 && !purge_mail {
         return Err(Failure(
             StatusCode::CONFLICT,
             format!(
@@ -135,12 +160,12 @@ pub(super) async fn remove_user(
             ),
         ));
     }
-    let mut purged = if q.purge { purge(mailbox.clone()).await? } else { 0 };
+    let mut purged = if purge_mail { purge(mailbox.clone()).await? } else { 0 };
     s.services
         .directory
         .apply(DirectoryCommand::RemoveUser { address })
         .await?;
-    if q.purge {
+    if purge_mail {
         purged += purge(mailbox.clone()).await?;
     }
     // Its folders, their UIDs and its subscriptions go too (a mailbox name
@@ -162,5 +187,5 @@ pub(super) async fn remove_user(
         tracing::warn!(user = %user.address, error = %e, "the user's folders and UIDs were not all dropped");
     }
     tracing::info!(user = %user.address, purged, "user removed");
-    reply(UserRemoved { ok: true, purged })
+    Ok(purged)
 }

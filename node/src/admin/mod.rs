@@ -1,8 +1,9 @@
 //! The admin API: HTTP+JSON on `--admin`, bearer-token protected, plus an
 //! unauthenticated `GET /metrics` (Prometheus text, from the node's
-//! registry) and `GET /health`. The requests and replies are typed once in
-//! `quill_proto::admin`, for this server and for its clients ([`client`],
-//! `quill admin` in [`cli`]).
+//! registry) and `GET /health`, and the operator's web page at `/`
+//! (`web`: its own cookie session, logged in with the token). The
+//! requests and replies are typed once in `quill_proto::admin`, for this
+//! server and for its clients ([`client`], `quill admin` in [`cli`]).
 //!
 //! ```text
 //! GET    /v1/domains                  -> ["example.org", ...]
@@ -43,6 +44,10 @@
 //! GET    /v1/sessions                 -> {"sessions": [{"node", "protocol", "peer", "user", "since_ms", "tls"}], "missing"}
 //! GET    /v1/top/{senders|recipients|clients}?window=1m|1h -> {"top": [{"key", "count", "error"}], "total", ...}
 //! PUT    /v1/log-watch                {"target": address or IP, "for_secs", "all"?}: every command logged
+//!
+//! GET    /                            the operator's web page (the login form without a session)
+//! POST   /login                       {token} as a form: a session cookie (see `web`)
+//! POST   /logout|/users|/domains|...  the page's forms, each with the session's CSRF token
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict), 500 or 503.
@@ -55,11 +60,13 @@ pub mod cli;
 pub mod client;
 mod cluster;
 mod directory;
+mod print;
 mod queue;
 mod routes;
 mod settings;
 mod state;
 mod tls;
+mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -159,8 +166,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/health", get(cluster::health))
         .route("/metrics", get(metrics))
         .merge(api)
+        .with_state(state.clone())
+        // The operator's web page: its own cookie session, not the token.
+        .merge(web::router(state))
         .layer(DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
-        .with_state(state)
 }
 
 /// `GET /metrics`: the node's registry.

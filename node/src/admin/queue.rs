@@ -60,6 +60,11 @@ async fn entry(s: &AdminState, shard: &str, l: &Listed, header: bool) -> QueueEn
 }
 
 pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
+    reply(list_of(&s).await)
+}
+
+/// The queue, cluster-wide (the JSON API's and the web page's).
+pub(super) async fn list_of(s: &AdminState) -> QueueList {
     let mut entries = Vec::new();
     let mut total = 0usize;
     for k in 0..queue::SHARDS {
@@ -67,15 +72,15 @@ pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
         for l in s.services.mail.mailbox(&shard).await {
             total += 1;
             if entries.len() < QUEUE_LIST_MAX {
-                entries.push(entry(&s, &shard, &l, false).await);
+                entries.push(entry(s, &shard, &l, false).await);
             }
         }
     }
-    reply(QueueList {
+    QueueList {
         entries,
         total,
         listed_max: QUEUE_LIST_MAX,
-    })
+    }
 }
 
 /// The queue entry named by a hex id, and its shard.
@@ -108,23 +113,36 @@ pub(super) async fn show(State(s): State<AdminState>, Path(id): Path<String>) ->
 }
 
 pub(super) async fn remove(State(s): State<AdminState>, Path(id): Path<String>) -> ApiResult {
-    let (shard, l) = find(&s, &id).await?;
+    remove_entry(&s, &id).await?;
+    reply(QueueRemoved { ok: true, removed: id })
+}
+
+/// Removes a queue entry (the JSON API's and the web page's).
+pub(super) async fn remove_entry(s: &AdminState, id: &str) -> Result<(), Failure> {
+    let (shard, l) = find(s, id).await?;
     s.services
         .mail
         .delete(&shard, std::slice::from_ref(&l))
         .await
         .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tracing::info!(%id, "queued message removed by an operator");
-    reply(QueueRemoved { ok: true, removed: id })
+    Ok(())
 }
 
 /// retry, hold, release: a flag register of the entry, which its owner
 /// reads at its next look.
 pub(super) async fn act(State(s): State<AdminState>, Path((id, action)): Path<(String, String)>) -> ApiResult {
-    let Some(act) = QueueAction::parse(&action) else {
+    act_on(&s, &id, &action).await?;
+    reply(QueueActed { ok: true, id, action })
+}
+
+/// Sets an operator's flag on a queue entry (the JSON API's and the web
+/// page's).
+pub(super) async fn act_on(s: &AdminState, id: &str, action: &str) -> Result<(), Failure> {
+    let Some(act) = QueueAction::parse(action) else {
         return Err(Failure(StatusCode::NOT_FOUND, format!("no queue action {action:?}")));
     };
-    let (shard, l) = find(&s, &id).await?;
+    let (shard, l) = find(s, id).await?;
     let hlc = s.services.mail.hlc_now();
     let change = replication::MarkChange {
         id: l.meta.id,
@@ -144,5 +162,5 @@ pub(super) async fn act(State(s): State<AdminState>, Path((id, action)): Path<(S
         .mark(&shard, &[(l, change)])
         .await
         .map_err(|e| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    reply(QueueActed { ok: true, id, action })
+    Ok(())
 }

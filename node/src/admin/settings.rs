@@ -9,8 +9,14 @@ use quill_proto::admin::{SettingBody, SettingRow};
 use super::state::{AdminState, ApiResult, Failure, done, reply};
 
 pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
+    reply(rows_of(&s))
+}
+
+/// The settings as this node applies them (the JSON API's and the web
+/// page's).
+pub(super) fn rows_of(s: &AdminState) -> Vec<SettingRow> {
     let settings = s.cluster.membership.settings();
-    let rows: Vec<SettingRow> = crate::settings::rows(&s.flags, &s.explicit_settings, &settings.values)
+    crate::settings::rows(&s.flags, &s.explicit_settings, &settings.values)
         .into_iter()
         .map(|r| SettingRow {
             key: r.key,
@@ -19,8 +25,7 @@ pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
             source: r.source,
             help: r.help,
         })
-        .collect();
-    reply(rows)
+        .collect()
 }
 
 /// A refusal of the cluster's: a feature level it does not run at yet is a
@@ -39,16 +44,21 @@ fn refused(why: String) -> Failure {
 }
 
 pub(super) async fn set(State(s): State<AdminState>, Path(key): Path<String>, Json(b): Json<SettingBody>) -> ApiResult {
-    let value = crate::settings::check(&key, &b.value).map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?;
-    s.cluster
-        .membership
-        .set_setting(key, Some(value))
-        .await
-        .map_err(refused)?;
+    set_value(&s, key, Some(&b.value)).await?;
     done()
 }
 
 pub(super) async fn unset(State(s): State<AdminState>, Path(key): Path<String>) -> ApiResult {
-    s.cluster.membership.set_setting(key, None).await.map_err(refused)?;
+    set_value(&s, key, None).await?;
     done()
+}
+
+/// Sets (checked first) or unsets a setting for every node (the JSON
+/// API's and the web page's).
+pub(super) async fn set_value(s: &AdminState, key: String, value: Option<&str>) -> Result<(), Failure> {
+    let value = match value {
+        Some(v) => Some(crate::settings::check(&key, v).map_err(|e| Failure(StatusCode::BAD_REQUEST, e))?),
+        None => None,
+    };
+    s.cluster.membership.set_setting(key, value).await.map_err(refused)
 }

@@ -46,6 +46,9 @@ enum Kind {
 #[derive(Debug)]
 pub struct Key {
     pub name: &'static str,
+    /// What a change reaches: sessions already open at their next
+    /// command, or only what starts after it.
+    pub applies: &'static str,
     pub help: &'static str,
     kind: Kind,
 }
@@ -54,6 +57,7 @@ pub struct Key {
 pub const KEYS: &[Key] = &[
     Key {
         name: "max-message-size",
+        applies: "the next transaction",
         help: "largest message accepted (advertised in SIZE)",
         kind: Kind::Size {
             min: 1024,
@@ -62,21 +66,25 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "max-recipients",
+        applies: "the next command",
         help: "recipients per message",
         kind: Kind::Count { min: 1, max: 10_000 },
     },
     Key {
         name: "max-unknown-recipients",
+        applies: "the next command",
         help: "unknown recipients one client address may name per minute",
         kind: Kind::Count { min: 1, max: 1_000_000 },
     },
     Key {
         name: "max-submissions-per-minute",
+        applies: "the next message",
         help: "messages with remote recipients one account may submit a minute",
         kind: Kind::Count { min: 1, max: 1_000_000 },
     },
     Key {
         name: "max-submission-recipients-per-hour",
+        applies: "the next message",
         help: "remote recipients one account may name an hour",
         kind: Kind::Count {
             min: 1,
@@ -85,31 +93,37 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "idle-timeout",
+        applies: "new sessions",
         help: "seconds a session may stay silent",
         kind: Kind::Seconds { min: 10, max: 3600 },
     },
     Key {
         name: "subaddress-folders",
+        applies: "the next message",
         help: "file user+tag@ into the user's folder tag where it exists",
         kind: Kind::Bool,
     },
     Key {
         name: "plaintext-auth",
+        applies: "new sessions",
         help: "where passwords may be sent without TLS: loopback, never, always",
         kind: Kind::Choice(&["loopback", "never", "always"]),
     },
     Key {
         name: "max-connections-per-ip",
+        applies: "new connections",
         help: "open connections per client address",
         kind: Kind::Count { min: 1, max: 100_000 },
     },
     Key {
         name: "max-imap-sessions-per-user",
+        applies: "new logins",
         help: "IMAP sessions one user may have open on a node",
         kind: Kind::Count { min: 1, max: 10_000 },
     },
     Key {
         name: "retry-initial",
+        applies: "the next try",
         help: "first wait before an outbound delivery is tried again (doubles each time)",
         kind: Kind::Millis {
             min: 1_000,
@@ -118,6 +132,7 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "retry-max",
+        applies: "the next try",
         help: "longest wait between two tries of an outbound delivery",
         kind: Kind::Millis {
             min: 1_000,
@@ -126,6 +141,7 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "queue-lifetime",
+        applies: "the next try",
         help: "how long a message stays in the outbound queue before it bounces",
         kind: Kind::Millis {
             min: 60_000,
@@ -134,6 +150,7 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "delay-warning",
+        applies: "the next try",
         help: "tell the sender once when a message waited this long (0: never)",
         kind: Kind::Millis {
             min: 0,
@@ -142,16 +159,19 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "outbound-per-destination",
+        applies: "the next delivery",
         help: "outbound connections to one destination domain at once",
         kind: Kind::Count { min: 1, max: 1_000 },
     },
     Key {
         name: "outbound-rate-per-destination",
+        applies: "the next delivery",
         help: "outbound transactions a second to one destination domain (0: no limit)",
         kind: Kind::Count { min: 0, max: 1_000_000 },
     },
     Key {
         name: "queue-max-messages",
+        applies: "the next message",
         help: "outbound queue messages held on a node above which remote mail gets 451",
         kind: Kind::Count {
             min: 1,
@@ -160,6 +180,7 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "queue-max-bytes",
+        applies: "the next message",
         help: "outbound queue bytes held on a node above which remote mail gets 451",
         kind: Kind::Size {
             min: 1 << 20,
@@ -168,6 +189,7 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "repair-grace",
+        applies: "the next repair round",
         help: "how long a node may be down before its copies are made again elsewhere",
         kind: Kind::Millis {
             min: 0,
@@ -176,6 +198,7 @@ pub const KEYS: &[Key] = &[
     },
     Key {
         name: "repair-rate",
+        applies: "the next repair round",
         help: "bytes a second a node sends when it restores or moves copies",
         kind: Kind::Size {
             min: 64 * 1024,
@@ -352,6 +375,8 @@ pub struct Row {
     /// `flag` (this node's, over the cluster's), `cluster` or `default`.
     pub source: String,
     pub help: String,
+    /// From when a change holds (`the next command`, `new sessions`, ...).
+    pub applies: String,
 }
 
 /// Every key as this node applies it.
@@ -373,6 +398,7 @@ pub fn rows(flags: &Limits, explicit: &BTreeSet<String>, settings: &BTreeMap<Str
                 default: value_of(&defaults, k.name),
                 source: source.to_owned(),
                 help: k.help.to_owned(),
+                applies: k.applies.to_owned(),
             }
         })
         .collect()

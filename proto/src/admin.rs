@@ -113,6 +113,10 @@ pub struct SettingRow {
     pub source: String,
     #[serde(default)]
     pub help: String,
+    /// From when a change holds: `the next command` (open sessions too),
+    /// `new sessions`, `new connections`, `the next try`, ...
+    #[serde(default)]
+    pub applies: String,
 }
 
 /// `PUT /v1/log-level`.

@@ -117,7 +117,10 @@ async fn a_nodes_own_flag_holds_over_the_cluster_setting() {
     assert!(ok, "{out}");
     let (_, list) = admin(&n, &["settings", "list"]);
     assert!(list.contains("max-recipients = 3 (flag; default 100)"), "{list}");
-    assert!(list.contains("idle-timeout = 120 (cluster; default 300)"), "{list}");
+    assert!(
+        list.contains("idle-timeout = 120 (cluster; default 300) from new sessions"),
+        "{list}"
+    );
     assert_eq!(recipients_taken(&n).await, 3);
 }
 

@@ -525,7 +525,10 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&rows)?);
             } else {
                 for r in &rows {
-                    println!("{} = {} ({}; default {})", r.key, r.value, r.source, r.default);
+                    println!(
+                        "{} = {} ({}; default {}) from {}",
+                        r.key, r.value, r.source, r.default, r.applies
+                    );
                 }
             }
         }

@@ -24,6 +24,7 @@ pub(super) fn rows_of(s: &AdminState) -> Vec<SettingRow> {
             default: r.default,
             source: r.source,
             help: r.help,
+            applies: r.applies,
         })
         .collect()
 }

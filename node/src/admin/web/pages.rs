@@ -414,7 +414,7 @@ fn settings(v: &View) -> Markup {
                 tbody {
                     @for r in &v.settings {
                         tr {
-                            td { code { (r.key) } br; span.muted { (r.help) } }
+                            td { code { (r.key) } br; span.muted { (r.help) " (from " (r.applies) ")" } }
                             td { (r.value) }
                             td { (r.default) }
                             td { (r.source) }

@@ -64,6 +64,30 @@ enum AdminCmd {
     /// The outbound queue, cluster-wide (any node answers for all).
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Write a user's mail to standard output, online: mbox (mboxrd, the
+    /// folder and flags in added headers) or a Maildir tree as a tar
+    /// stream. Exits with an error if the stream broke off.
+    Export {
+        address: String,
+        #[arg(long, default_value = "mbox", value_parser = ["mbox", "maildir"])]
+        format: String,
+    },
+    /// Store the messages of an mbox file (as export writes it, or any
+    /// mbox) in a user's mailbox, with their folders and flags; a message
+    /// already in its folder is skipped, so importing twice stores once.
+    Import {
+        address: String,
+        file: PathBuf,
+        /// The folder of messages whose mbox names none (INBOX by default).
+        #[arg(long)]
+        folder: Option<String>,
+    },
+    /// Back the whole cluster up into DIR (new or empty), online: the
+    /// directory (users with password hashes, routes, Sieve, settings,
+    /// certificates and keys) and every mailbox, streamed.
+    Backup { dir: PathBuf },
+    /// Restore a backup DIR into a cluster that has no user yet.
+    Restore { dir: PathBuf },
     /// Set the log filter at once, without a restart (e.g. debug,
     /// quill_node=trace,info): on the addressed node only, or with --all on
     /// every node that is up.
@@ -435,6 +459,9 @@ impl AdminCmd {
                 id: s(id),
                 action: QueueAction::Release,
             },
+            AdminCmd::Export { .. } | AdminCmd::Import { .. } | AdminCmd::Backup { .. } | AdminCmd::Restore { .. } => {
+                bail!("a streamed command, not one call")
+            }
             AdminCmd::LogLevel { level, all } => Call::SetLogLevel(LevelBody {
                 level: s(level),
                 all: *all,
@@ -445,8 +472,17 @@ impl AdminCmd {
 
 /// Runs one `quill admin` command and prints its answer.
 pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
-    let call = a.command.call()?;
     let (node, token) = (a.node.as_str(), a.token.as_str());
+    match &a.command {
+        AdminCmd::Export { address, format } => return super::transfer::export(node, token, address, format).await,
+        AdminCmd::Import { address, file, folder } => {
+            return super::transfer::import(node, token, address, file, folder.as_deref()).await;
+        }
+        AdminCmd::Backup { dir } => return super::transfer::backup(node, token, dir).await,
+        AdminCmd::Restore { dir } => return super::transfer::restore(node, token, dir).await,
+        _ => {}
+    }
+    let call = a.command.call()?;
     match &a.command {
         AdminCmd::Domain(DomainCmd::List) => {
             for d in request::<Vec<String>>(node, token, &call).await? {

@@ -40,6 +40,10 @@
 //! PUT    /v1/settings/{key}           {"value"}: checked (400 with the reason), for every node
 //! DELETE /v1/settings/{key}
 //! DELETE /v1/taps/{domain-or-address}
+//! GET    /v1/export/{address}[?format=mbox|maildir]  streamed: mbox, or a Maildir tree as tar
+//! POST   /v1/import/{address}[?folder=NAME]  body: mbox, streamed -> {"imported", "skipped", "folders_created"}
+//! GET    /v1/backup/directory         -> domains, users with password hashes, routes, Sieve, settings, TLS keys
+//! POST   /v1/restore/directory        that document, into a cluster with no user (409 otherwise)
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict), 500 or 503.
@@ -47,15 +51,18 @@
 //! It may use the services, the cluster, TLS and the outbound queue's
 //! data; nothing depends on it but the wiring.
 
+mod backup;
 pub mod cli;
 pub mod client;
 mod cluster;
 mod directory;
+mod export;
 mod queue;
 mod routes;
 mod settings;
 mod state;
 mod tls;
+mod transfer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -138,6 +145,16 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/domain-aliases/{alias}", delete(routes::remove_domain_alias))
         .route("/v1/catch-all/{domain}", put(routes::set_catch_all))
         .route("/v1/taps/{target}", put(routes::set_tap).delete(routes::remove_tap))
+        .route("/v1/export/{address}", get(export::export))
+        .route(
+            "/v1/import/{address}",
+            post(export::import).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/backup/directory", get(backup::directory))
+        .route(
+            "/v1/restore/directory",
+            post(backup::restore).layer(DefaultBodyLimit::max(backup::DIRECTORY_BYTES_MAX)),
+        )
         .route("/v1/settings", get(settings::list))
         .route("/v1/settings/{key}", put(settings::set).delete(settings::unset))
         .route(

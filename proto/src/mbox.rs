@@ -306,9 +306,13 @@ impl Reader {
     }
 }
 
-/// Quill's block at the start of `raw`: the folder, flags, size and the
-/// block's length; `None` if `raw` does not start with one.
-fn own_block(raw: &[u8], start: u64) -> Result<Option<(String, Vec<String>, usize, usize)>, MboxError> {
+/// Quill's block of added headers: the folder, flags, the message's size
+/// and the block's own length.
+type OwnBlock = (String, Vec<String>, usize, usize);
+
+/// Quill's block at the start of `raw`; `None` if `raw` does not start
+/// with one.
+fn own_block(raw: &[u8], start: u64) -> Result<Option<OwnBlock>, MboxError> {
     if !raw.starts_with(FOLDER_HEADER.as_bytes()) {
         return Ok(None);
     }

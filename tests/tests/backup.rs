@@ -222,7 +222,7 @@ async fn backup_under_load_restores_every_acknowledged_message_once() {
             );
             // A new session every 20 messages (a session's commands are
             // bounded).
-            if k % 20 == 0 {
+            if k.is_multiple_of(20) {
                 if let Some(old) = c.take() {
                     old.quit().await.expect("quit");
                 }

@@ -71,6 +71,10 @@ enum AdminCmd {
         address: String,
         #[arg(long, default_value = "mbox", value_parser = ["mbox", "maildir"])]
         format: String,
+        /// Read at most this much a second (e.g. 20MB), leaving the node's
+        /// disks and CPU to mail; as fast as it goes by default.
+        #[arg(long, value_parser = crate::units::parse_size_arg)]
+        max_rate: Option<u64>,
     },
     /// Store the messages of an mbox file (as export writes it, or any
     /// mbox) in a user's mailbox, with their folders and flags; a message
@@ -85,7 +89,13 @@ enum AdminCmd {
     /// Back the whole cluster up into DIR (new or empty), online: the
     /// directory (users with password hashes, routes, Sieve, settings,
     /// certificates and keys) and every mailbox, streamed.
-    Backup { dir: PathBuf },
+    Backup {
+        dir: PathBuf,
+        /// Read mail at most this much a second (e.g. 20MB), leaving the
+        /// nodes' disks and CPU to mail; as fast as it goes by default.
+        #[arg(long, value_parser = crate::units::parse_size_arg)]
+        max_rate: Option<u64>,
+    },
     /// Restore a backup DIR into a cluster that has no user yet.
     Restore { dir: PathBuf },
     /// Set the log filter at once, without a restart (e.g. debug,
@@ -474,11 +484,15 @@ impl AdminCmd {
 pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
     let (node, token) = (a.node.as_str(), a.token.as_str());
     match &a.command {
-        AdminCmd::Export { address, format } => return super::transfer::export(node, token, address, format).await,
+        AdminCmd::Export {
+            address,
+            format,
+            max_rate,
+        } => return super::transfer::export(node, token, address, format, *max_rate).await,
         AdminCmd::Import { address, file, folder } => {
             return super::transfer::import(node, token, address, file, folder.as_deref()).await;
         }
-        AdminCmd::Backup { dir } => return super::transfer::backup(node, token, dir).await,
+        AdminCmd::Backup { dir, max_rate } => return super::transfer::backup(node, token, dir, *max_rate).await,
         AdminCmd::Restore { dir } => return super::transfer::restore(node, token, dir).await,
         _ => {}
     }

@@ -91,13 +91,17 @@ async fn failure(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Error 
     anyhow!("{msg} (HTTP {status})")
 }
 
-/// GETs `path` into `out`: the bytes written and their blake3 hash.
+/// GETs `path` into `out`, at most `max_rate` bytes a second if given
+/// (reading slower holds the node's stream back: it reads the mailbox
+/// only as fast as the bytes leave): the bytes written and their hash.
 async fn download(
     node: &str,
     token: &str,
     path: &str,
     out: &mut (impl AsyncWrite + Unpin),
+    max_rate: Option<u64>,
 ) -> anyhow::Result<(u64, blake3::Hash)> {
+    let start = tokio::time::Instant::now();
     let resp = tokio::time::timeout(IDLE_TIMEOUT, send(node, token, Method::GET, path, full(Vec::new())))
         .await
         .map_err(|_| anyhow!("admin API at {node} did not answer"))??;
@@ -116,6 +120,9 @@ async fn download(
             hasher.update(&data);
             out.write_all(&data).await?;
             n += data.len() as u64;
+            if let Some(rate) = max_rate.filter(|r| *r > 0) {
+                tokio::time::sleep_until(start + Duration::from_secs_f64(n as f64 / rate as f64)).await;
+            }
         }
     }
     out.flush().await?;
@@ -139,7 +146,9 @@ async fn upload<T: serde::de::DeserializeOwned>(node: &str, token: &str, path: &
         }
     });
     let body = BodyExt::boxed(StreamBody::new(chunks));
-    let resp = send(node, token, Method::POST, path, body).await?;
+    let resp = send(node, token, Method::POST, path, body)
+        .await
+        .map_err(|e| e.context("the node closed the upload before it ended: it refused the file (its log says why)"))?;
     if !resp.status().is_success() {
         return Err(failure(resp).await);
     }
@@ -164,10 +173,10 @@ fn segment(s: &str) -> String {
 }
 
 /// `quill admin export ADDRESS [--format mbox|maildir]`: to standard output.
-pub async fn export(node: &str, token: &str, address: &str, format: &str) -> anyhow::Result<()> {
+pub async fn export(node: &str, token: &str, address: &str, format: &str, max_rate: Option<u64>) -> anyhow::Result<()> {
     let path = format!("/v1/export/{}?format={}", segment(address), segment(format));
     let mut out = tokio::io::stdout();
-    let (n, _) = download(node, token, &path, &mut out).await?;
+    let (n, _) = download(node, token, &path, &mut out, max_rate).await?;
     eprintln!("exported {address}: {n} bytes");
     Ok(())
 }
@@ -265,7 +274,7 @@ async fn write_bytes(dir: &Path, name: &str, bytes: Vec<u8>) -> anyhow::Result<F
 }
 
 /// `quill admin backup DIR`: DIR must be new or empty.
-pub async fn backup(node: &str, token: &str, dir: &Path) -> anyhow::Result<()> {
+pub async fn backup(node: &str, token: &str, dir: &Path, max_rate: Option<u64>) -> anyhow::Result<()> {
     let started_ms = crate::time::now_ms();
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         bail!(
@@ -275,7 +284,7 @@ pub async fn backup(node: &str, token: &str, dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(dir.join("mail")).with_context(|| format!("cannot make {}", dir.display()))?;
     let mut raw = Vec::new();
-    download(node, token, "/v1/backup/directory", &mut raw)
+    download(node, token, "/v1/backup/directory", &mut raw, None)
         .await
         .context("reading the directory")?;
     let directory: DirectoryBackup = serde_json::from_slice(&raw).context("an unexpected directory reply")?;
@@ -286,7 +295,7 @@ pub async fn backup(node: &str, token: &str, dir: &Path) -> anyhow::Result<()> {
         let name = format!("mail/{:05}.mbox", i + 1);
         let path = format!("/v1/export/{}?format=mbox", segment(&u.address));
         let entry = write_file(dir, &name, |mut f| async move {
-            let (n, h) = download(node, token, &path, &mut f).await?;
+            let (n, h) = download(node, token, &path, &mut f, max_rate).await?;
             Ok((f, n, h))
         })
         .await

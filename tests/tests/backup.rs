@@ -292,10 +292,17 @@ async fn backup_under_load_restores_every_acknowledged_message_once() {
     // The password hashes came along: the old password logs in.
     let mut p = quill_harness::Pop3Client::connect(b.pop3()).await.expect("pop3");
     p.login("alice@example.org", PASSWORD).await.expect("the old password");
+    p.quit().await.expect("quit");
 
-    // A cluster that is not empty is refused.
+    // A cluster that is not empty is refused; the mail again (--resume)
+    // doubles nothing.
     let said = fails(admin(&b).arg("restore").arg(&backup_dir));
     assert!(said.contains("not empty") && said.contains("409"), "{said}");
+    let counts = |m: &BTreeMap<String, Vec<u8>>| m.len();
+    let alice_before = counts(&common::read_all(&b, "alice@example.org").await);
+    let said = run(admin(&b).args(["restore", "--resume"]).arg(&backup_dir));
+    assert!(said.contains("restored 3 user(s), 0 message(s)"), "{said}");
+    assert_eq!(counts(&common::read_all(&b, "alice@example.org").await), alice_before);
     // So is an unfinished or damaged backup.
     let c = empty_node(&dir, "other").await;
     let mbox = backup_dir.join("mail/00001.mbox");

@@ -97,7 +97,13 @@ enum AdminCmd {
         max_rate: Option<u64>,
     },
     /// Restore a backup DIR into a cluster that has no user yet.
-    Restore { dir: PathBuf },
+    Restore {
+        dir: PathBuf,
+        /// After a restore that stopped part way: import the mail again
+        /// (what is there already is skipped), not the directory.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Set the log filter at once, without a restart (e.g. debug,
     /// quill_node=trace,info): on the addressed node only, or with --all on
     /// every node that is up.
@@ -493,7 +499,7 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             return super::transfer::import(node, token, address, file, folder.as_deref()).await;
         }
         AdminCmd::Backup { dir, max_rate } => return super::transfer::backup(node, token, dir, *max_rate).await,
-        AdminCmd::Restore { dir } => return super::transfer::restore(node, token, dir).await,
+        AdminCmd::Restore { dir, resume } => return super::transfer::restore(node, token, dir, *resume).await,
         _ => {}
     }
     let call = a.command.call()?;

@@ -50,6 +50,8 @@ use crate::uids::sequence_name;
 const IN_FLIGHT: usize = 4;
 /// UIDs given in one request at most during an import.
 const UID_BATCH: usize = 256;
+/// How long a refused import's remaining bytes are read and dropped.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 /// A tar stream ends with two empty blocks.
 const TAR_END: [u8; 1024] = [0; 1024];
 
@@ -494,6 +496,13 @@ pub(super) async fn import(
     .await;
     // What was started is finished (and counted) whatever happened.
     let mut failed = outcome.err();
+    if failed.is_some() {
+        // The rest of the file is read and dropped (for a while at most),
+        // so that the client, still sending, gets the reason rather than a
+        // connection reset.
+        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    }
     while let Some(r) = storing.next().await {
         if let Err(e) = im.stored(r)
             && failed.is_none()

@@ -355,8 +355,10 @@ async fn verify(dir: &Path, entry: &FileEntry) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// `quill admin restore DIR`: into a cluster without users.
-pub async fn restore(node: &str, token: &str, dir: &Path) -> anyhow::Result<()> {
+/// `quill admin restore DIR`: into a cluster without users; with
+/// `resume`, the mail only (after a restore that stopped part way:
+/// imports skip what is there).
+pub async fn restore(node: &str, token: &str, dir: &Path, resume: bool) -> anyhow::Result<()> {
     let raw = std::fs::read(dir.join("manifest.json")).with_context(|| {
         format!(
             "{} has no manifest.json: not a backup, or one that did not finish",
@@ -372,10 +374,12 @@ pub async fn restore(node: &str, token: &str, dir: &Path) -> anyhow::Result<()> 
     for u in &manifest.users {
         mail.push((u.address.clone(), verify(dir, &u.mail).await?));
     }
-    let directory = std::fs::read(&dir_path)?;
-    let resp = send(node, token, Method::POST, "/v1/restore/directory", full(directory)).await?;
-    if !resp.status().is_success() {
-        return Err(failure(resp).await.context("restoring the directory"));
+    if !resume {
+        let directory = std::fs::read(&dir_path)?;
+        let resp = send(node, token, Method::POST, "/v1/restore/directory", full(directory)).await?;
+        if !resp.status().is_success() {
+            return Err(failure(resp).await.context("restoring the directory"));
+        }
     }
     let (mut imported, mut skipped) = (0, 0);
     for (address, path) in &mail {

@@ -195,16 +195,34 @@ async fn export_import_keeps_bytes_flags_and_folders() {
 
 #[tokio::test]
 async fn backup_under_load_restores_every_acknowledged_message_once() {
-    let (dir, a) = common::node("backup-a", &["--max-message-size", "1MB"]).await;
+    // A 3-node cluster (each message on 2 nodes): the load goes to one
+    // node, the backup is taken through another.
+    let _slot = common::cluster_slot().await;
+    let (dir, nodes) = common::cluster_with_users(
+        "backup-a",
+        3,
+        &["--max-message-size", "1MB"],
+        &["alice", "bob", "carol"],
+    )
+    .await;
+    let (a, through) = (&nodes[0], &nodes[1]);
     // Settings, an alias and a Sieve script go with the directory.
-    run(admin(&a).args([
+    run(admin(a).args([
         "alias",
         "add",
         "team@example.org",
         "alice@example.org",
         "bob@example.org",
     ]));
-    run(admin(&a).args(["user", "quota", "carol@example.org", "10MB"]));
+    run(admin(a).args(["user", "quota", "carol@example.org", "10MB"]));
+    run(admin(a).args(["settings", "set", "max-recipients", "50"]));
+    let script = dir.path().join("bob.sieve");
+    std::fs::write(
+        &script,
+        "if header :contains \"subject\" \"nothing\" { discard; }\nkeep;\n",
+    )
+    .unwrap();
+    run(admin(a).args(["sieve", "set", "bob@example.org"]).arg(&script));
 
     // A steady load: each message's marker with the time it was
     // acknowledged.
@@ -246,7 +264,7 @@ async fn backup_under_load_restores_every_acknowledged_message_once() {
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let backup_dir = dir.path().join("backup");
     let started = std::time::Instant::now();
-    let said = run(admin(&a).arg("backup").arg(&backup_dir));
+    let said = run(admin(through).arg("backup").arg(&backup_dir));
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let acked = load.await.expect("load");
@@ -255,7 +273,7 @@ async fn backup_under_load_restores_every_acknowledged_message_once() {
     assert!(said.contains("backed up 3 user(s)"), "{said}");
 
     // A backup refuses a directory that is not empty.
-    fails(admin(&a).arg("backup").arg(&backup_dir));
+    fails(admin(through).arg("backup").arg(&backup_dir));
 
     // Into an empty cluster.
     let b = empty_node(&dir, "restored").await;
@@ -275,7 +293,7 @@ async fn backup_under_load_restores_every_acknowledged_message_once() {
             "{user}: acknowledged before the backup, not restored: {missing:?}"
         );
         // Byte for byte as the source has it.
-        let source = common::read_all(&a, user).await;
+        let source = common::read_all(a, user).await;
         let src: BTreeSet<&Vec<u8>> = source.values().collect();
         assert!(got.values().all(|m| src.contains(m)), "{user}: restored bytes differ");
     }
@@ -289,6 +307,10 @@ async fn backup_under_load_restores_every_acknowledged_message_once() {
         .find(|u| u["address"] == "carol@example.org")
         .expect("carol");
     assert_eq!(carol["quota_bytes"], 10_000_000u64);
+    let sieve = run(admin(&b).args(["sieve", "get", "bob@example.org"]));
+    assert!(sieve.contains("discard"), "{sieve}");
+    let settings = run(admin(&b).args(["settings", "list"]));
+    assert!(settings.contains("max-recipients = 50 (cluster"), "{settings}");
     // The password hashes came along: the old password logs in.
     let mut p = quill_harness::Pop3Client::connect(b.pop3()).await.expect("pop3");
     p.login("alice@example.org", PASSWORD).await.expect("the old password");

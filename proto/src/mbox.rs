@@ -561,6 +561,19 @@ mod tests {
         }
 
         #[test]
+        fn the_fuzz_entry_holds_on_mbox_like_input(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'>'), Just(b':'), Just(b' '), any::<u8>(),
+                            Just(b'F'), Just(b'X'), Just(b'R')],
+                0..400),
+        ) {
+            let mut input = b"From x Thu Jan  1 00:00:00 1970\nX-Quill-Folder: INBOX\nStatus: R\n".to_vec();
+            input.extend_from_slice(&bytes);
+            crate::fuzz::mbox(&input);
+            crate::fuzz::mbox(&input[32..]);
+        }
+
+        #[test]
         fn any_input_is_read_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..512), chunk in 1usize..64) {
             let _ = read_all(&bytes, chunk);
         }

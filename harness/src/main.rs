@@ -213,6 +213,26 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         sieve_rules: usize,
     },
+    /// Backup and export on one node: fill it with --fill messages, time
+    /// `quill admin export` of one user and `quill admin backup` of all
+    /// (MB/s), then --messages deliveries alone and beside backups run one
+    /// after another, alternated: msg/s and the ratio.
+    BenchBackup {
+        #[command(flatten)]
+        amount: Amount,
+        /// Messages delivered before the export and backup are timed.
+        #[arg(long, default_value_t = 20_000)]
+        fill: u64,
+        /// The backups beside deliveries read at most this a second
+        /// (`quill admin backup --max-rate`, e.g. 20MB); unlimited by default.
+        #[arg(long)]
+        max_rate: Option<String>,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value = "info")]
+        log: String,
+    },
     /// Porcupine's failure figure: fill a cluster with mail, run a steady
     /// open-loop load, kill -9 one node at 20 s and a second one later;
     /// throughput before, during and after each repair, time to full
@@ -527,6 +547,13 @@ fn main() -> anyhow::Result<()> {
                 seed,
                 sieve_rules,
             } => bench_node(a.load(), proto, dir, log, seed, sieve_rules).await,
+            Cmd::BenchBackup {
+                amount,
+                fill,
+                max_rate,
+                dir,
+                log,
+            } => quill_harness::commands::bench_backup::bench_backup(amount.load(), fill, max_rate, dir, log).await,
             Cmd::BenchTls {
                 messages,
                 connections,

@@ -128,6 +128,31 @@ pub struct LevelBody {
     pub all: bool,
 }
 
+/// `GET /v1/export/{address}?format=mbox|maildir` (mbox by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportQuery {
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// `POST /v1/import/{address}?folder=NAME`: the folder of messages whose
+/// mbox does not name one (INBOX by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportQuery {
+    #[serde(default)]
+    pub folder: Option<String>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportReport {
+    /// Messages stored.
+    pub imported: usize,
+    /// Messages already in their folder (same bytes), not stored again.
+    pub skipped: usize,
+    pub folders_created: usize,
+}
+
 /// `DELETE /v1/users/{address}?purge=true`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveQuery {

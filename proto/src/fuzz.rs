@@ -150,3 +150,35 @@ pub fn imap(data: &[u8]) {
     let _ = crate::imap::mime::body_structure(data, false);
     crate::imap::sections::check_sections(data);
 }
+
+/// mbox as `quill admin import` reads it (in 13-byte pieces: lines cross
+/// reads), with small bounds; every message read is written again and
+/// must read back the same.
+pub fn mbox(data: &[u8]) {
+    let mut r = crate::mbox::Reader::new(4096, 1024);
+    let mut out = Vec::new();
+    let ok = data
+        .chunks(13)
+        .try_for_each(|c| r.push(c, &mut out))
+        .and_then(|()| r.finish(&mut out));
+    let _ = ok;
+    for p in out {
+        assert!(p.body.len() <= 4096, "a message past its bound");
+        let meta = crate::mbox::Meta {
+            folder: p.folder.clone().unwrap_or_else(|| "INBOX".to_owned()),
+            flags: p.flags.clone(),
+            arrival_ms: 0,
+        };
+        if meta.folder.contains('\n') {
+            continue;
+        }
+        let mut again = Vec::new();
+        crate::mbox::write(&mut again, &meta, &p.body);
+        let mut r = crate::mbox::Reader::new(1 << 20, 1 << 20);
+        let mut back = Vec::new();
+        r.push(&again, &mut back).expect("a written message reads back");
+        r.finish(&mut back).expect("a written message reads back");
+        assert_eq!(back.len(), 1, "one message written, one read");
+        assert_eq!(back[0].body, p.body, "the bytes read back");
+    }
+}

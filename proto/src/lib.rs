@@ -18,6 +18,7 @@ pub mod fuzz;
 pub mod imap;
 pub mod line;
 pub mod managesieve;
+pub mod mbox;
 pub mod message;
 pub mod pop3;
 pub mod queue;

@@ -62,6 +62,11 @@ fn cluster_frame() {
 }
 
 #[test]
+fn mbox() {
+    replay("mbox", quill_proto::fuzz::mbox);
+}
+
+#[test]
 fn admin_json() {
     replay("admin_json", quill_proto::fuzz::admin_json);
 }

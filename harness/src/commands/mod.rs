@@ -5,8 +5,10 @@
 //! `down` ([`up`](mod@up), [`nodes`]), `upgrade` ([`upgrade`](mod@upgrade)), `load` with its
 //! fault schedule ([`load`](mod@load)),
 //! `verify`, `scale`, `chaos`; one node: `demo`; benchmarks: `bench-node`,
-//! `bench-failover`, `bench-replication`, `bench-heal`, `bench-tls`.
+//! `bench-failover`, `bench-replication`, `bench-heal`, `bench-tls`,
+//! `bench-backup`.
 
+pub mod bench_backup;
 pub mod bench_failover;
 pub mod bench_heal;
 pub mod bench_node;

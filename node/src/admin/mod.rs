@@ -48,6 +48,10 @@
 //! GET    /                            the operator's web page (the login form without a session)
 //! POST   /login                       {token} as a form: a session cookie (see `web`)
 //! POST   /logout|/users|/domains|...  the page's forms, each with the session's CSRF token
+//! GET    /v1/export/{address}[?format=mbox|maildir]  streamed: mbox, or a Maildir tree as tar
+//! POST   /v1/import/{address}[?folder=NAME]  body: mbox, streamed -> {"imported", "skipped", "folders_created"}
+//! GET    /v1/backup/directory         -> domains, users with password hashes, routes, Sieve, settings, TLS keys
+//! POST   /v1/restore/directory        that document, into a cluster with no user (409 otherwise)
 //! ```
 //! Errors are `{"error": "..."}` with 400 (bad input), 401 (token), 404,
 //! 409 (conflict), 500 or 503.
@@ -56,16 +60,19 @@
 //! data; nothing depends on it but the wiring.
 
 mod activity;
+mod backup;
 pub mod cli;
 pub mod client;
 mod cluster;
 mod directory;
+mod export;
 mod print;
 mod queue;
 mod routes;
 mod settings;
 mod state;
 mod tls;
+mod transfer;
 mod web;
 
 use std::net::SocketAddr;
@@ -95,6 +102,10 @@ pub const ADMIN_CONNECTIONS_PER_ADDRESS_MAX: u32 = 16;
 /// fits well inside).
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
+/// How long a request still in flight at the end of a connection's
+/// lifetime may go on: an export of a large mailbox or a backup, streamed
+/// at the pace of its client (`--max-rate`).
+const ADMIN_STREAM_MAX: Duration = Duration::from_secs(24 * 3600);
 
 /// The addresses a node serves, as it prints them when ready.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -153,6 +164,16 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/sessions", get(activity::sessions))
         .route("/v1/top/{kind}", get(activity::top))
         .route("/v1/log-watch", put(activity::watch))
+        .route("/v1/export/{address}", get(export::export))
+        .route(
+            "/v1/import/{address}",
+            post(export::import).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/backup/directory", get(backup::directory))
+        .route(
+            "/v1/restore/directory",
+            post(backup::restore).layer(DefaultBodyLimit::max(backup::DIRECTORY_BYTES_MAX)),
+        )
         .route("/v1/settings", get(settings::list))
         .route("/v1/settings/{key}", put(settings::set).delete(settings::unset))
         .route(
@@ -211,14 +232,16 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, stop: tokio::
             let mut conn = std::pin::pin!(conn);
             let lifetime = tokio::time::sleep(ADMIN_CONNECTION_LIFETIME);
             tokio::pin!(lifetime);
-            tokio::select! {
+            let finish_within = tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = &mut lifetime => {}
-                _ = stop.changed() => {}
-            }
+                // A request in flight past the lifetime is a long export or
+                // backup (every other answers at once): it may finish.
+                _ = &mut lifetime => ADMIN_STREAM_MAX,
+                _ = stop.changed() => Duration::from_secs(5),
+            };
             // Let a request in flight finish (bounded), then close.
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            let _ = tokio::time::timeout(finish_within, conn).await;
         })
     })
     .await;

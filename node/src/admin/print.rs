@@ -1,7 +1,56 @@
 //! How `quill admin` shows answers to people (`--json` prints them as
 //! they came).
 
-use quill_proto::admin::{ClusterStatus, SessionList, TopList};
+use quill_proto::admin::{CertList, ClusterStatus, QueueList, RoutesList, SessionList, TopList};
+
+/// `alias list`: aliases, domain aliases, catch-alls and taps.
+pub(super) fn routes(r: &RoutesList) {
+    for a in &r.aliases {
+        println!("{} -> {}", a.address, a.targets.join(", "));
+    }
+    for d in &r.domain_aliases {
+        println!("*@{} -> *@{} (domain alias)", d.alias, d.target);
+    }
+    for (domain, address) in &r.catch_all {
+        println!("*@{domain} -> {address} (catch-all)");
+    }
+    for (target, archive) in &r.taps {
+        println!("{target} => {archive} (tap)");
+    }
+}
+
+/// `queue list`: one line an entry.
+pub(super) fn queue(list: &QueueList) {
+    for e in &list.entries {
+        let rcpts: Vec<String> = e.rcpts.iter().map(|r| format!("{}={}", r.address, r.state)).collect();
+        println!(
+            "{} age={}s size={} from=<{}> {}{}",
+            e.id,
+            e.age_s,
+            e.size,
+            e.from,
+            rcpts.join(" "),
+            if e.held { " HELD" } else { "" }
+        );
+    }
+    println!("{} queued", list.entries.len());
+}
+
+/// `tls list`: the cluster's certificates, then this node's files.
+pub(super) fn certs(list: &CertList) -> serde_json::Result<()> {
+    for (source, certs) in [("cluster", &list.cluster), ("local", &list.local)] {
+        for c in certs {
+            println!(
+                "{source} {} names={} not_after={} fingerprint={}",
+                c.name.as_deref().unwrap_or("-"),
+                serde_json::to_string(&c.names)?,
+                c.not_after,
+                c.fingerprint
+            );
+        }
+    }
+    Ok(())
+}
 
 /// `sessions`: one line a session, then the nodes that did not answer.
 pub(super) fn sessions(r: &SessionList) {

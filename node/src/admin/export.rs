@@ -52,6 +52,14 @@ const IN_FLIGHT: usize = 4;
 const UID_BATCH: usize = 256;
 /// How long a refused import's remaining bytes are read and dropped.
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the rest of a refused upload and drops it (for [`DRAIN_TIME`] at
+/// most), so that the client, still sending, gets the reason rather than
+/// a connection reset.
+async fn drain<S: futures::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin>(mut stream: S) {
+    let all = async { while let Some(Ok(_)) = stream.next().await {} };
+    let _ = tokio::time::timeout(DRAIN_TIME, all).await;
+}
 /// A tar stream ends with two empty blocks.
 const TAR_END: [u8; 1024] = [0; 1024];
 
@@ -442,10 +450,20 @@ pub(super) async fn import(
     Query(q): Query<ImportQuery>,
     body: Body,
 ) -> ApiResult {
-    let mailbox = mailbox_of(&s, &address)?;
     let default_folder = q.folder.unwrap_or_else(|| folders::INBOX.to_owned());
-    folders::canonical(default_folder.as_bytes())
-        .map_err(|why| Failure(StatusCode::BAD_REQUEST, format!("--folder: {why}")))?;
+    let checked = mailbox_of(&s, &address).and_then(|m| {
+        folders::canonical(default_folder.as_bytes())
+            .map(|_| m)
+            .map_err(|why| Failure(StatusCode::BAD_REQUEST, format!("--folder: {why}")))
+    });
+    let mailbox = match checked {
+        Ok(m) => m,
+        Err(refusal) => {
+            // Refused before reading the file: it is dropped all the same.
+            drain(body.into_data_stream()).await;
+            return Err(refusal);
+        }
+    };
     let present = s
         .services
         .mail
@@ -497,11 +515,7 @@ pub(super) async fn import(
     // What was started is finished (and counted) whatever happened.
     let mut failed = outcome.err();
     if failed.is_some() {
-        // The rest of the file is read and dropped (for a while at most),
-        // so that the client, still sending, gets the reason rather than a
-        // connection reset.
-        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
-        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        drain(&mut stream).await;
     }
     while let Some(r) = storing.next().await {
         if let Err(e) = im.stored(r)

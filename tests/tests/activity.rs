@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use quill_harness::process::NodeProcess;
@@ -13,23 +12,7 @@ use quill_harness::{Pop3Client, SmtpClient};
 
 /// `quill admin` against `n`: success and what it printed.
 fn admin(n: &NodeProcess, args: &[&str]) -> (bool, String) {
-    let o = Command::new(&n.opts.binary)
-        .args([
-            "admin",
-            "--node",
-            &n.admin_addr().to_string(),
-            "--token",
-            &n.opts.admin_token,
-        ])
-        .args(args)
-        .output()
-        .expect("quill admin runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.success(), text)
+    common::quill_admin(n, args)
 }
 
 fn json(n: &NodeProcess, args: &[&str]) -> serde_json::Value {

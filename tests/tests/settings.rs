@@ -14,23 +14,7 @@ use quill_harness::process::NodeProcess;
 
 /// `quill admin` against `n`: success and what it printed.
 fn admin(n: &NodeProcess, args: &[&str]) -> (bool, String) {
-    let o = Command::new(&n.opts.binary)
-        .args([
-            "admin",
-            "--node",
-            &n.admin_addr().to_string(),
-            "--token",
-            &n.opts.admin_token,
-        ])
-        .args(args)
-        .output()
-        .expect("quill admin runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.success(), text)
+    common::quill_admin(n, args)
 }
 
 /// How many of three recipients `n` takes in one transaction.

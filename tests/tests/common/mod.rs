@@ -103,3 +103,25 @@ pub fn run(cmd: &mut std::process::Command) -> String {
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
 }
+
+/// `quill admin ARGS` against `n`: whether it succeeded, and what it
+/// printed (standard output, then standard error).
+pub fn quill_admin(n: &NodeProcess, args: &[&str]) -> (bool, String) {
+    let o = std::process::Command::new(&n.opts.binary)
+        .args([
+            "admin",
+            "--node",
+            &n.admin_addr().to_string(),
+            "--token",
+            &n.opts.admin_token,
+        ])
+        .args(args)
+        .output()
+        .expect("quill admin runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}

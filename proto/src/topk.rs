@@ -8,7 +8,8 @@
 //! the leaders are exact when the stream has leaders, whatever is thrown
 //! at the summary.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 /// The longest key kept; a longer one is cut (keys come from clients).
 pub const KEY_BYTES_MAX: usize = 320;
@@ -27,7 +28,11 @@ pub struct Hitter {
 pub struct SpaceSaving {
     capacity: usize,
     /// key -> (count, error)
-    kept: HashMap<String, (u64, u64)>,
+    kept: HashMap<Arc<str>, (u64, u64)>,
+    /// The kept keys by count, smallest first: the one a new key replaces
+    /// is found in O(log capacity), not by a scan (a spam run with a new
+    /// sender per message replaces one on every message).
+    by_count: BTreeSet<(u64, Arc<str>)>,
     total: u64,
 }
 
@@ -36,6 +41,7 @@ impl SpaceSaving {
         SpaceSaving {
             capacity: capacity.max(1),
             kept: HashMap::new(),
+            by_count: BTreeSet::new(),
             total: 0,
         }
     }
@@ -49,22 +55,24 @@ impl SpaceSaving {
     pub fn add(&mut self, key: &str, n: u64) {
         self.total = self.total.saturating_add(n);
         let key = cut(key);
-        if let Some(e) = self.kept.get_mut(key) {
-            e.0 = e.0.saturating_add(n);
+        if let Some((k, e)) = self.kept.get_key_value(key) {
+            let (k, (count, error)) = (k.clone(), *e);
+            self.by_count.remove(&(count, k.clone()));
+            let count = count.saturating_add(n);
+            self.by_count.insert((count, k.clone()));
+            self.kept.insert(k, (count, error));
             return;
         }
-        if self.kept.len() < self.capacity {
-            self.kept.insert(key.to_owned(), (n, 0));
-            return;
-        }
-        let (min_key, min) = self
-            .kept
-            .iter()
-            .min_by(|a, b| a.1.0.cmp(&b.1.0).then_with(|| a.0.cmp(b.0)))
-            .map(|(k, v)| (k.clone(), v.0))
-            .expect("full");
-        self.kept.remove(&min_key);
-        self.kept.insert(key.to_owned(), (min.saturating_add(n), min));
+        let (count, error) = if self.kept.len() < self.capacity {
+            (n, 0)
+        } else {
+            let (min, gone) = self.by_count.pop_first().expect("full");
+            self.kept.remove(&gone);
+            (min.saturating_add(n), min)
+        };
+        let k: Arc<str> = Arc::from(key);
+        self.by_count.insert((count, k.clone()));
+        self.kept.insert(k, (count, error));
     }
 
     /// Adds another summary's counts (for a window, or the cluster).
@@ -82,7 +90,7 @@ impl SpaceSaving {
             .kept
             .iter()
             .map(|(k, (c, e))| Hitter {
-                key: k.clone(),
+                key: k.to_string(),
                 count: *c,
                 error: *e,
             })

@@ -33,6 +33,9 @@ enum Kind {
         max: u64,
     },
     Bool,
+    /// Submission's sender rules (`--allow-from`): WHO:PATTERN rules
+    /// separated by spaces or commas, or `none`.
+    SenderRules,
     /// One of the words.
     Choice(&'static [&'static str]),
     /// Milliseconds, given as a duration (`500ms`, `30s`, `5m`, `120h`).
@@ -102,6 +105,12 @@ pub const KEYS: &[Key] = &[
         applies: "the next message",
         help: "file user+tag@ into the user's folder tag where it exists",
         kind: Kind::Bool,
+    },
+    Key {
+        name: "allow-from",
+        applies: "new sessions",
+        help: "addresses users may send as besides their own: WHO:PATTERN rules, or none",
+        kind: Kind::SenderRules,
     },
     Key {
         name: "plaintext-auth",
@@ -244,6 +253,10 @@ pub fn check(name: &str, value: &str) -> Result<String, String> {
             };
             ranged(n, min, max, " seconds")
         }
+        Kind::SenderRules => {
+            let rules = sender_rules(v).map_err(|e| format!("{name}: {e}"))?;
+            Ok(show_rules(&rules))
+        }
         Kind::Choice(words) => {
             let w = v.to_ascii_lowercase();
             if words.contains(&w.as_str()) {
@@ -282,6 +295,13 @@ fn apply(limits: &mut Limits, name: &str, value: &str) {
         }
         "idle-timeout" => limits.idle_timeout = Duration::from_secs(n()),
         "subaddress-folders" => limits.subaddress_folders = value == "true",
+        "allow-from" => {
+            if let Ok(rules) = sender_rules(value)
+                && let Ok(send_as) = quill_proto::send_as::SendAs::new(rules)
+            {
+                limits.send_as = std::sync::Arc::new(send_as);
+            }
+        }
         "plaintext-auth" => {
             limits.plaintext_auth = match value {
                 "never" => PlaintextAuth::Never,
@@ -315,6 +335,7 @@ fn value_of(limits: &Limits, name: &str) -> String {
         "max-submission-recipients-per-hour" => limits.submission_recipients_per_hour.to_string(),
         "idle-timeout" => limits.idle_timeout.as_secs().to_string(),
         "subaddress-folders" => limits.subaddress_folders.to_string(),
+        "allow-from" => show_rules(limits.send_as.rules()),
         "plaintext-auth" => match limits.plaintext_auth {
             PlaintextAuth::Loopback => "loopback",
             PlaintextAuth::Never => "never",
@@ -335,6 +356,30 @@ fn value_of(limits: &Limits, name: &str) -> String {
         "repair-rate" => limits.repair_rate.to_string(),
         _ => String::new(),
     }
+}
+
+/// `--allow-from` rules from a setting's value: separated by spaces or
+/// commas; `none` (or nothing) for none.
+fn sender_rules(v: &str) -> Result<Vec<quill_proto::send_as::Rule>, String> {
+    if v.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    let rules = v
+        .split([' ', ','])
+        .filter(|r| !r.is_empty())
+        .map(str::parse)
+        .collect::<Result<Vec<_>, String>>()?;
+    if rules.len() > quill_proto::send_as::RULES_MAX {
+        return Err(format!("at most {} rules", quill_proto::send_as::RULES_MAX));
+    }
+    Ok(rules)
+}
+
+fn show_rules(rules: &[quill_proto::send_as::Rule]) -> String {
+    if rules.is_empty() {
+        return "none".to_owned();
+    }
+    rules.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" ")
 }
 
 /// A duration in milliseconds as the flags take it: the largest unit
@@ -419,6 +464,8 @@ mod tests {
         assert!(check("max-message-size", "1TB").unwrap_err().contains("must be"));
         assert!(check("nosuch", "1").unwrap_err().contains("unknown setting"));
         assert_eq!(check("plaintext-auth", "Never"), Ok("never".into()));
+        assert_eq!(check("allow-from", " NONE "), Ok("none".into()));
+        assert!(check("allow-from", "nobody").unwrap_err().starts_with("allow-from: "));
         assert!(
             check("plaintext-auth", "sometimes")
                 .unwrap_err()
@@ -448,6 +495,7 @@ mod tests {
             ("max-submission-recipients-per-hour", "13"),
             ("idle-timeout", "60"),
             ("subaddress-folders", "true"),
+            ("allow-from", "@example.org:@example.org, boss@example.org:*"),
             ("plaintext-auth", "never"),
             ("max-connections-per-ip", "5"),
             ("max-imap-sessions-per-user", "3"),

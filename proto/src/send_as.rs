@@ -113,6 +113,11 @@ impl SendAs {
         Ok(SendAs { rules })
     }
 
+    /// The rules, in the order given.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
     /// Whether `user` (authenticated) may name `address` as a sender:
     /// their own address always, others as a rule allows (addresses
     /// compare without regard to case).

@@ -257,4 +257,33 @@ async fn allow_from_rules_let_users_send_as_more_than_themselves() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("WHO:PATTERN"), "{err}");
+
+    // The same rules as a cluster setting, on a node started without them.
+    let (_d2, n2) = node("submission-send-as-setting", &["--relay-host", "127.0.0.1:9"]).await;
+    let rules = "@example.org:@example.org, carol@example.org:*";
+    let (ok, said) = common::quill_admin(&n2, &["settings", "set", "allow-from", rules]);
+    assert!(ok, "{said}");
+    let (ok, said) = common::quill_admin(&n2, &["settings", "set", "allow-from", "example.org"]);
+    assert!(!ok && said.contains("WHO:PATTERN"), "{said}");
+    let sub = n2.submission();
+    // In force within the settings task's poll: the script (which sends
+    // as others and expects it taken) tried until it passes.
+    common::wait_for(
+        "the rules in force on a running node",
+        Duration::from_secs(5),
+        || async {
+            let o = Command::new("python3")
+                .args([
+                    "-c",
+                    PY_SEND_AS,
+                    &sub.ip().to_string(),
+                    &sub.port().to_string(),
+                    PASSWORD,
+                ])
+                .output()
+                .expect("python3 runs");
+            String::from_utf8_lossy(&o.stdout).contains("send-as ok")
+        },
+    )
+    .await;
 }

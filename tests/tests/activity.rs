@@ -7,6 +7,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
 use quill_harness::process::NodeProcess;
 use quill_harness::{Pop3Client, SmtpClient};
 
@@ -30,6 +32,23 @@ async fn sessions_top_senders_and_a_watch_across_the_cluster() {
     let mut pop = Pop3Client::connect(nodes[1].pop3()).await.expect("pop3");
     pop.login("alice@example.org", common::PASSWORD).await.expect("login");
     let smtp = SmtpClient::connect(nodes[2].smtp(), false).await.expect("smtp");
+    // And bob's IMAP session on node 1 (LOGIN, plain loopback).
+    let imap = tokio::net::TcpStream::connect(nodes[0].imap()).await.expect("imap");
+    let mut imap = tokio::io::BufReader::new(imap);
+    let mut line = String::new();
+    imap.read_line(&mut line).await.expect("greeting");
+    imap.get_mut()
+        .write_all(format!("a LOGIN bob@example.org \"{}\"\r\n", common::PASSWORD).as_bytes())
+        .await
+        .expect("login");
+    loop {
+        line.clear();
+        imap.read_line(&mut line).await.expect("reply");
+        if line.starts_with("a ") {
+            assert!(line.starts_with("a OK"), "{line}");
+            break;
+        }
+    }
     let list = json(&nodes[0], &["sessions", "--json"]);
     let rows = list["sessions"].as_array().expect("sessions").clone();
     assert!(list["missing"].as_array().unwrap().is_empty(), "{list}");
@@ -43,6 +62,11 @@ async fn sessions_top_senders_and_a_watch_across_the_cluster() {
         .find(|r| r["protocol"] == "smtp")
         .unwrap_or_else(|| panic!("the SMTP session listed: {list}"));
     assert_ne!(pop_row["node"], smtp_row["node"], "each on its own node");
+    assert!(
+        rows.iter()
+            .any(|r| r["protocol"] == "imap" && r["user"] == "bob@example.org"),
+        "bob's IMAP session listed: {list}"
+    );
     assert_eq!(pop_row["tls"], false);
     let (_, table) = admin(&nodes[2], &["sessions"]);
     assert!(table.contains("alice@example.org") && table.contains("pop3"), "{table}");

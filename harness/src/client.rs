@@ -452,6 +452,22 @@ pub fn strip_received(msg: &[u8]) -> Option<&[u8]> {
     }
 }
 
+impl crate::process::NodeProcess {
+    /// `quill admin --node ADMIN --token TOKEN` against this node (its own
+    /// binary), ready for the command's arguments.
+    pub fn admin_command(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(&self.opts.binary);
+        c.args([
+            "admin",
+            "--node",
+            &self.admin_addr().to_string(),
+            "--token",
+            &self.opts.admin_token,
+        ]);
+        c
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -75,15 +75,7 @@ fn imap(mode: &str, node: &NodeProcess, user: &str) -> String {
 
 /// `quill admin --node N --token T ARGS...`.
 fn admin(node: &NodeProcess) -> Command {
-    let mut c = Command::new(quill_harness::process::quill_binary().expect("quill binary"));
-    c.args([
-        "admin",
-        "--node",
-        &node.admin_addr().to_string(),
-        "--token",
-        &node.opts.admin_token,
-    ]);
-    c
+    node.admin_command()
 }
 
 /// Runs a command that must fail: its output.

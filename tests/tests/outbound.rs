@@ -219,16 +219,8 @@ async fn loops_are_refused_and_a_full_queue_says_try_later() {
 
     // The operator's view: `quill admin queue list|show|hold|retry|release|remove`.
     let cli = |args: &[&str]| {
-        let mut cmd = Command::new(process::quill_binary().unwrap());
-        cmd.args([
-            "admin",
-            "--node",
-            &n.admin_addr().to_string(),
-            "--token",
-            &n.opts.admin_token,
-            "queue",
-        ]);
-        cmd.args(args);
+        let mut cmd = n.admin_command();
+        cmd.arg("queue").args(args);
         run(&mut cmd)
     };
     let listed = cli(&["list"]);
@@ -247,19 +239,7 @@ async fn loops_are_refused_and_a_full_queue_says_try_later() {
     cli(&["release", &id]);
     cli(&["retry", &id]);
     assert!(!cli(&["list"]).contains("HELD"));
-    let err = Command::new(process::quill_binary().unwrap())
-        .args([
-            "admin",
-            "--node",
-            &n.admin_addr().to_string(),
-            "--token",
-            &n.opts.admin_token,
-            "queue",
-            "show",
-            "00",
-        ])
-        .output()
-        .unwrap();
+    let err = n.admin_command().args(["queue", "show", "00"]).output().unwrap();
     assert!(!err.status.success());
     cli(&["remove", &id]);
     common::wait_for("the removed entry gone", Duration::from_secs(10), || async {

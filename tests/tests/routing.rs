@@ -396,13 +396,7 @@ async fn sieve_files_flags_redirects_and_answers_once_across_nodes() {
     // A tap keeps a copy of everything alice is sent, before her script
     // runs (the discarded message included).
     n1.add_user("archive@example.org", PASSWORD, None).await.unwrap();
-    let bin = n1.opts.binary.clone();
-    let (addr, token) = (n1.admin_addr().to_string(), n1.opts.admin_token.clone());
-    let quill = |args: &[&str]| {
-        let mut c = Command::new(&bin);
-        c.args(["admin", "--node", &addr, "--token", &token]).args(args);
-        run(&mut c)
-    };
+    let quill = |args: &[&str]| run(n1.admin_command().args(args));
     quill(&["tap", "add", "alice@example.org", "archive@example.org"]);
     assert!(quill(&["tap", "list"]).contains("alice@example.org -> archive@example.org"));
     common::wait_for("the tap on node 3", Duration::from_secs(10), || async {

@@ -17,14 +17,7 @@ use crate::process::{NodeOptions, NodeProcess};
 
 /// `quill admin --node N --token T ARGS`, its standard output to `out`.
 async fn admin(node: &NodeProcess, args: &[&str], out: Option<&Path>) -> anyhow::Result<()> {
-    let mut c = tokio::process::Command::new(&node.opts.binary);
-    c.args([
-        "admin",
-        "--node",
-        &node.admin_addr().to_string(),
-        "--token",
-        &node.opts.admin_token,
-    ]);
+    let mut c = tokio::process::Command::from(node.admin_command());
     c.args(args);
     c.stdout(match out {
         Some(p) => Stdio::from(std::fs::File::create(p)?),

@@ -107,17 +107,7 @@ pub fn run(cmd: &mut std::process::Command) -> String {
 /// `quill admin ARGS` against `n`: whether it succeeded, and what it
 /// printed (standard output, then standard error).
 pub fn quill_admin(n: &NodeProcess, args: &[&str]) -> (bool, String) {
-    let o = std::process::Command::new(&n.opts.binary)
-        .args([
-            "admin",
-            "--node",
-            &n.admin_addr().to_string(),
-            "--token",
-            &n.opts.admin_token,
-        ])
-        .args(args)
-        .output()
-        .expect("quill admin runs");
+    let o = n.admin_command().args(args).output().expect("quill admin runs");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),

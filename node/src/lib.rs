@@ -40,6 +40,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod dns;
 pub mod files;
 pub mod imap;
 pub mod mail;

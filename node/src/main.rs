@@ -192,8 +192,8 @@ struct NodeArgs {
     /// looking up the recipients' MX records.
     #[arg(long, value_name = "HOST:PORT")]
     relay_host: Option<String>,
-    /// The DNS server for MX lookups (an IP address and port); default:
-    /// the system's (/etc/resolv.conf).
+    /// The DNS server for MX lookups and the checks of incoming mail (an
+    /// IP address and port); default: the system's (/etc/resolv.conf).
     #[arg(long, value_name = "IP:PORT")]
     dns: Option<SocketAddr>,
     /// The port mail exchangers are reached on (25; another for tests).
@@ -481,11 +481,11 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         },
         default_login_domain: a.default_login_domain,
         postmaster: a.postmaster,
+        dns: a.dns,
         replicas: a.replicas as usize,
         limits,
         outbound: quill_node::outbound::OutboundConfig {
             relay_host: a.relay_host,
-            dns: a.dns,
             mx_port: a.mx_port,
             concurrency: a.outbound_concurrency.max(1),
             works_queue: a.role != Role::In,

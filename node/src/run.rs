@@ -75,12 +75,14 @@ pub struct NodeConfig {
     pub default_login_domain: Option<String>,
     /// Where postmaster mail goes for domains without a postmaster user.
     pub postmaster: Option<String>,
+    /// The DNS server to ask (the system's resolv.conf without).
+    pub dns: Option<SocketAddr>,
     /// The limits and policies a cluster setting may change (the node's
     /// flags, defaults filled in).
     pub limits: Limits,
     /// Copies of each message (R).
     pub replicas: usize,
-    /// Outbound delivery (relay host, DNS, concurrency).
+    /// Outbound delivery (relay host, concurrency).
     pub outbound: outbound::OutboundConfig,
 }
 
@@ -313,6 +315,7 @@ pub async fn run(
         options: Options {
             default_login_domain: config.default_login_domain.clone(),
             postmaster: config.postmaster.clone(),
+            dns: config.dns,
             metric_sources: vec![
                 Box::new(StoreFigures(store.clone())),
                 Box::new(ReplicaFigures(replica.clone())),

@@ -347,48 +347,6 @@ async fn queued_mail_survives_a_kill_of_its_owner() {
     nodes[victim].restart().await.unwrap();
 }
 
-/// dnsmasq on a loopback port answering for the test domains; killed on drop.
-struct Dns {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn dnsmasq(records: &[String]) -> Dns {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut cmd = Command::new("dnsmasq");
-    cmd.args([
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--no-poll",
-        "--bind-interfaces",
-        "--listen-address=127.0.0.1",
-        "--pid-file=",
-        "--user=root",
-        "--log-facility=-",
-        &format!("--port={port}"),
-    ]);
-    cmd.args(records);
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let child = cmd.spawn().expect("dnsmasq starts");
-    Dns {
-        child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
-    }
-}
-
 /// MX delivery through a real DNS server: MX preference with fallback
 /// (the preferred host refuses connections), implicit MX, null MX
 /// bounces at once, and a destination that never answers (it takes the
@@ -415,7 +373,7 @@ async fn mx_lookup_fallback_and_a_dead_destination_beside_a_healthy_one() {
             }
         });
     }
-    let dns = dnsmasq(&[
+    let dns = common::dns::dnsmasq(&[
         "--mx-host=healthy.test,mx1.healthy.test,5".into(),
         "--mx-host=healthy.test,mx2.healthy.test,10".into(),
         "--address=/mx1.healthy.test/127.0.0.4".into(),

@@ -78,7 +78,6 @@ mod client;
 mod mx;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,8 +106,6 @@ const ENTRIES_IN_FLIGHT_MAX: usize = 256;
 pub struct OutboundConfig {
     /// Send everything to this smarthost instead of looking up MX records.
     pub relay_host: Option<String>,
-    /// The DNS server to ask (instead of the system's resolv.conf).
-    pub dns: Option<SocketAddr>,
     /// The port of mail exchangers (25; tests use another).
     pub mx_port: u16,
     /// Domains delivered to at once. (Connections per domain, retries and
@@ -124,7 +121,6 @@ impl Default for OutboundConfig {
     fn default() -> Self {
         OutboundConfig {
             relay_host: None,
-            dns: None,
             mx_port: 25,
             concurrency: 100,
             slow_lane: 4,
@@ -186,7 +182,7 @@ impl Outbound {
 
     pub fn new(services: Arc<Services>, cfg: OutboundConfig, owner: Owner) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Outbound {
-            mx: Mx::new(cfg.relay_host.clone(), cfg.dns, cfg.mx_port)?,
+            mx: Mx::new(cfg.relay_host.clone(), &services.dns, cfg.mx_port)?,
             sender: Sender::new(services.queue.cut_transactions.clone()),
             services,
             owner,

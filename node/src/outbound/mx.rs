@@ -29,12 +29,12 @@ pub struct Mx {
 }
 
 impl Mx {
-    /// The relay host, or a resolver asking `dns` (the system's without).
-    pub fn new(relay_host: Option<String>, dns: Option<SocketAddr>, port: u16) -> anyhow::Result<Mx> {
+    /// The relay host, or the node's resolver (see [`crate::dns`]).
+    pub fn new(relay_host: Option<String>, dns: &crate::dns::Dns, port: u16) -> anyhow::Result<Mx> {
         let resolver = if relay_host.is_some() {
             None
         } else {
-            Some(resolver(dns)?)
+            Some(dns.resolver()?.clone())
         };
         Ok(Mx {
             relay_host,
@@ -107,23 +107,4 @@ fn no_records(e: &hickory_resolver::net::NetError) -> bool {
         e,
         hickory_resolver::net::NetError::Dns(hickory_resolver::net::DnsError::NoRecordsFound(_))
     )
-}
-
-fn resolver(dns: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
-    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-    let builder = match dns {
-        Some(addr) => {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], vec![ns]),
-                hickory_resolver::net::runtime::TokioRuntimeProvider::default(),
-            )
-        }
-        None => TokioResolver::builder_tokio()?,
-    };
-    Ok(builder.build()?)
 }

@@ -53,6 +53,8 @@ pub struct Parts {
 pub struct Options {
     pub default_login_domain: Option<String>,
     pub postmaster: Option<String>,
+    /// The DNS server to ask (see [`crate::dns`]).
+    pub dns: Option<std::net::SocketAddr>,
     /// Figures other parts count, read at each scrape of `/metrics`.
     pub metric_sources: Vec<Box<dyn Collector>>,
 }
@@ -82,6 +84,8 @@ pub struct Services {
     pub slots: Arc<Slots>,
     /// The heaviest senders, recipients and clients lately.
     pub activity: Arc<activity::Activity>,
+    /// The node's caching resolver.
+    pub dns: Arc<crate::dns::Dns>,
 }
 
 impl std::fmt::Debug for Services {
@@ -148,6 +152,7 @@ impl Services {
             )),
             slots,
             activity,
+            dns: Arc::new(crate::dns::Dns::new(o.dns)),
             metrics,
             queue,
             live,

@@ -1,6 +1,7 @@
 //! Shared setup for the tests in this folder.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod harness;
 pub mod sink;
 

@@ -68,23 +68,6 @@ pub fn send_signal(pid: u32, sig: Signal) -> std::io::Result<()> {
     rustix::process::kill_process(pid, sig).map_err(std::io::Error::from)
 }
 
-/// How to run this very harness binary again from the current directory:
-/// `./target/release/quill-harness` after `cargo build --release`, or its
-/// absolute path when it lies elsewhere (a bare `quill-harness` is not on
-/// the PATH after a build).
-pub fn harness_command() -> String {
-    let Ok(exe) = std::env::current_exe() else {
-        return "quill-harness".to_owned();
-    };
-    match std::env::current_dir()
-        .ok()
-        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(Path::to_path_buf))
-    {
-        Some(rel) => format!("./{}", rel.display()),
-        None => exe.display().to_string(),
-    }
-}
-
 /// Resolves on SIGINT, SIGTERM or SIGHUP with the signal's name: what
 /// ends a foreground harness command (which then stops its nodes).
 pub fn stop_signal() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
@@ -126,6 +109,8 @@ pub struct NodeOptions {
     pub extra_args: Vec<String>,
     /// `quill` binary to run.
     pub binary: PathBuf,
+    /// Start with [`crate::TRUST_LOOPBACK`] (true but for old releases).
+    pub trust_loopback: bool,
     /// Log filter for the node.
     pub log: String,
     /// Cluster addresses of members to join through (none: a new cluster).
@@ -147,6 +132,7 @@ impl NodeOptions {
             admin_token: "harness-token".to_owned(),
             extra_args: Vec::new(),
             binary: quill_binary()?,
+            trust_loopback: true,
             log: "info".to_owned(),
             seeds: Vec::new(),
             join_token: None,
@@ -279,6 +265,7 @@ impl NodeProcess {
             .arg(&o.log)
             .args(o.seeds.iter().flat_map(|s| ["--seed".to_owned(), s.to_string()]))
             .args(o.join_token.iter().flat_map(|t| ["--join-token".to_owned(), t.clone()]))
+            .args(&crate::TRUST_LOOPBACK[..if o.trust_loopback { 2 } else { 0 }])
             .args(&o.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

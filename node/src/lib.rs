@@ -41,6 +41,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod dns;
+pub mod edge;
 pub mod files;
 pub mod imap;
 pub mod mail;

@@ -240,6 +240,22 @@ struct NodeArgs {
     /// remote recipients gets `451 4.3.1`.
     #[arg(long, default_value = "2GiB", value_parser = parse_size_arg)]
     queue_max_bytes: u64,
+    /// The name this node gives itself: its SMTP greeting, the EHLO name it
+    /// delivers out with (receivers check it against the sending
+    /// address's reverse DNS), and the authserv-id of the
+    /// Authentication-Results it adds [default: --name].
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Mail from these networks on --smtp is taken as it is: no SPF, DKIM,
+    /// DMARC, ARC or iprev check (relays that checked it already).
+    /// Repeatable. None by default, loopback included.
+    #[arg(long = "trusted-networks", value_name = "CIDR")]
+    trusted_networks: Vec<ipnet::IpNet>,
+    /// What the checks of mail arriving on --smtp do: `enforce` refuses a
+    /// DMARC p=reject failure and files a p=quarantine one in Junk; `tag`
+    /// only adds the Authentication-Results header.
+    #[arg(long, value_enum, default_value = "enforce")]
+    auth_policy: AuthPolicyArg,
     /// Initial log filter (tracing EnvFilter syntax); change it later with `quill admin log-level`.
     #[arg(long, env = "QUILL_LOG", default_value = "info,openraft=warn")]
     log: String,
@@ -249,6 +265,12 @@ struct NodeArgs {
 enum UpgradeFinishArg {
     Auto,
     Manual,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuthPolicyArg {
+    Enforce,
+    Tag,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -482,6 +504,14 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         default_login_domain: a.default_login_domain,
         postmaster: a.postmaster,
         dns: a.dns,
+        hostname: a.hostname,
+        edge: quill_node::edge::EdgeConfig {
+            trusted: a.trusted_networks,
+            policy: match a.auth_policy {
+                AuthPolicyArg::Enforce => quill_node::edge::AuthPolicy::Enforce,
+                AuthPolicyArg::Tag => quill_node::edge::AuthPolicy::Tag,
+            },
+        },
         replicas: a.replicas as usize,
         limits,
         outbound: quill_node::outbound::OutboundConfig {

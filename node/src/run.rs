@@ -77,6 +77,10 @@ pub struct NodeConfig {
     pub postmaster: Option<String>,
     /// The DNS server to ask (the system's resolv.conf without).
     pub dns: Option<SocketAddr>,
+    /// The node's name for the outside world (`--hostname`; `name` without).
+    pub hostname: Option<String>,
+    /// The checks of mail arriving on `--smtp`.
+    pub edge: crate::edge::EdgeConfig,
     /// The limits and policies a cluster setting may change (the node's
     /// flags, defaults filled in).
     pub limits: Limits,
@@ -304,7 +308,7 @@ pub async fn run(
         .set(replica.clone() as Arc<dyn cluster::rpc::ReplicaService>);
     let _ = cluster.log_level.set(set_log_level.clone());
     let services = Arc::new(Services::new(Parts {
-        hostname: config.name.clone(),
+        hostname: config.hostname.clone().unwrap_or_else(|| config.name.clone()),
         store: store.clone(),
         mail: replica.clone() as Arc<dyn mail::Mail>,
         uids: Arc::new(uids::RaftUids::new(cluster.membership.clone())),
@@ -316,6 +320,7 @@ pub async fn run(
             default_login_domain: config.default_login_domain.clone(),
             postmaster: config.postmaster.clone(),
             dns: config.dns,
+            edge: Some(config.edge.clone()),
             metric_sources: vec![
                 Box::new(StoreFigures(store.clone())),
                 Box::new(ReplicaFigures(replica.clone())),

@@ -12,6 +12,7 @@
 
 pub mod activity;
 pub mod admin;
+pub mod authres;
 pub mod data;
 #[doc(hidden)]
 pub mod fuzz;

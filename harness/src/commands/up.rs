@@ -72,7 +72,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
                     "a cluster is already running from {} (nodes {:?}); `{} down --dir {}` stops it",
                     dir.display(),
                     s.live(),
-                    crate::process::harness_command(),
+                    crate::harness_command(),
                     dir.display()
                 );
             }
@@ -135,7 +135,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     if detach {
         println!(
             "\nThe nodes keep running; `{} down --dir {}` stops them.",
-            crate::process::harness_command(),
+            crate::harness_command(),
             dir.display()
         );
         return Ok(());
@@ -203,7 +203,7 @@ fn print_instructions(state: &ClusterState, dir: &Path) {
     let a = state.ip(state.nodes[0].k);
     let b = state.ip(state.nodes.get(1).unwrap_or(&state.nodes[0]).k);
     let d = dir.display();
-    let h = crate::process::harness_command();
+    let h = crate::harness_command();
     let cert_b = ClusterState::data(dir, state.nodes.get(1).unwrap_or(&state.nodes[0]).k).join("tls-self-signed.crt");
     let cert_b = cert_b.display();
     println!(

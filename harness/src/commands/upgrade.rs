@@ -129,7 +129,7 @@ pub async fn upgrade(dir: PathBuf, to: PathBuf, only: Vec<String>, sync_timeout:
 }
 
 /// The release a `quill` binary says it is (`quill --version`).
-fn release_of(binary: &Path) -> String {
+pub(crate) fn release_of(binary: &Path) -> String {
     std::process::Command::new(binary)
         .arg("--version")
         .output()

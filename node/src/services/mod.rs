@@ -55,6 +55,8 @@ pub struct Options {
     pub postmaster: Option<String>,
     /// The DNS server to ask (see [`crate::dns`]).
     pub dns: Option<std::net::SocketAddr>,
+    /// The checks of mail arriving on `--smtp` (none: not checked).
+    pub edge: Option<crate::edge::EdgeConfig>,
     /// Figures other parts count, read at each scrape of `/metrics`.
     pub metric_sources: Vec<Box<dyn Collector>>,
 }
@@ -86,6 +88,8 @@ pub struct Services {
     pub activity: Arc<activity::Activity>,
     /// The node's caching resolver.
     pub dns: Arc<crate::dns::Dns>,
+    /// The checks of mail arriving on `--smtp` (see [`crate::edge`]).
+    pub edge: Option<Arc<crate::edge::Edge>>,
 }
 
 impl std::fmt::Debug for Services {
@@ -100,7 +104,12 @@ impl Services {
         let l = &p.limits;
         let activity = Arc::new(activity::Activity::default());
         let slots = Slots::new(l.connections_max, l.connections_per_address_max);
+        let dns = Arc::new(crate::dns::Dns::new(o.dns));
+        let edge = o
+            .edge
+            .map(|cfg| Arc::new(crate::edge::Edge::new(cfg, p.hostname.clone(), dns.clone())));
         let mut sources = o.metric_sources;
+        sources.extend(edge.as_ref().map(|e| e.figures()));
         sources.push(Box::new(activity::Figures {
             activity: activity.clone(),
             slots: slots.clone(),
@@ -152,7 +161,8 @@ impl Services {
             )),
             slots,
             activity,
-            dns: Arc::new(crate::dns::Dns::new(o.dns)),
+            dns,
+            edge,
             metrics,
             queue,
             live,

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite};
 use tracing::{info, warn};
 
 use super::{Session, deliver};
+use crate::edge::verify::{Action, Verdict};
 use crate::metrics::Latencies;
 use crate::services::DATA_BUDGET_CHUNK;
 use crate::time::now_ms;
@@ -74,6 +75,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let r = Reply::limit("554 5.4.6 Too many hops or already delivered here: mail loop detected");
             return self.send(r).await;
         }
+        // Checked at the edge (`--smtp`): SPF, DKIM, DMARC, ARC, iprev; a
+        // claim of our own results by the sender is taken out first.
+        let (body, verdict) = match self.check(body, &rcpts).await {
+            Ok(checked) => checked,
+            Err(text) => {
+                self.state.tx = None;
+                return self.send(Reply::ok(text)).await;
+            }
+        };
         // Submission: every From: address must be the authenticated user.
         if self.state.mode == Mode::Submission
             && let Some(user) = &self.state.authed
@@ -124,7 +134,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         // What each user's copy becomes (Sieve, sub-address folders),
         // decided once, here, before any copy is stored.
-        let plan = deliver::plan(&self.services, &rcpts, &from, &body).await;
+        let mut plan = deliver::plan(&self.services, &rcpts, &from, &body).await;
+        if verdict.as_ref().is_some_and(|v| v.action == Action::Junk) {
+            deliver::into_junk(&self.services, &mut plan).await;
+        }
         let mut redirected = true;
         for (user, to) in &plan.redirects {
             redirected &= self
@@ -203,8 +216,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let all_stored = stored_by.values().all(|s| *s) && queued && forwarded && redirected;
         if all_stored {
             self.services.counters().messages_accepted.inc();
+            let auth = verdict.as_ref().map_or("-", |v| v.summary.as_str());
             info!(%id, from = %from, rcpts = unique.len(), size,
-                copies = ?copies, under_replicated, "message stored");
+                copies = ?copies, under_replicated, auth, "message stored");
         } else {
             self.services.counters().deliveries_failed.inc();
             warn!(%id, stored = ?stored_by, "delivery failed for some recipients");
@@ -219,6 +233,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         );
         self.io.reply(&text).await?;
         Ok(true)
+    }
+
+    /// The edge's checks of a message just read (which starts with our
+    /// `Received:`): the message with our `Authentication-Results:` on top
+    /// and any a sender wrote in our name taken out, and the verdict; or
+    /// the refusal's reply. Submission's mail is not checked, but a claim
+    /// in our name is taken out of it too; LMTP's is left as it came.
+    async fn check(&mut self, body: Vec<u8>, rcpts: &[Rcpt]) -> Result<(Vec<u8>, Option<Verdict>), String> {
+        let pending = self.checks.take();
+        let edge = match (&self.services.edge, self.state.mode) {
+            (Some(edge), Mode::Smtp | Mode::Submission) => edge.clone(),
+            _ => return Ok((body, None)),
+        };
+        if self.state.mode == Mode::Smtp && !edge.checks(self.peer.ip()) {
+            return Ok((body, None));
+        }
+        let body = quill_proto::authres::strip_ours(&body, edge.authserv_id()).unwrap_or(body);
+        let Some(pending) = pending else {
+            return Ok((body, None));
+        };
+        let postmaster = rcpts.iter().any(|r| {
+            r.address
+                .rsplit_once('@')
+                .map_or(r.address.as_str(), |(l, _)| l)
+                .eq_ignore_ascii_case("postmaster")
+        });
+        let verdict = edge.finish(pending, &body, postmaster).await;
+        if let Action::Refuse(text) = &verdict.action {
+            info!(auth = %verdict.summary, "message refused by the DMARC policy of its sender");
+            return Err(text.clone());
+        }
+        let mut out = Vec::with_capacity(verdict.header.len() + body.len());
+        out.extend_from_slice(verdict.header.as_bytes());
+        out.extend_from_slice(&body);
+        Ok((out, Some(verdict)))
     }
 
     /// Queues a copy for the remote addresses aliases forward to (R

@@ -102,6 +102,15 @@ pub(super) async fn plan(services: &Services, rcpts: &[Rcpt], from: &str, body: 
     plan
 }
 
+/// A message the sender's DMARC policy quarantines: every copy bound for
+/// INBOX goes to the user's `Junk` folder (RFC 6154 `\Junk`) instead,
+/// made if missing.
+pub(super) async fn into_junk(services: &Services, plan: &mut Plan) {
+    for c in plan.copies.iter_mut().filter(|c| c.folder == folders::INBOX) {
+        c.folder = folder_id(services, &c.mailbox, "Junk", true).await;
+    }
+}
+
 /// The id of the user's folder `name` (INBOX if it is INBOX, or does not
 /// exist and may not be made, or cannot be made now).
 async fn folder_id(services: &Services, mailbox: &str, name: &str, create: bool) -> String {

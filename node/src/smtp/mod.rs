@@ -48,6 +48,9 @@ struct Session<S> {
     services: Arc<Services>,
     peer: SocketAddr,
     state: State,
+    /// The sender's checks of the transaction under way (`--smtp`, from
+    /// an untrusted network: see [`crate::edge`]).
+    checks: Option<crate::edge::verify::Pending>,
 }
 
 /// Serves one plaintext connection (STARTTLS offered when TLS is set up).
@@ -90,6 +93,7 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
             },
             services,
             peer,
+            checks: None,
         };
         let greeting = s.state.greeting();
         if s.io.reply(&greeting).await.is_err() {
@@ -150,7 +154,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let offer = self.offer();
                 self.state.hello(verb, &host, offer)
             }
-            Request::Mail { from } => self.state.mail(&from, self.services.limits().message_bytes_max),
+            Request::Mail { from } => {
+                let reply = self.state.mail(&from, self.services.limits().message_bytes_max);
+                self.checks = match (&self.services.edge, &self.state.tx) {
+                    (Some(edge), Some(tx)) if self.state.mode == Mode::Smtp && edge.checks(self.peer.ip()) => {
+                        let helo = self.state.helo.as_deref().unwrap_or_default();
+                        Some(edge.start(self.peer.ip(), helo, &tx.mail_from))
+                    }
+                    _ => None,
+                };
+                reply
+            }
             Request::Rcpt { to } if to.address.is_empty() => {
                 // smtp-proto hands `<Postmaster>` (no domain) over as "".
                 let lower = String::from_utf8_lossy(line).to_ascii_lowercase();

@@ -45,4 +45,3 @@ pub fn dnsmasq(records: &[String]) -> Dns {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
     }
 }
-

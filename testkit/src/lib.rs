@@ -62,6 +62,21 @@ pub fn program(name: &str) -> bool {
     available(found, &format!("{name} is not installed"))
 }
 
+/// A Python that imports `module`: `QUILL_PYTHON`, else `python3`, else
+/// the system's (Debian's python3-* packages go there), as [`available`]
+/// says it.
+pub fn python_with(module: &str) -> Option<String> {
+    let mut candidates: Vec<String> = std::env::var("QUILL_PYTHON").into_iter().collect();
+    candidates.extend(["python3".to_owned(), "/usr/bin/python3".to_owned()]);
+    let found = candidates.into_iter().find(|p| {
+        std::process::Command::new(p)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    available(found.is_some(), &format!("no Python with the {module} module")).then(|| found.expect("found"))
+}
+
 /// The seeds a seeded test runs: `SEED` from the environment alone, else
 /// `defaults`.
 pub fn seeds(defaults: &[u64]) -> Vec<u64> {

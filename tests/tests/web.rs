@@ -291,19 +291,6 @@ async fn web_login_session_and_csrf() {
     assert!(!users.iter().any(|u| u == "erin@example.org"));
 }
 
-/// A Python with selenium: `QUILL_PYTHON`, else `python3`, else the
-/// system's (Debian's python3-selenium goes there).
-fn python_with_selenium() -> Option<String> {
-    let mut candidates: Vec<String> = std::env::var("QUILL_PYTHON").into_iter().collect();
-    candidates.extend(["python3".to_owned(), "/usr/bin/python3".to_owned()]);
-    candidates.into_iter().find(|p| {
-        std::process::Command::new(p)
-            .args(["-c", "import selenium"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 /// The path of the first of `names` on `PATH`, as [`testkit::available`]
 /// says it.
 fn program_of(names: &[&str], what: &str) -> Option<String> {
@@ -334,14 +321,9 @@ async fn web_page_in_headless_chromium() {
     let Some(driver) = program_of(&["chromedriver"], "chromedriver (chromium-driver)") else {
         return;
     };
-    let python = python_with_selenium();
-    if !testkit::available(
-        python.is_some(),
-        "python3 with selenium (python3-selenium) is not installed",
-    ) {
+    let Some(python) = testkit::python_with("selenium") else {
         return;
-    }
-    let python = python.unwrap();
+    };
 
     let (dir, node) = common::node("web-browser", &[]).await;
     let shot = dir.path().join("admin.png");

@@ -231,7 +231,17 @@ impl Edge {
             ))
         };
         let mut summary = Vec::new();
+        // mail-auth reports some malformed signatures (bad base64, ...)
+        // by no result at all: an error, not "none".
+        let unparsed = parsed.as_ref().is_some_and(|m| m.has_dkim_errors)
+            && dkim
+                .as_ref()
+                .is_some_and(|d| !d.iter().any(|o| matches!(o.result(), DkimResult::Neutral(_))));
+        if unparsed {
+            extra.push_str(";\r\n\tdkim=permerror (a DKIM-Signature that cannot be parsed)");
+        }
         match &dkim {
+            Some(d) if d.is_empty() && unparsed => {}
             Some(d) if d.is_empty() => extra.push_str(";\r\n\tdkim=none"),
             Some(d) => ar = ar.with_dkim_results(d, &header_from),
             None if parsed.is_none() => extra.push_str(";\r\n\tdkim=permerror (message not parsed)"),
@@ -239,6 +249,7 @@ impl Edge {
         }
         let dkim_seen = match &dkim {
             None => "temperror",
+            Some(d) if d.is_empty() && unparsed => "permerror",
             Some(d) if d.is_empty() => "none",
             Some(d) if d.iter().any(|o| *o.result() == DkimResult::Pass) => "pass",
             Some(d) => dkim_word(d[0].result()),

@@ -77,7 +77,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         // Checked at the edge (`--smtp`): SPF, DKIM, DMARC, ARC, iprev; a
         // claim of our own results by the sender is taken out first.
-        let (body, verdict) = match self.check(body, &rcpts).await {
+        let (body, verdict) = match self.check(body).await {
             Ok(checked) => checked,
             Err(text) => {
                 self.state.tx = None;
@@ -240,7 +240,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// and any a sender wrote in our name taken out, and the verdict; or
     /// the refusal's reply. Submission's mail is not checked, but a claim
     /// in our name is taken out of it too; LMTP's is left as it came.
-    async fn check(&mut self, body: Vec<u8>, rcpts: &[Rcpt]) -> Result<(Vec<u8>, Option<Verdict>), String> {
+    async fn check(&mut self, body: Vec<u8>) -> Result<(Vec<u8>, Option<Verdict>), String> {
         let pending = self.checks.take();
         let edge = match (&self.services.edge, self.state.mode) {
             (Some(edge), Mode::Smtp | Mode::Submission) => edge.clone(),
@@ -253,13 +253,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(pending) = pending else {
             return Ok((body, None));
         };
-        let postmaster = rcpts.iter().any(|r| {
-            r.address
-                .rsplit_once('@')
-                .map_or(r.address.as_str(), |(l, _)| l)
-                .eq_ignore_ascii_case("postmaster")
-        });
-        let verdict = edge.finish(pending, &body, postmaster).await;
+        let verdict = edge.finish(pending, &body, self.to_postmaster).await;
         if let Action::Refuse(text) = &verdict.action {
             info!(auth = %verdict.summary, "message refused by the DMARC policy of its sender");
             return Err(text.clone());

@@ -51,6 +51,9 @@ struct Session<S> {
     /// The sender's checks of the transaction under way (`--smtp`, from
     /// an untrusted network: see [`crate::edge`]).
     checks: Option<crate::edge::verify::Pending>,
+    /// A postmaster address is among the transaction's recipients (never
+    /// refused by policy).
+    to_postmaster: bool,
 }
 
 /// Serves one plaintext connection (STARTTLS offered when TLS is set up).
@@ -94,6 +97,7 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
             services,
             peer,
             checks: None,
+            to_postmaster: false,
         };
         let greeting = s.state.greeting();
         if s.io.reply(&greeting).await.is_err() {
@@ -156,6 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Request::Mail { from } => {
                 let reply = self.state.mail(&from, self.services.limits().message_bytes_max);
+                self.to_postmaster = false;
                 self.checks = match (&self.services.edge, &self.state.tx) {
                     (Some(edge), Some(tx)) if self.state.mode == Mode::Smtp && edge.checks(self.peer.ip()) => {
                         let helo = self.state.helo.as_deref().unwrap_or_default();
@@ -326,6 +331,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             forwards: !expansion.remote.is_empty(),
         };
         let reply = self.state.add_local(rcpt, expansion.remote);
+        if reply.text.starts_with('2') {
+            let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
+            self.to_postmaster |= local.eq_ignore_ascii_case("postmaster");
+        }
         self.send(reply).await
     }
 }

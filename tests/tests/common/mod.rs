@@ -13,9 +13,20 @@ pub const PASSWORD: &str = "correct horse";
 /// A node on its own loopback address with domain example.org and users
 /// alice, bob and carol (password [`PASSWORD`]).
 pub async fn node(label: &str, extra: &[&str]) -> (TempDir, NodeProcess) {
+    node_with(label, extra, true).await
+}
+
+/// As [`node`], but mail from loopback is checked as mail from the
+/// internet is (SPF, DKIM, DMARC: see `quill_harness::TRUST_LOOPBACK`).
+pub async fn node_checked(label: &str, extra: &[&str]) -> (TempDir, NodeProcess) {
+    node_with(label, extra, false).await
+}
+
+async fn node_with(label: &str, extra: &[&str], trust_loopback: bool) -> (TempDir, NodeProcess) {
     let dir = TempDir::new(label).expect("temp dir");
     let mut opts = NodeOptions::new(dir.path().join("node"), fresh_loopback()).expect("quill binary");
     opts.extra_args = extra.iter().map(|s| s.to_string()).collect();
+    opts.trust_loopback = trust_loopback;
     let node = NodeProcess::start(opts).await.expect("node starts");
     node.add_domain("example.org").await.expect("domain");
     for u in ["alice", "bob", "carol"] {

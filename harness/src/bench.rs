@@ -2,6 +2,9 @@
 //! (and optionally delete) them over POP3, recording what was acknowledged
 //! so that a test can check it afterwards.
 
+use mail_auth::common::crypto::Ed25519Key;
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::{DkimSigner, Done};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +55,17 @@ pub struct DeliverPlan {
     pub starttls: Option<Tls>,
     /// MAIL, RCPT and DATA in one write (RFC 2920), as Postfix sends.
     pub pipelining: bool,
+    /// Every message DKIM-signed with this key (`bench-checks`).
+    pub dkim: Option<Arc<Signer>>,
+}
+
+/// A DKIM signer for the generator's mail.
+pub struct Signer(pub DkimSigner<Ed25519Key, Done>);
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer")
+    }
 }
 
 /// How much a benchmark delivers, over how many connections, to whom, and
@@ -81,6 +95,7 @@ impl DeliverPlan {
             max_duration: Duration::from_secs(900),
             starttls: None,
             pipelining: false,
+            dkim: None,
         }
     }
 
@@ -101,7 +116,12 @@ impl DeliverPlan {
         let mut rng = Rng::new(self.seed.wrapping_mul(1_000_003) ^ seq);
         let user = self.user(rng.range(1, self.users as u64 + 1) as u32);
         let size = message_size(&mut rng);
-        let body = message(&mut rng, seq, "loadgen@remote.test", &user, size);
+        let mut body = message(&mut rng, seq, "loadgen@remote.test", &user, size);
+        if let Some(signature) = self.dkim.as_ref().and_then(|k| k.0.sign(&body).ok()) {
+            let mut signed = signature.to_header().into_bytes();
+            signed.extend_from_slice(&body);
+            body = signed;
+        }
         (user, body)
     }
 }

@@ -213,6 +213,22 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         sieve_rules: usize,
     },
+    /// The checks of incoming mail: SMTP deliveries (DKIM-signed, SPF and
+    /// DMARC records served by a dnsmasq it starts) to a node that checks
+    /// every one beside a node that checks none, rounds alternated (off,
+    /// on, off, on): msg/s, node CPU per delivery and the ratio.
+    BenchChecks {
+        #[command(flatten)]
+        amount: Amount,
+        /// Rounds of each (off and on).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Backup and export on one node: fill it with --fill messages, time
     /// `quill admin export` of one user and `quill admin backup` of all
     /// (MB/s), then --messages deliveries alone and beside backups run one
@@ -547,6 +563,12 @@ fn main() -> anyhow::Result<()> {
                 seed,
                 sieve_rules,
             } => bench_node(a.load(), proto, dir, log, seed, sieve_rules).await,
+            Cmd::BenchChecks {
+                amount,
+                rounds,
+                dir,
+                seed,
+            } => quill_harness::commands::bench_checks::bench_checks(amount.load(), rounds.max(1), dir, seed).await,
             Cmd::BenchBackup {
                 amount,
                 fill,

@@ -28,6 +28,7 @@ async fn bench_node(label: &str) -> (TempDir, NodeProcess, Vec<(String, String)>
 
 fn plan(node: &NodeProcess, messages: u64, seed: u64) -> DeliverPlan {
     DeliverPlan {
+        dkim: None,
         addrs: vec![node.smtp()],
         lmtp: false,
         messages,

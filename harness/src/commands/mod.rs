@@ -9,6 +9,7 @@
 //! `bench-backup`.
 
 pub mod bench_backup;
+pub mod bench_checks;
 pub mod bench_failover;
 pub mod bench_heal;
 pub mod bench_node;

@@ -3,6 +3,7 @@
 //! whom ([`verify`]: SPF, DKIM, DMARC, ARC, iprev, and the policy that
 //! acts on them).
 
+pub mod cache;
 pub mod verify;
 
 pub use verify::{AuthPolicy, Edge, EdgeConfig};

@@ -37,6 +37,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::cache::Caches;
 use crate::dns::Dns;
 
 /// How long the DNS lookups of one transaction may take in all.
@@ -85,6 +86,8 @@ pub struct Edge {
     cfg: EdgeConfig,
     authserv_id: String,
     dns: Arc<Dns>,
+    /// Parsed answers, kept for their TTL.
+    caches: Arc<Caches>,
     /// Results counted by (method, result), for `/metrics`.
     tally: Arc<Mutex<BTreeMap<(&'static str, &'static str), u64>>>,
 }
@@ -124,6 +127,7 @@ impl Edge {
             cfg,
             authserv_id,
             dns,
+            caches: Arc::default(),
             tally: Arc::default(),
         }
     }
@@ -156,6 +160,7 @@ impl Edge {
     pub fn start(&self, ip: IpAddr, helo: &str, mail_from: &str) -> Pending {
         let auth = self.authenticator();
         let (h, m, me) = (helo.to_owned(), mail_from.to_owned(), self.authserv_id.clone());
+        let caches = self.caches.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
             let deadline = started + LOOKUPS_BUDGET;
@@ -167,12 +172,12 @@ impl Edge {
                     spent: Duration::ZERO,
                 };
             };
-            let helo_id = SpfParameters::verify_ehlo(ip, &h, &me);
-            let mail_id = SpfParameters::verify_mail_from(ip, &h, &me, &m);
+            let helo_id = caches.params(SpfParameters::verify_ehlo(ip, &h, &me));
+            let mail_id = caches.params(SpfParameters::verify_mail_from(ip, &h, &me, &m));
             let (spf_helo, spf_mail, iprev) = tokio::join!(
                 tokio::time::timeout_at(deadline, auth.verify_spf(helo_id)),
                 tokio::time::timeout_at(deadline, auth.verify_spf(mail_id)),
-                tokio::time::timeout_at(deadline, auth.verify_iprev(ip)),
+                tokio::time::timeout_at(deadline, auth.verify_iprev(caches.params(ip))),
             );
             SenderChecks {
                 spf_helo: spf_helo.ok(),
@@ -205,8 +210,8 @@ impl Edge {
         let (mut dkim, mut arc): (Option<Vec<DkimOutput>>, Option<ArcOutput>) = (None, None);
         if let (Some(msg), Some(auth)) = (&parsed, &auth) {
             let (d, a) = tokio::join!(
-                tokio::time::timeout_at(deadline, auth.verify_dkim(msg)),
-                tokio::time::timeout_at(deadline, auth.verify_arc(msg)),
+                tokio::time::timeout_at(deadline, auth.verify_dkim(self.caches.params(msg))),
+                tokio::time::timeout_at(deadline, auth.verify_arc(self.caches.params(msg))),
             );
             (dkim, arc) = (d.ok(), a.ok());
         }
@@ -215,7 +220,7 @@ impl Edge {
         // never a failure the policy would act on.
         let mut dmarc: Option<DmarcOutput> = None;
         if let (Some(msg), Some(auth), Some(d), Some(spf)) = (&parsed, &auth, &dkim, &sender.spf_mail) {
-            let params = DmarcParameters::new(msg, d, mail_domain, spf);
+            let params = self.caches.params(DmarcParameters::new(msg, d, mail_domain, spf));
             dmarc = tokio::time::timeout_at(deadline, auth.verify_dmarc(params)).await.ok();
         }
         let header_from = parsed

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use common::sink::Sink;
 use common::{PASSWORD, quill_admin, wait_for};
-use quill_harness::process::NodeProcess;
+use quill_harness::fresh_loopback;
+use quill_harness::process::{NodeOptions, NodeProcess};
 
 /// A Python with dkimpy (and PyNaCl, for Ed25519): `QUILL_PYTHON`, else
 /// `python3`, else the system's (Debian's python3-dkim goes there).
@@ -156,7 +157,7 @@ async fn outgoing_mail_is_signed_with_the_clusters_keys_and_verifies_outside() {
     let _slot = common::cluster_slot().await;
     let sink = Sink::start(0).await;
     let relay = sink.addr.to_string();
-    let (_dir, nodes) = common::cluster_with_users("dkim", 2, &["--relay-host", &relay], &["alice"]).await;
+    let (dir, nodes) = common::cluster_with_users("dkim", 2, &["--relay-host", &relay], &["alice"]).await;
     let (n1, n2) = (&nodes[0], &nodes[1]);
 
     // Before any key: mail leaves unsigned.
@@ -218,8 +219,18 @@ async fn outgoing_mail_is_signed_with_the_clusters_keys_and_verifies_outside() {
 
     // Mail submitted through node 2 leaves signed with it; dkimpy agrees,
     // and refuses the same message with its body changed.
-    submit(n2, "signed-rsa").await;
-    let m = received(&sink, "signed-rsa").await;
+    // Each entry is sent by its queue shard's owner, and the shards are
+    // spread over both nodes (by message id): of several messages, each
+    // one signed, some are sent by node 2 all but surely.
+    for i in 0..6 {
+        submit(n2, &format!("signed-rsa-{i}")).await;
+    }
+    for i in 1..6 {
+        let m = received(&sink, &format!("signed-rsa-{i}")).await;
+        assert_eq!(tag(&m, "s").as_deref(), Some(rsa.selector.as_str()));
+        assert_eq!(verify(&python, &m, &rsa.name, &rsa.text), "pass");
+    }
+    let m = received(&sink, "signed-rsa-0").await;
     assert_eq!(
         tag(&m, "d").as_deref(),
         Some("example.org"),
@@ -269,6 +280,29 @@ async fn outgoing_mail_is_signed_with_the_clusters_keys_and_verifies_outside() {
         verify(&python, &m, &ed.name, &rsa.text).starts_with("fail"),
         "the wrong key fails"
     );
+
+    // A backup keeps both keys, and a restore brings them to a new
+    // cluster: the same records, the same key signing.
+    let backup = dir.path().join("backup");
+    let (ok, out) = quill_admin(n1, &["backup", backup.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let restored = {
+        let opts = NodeOptions::new(dir.path().join("restored"), fresh_loopback()).expect("quill binary");
+        NodeProcess::start(opts).await.expect("node starts")
+    };
+    let (ok, out) = quill_admin(&restored, &["restore", backup.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let (ok, out) = quill_admin(&restored, &["dkim", "list", "--json"]);
+    assert!(ok, "{out}");
+    let rows: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON list");
+    let records: Vec<(&str, bool)> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["record"].as_str().unwrap(), r["signing"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(records, [(rsa.text.as_str(), false), (ed.text.as_str(), true)], "{out}");
+    drop(restored);
 
     // Removing it: the RSA key signs again; removing that too: unsigned.
     let (ok, out) = quill_admin(n1, &["dkim", "remove", "example.org", &ed.selector]);

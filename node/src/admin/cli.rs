@@ -92,7 +92,7 @@ enum AdminCmd {
     },
     /// Back the whole cluster up into DIR (new or empty), online: the
     /// directory (users with password hashes, routes, Sieve, settings,
-    /// certificates and keys) and every mailbox, streamed.
+    /// certificates and keys, DKIM keys) and every mailbox, streamed.
     Backup {
         dir: PathBuf,
         /// Read mail at most this much a second, leaving the nodes' disks

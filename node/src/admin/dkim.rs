@@ -24,11 +24,12 @@ use super::state::{AdminState, ApiResult, Failure, done, reply};
 
 #[derive(Subcommand)]
 pub(super) enum DkimCmd {
-    /// Make a new signing key for DOMAIN (on the addressed node, shared
-    /// with every node through the cluster) and print the DNS record to
-    /// publish, as one zone-file line. The newest key of a domain signs:
-    /// publish its record before creating it (or right after: mail signed
-    /// meanwhile fails verification until the record is there).
+    /// Make a new signing key for DOMAIN and print the DNS record to publish.
+    ///
+    /// The key is made on the addressed node and shared with every node
+    /// through the cluster; the record is printed as one zone-file line.
+    /// The newest key of a domain signs: publish its record right away
+    /// (mail signed before it is visible fails verification).
     Create {
         domain: String,
         /// The selector (a DNS label); quill and the year and month by
@@ -38,16 +39,19 @@ pub(super) enum DkimCmd {
         #[arg(long, default_value = "rsa2048", value_parser = ["rsa2048", "ed25519"])]
         algorithm: String,
     },
-    /// The keys: domain, selector, algorithm, created, whether it signs,
-    /// and the record to publish (never the private key).
+    /// The keys: domain, selector, algorithm, created, signing, record.
+    ///
+    /// Never the private key.
     List {
         /// Print the JSON list as is.
         #[arg(long)]
         json: bool,
     },
-    /// Remove a selector's key (after a rotation: once the new selector's
-    /// record is published and signs). The domain's other key, if any,
-    /// signs from then on; with none left its mail goes unsigned.
+    /// Remove a selector's key (after a rotation).
+    ///
+    /// Once the new selector's record is published and it signs. The
+    /// domain's other key, if any, signs from then on; with none left its
+    /// mail goes unsigned.
     Remove { domain: String, selector: String },
 }
 

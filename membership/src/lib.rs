@@ -27,6 +27,7 @@
 //!   [`RaftDirectory`], the [`Directory`] over it;
 //! * [`keywords`]: the IMAP keywords each folder defines;
 //! * [`settings`]: cluster settings, changed at runtime;
+//! * [`dkim`]: the DKIM signing keys of the cluster's domains;
 //! * [`routes`]: aliases, domain aliases, catch-alls and sub-addressing,
 //!   and the expansion of an address to the users and remote addresses
 //!   that get its mail;
@@ -52,6 +53,7 @@ pub mod cluster;
 pub mod codec;
 pub mod command;
 pub mod directory;
+pub mod dkim;
 pub mod formats;
 pub mod keywords;
 #[cfg(feature = "testing")]

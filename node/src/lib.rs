@@ -11,15 +11,18 @@
 //! - [`smtp`], [`pop3`], [`imap`], [`managesieve`]: the client protocols. Use `services`,
 //!   `net`, `mail`, `uids` (and SMTP the outbound queue's `enqueue`).
 //! - [`outbound`]: the queue's worker, MX lookup and SMTP client. Uses
-//!   `services`, `mail`.
+//!   `services`, `mail`, `dkim`.
 //! - [`cluster`]: QUIC, enrollment, failure detection, the replica
 //!   protocol's transport and duties. Uses membership, replication,
 //!   `files`; no protocol.
 //! - [`admin`]: the HTTP API and `quill admin`. Uses `services`,
-//!   `cluster`, `tls`.
+//!   `cluster`, `tls`, `dkim`.
 //! - [`run`](mod@run): the wiring of one node.
 //! - [`settings`]: the cluster settings a node knows, checked and
 //!   applied over its flags. Uses `services` (the limits), `units`.
+//! - [`dkim`]: DKIM keys made for `quill admin dkim create`, their DNS
+//!   records, and the signer of outgoing mail over the cluster's keys.
+//!   Uses membership.
 //! - Leaves: [`mail`], [`uids`], [`tls`], [`metrics`], [`files`],
 //!   [`time`], [`units`].
 //!
@@ -40,6 +43,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod dkim;
 pub mod dns;
 pub mod edge;
 pub mod files;

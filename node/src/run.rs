@@ -341,7 +341,8 @@ pub async fn run(
             membership.in_quorum(OWNER_QUORUM_WITHIN) && outbound::owner_of(&membership.view(), shard) == Some(me)
         })
     };
-    let outbound = outbound::Outbound::new(services.clone(), config.outbound.clone(), owner)
+    let dkim = Arc::new(crate::dkim::Signer::new(Arc::new(cluster.membership.clone())));
+    let outbound = outbound::Outbound::new(services.clone(), config.outbound.clone(), owner, dkim)
         .context("cannot set up outbound delivery (DNS resolver)")?;
 
     let mut tasks = JoinSet::new();

@@ -358,7 +358,10 @@ async fn an_expired_message_bounces_except_to_the_null_sender() {
         relay_host: Some("127.0.0.1:9".into()),
         ..OutboundConfig::default()
     };
-    let out = Outbound::new(s.clone(), cfg, Arc::new(|_: &str| true)).expect("outbound");
+    let no_keys = Arc::new(quill_node::dkim::Signer::new(Arc::new(
+        membership::dkim::DkimKeys::default(),
+    )));
+    let out = Outbound::new(s.clone(), cfg, Arc::new(|_: &str| true), no_keys).expect("outbound");
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(out.run(stop_rx));
     let queued = || async {

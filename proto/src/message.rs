@@ -102,6 +102,14 @@ pub fn from_all(message: &[u8], allowed: impl Fn(&str) -> bool) -> bool {
     any
 }
 
+/// The domain (lower case) of the first `From:` address (RFC 5322.From),
+/// if the message has one: the domain a DKIM signature speaks for.
+pub fn from_domain(message: &[u8]) -> Option<String> {
+    let m = mail_parser::MessageParser::default().parse_headers(message)?;
+    let first = m.from()?.first()?;
+    domain_of(first.address.as_deref()?)
+}
+
 /// A client-supplied name made safe for a header: printable ASCII only,
 /// at most 255 bytes.
 pub fn clean_name(s: &str) -> String {
@@ -195,6 +203,14 @@ mod tests {
             "alice@example.org"
         ));
         assert!(!from_is(b"Subject: no from\r\n\r\nx", "alice@example.org"));
+    }
+
+    #[test]
+    fn the_from_domain() {
+        let m = b"To: x@y\r\nFrom: \"A, B\" <Alice@Example.ORG>, eve@evil.test\r\n\r\nx";
+        assert_eq!(from_domain(m).as_deref(), Some("example.org"));
+        assert_eq!(from_domain(b"From: nobody\r\n\r\nx"), None);
+        assert_eq!(from_domain(b"Subject: s\r\n\r\nx"), None);
     }
 
     #[test]

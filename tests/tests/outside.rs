@@ -418,6 +418,7 @@ async fn operator_rough_edges() {
         &["admin", "user"],
         &["admin", "node"],
         &["admin", "cluster"],
+        &["admin", "dkim"],
     ] {
         let out = Command::new(quill_binary().unwrap())
             .args(sub)

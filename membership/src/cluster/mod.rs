@@ -316,6 +316,27 @@ impl Membership {
         }
     }
 
+    /// The cluster's DKIM keys as applied here (with their private keys:
+    /// for signing, never for showing).
+    pub fn dkim_keys(&self) -> crate::dkim::DkimKeys {
+        self.inner.shared.read().state.dkim.clone()
+    }
+
+    /// The DKIM keys' change counter (cheap: to notice a change).
+    pub fn dkim_version(&self) -> u64 {
+        self.inner.shared.read().state.dkim.version
+    }
+
+    /// Commits a change to the DKIM keys; the refusal if the cluster does
+    /// not take it.
+    pub async fn write_dkim(&self, c: crate::dkim::DkimCommand) -> Result<(), String> {
+        match self.write(Command::Dkim(c)).await {
+            Ok(crate::command::Response { result: Ok(()), .. }) => Ok(()),
+            Ok(crate::command::Response { result: Err(e), .. }) => Err(e.to_string()),
+            Err(e) => Err(format!("not committed: {e}")),
+        }
+    }
+
     /// The size of the replicated state as a snapshot of it would be (the
     /// same on every node that has applied the same entries): what must
     /// stay bounded by the cluster's size, not its mail. Encodes the state

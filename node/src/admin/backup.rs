@@ -2,7 +2,8 @@
 //! the Raft state that is not mail (domains, users with their password
 //! hashes and quotas, aliases, domain aliases, catch-alls, taps, Sieve
 //! scripts, cluster settings, the TLS certificates stored cluster-wide with
-//! their keys, and each user's folder names and subscriptions) as one JSON
+//! their keys, the DKIM signing keys, and each user's folder names and
+//! subscriptions) as one JSON
 //! document. The mail goes user by user through `export` and `import`;
 //! `quill admin backup` and `restore` (`transfer`) put the two together.
 //!
@@ -52,6 +53,10 @@ pub struct DirectoryBackup {
     pub tls: BTreeMap<String, StoredCert>,
     /// By user address.
     pub folders: BTreeMap<String, UserFolders>,
+    /// DKIM signing keys by domain, with their private keys (absent from
+    /// a backup taken before they existed).
+    #[serde(default)]
+    pub dkim: BTreeMap<String, Vec<membership::dkim::DkimKey>>,
 }
 
 /// `GET /v1/backup/directory`.
@@ -85,6 +90,7 @@ pub(super) async fn directory(State(s): State<AdminState>) -> ApiResult {
         settings: membership.settings().values,
         tls: membership.tls_certs().certs,
         folders,
+        dkim: membership.dkim_keys().domains,
     })
 }
 
@@ -154,6 +160,19 @@ pub(super) async fn restore(State(s): State<AdminState>, Json(b): Json<Directory
             .set_tls_cert(name.clone(), cert.clone())
             .await
             .map_err(|e| unavailable("certificates", e))?;
+    }
+    for (domain, keys) in &b.dkim {
+        for key in keys {
+            let add = membership::dkim::DkimCommand::Add {
+                domain: domain.clone(),
+                key: key.clone(),
+            };
+            match membership.write_dkim(add).await {
+                // The same key there already (a restore tried again).
+                Err(e) if e.contains("already has selector") => {}
+                r => r.map_err(|e| unavailable("DKIM keys", e))?,
+            }
+        }
     }
     tracing::info!(users = b.users.len(), domains = b.domains.len(), "directory restored");
     reply(serde_json::json!({"ok": true, "users": b.users.len(), "domains": b.domains.len()}))

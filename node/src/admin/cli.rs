@@ -65,6 +65,9 @@ enum AdminCmd {
     /// The outbound queue, cluster-wide (any node answers for all).
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// DKIM signing keys of outgoing mail, per domain, shared by the cluster.
+    #[command(subcommand)]
+    Dkim(super::dkim::DkimCmd),
     /// Write a user's mail to standard output, online: mbox (mboxrd, the
     /// folder and flags in added headers) or a Maildir tree as a tar
     /// stream. Exits with an error if the stream broke off.
@@ -89,7 +92,7 @@ enum AdminCmd {
     },
     /// Back the whole cluster up into DIR (new or empty), online: the
     /// directory (users with password hashes, routes, Sieve, settings,
-    /// certificates and keys) and every mailbox, streamed.
+    /// certificates and keys, DKIM keys) and every mailbox, streamed.
     Backup {
         dir: PathBuf,
         /// Read mail at most this much a second, leaving the nodes' disks
@@ -506,8 +509,12 @@ impl AdminCmd {
                 id: s(id),
                 action: QueueAction::Release,
             },
-            AdminCmd::Export { .. } | AdminCmd::Import { .. } | AdminCmd::Backup { .. } | AdminCmd::Restore { .. } => {
-                bail!("a streamed command, not one call")
+            AdminCmd::Export { .. }
+            | AdminCmd::Import { .. }
+            | AdminCmd::Backup { .. }
+            | AdminCmd::Restore { .. }
+            | AdminCmd::Dkim(_) => {
+                bail!("a streamed command or one of its own file, not one call")
             }
             AdminCmd::LogLevel {
                 user,
@@ -549,6 +556,7 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             return super::transfer::backup(node, token, dir, Some(*max_rate)).await;
         }
         AdminCmd::Restore { dir, resume } => return super::transfer::restore(node, token, dir, *resume).await,
+        AdminCmd::Dkim(c) => return super::dkim::run(node, token, c).await,
         _ => {}
     }
     let call = a.command.call()?;

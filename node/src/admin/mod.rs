@@ -40,6 +40,9 @@
 //! GET    /v1/settings                 -> [{"key", "value", "default", "source", "help"}] as this node applies them
 //! PUT    /v1/settings/{key}           {"value"}: checked (400 with the reason), for every node
 //! DELETE /v1/settings/{key}
+//! GET    /v1/dkim                     -> [{"domain", "selector", "algorithm", "created_secs", "signing", "record", "zone_line"}] (no private key)
+//! POST   /v1/dkim/{domain}            {"selector"?, "algorithm"?}: a key made here, for every node -> its row
+//! DELETE /v1/dkim/{domain}/{selector}
 //! DELETE /v1/taps/{domain-or-address}
 //! GET    /v1/sessions                 -> {"sessions": [{"node", "protocol", "peer", "user", "since_ms", "tls"}], "missing"}
 //! GET    /v1/top/{senders|recipients|clients}?window=1m|1h -> {"top": [{"key", "count", "error"}], "total", ...}
@@ -65,6 +68,7 @@ pub mod cli;
 pub mod client;
 mod cluster;
 mod directory;
+mod dkim;
 mod export;
 mod print;
 mod queue;
@@ -176,6 +180,9 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/v1/settings", get(settings::list))
         .route("/v1/settings/{key}", put(settings::set).delete(settings::unset))
+        .route("/v1/dkim", get(dkim::list))
+        .route("/v1/dkim/{domain}", post(dkim::create))
+        .route("/v1/dkim/{domain}/{selector}", delete(dkim::remove))
         .route(
             "/v1/sieve/{address}",
             get(routes::get_sieve)

@@ -24,6 +24,12 @@
 //! is soft: a new owner starts over (tries at once), which costs an early
 //! retry, never a message.
 //!
+//! DKIM: each try of an entry is signed at send time (`crate::dkim`) with
+//! the newest cluster key of its `From:` domain, else of its envelope
+//! sender's domain, else not at all; the signature goes in front of the
+//! bytes sent, never into the stored copy, and a signing failure sends the
+//! message unsigned rather than holding it.
+//!
 //! # Ownership, fencing and the queue's data
 //! A queued message is mail like any other: it is stored with the same
 //! front end and replica protocol (R copies, fsync before `250`) in one of
@@ -172,6 +178,8 @@ pub struct Outbound {
     freed: tokio::sync::Notify,
     /// The origin of the monotonic times the rate buckets are kept in.
     started: Instant,
+    /// DKIM signatures with the cluster's keys (`crate::dkim`).
+    dkim: Arc<crate::dkim::Signer>,
 }
 
 impl Outbound {
@@ -180,7 +188,12 @@ impl Outbound {
         self.services.limits().queue
     }
 
-    pub fn new(services: Arc<Services>, cfg: OutboundConfig, owner: Owner) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        services: Arc<Services>,
+        cfg: OutboundConfig,
+        owner: Owner,
+        dkim: Arc<crate::dkim::Signer>,
+    ) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Outbound {
             mx: Mx::new(cfg.relay_host.clone(), &services.dns, cfg.mx_port)?,
             sender: Sender::new(services.queue.cut_transactions.clone()),
@@ -193,6 +206,7 @@ impl Outbound {
             cfg,
             state: Mutex::new(State::default()),
             started: Instant::now(),
+            dkim,
         }))
     }
 
@@ -371,11 +385,21 @@ impl Outbound {
             let pending: Vec<usize> = by_domain.values().flatten().copied().collect();
             queue::expired(&env, &pending, &last)
         } else {
+            // Signed at send time, once per try of the entry: the stored
+            // copy stays as it came (a key added or removed meanwhile
+            // applies to the next try), and bounces quote it unsigned.
+            let signed: Option<Vec<u8>> = self.dkim.signature(&env.from, message).map(|sig| {
+                let mut m = Vec::with_capacity(sig.len() + message.len());
+                m.extend_from_slice(sig.as_bytes());
+                m.extend_from_slice(message);
+                m
+            });
+            let sent: &[u8] = signed.as_deref().unwrap_or(message);
             let tries = by_domain.iter().map(|(domain, idxs)| {
                 let env = &env;
                 async move {
                     let rcpts: Vec<&str> = idxs.iter().map(|i| env.rcpts[*i].as_str()).collect();
-                    let results = self.deliver_domain(domain, &env.from, &rcpts, message).await;
+                    let results = self.deliver_domain(domain, &env.from, &rcpts, sent).await;
                     idxs.iter().copied().zip(results).collect::<Vec<_>>()
                 }
             });

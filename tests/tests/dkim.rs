@@ -16,19 +16,6 @@ use common::{PASSWORD, quill_admin, wait_for};
 use quill_harness::fresh_loopback;
 use quill_harness::process::{NodeOptions, NodeProcess};
 
-/// A Python with dkimpy (and PyNaCl, for Ed25519): `QUILL_PYTHON`, else
-/// `python3`, else the system's (Debian's python3-dkim goes there).
-fn python_with_dkim() -> Option<String> {
-    let mut candidates: Vec<String> = std::env::var("QUILL_PYTHON").into_iter().collect();
-    candidates.extend(["python3".to_owned(), "/usr/bin/python3".to_owned()]);
-    candidates.into_iter().find(|p| {
-        std::process::Command::new(p)
-            .args(["-c", "import dkim, nacl"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
 /// dkimpy's verdict on `message`, with `record` as the only TXT record
 /// (for `name`): "pass", or "fail: " and why.
 const VERIFY: &str = r#"
@@ -146,14 +133,10 @@ fn tag(message: &[u8], tag: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outgoing_mail_is_signed_with_the_clusters_keys_and_verifies_outside() {
-    let python = python_with_dkim();
-    if !testkit::available(
-        python.is_some(),
-        "python3 with dkimpy (Debian python3-dkim) is not installed",
-    ) {
+    // dkimpy, with PyNaCl for Ed25519.
+    let Some(python) = testkit::python_with("dkim, nacl") else {
         return;
-    }
-    let python = python.unwrap();
+    };
     let _slot = common::cluster_slot().await;
     let sink = Sink::start(0).await;
     let relay = sink.addr.to_string();

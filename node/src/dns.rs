@@ -13,6 +13,11 @@ use hickory_resolver::TokioResolver;
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Names and answers kept by the resolver's cache.
 pub const CACHE_ENTRIES: u64 = 32 * 1024;
+/// How long "no such name" is remembered at least (RFC 2308's negative
+/// caching; an answer without an SOA would not be remembered at all):
+/// DMARC's tree walk and SPF ask about names that do not exist for most
+/// messages.
+pub const NEGATIVE_TTL_MIN: Duration = Duration::from_secs(30);
 
 /// The node's resolver, made on first use.
 #[derive(Default)]
@@ -65,5 +70,6 @@ fn build(server: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
     opts.timeout = QUERY_TIMEOUT;
     opts.attempts = 1;
     opts.cache_size = CACHE_ENTRIES;
+    opts.negative_min_ttl = Some(NEGATIVE_TTL_MIN);
     Ok(builder.build()?)
 }

@@ -27,6 +27,9 @@ fn dnsmasq(public_key: &str) -> anyhow::Result<(tokio::process::Child, String)> 
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
     let records = [
         "--local=/test/".to_owned(),
+        // Answers with a TTL, as real zones give (dnsmasq's own is 0:
+        // nothing would be cached).
+        "--local-ttl=300".to_owned(),
         "--txt-record=remote.test,v=spf1 ip4:127.0.0.0/8 -all".to_owned(),
         "--txt-record=harness.quill.test,v=spf1 ip4:127.0.0.0/8 -all".to_owned(),
         "--txt-record=_dmarc.remote.test,v=DMARC1; p=reject".to_owned(),

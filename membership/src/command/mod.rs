@@ -115,6 +115,9 @@ pub enum Command {
         key: String,
         value: Option<String>,
     },
+    /// Feature level 3: blocklists (loaded in chunks) and access rules
+    /// (see [`crate::blocklist`]).
+    Blocklist(crate::blocklist::BlocklistCommand),
 }
 
 impl Command {
@@ -129,6 +132,7 @@ impl Command {
             Command::DefineKeywords { .. } => crate::keywords::KEYWORDS_FEATURE_LEVEL,
             Command::Routes(_) => crate::routes::ROUTES_FEATURE_LEVEL,
             Command::SetSetting { .. } => crate::settings::SETTINGS_FEATURE_LEVEL,
+            Command::Blocklist(_) => crate::blocklist::BLOCKLIST_FEATURE_LEVEL,
             Command::Directory(DirectoryCommand::SetQuota { .. }) => crate::routes::ROUTES_FEATURE_LEVEL,
             _ => 1,
         }
@@ -219,6 +223,8 @@ pub enum CommandError {
     Route(#[from] crate::routes::RouteError),
     #[error(transparent)]
     Setting(#[from] crate::settings::SettingsError),
+    #[error(transparent)]
+    Blocklist(#[from] crate::blocklist::BlocklistError),
     /// A command of a feature level the cluster does not run at, or a
     /// level this release does not know or that would lower it.
     #[error("feature level {asked}: the cluster runs at {current}, this release supports up to {supported}")]
@@ -271,6 +277,8 @@ pub struct ClusterState {
     pub routes: crate::routes::Routes,
     /// Level 3: cluster settings.
     pub settings: crate::settings::Settings,
+    /// Level 3: blocklists and access rules.
+    pub blocklists: crate::blocklist::Blocklists,
 }
 
 impl Default for ClusterState {
@@ -286,6 +294,7 @@ impl Default for ClusterState {
             keywords: Default::default(),
             routes: Default::default(),
             settings: Default::default(),
+            blocklists: Default::default(),
         }
     }
 }
@@ -364,6 +373,7 @@ impl ClusterState {
             Command::Directory(c) => self.apply_directory(c)?,
             Command::Routes(c) => self.routes.apply(c, &mut self.directory)?,
             Command::SetSetting { key, value } => self.settings.set(key, value.as_deref())?,
+            Command::Blocklist(c) => self.blocklists.apply(c)?,
             Command::AddNode(info) => {
                 info.validate()?;
                 if !self.view.nodes.contains_key(&info.id) && self.view.nodes.len() >= NODES_MAX {

@@ -196,6 +196,21 @@ struct NodeArgs {
     /// IP address and port); default: the system's (/etc/resolv.conf).
     #[arg(long, value_name = "IP:PORT")]
     dns: Option<SocketAddr>,
+    /// A DNS blocklist zone asked about every client of --smtp (e.g.
+    /// zen.spamhaus.org); repeat for several. A lookup that fails or takes
+    /// over 1.5 s is not a listing: the mail is taken.
+    #[arg(long, value_name = "ZONE")]
+    dnsbl: Vec<String>,
+    /// Where a client of --smtp that a DNS blocklist or a cluster
+    /// blocklist lists is refused: at `rcpt` (554 to every recipient but
+    /// postmaster) or at `connect` (554 instead of the greeting).
+    #[arg(long, default_value = "rcpt", value_parser = ["connect", "rcpt"])]
+    dnsbl_at: String,
+    /// Greylist mail on --smtp: the first try of a (client /24 or /64,
+    /// sender, recipient) gets 451 and a retry after this long (within
+    /// 36h) passes, through any node; off by default (e.g. 5m).
+    #[arg(long, value_parser = parse_duration_arg)]
+    greylist: Option<Duration>,
     /// The port mail exchangers are reached on (25; another for tests).
     #[arg(long, default_value_t = 25)]
     mx_port: u16,
@@ -482,6 +497,11 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         default_login_domain: a.default_login_domain,
         postmaster: a.postmaster,
         dns: a.dns,
+        edge: quill_node::edge::EdgeOptions {
+            dnsbl: check_zones(a.dnsbl)?,
+            dnsbl_at: a.dnsbl_at.parse().map_err(anyhow::Error::msg)?,
+            greylist: a.greylist.filter(|d| !d.is_zero()),
+        },
         replicas: a.replicas as usize,
         limits,
         outbound: quill_node::outbound::OutboundConfig {
@@ -493,6 +513,21 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         },
     };
     quill_node::run(config, set_log_level, shutdown_signal()?).await
+}
+
+/// DNS blocklist zones as names (letters, digits, '-', '.').
+fn check_zones(zones: Vec<String>) -> anyhow::Result<Vec<String>> {
+    for z in &zones {
+        let ok =
+            !z.is_empty() && z.len() <= 200 && z.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            bail!("--dnsbl {z:?} is not a DNS zone name");
+        }
+    }
+    Ok(zones
+        .into_iter()
+        .map(|z| z.trim_end_matches('.').to_ascii_lowercase())
+        .collect())
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed here, before

@@ -77,6 +77,8 @@ pub struct NodeConfig {
     pub postmaster: Option<String>,
     /// The DNS server to ask (the system's resolv.conf without).
     pub dns: Option<SocketAddr>,
+    /// Blocklists, DNS blocklists, greylisting (`crate::edge`).
+    pub edge: crate::edge::EdgeOptions,
     /// The limits and policies a cluster setting may change (the node's
     /// flags, defaults filled in).
     pub limits: Limits,
@@ -316,6 +318,7 @@ pub async fn run(
             default_login_domain: config.default_login_domain.clone(),
             postmaster: config.postmaster.clone(),
             dns: config.dns,
+            edge: config.edge.clone(),
             metric_sources: vec![
                 Box::new(StoreFigures(store.clone())),
                 Box::new(ReplicaFigures(replica.clone())),
@@ -380,6 +383,11 @@ pub async fn run(
         tasks.spawn(admin::serve(listener, admin::router(state), stop_rx.clone()));
     }
     tasks.spawn(clean_log(store.clone(), stop_rx.clone()));
+    tasks.spawn(crate::edge::blocklist::follow(
+        services.edge.lists.clone(),
+        cluster.membership.clone(),
+        stop_rx.clone(),
+    ));
     // Clients are served by the cluster's current view, not by the one
     // this node may have died with (bounded: a cluster without a quorum
     // still gets served).

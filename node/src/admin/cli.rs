@@ -52,6 +52,12 @@ enum AdminCmd {
     /// no restart (a node's own flag still wins on that node).
     #[command(subcommand)]
     Settings(SettingsCmd),
+    /// Blocklists of client addresses, cluster-wide (--smtp refuses them).
+    #[command(subcommand)]
+    Blocklist(super::blocklist::BlocklistCmd),
+    /// Access rules: allow or deny client address ranges, over every list.
+    #[command(subcommand)]
+    Access(super::blocklist::AccessCmd),
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -506,7 +512,12 @@ impl AdminCmd {
                 id: s(id),
                 action: QueueAction::Release,
             },
-            AdminCmd::Export { .. } | AdminCmd::Import { .. } | AdminCmd::Backup { .. } | AdminCmd::Restore { .. } => {
+            AdminCmd::Export { .. }
+            | AdminCmd::Import { .. }
+            | AdminCmd::Backup { .. }
+            | AdminCmd::Restore { .. }
+            | AdminCmd::Blocklist(_)
+            | AdminCmd::Access(_) => {
                 bail!("a streamed command, not one call")
             }
             AdminCmd::LogLevel {
@@ -549,6 +560,8 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
             return super::transfer::backup(node, token, dir, Some(*max_rate)).await;
         }
         AdminCmd::Restore { dir, resume } => return super::transfer::restore(node, token, dir, *resume).await,
+        AdminCmd::Blocklist(c) => return super::blocklist::run_blocklist(node, token, c).await,
+        AdminCmd::Access(c) => return super::blocklist::run_access(node, token, c).await,
         _ => {}
     }
     let call = a.command.call()?;

@@ -55,6 +55,8 @@ pub struct Options {
     pub postmaster: Option<String>,
     /// The DNS server to ask (see [`crate::dns`]).
     pub dns: Option<std::net::SocketAddr>,
+    /// Blocklists, DNS blocklists, greylisting (see [`crate::edge`]).
+    pub edge: crate::edge::EdgeOptions,
     /// Figures other parts count, read at each scrape of `/metrics`.
     pub metric_sources: Vec<Box<dyn Collector>>,
 }
@@ -86,6 +88,8 @@ pub struct Services {
     pub activity: Arc<activity::Activity>,
     /// The node's caching resolver.
     pub dns: Arc<crate::dns::Dns>,
+    /// The checks of a client at the edge (`--smtp` only).
+    pub edge: Arc<crate::edge::Edge>,
 }
 
 impl std::fmt::Debug for Services {
@@ -101,6 +105,8 @@ impl Services {
         let activity = Arc::new(activity::Activity::default());
         let slots = Slots::new(l.connections_max, l.connections_per_address_max);
         let mut sources = o.metric_sources;
+        let edge = Arc::new(crate::edge::Edge::new(o.edge));
+        sources.push(Box::new(crate::edge::check::Figures(edge.stats.clone())));
         sources.push(Box::new(activity::Figures {
             activity: activity.clone(),
             slots: slots.clone(),
@@ -153,6 +159,7 @@ impl Services {
             slots,
             activity,
             dns: Arc::new(crate::dns::Dns::new(o.dns)),
+            edge,
             metrics,
             queue,
             live,

@@ -10,6 +10,7 @@
 mod auth;
 mod data;
 mod deliver;
+mod edge;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,8 @@ struct Session<S> {
     services: Arc<Services>,
     peer: SocketAddr,
     state: State,
+    /// The edge checks of the client (`--smtp` only).
+    edge: Option<crate::edge::Check>,
 }
 
 /// Serves one plaintext connection (STARTTLS offered when TLS is set up).
@@ -88,9 +91,15 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
                 send_as: services.limits().send_as.clone(),
                 ..State::new(mode, services.hostname.clone())
             },
+            edge: (mode == Mode::Smtp).then(|| services.edge.check(peer.ip(), &services.dns)),
             services,
             peer,
         };
+        if let Some(refusal) = s.edge_at_connect().await {
+            let _ = s.io.reply(&refusal).await;
+            let _ = s.io.flush().await;
+            return;
+        }
         let greeting = s.state.greeting();
         if s.io.reply(&greeting).await.is_err() {
             return;
@@ -203,6 +212,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Err(r) = self.state.rcpt_check(address, self.services.limits().recipients_max) {
             return self.send(r).await;
         }
+        if let Some(r) = self.edge_rcpt(address).await {
+            return self.send(r).await;
+        }
         // An address that has named too many unknown users lately is told
         // to come back, whoever it names now: the answer says nothing
         // about who exists.
@@ -311,6 +323,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             dests,
             forwards: !expansion.remote.is_empty(),
         };
+        if let Some(r) = self.edge_greylist(address).await {
+            return self.send(r).await;
+        }
         let reply = self.state.add_local(rcpt, expansion.remote);
         self.send(reply).await
     }

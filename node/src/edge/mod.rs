@@ -1,0 +1,17 @@
+//! Checks at the edge: what a server taking mail from the Internet (the
+//! `--smtp` listener, not submission or LMTP) asks about a client before
+//! it takes its mail. Each check is a module; the SMTP session calls them
+//! through a few hook lines.
+//!
+//! - [`blocklist`]: the cluster's blocklists and access rules (Raft
+//!   state), looked up on every node in microseconds.
+//! - [`dnsbl`]: DNS blocklists (`--dnsbl ZONE`), asked once a connection.
+//! - [`greylist`]: `--greylist DURATION`, kept at each triplet's manager.
+//! - [`check`]: the options, the per-connection verdict and the counters.
+
+pub mod blocklist;
+pub mod check;
+pub mod dnsbl;
+pub mod greylist;
+
+pub use check::{Check, Edge, EdgeOptions, Stage};

@@ -92,6 +92,25 @@ async fn metrics(n: &NodeProcess) -> String {
 }
 
 const ALICE: &str = "alice@example.org";
+
+/// Python's smtplib from a listed client address: the listed recipient is
+/// refused with 554, a whole message to postmaster is taken.
+const PY_LISTED: &str = r#"
+import smtplib, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = smtplib.SMTP(host, port, source_address=("127.0.0.1", 0))
+s.ehlo("client.test")
+try:
+    s.sendmail("x@sender.test", ["alice@example.org"], "Subject: spam\r\n\r\nspam\r\n")
+    raise SystemExit("a listed client's mail was taken")
+except smtplib.SMTPRecipientsRefused as e:
+    code, msg = e.recipients["alice@example.org"]
+    assert code == 554 and b"listed by spam" in msg, e.recipients
+refused = s.sendmail("x@sender.test", ["postmaster@example.org"], "Subject: delisting\r\n\r\nplease\r\n")
+assert refused == {}, refused
+s.quit()
+print("smtplib ok")
+"#;
 const WITHIN: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,6 +160,16 @@ async fn lists_and_access_rules_reach_every_node() {
         ] {
             assert_eq!(code(n, ip, ALICE).await, want, "{ip}");
         }
+    }
+    if testkit::program("python3") {
+        let smtp = nodes[1].smtp();
+        let out = common::run(std::process::Command::new("python3").args([
+            "-c",
+            PY_LISTED,
+            &smtp.ip().to_string(),
+            &smtp.port().to_string(),
+        ]));
+        assert!(out.contains("smtplib ok"), "{out}");
     }
     let list = admin(&nodes[1], &["blocklist", "list", "--json"]);
     let rows: serde_json::Value = serde_json::from_str(&list).unwrap();

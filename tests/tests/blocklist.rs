@@ -243,6 +243,10 @@ async fn a_million_ranges_load_through_the_cli() {
     })
     .await;
     assert_eq!(code(&n, "127.0.0.2", ALICE).await, 250);
+    let log = std::fs::read_to_string(n.log_path()).unwrap_or_default();
+    if let Some(line) = log.lines().rfind(|l| l.contains("blocklists applied")) {
+        println!("node: {line}");
+    }
     let list = admin(&n, &["blocklist", "list"]);
     assert!(list.contains("big 1000000 ranges"), "{list}");
 }

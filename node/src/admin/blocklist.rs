@@ -156,18 +156,14 @@ pub enum BlocklistCmd {
     /// seconds: addresses, CIDR ranges and a-b ranges, one a line (`#`
     /// comments; rbldnsd ip4set lines, `!` exclusions). A bad line
     /// refuses the whole file, with its number.
-    Load {
-        name: String,
-        file: PathBuf,
-    },
+    Load { name: String, file: PathBuf },
     /// The lists: name, ranges, when loaded, bytes.
     List {
         #[arg(long)]
         json: bool,
     },
-    Remove {
-        name: String,
-    },
+    /// Remove list NAME from every node.
+    Remove { name: String },
 }
 
 /// `quill admin access`: the operator's own rules, over every list.
@@ -175,20 +171,16 @@ pub enum BlocklistCmd {
 pub enum AccessCmd {
     /// Clients in CIDR are never refused by a list, a DNS blocklist or
     /// greylisting.
-    Allow {
-        cidr: String,
-    },
+    Allow { cidr: String },
     /// Clients in CIDR are refused as if listed.
-    Deny {
-        cidr: String,
-    },
+    Deny { cidr: String },
+    /// The rules: allow or deny, and their range.
     List {
         #[arg(long)]
         json: bool,
     },
-    Remove {
-        cidr: String,
-    },
+    /// Remove the rule for CIDR (as given to allow or deny).
+    Remove { cidr: String },
 }
 
 fn path_part(s: &str) -> String {

@@ -198,7 +198,10 @@ mod tests {
         assert_eq!(t2.check(ip("10.9.9.9")), Local::Allowed, "allow wins over deny");
         assert_eq!(t2.check(ip("11.2.3.4")), Local::Denied);
         assert_eq!(t2.check(ip("172.20.0.1")), Local::Listed("a".into()));
-        assert!(Arc::ptr_eq(&t1.lists["b"].1, &t2.lists["b"].1), "b was not decoded again");
+        assert!(
+            Arc::ptr_eq(&t1.lists["b"].1, &t2.lists["b"].1),
+            "b was not decoded again"
+        );
         assert!(!Arc::ptr_eq(&t1.lists["a"].1, &t2.lists["a"].1));
     }
 }

@@ -34,6 +34,8 @@ pub const LIST_BYTES_MAX: u64 = 48 << 20;
 pub const TOTAL_BYTES_MAX: u64 = 256 << 20;
 /// One chunk's bytes, at most (a Raft entry is at most 64 KiB).
 pub const CHUNK_BYTES_MAX: usize = 48 * 1024;
+// A chunk and its request's other fields fit one Raft entry.
+const _: () = assert!(CHUNK_BYTES_MAX + 4096 <= crate::cluster::ENTRY_BYTES_MAX);
 pub const NAME_BYTES_MAX: usize = 64;
 /// Access rules, at most.
 pub const ACCESS_RULES_MAX: usize = 10_000;
@@ -85,6 +87,8 @@ pub enum BlocklistError {
     NoStaging { name: String, upload: u64 },
     #[error("chunk at offset {offset}: the staging holds {held} bytes")]
     OutOfOrder { offset: u64, held: u64 },
+    #[error("a chunk over {CHUNK_BYTES_MAX} bytes, or past the {total} bytes the load began with")]
+    PastTotal { total: u64 },
     #[error("the load is incomplete: {held} of {total} bytes")]
     Incomplete { held: u64, total: u64 },
     #[error("a bad table: {0}")]
@@ -193,7 +197,10 @@ impl Blocklists {
             } => {
                 let s = self.staged(name, *upload)?;
                 let held = s.data.len() as u64;
-                if *offset != held || held + data.len() as u64 > s.total_bytes || data.len() > CHUNK_BYTES_MAX {
+                if data.len() > CHUNK_BYTES_MAX || held + data.len() as u64 > s.total_bytes {
+                    return Err(BlocklistError::PastTotal { total: s.total_bytes });
+                }
+                if *offset != held {
                     return Err(BlocklistError::OutOfOrder { offset: *offset, held });
                 }
                 s.data.extend_from_slice(data);

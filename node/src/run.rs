@@ -401,6 +401,7 @@ pub async fn run(
             "caught up with the cluster's view"
         );
     }
+    crate::edge::blocklist::refresh(&services.edge.lists, &cluster.membership).await;
     for l in listeners {
         let serve = {
             let services = services.clone();

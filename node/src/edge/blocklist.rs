@@ -111,53 +111,59 @@ impl Lists {
 /// Keeps `lists` at the Raft state's, from start to shutdown.
 pub async fn follow(lists: Arc<Lists>, membership: membership::Membership, mut stop: watch::Receiver<bool>) {
     loop {
-        let version = membership.blocklists_version();
-        if version != lists.get().version {
-            let started = Instant::now();
-            let old = lists.get();
-            // Copy out the lists that changed (the read lock holds up
-            // applying entries): decoding happens after.
-            let state = membership.with_blocklists(|b| Blocklists {
-                version: b.version,
-                lists: b
-                    .lists
-                    .iter()
-                    .map(|(n, l)| match old.lists.get(n) {
-                        Some((v, _)) if *v == l.version => (
-                            n.clone(),
-                            membership::blocklist::StoredList {
-                                version: l.version,
-                                loaded_at_ms: l.loaded_at_ms,
-                                ranges: l.ranges,
-                                data: Vec::new(),
-                            },
-                        ),
-                        _ => (n.clone(), l.clone()),
-                    })
-                    .collect(),
-                staging: BTreeMap::new(),
-                access: b.access.clone(),
-            });
-            let next = tokio::task::spawn_blocking(move || old.rebuild(&state)).await;
-            match next {
-                Ok(t) => {
-                    let ranges: usize = t.lists.values().map(|(_, t)| t.len()).sum();
-                    info!(
-                        version = t.version,
-                        lists = t.lists.len(),
-                        ranges,
-                        ms = started.elapsed().as_millis() as u64,
-                        "blocklists applied"
-                    );
-                    lists.set(t);
-                }
-                Err(e) => warn!(error = %e, "blocklists not rebuilt"),
-            }
-        }
+        refresh(&lists, &membership).await;
         tokio::select! {
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// Brings `lists` to the Raft state's as applied here, if it changed
+/// (also once at start, before the listeners open).
+pub async fn refresh(lists: &Lists, membership: &membership::Membership) {
+    let version = membership.blocklists_version();
+    if version == lists.get().version {
+        return;
+    }
+    let started = Instant::now();
+    let old = lists.get();
+    // Copy out the lists that changed (the read lock holds up applying
+    // entries): decoding happens after.
+    let state = membership.with_blocklists(|b| Blocklists {
+        version: b.version,
+        lists: b
+            .lists
+            .iter()
+            .map(|(n, l)| match old.lists.get(n) {
+                Some((v, _)) if *v == l.version => (
+                    n.clone(),
+                    membership::blocklist::StoredList {
+                        version: l.version,
+                        loaded_at_ms: l.loaded_at_ms,
+                        ranges: l.ranges,
+                        data: Vec::new(),
+                    },
+                ),
+                _ => (n.clone(), l.clone()),
+            })
+            .collect(),
+        staging: BTreeMap::new(),
+        access: b.access.clone(),
+    });
+    match tokio::task::spawn_blocking(move || old.rebuild(&state)).await {
+        Ok(t) => {
+            let ranges: usize = t.lists.values().map(|(_, t)| t.len()).sum();
+            info!(
+                version = t.version,
+                lists = t.lists.len(),
+                ranges,
+                ms = started.elapsed().as_millis() as u64,
+                "blocklists applied"
+            );
+            lists.set(t);
+        }
+        Err(e) => warn!(error = %e, "blocklists not rebuilt"),
     }
 }
 

@@ -252,6 +252,17 @@ async fn a_million_ranges_load_through_the_cli() {
     }
     let list = admin(&n, &["blocklist", "list"]);
     assert!(list.contains("big 1000000 ranges"), "{list}");
+
+    // A restarted node has the list from its Raft state before its SMTP
+    // listener opens: its first session is already refused.
+    let mut n = n;
+    n.restart().await.unwrap();
+    wait_for("the SMTP listener back", WITHIN, || async {
+        tokio::net::TcpStream::connect(n.smtp()).await.is_ok()
+    })
+    .await;
+    assert_eq!(code(&n, "127.0.0.1", ALICE).await, 554);
+    assert_eq!(code(&n, "127.0.0.2", ALICE).await, 250);
 }
 
 /// A UDP socket that reads queries and never answers.

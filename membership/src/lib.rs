@@ -49,6 +49,7 @@
 //! [`Membership::shutdown`] stops the Raft core and waits for it; the
 //! storage folder's lock is released when the last handle is dropped.
 
+pub mod blocklist;
 pub mod cluster;
 pub mod codec;
 pub mod command;

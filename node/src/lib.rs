@@ -15,6 +15,8 @@
 //! - [`cluster`]: QUIC, enrollment, failure detection, the replica
 //!   protocol's transport and duties. Uses membership, replication,
 //!   `files`; no protocol.
+//! - [`edge`]: the checks of a client at the edge (blocklists, access
+//!   rules, DNS blocklists, greylisting). Uses `dns`, `mail`.
 //! - [`admin`]: the HTTP API and `quill admin`. Uses `services`,
 //!   `cluster`, `tls`, `dkim`.
 //! - [`run`](mod@run): the wiring of one node.

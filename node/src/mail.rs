@@ -48,6 +48,11 @@ pub trait Mail: Send + Sync + 'static {
     /// `None` when no counter's manager answered.
     fn throttle<'a>(&'a self, keys: &'a [(String, u32)], window: Duration, failed: bool)
     -> BoxFuture<'a, Option<bool>>;
+    /// Greylisting at the manager of `key` (see `Replicator::greylist`):
+    /// whether this try passes; `None` when no manager answered.
+    fn greylist<'a>(&'a self, _key: &'a str, _delay: Duration, _lifetime: Duration) -> BoxFuture<'a, Option<bool>> {
+        Box::pin(async { None })
+    }
 }
 
 /// A message to store: under `id`, for every one of `mailboxes`, in
@@ -161,6 +166,10 @@ impl<N: Network> Mail for Replicator<N> {
         failed: bool,
     ) -> BoxFuture<'a, Option<bool>> {
         Box::pin(Replicator::throttle(self, keys, window, failed))
+    }
+
+    fn greylist<'a>(&'a self, key: &'a str, delay: Duration, lifetime: Duration) -> BoxFuture<'a, Option<bool>> {
+        Box::pin(Replicator::greylist(self, key, delay, lifetime))
     }
 }
 

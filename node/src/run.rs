@@ -80,7 +80,9 @@ pub struct NodeConfig {
     /// The node's name for the outside world (`--hostname`; `name` without).
     pub hostname: Option<String>,
     /// The checks of mail arriving on `--smtp`.
-    pub edge: crate::edge::EdgeConfig,
+    pub mail_auth: crate::edge::MailAuthConfig,
+    /// Blocklists, DNS blocklists, greylisting (`crate::edge`).
+    pub edge: crate::edge::EdgeOptions,
     /// The limits and policies a cluster setting may change (the node's
     /// flags, defaults filled in).
     pub limits: Limits,
@@ -320,7 +322,8 @@ pub async fn run(
             default_login_domain: config.default_login_domain.clone(),
             postmaster: config.postmaster.clone(),
             dns: config.dns,
-            edge: Some(config.edge.clone()),
+            mail_auth: Some(config.mail_auth.clone()),
+            edge: config.edge.clone(),
             metric_sources: vec![
                 Box::new(StoreFigures(store.clone())),
                 Box::new(ReplicaFigures(replica.clone())),
@@ -386,6 +389,11 @@ pub async fn run(
         tasks.spawn(admin::serve(listener, admin::router(state), stop_rx.clone()));
     }
     tasks.spawn(clean_log(store.clone(), stop_rx.clone()));
+    tasks.spawn(crate::edge::blocklist::follow(
+        services.edge.lists.clone(),
+        cluster.membership.clone(),
+        stop_rx.clone(),
+    ));
     // Clients are served by the cluster's current view, not by the one
     // this node may have died with (bounded: a cluster without a quorum
     // still gets served).
@@ -399,6 +407,7 @@ pub async fn run(
             "caught up with the cluster's view"
         );
     }
+    crate::edge::blocklist::refresh(&services.edge.lists, &cluster.membership).await;
     for l in listeners {
         let serve = {
             let services = services.clone();

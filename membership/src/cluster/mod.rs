@@ -337,6 +337,27 @@ impl Membership {
         }
     }
 
+    /// The blocklists' change counter (cheap: to notice a change).
+    pub fn blocklists_version(&self) -> u64 {
+        self.inner.shared.read().state.blocklists.version
+    }
+
+    /// Reads the blocklists and access rules as applied here, under the
+    /// state's read lock (keep `f` short: it holds up applying entries).
+    pub fn with_blocklists<R>(&self, f: impl FnOnce(&crate::blocklist::Blocklists) -> R) -> R {
+        f(&self.inner.shared.read().state.blocklists)
+    }
+
+    /// Commits a blocklist or access-rule change; the refusal if the
+    /// cluster does not take it.
+    pub async fn blocklist_write(&self, c: crate::blocklist::BlocklistCommand) -> Result<(), String> {
+        match self.write(Command::Blocklist(c)).await {
+            Ok(crate::command::Response { result: Ok(()), .. }) => Ok(()),
+            Ok(crate::command::Response { result: Err(e), .. }) => Err(e.to_string()),
+            Err(e) => Err(format!("not committed: {e}")),
+        }
+    }
+
     /// The size of the replicated state as a snapshot of it would be (the
     /// same on every node that has applied the same entries): what must
     /// stay bounded by the cluster's size, not its mail. Encodes the state

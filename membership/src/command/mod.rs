@@ -118,6 +118,9 @@ pub enum Command {
     /// Feature level 3: DKIM signing keys of the cluster's domains (see
     /// [`crate::dkim`]); the node generated the key.
     Dkim(crate::dkim::DkimCommand),
+    /// Feature level 3: blocklists (loaded in chunks) and access rules
+    /// (see [`crate::blocklist`]).
+    Blocklist(crate::blocklist::BlocklistCommand),
 }
 
 impl Command {
@@ -133,6 +136,7 @@ impl Command {
             Command::Routes(_) => crate::routes::ROUTES_FEATURE_LEVEL,
             Command::SetSetting { .. } => crate::settings::SETTINGS_FEATURE_LEVEL,
             Command::Dkim(_) => crate::dkim::DKIM_FEATURE_LEVEL,
+            Command::Blocklist(_) => crate::blocklist::BLOCKLIST_FEATURE_LEVEL,
             Command::Directory(DirectoryCommand::SetQuota { .. }) => crate::routes::ROUTES_FEATURE_LEVEL,
             _ => 1,
         }
@@ -225,6 +229,8 @@ pub enum CommandError {
     Setting(#[from] crate::settings::SettingsError),
     #[error(transparent)]
     Dkim(#[from] crate::dkim::DkimError),
+    #[error(transparent)]
+    Blocklist(#[from] crate::blocklist::BlocklistError),
     /// A command of a feature level the cluster does not run at, or a
     /// level this release does not know or that would lower it.
     #[error("feature level {asked}: the cluster runs at {current}, this release supports up to {supported}")]
@@ -279,6 +285,8 @@ pub struct ClusterState {
     pub settings: crate::settings::Settings,
     /// Level 3: the DKIM signing keys of the cluster's domains.
     pub dkim: crate::dkim::DkimKeys,
+    /// Level 3: blocklists and access rules.
+    pub blocklists: crate::blocklist::Blocklists,
 }
 
 impl Default for ClusterState {
@@ -295,6 +303,7 @@ impl Default for ClusterState {
             routes: Default::default(),
             settings: Default::default(),
             dkim: Default::default(),
+            blocklists: Default::default(),
         }
     }
 }
@@ -374,6 +383,7 @@ impl ClusterState {
             Command::Routes(c) => self.routes.apply(c, &mut self.directory)?,
             Command::SetSetting { key, value } => self.settings.set(key, value.as_deref())?,
             Command::Dkim(c) => self.dkim.apply(c)?,
+            Command::Blocklist(c) => self.blocklists.apply(c)?,
             Command::AddNode(info) => {
                 info.validate()?;
                 if !self.view.nodes.contains_key(&info.id) && self.view.nodes.len() >= NODES_MAX {

@@ -52,6 +52,12 @@ enum AdminCmd {
     /// no restart (a node's own flag still wins on that node).
     #[command(subcommand)]
     Settings(SettingsCmd),
+    /// Blocklists of client addresses, cluster-wide (--smtp refuses them).
+    #[command(subcommand)]
+    Blocklist(super::blocklist::BlocklistCmd),
+    /// Access rules: allow or deny client address ranges, over every list.
+    #[command(subcommand)]
+    Access(super::blocklist::AccessCmd),
     /// The cluster as this node sees it.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -513,7 +519,9 @@ impl AdminCmd {
             | AdminCmd::Import { .. }
             | AdminCmd::Backup { .. }
             | AdminCmd::Restore { .. }
-            | AdminCmd::Dkim(_) => {
+            | AdminCmd::Dkim(_)
+            | AdminCmd::Blocklist(_)
+            | AdminCmd::Access(_) => {
                 bail!("a streamed command or one of its own file, not one call")
             }
             AdminCmd::LogLevel {
@@ -557,6 +565,8 @@ pub async fn run(a: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCmd::Restore { dir, resume } => return super::transfer::restore(node, token, dir, *resume).await,
         AdminCmd::Dkim(c) => return super::dkim::run(node, token, c).await,
+        AdminCmd::Blocklist(c) => return super::blocklist::run_blocklist(node, token, c).await,
+        AdminCmd::Access(c) => return super::blocklist::run_access(node, token, c).await,
         _ => {}
     }
     let call = a.command.call()?;

@@ -44,6 +44,7 @@
 //! POST   /v1/dkim/{domain}            {"selector"?, "algorithm"?}: a key made here, for every node -> its row
 //! DELETE /v1/dkim/{domain}/{selector}
 //! DELETE /v1/taps/{domain-or-address}
+//! GET|PUT|DELETE /v1/blocklists[/{name}], /v1/access  blocklists and access rules (see `blocklist`)
 //! GET    /v1/sessions                 -> {"sessions": [{"node", "protocol", "peer", "user", "since_ms", "tls"}], "missing"}
 //! GET    /v1/top/{senders|recipients|clients}?window=1m|1h -> {"top": [{"key", "count", "error"}], "total", ...}
 //! PUT    /v1/log-watch                {"target": address or IP, "for_secs", "all"?}: every command logged
@@ -64,6 +65,7 @@
 
 mod activity;
 mod backup;
+pub mod blocklist;
 pub mod cli;
 pub mod client;
 mod cluster;
@@ -177,6 +179,19 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/v1/restore/directory",
             post(backup::restore).layer(DefaultBodyLimit::max(backup::DIRECTORY_BYTES_MAX)),
+        )
+        .route("/v1/blocklists", get(blocklist::list))
+        .route(
+            "/v1/blocklists/{name}",
+            put(blocklist::load)
+                .delete(blocklist::remove)
+                .layer(DefaultBodyLimit::max(blocklist::UPLOAD_BYTES_MAX)),
+        )
+        .route(
+            "/v1/access",
+            get(blocklist::access_list)
+                .put(blocklist::access_set)
+                .delete(blocklist::access_remove),
         )
         .route("/v1/settings", get(settings::list))
         .route("/v1/settings/{key}", put(settings::set).delete(settings::unset))

@@ -55,7 +55,7 @@ pub enum AuthPolicy {
 
 /// How a node checks incoming mail.
 #[derive(Debug, Clone, Default)]
-pub struct EdgeConfig {
+pub struct MailAuthConfig {
     /// Relays whose mail is taken as it is (`--trusted-networks`).
     pub trusted: Vec<IpNet>,
     pub policy: AuthPolicy,
@@ -82,8 +82,8 @@ pub struct Verdict {
 }
 
 /// The checks of one node.
-pub struct Edge {
-    cfg: EdgeConfig,
+pub struct MailAuth {
+    cfg: MailAuthConfig,
     authserv_id: String,
     dns: Arc<Dns>,
     /// Parsed answers, kept for their TTL.
@@ -92,9 +92,9 @@ pub struct Edge {
     tally: Arc<Mutex<BTreeMap<(&'static str, &'static str), u64>>>,
 }
 
-impl std::fmt::Debug for Edge {
+impl std::fmt::Debug for MailAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Edge").field("cfg", &self.cfg).finish()
+        f.debug_struct("MailAuth").field("cfg", &self.cfg).finish()
     }
 }
 
@@ -121,9 +121,9 @@ struct SenderChecks {
     spent: Duration,
 }
 
-impl Edge {
-    pub fn new(cfg: EdgeConfig, authserv_id: String, dns: Arc<Dns>) -> Edge {
-        Edge {
+impl MailAuth {
+    pub fn new(cfg: MailAuthConfig, authserv_id: String, dns: Arc<Dns>) -> MailAuth {
+        MailAuth {
             cfg,
             authserv_id,
             dns,

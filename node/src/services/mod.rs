@@ -56,7 +56,9 @@ pub struct Options {
     /// The DNS server to ask (see [`crate::dns`]).
     pub dns: Option<std::net::SocketAddr>,
     /// The checks of mail arriving on `--smtp` (none: not checked).
-    pub edge: Option<crate::edge::EdgeConfig>,
+    pub mail_auth: Option<crate::edge::MailAuthConfig>,
+    /// Blocklists, DNS blocklists, greylisting (see [`crate::edge`]).
+    pub edge: crate::edge::EdgeOptions,
     /// Figures other parts count, read at each scrape of `/metrics`.
     pub metric_sources: Vec<Box<dyn Collector>>,
 }
@@ -89,7 +91,9 @@ pub struct Services {
     /// The node's caching resolver.
     pub dns: Arc<crate::dns::Dns>,
     /// The checks of mail arriving on `--smtp` (see [`crate::edge`]).
-    pub edge: Option<Arc<crate::edge::Edge>>,
+    pub mail_auth: Option<Arc<crate::edge::MailAuth>>,
+    /// The checks of a client at the edge (`--smtp` only).
+    pub edge: Arc<crate::edge::Edge>,
 }
 
 impl std::fmt::Debug for Services {
@@ -105,11 +109,13 @@ impl Services {
         let activity = Arc::new(activity::Activity::default());
         let slots = Slots::new(l.connections_max, l.connections_per_address_max);
         let dns = Arc::new(crate::dns::Dns::new(o.dns));
-        let edge = o
-            .edge
-            .map(|cfg| Arc::new(crate::edge::Edge::new(cfg, p.hostname.clone(), dns.clone())));
+        let mail_auth = o
+            .mail_auth
+            .map(|cfg| Arc::new(crate::edge::MailAuth::new(cfg, p.hostname.clone(), dns.clone())));
         let mut sources = o.metric_sources;
-        sources.extend(edge.as_ref().map(|e| e.figures()));
+        sources.extend(mail_auth.as_ref().map(|e| e.figures()));
+        let edge = Arc::new(crate::edge::Edge::new(o.edge));
+        sources.push(Box::new(crate::edge::check::Figures(edge.stats.clone())));
         sources.push(Box::new(activity::Figures {
             activity: activity.clone(),
             slots: slots.clone(),
@@ -163,6 +169,7 @@ impl Services {
             activity,
             dns,
             edge,
+            mail_auth,
             metrics,
             queue,
             live,

@@ -242,7 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// in our name is taken out of it too; LMTP's is left as it came.
     async fn check(&mut self, body: Vec<u8>) -> Result<(Vec<u8>, Option<Verdict>), String> {
         let pending = self.checks.take();
-        let edge = match (&self.services.edge, self.state.mode) {
+        let edge = match (&self.services.mail_auth, self.state.mode) {
             (Some(edge), Mode::Smtp | Mode::Submission) => edge.clone(),
             _ => return Ok((body, None)),
         };

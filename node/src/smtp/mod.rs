@@ -10,6 +10,7 @@
 mod auth;
 mod data;
 mod deliver;
+mod edge;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ struct Session<S> {
     /// A postmaster address is among the transaction's recipients (never
     /// refused by policy).
     to_postmaster: bool,
+    /// The edge checks of the client (`--smtp` only).
+    edge: Option<crate::edge::Check>,
 }
 
 /// Serves one plaintext connection (STARTTLS offered when TLS is set up).
@@ -94,11 +97,17 @@ pub async fn serve_on<S: AsyncRead + AsyncWrite + Unpin>(
                 send_as: services.limits().send_as.clone(),
                 ..State::new(mode, services.hostname.clone())
             },
+            edge: (mode == Mode::Smtp).then(|| services.edge.check(peer.ip(), &services.dns)),
             services,
             peer,
             checks: None,
             to_postmaster: false,
         };
+        if let Some(refusal) = s.edge_at_connect().await {
+            let _ = s.io.reply(&refusal).await;
+            let _ = s.io.flush().await;
+            return;
+        }
         let greeting = s.state.greeting();
         if s.io.reply(&greeting).await.is_err() {
             return;
@@ -161,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Mail { from } => {
                 let reply = self.state.mail(&from, self.services.limits().message_bytes_max);
                 self.to_postmaster = false;
-                self.checks = match (&self.services.edge, &self.state.tx) {
+                self.checks = match (&self.services.mail_auth, &self.state.tx) {
                     (Some(edge), Some(tx)) if self.state.mode == Mode::Smtp && edge.checks(self.peer.ip()) => {
                         let helo = self.state.helo.as_deref().unwrap_or_default();
                         Some(edge.start(self.peer.ip(), helo, &tx.mail_from))
@@ -220,6 +229,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Handles `RCPT TO`; false ends the session.
     async fn rcpt(&mut self, address: &str) -> std::io::Result<bool> {
         if let Err(r) = self.state.rcpt_check(address, self.services.limits().recipients_max) {
+            return self.send(r).await;
+        }
+        if let Some(r) = self.edge_rcpt(address).await {
             return self.send(r).await;
         }
         // An address that has named too many unknown users lately is told
@@ -330,6 +342,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             dests,
             forwards: !expansion.remote.is_empty(),
         };
+        if let Some(r) = self.edge_greylist(address).await {
+            return self.send(r).await;
+        }
         let reply = self.state.add_local(rcpt, expansion.remote);
         if reply.text.starts_with('2') {
             let local = address.rsplit_once('@').map_or(address, |(l, _)| l);

@@ -241,6 +241,15 @@ impl<N: Network> Replicator<N> {
                     let blocked = lock(&self.manager).throttle(&keys, window_ms, failed, now);
                     Ok(Reply::Throttled { blocked })
                 }
+                Request::Greylist {
+                    key,
+                    delay_ms,
+                    lifetime_ms,
+                } => {
+                    let now = self.now_ms();
+                    let pass = lock(&self.manager).greylist(&key, delay_ms, lifetime_ms, now);
+                    Ok(Reply::Greylisted { pass })
+                }
                 Request::MissingCopies { user, id, missing } => {
                     self.note_missing(user, id, missing);
                     Ok(Reply::Done)

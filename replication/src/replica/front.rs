@@ -261,6 +261,24 @@ impl<N: Network> Replicator<N> {
         Some(false)
     }
 
+    /// Greylisting of triplet `key` at its manager: whether this try
+    /// passes; `None` when the manager did not answer.
+    pub async fn greylist(&self, key: &str, delay: std::time::Duration, lifetime: std::time::Duration) -> Option<bool> {
+        let m = manager_of(&self.view(), key).unwrap_or(self.me);
+        let req = Request::Greylist {
+            key: key.to_owned(),
+            delay_ms: delay.as_millis() as u64,
+            lifetime_ms: lifetime.as_millis() as u64,
+        };
+        match self.call(m, req).await {
+            Ok(Reply::Greylisted { pass }) => Some(pass),
+            other => {
+                debug!(manager = m, error = ?other.err(), "no greylist answer");
+                None
+            }
+        }
+    }
+
     /// Renews a lock this node holds (the same token at the same manager):
     /// whether the manager still grants it. A manager that does not answer
     /// counts as granting (availability before exclusivity, as at first).

@@ -22,6 +22,9 @@ pub const MAILBOX_LOCKS_MAX: usize = 100_000;
 /// rest (an attacker with many addresses can at worst reset some counters,
 /// never grow the table).
 pub const THROTTLE_KEYS_MAX: usize = 100_000;
+/// Greylisting triplets a manager keeps, at most (expired ones go first,
+/// then a tenth of the rest).
+pub const GREYLIST_KEYS_MAX: usize = 1_000_000;
 
 /// Which nodes hold one user's fragments, with their entry and byte counts.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -58,6 +61,9 @@ pub struct Manager {
     /// Failed logins per key ("addr:IP", "user:MAILBOX") in fixed windows:
     /// (window start ms, count). Soft state: a new manager starts afresh.
     throttle: HashMap<String, (u64, u32)>,
+    /// Greylisting per triplet key: (first try ms, last pass ms or 0).
+    /// Soft state like the throttles: a new manager defers afresh.
+    greylist: HashMap<String, (u64, u64)>,
 }
 
 impl Manager {
@@ -72,6 +78,7 @@ impl Manager {
             lease_ms: MAILBOX_LOCK_LEASE.as_millis() as u64,
             locks_max: MAILBOX_LOCKS_MAX,
             throttle: HashMap::new(),
+            greylist: HashMap::new(),
         }
     }
 
@@ -262,6 +269,38 @@ impl Manager {
         })
     }
 
+    /// Greylisting: a triplet first tried now is deferred (false); tried
+    /// again `delay_ms` or more after its first try, and within
+    /// `lifetime_ms` of it, it passes (true), and keeps passing while it
+    /// comes back within `lifetime_ms` of its last pass.
+    pub fn greylist(&mut self, key: &str, delay_ms: u64, lifetime_ms: u64, now_ms: u64) -> bool {
+        if let Some(e) = self.greylist.get_mut(key) {
+            let (first, passed) = *e;
+            if passed != 0 && now_ms.saturating_sub(passed) <= lifetime_ms {
+                e.1 = now_ms;
+                return true;
+            }
+            if passed == 0 && now_ms.saturating_sub(first) <= lifetime_ms {
+                if now_ms.saturating_sub(first) >= delay_ms {
+                    e.1 = now_ms;
+                    return true;
+                }
+                return false;
+            }
+        } else if self.greylist.len() >= GREYLIST_KEYS_MAX {
+            let live = |(first, passed): (u64, u64)| now_ms.saturating_sub(first.max(passed)) <= lifetime_ms;
+            self.greylist.retain(|_, e| live(*e));
+            if self.greylist.len() >= GREYLIST_KEYS_MAX {
+                let drop: Vec<String> = self.greylist.keys().take(GREYLIST_KEYS_MAX / 10).cloned().collect();
+                for k in drop {
+                    self.greylist.remove(&k);
+                }
+            }
+        }
+        self.greylist.insert(key.to_owned(), (now_ms, 0));
+        false
+    }
+
     /// The user's mail map as held (tests and status).
     pub fn map(&self, user: &str) -> Option<&MailMap> {
         self.maps.get(user)
@@ -398,6 +437,20 @@ mod tests {
         assert_eq!(m.observe(2, 0, 7), 0);
         assert_eq!(m.observe(2, 0, 8), 1, "a new run releases its old locks");
         assert!(m.lock(&v, 3, "b", 5, 1));
+    }
+
+    #[test]
+    fn greylisting_defers_a_first_try_and_passes_a_retry_after_the_delay() {
+        let mut m = Manager::new(1);
+        let (delay, life) = (300, 10_000);
+        assert!(!m.greylist("t", delay, life, 1_000), "first try");
+        assert!(!m.greylist("t", delay, life, 1_200), "too soon");
+        assert!(!m.greylist("u", delay, life, 1_300), "another triplet");
+        assert!(m.greylist("t", delay, life, 1_300), "after the delay");
+        assert!(m.greylist("t", delay, life, 11_000), "kept while it comes back");
+        assert!(!m.greylist("t", delay, life, 30_000), "forgotten after the lifetime");
+        assert!(!m.greylist("u", delay, life, 20_000), "a retry too late starts again");
+        assert!(m.greylist("u", delay, life, 20_300));
     }
 
     #[test]

@@ -160,6 +160,13 @@ pub enum Request {
         window_ms: u64,
         failed: bool,
     },
+    /// Greylisting, cluster-wide, at the manager of `key` (a hash of the
+    /// client network, sender and recipient): whether this try passes.
+    Greylist {
+        key: String,
+        delay_ms: u64,
+        lifetime_ms: u64,
+    },
 }
 
 impl Request {
@@ -185,6 +192,7 @@ impl Request {
             Request::Copy { .. } => "copy",
             Request::SetReplicas { .. } => "set-replicas",
             Request::Usage => "usage",
+            Request::Greylist { .. } => "greylist",
         }
     }
 }
@@ -241,6 +249,10 @@ pub enum Reply {
     /// To [`Request::SetReplicas`]: one outcome per change.
     ReplicasSet {
         outcomes: Vec<crate::Placed>,
+    },
+    /// To [`Request::Greylist`].
+    Greylisted {
+        pass: bool,
     },
 }
 

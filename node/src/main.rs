@@ -271,6 +271,10 @@ struct NodeArgs {
     /// only adds the Authentication-Results header.
     #[arg(long, value_enum, default_value = "enforce")]
     auth_policy: AuthPolicyArg,
+    /// Check mail arriving over LMTP as --smtp's is (by default the MTA
+    /// in front of it has).
+    #[arg(long)]
+    check_lmtp: bool,
     /// Initial log filter (tracing EnvFilter syntax); change it later with `quill admin log-level`.
     #[arg(long, env = "QUILL_LOG", default_value = "info,openraft=warn")]
     log: String,
@@ -522,6 +526,7 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         hostname: a.hostname,
         mail_auth: quill_node::edge::MailAuthConfig {
             trusted: a.trusted_networks,
+            lmtp: a.check_lmtp,
             policy: match a.auth_policy {
                 AuthPolicyArg::Enforce => quill_node::edge::AuthPolicy::Enforce,
                 AuthPolicyArg::Tag => quill_node::edge::AuthPolicy::Tag,

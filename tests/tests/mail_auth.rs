@@ -82,7 +82,12 @@ fn message(from: &str, seq: &str, extra_headers: &str) -> Vec<u8> {
 
 /// Sends one message; the final reply's code and text.
 async fn send(node: &NodeProcess, from: &str, rcpt: &str, body: &[u8]) -> (u16, String) {
-    let mut c = SmtpClient::connect(node.smtp(), false).await.expect("connects");
+    send_on(node, false, from, rcpt, body).await
+}
+
+async fn send_on(node: &NodeProcess, lmtp: bool, from: &str, rcpt: &str, body: &[u8]) -> (u16, String) {
+    let addr = if lmtp { node.lmtp() } else { node.smtp() };
+    let mut c = SmtpClient::connect(addr, lmtp).await.expect("connects");
     let r = c.send_mail(from, &[rcpt], body).await.expect("transaction");
     let _ = c.quit().await;
     (r[0].code, r[0].text.clone())
@@ -141,6 +146,12 @@ async fn spf_dkim_dmarc_through_a_real_dns_server() {
         txt("_dmarc.quar.test", "v=DMARC1; p=quarantine"),
         txt("loop.test", "v=spf1 include:loop.test -all"),
     ];
+    // An answer of 8 KB (past UDP's 512 bytes: truncated, asked again
+    // over TCP) that lists other addresses.
+    records.push(txt(
+        "huge.test",
+        &format!("v=spf1 {}-all", "ip4:192.0.2.1 ".repeat(600)),
+    ));
     // Twelve DNS-querying mechanisms: past RFC 7208's limit of ten.
     let many: Vec<String> = (1..=12).map(|k| format!("a:h{k}.many.test")).collect();
     records.push(txt("many.test", &format!("v=spf1 {} -all", many.join(" "))));
@@ -157,6 +168,7 @@ async fn spf_dkim_dmarc_through_a_real_dns_server() {
         ("none.test", "spf=none"),
         ("loop.test", "spf=permerror"),
         ("many.test", "spf=permerror"),
+        ("huge.test", "spf=fail"),
     ] {
         let from = format!("someone@{domain}");
         let (code, text) = send(&node, &from, alice, &message(&from, domain, "")).await;
@@ -238,6 +250,13 @@ async fn spf_dkim_dmarc_through_a_real_dns_server() {
     assert!(!h.contains("bank.test"), "the forged claims are gone: {h}");
     assert!(h.contains("Authentication-Results: other.example; spf=pass"), "{h}");
 
+    // LMTP is an MTA's: not checked unless asked (--check-lmtp, below).
+    let from = "ceo@reject.test";
+    let (code, text) = send_on(&node, true, from, alice, &message(from, "lmtp", "")).await;
+    assert_eq!(code, 250, "{text}");
+    let h = inbox_header(&node, "lmtp").await.expect("delivered");
+    assert!(!h.contains("Authentication-Results"), "{h}");
+
     // The delivery log line and /metrics carry the results.
     let fails = node
         .metric("quill_mail_auth_results_total{method=\"dmarc\",result=\"fail\"}")
@@ -261,7 +280,15 @@ async fn a_silent_dns_server_and_the_policy_that_only_tags() {
     let silent_addr = silent.local_addr().unwrap().to_string();
     let (_dir, node) = common::node_checked(
         "mail-auth-silent",
-        &["--dns", &silent_addr, "--hostname", AUTHSERV, "--auth-policy", "tag"],
+        &[
+            "--dns",
+            &silent_addr,
+            "--hostname",
+            AUTHSERV,
+            "--auth-policy",
+            "tag",
+            "--check-lmtp",
+        ],
     )
     .await;
     let from = "ceo@reject.test";
@@ -274,6 +301,10 @@ async fn a_silent_dns_server_and_the_policy_that_only_tags() {
     assert!(h.contains("spf=temperror"), "{h}");
     assert!(h.contains("dmarc=temperror"), "{h}");
     eprintln!("a message through a DNS server that never answers took {took:?}");
+    let (code, _) = send_on(&node, true, from, "alice@example.org", &message(from, "lmtp", "")).await;
+    assert_eq!(code, 250);
+    let h = inbox_header(&node, "lmtp").await.expect("delivered");
+    assert!(h.contains("spf=temperror"), "LMTP checked when asked: {h}");
     drop(silent);
 
     // Trusted (the harness's default for loopback): no header, no check.

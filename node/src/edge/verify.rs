@@ -59,6 +59,9 @@ pub struct MailAuthConfig {
     /// Relays whose mail is taken as it is (`--trusted-networks`).
     pub trusted: Vec<IpNet>,
     pub policy: AuthPolicy,
+    /// Check mail arriving over LMTP too (`--check-lmtp`; by default an
+    /// MTA in front checked it).
+    pub lmtp: bool,
 }
 
 /// What the end of DATA does with a checked message.
@@ -132,9 +135,15 @@ impl MailAuth {
         }
     }
 
-    /// Whether mail from `ip` is checked (not from a trusted network).
-    pub fn checks(&self, ip: IpAddr) -> bool {
-        !self.cfg.trusted.iter().any(|n| n.contains(&ip))
+    /// Whether mail from `ip` over `mode` is checked: `--smtp`, or LMTP
+    /// if asked; not from a trusted network.
+    pub fn checks(&self, ip: IpAddr, mode: quill_proto::smtp::Mode) -> bool {
+        let asked = match mode {
+            quill_proto::smtp::Mode::Smtp => true,
+            quill_proto::smtp::Mode::Lmtp => self.cfg.lmtp,
+            quill_proto::smtp::Mode::Submission => false,
+        };
+        asked && !self.cfg.trusted.iter().any(|n| n.contains(&ip))
     }
 
     pub fn authserv_id(&self) -> &str {

@@ -239,14 +239,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// `Received:`): the message with our `Authentication-Results:` on top
     /// and any a sender wrote in our name taken out, and the verdict; or
     /// the refusal's reply. Submission's mail is not checked, but a claim
-    /// in our name is taken out of it too; LMTP's is left as it came.
+    /// in our name is taken out of it too; LMTP's is left as it came
+    /// unless `--check-lmtp`.
     async fn check(&mut self, body: Vec<u8>) -> Result<(Vec<u8>, Option<Verdict>), String> {
         let pending = self.checks.take();
-        let edge = match (&self.services.mail_auth, self.state.mode) {
-            (Some(edge), Mode::Smtp | Mode::Submission) => edge.clone(),
-            _ => return Ok((body, None)),
+        let Some(edge) = self.services.mail_auth.clone() else {
+            return Ok((body, None));
         };
-        if self.state.mode == Mode::Smtp && !edge.checks(self.peer.ip()) {
+        let mode = self.state.mode;
+        if mode != Mode::Submission && !edge.checks(self.peer.ip(), mode) {
             return Ok((body, None));
         }
         let body = quill_proto::authres::strip_ours(&body, edge.authserv_id()).unwrap_or(body);

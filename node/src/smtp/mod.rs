@@ -171,7 +171,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let reply = self.state.mail(&from, self.services.limits().message_bytes_max);
                 self.to_postmaster = false;
                 self.checks = match (&self.services.mail_auth, &self.state.tx) {
-                    (Some(edge), Some(tx)) if self.state.mode == Mode::Smtp && edge.checks(self.peer.ip()) => {
+                    (Some(edge), Some(tx)) if edge.checks(self.peer.ip(), self.state.mode) => {
                         let helo = self.state.helo.as_deref().unwrap_or_default();
                         Some(edge.start(self.peer.ip(), helo, &tx.mail_from))
                     }

@@ -52,6 +52,29 @@ fn rsa_key(dir: &std::path::Path) -> (std::path::PathBuf, String) {
     (key, String::from_utf8(b64.stdout).unwrap().trim().to_owned())
 }
 
+/// `msg` sealed by dkimpy as a forwarder of `domain` would (ARC, RFC
+/// 8617) over its own `Authentication-Results` with id `domain`.
+fn arc_seal(python: &str, key: &std::path::Path, domain: &str, msg: &[u8]) -> Vec<u8> {
+    let script = "import dkim,sys\n\
+        msg=sys.stdin.buffer.read()\n\
+        key=open(sys.argv[1],'rb').read()\n\
+        d=sys.argv[2].encode()\n\
+        msg=b'Authentication-Results: '+d+b'; spf=pass smtp.mailfrom=origin.example\\r\\n'+msg\n\
+        hs=dkim.arc_sign(msg, b'sel', d, key, d, include_headers=[b'from', b'to', b'subject'])\n\
+        sys.stdout.buffer.write(b''.join(hs)+msg)\n";
+    let mut child = Command::new(python)
+        .args(["-c", script, key.to_str().unwrap(), domain])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(msg).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "dkimpy seals");
+    out.stdout
+}
+
 /// `msg` signed by dkimpy for `domain` with `selector`.
 fn dkim_sign(python: &str, key: &std::path::Path, domain: &str, selector: &str, msg: &[u8]) -> Vec<u8> {
     let script = "import dkim,sys\n\
@@ -125,7 +148,8 @@ async fn spf_dkim_dmarc_through_a_real_dns_server() {
     if !testkit::program("dnsmasq") || !testkit::program("openssl") {
         return;
     }
-    let Some(python) = testkit::python_with("dkim") else {
+    // dkimpy; its ARC sealing needs authres.
+    let Some(python) = testkit::python_with("dkim, authres") else {
         return;
     };
     let keys = quill_harness::process::TempDir::new("mail-auth-keys").unwrap();
@@ -140,6 +164,8 @@ async fn spf_dkim_dmarc_through_a_real_dns_server() {
         txt("signed.test", "v=spf1 -all"),
         txt("_dmarc.signed.test", "v=DMARC1; p=reject"),
         txt("sel._domainkey.signed.test", &format!("v=DKIM1; k=rsa; p={public}")),
+        // A key record that is not one.
+        txt("bad._domainkey.signed.test", "v=DKIM1; k=rsa; p=!!not-base64!!"),
         txt("reject.test", "v=spf1 -all"),
         txt("_dmarc.reject.test", "v=DMARC1; p=reject"),
         txt("quar.test", "v=spf1 -all"),
@@ -177,6 +203,7 @@ async fn spf_dkim_dmarc_through_a_real_dns_server() {
         assert!(h.starts_with(&format!("Authentication-Results: {AUTHSERV};")), "{h}");
         assert!(h.contains(&format!("{result} ")), "{domain}: {result} in {h}");
         assert!(h.contains("dkim=none"), "{h}");
+        assert!(h.contains("dmarc=none"), "no DMARC record: {h}");
     }
 
     // DKIM by an outside signer: pass (DMARC passes through it though SPF
@@ -204,6 +231,17 @@ async fn spf_dkim_dmarc_through_a_real_dns_server() {
     let no_key = dkim_sign(&python, &key, "signed.test", "gone", &message(from, "dkim-nokey", ""));
     let (code, _) = send(&node, "bounce@signed.test", alice, &no_key).await;
     assert_eq!(code, 550, "no key, no DMARC pass: refused by p=reject");
+    let bad_key = dkim_sign(&python, &key, "signed.test", "bad", &message(from, "dkim-badkey", ""));
+    let (code, _) = send(&node, "bounce@signed.test", alice, &bad_key).await;
+    assert_eq!(code, 550, "a malformed key is no pass either");
+
+    // ARC: a chain sealed by a forwarder verifies.
+    let from = "someone@pass.test";
+    let sealed = arc_seal(&python, &key, "signed.test", &message(from, "arc", ""));
+    let (code, text) = send(&node, from, alice, &sealed).await;
+    assert_eq!(code, 250, "{text}");
+    let h = inbox_header(&node, "arc").await.expect("delivered");
+    assert!(h.contains("arc=pass"), "{h}");
 
     // A malformed signature and a header folded to great length: taken,
     // the signature an error.

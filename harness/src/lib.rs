@@ -18,6 +18,7 @@ pub mod cli {
 pub mod client;
 pub mod cluster;
 pub mod commands;
+pub mod dns;
 pub mod load;
 pub mod process;
 pub mod workload;

@@ -62,16 +62,23 @@ fn arc_seal(python: &str, key: &std::path::Path, domain: &str, msg: &[u8]) -> Ve
         msg=b'Authentication-Results: '+d+b'; spf=pass smtp.mailfrom=origin.example\\r\\n'+msg\n\
         hs=dkim.arc_sign(msg, b'sel', d, key, d, include_headers=[b'from', b'to', b'subject'])\n\
         sys.stdout.buffer.write(b''.join(hs)+msg)\n";
+    python_filter(python, script, &[key.to_str().unwrap(), domain], msg)
+}
+
+/// What a Python `script` (with `args`) writes given `input`.
+fn python_filter(python: &str, script: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
     let mut child = Command::new(python)
-        .args(["-c", script, key.to_str().unwrap(), domain])
+        .arg("-c")
+        .arg(script)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("python runs");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(msg).unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "dkimpy seals");
+    assert!(out.status.success(), "{script}");
     out.stdout
 }
 
@@ -83,17 +90,7 @@ fn dkim_sign(python: &str, key: &std::path::Path, domain: &str, selector: &str, 
         sig=dkim.sign(msg, sys.argv[3].encode(), sys.argv[2].encode(), key, \
             include_headers=[b'from', b'to', b'subject', b'x-test-seq'])\n\
         sys.stdout.buffer.write(sig+msg)\n";
-    let mut child = Command::new(python)
-        .args(["-c", script, key.to_str().unwrap(), domain, selector])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(msg).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "dkimpy signs");
-    out.stdout
+    python_filter(python, script, &[key.to_str().unwrap(), domain, selector], msg)
 }
 
 fn message(from: &str, seq: &str, extra_headers: &str) -> Vec<u8> {

@@ -9,7 +9,6 @@
 //! mail). Answers are cached by the node's resolver after the first.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -22,10 +21,10 @@ use crate::bench::{self, DeliverPlan, Signer};
 use crate::fresh_loopback;
 use crate::process::{NodeOptions, NodeProcess, cpu_secs};
 
-/// dnsmasq on a free loopback port answering for the generator's domain.
-fn dnsmasq(public_key: &str) -> anyhow::Result<(tokio::process::Child, String)> {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-    let records = [
+/// The records of the generator's domain (SPF, DMARC, its DKIM key) and
+/// of its HELO name.
+fn records(public_key: &str) -> Vec<String> {
+    vec![
         "--local=/test/".to_owned(),
         // Answers with a TTL, as real zones give (dnsmasq's own is 0:
         // nothing would be cached).
@@ -34,27 +33,7 @@ fn dnsmasq(public_key: &str) -> anyhow::Result<(tokio::process::Child, String)> 
         "--txt-record=harness.quill.test,v=spf1 ip4:127.0.0.0/8 -all".to_owned(),
         "--txt-record=_dmarc.remote.test,v=DMARC1; p=reject".to_owned(),
         format!("--txt-record=bench._domainkey.remote.test,v=DKIM1; k=ed25519; p={public_key}"),
-    ];
-    let child = tokio::process::Command::new("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--no-poll",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--pid-file=",
-            "--user=root",
-            "--log-facility=-",
-            &format!("--port={port}"),
-        ])
-        .args(records)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("dnsmasq (Debian's dnsmasq-base) is needed for bench-checks")?;
-    Ok((child, format!("127.0.0.1:{port}")))
+    ]
 }
 
 pub async fn bench_checks(load: bench::Load, rounds: usize, dir: Option<PathBuf>, seed: u64) -> anyhow::Result<()> {
@@ -66,7 +45,8 @@ pub async fn bench_checks(load: bench::Load, rounds: usize, dir: Option<PathBuf>
             .selector("bench")
             .headers(["From", "To", "Subject", "Date", "Message-ID"]),
     ));
-    let (_dns, dns_addr) = dnsmasq(&keys.encoded_public_key())?;
+    let dns = crate::dns::Dnsmasq::start(&records(&keys.encoded_public_key()))?;
+    let dns_addr = dns.addr.to_string();
     let (_temp, dir) = crate::process::or_fresh(dir, "bench-checks")?;
     let mut nodes = Vec::new();
     for checked in [false, true] {

@@ -307,7 +307,12 @@ async fn messages_in_flight_share_a_memory_budget() {
     a.send(".\r\n").await;
     let r = a.reply().await;
     assert!(r.starts_with("250 2.0.0"), "{r}");
-    // Memory is back: B's retry goes through, in the same session.
+    // Memory is back (A's permit goes with its message, just after its
+    // reply): B's retry goes through, in the same session.
+    testkit::wait_for("A's permit back", Duration::from_secs(5), || async {
+        services.data_budget.available_permits() == 16
+    })
+    .await;
     b.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
         .await;
     for _ in 0..2 {

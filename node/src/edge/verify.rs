@@ -42,6 +42,10 @@ use crate::dns::Dns;
 
 /// How long the DNS lookups of one transaction may take in all.
 pub const LOOKUPS_BUDGET: Duration = Duration::from_secs(2);
+/// DKIM signatures checked per message (the first ones): each may ask
+/// DNS for a key and hash the body, and a sender chooses how many it
+/// sends. Mail is rarely signed more than twice or thrice.
+pub const DKIM_SIGNATURES_MAX: usize = 8;
 
 /// What the checks' outcome does (`--auth-policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -214,7 +218,10 @@ impl MailAuth {
         });
         let deadline = Instant::now() + LOOKUPS_BUDGET.saturating_sub(sender.spent);
         let (ip, helo, mail_from) = (pending.ip, pending.helo.as_str(), pending.mail_from.as_str());
-        let parsed = AuthenticatedMessage::parse(message);
+        let mut parsed = AuthenticatedMessage::parse(message);
+        if let Some(m) = parsed.as_mut() {
+            m.dkim_headers.truncate(DKIM_SIGNATURES_MAX);
+        }
         let auth = self.authenticator();
         let (mut dkim, mut arc): (Option<Vec<DkimOutput>>, Option<ArcOutput>) = (None, None);
         if let (Some(msg), Some(auth)) = (&parsed, &auth) {

@@ -253,6 +253,22 @@ async fn spf_dkim_dmarc_through_a_real_dns_server() {
     let h = inbox_header(&node, "malformed").await.expect("delivered");
     assert!(h.contains("dkim=permerror") || h.contains("dkim=neutral"), "{h}");
 
+    // Twenty signatures, each naming a key that is not there: only the
+    // first 8 are checked (each costs a lookup and a body hash).
+    let many: String = (1..=20)
+        .map(|k| {
+            format!(
+                "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=pass.test; s=s{k}; h=from; \
+                 bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; b=AAAA\r\n"
+            )
+        })
+        .collect();
+    let (code, text) = send(&node, from, alice, &message(from, "many-signatures", &many)).await;
+    assert_eq!(code, 250, "{text}");
+    let h = inbox_header(&node, "many-signatures").await.expect("delivered");
+    let results = h.split("Received:").next().unwrap_or_default().matches("dkim=").count();
+    assert_eq!(results, 8, "{h}");
+
     // DMARC p=reject: refused at the end of DATA, with the reason.
     let from = "ceo@reject.test";
     let (code, text) = send(&node, from, alice, &message(from, "reject", "")).await;

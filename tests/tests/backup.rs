@@ -215,6 +215,11 @@ async fn backup_under_load_restores_every_acknowledged_message_once() {
     )
     .unwrap();
     run(admin(a).args(["sieve", "set", "bob@example.org"]).arg(&script));
+    // So do a blocklist and an access rule.
+    let list = dir.path().join("spam.txt");
+    std::fs::write(&list, "# spam sources\n192.0.2.0/24\n2001:db8::/32\n198.51.100.7\n").unwrap();
+    run(admin(a).args(["blocklist", "load", "spam"]).arg(&list));
+    run(admin(a).args(["access", "allow", "192.0.2.9/32"]));
 
     // A steady load: each message's marker with the time it was
     // acknowledged.
@@ -303,6 +308,10 @@ async fn backup_under_load_restores_every_acknowledged_message_once() {
     assert!(sieve.contains("discard"), "{sieve}");
     let settings = run(admin(&b).args(["settings", "list"]));
     assert!(settings.contains("max-recipients = 50 (cluster"), "{settings}");
+    let lists = run(admin(&b).args(["blocklist", "list", "--json"]));
+    assert!(lists.contains("\"spam\"") && lists.contains("\"ranges\":3"), "{lists}");
+    let rules = run(admin(&b).args(["access", "list"]));
+    assert!(rules.contains("192.0.2.9/32") && rules.contains("allow"), "{rules}");
     // The password hashes came along: the old password logs in.
     let mut p = quill_harness::Pop3Client::connect(b.pop3()).await.expect("pop3");
     p.login("alice@example.org", PASSWORD).await.expect("the old password");

@@ -2,8 +2,8 @@
 //! the Raft state that is not mail (domains, users with their password
 //! hashes and quotas, aliases, domain aliases, catch-alls, taps, Sieve
 //! scripts, cluster settings, the TLS certificates stored cluster-wide with
-//! their keys, the DKIM signing keys, and each user's folder names and
-//! subscriptions) as one JSON
+//! their keys, the DKIM signing keys, the blocklists and access rules, and
+//! each user's folder names and subscriptions) as one JSON
 //! document. The mail goes user by user through `export` and `import`;
 //! `quill admin backup` and `restore` (`transfer`) put the two together.
 //!
@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use base64::Engine;
 use membership::{DirectoryCommand, DirectoryError, Routes, RoutesCommand, StoredCert, UserRecord};
 use quill_proto::imap::folders;
 use serde::{Deserialize, Serialize};
@@ -25,8 +26,18 @@ use super::state::{AdminState, ApiResult, Failure, reply};
 
 /// The version of [`DirectoryBackup`]'s layout.
 pub const BACKUP_FORMAT: u32 = 1;
-/// Largest directory document a restore takes.
-pub const DIRECTORY_BYTES_MAX: usize = 64 << 20;
+/// Largest directory document a restore takes: the blocklists' bound
+/// (`membership::blocklist::TOTAL_BYTES_MAX`) in base64, and room for the
+/// rest.
+pub const DIRECTORY_BYTES_MAX: usize = 448 << 20;
+
+/// One blocklist as a backup keeps it: its encoded range table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupList {
+    pub loaded_at_ms: u64,
+    /// The table as the Raft state holds it (`RangeTable::encode`), base64.
+    pub table: String,
+}
 
 /// One user's folders (INBOX aside) and subscriptions, by name.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -57,6 +68,13 @@ pub struct DirectoryBackup {
     /// a backup taken before they existed).
     #[serde(default)]
     pub dkim: BTreeMap<String, Vec<membership::dkim::DkimKey>>,
+    /// Blocklists by name (absent from a backup taken before they
+    /// existed).
+    #[serde(default)]
+    pub blocklists: BTreeMap<String, BackupList>,
+    /// Access rules: CIDR -> allow (`false`: deny).
+    #[serde(default)]
+    pub access: BTreeMap<String, bool>,
 }
 
 /// `GET /v1/backup/directory`.
@@ -91,6 +109,20 @@ pub(super) async fn directory(State(s): State<AdminState>) -> ApiResult {
         tls: membership.tls_certs().certs,
         folders,
         dkim: membership.dkim_keys().domains,
+        blocklists: membership.with_blocklists(|b| {
+            b.lists
+                .iter()
+                .map(|(name, l)| {
+                    let table = base64::engine::general_purpose::STANDARD.encode(&l.data);
+                    let list = BackupList {
+                        loaded_at_ms: l.loaded_at_ms,
+                        table,
+                    };
+                    (name.clone(), list)
+                })
+                .collect()
+        }),
+        access: membership.with_blocklists(|b| b.access.clone()),
     })
 }
 
@@ -174,8 +206,43 @@ pub(super) async fn restore(State(s): State<AdminState>, Json(b): Json<Directory
             }
         }
     }
+    restore_blocklists(&s, &b).await?;
     tracing::info!(users = b.users.len(), domains = b.domains.len(), "directory restored");
     reply(serde_json::json!({"ok": true, "users": b.users.len(), "domains": b.domains.len()}))
+}
+
+/// The access rules, and each blocklist loaded again in chunks as `quill
+/// admin blocklist load` loads it (a list of that name there already is
+/// replaced).
+async fn restore_blocklists(s: &AdminState, b: &DirectoryBackup) -> Result<(), Failure> {
+    use membership::blocklist::{BlocklistCommand, RANGES_MAX, RangeTable, load_commands};
+    let membership = &s.cluster.membership;
+    for (cidr, allow) in &b.access {
+        let rule = BlocklistCommand::SetAccess {
+            cidr: cidr.clone(),
+            allow: *allow,
+        };
+        membership
+            .blocklist_write(rule)
+            .await
+            .map_err(|e| unavailable("access rules", e))?;
+    }
+    for (name, list) in &b.blocklists {
+        let bad = |e: String| Failure(StatusCode::BAD_REQUEST, format!("blocklist {name}: {e}"));
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&list.table)
+            .map_err(|e| bad(e.to_string()))?;
+        RangeTable::decode(&bytes, RANGES_MAX).map_err(|e| bad(e.to_string()))?;
+        let random = crate::files::random_bytes().map_err(|e| unavailable("blocklists", e))?;
+        let upload = u64::from_le_bytes(random[..8].try_into().expect("8 bytes"));
+        for c in load_commands(name, upload, &bytes, list.loaded_at_ms) {
+            membership
+                .blocklist_write(c)
+                .await
+                .map_err(|e| unavailable("blocklists", e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Each user's folders (new ids: a message's folder is bound again as its

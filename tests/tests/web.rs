@@ -127,9 +127,16 @@ fn csrf_of(page: &str) -> String {
 
 #[tokio::test]
 async fn web_login_session_and_csrf() {
-    let (_dir, node) = common::node("web-csrf", &[]).await;
+    let (dir, node) = common::node("web-csrf", &[]).await;
     let addr = node.admin_addr();
     let token = node.opts.admin_token.clone();
+    // A DKIM key and a blocklist, for the page's mail authentication part.
+    let (ok, said) = common::quill_admin(&node, &["dkim", "create", "example.org", "--algorithm", "ed25519"]);
+    assert!(ok, "{said}");
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, "203.0.113.0/24\n").unwrap();
+    let (ok, said) = common::quill_admin(&node, &["blocklist", "load", "drop", list.to_str().unwrap()]);
+    assert!(ok, "{said}");
 
     // Not logged in: the login form, with the headers every reply has.
     let r = http(addr, "GET", "/", None, None).await;
@@ -169,13 +176,18 @@ async fn web_login_session_and_csrf() {
 
     let page = http(addr, "GET", "/", Some(&cookie), None).await;
     assert_eq!(page.status, 200);
-    for section in ["cluster", "queue", "activity", "domains", "users", "settings"] {
+    for section in ["cluster", "queue", "activity", "domains", "users", "settings", "edge"] {
         assert!(
             page.body.contains(&format!(r#"id="{section}""#)),
             "no section {section}"
         );
     }
     assert!(page.body.contains("alice@example.org") && page.body.contains("example.org"));
+    assert!(
+        page.body.contains("._domainkey.example.org. IN TXT") && page.body.contains("k=ed25519"),
+        "the DKIM record to publish"
+    );
+    assert!(page.body.contains("<td>drop</td>"), "the blocklist");
     assert!(!page.body.contains(&token), "the token is not on the page");
     let csrf = csrf_of(&page.body);
     assert_eq!(csrf.len(), 64);

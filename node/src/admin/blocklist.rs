@@ -73,7 +73,12 @@ fn refused(why: String) -> Failure {
 }
 
 pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
-    let rows: Vec<ListRow> = s.cluster.membership.with_blocklists(|b| {
+    reply(lists_of(&s))
+}
+
+/// Every list as listed (for the API and the web page).
+pub(super) fn lists_of(s: &AdminState) -> Vec<ListRow> {
+    s.cluster.membership.with_blocklists(|b| {
         b.lists
             .iter()
             .map(|(name, l)| ListRow {
@@ -83,8 +88,7 @@ pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
                 bytes: l.data.len() as u64,
             })
             .collect()
-    });
-    reply(rows)
+    })
 }
 
 pub(super) async fn load(State(s): State<AdminState>, Path(name): Path<String>, body: Bytes) -> ApiResult {
@@ -120,7 +124,12 @@ pub(super) async fn remove(State(s): State<AdminState>, Path(name): Path<String>
 }
 
 pub(super) async fn access_list(State(s): State<AdminState>) -> ApiResult {
-    let rows: Vec<AccessRow> = s.cluster.membership.with_blocklists(|b| {
+    reply(access_of(&s))
+}
+
+/// Every access rule as listed (for the API and the web page).
+pub(super) fn access_of(s: &AdminState) -> Vec<AccessRow> {
+    s.cluster.membership.with_blocklists(|b| {
         b.access
             .iter()
             .map(|(cidr, allow)| AccessRow {
@@ -128,8 +137,7 @@ pub(super) async fn access_list(State(s): State<AdminState>) -> ApiResult {
                 action: if *allow { "allow" } else { "deny" }.to_owned(),
             })
             .collect()
-    });
-    reply(rows)
+    })
 }
 
 pub(super) async fn access_set(State(s): State<AdminState>, Json(r): Json<AccessRow>) -> ApiResult {

@@ -107,6 +107,11 @@ fn refused(why: String) -> Failure {
 }
 
 pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
+    reply(rows_of(&s))
+}
+
+/// Every key as listed (for the API and the web page).
+pub(super) fn rows_of(s: &AdminState) -> Vec<KeyRow> {
     let keys = s.cluster.membership.dkim_keys();
     let mut rows = Vec::new();
     for (domain, ks) in &keys.domains {
@@ -115,7 +120,7 @@ pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
             rows.push(row(domain, k, signing.as_deref() == Some(k.selector.as_str())));
         }
     }
-    reply(rows)
+    rows
 }
 
 pub(super) async fn create(

@@ -278,6 +278,9 @@ async fn index(State(w): State<Web>, headers: HeaderMap) -> Response {
         settings: settings::rows_of(s),
         sessions: activity::sessions_of(s).await.unwrap_or_default(),
         top_senders: activity::top_of(s, "senders", "1h").await.unwrap_or_default(),
+        dkim: super::dkim::rows_of(s),
+        blocklists: super::blocklist::lists_of(s),
+        access: super::blocklist::access_of(s),
     };
     Html(pages::page(&view).into_string()).into_response()
 }

@@ -30,6 +30,9 @@ pub(in crate::admin) struct View {
     pub settings: Vec<SettingRow>,
     pub sessions: SessionList,
     pub top_senders: TopList,
+    pub dkim: Vec<crate::admin::dkim::KeyRow>,
+    pub blocklists: Vec<crate::admin::blocklist::ListRow>,
+    pub access: Vec<crate::admin::blocklist::AccessRow>,
 }
 
 const STYLE: &str = "
@@ -165,6 +168,7 @@ pub(in crate::admin) fn page(v: &View) -> Markup {
                 (domains(v))
                 (users(v))
                 (settings(v))
+                (edge(v))
             }
         },
     )
@@ -434,6 +438,41 @@ fn settings(v: &View) -> Markup {
                                 }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// DKIM keys (the records to publish), blocklists and access rules: read
+/// only (`quill admin dkim`, `blocklist`, `access` change them).
+fn edge(v: &View) -> Markup {
+    html! {
+        section #edge {
+            h2 { "Mail authentication" }
+            p.muted { "DKIM keys sign outgoing mail (the newest of a domain); publish each record in DNS." }
+            table {
+                thead { tr { th { "domain" } th { "selector" } th { "algorithm" } th { "signs" } th { "DNS record" } } }
+                tbody {
+                    @for k in &v.dkim {
+                        tr {
+                            td { (k.domain) } td { (k.selector) } td { (k.algorithm) }
+                            td { @if k.signing { "yes" } @else { "no" } }
+                            td { code { (k.zone_line) } }
+                        }
+                    }
+                }
+            }
+            p.muted { "Blocklists and access rules: clients of --smtp refused at RCPT (allow wins over every list)." }
+            table {
+                thead { tr { th { "list" } th { "ranges" } th { "size" } th { "loaded" } } }
+                tbody {
+                    @for l in &v.blocklists {
+                        tr { td { (l.name) } td { (l.ranges) } td { (size(l.bytes)) } td { (age(crate::time::now_ms().saturating_sub(l.loaded_at_ms) / 1000)) " ago" } }
+                    }
+                    @for a in &v.access {
+                        tr { td { (a.action) " " code { (a.cidr) } } td { "" } td { "" } td { "" } }
                     }
                 }
             }

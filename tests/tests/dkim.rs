@@ -140,7 +140,15 @@ async fn outgoing_mail_is_signed_with_the_clusters_keys_and_verifies_outside() {
     let _slot = common::cluster_slot().await;
     let sink = Sink::start(0).await;
     let relay = sink.addr.to_string();
-    let (dir, nodes) = common::cluster_with_users("dkim", 2, &["--relay-host", &relay], &["alice"]).await;
+    let (dir, mut nodes) = common::cluster_with_users("dkim", 2, &["--relay-host", &relay], &["alice"]).await;
+    // Node 1 takes mail in but never sends it (`--role in`): whatever the
+    // sink gets was signed by node 2, with the keys made through node 1.
+    nodes[0].opts.extra_args.extend(["--role".to_owned(), "in".to_owned()]);
+    nodes[0].restart().await.expect("node 1 restarts");
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    quill_harness::process::wait_converged(&all, 2, Duration::from_secs(60))
+        .await
+        .expect("converges");
     let (n1, n2) = (&nodes[0], &nodes[1]);
 
     // Before any key: mail leaves unsigned.
@@ -200,11 +208,9 @@ async fn outgoing_mail_is_signed_with_the_clusters_keys_and_verifies_outside() {
     assert!(ok, "{status}");
     assert!(!status.contains(&rsa.text[20..60]) && !status.to_ascii_lowercase().contains("private_der"));
 
-    // Mail submitted through node 2 leaves signed with it; dkimpy agrees,
-    // and refuses the same message with its body changed.
-    // Each entry is sent by its queue shard's owner, and the shards are
-    // spread over both nodes (by message id): of several messages, each
-    // one signed, some are sent by node 2 all but surely.
+    // Mail submitted through node 2 leaves (from node 2: node 1 sends
+    // nothing) signed with it; dkimpy agrees, and refuses the same
+    // message with its body changed.
     for i in 0..6 {
         submit(n2, &format!("signed-rsa-{i}")).await;
     }

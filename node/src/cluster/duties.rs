@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use membership::NodeState;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::node::Cluster;
 use super::rpc::{ClusterReply, ClusterRequest, PING_TIMEOUT, join_all};
@@ -286,6 +286,50 @@ fn ping(cluster: &Cluster, id: u64, addr: String) -> impl std::future::Future<Ou
         (id, ok)
     }
 }
+
+/// A node that restarts with other details than the view has for it (a
+/// new `--name`, listener address or `--role`) puts them in the view
+/// (`AddNode`, which a known node's new details go through), retrying
+/// until it is committed: otherwise the cluster would go on sending it
+/// queue shards it no longer works, or clients to addresses it no longer
+/// serves. A draining node is left as it is (`AddNode` would make it up
+/// again and end the operator's drain).
+pub async fn announce(cluster: Cluster, me: membership::NodeInfo, mut stop: watch::Receiver<bool>) {
+    let deadline = Instant::now() + ANNOUNCE_WITHIN;
+    loop {
+        let view = cluster.membership.view();
+        match view.node(me.id) {
+            Some(n) if n.name == me.name && n.addrs == me.addrs => return,
+            Some(n) if n.state == membership::NodeState::Draining => {
+                warn!(
+                    "this node's details changed while it drains: the view keeps the old ones until it is added again"
+                );
+                return;
+            }
+            _ => {}
+        }
+        match cluster.membership.write(membership::Command::AddNode(me.clone())).await {
+            Ok(r) if r.result.is_ok() => {
+                info!(name = %me.name, "this node's new details are in the view");
+                return;
+            }
+            Ok(r) => debug!(result = ?r.result, "new details not taken yet"),
+            Err(e) => debug!(error = %e, "new details not written yet"),
+        }
+        if Instant::now() > deadline {
+            warn!("this node's new details did not reach the view; the old ones stay until it restarts");
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// How long a restarted node keeps trying to put its new details in the
+/// view.
+const ANNOUNCE_WITHIN: Duration = Duration::from_secs(120);
 
 #[cfg(test)]
 mod tests {

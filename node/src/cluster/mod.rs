@@ -253,7 +253,10 @@ impl Cluster {
             voter: false,
         };
         match boot {
-            Boot::Restart => info!(node = id, "rejoining the cluster with saved state"),
+            Boot::Restart => {
+                info!(node = id, "rejoining the cluster with saved state");
+                tokio::spawn(duties::announce(cluster.clone(), me.clone(), stop.clone()));
+            }
             Boot::Found => membership.initialize(me).await?,
             Boot::Join(seed) => {
                 let deadline = Instant::now() + JOIN_DEADLINE;

@@ -16,7 +16,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -60,16 +60,7 @@ pub struct Loaded {
 }
 
 fn refused(why: String) -> Failure {
-    let code = if why.contains("feature level") {
-        StatusCode::CONFLICT
-    } else if why.starts_with("no list") || why.starts_with("no access rule") {
-        StatusCode::NOT_FOUND
-    } else if why.starts_with("not committed") {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::BAD_REQUEST
-    };
-    Failure(code, why)
+    super::state::refusal(why, &[], &["no list", "no access rule"])
 }
 
 pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
@@ -203,8 +194,9 @@ fn path_part(s: &str) -> String {
         .collect()
 }
 
-/// Sends one request with `body` (JSON, or the raw bytes of a table);
-/// the JSON reply of a 2xx, or the server's reason.
+/// Sends one request with `body` (JSON, or the raw bytes of a table; a
+/// large one takes a while to commit); the JSON reply of a 2xx, or the
+/// server's reason.
 async fn send(
     node: &str,
     token: &str,
@@ -213,52 +205,17 @@ async fn send(
     body: Vec<u8>,
     json: bool,
 ) -> anyhow::Result<serde_json::Value> {
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::rt::TokioIo;
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(node)
-            .await
-            .with_context(|| format!("cannot connect to admin API at {node}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", node)
-            .header("authorization", format!("Bearer {token}"))
-            .header(
-                "content-type",
-                if json {
-                    "application/json"
-                } else {
-                    "application/octet-stream"
-                },
-            )
-            .body(Full::new(hyper::body::Bytes::from(body)))?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let body = http_body_util::Limited::new(resp.into_body(), 16 << 20)
-            .collect()
-            .await
-            .map_err(|e| anyhow!("reading admin reply: {e}"))?
-            .to_bytes();
-        conn.abort();
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into_owned()));
-        if !(200..300).contains(&status) {
-            let msg = v
-                .get("error")
-                .and_then(|e| e.as_str())
-                .map(str::to_owned)
-                .unwrap_or_else(|| v.to_string());
-            bail!("{msg} (HTTP {status})");
-        }
-        Ok(v)
+    let kind = if json {
+        "application/json"
+    } else {
+        "application/octet-stream"
     };
-    tokio::time::timeout(Duration::from_secs(600), exchange)
-        .await
-        .map_err(|_| anyhow!("admin API at {node} did not answer in time"))?
+    let (status, reply) = super::client::send(node, token, method, path, (kind, body), UPLOAD_TIMEOUT).await?;
+    super::client::ok_or_reason(status, reply)
 }
+
+/// How long a load may take, its commit through Raft included.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn json_body<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("json")

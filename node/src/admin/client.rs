@@ -27,6 +27,47 @@ pub async fn call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
+    let bytes = body.map(|b| serde_json::to_vec(&b).expect("json")).unwrap_or_default();
+    send(node, token, method, path, ("application/json", bytes), REQUEST_TIMEOUT).await
+}
+
+/// As [`call`], the reply of a 2xx only: else an error with the server's
+/// reason and the status.
+pub async fn call_ok(
+    node: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let (status, reply) = call(node, token, method, path, body).await?;
+    ok_or_reason(status, reply)
+}
+
+/// The reply of a 2xx; else an error with the server's reason and the
+/// status.
+pub fn ok_or_reason(status: u16, reply: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    if !(200..300).contains(&status) {
+        let msg = reply
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+            .unwrap_or_else(|| reply.to_string());
+        bail!("{msg} (HTTP {status})");
+    }
+    Ok(reply)
+}
+
+/// Sends one request with a body of its content type (JSON, or the raw
+/// bytes of an upload) within `timeout`: the status and the JSON reply.
+pub async fn send(
+    node: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    (content_type, bytes): (&str, Vec<u8>),
+    timeout: Duration,
+) -> anyhow::Result<(u16, serde_json::Value)> {
     let exchange = async {
         let stream = TcpStream::connect(node)
             .await
@@ -43,13 +84,12 @@ pub async fn call(
             .await
             .map_err(not_admin)?;
         let conn = tokio::spawn(conn);
-        let bytes = body.map(|b| serde_json::to_vec(&b).expect("json")).unwrap_or_default();
         let req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", node)
             .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(Full::new(Bytes::from(bytes)))?;
         let resp = sender.send_request(req).await.map_err(not_admin)?;
         let status = resp.status().as_u16();
@@ -67,23 +107,15 @@ pub async fn call(
         };
         Ok((status, value))
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| anyhow!("admin API at {node} did not answer within {REQUEST_TIMEOUT:?}"))?
+        .map_err(|_| anyhow!("admin API at {node} did not answer within {timeout:?}"))?
 }
 
 /// Sends one call and reads its reply as `T`; a failure (not 2xx) is an
 /// error with the server's reason and the status.
 pub async fn request<T: DeserializeOwned>(node: &str, token: &str, c: &Call) -> anyhow::Result<T> {
     let method = Method::from_bytes(c.method().as_bytes()).expect("a known method");
-    let (status, reply) = call(node, token, method, &c.path(), c.body()).await?;
-    if !(200..300).contains(&status) {
-        let msg = reply
-            .get("error")
-            .and_then(|e| e.as_str())
-            .map(str::to_owned)
-            .unwrap_or_else(|| reply.to_string());
-        bail!("{msg} (HTTP {status})");
-    }
+    let reply = call_ok(node, token, method, &c.path(), c.body()).await?;
     serde_json::from_value(reply).with_context(|| format!("an unexpected reply from {node}"))
 }

@@ -10,7 +10,6 @@
 //! DELETE /v1/dkim/{domain}/{selector}
 //! ```
 
-use anyhow::bail;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -94,16 +93,7 @@ fn row(domain: &str, k: &DkimKey, signing: bool) -> KeyRow {
 }
 
 fn refused(why: String) -> Failure {
-    let code = if why.contains("feature level") || why.contains("already has") {
-        StatusCode::CONFLICT
-    } else if why.contains("has no DKIM selector") {
-        StatusCode::NOT_FOUND
-    } else if why.starts_with("not committed") {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::BAD_REQUEST
-    };
-    Failure(code, why)
+    super::state::refusal(why, &["already has"], &["has no DKIM selector"])
 }
 
 pub(super) async fn list(State(s): State<AdminState>) -> ApiResult {
@@ -182,27 +172,6 @@ pub(super) async fn remove(State(s): State<AdminState>, Path((domain, selector))
     done()
 }
 
-/// One call of these, as `quill admin dkim` makes it: the reply, or the
-/// server's reason.
-async fn call(
-    node: &str,
-    token: &str,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
-    let (status, reply) = super::client::call(node, token, method, path, body).await?;
-    if !(200..300).contains(&status) {
-        let msg = reply
-            .get("error")
-            .and_then(|e| e.as_str())
-            .map(str::to_owned)
-            .unwrap_or_else(|| reply.to_string());
-        bail!("{msg} (HTTP {status})");
-    }
-    Ok(reply)
-}
-
 fn created(secs: u64) -> String {
     quill_proto::message::rfc5322_date(secs)
 }
@@ -221,12 +190,12 @@ pub(super) async fn run(node: &str, token: &str, c: &DkimCmd) -> anyhow::Result<
             };
             let path = format!("/v1/dkim/{}", path_segment(domain));
             let r: KeyRow = serde_json::from_value(
-                call(node, token, Method::POST, &path, Some(serde_json::to_value(body)?)).await?,
+                super::client::call_ok(node, token, Method::POST, &path, Some(serde_json::to_value(body)?)).await?,
             )?;
             println!("{}", r.zone_line);
         }
         DkimCmd::List { json } => {
-            let v = call(node, token, Method::GET, "/v1/dkim", None).await?;
+            let v = super::client::call_ok(node, token, Method::GET, "/v1/dkim", None).await?;
             if *json {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
@@ -246,7 +215,7 @@ pub(super) async fn run(node: &str, token: &str, c: &DkimCmd) -> anyhow::Result<
         }
         DkimCmd::Remove { domain, selector } => {
             let path = format!("/v1/dkim/{}/{}", path_segment(domain), path_segment(selector));
-            call(node, token, Method::DELETE, &path, None).await?;
+            super::client::call_ok(node, token, Method::DELETE, &path, None).await?;
             println!("ok");
         }
     }

@@ -32,16 +32,7 @@ pub(super) fn rows_of(s: &AdminState) -> Vec<SettingRow> {
 /// A refusal of the cluster's: a feature level it does not run at yet is a
 /// conflict, a setting that is not set is not found.
 fn refused(why: String) -> Failure {
-    let code = if why.contains("feature level") {
-        StatusCode::CONFLICT
-    } else if why.contains("is not set") {
-        StatusCode::NOT_FOUND
-    } else if why.starts_with("not committed") {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::BAD_REQUEST
-    };
-    Failure(code, why)
+    super::state::refusal(why, &[], &["is not set"])
 }
 
 pub(super) async fn set(State(s): State<AdminState>, Path(key): Path<String>, Json(b): Json<SettingBody>) -> ApiResult {

@@ -52,6 +52,23 @@ impl From<DirectoryError> for Failure {
     }
 }
 
+/// A write the cluster refused, as a reply: a feature level it does not
+/// run at yet (or a reason containing one of `conflict`) is 409, a reason
+/// containing one of `not_found` 404, a write not committed 503, the
+/// rest 400.
+pub fn refusal(why: String, conflict: &[&str], not_found: &[&str]) -> Failure {
+    let code = if why.contains("feature level") || conflict.iter().any(|c| why.contains(c)) {
+        StatusCode::CONFLICT
+    } else if not_found.iter().any(|n| why.contains(n)) {
+        StatusCode::NOT_FOUND
+    } else if why.starts_with("not committed") {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    Failure(code, why)
+}
+
 pub type ApiResult = Result<Response, Failure>;
 
 /// A typed reply as JSON with 200.

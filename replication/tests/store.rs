@@ -304,6 +304,64 @@ async fn torn_multi_recipient_delivery_is_all_or_nothing() {
 // 3. Group commit
 // ---------------------------------------------------------------------------
 
+/// The writer keeps zeros written ahead of the active segment's end (so
+/// that a batch's sync need not grow the file). A store stopped without
+/// closing (kill -9) has them at the end of its last segment; a sealed
+/// segment may have them too. Opening cuts them off quietly, loses nothing
+/// and serves on; a clean close leaves none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zeros_ahead_of_the_end_are_room_not_damage() {
+    let dir = TempDir::new("zeros-ahead");
+    let segment = 64 << 10;
+    let store = open(dir.path(), segment);
+    let mut msgs = Vec::new();
+    for i in 0..40u64 {
+        msgs.push(deliver_msg(&store, &["alice"], T0 + i, bytes(i, 3000)).await);
+    }
+    let disk = store.stats().disk_bytes;
+    let files: u64 = common::segment_files(dir.path())
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).expect("segment").len())
+        .sum();
+    assert!(
+        files > disk,
+        "the open store should hold zeros ahead of its records ({files} bytes of files, {disk} of records)"
+    );
+    // As a kill -9 leaves it: the files copied while the store is open,
+    // and a sealed segment given zeros it did not have.
+    let crashed = TempDir::new("zeros-ahead-crash");
+    common::copy_store(dir.path(), crashed.path());
+    let (_, first) = common::segment_files(crashed.path()).remove(0);
+    let sealed_len = std::fs::metadata(&first).expect("sealed").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&first)
+        .and_then(|f| f.set_len(sealed_len + 8192))
+        .expect("zeros after the sealed segment");
+    store.close();
+    drop(store);
+
+    let store = open(crashed.path(), segment);
+    assert_present(&store, &msgs, "after a crash with zeros ahead").await;
+    assert_eq!(store.stats().disk_bytes, disk, "the same records after the crash");
+    assert_eq!(
+        std::fs::metadata(&first).expect("sealed").len(),
+        sealed_len,
+        "the zeros after the sealed segment are cut off"
+    );
+    let more = deliver_msg(&store, &["bob"], T0 + 100, bytes(100, 5000)).await;
+    let store = reopen(store, crashed.path(), segment);
+    assert_present(&store, &msgs, "after a second start").await;
+    assert_present(&store, std::slice::from_ref(&more), "after a second start").await;
+    let disk = store.stats().disk_bytes;
+    store.close();
+    let files: u64 = common::segment_files(crashed.path())
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).expect("segment").len())
+        .sum();
+    assert_eq!(files, disk, "a closed store's files hold its records and nothing else");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_deliveries_share_fsyncs() {
     let dir = TempDir::new("group");

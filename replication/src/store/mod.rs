@@ -93,6 +93,9 @@ const WRITE_QUEUE_DEPTH: usize = 1024;
 const BATCH_OPS_MAX: usize = 512;
 /// At most this many bytes share one fsync (a batch's buffer is in memory).
 const BATCH_BYTES_MAX: usize = 16 << 20;
+/// Zeros kept written ahead of the active segment's end (see
+/// `Writer::zero_ahead`): a batch's sync then need not grow the file.
+const ZERO_AHEAD_BYTES: u64 = 1 << 20;
 /// The cleaner rewrites the oldest segment when less than this share of it
 /// is live, or when the store as a whole is more than half dead.
 const CLEAN_LIVE_RATIO_MAX: f64 = 0.5;

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::*;
 use crate::record::{self, Decoded, DeleteRecord, EntryRecord};
@@ -92,7 +92,14 @@ impl FragmentStore {
             let cut = pending.first().map(|p| p.0).or(found.torn.map(|t| t.0));
             if let Some(offset) = cut {
                 let why = found.torn.map_or("batch without commit record", |t| t.1);
-                if Some(seg) == last {
+                // Zeros the writer wrote ahead of the segment's end (see
+                // `Writer::zero_ahead`): room, not damage.
+                let zeros = data[offset as usize..].iter().all(|b| *b == 0);
+                if zeros {
+                    debug!(segment = seg, offset, "zeros after the segment's end cut off");
+                    OpenOptions::new().write(true).open(&path)?.set_len(offset)?;
+                    len = offset;
+                } else if Some(seg) == last {
                     warn!(
                         segment = seg,
                         offset,
@@ -114,7 +121,7 @@ impl FragmentStore {
                     );
                 }
             }
-            let file = Arc::new(OpenOptions::new().read(true).append(true).open(&path)?);
+            let file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
             index.segments.insert(
                 seg,
                 Segment {
@@ -160,6 +167,7 @@ impl FragmentStore {
             Some((&seg, _)) => new_segment(&config.dir, &mut index, seg + 1)?,
             None => new_segment(&config.dir, &mut index, 1)?,
         };
+        let active_len = index.segments.get(&active).expect("active segment").len;
         info!(
             dir = %config.dir.display(),
             segments = index.segments.len(),
@@ -190,6 +198,8 @@ impl FragmentStore {
             carry: Vec::new(),
             // Opened on a full disk: deletions first (see the writer).
             space_short: !has_reserve,
+            // Recovery cut any zeros after the last record.
+            zeroed_to: active_len,
         };
         shared.disk_full.store(!has_reserve, Ordering::Relaxed);
         let handle = std::thread::Builder::new()

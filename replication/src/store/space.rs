@@ -51,11 +51,7 @@ pub(super) fn release_reserve(dir: &Path) {
 
 pub(super) fn new_segment(dir: &Path, index: &mut Index, seg: u32) -> Result<u32, StoreError> {
     let path = seg_path(dir, seg);
-    let file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create_new(true)
-        .open(&path)?;
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
     file.sync_all()?;
     // The new name must survive a crash, or records in it would vanish.
     sync_dir(dir)?;
@@ -243,8 +239,14 @@ impl Writer {
 
     pub(super) fn rotate(&mut self) -> Result<(), StoreError> {
         let mut index = self.shared.index();
+        let sealed = index.segments.get(&self.active).expect("active segment");
+        if self.zeroed_to > sealed.len {
+            // The zeros ahead of its end are of no use to a sealed segment.
+            let _ = sealed.file.set_len(sealed.len);
+        }
         let next = self.active + 1;
         self.active = new_segment(&self.shared.dir, &mut index, next)?;
+        self.zeroed_to = 0;
         Ok(())
     }
 }

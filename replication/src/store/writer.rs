@@ -2,7 +2,7 @@
 //! batch, fsyncs once (group commit), then applies the effects to the
 //! index and answers every caller.
 
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -158,6 +158,9 @@ pub(super) struct Writer {
     /// A write found the disk full: dead bodies are given back in place
     /// after every batch that deletes, until a delivery fits again.
     pub(super) space_short: bool,
+    /// The active segment's file holds zeros from its end up to here (see
+    /// [`Writer::zero_ahead`]).
+    pub(super) zeroed_to: u64,
     /// Operations a batch put off to the next one: a change of an entry
     /// another operation of the batch already changes (one change per
     /// entry and batch).
@@ -200,6 +203,14 @@ impl Writer {
             if commit.is_err() {
                 shared.fail("the store writer panicked".to_owned());
             }
+        }
+        // Closed: the zeros ahead of the end go, so that a store closed
+        // cleanly holds its records and nothing else.
+        let index = self.shared.index();
+        if let Some(active) = index.segments.get(&self.active)
+            && self.zeroed_to > active.len
+        {
+            let _ = active.file.set_len(active.len);
         }
     }
 
@@ -285,7 +296,9 @@ impl Writer {
             return Ok(());
         }
         let file = self.shared.index().segments.get(&seg).expect("active").file.clone();
-        let written = (&*file).write_all(buf).map_err(|e| (e, false)).and_then(|()| {
+        let end = base + buf.len() as u64;
+        let written = file.write_all_at(buf, base).map_err(|e| (e, false)).and_then(|()| {
+            self.zero_ahead(&file, end);
             if self.shared.fail_next_sync.swap(false, Ordering::SeqCst) {
                 return Err((std::io::Error::other("injected fsync failure"), true));
             }
@@ -297,7 +310,10 @@ impl Writer {
         };
         let full = !in_sync && matches!(e.raw_os_error(), Some(28 | 122)); // ENOSPC, EDQUOT
         error!(error = %e, in_sync, "segment write failed; batch refused");
+        // Whatever this batch wrote goes, the zeros ahead of it too: no
+        // record that was not acknowledged may be found at the next start.
         let _ = file.set_len(base);
+        self.zeroed_to = base;
         if full {
             let _ = file.sync_data();
             self.space_short = true;
@@ -312,6 +328,39 @@ impl Writer {
             ));
         }
         Err(e.to_string())
+    }
+
+    /// Keeps zeros written ahead of the active segment's end (up to
+    /// `ZERO_AHEAD_BYTES`), so that a batch overwrites blocks the file
+    /// already has: its `fdatasync` then writes the data alone, not the
+    /// file's size and block map as well (on this project's ext4 that
+    /// halves the CPU of a sync and nearly doubles the syncs per second;
+    /// databases preallocate their logs for the same reason). The zeros
+    /// become durable with the batch's sync. Recovery reads a zero run at
+    /// the end of a segment as the torn tail it would be anyway and cuts
+    /// it, as every earlier release does. Nothing is zeroed while the disk
+    /// is short of room; a zero write that fails is taken back and left
+    /// for the next batch.
+    fn zero_ahead(&mut self, file: &std::fs::File, end: u64) {
+        let chunk = ZERO_AHEAD_BYTES.min(self.segment_bytes_max);
+        if self.space_short || self.zeroed_to >= end + chunk / 4 {
+            return;
+        }
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let from = self.zeroed_to.max(end);
+        let to = (end + chunk).next_multiple_of(4096);
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64);
+            if let Err(e) = file.write_all_at(&ZEROS[..n as usize], at) {
+                tracing::debug!(error = %e, "zeros ahead of the segment's end not written");
+                let _ = file.set_len(from);
+                self.zeroed_to = from;
+                return;
+            }
+            at += n;
+        }
+        self.zeroed_to = to;
     }
 
     /// Durable: now the index may show it. `end` is the active segment's

@@ -145,8 +145,9 @@ struct DeleteRecordV1 {
     replicas: Vec<u64>,
 }
 
-/// What one record says, as read back.
-#[derive(Debug)]
+/// What one record says, as read back (and as a segment's summary keeps
+/// it: `store::summary`).
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum Decoded {
     Body {
         hash: BodyHash,

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use replication::{BodyHash, Delivery, FragmentStore, MessageId, StoreError};
+use replication::{BodyHash, Delivery, FragmentStore, MessageId, StoreError, Tombstone};
 
 use common::{SMALL_SEGMENT, TempDir, bytes, deliver, open, reopen};
 
@@ -87,6 +87,16 @@ fn assert_absent(store: &FragmentStore, msgs: &[Msg], users: &[&str], when: &str
                 "{when}: message {} should not be listed for {user}",
                 m.id
             );
+        }
+    }
+}
+
+/// Removes the summaries of sealed segments (`seg-N.qidx`): the store
+/// then reads every segment whole when it opens.
+fn remove_summaries(dir: &Path) {
+    for e in std::fs::read_dir(dir).expect("store dir").filter_map(|e| e.ok()) {
+        if e.file_name().to_string_lossy().ends_with(".qidx") {
+            std::fs::remove_file(e.path()).expect("remove summary");
         }
     }
 }
@@ -360,6 +370,146 @@ async fn zeros_ahead_of_the_end_are_room_not_damage() {
         .map(|(_, p)| std::fs::metadata(p).expect("segment").len())
         .sum();
     assert_eq!(files, disk, "a closed store's files hold its records and nothing else");
+}
+
+/// What a store shows: every user's entries (as listed) and tombstone
+/// digest, and the counts.
+fn state_of(store: &FragmentStore, users: &[&str]) -> String {
+    let s = store.stats();
+    let mut out = format!(
+        "entries={} tombstones={} bodies={} body_bytes={} segments={} disk_bytes={} live_bytes={}\n",
+        s.entries, s.tombstones, s.bodies, s.body_bytes, s.segments, s.disk_bytes, s.live_bytes
+    );
+    for u in users {
+        out.push_str(&format!("{u}: {:?} {:?}\n", store.list(u), store.digest(u, 0)));
+    }
+    out
+}
+
+fn summaries(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .expect("store dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".qidx"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Sealed segments get a summary (`seg-N.qidx`: their records without the
+/// bodies) once sealed, and opening a store from the summaries gives
+/// exactly what reading every segment whole gives: the same entries,
+/// tombstones, bodies and counts. A summary that is torn or damaged is
+/// not used (the segment is read whole, and the summary made again); one
+/// whose segment is gone is removed. With a summary a damaged body is
+/// not found at start but when it is read: it is never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summaries_open_a_store_as_reading_it_whole_does() {
+    let dir = TempDir::new("summaries");
+    let users = ["alice", "bob", "carol"];
+    let store = open(dir.path(), SMALL_SEGMENT);
+    let mut msgs = Vec::new();
+    for i in 0..40u64 {
+        let to: &[&'static str] = match i % 3 {
+            0 => &["alice"],
+            1 => &["alice", "bob"],
+            _ => &["carol"],
+        };
+        msgs.push(deliver_msg(&store, to, T0 + i, bytes(i, 200 + (i as usize * 131) % 1800)).await);
+    }
+    for m in msgs.iter().step_by(4) {
+        let tomb = Tombstone {
+            id: m.id,
+            hlc: 1 << 40,
+            replicas: vec![],
+        };
+        store.apply_tombstones(m.users[0], vec![tomb]).await.expect("tombstone");
+    }
+    let segs = common::segment_files(dir.path());
+    assert!(segs.len() >= 8, "40 messages fill many 4 KiB segments: {}", segs.len());
+    store.close();
+    drop(store);
+    // Every sealed segment (all but the last) gets its summary, off the writer.
+    let want_summaries = segs.len() - 1;
+    testkit::wait_for(
+        "a summary for every sealed segment",
+        std::time::Duration::from_secs(20),
+        || {
+            let n = summaries(dir.path()).len();
+            async move { n == want_summaries }
+        },
+    )
+    .await;
+
+    let whole = TempDir::new("summaries-whole");
+    common::copy_store(dir.path(), whole.path());
+    remove_summaries(whole.path());
+    let store = open(whole.path(), SMALL_SEGMENT);
+    let want = state_of(&store, &users);
+    assert_eq!(
+        summaries(whole.path()).len(),
+        segs.len() - 1,
+        "a start that reads sealed segments whole writes their summaries"
+    );
+    store.close();
+
+    let store = open(dir.path(), SMALL_SEGMENT);
+    assert_eq!(state_of(&store, &users), want, "opened from summaries");
+    store.close();
+    drop(store);
+
+    // Torn and damaged summaries are not used.
+    let victim = summaries(dir.path())[1].clone();
+    let good = std::fs::read(&victim).expect("summary");
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 1;
+    let damages: Vec<(String, Vec<u8>)> = [0, 1, 4, 16, good.len() / 2, good.len() - 1]
+        .into_iter()
+        .map(|cut| (format!("torn at {cut}"), good[..cut].to_vec()))
+        .chain([("a byte flipped".to_owned(), flipped)])
+        .collect();
+    for (what, data) in damages {
+        std::fs::write(&victim, &data).expect("damage the summary");
+        let store = open(dir.path(), SMALL_SEGMENT);
+        assert_eq!(state_of(&store, &users), want, "with a summary {what}");
+        store.close();
+        assert_eq!(
+            std::fs::read(&victim).expect("summary"),
+            good,
+            "the summary made again after {what}"
+        );
+    }
+
+    // Orphans go.
+    let orphan = dir.path().join("seg-99999999.qidx");
+    let half = dir.path().join("seg-00000002.qidx.tmp");
+    std::fs::write(&orphan, b"QIDX").expect("orphan");
+    std::fs::write(&half, b"QI").expect("half written");
+    let store = open(dir.path(), SMALL_SEGMENT);
+    assert!(!orphan.exists() && !half.exists(), "orphan summaries are removed");
+    store.close();
+    drop(store);
+
+    // A body damaged under a summary: listed, never served.
+    let (_, first) = &segs[0];
+    let data = std::fs::read(first).expect("segment");
+    let m = msgs
+        .iter()
+        .enumerate()
+        .find(|(i, m)| i % 4 != 0 && common::find(&data, &m.body).is_some())
+        .expect("a live body in the first segment")
+        .1
+        .clone();
+    flip_byte(first, common::find(&data, &m.body).expect("found") + 50);
+    let store = open(dir.path(), SMALL_SEGMENT);
+    let got = store.read_body(m.hash()).await;
+    assert!(
+        matches!(got, Err(StoreError::Corrupt(_))),
+        "a damaged body is not served, got {:?}",
+        got.map(|b| b.len())
+    );
+    store.close();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -861,6 +1011,10 @@ async fn corrupt_body_in_a_sealed_segment_is_never_served() {
         .clone();
     let at = common::find(&data, &victim.body).expect("found");
     flip_byte(path, at + 10);
+    // Read whole, as a segment without a summary is (with one, the damage
+    // is found when the body is read: see
+    // `summaries_open_a_store_as_reading_it_whole_does`).
+    remove_summaries(dir.path());
 
     let store = open(dir.path(), SMALL_SEGMENT);
     let listed = store.list("alice");

@@ -92,6 +92,15 @@ pub(super) struct Index {
 
 impl Index {
     pub(super) fn count_replica_set(&mut self, replicas: &[u64], added: bool) {
+        // Sets are kept sorted: look a sorted one up without a copy (once
+        // per entry put or taken, at start a million times).
+        if added
+            && replicas.is_sorted()
+            && let Some(n) = self.replica_sets.get_mut(replicas)
+        {
+            *n += 1;
+            return;
+        }
         let mut key = replicas.to_vec();
         key.sort_unstable();
         if added {
@@ -203,10 +212,13 @@ impl Index {
 
     /// Adds an entry, or moves an existing one to a new location.
     pub(super) fn put_entry(&mut self, user: &str, meta: EntryMeta, loc: Loc) {
-        let mailbox = self.mailboxes.entry(user.to_owned()).or_default();
+        self.count_replica_set(&meta.replicas, true);
+        let mailbox = match self.mailboxes.get_mut(user) {
+            Some(m) => m,
+            None => self.mailboxes.entry(user.to_owned()).or_default(),
+        };
         let size = meta.size_bytes;
         let body = meta.body;
-        let replicas = meta.replicas.clone();
         let old = mailbox.entries.insert(meta.id, Entry { meta, loc });
         if old.is_none() {
             mailbox.usage_bytes += size;
@@ -223,7 +235,6 @@ impl Index {
                 self.ref_body(&body);
             }
         }
-        self.count_replica_set(&replicas, true);
     }
 
     pub(super) fn remove_entry(&mut self, user: &str, id: &MessageId) -> bool {

@@ -65,6 +65,7 @@ mod plan;
 mod queries;
 mod recovery;
 mod space;
+mod summary;
 mod writer;
 
 use std::fs::File;

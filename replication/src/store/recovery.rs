@@ -27,6 +27,7 @@ impl FragmentStore {
             })
             .collect();
         seg_ids.sort_unstable();
+        summary::remove_orphans(&config.dir, &seg_ids);
 
         let mut index = Index::default();
         // Latest record of each kind wins; tombstones remove earlier entries.
@@ -36,13 +37,13 @@ impl FragmentStore {
         let last = seg_ids.last().copied();
         for &seg in &seg_ids {
             let path = seg_path(&config.dir, seg);
-            let data = fs::read(&path)?;
+            let SegmentRead { items, found, data } = read_segment(&config.dir, seg, Some(seg) != last)?;
             // Records take effect batch by batch, at each commit record.
             let mut pending: Vec<(u64, u64, Decoded)> = Vec::new();
-            let found = record::scan(&data, |offset, record_len, decoded| {
+            for (offset, record_len, decoded) in items {
                 if !matches!(decoded, Decoded::Commit) {
                     pending.push((offset, record_len, decoded));
-                    return;
+                    continue;
                 }
                 for (_, record_len, decoded) in pending.drain(..) {
                     match decoded {
@@ -75,7 +76,7 @@ impl FragmentStore {
                         Decoded::Commit => unreachable!("commits are not pending"),
                     }
                 }
-            });
+            }
             if let Some((offset, kind, why)) = found.unreadable {
                 return Err(StoreError::Unreadable(format!(
                     "{}: the record at offset {offset} (kind {kind}) is whole but unreadable here ({why}): \
@@ -86,7 +87,7 @@ impl FragmentStore {
             for (start, end, why) in &found.corrupt {
                 error!(segment = seg, start, end, why, "damaged records skipped on recovery");
             }
-            let mut len = data.len() as u64;
+            let mut len = fs::metadata(&path)?.len();
             // An unfinished batch (no commit record) or a torn record at the
             // end: the tail from there on was never acknowledged.
             let cut = pending.first().map(|p| p.0).or(found.torn.map(|t| t.0));
@@ -94,7 +95,9 @@ impl FragmentStore {
                 let why = found.torn.map_or("batch without commit record", |t| t.1);
                 // Zeros the writer wrote ahead of the segment's end (see
                 // `Writer::zero_ahead`): room, not damage.
-                let zeros = data[offset as usize..].iter().all(|b| *b == 0);
+                let zeros = data
+                    .as_ref()
+                    .is_some_and(|d| d[offset as usize..].iter().all(|b| *b == 0));
                 if zeros {
                     debug!(segment = seg, offset, "zeros after the segment's end cut off");
                     OpenOptions::new().write(true).open(&path)?.set_len(offset)?;
@@ -133,7 +136,7 @@ impl FragmentStore {
         }
         index.bodies = bodies;
         let mut sorted: Vec<_> = entries.into_values().collect();
-        sorted.sort_by(|a, b| (&a.0.user, a.0.meta.id).cmp(&(&b.0.user, b.0.meta.id)));
+        sorted.sort_unstable_by(|a, b| (&a.0.user, a.0.meta.id).cmp(&(&b.0.user, b.0.meta.id)));
         for (e, loc) in sorted {
             if !index.bodies.contains_key(&e.meta.body) {
                 error!(user = %e.user, id = %e.meta.id, "entry without its body on recovery; dropped");
@@ -211,4 +214,42 @@ impl FragmentStore {
             writer: Mutex::new(Some(handle)),
         })
     }
+}
+
+/// One segment as recovery reads it: its valid records in order, what
+/// reading found besides them, and its bytes when it was read whole.
+struct SegmentRead {
+    items: Vec<summary::Item>,
+    found: record::Scan,
+    data: Option<Vec<u8>>,
+}
+
+/// Reads a segment: a sealed one from its summary when it has a good one;
+/// otherwise whole, and a sealed one found undamaged gets its summary for
+/// the next start.
+fn read_segment(dir: &Path, seg: u32, sealed: bool) -> Result<SegmentRead, StoreError> {
+    let path = seg_path(dir, seg);
+    if sealed && let Some(items) = summary::read(dir, seg, fs::metadata(&path)?.len()) {
+        return Ok(SegmentRead {
+            items,
+            found: record::Scan::default(),
+            data: None,
+        });
+    }
+    let data = fs::read(&path)?;
+    let mut items = Vec::new();
+    let found = record::scan(&data, |offset, record_len, decoded| {
+        items.push((offset, record_len, decoded))
+    });
+    if sealed
+        && found == record::Scan::default()
+        && let Err(e) = summary::write(dir, seg, data.len() as u64, &items)
+    {
+        warn!(segment = seg, error = %e, "segment summary not written");
+    }
+    Ok(SegmentRead {
+        items,
+        found,
+        data: Some(data),
+    })
 }

@@ -232,6 +232,9 @@ impl Writer {
             }
             index.segments.remove(&seg);
         }
+        // The summary first: one left behind by a crash is removed at the
+        // next start, a segment without one is read whole.
+        let _ = fs::remove_file(summary::path(&self.shared.dir, seg));
         fs::remove_file(seg_path(&self.shared.dir, seg))?;
         sync_dir(&self.shared.dir)?;
         Ok(true)
@@ -244,9 +247,15 @@ impl Writer {
             // The zeros ahead of its end are of no use to a sealed segment.
             let _ = sealed.file.set_len(sealed.len);
         }
-        let next = self.active + 1;
+        let sealed = self.active;
+        let next = sealed + 1;
         self.active = new_segment(&self.shared.dir, &mut index, next)?;
         self.zeroed_to = 0;
+        // Its summary, so that a start reads it quickly (off the writer).
+        let dir = self.shared.dir.clone();
+        let _ = std::thread::Builder::new()
+            .name("quill-store-summary".into())
+            .spawn(move || summary::summarize(&dir, sealed));
         Ok(())
     }
 }

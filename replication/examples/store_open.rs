@@ -1,0 +1,101 @@
+//! How long a fragment store takes to open, by what it holds.
+//!
+//! Fills a store with `ENTRIES` entries: `USERS` users, one small message
+//! each (`BODY_BYTES`, the shape of the restart figure of the issue "a
+//! thousand nodes": 100 users x 10 240 small messages), then closes it and
+//! times `FragmentStore::open` (the index rebuilt from the segments) a few
+//! times, printing entries, segments, bytes and seconds.
+//!
+//!     cargo run --release -p replication --example store_open [ENTRIES [BODY_BYTES]]
+//!
+//! Each open is timed twice over: with the summaries of the sealed
+//! segments (`seg-N.qidx`, what a start normally has) and without them
+//! (every segment read whole, as before summaries).
+//!
+//! Bounded: fixed counts, a fresh directory under /tmp removed at the end.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use replication::{Delivery, FragmentStore, StoreConfig};
+
+const USERS: usize = 100;
+const CONCURRENCY: usize = 64;
+const OPENS: usize = 3;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let entries: usize = std::env::args()
+        .nth(1)
+        .map_or(1_000_000, |a| a.parse().expect("ENTRIES is a number"));
+    let body_bytes: usize = std::env::args()
+        .nth(2)
+        .map_or(300, |a| a.parse().expect("BODY_BYTES is a number"));
+    let dir = std::env::temp_dir().join(format!("quill-store-open-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Arc::new(FragmentStore::open(StoreConfig::new(&dir)).expect("open"));
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|c| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut n = c;
+                while n < entries {
+                    let mut body = format!("Subject: message {n}\r\n\r\n").into_bytes();
+                    body.resize(body_bytes, b'x');
+                    let arrival_ms = 1_700_000_000_000 + n as u64;
+                    store
+                        .deliver(Delivery {
+                            id: store.new_message_id(arrival_ms),
+                            arrival_ms,
+                            users: vec![format!("user{:04}@example.com", n % USERS)],
+                            folder: "INBOX".into(),
+                            body,
+                            replicas: vec![1, 2],
+                        })
+                        .await
+                        .expect("deliver");
+                    n += CONCURRENCY;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("filler");
+    }
+    let fill_s = t.elapsed().as_secs_f64();
+    let store = Arc::into_inner(store).expect("fillers done");
+    store.close();
+    drop(store);
+    let bytes: u64 = std::fs::read_dir(&dir)
+        .expect("dir")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    println!("filled entries={entries} body_bytes={body_bytes} secs={fill_s:.1} bytes={bytes}");
+    // The summaries of the last sealed segments are written off the
+    // writer: the first open makes any still missing.
+    FragmentStore::open(StoreConfig::new(&dir)).expect("reopen").close();
+    for round in 1..=OPENS {
+        for summaries in [true, false] {
+            if !summaries {
+                for e in std::fs::read_dir(&dir).expect("dir").filter_map(|e| e.ok()) {
+                    if e.file_name().to_string_lossy().ends_with(".qidx") {
+                        std::fs::remove_file(e.path()).expect("remove summary");
+                    }
+                }
+            }
+            // The page cache as a restarted node finds it (warm): both ways alike.
+            let t = Instant::now();
+            let store = FragmentStore::open(StoreConfig::new(&dir)).expect("reopen");
+            let secs = t.elapsed().as_secs_f64();
+            let s = store.stats();
+            println!(
+                "open round={round} summaries={summaries} entries={} segments={} body_bytes={} secs={secs:.2}",
+                s.entries, s.segments, s.body_bytes
+            );
+            store.close();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,179 @@
+//! Summaries of sealed segments: what recovery reads from a sealed
+//! segment (every valid record's place and content, bodies left out),
+//! written once beside it as `seg-N.qidx`, so that opening a store reads a
+//! few bytes per record instead of every body, and hashes none.
+//!
+//! A sealed segment never changes but for dead records zeroed to give
+//! their space back (a summary still lists them: they are dead either
+//! way). A summary is written for a segment whose scan found nothing
+//! damaged, so that damage is reported at every start as before.
+//!
+//! Layout: magic `QIDX`, format `1` (u32le), the segment's length (u64le),
+//! bincode of the records (`(offset, length, Decoded)`, in order), then
+//! blake3 of everything before. A summary that is torn, damaged, of a
+//! format this release does not know, or of another length than its
+//! segment is not used (the segment is read whole, as without one, and a
+//! new summary written); one whose segment is gone is removed. Releases
+//! before 0.3.0 do not read summaries and leave them alone.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, warn};
+
+use crate::record::{self, Decoded};
+
+const MAGIC: &[u8; 4] = b"QIDX";
+const FORMAT: u32 = 1;
+const HEAD_BYTES: usize = 4 + 4 + 8;
+const SUM_BYTES: usize = 32;
+
+/// One valid record of a segment: its offset, its length, what it says.
+pub(super) type Item = (u64, u64, Decoded);
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 1 << 30 }>()
+}
+
+pub(super) fn path(dir: &Path, seg: u32) -> PathBuf {
+    dir.join(format!("seg-{seg:08}.qidx"))
+}
+
+/// Reads segment `seg`'s records: from its summary when one is there for
+/// a segment of `seg_len` bytes, else `None`.
+pub(super) fn read(dir: &Path, seg: u32, seg_len: u64) -> Option<Vec<Item>> {
+    let data = fs::read(path(dir, seg)).ok()?;
+    match parse(&data, seg_len) {
+        Ok(items) => Some(items),
+        Err(why) => {
+            warn!(
+                segment = seg,
+                why, "segment summary not used; reading the segment whole"
+            );
+            None
+        }
+    }
+}
+
+fn parse(data: &[u8], seg_len: u64) -> Result<Vec<Item>, &'static str> {
+    if data.len() < HEAD_BYTES + SUM_BYTES {
+        return Err("too short");
+    }
+    let (body, sum) = data.split_at(data.len() - SUM_BYTES);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err("checksum mismatch");
+    }
+    if &body[..4] != MAGIC {
+        return Err("not a summary");
+    }
+    if u32::from_le_bytes(body[4..8].try_into().expect("4 bytes")) != FORMAT {
+        return Err("a format this release does not read");
+    }
+    if u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")) != seg_len {
+        return Err("of a segment of another length");
+    }
+    match bincode::serde::decode_from_slice::<Vec<Item>, _>(&body[HEAD_BYTES..], config()) {
+        Ok((items, n)) if n == body.len() - HEAD_BYTES => Ok(items),
+        _ => Err("undecodable"),
+    }
+}
+
+/// Writes segment `seg`'s summary (temporary file, fsync, rename): its
+/// `items` as a scan of its `seg_len` bytes found them.
+pub(super) fn write(dir: &Path, seg: u32, seg_len: u64, items: &[Item]) -> std::io::Result<()> {
+    let mut data = Vec::with_capacity(HEAD_BYTES + items.len() * 96 + SUM_BYTES);
+    data.extend_from_slice(MAGIC);
+    data.extend_from_slice(&FORMAT.to_le_bytes());
+    data.extend_from_slice(&seg_len.to_le_bytes());
+    bincode::serde::encode_into_std_write(items, &mut data, config()).map_err(std::io::Error::other)?;
+    let sum = blake3::hash(&data);
+    data.extend_from_slice(sum.as_bytes());
+    let final_path = path(dir, seg);
+    let tmp = final_path.with_extension("qidx.tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(&data)?;
+    f.sync_data()?;
+    fs::rename(&tmp, &final_path)
+}
+
+/// Reads a sealed segment whole and writes its summary, unless the scan
+/// finds damage or a record this release cannot read (then every start
+/// reads it whole and says so). Off the writer: called on a thread of its
+/// own once a segment is sealed.
+pub(super) fn summarize(dir: &Path, seg: u32) {
+    let seg_path = super::seg_path(dir, seg);
+    let Ok(data) = fs::read(&seg_path) else {
+        return; // Dropped by the cleaner meanwhile.
+    };
+    let mut items = Vec::new();
+    let found = record::scan(&data, |at, len, d| items.push((at, len, d)));
+    if found != record::Scan::default() {
+        debug!(segment = seg, "a sealed segment with damage: no summary");
+        return;
+    }
+    match write(dir, seg, data.len() as u64, &items) {
+        // Dropped while this was written: the summary goes with it.
+        Ok(()) if !seg_path.exists() => drop(fs::remove_file(path(dir, seg))),
+        Ok(()) => {}
+        Err(e) => warn!(segment = seg, error = %e, "segment summary not written"),
+    }
+}
+
+/// Removes the summaries (and summaries half written) of segments that
+/// are not in `segs`.
+pub(super) fn remove_orphans(dir: &Path, segs: &[u32]) {
+    let Ok(read) = fs::read_dir(dir) else { return };
+    for e in read.filter_map(|e| e.ok()) {
+        let Ok(name) = e.file_name().into_string() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix("seg-") else {
+            continue;
+        };
+        let orphan = if let Some(n) = rest.strip_suffix(".qidx") {
+            n.parse::<u32>().is_ok_and(|n| segs.binary_search(&n).is_err())
+        } else {
+            rest.ends_with(".qidx.tmp")
+        };
+        if orphan {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BodyHash;
+
+    #[test]
+    fn a_summary_reads_back_and_any_damage_or_other_length_is_refused() {
+        let dir = testkit::TempDir::new("summary-unit").expect("temp dir");
+        let items: Vec<Item> = vec![
+            (
+                0,
+                100,
+                Decoded::Body {
+                    hash: BodyHash([7; 32]),
+                    body_offset: 73,
+                    body_len: 27,
+                },
+            ),
+            (100, 9, Decoded::Commit),
+        ];
+        write(dir.path(), 3, 109, &items).expect("write");
+        let got = read(dir.path(), 3, 109).expect("read back");
+        assert_eq!(format!("{got:?}"), format!("{items:?}"));
+        assert!(read(dir.path(), 3, 110).is_none(), "another length");
+        let data = fs::read(path(dir.path(), 3)).expect("summary");
+        for cut in 0..data.len() {
+            assert!(parse(&data[..cut], 109).is_err(), "torn at {cut}");
+        }
+        for at in 0..data.len() {
+            let mut bad = data.clone();
+            bad[at] ^= 0x10;
+            assert!(parse(&bad, 109).is_err(), "flipped at {at}");
+        }
+    }
+}

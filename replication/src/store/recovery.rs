@@ -11,7 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use super::*;
 use crate::record::{self, Decoded, DeleteRecord, EntryRecord};
-use crate::{BodyHash, MessageId};
+use crate::{BodyHash, EntryMeta, MessageId};
 
 impl FragmentStore {
     /// Opens (or creates) the store in `config.dir`, rebuilding the index
@@ -32,130 +32,155 @@ impl FragmentStore {
         let mut index = Index::default();
         // Latest record of each kind wins; tombstones remove earlier entries.
         let mut bodies: HashMap<BodyHash, BodyLoc> = HashMap::new();
-        let mut entries: HashMap<(String, MessageId), (EntryRecord, Loc)> = HashMap::new();
-        let mut tombs: HashMap<(String, MessageId), (DeleteRecord, Loc)> = HashMap::new();
+        // By user, then id: no key copied per record, and the index is
+        // filled in order at the end.
+        let mut entries: ByUser<EntryMeta> = HashMap::new();
+        let mut tombs: ByUser<DeleteRecord> = HashMap::new();
         let last = seg_ids.last().copied();
-        for &seg in &seg_ids {
-            let path = seg_path(&config.dir, seg);
-            let SegmentRead { items, found, data } = read_segment(&config.dir, seg, Some(seg) != last)?;
-            // Records take effect batch by batch, at each commit record.
-            let mut pending: Vec<(u64, u64, Decoded)> = Vec::new();
-            for (offset, record_len, decoded) in items {
-                if !matches!(decoded, Decoded::Commit) {
-                    pending.push((offset, record_len, decoded));
-                    continue;
-                }
-                for (_, record_len, decoded) in pending.drain(..) {
-                    match decoded {
-                        Decoded::Body {
-                            hash,
-                            body_offset,
-                            body_len,
-                        } => {
-                            let loc = BodyLoc {
-                                seg,
-                                body_offset,
-                                body_len,
-                                record_len,
-                                refs: 0,
-                            };
-                            bodies.insert(hash, loc);
-                        }
-                        Decoded::Entry(e) => {
-                            // An entry after a tombstone of the same id can
-                            // only follow that tombstone's expiry: it wins.
-                            let key = (e.user.clone(), e.meta.id);
-                            tombs.remove(&key);
-                            entries.insert(key, (e, Loc { seg, record_len }));
-                        }
-                        Decoded::Delete(d) => {
-                            let key = (d.user.clone(), d.id);
-                            entries.remove(&key);
-                            tombs.insert(key, (d, Loc { seg, record_len }));
-                        }
-                        Decoded::Commit => unreachable!("commits are not pending"),
+        let dir = &config.dir;
+        std::thread::scope(|scope| -> Result<(), StoreError> {
+            // The next segment is read (or its summary decoded) on a thread of
+            // its own while this one applies the one before.
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let ids = &seg_ids;
+            scope.spawn(move || {
+                for &seg in ids {
+                    if tx.send((seg, read_segment(dir, seg, Some(seg) != last))).is_err() {
+                        break;
                     }
                 }
-            }
-            if let Some((offset, kind, why)) = found.unreadable {
-                return Err(StoreError::Unreadable(format!(
-                    "{}: the record at offset {offset} (kind {kind}) is whole but unreadable here ({why}): \
-                     written by a newer release; run that release (this one reads kinds 1 to 7)",
-                    path.display()
-                )));
-            }
-            for (start, end, why) in &found.corrupt {
-                error!(segment = seg, start, end, why, "damaged records skipped on recovery");
-            }
-            let mut len = fs::metadata(&path)?.len();
-            // An unfinished batch (no commit record) or a torn record at the
-            // end: the tail from there on was never acknowledged.
-            let cut = pending.first().map(|p| p.0).or(found.torn.map(|t| t.0));
-            if let Some(offset) = cut {
-                let why = found.torn.map_or("batch without commit record", |t| t.1);
-                // Zeros the writer wrote ahead of the segment's end (see
-                // `Writer::zero_ahead`): room, not damage.
-                let zeros = data
-                    .as_ref()
-                    .is_some_and(|d| d[offset as usize..].iter().all(|b| *b == 0));
-                if zeros {
-                    debug!(segment = seg, offset, "zeros after the segment's end cut off");
-                    OpenOptions::new().write(true).open(&path)?.set_len(offset)?;
-                    len = offset;
-                } else if Some(seg) == last {
-                    warn!(
-                        segment = seg,
-                        offset,
-                        why,
-                        cut_bytes = len - offset,
-                        "torn tail cut off on recovery"
-                    );
-                    let f = OpenOptions::new().write(true).open(&path)?;
-                    f.set_len(offset)?;
-                    f.sync_all()?;
-                    len = offset;
-                } else {
-                    error!(
-                        segment = seg,
-                        offset,
-                        why,
-                        lost_bytes = len - offset,
-                        "unreadable tail inside a sealed segment; skipped"
-                    );
+            });
+            for (seg, read) in rx {
+                let path = seg_path(dir, seg);
+                let SegmentRead { items, found, data } = read?;
+                bodies.reserve(items.iter().filter(|i| matches!(i.2, Decoded::Body { .. })).count());
+                // Records take effect batch by batch, at each commit record.
+                let mut pending: Vec<(u64, u64, Decoded)> = Vec::new();
+                for (offset, record_len, decoded) in items {
+                    if !matches!(decoded, Decoded::Commit) {
+                        pending.push((offset, record_len, decoded));
+                        continue;
+                    }
+                    for (_, record_len, decoded) in pending.drain(..) {
+                        match decoded {
+                            Decoded::Body {
+                                hash,
+                                body_offset,
+                                body_len,
+                            } => {
+                                let loc = BodyLoc {
+                                    seg,
+                                    body_offset,
+                                    body_len,
+                                    record_len,
+                                    refs: 0,
+                                };
+                                bodies.insert(hash, loc);
+                            }
+                            Decoded::Entry(EntryRecord { user, meta }) => {
+                                // An entry after a tombstone of the same id can
+                                // only follow that tombstone's expiry: it wins.
+                                if let Some(t) = tombs.get_mut(&user) {
+                                    t.remove(&meta.id);
+                                }
+                                let id = meta.id;
+                                of_user(&mut entries, user).insert(id, (meta, Loc { seg, record_len }));
+                            }
+                            Decoded::Delete(d) => {
+                                if let Some(e) = entries.get_mut(&d.user) {
+                                    e.remove(&d.id);
+                                }
+                                let (user, id) = (d.user.clone(), d.id);
+                                of_user(&mut tombs, user).insert(id, (d, Loc { seg, record_len }));
+                            }
+                            Decoded::Commit => unreachable!("commits are not pending"),
+                        }
+                    }
                 }
+                if let Some((offset, kind, why)) = found.unreadable {
+                    return Err(StoreError::Unreadable(format!(
+                        "{}: the record at offset {offset} (kind {kind}) is whole but unreadable here ({why}): \
+                     written by a newer release; run that release (this one reads kinds 1 to 7)",
+                        path.display()
+                    )));
+                }
+                for (start, end, why) in &found.corrupt {
+                    error!(segment = seg, start, end, why, "damaged records skipped on recovery");
+                }
+                let mut len = fs::metadata(&path)?.len();
+                // An unfinished batch (no commit record) or a torn record at the
+                // end: the tail from there on was never acknowledged.
+                let cut = pending.first().map(|p| p.0).or(found.torn.map(|t| t.0));
+                if let Some(offset) = cut {
+                    let why = found.torn.map_or("batch without commit record", |t| t.1);
+                    // Zeros the writer wrote ahead of the segment's end (see
+                    // `Writer::zero_ahead`): room, not damage.
+                    let zeros = data
+                        .as_ref()
+                        .is_some_and(|d| d[offset as usize..].iter().all(|b| *b == 0));
+                    if zeros {
+                        debug!(segment = seg, offset, "zeros after the segment's end cut off");
+                        OpenOptions::new().write(true).open(&path)?.set_len(offset)?;
+                        len = offset;
+                    } else if Some(seg) == last {
+                        warn!(
+                            segment = seg,
+                            offset,
+                            why,
+                            cut_bytes = len - offset,
+                            "torn tail cut off on recovery"
+                        );
+                        let f = OpenOptions::new().write(true).open(&path)?;
+                        f.set_len(offset)?;
+                        f.sync_all()?;
+                        len = offset;
+                    } else {
+                        error!(
+                            segment = seg,
+                            offset,
+                            why,
+                            lost_bytes = len - offset,
+                            "unreadable tail inside a sealed segment; skipped"
+                        );
+                    }
+                }
+                let file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
+                index.segments.insert(
+                    seg,
+                    Segment {
+                        file,
+                        len,
+                        live_bytes: 0,
+                    },
+                );
             }
-            let file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
-            index.segments.insert(
-                seg,
-                Segment {
-                    file,
-                    len,
-                    live_bytes: 0,
-                },
-            );
-        }
+            Ok(())
+        })?;
         index.bodies = bodies;
-        let mut sorted: Vec<_> = entries.into_values().collect();
-        sorted.sort_unstable_by(|a, b| (&a.0.user, a.0.meta.id).cmp(&(&b.0.user, b.0.meta.id)));
-        for (e, loc) in sorted {
-            if !index.bodies.contains_key(&e.meta.body) {
-                error!(user = %e.user, id = %e.meta.id, "entry without its body on recovery; dropped");
-                continue;
+        for (user, found) in entries {
+            for (id, (meta, loc)) in found {
+                if !index.bodies.contains_key(&meta.body) {
+                    error!(%user, %id, "entry without its body on recovery; dropped");
+                    continue;
+                }
+                index.put_entry(&user, meta, loc);
             }
-            index.put_entry(&e.user, e.meta, loc);
         }
-        for ((user, id), (d, loc)) in tombs {
-            index.put_tomb(
-                &user,
-                id,
-                Tomb {
-                    hlc: d.hlc,
-                    replicas: d.replicas,
-                    loc,
-                    added_ms: now_ms(),
-                    moved: d.moved,
-                },
-            );
+        let opened_ms = now_ms();
+        for (user, found) in tombs {
+            for (id, (d, loc)) in found {
+                index.put_tomb(
+                    &user,
+                    id,
+                    Tomb {
+                        hlc: d.hlc,
+                        replicas: d.replicas,
+                        loc,
+                        added_ms: opened_ms,
+                        moved: d.moved,
+                    },
+                );
+            }
         }
         // Bodies nobody references are dead space for the cleaner (and for
         // reclaiming in place when the disk fills).
@@ -214,6 +239,14 @@ impl FragmentStore {
             writer: Mutex::new(Some(handle)),
         })
     }
+}
+
+/// What recovery found of one kind, by user, then message id.
+type ByUser<T> = HashMap<String, std::collections::BTreeMap<MessageId, (T, Loc)>>;
+
+/// `user`'s part of `map` (the record's own name is the key: no copy).
+fn of_user<T>(map: &mut ByUser<T>, user: String) -> &mut std::collections::BTreeMap<MessageId, (T, Loc)> {
+    map.entry(user).or_default()
 }
 
 /// One segment as recovery reads it: its valid records in order, what

@@ -186,8 +186,9 @@ async fn lists_and_access_rules_reach_every_node() {
     admin(&nodes[1], &["access", "allow", "127.0.0.1/32"]);
     admin(&nodes[1], &["access", "deny", "127.0.0.2"]);
     for n in &nodes {
+        // Both rules (two Raft entries, applied one after the other).
         wait_for("the rules on every node", WITHIN, || async {
-            code(n, "127.0.0.1", ALICE).await == 250
+            code(n, "127.0.0.1", ALICE).await == 250 && rcpt(n, "127.0.0.2", "x@sender.test", ALICE).await.0 == 554
         })
         .await;
         let (c, text) = rcpt(n, "127.0.0.2", "x@sender.test", ALICE).await;

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use replication::replica::watch::Subscription;
 use replication::replica::{
     BoxFuture, DeliverOutcome, Listed, MailboxInUse, Network, NodeId, ReplicaError, Replicator,
 };
@@ -52,6 +53,12 @@ pub trait Mail: Send + Sync + 'static {
     /// whether this try passes; `None` when no manager answered.
     fn greylist<'a>(&'a self, _key: &'a str, _delay: Duration, _lifetime: Duration) -> BoxFuture<'a, Option<bool>> {
         Box::pin(async { None })
+    }
+    /// A session waits for changes to the mailbox (IMAP IDLE): told of
+    /// them (see `replication::replica::watch`); `None` where changes are
+    /// not told (the session polls).
+    fn subscribe(&self, _mailbox: &str) -> Option<Subscription> {
+        None
     }
 }
 
@@ -170,6 +177,10 @@ impl<N: Network> Mail for Replicator<N> {
 
     fn greylist<'a>(&'a self, key: &'a str, delay: Duration, lifetime: Duration) -> BoxFuture<'a, Option<bool>> {
         Box::pin(Replicator::greylist(self, key, delay, lifetime))
+    }
+
+    fn subscribe(&self, mailbox: &str) -> Option<Subscription> {
+        Some(Replicator::subscribe(self, mailbox))
     }
 }
 

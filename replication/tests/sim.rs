@@ -1703,3 +1703,57 @@ async fn joined_nodes_take_their_share_of_stored_mail() {
         r.store().close();
     }
 }
+
+/// Sessions waiting on a mailbox (IMAP IDLE) are told, not polling: a
+/// watch registered at the user's manager from another node hears of a
+/// delivery made through a third node (`soon`, when the manager places it)
+/// and of a deletion made through the third node (after it), each within
+/// a deadline, and nothing else meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_sessions_are_told_of_deliveries_and_changes() {
+    let sim = Sim::new(11);
+    let reps = sim.live();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    for r in &reps {
+        let (r, stop) = (r.clone(), stop.clone());
+        tokio::spawn(async move { r.run_watches(stop).await });
+    }
+    let user = users()[0].clone();
+    let manager = reps[0].view().user_manager(&user).expect("a manager").0;
+    let others: Vec<&Arc<Rep>> = reps.iter().filter(|r| r.id() != manager).collect();
+    let (watcher, front) = (others[0], others[1]);
+    let mut sub = watcher.subscribe(&user);
+    let deadline = Duration::from_secs(10);
+    let t0 = std::time::Instant::now();
+    while !sub.told() {
+        assert!(t0.elapsed() < deadline, "the manager took the watch");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let out = deliver_one(front, &user, 1, "told".into()).await;
+    assert_eq!(out.stored, vec![true]);
+    let change = tokio::time::timeout(deadline, sub.changed())
+        .await
+        .expect("told of the delivery");
+    assert!(change.soon, "a placement is told as soon: {change:?}");
+
+    let listed = front.mailbox(&user).await;
+    assert_eq!(listed.len(), 1);
+    front.delete(&user, &listed).await.expect("deleted");
+    let change = tokio::time::timeout(deadline, sub.changed())
+        .await
+        .expect("told of the deletion");
+    assert!(!change.soon, "a change made is told as made: {change:?}");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.changed())
+            .await
+            .is_err(),
+        "nothing else happened"
+    );
+
+    drop(sub);
+    stop_tx.send(true).expect("stop");
+    for r in &reps {
+        r.store().close();
+    }
+}

@@ -104,7 +104,8 @@ pub async fn placement_view(membership: &Membership) -> Option<Arc<placement::Vi
 /// Two tasks: one applies each new view at once (placement must not lag
 /// the membership view behind a slow round), the other does the work a
 /// view change calls for (reports to the new managers, anti-entropy) and
-/// the periodic duties.
+/// the periodic duties; beside them, the repairs and the watches of
+/// waiting sessions (`replication::replica::watch`).
 pub async fn duties(
     replica: Arc<NodeReplicator>,
     membership: Membership,
@@ -120,10 +121,15 @@ pub async fn duties(
     ));
     let chaser = tokio::spawn(chase_reports(replica.clone(), stop.clone()));
     let repairer = tokio::spawn(repair(replica.clone(), repair_limit, stop.clone()));
+    let watcher = tokio::spawn({
+        let (replica, stop) = (replica.clone(), stop.clone());
+        async move { replica.run_watches(stop).await }
+    });
     work(replica, changed, stop).await;
     follower.abort();
     chaser.abort();
     repairer.abort();
+    watcher.abort();
 }
 
 /// Restores R copies after a node is gone and hands a draining node's

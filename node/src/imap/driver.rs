@@ -4,7 +4,9 @@
 //! responses; swaps the stream for TLS after STARTTLS (a fresh protocol
 //! state: anything pipelined behind the command is dropped, never
 //! executed); and while the client idles, asks the handler for changes
-//! every [`IDLE_POLL`].
+//! when told of them (`replication::replica::watch`: a delivery placed, a
+//! change made through any node), with a slow safety look, or every
+//! [`IDLE_POLL`] where changes are not told.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{Instrument, debug};
 
+use replication::replica::watch::{SAFETY_LOOK, SOON_CHECKS, Subscription};
+
 use super::handler::{AuthStep, Handler, Reply, Response, Then};
 use crate::net::stream::{Stream, Transport, accept_tls};
 use crate::services::Services;
@@ -27,7 +31,7 @@ use crate::services::Services;
 /// RFC 2177: clients re-issue IDLE at least every 29 minutes; a session
 /// idling longer than this is ended.
 pub const IDLE_MAX: Duration = Duration::from_secs(30 * 60);
-/// How often an idling session looks for changes.
+/// How often an idling session looks for changes when they are not told.
 pub const IDLE_POLL: Duration = Duration::from_millis(500);
 
 struct Driver<S> {
@@ -37,6 +41,10 @@ struct Driver<S> {
     services: Arc<Services>,
     /// IDLE in progress: its tag and since when.
     idling: Option<(Tag<'static>, Instant)>,
+    /// While idling: the wait on the mailbox's changes, and when to look
+    /// next for a change told to be coming.
+    watch: Option<Subscription>,
+    looks: Vec<Instant>,
     /// After this response is sent: start TLS.
     starttls_after: Option<ResponseHandle>,
     /// After this response is sent: close.
@@ -66,6 +74,8 @@ pub async fn serve_on<S: Transport>(
             handler,
             services,
             idling: None,
+            watch: None,
+            looks: Vec::new(),
             starttls_after: None,
             close_after: None,
             buf: vec![0; 16 * 1024],
@@ -141,11 +151,14 @@ impl<S: Transport> Driver<S> {
                             .server
                             .idle_accept(CommandContinuationRequest::basic(None, "idling").expect("valid"));
                         self.idling = Some((tag, Instant::now()));
+                        self.watch = self.handler.user().and_then(|u| self.services.mail.subscribe(&u));
                     } else {
                         let _ = self.server.idle_reject(bad(Some(tag), "IDLE needs a selected folder"));
                     }
                 }
                 Ok(Event::IdleDoneReceived) => {
+                    self.watch = None;
+                    self.looks.clear();
                     if let Some((tag, _)) = self.idling.take() {
                         self.server.enqueue_status(ok(tag, None, "IDLE terminated"));
                     }
@@ -235,14 +248,46 @@ impl<S: Transport> Driver<S> {
         }
     }
 
+    /// When an idling session looks for changes next: at the next look a
+    /// told change asked for, else after [`SAFETY_LOOK`] when changes are
+    /// told, [`IDLE_POLL`] when not.
+    fn next_look(&self, now: Instant) -> Instant {
+        let told = self.watch.as_ref().is_some_and(|w| w.told());
+        let every = if told { SAFETY_LOOK } else { IDLE_POLL };
+        self.looks.first().copied().unwrap_or(now + every).min(now + every)
+    }
+
     /// Reads more input into the protocol state. While idling, looks for
-    /// changes every [`IDLE_POLL`]. False: the session is over.
+    /// changes when told and at [`Driver::next_look`]. False: the session
+    /// is over.
     async fn read_more(&mut self, shutdown: &mut watch::Receiver<bool>) -> std::io::Result<bool> {
         let idle_timeout = self.services.limits().idle_timeout;
         loop {
-            let wait = if self.idling.is_some() { IDLE_POLL } else { idle_timeout };
+            let now = Instant::now();
+            let wait = if self.idling.is_some() {
+                self.next_look(now).saturating_duration_since(now)
+            } else {
+                idle_timeout
+            };
+            let told = async {
+                match self.watch.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             let read = tokio::select! {
                 r = tokio::time::timeout(wait, self.stream.read(&mut self.buf)) => r,
+                change = told => {
+                    // A message placed is looked for until it shows; a
+                    // change made shows already.
+                    let now = Instant::now();
+                    self.looks = if change.soon {
+                        SOON_CHECKS.iter().map(|d| now + *d).collect()
+                    } else {
+                        vec![now]
+                    };
+                    continue;
+                }
                 _ = shutdown.changed() => {
                     let bye = self.handler.bye("server shutting down");
                     self.send(bye);
@@ -269,6 +314,8 @@ impl<S: Transport> Driver<S> {
                         self.send(bye);
                         return Ok(true);
                     }
+                    let now = Instant::now();
+                    self.looks.retain(|t| *t > now);
                     let updates = self.handler.idle_updates().await;
                     if !updates.is_empty() {
                         for r in updates {

@@ -138,6 +138,10 @@ impl<N: Network> Replicator<N> {
                 } => {
                     let n = (n_replicas as usize).clamp(1, 16);
                     let targets = users.iter().map(|u| self.place_local(u, size, n)).collect();
+                    // Sessions waiting on these mailboxes look soon.
+                    for u in &users {
+                        self.notify_watchers(u, NodeId::MAX, true);
+                    }
                     Ok(Reply::Placed { targets })
                 }
                 Request::MailMap { user } => Ok(lock(&self.manager).mail_map(&self.view(), &user, self.cfg.replicas)),
@@ -262,6 +266,9 @@ impl<N: Network> Replicator<N> {
                 Request::Usage => Ok(Reply::Usage {
                     bytes: self.store.stats().body_bytes,
                 }),
+                req @ (Request::Watch { .. } | Request::Changed { .. } | Request::Notify { .. }) => {
+                    self.serve_watch(from, req)
+                }
                 Request::SetReplicas { user, mut changes } => {
                     changes.truncate(PLACE_BATCH_MAX);
                     let outcomes = self.store.set_replicas(&user, changes, self.me).await?;

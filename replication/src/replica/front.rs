@@ -479,10 +479,19 @@ impl<N: Network> Replicator<N> {
         Err(last)
     }
 
-    /// Deletes the user's messages on every replica. Replicas that do not
+    /// Deletes the user's messages on every replica, and tells the
+    /// sessions waiting on the mailbox ([`super::watch`]). Replicas that do not
     /// acknowledge get the deletion from the durable update log later.
     /// Fails only if this node cannot record the deletion at all.
     pub async fn delete(&self, user: &str, msgs: &[Listed]) -> Result<usize, ReplicaError> {
+        let deleted = self.delete_everywhere(user, msgs).await;
+        if !msgs.is_empty() {
+            self.changed(user);
+        }
+        deleted
+    }
+
+    async fn delete_everywhere(&self, user: &str, msgs: &[Listed]) -> Result<usize, ReplicaError> {
         let hlc = self.clock.now();
         let mut per_node: BTreeMap<NodeId, Vec<Tombstone>> = BTreeMap::new();
         for m in msgs {
@@ -551,6 +560,14 @@ impl<N: Network> Replicator<N> {
     /// is back, and anti-entropy merges whatever both miss. Fails only if
     /// this node cannot record a change owed to a replica.
     pub async fn mark(&self, user: &str, changes: &[(Listed, MarkChange)]) -> Result<(), ReplicaError> {
+        let marked = self.mark_everywhere(user, changes).await;
+        if !changes.is_empty() {
+            self.changed(user);
+        }
+        marked
+    }
+
+    async fn mark_everywhere(&self, user: &str, changes: &[(Listed, MarkChange)]) -> Result<(), ReplicaError> {
         let mut per_node: BTreeMap<NodeId, Vec<MarkChange>> = BTreeMap::new();
         for (m, change) in changes {
             let mut nodes: Vec<NodeId> = m.meta.replicas.clone();

@@ -64,7 +64,15 @@ pub struct Manager {
     /// Greylisting per triplet key: (first try ms, last pass ms or 0).
     /// Soft state like the throttles: a new manager defers afresh.
     greylist: HashMap<String, (u64, u64)>,
+    /// Per user, the nodes whose sessions wait for changes to the user's
+    /// mailbox (IMAP IDLE), and until when (ms): see [`super::watch`].
+    /// Soft state: watchers register again with a new manager.
+    watchers: HashMap<String, Vec<(NodeId, u64)>>,
 }
+
+/// Users with watchers a manager keeps at most (each entry holds at most
+/// one record per node).
+pub const WATCHED_USERS_MAX: usize = 1_000_000;
 
 impl Manager {
     pub fn new(me: NodeId) -> Self {
@@ -79,6 +87,7 @@ impl Manager {
             locks_max: MAILBOX_LOCKS_MAX,
             throttle: HashMap::new(),
             greylist: HashMap::new(),
+            watchers: HashMap::new(),
         }
     }
 
@@ -100,6 +109,7 @@ impl Manager {
     pub fn take_view(&mut self, view: &View) {
         let me = self.me;
         self.maps.retain(|user, _| manager_of(view, user) == Some(me));
+        self.watchers.retain(|user, _| manager_of(view, user) == Some(me));
         let epoch = view.epoch();
         self.reported.retain(|_, e| *e <= epoch);
     }
@@ -301,6 +311,40 @@ impl Manager {
         false
     }
 
+    /// `node` waits for changes to `user`'s mailbox until `until_ms`;
+    /// false when the table is full of live watches (the node then polls).
+    pub fn watch(&mut self, user: &str, node: NodeId, now_ms: u64, until_ms: u64) -> bool {
+        if !self.watchers.contains_key(user) && self.watchers.len() >= WATCHED_USERS_MAX {
+            self.watchers.retain(|_, w| {
+                w.retain(|(_, until)| *until > now_ms);
+                !w.is_empty()
+            });
+            if self.watchers.len() >= WATCHED_USERS_MAX {
+                return false;
+            }
+        }
+        let w = self.watchers.entry(user.to_owned()).or_default();
+        match w.iter_mut().find(|(n, _)| *n == node) {
+            Some(e) => e.1 = until_ms,
+            None => w.push((node, until_ms)),
+        }
+        true
+    }
+
+    /// The nodes waiting for changes to `user`'s mailbox now (expired
+    /// watches go).
+    pub fn watchers(&mut self, user: &str, now_ms: u64) -> Vec<NodeId> {
+        let Some(w) = self.watchers.get_mut(user) else {
+            return Vec::new();
+        };
+        w.retain(|(_, until)| *until > now_ms);
+        let nodes: Vec<NodeId> = w.iter().map(|(n, _)| *n).collect();
+        if nodes.is_empty() {
+            self.watchers.remove(user);
+        }
+        nodes
+    }
+
     /// The user's mail map as held (tests and status).
     pub fn map(&self, user: &str) -> Option<&MailMap> {
         self.maps.get(user)
@@ -437,6 +481,19 @@ mod tests {
         assert_eq!(m.observe(2, 0, 7), 0);
         assert_eq!(m.observe(2, 0, 8), 1, "a new run releases its old locks");
         assert!(m.lock(&v, 3, "b", 5, 1));
+    }
+
+    #[test]
+    fn watches_last_their_lease_are_renewed_and_go_with_the_user() {
+        let mut m = Manager::new(1);
+        assert!(m.watch("a@x", 2, 0, 1_000));
+        assert!(m.watch("a@x", 3, 0, 500));
+        assert!(m.watch("a@x", 2, 100, 2_000), "renewed, not doubled");
+        assert_eq!(m.watchers("a@x", 400), vec![2, 3]);
+        assert_eq!(m.watchers("a@x", 600), vec![2], "3's lease ran out");
+        assert_eq!(m.watchers("a@x", 2_000), Vec::<NodeId>::new());
+        assert!(m.watchers.is_empty(), "a user without watchers is forgotten");
+        assert_eq!(m.watchers("b@x", 0), Vec::<NodeId>::new());
     }
 
     #[test]

@@ -38,7 +38,8 @@
 //! * `updates`: the durable log of updates a replica has not acknowledged;
 //! * [`anti_entropy`]: the pure repair plan and the rounds that carry it out;
 //! * [`repair_plan`] (pure) and [`repair`]: restoring R copies, handing a
-//!   draining node's copies off, evening out stored bytes.
+//!   draining node's copies off, evening out stored bytes;
+//! * [`watch`]: sessions waiting for changes (IMAP IDLE) told of them.
 //!
 //! # In more detail
 //! `replica/`: the replica protocol, by role. `protocol.rs`: `Request`/
@@ -109,6 +110,7 @@ pub mod repair;
 pub mod repair_plan;
 mod reports;
 mod updates;
+pub mod watch;
 
 pub use anti_entropy::{SyncPlan, plan_sync, tombstone_expired};
 pub use protocol::*;
@@ -260,6 +262,8 @@ pub struct Replicator<N: Network> {
     /// changed or deleted meanwhile, so it repairs and moves nothing until
     /// it has compared notes with them.
     caught_up: std::sync::atomic::AtomicBool,
+    /// Sessions waiting for changes, and what to tell others (see [`watch`]).
+    watches: Arc<watch::Watches>,
     pub counters: ReplicaCounters,
 }
 
@@ -343,6 +347,7 @@ impl<N: Network> Replicator<N> {
             down_since: Mutex::new(HashMap::new()),
             repair_grace_ms: AtomicU64::new(repair_grace_ms),
             caught_up: std::sync::atomic::AtomicBool::new(false),
+            watches: Default::default(),
             counters: ReplicaCounters::default(),
         })
     }

@@ -167,6 +167,23 @@ pub enum Request {
         delay_ms: u64,
         lifetime_ms: u64,
     },
+    /// To `user`'s manager: the sender has sessions waiting for changes to
+    /// the user's mailbox (IMAP IDLE); tell it of them for
+    /// [`super::watch::WATCH_LEASE`] (see [`super::watch`]).
+    Watch {
+        user: String,
+    },
+    /// To `user`'s manager: the sender changed the user's mailbox (flags,
+    /// folders, deletions); tell the other watchers.
+    Changed {
+        user: String,
+    },
+    /// From `user`'s manager to a watcher: the user's mailbox changed, or
+    /// (`soon`) a message for it was just placed and is being stored.
+    Notify {
+        user: String,
+        soon: bool,
+    },
 }
 
 impl Request {
@@ -193,6 +210,9 @@ impl Request {
             Request::SetReplicas { .. } => "set-replicas",
             Request::Usage => "usage",
             Request::Greylist { .. } => "greylist",
+            Request::Watch { .. } => "watch",
+            Request::Changed { .. } => "changed",
+            Request::Notify { .. } => "notify",
         }
     }
 }

@@ -290,7 +290,7 @@ impl Handler {
         self.bye("command line too long")
     }
 
-    pub(super) fn user(&self) -> Option<String> {
+    pub(crate) fn user(&self) -> Option<String> {
         match &self.phase {
             Phase::NotAuthenticated => None,
             Phase::Authenticated { user } => Some(user.clone()),

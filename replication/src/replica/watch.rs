@@ -1,0 +1,270 @@
+//! Sessions waiting for changes (IMAP IDLE) are told of them instead of
+//! polling a cluster-wide listing.
+//!
+//! A node with sessions waiting on `user`'s mailbox registers at the
+//! user's manager ([`Request::Watch`], a lease of [`WATCH_LEASE`], renewed
+//! every [`WATCH_RENEW`] and at once after a view change: the manager's
+//! watch table is soft state, like its mail maps). The manager tells the
+//! watchers ([`Request::Notify`]):
+//! * when it places a message for the user ([`Request::Place`], which
+//!   every delivery asks of it anyway): `soon`, since the copies are
+//!   being written; the sessions look at once and again over the next
+//!   second and a half, until it shows ([`SOON_CHECKS`]);
+//! * when a node changed the user's flags, folders or messages
+//!   ([`Request::Changed`], sent by [`Replicator::changed`] after
+//!   `mark` and `delete`): the change is visible already.
+//!
+//! Nothing on the delivery path waits for any of it: notifications go out
+//! from a queue that [`Replicator::run_watches`] sends. A notification
+//! that is lost (a manager that changed, a dropped packet, a full table)
+//! is made up by a slow safety look ([`SAFETY_LOOK`]); a node whose
+//! manager did not take the watch (an older release, unreachable) polls
+//! as before ([`Subscription::told`] is false).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::protocol::{Network, NodeId, ReplicaError, Reply, Request};
+use super::{Replicator, lock, manager_of};
+
+/// How long a manager keeps a watch without its renewal.
+pub const WATCH_LEASE: Duration = Duration::from_secs(60);
+/// How often a node renews its watches.
+pub const WATCH_RENEW: Duration = Duration::from_secs(20);
+/// How often a told session looks all the same (lost notifications).
+pub const SAFETY_LOOK: Duration = Duration::from_secs(30);
+/// After a `soon` notification: when a session looks (from the
+/// notification), until the message shows.
+pub const SOON_CHECKS: [Duration; 5] = [
+    Duration::from_millis(5),
+    Duration::from_millis(30),
+    Duration::from_millis(120),
+    Duration::from_millis(500),
+    Duration::from_millis(1500),
+];
+/// Notifications and registrations queued at most; beyond, they are
+/// dropped (the safety look makes up for them).
+const OUTBOX_MAX: usize = 100_000;
+
+/// What a session is told: a count of changes, and whether the latest
+/// was a message placed (`soon`: not stored everywhere yet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    pub soon: bool,
+}
+
+/// The watches of this node's sessions, and what is to be sent.
+#[derive(Default)]
+pub(super) struct Watches {
+    local: Mutex<HashMap<String, Local>>,
+    outbox: Mutex<Vec<(NodeId, Request)>>,
+    wake: tokio::sync::Notify,
+}
+
+struct Local {
+    tx: watch::Sender<Change>,
+    sessions: usize,
+    /// The user's manager took this node's watch.
+    told: Arc<AtomicBool>,
+}
+
+impl Watches {
+    fn queue(&self, to: NodeId, req: Request) {
+        let mut out = lock(&self.outbox);
+        if out.len() < OUTBOX_MAX {
+            out.push((to, req));
+        }
+        drop(out);
+        self.wake.notify_one();
+    }
+
+    /// Tells this node's sessions waiting on `user` (if any).
+    fn bump(&self, user: &str, soon: bool) {
+        if let Some(l) = lock(&self.local).get(user) {
+            l.tx.send_modify(|c| {
+                c.seq += 1;
+                c.soon = soon;
+            });
+        }
+    }
+}
+
+/// One session's wait on a mailbox; dropping it ends the wait.
+pub struct Subscription {
+    user: String,
+    rx: watch::Receiver<Change>,
+    told: Arc<AtomicBool>,
+    watches: Arc<Watches>,
+}
+
+impl Subscription {
+    /// Waits for the next change told (pending forever if the node's
+    /// watches are gone).
+    pub async fn changed(&mut self) -> Change {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        *self.rx.borrow_and_update()
+    }
+
+    /// Whether changes are told (the user's manager took the watch); if
+    /// not, the session should poll.
+    pub fn told(&self) -> bool {
+        self.told.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut local = lock(&self.watches.local);
+        if let Some(l) = local.get_mut(&self.user) {
+            l.sessions -= 1;
+            if l.sessions == 0 {
+                local.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl<N: Network> Replicator<N> {
+    /// A session starts waiting for changes to `user`'s mailbox. The
+    /// first on this node registers at the user's manager.
+    pub fn subscribe(&self, user: &str) -> Subscription {
+        let mut local = lock(&self.watches.local);
+        let first = !local.contains_key(user);
+        let l = local.entry(user.to_owned()).or_insert_with(|| Local {
+            tx: watch::Sender::new(Change::default()),
+            sessions: 0,
+            told: Arc::new(AtomicBool::new(false)),
+        });
+        l.sessions += 1;
+        let sub = Subscription {
+            user: user.to_owned(),
+            rx: l.tx.subscribe(),
+            told: l.told.clone(),
+            watches: self.watches.clone(),
+        };
+        drop(local);
+        if first {
+            self.register(user);
+        }
+        sub
+    }
+
+    /// This node changed `user`'s mailbox (flags, folders, deletions):
+    /// its own sessions are told, and the user's manager tells the other
+    /// watchers.
+    pub fn changed(&self, user: &str) {
+        self.watches.bump(user, false);
+        match manager_of(&self.view(), user) {
+            Some(m) if m == self.me => self.notify_watchers(user, self.me, false),
+            Some(m) => self.watches.queue(m, Request::Changed { user: user.to_owned() }),
+            None => {}
+        }
+    }
+
+    /// As `user`'s manager: tell the nodes watching the user (but `from`,
+    /// which knows).
+    pub(super) fn notify_watchers(&self, user: &str, from: NodeId, soon: bool) {
+        let now = self.now_ms();
+        let nodes = lock(&self.manager).watchers(user, now);
+        for n in nodes.into_iter().filter(|n| *n != from) {
+            if n == self.me {
+                self.watches.bump(user, soon);
+            } else {
+                self.watches.queue(
+                    n,
+                    Request::Notify {
+                        user: user.to_owned(),
+                        soon,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Serves `Watch`, `Changed` and `Notify`.
+    pub(super) fn serve_watch(&self, from: NodeId, req: Request) -> Result<Reply, ReplicaError> {
+        let refused = |why: &str| ReplicaError::Remote {
+            node: self.me,
+            kind: "watch".to_owned(),
+            error: why.to_owned(),
+        };
+        Ok(match req {
+            Request::Watch { user } => {
+                let now = self.now_ms();
+                let until = now + WATCH_LEASE.as_millis() as u64;
+                if !lock(&self.manager).watch(&user, from, now, until) {
+                    return Err(refused("the watch table is full"));
+                }
+                Reply::Done
+            }
+            Request::Changed { user } => {
+                self.notify_watchers(&user, from, false);
+                Reply::Done
+            }
+            Request::Notify { user, soon } => {
+                self.watches.bump(&user, soon);
+                Reply::Done
+            }
+            _ => return Err(refused("not a watch request")),
+        })
+    }
+
+    /// Queues the registration of this node's watch on `user`.
+    fn register(&self, user: &str) {
+        match manager_of(&self.view(), user) {
+            Some(m) => self.watches.queue(m, Request::Watch { user: user.to_owned() }),
+            None => self.watches.bump(user, false),
+        }
+    }
+
+    /// Sends what is queued (registrations, changes, notifications) and
+    /// renews this node's watches every [`WATCH_RENEW`] and after each
+    /// view change, until `stop`. One task per node.
+    pub async fn run_watches(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut epochs = self.view_epoch.subscribe();
+        let mut renew = tokio::time::interval(WATCH_RENEW);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.watches.wake.notified() => {}
+                _ = renew.tick() => self.renew_all(),
+                r = epochs.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    self.renew_all();
+                }
+                _ = stop.changed() => return,
+            }
+            let batch = std::mem::take(&mut *lock(&self.watches.outbox));
+            let calls = batch.into_iter().map(|(to, req)| async move {
+                let user = match &req {
+                    Request::Watch { user } => Some(user.clone()),
+                    _ => None,
+                };
+                let r = self.call(to, req).await;
+                if let Some(user) = user {
+                    let told = matches!(r, Ok(Reply::Done));
+                    if let Some(l) = lock(&self.watches.local).get(&user) {
+                        l.told.store(told, Ordering::Relaxed);
+                    }
+                }
+            });
+            futures::future::join_all(calls).await;
+        }
+    }
+
+    fn renew_all(&self) {
+        let users: Vec<String> = lock(&self.watches.local).keys().cloned().collect();
+        for u in users {
+            self.register(&u);
+        }
+    }
+}

@@ -331,6 +331,23 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// IMAP IDLE on a three-node cluster: how soon a session idling on node
+    /// 2 hears of a message delivered through node 1 (from the sender's
+    /// 250) and of a flag set through node 3, ROUNDS times (p50, p99, max);
+    /// then the CPU of SESSIONS idle sessions on node 1 while nothing
+    /// happens (percent of one core)
+    BenchIdle {
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+        #[arg(long, default_value_t = 1_000)]
+        sessions: usize,
+        /// How long the idle sessions' CPU is measured.
+        #[arg(long, default_value = "30s", value_parser = cli::parse_duration)]
+        settle: std::time::Duration,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// How much a benchmark delivers, over how many connections, to whom.
@@ -590,6 +607,12 @@ fn main() -> anyhow::Result<()> {
                 dir,
                 seed,
             } => bench_replication(configs, a.load(), dir, seed).await,
+            Cmd::BenchIdle {
+                rounds,
+                sessions,
+                settle,
+                dir,
+            } => quill_harness::commands::bench_idle::bench_idle(rounds, sessions, settle, dir).await,
         }
     })
 }

@@ -1708,7 +1708,8 @@ async fn joined_nodes_take_their_share_of_stored_mail() {
 /// watch registered at the user's manager from another node hears of a
 /// delivery made through a third node (`soon`, when the manager places it)
 /// and of a deletion made through the third node (after it), each within
-/// a deadline, and nothing else meanwhile.
+/// a deadline, and nothing else meanwhile; when the manager takes the
+/// watch, the session is told to look once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_sessions_are_told_of_deliveries_and_changes() {
     let sim = Sim::new(11);
@@ -1729,6 +1730,13 @@ async fn waiting_sessions_are_told_of_deliveries_and_changes() {
         assert!(t0.elapsed() < deadline, "the manager took the watch");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Once the watch is taken the session looks once (a change before it
+    // was told to nobody).
+    let change = tokio::time::timeout(deadline, sub.changed())
+        .await
+        .expect("told to look once the watch is taken");
+    assert!(change.soon, "{change:?}");
+    assert!(sub.take_change().is_none(), "nothing else yet");
 
     let out = deliver_one(front, &user, 1, "told".into()).await;
     assert_eq!(out.stored, vec![true]);

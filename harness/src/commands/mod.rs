@@ -6,12 +6,13 @@
 //! fault schedule ([`load`](mod@load)),
 //! `verify`, `scale`, `chaos`; one node: `demo`; benchmarks: `bench-node`,
 //! `bench-failover`, `bench-replication`, `bench-heal`, `bench-tls`,
-//! `bench-backup`.
+//! `bench-backup`, `bench-idle`.
 
 pub mod bench_backup;
 pub mod bench_checks;
 pub mod bench_failover;
 pub mod bench_heal;
+pub mod bench_idle;
 pub mod bench_node;
 pub mod bench_replication;
 pub mod bench_tls;

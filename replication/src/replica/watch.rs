@@ -8,8 +8,8 @@
 //! watchers ([`Request::Notify`]):
 //! * when it places a message for the user ([`Request::Place`], which
 //!   every delivery asks of it anyway): `soon`, since the copies are
-//!   being written; the sessions look at once and again over the next
-//!   second and a half, until it shows ([`SOON_CHECKS`]);
+//!   being written; the sessions look seven times over the next second
+//!   and a half ([`SOON_CHECKS`]);
 //! * when a node changed the user's flags, folders or messages
 //!   ([`Request::Changed`], sent by [`Replicator::changed`] after
 //!   `mark` and `delete`): the change is visible already.
@@ -38,12 +38,17 @@ pub const WATCH_RENEW: Duration = Duration::from_secs(20);
 /// How often a told session looks all the same (lost notifications).
 pub const SAFETY_LOOK: Duration = Duration::from_secs(30);
 /// After a `soon` notification: when a session looks (from the
-/// notification), until the message shows.
-pub const SOON_CHECKS: [Duration; 5] = [
+/// notification). The copies are usually written within milliseconds, and
+/// a slow disk or a loaded node takes longer: seven listings per message
+/// for a mailbox someone waits on, against two a second for every idle
+/// session when polling.
+pub const SOON_CHECKS: [Duration; 7] = [
     Duration::from_millis(5),
-    Duration::from_millis(30),
-    Duration::from_millis(120),
-    Duration::from_millis(500),
+    Duration::from_millis(15),
+    Duration::from_millis(40),
+    Duration::from_millis(100),
+    Duration::from_millis(250),
+    Duration::from_millis(600),
     Duration::from_millis(1500),
 ];
 /// Notifications and registrations queued at most; beyond, they are
@@ -110,6 +115,15 @@ impl Subscription {
             std::future::pending::<()>().await;
         }
         *self.rx.borrow_and_update()
+    }
+
+    /// The change told since the session last asked, if any (without
+    /// waiting).
+    pub fn take_change(&mut self) -> Option<Change> {
+        self.rx
+            .has_changed()
+            .unwrap_or(false)
+            .then(|| *self.rx.borrow_and_update())
     }
 
     /// Whether changes are told (the user's manager took the watch); if
@@ -239,6 +253,11 @@ impl<N: Network> Replicator<N> {
                     if r.is_err() {
                         return;
                     }
+                    // The manager may be another now, which knows nothing of
+                    // this node's watches: untold until it took them.
+                    for l in lock(&self.watches.local).values() {
+                        l.told.store(false, Ordering::Relaxed);
+                    }
                     self.renew_all();
                 }
                 _ = stop.changed() => return,
@@ -252,8 +271,14 @@ impl<N: Network> Replicator<N> {
                 let r = self.call(to, req).await;
                 if let Some(user) = user {
                     let told = matches!(r, Ok(Reply::Done));
-                    if let Some(l) = lock(&self.watches.local).get(&user) {
-                        l.told.store(told, Ordering::Relaxed);
+                    let was = lock(&self.watches.local)
+                        .get(&user)
+                        .map(|l| l.told.swap(told, Ordering::Relaxed));
+                    if told && was == Some(false) {
+                        // What changed before the manager took the watch
+                        // was told to nobody: the sessions look (a message
+                        // placed meanwhile may still be being written).
+                        self.watches.bump(&user, true);
                     }
                 }
             });

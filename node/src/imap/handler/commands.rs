@@ -45,8 +45,16 @@ impl Handler {
                 ok(tag, None, "CAPABILITY completed")
             }
             CommandBody::Noop | CommandBody::Check => {
-                for d in self.sync().await {
-                    self.data(d);
+                // Told of changes: a NOOP that has none to show reads no
+                // listing (see `Selected::must_look`).
+                let look = match &mut self.phase {
+                    Phase::Selected(sel) => sel.must_look(),
+                    _ => false,
+                };
+                if look {
+                    for d in self.sync().await {
+                        self.data(d);
+                    }
                 }
                 ok(tag, None, "completed")
             }

@@ -145,6 +145,7 @@ impl Handler {
         self.untagged_ok(Code::PermanentFlags(permanent), "flags are stored");
         self.untagged_ok(Code::UidValidity(nz(validity)), "UIDs valid");
         self.untagged_ok(Code::UidNext(nz(uid_next)), "predicted next UID");
+        let user_for_watch = user.clone();
         self.phase = Phase::Selected(Box::new(Selected {
             user,
             folder,
@@ -157,6 +158,9 @@ impl Handler {
             // session's to tell of later.
             told_recent: recent.len(),
             recent,
+            watch: self.services.mail.subscribe(&user_for_watch),
+            looked: std::time::Instant::now(),
+            coming_until: None,
         }));
         if read_only {
             ok(tag, Some(Code::ReadOnly), "EXAMINE completed")
@@ -196,6 +200,7 @@ impl Handler {
         let Phase::Selected(sel) = &mut self.phase else {
             return vec![];
         };
+        sel.looked = std::time::Instant::now();
         if validity != sel.validity {
             return vec![];
         }

@@ -70,9 +70,34 @@ pub struct Selected {
     /// The count the last RECENT response gave: RFC 3501 7.3.2 sends
     /// RECENT whenever it changes, an expunge of a recent message too.
     pub told_recent: usize,
+    /// Changes to the mailbox, told (`replication::replica::watch`): a
+    /// NOOP reads a listing only when one was told, while a message told
+    /// to be coming may still show, or once the safety look is due;
+    /// `None` where changes are not told (every NOOP reads one).
+    pub watch: Option<replication::replica::watch::Subscription>,
+    /// When the session last read a listing.
+    pub looked: std::time::Instant,
+    /// Until when a message told to be coming may still show.
+    pub coming_until: Option<std::time::Instant>,
 }
 
 impl Selected {
+    /// Whether a NOOP must read a listing (see [`Selected::watch`]).
+    pub fn must_look(&mut self) -> bool {
+        use replication::replica::watch::{SAFETY_LOOK, SOON_CHECKS};
+        let now = std::time::Instant::now();
+        let Some(w) = self.watch.as_mut().filter(|w| w.told()) else {
+            return true;
+        };
+        if let Some(change) = w.take_change() {
+            if change.soon {
+                self.coming_until = Some(now + SOON_CHECKS[SOON_CHECKS.len() - 1]);
+            }
+            return true;
+        }
+        self.coming_until.is_some_and(|t| now < t) || now.duration_since(self.looked) >= SAFETY_LOOK
+    }
+
     /// A RECENT response when the session's count moved since it was last
     /// told (after new mail, or the expunge of a recent message).
     pub fn recent_news(&mut self) -> Option<imap_next::imap_types::response::Data<'static>> {

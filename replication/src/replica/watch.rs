@@ -54,6 +54,8 @@ pub const SOON_CHECKS: [Duration; 7] = [
 /// Notifications and registrations queued at most; beyond, they are
 /// dropped (the safety look makes up for them).
 const OUTBOX_MAX: usize = 100_000;
+/// Watch calls in flight at most.
+const INFLIGHT_MAX: usize = 4_096;
 
 /// What a session is told: a count of changes, and whether the latest
 /// was a message placed (`soon`: not stored everywhere yet).
@@ -242,9 +244,12 @@ impl<N: Network> Replicator<N> {
     /// renews this node's watches every [`WATCH_RENEW`] and after each
     /// view change, until `stop`. One task per node.
     pub async fn run_watches(&self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        use futures::StreamExt;
         let mut epochs = self.view_epoch.subscribe();
         let mut renew = tokio::time::interval(WATCH_RENEW);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Calls in flight: a slow or silent node holds up only its own.
+        let mut inflight = futures::stream::FuturesUnordered::new();
         loop {
             tokio::select! {
                 _ = self.watches.wake.notified() => {}
@@ -260,29 +265,39 @@ impl<N: Network> Replicator<N> {
                     }
                     self.renew_all();
                 }
+                Some(()) = inflight.next(), if !inflight.is_empty() => continue,
                 _ = stop.changed() => return,
             }
             let batch = std::mem::take(&mut *lock(&self.watches.outbox));
-            let calls = batch.into_iter().map(|(to, req)| async move {
-                let user = match &req {
-                    Request::Watch { user } => Some(user.clone()),
-                    _ => None,
-                };
-                let r = self.call(to, req).await;
-                if let Some(user) = user {
-                    let told = matches!(r, Ok(Reply::Done));
-                    let was = lock(&self.watches.local)
-                        .get(&user)
-                        .map(|l| l.told.swap(told, Ordering::Relaxed));
-                    if told && was == Some(false) {
-                        // What changed before the manager took the watch
-                        // was told to nobody: the sessions look (a message
-                        // placed meanwhile may still be being written).
-                        self.watches.bump(&user, true);
-                    }
+            let view = self.view();
+            for (to, req) in batch {
+                // Dropped beyond the bound, or to a node down: the safety
+                // look makes up for it (a registration is renewed).
+                if inflight.len() < INFLIGHT_MAX && super::is_live(&view, to) {
+                    inflight.push(self.send_watch(to, req));
                 }
-            });
-            futures::future::join_all(calls).await;
+            }
+        }
+    }
+
+    /// One watch call; a registration's answer says whether changes are
+    /// told to this node's sessions on the user.
+    async fn send_watch(&self, to: NodeId, req: Request) {
+        let user = match &req {
+            Request::Watch { user } => Some(user.clone()),
+            _ => None,
+        };
+        let r = self.call(to, req).await;
+        let Some(user) = user else { return };
+        let told = matches!(r, Ok(Reply::Done));
+        let was = lock(&self.watches.local)
+            .get(&user)
+            .map(|l| l.told.swap(told, Ordering::Relaxed));
+        if told && was == Some(false) {
+            // What changed before the manager took the watch was told to
+            // nobody: the sessions look (a message placed meanwhile may
+            // still be being written).
+            self.watches.bump(&user, true);
         }
     }
 

@@ -112,7 +112,9 @@ pub async fn bench_idle(rounds: usize, sessions: usize, settle: Duration, dir: O
     let subnet = [127, 5, 1 + (std::process::id() % 200) as u8];
     let mut state = ClusterState::new(subnet, 3, 2, "unused".into())?;
     state.log = "warn".into();
-    let room = (sessions + 1000).to_string();
+    // Room for every session from one address (a tenth of the
+    // connections is kept for addresses holding none).
+    let room = (sessions * 2 + 1000).to_string();
     state.node_args = [
         "--max-connections",
         &room,

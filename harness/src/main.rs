@@ -331,6 +331,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// A node's restart: fill one node with --messages over LMTP, then
+    /// ROUNDS times kill -9 it and time its start until POP3 answers (STAT
+    /// of user0001); with --before, the same data is started by that
+    /// quill binary too, alternated
+    BenchRestart {
+        #[command(flatten)]
+        amount: Amount,
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Another quill binary to start the same data with (an earlier build).
+        #[arg(long)]
+        before: Option<PathBuf>,
+        /// Data directory [default: a fresh one under /tmp, removed afterwards].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// IMAP IDLE on a three-node cluster: how soon a session idling on node
     /// 2 hears of a message delivered through node 1 (from the sender's
     /// 250) and of a flag set through node 3, ROUNDS times (p50, p99, max);
@@ -607,6 +623,12 @@ fn main() -> anyhow::Result<()> {
                 dir,
                 seed,
             } => bench_replication(configs, a.load(), dir, seed).await,
+            Cmd::BenchRestart {
+                amount,
+                rounds,
+                before,
+                dir,
+            } => quill_harness::commands::bench_restart::bench_restart(amount.load(), rounds, before, dir).await,
             Cmd::BenchIdle {
                 rounds,
                 sessions,

@@ -6,7 +6,7 @@
 //! fault schedule ([`load`](mod@load)),
 //! `verify`, `scale`, `chaos`; one node: `demo`; benchmarks: `bench-node`,
 //! `bench-failover`, `bench-replication`, `bench-heal`, `bench-tls`,
-//! `bench-backup`, `bench-idle`.
+//! `bench-backup`, `bench-idle`, `bench-restart`.
 
 pub mod bench_backup;
 pub mod bench_checks;
@@ -15,6 +15,7 @@ pub mod bench_heal;
 pub mod bench_idle;
 pub mod bench_node;
 pub mod bench_replication;
+pub mod bench_restart;
 pub mod bench_tls;
 pub mod chaos;
 pub mod demo;

@@ -35,6 +35,8 @@ pub const PLACE_BATCH_MAX: usize = 1_000;
 pub const THROTTLE_KEYS_PER_CALL_MAX: usize = 8;
 /// Unlocks waiting to be retried, at most.
 pub const PENDING_UNLOCKS_MAX: usize = 10_000;
+/// Users one watch registration names at most.
+pub const WATCH_USERS_PER_CALL_MAX: usize = 1_000;
 /// How long a mailbox lock holds unless renewed (its holder renews it every
 /// quarter of this while the session lives): a session that ends without
 /// its unlock arriving (its node crashed, a partition ate the unlock, the
@@ -167,11 +169,12 @@ pub enum Request {
         delay_ms: u64,
         lifetime_ms: u64,
     },
-    /// To `user`'s manager: the sender has sessions waiting for changes to
-    /// the user's mailbox (IMAP IDLE); tell it of them for
-    /// [`super::watch::WATCH_LEASE`] (see [`super::watch`]).
+    /// To the manager of `users`: the sender has sessions waiting for
+    /// changes to their mailboxes (IMAP IDLE); tell it of them for
+    /// [`super::watch::WATCH_LEASE`] (see [`super::watch`]). At most
+    /// [`WATCH_USERS_PER_CALL_MAX`] users.
     Watch {
-        user: String,
+        users: Vec<String>,
     },
     /// To `user`'s manager: the sender changed the user's mailbox (flags,
     /// folders, deletions); tell the other watchers.

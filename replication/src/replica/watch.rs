@@ -3,8 +3,11 @@
 //!
 //! A node with sessions waiting on `user`'s mailbox registers at the
 //! user's manager ([`Request::Watch`], a lease of [`WATCH_LEASE`], renewed
-//! every [`WATCH_RENEW`] and at once after a view change: the manager's
-//! watch table is soft state, like its mail maps). The manager tells the
+//! every [`WATCH_RENEW`] and at once after a view change, one call per
+//! manager for all of this node's watched users it manages: the manager's
+//! watch table is soft state, like its mail maps). Once the manager took
+//! the watch the sessions look once: what changed before was told to
+//! nobody. The manager tells the
 //! watchers ([`Request::Notify`]):
 //! * when it places a message for the user ([`Request::Place`], which
 //!   every delivery asks of it anyway): `soon`, since the copies are
@@ -28,7 +31,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::protocol::{Network, NodeId, ReplicaError, Reply, Request};
+use super::protocol::{Network, NodeId, ReplicaError, Reply, Request, WATCH_USERS_PER_CALL_MAX};
 use super::{Replicator, lock, manager_of};
 
 /// How long a manager keeps a watch without its renewal.
@@ -167,7 +170,7 @@ impl<N: Network> Replicator<N> {
         };
         drop(local);
         if first {
-            self.register(user);
+            self.register(vec![user.to_owned()]);
         }
         sub
     }
@@ -212,10 +215,12 @@ impl<N: Network> Replicator<N> {
             error: why.to_owned(),
         };
         Ok(match req {
-            Request::Watch { user } => {
+            Request::Watch { mut users } => {
+                users.truncate(WATCH_USERS_PER_CALL_MAX);
                 let now = self.now_ms();
                 let until = now + WATCH_LEASE.as_millis() as u64;
-                if !lock(&self.manager).watch(&user, from, now, until) {
+                let mut manager = lock(&self.manager);
+                if !users.iter().all(|u| manager.watch(u, from, now, until)) {
                     return Err(refused("the watch table is full"));
                 }
                 Reply::Done
@@ -232,11 +237,21 @@ impl<N: Network> Replicator<N> {
         })
     }
 
-    /// Queues the registration of this node's watch on `user`.
-    fn register(&self, user: &str) {
-        match manager_of(&self.view(), user) {
-            Some(m) => self.watches.queue(m, Request::Watch { user: user.to_owned() }),
-            None => self.watches.bump(user, false),
+    /// Queues the registration of this node's watches on `users`, one
+    /// call per manager (and per [`WATCH_USERS_PER_CALL_MAX`] users).
+    fn register(&self, users: Vec<String>) {
+        let view = self.view();
+        let mut by_manager: HashMap<NodeId, Vec<String>> = HashMap::new();
+        for u in users {
+            match manager_of(&view, &u) {
+                Some(m) => by_manager.entry(m).or_default().push(u),
+                None => self.watches.bump(&u, false),
+            }
+        }
+        for (m, users) in by_manager {
+            for chunk in users.chunks(WATCH_USERS_PER_CALL_MAX) {
+                self.watches.queue(m, Request::Watch { users: chunk.to_vec() });
+            }
         }
     }
 
@@ -283,28 +298,27 @@ impl<N: Network> Replicator<N> {
     /// One watch call; a registration's answer says whether changes are
     /// told to this node's sessions on the user.
     async fn send_watch(&self, to: NodeId, req: Request) {
-        let user = match &req {
-            Request::Watch { user } => Some(user.clone()),
-            _ => None,
+        let users = match &req {
+            Request::Watch { users } => users.clone(),
+            _ => Vec::new(),
         };
         let r = self.call(to, req).await;
-        let Some(user) = user else { return };
         let told = matches!(r, Ok(Reply::Done));
-        let was = lock(&self.watches.local)
-            .get(&user)
-            .map(|l| l.told.swap(told, Ordering::Relaxed));
-        if told && was == Some(false) {
-            // What changed before the manager took the watch was told to
-            // nobody: the sessions look (a message placed meanwhile may
-            // still be being written).
-            self.watches.bump(&user, true);
+        for user in users {
+            let was = lock(&self.watches.local)
+                .get(&user)
+                .map(|l| l.told.swap(told, Ordering::Relaxed));
+            if told && was == Some(false) {
+                // What changed before the manager took the watch was told
+                // to nobody: the sessions look (a message placed meanwhile
+                // may still be being written).
+                self.watches.bump(&user, true);
+            }
         }
     }
 
     fn renew_all(&self) {
         let users: Vec<String> = lock(&self.watches.local).keys().cloned().collect();
-        for u in users {
-            self.register(&u);
-        }
+        self.register(users);
     }
 }

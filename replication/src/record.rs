@@ -16,7 +16,12 @@
 //!                    the same fields but `moved`, always absent there)
 //!   kind 7 (entry):  bincode(EntryRecord), with the folder's and flags'
 //!                    versions (`marks`)
-//! checksum = blake3(payload)
+//!   kind 8 (body):   as kind 1, but its checksum covers the kind and the
+//!                    body hash only: the body is checked against the hash
+//!                    (it is its blake3), so it is hashed once when written,
+//!                    not twice
+//! checksum = blake3(payload); for kind 8 blake3(payload[..33]) and
+//!            blake3(message bytes) = body_hash
 //! ```
 //! A record is valid only if its magic, length and checksum all hold. After
 //! an invalid record the reader looks for the next valid one (resync), so
@@ -54,6 +59,7 @@ pub(crate) const KIND_COMMIT: u8 = 4;
 pub(crate) const KIND_ENTRY_PLACED: u8 = 5;
 pub(crate) const KIND_MOVED: u8 = 6;
 pub(crate) const KIND_ENTRY_MARKS: u8 = 7;
+pub(crate) const KIND_BODY_HASHED: u8 = 8;
 
 /// One mailbox entry: `user` holds the message `meta` describes (its id,
 /// the body it names, folder, flags, replica set). Bincode writes a nested
@@ -165,6 +171,12 @@ fn bincode_config() -> impl bincode::config::Config {
 
 /// Appends one complete record (header and payload) to `out`.
 fn push_record(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
+    push_record_summed(out, kind, parts, parts.len());
+}
+
+/// [`push_record`] with the checksum over the kind and the first `summed`
+/// parts only.
+fn push_record_summed(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]], summed: usize) {
     let payload_len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
     assert!(
         payload_len <= PAYLOAD_BYTES_MAX,
@@ -172,7 +184,7 @@ fn push_record(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
     );
     let mut hasher = blake3::Hasher::new();
     hasher.update(&[kind]);
-    for p in parts {
+    for p in &parts[..summed] {
         hasher.update(p);
     }
     out.reserve(HEADER_BYTES + payload_len);
@@ -189,9 +201,15 @@ fn push_record(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
 pub(crate) const BODY_PREFIX_BYTES: u64 = (HEADER_BYTES + 1 + 32) as u64;
 
 /// Encodes a body record; returns the offset of the message bytes from the
-/// start of the record.
-pub(crate) fn encode_body(out: &mut Vec<u8>, hash: &BodyHash, body: &[u8]) -> u64 {
-    push_record(out, KIND_BODY, &[&hash.0, body]);
+/// start of the record. `hashed`: kind 8, whose checksum leaves the body to
+/// its hash (`hash` must be the body's blake3); else kind 1.
+pub(crate) fn encode_body(out: &mut Vec<u8>, hash: &BodyHash, body: &[u8], hashed: bool) -> u64 {
+    if hashed {
+        debug_assert!(BodyHash::of(body) == *hash, "a body record names its body's hash");
+        push_record_summed(out, KIND_BODY_HASHED, &[&hash.0, body], 1);
+    } else {
+        push_record(out, KIND_BODY, &[&hash.0, body]);
+    }
     BODY_PREFIX_BYTES
 }
 
@@ -329,14 +347,25 @@ fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), Invalid> {
             return Err(damaged("truncated payload"));
         }
         let payload = &data[pos + HEADER_BYTES..pos + HEADER_BYTES + payload_len];
-        if blake3::hash(payload).as_bytes() != &header[8..40] {
+        // A kind 8 body's checksum covers its kind and hash; the body is
+        // checked against the hash. (A damaged kind byte fails either way:
+        // the sum was taken over another stretch.)
+        let summed = if payload[0] == KIND_BODY_HASHED && payload_len >= 33 {
+            &payload[..33]
+        } else {
+            payload
+        };
+        if blake3::hash(summed).as_bytes() != &header[8..40] {
             return Err(damaged("checksum mismatch"));
+        }
+        if summed.len() < payload.len() && blake3::hash(&payload[33..]).as_bytes() != &payload[1..33] {
+            return Err(damaged("body does not match its hash"));
         }
         let record_len = (HEADER_BYTES + payload_len) as u64;
         let kind = payload[0];
         let unreadable = |why| Invalid::Unreadable { kind, why };
         let decoded = match kind {
-            KIND_BODY if payload.len() >= 33 => Decoded::Body {
+            KIND_BODY | KIND_BODY_HASHED if payload.len() >= 33 => Decoded::Body {
                 hash: BodyHash(payload[1..33].try_into().expect("32 bytes")),
                 body_offset: (pos + HEADER_BYTES + 33) as u64,
                 body_len: (payload_len - 33) as u64,
@@ -361,7 +390,7 @@ fn parse_at(data: &[u8], pos: usize) -> Result<(usize, Decoded), Invalid> {
                 }
             }
             KIND_COMMIT if payload.len() == 9 => Decoded::Commit,
-            KIND_BODY | KIND_COMMIT => return Err(unreadable("too short for its kind")),
+            KIND_BODY | KIND_BODY_HASHED | KIND_COMMIT => return Err(unreadable("too short for its kind")),
             _ => return Err(unreadable("a kind this release does not know")),
         };
         Ok((record_len as usize, decoded))
@@ -384,7 +413,7 @@ mod tests {
         let mut buf = Vec::new();
         let body = b"hello";
         let hash = BodyHash(*blake3::hash(body).as_bytes());
-        let off = encode_body(&mut buf, &hash, body);
+        let off = encode_body(&mut buf, &hash, body, false);
         encode_entry(&mut buf, &entry());
         let full = buf.len();
         encode_delete(
@@ -432,6 +461,41 @@ mod tests {
         assert!(kinds[0].starts_with("Entry") && kinds[1].starts_with("Delete"));
         assert_eq!(found.corrupt.len(), 1);
         assert_eq!(found.torn, None);
+    }
+
+    /// A kind 8 body (checksum over kind and hash, the body checked against
+    /// its hash) reads as a kind 1 body does; a flipped bit anywhere in it,
+    /// the body included, and every cut inside it are found.
+    #[test]
+    fn a_body_hashed_once_reads_back_and_any_damage_is_found() {
+        let body = b"a message body long enough to span a few bytes of checks";
+        let hash = BodyHash::of(body);
+        let mut buf = Vec::new();
+        let off = encode_body(&mut buf, &hash, body, true);
+        let full = buf.len();
+        encode_entry(&mut buf, &entry());
+        assert_eq!(buf[HEADER_BYTES], KIND_BODY_HASHED);
+        let mut seen = Vec::new();
+        assert_eq!(scan(&buf, |_, l, d| seen.push((l, format!("{d:?}")))), Scan::default());
+        assert_eq!(seen.len(), 2);
+        let mut plain = Vec::new();
+        encode_body(&mut plain, &hash, body, false);
+        let mut plain_seen = Vec::new();
+        scan(&plain, |_, l, d| plain_seen.push((l, format!("{d:?}"))));
+        assert_eq!(seen[0], plain_seen[0], "the same record length and content as kind 1");
+        assert_eq!(&buf[off as usize..off as usize + body.len()], body);
+        for i in 0..full {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x10;
+            let mut bodies = 0;
+            scan(&bad, |_, _, d| bodies += usize::from(matches!(d, Decoded::Body { .. })));
+            assert_eq!(bodies, 0, "a flipped bit at {i} is found");
+        }
+        for cut in 1..full {
+            let mut n = 0;
+            let stop = scan(&buf[..cut], |_, _, _| n += 1);
+            assert_eq!((n, stop.torn.map(|t| t.0)), (0, Some(0)), "cut at {cut}");
+        }
     }
 
     /// A whole record of a kind this release does not know (a newer

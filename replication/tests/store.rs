@@ -775,6 +775,41 @@ async fn compaction_reclaims_space_and_never_resurrects() {
     store.close();
 }
 
+/// Bodies written hashed once (kind 8, `write_hashed_bodies`) beside
+/// bodies of kind 1: every message reads back after a reopen, and a body
+/// damaged on disk is found at start (its entry goes, the others stay),
+/// as for kind 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_hashed_once_read_back_and_damage_is_found() {
+    let dir = TempDir::new("hashed-once");
+    let store = open(dir.path(), DEFAULT_SEGMENT);
+    let mut msgs = vec![deliver_msg(&store, &["alice"], T0, bytes(1, 900)).await];
+    store.write_hashed_bodies(true);
+    for i in 2..6u64 {
+        msgs.push(deliver_msg(&store, &["alice", "bob"], T0 + i, bytes(i, 700 + i as usize * 100)).await);
+    }
+    let store = reopen(store, dir.path(), DEFAULT_SEGMENT);
+    assert_present(&store, &msgs, "after a reopen").await;
+    store.close();
+    drop(store);
+    let seg = common::last_segment(dir.path());
+    let data = std::fs::read(&seg).expect("segment");
+    let victim = msgs[3].clone();
+    let at = common::find(&data, &victim.body).expect("the victim's body");
+    assert_eq!(data[at - 33], 8, "written as kind 8");
+    flip_byte(&seg, at + 100);
+    let store = open(dir.path(), DEFAULT_SEGMENT);
+    assert_absent(
+        &store,
+        std::slice::from_ref(&victim),
+        &["alice", "bob"],
+        "after its body was damaged",
+    );
+    let others: Vec<Msg> = msgs.iter().filter(|m| m.id != victim.id).cloned().collect();
+    assert_present(&store, &others, "beside the damaged one").await;
+    store.close();
+}
+
 // ---------------------------------------------------------------------------
 // 6. Idempotent delete
 // ---------------------------------------------------------------------------

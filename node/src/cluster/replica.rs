@@ -191,7 +191,14 @@ async fn follow_views(
 ) {
     let mut views = membership.subscribe();
     let mut epoch = None;
+    // The feature level is no view change: looked at every few seconds.
+    let mut levels = tokio::time::interval(LEVEL_LOOK);
+    levels.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Bodies hashed once (record kind 8) once every node reads them.
+        replica
+            .store()
+            .write_hashed_bodies(membership.feature_level() >= HASHED_BODIES_LEVEL);
         let current = membership.view().epoch;
         if epoch != Some(current)
             && let Some(v) = placement_view(&membership).await
@@ -205,9 +212,16 @@ async fn follow_views(
         tokio::select! {
             _ = stop.changed() => return,
             r = views.changed() => if r.is_err() { return },
+            _ = levels.tick() => {}
         }
     }
 }
+
+/// The feature level from which every node reads body records of kind 8
+/// (release 0.3.0's).
+const HASHED_BODIES_LEVEL: u32 = 3;
+/// How often the store's record kinds follow the feature level.
+const LEVEL_LOOK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Mail maps answer with every live node until each has reported for the
 /// current view: every second, ask those whose report is missing. A task of

@@ -275,6 +275,9 @@ pub(super) struct Shared {
     pub(super) disk_full: std::sync::atomic::AtomicBool,
     /// Tests: make the next fsync fail (see `FragmentStore::inject_sync_failure`).
     pub(super) fail_next_sync: std::sync::atomic::AtomicBool,
+    /// Body records are written as kind 8 (the body hashed once): see
+    /// `FragmentStore::write_hashed_bodies`.
+    pub(super) hashed_bodies: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {

@@ -493,6 +493,15 @@ impl FragmentStore {
     }
 
     /// Stops the writer after the operations already queued, and waits.
+    /// Writes body records as kind 8 from now on (`on`), whose checksum
+    /// leaves the body to its hash, so that a delivery hashes its body
+    /// once instead of twice; or as kind 1, which every release reads.
+    /// Only once the cluster's feature level says every node reads kind 8
+    /// (level 3, release 0.3.0): the node calls it when the level rises.
+    pub fn write_hashed_bodies(&self, on: bool) {
+        self.shared.hashed_bodies.store(on, Ordering::Relaxed);
+    }
+
     pub fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {

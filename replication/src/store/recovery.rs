@@ -100,7 +100,7 @@ impl FragmentStore {
                 if let Some((offset, kind, why)) = found.unreadable {
                     return Err(StoreError::Unreadable(format!(
                         "{}: the record at offset {offset} (kind {kind}) is whole but unreadable here ({why}): \
-                     written by a newer release; run that release (this one reads kinds 1 to 7)",
+                     written by a newer release; run that release (this one reads kinds 1 to 8)",
                         path.display()
                     )));
                 }
@@ -215,6 +215,7 @@ impl FragmentStore {
             failed: Default::default(),
             disk_full: Default::default(),
             fail_next_sync: Default::default(),
+            hashed_bodies: Default::default(),
         });
         let has_reserve = super::space::make_reserve(&config.dir);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);

@@ -237,7 +237,8 @@ impl Writer {
         } = plan;
         self.carry = carry;
         // Encoding needs no index: readers (listings, status) go on meanwhile.
-        let (mut buf, effects) = encode(pieces, seg, base);
+        let hashed = self.shared.hashed_bodies.load(Ordering::Relaxed);
+        let (mut buf, effects) = encode(pieces, seg, base, hashed);
         if !buf.is_empty() {
             // A commit record ends the batch (numbered, for reading a
             // segment by eye).
@@ -421,14 +422,14 @@ impl Writer {
 
 /// The batch's records as bytes, starting at `base` in segment `seg`,
 /// and what each does to the index once durable.
-fn encode(pieces: Vec<Piece>, seg: u32, base: u64) -> (Vec<u8>, Vec<Effect>) {
+fn encode(pieces: Vec<Piece>, seg: u32, base: u64, hashed_bodies: bool) -> (Vec<u8>, Vec<Effect>) {
     let mut buf = Vec::new();
     let mut effects = Vec::with_capacity(pieces.len());
     for piece in pieces {
         match piece {
             Piece::Body { hash, bytes } => {
                 let start = buf.len() as u64;
-                let body_rel = record::encode_body(&mut buf, &hash, &bytes);
+                let body_rel = record::encode_body(&mut buf, &hash, &bytes, hashed_bodies);
                 let record_len = buf.len() as u64 - start;
                 effects.push(Effect::Body {
                     hash,

@@ -279,13 +279,14 @@ impl<S: Transport> Driver<S> {
                 r = tokio::time::timeout(wait, self.stream.read(&mut self.buf)) => r,
                 change = told => {
                     // A message placed is looked for until it shows; a
-                    // change made shows already.
+                    // change made shows already (looks still due for a
+                    // message placed earlier are kept).
                     let now = Instant::now();
-                    self.looks = if change.soon {
-                        SOON_CHECKS.iter().map(|d| now + *d).collect()
+                    if change.soon {
+                        self.looks = SOON_CHECKS.iter().map(|d| now + *d).collect();
                     } else {
-                        vec![now]
-                    };
+                        self.looks.insert(0, now);
+                    }
                     continue;
                 }
                 _ = shutdown.changed() => {

@@ -60,12 +60,21 @@ const OUTBOX_MAX: usize = 100_000;
 /// Watch calls in flight at most.
 const INFLIGHT_MAX: usize = 4_096;
 
-/// What a session is told: a count of changes, and whether the latest
-/// was a message placed (`soon`: not stored everywhere yet).
+/// What a session is told: a count of changes, and whether a message was
+/// placed among them since the session last looked (`soon`: it may not be
+/// stored everywhere yet).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Change {
     pub seq: u64,
     pub soon: bool,
+}
+
+/// The counts a node keeps per watched user: changes, and placements
+/// among them (a later change made must not hide an earlier placement).
+#[derive(Debug, Clone, Copy, Default)]
+struct Told {
+    changes: u64,
+    placed: u64,
 }
 
 /// The watches of this node's sessions, and what is to be sent.
@@ -77,7 +86,7 @@ pub(super) struct Watches {
 }
 
 struct Local {
-    tx: watch::Sender<Change>,
+    tx: watch::Sender<Told>,
     sessions: usize,
     /// The user's manager took this node's watch.
     told: Arc<AtomicBool>,
@@ -93,12 +102,34 @@ impl Watches {
         self.wake.notify_one();
     }
 
+    /// A session's wait on `user`, and whether it is the node's first.
+    fn add(watches: &Arc<Watches>, user: &str) -> (Subscription, bool) {
+        let mut local = lock(&watches.local);
+        let first = !local.contains_key(user);
+        let l = local.entry(user.to_owned()).or_insert_with(|| Local {
+            tx: watch::Sender::new(Told::default()),
+            sessions: 0,
+            told: Arc::new(AtomicBool::new(false)),
+        });
+        l.sessions += 1;
+        let rx = l.tx.subscribe();
+        let placed = rx.borrow().placed;
+        let sub = Subscription {
+            user: user.to_owned(),
+            placed,
+            rx,
+            told: l.told.clone(),
+            watches: watches.clone(),
+        };
+        (sub, first)
+    }
+
     /// Tells this node's sessions waiting on `user` (if any).
     fn bump(&self, user: &str, soon: bool) {
         if let Some(l) = lock(&self.local).get(user) {
-            l.tx.send_modify(|c| {
-                c.seq += 1;
-                c.soon = soon;
+            l.tx.send_modify(|t| {
+                t.changes += 1;
+                t.placed += u64::from(soon);
             });
         }
     }
@@ -107,7 +138,9 @@ impl Watches {
 /// One session's wait on a mailbox; dropping it ends the wait.
 pub struct Subscription {
     user: String,
-    rx: watch::Receiver<Change>,
+    rx: watch::Receiver<Told>,
+    /// Placements counted when the session last looked.
+    placed: u64,
     told: Arc<AtomicBool>,
     watches: Arc<Watches>,
 }
@@ -119,16 +152,20 @@ impl Subscription {
         if self.rx.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
-        *self.rx.borrow_and_update()
+        self.seen()
     }
 
     /// The change told since the session last asked, if any (without
     /// waiting).
     pub fn take_change(&mut self) -> Option<Change> {
-        self.rx
-            .has_changed()
-            .unwrap_or(false)
-            .then(|| *self.rx.borrow_and_update())
+        self.rx.has_changed().unwrap_or(false).then(|| self.seen())
+    }
+
+    fn seen(&mut self) -> Change {
+        let t = *self.rx.borrow_and_update();
+        let soon = t.placed != self.placed;
+        self.placed = t.placed;
+        Change { seq: t.changes, soon }
     }
 
     /// Whether changes are told (the user's manager took the watch); if
@@ -154,21 +191,7 @@ impl<N: Network> Replicator<N> {
     /// A session starts waiting for changes to `user`'s mailbox. The
     /// first on this node registers at the user's manager.
     pub fn subscribe(&self, user: &str) -> Subscription {
-        let mut local = lock(&self.watches.local);
-        let first = !local.contains_key(user);
-        let l = local.entry(user.to_owned()).or_insert_with(|| Local {
-            tx: watch::Sender::new(Change::default()),
-            sessions: 0,
-            told: Arc::new(AtomicBool::new(false)),
-        });
-        l.sessions += 1;
-        let sub = Subscription {
-            user: user.to_owned(),
-            rx: l.tx.subscribe(),
-            told: l.told.clone(),
-            watches: self.watches.clone(),
-        };
-        drop(local);
+        let (sub, first) = Watches::add(&self.watches, user);
         if first {
             self.register(vec![user.to_owned()]);
         }
@@ -320,5 +343,40 @@ impl<N: Network> Replicator<N> {
     fn renew_all(&self) {
         let users: Vec<String> = lock(&self.watches.local).keys().cloned().collect();
         self.register(users);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_placement_is_not_hidden_by_a_later_change_and_the_last_session_ends_the_watch() {
+        let w = Arc::new(Watches::default());
+        let (mut a, first) = Watches::add(&w, "u@x");
+        let (mut b, again) = Watches::add(&w, "u@x");
+        assert!(first && !again);
+        assert_eq!(a.take_change(), None);
+        w.bump("u@x", true);
+        w.bump("u@x", false);
+        assert_eq!(
+            a.take_change(),
+            Some(Change { seq: 2, soon: true }),
+            "the placement shows"
+        );
+        assert_eq!(a.take_change(), None);
+        w.bump("u@x", false);
+        assert_eq!(a.take_change(), Some(Change { seq: 3, soon: false }));
+        assert_eq!(
+            b.take_change(),
+            Some(Change { seq: 3, soon: true }),
+            "b has not looked since"
+        );
+        w.bump("v@x", true);
+        assert_eq!(a.take_change(), None, "another user's change");
+        drop(a);
+        assert!(lock(&w.local).contains_key("u@x"));
+        drop(b);
+        assert!(lock(&w.local).is_empty(), "the last session ends the watch");
     }
 }

@@ -246,6 +246,7 @@ impl Writer {
         if self.zeroed_to > sealed.len {
             // The zeros ahead of its end are of no use to a sealed segment.
             let _ = sealed.file.set_len(sealed.len);
+            self.zeroed_to = sealed.len;
         }
         let sealed = self.active;
         let next = sealed + 1;

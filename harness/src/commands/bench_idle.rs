@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -127,26 +127,13 @@ pub async fn bench_idle(rounds: usize, sessions: usize, settle: Duration, dir: O
     .to_vec();
     let base = dir.join("cluster");
     let nodes = state.start_all(&base, false).await?;
-    let stop = scopeguard(&base);
+    let run = super::ClusterRun::new(&base);
     nodes[0].add_domain("example.com").await?;
     for u in 1..=users {
         let (name, pw) = user(u);
         nodes[0].add_user(&name, &pw, None).await?;
     }
-    let (last, _) = user(users);
-    for node in &nodes {
-        let end = Instant::now() + WAIT;
-        while !node
-            .admin(hyper::Method::GET, "/v1/users", None)
-            .await
-            .is_ok_and(|v| v.to_string().contains(&last))
-        {
-            if Instant::now() > end {
-                bail!("users did not reach {}", node.opts.ip);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    super::users_on_every_node(&nodes, &user(users).0).await?;
 
     // How soon an IDLE on node 2 hears of changes made through 1 and 3.
     let (name, pw) = user(1);
@@ -210,19 +197,5 @@ pub async fn bench_idle(rounds: usize, sessions: usize, settle: Duration, dir: O
         settle.as_secs()
     );
     drop(idle);
-    drop(stop);
-    Ok(())
-}
-
-/// Stops the cluster in `base` when dropped (the benchmark ended or failed).
-fn scopeguard(base: &std::path::Path) -> impl Drop {
-    struct Stop(PathBuf);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if let Ok(mut s) = ClusterState::load(&self.0) {
-                let _ = s.stop_all(&self.0);
-            }
-        }
-    }
-    Stop(base.to_path_buf())
+    run.stop()
 }

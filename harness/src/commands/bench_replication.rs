@@ -2,35 +2,13 @@
 //! fresh cluster started the way `up` starts one.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use super::ms;
 use crate::bench::{self, DeliverPlan};
 use crate::cluster::ClusterState;
 use crate::workload::percentile;
-
-/// The nodes of one run (detached, as `up` starts them): stopped by
-/// [`Run::stop`], or when the benchmark ends early.
-struct Run(Option<PathBuf>);
-
-impl Run {
-    fn stop(mut self) -> anyhow::Result<()> {
-        let dir = self.0.take().expect("not stopped yet");
-        ClusterState::load(&dir)?.stop_all(&dir)
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take()
-            && let Ok(mut s) = ClusterState::load(&dir)
-        {
-            let _ = s.stop_all(&dir);
-        }
-    }
-}
 
 /// One NODES:R run's figures.
 struct Row {
@@ -69,7 +47,7 @@ pub async fn bench_replication(
         let subnet = [127, 4, 1 + (std::process::id() % 50) as u8 * 5 + i as u8];
         let mut state = ClusterState::new(subnet, n as u8, r, "unused".into())?;
         state.log = "warn".into();
-        let run = Run(Some(base.clone()));
+        let run = super::ClusterRun::new(&base);
         let nodes = state.start_all(&base, false).await?;
         nodes[0].add_domain("example.com").await?;
         for u in 1..=users {
@@ -78,20 +56,7 @@ pub async fn bench_replication(
                 .await?;
         }
         // Every node must know every user before the load starts.
-        let last = format!("user{users:04}@example.com");
-        for node in &nodes {
-            let end = std::time::Instant::now() + Duration::from_secs(30);
-            while !node
-                .admin(hyper::Method::GET, "/v1/users", None)
-                .await
-                .is_ok_and(|v| v.to_string().contains(&last))
-            {
-                if std::time::Instant::now() > end {
-                    bail!("users did not reach {}", node.opts.ip);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        super::users_on_every_node(&nodes, &format!("user{users:04}@example.com")).await?;
         let addrs = nodes.iter().map(|x| x.smtp()).collect();
         let plan = DeliverPlan::for_load(addrs, false, load, seed);
         let pids: Vec<u32> = ClusterState::load(&base)?.nodes.iter().filter_map(|n| n.pid).collect();

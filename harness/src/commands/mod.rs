@@ -140,3 +140,47 @@ pub fn hosts_or_dir(dir: PathBuf, hosts: Option<PathBuf>) -> anyhow::Result<Clus
 pub(crate) fn ms(sorted: &[f64], p: f64) -> String {
     format!("{:.1}", crate::workload::percentile(sorted, p))
 }
+
+/// A benchmark's detached cluster (started as `up` starts one): stopped by
+/// [`ClusterRun::stop`], or when dropped (the benchmark ended early).
+pub(crate) struct ClusterRun(Option<PathBuf>);
+
+impl ClusterRun {
+    pub(crate) fn new(dir: &Path) -> Self {
+        ClusterRun(Some(dir.to_path_buf()))
+    }
+
+    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
+        let dir = self.0.take().expect("not stopped yet");
+        ClusterState::load(&dir)?.stop_all(&dir)
+    }
+}
+
+impl Drop for ClusterRun {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take()
+            && let Ok(mut s) = ClusterState::load(&dir)
+        {
+            let _ = s.stop_all(&dir);
+        }
+    }
+}
+
+/// Waits (30 s at most) until every node lists `last`, the last user a
+/// benchmark added.
+pub(crate) async fn users_on_every_node(nodes: &[crate::NodeProcess], last: &str) -> anyhow::Result<()> {
+    for node in nodes {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while !node
+            .admin(hyper::Method::GET, "/v1/users", None)
+            .await
+            .is_ok_and(|v| v.to_string().contains(last))
+        {
+            if std::time::Instant::now() > end {
+                bail!("users did not reach {}", node.opts.ip);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}

@@ -31,6 +31,7 @@
 //! * [`routes`]: aliases, domain aliases, catch-alls and sub-addressing,
 //!   and the expansion of an address to the users and remote addresses
 //!   that get its mail;
+//! * [`watch`]: the failure detector's ring (which nodes each node pings);
 //! * [`directory`]: the directory state machine, the [`Directory`] trait the
 //!   node's services use, and [`LocalDirectory`] (one node, a JSON file).
 //!
@@ -69,6 +70,7 @@ pub mod settings;
 pub mod store;
 pub mod types;
 pub mod view;
+pub mod watch;
 
 #[cfg(test)]
 mod test_dir;

@@ -58,6 +58,12 @@ struct NodeArgs {
     /// Milliseconds without an answer after which the leader marks a node down.
     #[arg(long, default_value_t = 2000)]
     failure_timeout_ms: u64,
+    /// Ring neighbours each node pings and reports on to the leader (the
+    /// failure detector; the voters are pinged as well). More notice a
+    /// failure of several neighbours at once sooner; each costs a ping a
+    /// round. Give every node the same.
+    #[arg(long, default_value_t = membership::watch::WATCHERS_DEFAULT as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    watchers: u16,
     /// Who raises the cluster's feature level once every node runs a
     /// release that supports a newer one (see UPGRADING.md): `auto`, the
     /// leader by itself; `manual`, only `quill admin cluster
@@ -516,6 +522,7 @@ async fn node(a: NodeArgs, explicit: std::collections::BTreeSet<String>) -> anyh
         seeds: a.seed,
         join_token: a.join_token,
         failure_timeout: Duration::from_millis(a.failure_timeout_ms),
+        watchers: usize::from(a.watchers),
         upgrade_finish: match a.upgrade_finish {
             UpgradeFinishArg::Auto => UpgradeFinish::Auto,
             UpgradeFinishArg::Manual => UpgradeFinish::Manual,

@@ -69,6 +69,8 @@ pub struct NodeConfig {
     pub join_token: Option<String>,
     /// A node silent this long is marked down by the leader.
     pub failure_timeout: Duration,
+    /// Ring neighbours each node pings (the failure detector).
+    pub watchers: usize,
     /// Who raises the cluster's feature level once every node supports more.
     pub upgrade_finish: crate::cluster::levels::UpgradeFinish,
     /// Domain appended to logins that have none.
@@ -268,6 +270,7 @@ pub async fn run(
             seeds: config.seeds.clone(),
             join_token: config.join_token.clone(),
             failure_timeout: config.failure_timeout,
+            watchers: config.watchers,
             upgrade_finish: config.upgrade_finish,
             addrs: membership::NodeAddrs {
                 cluster: config.cluster_addr.to_string(),

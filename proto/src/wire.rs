@@ -218,6 +218,16 @@ pub enum ClusterRequest<R, C> {
     Query {
         json: String,
     },
+    /// The failure detector's report to the leader (added in 0.3.0, sent
+    /// only at feature level 3, when every node reads it): of the nodes
+    /// `from` pings on the ring, those `silent` for the failure timeout
+    /// and the down ones that `answered`. The leader pings each itself
+    /// before it decides; answered with [`ClusterReply::Done`].
+    Suspects {
+        from: u64,
+        silent: Vec<u64>,
+        answered: Vec<u64>,
+    },
 }
 
 impl<R, C> ClusterRequest<R, C> {
@@ -225,7 +235,7 @@ impl<R, C> ClusterRequest<R, C> {
     /// connection of that protocol or a newer one.
     pub fn protocol(&self) -> Protocol {
         match self {
-            ClusterRequest::Describe | ClusterRequest::Query { .. } => Protocol::V2,
+            ClusterRequest::Describe | ClusterRequest::Query { .. } | ClusterRequest::Suspects { .. } => Protocol::V2,
             _ => Protocol::V1,
         }
     }

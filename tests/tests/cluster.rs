@@ -241,3 +241,71 @@ async fn the_raft_state_size_is_shown_and_grows_with_users_not_mail() {
     let metric = node.metric("quill_raft_state_bytes").await.unwrap();
     assert_eq!(metric as u64, after);
 }
+
+/// The failure detector's ring (`--watchers 1`: each node pings one ring
+/// neighbour and the voters, and reports to the leader): a learner that
+/// the leader never pings is still marked down, on its neighbour's
+/// report, and up again when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_leader_does_not_ping_is_marked_down_and_up_on_reports() {
+    use membership::watch::ring_targets;
+    use std::collections::BTreeSet;
+    let _slot = common::cluster_slot().await;
+    let dir = TempDir::new("ring7").unwrap();
+    let mut nodes = process::start_cluster_with(dir.path(), 7, SECRET, "info", &["--watchers", "1"])
+        .await
+        .expect("cluster starts");
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    wait_converged(&all, 7, Duration::from_secs(60)).await;
+    process::wait_voters(&nodes[0], 5, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (_, leader) = wait_converged(&all, 7, Duration::from_secs(30)).await;
+    let s = status(&nodes[0]).await.unwrap();
+    assert_eq!(s["feature_level"], 3, "the ring runs at feature level 3: {s}");
+    let listed = s["nodes"].as_array().unwrap();
+    let ids = listed
+        .iter()
+        .map(|n| (n["id"].as_u64().unwrap(), membership::NodeState::Up));
+    let voters: BTreeSet<u64> = listed
+        .iter()
+        .filter(|n| n["voter"] == true)
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    let leader_pings = ring_targets(ids, leader, 1);
+    // Two learners, and the leader's ring takes one node: one is left.
+    let victim = listed
+        .iter()
+        .find(|n| {
+            let id = n["id"].as_u64().unwrap();
+            id != leader && !voters.contains(&id) && !leader_pings.contains(&id)
+        })
+        .unwrap_or_else(|| panic!("a learner outside the leader's ring targets {leader_pings:?}: {s}"));
+    let (victim_id, v) = (victim["id"].as_u64().unwrap(), node_of(&nodes, victim));
+    nodes[v].kill9().await.unwrap();
+    let killed = Instant::now();
+    let others: Vec<&NodeProcess> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != v)
+        .map(|(_, n)| n)
+        .collect();
+    let (_, still_leader) = wait_converged(&others, 6, Duration::from_secs(20)).await;
+    eprintln!(
+        "node {victim_id} marked down everywhere {:?} after kill -9",
+        killed.elapsed()
+    );
+    assert_eq!(still_leader, leader, "the test holds only while the leader stays");
+    let s = status(others[0]).await.unwrap();
+    let dead = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == victim_id)
+        .unwrap();
+    assert_eq!(dead["state"], "down", "{s}");
+
+    nodes[v].restart().await.unwrap();
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    wait_converged(&all, 7, Duration::from_secs(30)).await;
+}

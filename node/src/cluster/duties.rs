@@ -1,9 +1,9 @@
-//! What every node does in the background: pings every other node, and,
-//! as leader, marks nodes down and up, keeps the voters odd and healthy,
+//! What every node does in the background: pings its ring neighbours
+//! (`detector`), and, as leader, marks nodes down and up, keeps the voters odd and healthy,
 //! and steps down while draining or before a stop; as a voter, holds the
 //! CA key. (The feature level has its own: `levels::duty`.)
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -11,14 +11,12 @@ use membership::NodeState;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::detector::{self, Detector, PING_INTERVAL, note_majority};
 use super::node::Cluster;
-use super::rpc::{ClusterReply, ClusterRequest, PING_TIMEOUT, join_all};
+use super::rpc::{ClusterReply, ClusterRequest, PING_TIMEOUT};
 use super::wire::ClusterCa;
 use crate::files::write_secret;
 
-/// How often every node pings every other node. With `PING_TIMEOUT` this
-/// bounds how late a failure is noticed past `--failure-timeout-ms`.
-const PING_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the leader checks the voter set.
 const VOTER_INTERVAL: Duration = Duration::from_secs(1);
 /// Raft voters at most: more only slows commits down.
@@ -131,99 +129,43 @@ pub fn desired_voters(leader: u64, current: &BTreeSet<u64>, up: &BTreeSet<u64>) 
     out
 }
 
-/// Every node pings every other node (so that a newly elected leader
-/// already knows who has been silent); the leader alone acts on it: marks
-/// the silent nodes down and the answering ones up, and keeps the voter set
-/// healthy and odd.
+/// Failure detection every round (see `detector`): every node pings its
+/// targets; a node that is not the leader reports what it found to the
+/// leader, and the leader alone acts on its own pings and the reports:
+/// marks the silent nodes down and the answering ones up, and keeps the
+/// voter set healthy and odd.
 ///
 /// Verdicts are fenced three ways (a paused or partitioned leader once
 /// committed stale ones through its successor): each carries the term it
 /// was decided in and the state machine refuses it from any other term; a
-/// node that did not run for a while (its own rounds stalled) restarts
-/// every peer's timer instead of judging them by its own silence; and a
-/// `Down` verdict is re-checked with one more ping right before it is
-/// committed. The leader marks itself up if a stale verdict got through
-/// before (it never pings itself).
-pub async fn leader(cluster: Cluster, failure_timeout: Duration, mut stop: watch::Receiver<bool>) {
+/// node that did not run for a while restarts every timer instead of
+/// judging the others by its own silence; and a `Down` verdict is
+/// re-checked with one more ping right before it is committed.
+pub async fn leader(cluster: Cluster, failure_timeout: Duration, watchers: usize, mut stop: watch::Receiver<bool>) {
     let me = cluster.id();
-    let mut last_ok: HashMap<u64, Instant> = HashMap::new();
+    let mut detector = Detector::new(failure_timeout, watchers);
     let mut next_voter_check = Instant::now();
-    // A gap between rounds longer than this means this node was not
-    // running (SIGSTOP, a stalled VM or runtime), not that the others were.
-    let stall = (failure_timeout / 2).max((PING_INTERVAL + PING_TIMEOUT) * 2);
-    let mut last_round = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(PING_INTERVAL) => {}
             _ = stop.changed() => return,
         }
         let view = cluster.membership.view();
-        // A ping that gets through proves the node alive when it was sent.
-        let round_start = Instant::now();
-        if round_start.duration_since(last_round) > stall {
-            warn!(
-                stalled_ms = round_start.duration_since(last_round).as_millis() as u64,
-                "this node did not run for a while; restarting the failure timers"
-            );
-            last_ok.values_mut().for_each(|t| *t = round_start);
-        }
-        let results = join_all(
-            view.nodes
-                .values()
-                .filter(|n| n.id != me)
-                .map(|n| ping(&cluster, n.id, n.addrs.cluster.clone())),
-        )
-        .await;
-        let now = Instant::now();
-        last_round = now;
-        note_majority(&cluster, &view, &results);
-        last_ok.retain(|id, _| view.nodes.contains_key(id));
-        let mut changes = Vec::new();
-        for (id, ok) in results {
-            // A node never heard from gets a full timeout from first sight.
-            let seen = last_ok.entry(id).or_insert(round_start);
-            if ok {
-                *seen = round_start;
-            }
-            let Some(node) = view.node(id) else { continue };
-            match (node.state, ok) {
-                (NodeState::Up, false) if now.duration_since(*seen) >= failure_timeout => {
-                    changes.push((id, NodeState::Down))
-                }
-                (NodeState::Down, true) => changes.push((id, NodeState::Up)),
-                _ => {}
-            }
-        }
+        let round = detector.round(&cluster, &view).await;
+        note_majority(&cluster, &view, &round.results);
         let leading = cluster.membership.leading_term();
         hand_over_if_leaving(&cluster, &view, leading.is_some()).await;
-        // Only a leader that is still a voter in the view acts (a removed
-        // leader may run on briefly: it must not change anything).
         let Some(term) = leading else {
+            detector::report(&cluster, &view, &round);
             continue;
         };
+        // Only a leader that is still a voter in the view acts (a removed
+        // leader may run on briefly: it must not change anything).
         if !view.node(me).is_some_and(|n| n.voter) {
             continue;
         }
-        if view.node(me).is_some_and(|n| n.state == NodeState::Down) {
-            changes.push((me, NodeState::Up));
-        }
-        for (id, state) in changes {
-            if state == NodeState::Down {
-                let addr = view.node(id).map(|n| n.addrs.cluster.clone()).unwrap_or_default();
-                if ping(&cluster, id, addr).await.1 {
-                    info!(
-                        node = id,
-                        "failure detector: answered the re-check; not marking it down"
-                    );
-                    last_ok.insert(id, Instant::now());
-                    continue;
-                }
-            }
-            info!(node = id, ?state, term, "failure detector: marking node");
-            if let Err(e) = cluster.membership.set_node_verdict(id, state, term).await {
-                warn!(node = id, error = %e, "cannot change node state");
-            }
-        }
+        detector::decide(&cluster, &mut detector, &view, term, &round).await;
+        let now = Instant::now();
         if now >= next_voter_check {
             next_voter_check = now + VOTER_INTERVAL;
             let view = cluster.membership.view();
@@ -242,48 +184,6 @@ pub async fn leader(cluster: Cluster, failure_timeout: Duration, mut stop: watch
                 }
             }
         }
-    }
-}
-
-/// Notes whether the voters that answered this round (and this node, if it
-/// votes) are a majority; says so in the log when that changes.
-fn note_majority(cluster: &Cluster, view: &membership::ClusterView, results: &[(u64, bool)]) {
-    use std::sync::atomic::Ordering;
-    let me = cluster.id();
-    let voters = view.voters();
-    if voters.is_empty() {
-        return;
-    }
-    let answered =
-        results.iter().filter(|(id, ok)| *ok && voters.contains(id)).count() + usize::from(voters.contains(&me));
-    let majority = answered * 2 > voters.len();
-    let before = cluster.majority.swap(majority, Ordering::Relaxed);
-    if before && !majority {
-        warn!(
-            answered,
-            voters = voters.len(),
-            "cannot reach a majority of the voters: the view and the directory cannot change here; serving mail by the last view"
-        );
-    } else if !before && majority {
-        info!(
-            answered,
-            voters = voters.len(),
-            "a majority of the voters is reachable again"
-        );
-    }
-}
-
-/// One ping within `PING_TIMEOUT`: whether node `id` answered.
-fn ping(cluster: &Cluster, id: u64, addr: String) -> impl std::future::Future<Output = (u64, bool)> + Send + 'static {
-    let t = cluster.transport.clone();
-    async move {
-        let r = tokio::time::timeout(PING_TIMEOUT, t.request(&addr, &ClusterRequest::Ping)).await;
-        let ok = matches!(r, Ok(Ok(ClusterReply::Pong { id: who, .. })) if who == id);
-        if !ok {
-            // Maybe a stale connection to a restarted peer: start afresh.
-            t.forget(&addr);
-        }
-        (id, ok)
     }
 }
 

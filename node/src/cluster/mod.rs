@@ -21,14 +21,16 @@
 //! Split by role: [`node`] (the `Cluster` a started node holds),
 //! [`wire`] (QUIC, mutual TLS, the CA, framing), [`rpc`] (the messages and
 //! the connection pool), [`admission`] (enrollment, both sides),
-//! [`serve`] (what a node answers), [`duties`] (failure detection, voters,
-//! the CA key) and [`replica`] (the replica protocol over this wire, and
+//! [`serve`] (what a node answers), [`detector`] (failure detection: the
+//! ring, the reports, the leader's verdicts), [`duties`] (the rounds,
+//! voters, the CA key) and [`replica`] (the replica protocol over this wire, and
 //! its background duties).
 //!
 //! # In more detail
 //! `cluster.rs`: `Cluster::start` founds a cluster, enrolls through a seed,
 //! or resumes from `DATA/cluster/`; `QuicTransport` implements membership's
-//! `Transport`; every node pings every node (`leader_duties`) and the leader
+//! `Transport`; every node pings its ring neighbours and the voters
+//! (`detector`) and reports to the leader, which
 //! marks nodes down/up and keeps the voters odd and at most 5
 //! (`desired_voters`); a **draining leader steps down** (`step_down_if_draining`:
 //! openraft 0.9 can neither transfer leadership nor remove its leader): it
@@ -68,6 +70,7 @@
 //! most; when full of live windows, new addresses are refused).
 
 pub mod admission;
+pub mod detector;
 pub mod duties;
 pub mod levels;
 pub mod node;
@@ -110,6 +113,8 @@ pub struct ClusterConfig {
     pub join_token: Option<String>,
     /// A node silent this long is marked down.
     pub failure_timeout: Duration,
+    /// How many ring neighbours each node pings (`--watchers`).
+    pub watchers: usize,
     /// Who raises the feature level once every node supports more.
     pub upgrade_finish: levels::UpgradeFinish,
     /// The node's service addresses, for the view.
@@ -218,6 +223,7 @@ impl Cluster {
         let replica: ReplicaSlot = Arc::default();
         let log_level: LogSlot = Arc::default();
         let queries: QuerySlot = Arc::default();
+        let reports: Arc<detector::Reports> = Arc::default();
         let cluster = Cluster {
             membership: membership.clone(),
             transport: transport.clone(),
@@ -226,6 +232,7 @@ impl Cluster {
             queries: queries.clone(),
             majority: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             stepping_down_until: Arc::default(),
+            reports: reports.clone(),
             endpoint: endpoint.clone(),
         };
         tokio::spawn(serve::accept_loop(
@@ -239,6 +246,7 @@ impl Cluster {
                 log_level,
                 queries,
                 joins: Default::default(),
+                reports,
             }),
             stop.clone(),
         ));
@@ -275,7 +283,7 @@ impl Cluster {
         }
         tokio::spawn(duties::ca_key(cluster.clone(), dir.clone(), stop.clone()));
         tokio::spawn(levels::duty(cluster.clone(), cfg.upgrade_finish, stop.clone()));
-        tokio::spawn(duties::leader(cluster.clone(), cfg.failure_timeout, stop));
+        tokio::spawn(duties::leader(cluster.clone(), cfg.failure_timeout, cfg.watchers, stop));
         Ok(cluster)
     }
 }

@@ -32,6 +32,8 @@ pub struct Cluster {
     /// Until when this node hands leadership over and stands for no
     /// election (`step_down`: before it is stopped for an upgrade).
     pub(super) stepping_down_until: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// What other nodes' failure detectors told this node while it leads.
+    pub(super) reports: Arc<super::detector::Reports>,
     pub(super) endpoint: Endpoint,
 }
 

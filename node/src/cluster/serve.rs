@@ -28,6 +28,8 @@ pub struct Handler {
     pub log_level: LogSlot,
     pub queries: QuerySlot,
     pub joins: Mutex<JoinLimiter>,
+    /// Failure reports for the leader's detector.
+    pub reports: Arc<super::detector::Reports>,
 }
 
 pub async fn accept_loop(endpoint: Endpoint, handler: Arc<Handler>, mut stop: watch::Receiver<bool>) {
@@ -118,6 +120,18 @@ async fn handle(who: wire::Peer, req: ClusterRequest, h: &Handler, peer: SocketA
             match std::fs::read_to_string(dir.join("ca.key")) {
                 Ok(pem) if !pem.trim().is_empty() => ClusterReply::CaKey(pem),
                 _ => ClusterReply::Refused("this node does not hold the CA key".into()),
+            }
+        }
+        ClusterRequest::Suspects { from, silent, answered } => {
+            if membership.leading_term().is_none() {
+                return ClusterReply::Refused("not the leader: failure reports go to the leader".into());
+            }
+            match h.reports.note(&membership.view(), peer, from, &silent, &answered) {
+                Ok(()) => ClusterReply::Done,
+                Err(why) => {
+                    warn!(%peer, from, "failure report refused: {why}");
+                    ClusterReply::Refused(why)
+                }
             }
         }
         ClusterRequest::TakeLeadership => {

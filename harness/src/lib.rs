@@ -21,6 +21,7 @@ pub mod commands;
 pub mod dns;
 pub mod load;
 pub mod process;
+pub mod sim;
 pub mod workload;
 
 pub use client::{Pop3Client, Reply, SmtpClient};

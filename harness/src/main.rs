@@ -364,6 +364,28 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// A seeded simulation of a large cluster in one process (the real
+    /// placement, repair and rebalance plans, failure detector ring and
+    /// encodings; network and time modelled): joins, kills, a drain, a
+    /// split and a rolling restart; prints per node memory, the cost at
+    /// rest, and per event the view change traffic, time to converge,
+    /// data moved and snapshot transfer; writes OUT-converge.png and
+    /// OUT-moved.png
+    Sim {
+        #[arg(long, default_value_t = 1_000)]
+        nodes: u64,
+        #[arg(long, default_value_t = 10_000_000)]
+        users: u64,
+        /// Users whose messages are kept (figures about mail are scaled up).
+        #[arg(long, default_value_t = 10_000)]
+        sample_users: u64,
+        #[arg(long, default_value_t = 100)]
+        messages_per_user: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value = "sim")]
+        out: PathBuf,
+    },
 }
 
 /// How much a benchmark delivers, over how many connections, to whom.
@@ -635,6 +657,27 @@ fn main() -> anyhow::Result<()> {
                 settle,
                 dir,
             } => quill_harness::commands::bench_idle::bench_idle(rounds, sessions, settle, dir).await,
+            Cmd::Sim {
+                nodes,
+                users,
+                sample_users,
+                messages_per_user,
+                seed,
+                out,
+            } => {
+                use quill_harness::sim;
+                let mut cfg = sim::SimConfig::new(nodes, users, seed);
+                cfg.sample_users = sample_users.min(users);
+                cfg.messages_per_user = messages_per_user;
+                let report = tokio::task::spawn_blocking(move || {
+                    sim::run(cfg, |row| eprintln!("done: {} ({} views)", row.event, row.views))
+                })
+                .await??;
+                sim::print_table(&report);
+                sim::write_chart(&report, &out)?;
+                eprintln!("pictures: {0}-converge.png, {0}-moved.png", out.display());
+                Ok(())
+            }
         }
     })
 }

@@ -35,7 +35,8 @@ pub enum Command {
         id: u64,
     },
     /// The failure detector's verdict on node `id` (up or down), decided by
-    /// the leader of `term` from its own pings. Applied only if committed
+    /// the leader of `term` from its own pings and the reports it checked
+    /// with a ping of its own. Applied only if committed
     /// in that same term: a leader deposed between deciding and committing
     /// (paused, partitioned) would otherwise have its stale verdicts
     /// forwarded to, and committed by, the next leader. A `Down` verdict on

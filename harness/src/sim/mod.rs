@@ -1,0 +1,694 @@
+//! `quill-harness sim`: a seeded, deterministic simulation of a large
+//! cluster, to see which costs grow with the whole cluster rather than with
+//! one node's share.
+//!
+//! What runs is the real code, pure and in one process: placement's views
+//! (`placement::View`, the slot table every node builds on each view
+//! change), the replica managers' choice of user manager, the repair and
+//! rebalance plans (`replication::replica::{plan_repair, Balance,
+//! plan_move}`), the failure detector's ring (`membership::watch`), and the
+//! encodings of the Raft commands and snapshots (`membership`). What is
+//! modelled, and said so in the table: the network (messages are counted
+//! and their bytes added up, not sent), time (virtual: the failure
+//! timeout, the ping round, a fixed commit time and the measured view
+//! build), and the store (a message is its metadata).
+//!
+//! Sampling: every user is hashed and placed (the manager of each of the
+//! `users` is looked up in every view), but messages are kept for a
+//! sample of users only (`--sample-users` × `--messages-per-user`), each
+//! the average size; figures about mail (copies moved, reports) are
+//! scaled by users / sampled users.
+//!
+//! The nodes stand in racks of 1% of the cluster (at least 2), each rack
+//! a placement zone, so that a message's copies are in distinct racks.
+//! The scenario, in order: the cluster starts; 5% more nodes join one by
+//! one, then the rebalancer runs; one node is killed, then a whole rack
+//! at once, each repaired after the grace period; one node is drained and
+//! removed; a split cuts 10% off, which is marked down and heals before
+//! the grace period; every node is restarted, in batches of 2%. Then the
+//! invariants are checked (`Sim::check_healed`).
+
+mod costs;
+mod table;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+use placement::{LoadVector, NodeId as PNodeId, NodeInfo, NodeState, UserKey, View};
+use replication::replica::{Balance, coordinator, plan_move, plan_repair};
+use replication::{BodyHash, EntryMeta, MessageId};
+use testkit::Rng;
+
+pub use costs::{AtRest, Memory};
+pub use table::{print_table, write_chart};
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub nodes: u64,
+    pub users: u64,
+    /// Users whose messages are kept (the rest are placed, not filled).
+    pub sample_users: u64,
+    pub messages_per_user: u64,
+    /// The average message's size, bytes.
+    pub message_bytes: u64,
+    pub replicas: usize,
+    pub spread: usize,
+    pub watchers: usize,
+    pub failure_timeout_ms: u64,
+    pub repair_grace_ms: u64,
+    pub seed: u64,
+    /// log2 of placement's slot table (22 in a node).
+    pub slot_bits: u32,
+    /// Check every user's manager in every view (the tests), not only
+    /// count them.
+    pub check_every_view: bool,
+}
+
+impl SimConfig {
+    /// A node's defaults, for `nodes` nodes and `users` users.
+    pub fn new(nodes: u64, users: u64, seed: u64) -> SimConfig {
+        SimConfig {
+            nodes,
+            users,
+            sample_users: users.min(10_000),
+            messages_per_user: 100,
+            message_bytes: 64 * 1024,
+            replicas: 2,
+            spread: 4,
+            watchers: membership::watch::WATCHERS_DEFAULT,
+            failure_timeout_ms: 2_000,
+            repair_grace_ms: 30_000,
+            seed,
+            slot_bits: placement::DEFAULT_SLOT_BITS,
+            check_every_view: false,
+        }
+    }
+
+    /// Nodes per rack (zone): 1% of the cluster, at least 2.
+    fn rack(&self) -> u64 {
+        (self.nodes / 100).max(2)
+    }
+
+    fn scale(&self) -> f64 {
+        self.users as f64 / self.sample_users.max(1) as f64
+    }
+}
+
+/// One event of the scenario and what it cost the cluster.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventRow {
+    pub event: String,
+    /// Views committed (each a Raft entry, each a slot table built on
+    /// every node).
+    pub views: u64,
+    /// Users whose manager changed, and the least that could have (the
+    /// sum of the increases of the nodes' user counts).
+    pub managers_moved: u64,
+    pub managers_min: u64,
+    /// Raft: entries sent to every other node.
+    pub raft_messages: u64,
+    pub raft_bytes: u64,
+    /// The managers' soft state rebuilt: report messages and bytes (as the
+    /// nodes do it today: every live node to every live node, every user
+    /// it holds), and the bytes if only the moved users' holders reported.
+    pub report_messages: u64,
+    pub report_bytes: u64,
+    pub report_bytes_min: u64,
+    /// Failure reports sent to the leader.
+    pub detector_reports: u64,
+    /// Bytes of mail copied (repair, rebalance, drain), and the least that
+    /// would do (the copies lost, or the new nodes' shortfall).
+    pub bytes_moved: u64,
+    pub bytes_min: u64,
+    /// Snapshot bytes sent to joining nodes.
+    pub snapshot_bytes: u64,
+    /// From the event until every node has the last view (virtual ms).
+    pub converge_ms: u64,
+    /// The slot table's build, measured here (one node's CPU per view).
+    pub build_ms: f64,
+}
+
+/// The simulation's whole output.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    pub config: SimConfig,
+    pub rows: Vec<EventRow>,
+    pub memory: Memory,
+    pub at_rest: AtRest,
+    /// Invariants checked (counts), for the record.
+    pub manager_checks: u64,
+    pub messages_checked: u64,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Clone)]
+struct SimNode {
+    weight: u32,
+    /// Its rack: nodes `rack` ids apart share one (a failure domain).
+    zone: u64,
+    state: NodeState,
+    down_since_ms: u64,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    nodes: BTreeMap<u64, SimNode>,
+    next_id: u64,
+    epoch: u64,
+    view: View,
+    clock_ms: u64,
+    users: Vec<UserKey>,
+    /// The sampled users' messages (`msg_user[i]` is the sample user of
+    /// `msgs[i]`; the sample users are `users[..sample_users]`).
+    msgs: Vec<EntryMeta>,
+    msg_user: Vec<u32>,
+    /// (sample user, node) → copies there; users held per node.
+    pairs: HashMap<(u32, u64), u32>,
+    users_held: BTreeMap<u64, u64>,
+    /// Nodes holding each sample user's mail.
+    holders: Vec<u16>,
+    costs: costs::Unit,
+    manager_checks: u64,
+}
+
+/// Runs the scenario; `on_row` sees each event as it ends (progress).
+pub fn run(cfg: SimConfig, mut on_row: impl FnMut(&EventRow)) -> anyhow::Result<SimReport> {
+    let started = Instant::now();
+    let mut sim = Sim::new(cfg.clone())?;
+    let mut rows = Vec::new();
+    let mut push = |row: EventRow| {
+        on_row(&row);
+        rows.push(row);
+    };
+    let memory = sim.memory();
+    push(sim.start_row());
+
+    let joins = (cfg.nodes / 20).max(1);
+    let rack = cfg.rack();
+    let mut row = sim.event(&format!("join {joins} nodes (5%), one by one"));
+    for _ in 0..joins {
+        let id = sim.next_id;
+        sim.next_id += 1;
+        sim.change(&mut row, 0, 1, |n| {
+            n.insert(id, SimNode::up(id, rack));
+        })?;
+        row.snapshot_bytes += sim.costs.snapshot_bytes;
+    }
+    sim.rebalance(&mut row);
+    push(row);
+
+    let victim = sim.pick_up_node();
+    let mut row = sim.event("kill 1 node; repair after the grace period");
+    sim.fail(&mut row, &[victim])?;
+    push(row);
+
+    let racked = sim.pick_zone();
+    let mut row = sim.event(&format!(
+        "kill a rack (a zone) of {} nodes at once; repair",
+        racked.len()
+    ));
+    sim.fail(&mut row, &racked)?;
+    push(row);
+
+    let drained = sim.pick_up_node();
+    let mut row = sim.event("drain 1 node, then remove it");
+    sim.change(&mut row, 0, 1, |n| {
+        n.get_mut(&drained).expect("a node").state = NodeState::Draining
+    })?;
+    sim.repair(&mut row);
+    sim.change(&mut row, 0, 1, |n| {
+        n.remove(&drained);
+    })?;
+    push(row);
+
+    let cut = sim.pick_rack((cfg.nodes / 10).max(1));
+    let mut row = sim.event(&format!("split: {} nodes cut off, healed within the grace", cut.len()));
+    sim.down(&mut row, &cut, sim.costs.detect_ms(cfg.failure_timeout_ms))?;
+    sim.clock_ms += cfg.repair_grace_ms / 2;
+    sim.repair(&mut row);
+    sim.up(&mut row, &cut)?;
+    push(row);
+
+    let batch = (cfg.nodes / 50).max(1) as usize;
+    let mut row = sim.event(&format!("rolling restart of every node, {batch} at a time"));
+    let all: Vec<u64> = sim
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Up)
+        .map(|(id, _)| *id)
+        .collect();
+    for group in all.chunks(batch) {
+        // A planned stop: the node says so; no failure timeout to wait.
+        sim.down(&mut row, group, 0)?;
+        sim.clock_ms += 10_000;
+        sim.repair(&mut row);
+        sim.up(&mut row, group)?;
+    }
+    push(row);
+
+    let messages_checked = sim.check_healed()?;
+    let at_rest = sim.at_rest();
+    Ok(SimReport {
+        config: cfg,
+        rows,
+        memory,
+        at_rest,
+        manager_checks: sim.manager_checks,
+        messages_checked,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+impl SimNode {
+    fn up(id: u64, rack: u64) -> SimNode {
+        SimNode {
+            weight: 1,
+            zone: (id - 1) / rack,
+            state: NodeState::Up,
+            down_since_ms: 0,
+        }
+    }
+}
+
+impl Sim {
+    fn new(cfg: SimConfig) -> anyhow::Result<Sim> {
+        anyhow::ensure!(cfg.nodes >= 3, "at least 3 nodes");
+        anyhow::ensure!(cfg.sample_users <= cfg.users, "more sampled users than users");
+        let nodes: BTreeMap<u64, SimNode> = (1..=cfg.nodes).map(|id| (id, SimNode::up(id, cfg.rack()))).collect();
+        let view = build(1, &nodes, cfg.slot_bits)?;
+        let users = (0..cfg.users)
+            .map(|i| UserKey::from_normalized(&format!("user{i}@example.org")))
+            .collect();
+        let costs = costs::Unit::measure(&cfg)?;
+        let sample = cfg.sample_users as usize;
+        let mut sim = Sim {
+            rng: Rng::new(cfg.seed),
+            next_id: cfg.nodes + 1,
+            cfg,
+            nodes,
+            epoch: 1,
+            view,
+            clock_ms: 0,
+            users,
+            msgs: Vec::new(),
+            msg_user: Vec::new(),
+            pairs: HashMap::new(),
+            users_held: BTreeMap::new(),
+            holders: vec![0; sample],
+            costs,
+            manager_checks: 0,
+        };
+        sim.deliver();
+        Ok(sim)
+    }
+
+    /// The sampled users' mail, placed as a node places a delivery (no
+    /// loads known: the spread and the user's holders decide).
+    fn deliver(&mut self) {
+        let loads = LoadVector::new(std::iter::empty());
+        for u in 0..self.cfg.sample_users as u32 {
+            let key = self.users[u as usize];
+            let mut holders: Vec<PNodeId> = Vec::new();
+            for _ in 0..self.cfg.messages_per_user {
+                let set = self
+                    .view
+                    .replica_set(key, self.cfg.replicas, self.cfg.spread, &loads, &holders);
+                for n in &set {
+                    if !holders.contains(n) {
+                        holders.push(*n);
+                    }
+                }
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+                id[8..].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+                let meta = EntryMeta {
+                    id: MessageId(id),
+                    body: BodyHash([0; 32]),
+                    size_bytes: self.cfg.message_bytes,
+                    arrival_ms: 0,
+                    folder: String::new(),
+                    flags: 0,
+                    replicas: set.iter().map(|n| n.0).collect(),
+                    placed: 0,
+                    prior: Vec::new(),
+                    marks: Default::default(),
+                };
+                for n in &meta.replicas {
+                    self.hold(u, *n, 1);
+                }
+                self.msgs.push(meta);
+                self.msg_user.push(u);
+            }
+        }
+    }
+
+    fn hold(&mut self, user: u32, node: u64, delta: i32) {
+        let c = self.pairs.entry((user, node)).or_insert(0);
+        let before = *c;
+        *c = c.saturating_add_signed(delta);
+        let after = *c;
+        let held = self.users_held.entry(node).or_insert(0);
+        match (before, after) {
+            (0, 1..) => {
+                *held += 1;
+                self.holders[user as usize] += 1;
+            }
+            (1.., 0) => {
+                *held = held.saturating_sub(1);
+                self.holders[user as usize] -= 1;
+            }
+            _ => {}
+        }
+        if after == 0 {
+            self.pairs.remove(&(user, node));
+        }
+    }
+
+    fn event(&self, name: &str) -> EventRow {
+        EventRow {
+            event: name.to_owned(),
+            ..EventRow::default()
+        }
+    }
+
+    fn start_row(&self) -> EventRow {
+        let mut row = self.event("start (a snapshot to every node but the first)");
+        row.snapshot_bytes = self.costs.snapshot_bytes * (self.cfg.nodes - 1);
+        row
+    }
+
+    fn pick_up_node(&mut self) -> u64 {
+        let up: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.state == NodeState::Up)
+            .map(|(id, _)| *id)
+            .collect();
+        up[self.rng.below(up.len() as u64) as usize]
+    }
+
+    /// The up nodes of a zone that has no down node.
+    fn pick_zone(&mut self) -> Vec<u64> {
+        let zones: BTreeSet<u64> = self.nodes.values().map(|n| n.zone).collect();
+        let whole: Vec<u64> = zones
+            .into_iter()
+            .filter(|z| self.nodes.values().all(|n| n.zone != *z || n.state == NodeState::Up))
+            .collect();
+        let z = whole[self.rng.below(whole.len() as u64) as usize];
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.zone == z)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// `n` up nodes with consecutive ids (a stretch of racks).
+    fn pick_rack(&mut self, n: u64) -> Vec<u64> {
+        let up: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, x)| x.state == NodeState::Up)
+            .map(|(id, _)| *id)
+            .collect();
+        let n = (n as usize).min(up.len() / 2);
+        let start = self.rng.below((up.len() - n) as u64) as usize;
+        up[start..start + n].to_vec()
+    }
+
+    /// Nodes fail: noticed by their ring neighbours, reported, marked down
+    /// one verdict each; repaired once down past the grace period.
+    fn fail(&mut self, row: &mut EventRow, ids: &[u64]) -> anyhow::Result<()> {
+        self.down(row, ids, self.costs.detect_ms(self.cfg.failure_timeout_ms))?;
+        self.clock_ms += self.cfg.repair_grace_ms;
+        self.repair(row);
+        Ok(())
+    }
+
+    fn down(&mut self, row: &mut EventRow, ids: &[u64], detect_ms: u64) -> anyhow::Result<()> {
+        if detect_ms > 0 {
+            // Each silent node's live watchers report it once a round
+            // until the verdict (about two rounds).
+            let states: Vec<(u64, NodeState)> = self.nodes.iter().map(|(id, n)| (*id, n.state)).collect();
+            let failing: BTreeSet<u64> = ids.iter().copied().collect();
+            for &(w, state) in &states {
+                if state == NodeState::Down || failing.contains(&w) {
+                    continue;
+                }
+                let targets = membership::watch::ring_targets(states.iter().copied(), w, self.cfg.watchers);
+                row.detector_reports += 2 * targets.intersection(&failing).count() as u64;
+            }
+        }
+        let now = self.clock_ms;
+        self.change(row, detect_ms, ids.len() as u64, |n| {
+            for id in ids {
+                let node = n.get_mut(id).expect("a node");
+                node.state = NodeState::Down;
+                node.down_since_ms = now;
+            }
+        })
+    }
+
+    fn up(&mut self, row: &mut EventRow, ids: &[u64]) -> anyhow::Result<()> {
+        self.change(row, 0, ids.len() as u64, |n| {
+            for id in ids {
+                n.get_mut(id).expect("a node").state = NodeState::Up;
+            }
+        })
+    }
+
+    /// One view change of `entries` Raft entries (verdicts committed
+    /// together are applied together: a node builds the view they make
+    /// once): the nodes change, the view is built (timed), and what it
+    /// costs is added to `row`.
+    fn change(
+        &mut self,
+        row: &mut EventRow,
+        detect_ms: u64,
+        entries: u64,
+        f: impl FnOnce(&mut BTreeMap<u64, SimNode>),
+    ) -> anyhow::Result<()> {
+        f(&mut self.nodes);
+        self.epoch += 1;
+        let t = Instant::now();
+        let new = build(self.epoch, &self.nodes, self.cfg.slot_bits)?;
+        let build_ms = t.elapsed().as_secs_f64() * 1e3;
+        let (moved, min, moved_sampled) = self.managers_moved(&new)?;
+        self.view = new;
+        let n = self.nodes.len() as u64;
+        let live = self.nodes.values().filter(|x| x.state != NodeState::Down).count() as u64;
+        row.views += 1;
+        row.managers_moved += moved;
+        row.managers_min += min;
+        row.raft_messages += entries * (n - 1);
+        row.raft_bytes += entries * (n - 1) * self.costs.raft_entry_bytes;
+        row.report_messages += live * live.saturating_sub(1);
+        let held: u64 = self
+            .users_held
+            .iter()
+            .filter(|(id, _)| self.nodes.get(id).is_some_and(|x| x.state != NodeState::Down))
+            .map(|(_, c)| *c)
+            .sum();
+        row.report_bytes += (held as f64 * self.cfg.scale()) as u64 * costs::REPORT_ENTRY_BYTES
+            + live * live.saturating_sub(1) * costs::MESSAGE_OVERHEAD_BYTES;
+        row.report_bytes_min += (moved_sampled as f64 * self.cfg.scale()) as u64 * costs::REPORT_ENTRY_BYTES;
+        row.build_ms = row.build_ms.max(build_ms);
+        row.converge_ms += detect_ms + self.costs.commit_and_fan_out_ms(n) * entries + build_ms.ceil() as u64;
+        Ok(())
+    }
+
+    /// Users whose manager differs between the views; the least that
+    /// could (the increases of the per-node counts); and the sampled
+    /// moved users' holders (who would report them). Checks that every
+    /// user's manager is an up node of the new view.
+    fn managers_moved(&mut self, new: &View) -> anyhow::Result<(u64, u64, u64)> {
+        let old = &self.view;
+        let mut moved = 0u64;
+        // Node ids are small here (1, 2, 3...): counts by id.
+        let slots = (self.next_id + 1) as usize;
+        let (mut before, mut after) = (vec![0i64; slots], vec![0i64; slots]);
+        let mut moved_holders = 0u64;
+        for (i, key) in self.users.iter().enumerate() {
+            let a = old.manager_of(*key).map(|n| n.0);
+            let b = new.manager_of(*key).map(|n| n.0);
+            if self.cfg.check_every_view {
+                let ok = b
+                    .and_then(|b| new.node(PNodeId(b)))
+                    .is_some_and(|n| n.state == NodeState::Up);
+                anyhow::ensure!(ok, "user {i} has no up manager in view {}", new.epoch());
+                self.manager_checks += 1;
+            }
+            if a != b {
+                moved += 1;
+                if let Some(h) = self.holders.get(i) {
+                    moved_holders += u64::from(*h);
+                }
+            }
+            before[a.unwrap_or(0) as usize] += 1;
+            after[b.unwrap_or(0) as usize] += 1;
+        }
+        let min = after.iter().zip(&before).map(|(a, b)| (a - b).max(0) as u64).sum();
+        Ok((moved, min, moved_holders))
+    }
+
+    /// Whether a node counts as gone for repair: out of the view,
+    /// draining, or down past the grace period.
+    fn gone_set(&self) -> BTreeSet<u64> {
+        let mut gone: BTreeSet<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| {
+                n.state == NodeState::Draining
+                    || (n.state == NodeState::Down
+                        && self.clock_ms.saturating_sub(n.down_since_ms) >= self.cfg.repair_grace_ms)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for m in &self.msgs {
+            gone.extend(m.replicas.iter().filter(|r| !self.nodes.contains_key(r)));
+        }
+        gone
+    }
+
+    /// One repair round: each message with a gone member is repaired by
+    /// its coordinator's plan.
+    fn repair(&mut self, row: &mut EventRow) {
+        let gone = self.gone_set();
+        if gone.is_empty() {
+            return;
+        }
+        let is_gone = |n: u64| gone.contains(&n);
+        let (mut copies, mut lost) = (0u64, 0u64);
+        for i in 0..self.msgs.len() {
+            let meta = &self.msgs[i];
+            let missing = meta.replicas.iter().filter(|r| gone.contains(r)).count() as u64;
+            if missing == 0 {
+                continue;
+            }
+            lost += missing;
+            let Some(coord) = coordinator(&self.view, &meta.replicas) else {
+                continue;
+            };
+            if let Some(step) = plan_repair(coord, &self.view, self.cfg.replicas, &is_gone, meta) {
+                copies += step.add.len() as u64;
+                self.apply(i, step.replicas, step.prior);
+            }
+        }
+        let scale = self.cfg.scale() * self.cfg.message_bytes as f64;
+        row.bytes_moved += (copies as f64 * scale) as u64;
+        row.bytes_min += (lost as f64 * scale) as u64;
+    }
+
+    /// The rebalancer until every up node is within the tolerance of its
+    /// share (or a round moves nothing): each round starts from the
+    /// stored bytes, as the nodes' rounds every 2 s do.
+    fn rebalance(&mut self, row: &mut EventRow) {
+        let bytes = self.bytes_per_node();
+        let first = Balance::new(&self.view, &bytes, 1.0);
+        let min: u64 = first.deficit.values().sum();
+        let mut copies = 0u64;
+        for _ in 0..50 {
+            let mut balance = Balance::new(&self.view, &self.bytes_per_node(), 1.0);
+            if !balance.open() {
+                break;
+            }
+            let mut moved = 0;
+            for i in 0..self.msgs.len() {
+                let Some(coord) = coordinator(&self.view, &self.msgs[i].replicas) else {
+                    continue;
+                };
+                if let Some(step) = plan_move(coord, &self.view, &mut balance, &self.msgs[i]) {
+                    moved += step.add.len() as u64;
+                    self.apply(i, step.replicas, step.prior);
+                }
+                if !balance.open() {
+                    break;
+                }
+            }
+            copies += moved;
+            if moved == 0 {
+                break;
+            }
+        }
+        let scale = self.cfg.scale();
+        row.bytes_moved += (copies as f64 * scale * self.cfg.message_bytes as f64) as u64;
+        row.bytes_min += (min as f64 * scale) as u64;
+    }
+
+    fn bytes_per_node(&self) -> BTreeMap<u64, u64> {
+        let mut bytes: BTreeMap<u64, u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.state == NodeState::Up)
+            .map(|(id, _)| (*id, 0))
+            .collect();
+        for m in &self.msgs {
+            for r in &m.replicas {
+                if let Some(b) = bytes.get_mut(r) {
+                    *b += m.size_bytes;
+                }
+            }
+        }
+        bytes
+    }
+
+    fn apply(&mut self, i: usize, replicas: Vec<u64>, prior: Vec<u64>) {
+        let u = self.msg_user[i];
+        let old = std::mem::take(&mut self.msgs[i].replicas);
+        for n in &old {
+            self.hold(u, *n, -1);
+        }
+        for n in &replicas {
+            self.hold(u, *n, 1);
+        }
+        self.msgs[i].replicas = replicas;
+        self.msgs[i].prior = prior;
+    }
+
+    /// After the scenario: every sampled message has R copies, all on
+    /// distinct up nodes of the last view; every user has one up manager.
+    fn check_healed(&mut self) -> anyhow::Result<u64> {
+        let mut row = EventRow::default();
+        self.clock_ms += self.cfg.repair_grace_ms;
+        self.repair(&mut row);
+        let up = self.view.up_nodes().count();
+        for (i, m) in self.msgs.iter().enumerate() {
+            let set: BTreeSet<u64> = m.replicas.iter().copied().collect();
+            let on_up = set
+                .iter()
+                .filter(|r| self.view.node(PNodeId(**r)).is_some_and(|n| n.state == NodeState::Up))
+                .count();
+            anyhow::ensure!(
+                set.len() == m.replicas.len() && on_up == self.cfg.replicas.min(up),
+                "message {i} has {on_up} copies on up nodes ({:?}), not {}",
+                m.replicas,
+                self.cfg.replicas
+            );
+        }
+        for (i, key) in self.users.iter().enumerate() {
+            let ok = self
+                .view
+                .manager_of(*key)
+                .and_then(|m| self.view.node(m))
+                .is_some_and(|n| n.state == NodeState::Up);
+            anyhow::ensure!(ok, "user {i} has no up manager at the end");
+        }
+        self.manager_checks += self.users.len() as u64;
+        Ok(self.msgs.len() as u64)
+    }
+}
+
+/// Placement's view of the simulated nodes.
+fn build(epoch: u64, nodes: &BTreeMap<u64, SimNode>, slot_bits: u32) -> anyhow::Result<View> {
+    let list = nodes
+        .iter()
+        .map(|(id, n)| NodeInfo {
+            id: PNodeId(*id),
+            weight: n.weight,
+            zone: format!("rack{}", n.zone),
+            state: n.state,
+        })
+        .collect();
+    View::with_slot_bits(epoch, list, slot_bits).map_err(|e| anyhow::anyhow!("{e:?}"))
+}

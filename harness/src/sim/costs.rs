@@ -145,6 +145,12 @@ pub struct AtRest {
     pub heartbeats: u64,
     /// Bytes of pings and heartbeats.
     pub bytes: u64,
+    /// The managers' report round every node runs each minute (every live
+    /// node to every live node, every user it holds): messages, bytes in
+    /// the cluster, and the most one node sends.
+    pub report_messages: u64,
+    pub report_bytes: u64,
+    pub report_bytes_node_max: u64,
 }
 
 impl Sim {
@@ -205,7 +211,13 @@ impl Sim {
         let n = self.nodes.len() as u64;
         let pings_ring: u64 = targets.values().map(|t| t.len() as u64).sum::<u64>() * ROUNDS_PER_MIN;
         let heartbeats = (n - 1) * HEARTBEATS_PER_MIN;
+        let live = targets.len() as u64;
+        let per_entry = |users: u64| (users as f64 * self.cfg.scale()) as u64 * REPORT_ENTRY_BYTES;
+        let held = self.users_held.values().copied();
         AtRest {
+            report_messages: live * live.saturating_sub(1),
+            report_bytes: per_entry(held.clone().sum()) + live * live.saturating_sub(1) * MESSAGE_OVERHEAD_BYTES,
+            report_bytes_node_max: held.map(per_entry).max().unwrap_or(0) + live * MESSAGE_OVERHEAD_BYTES,
             pings_ring,
             pings_all: n * (n - 1) * ROUNDS_PER_MIN,
             pings_out_max: targets.values().map(|t| t.len() as u64).max().unwrap_or(0) * ROUNDS_PER_MIN,

@@ -102,6 +102,12 @@ pub fn print_table(r: &SimReport) {
         count(a.heartbeats)
     );
     println!("  bytes of pings and heartbeats (modelled frames) {}", bytes(a.bytes));
+    println!(
+        "  manager report round: messages / bytes         {} / {} (one node sends at most {})",
+        count(a.report_messages),
+        bytes(a.report_bytes),
+        bytes(a.report_bytes_node_max)
+    );
     for row in &r.rows {
         print_event(row);
     }

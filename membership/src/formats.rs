@@ -205,6 +205,74 @@ pub fn encode_state(s: &ClusterState) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
+/// [`encode_state`] into a writer: the same bytes, never all in memory
+/// (a directory of millions of users is gigabytes).
+pub fn encode_state_into<W: std::io::Write>(s: &ClusterState, w: &mut W) -> Result<(), CodecError> {
+    if s.feature_level <= 1 {
+        return codec::encode_into(
+            &StateV1Ref {
+                view: &s.view,
+                directory: &s.directory,
+                sessions: &s.sessions,
+                tls: &s.tls,
+                sequences: &s.sequences,
+                names: &s.names,
+            },
+            w,
+        );
+    }
+    let mut header = [0u8; TAGGED_HEADER_BYTES];
+    header[0] = TAG;
+    header[1..].copy_from_slice(&s.feature_level.to_le_bytes());
+    w.write_all(&header)
+        .map_err(|e| bincode::error::EncodeError::Io { inner: e, index: 0 })?;
+    if s.feature_level == 2 {
+        codec::encode_into(
+            &StateV2Ref {
+                view: &s.view,
+                directory: &s.directory,
+                sessions: &s.sessions,
+                tls: &s.tls,
+                sequences: &s.sequences,
+                names: &s.names,
+                feature_level: s.feature_level,
+            },
+            w,
+        )
+    } else {
+        codec::encode_into(s, w)
+    }
+}
+
+/// [`decode_state`] from a reader holding `len` bytes, never all in
+/// memory; the same formats and checks.
+pub fn decode_state_from<R: std::io::Read>(r: &mut R, len: u64) -> Result<ClusterState, FormatError> {
+    let mut first = [0u8; 1];
+    r.read_exact(&mut first).map_err(|_| FormatError::Short)?;
+    if first[0] != TAG {
+        // Format 1 has no header: its first byte is the state's.
+        let mut whole = std::io::Read::chain(&first[..], r);
+        return Ok(codec::decode_from::<StateV1, _>(&mut whole, len)?.into());
+    }
+    let mut f = [0u8; TAGGED_HEADER_BYTES - 1];
+    r.read_exact(&mut f).map_err(|_| FormatError::Short)?;
+    let format = u32::from_le_bytes(f);
+    let body = len.saturating_sub(TAGGED_HEADER_BYTES as u64);
+    let s: ClusterState = match format {
+        f if f > FEATURE_LEVEL_MAX => return Err(FormatError::Newer(f)),
+        f if f < 2 => return Err(FormatError::Unknown(f)),
+        2 => codec::decode_from::<StateV2, _>(r, body)?.into(),
+        _ => codec::decode_from(r, body)?,
+    };
+    if s.feature_level != format {
+        return Err(FormatError::Mismatch {
+            format,
+            level: s.feature_level,
+        });
+    }
+    Ok(s)
+}
+
 /// The format of an encoded state (without decoding it).
 pub fn state_format(bytes: &[u8]) -> Result<u32, FormatError> {
     match bytes.first() {

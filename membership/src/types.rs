@@ -10,7 +10,7 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = u64,
         Node = openraft::BasicNode,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = crate::store::SnapshotData,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;

@@ -361,10 +361,22 @@ impl Membership {
     /// The size of the replicated state as a snapshot of it would be (the
     /// same on every node that has applied the same entries): what must
     /// stay bounded by the cluster's size, not its mail. Encodes the state
-    /// (under the read lock): for status and scrapes, not hot paths.
+    /// into a counter (under the read lock, nothing kept): for status and
+    /// scrapes, not hot paths.
     pub fn state_bytes(&self) -> u64 {
+        struct Count(u64);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len() as u64;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
         let shared = self.inner.shared.read();
-        crate::formats::encode_state(&shared.state).map_or(0, |b| b.len() as u64)
+        let mut n = Count(0);
+        crate::formats::encode_state_into(&shared.state, &mut n).map_or(0, |()| n.0)
     }
 
     /// Raises the cluster's feature level to `level` (at most

@@ -5,9 +5,11 @@
 
 pub(crate) mod frame;
 mod log_store;
+pub mod snapshot;
 mod state_machine;
 
 pub use log_store::LogStore;
+pub use snapshot::{SNAPSHOT_BYTES_MAX, SnapshotData};
 pub(crate) use state_machine::Shared;
 pub use state_machine::{SnapshotBuilder, StateMachineStore};
 

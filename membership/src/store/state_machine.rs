@@ -2,9 +2,11 @@
 //! on disk.
 //!
 //! Applying an entry changes only memory; what is durable is the log (see
-//! `log_store`) and the snapshot file `snapshot` (one frame: meta and the
-//! encoded [`ClusterState`], replaced atomically). On start the state is
-//! the snapshot's, and openraft re-applies the committed log after it.
+//! `log_store`) and the snapshot (`super::snapshot`: the encoded
+//! [`ClusterState`] in a file of its own, named with its hash by
+//! `snapshot.meta`, replaced atomically; never in memory whole). On start
+//! the state is the snapshot's, and openraft re-applies the committed log
+//! after it.
 //! The state is encoded in the format of the feature level it runs at,
 //! and read in any format this release knows ([`crate::formats`]).
 //!
@@ -15,24 +17,20 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::BTreeSet;
-use std::io::{self, Cursor};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::codec::{self, DISK_BYTES_MAX};
 use crate::command::{ClientId, ClusterState, Command, CommittedBy, Request, Response};
-use crate::formats::{decode_state, encode_state, state_format};
 use crate::recent::RecentClaims;
-use crate::store::{FormatMark, frame};
+use crate::store::FormatMark;
+use crate::store::snapshot::{self, SnapshotData, Sum};
 use crate::types::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::view::ClusterView;
-
-const SNAPSHOT_FILE: &str = "snapshot";
 
 /// What the state machine holds.
 #[derive(Debug, Default)]
@@ -87,13 +85,6 @@ impl Shared {
             }
         });
     }
-}
-
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta,
-    /// The encoded [`ClusterState`], as shipped to followers.
-    data: Vec<u8>,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
@@ -157,24 +148,23 @@ impl StateMachineStore {
     pub fn open(dir: &Path) -> io::Result<StateMachineStore> {
         std::fs::create_dir_all(dir)?;
         let mut data = SmData::default();
-        let path = dir.join(SNAPSHOT_FILE);
         let mut written = None;
-        if let Some(payload) = frame::read_file(&path, DISK_BYTES_MAX)? {
-            let file: SnapshotFile =
-                codec::decode(&payload, DISK_BYTES_MAX).map_err(|e| frame::bad_data(&path, &e.to_string()))?;
-            let state = decode_state(&file.data, DISK_BYTES_MAX).map_err(|e| frame::bad_data(&path, &e.to_string()))?;
+        snapshot::remove_parts(dir);
+        if let Some(found) = snapshot::find(dir)? {
+            let state = found.state()?;
+            let meta = found.meta();
             tracing::info!(
-                snapshot = %file.meta,
+                snapshot = %meta,
                 epoch = state.view.epoch,
                 feature_level = state.feature_level,
                 "state restored from snapshot"
             );
             data = SmData {
-                last_applied: file.meta.last_log_id,
-                last_membership: file.meta.last_membership.clone(),
+                last_applied: meta.last_log_id,
+                last_membership: meta.last_membership.clone(),
                 state,
             };
-            written = file.meta.last_log_id;
+            written = meta.last_log_id;
         }
         let (view_tx, _) = watch::channel(Arc::new(data.state.view.clone()));
         Ok(StateMachineStore {
@@ -194,9 +184,16 @@ impl StateMachineStore {
         self.shared.clone()
     }
 
-    /// Persists a snapshot unless a newer one is already on disk; the
-    /// folder's format is raised to the snapshot's first.
-    async fn persist(&self, meta: SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
+    /// Keeps the synced state in `part` as the snapshot of `meta`, unless a
+    /// newer one is already on disk; the folder's format is raised to the
+    /// snapshot's first.
+    async fn persist(
+        &self,
+        meta: SnapshotMeta,
+        part: std::path::PathBuf,
+        sum: Sum,
+        format: u32,
+    ) -> Result<(), StorageError> {
         let shared = self.shared.clone();
         let dir = self.dir.clone();
         let mark = self.format.clone();
@@ -205,20 +202,20 @@ impl StateMachineStore {
             if *written > meta.last_log_id {
                 return Ok(());
             }
-            let format = state_format(&data).map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?;
             mark.raise_to(format)
                 .map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?;
-            let last = meta.last_log_id;
-            let file = SnapshotFile { meta, data };
-            let payload = codec::encode(&file).map_err(|e| snap_err(Some(&file.meta), ErrorVerb::Write, e))?;
-            frame::write_file_atomic(&dir, SNAPSHOT_FILE, &payload)
-                .map_err(|e| snap_err(Some(&file.meta), ErrorVerb::Write, e))?;
-            *written = last;
+            snapshot::keep(&dir, &meta, &part, sum, format).map_err(|e| snap_err(Some(&meta), ErrorVerb::Write, e))?;
+            *written = meta.last_log_id;
             Ok(())
         })
         .await
         .map_err(|e| snap_err(None, ErrorVerb::Write, e))?
     }
+}
+
+/// The format a state is written in (the level it runs at; 1 up to 0.1.0).
+fn format_of(state: &ClusterState) -> u32 {
+    state.feature_level.max(1)
 }
 
 /// Builds a snapshot of the state as of the moment it is called.
@@ -229,9 +226,12 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (meta, data) = {
-            let d = self.store.shared.read();
-            let data = encode_state(&d.state).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        let (shared, dir) = (self.store.shared.clone(), self.store.dir.clone());
+        // Encoded into a file under the read lock (applying waits; readers
+        // do not), on a blocking thread.
+        let (meta, part, sum, format) = tokio::task::spawn_blocking(move || {
+            let d = shared.read();
+            let (part, sum) = snapshot::write_part(&dir, &d.state).map_err(|e| sm_err(ErrorVerb::Write, e))?;
             let snapshot_id = match d.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
                 None => "empty".to_owned(),
@@ -241,13 +241,17 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 last_membership: d.last_membership.clone(),
                 snapshot_id,
             };
-            (meta, data)
-        };
-        self.store.persist(meta.clone(), data.clone()).await?;
-        tracing::info!(snapshot = %meta, bytes = data.len(), "snapshot built");
+            Ok::<_, StorageError>((meta, part, sum, format_of(&d.state)))
+        })
+        .await
+        .map_err(|e| sm_err(ErrorVerb::Write, e))??;
+        // Opened before it is kept (renamed): the handle outlives names.
+        let data = SnapshotData::open(part.clone(), true).map_err(|e| snap_err(Some(&meta), ErrorVerb::Read, e))?;
+        self.store.persist(meta.clone(), part, sum, format).await?;
+        tracing::info!(snapshot = %meta, bytes = sum.len, "snapshot built");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(data),
         })
     }
 }
@@ -307,19 +311,34 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder { store: self.clone() }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        let dir = self.dir.clone();
+        let data = tokio::task::spawn_blocking(move || SnapshotData::receive_into(&dir))
+            .await
+            .map_err(|e| snap_err(None, ErrorVerb::Write, e))?
+            .map_err(|e| snap_err(None, ErrorVerb::Write, e))?;
+        Ok(Box::new(data))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
-        let state = decode_state(&data, DISK_BYTES_MAX).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        snapshot
+            .sync()
+            .await
+            .map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        let part = snapshot.path().to_path_buf();
+        let m = meta.clone();
+        let (state, sum) = tokio::task::spawn_blocking(move || snapshot::read_state(&part, None))
+            .await
+            .map_err(|e| snap_err(Some(&m), ErrorVerb::Read, e))?
+            .map_err(|e| snap_err(Some(&m), ErrorVerb::Read, e))?;
         // Durable first, then visible.
-        self.persist(meta.clone(), data).await?;
+        self.persist(meta.clone(), snapshot.path().to_path_buf(), sum, format_of(&state))
+            .await?;
+        drop(snapshot);
         let mut d = self.shared.data.write().unwrap_or_else(|p| p.into_inner());
         *d = SmData {
             last_applied: meta.last_log_id,
@@ -327,26 +346,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             state,
         };
         self.shared.publish(&d.state.view);
-        tracing::info!(snapshot = %meta, epoch = d.state.view.epoch, "snapshot installed");
+        tracing::info!(snapshot = %meta, epoch = d.state.view.epoch, bytes = sum.len, "snapshot installed");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let path = self.dir.join(SNAPSHOT_FILE);
-        let file = tokio::task::spawn_blocking(move || -> io::Result<Option<SnapshotFile>> {
-            match frame::read_file(&path, DISK_BYTES_MAX)? {
-                None => Ok(None),
-                Some(payload) => codec::decode(&payload, DISK_BYTES_MAX)
-                    .map(Some)
-                    .map_err(|e| frame::bad_data(&path, &e.to_string())),
-            }
+        let dir = self.dir.clone();
+        let found = tokio::task::spawn_blocking(move || -> io::Result<Option<Snapshot<TypeConfig>>> {
+            let Some(found) = snapshot::find(&dir)? else {
+                return Ok(None);
+            };
+            let meta = found.meta().clone();
+            let data = found.data(&dir)?;
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(data),
+            }))
         })
         .await
         .map_err(|e| snap_err(None, ErrorVerb::Read, e))?
         .map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-        Ok(file.map(|f| Snapshot {
-            meta: f.meta,
-            snapshot: Box::new(Cursor::new(f.data)),
-        }))
+        Ok(found)
     }
 }

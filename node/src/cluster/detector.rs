@@ -13,9 +13,7 @@
 //! every node either way (at most five): that is how a node knows whether
 //! it reaches a majority (`/health`, `cluster status`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use membership::{ClusterView, NodeState};
@@ -29,9 +27,6 @@ use super::rpc::{ClusterReply, ClusterRequest, PING_TIMEOUT, join_all};
 pub const PING_INTERVAL: Duration = Duration::from_millis(250);
 /// The feature level from which the ring is used.
 const RING_LEVEL: u32 = 3;
-/// A report older than this is not acted on (a leader's round that
-/// stalled, or one from before this node led).
-const REPORT_FRESH: Duration = Duration::from_secs(2);
 
 /// What one round of pings found.
 pub struct Round {
@@ -125,56 +120,6 @@ impl Detector {
     /// A node the leader's own re-check found alive.
     fn saw(&mut self, id: u64) {
         self.last_ok.insert(id, Instant::now());
-    }
-}
-
-/// What the leader was told by the other nodes, by node reported: whether
-/// it was reported silent (else: answering while down), when, by whom.
-#[derive(Default)]
-pub struct Reports {
-    by_node: Mutex<BTreeMap<u64, (bool, Instant, u64)>>,
-}
-
-impl Reports {
-    /// Takes a report from node `from`, which connected from `peer`; only
-    /// a node of the view, from its own address, about nodes of the view.
-    pub fn note(
-        &self,
-        view: &ClusterView,
-        peer: SocketAddr,
-        from: u64,
-        silent: &[u64],
-        answered: &[u64],
-    ) -> Result<(), String> {
-        let sender = view.node(from).ok_or("the reporting node is not in the view")?;
-        if sender.addrs.cluster.parse::<SocketAddr>().ok() != Some(peer) {
-            return Err("a report comes from the reporting node's own address".into());
-        }
-        if silent.len() + answered.len() > membership::view::NODES_MAX {
-            return Err("a report names more nodes than a view holds".into());
-        }
-        let now = Instant::now();
-        let mut by_node = self.by_node.lock().unwrap_or_else(|p| p.into_inner());
-        let known = |id: &&u64| view.nodes.contains_key(*id);
-        for &id in silent.iter().filter(known) {
-            by_node.insert(id, (true, now, from));
-        }
-        for &id in answered.iter().filter(known) {
-            by_node.insert(id, (false, now, from));
-        }
-        Ok(())
-    }
-
-    /// The fresh reports, emptied: (reported silent, reported answering).
-    fn take(&self) -> (BTreeMap<u64, u64>, BTreeMap<u64, u64>) {
-        let taken = std::mem::take(&mut *self.by_node.lock().unwrap_or_else(|p| p.into_inner()));
-        let (mut silent, mut answered) = (BTreeMap::new(), BTreeMap::new());
-        for (id, (is_silent, at, from)) in taken {
-            if at.elapsed() < REPORT_FRESH {
-                if is_silent { &mut silent } else { &mut answered }.insert(id, from);
-            }
-        }
-        (silent, answered)
     }
 }
 

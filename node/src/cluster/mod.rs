@@ -22,7 +22,8 @@
 //! [`wire`] (QUIC, mutual TLS, the CA, framing), [`rpc`] (the messages and
 //! the connection pool), [`admission`] (enrollment, both sides),
 //! [`serve`] (what a node answers), [`detector`] (failure detection: the
-//! ring, the reports, the leader's verdicts), [`duties`] (the rounds,
+//! ring, the reports, the leader's verdicts), [`suspects`] (the reports
+//! the leader was sent), [`duties`] (the rounds,
 //! voters, the CA key) and [`replica`] (the replica protocol over this wire, and
 //! its background duties).
 //!
@@ -77,6 +78,7 @@ pub mod node;
 pub mod replica;
 pub mod rpc;
 pub mod serve;
+pub mod suspects;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -223,7 +225,7 @@ impl Cluster {
         let replica: ReplicaSlot = Arc::default();
         let log_level: LogSlot = Arc::default();
         let queries: QuerySlot = Arc::default();
-        let reports: Arc<detector::Reports> = Arc::default();
+        let reports: Arc<suspects::Reports> = Arc::default();
         let cluster = Cluster {
             membership: membership.clone(),
             transport: transport.clone(),

@@ -33,7 +33,7 @@ pub struct Cluster {
     /// election (`step_down`: before it is stopped for an upgrade).
     pub(super) stepping_down_until: Arc<std::sync::Mutex<Option<Instant>>>,
     /// What other nodes' failure detectors told this node while it leads.
-    pub(super) reports: Arc<super::detector::Reports>,
+    pub(super) reports: Arc<super::suspects::Reports>,
     pub(super) endpoint: Endpoint,
 }
 

@@ -29,7 +29,7 @@ pub struct Handler {
     pub queries: QuerySlot,
     pub joins: Mutex<JoinLimiter>,
     /// Failure reports for the leader's detector.
-    pub reports: Arc<super::detector::Reports>,
+    pub reports: Arc<super::suspects::Reports>,
 }
 
 pub async fn accept_loop(endpoint: Endpoint, handler: Arc<Handler>, mut stop: watch::Receiver<bool>) {

@@ -40,6 +40,17 @@ fn fifty_nodes_keep_one_manager_per_user_and_r_copies() {
             .bytes_moved
     };
     assert!(copied("kill 1 node") > 0 && copied("join") > 0 && copied("drain") > 0);
+    // The rebalancer moves copies into their users' spreads: a join
+    // leaves each user's mail on about as many nodes as before (it once
+    // scattered it over a node per move).
+    let start = r.rows[0].holders_mean;
+    let joined = r
+        .rows
+        .iter()
+        .find(|e| e.event.starts_with("join"))
+        .unwrap()
+        .holders_mean;
+    assert!(joined <= start + 1.0, "{start} -> {joined} nodes per user");
     // A split that heals within the grace period and a rolling restart
     // copy nothing.
     assert_eq!(copied("split"), 0);

@@ -67,6 +67,15 @@ impl Sim {
         let first = Balance::new(&self.view, &bytes, 1.0);
         let min: u64 = first.deficit.values().sum();
         let mut copies = 0u64;
+        // Moves go into the users' spreads until a pass moves nothing (the
+        // nodes' rebalancer: until the distance below the shares stalls).
+        let spreads: Vec<Vec<u64>> = (0..self.cfg.sample_users as usize)
+            .map(|u| {
+                let set = self.view.spread_set(self.users[u], self.cfg.spread);
+                set.into_iter().map(|n| n.0).collect()
+            })
+            .collect();
+        let mut anywhere = false;
         for _ in 0..50 {
             let mut balance = Balance::new(&self.view, &self.bytes_per_node(), 1.0);
             if !balance.open() {
@@ -77,7 +86,12 @@ impl Sim {
                 let Some(coord) = coordinator(&self.view, &self.msgs[i].replicas) else {
                     continue;
                 };
-                if let Some(step) = plan_move(coord, &self.view, &mut balance, &self.msgs[i]) {
+                let near: &[u64] = if anywhere {
+                    &[]
+                } else {
+                    &spreads[self.msg_user[i] as usize]
+                };
+                if let Some(step) = plan_move(coord, &self.view, &mut balance, &self.msgs[i], near) {
                     moved += step.add.len() as u64;
                     self.apply(i, step.replicas, step.prior);
                 }
@@ -87,7 +101,10 @@ impl Sim {
             }
             copies += moved;
             if moved == 0 {
-                break;
+                if anywhere {
+                    break;
+                }
+                anywhere = true;
             }
         }
         let scale = self.cfg.scale();

@@ -132,6 +132,9 @@ pub struct EventRow {
     pub converge_ms: u64,
     /// The slot table's build, measured here (one node's CPU per view).
     pub build_ms: f64,
+    /// Nodes holding a sampled user's mail after the event, on average
+    /// (a listing asks each; a report names each).
+    pub holders_mean: f64,
 }
 
 /// The simulation's whole output.
@@ -188,7 +191,7 @@ pub fn run(cfg: SimConfig, mut on_row: impl FnMut(&EventRow)) -> anyhow::Result<
         rows.push(row);
     };
     let memory = sim.memory();
-    push(sim.start_row());
+    push(sim.finish(sim.start_row()));
 
     let joins = (cfg.nodes / 20).max(1);
     let rack = cfg.rack();
@@ -202,12 +205,12 @@ pub fn run(cfg: SimConfig, mut on_row: impl FnMut(&EventRow)) -> anyhow::Result<
         row.snapshot_bytes += sim.costs.snapshot_bytes;
     }
     sim.rebalance(&mut row);
-    push(row);
+    push(sim.finish(row));
 
     let victim = sim.pick_up_node();
     let mut row = sim.event("kill 1 node; repair after the grace period");
     sim.fail(&mut row, &[victim])?;
-    push(row);
+    push(sim.finish(row));
 
     let racked = sim.pick_zone();
     let mut row = sim.event(&format!(
@@ -215,7 +218,7 @@ pub fn run(cfg: SimConfig, mut on_row: impl FnMut(&EventRow)) -> anyhow::Result<
         racked.len()
     ));
     sim.fail(&mut row, &racked)?;
-    push(row);
+    push(sim.finish(row));
 
     let drained = sim.pick_up_node();
     let mut row = sim.event("drain 1 node, then remove it");
@@ -226,7 +229,7 @@ pub fn run(cfg: SimConfig, mut on_row: impl FnMut(&EventRow)) -> anyhow::Result<
     sim.change(&mut row, 0, 1, |n| {
         n.remove(&drained);
     })?;
-    push(row);
+    push(sim.finish(row));
 
     let cut = sim.pick_rack((cfg.nodes / 10).max(1));
     let mut row = sim.event(&format!("split: {} nodes cut off, healed within the grace", cut.len()));
@@ -234,7 +237,7 @@ pub fn run(cfg: SimConfig, mut on_row: impl FnMut(&EventRow)) -> anyhow::Result<
     sim.clock_ms += cfg.repair_grace_ms / 2;
     sim.repair(&mut row);
     sim.up(&mut row, &cut)?;
-    push(row);
+    push(sim.finish(row));
 
     let batch = (cfg.nodes / 50).max(1) as usize;
     let mut row = sim.event(&format!("rolling restart of every node, {batch} at a time"));
@@ -251,7 +254,7 @@ pub fn run(cfg: SimConfig, mut on_row: impl FnMut(&EventRow)) -> anyhow::Result<
         sim.repair(&mut row);
         sim.up(&mut row, group)?;
     }
-    push(row);
+    push(sim.finish(row));
 
     let messages_checked = sim.check_healed()?;
     let at_rest = sim.at_rest();
@@ -376,6 +379,12 @@ impl Sim {
             event: name.to_owned(),
             ..EventRow::default()
         }
+    }
+
+    fn finish(&self, mut row: EventRow) -> EventRow {
+        let held: u64 = self.holders.iter().map(|h| u64::from(*h)).sum();
+        row.holders_mean = held as f64 / self.holders.len().max(1) as f64;
+        row
     }
 
     fn start_row(&self) -> EventRow {

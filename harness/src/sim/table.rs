@@ -127,6 +127,7 @@ fn print_event(e: &EventRow) {
             "  snapshot transfer                              {}",
             bytes(e.snapshot_bytes)
         );
+        println!("  nodes holding a user's mail, mean              {:.2}", e.holders_mean);
         return;
     }
     println!(
@@ -168,6 +169,7 @@ fn print_event(e: &EventRow) {
             bytes(e.snapshot_bytes)
         );
     }
+    println!("  nodes holding a user's mail, mean, after       {:.2}", e.holders_mean);
 }
 
 /// Two pictures beside `base`: time to converge per event

@@ -114,7 +114,7 @@ pub mod watch;
 
 pub use anti_entropy::{SyncPlan, plan_sync, tombstone_expired};
 pub use protocol::*;
-pub use repair::{RateLimit, RepairRound};
+pub use repair::{RateLimit, RepairRound, STALLED_ROUNDS};
 pub use repair_plan::{Balance, RepairStep, coordinator, plan_move, plan_repair};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -264,6 +264,10 @@ pub struct Replicator<N: Network> {
     caught_up: std::sync::atomic::AtomicBool,
     /// Sessions waiting for changes, and what to tell others (see [`watch`]).
     watches: Arc<watch::Watches>,
+    /// The rebalancer's progress: the total distance below the shares at
+    /// its last round, and the rounds since it last shrank (moves go to
+    /// the users' spreads until it stalls: see `rebalance_round`).
+    rebalance_stall: Mutex<(Option<u64>, u32)>,
     pub counters: ReplicaCounters,
 }
 
@@ -348,6 +352,7 @@ impl<N: Network> Replicator<N> {
             repair_grace_ms: AtomicU64::new(repair_grace_ms),
             caught_up: std::sync::atomic::AtomicBool::new(false),
             watches: Default::default(),
+            rebalance_stall: Mutex::new((None, 0)),
             counters: ReplicaCounters::default(),
         })
     }

@@ -28,6 +28,12 @@ use super::repair_plan::{Balance, RepairStep, plan_move, plan_repair};
 use super::{Replicator, lock};
 use crate::{EntryMeta, MessageId, Placed, SetChange, Tombstone};
 
+/// Rebalance rounds without progress (the total distance below the
+/// shares not shrinking) after which a copy may move outside its user's
+/// spread: the spreads of the users this node coordinates may not reach
+/// the node that needs copies.
+pub const STALLED_ROUNDS: u32 = 5;
+
 /// Spaces repair traffic out to `rate` bytes per second.
 #[derive(Debug)]
 pub struct RateLimit {
@@ -252,7 +258,11 @@ impl<N: super::Network> Replicator<N> {
     /// coordinator's part of each excess (`1 / up nodes`, since all of
     /// them move at once on the same figures), at most `budget` bytes in
     /// this round. Each move is carried out like a repair: copy, new set on
-    /// the staying member, the giving node drops its copy last.
+    /// the staying member, the giving node drops its copy last. A copy
+    /// moves into its user's spread (so a user's mail stays on a few
+    /// nodes) while that fills the shares; once the total distance below
+    /// them has not shrunk for [`STALLED_ROUNDS`] rounds, to any node
+    /// until every node is within the tolerance again.
     pub async fn rebalance_round(&self, rate: &RateLimit, budget: u64) -> RepairRound {
         let mut round = RepairRound::default();
         if !self.caught_up() {
@@ -279,19 +289,43 @@ impl<N: super::Network> Replicator<N> {
         }
         let mut balance = Balance::new(&view, &bytes, 1.0 / up.len() as f64);
         if !balance.open() {
+            // Balanced: the next imbalance starts its count afresh.
+            *lock(&self.rebalance_stall) = (None, 0);
             return round;
         }
+        let anywhere = {
+            let below: u64 = balance.deficit.values().sum();
+            let mut stall = lock(&self.rebalance_stall);
+            // Once stalled, anywhere until the shares are met.
+            if stall.1 < STALLED_ROUNDS {
+                stall.1 = if stall.0.is_some_and(|b| below >= b) {
+                    stall.1 + 1
+                } else {
+                    0
+                };
+            }
+            stall.0 = Some(below);
+            stall.1 >= STALLED_ROUNDS
+        };
         let gone = self.gone_nodes();
         let users: Vec<String> = self.store.usage_async().await.into_iter().map(|u| u.user).collect();
         let mut planned_bytes = 0u64;
         let mut plans: Vec<(String, Vec<(EntryMeta, RepairStep)>)> = Vec::new();
         'walk: for user in users {
             let mut steps = Vec::new();
+            let near: Vec<NodeId> = if anywhere {
+                Vec::new()
+            } else {
+                view.spread_set(placement::UserKey::from_address(&user), self.cfg.spread)
+                    .into_iter()
+                    .map(|n| n.0)
+                    .collect()
+            };
             for m in self.store.list(&user) {
                 if plan_repair(self.me, &view, self.cfg.replicas, &gone, &m).is_some() {
                     continue;
                 }
-                if let Some(step) = plan_move(self.me, &view, &mut balance, &m) {
+                if let Some(step) = plan_move(self.me, &view, &mut balance, &m, &near) {
                     planned_bytes += m.size_bytes;
                     steps.push((m, step));
                 }

@@ -157,7 +157,21 @@ impl Balance {
 /// own), if the move helps both (each is at least half the message away
 /// from its share) and both budgets have room; the figures are updated.
 /// `None` when no move is due.
-pub fn plan_move(me: NodeId, view: &View, balance: &mut Balance, meta: &EntryMeta) -> Option<RepairStep> {
+///
+/// `near`, when not empty, is the user's spread ([`View::spread_set`]):
+/// the receiving node must be in it. A join then takes the copies of the
+/// users whose spread it entered, and a user's mail stays on a few nodes
+/// (moving to whichever node is furthest below its share scattered each
+/// user's mail over a node per move: after 5% more nodes joined a
+/// 1 000-node cluster, ten times as many nodes held each user's mail, and
+/// every listing and report grew with them; `quill-harness sim`).
+pub fn plan_move(
+    me: NodeId,
+    view: &View,
+    balance: &mut Balance,
+    meta: &EntryMeta,
+    near: &[NodeId],
+) -> Option<RepairStep> {
     let current = &meta.replicas;
     if !current.contains(&me) || coordinator(view, current) != Some(me) || !balance.open() {
         return None;
@@ -175,6 +189,7 @@ pub fn plan_move(me: NodeId, view: &View, balance: &mut Balance, meta: &EntryMet
         .deficit
         .iter()
         .filter(|(n, _)| !current.contains(n) && helps(&balance.deficit, n))
+        .filter(|(n, _)| near.is_empty() || near.contains(n))
         .filter(|(n, _)| balance.take.get(n).is_some_and(|t| *t > 0))
         .filter(|(n, _)| zone(**n) == zone(from) || !rest_zones.contains(&zone(**n)))
         .max_by_key(|(n, d)| (**d, std::cmp::Reverse(**n)))
@@ -293,6 +308,26 @@ mod tests {
         let v = view(&[(1, UP), (2, UP)]);
         let step = plan_repair(1, &v, 2, &|n| n == 9, &meta(1, &[1, 2, 9])).expect("trim");
         assert_eq!((step.replicas, step.add, step.surplus), (vec![1, 2], vec![], vec![9]));
+    }
+
+    #[test]
+    fn a_move_goes_into_the_users_spread_when_one_is_given() {
+        let v = view(&[(1, UP), (2, UP), (3, UP), (4, UP)]);
+        // 1 and 2 hold everything; 3 and 4 nothing.
+        let bytes = BTreeMap::from([(1, 1000), (2, 1000), (3, 0), (4, 0)]);
+        let m = EntryMeta {
+            size_bytes: 100,
+            ..meta(1, &[1, 2])
+        };
+        // Anywhere: the node furthest below its share (ties: the lowest).
+        let mut b = Balance::new(&v, &bytes, 1.0);
+        assert_eq!(plan_move(1, &v, &mut b, &m, &[]).expect("a move").add, vec![3]);
+        // Into the spread: the spread's node below its share.
+        let mut b = Balance::new(&v, &bytes, 1.0);
+        assert_eq!(plan_move(1, &v, &mut b, &m, &[1, 2, 4]).expect("a move").add, vec![4]);
+        // A spread with no node below its share: no move.
+        let mut b = Balance::new(&v, &bytes, 1.0);
+        assert_eq!(plan_move(1, &v, &mut b, &m, &[1, 2]), None);
     }
 
     proptest::proptest! {

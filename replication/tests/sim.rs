@@ -1469,7 +1469,11 @@ async fn healing_run(seed: u64, ops: usize) {
             }
         }
         let pending: usize = sim.live().iter().map(|r| r.pending_updates()).sum();
-        still = if !changed && !removed && pending == 0 { still + 1 } else { 0 };
+        still = if !changed && !removed && pending == 0 {
+            still + 1
+        } else {
+            0
+        };
         if still > replication::replica::STALLED_ROUNDS {
             quiet = true;
             break;

@@ -85,6 +85,14 @@ pub fn print_table(r: &SimReport) {
         "  snapshot to a joining node (view + directory)  {}",
         bytes(m.snapshot_bytes)
     );
+    let fits = |limit: u64| if m.snapshot_bytes <= limit { "yes" } else { "no" };
+    println!(
+        "  fits a snapshot: one buffer (to 0.2.0, {}) / a file (now, {})  {} / {}",
+        bytes(membership::codec::DISK_BYTES_MAX as u64),
+        bytes(membership::store::SNAPSHOT_BYTES_MAX),
+        fits(membership::codec::DISK_BYTES_MAX as u64),
+        fits(membership::store::SNAPSHOT_BYTES_MAX),
+    );
     println!();
     println!("at rest, per minute");
     println!(

@@ -175,33 +175,8 @@ pub enum FormatError {
 
 /// The state in the format of the level it runs at.
 pub fn encode_state(s: &ClusterState) -> Result<Vec<u8>, CodecError> {
-    if s.feature_level <= 1 {
-        return codec::encode(&StateV1Ref {
-            view: &s.view,
-            directory: &s.directory,
-            sessions: &s.sessions,
-            tls: &s.tls,
-            sequences: &s.sequences,
-            names: &s.names,
-        });
-    }
-    let body = if s.feature_level == 2 {
-        codec::encode(&StateV2Ref {
-            view: &s.view,
-            directory: &s.directory,
-            sessions: &s.sessions,
-            tls: &s.tls,
-            sequences: &s.sequences,
-            names: &s.names,
-            feature_level: s.feature_level,
-        })?
-    } else {
-        codec::encode(s)?
-    };
-    let mut out = Vec::with_capacity(TAGGED_HEADER_BYTES + body.len());
-    out.push(TAG);
-    out.extend_from_slice(&s.feature_level.to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::new();
+    encode_state_into(s, &mut out)?;
     Ok(out)
 }
 

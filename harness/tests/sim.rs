@@ -51,6 +51,10 @@ fn fifty_nodes_keep_one_manager_per_user_and_r_copies() {
         .unwrap()
         .holders_mean;
     assert!(joined <= start + 1.0, "{start} -> {joined} nodes per user");
+    // Repairs put new copies in the user's spread too: after a kill, a
+    // rack, a drain and the rest, still about as many nodes per user.
+    let end = r.rows.last().unwrap().holders_mean;
+    assert!(end <= start + 1.0, "{start} -> {end} nodes per user");
     // A split that heals within the grace period and a rolling restart
     // copy nothing.
     assert_eq!(copied("split"), 0);

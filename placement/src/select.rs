@@ -231,6 +231,22 @@ impl View {
     /// every node computes the same plan and repeated repairs of one message
     /// pick the same targets.
     pub fn repair(&self, message: MessageKey, current: &[NodeId], n_replicas: usize) -> RepairPlan {
+        self.repair_near(message, current, n_replicas, &[])
+    }
+
+    /// [`View::repair`], with new copies going first to the `Up` nodes of
+    /// `near` (the user's spread, [`View::spread_set`]), in the message's
+    /// rendezvous order, then to the rest: a user's mail stays on a few
+    /// nodes after repairs instead of spreading over a new node per lost
+    /// copy. Zones still come first. `near` must be computed the same way
+    /// on every node (from the view and the user) for plans to agree.
+    pub fn repair_near(
+        &self,
+        message: MessageKey,
+        current: &[NodeId],
+        n_replicas: usize,
+        near: &[NodeId],
+    ) -> RepairPlan {
         let mut current: Vec<NodeId> = current.to_vec();
         current.sort_unstable();
         current.dedup();
@@ -248,13 +264,20 @@ impl View {
         let shortlist = n_replicas
             .saturating_add(current.len())
             .saturating_add(REPAIR_SHORTLIST_SLACK);
+        let mut nearby: Vec<usize> = near
+            .iter()
+            .filter_map(|&id| self.index_of(id))
+            .filter(|&i| self.nodes()[i].state == NodeState::Up && !is_current(i))
+            .collect();
+        nearby.sort_unstable_by(|&a, &b| score(a).total_cmp(&score(b)).then(a.cmp(&b)));
+        nearby.dedup();
         let mut chosen = None;
         for limit in [shortlist, usize::MAX] {
             let fresh = self
                 .ranked(message.0, None, limit)
                 .into_iter()
-                .filter(|&i| !is_current(i));
-            let ordered: Vec<usize> = good.iter().copied().chain(fresh).collect();
+                .filter(|&i| !is_current(i) && !nearby.contains(&i));
+            let ordered: Vec<usize> = good.iter().chain(&nearby).copied().chain(fresh).collect();
             let (picked, complete) = self.pick_zone_diverse(&ordered, n_replicas);
             if complete || limit == usize::MAX {
                 chosen = Some(picked);

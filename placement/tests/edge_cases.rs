@@ -217,6 +217,33 @@ fn repair_choice_is_deterministic_per_message() {
 }
 
 #[test]
+fn repair_near_puts_new_copies_in_the_users_spread_zones_first() {
+    let view = small(
+        (1..=20)
+            .map(|i| node(i, &format!("z{}", i % 5), NodeState::Up))
+            .collect(),
+    );
+    // Whatever the message, the new copy goes to the spread's node when
+    // its zone is free.
+    for m in 0..50 {
+        let plan = view.repair_near(MessageKey(m * 7919), &ids(&[1]), 2, &ids(&[1, 7, 12]));
+        assert_eq!(plan.keep, ids(&[1]));
+        assert!(plan.add == ids(&[7]) || plan.add == ids(&[12]), "{plan:?}");
+    }
+    // A spread node in the kept copy's zone (6: z1, like 1) gives way to
+    // a node of another zone outside the spread.
+    let plan = view.repair_near(MessageKey(5), &ids(&[1]), 2, &ids(&[1, 6]));
+    assert_eq!(plan.keep, ids(&[1]));
+    assert_eq!(plan.add.len(), 1);
+    assert_ne!(plan.add[0], NodeId(6));
+    // An empty spread is the plain repair.
+    assert_eq!(
+        view.repair_near(MessageKey(9), &ids(&[1]), 3, &[]),
+        view.repair(MessageKey(9), &ids(&[1]), 3)
+    );
+}
+
+#[test]
 fn user_manager_normalizes_the_domain_only() {
     let view = small((1..=8).map(|i| node(i, "z", NodeState::Up)).collect());
     assert_eq!(

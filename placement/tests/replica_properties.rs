@@ -175,10 +175,14 @@ proptest! {
         message in any::<u64>(),
         current in prop::collection::vec(0u64..52, 0..7),
         n_replicas in 1usize..6,
+        near in prop::collection::vec(0u64..52, 0..5),
     ) {
+        // With or without a spread to prefer (`repair_near`): the same
+        // guarantees.
         let view = build(nodes);
         let current = to_ids(&current);
-        let plan = view.repair(MessageKey(message), &current, n_replicas);
+        let near = to_ids(&near);
+        let plan = view.repair_near(MessageKey(message), &current, n_replicas, &near);
         let after: Vec<NodeId> = plan.keep.iter().chain(&plan.add).copied().collect();
         prop_assert_eq!(after.iter().collect::<BTreeSet<_>>().len(), after.len());
         prop_assert!(after.iter().all(|&id| view.node(id).map(|n| n.state) == Some(NodeState::Up)));
@@ -194,7 +198,7 @@ proptest! {
             .collect::<BTreeSet<_>>().into_iter().collect();
         prop_assert!(plan.keep.len() >= distinct_zones(&view, &good).min(n_replicas));
 
-        let again = view.repair(MessageKey(message), &after, n_replicas);
+        let again = view.repair_near(MessageKey(message), &after, n_replicas, &near);
         prop_assert!(again.add.is_empty(), "second repair adds {:?}", again.add);
         prop_assert!(again.surplus.is_empty());
     }

@@ -38,6 +38,7 @@ impl Sim {
             return;
         }
         let is_gone = |n: u64| gone.contains(&n);
+        let spreads = self.spreads();
         let (mut copies, mut lost) = (0u64, 0u64);
         for i in 0..self.msgs.len() {
             let meta = &self.msgs[i];
@@ -49,7 +50,8 @@ impl Sim {
             let Some(coord) = coordinator(&self.view, &meta.replicas) else {
                 continue;
             };
-            if let Some(step) = plan_repair(coord, &self.view, self.cfg.replicas, &is_gone, meta) {
+            let near = &spreads[self.msg_user[i] as usize];
+            if let Some(step) = plan_repair(coord, &self.view, self.cfg.replicas, &is_gone, meta, near) {
                 copies += step.add.len() as u64;
                 self.apply(i, step.replicas, step.prior);
             }
@@ -69,12 +71,7 @@ impl Sim {
         let mut copies = 0u64;
         // Moves go into the users' spreads until a pass moves nothing (the
         // nodes' rebalancer: until the distance below the shares stalls).
-        let spreads: Vec<Vec<u64>> = (0..self.cfg.sample_users as usize)
-            .map(|u| {
-                let set = self.view.spread_set(self.users[u], self.cfg.spread);
-                set.into_iter().map(|n| n.0).collect()
-            })
-            .collect();
+        let spreads = self.spreads();
         let mut anywhere = false;
         for _ in 0..50 {
             let mut balance = Balance::new(&self.view, &self.bytes_per_node(), 1.0);
@@ -110,6 +107,17 @@ impl Sim {
         let scale = self.cfg.scale();
         row.bytes_moved += (copies as f64 * scale * self.cfg.message_bytes as f64) as u64;
         row.bytes_min += (min as f64 * scale) as u64;
+    }
+
+    /// Each sampled user's spread in the current view (where repairs and
+    /// moves put the user's copies first).
+    fn spreads(&self) -> Vec<Vec<u64>> {
+        (0..self.cfg.sample_users as usize)
+            .map(|u| {
+                let set = self.view.spread_set(self.users[u], self.cfg.spread);
+                set.into_iter().map(|n| n.0).collect()
+            })
+            .collect()
     }
 
     fn bytes_per_node(&self) -> BTreeMap<u64, u64> {

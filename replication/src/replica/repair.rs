@@ -181,11 +181,12 @@ impl<N: super::Network> Replicator<N> {
             let view = self.view();
             let gone = self.gone_nodes();
             for user in users {
+                let spread = self.spread_of(&view, &user);
                 let steps: Vec<(EntryMeta, RepairStep)> = self
                     .store
                     .list(&user)
                     .into_iter()
-                    .filter_map(|m| plan_repair(self.me, &view, self.cfg.replicas, &gone, &m).map(|s| (m, s)))
+                    .filter_map(|m| plan_repair(self.me, &view, self.cfg.replicas, &gone, &m, &spread).map(|s| (m, s)))
                     .collect();
                 if !steps.is_empty() {
                     round.planned += steps.len() as u64;
@@ -313,19 +314,13 @@ impl<N: super::Network> Replicator<N> {
         let mut plans: Vec<(String, Vec<(EntryMeta, RepairStep)>)> = Vec::new();
         'walk: for user in users {
             let mut steps = Vec::new();
-            let near: Vec<NodeId> = if anywhere {
-                Vec::new()
-            } else {
-                view.spread_set(placement::UserKey::from_address(&user), self.cfg.spread)
-                    .into_iter()
-                    .map(|n| n.0)
-                    .collect()
-            };
+            let spread = self.spread_of(&view, &user);
+            let near: &[NodeId] = if anywhere { &[] } else { &spread };
             for m in self.store.list(&user) {
-                if plan_repair(self.me, &view, self.cfg.replicas, &gone, &m).is_some() {
+                if plan_repair(self.me, &view, self.cfg.replicas, &gone, &m, &spread).is_some() {
                     continue;
                 }
-                if let Some(step) = plan_move(self.me, &view, &mut balance, &m, &near) {
+                if let Some(step) = plan_move(self.me, &view, &mut balance, &m, near) {
                     planned_bytes += m.size_bytes;
                     steps.push((m, step));
                 }
@@ -349,6 +344,15 @@ impl<N: super::Network> Replicator<N> {
             info!(?round, "rebalance round");
         }
         round
+    }
+
+    /// The user's spread: where repairs and moves put the user's copies
+    /// first (the same on every node for a view).
+    fn spread_of(&self, view: &View, user: &str) -> Vec<NodeId> {
+        view.spread_set(placement::UserKey::from_address(user), self.cfg.spread)
+            .into_iter()
+            .map(|n| n.0)
+            .collect()
     }
 
     /// Carries out planned steps user by user (batches of at most

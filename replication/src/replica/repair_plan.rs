@@ -41,12 +41,16 @@ pub fn coordinator(view: &View, replicas: &[NodeId]) -> Option<NodeId> {
 /// fewer than `n_replicas` members that are not gone while more nodes are
 /// up. A member down for less than the grace period counts as present, so
 /// a quick restart costs nothing.
+///
+/// `near` (the user's spread, or empty) is where new copies go first
+/// ([`View::repair_near`]).
 pub fn plan_repair(
     me: NodeId,
     view: &View,
     n_replicas: usize,
     gone: &dyn Fn(NodeId) -> bool,
     meta: &EntryMeta,
+    near: &[NodeId],
 ) -> Option<RepairStep> {
     let current = &meta.replicas;
     if !current.contains(&me) || coordinator(view, current) != Some(me) {
@@ -58,7 +62,8 @@ pub fn plan_repair(
         return None;
     }
     let ids: Vec<placement::NodeId> = current.iter().map(|n| placement::NodeId(*n)).collect();
-    let plan = view.repair(MessageKey::from_id(&meta.id.0), &ids, n_replicas);
+    let near: Vec<placement::NodeId> = near.iter().map(|n| placement::NodeId(*n)).collect();
+    let plan = view.repair_near(MessageKey::from_id(&meta.id.0), &ids, n_replicas, &near);
     let mut replicas: Vec<NodeId> = plan.keep.iter().chain(&plan.add).map(|n| n.0).collect();
     replicas.sort_unstable();
     let mut old = current.clone();
@@ -257,35 +262,35 @@ mod tests {
         let v = view(&[(1, UP), (2, UP), (3, DOWN), (4, UP)]);
         let gone = |n: NodeId| n == 3;
         let m = meta(1, &[2, 3]);
-        let step = plan_repair(2, &v, 2, &gone, &m).expect("2 repairs");
+        let step = plan_repair(2, &v, 2, &gone, &m, &[]).expect("2 repairs");
         assert_eq!(step.surplus, vec![3]);
         assert_eq!(step.add.len(), 1);
         assert!(step.replicas.contains(&2) && !step.replicas.contains(&3));
         assert_eq!(step.replicas.len(), 2);
-        assert_eq!(plan_repair(1, &v, 2, &gone, &m), None, "1 holds no copy");
+        assert_eq!(plan_repair(1, &v, 2, &gone, &m, &[]), None, "1 holds no copy");
         let m = meta(1, &[1, 2, 3]);
-        assert_eq!(plan_repair(2, &v, 3, &gone, &m), None, "1 is the coordinator");
-        assert!(plan_repair(1, &v, 3, &gone, &m).is_some());
+        assert_eq!(plan_repair(2, &v, 3, &gone, &m, &[]), None, "1 is the coordinator");
+        assert!(plan_repair(1, &v, 3, &gone, &m, &[]).is_some());
     }
 
     #[test]
     fn a_member_down_within_the_grace_period_is_waited_for() {
         let v = view(&[(1, UP), (2, DOWN), (3, UP)]);
         let m = meta(1, &[1, 2]);
-        assert_eq!(plan_repair(1, &v, 2, &|_| false, &m), None);
-        assert!(plan_repair(1, &v, 2, &|n| n == 2, &m).is_some());
+        assert_eq!(plan_repair(1, &v, 2, &|_| false, &m, &[]), None);
+        assert!(plan_repair(1, &v, 2, &|n| n == 2, &m, &[]).is_some());
     }
 
     #[test]
     fn a_draining_node_hands_off_what_only_it_holds() {
         let v = view(&[(1, DRAINING), (2, UP), (3, UP)]);
         let gone = |n: NodeId| n == 1;
-        let step = plan_repair(1, &v, 1, &gone, &meta(7, &[1])).expect("1 coordinates");
+        let step = plan_repair(1, &v, 1, &gone, &meta(7, &[1]), &[]).expect("1 coordinates");
         assert_eq!(step.surplus, vec![1]);
         assert_eq!(step.replicas.len(), 1);
         // With an up member, that member coordinates.
-        assert_eq!(plan_repair(1, &v, 2, &gone, &meta(7, &[1, 3])), None);
-        let step = plan_repair(3, &v, 2, &gone, &meta(7, &[1, 3])).expect("3 coordinates");
+        assert_eq!(plan_repair(1, &v, 2, &gone, &meta(7, &[1, 3]), &[]), None);
+        let step = plan_repair(3, &v, 2, &gone, &meta(7, &[1, 3]), &[]).expect("3 coordinates");
         assert_eq!(step.replicas, vec![2, 3]);
         assert_eq!(step.add, vec![2]);
     }
@@ -294,19 +299,19 @@ mod tests {
     fn a_set_short_of_r_grows_once_nodes_join_and_never_shrinks_for_nothing() {
         let v = view(&[(1, UP)]);
         assert_eq!(
-            plan_repair(1, &v, 2, &|_| false, &meta(1, &[1])),
+            plan_repair(1, &v, 2, &|_| false, &meta(1, &[1]), &[]),
             None,
             "no one to copy to"
         );
         let v = view(&[(1, UP), (2, UP)]);
-        let step = plan_repair(1, &v, 2, &|_| false, &meta(1, &[1])).expect("grows");
+        let step = plan_repair(1, &v, 2, &|_| false, &meta(1, &[1]), &[]).expect("grows");
         assert_eq!((step.replicas, step.add), (vec![1, 2], vec![2]));
         // The only other node draining: nowhere to go, the copy stays.
         let v = view(&[(1, UP), (2, DRAINING)]);
-        assert_eq!(plan_repair(1, &v, 2, &|n| n == 2, &meta(1, &[1, 2])), None);
+        assert_eq!(plan_repair(1, &v, 2, &|n| n == 2, &meta(1, &[1, 2]), &[]), None);
         // A removed member (not in the view) with enough others: just dropped.
         let v = view(&[(1, UP), (2, UP)]);
-        let step = plan_repair(1, &v, 2, &|n| n == 9, &meta(1, &[1, 2, 9])).expect("trim");
+        let step = plan_repair(1, &v, 2, &|n| n == 9, &meta(1, &[1, 2, 9]), &[]).expect("trim");
         assert_eq!((step.replicas, step.add, step.surplus), (vec![1, 2], vec![], vec![9]));
     }
 
@@ -351,7 +356,7 @@ mod tests {
                 Some(NodeState::Up) => false,
             };
             let m = meta(3, &set);
-            let planners: Vec<RepairStep> = set.iter().filter_map(|me| plan_repair(*me, &v, r, &gone, &m)).collect();
+            let planners: Vec<RepairStep> = set.iter().filter_map(|me| plan_repair(*me, &v, r, &gone, &m, &[])).collect();
             proptest::prop_assert!(planners.len() <= 1);
             if let Some(step) = planners.first() {
                 let present = set.iter().filter(|n| !gone(**n)).count();

@@ -13,6 +13,8 @@
 //! (every segment read whole, as before summaries).
 //!
 //! Bounded: fixed counts, a fresh directory under /tmp removed at the end.
+//! With `STORE_OPEN_DIR=D`, the store is kept in D instead, and a D that
+//! already holds one is only opened (to profile the open alone).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,7 +33,27 @@ async fn main() {
     let body_bytes: usize = std::env::args()
         .nth(2)
         .map_or(300, |a| a.parse().expect("BODY_BYTES is a number"));
-    let dir = std::env::temp_dir().join(format!("quill-store-open-{}", std::process::id()));
+    let kept = std::env::var_os("STORE_OPEN_DIR").map(std::path::PathBuf::from);
+    let dir = kept
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("quill-store-open-{}", std::process::id())));
+    let holds_a_store = |d: &std::path::Path| {
+        std::fs::read_dir(d)
+            .is_ok_and(|mut r| r.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".qseg"))))
+    };
+    if kept.as_deref().is_some_and(holds_a_store) {
+        for round in 1..=OPENS {
+            let t = Instant::now();
+            let store = FragmentStore::open(StoreConfig::new(&dir)).expect("reopen");
+            println!(
+                "open round={round} entries={} secs={:.2}",
+                store.stats().entries,
+                t.elapsed().as_secs_f64()
+            );
+            store.close();
+        }
+        return;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let store = Arc::new(FragmentStore::open(StoreConfig::new(&dir)).expect("open"));
     let t = Instant::now();
@@ -97,5 +119,7 @@ async fn main() {
             store.close();
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if kept.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -150,7 +150,13 @@ struct Inner {
     next_serial: AtomicU64,
     writes: Semaphore,
     write_timeout: Duration,
+    /// `state_bytes`' last count.
+    state_size: std::sync::Mutex<Option<StateSize>>,
 }
+
+/// A count of the state's encoded bytes: applied up to, when, how long it
+/// took, the bytes.
+type StateSize = (Option<crate::types::LogId>, std::time::Instant, Duration, u64);
 
 impl std::fmt::Debug for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -212,6 +218,7 @@ impl Membership {
                 next_serial: AtomicU64::new(0),
                 writes: Semaphore::new(WRITES_IN_FLIGHT_MAX),
                 write_timeout: config.write_timeout(),
+                state_size: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -362,7 +369,10 @@ impl Membership {
     /// same on every node that has applied the same entries): what must
     /// stay bounded by the cluster's size, not its mail. Encodes the state
     /// into a counter (under the read lock, nothing kept): for status and
-    /// scrapes, not hot paths.
+    /// scrapes, not hot paths. Counted again only when entries were
+    /// applied since, and then no sooner than ten times the last count's
+    /// own time after it (a directory of 10 million users takes seconds to
+    /// count: scrapes must not keep a core busy and applying waiting).
     pub fn state_bytes(&self) -> u64 {
         struct Count(u64);
         impl std::io::Write for Count {
@@ -374,9 +384,18 @@ impl Membership {
                 Ok(())
             }
         }
+        let mut cached = self.inner.state_size.lock().unwrap_or_else(|p| p.into_inner());
         let shared = self.inner.shared.read();
+        if let Some((applied, at, took, bytes)) = *cached
+            && (applied == shared.last_applied || at.elapsed() < took * 10)
+        {
+            return bytes;
+        }
+        let started = std::time::Instant::now();
         let mut n = Count(0);
-        crate::formats::encode_state_into(&shared.state, &mut n).map_or(0, |()| n.0)
+        let bytes = crate::formats::encode_state_into(&shared.state, &mut n).map_or(0, |()| n.0);
+        *cached = Some((shared.last_applied, started, started.elapsed(), bytes));
+        bytes
     }
 
     /// Raises the cluster's feature level to `level` (at most

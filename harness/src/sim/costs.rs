@@ -18,6 +18,9 @@ pub const MESSAGE_OVERHEAD_BYTES: u64 = 64;
 const PING_BYTES: u64 = 2 * MESSAGE_OVERHEAD_BYTES;
 /// Rounds of pings a minute (`detector::PING_INTERVAL` is 250 ms).
 const ROUNDS_PER_MIN: u64 = 240;
+/// A node that does not vote pings the voters every this many rounds
+/// (`detector::LEARNER_VOTER_ROUNDS`).
+const LEARNER_VOTER_ROUNDS: u64 = 4;
 /// Raft heartbeats a minute from the leader to each node (200 ms).
 const HEARTBEATS_PER_MIN: u64 = 300;
 /// A commit: a round trip to a majority of voters and their fsync
@@ -156,14 +159,14 @@ pub struct AtRest {
 impl Sim {
     /// Every node's ping targets: ring neighbours and the voters (the
     /// lowest up ids stand for them).
+    fn voters(&self) -> BTreeSet<u64> {
+        let up = self.nodes.iter().filter(|(_, n)| n.state == NodeState::Up);
+        up.map(|(id, _)| *id).take(VOTERS).collect()
+    }
+
     fn ping_targets(&self) -> BTreeMap<u64, BTreeSet<u64>> {
         let states: Vec<(u64, NodeState)> = self.nodes.iter().map(|(id, n)| (*id, n.state)).collect();
-        let voters: BTreeSet<u64> = states
-            .iter()
-            .filter(|(_, s)| *s == NodeState::Up)
-            .map(|(id, _)| *id)
-            .take(VOTERS)
-            .collect();
+        let voters = self.voters();
         states
             .iter()
             .filter(|(_, s)| *s != NodeState::Down)
@@ -202,14 +205,29 @@ impl Sim {
 
     pub(super) fn at_rest(&self) -> AtRest {
         let targets = self.ping_targets();
+        let voters = self.voters();
+        // Per minute: ring neighbours every round; the voters every round
+        // by a voter, every fourth by the others (`detector`).
+        let rate = |me: u64, to: u64, ring: &BTreeSet<u64>| {
+            if ring.contains(&to) || voters.contains(&me) {
+                ROUNDS_PER_MIN
+            } else {
+                ROUNDS_PER_MIN / LEARNER_VOTER_ROUNDS
+            }
+        };
+        let states: Vec<(u64, NodeState)> = self.nodes.iter().map(|(id, n)| (*id, n.state)).collect();
         let mut received: BTreeMap<u64, u64> = BTreeMap::new();
-        for t in targets.values() {
-            for id in t {
-                *received.entry(*id).or_default() += ROUNDS_PER_MIN;
+        let mut sent: BTreeMap<u64, u64> = BTreeMap::new();
+        for (&me, t) in &targets {
+            let ring = membership::watch::ring_targets(states.iter().copied(), me, self.cfg.watchers);
+            for &to in t {
+                let r = rate(me, to, &ring);
+                *received.entry(to).or_default() += r;
+                *sent.entry(me).or_default() += r;
             }
         }
         let n = self.nodes.len() as u64;
-        let pings_ring: u64 = targets.values().map(|t| t.len() as u64).sum::<u64>() * ROUNDS_PER_MIN;
+        let pings_ring: u64 = sent.values().sum();
         let heartbeats = (n - 1) * HEARTBEATS_PER_MIN;
         let live = targets.len() as u64;
         let per_entry = |users: u64| (users as f64 * self.cfg.scale()) as u64 * REPORT_ENTRY_BYTES;
@@ -220,7 +238,7 @@ impl Sim {
             report_bytes_node_max: held.map(per_entry).max().unwrap_or(0) + live * MESSAGE_OVERHEAD_BYTES,
             pings_ring,
             pings_all: n * (n - 1) * ROUNDS_PER_MIN,
-            pings_out_max: targets.values().map(|t| t.len() as u64).max().unwrap_or(0) * ROUNDS_PER_MIN,
+            pings_out_max: sent.values().copied().max().unwrap_or(0),
             pings_in_max: received.values().copied().max().unwrap_or(0),
             heartbeats,
             bytes: pings_ring * PING_BYTES + heartbeats * PING_BYTES,

@@ -9,9 +9,10 @@
 //!
 //! The ring is used once the cluster runs at feature level 3, when every
 //! node reads the reports; below it every node pings every node and the
-//! leader decides by its own pings, as 0.2.0 did. The voters are pinged by
-//! every node either way (at most five): that is how a node knows whether
-//! it reaches a majority (`/health`, `cluster status`).
+//! leader decides by its own pings, as 0.2.0 did. The voters (at most
+//! five) are pinged by every node, by the voters every round and by the
+//! others once a second: that is how a node knows whether it reaches a
+//! majority (`/health`, `cluster status`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -27,6 +28,10 @@ use super::rpc::{ClusterReply, ClusterRequest, PING_TIMEOUT, join_all};
 pub const PING_INTERVAL: Duration = Duration::from_millis(250);
 /// The feature level from which the ring is used.
 const RING_LEVEL: u32 = 3;
+/// A node that does not vote pings the voters (for its majority note)
+/// every this many rounds (once a second), not every round: every node
+/// pings the voters, so each voter's share grows with the cluster.
+const LEARNER_VOTER_ROUNDS: u64 = 4;
 
 /// What one round of pings found.
 pub struct Round {
@@ -36,6 +41,9 @@ pub struct Round {
     pub silent: Vec<u64>,
     /// Down nodes that answered.
     pub answered: Vec<u64>,
+    /// Whether the voters were among the pinged (the majority note is
+    /// taken only then).
+    pub voters_pinged: bool,
 }
 
 /// One node's failure detector: whom it pings, and when each last answered.
@@ -44,6 +52,7 @@ pub struct Detector {
     watchers: usize,
     last_ok: HashMap<u64, Instant>,
     last_round: Instant,
+    rounds: u64,
 }
 
 impl Detector {
@@ -53,23 +62,30 @@ impl Detector {
             watchers: watchers.max(1),
             last_ok: HashMap::new(),
             last_round: Instant::now(),
+            rounds: 0,
         }
     }
 
-    /// The nodes this node pings: every other node below the ring's level,
-    /// else its ring targets and the voters.
-    pub fn targets(&self, cluster: &Cluster, view: &ClusterView) -> BTreeSet<u64> {
+    /// The nodes this node pings this round, and whether the voters are
+    /// among them: every other node below the ring's level, else its ring
+    /// targets and the voters (by a node that does not vote, every
+    /// [`LEARNER_VOTER_ROUNDS`] rounds).
+    pub fn targets(&self, cluster: &Cluster, view: &ClusterView) -> (BTreeSet<u64>, bool) {
         let me = cluster.id();
-        let mut out: BTreeSet<u64> = if cluster.membership.feature_level() >= RING_LEVEL {
+        let (mut out, voters_pinged) = if cluster.membership.feature_level() >= RING_LEVEL {
             let mut t =
                 membership::watch::ring_targets(view.nodes.values().map(|n| (n.id, n.state)), me, self.watchers);
-            t.extend(view.voters());
-            t
+            let voter = view.node(me).is_some_and(|n| n.voter);
+            let now = voter || self.rounds.is_multiple_of(LEARNER_VOTER_ROUNDS);
+            if now {
+                t.extend(view.voters());
+            }
+            (t, now)
         } else {
-            view.nodes.keys().copied().collect()
+            (view.nodes.keys().copied().collect(), true)
         };
         out.remove(&me);
-        out
+        (out, voters_pinged)
     }
 
     /// Pings the targets once. A node first pinged gets a full timeout
@@ -86,7 +102,8 @@ impl Detector {
             );
             self.last_ok.values_mut().for_each(|t| *t = start);
         }
-        let targets = self.targets(cluster, view);
+        let (targets, voters_pinged) = self.targets(cluster, view);
+        self.rounds += 1;
         let results = join_all(
             targets
                 .iter()
@@ -114,6 +131,7 @@ impl Detector {
             results,
             silent,
             answered,
+            voters_pinged,
         }
     }
 

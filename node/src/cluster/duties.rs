@@ -152,7 +152,9 @@ pub async fn leader(cluster: Cluster, failure_timeout: Duration, watchers: usize
         }
         let view = cluster.membership.view();
         let round = detector.round(&cluster, &view).await;
-        note_majority(&cluster, &view, &round.results);
+        if round.voters_pinged {
+            note_majority(&cluster, &view, &round.results);
+        }
         let leading = cluster.membership.leading_term();
         hand_over_if_leaving(&cluster, &view, leading.is_some()).await;
         let Some(term) = leading else {

@@ -62,3 +62,40 @@ impl Reports {
         (silent, answered)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use membership::NodeInfo;
+
+    fn view() -> ClusterView {
+        let mut v = ClusterView::default();
+        for id in 1..=3 {
+            v.nodes.insert(id, NodeInfo::new(id, format!("127.0.0.{id}:7000")));
+        }
+        v
+    }
+
+    fn addr(id: u64) -> SocketAddr {
+        format!("127.0.0.{id}:7000").parse().unwrap()
+    }
+
+    #[test]
+    fn only_a_member_from_its_own_address_about_members_is_heard() {
+        let (v, r) = (view(), Reports::default());
+        // Not in the view, or from another node's address: refused.
+        assert!(r.note(&v, addr(9), 9, &[2], &[]).is_err());
+        assert!(r.note(&v, addr(3), 1, &[2], &[]).is_err());
+        // More names than a view can hold: refused whole.
+        let many = vec![2u64; membership::view::NODES_MAX + 1];
+        assert!(r.note(&v, addr(1), 1, &many, &[]).is_err());
+        assert_eq!(r.take(), (BTreeMap::new(), BTreeMap::new()));
+        // A member about members (and a stranger, ignored).
+        r.note(&v, addr(1), 1, &[2, 77], &[3]).unwrap();
+        let (silent, answered) = r.take();
+        assert_eq!(silent, BTreeMap::from([(2, 1)]));
+        assert_eq!(answered, BTreeMap::from([(3, 1)]));
+        // Taken once: the next round starts empty.
+        assert_eq!(r.take(), (BTreeMap::new(), BTreeMap::new()));
+    }
+}

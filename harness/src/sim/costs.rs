@@ -6,6 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use membership::{ClusterState, Command, DirectoryCommand, NodeInfo as MNodeInfo, NodeState};
 
+use quill_node::cluster::detector::{LEARNER_VOTER_ROUNDS, PING_INTERVAL};
+use quill_node::cluster::duties::VOTERS_MAX;
+use quill_node::cluster::rpc::PING_TIMEOUT;
+
 use super::{Sim, SimConfig};
 
 /// One report entry, `(user, entries, bytes)` in bincode: a 24-byte
@@ -16,11 +20,8 @@ pub const REPORT_ENTRY_BYTES: u64 = 48;
 pub const MESSAGE_OVERHEAD_BYTES: u64 = 64;
 /// A ping and its answer, framed (modelled on `MESSAGE_OVERHEAD_BYTES`).
 const PING_BYTES: u64 = 2 * MESSAGE_OVERHEAD_BYTES;
-/// Rounds of pings a minute (`detector::PING_INTERVAL` is 250 ms).
-const ROUNDS_PER_MIN: u64 = 240;
-/// A node that does not vote pings the voters every this many rounds
-/// (`detector::LEARNER_VOTER_ROUNDS`).
-const LEARNER_VOTER_ROUNDS: u64 = 4;
+/// Rounds of pings a minute (the node's `detector::PING_INTERVAL`).
+const ROUNDS_PER_MIN: u64 = 60_000 / PING_INTERVAL.as_millis() as u64;
 /// Raft heartbeats a minute from the leader to each node (200 ms).
 const HEARTBEATS_PER_MIN: u64 = 300;
 /// A commit: a round trip to a majority of voters and their fsync
@@ -31,8 +32,6 @@ const LINK_BYTES_PER_MS: u64 = 125_000;
 /// A manager's soft state per (user, holder): the user's name, the
 /// holder, its counts, map overhead (modelled on `replica::manager`).
 const MANAGER_ENTRY_BYTES: u64 = 96;
-/// Raft voters (the node's `VOTERS_MAX`).
-const VOTERS: usize = 5;
 /// Users put in a real directory to measure one user's bytes.
 const DIRECTORY_SAMPLE: u64 = 20_000;
 
@@ -99,7 +98,7 @@ impl Unit {
     /// failure timeout, half a round on average before a watcher's ping
     /// misses, the leader's re-check (a ping that times out).
     pub fn detect_ms(&self, failure_timeout_ms: u64) -> u64 {
-        failure_timeout_ms + 125 + 500
+        failure_timeout_ms + PING_INTERVAL.as_millis() as u64 / 2 + PING_TIMEOUT.as_millis() as u64
     }
 
     /// A view's commit and its entry sent to every other node over the
@@ -161,7 +160,7 @@ impl Sim {
     /// lowest up ids stand for them).
     fn voters(&self) -> BTreeSet<u64> {
         let up = self.nodes.iter().filter(|(_, n)| n.state == NodeState::Up);
-        up.map(|(id, _)| *id).take(VOTERS).collect()
+        up.map(|(id, _)| *id).take(VOTERS_MAX).collect()
     }
 
     fn ping_targets(&self) -> BTreeMap<u64, BTreeSet<u64>> {

@@ -31,7 +31,7 @@ const RING_LEVEL: u32 = 3;
 /// A node that does not vote pings the voters (for its majority note)
 /// every this many rounds (once a second), not every round: every node
 /// pings the voters, so each voter's share grows with the cluster.
-const LEARNER_VOTER_ROUNDS: u64 = 4;
+pub const LEARNER_VOTER_ROUNDS: u64 = 4;
 
 /// What one round of pings found.
 pub struct Round {

@@ -20,7 +20,7 @@ use crate::files::write_secret;
 /// How often the leader checks the voter set.
 const VOTER_INTERVAL: Duration = Duration::from_secs(1);
 /// Raft voters at most: more only slows commits down.
-const VOTERS_MAX: usize = 5;
+pub const VOTERS_MAX: usize = 5;
 /// How often a voter checks that it holds the CA key.
 const CA_KEY_INTERVAL: Duration = Duration::from_secs(2);
 

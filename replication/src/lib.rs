@@ -38,7 +38,10 @@ pub mod replica;
 mod store;
 
 pub use marks::{FlagMark, MarkChange, Marks};
-pub use store::{CompactReport, Delivery, FragmentStore, Placed, StoreConfig, StoreError, StoreStats, UserUsage};
+pub use store::{
+    CheckpointReport, CompactReport, Delivery, FragmentStore, OpenReport, Placed, StoreConfig, StoreError, StoreStats,
+    UserUsage,
+};
 
 use serde::{Deserialize, Serialize};
 

@@ -81,6 +81,7 @@ fn open_with(router: &Arc<MemRouter>, id: u64, dir: &TempDir, tune: impl FnOnce(
     let store = FragmentStore::open(StoreConfig {
         dir: dir.path().join("store"),
         segment_bytes_max: 16 << 10,
+        ..StoreConfig::new("")
     })
     .expect("store opens");
     let mut cfg = ReplicaConfig::new(dir.path().join("updates"));
@@ -819,6 +820,7 @@ fn silent_node(dir: &TempDir) -> Arc<Replicator<Silent>> {
     let store = FragmentStore::open(StoreConfig {
         dir: dir.path().join("store"),
         segment_bytes_max: 16 << 10,
+        ..StoreConfig::new("")
     })
     .expect("store opens");
     let mut cfg = ReplicaConfig::new(dir.path().join("updates"));

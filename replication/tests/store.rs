@@ -91,14 +91,16 @@ fn assert_absent(store: &FragmentStore, msgs: &[Msg], users: &[&str], when: &str
     }
 }
 
-/// Removes the summaries of sealed segments (`seg-N.qidx`): the store
-/// then reads every segment whole when it opens.
+/// Removes the summaries of sealed segments (`seg-N.qidx`) and the
+/// checkpoint of the index: the store then reads every segment whole when
+/// it opens.
 fn remove_summaries(dir: &Path) {
     for e in std::fs::read_dir(dir).expect("store dir").filter_map(|e| e.ok()) {
         if e.file_name().to_string_lossy().ends_with(".qidx") {
             std::fs::remove_file(e.path()).expect("remove summary");
         }
     }
+    common::remove_checkpoint(dir);
 }
 
 fn flip_byte(path: &Path, at: usize) {
@@ -471,6 +473,8 @@ async fn summaries_open_a_store_as_reading_it_whole_does() {
         .collect();
     for (what, data) in damages {
         std::fs::write(&victim, &data).expect("damage the summary");
+        // Every segment read, from its summary or whole.
+        common::remove_checkpoint(dir.path());
         let store = open(dir.path(), SMALL_SEGMENT);
         assert_eq!(state_of(&store, &users), want, "with a summary {what}");
         store.close();
@@ -502,6 +506,7 @@ async fn summaries_open_a_store_as_reading_it_whole_does() {
         .1
         .clone();
     flip_byte(first, common::find(&data, &m.body).expect("found") + 50);
+    common::remove_checkpoint(dir.path());
     let store = open(dir.path(), SMALL_SEGMENT);
     let got = store.read_body(m.hash()).await;
     assert!(

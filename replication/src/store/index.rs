@@ -237,6 +237,51 @@ impl Index {
         }
     }
 
+    /// Adds a run of one mailbox's entries whose bodies the caller has
+    /// indexed and counted a reference to, each (a checkpoint's, at start):
+    /// as [`Index::put_entry`] for each but the bodies, with the mailbox
+    /// looked up once and each run of equal replica sets counted once (a
+    /// start puts millions).
+    pub(super) fn put_fresh_entries(&mut self, user: String, run: Vec<(EntryMeta, Loc)>) {
+        if run.is_empty() {
+            return;
+        }
+        let mut mailbox = self.mailboxes.remove(&user).unwrap_or_default();
+        let (mut set, mut same): (Vec<u64>, u64) = (Vec::new(), 0);
+        for (meta, loc) in run {
+            if meta.replicas != set {
+                self.count_replica_sets(&set, same);
+                (set, same) = (meta.replicas.clone(), 0);
+            }
+            same += 1;
+            let size = meta.size_bytes;
+            match mailbox.entries.insert(meta.id, Entry { meta, loc }) {
+                Some(old) => {
+                    self.count_replica_set(&old.meta.replicas, false);
+                    self.sub_live(old.loc.seg, old.loc.record_len);
+                    self.add_live(loc.seg, loc.record_len);
+                }
+                None => {
+                    mailbox.usage_bytes += size;
+                    self.entries += 1;
+                    self.add_live(loc.seg, loc.record_len);
+                }
+            }
+        }
+        self.count_replica_sets(&set, same);
+        self.mailboxes.insert(user, mailbox);
+    }
+
+    /// Counts `n` more entries of replica set `replicas`.
+    fn count_replica_sets(&mut self, replicas: &[u64], n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut key = replicas.to_vec();
+        key.sort_unstable();
+        *self.replica_sets.entry(key).or_default() += n;
+    }
+
     pub(super) fn remove_entry(&mut self, user: &str, id: &MessageId) -> bool {
         let Some(mailbox) = self.mailboxes.get_mut(user) else {
             return false;
@@ -278,6 +323,22 @@ pub(super) struct Shared {
     /// Body records are written as kind 8 (the body hashed once): see
     /// `FragmentStore::write_hashed_bodies`.
     pub(super) hashed_bodies: std::sync::atomic::AtomicBool,
+    /// How the index was built at open.
+    pub(super) opened: super::OpenReport,
+    /// Entries per lock hold when a checkpoint is written.
+    pub(super) checkpoint_chunk: usize,
+    /// Sealed segments between checkpoints begun by themselves (0: none).
+    pub(super) checkpoint_every: u32,
+    /// The store is closing: a checkpoint being written gives up.
+    pub(super) closing: std::sync::atomic::AtomicBool,
+    /// A checkpoint is being written (one at a time).
+    pub(super) checkpointing: std::sync::atomic::AtomicBool,
+    /// The segment where the replay of the last checkpoint written begins.
+    pub(super) checkpoint_seg: std::sync::atomic::AtomicU32,
+    /// The size of the last checkpoint written (or found at open).
+    pub(super) checkpoint_bytes: AtomicU64,
+    /// The thread writing one in the background, for `close` to wait on.
+    pub(super) checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Shared {

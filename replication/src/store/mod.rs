@@ -2,7 +2,10 @@
 //! them on open, one writer thread doing group commit, and a log cleaner.
 //!
 //! Files in the store directory: `seg-NNNNNNNN.qseg`, numbered upwards. The
-//! highest-numbered segment is the active one; the others are sealed.
+//! highest-numbered segment is the active one; the others are sealed. Each
+//! sealed one gets a summary, `seg-NNNNNNNN.qidx` (its records without the
+//! bodies); `index.qckp` is a checkpoint of the index, so that a start
+//! reads only what was written since (see `checkpoint`).
 //!
 //! # Invariants
 //! - Only the writer thread changes the index, and only after the records
@@ -20,7 +23,10 @@
 //! writer thread: group commit in steps, effects applied after the fsync),
 //! `plan` (a commit's first step: what a batch writes, decided under the
 //! index lock), `space` (segments, and a full disk), `cleaner` (the log
-//! cleaner), `queries` (reads of the index, and the whole-index walks).
+//! cleaner), `queries` (reads of the index, and the whole-index walks),
+//! `summary` (the sealed segments' summaries), `checkpoint` (checkpoints
+//! of the index: written in the background every few segments, loaded at
+//! start before the records written since are replayed).
 //!
 //! # In more detail
 //! `store/`: `FragmentStore`. Files `store/seg-NNNNNNNN.qseg`; the highest
@@ -59,6 +65,7 @@
 //! and is copied forward by the cleaner until it expires, so a late copy of
 //! a deleted message is refused.
 
+mod checkpoint;
 mod cleaner;
 mod index;
 mod plan;
@@ -84,6 +91,8 @@ use index::*;
 use plan::Plan;
 use space::*;
 use writer::*;
+
+pub use checkpoint::CheckpointReport;
 
 /// Writes waiting for the writer thread. Bounded so that a slow disk pushes
 /// back on the protocol sessions instead of growing memory; 1024 deliveries of
@@ -163,6 +172,15 @@ pub struct StoreConfig {
     pub dir: PathBuf,
     /// A segment is sealed and a new one started once it is this large.
     pub segment_bytes_max: u64,
+    /// A checkpoint of the index is written this many entries (or
+    /// tombstones) per hold of the index lock. Tests make it small, so
+    /// that deliveries interleave with the walk of a small store.
+    pub checkpoint_chunk: usize,
+    /// A checkpoint of the index is begun by itself once this many
+    /// segments were sealed since the last one began, and at open when
+    /// more than this many were read (0: only when
+    /// [`FragmentStore::checkpoint`] is called).
+    pub checkpoint_every: u32,
 }
 
 impl StoreConfig {
@@ -170,6 +188,8 @@ impl StoreConfig {
         StoreConfig {
             dir: dir.into(),
             segment_bytes_max: 64 << 20,
+            checkpoint_chunk: checkpoint::CHUNK,
+            checkpoint_every: checkpoint::EVERY_SEGMENTS,
         }
     }
 }
@@ -228,6 +248,16 @@ pub struct StoreStats {
     /// commit's batch size.
     pub fsyncs: u64,
     pub ops: u64,
+}
+
+/// How a store's index was built when it opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenReport {
+    /// From a checkpoint, whose replay began at this segment (`None`: from
+    /// the segments alone).
+    pub checkpoint_segment: Option<u32>,
+    /// Segments read (from their summaries or whole).
+    pub segments_read: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -502,7 +532,26 @@ impl FragmentStore {
         self.shared.hashed_bodies.store(on, Ordering::Relaxed);
     }
 
+    /// How the index was built when the store opened.
+    pub fn open_report(&self) -> OpenReport {
+        self.shared.opened
+    }
+
+    /// Writes a checkpoint of the index now (blocking; deliveries go on
+    /// meanwhile), after any being written in the background: the next
+    /// start loads it and replays only what was written since. The store
+    /// also writes one by itself every few sealed segments.
+    pub fn checkpoint(&self) -> Result<CheckpointReport, StoreError> {
+        while self.shared.checkpointing.swap(true, Ordering::AcqRel) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let written = checkpoint::write(&self.shared);
+        self.shared.checkpointing.store(false, Ordering::Release);
+        written
+    }
+
     pub fn close(&self) {
+        checkpoint::stop(&self.shared);
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();

@@ -290,7 +290,7 @@ pub(super) fn mailbox_digest(m: &Mailbox, peer: u64) -> Option<[u8; 32]> {
 /// Mailboxes a whole-index walk handles under one hold of the index lock.
 pub const WALK_CHUNK_USERS: usize = 256;
 /// The pause between two chunks of a walk.
-const WALK_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
+pub(super) const WALK_PAUSE: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Runs `f` over every mailbox's user, [`WALK_CHUNK_USERS`] at a time, each
 /// chunk under its own hold of the index lock (the names are taken first,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -15,8 +15,9 @@ use crate::{BodyHash, EntryMeta, MessageId};
 
 impl FragmentStore {
     /// Opens (or creates) the store in `config.dir`, rebuilding the index
-    /// from the segments and cutting off a torn tail. Blocking: call it
-    /// before serving, or from a blocking thread.
+    /// from the last checkpoint and the segments written since (or from
+    /// every segment, without a usable checkpoint) and cutting off a torn
+    /// tail. Blocking: call it before serving, or from a blocking thread.
     pub fn open(config: StoreConfig) -> Result<Self, StoreError> {
         fs::create_dir_all(&config.dir)?;
         let mut seg_ids: Vec<u32> = fs::read_dir(&config.dir)?
@@ -28,166 +29,40 @@ impl FragmentStore {
             .collect();
         seg_ids.sort_unstable();
         summary::remove_orphans(&config.dir, &seg_ids);
-
-        let mut index = Index::default();
-        // Latest record of each kind wins; tombstones remove earlier entries.
-        let mut bodies: HashMap<BodyHash, BodyLoc> = HashMap::new();
-        // By user, then id: no key copied per record, and the index is
-        // filled in order at the end.
-        let mut entries: ByUser<EntryMeta> = HashMap::new();
-        let mut tombs: ByUser<DeleteRecord> = HashMap::new();
-        let last = seg_ids.last().copied();
+        checkpoint::remove_temporaries(&config.dir);
         let dir = &config.dir;
-        std::thread::scope(|scope| -> Result<(), StoreError> {
-            // The next segment is read (or its summary decoded) on a thread of
-            // its own while this one applies the one before.
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let ids = &seg_ids;
-            scope.spawn(move || {
-                for &seg in ids {
-                    if tx.send((seg, read_segment(dir, seg, Some(seg) != last))).is_err() {
-                        break;
-                    }
+        let lens = seg_ids
+            .iter()
+            .map(|&s| Ok((s, fs::metadata(seg_path(dir, s))?.len())))
+            .collect::<Result<Vec<(u32, u64)>, StoreError>>()?;
+        let ck = match checkpoint::Reader::open(dir) {
+            None => None,
+            Some(read) => match read.and_then(|r| checkpoint::fits(&r.head, &lens).map(|()| r)) {
+                Ok(r) => Some(r),
+                Err(why) => {
+                    warn!(
+                        why,
+                        "store checkpoint not used; the index is rebuilt from every segment"
+                    );
+                    None
                 }
-            });
-            for (seg, read) in rx {
-                let path = seg_path(dir, seg);
-                let SegmentRead { items, found, data } = read?;
-                bodies.reserve(items.iter().filter(|i| matches!(i.2, Decoded::Body { .. })).count());
-                // Records take effect batch by batch, at each commit record.
-                let mut pending: Vec<(u64, u64, Decoded)> = Vec::new();
-                for (offset, record_len, decoded) in items {
-                    if !matches!(decoded, Decoded::Commit) {
-                        pending.push((offset, record_len, decoded));
-                        continue;
-                    }
-                    for (_, record_len, decoded) in pending.drain(..) {
-                        match decoded {
-                            Decoded::Body {
-                                hash,
-                                body_offset,
-                                body_len,
-                            } => {
-                                let loc = BodyLoc {
-                                    seg,
-                                    body_offset,
-                                    body_len,
-                                    record_len,
-                                    refs: 0,
-                                };
-                                bodies.insert(hash, loc);
-                            }
-                            Decoded::Entry(EntryRecord { user, meta }) => {
-                                // An entry after a tombstone of the same id can
-                                // only follow that tombstone's expiry: it wins.
-                                if let Some(t) = tombs.get_mut(&user) {
-                                    t.remove(&meta.id);
-                                }
-                                let id = meta.id;
-                                of_user(&mut entries, user).insert(id, (meta, Loc { seg, record_len }));
-                            }
-                            Decoded::Delete(d) => {
-                                if let Some(e) = entries.get_mut(&d.user) {
-                                    e.remove(&d.id);
-                                }
-                                let (user, id) = (d.user.clone(), d.id);
-                                of_user(&mut tombs, user).insert(id, (d, Loc { seg, record_len }));
-                            }
-                            Decoded::Commit => unreachable!("commits are not pending"),
-                        }
-                    }
-                }
-                if let Some((offset, kind, why)) = found.unreadable {
-                    return Err(StoreError::Unreadable(format!(
-                        "{}: the record at offset {offset} (kind {kind}) is whole but unreadable here ({why}): \
-                     written by a newer release; run that release (this one reads kinds 1 to 8)",
-                        path.display()
-                    )));
-                }
-                for (start, end, why) in &found.corrupt {
-                    error!(segment = seg, start, end, why, "damaged records skipped on recovery");
-                }
-                let mut len = fs::metadata(&path)?.len();
-                // An unfinished batch (no commit record) or a torn record at the
-                // end: the tail from there on was never acknowledged.
-                let cut = pending.first().map(|p| p.0).or(found.torn.map(|t| t.0));
-                if let Some(offset) = cut {
-                    let why = found.torn.map_or("batch without commit record", |t| t.1);
-                    // Zeros the writer wrote ahead of the segment's end (see
-                    // `Writer::zero_ahead`): room, not damage.
-                    let zeros = data
-                        .as_ref()
-                        .is_some_and(|d| d[offset as usize..].iter().all(|b| *b == 0));
-                    if zeros {
-                        debug!(segment = seg, offset, "zeros after the segment's end cut off");
-                        OpenOptions::new().write(true).open(&path)?.set_len(offset)?;
-                        len = offset;
-                    } else if Some(seg) == last {
-                        warn!(
-                            segment = seg,
-                            offset,
-                            why,
-                            cut_bytes = len - offset,
-                            "torn tail cut off on recovery"
-                        );
-                        let f = OpenOptions::new().write(true).open(&path)?;
-                        f.set_len(offset)?;
-                        f.sync_all()?;
-                        len = offset;
-                    } else {
-                        error!(
-                            segment = seg,
-                            offset,
-                            why,
-                            lost_bytes = len - offset,
-                            "unreadable tail inside a sealed segment; skipped"
-                        );
-                    }
-                }
-                let file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
-                index.segments.insert(
-                    seg,
-                    Segment {
-                        file,
-                        len,
-                        live_bytes: 0,
-                    },
+            },
+        };
+        let from = ck.as_ref().map(|c| c.head.seg);
+        let ck_bytes = fs::metadata(checkpoint::path(dir)).map_or(0, |m| m.len());
+        let (index, replayed, from) = match rebuild(dir, &seg_ids, ck)? {
+            Ok((index, replayed)) => (index, replayed, from),
+            Err(why) => {
+                warn!(
+                    why,
+                    "store checkpoint not used; the index is rebuilt from every segment"
                 );
+                let (index, replayed) =
+                    rebuild(dir, &seg_ids, None)?.map_err(|why| StoreError::Io(std::io::Error::other(why)))?;
+                (index, replayed, None)
             }
-            Ok(())
-        })?;
-        index.bodies = bodies;
-        for (user, found) in entries {
-            for (id, (meta, loc)) in found {
-                if !index.bodies.contains_key(&meta.body) {
-                    error!(%user, %id, "entry without its body on recovery; dropped");
-                    continue;
-                }
-                index.put_entry(&user, meta, loc);
-            }
-        }
-        let opened_ms = now_ms();
-        for (user, found) in tombs {
-            for (id, (d, loc)) in found {
-                index.put_tomb(
-                    &user,
-                    id,
-                    Tomb {
-                        hlc: d.hlc,
-                        replicas: d.replicas,
-                        loc,
-                        added_ms: opened_ms,
-                        moved: d.moved,
-                    },
-                );
-            }
-        }
-        // Bodies nobody references are dead space for the cleaner (and for
-        // reclaiming in place when the disk fills).
-        let dead: Vec<BodyLoc> = index.bodies.extract_if(|_, b| b.refs == 0).map(|(_, b)| b).collect();
-        for b in &dead {
-            index.note_dead_body(b);
-        }
+        };
+        let mut index = index;
 
         // The active segment: the last one if there is room, else a new one.
         let active = match index.segments.last_key_value() {
@@ -202,6 +77,8 @@ impl FragmentStore {
             entries = index.entries,
             tombstones = index.tombstones,
             bodies = index.bodies.len(),
+            from_checkpoint = from.is_some(),
+            replayed_segments = replayed,
             "fragment store opened"
         );
 
@@ -216,6 +93,17 @@ impl FragmentStore {
             disk_full: Default::default(),
             fail_next_sync: Default::default(),
             hashed_bodies: Default::default(),
+            opened: OpenReport {
+                checkpoint_segment: from,
+                segments_read: replayed as u64,
+            },
+            checkpoint_chunk: config.checkpoint_chunk.max(1),
+            checkpoint_every: config.checkpoint_every,
+            closing: Default::default(),
+            checkpointing: Default::default(),
+            checkpoint_seg: AtomicU32::new(from.unwrap_or(0)),
+            checkpoint_bytes: AtomicU64::new(ck_bytes),
+            checkpoint_thread: Default::default(),
         });
         let has_reserve = super::space::make_reserve(&config.dir);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_DEPTH);
@@ -234,6 +122,10 @@ impl FragmentStore {
         let handle = std::thread::Builder::new()
             .name("quill-store-writer".into())
             .spawn(move || writer.run(rx))?;
+        // Many segments read: the next start should not read them again.
+        if checkpoint::due(&shared, replayed.saturating_sub(1) as u64, config.segment_bytes_max) {
+            checkpoint::spawn(&shared);
+        }
         Ok(FragmentStore {
             shared,
             tx: Mutex::new(Some(tx)),
@@ -242,8 +134,209 @@ impl FragmentStore {
     }
 }
 
+/// The index as the segments in `dir` (`seg_ids`, sorted) give it, with
+/// how many segments were read: from every segment, or with `ck` from the
+/// checkpoint and the records written since it began. `Ok(Err(why))` when
+/// the checkpoint turns out unusable (the caller rebuilds without it).
+fn rebuild(
+    dir: &Path,
+    seg_ids: &[u32],
+    ck: Option<checkpoint::Reader>,
+) -> Result<Result<(Index, usize), String>, StoreError> {
+    let (from_seg, from_len) = ck.as_ref().map_or((0, 0), |c| (c.head.seg, c.head.len));
+    let with_checkpoint = ck.is_some();
+    let mut index = Index::default();
+    // Latest record of each kind wins; tombstones remove earlier entries.
+    let mut bodies: HashMap<BodyHash, BodyLoc> = HashMap::new();
+    // By user, then id: no key copied per record, and the index is
+    // filled in order at the end.
+    let mut entries: ByUser<EntryMeta> = HashMap::new();
+    let mut tombs: ByUser<DeleteRecord> = HashMap::new();
+    let last = seg_ids.last().copied();
+    // Segments before the checkpoint's: all they say is in it.
+    for &seg in seg_ids.iter().filter(|s| **s < from_seg) {
+        let file = Arc::new(OpenOptions::new().read(true).write(true).open(seg_path(dir, seg))?);
+        let len = file.metadata()?.len();
+        let live_bytes = 0;
+        index.segments.insert(seg, Segment { file, len, live_bytes });
+    }
+    let replay: Vec<u32> = seg_ids.iter().copied().filter(|s| *s >= from_seg).collect();
+    std::thread::scope(|scope| -> Result<(), StoreError> {
+        // The next segment is read (or its summary decoded) on a thread of
+        // its own while this one applies the one before.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let ids = &replay;
+        scope.spawn(move || {
+            for &seg in ids {
+                if tx.send((seg, read_segment(dir, seg, Some(seg) != last))).is_err() {
+                    break;
+                }
+            }
+        });
+        for (seg, read) in rx {
+            let path = seg_path(dir, seg);
+            let SegmentRead { mut items, found, data } = read?;
+            if seg == from_seg {
+                // What came before the checkpoint began is in it.
+                items.retain(|i| i.0 >= from_len);
+            }
+            bodies.reserve(items.iter().filter(|i| matches!(i.2, Decoded::Body { .. })).count());
+            // Records take effect batch by batch, at each commit record.
+            let mut pending: Vec<(u64, u64, Decoded)> = Vec::new();
+            for (offset, record_len, decoded) in items {
+                if !matches!(decoded, Decoded::Commit) {
+                    pending.push((offset, record_len, decoded));
+                    continue;
+                }
+                for (_, record_len, decoded) in pending.drain(..) {
+                    match decoded {
+                        Decoded::Body {
+                            hash,
+                            body_offset,
+                            body_len,
+                        } => {
+                            let loc = BodyLoc {
+                                seg,
+                                body_offset,
+                                body_len,
+                                record_len,
+                                refs: 0,
+                            };
+                            bodies.insert(hash, loc);
+                        }
+                        Decoded::Entry(EntryRecord { user, meta }) => {
+                            // An entry after a tombstone of the same id can
+                            // only follow that tombstone's expiry: it wins.
+                            if let Some(t) = tombs.get_mut(&user) {
+                                t.remove(&meta.id);
+                            }
+                            let id = meta.id;
+                            of_user(&mut entries, user).insert(id, (meta, Loc { seg, record_len }));
+                        }
+                        Decoded::Delete(d) => {
+                            if let Some(e) = entries.get_mut(&d.user) {
+                                e.remove(&d.id);
+                            }
+                            let (user, id) = (d.user.clone(), d.id);
+                            of_user(&mut tombs, user).insert(id, (d, Loc { seg, record_len }));
+                        }
+                        Decoded::Commit => unreachable!("commits are not pending"),
+                    }
+                }
+            }
+            if let Some((offset, kind, why)) = found.unreadable {
+                return Err(StoreError::Unreadable(format!(
+                    "{}: the record at offset {offset} (kind {kind}) is whole but unreadable here ({why}): \
+                     written by a newer release; run that release (this one reads kinds 1 to 8)",
+                    path.display()
+                )));
+            }
+            for (start, end, why) in &found.corrupt {
+                error!(segment = seg, start, end, why, "damaged records skipped on recovery");
+            }
+            let mut len = fs::metadata(&path)?.len();
+            // An unfinished batch (no commit record) or a torn record at the
+            // end: the tail from there on was never acknowledged.
+            let cut = pending.first().map(|p| p.0).or(found.torn.map(|t| t.0));
+            if let Some(offset) = cut {
+                let why = found.torn.map_or("batch without commit record", |t| t.1);
+                // Zeros the writer wrote ahead of the segment's end (see
+                // `Writer::zero_ahead`): room, not damage.
+                let zeros = data
+                    .as_ref()
+                    .is_some_and(|d| d[offset as usize..].iter().all(|b| *b == 0));
+                if zeros {
+                    debug!(segment = seg, offset, "zeros after the segment's end cut off");
+                    OpenOptions::new().write(true).open(&path)?.set_len(offset)?;
+                    len = offset;
+                } else if Some(seg) == last {
+                    warn!(
+                        segment = seg,
+                        offset,
+                        why,
+                        cut_bytes = len - offset,
+                        "torn tail cut off on recovery"
+                    );
+                    let f = OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(offset)?;
+                    f.sync_all()?;
+                    len = offset;
+                } else {
+                    error!(
+                        segment = seg,
+                        offset,
+                        why,
+                        lost_bytes = len - offset,
+                        "unreadable tail inside a sealed segment; skipped"
+                    );
+                }
+            }
+            let file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
+            index.segments.insert(
+                seg,
+                Segment {
+                    file,
+                    len,
+                    live_bytes: 0,
+                },
+            );
+        }
+        Ok(())
+    })?;
+    if with_checkpoint && index.segments.get(&from_seg).is_some_and(|s| s.len < from_len) {
+        return Ok(Err(format!(
+            "segment {from_seg} ends before where the checkpoint began"
+        )));
+    }
+    index.bodies = bodies;
+    if let Some(ck) = ck
+        && let Err(why) = checkpoint::load(ck, &mut index, &entries, &tombs)
+    {
+        return Ok(Err(why));
+    }
+    for (user, found) in entries {
+        for (id, (meta, loc)) in found {
+            if !index.bodies.contains_key(&meta.body) {
+                if with_checkpoint {
+                    // Its body was written before the checkpoint began,
+                    // which shows it nowhere (its other entries deleted
+                    // before their mailboxes were walked): rare, and
+                    // only the segments before have it.
+                    return Ok(Err(format!("entry {id} of {user} written since has its body before")));
+                }
+                error!(%user, %id, "entry without its body on recovery; dropped");
+                continue;
+            }
+            index.put_entry(&user, meta, loc);
+        }
+    }
+    let opened_ms = now_ms();
+    for (user, found) in tombs {
+        for (id, (d, loc)) in found {
+            index.put_tomb(
+                &user,
+                id,
+                Tomb {
+                    hlc: d.hlc,
+                    replicas: d.replicas,
+                    loc,
+                    added_ms: opened_ms,
+                    moved: d.moved,
+                },
+            );
+        }
+    }
+    // Bodies nobody references are dead space for the cleaner (and for
+    // reclaiming in place when the disk fills).
+    let dead: Vec<BodyLoc> = index.bodies.extract_if(|_, b| b.refs == 0).map(|(_, b)| b).collect();
+    for b in &dead {
+        index.note_dead_body(b);
+    }
+    Ok(Ok((index, replay.len())))
+}
+
 /// What recovery found of one kind, by user, then message id.
-type ByUser<T> = HashMap<String, std::collections::BTreeMap<MessageId, (T, Loc)>>;
+pub(super) type ByUser<T> = HashMap<String, std::collections::BTreeMap<MessageId, (T, Loc)>>;
 
 /// `user`'s part of `map` (the record's own name is the key: no copy).
 fn of_user<T>(map: &mut ByUser<T>, user: String) -> &mut std::collections::BTreeMap<MessageId, (T, Loc)> {

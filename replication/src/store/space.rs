@@ -257,6 +257,11 @@ impl Writer {
         let _ = std::thread::Builder::new()
             .name("quill-store-summary".into())
             .spawn(move || summary::summarize(&dir, sealed));
+        // And, every few segments, a checkpoint of the index.
+        let since = next.saturating_sub(self.shared.checkpoint_seg.load(Ordering::Acquire));
+        if super::checkpoint::due(&self.shared, since.into(), self.segment_bytes_max) {
+            super::checkpoint::spawn(&self.shared);
+        }
         Ok(())
     }
 }

@@ -25,13 +25,28 @@ impl TempDir {
 
 pub fn config(dir: &Path, segment_bytes_max: u64) -> StoreConfig {
     StoreConfig {
-        dir: dir.to_path_buf(),
         segment_bytes_max,
+        ..StoreConfig::new(dir)
     }
 }
 
 pub fn open(dir: &Path, segment_bytes_max: u64) -> FragmentStore {
     FragmentStore::open(config(dir, segment_bytes_max)).expect("opening the store should succeed")
+}
+
+/// The checkpoint of the index in a store directory.
+pub fn checkpoint_path(dir: &Path) -> PathBuf {
+    dir.join("index.qckp")
+}
+
+/// Removes the checkpoint of the index: the store then reads every
+/// segment when it opens (from its summary or whole).
+pub fn remove_checkpoint(dir: &Path) {
+    match std::fs::remove_file(checkpoint_path(dir)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("removing the checkpoint: {e}"),
+    }
 }
 
 /// Closes `store` and opens the same directory again.

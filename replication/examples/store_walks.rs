@@ -1,12 +1,14 @@
-//! Delivery latency while anti-entropy walks a large store.
+//! Delivery latency while anti-entropy walks a large store, and while a
+//! checkpoint of its index is written.
 //!
 //! Fills a fragment store with `ENTRIES` entries (100 users per message,
 //! replica set {1, 2}), then delivers `DELIVERIES` one-recipient messages of
-//! ~4.7 KB with `CONCURRENCY` callers, twice: once alone, once while other
+//! ~4.7 KB with `CONCURRENCY` callers: once alone, once while
 //! a task on the same runtime walks the whole index the way a node's duties do
 //! (the peer digests of anti-entropy, tombstone expiry, the usage report),
-//! back to back. Prints p50/p99/max delivery latency of both phases and how
-//! long one walk takes.
+//! back to back, and a third time while checkpoints of the index are
+//! written back to back. Prints p50/p99/max delivery latency of each phase,
+//! how long one walk takes and how long one checkpoint.
 //!
 //!     cargo run --release -p replication --example store_walks [ENTRIES]
 //!
@@ -157,6 +159,32 @@ fn main() {
             walks.load(Ordering::Relaxed),
             walk_ms.load(Ordering::Relaxed) as f64 / n as f64,
             store.stats().entries
+        );
+
+        // Checkpoints of the index, back to back, as the store writes one
+        // in the background every few segments.
+        let stop = Arc::new(AtomicBool::new(false));
+        let checkpointer = {
+            let (store, stop) = (store.clone(), stop.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut times = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let r = store.checkpoint().expect("checkpoint");
+                    times.push((t.elapsed().as_secs_f64(), r.bytes));
+                }
+                times
+            })
+        };
+        deliver_phase(&store, "while checkpointing", &seq).await;
+        stop.store(true, Ordering::Relaxed);
+        let times = checkpointer.await.expect("checkpointer");
+        let n = times.len().max(1) as f64;
+        println!(
+            "checkpoints={} mean_secs={:.2} bytes={}",
+            times.len(),
+            times.iter().map(|t| t.0).sum::<f64>() / n,
+            times.last().map_or(0, |t| t.1)
         );
         store.close();
     });

@@ -14,29 +14,20 @@ use std::time::{Duration, Instant};
 
 use replication::{FlagMark, FragmentStore, MarkChange, MessageId, SetChange, StoreConfig, Tombstone};
 
-use common::{SMALL_SEGMENT, TempDir, bytes, deliver};
+use common::{Rng, SMALL_SEGMENT, TempDir, bytes, deliver};
 
 const T0: u64 = 1_700_000_000_000;
 const USERS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
 
-/// What a store shows: counts, and every user's entries (as listed: place,
-/// flags, folder, replicas) and tombstone digest.
+/// What a store shows ([`common::state_of`]) and its replica sets.
 fn state_of(store: &FragmentStore) -> String {
-    let s = store.stats();
-    let mut out = format!(
-        "entries={} tombstones={} bodies={} body_bytes={} segments={} disk_bytes={} live_bytes={}\n",
-        s.entries, s.tombstones, s.bodies, s.body_bytes, s.segments, s.disk_bytes, s.live_bytes
-    );
-    for u in USERS {
-        out.push_str(&format!("{u}: {:?} {:?}\n", store.list(u), store.digest(u, 0)));
-    }
     let mut sets = store.replica_sets();
     sets.sort();
-    out.push_str(&format!(
-        "replica sets: {sets:?} under-replicated: {}\n",
-        store.under_replicated(1, 2, |n| n != 3)
-    ));
-    out
+    let under = store.under_replicated(1, 2, |n| n != 3);
+    format!(
+        "{}replica sets: {sets:?} under-replicated: {under}\n",
+        common::state_of(store, &USERS)
+    )
 }
 
 /// Asserts that two states are the same, showing the first line that is
@@ -64,23 +55,6 @@ fn open_chunked(dir: &Path, chunk: usize) -> FragmentStore {
     .expect("the store opens")
 }
 
-/// A seeded generator (splitmix64), so that a failing seed can be rerun.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// One random change of the store: a delivery (sometimes of a body
 /// delivered before, to other users), a deletion, a tombstone from a
 /// peer, a new replica set (sometimes one without this node: the copy
@@ -89,7 +63,9 @@ async fn step(store: &FragmentStore, rng: &mut Rng, held: &mut Vec<(&'static str
     let roll = rng.below(100);
     if held.is_empty() || roll < 45 {
         let seed = if roll < 8 && n > 0 { n / 2 } else { n };
-        let to: Vec<&'static str> = (0..1 + rng.below(3)).map(|_| USERS[rng.below(USERS.len())]).collect();
+        let to: Vec<&'static str> = (0..1 + rng.below(3))
+            .map(|_| USERS[rng.below(USERS.len() as u64) as usize])
+            .collect();
         let mut to = to;
         to.sort_unstable();
         to.dedup();
@@ -97,7 +73,7 @@ async fn step(store: &FragmentStore, rng: &mut Rng, held: &mut Vec<(&'static str
         held.extend(to.into_iter().map(|u| (u, id, seed)));
         return;
     }
-    let (user, id, _) = held[rng.below(held.len())];
+    let (user, id, _) = held[rng.below(held.len() as u64) as usize];
     match roll {
         45..=59 => {
             store.delete(user, vec![id]).await.expect("delete");
@@ -156,7 +132,7 @@ async fn a_store_opened_from_its_checkpoint_is_the_store_read_whole() {
     for seed in 1..=8u64 {
         let dir = TempDir::new(&format!("ckpt-same-{seed}"));
         let mut rng = Rng(seed);
-        let store = Arc::new(open_chunked(dir.path(), 1 + rng.below(6)));
+        let store = Arc::new(open_chunked(dir.path(), 1 + rng.below(6) as usize));
         let mut held = Vec::new();
         let mut n = 0u64;
         for _ in 0..4 {

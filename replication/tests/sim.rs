@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TempDir;
+use common::{Rng, TempDir};
 use placement::{NodeId as PNodeId, NodeInfo, NodeState, View};
 use replication::mem_net::{MemNet, MemRouter, Serve};
 use replication::replica::{DeliverOutcome, ReplicaConfig, Replicator};
@@ -28,21 +28,6 @@ use replication::{BodyHash, FragmentStore, MessageId, StoreConfig};
 
 const N_NODES: u64 = 4;
 const R: usize = 2;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 type Rep = Replicator<MemNet>;
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use replication::{BodyHash, Delivery, FragmentStore, MessageId, StoreError, Tombstone};
 
-use common::{SMALL_SEGMENT, TempDir, bytes, deliver, open, reopen};
+use common::{SMALL_SEGMENT, TempDir, bytes, deliver, open, reopen, state_of};
 
 const DEFAULT_SEGMENT: u64 = 64 << 20;
 const T0: u64 = 1_700_000_000_000;
@@ -372,20 +372,6 @@ async fn zeros_ahead_of_the_end_are_room_not_damage() {
         .map(|(_, p)| std::fs::metadata(p).expect("segment").len())
         .sum();
     assert_eq!(files, disk, "a closed store's files hold its records and nothing else");
-}
-
-/// What a store shows: every user's entries (as listed) and tombstone
-/// digest, and the counts.
-fn state_of(store: &FragmentStore, users: &[&str]) -> String {
-    let s = store.stats();
-    let mut out = format!(
-        "entries={} tombstones={} bodies={} body_bytes={} segments={} disk_bytes={} live_bytes={}\n",
-        s.entries, s.tombstones, s.bodies, s.body_bytes, s.segments, s.disk_bytes, s.live_bytes
-    );
-    for u in users {
-        out.push_str(&format!("{u}: {:?} {:?}\n", store.list(u), store.digest(u, 0)));
-    }
-    out
 }
 
 fn summaries(dir: &Path) -> Vec<std::path::PathBuf> {

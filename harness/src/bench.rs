@@ -155,22 +155,36 @@ pub async fn deliver(plan: DeliverPlan) -> DeliverOutcome {
                     size: body.len(),
                 };
                 let t0 = Instant::now();
-                let result = async {
-                    if session.is_none() {
-                        let s = SmtpClient::connect(addr, plan.lmtp).await?;
-                        session = Some(match &plan.starttls {
-                            Some(tls) => s.starttls(tls).await?,
-                            None => s,
-                        });
+                let mut result = Err(anyhow::anyhow!("not sent"));
+                // A session the server ends (421 at MAIL: it has served
+                // enough commands) is opened again and the message sent
+                // once more, as an MTA does.
+                for attempt in 0..2 {
+                    result = async {
+                        if session.is_none() {
+                            let s = SmtpClient::connect(addr, plan.lmtp).await?;
+                            session = Some(match &plan.starttls {
+                                Some(tls) => s.starttls(tls).await?,
+                                None => s,
+                            });
+                        }
+                        let s = session.as_mut().expect("connected");
+                        if plan.pipelining {
+                            s.send_mail_pipelined("loadgen@remote.test", &[&user], &body).await
+                        } else {
+                            s.send_mail("loadgen@remote.test", &[&user], &body).await
+                        }
                     }
-                    let s = session.as_mut().expect("connected");
-                    if plan.pipelining {
-                        s.send_mail_pipelined("loadgen@remote.test", &[&user], &body).await
-                    } else {
-                        s.send_mail("loadgen@remote.test", &[&user], &body).await
+                    .await;
+                    let closed = matches!(&result, Err(e) if e.is::<crate::client::SessionClosed>());
+                    if !closed {
+                        break;
+                    }
+                    session = None;
+                    if attempt == 0 {
+                        continue;
                     }
                 }
-                .await;
                 let mut o = out.lock().expect("lock");
                 match result {
                     Ok(replies) if replies.iter().all(|r| r.code == 250) => {

@@ -19,6 +19,19 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Replies longer than this are a protocol error.
 const LINE_BYTES_MAX: usize = 64 * 1024;
 
+/// The server ended the session before the transaction (a 421 reply to
+/// MAIL): nothing was taken, and a client opens another session.
+#[derive(Debug)]
+pub struct SessionClosed(pub Reply);
+
+impl std::fmt::Display for SessionClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the server ended the session: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for SessionClosed {}
+
 /// One SMTP reply (all its lines).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -232,10 +245,14 @@ impl SmtpClient {
     }
 
     /// One transaction: MAIL, RCPT for each, DATA, the dot-stuffed body.
+    /// A 421 to MAIL (the server ends the session) is [`SessionClosed`].
     /// Returns the final reply (SMTP) or the replies per accepted recipient
     /// (LMTP). An RCPT refusal is an error naming it.
     pub async fn send_mail(&mut self, from: &str, rcpts: &[&str], body: &[u8]) -> anyhow::Result<Vec<Reply>> {
         let r = self.command(&format!("MAIL FROM:<{from}>")).await?;
+        if r.code == 421 {
+            return Err(SessionClosed(r).into());
+        }
         if r.code != 250 {
             bail!("MAIL: {r:?}");
         }
@@ -283,6 +300,9 @@ impl SmtpClient {
             }
         }
         let data = read_reply(&mut self.c).await?;
+        if mail.code == 421 {
+            return Err(SessionClosed(mail).into());
+        }
         if mail.code != 250 {
             refused.get_or_insert(format!("MAIL: {mail:?}"));
         }

@@ -45,6 +45,9 @@ pub async fn bench_restart(
         load.connections
     );
     ensure!(!d.acked.is_empty(), "nothing was delivered: {:?}", d.errors.first());
+    if let Some(e) = d.errors.first() {
+        println!("stopped early after {} errors, the first: {e}", d.errors.len());
+    }
     let mut binaries = vec![("this", this)];
     if let Some(b) = before {
         binaries.push(("before", b));

@@ -162,7 +162,7 @@ fn main() {
         );
 
         // Checkpoints of the index, back to back, as the store writes one
-        // in the background every few segments.
+        // in the background now and then.
         let stop = Arc::new(AtomicBool::new(false));
         let checkpointer = {
             let (store, stop) = (store.clone(), stop.clone());

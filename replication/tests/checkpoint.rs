@@ -292,6 +292,44 @@ async fn messages_deleted_and_forgotten_after_a_checkpoint_stay_gone() {
     store.close();
 }
 
+/// The store writes a checkpoint by itself once enough records were
+/// written since the last (here at least 40; looked at when a segment is
+/// sealed), and the next start uses it and holds what reading every
+/// segment gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_is_written_by_itself_once_enough_was_written() {
+    let dir = TempDir::new("ckpt-auto");
+    let config = StoreConfig {
+        checkpoint_records_min: 40,
+        ..common::config(dir.path(), SMALL_SEGMENT)
+    };
+    let store = FragmentStore::open(config.clone()).expect("opens");
+    for i in 0..30u64 {
+        deliver(&store, &["alice"], T0 + i, bytes(i, 500)).await;
+    }
+    let path = common::checkpoint_path(dir.path());
+    assert!(!path.exists(), "no checkpoint before 40 records");
+    for i in 30..90u64 {
+        deliver(&store, &["bob"], T0 + i, bytes(i, 500)).await;
+    }
+    testkit::wait_for("a checkpoint written by itself", Duration::from_secs(20), || {
+        let there = path.exists();
+        async move { there }
+    })
+    .await;
+    store.close();
+    drop(store);
+    let whole = TempDir::new("ckpt-auto-whole");
+    common::copy_store(dir.path(), whole.path());
+    let store = common::open(whole.path(), SMALL_SEGMENT);
+    let want = state_of(&store);
+    store.close();
+    let store = FragmentStore::open(config).expect("opens");
+    assert!(store.open_report().checkpoint_segment.is_some(), "opened from it");
+    assert_same(&state_of(&store), &want, "opened from a checkpoint written by itself");
+    store.close();
+}
+
 /// A store of a few messages in one segment, checkpointed, then closed
 /// with more written after the checkpoint.
 async fn small_store(dir: &Path) -> String {

@@ -329,14 +329,18 @@ pub(super) struct Shared {
     pub(super) checkpoint_chunk: usize,
     /// Sealed segments between checkpoints begun by themselves (0: none).
     pub(super) checkpoint_every: u32,
+    pub(super) checkpoint_records_min: u64,
     /// The store is closing: a checkpoint being written gives up.
     pub(super) closing: std::sync::atomic::AtomicBool,
     /// A checkpoint is being written (one at a time).
     pub(super) checkpointing: std::sync::atomic::AtomicBool,
     /// The segment where the replay of the last checkpoint written begins.
     pub(super) checkpoint_seg: std::sync::atomic::AtomicU32,
-    /// The size of the last checkpoint written (or found at open).
-    pub(super) checkpoint_bytes: AtomicU64,
+    /// Entry and tombstone records made durable since open, and replayed
+    /// at open ...
+    pub(super) records: AtomicU64,
+    /// ... and what `records` was when the last checkpoint written began.
+    pub(super) checkpoint_records: AtomicU64,
     /// The thread writing one in the background, for `close` to wait on.
     pub(super) checkpoint_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }

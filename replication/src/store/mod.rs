@@ -25,7 +25,7 @@
 //! index lock), `space` (segments, and a full disk), `cleaner` (the log
 //! cleaner), `queries` (reads of the index, and the whole-index walks),
 //! `summary` (the sealed segments' summaries), `checkpoint` (checkpoints
-//! of the index: written in the background every few segments, loaded at
+//! of the index: written in the background now and then, loaded at
 //! start before the records written since are replayed).
 //!
 //! # In more detail
@@ -176,11 +176,15 @@ pub struct StoreConfig {
     /// tombstones) per hold of the index lock. Tests make it small, so
     /// that deliveries interleave with the walk of a small store.
     pub checkpoint_chunk: usize,
-    /// A checkpoint of the index is begun by itself once this many
-    /// segments were sealed since the last one began, and at open when
-    /// more than this many were read (0: only when
-    /// [`FragmentStore::checkpoint`] is called).
+    /// A checkpoint of the index is begun by itself, when a segment is
+    /// sealed or at open, once at least this many segments were sealed
+    /// since the last one began and the records written since are a
+    /// quarter of the entries (between `checkpoint_records_min` and 1 000 000); 0: only
+    /// when [`FragmentStore::checkpoint`] is called.
     pub checkpoint_every: u32,
+    /// Records written between checkpoints begun by themselves, at least
+    /// (50 000; tests take fewer).
+    pub checkpoint_records_min: u64,
 }
 
 impl StoreConfig {
@@ -190,6 +194,7 @@ impl StoreConfig {
             segment_bytes_max: 64 << 20,
             checkpoint_chunk: checkpoint::CHUNK,
             checkpoint_every: checkpoint::EVERY_SEGMENTS,
+            checkpoint_records_min: checkpoint::RECORDS_MIN,
         }
     }
 }
@@ -540,7 +545,7 @@ impl FragmentStore {
     /// Writes a checkpoint of the index now (blocking; deliveries go on
     /// meanwhile), after any being written in the background: the next
     /// start loads it and replays only what was written since. The store
-    /// also writes one by itself every few sealed segments.
+    /// also writes one by itself (see [`StoreConfig::checkpoint_every`]).
     pub fn checkpoint(&self) -> Result<CheckpointReport, StoreError> {
         while self.shared.checkpointing.swap(true, Ordering::AcqRel) {
             std::thread::sleep(std::time::Duration::from_millis(5));

@@ -49,8 +49,14 @@ impl FragmentStore {
             },
         };
         let from = ck.as_ref().map(|c| c.head.seg);
-        let ck_bytes = fs::metadata(checkpoint::path(dir)).map_or(0, |m| m.len());
-        let (index, replayed, from) = match rebuild(dir, &seg_ids, ck)? {
+        let (
+            index,
+            Replayed {
+                segments: replayed,
+                records,
+            },
+            from,
+        ) = match rebuild(dir, &seg_ids, ck)? {
             Ok((index, replayed)) => (index, replayed, from),
             Err(why) => {
                 warn!(
@@ -71,6 +77,7 @@ impl FragmentStore {
             None => new_segment(&config.dir, &mut index, 1)?,
         };
         let active_len = index.segments.get(&active).expect("active segment").len;
+        let entries = index.entries;
         info!(
             dir = %config.dir.display(),
             segments = index.segments.len(),
@@ -99,10 +106,12 @@ impl FragmentStore {
             },
             checkpoint_chunk: config.checkpoint_chunk.max(1),
             checkpoint_every: config.checkpoint_every,
+            checkpoint_records_min: config.checkpoint_records_min,
             closing: Default::default(),
             checkpointing: Default::default(),
             checkpoint_seg: AtomicU32::new(from.unwrap_or(0)),
-            checkpoint_bytes: AtomicU64::new(ck_bytes),
+            records: AtomicU64::new(records),
+            checkpoint_records: AtomicU64::new(0),
             checkpoint_thread: Default::default(),
         });
         let has_reserve = super::space::make_reserve(&config.dir);
@@ -122,8 +131,8 @@ impl FragmentStore {
         let handle = std::thread::Builder::new()
             .name("quill-store-writer".into())
             .spawn(move || writer.run(rx))?;
-        // Many segments read: the next start should not read them again.
-        if checkpoint::due(&shared, replayed.saturating_sub(1) as u64, config.segment_bytes_max) {
+        // Much read: the next start should not read it again.
+        if checkpoint::due(&shared, replayed.saturating_sub(1) as u64, entries) {
             checkpoint::spawn(&shared);
         }
         Ok(FragmentStore {
@@ -134,15 +143,22 @@ impl FragmentStore {
     }
 }
 
+/// What a start read besides a checkpoint.
+struct Replayed {
+    segments: usize,
+    /// Entry and tombstone records (the latest of each message).
+    records: u64,
+}
+
 /// The index as the segments in `dir` (`seg_ids`, sorted) give it, with
-/// how many segments were read: from every segment, or with `ck` from the
-/// checkpoint and the records written since it began. `Ok(Err(why))` when
-/// the checkpoint turns out unusable (the caller rebuilds without it).
+/// what was read: from every segment, or with `ck` from the checkpoint
+/// and the records written since it began. `Ok(Err(why))` when the
+/// checkpoint turns out unusable (the caller rebuilds without it).
 fn rebuild(
     dir: &Path,
     seg_ids: &[u32],
     ck: Option<checkpoint::Reader>,
-) -> Result<Result<(Index, usize), String>, StoreError> {
+) -> Result<Result<(Index, Replayed), String>, StoreError> {
     let (from_seg, from_len) = ck.as_ref().map_or((0, 0), |c| (c.head.seg, c.head.len));
     let with_checkpoint = ck.is_some();
     let mut index = Index::default();
@@ -294,6 +310,7 @@ fn rebuild(
     {
         return Ok(Err(why));
     }
+    let entries_n: usize = entries.values().map(|m| m.len()).sum();
     for (user, found) in entries {
         for (id, (meta, loc)) in found {
             if !index.bodies.contains_key(&meta.body) {
@@ -310,6 +327,10 @@ fn rebuild(
             index.put_entry(&user, meta, loc);
         }
     }
+    let replayed = Replayed {
+        segments: replay.len(),
+        records: (entries_n + tombs.values().map(|m| m.len()).sum::<usize>()) as u64,
+    };
     let opened_ms = now_ms();
     for (user, found) in tombs {
         for (id, (d, loc)) in found {
@@ -332,7 +353,7 @@ fn rebuild(
     for b in &dead {
         index.note_dead_body(b);
     }
-    Ok(Ok((index, replay.len())))
+    Ok(Ok((index, replayed)))
 }
 
 /// What recovery found of one kind, by user, then message id.

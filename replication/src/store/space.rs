@@ -242,6 +242,7 @@ impl Writer {
 
     pub(super) fn rotate(&mut self) -> Result<(), StoreError> {
         let mut index = self.shared.index();
+        let entries = index.entries;
         let sealed = index.segments.get(&self.active).expect("active segment");
         if self.zeroed_to > sealed.len {
             // The zeros ahead of its end are of no use to a sealed segment.
@@ -257,9 +258,10 @@ impl Writer {
         let _ = std::thread::Builder::new()
             .name("quill-store-summary".into())
             .spawn(move || summary::summarize(&dir, sealed));
-        // And, every few segments, a checkpoint of the index.
+        // And, when enough was written since the last, a checkpoint of
+        // the index.
         let since = next.saturating_sub(self.shared.checkpoint_seg.load(Ordering::Acquire));
-        if super::checkpoint::due(&self.shared, since.into(), self.segment_bytes_max) {
+        if super::checkpoint::due(&self.shared, since.into(), entries) {
             super::checkpoint::spawn(&self.shared);
         }
         Ok(())

@@ -367,6 +367,11 @@ impl Writer {
     /// Durable: now the index may show it. `end` is the active segment's
     /// new length.
     fn apply(&mut self, seg: u32, end: u64, effects: Vec<Effect>) {
+        let records = effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Entry { .. } | Effect::Tomb { .. }))
+            .count();
+        self.shared.records.fetch_add(records as u64, Ordering::Relaxed);
         let mut index = self.shared.index();
         index.segments.get_mut(&seg).expect("active").len = end;
         // Deletions last: a body whose last reference this batch deletes

@@ -63,10 +63,14 @@ pub(super) const CHUNK: usize = 4096;
 /// The longest block a reader takes (a run of [`CHUNK`] entries of the
 /// longest names is well under it).
 const BLOCK_BYTES_MAX: u32 = 256 << 20;
-/// A checkpoint is begun once this many segments were sealed since the
-/// last one began (and at open, when the replay read more than this): a
-/// start then replays at most about this many segments and the active one.
-pub(super) const EVERY_SEGMENTS: u32 = 4;
+/// A checkpoint is considered when a segment is sealed (and at open): see
+/// [`due`].
+pub(super) const EVERY_SEGMENTS: u32 = 1;
+/// Records written between checkpoints at least (a small store's
+/// checkpoints would otherwise follow each other) ...
+pub(super) const RECORDS_MIN: u64 = 50_000;
+/// ... and at most (a start replays at most this many, about 2 s).
+const RECORDS_MAX: u64 = 1_000_000;
 
 const HEAD: u8 = 1;
 const ENTRIES: u8 = 2;
@@ -172,13 +176,22 @@ fn chain(prev: &[u8; 32], kind: u8, payload: &[u8]) -> [u8; 32] {
 }
 
 /// Whether a checkpoint is due, `sealed` segments after the last one
-/// began: at least [`crate::StoreConfig::checkpoint_every`] apart (never at 0),
-/// and as many as the last checkpoint's size fills, so that checkpoints
-/// write at most about as many bytes as the log they spare a start.
-pub(super) fn due(shared: &Shared, sealed: u64, segment_bytes_max: u64) -> bool {
+/// began, for an index of `entries`: at least
+/// [`crate::StoreConfig::checkpoint_every`] segments apart (never at 0),
+/// and once the records written since are a quarter of the entries (at
+/// least `checkpoint_records_min`, at most [`RECORDS_MAX`]). A checkpoint
+/// costs 0.7–2.2 µs an entry (BENCHMARKS); taken every `entries / 4`
+/// records it costs each record about four times that, and a start
+/// replays at most that many records.
+pub(super) fn due(shared: &Shared, sealed: u64, entries: u64) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
     let every = shared.checkpoint_every;
-    let size = shared.checkpoint_bytes.load(std::sync::atomic::Ordering::Relaxed);
-    every > 0 && sealed >= u64::from(every).max(size.div_ceil(segment_bytes_max.max(1)))
+    let since = shared
+        .records
+        .load(Relaxed)
+        .saturating_sub(shared.checkpoint_records.load(Relaxed));
+    let least = shared.checkpoint_records_min;
+    every > 0 && sealed >= u64::from(every) && since >= (entries / 4).clamp(least, RECORDS_MAX.max(least))
 }
 
 /// Removes checkpoints left half written by a process that ended.

@@ -68,13 +68,15 @@ pub(in crate::store) fn write(shared: &Shared) -> Result<CheckpointReport, Store
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
     let tmp = shared.dir.join(format!("{FILE_NAME}.{}.{n}.tmp", std::process::id()));
+    // Counted before it begins: a record written meanwhile counts as after.
+    let records = shared.records.load(Ordering::Relaxed);
     let written = write_to(shared, &tmp);
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     let report = written?;
     shared.checkpoint_seg.store(report.segment, Ordering::Release);
-    shared.checkpoint_bytes.store(report.bytes, Ordering::Relaxed);
+    shared.checkpoint_records.store(records, Ordering::Relaxed);
     Ok(report)
 }
 

@@ -59,7 +59,14 @@ async fn a_paused_leader_does_not_mark_the_others_down_when_it_resumes() {
     // fail while its timers say it has heard nothing for that long.
     tokio::time::sleep(Duration::from_secs(12)).await;
     send_signal(pid, Signal::CONT).unwrap();
-    let (_, new_leader) = down.expect("the survivors agree that the paused leader is down");
+    let (_, new_leader) = down.unwrap_or_else(|e| {
+        // Why no survivor took the lead, from their logs.
+        let tails: Vec<String> = others.iter().map(|n| n.log_tail(30)).collect();
+        panic!(
+            "the survivors agree that the paused leader is down: {e:#}\n{}",
+            tails.join("\n---\n")
+        )
+    });
     assert_ne!(new_leader, leader);
 
     let resumed = Instant::now();

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use replication::{FlagMark, FragmentStore, MarkChange, MessageId, SetChange, StoreConfig, Tombstone};
 
-use common::{Rng, SMALL_SEGMENT, TempDir, bytes, deliver};
+use common::{SMALL_SEGMENT, TempDir, bytes, deliver};
+use testkit::Rng;
 
 const T0: u64 = 1_700_000_000_000;
 const USERS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
@@ -131,7 +132,7 @@ async fn a_store_opened_from_its_checkpoint_is_the_store_read_whole() {
     let (mut used, mut interleaved) = (0, 0);
     for seed in 1..=8u64 {
         let dir = TempDir::new(&format!("ckpt-same-{seed}"));
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let store = Arc::new(open_chunked(dir.path(), 1 + rng.below(6) as usize));
         let mut held = Vec::new();
         let mut n = 0u64;

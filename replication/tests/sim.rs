@@ -20,11 +20,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Rng, TempDir};
+use common::TempDir;
 use placement::{NodeId as PNodeId, NodeInfo, NodeState, View};
 use replication::mem_net::{MemNet, MemRouter, Serve};
 use replication::replica::{DeliverOutcome, ReplicaConfig, Replicator};
 use replication::{BodyHash, FragmentStore, MessageId, StoreConfig};
+use testkit::Rng;
 
 const N_NODES: u64 = 4;
 const R: usize = 2;
@@ -206,7 +207,7 @@ fn users() -> Vec<String> {
 }
 
 async fn run(seed: u64, ops: usize) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut sim = Sim::new(seed);
     let users = users();
     let mut bodies: Vec<Vec<u8>> = Vec::new();
@@ -1283,7 +1284,7 @@ impl History {
 }
 
 async fn healing_run(seed: u64, ops: usize) {
-    let mut rng = Rng(seed ^ 0x5eed);
+    let mut rng = Rng::new(seed ^ 0x5eed);
     let mut sim = Sim::healing(seed, 5);
     let rate = replication::replica::RateLimit::new(1 << 40);
     let users = users();

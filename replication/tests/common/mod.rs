@@ -56,25 +56,6 @@ pub fn reopen(store: FragmentStore, dir: &Path, segment_bytes_max: u64) -> Fragm
     open(dir, segment_bytes_max)
 }
 
-/// A seeded generator (splitmix64), so that tests need no `rand` and a
-/// failing seed can be run again.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What a store shows: the counts, and every user's entries (as listed:
 /// place, flags, folder, replicas) and tombstone digest.
 pub fn state_of(store: &FragmentStore, users: &[&str]) -> String {

@@ -7,7 +7,8 @@
 //!   placement needs, which membership fills in from its replicated state;
 //! * the user manager ([`View::user_manager`], [`View::manager_of`]);
 //! * the spread ([`View::spread_set`]), the replica set of a new message
-//!   ([`View::replica_set`]) and the repair plan of an existing one
+//!   ([`View::replica_set`]; [`View::replica_set_near`] prefers the node
+//!   that received it) and the repair plan of an existing one
 //!   ([`View::repair`]).
 //!
 //! What it must not do: placement does no I/O, no async, no clock, no
@@ -64,7 +65,7 @@ mod table;
 mod view;
 
 pub use hash::{MessageKey, UserKey, normalize_user};
-pub use select::{LoadVector, RepairPlan, UNKNOWN_LOAD};
+pub use select::{LoadVector, NEAR_LOAD_SLACK, RepairPlan, UNKNOWN_LOAD};
 pub use view::{
     DEFAULT_SLOT_BITS, MAX_NODES, MAX_SLOT_BITS, MIN_SLOT_BITS, NodeId, NodeInfo, NodeState, View, ViewError, ViewSpec,
 };

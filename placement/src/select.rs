@@ -58,6 +58,11 @@ impl FromIterator<(NodeId, u64)> for LoadVector {
     }
 }
 
+/// How much busier than the least loaded candidate the receiving node of a
+/// message may be and still be preferred as one of its replicas (in the
+/// units of the [`LoadVector`]: copies in flight and queued writes).
+pub const NEAR_LOAD_SLACK: u64 = 4;
+
 /// New nodes beyond `n_replicas + current replicas` that repair scores
 /// before falling back to the full order: enough that the distinct-zone pass
 /// almost always completes from the shortlist.
@@ -163,6 +168,26 @@ impl View {
         loads: &LoadVector,
         holders: &[NodeId],
     ) -> Vec<NodeId> {
+        self.replica_set_near(user, n_replicas, spread, loads, holders, None)
+    }
+
+    /// [`View::replica_set`] for a message received by `near`: within its
+    /// tier, `near` counts as [`NEAR_LOAD_SLACK`] less loaded than it is, so
+    /// the node that holds the message already is one of its replicas
+    /// whenever it is in the user's spread (or holds the user's mail) and
+    /// not much busier than the others. A copy there is a local write
+    /// instead of a body sent to another node. Porcupine's delivery prefers
+    /// the receiving node the same way; round-robin DNS spreads the
+    /// receivers, so the load stays spread.
+    pub fn replica_set_near(
+        &self,
+        user: UserKey,
+        n_replicas: usize,
+        spread: usize,
+        loads: &LoadVector,
+        holders: &[NodeId],
+        near: Option<NodeId>,
+    ) -> Vec<NodeId> {
         let Some(manager) = self.manager_index(user) else {
             return Vec::new();
         };
@@ -182,7 +207,16 @@ impl View {
                 i,
             )
         };
-        let key = |tier: u8, i: usize| (tier, loads.load(self.nodes()[i].id), !holds(i), rank(i));
+        let load = |i: usize| {
+            let id = self.nodes()[i].id;
+            let l = loads.load(id);
+            if Some(id) == near {
+                l.saturating_sub(NEAR_LOAD_SLACK)
+            } else {
+                l
+            }
+        };
+        let key = |tier: u8, i: usize| (tier, load(i), Some(self.nodes()[i].id) != near, !holds(i), rank(i));
 
         // Tiers 0 (spread) and 1 (holders outside it) are small; tier 2 (every
         // other up node) is scored and sorted only when the first two cannot

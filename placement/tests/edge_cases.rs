@@ -161,6 +161,59 @@ fn least_loaded_first_and_holders_break_ties() {
 }
 
 #[test]
+fn the_receiving_node_is_preferred_within_its_tier_and_slack() {
+    let view = small((1..=6).map(|i| node(i, &format!("z{i}"), NodeState::Up)).collect());
+    let user = UserKey(0xfeed_beef);
+    let spread = view.spread_set(user, 4);
+    let outside = view
+        .nodes()
+        .iter()
+        .map(|n| n.id)
+        .find(|id| !spread.contains(id))
+        .unwrap();
+    let flat = LoadVector::new(view.nodes().iter().map(|n| (n.id, 2)));
+    // Equal loads: the receiver in the spread beats the manager and holders.
+    let near = Some(spread[2]);
+    assert_eq!(
+        view.replica_set_near(user, 1, 4, &flat, &[spread[1]], near),
+        vec![spread[2]]
+    );
+    // With R=2 the receiver is one of the two, the other is who it would be
+    // without it.
+    let two = view.replica_set_near(user, 2, 4, &flat, &[], near);
+    assert_eq!(two.len(), 2);
+    assert!(two.contains(&spread[2]) && two.contains(&spread[0]), "{two:?}");
+    // Busier by up to the slack: still preferred; by more: not.
+    let busier = |by: u64| {
+        LoadVector::new(
+            view.nodes()
+                .iter()
+                .map(|n| (n.id, if n.id == spread[2] { 2 + by } else { 2 })),
+        )
+    };
+    let slack = placement::NEAR_LOAD_SLACK;
+    assert_eq!(
+        view.replica_set_near(user, 1, 4, &busier(slack), &[], near),
+        vec![spread[2]]
+    );
+    assert_eq!(
+        view.replica_set_near(user, 1, 4, &busier(slack + 1), &[], near),
+        vec![spread[0]]
+    );
+    // A receiver outside the spread that holds nothing of the user's is no
+    // candidate before the spread.
+    assert_eq!(
+        view.replica_set_near(user, 1, 4, &flat, &[], Some(outside)),
+        vec![spread[0]]
+    );
+    // Without a receiver: as before.
+    assert_eq!(
+        view.replica_set_near(user, 1, 4, &flat, &[], None),
+        view.replica_set(user, 1, 4, &flat, &[])
+    );
+}
+
+#[test]
 fn draining_nodes_keep_serving_but_get_nothing_new() {
     let view = small(vec![
         node(1, "a", NodeState::Up),

@@ -124,7 +124,7 @@ impl Sim {
             .get_mut(&placer)
             .expect("placer")
             .manager
-            .place(&view, &u, 100, R, SPREAD, 0);
+            .place(&view, &u, 100, R, SPREAD, 0, None);
         self.next_id += 1;
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&self.next_id.to_be_bytes());

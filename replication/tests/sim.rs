@@ -992,6 +992,31 @@ async fn a_cancelled_store_handler_releases_its_load() {
     assert_eq!(rep.copies_in_flight(), 0);
 }
 
+/// The node that received a message keeps one of its copies when it is in
+/// the user's spread (spread 3 of 4 nodes here, so some receivers are not):
+/// a local write instead of a body sent away. The managers of the users
+/// are other nodes for most deliveries, so the preference travels with the
+/// placement call.
+#[tokio::test(flavor = "current_thread")]
+async fn the_receiving_node_keeps_a_copy_when_it_is_in_the_spread() {
+    let sim = Sim::new(41);
+    let view = sim.live()[0].view();
+    let (mut near, mut in_spread) = (0, 0);
+    for (n, user) in users().iter().enumerate() {
+        let spread = view.spread_set(placement::UserKey::from_address(user), 3);
+        for (i, front) in sim.live().iter().enumerate() {
+            let out = deliver_one(front, user, 1000 + (n * 10 + i) as u64, format!("near {n} {i}\r\n")).await;
+            assert_eq!(out.copies[0].len(), R, "{out:?}");
+            if spread.contains(&PNodeId(front.id())) {
+                in_spread += 1;
+                near += usize::from(out.copies[0].contains(&front.id()));
+            }
+        }
+    }
+    assert!(in_spread > 0);
+    assert_eq!(near, in_spread, "every receiver in the spread kept a copy");
+}
+
 /// A copy that fails to a node the view still has up (cut off, not yet
 /// marked down) counts as under-replicated until it is made, and is made
 /// once the node answers again. (It used to count 0: the replica set named

@@ -137,7 +137,7 @@ impl<N: Network> Replicator<N> {
                     n_replicas,
                 } => {
                     let n = (n_replicas as usize).clamp(1, 16);
-                    let targets = users.iter().map(|u| self.place_local(u, size, n)).collect();
+                    let targets = users.iter().map(|u| self.place_local(u, size, n, from)).collect();
                     // Sessions waiting on these mailboxes look soon.
                     for u in &users {
                         self.notify_watchers(u, NodeId::MAX, true);
@@ -278,11 +278,12 @@ impl<N: Network> Replicator<N> {
         })
     }
 
-    /// Picks the nodes for a new message of `user` and notes them in the
-    /// user's mail map (as the user's manager, or in its stead).
-    pub(super) fn place_local(&self, user: &str, size: u64, n: usize) -> Vec<NodeId> {
+    /// Picks the nodes for a new message of `user` that node `near`
+    /// received, and notes them in the user's mail map (as the user's
+    /// manager, or in its stead; see [`super::manager::Manager::place`]).
+    pub(super) fn place_local(&self, user: &str, size: u64, n: usize, near: NodeId) -> Vec<NodeId> {
         let view = self.view();
         let load = self.load();
-        lock(&self.manager).place(&view, user, size, n, self.cfg.spread, load)
+        lock(&self.manager).place(&view, user, size, n, self.cfg.spread, load, Some(near))
     }
 }

@@ -65,7 +65,7 @@ impl<N: Network> Replicator<N> {
                     warn!(reply = ?other.err(), "manager did not place; placing locally");
                     self.counters.manager_fallbacks.fetch_add(1, Ordering::Relaxed);
                     for i in idx {
-                        targets[i] = self.place_local(&users[i], size, n);
+                        targets[i] = self.place_local(&users[i], size, n, self.me);
                         unplaced.push(users[i].clone());
                     }
                 }

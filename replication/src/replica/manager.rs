@@ -130,10 +130,21 @@ impl Manager {
     }
 
     /// Picks `n` nodes for a new message of `size` bytes of `user`, least
-    /// loaded first among the user's spread (holders break ties), and notes
-    /// them in the user's mail map. With no view (or nothing up) the mail
-    /// stays on this node.
-    pub fn place(&mut self, view: &View, user: &str, size: u64, n: usize, spread: usize, own_load: u64) -> Vec<NodeId> {
+    /// loaded first among the user's spread (the receiving node `near`
+    /// preferred, then holders, to break near-ties: see
+    /// [`View::replica_set_near`]), and notes them in the user's mail map.
+    /// With no view (or nothing up) the mail stays on this node.
+    #[allow(clippy::too_many_arguments)]
+    pub fn place(
+        &mut self,
+        view: &View,
+        user: &str,
+        size: u64,
+        n: usize,
+        spread: usize,
+        own_load: u64,
+        near: Option<NodeId>,
+    ) -> Vec<NodeId> {
         let key = UserKey::from_address(user);
         let mut loads = self.loads.clone();
         loads.insert(self.me, own_load);
@@ -141,7 +152,7 @@ impl Manager {
         let map = self.maps.entry(user.to_owned()).or_default();
         let holders: Vec<placement::NodeId> = map.nodes.keys().map(|&n| placement::NodeId(n)).collect();
         let mut targets: Vec<NodeId> = view
-            .replica_set(key, n, spread, &loads, &holders)
+            .replica_set_near(key, n, spread, &loads, &holders, near.map(placement::NodeId))
             .into_iter()
             .map(|n| n.0)
             .collect();
@@ -448,14 +459,14 @@ mod tests {
         m.observe(3, 0, 7);
         m.observe(4, 0, 7);
         let user = managed(&v, 1).remove(0);
-        let t = m.place(&v, &user, 100, 2, 4, 0);
+        let t = m.place(&v, &user, 100, 2, 4, 0, None);
         assert_eq!(t.len(), 2);
         assert!(!t.contains(&2), "the busy node is not chosen: {t:?}");
         let map = m.map(&user).unwrap();
         assert_eq!(map.nodes.values().map(|e| e.0).sum::<u64>(), 2);
         // No view: the mail stays here.
         let empty = View::with_slot_bits(0, Vec::new(), placement::MIN_SLOT_BITS).unwrap();
-        assert_eq!(Manager::new(9).place(&empty, "x@y", 1, 2, 4, 0), vec![9]);
+        assert_eq!(Manager::new(9).place(&empty, "x@y", 1, 2, 4, 0, None), vec![9]);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! |---|---|---|
 //! | 1 | 0.1.0 | the Raft state as 0.1.0 wrote it, bare |
 //! | 2 | 0.2.0 | the level itself ([`Command::SetFeatureLevel`]); snapshots that say their format |
-//! | 3 | 0.3.0 | the IMAP keywords each folder defines ([`Command::DefineKeywords`], [`crate::keywords`]); aliases, domain aliases, catch-alls ([`Command::Routes`], [`crate::routes`]); cluster settings ([`Command::SetSetting`]); DKIM signing keys ([`Command::Dkim`], [`crate::dkim`]); blocklists and access rules ([`Command::Blocklist`], [`crate::blocklist`]); outside the Raft state, the store's body records of kind 8 (`replication::record`) |
+//! | 3 | 0.3.0 | the IMAP keywords each folder defines ([`Command::DefineKeywords`], [`crate::keywords`]); the folders' mod-sequences ([`Command::Touch`], [`crate::modseq`]); aliases, domain aliases, catch-alls ([`Command::Routes`], [`crate::routes`]); cluster settings ([`Command::SetSetting`]); DKIM signing keys ([`Command::Dkim`], [`crate::dkim`]); blocklists and access rules ([`Command::Blocklist`], [`crate::blocklist`]); outside the Raft state, the store's body records of kind 8 (`replication::record`) |
 //!
 //! What each part does:
 //! - **Log entries** (a [`crate::Request`] and its [`Command`]): a command
@@ -108,6 +108,7 @@ impl From<StateV1> for ClusterState {
             settings: Default::default(),
             dkim: Default::default(),
             blocklists: Default::default(),
+            modseqs: Default::default(),
         }
     }
 }
@@ -153,6 +154,7 @@ impl From<StateV2> for ClusterState {
             settings: Default::default(),
             dkim: Default::default(),
             blocklists: Default::default(),
+            modseqs: Default::default(),
         }
     }
 }

@@ -60,6 +60,7 @@ pub mod formats;
 pub mod keywords;
 #[cfg(feature = "testing")]
 pub mod mem_transport;
+pub mod modseq;
 pub mod names;
 pub mod network;
 pub mod password;

@@ -56,13 +56,22 @@
 //! partition test in `membership/tests/cluster.rs`, and imaplib/mbsync across
 //! real nodes with a kill -9 (`tests/tests/imap.rs`).
 //!
+//! Mod-sequences (CONDSTORE, QRESYNC) come from the same state: numbering
+//! new messages, forgetting expunged ones and [`Uids::touch`] (a flag
+//! change, after it is on the replicas) each raise the folder's counter
+//! (`membership::modseq`), batched into shared entries like the numbers.
+//!
 //! Costs: one Raft entry per batch of new messages (the delivery path is
 //! untouched: numbering happens when an IMAP session first sees a message,
 //! or at APPEND), and 16 bytes plus a number per message of every folder in
 //! every node's memory and in the Raft snapshot (the directory already puts
-//! every user there): 1 M messages ≈ 40 MB. Past tens of millions of
-//! messages the sequences should move out of the snapshot into a per-node
-//! store fed by the log; the scheme stays the same.
+//! every user there): 1 M messages ≈ 40 MB, and a mod-sequence per message
+//! as much again (a state of 100 000 numbered messages encodes to 20 bytes
+//! a message for the UIDs and 17 more for the mod-sequences). Past tens of
+//! millions of messages both should move out of the Raft state (a lease
+//! per folder, the numbers kept with the messages' replicas: what is left
+//! of the issue on IMAP state); what sessions see through [`Uids`] stays
+//! the same.
 
 use std::sync::Mutex;
 
@@ -74,18 +83,29 @@ use replication::replica::BoxFuture;
 /// Ids one request carries at most (a Raft entry's worth).
 pub const CHUNK: usize = membership::sequence::IDS_PER_COMMAND_MAX;
 
-/// A folder's UIDs as this node knows them now.
+/// A folder's UIDs and mod-sequences as this node knows them now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Numbers {
     pub validity: u32,
     pub next: u32,
     /// Per id asked, its UID if it has one.
     pub uids: Vec<Option<u32>>,
+    /// HIGHESTMODSEQ (`membership::modseq`), at least 1.
+    pub highest_modseq: u64,
+    /// Per id asked, its mod-sequence (1 where none was stamped).
+    pub modseqs: Vec<u64>,
 }
 
 pub trait Uids: Send + Sync + 'static {
     /// Gives UIDs to the ids that have none (in the order given).
     fn assign<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// One change each to `ids` (their flags, already written to their
+    /// replicas): the folder's mod-sequence goes up and they take it
+    /// (`membership::modseq`). Does nothing below feature level 3.
+    fn touch<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Whether mod-sequences are kept (feature level 3): CONDSTORE and
+    /// QRESYNC are served only then.
+    fn modseqs_kept(&self) -> bool;
     /// Forgets expunged ids (their UIDs are never given again).
     fn forget<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Drops a folder's sequence (its user is removed): a later folder of
@@ -125,6 +145,7 @@ pub trait Uids: Send + Sync + 'static {
 use std::collections::BTreeMap;
 
 use membership::keywords::{FolderKeywords, KEYWORDS_FEATURE_LEVEL};
+use membership::modseq::{FolderModSeqs, MODSEQ_FEATURE_LEVEL, MODSEQ_UNSTAMPED, ModSeqs};
 
 /// The sequence name of a user's folder.
 pub fn sequence_name(mailbox: &str, folder: &str) -> String {
@@ -136,11 +157,20 @@ fn numbered_from(seq: Option<&membership::sequence::Sequence>, from: u32) -> Vec
         .unwrap_or_default()
 }
 
-fn read(seqs: Option<&membership::sequence::Sequence>, ids: &[[u8; 16]]) -> Option<Numbers> {
+fn read(
+    seqs: Option<&membership::sequence::Sequence>,
+    modseqs: Option<&FolderModSeqs>,
+    ids: &[[u8; 16]],
+) -> Option<Numbers> {
     seqs.map(|s| Numbers {
         validity: s.validity,
         next: s.next,
         uids: ids.iter().map(|id| s.number(id)).collect(),
+        highest_modseq: modseqs.map_or(MODSEQ_UNSTAMPED, FolderModSeqs::highest),
+        modseqs: ids
+            .iter()
+            .map(|id| modseqs.map_or(MODSEQ_UNSTAMPED, |m| m.of(id)))
+            .collect(),
     })
 }
 
@@ -151,7 +181,17 @@ const BATCHES_IN_FLIGHT: usize = 4;
 /// most 64 KiB).
 const BATCH_BYTES_MAX: usize = 48 * 1024;
 
+/// What a batched request asks (a batch holds one kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// UIDs for new messages (`Command::AssignMany`).
+    Numbers,
+    /// A change each (`Command::Touch`).
+    Touch,
+}
+
 struct Pending {
+    ask: Ask,
     name: String,
     ids: Vec<[u8; 16]>,
     done: tokio::sync::oneshot::Sender<Result<(), String>>,
@@ -163,9 +203,10 @@ impl Pending {
     }
 }
 
-/// The cluster's UIDs: requests from every session of this node are
-/// batched into as few Raft entries as the commits allow (one entry per
-/// request made APPEND wait for a log fsync each: ~360/s on this VM).
+/// The cluster's UIDs and mod-sequences: requests from every session of
+/// this node are batched into as few Raft entries as the commits allow
+/// (one entry per request made APPEND wait for a log fsync each: ~360/s on
+/// this VM).
 pub struct RaftUids {
     membership: Membership,
     tx: tokio::sync::mpsc::Sender<Pending>,
@@ -194,10 +235,10 @@ async fn batcher(membership: Membership, mut rx: tokio::sync::mpsc::Receiver<Pen
                 None => return,
             },
         };
-        let (mut ids, mut bytes) = (first.ids.len().max(1), first.bytes());
+        let (mut ids, mut bytes, ask) = (first.ids.len().max(1), first.bytes(), first.ask);
         let mut batch = vec![first];
         while let Ok(p) = rx.try_recv() {
-            if ids + p.ids.len().max(1) > CHUNK || bytes + p.bytes() > BATCH_BYTES_MAX {
+            if p.ask != ask || ids + p.ids.len().max(1) > CHUNK || bytes + p.bytes() > BATCH_BYTES_MAX {
                 carry = Some(p);
                 break;
             }
@@ -208,7 +249,11 @@ async fn batcher(membership: Membership, mut rx: tokio::sync::mpsc::Receiver<Pen
         let m = membership.clone();
         tokio::spawn(async move {
             let items = batch.iter().map(|p| (p.name.clone(), p.ids.clone())).collect();
-            let r = m.assign_many(items).await.map_err(|e| e.to_string());
+            let r = match ask {
+                Ask::Numbers => m.assign_many(items).await,
+                Ask::Touch => m.touch_many(items).await,
+            }
+            .map_err(|e| e.to_string());
             for p in batch {
                 let _ = p.done.send(r.clone());
             }
@@ -217,32 +262,51 @@ async fn batcher(membership: Membership, mut rx: tokio::sync::mpsc::Receiver<Pen
     }
 }
 
+impl RaftUids {
+    /// Sends `ids` to the batcher in chunks and waits for each entry.
+    async fn batched(&self, ask: Ask, name: &str, ids: Vec<[u8; 16]>) -> anyhow::Result<()> {
+        // An empty request still creates the sequence (an empty folder
+        // gets its UIDVALIDITY).
+        let chunks: Vec<Vec<[u8; 16]>> = if ids.is_empty() {
+            vec![vec![]]
+        } else {
+            ids.chunks(CHUNK / 2).map(|c| c.to_vec()).collect()
+        };
+        for ids in chunks {
+            let (done, rx) = tokio::sync::oneshot::channel();
+            let p = Pending {
+                ask,
+                name: name.to_owned(),
+                ids,
+                done,
+            };
+            self.tx.send(p).await.map_err(|_| anyhow::anyhow!("UID batcher gone"))?;
+            // An error may be another request's in the same entry: the
+            // caller reads its numbers back either way.
+            rx.await
+                .map_err(|_| anyhow::anyhow!("UID batcher gone"))?
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+}
+
 impl Uids for RaftUids {
     fn assign<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.batched(Ask::Numbers, name, ids))
+    }
+
+    fn touch<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
-            // An empty request still creates the sequence (an empty folder
-            // gets its UIDVALIDITY).
-            let chunks: Vec<Vec<[u8; 16]>> = if ids.is_empty() {
-                vec![vec![]]
-            } else {
-                ids.chunks(CHUNK / 2).map(|c| c.to_vec()).collect()
-            };
-            for ids in chunks {
-                let (done, rx) = tokio::sync::oneshot::channel();
-                let p = Pending {
-                    name: name.to_owned(),
-                    ids,
-                    done,
-                };
-                self.tx.send(p).await.map_err(|_| anyhow::anyhow!("UID batcher gone"))?;
-                // An error may be another request's in the same entry: the
-                // caller reads its numbers back either way.
-                rx.await
-                    .map_err(|_| anyhow::anyhow!("UID batcher gone"))?
-                    .map_err(anyhow::Error::msg)?;
+            if ids.is_empty() || self.membership.feature_level() < MODSEQ_FEATURE_LEVEL {
+                return Ok(());
             }
-            Ok(())
+            self.batched(Ask::Touch, name, ids).await
         })
+    }
+
+    fn modseqs_kept(&self) -> bool {
+        self.membership.feature_level() >= MODSEQ_FEATURE_LEVEL
     }
 
     fn forget<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>> {
@@ -259,7 +323,7 @@ impl Uids for RaftUids {
     }
 
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers> {
-        self.membership.with_sequence(name, |s| read(s, ids))
+        self.membership.with_numbers(name, |s, m| read(s, m, ids))
     }
 
     fn names(&self, scope: &str) -> BTreeMap<String, [u8; 16]> {
@@ -316,6 +380,7 @@ pub struct LocalUids(
     Mutex<Names>,
     Mutex<membership::recent::RecentClaims>,
     Mutex<FolderKeywords>,
+    Mutex<ModSeqs>,
 );
 
 impl LocalUids {
@@ -334,6 +399,10 @@ impl LocalUids {
     fn keywords_mut(&self) -> std::sync::MutexGuard<'_, FolderKeywords> {
         self.3.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn modseqs(&self) -> std::sync::MutexGuard<'_, ModSeqs> {
+        self.4.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Uids for LocalUids {
@@ -350,16 +419,39 @@ impl Uids for LocalUids {
                     .copied()
                     .collect();
                 seqs.assign(name, chunk, 1)?;
+                self.modseqs().stamp(name, &new);
                 self.recent().claim(name, new);
             }
             Ok(())
         })
     }
 
+    fn touch<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let seqs = self.seqs();
+            if let Some(seq) = seqs.get(name) {
+                let numbered: Vec<[u8; 16]> = ids.into_iter().filter(|id| seq.number(id).is_some()).collect();
+                self.modseqs().stamp(name, &numbered);
+            }
+            Ok(())
+        })
+    }
+
+    fn modseqs_kept(&self) -> bool {
+        true
+    }
+
     fn forget<'a>(&'a self, name: &'a str, ids: Vec<[u8; 16]>) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             for chunk in ids.chunks(CHUNK) {
-                self.seqs().forget(name, chunk)?;
+                let mut seqs = self.seqs();
+                let numbered: Vec<[u8; 16]> = chunk
+                    .iter()
+                    .filter(|id| seqs.get(name).is_some_and(|s| s.number(id).is_some()))
+                    .copied()
+                    .collect();
+                seqs.forget(name, chunk)?;
+                self.modseqs().forget(name, &numbered);
             }
             Ok(())
         })
@@ -369,12 +461,13 @@ impl Uids for LocalUids {
         Box::pin(async move {
             self.seqs().drop_sequence(name)?;
             self.keywords_mut().drop_folder(name);
+            self.modseqs().drop_folder(name);
             Ok(())
         })
     }
 
     fn numbers(&self, name: &str, ids: &[[u8; 16]]) -> Option<Numbers> {
-        read(self.seqs().get(name), ids)
+        read(self.seqs().get(name), self.modseqs().get(name), ids)
     }
 
     fn names(&self, scope: &str) -> BTreeMap<String, [u8; 16]> {

@@ -530,6 +530,23 @@ impl Membership {
         f(self.inner.shared.read().state.sequences.get(name))
     }
 
+    /// Reads sequence `name` and its mod-sequences together, as of the
+    /// last entry applied here (under the state's lock: keep `f` short).
+    pub fn with_numbers<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(Option<&crate::sequence::Sequence>, Option<&crate::modseq::FolderModSeqs>) -> R,
+    ) -> R {
+        let d = self.inner.shared.read();
+        f(d.state.sequences.get(name), d.state.modseqs.get(name))
+    }
+
+    /// One change each to the messages of several folders (see
+    /// [`Command::Touch`]); refused below feature level 3.
+    pub async fn touch_many(&self, items: Vec<(String, Vec<[u8; 16]>)>) -> Result<(), MembershipError> {
+        expect_ok(self.write(Command::Touch { items }).await?)
+    }
+
     /// Defines IMAP keywords for folder (sequence) `name` (see
     /// [`crate::keywords`]); refused below feature level 3.
     pub async fn define_keywords(&self, name: String, keywords: Vec<String>) -> Result<(), MembershipError> {

@@ -122,6 +122,15 @@ pub enum Command {
     /// Feature level 3: blocklists (loaded in chunks) and access rules
     /// (see [`crate::blocklist`]).
     Blocklist(crate::blocklist::BlocklistCommand),
+    /// Feature level 3: one change each to the messages `ids` of folder
+    /// (sequence) `name`, after their flags were written to their
+    /// replicas: the folder's mod-sequence goes up and they take it (see
+    /// [`crate::modseq`]). Ids not numbered, and sequences that do not
+    /// exist, are skipped. Several folders in one entry (a node batches
+    /// its sessions' changes).
+    Touch {
+        items: Vec<(String, Vec<[u8; 16]>)>,
+    },
 }
 
 impl Command {
@@ -138,6 +147,7 @@ impl Command {
             Command::SetSetting { .. } => crate::settings::SETTINGS_FEATURE_LEVEL,
             Command::Dkim(_) => crate::dkim::DKIM_FEATURE_LEVEL,
             Command::Blocklist(_) => crate::blocklist::BLOCKLIST_FEATURE_LEVEL,
+            Command::Touch { .. } => crate::modseq::MODSEQ_FEATURE_LEVEL,
             Command::Directory(DirectoryCommand::SetQuota { .. }) => crate::routes::ROUTES_FEATURE_LEVEL,
             _ => 1,
         }
@@ -288,6 +298,8 @@ pub struct ClusterState {
     pub dkim: crate::dkim::DkimKeys,
     /// Level 3: blocklists and access rules.
     pub blocklists: crate::blocklist::Blocklists,
+    /// Level 3: the IMAP folders' mod-sequences.
+    pub modseqs: crate::modseq::ModSeqs,
 }
 
 impl Default for ClusterState {
@@ -305,6 +317,7 @@ impl Default for ClusterState {
             settings: Default::default(),
             dkim: Default::default(),
             blocklists: Default::default(),
+            modseqs: Default::default(),
         }
     }
 }
@@ -385,6 +398,7 @@ impl ClusterState {
             Command::SetSetting { key, value } => self.settings.set(key, value.as_deref())?,
             Command::Dkim(c) => self.dkim.apply(c)?,
             Command::Blocklist(c) => self.blocklists.apply(c)?,
+            Command::Touch { items } => self.touch(items)?,
             Command::AddNode(info) => {
                 info.validate()?;
                 if !self.view.nodes.contains_key(&info.id) && self.view.nodes.len() >= NODES_MAX {
@@ -425,11 +439,12 @@ impl ClusterState {
                 }
                 self.tls.version += 1;
             }
-            Command::AssignNumbers { name, ids, now_secs } => self.sequences.assign(name, ids, *now_secs)?,
-            Command::ForgetNumbers { name, ids } => self.sequences.forget(name, ids)?,
+            Command::AssignNumbers { name, ids, now_secs } => self.assign_numbers(name, ids, *now_secs)?,
+            Command::ForgetNumbers { name, ids } => self.forget_numbers(name, ids)?,
             Command::DropSequence { name } => {
                 self.sequences.drop_sequence(name)?;
                 self.keywords.drop_folder(name);
+                self.modseqs.drop_folder(name);
             }
             Command::DefineKeywords { name, keywords } => {
                 if self.sequences.get(name).is_some() {
@@ -442,7 +457,7 @@ impl ClusterState {
             Command::AssignMany { items, now_secs } => {
                 let mut first = Ok(());
                 for (name, ids) in items {
-                    if let Err(e) = self.sequences.assign(name, ids, *now_secs)
+                    if let Err(e) = self.assign_numbers(name, ids, *now_secs)
                         && first.is_ok()
                     {
                         first = Err(e);
@@ -476,6 +491,50 @@ impl ClusterState {
     /// A directory write, kept consistent with the routes: an alias
     /// domain is not added as a domain of its own, and a domain that
     /// aliases point into stays until they go.
+    /// Whether numbering and expunges stamp mod-sequences (from the level
+    /// that brought them: below it a node of the previous release applies
+    /// the same entries without them).
+    fn stamps(&self) -> bool {
+        self.feature_level >= crate::modseq::MODSEQ_FEATURE_LEVEL
+    }
+
+    /// [`crate::sequence::Sequences::assign`], the ids it numbers stamped.
+    fn assign_numbers(&mut self, name: &str, ids: &[[u8; 16]], now_secs: u32) -> Result<(), CommandError> {
+        let new: Vec<[u8; 16]> = match self.sequences.get(name) {
+            _ if !self.stamps() => Vec::new(),
+            Some(seq) => ids.iter().filter(|id| seq.number(id).is_none()).copied().collect(),
+            None => ids.to_vec(),
+        };
+        self.sequences.assign(name, ids, now_secs)?;
+        self.modseqs.stamp(name, &new);
+        Ok(())
+    }
+
+    /// [`crate::sequence::Sequences::forget`]; an expunge is a change.
+    fn forget_numbers(&mut self, name: &str, ids: &[[u8; 16]]) -> Result<(), CommandError> {
+        let numbered: Vec<[u8; 16]> = match self.sequences.get(name) {
+            Some(seq) if self.stamps() => ids.iter().filter(|id| seq.number(id).is_some()).copied().collect(),
+            _ => Vec::new(),
+        };
+        self.sequences.forget(name, ids)?;
+        self.modseqs.forget(name, &numbered);
+        Ok(())
+    }
+
+    /// [`Command::Touch`]: at most a command's worth of ids in all.
+    fn touch(&mut self, items: &[(String, Vec<[u8; 16]>)]) -> Result<(), CommandError> {
+        let total: usize = items.iter().map(|(_, ids)| ids.len()).sum();
+        if total > crate::sequence::IDS_PER_COMMAND_MAX {
+            return Err(crate::sequence::SequenceError::TooManyIds.into());
+        }
+        for (name, ids) in items {
+            let Some(seq) = self.sequences.get(name) else { continue };
+            let numbered: Vec<[u8; 16]> = ids.iter().filter(|id| seq.number(id).is_some()).copied().collect();
+            self.modseqs.stamp(name, &numbered);
+        }
+        Ok(())
+    }
+
     fn apply_directory(&mut self, c: &DirectoryCommand) -> Result<(), CommandError> {
         match c {
             DirectoryCommand::AddDomain { domain } if self.routes.is_domain_alias(domain) => {

@@ -259,3 +259,66 @@ fn retries_are_answered_not_applied() {
         Err(CommandError::Stale { .. })
     ));
 }
+
+#[test]
+fn mod_sequences_rise_with_every_change_from_level_3() {
+    let mut s = ClusterState::default();
+    let v = BTreeSet::new();
+    let by = CommittedBy::default();
+    let name = "imap/alice/INBOX".to_owned();
+    let assign = |ids: Vec<[u8; 16]>| Command::AssignNumbers {
+        name: name.clone(),
+        ids,
+        now_secs: 1,
+    };
+    let touch = |ids: Vec<[u8; 16]>| Command::Touch {
+        items: vec![(name.clone(), ids)],
+    };
+    // Below level 3: numbering stamps nothing, a Touch is refused.
+    assert_eq!(s.apply(&assign(vec![[1; 16]]), &v, by).result, Ok(()));
+    assert!(s.modseqs.get(&name).is_none());
+    assert!(s.apply(&touch(vec![[1; 16]]), &v, by).result.is_err());
+    assert_eq!(s.apply(&Command::SetFeatureLevel { level: 3 }, &v, by).result, Ok(()));
+    let highest = |s: &ClusterState| s.modseqs.get(&name).map_or(1, |f| f.highest());
+    let of = |s: &ClusterState, id: [u8; 16]| s.modseqs.get(&name).map_or(1, |f| f.of(&id));
+    // New messages: one change for the batch; one numbered before counts 1.
+    assert_eq!(s.apply(&assign(vec![[1; 16], [2; 16], [3; 16]]), &v, by).result, Ok(()));
+    assert_eq!(
+        (highest(&s), of(&s, [1; 16]), of(&s, [2; 16]), of(&s, [3; 16])),
+        (2, 1, 2, 2)
+    );
+    // Asking again numbers nothing and changes nothing.
+    assert_eq!(s.apply(&assign(vec![[2; 16]]), &v, by).result, Ok(()));
+    assert_eq!(highest(&s), 2);
+    // A flag change: up by one; ids not numbered are skipped.
+    assert_eq!(s.apply(&touch(vec![[1; 16], [9; 16]]), &v, by).result, Ok(()));
+    assert_eq!((highest(&s), of(&s, [1; 16]), of(&s, [9; 16])), (3, 3, 1));
+    assert!(s.modseqs.get(&name).is_some_and(|f| !f.ids.contains_key(&[9; 16])));
+    // A Touch of a folder without a sequence does nothing.
+    let other = Command::Touch {
+        items: vec![("imap/bob/INBOX".into(), vec![[1; 16]])],
+    };
+    assert_eq!(s.apply(&other, &v, by).result, Ok(()));
+    assert!(s.modseqs.get("imap/bob/INBOX").is_none());
+    // An expunge is a change; forgetting what is not numbered is not.
+    let forget = |ids: Vec<[u8; 16]>| Command::ForgetNumbers {
+        name: name.clone(),
+        ids,
+    };
+    assert_eq!(s.apply(&forget(vec![[8; 16]]), &v, by).result, Ok(()));
+    assert_eq!(highest(&s), 3);
+    assert_eq!(s.apply(&forget(vec![[2; 16]]), &v, by).result, Ok(()));
+    assert_eq!(highest(&s), 4);
+    // Too many ids in one Touch: refused whole.
+    let big = Command::Touch {
+        items: vec![(name.clone(), vec![[1; 16]; crate::sequence::IDS_PER_COMMAND_MAX + 1])],
+    };
+    assert!(s.apply(&big, &v, by).result.is_err());
+    assert_eq!(highest(&s), 4);
+    // A dropped folder's counter goes with it.
+    assert_eq!(
+        s.apply(&Command::DropSequence { name: name.clone() }, &v, by).result,
+        Ok(())
+    );
+    assert!(s.modseqs.get(&name).is_none());
+}

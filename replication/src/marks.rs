@@ -30,13 +30,13 @@
 //! same flags; a STORE and a concurrent opposite STORE through another node
 //! end with the later one (by HLC), like any last-writer-wins register.
 //!
-//! Not done: **CONDSTORE**. The registers' HLCs look like MODSEQs, but
-//! MODSEQ must grow for every change a client can observe: a change made
-//! through a node whose clock is behind could be stamped below a
-//! HIGHESTMODSEQ the client already read from another node, and CHANGEDSINCE
-//! would miss it. A correct one needs a per-folder counter bumped by every
-//! change (a Raft entry per STORE, or the manager fencing an epoch-counter):
-//! not cheap, so it is left out rather than served wrong.
+//! **CONDSTORE** does not use the registers' HLCs as MODSEQs: MODSEQ must
+//! grow for every change a client can observe, and a change made through a
+//! node whose clock is behind could be stamped below a HIGHESTMODSEQ the
+//! client already read from another node, and CHANGEDSINCE would miss it.
+//! Mod-sequences are a per-folder counter in the Raft state instead
+//! (`membership::modseq`), stamped after the register change is on the
+//! replicas.
 
 use serde::{Deserialize, Serialize};
 

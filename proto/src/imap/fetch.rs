@@ -62,6 +62,17 @@ pub fn sets_seen(names: &[MessageDataItemName<'_>]) -> bool {
     })
 }
 
+/// A mod-sequence as IMAP writes it (never 0).
+pub fn modseq_nz(v: u64) -> std::num::NonZeroU64 {
+    std::num::NonZeroU64::new(v.max(1)).expect("at least 1")
+}
+
+/// Whether the items ask for MODSEQ (which turns CONDSTORE on, RFC 7162
+/// 3.1).
+pub fn asks_modseq(names: &[MessageDataItemName<'_>]) -> bool {
+    names.contains(&MessageDataItemName::ModSeq)
+}
+
 /// The items of one message (`body`: its bytes, when [`needs_body`]);
 /// `flags_too`: add FLAGS if not asked for (`\Seen` was just set).
 pub fn items<M: Message>(
@@ -75,6 +86,7 @@ pub fn items<M: Message>(
     for n in names {
         items.push(match n {
             MessageDataItemName::Uid => MessageDataItem::Uid(nz(m.uid())),
+            MessageDataItemName::ModSeq => MessageDataItem::ModSeq(modseq_nz(m.modseq())),
             MessageDataItemName::Flags => MessageDataItem::Flags(flags_of(m)),
             MessageDataItemName::Rfc822Size => MessageDataItem::Rfc822Size(m.size() as u32),
             MessageDataItemName::InternalDate => MessageDataItem::InternalDate(internal_date(m.arrival_ms())),

@@ -57,6 +57,9 @@ pub trait Message {
     fn recent(&self) -> bool {
         false
     }
+    /// Its mod-sequence (RFC 7162): raised by every change of its flags,
+    /// at least 1.
+    fn modseq(&self) -> u64;
 }
 
 /// The options of imap-next's server for a node whose largest message is
@@ -81,6 +84,7 @@ pub(crate) mod testing {
         pub size: u64,
         pub arrival_ms: u64,
         pub registers: Vec<(String, bool)>,
+        pub modseq: u64,
     }
 
     impl TestMsg {
@@ -90,6 +94,7 @@ pub(crate) mod testing {
                 size: 100,
                 arrival_ms: 0,
                 registers: flags.iter().map(|f| ((*f).to_owned(), true)).collect(),
+                modseq: 1,
             }
         }
     }
@@ -113,6 +118,9 @@ pub(crate) mod testing {
         }
         fn registers(&self) -> Vec<(&str, bool)> {
             self.registers.iter().map(|(n, s)| (n.as_str(), *s)).collect()
+        }
+        fn modseq(&self) -> u64 {
+            self.modseq
         }
     }
 }

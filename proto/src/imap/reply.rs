@@ -93,7 +93,14 @@ pub fn nstring(bytes: Vec<u8>) -> NString<'static> {
 /// The capabilities to announce now: STARTTLS while it can be started,
 /// AUTH=PLAIN and SASL-IR where a password may be sent (else
 /// LOGINDISABLED), none of these once authenticated.
-pub fn capabilities(starttls: bool, password_ok: bool, authenticated: bool) -> Vec1<Capability<'static>> {
+/// The capabilities to announce; `modseqs`: the cluster keeps
+/// mod-sequences (CONDSTORE and QRESYNC, RFC 7162).
+pub fn capabilities(
+    starttls: bool,
+    password_ok: bool,
+    authenticated: bool,
+    modseqs: bool,
+) -> Vec1<Capability<'static>> {
     let mut c = vec![Capability::Imap4Rev1];
     if !authenticated {
         if starttls {
@@ -116,6 +123,9 @@ pub fn capabilities(starttls: bool, password_ok: bool, authenticated: bool) -> V
         Capability::Namespace,
         Capability::Enable,
     ]);
+    if modseqs {
+        c.extend([Capability::CondStore, Capability::QResync]);
+    }
     if authenticated {
         // RFC 6154: LIST marks Sent, Drafts, Trash, Junk and Archive.
         c.push(Capability::from(Atom::unvalidated("SPECIAL-USE")));
@@ -273,9 +283,23 @@ mod tests {
         );
         assert_eq!(flags_of(&msgs[0]).len(), 2);
         assert_eq!(name_of_flag(&flag_of_name("\\Seen").unwrap()), "\\Seen");
-        let caps = capabilities(true, false, false);
+        let caps = capabilities(true, false, false, true);
         assert!(caps.as_ref().contains(&Capability::LoginDisabled));
         assert!(caps.as_ref().contains(&Capability::StartTls));
-        assert!(!capabilities(true, true, true).as_ref().contains(&Capability::StartTls));
+        assert!(
+            !capabilities(true, true, true, true)
+                .as_ref()
+                .contains(&Capability::StartTls)
+        );
+        assert!(
+            capabilities(true, true, true, true)
+                .as_ref()
+                .contains(&Capability::QResync)
+        );
+        assert!(
+            !capabilities(true, true, true, false)
+                .as_ref()
+                .contains(&Capability::CondStore)
+        );
     }
 }

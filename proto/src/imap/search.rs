@@ -84,6 +84,18 @@ fn in_addresses(message: &[u8], which: Field, needle: &[u8]) -> bool {
         .any(|a| hit(a.address.as_deref()) || hit(a.name.as_deref()))
 }
 
+/// Whether `key` searches by mod-sequence (which turns CONDSTORE on and
+/// makes the answer name the highest found, RFC 7162 3.1.5).
+pub fn uses_modseq(key: &SearchKey<'_>) -> bool {
+    match key {
+        SearchKey::ModSequence { .. } => true,
+        SearchKey::And(keys) => keys.as_ref().iter().any(uses_modseq),
+        SearchKey::Or(a, b) => uses_modseq(a) || uses_modseq(b),
+        SearchKey::Not(k) => uses_modseq(k),
+        _ => false,
+    }
+}
+
 /// Evaluates `key` on `m` at `pos`; `body` is the message's bytes once
 /// read. Keys are evaluated left to right and stop as soon as the answer
 /// is known, so a body is needed only where it decides.
@@ -128,6 +140,9 @@ pub fn matches<M: Message>(
         SearchKey::Recent => m.recent(),
         SearchKey::New => m.recent() && !m.has("\\Seen"),
         SearchKey::Old => !m.recent(),
+        // Flags have no mod-sequences of their own: the message's counts
+        // for each (RFC 7162 3.1.5 allows it).
+        SearchKey::ModSequence { modseq, .. } => m.modseq() >= *modseq,
         SearchKey::SentBefore(_) | SearchKey::SentOn(_) | SearchKey::SentSince(_) => {
             let b = body.ok_or(SearchError::NeedBody)?;
             let sent = sent_date(b).unwrap_or_else(|| day_of(arrival));

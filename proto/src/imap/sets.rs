@@ -23,6 +23,81 @@ pub fn set_contains(set: &SequenceSet, n: u32, largest: u32) -> bool {
     })
 }
 
+/// The set of `uids` (any order, repeats allowed), `None` when empty:
+/// what a VANISHED response names.
+pub fn uid_set(uids: &[u32]) -> Option<SequenceSet> {
+    set_of_ranges(uids.iter().map(|u| (*u, *u)).collect())
+}
+
+/// The set of inclusive ranges (any order, overlapping allowed; 0 is left
+/// out), merged, `None` when empty.
+pub fn set_of_ranges(mut ranges: Vec<(u32, u32)>) -> Option<SequenceSet> {
+    ranges.retain(|r| r.1 >= r.0.max(1));
+    ranges.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        let lo = lo.max(1);
+        match merged.last_mut() {
+            Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    let v = |n: u32| SeqOrUid::Value(std::num::NonZeroU32::new(n).expect("above 0"));
+    let seqs: Vec<Sequence> = merged
+        .into_iter()
+        .map(|(lo, hi)| {
+            if lo == hi {
+                Sequence::Single(v(lo))
+            } else {
+                Sequence::Range(v(lo), v(hi))
+            }
+        })
+        .collect();
+    imap_next::imap_types::core::Vec1::try_from(seqs).ok().map(SequenceSet)
+}
+
+/// The UIDs from 1 to `up_to` that `set` names (all of them for `None`;
+/// `*` is `up_to`) and that are not in `present` (sorted, ascending), as
+/// ranges: a QRESYNC client's known UIDs that no longer exist. Walks the
+/// set's ranges and `present`, never the UIDs a range spans.
+pub fn missing_ranges(set: Option<&SequenceSet>, up_to: u32, present: &[u32]) -> Vec<(u32, u32)> {
+    let v = |s: &SeqOrUid| match s {
+        SeqOrUid::Value(x) => x.get(),
+        SeqOrUid::Asterisk => up_to,
+    };
+    let ranges: Vec<(u32, u32)> = match set {
+        None => vec![(1, up_to)],
+        Some(set) => set
+            .0
+            .as_ref()
+            .iter()
+            .map(|s| match s {
+                Sequence::Single(a) => (v(a), v(a)),
+                Sequence::Range(a, b) => (v(a).min(v(b)), v(a).max(v(b))),
+            })
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for (lo, hi) in ranges {
+        let hi = hi.min(up_to);
+        let mut n = lo.max(1);
+        let first = present.partition_point(|p| *p < n);
+        for &p in &present[first..] {
+            if p > hi {
+                break;
+            }
+            if n < p {
+                out.push((n, p - 1));
+            }
+            n = p + 1;
+        }
+        if n <= hi {
+            out.push((n, hi));
+        }
+    }
+    out
+}
+
 /// What `*` stands for in a selected folder: its highest UID, or its
 /// number of messages.
 pub fn largest<M: Message>(msgs: &[M], uid: bool) -> u32 {
@@ -81,6 +156,44 @@ mod tests {
 
     fn set(s: &str) -> SequenceSet {
         SequenceSet::try_from(s).unwrap()
+    }
+
+    fn written(s: Option<SequenceSet>) -> String {
+        let Some(s) = s else { return String::new() };
+        let v = |x: &SeqOrUid| match x {
+            SeqOrUid::Value(n) => n.to_string(),
+            SeqOrUid::Asterisk => "*".into(),
+        };
+        s.0.as_ref()
+            .iter()
+            .map(|q| match q {
+                Sequence::Single(a) => v(a),
+                Sequence::Range(a, b) => format!("{}:{}", v(a), v(b)),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    #[test]
+    fn vanished_sets_are_ranges_of_what_is_missing() {
+        assert_eq!(written(uid_set(&[])), "");
+        assert_eq!(written(uid_set(&[7, 3, 4, 5, 9, 4])), "3:5,7,9");
+        assert_eq!(written(set_of_ranges(vec![(5, 9), (1, 2), (3, 4), (0, 0)])), "1:9");
+        let present = [2, 3, 7, 10];
+        assert_eq!(written(set_of_ranges(missing_ranges(None, 10, &present))), "1,4:6,8:9");
+        // The client's set bounds it; `*` and ranges past UIDNEXT stop at
+        // the last UID given.
+        let s = set("5:*,1");
+        assert_eq!(
+            written(set_of_ranges(missing_ranges(Some(&s), 12, &present))),
+            "1,5:6,8:9,11:12"
+        );
+        let huge = set("1:4294967295");
+        assert_eq!(
+            missing_ranges(Some(&huge), 1_000_000, &[500_000]),
+            vec![(1, 499_999), (500_001, 1_000_000)]
+        );
+        assert!(missing_ranges(None, 0, &[]).is_empty());
     }
 
     #[test]

@@ -116,6 +116,26 @@ pub fn run(cmd: &mut std::process::Command) -> String {
     text
 }
 
+/// Runs a Python script (`python3 -c`) with `args`; the JSON object its
+/// last line prints. A failure panics with what it printed (not the
+/// script, which the test holds).
+pub fn python_json(script: &str, args: Vec<String>) -> serde_json::Value {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(&args)
+        .output()
+        .expect("python3 runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the script failed (args {args:?}):\n{text}");
+    let last = text.lines().rfind(|l| l.starts_with('{')).unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
 /// `quill admin ARGS` against `n`: whether it succeeded, and what it
 /// printed (standard output, then standard error).
 pub fn quill_admin(n: &NodeProcess, args: &[&str]) -> (bool, String) {

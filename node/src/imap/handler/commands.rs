@@ -100,11 +100,12 @@ impl Handler {
                 });
                 ok(tag, None, "ID completed")
             }
-            CommandBody::Enable { .. } => {
+            CommandBody::Enable { capabilities } => {
                 if matches!(self.phase, Phase::NotAuthenticated) {
                     bad(Some(tag), "log in first")
                 } else {
-                    self.data(Data::Enabled { capabilities: vec![] });
+                    let enabled = self.enable(capabilities.as_ref());
+                    self.data(Data::Enabled { capabilities: enabled });
                     ok(tag, None, "ENABLE completed")
                 }
             }
@@ -222,8 +223,8 @@ impl Handler {
                 mailbox_wildcard,
             } => self.list(tag, &user, &reference, &mailbox_wildcard, true),
             CommandBody::Status { mailbox, item_names } => self.status_of(tag, &user, mailbox, &item_names).await,
-            CommandBody::Select { mailbox, .. } => self.select(tag, user, mailbox, false).await,
-            CommandBody::Examine { mailbox, .. } => self.select(tag, user, mailbox, true).await,
+            CommandBody::Select { mailbox, parameters } => self.select(tag, user, mailbox, false, parameters).await,
+            CommandBody::Examine { mailbox, parameters } => self.select(tag, user, mailbox, true, parameters).await,
             CommandBody::Subscribe { mailbox } => self.subscribe(tag, &user, &mailbox).await,
             CommandBody::Unsubscribe { mailbox } => self.unsubscribe(tag, &user, &mailbox).await,
             CommandBody::Create { mailbox } => self.create(tag, &user, &mailbox).await,
@@ -281,16 +282,22 @@ impl Handler {
                 sequence_set,
                 macro_or_item_names,
                 uid,
-                ..
-            } => self.fetch(tag, sequence_set, macro_or_item_names, uid).await,
+                modifiers,
+            } => match self.fetch_modifiers(modifiers, uid) {
+                Ok(ask) => self.fetch(tag, sequence_set, macro_or_item_names, uid, ask).await,
+                Err(why) => bad(Some(tag), why),
+            },
             CommandBody::Store {
                 sequence_set,
                 kind,
                 response,
                 flags,
                 uid,
-                ..
-            } => self.store(tag, sequence_set, kind, response, flags, uid).await,
+                modifiers,
+            } => match self.store_modifiers(modifiers) {
+                Ok(since) => self.store(tag, sequence_set, kind, response, flags, uid, since).await,
+                Err(why) => bad(Some(tag), why),
+            },
             CommandBody::Search { criteria, uid, .. } => self.search(tag, criteria.as_ref(), uid).await,
             CommandBody::Copy {
                 sequence_set,

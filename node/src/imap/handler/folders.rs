@@ -124,10 +124,16 @@ impl Handler {
             Ok(f) => f,
             Err(s) => return s(tag),
         };
-        let (validity, next, msgs) = match self.folder_now(user, &folder).await {
+        let super::mailbox::Listing {
+            validity,
+            next,
+            highest_modseq,
+            msgs,
+        } = match self.folder_now(user, &folder).await {
             Ok(v) => v,
             Err(s) => return s(tag),
         };
+        let msgs: Vec<(u32, Listed)> = msgs.into_iter().map(|(u, _, l)| (u, l)).collect();
         let count = |flag: &str| msgs.iter().filter(|(_, l)| l.meta.marks.has(flag)).count() as u32;
         // Claimed on this node and taken by no session yet (see
         // `membership::recent`).
@@ -152,6 +158,14 @@ impl Handler {
                 StatusDataItemName::Unseen => StatusDataItem::Unseen(msgs.len() as u32 - count("\\Seen")),
                 StatusDataItemName::Deleted => StatusDataItem::Deleted(count("\\Deleted")),
                 StatusDataItemName::DeletedStorage => StatusDataItem::DeletedStorage(deleted_bytes(&msgs)),
+                // RFC 7162 3.1.6 (0 where mod-sequences are not kept).
+                StatusDataItemName::HighestModSeq => {
+                    StatusDataItem::HighestModSeq(if self.services.uids.modseqs_kept() {
+                        highest_modseq
+                    } else {
+                        0
+                    })
+                }
             })
             .collect();
         self.data(Data::Status {

@@ -2,14 +2,16 @@
 //! its UIDs (numbering new mail), what a session is told of changes made
 //! elsewhere, and EXPUNGE.
 
+use imap_next::imap_types::command::SelectParameter;
 use imap_next::imap_types::core::Tag;
 use imap_next::imap_types::flag::FlagPerm;
 use imap_next::imap_types::mailbox::Mailbox;
 use imap_next::imap_types::response::{Code, Data, Status};
 use imap_next::imap_types::sequence::SequenceSet;
 use membership::keywords::{KEYWORDS_PER_FOLDER_MAX, valid_keyword};
+use quill_proto::imap::fetch::modseq_nz;
 use quill_proto::imap::folders::{self, Folder};
-use quill_proto::imap::reply::{folder_flags, keywords_in_use, nz, ok, unavailable};
+use quill_proto::imap::reply::{bad, folder_flags, keywords_in_use, nz, ok, unavailable};
 use quill_proto::imap::sets::set_contains;
 use quill_proto::imap::{Message, sets, sync};
 use replication::replica::Listed;
@@ -21,15 +23,27 @@ use crate::uids::sequence_name;
 /// Messages one SELECT shows at most (a folder holds at most this many).
 pub const FOLDER_MESSAGES_MAX: usize = membership::sequence::IDS_PER_SEQUENCE_MAX;
 
-/// A folder as listed now: UIDVALIDITY, UIDNEXT, and its messages by UID.
-type Listing = (u32, u32, Vec<(u32, Listed)>);
+/// A folder as listed now.
+pub(super) struct Listing {
+    pub validity: u32,
+    pub next: u32,
+    /// HIGHESTMODSEQ, read before the listing: every change stamped at or
+    /// below it is in the listing (a flag change is on the replicas
+    /// before it is stamped).
+    pub highest_modseq: u64,
+    /// The messages by UID, each with its mod-sequence (at most
+    /// `highest_modseq`: one stamped since shows as that, and so shows
+    /// again to a client that asks for changes since it).
+    pub msgs: Vec<(u32, u64, Listed)>,
+}
 
 /// A listing's messages as a session holds them (none recent yet).
-fn shown(listing: Vec<(u32, Listed)>) -> Vec<Msg> {
+fn shown(listing: Vec<(u32, u64, Listed)>) -> Vec<Msg> {
     listing
         .into_iter()
-        .map(|(uid, listed)| Msg {
+        .map(|(uid, modseq, listed)| Msg {
             uid,
+            modseq,
             listed,
             recent: false,
         })
@@ -40,9 +54,28 @@ impl Handler {
     /// The folder's UIDs and messages as listed now, numbering new ones;
     /// what lies above a UID numbered since the look began and not listed
     /// yet waits for the next look (`quill_proto::imap::sync::barrier`).
+    ///
+    /// A look that numbered new mail looks once more, so that their
+    /// mod-sequences (stamped by the numbering, after the look read
+    /// HIGHESTMODSEQ) are not shown clamped below their own: a client
+    /// would find them changed when nothing changed.
     pub(super) async fn folder_now(&mut self, user: &str, folder: &Folder) -> Result<Listing, Refusal> {
+        let (listing, numbered) = self.look(user, folder).await?;
+        if numbered && self.services.uids.modseqs_kept() {
+            return Ok(self.look(user, folder).await?.0);
+        }
+        Ok(listing)
+    }
+
+    /// One look at the folder (see [`Self::folder_now`]); and whether it
+    /// numbered new mail.
+    async fn look(&mut self, user: &str, folder: &Folder) -> Result<(Listing, bool), Refusal> {
         let name = sequence_name(user, &folder.id);
-        let next_before = self.services.uids.numbers(&name, &[]).map_or(1, |n| n.next);
+        let before = self.services.uids.numbers(&name, &[]);
+        let next_before = before.as_ref().map_or(1, |n| n.next);
+        let highest = before
+            .as_ref()
+            .map_or(membership::modseq::MODSEQ_UNSTAMPED, |n| n.highest_modseq);
         let mut listed = self.folder_messages(user, folder).await;
         listed.sort_by_key(|l| l.meta.id);
         listed.truncate(FOLDER_MESSAGES_MAX);
@@ -59,7 +92,9 @@ impl Handler {
         };
         // A folder seen for the first time gets its sequence (and so its
         // UIDVALIDITY) even when it is empty.
+        let mut numbered = false;
         if !missing.is_empty() || numbers.is_none() {
+            numbered = !missing.is_empty();
             if let Err(e) = self.services.uids.assign(&name, missing).await {
                 self.services.counters().imap_uid_failures.inc();
                 debug!(user, error = %e, "UIDs for new mail: not all given now");
@@ -69,27 +104,34 @@ impl Handler {
         let Some(numbers) = numbers else {
             return Err(|tag| unavailable(tag, "the folder's UIDs cannot be read now, try again"));
         };
-        let mut msgs: Vec<(u32, Listed)> = listed
+        let mut msgs: Vec<(u32, u64, Listed)> = listed
             .into_iter()
             .zip(numbers.uids)
-            .filter_map(|(l, u)| u.map(|u| (u, l)))
+            .zip(numbers.modseqs)
+            .filter_map(|((l, u), m)| u.map(|u| (u, m.min(highest), l)))
             .collect();
-        msgs.sort_by_key(|(u, _)| *u);
+        msgs.sort_by_key(|(u, _, _)| *u);
         // Nothing numbered since the look began (the common case: no new
         // mail): no barrier, and no walk over the folder's UIDs under the
         // Raft state's lock (an IDLE looks twice a second).
         let barrier = if numbers.next > next_before {
-            let listed_uids: Vec<u32> = msgs.iter().map(|(u, _)| *u).collect();
+            let listed_uids: Vec<u32> = msgs.iter().map(|(u, _, _)| *u).collect();
             sync::barrier(&listed_uids, self.services.uids.numbered_from(&name, next_before))
         } else {
             None
         };
         let mut next = numbers.next;
         if let Some(b) = barrier {
-            msgs.retain(|(u, _)| *u < b);
+            msgs.retain(|(u, _, _)| *u < b);
             next = next.min(b);
         }
-        Ok((numbers.validity, next, msgs))
+        let listing = Listing {
+            validity: numbers.validity,
+            next,
+            highest_modseq: highest,
+            msgs,
+        };
+        Ok((listing, numbered))
     }
 
     pub(super) async fn select(
@@ -98,14 +140,29 @@ impl Handler {
         user: String,
         mailbox: Mailbox<'static>,
         read_only: bool,
+        params: Vec<SelectParameter>,
     ) -> Status<'static> {
-        // A failed SELECT leaves no folder selected (RFC 3501 6.3.1).
+        let resync = match self.select_parameters(params) {
+            Ok(r) => r,
+            Err(why) => return bad(Some(tag), why),
+        };
+        // A folder selected before is closed (RFC 7162 3.2.11: said once
+        // CONDSTORE and QRESYNC are announced), and a failed SELECT leaves
+        // none selected (RFC 3501 6.3.1).
+        if matches!(self.phase, Phase::Selected(_)) && self.services.uids.modseqs_kept() {
+            self.untagged_ok(Code::Closed, "the folder selected before is closed");
+        }
         self.phase = Phase::Authenticated { user: user.clone() };
         let folder = match self.folder(&user, &mailbox) {
             Ok(f) => f,
             Err(s) => return s(tag),
         };
-        let (validity, uid_next, msgs) = match self.folder_now(&user, &folder).await {
+        let Listing {
+            validity,
+            next: uid_next,
+            highest_modseq,
+            msgs,
+        } = match self.folder_now(&user, &folder).await {
             Ok(v) => v,
             Err(s) => return s(tag),
         };
@@ -145,6 +202,12 @@ impl Handler {
         self.untagged_ok(Code::PermanentFlags(permanent), "flags are stored");
         self.untagged_ok(Code::UidValidity(nz(validity)), "UIDs valid");
         self.untagged_ok(Code::UidNext(nz(uid_next)), "predicted next UID");
+        if self.services.uids.modseqs_kept() {
+            self.untagged_ok(Code::HighestModSeq(modseq_nz(highest_modseq)), "highest mod-sequence");
+        }
+        if let Some(r) = resync {
+            self.resync(&r, validity, uid_next, &msgs);
+        }
         let user_for_watch = user.clone();
         self.phase = Phase::Selected(Box::new(Selected {
             user,
@@ -152,6 +215,7 @@ impl Handler {
             read_only,
             validity,
             uid_next,
+            highest_modseq,
             msgs,
             keywords: Default::default(),
             // EXAMINE counts claims it does not take: none is this
@@ -194,19 +258,32 @@ impl Handler {
             sel.msgs.clear();
             return (0..n).map(|_| Data::Expunge(nz(1))).collect();
         }
-        let Ok((validity, next, now)) = self.folder_now(&user, &folder).await else {
+        let Ok(listing) = self.folder_now(&user, &folder).await else {
             return vec![];
         };
+        let tell = self.tell();
         let Phase::Selected(sel) = &mut self.phase else {
             return vec![];
         };
         sel.looked = std::time::Instant::now();
-        if validity != sel.validity {
+        if listing.validity != sel.validity {
             return vec![];
         }
-        let now = shown(now);
+        let mut now = shown(listing.msgs);
+        // A mod-sequence shown is never shown lower later (a look shows
+        // one stamped after it began as its HIGHESTMODSEQ).
+        if tell.modseq {
+            let shown_before: std::collections::HashMap<u32, u64> =
+                sel.msgs.iter().map(|m| (m.uid, m.modseq)).collect();
+            for m in &mut now {
+                if let Some(&old) = shown_before.get(&m.uid) {
+                    m.modseq = m.modseq.max(old);
+                }
+            }
+        }
         let before = sel.msgs.last().map_or(0, |m| m.uid);
-        let mut out = sync::sync(&mut sel.msgs, now, &mut sel.uid_next, next);
+        sel.highest_modseq = sel.highest_modseq.max(listing.highest_modseq);
+        let mut out = sync::sync(&mut sel.msgs, now, &mut sel.uid_next, listing.next, tell);
         // New messages whose claim this session takes are \Recent to it.
         if !sel.read_only {
             let fresh: Vec<[u8; 16]> = sel
@@ -334,9 +411,11 @@ impl Handler {
     /// one pass, telling the client each EXPUNGE (when `tell`), last first
     /// so that the numbers stay right.
     pub(super) fn remove_shown(&mut self, positions: Vec<usize>, tell: bool) {
+        let vanished = self.qresync;
         let Phase::Selected(sel) = &mut self.phase else {
             return;
         };
+        let uids: Vec<u32> = positions.iter().map(|&i| sel.msgs[i].uid).collect();
         let mut gone = vec![false; sel.msgs.len()];
         for &i in &positions {
             gone[i] = true;
@@ -348,8 +427,17 @@ impl Handler {
         });
         let news = sel.recent_news();
         if tell {
-            for i in positions.into_iter().rev() {
-                self.data(Data::Expunge(nz(i as u32 + 1)));
+            // QRESYNC: one VANISHED by UID (RFC 7162 3.2.10).
+            match sets::uid_set(&uids) {
+                Some(known_uids) if vanished => self.data(Data::Vanished {
+                    earlier: false,
+                    known_uids,
+                }),
+                _ => {
+                    for i in positions.into_iter().rev() {
+                        self.data(Data::Expunge(nz(i as u32 + 1)));
+                    }
+                }
             }
             if let Some(news) = news {
                 self.data(news);

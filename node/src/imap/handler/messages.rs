@@ -3,7 +3,7 @@
 //! only where a key needs them, within a byte budget).
 
 use imap_next::imap_types::core::{Tag, Vec1};
-use imap_next::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItem};
+use imap_next::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName};
 use imap_next::imap_types::flag::{Flag, StoreResponse, StoreType};
 use imap_next::imap_types::response::{Code, Data, Status};
 use imap_next::imap_types::search::SearchKey;
@@ -17,6 +17,7 @@ use replication::replica::Listed;
 use crate::mail::flag_change;
 use tracing::debug;
 
+use super::condstore::FetchAsk;
 use super::state::{Handler, Phase};
 
 impl Handler {
@@ -26,19 +27,52 @@ impl Handler {
         set: SequenceSet,
         names: MacroOrMessageDataItemNames<'static>,
         uid: bool,
+        ask: FetchAsk,
     ) -> Status<'static> {
-        let names = match fetch::item_names(names, uid) {
+        let mut names = match fetch::item_names(names, uid) {
             Ok(n) => n,
             Err(why) => return cannot(tag, why),
         };
+        // UID FETCH ... (CHANGEDSINCE): what changed through any node
+        // until now, so the session looks first (a UID command may be
+        // told of expunges, RFC 3501 7.4.1).
+        if uid && ask.changed_since.is_some() {
+            self.tell_changes().await;
+        }
+        if fetch::asks_modseq(&names) {
+            if !self.services.uids.modseqs_kept() {
+                return bad(Some(tag), "MODSEQ needs the cluster at feature level 3");
+            }
+            self.condstore = true;
+        }
+        // CHANGEDSINCE: MODSEQ goes with each message (RFC 7162 3.1.4.1);
+        // under QRESYNC every FETCH names its UID (3.2.4).
+        if ask.changed_since.is_some() && !fetch::asks_modseq(&names) {
+            names.push(MessageDataItemName::ModSeq);
+        }
+        if self.qresync && !names.contains(&MessageDataItemName::Uid) {
+            names.insert(0, MessageDataItemName::Uid);
+        }
         let needs_body = fetch::needs_body(&names);
+        let condstore = self.condstore;
         let Phase::Selected(sel) = &self.phase else {
             unreachable!("the selected state")
         };
-        let targets = sets::selected(&sel.msgs, &set, uid);
+        let mut targets = sets::selected(&sel.msgs, &set, uid);
         if !uid && targets.is_empty() && !sel.msgs.is_empty() {
             return bad(Some(tag), "no such message");
         }
+        if let Some(since) = ask.changed_since {
+            targets.retain(|&i| sel.msgs[i].modseq > since);
+        }
+        if ask.vanished {
+            let present: Vec<u32> = sel.msgs.iter().map(|m| m.uid).collect();
+            let uid_next = sel.uid_next;
+            self.vanished_in(&set, &present, uid_next);
+        }
+        let Phase::Selected(sel) = &self.phase else {
+            unreachable!("the selected state")
+        };
         // Fetching a body (not its PEEK) sets \Seen (RFC 3501 6.4.5),
         // stored like a STORE, and the FLAGS go with the answer.
         let mut now_seen = vec![false; sel.msgs.len()];
@@ -61,10 +95,12 @@ impl Handler {
                 let Phase::Selected(sel) = &mut self.phase else {
                     unreachable!("the selected state")
                 };
+                let positions: Vec<usize> = changes.iter().map(|c| c.0).collect();
                 for (i, _, change) in changes {
                     sel.msgs[i].listed.meta.apply_marks(&change);
                     now_seen[i] = true;
                 }
+                self.stamp(&positions).await;
             }
         }
         let mut expunged = false;
@@ -93,7 +129,12 @@ impl Handler {
             let Phase::Selected(sel) = &self.phase else {
                 unreachable!("the selected state")
             };
-            let items = fetch::items(&names, &sel.msgs[i], body.as_deref(), now_seen[i]);
+            let mut items = fetch::items(&names, &sel.msgs[i], body.as_deref(), now_seen[i]);
+            // Once CONDSTORE is on, FLAGS go with their MODSEQ.
+            if condstore && !fetch::asks_modseq(&names) && items.iter().any(|d| matches!(d, MessageDataItem::Flags(_)))
+            {
+                items.push(MessageDataItem::ModSeq(fetch::modseq_nz(sel.msgs[i].modseq)));
+            }
             self.data(Data::Fetch {
                 seq: nz(i as u32 + 1),
                 items: Vec1::unvalidated(items),
@@ -109,6 +150,14 @@ impl Handler {
         ok(tag, None, "FETCH completed")
     }
 
+    /// STORE; `unchanged_since`: CONDSTORE's UNCHANGEDSINCE (RFC 7162
+    /// 3.1.3): a message changed after it is left alone and named in the
+    /// tagged MODIFIED. The test reads the mod-sequences as the session
+    /// last looked (a UID STORE looks first): a change committed through
+    /// another node between the look and this STORE's own is not seen by
+    /// it (the folder has no single writer that could make the test and
+    /// the change one step).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn store(
         &mut self,
         tag: Tag<'static>,
@@ -117,6 +166,7 @@ impl Handler {
         response: StoreResponse,
         flags: Vec<Flag<'static>>,
         uid: bool,
+        unchanged_since: Option<u64>,
     ) -> Status<'static> {
         let Phase::Selected(sel) = &self.phase else {
             unreachable!("the selected state")
@@ -127,6 +177,14 @@ impl Handler {
         if flags.len() > FLAGS_PER_COMMAND_MAX {
             return limit(tag, "too many flags in one STORE");
         }
+        // UID STORE (UNCHANGEDSINCE): tested against the mod-sequences of
+        // now, so the session looks first.
+        if uid && unchanged_since.is_some() {
+            self.tell_changes().await;
+        }
+        let Phase::Selected(sel) = &self.phase else {
+            unreachable!("the selected state")
+        };
         let silent = response == StoreResponse::Silent;
         let names: Vec<String> = flags.iter().map(name_of_flag).collect();
         if names.iter().any(|n| n.len() > FLAG_BYTES_MAX) {
@@ -134,8 +192,13 @@ impl Handler {
         }
         let hlc = self.services.mail.hlc_now();
         let mut changes: Vec<(usize, Listed, MarkChange)> = Vec::new();
+        let mut modified: Vec<u32> = Vec::new();
         for i in sets::selected(&sel.msgs, &set, uid) {
             let m = &sel.msgs[i];
+            if unchanged_since.is_some_and(|since| m.modseq > since) {
+                modified.push(if uid { m.uid } else { i as u32 + 1 });
+                continue;
+            }
             let edits = match store::edits(m, kind, &names) {
                 Ok(e) => e,
                 Err(why) => return limit(tag, why),
@@ -163,25 +226,49 @@ impl Handler {
         let Phase::Selected(sel) = &mut self.phase else {
             unreachable!("the selected state")
         };
+        let mut stamped = Vec::new();
+        for (i, _, change) in &changes {
+            sel.msgs[*i].listed.meta.apply_marks(change);
+            if !change.flags.is_empty() {
+                stamped.push(*i);
+            }
+        }
+        self.stamp(&stamped).await;
+        let (condstore, with_uid) = (self.condstore, uid || self.qresync);
+        let Phase::Selected(sel) = &self.phase else {
+            unreachable!("the selected state")
+        };
         let mut out = Vec::new();
         for (i, _, change) in changes {
-            let m = &mut sel.msgs[i];
-            m.listed.meta.apply_marks(&change);
-            if !silent {
-                let mut items = vec![MessageDataItem::Flags(flags_of(&*m))];
-                if uid {
-                    items.push(MessageDataItem::Uid(nz(m.uid)));
-                }
-                out.push(Data::Fetch {
-                    seq: nz(i as u32 + 1),
-                    items: Vec1::unvalidated(items),
-                });
+            let m = &sel.msgs[i];
+            // .SILENT still tells a new MODSEQ under CONDSTORE (RFC 7162
+            // 3.1.3).
+            let modseq_only = silent && condstore && !change.flags.is_empty();
+            if silent && !modseq_only {
+                continue;
             }
+            let mut items = Vec::new();
+            if !silent {
+                items.push(MessageDataItem::Flags(flags_of(m)));
+            }
+            if with_uid {
+                items.push(MessageDataItem::Uid(nz(m.uid)));
+            }
+            if condstore {
+                items.push(MessageDataItem::ModSeq(fetch::modseq_nz(m.modseq)));
+            }
+            out.push(Data::Fetch {
+                seq: nz(i as u32 + 1),
+                items: Vec1::unvalidated(items),
+            });
         }
         for d in out {
             self.data(d);
         }
-        ok(tag, None, "STORE completed")
+        match sets::uid_set(&modified) {
+            Some(failed) => ok(tag, Some(Code::Modified(failed)), "conditional STORE failed for some"),
+            None => ok(tag, None, "STORE completed"),
+        }
     }
 
     pub(super) async fn search(
@@ -191,7 +278,15 @@ impl Handler {
         uid: bool,
     ) -> Status<'static> {
         let key = search::one_key(criteria);
+        let by_modseq = search::uses_modseq(&key);
+        if by_modseq {
+            if !self.services.uids.modseqs_kept() {
+                return bad(Some(tag), "MODSEQ needs the cluster at feature level 3");
+            }
+            self.condstore = true;
+        }
         let mut hits = Vec::new();
+        let mut highest_hit = 0u64;
         let mut budget = SEARCH_BYTES_MAX;
         let Phase::Selected(sel) = &self.phase else {
             unreachable!("the selected state")
@@ -223,9 +318,13 @@ impl Handler {
             };
             if hit {
                 hits.push(if uid { m.uid } else { i as u32 + 1 });
+                highest_hit = highest_hit.max(m.modseq);
             }
         }
-        self.data(Data::Search(hits.into_iter().map(nz).collect()));
+        // A search by MODSEQ names the highest of what it found (RFC 7162
+        // 3.1.5).
+        let modseq = (by_modseq && !hits.is_empty()).then(|| fetch::modseq_nz(highest_hit));
+        self.data(Data::Search(hits.into_iter().map(nz).collect(), modseq));
         ok(tag, None, "SEARCH completed")
     }
 }

@@ -2,9 +2,11 @@
 //! responses without touching a socket (the driver sends them). Split by
 //! what the commands act on: logging in and dispatch (`commands`),
 //! folders (`folders`), the selected folder (`mailbox`), messages
-//! (`messages`) and new messages in a folder (`copy`).
+//! (`messages`), new messages in a folder (`copy`), and CONDSTORE and
+//! QRESYNC's modifiers and resynchronization (`condstore`).
 
 mod commands;
+mod condstore;
 mod copy;
 mod folders;
 mod mailbox;

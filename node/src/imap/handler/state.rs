@@ -21,6 +21,8 @@ use crate::services::{ImapSession, Services};
 #[derive(Debug, Clone)]
 pub struct Msg {
     pub uid: u32,
+    /// Its mod-sequence as the session last read it (RFC 7162).
+    pub modseq: u64,
     pub listed: Listed,
     /// `\Recent` to this session (it took the message's claim).
     pub recent: bool,
@@ -54,6 +56,9 @@ impl quill_proto::imap::Message for Msg {
     fn recent(&self) -> bool {
         self.recent
     }
+    fn modseq(&self) -> u64 {
+        self.modseq
+    }
 }
 
 pub struct Selected {
@@ -62,6 +67,8 @@ pub struct Selected {
     pub read_only: bool,
     pub validity: u32,
     pub uid_next: u32,
+    /// HIGHESTMODSEQ as of the session's last look.
+    pub highest_modseq: u64,
     pub msgs: Vec<Msg>,
     /// The keywords the last FLAGS response listed.
     pub keywords: Shown,
@@ -165,6 +172,11 @@ pub struct Handler {
     /// Per folder id, the messages `\Recent` to this session: they stay
     /// so when it selects the folder again (the claims are taken once).
     pub(super) recent_held: std::collections::HashMap<String, std::collections::HashSet<[u8; 16]>>,
+    /// CONDSTORE enabled (RFC 7162 3.1: by ENABLE or by the first command
+    /// that uses it): responses with FLAGS carry MODSEQ.
+    pub(super) condstore: bool,
+    /// QRESYNC enabled (ENABLE QRESYNC): expunges are told as VANISHED.
+    pub(super) qresync: bool,
 }
 
 impl Handler {
@@ -182,6 +194,16 @@ impl Handler {
             out: Vec::new(),
             bye_after: None,
             recent_held: Default::default(),
+            condstore: false,
+            qresync: false,
+        }
+    }
+
+    /// How changes are told to this session (what it enabled).
+    pub(super) fn tell(&self) -> quill_proto::imap::sync::Tell {
+        quill_proto::imap::sync::Tell {
+            modseq: self.condstore,
+            vanished: self.qresync,
         }
     }
 
@@ -338,6 +360,7 @@ impl Handler {
             !self.tls && env.tls.is_some(),
             self.services.limits().plaintext_auth.allows(self.tls, self.peer.ip()),
             authenticated,
+            self.services.uids.modseqs_kept(),
         )
     }
 

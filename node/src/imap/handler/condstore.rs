@@ -1,0 +1,230 @@
+//! CONDSTORE and QRESYNC (RFC 7162): what turns them on (ENABLE, SELECT
+//! parameters, the first command that uses a mod-sequence), the
+//! resynchronization a SELECT (QRESYNC ...) asks for, and the FETCH and
+//! STORE modifiers. The mod-sequences themselves are the cluster's
+//! (`membership::modseq`, through `crate::uids`); sessions only read them.
+
+use imap_next::imap_types::command::{FetchModifier, SelectParameter, StoreModifier};
+use imap_next::imap_types::extensions::enable::CapabilityEnable;
+use imap_next::imap_types::response::Data;
+use imap_next::imap_types::sequence::SequenceSet;
+use quill_proto::imap::Message;
+use quill_proto::imap::sets::{missing_ranges, set_of_ranges};
+use quill_proto::imap::sync::flags_fetch;
+
+use tracing::{debug, warn};
+
+use super::state::{Handler, Msg, Phase};
+use crate::uids::sequence_name;
+
+/// Why a command that needs mod-sequences is refused where they are not
+/// kept (a cluster below feature level 3).
+const NOT_KEPT: &str = "CONDSTORE and QRESYNC need the cluster at feature level 3";
+
+/// What a SELECT (QRESYNC ...) says the client knows.
+pub(super) struct Resync {
+    validity: u32,
+    modseq: u64,
+    known_uids: Option<SequenceSet>,
+}
+
+/// What a FETCH's modifiers ask.
+#[derive(Debug, Default)]
+pub(super) struct FetchAsk {
+    /// CHANGEDSINCE: only messages changed after it, MODSEQ with each.
+    pub changed_since: Option<u64>,
+    /// VANISHED: expunged UIDs of the set first (UID FETCH, QRESYNC).
+    pub vanished: bool,
+}
+
+impl Handler {
+    /// ENABLE (RFC 5161): the extensions it turns on now, as the ENABLED
+    /// response names them; QRESYNC turns CONDSTORE on too.
+    pub(super) fn enable(&mut self, asked: &[CapabilityEnable<'static>]) -> Vec<CapabilityEnable<'static>> {
+        if !self.services.uids.modseqs_kept() {
+            return Vec::new();
+        }
+        let mut enabled = Vec::new();
+        for c in asked {
+            match c {
+                CapabilityEnable::CondStore if !self.condstore => {
+                    self.condstore = true;
+                    enabled.push(CapabilityEnable::CondStore);
+                }
+                CapabilityEnable::Other(_) if c.to_string().eq_ignore_ascii_case("QRESYNC") && !self.qresync => {
+                    self.qresync = true;
+                    self.condstore = true;
+                    enabled.push(c.clone());
+                }
+                _ => {}
+            }
+        }
+        enabled
+    }
+
+    /// SELECT and EXAMINE's parameters: CONDSTORE turns it on; QRESYNC
+    /// (once enabled) asks for a resynchronization.
+    pub(super) fn select_parameters(&mut self, params: Vec<SelectParameter>) -> Result<Option<Resync>, &'static str> {
+        let mut resync = None;
+        for p in params {
+            if !self.services.uids.modseqs_kept() {
+                return Err(NOT_KEPT);
+            }
+            match p {
+                SelectParameter::CondStore => self.condstore = true,
+                SelectParameter::QResync {
+                    uid_validity,
+                    mod_sequence_value,
+                    known_uids,
+                    ..
+                } => {
+                    if !self.qresync {
+                        return Err("QRESYNC is not enabled: ENABLE QRESYNC first");
+                    }
+                    resync = Some(Resync {
+                        validity: uid_validity.get(),
+                        modseq: mod_sequence_value.get(),
+                        known_uids,
+                    });
+                }
+            }
+        }
+        Ok(resync)
+    }
+
+    /// A SELECT (QRESYNC ...)'s answer once the folder is listed
+    /// (RFC 7162 3.2.5.1): the client's known UIDs that are gone, as one
+    /// VANISHED (EARLIER), then each message changed since its
+    /// mod-sequence. The folder keeps no record of when a message was
+    /// expunged, so every UID the client names that is gone is said (the
+    /// RFC allows UIDs expunged earlier). Nothing when the UIDVALIDITY the
+    /// client knows is not the folder's: it starts over.
+    pub(super) fn resync(&mut self, r: &Resync, validity: u32, uid_next: u32, msgs: &[Msg]) {
+        if r.validity != validity {
+            return;
+        }
+        let present: Vec<u32> = msgs.iter().map(|m| m.uid).collect();
+        let gone = missing_ranges(r.known_uids.as_ref(), uid_next.saturating_sub(1), &present);
+        if let Some(known_uids) = set_of_ranges(gone) {
+            self.data(Data::Vanished {
+                earlier: true,
+                known_uids,
+            });
+        }
+        let tell = self.tell();
+        for (i, m) in msgs.iter().enumerate() {
+            if m.modseq() > r.modseq {
+                self.data(flags_fetch(i as u32 + 1, m, tell));
+            }
+        }
+    }
+
+    /// A FETCH's modifiers; `Err` with the reason to refuse it.
+    pub(super) fn fetch_modifiers(&mut self, mods: Vec<FetchModifier>, uid: bool) -> Result<FetchAsk, &'static str> {
+        let mut ask = FetchAsk::default();
+        for m in mods {
+            if !self.services.uids.modseqs_kept() {
+                return Err(NOT_KEPT);
+            }
+            match m {
+                FetchModifier::ChangedSince(v) => {
+                    self.condstore = true;
+                    ask.changed_since = Some(v.get());
+                }
+                FetchModifier::Vanished => ask.vanished = true,
+            }
+        }
+        if ask.vanished && !(uid && self.qresync && ask.changed_since.is_some()) {
+            return Err("VANISHED needs UID FETCH, CHANGEDSINCE and QRESYNC enabled");
+        }
+        Ok(ask)
+    }
+
+    /// A STORE's UNCHANGEDSINCE, if any; `Err` with the reason to refuse
+    /// it.
+    pub(super) fn store_modifiers(&mut self, mods: Vec<StoreModifier>) -> Result<Option<u64>, &'static str> {
+        let mut since = None;
+        for m in mods {
+            if !self.services.uids.modseqs_kept() {
+                return Err(NOT_KEPT);
+            }
+            match m {
+                StoreModifier::UnchangedSince(v) => {
+                    if since.is_some() {
+                        return Err("UNCHANGEDSINCE given twice");
+                    }
+                    self.condstore = true;
+                    since = Some(v);
+                }
+            }
+        }
+        Ok(since)
+    }
+
+    /// UID FETCH ... (CHANGEDSINCE m VANISHED): the UIDs of `set` below
+    /// UIDNEXT that are not `present` (sorted), as one VANISHED (EARLIER).
+    pub(super) fn vanished_in(&mut self, set: &SequenceSet, present: &[u32], uid_next: u32) {
+        let gone = missing_ranges(Some(set), uid_next.saturating_sub(1), present);
+        if let Some(known_uids) = set_of_ranges(gone) {
+            self.data(Data::Vanished {
+                earlier: true,
+                known_uids,
+            });
+        }
+    }
+
+    /// One change each to the selected folder's messages at `positions`,
+    /// whose flags were just written to their replicas: the folder's
+    /// mod-sequence goes up (`crate::uids::Uids::touch`) and the session
+    /// reads their new values. When it cannot be stamped now (no Raft
+    /// majority), the flags stay changed and the stamp is retried in the
+    /// background for a while, so that clients that ask for changes since
+    /// a mod-sequence are told of it once it lands.
+    pub(super) async fn stamp(&mut self, positions: &[usize]) {
+        let Phase::Selected(sel) = &self.phase else { return };
+        if positions.is_empty() || !self.services.uids.modseqs_kept() {
+            return;
+        }
+        let name = sequence_name(&sel.user, &sel.folder.id);
+        let ids: Vec<[u8; 16]> = positions.iter().map(|&i| sel.msgs[i].listed.meta.id.0).collect();
+        if let Err(e) = self.services.uids.touch(&name, ids.clone()).await {
+            debug!(name, error = %e, "mod-sequences not stamped now; retrying in the background");
+            let services = self.services.clone();
+            tokio::spawn(async move {
+                for wait in STAMP_RETRIES {
+                    tokio::time::sleep(wait).await;
+                    if services.uids.touch(&name, ids.clone()).await.is_ok() {
+                        return;
+                    }
+                }
+                warn!(name, "mod-sequences of a flag change never stamped");
+            });
+            return;
+        }
+        let Some(n) = self.services.uids.numbers(&name, &ids) else {
+            return;
+        };
+        let Phase::Selected(sel) = &mut self.phase else { return };
+        // A message expunged meanwhile (through another session) has no
+        // mod-sequence any more: it keeps the one shown.
+        for ((&i, v), uid) in positions.iter().zip(n.modseqs).zip(n.uids) {
+            if uid.is_some() {
+                sel.msgs[i].modseq = sel.msgs[i].modseq.max(v);
+            }
+        }
+        sel.highest_modseq = sel.highest_modseq.max(n.highest_modseq);
+    }
+}
+
+/// The waits between tries of a stamp that failed (about ten minutes in
+/// all: long enough for a partition to heal or a leader to be elected).
+const STAMP_RETRIES: [std::time::Duration; 8] = [
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(5),
+    std::time::Duration::from_secs(10),
+    std::time::Duration::from_secs(30),
+    std::time::Duration::from_secs(60),
+    std::time::Duration::from_secs(180),
+    std::time::Duration::from_secs(300),
+];

@@ -1,5 +1,8 @@
 //! IMAP compliance measured with Dovecot's imaptest (a tool nobody here
-//! wrote): its scripted tests, every group, against one node. imaptest is
+//! wrote): its scripted tests, every group, against one node; and its
+//! stress with QRESYNC on (state tracked per client, VANISHED and MODSEQ
+//! checked) by two imaptest processes on two nodes of a cluster at once,
+//! the same mailbox. imaptest is
 //! kept out of the repository: `.ci/run` builds it with the script in
 //! `../shared/tools/imaptest/` and names it in `QUILL_IMAPTEST`; without it
 //! (and without `target/imaptest/imaptest/src/imaptest`) the test says it
@@ -83,4 +86,80 @@ async fn imaptest_scripted_suite_passes_every_group() {
     assert!(base.is_some_and(|(f, of)| f == 0 && of > 400), "{tail}");
     assert!(ext.is_some_and(|(f, _)| f == 0), "{tail}");
     assert!(!text.contains("Error: "), "imaptest reported errors:\n{tail}");
+}
+
+/// The counts of imaptest's `Totals:` table (the line after the
+/// percentages), by column: `Logi List ... Logo`.
+fn totals(text: &str) -> Vec<(String, u64)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(t) = lines.iter().rposition(|l| l.starts_with("Totals:")) else {
+        return Vec::new();
+    };
+    let (Some(head), Some(counts)) = (lines.get(t + 1), lines.get(t + 4)) else {
+        return Vec::new();
+    };
+    head.split_whitespace()
+        .zip(counts.split_whitespace())
+        .filter_map(|(h, c)| Some((h.to_owned(), c.parse().ok()?)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaptest_qresync_stress_on_two_nodes_at_once() {
+    let Some(bin) = imaptest() else {
+        eprintln!("SKIPPED: imaptest not built (../shared/tools/imaptest/build.sh target/imaptest)");
+        return;
+    };
+    let _slot = common::cluster_slot().await;
+    let mbox = bin.parent().expect("the binary's folder").join("tests/default.mbox");
+    let (_dir, nodes) = common::cluster_with_users("imaptest-qresync", 2, &[], &["alice"]).await;
+    for n in &nodes {
+        common::wait_for("the user on every node", std::time::Duration::from_secs(30), || async {
+            n.admin(hyper::Method::GET, "/v1/users", None)
+                .await
+                .is_ok_and(|d| d.to_string().contains("alice@"))
+        })
+        .await;
+    }
+    let runs: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let (bin, mbox, imap) = (bin.clone(), mbox.clone(), n.imap());
+            tokio::task::spawn_blocking(move || {
+                let out = Command::new(&bin)
+                    .env("LD_LIBRARY_PATH", "/usr/lib/dovecot")
+                    .arg(format!("host={}", imap.ip()))
+                    .arg(format!("port={}", imap.port()))
+                    .arg("user=alice@example.org")
+                    .arg(format!("pass={PASSWORD}"))
+                    .args(["clients=4", "secs=10", "qresync"])
+                    .arg(format!("mbox={}", mbox.display()))
+                    .output()
+                    .expect("imaptest runs");
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        })
+        .collect();
+    for (k, run) in runs.into_iter().enumerate() {
+        let text = run.await.expect("imaptest task");
+        let totals = totals(&text);
+        eprintln!("imaptest with QRESYNC on node {}: {totals:?}", k + 1);
+        let problems: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("Error") || l.starts_with("Panic") || l.starts_with("Fatal"))
+            .take(20)
+            .collect();
+        assert!(problems.is_empty(), "node {}: {problems:#?}", k + 1);
+        for op in ["Sele", "Stor", "Expu", "Appe"] {
+            assert!(
+                totals.iter().any(|(h, n)| h == op && *n > 0),
+                "node {}: no {op} done: {totals:?}\n{text}",
+                k + 1
+            );
+        }
+    }
 }

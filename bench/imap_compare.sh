@@ -2,7 +2,8 @@
 # IMAP beside Dovecot's, in one run, with the same Python clients:
 # UID FETCH 1:* (BODY.PEEK[]) messages/s (../shared/bench/baseline/
 # retrieve_load.py --proto imap), STORE operations/s (bench/imap_store.py,
-# one message per UID STORE) and APPEND messages/s (bench/imap_append.py),
+# one message per UID STORE, then again with CONDSTORE enabled) and APPEND
+# messages/s (bench/imap_append.py),
 # on one Quill node, on a 3-node Quill cluster (R=2, every client on node 1,
 # which fetches from the replicas), and on Dovecot 2.3 (maildir, fsync on,
 # argon2id passwords like Quill's: PASS_SCHEME=ARGON2ID, then again with
@@ -50,6 +51,7 @@ bench_imap() {  # host lmtp_port imap_port label
   "$PY" "$BASE/retrieve_load.py" --proto imap --host "$1" --port "$3" --users 100 -c "$CONC" --label "$4 UID FETCH BODY.PEEK[] (first logins)"
   "$PY" "$BASE/retrieve_load.py" --proto imap --host "$1" --port "$3" --users 100 -c "$CONC" --label "$4 UID FETCH BODY.PEEK[]"
   "$PY" "$ROOT/bench/imap_store.py" --host "$1" --port "$3" --users 16 -c 16 --per "$STORES" --label "$4 STORE"
+  CONDSTORE=1 "$PY" "$ROOT/bench/imap_store.py" --host "$1" --port "$3" --users 16 -c 16 --per "$STORES" --label "$4 STORE (CONDSTORE)"
   "$PY" "$ROOT/bench/imap_append.py" --host "$1" --port "$3" --users 16 -c 16 --per "$PER" --size "$SIZE" --label "$4 APPEND"
 }
 

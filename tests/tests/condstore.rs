@@ -91,6 +91,26 @@ for i in range(10):
     assert typ == "OK", data
     got = fetched(data)[1][1]
     assert got is not None and got > seen, (i, got, seen)
+# A session without CONDSTORE does not wait for the stamp; it lands soon
+# after, above what was shown before the change.
+plain = connect(b_host, b_port)
+typ, data = plain.select("INBOX")
+assert typ == "OK", data
+before = status_highest(a)
+typ, data = plain.uid("STORE", "3", "+FLAGS", "(\\Draft)")
+assert typ == "OK" and b"MODSEQ" not in data[0], data
+t0 = time.time()
+while True:
+    typ, data = a.uid("FETCH", "1:*", "(UID FLAGS) (CHANGEDSINCE %d)" % before)
+    got = fetched(data)
+    # (The flags may be told first, unsolicited, with the mod-sequence
+    # they had: the stamp follows.)
+    if 3 in got and got[3][1] > before:
+        break
+    assert time.time() - t0 < 10, "the stamp of a change without CONDSTORE never landed"
+    time.sleep(0.05)
+assert "\\Draft" in got[3][0] and got[3][1] > before, got
+plain.logout()
 known = status_highest(a)
 # QRESYNC: E (on A) has the folder selected while D (on B) expunges UID 3;
 # a change through A to UID 1 after `known`.

@@ -12,9 +12,12 @@ use quill_proto::imap::Message;
 use quill_proto::imap::sets::{missing_ranges, set_of_ranges};
 use quill_proto::imap::sync::flags_fetch;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tracing::{debug, warn};
 
 use super::state::{Handler, Msg, Phase};
+use crate::services::Services;
 use crate::uids::sequence_name;
 
 /// Why a command that needs mod-sequences is refused where they are not
@@ -175,11 +178,16 @@ impl Handler {
 
     /// One change each to the selected folder's messages at `positions`,
     /// whose flags were just written to their replicas: the folder's
-    /// mod-sequence goes up (`crate::uids::Uids::touch`) and the session
-    /// reads their new values. When it cannot be stamped now (no Raft
-    /// majority), the flags stay changed and the stamp is retried in the
-    /// background for a while, so that clients that ask for changes since
-    /// a mod-sequence are told of it once it lands.
+    /// mod-sequence goes up (`crate::uids::Uids::touch`).
+    ///
+    /// A session with CONDSTORE on waits for it and reads the new values
+    /// (its STORE answers with them). One without does not wait: the stamp
+    /// only has to land after the change is on the replicas, which it
+    /// does; the session's client reads no mod-sequence (at most
+    /// [`STAMPS_IN_BACKGROUND_MAX`] wait at once, beyond which the session
+    /// waits too). A stamp that cannot land now (no Raft majority) is
+    /// retried in the background for a while, so that clients that ask
+    /// for changes since a mod-sequence are told of it once it does.
     pub(super) async fn stamp(&mut self, positions: &[usize]) {
         let Phase::Selected(sel) = &self.phase else { return };
         if positions.is_empty() || !self.services.uids.modseqs_kept() {
@@ -187,18 +195,19 @@ impl Handler {
         }
         let name = sequence_name(&sel.user, &sel.folder.id);
         let ids: Vec<[u8; 16]> = positions.iter().map(|&i| sel.msgs[i].listed.meta.id.0).collect();
-        if let Err(e) = self.services.uids.touch(&name, ids.clone()).await {
-            debug!(name, error = %e, "mod-sequences not stamped now; retrying in the background");
+        if !self.condstore && STAMPS_IN_BACKGROUND.fetch_add(1, Ordering::Relaxed) < STAMPS_IN_BACKGROUND_MAX {
             let services = self.services.clone();
             tokio::spawn(async move {
-                for wait in STAMP_RETRIES {
-                    tokio::time::sleep(wait).await;
-                    if services.uids.touch(&name, ids.clone()).await.is_ok() {
-                        return;
-                    }
-                }
-                warn!(name, "mod-sequences of a flag change never stamped");
+                touch_until_done(&services, &name, ids, true).await;
+                STAMPS_IN_BACKGROUND.fetch_sub(1, Ordering::Relaxed);
             });
+            return;
+        } else if !self.condstore {
+            STAMPS_IN_BACKGROUND.fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.services.uids.touch(&name, ids.clone()).await.is_err() {
+            let services = self.services.clone();
+            tokio::spawn(async move { touch_until_done(&services, &name, ids, false).await });
             return;
         }
         let Some(n) = self.services.uids.numbers(&name, &ids) else {
@@ -214,6 +223,27 @@ impl Handler {
         }
         sel.highest_modseq = sel.highest_modseq.max(n.highest_modseq);
     }
+}
+
+/// Stamps waiting in the background now (see [`Handler::stamp`]).
+static STAMPS_IN_BACKGROUND: AtomicUsize = AtomicUsize::new(0);
+/// At most this many stamps wait in the background at once.
+pub const STAMPS_IN_BACKGROUND_MAX: usize = 10_000;
+
+/// Touches `ids` of sequence `name` (once first if `first`), then again
+/// after each of [`STAMP_RETRIES`] until it lands.
+async fn touch_until_done(services: &Services, name: &str, ids: Vec<[u8; 16]>, first: bool) {
+    if first && services.uids.touch(name, ids.clone()).await.is_ok() {
+        return;
+    }
+    debug!(name, "mod-sequences not stamped now; retrying in the background");
+    for wait in STAMP_RETRIES {
+        tokio::time::sleep(wait).await;
+        if services.uids.touch(name, ids.clone()).await.is_ok() {
+            return;
+        }
+    }
+    warn!(name, "mod-sequences of a flag change never stamped");
 }
 
 /// The waits between tries of a stamp that failed (about ten minutes in

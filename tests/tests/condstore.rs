@@ -5,7 +5,8 @@
 //! conditional STORE with a stale mod-sequence fails as MODIFIED; SEARCH
 //! MODSEQ and STATUS HIGHESTMODSEQ; an expunge through one node is a
 //! VANISHED to a QRESYNC session on the other, and a SELECT (QRESYNC ...)
-//! through it gets VANISHED (EARLIER) and only what changed.
+//! through it gets VANISHED (EARLIER) and only what changed; and the error
+//! paths on one node.
 
 mod common;
 
@@ -202,5 +203,83 @@ async fn imaplib_condstore_and_qresync_across_two_nodes() {
         .await
         .unwrap();
     eprintln!("condstore across nodes: {got}");
+    assert_eq!(got["ok"], true, "{got}");
+}
+
+const PY_EDGES: &str = r#"
+import imaplib, json, sys
+host, port, user, pw = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+m = imaplib.IMAP4(host, port)
+m.login(user, pw)
+for i in range(3):
+    typ, data = m.append("INBOX", None, None, b"Subject: %d\r\n\r\nx\r\n" % i)
+    assert typ == "OK", data
+typ, data = m.enable("QRESYNC")
+assert typ == "OK" and m.response("ENABLED")[1] == [b"QRESYNC"], data
+typ, data = m.select("INBOX")
+assert typ == "OK", data
+h = int(m.response("HIGHESTMODSEQ")[1][-1])
+def refused(*args):
+    try:
+        m._simple_command(*args)
+        return False
+    except imaplib.IMAP4.error as err:
+        return "BAD" in str(err)
+# VANISHED needs UID FETCH and CHANGEDSINCE; 0 is not a mod-sequence.
+assert refused("FETCH", "1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)")
+assert refused("UID", "FETCH", "1:* (FLAGS) (VANISHED)")
+assert refused("UID", "FETCH", "1:* (FLAGS) (CHANGEDSINCE 0)")
+# UNCHANGEDSINCE 0 fails for every message, and changes none.
+typ, data = m.uid("STORE", "1:3", "(UNCHANGEDSINCE 0)", "+FLAGS", "(\\Seen)")
+assert typ == "OK" and m.response("MODIFIED")[1] == [b"1:3"], (data, m.untagged_responses)
+typ, data = m.uid("SEARCH", "SEEN")
+assert data == [b""], data
+# A search by MODSEQ above everything: no hits, no MODSEQ.
+typ, data = m.uid("SEARCH", "MODSEQ", str(h + 1000))
+assert typ == "OK" and data == [b""], data
+# A new folder's HIGHESTMODSEQ.
+typ, data = m.create("Other")
+assert typ == "OK", data
+typ, data = m.status("Other", "(HIGHESTMODSEQ MESSAGES)")
+assert typ == "OK" and b"HIGHESTMODSEQ 1" in data[0], data
+# UID EXPUNGE under QRESYNC: VANISHED, and a UID FETCH ... (CHANGEDSINCE
+# VANISHED) names the gone UID as EARLIER.
+typ, data = m.uid("STORE", "2", "+FLAGS.SILENT", "(\\Deleted)")
+assert typ == "OK", data
+m.untagged_responses.clear()
+typ, data = m._simple_command("UID", "EXPUNGE", "2")
+assert typ == "OK" and m.untagged_responses.get("VANISHED") == [b"2"], m.untagged_responses
+assert "EXPUNGE" not in m.untagged_responses, m.untagged_responses
+m.untagged_responses.clear()
+typ, data = m.uid("FETCH", "1:*", "(FLAGS) (CHANGEDSINCE %d VANISHED)" % h)
+assert typ == "OK" and m.untagged_responses.get("VANISHED") == [b"(EARLIER) 2"], m.untagged_responses
+# SELECT of another folder says the first is closed.
+m.untagged_responses.clear()
+typ, data = m._simple_command("SELECT", "Other")
+assert typ == "OK" and "CLOSED" in m.untagged_responses, m.untagged_responses
+m.logout()
+print(json.dumps({"ok": True}))
+"#;
+
+/// The error paths and corner cases on one node: modifiers refused with
+/// BAD, UNCHANGEDSINCE 0, SEARCH MODSEQ with no hits, a new folder's
+/// HIGHESTMODSEQ, UID EXPUNGE and FETCH (CHANGEDSINCE VANISHED) under
+/// QRESYNC, CLOSED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn condstore_and_qresync_edges_on_one_node() {
+    if !testkit::program("python3") {
+        return;
+    }
+    let (_dir, n) = common::node("condstore-edges", &[]).await;
+    let imap = n.imap();
+    let args = vec![
+        imap.ip().to_string(),
+        imap.port().to_string(),
+        "alice@example.org".to_owned(),
+        PASSWORD.to_owned(),
+    ];
+    let got = tokio::task::spawn_blocking(move || common::python_json(PY_EDGES, args))
+        .await
+        .unwrap();
     assert_eq!(got["ok"], true, "{got}");
 }

@@ -255,7 +255,7 @@ pub(crate) struct Scan {
 
 /// Why there is no valid record at an offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Invalid {
+pub(crate) enum Invalid {
     /// Torn, damaged, or not a record at all.
     Damaged(&'static str),
     /// Whole (its checksum holds), but of a kind or content this release
@@ -344,7 +344,7 @@ fn entry<M: serde::de::DeserializeOwned>(
 }
 
 /// Parses the record at `pos`: its length and content, or why it is invalid.
-fn parse_at(data: &[u8], pos: usize, bodies: Bodies) -> Result<(usize, Decoded), Invalid> {
+pub(crate) fn parse_at(data: &[u8], pos: usize, bodies: Bodies) -> Result<(usize, Decoded), Invalid> {
     let damaged = Invalid::Damaged;
     {
         if data.len() - pos < HEADER_BYTES {

@@ -3,6 +3,14 @@
 //! resynchronization a SELECT (QRESYNC ...) asks for, and the FETCH and
 //! STORE modifiers. The mod-sequences themselves are the cluster's
 //! (`membership::modseq`, through `crate::uids`); sessions only read them.
+//!
+//! Known gaps, until the numbers move out of the Raft state to a single
+//! writer per folder: a node killed between writing a flag change to the
+//! replicas and committing its stamp leaves the change unstamped (a client
+//! that read HIGHESTMODSEQ before it does not find it by CHANGEDSINCE;
+//! one that lists the folder does); UNCHANGEDSINCE is tested against the
+//! session's last look (a UID STORE looks first), not in one step with
+//! the change.
 
 use imap_next::imap_types::command::{FetchModifier, SelectParameter, StoreModifier};
 use imap_next::imap_types::extensions::enable::CapabilityEnable;

@@ -10,10 +10,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::PASSWORD;
-use quill_harness::SmtpClient;
 
 const PY_CONDSTORE: &str = r#"
 import imaplib, json, re, sys, time
@@ -172,23 +169,9 @@ async fn imaplib_condstore_and_qresync_across_two_nodes() {
         return;
     }
     let (_dir, nodes) = common::cluster_with_users("condstore", 3, &[], &["carol"]).await;
-    for n in &nodes {
-        common::wait_for("the user on every node", Duration::from_secs(30), || async {
-            n.admin(hyper::Method::GET, "/v1/users", None)
-                .await
-                .is_ok_and(|d| d.to_string().contains("carol@"))
-        })
-        .await;
-    }
+    common::wait_user_on_every_node(&nodes, "carol@").await;
     for s in ["first", "second", "third"] {
-        let mut c = SmtpClient::connect(nodes[0].smtp(), false).await.expect("smtp");
-        let body = format!("Subject: {s}\r\nFrom: a@remote.test\r\n\r\nbody of {s}\r\n");
-        let r = c
-            .send_mail("a@remote.test", &["carol@example.org"], body.as_bytes())
-            .await
-            .expect("delivered");
-        assert_eq!(r[0].code, 250, "{r:?}");
-        c.quit().await.expect("quit");
+        common::smtp_to(&nodes[0], "carol@example.org", s).await;
     }
     let (a, b) = (nodes[0].imap(), nodes[1].imap());
     let args = vec![

@@ -12,7 +12,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{PASSWORD, node, run};
-use quill_harness::SmtpClient;
 use quill_harness::process::{self, NodeProcess, TempDir};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -69,24 +68,13 @@ impl Raw {
     }
 }
 
-async fn smtp_to(node: &NodeProcess, to: &str, subject: &str) {
-    let mut s = SmtpClient::connect(node.smtp(), false).await.expect("smtp");
-    let body = format!("Subject: {subject}\r\nFrom: a@remote.test\r\n\r\nbody of {subject}\r\n");
-    let r = s
-        .send_mail("a@remote.test", &[to], body.as_bytes())
-        .await
-        .expect("delivered");
-    assert_eq!(r[0].code, 250, "{r:?}");
-    s.quit().await.expect("quit");
-}
-
 /// Every command's reply on one node, the error paths included. `(none)`
 /// as the expectation: no untagged response at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_to_every_command() {
     let (_d, n) = node("imap-table", &[]).await;
-    smtp_to(&n, "bob@example.org", "one").await;
-    smtp_to(&n, "bob@example.org", "two").await;
+    common::smtp_to(&n, "bob@example.org", "one").await;
+    common::smtp_to(&n, "bob@example.org", "two").await;
     let (mut c, greeting) = Raw::connect(n.imap()).await;
     assert!(greeting.starts_with("* OK [CAPABILITY IMAP4REV1"), "{greeting}");
     let login = format!("LOGIN bob@example.org \"{PASSWORD}\"");
@@ -701,16 +689,9 @@ async fn imaplib_on_two_nodes_sees_the_same_uids_through_idle_and_a_kill() {
         .expect("converges");
     nodes[0].add_domain("example.org").await.unwrap();
     nodes[0].add_user("carol@example.org", PASSWORD, None).await.unwrap();
-    for n in &nodes {
-        common::wait_for("the user on every node", Duration::from_secs(30), || async {
-            n.admin(hyper::Method::GET, "/v1/users", None)
-                .await
-                .is_ok_and(|d| d.to_string().contains("carol@"))
-        })
-        .await;
-    }
+    common::wait_user_on_every_node(&nodes, "carol@").await;
     for s in ["first", "second", "third"] {
-        smtp_to(&nodes[0], "carol@example.org", s).await;
+        common::smtp_to(&nodes[0], "carol@example.org", s).await;
     }
     let (a, b) = (nodes[0].imap(), nodes[1].imap());
     let args = vec![
@@ -887,14 +868,7 @@ async fn mbsync_syncs_a_thousand_messages_down_and_deletions_back_up_through_ano
         .add_user("user0001@example.com", "pass0001", None)
         .await
         .unwrap();
-    for n in &nodes {
-        common::wait_for("the user on every node", Duration::from_secs(30), || async {
-            n.admin(hyper::Method::GET, "/v1/users", None)
-                .await
-                .is_ok_and(|d| d.to_string().contains("user0001@"))
-        })
-        .await;
-    }
+    common::wait_user_on_every_node(&nodes, "user0001@").await;
     let deliver = |node: &NodeProcess, n: u64, seed: u64| {
         let plan = quill_harness::bench::DeliverPlan::bench(vec![node.lmtp()], true, n, 4, 1, seed);
         quill_harness::bench::deliver(plan)

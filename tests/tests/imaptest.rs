@@ -113,14 +113,7 @@ async fn imaptest_qresync_stress_on_two_nodes_at_once() {
     let _slot = common::cluster_slot().await;
     let mbox = bin.parent().expect("the binary's folder").join("tests/default.mbox");
     let (_dir, nodes) = common::cluster_with_users("imaptest-qresync", 2, &[], &["alice"]).await;
-    for n in &nodes {
-        common::wait_for("the user on every node", std::time::Duration::from_secs(30), || async {
-            n.admin(hyper::Method::GET, "/v1/users", None)
-                .await
-                .is_ok_and(|d| d.to_string().contains("alice@"))
-        })
-        .await;
-    }
+    common::wait_user_on_every_node(&nodes, "alice@").await;
     let runs: Vec<_> = nodes
         .iter()
         .map(|n| {

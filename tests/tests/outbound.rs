@@ -280,14 +280,7 @@ async fn with_alice(nodes: &[NodeProcess]) {
         .expect("converges");
     nodes[0].add_domain("example.org").await.unwrap();
     nodes[0].add_user("alice@example.org", PASSWORD, None).await.unwrap();
-    for n in nodes {
-        common::wait_for("the user on every node", Duration::from_secs(30), || async {
-            n.admin(hyper::Method::GET, "/v1/users", None)
-                .await
-                .is_ok_and(|d| d.to_string().contains("alice@"))
-        })
-        .await;
-    }
+    common::wait_user_on_every_node(nodes, "alice@").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

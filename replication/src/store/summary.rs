@@ -163,7 +163,6 @@ fn scan_clean(r: &mut impl Read, chunk: usize, mut f: impl FnMut(u64, u64, Decod
             match buf[pos..].iter().position(|b| *b != 0) {
                 Some(n) => {
                     pos += n;
-                    in_zeros = false;
                     continue;
                 }
                 None if eof => return Ok(None), // zeros to the end: torn

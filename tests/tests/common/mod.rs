@@ -116,6 +116,34 @@ pub fn run(cmd: &mut std::process::Command) -> String {
     text
 }
 
+/// Waits until every node's directory lists `address` (it is added on
+/// one node and reaches the others through Raft).
+pub async fn wait_user_on_every_node(nodes: &[NodeProcess], address: &str) {
+    for n in nodes {
+        wait_for("the user on every node", std::time::Duration::from_secs(30), || async {
+            n.admin(hyper::Method::GET, "/v1/users", None)
+                .await
+                .is_ok_and(|d| d.to_string().contains(address))
+        })
+        .await;
+    }
+}
+
+/// Delivers one short message with `subject` to `to` over `node`'s SMTP;
+/// panics unless it gets a 250.
+pub async fn smtp_to(node: &NodeProcess, to: &str, subject: &str) {
+    let mut s = quill_harness::SmtpClient::connect(node.smtp(), false)
+        .await
+        .expect("smtp");
+    let body = format!("Subject: {subject}\r\nFrom: a@remote.test\r\n\r\nbody of {subject}\r\n");
+    let r = s
+        .send_mail("a@remote.test", &[to], body.as_bytes())
+        .await
+        .expect("delivered");
+    assert_eq!(r[0].code, 250, "{r:?}");
+    s.quit().await.expect("quit");
+}
+
 /// Runs a Python script (`python3 -c`) with `args`; the JSON object its
 /// last line prints. A failure panics with what it printed (not the
 /// script, which the test holds).

@@ -203,15 +203,18 @@ impl Handler {
         }
         let name = sequence_name(&sel.user, &sel.folder.id);
         let ids: Vec<[u8; 16]> = positions.iter().map(|&i| sel.msgs[i].listed.meta.id.0).collect();
-        if !self.condstore && STAMPS_IN_BACKGROUND.fetch_add(1, Ordering::Relaxed) < STAMPS_IN_BACKGROUND_MAX {
+        let room = |n: usize| (n < STAMPS_IN_BACKGROUND_MAX).then_some(n + 1);
+        if !self.condstore
+            && STAMPS_IN_BACKGROUND
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, room)
+                .is_ok()
+        {
             let services = self.services.clone();
             tokio::spawn(async move {
                 touch_until_done(&services, &name, ids, true).await;
                 STAMPS_IN_BACKGROUND.fetch_sub(1, Ordering::Relaxed);
             });
             return;
-        } else if !self.condstore {
-            STAMPS_IN_BACKGROUND.fetch_sub(1, Ordering::Relaxed);
         }
         if self.services.uids.touch(&name, ids.clone()).await.is_err() {
             let services = self.services.clone();

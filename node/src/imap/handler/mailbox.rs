@@ -55,10 +55,11 @@ impl Handler {
     /// what lies above a UID numbered since the look began and not listed
     /// yet waits for the next look (`quill_proto::imap::sync::barrier`).
     ///
-    /// A look that numbered new mail looks once more, so that their
-    /// mod-sequences (stamped by the numbering, after the look read
-    /// HIGHESTMODSEQ) are not shown clamped below their own: a client
-    /// would find them changed when nothing changed.
+    /// A look that numbered new mail looks once more (a second listing),
+    /// so that their mod-sequences (stamped by the numbering, after the
+    /// look read HIGHESTMODSEQ) are not shown clamped below their own: a
+    /// conditional STORE with the MODSEQ shown would fail though nothing
+    /// changed.
     pub(super) async fn folder_now(&mut self, user: &str, folder: &Folder) -> Result<Listing, Refusal> {
         let (listing, numbered) = self.look(user, folder).await?;
         if numbered && self.services.uids.modseqs_kept() {
